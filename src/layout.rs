@@ -1,0 +1,524 @@
+//! Where everything sits in the segment. Pure arithmetic: no memory is touched here.
+//!
+//! ```text
+//! [ Header | WorkerShared × W | ProducerShared × P | rings: (to, from) × P × W
+//!   | SlotDesc × S | slot data, class by class ]
+//! ```
+//!
+//! Every offset is computed by [`Layout::new`] with checked arithmetic and stored in the
+//! header's [`Params`], so an attaching process finds everything from the header alone and can
+//! re-check it with [`Layout::from_params`]. The `const` asserts below make any change to the
+//! ABI structs fail to compile until [`LAYOUT_VERSION`] and the asserts are updated together.
+
+use crate::sync::{AtomicU32, AtomicU64};
+
+/// `b"mk1-seg\0"` as a little-endian u64: the first eight bytes of every segment.
+pub const MAGIC: u64 = u64::from_le_bytes(*b"mk1-seg\0");
+/// Bumped on every change to a `repr(C)` struct in this module.
+pub const LAYOUT_VERSION: u32 = 1;
+/// Separation between data written by different processes (two 64-byte lines: the adjacent-line
+/// prefetcher on x86_64 pulls pairs, see crossbeam's `CachePadded`).
+pub const LINE: u64 = 128;
+/// Alignment of every matrix inside a slot, so SIMD loads never split a cache line.
+pub const MATRIX_ALIGN: u64 = 64;
+/// Alignment of slots of at least this size (and of the data region): a page.
+pub const PAGE: u64 = 4096;
+/// Most matrices one token may carry (batching).
+pub const MAX_BATCH: usize = 64;
+/// Most slot size classes.
+pub const MAX_CLASSES: usize = 8;
+/// Most worker processes.
+pub const MAX_WORKERS: u32 = 1024;
+/// Most producer threads.
+pub const MAX_PRODUCERS: u32 = 64;
+/// Largest slot: 1 GiB (16384 × 16384 int32), so byte offsets inside a slot fit a u32.
+pub const MAX_SLOT_BYTES: u64 = 1 << 30;
+
+/// One size class of slots: `count` slots of `slot_bytes` each, numbered from `first_slot`,
+/// whose data starts at `data_offset`.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SlotClass {
+    /// Bytes per slot; a multiple of [`MATRIX_ALIGN`] (of [`PAGE`] when at least a page).
+    pub slot_bytes: u64,
+    /// Offset of the first slot's data from the segment start.
+    pub data_offset: u64,
+    /// Global index of the first slot in this class.
+    pub first_slot: u32,
+    /// Number of slots in this class.
+    pub count: u32,
+}
+
+/// Everything needed to find every object in the segment. Written once by the creator before
+/// the header's version is published; read-only afterwards.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Params {
+    /// Worker processes, `1..=MAX_WORKERS`.
+    pub workers: u32,
+    /// Producer threads, `1..=MAX_PRODUCERS`.
+    pub producers: u32,
+    /// Total slots (= tokens), the sum of the class counts.
+    pub slots: u32,
+    /// Entries per ring: a power of two at least the tokens any one producer owns.
+    pub ring_capacity: u32,
+    /// Used entries of `classes`, `1..=MAX_CLASSES`, in increasing `slot_bytes`.
+    pub class_count: u32,
+    /// Zero.
+    pub reserved: u32,
+    /// Slot classes.
+    pub classes: [SlotClass; MAX_CLASSES],
+    /// Offset of `WorkerShared[workers]`.
+    pub workers_offset: u64,
+    /// Offset of `ProducerShared[producers]`.
+    pub producers_offset: u64,
+    /// Offset of the first ring.
+    pub rings_offset: u64,
+    /// Bytes from one ring to the next.
+    pub ring_stride: u64,
+    /// Offset of `SlotDesc[slots]`.
+    pub descriptors_offset: u64,
+    /// Size of the whole segment.
+    pub total_bytes: u64,
+}
+
+/// The first bytes of the segment.
+#[repr(C, align(128))]
+pub struct Header {
+    /// [`MAGIC`]; written by the creator before `version`.
+    pub magic: u64,
+    /// 0 while the creator initialises, then [`LAYOUT_VERSION`], stored with Release after
+    /// everything else in the header; attachers load it with Acquire before reading `params`.
+    pub version: AtomicU32,
+    /// Pid of the creating coordinator; workers compare it with their parent pid.
+    pub coordinator_pid: u32,
+    /// 0 while running; the coordinator stores 1 (Release) to ask workers to drain and exit.
+    /// Workers read it (Acquire) whenever their rings are empty.
+    pub shutdown: AtomicU32,
+    /// Zero.
+    pub reserved: u32,
+    /// Where everything is.
+    pub params: Params,
+}
+
+/// What one worker publishes about itself, on its own line. Index = worker slot.
+#[repr(C, align(128))]
+pub struct WorkerShared {
+    /// Futex word the worker sleeps on. Producers add 1 (Release) before waking it.
+    pub wake: AtomicU32,
+    /// 1 while the worker is about to sleep or asleep, 0 otherwise. Written by the worker
+    /// (SeqCst store, see `wait`), read by producers after a SeqCst fence.
+    pub sleeping: AtomicU32,
+    /// Pid of the process currently serving this slot (written by that worker at start).
+    pub pid: AtomicU32,
+    /// [`WorkerState`] as u32, written by the worker; informational for the coordinator.
+    pub state: AtomicU32,
+    /// Tokens processed since the worker started (Relaxed); the watchdog reads it.
+    pub heartbeat: AtomicU64,
+}
+
+/// Lifecycle of a worker slot as the worker reports it.
+#[repr(u32)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WorkerState {
+    /// Not started, or reset by the coordinator after a death.
+    Empty = 0,
+    /// Attached and serving.
+    Running = 1,
+    /// Saw shutdown and left.
+    Exited = 2,
+}
+
+/// What one producer thread publishes so workers know when to wake it.
+#[repr(C, align(128))]
+pub struct ProducerShared {
+    /// Futex word the producer sleeps on; workers add 1 (Release) before waking it.
+    pub wake: AtomicU32,
+    /// 1 while the producer is about to sleep or asleep (same protocol as `WorkerShared`).
+    pub sleeping: AtomicU32,
+}
+
+/// Where one matrix sits inside a slot.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct MatrixDesc {
+    /// Rows, `>= 1`.
+    pub rows: u32,
+    /// Columns, `>= 1`.
+    pub cols: u32,
+    /// Byte offset of element 0 from the slot start; a multiple of [`MATRIX_ALIGN`].
+    pub offset: u32,
+    /// Zero.
+    pub reserved: u32,
+}
+
+/// Descriptor of one slot: which matrices it holds and what to do with them.
+///
+/// Written by the producer while it owns the token, read by the worker that popped it (the ring
+/// push/pop is the Release/Acquire pair that publishes it). The worker copies it out and
+/// validates the copy; the producer never reads it back (it keeps its own record), so a worker
+/// that scribbles here can only hurt itself.
+#[repr(C, align(64))]
+#[derive(Debug, Clone, Copy)]
+pub struct SlotDesc {
+    /// Sequence number of the first matrix; matrix `i` has `seq + i`.
+    pub seq: u64,
+    /// Matrices in use, `1..=MAX_BATCH`.
+    pub count: u32,
+    /// Op kind (see `ops::Op::encode`).
+    pub op_kind: u32,
+    /// First op parameter.
+    pub op_a: i32,
+    /// Second op parameter.
+    pub op_b: i32,
+    /// Zero.
+    pub reserved: [u32; 10],
+    /// The matrices; entries at `count..` are ignored.
+    pub matrices: [MatrixDesc; MAX_BATCH],
+}
+
+/// Head and tail of one ring, each on its own [`LINE`]. The entries follow in the segment.
+#[repr(C, align(128))]
+pub struct RingCtl {
+    /// Entries ever pushed. Written only by the producing side (Release), read by the consumer
+    /// (Acquire). Monotonic; `tail - head <= capacity`.
+    pub tail: AtomicU64,
+    /// Zero.
+    pub tail_pad: [u64; 15],
+    /// Entries ever popped. Written only by the consuming side (Release), read by the producer
+    /// (Acquire) when the ring looks full. Monotonic; `head <= tail`.
+    pub head: AtomicU64,
+    /// Zero.
+    pub head_pad: [u64; 15],
+}
+
+// The ABI, checked at compile time. Loom swaps the atomics for larger types, so the checks (and
+// the shared-memory code that relies on them) exist only in normal builds.
+#[cfg(not(loom))]
+const _: () = {
+    use core::mem::{align_of, offset_of, size_of};
+    assert!(size_of::<SlotClass>() == 24);
+    assert!(size_of::<Params>() == 24 + 24 * MAX_CLASSES + 48);
+    assert!(offset_of!(Header, version) == 8);
+    assert!(offset_of!(Header, params) == 24);
+    assert!(size_of::<Header>() % LINE as usize == 0);
+    assert!(size_of::<WorkerShared>() == LINE as usize);
+    assert!(size_of::<ProducerShared>() == LINE as usize);
+    assert!(offset_of!(RingCtl, head) == LINE as usize);
+    assert!(size_of::<RingCtl>() == 2 * LINE as usize);
+    assert!(size_of::<MatrixDesc>() == 16);
+    assert!(offset_of!(SlotDesc, matrices) == 64);
+    assert!(size_of::<SlotDesc>() == 64 + 16 * MAX_BATCH);
+    assert!(align_of::<SlotDesc>() == 64);
+    assert!(size_of::<AtomicU64>() == 8 && align_of::<AtomicU64>() == 8);
+    assert!(size_of::<AtomicU32>() == 4);
+};
+
+/// Which way a ring carries tokens.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Direction {
+    /// Producer → worker.
+    ToWorker = 0,
+    /// Worker → producer.
+    FromWorker = 1,
+}
+
+/// Why a layout cannot be built or accepted.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum LayoutError {
+    /// A parameter is outside its documented range.
+    #[error("{what} = {value} is outside {range}")]
+    OutOfRange {
+        /// Which parameter.
+        what: &'static str,
+        /// Its value.
+        value: u64,
+        /// The accepted range, in words.
+        range: &'static str,
+    },
+    /// The offsets do not add up (overflow, overlap or misalignment).
+    #[error("inconsistent layout: {0}")]
+    Inconsistent(&'static str),
+}
+
+/// The computed placement of every object. Cheap to copy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Layout {
+    params: Params,
+}
+
+fn align_up(x: u64, a: u64) -> Option<u64> {
+    debug_assert!(a.is_power_of_two());
+    x.checked_add(a - 1).map(|v| v & !(a - 1))
+}
+
+fn range(what: &'static str, value: u64, lo: u64, hi: u64, words: &'static str) -> Result<(), LayoutError> {
+    if value < lo || value > hi {
+        Err(LayoutError::OutOfRange { what, value, range: words })
+    } else {
+        Ok(())
+    }
+}
+
+impl Layout {
+    /// Places `workers` worker states, `producers` producer states, a (to, from) ring pair per
+    /// producer per worker, and the slot classes `(slot_bytes, count)` (in increasing size).
+    /// `ring_capacity` is rounded up to a power of two.
+    pub fn new(
+        workers: u32,
+        producers: u32,
+        ring_capacity: u32,
+        classes: &[(u64, u32)],
+    ) -> Result<Layout, LayoutError> {
+        range("workers", workers.into(), 1, MAX_WORKERS.into(), "1..=1024")?;
+        range("producers", producers.into(), 1, MAX_PRODUCERS.into(), "1..=64")?;
+        range("slot classes", classes.len() as u64, 1, MAX_CLASSES as u64, "1..=8")?;
+        let ring_capacity = ring_capacity.max(1).checked_next_power_of_two().ok_or(
+            LayoutError::OutOfRange { what: "ring capacity", value: ring_capacity.into(), range: "1..=2^31" },
+        )?;
+        let mut params = Params {
+            workers,
+            producers,
+            slots: 0,
+            ring_capacity,
+            class_count: classes.len() as u32,
+            reserved: 0,
+            classes: [SlotClass::default(); MAX_CLASSES],
+            workers_offset: 0,
+            producers_offset: 0,
+            rings_offset: 0,
+            ring_stride: 0,
+            descriptors_offset: 0,
+            total_bytes: 0,
+        };
+        let bad = LayoutError::Inconsistent("size overflow");
+        let mut at = core::mem::size_of::<Header>() as u64;
+        params.workers_offset = at;
+        at += u64::from(workers) * LINE;
+        params.producers_offset = at;
+        at += u64::from(producers) * LINE;
+        params.rings_offset = at;
+        params.ring_stride = align_up(2 * LINE + 8 * u64::from(ring_capacity), LINE).ok_or(bad.clone())?;
+        let rings = 2 * u64::from(workers) * u64::from(producers);
+        at = rings
+            .checked_mul(params.ring_stride)
+            .and_then(|r| r.checked_add(at))
+            .ok_or(bad.clone())?;
+        let mut slots: u64 = 0;
+        for &(_, count) in classes {
+            slots += u64::from(count);
+        }
+        range("slots", slots, 1, u64::from(u32::MAX >> 1), "1..=2^31-1")?;
+        params.slots = slots as u32;
+        params.descriptors_offset = at;
+        at = slots
+            .checked_mul(core::mem::size_of::<SlotDesc>() as u64)
+            .and_then(|d| d.checked_add(at))
+            .ok_or(bad.clone())?;
+        at = align_up(at, PAGE).ok_or(bad.clone())?;
+        let mut first = 0u32;
+        let mut prev_bytes = 0;
+        for (i, &(bytes, count)) in classes.iter().enumerate() {
+            range("slot bytes", bytes, MATRIX_ALIGN, MAX_SLOT_BYTES, "64 B..=1 GiB")?;
+            if bytes <= prev_bytes {
+                return Err(LayoutError::Inconsistent("classes must grow strictly"));
+            }
+            prev_bytes = bytes;
+            let align = if bytes >= PAGE { PAGE } else { MATRIX_ALIGN };
+            let bytes = align_up(bytes, align).ok_or(bad.clone())?;
+            at = align_up(at, align).ok_or(bad.clone())?;
+            params.classes[i] = SlotClass { slot_bytes: bytes, data_offset: at, first_slot: first, count };
+            first += count;
+            at = bytes
+                .checked_mul(u64::from(count))
+                .and_then(|d| d.checked_add(at))
+                .ok_or(bad.clone())?;
+        }
+        params.total_bytes = align_up(at, PAGE).ok_or(bad)?;
+        Layout::from_params(params)
+    }
+
+    /// Accepts parameters read from a segment (untrusted) after re-checking every range,
+    /// alignment and offset against `total_bytes`.
+    pub fn from_params(p: Params) -> Result<Layout, LayoutError> {
+        range("workers", p.workers.into(), 1, MAX_WORKERS.into(), "1..=1024")?;
+        range("producers", p.producers.into(), 1, MAX_PRODUCERS.into(), "1..=64")?;
+        range("slot classes", p.class_count.into(), 1, MAX_CLASSES as u64, "1..=8")?;
+        if !p.ring_capacity.is_power_of_two() {
+            return Err(LayoutError::Inconsistent("ring capacity not a power of two"));
+        }
+        let total = p.total_bytes;
+        let end_of = |off: u64, len: u64| off.checked_add(len).filter(|&e| e <= total);
+        let ws = u64::from(p.workers) * LINE;
+        let ps = u64::from(p.producers) * LINE;
+        let rings = 2 * u64::from(p.workers) * u64::from(p.producers);
+        let ok = p.workers_offset % LINE == 0
+            && p.workers_offset >= core::mem::size_of::<Header>() as u64
+            && end_of(p.workers_offset, ws).is_some_and(|e| e <= p.producers_offset)
+            && p.producers_offset % LINE == 0
+            && end_of(p.producers_offset, ps).is_some_and(|e| e <= p.rings_offset)
+            && p.rings_offset % LINE == 0
+            && p.ring_stride % LINE == 0
+            && p.ring_stride >= 2 * LINE + 8 * u64::from(p.ring_capacity)
+            && rings
+                .checked_mul(p.ring_stride)
+                .and_then(|r| end_of(p.rings_offset, r))
+                .is_some_and(|e| e <= p.descriptors_offset)
+            && p.descriptors_offset % 64 == 0;
+        if !ok {
+            return Err(LayoutError::Inconsistent("header regions overlap or are misaligned"));
+        }
+        let desc_end = u64::from(p.slots)
+            .checked_mul(core::mem::size_of::<SlotDesc>() as u64)
+            .and_then(|d| end_of(p.descriptors_offset, d))
+            .ok_or(LayoutError::Inconsistent("descriptors run past the segment"))?;
+        let mut next_slot = 0u32;
+        let mut floor = desc_end;
+        for c in &p.classes[..p.class_count as usize] {
+            let align = if c.slot_bytes >= PAGE { PAGE } else { MATRIX_ALIGN };
+            let fits = c.first_slot == next_slot
+                && c.slot_bytes >= MATRIX_ALIGN
+                && c.slot_bytes <= MAX_SLOT_BYTES
+                && c.slot_bytes % align == 0
+                && c.data_offset % align == 0
+                && c.data_offset >= floor
+                && c.slot_bytes
+                    .checked_mul(u64::from(c.count))
+                    .and_then(|d| end_of(c.data_offset, d))
+                    .is_some();
+            if !fits {
+                return Err(LayoutError::Inconsistent("slot class out of bounds"));
+            }
+            next_slot = next_slot
+                .checked_add(c.count)
+                .ok_or(LayoutError::Inconsistent("slot count overflow"))?;
+            floor = c.data_offset + c.slot_bytes * u64::from(c.count);
+        }
+        if next_slot != p.slots {
+            return Err(LayoutError::Inconsistent("class counts do not sum to slots"));
+        }
+        Ok(Layout { params: p })
+    }
+
+    /// The parameters, as stored in the header.
+    pub fn params(&self) -> &Params {
+        &self.params
+    }
+
+    /// Size of the segment in bytes.
+    pub fn total_bytes(&self) -> u64 {
+        self.params.total_bytes
+    }
+
+    /// Number of slots (tokens).
+    pub fn slots(&self) -> u32 {
+        self.params.slots
+    }
+
+    /// The slot classes in use.
+    pub fn classes(&self) -> &[SlotClass] {
+        &self.params.classes[..self.params.class_count as usize]
+    }
+
+    /// Offset of worker `w`'s shared state. `w < workers`.
+    pub fn worker_offset(&self, w: u32) -> u64 {
+        debug_assert!(w < self.params.workers);
+        self.params.workers_offset + u64::from(w) * LINE
+    }
+
+    /// Offset of producer `p`'s shared state. `p < producers`.
+    pub fn producer_offset(&self, p: u32) -> u64 {
+        debug_assert!(p < self.params.producers);
+        self.params.producers_offset + u64::from(p) * LINE
+    }
+
+    /// Offset of the ring between producer `p` and worker `w` in direction `d`; its entries
+    /// start [`LINE`]` * 2` bytes later.
+    pub fn ring_offset(&self, p: u32, w: u32, d: Direction) -> u64 {
+        debug_assert!(p < self.params.producers && w < self.params.workers);
+        let index = (u64::from(p) * u64::from(self.params.workers) + u64::from(w)) * 2 + d as u64;
+        self.params.rings_offset + index * self.params.ring_stride
+    }
+
+    /// Offset of slot `s`'s descriptor. `s < slots`.
+    pub fn descriptor_offset(&self, s: u32) -> u64 {
+        debug_assert!(s < self.params.slots);
+        self.params.descriptors_offset + u64::from(s) * core::mem::size_of::<SlotDesc>() as u64
+    }
+
+    /// Index of the class holding slot `s`, or `None` if `s` is out of range.
+    pub fn class_of(&self, s: u32) -> Option<usize> {
+        self.classes()
+            .iter()
+            .position(|c| s >= c.first_slot && s - c.first_slot < c.count)
+    }
+
+    /// `(offset, bytes)` of slot `s`'s data, or `None` if `s` is out of range.
+    pub fn slot_data(&self, s: u32) -> Option<(u64, u64)> {
+        let c = &self.classes()[self.class_of(s)?];
+        Some((c.data_offset + u64::from(s - c.first_slot) * c.slot_bytes, c.slot_bytes))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn offsets_are_aligned_and_disjoint() {
+        let l = Layout::new(3, 2, 12, &[(4096, 10), (65536, 5), (4 << 20, 2)]).unwrap();
+        let p = l.params();
+        assert_eq!(p.ring_capacity, 16);
+        assert_eq!(p.slots, 17);
+        assert!(l.ring_offset(1, 2, Direction::FromWorker) + p.ring_stride <= p.descriptors_offset);
+        assert_eq!(l.ring_offset(0, 0, Direction::ToWorker), p.rings_offset);
+        let mut prev_end = l.descriptor_offset(16) + core::mem::size_of::<SlotDesc>() as u64;
+        for s in 0..17 {
+            let (off, bytes) = l.slot_data(s).unwrap();
+            assert_eq!(off % PAGE, 0);
+            assert!(off >= prev_end, "slot {s} overlaps the previous one");
+            prev_end = off + bytes;
+        }
+        assert!(prev_end <= l.total_bytes());
+        assert_eq!(l.slot_data(17), None);
+        assert_eq!(l.class_of(10), Some(1));
+    }
+
+    #[test]
+    fn small_slots_are_64_byte_aligned() {
+        let l = Layout::new(1, 1, 4, &[(64, 3), (1024, 2)]).unwrap();
+        for s in 0..5 {
+            assert_eq!(l.slot_data(s).unwrap().0 % MATRIX_ALIGN, 0);
+        }
+    }
+
+    #[test]
+    fn rejects_bad_parameters() {
+        assert!(Layout::new(0, 1, 1, &[(4096, 1)]).is_err());
+        assert!(Layout::new(1, 0, 1, &[(4096, 1)]).is_err());
+        assert!(Layout::new(1, 1, 1, &[]).is_err());
+        assert!(Layout::new(1, 1, 1, &[(4096, 1), (4096, 1)]).is_err());
+        assert!(Layout::new(1, 1, 1, &[(MAX_SLOT_BYTES * 2, 1)]).is_err());
+    }
+
+    #[test]
+    fn from_params_rejects_tampering() {
+        let l = Layout::new(2, 1, 8, &[(4096, 4)]).unwrap();
+        assert_eq!(Layout::from_params(*l.params()), Ok(l));
+        let mut p = *l.params();
+        p.total_bytes -= PAGE;
+        assert!(Layout::from_params(p).is_err());
+        let mut p = *l.params();
+        p.ring_capacity = 7;
+        assert!(Layout::from_params(p).is_err());
+        let mut p = *l.params();
+        p.classes[0].count += 1;
+        assert!(Layout::from_params(p).is_err());
+        let mut p = *l.params();
+        p.workers = 100;
+        assert!(Layout::from_params(p).is_err());
+        let mut p = *l.params();
+        p.classes[0].data_offset = 8;
+        assert!(Layout::from_params(p).is_err());
+    }
+}

@@ -1,0 +1,438 @@
+//! Elementwise int32 ops and the kernels that run them: fill, apply, verify.
+//!
+//! One [`Op`] definition serves the worker (apply) and the producer (verify): both go through
+//! [`Op::lanes`], and [`Op::apply_scalar`] is the reference every kernel is tested against.
+//! Kernels are chosen at run time ([`Kernel::detect`]): AVX-512 or AVX2 on x86_64, else the
+//! portable version (plain Rust that the compiler vectorises for the baseline target: SSE2 on
+//! x86_64, NEON on aarch64).
+//!
+//! Must never: allocate, make a syscall, or read outside the slice it is given.
+
+mod portable;
+#[cfg(target_arch = "x86_64")]
+mod x86;
+
+use std::fmt;
+use std::str::FromStr;
+
+/// An elementwise operation on int32 with wrapping arithmetic.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Op {
+    /// `x * a + b`.
+    Affine {
+        /// Multiplier.
+        a: i32,
+        /// Addend.
+        b: i32,
+    },
+    /// `x + k`.
+    Add(i32),
+    /// `x * k`.
+    Mul(i32),
+    /// `x ^ k`.
+    Xor(i32),
+    /// `-x`.
+    Neg,
+    /// `|x|` (`i32::MIN` stays `i32::MIN`).
+    Abs,
+}
+
+impl Default for Op {
+    fn default() -> Self {
+        Op::Affine { a: 3, b: 1 }
+    }
+}
+
+/// The three shapes every op reduces to; kernels implement only these.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Lanes {
+    /// `x * a + b` (covers add, mul, neg).
+    Affine(i32, i32),
+    /// `x ^ k`.
+    Xor(i32),
+    /// `|x|`, wrapping.
+    Abs,
+}
+
+impl Lanes {
+    /// The reference definition, one element.
+    #[inline(always)]
+    pub fn scalar(self, x: i32) -> i32 {
+        match self {
+            Lanes::Affine(a, b) => x.wrapping_mul(a).wrapping_add(b),
+            Lanes::Xor(k) => x ^ k,
+            Lanes::Abs => x.wrapping_abs(),
+        }
+    }
+}
+
+impl Op {
+    /// The kernel shape of this op.
+    pub fn lanes(self) -> Lanes {
+        match self {
+            Op::Affine { a, b } => Lanes::Affine(a, b),
+            Op::Add(k) => Lanes::Affine(1, k),
+            Op::Mul(k) => Lanes::Affine(k, 0),
+            Op::Neg => Lanes::Affine(-1, 0),
+            Op::Xor(k) => Lanes::Xor(k),
+            Op::Abs => Lanes::Abs,
+        }
+    }
+
+    /// The reference definition, one element.
+    pub fn apply_scalar(self, x: i32) -> i32 {
+        match self {
+            Op::Affine { a, b } => x.wrapping_mul(a).wrapping_add(b),
+            Op::Add(k) => x.wrapping_add(k),
+            Op::Mul(k) => x.wrapping_mul(k),
+            Op::Xor(k) => x ^ k,
+            Op::Neg => x.wrapping_neg(),
+            Op::Abs => x.wrapping_abs(),
+        }
+    }
+
+    /// `(kind, a, b)` as stored in a slot descriptor.
+    pub fn encode(self) -> (u32, i32, i32) {
+        match self {
+            Op::Affine { a, b } => (1, a, b),
+            Op::Add(k) => (2, k, 0),
+            Op::Mul(k) => (3, k, 0),
+            Op::Xor(k) => (4, k, 0),
+            Op::Neg => (5, 0, 0),
+            Op::Abs => (6, 0, 0),
+        }
+    }
+
+    /// Inverse of [`encode`](Self::encode); `None` for an unknown kind (untrusted input).
+    pub fn decode(kind: u32, a: i32, b: i32) -> Option<Op> {
+        Some(match kind {
+            1 => Op::Affine { a, b },
+            2 => Op::Add(a),
+            3 => Op::Mul(a),
+            4 => Op::Xor(a),
+            5 => Op::Neg,
+            6 => Op::Abs,
+            _ => return None,
+        })
+    }
+}
+
+impl fmt::Display for Op {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Op::Affine { a, b } => write!(f, "affine:{a},{b}"),
+            Op::Add(k) => write!(f, "add:{k}"),
+            Op::Mul(k) => write!(f, "mul:{k}"),
+            Op::Xor(k) => write!(f, "xor:{k}"),
+            Op::Neg => write!(f, "neg"),
+            Op::Abs => write!(f, "abs"),
+        }
+    }
+}
+
+/// An op string that does not parse.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown op `{0}`: expected affine:A,B | add:K | mul:K | xor:K | neg | abs (K, A, B int32)")]
+pub struct OpParseError(String);
+
+impl FromStr for Op {
+    type Err = OpParseError;
+    fn from_str(s: &str) -> Result<Op, OpParseError> {
+        let err = || OpParseError(s.to_string());
+        let int = |t: &str| t.trim().parse::<i32>().map_err(|_| err());
+        let (name, arg) = match s.split_once(':') {
+            Some((n, a)) => (n, Some(a)),
+            None => (s, None),
+        };
+        match (name, arg) {
+            ("affine", Some(arg)) => {
+                let (a, b) = arg.split_once(',').ok_or_else(err)?;
+                Ok(Op::Affine { a: int(a)?, b: int(b)? })
+            }
+            ("add", Some(k)) => Ok(Op::Add(int(k)?)),
+            ("mul", Some(k)) => Ok(Op::Mul(int(k)?)),
+            ("xor", Some(k)) => Ok(Op::Xor(int(k)?)),
+            ("neg", None) => Ok(Op::Neg),
+            ("abs", None) => Ok(Op::Abs),
+            _ => Err(err()),
+        }
+    }
+}
+
+/// Which kernel implementation runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Kernel {
+    /// Plain Rust, vectorised by the compiler for the baseline target.
+    Portable,
+    /// 256-bit AVX2 intrinsics.
+    Avx2,
+    /// 512-bit AVX-512F intrinsics.
+    Avx512,
+}
+
+/// The requested kernel is not supported by this CPU.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("kernel `{0}` is not available on this CPU (available: {1})")]
+pub struct KernelUnavailable(&'static str, String);
+
+impl Kernel {
+    /// Every kernel, fastest last.
+    pub const ALL: [Kernel; 3] = [Kernel::Portable, Kernel::Avx2, Kernel::Avx512];
+
+    /// Name as used on the command line.
+    pub fn name(self) -> &'static str {
+        match self {
+            Kernel::Portable => "portable",
+            Kernel::Avx2 => "avx2",
+            Kernel::Avx512 => "avx512",
+        }
+    }
+
+    /// Whether this CPU can run it.
+    pub fn is_available(self) -> bool {
+        match self {
+            Kernel::Portable => true,
+            #[cfg(target_arch = "x86_64")]
+            Kernel::Avx2 => std::arch::is_x86_feature_detected!("avx2"),
+            #[cfg(target_arch = "x86_64")]
+            Kernel::Avx512 => std::arch::is_x86_feature_detected!("avx512f"),
+            #[cfg(not(target_arch = "x86_64"))]
+            _ => false,
+        }
+    }
+
+    /// The fastest kernel this CPU supports.
+    pub fn detect() -> Kernel {
+        Kernel::ALL.into_iter().rev().find(|k| k.is_available()).unwrap_or(Kernel::Portable)
+    }
+
+    /// Every kernel this CPU supports.
+    pub fn available() -> Vec<Kernel> {
+        Kernel::ALL.into_iter().filter(|k| k.is_available()).collect()
+    }
+
+    /// `auto` (→ [`detect`](Self::detect)) or a kernel name, checked against this CPU.
+    pub fn parse_and_check(s: &str) -> Result<Kernel, String> {
+        let k = match s {
+            "auto" => return Ok(Kernel::detect()),
+            "portable" => Kernel::Portable,
+            "avx2" => Kernel::Avx2,
+            "avx512" => Kernel::Avx512,
+            _ => return Err(format!("unknown kernel `{s}`: expected auto | portable | avx2 | avx512")),
+        };
+        Kernels::new(k).map(|_| k).map_err(|e| e.to_string())
+    }
+}
+
+impl fmt::Display for Kernel {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// A kernel proven available on this CPU. The only way to run the SIMD code.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Kernels(Kernel);
+
+impl Kernels {
+    /// Checks that `kernel` runs on this CPU.
+    pub fn new(kernel: Kernel) -> Result<Kernels, KernelUnavailable> {
+        if kernel.is_available() {
+            Ok(Kernels(kernel))
+        } else {
+            let avail: Vec<&str> = Kernel::available().iter().map(|k| k.name()).collect();
+            Err(KernelUnavailable(kernel.name(), avail.join(", ")))
+        }
+    }
+
+    /// The fastest available kernel.
+    pub fn detect() -> Kernels {
+        Kernels(Kernel::detect())
+    }
+
+    /// Which kernel this is.
+    pub fn kernel(self) -> Kernel {
+        self.0
+    }
+
+    /// `out[i] = base + i` (wrapping): the producer's deterministic fill.
+    #[inline]
+    pub fn fill(self, base: i32, out: &mut [i32]) {
+        match self.0 {
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: `Kernels::new` checked that the CPU has AVX2.
+            Kernel::Avx2 => unsafe { x86::avx2::fill(base, out) },
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: `Kernels::new` checked that the CPU has AVX-512F.
+            Kernel::Avx512 => unsafe { x86::avx512::fill(base, out) },
+            _ => portable::fill(base, out),
+        }
+    }
+
+    /// `x = op(x)` for every element, in place.
+    #[inline]
+    pub fn apply(self, op: Op, data: &mut [i32]) {
+        match self.0 {
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: `Kernels::new` checked that the CPU has AVX2.
+            Kernel::Avx2 => unsafe { x86::avx2::apply(op.lanes(), data) },
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: `Kernels::new` checked that the CPU has AVX-512F.
+            Kernel::Avx512 => unsafe { x86::avx512::apply(op.lanes(), data) },
+            _ => portable::apply(op.lanes(), data),
+        }
+    }
+
+    /// Index of the first `i` with `data[i] != op(base + i)`, or `None` if all match.
+    #[inline]
+    pub fn verify(self, op: Op, base: i32, data: &[i32]) -> Option<usize> {
+        match self.0 {
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: `Kernels::new` checked that the CPU has AVX2.
+            Kernel::Avx2 => unsafe { x86::avx2::verify(op.lanes(), base, data) },
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: `Kernels::new` checked that the CPU has AVX-512F.
+            Kernel::Avx512 => unsafe { x86::avx512::verify(op.lanes(), base, data) },
+            _ => portable::verify(op.lanes(), base, data),
+        }
+    }
+}
+
+/// Reference implementations, element by element, used by the tests.
+pub mod reference {
+    use super::Op;
+
+    /// `out[i] = base + i`.
+    pub fn fill(base: i32, out: &mut [i32]) {
+        for (i, x) in out.iter_mut().enumerate() {
+            *x = base.wrapping_add(i as i32);
+        }
+    }
+
+    /// `x = op(x)`.
+    pub fn apply(op: Op, data: &mut [i32]) {
+        for x in data {
+            *x = op.apply_scalar(*x);
+        }
+    }
+
+    /// First mismatch against `op(base + i)`.
+    pub fn verify(op: Op, base: i32, data: &[i32]) -> Option<usize> {
+        data.iter()
+            .enumerate()
+            .position(|(i, &x)| x != op.apply_scalar(base.wrapping_add(i as i32)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    const OPS: [Op; 8] = [
+        Op::Affine { a: 3, b: 1 },
+        Op::Affine { a: -7, b: i32::MAX },
+        Op::Add(5),
+        Op::Mul(-3),
+        Op::Xor(0x5a5a_5a5a),
+        Op::Neg,
+        Op::Abs,
+        Op::Mul(i32::MIN),
+    ];
+
+    #[test]
+    fn parse_display_round_trip() {
+        for op in OPS {
+            assert_eq!(op.to_string().parse::<Op>(), Ok(op));
+            let (k, a, b) = op.encode();
+            assert_eq!(Op::decode(k, a, b), Some(op));
+        }
+        for bad in ["", "affine", "affine:1", "add", "add:x", "neg:1", "sqrt", "mul:99999999999"] {
+            assert!(bad.parse::<Op>().is_err(), "{bad} parsed");
+        }
+        assert_eq!(Op::decode(0, 0, 0), None);
+        assert_eq!(Op::decode(7, 0, 0), None);
+    }
+
+    #[test]
+    fn lanes_match_the_op_definition() {
+        let xs = [0, 1, -1, 17, i32::MIN, i32::MAX, 123_456_789];
+        for op in OPS {
+            for x in xs {
+                assert_eq!(op.lanes().scalar(x), op.apply_scalar(x), "{op} at {x}");
+            }
+        }
+    }
+
+    fn op_strategy() -> impl Strategy<Value = Op> {
+        prop_oneof![
+            (any::<i32>(), any::<i32>()).prop_map(|(a, b)| Op::Affine { a, b }),
+            any::<i32>().prop_map(Op::Add),
+            any::<i32>().prop_map(Op::Mul),
+            any::<i32>().prop_map(Op::Xor),
+            Just(Op::Neg),
+            Just(Op::Abs),
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(256))]
+
+        /// Every available kernel agrees with the reference on fill, apply and verify, for
+        /// random lengths (0 included), unaligned starts and every op.
+        #[test]
+        fn kernels_match_reference(
+            op in op_strategy(),
+            base in any::<i32>(),
+            len in 0usize..700,
+            skew in 0usize..16,
+            flip in any::<prop::sample::Index>(),
+        ) {
+            let mut want = vec![0i32; len];
+            reference::fill(base, &mut want);
+            reference::apply(op, &mut want);
+            for kernel in Kernel::available() {
+                let k = Kernels::new(kernel).unwrap();
+                let mut buf = vec![0i32; len + skew];
+                let data = &mut buf[skew..];
+                k.fill(base, data);
+                let mut filled = vec![0; len];
+                reference::fill(base, &mut filled);
+                prop_assert_eq!(&data[..], &filled[..], "fill, {}", kernel);
+                k.apply(op, data);
+                prop_assert_eq!(&data[..], &want[..], "apply, {}", kernel);
+                prop_assert_eq!(k.verify(op, base, data), None, "verify clean, {}", kernel);
+                if len > 0 {
+                    let at = flip.index(len);
+                    data[at] ^= 1 << (at % 32);
+                    prop_assert_eq!(k.verify(op, base, data), Some(at), "verify flipped, {}", kernel);
+                    prop_assert_eq!(reference::verify(op, base, data), Some(at));
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn verify_finds_the_first_of_several_errors() {
+        for kernel in Kernel::available() {
+            let k = Kernels::new(kernel).unwrap();
+            let mut d = vec![0; 1000];
+            k.fill(7, &mut d);
+            k.apply(Op::Neg, &mut d);
+            d[999] = 0;
+            d[130] = 0;
+            d[131] = 0;
+            assert_eq!(k.verify(Op::Neg, 7, &d), Some(130), "{kernel}");
+        }
+    }
+
+    #[test]
+    fn unavailable_kernel_is_an_error_not_a_crash() {
+        for kernel in Kernel::ALL {
+            assert_eq!(Kernels::new(kernel).is_ok(), kernel.is_available());
+        }
+        assert!(Kernel::parse_and_check("sse9").is_err());
+        assert_eq!(Kernel::parse_and_check("auto"), Ok(Kernel::detect()));
+    }
+}

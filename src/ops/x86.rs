@@ -1,0 +1,193 @@
+//! x86_64 kernels: AVX2 (8 lanes) and AVX-512F (16 lanes), generated from one template so the
+//! two can never drift apart. Each loop handles four vectors per iteration (unaligned loads and
+//! stores; slots are 64-byte aligned, so in practice the 512-bit ones never split a line) and
+//! hands the remainder (fewer than four vectors) to the portable kernel.
+//!
+//! Every function here is `unsafe` only because it requires its CPU feature; callers go through
+//! `ops::Kernels`, which checks the feature once at construction.
+
+macro_rules! simd_kernels {
+    (
+        $module:ident, $feature:literal, $lanes:literal, $iota:expr,
+        set1 $set1:ident, add $add:ident, mullo $mullo:ident, xor $xor:ident, or $or:ident,
+        abs $abs:ident, load $load:ident, store $store:ident, nonzero $nonzero:ident
+    ) => {
+        pub mod $module {
+            use core::arch::x86_64::*;
+
+            use super::*;
+            use crate::ops::{portable, Lanes};
+
+            /// Lanes per vector.
+            const L: usize = $lanes;
+            /// Elements per unrolled iteration.
+            const STEP: usize = 4 * L;
+
+            /// Applies `$f` to 4 consecutive vectors of `data` starting at `i`, in place.
+            macro_rules! map4 {
+                ($data:ident, $i:ident, |$x:ident| $f:expr) => {{
+                    let p = $data.as_mut_ptr();
+                    while $i + STEP <= $data.len() {
+                        // SAFETY: `i + STEP <= len`, so the four vectors at `p + i`,
+                        // `p + i + L`, … are inside `data`; loads and stores are unaligned.
+                        unsafe {
+                            let a = $load(p.add($i).cast());
+                            let b = $load(p.add($i + L).cast());
+                            let c = $load(p.add($i + 2 * L).cast());
+                            let d = $load(p.add($i + 3 * L).cast());
+                            let $x = a;
+                            $store(p.add($i).cast(), $f);
+                            let $x = b;
+                            $store(p.add($i + L).cast(), $f);
+                            let $x = c;
+                            $store(p.add($i + 2 * L).cast(), $f);
+                            let $x = d;
+                            $store(p.add($i + 3 * L).cast(), $f);
+                        }
+                        $i += STEP;
+                    }
+                }};
+            }
+
+            /// Compares 4 vectors at a time against `$f(fill)`; returns the first mismatch.
+            macro_rules! check4 {
+                ($data:ident, $base:ident, $op:ident, |$x:ident| $f:expr) => {{
+                    let p = $data.as_ptr();
+                    let lane = $set1(L as i32);
+                    let step = $set1(STEP as i32);
+                    let mut v = $add($set1($base), $iota);
+                    let mut i = 0;
+                    while i + STEP <= $data.len() {
+                        let v1 = $add(v, lane);
+                        let v2 = $add(v1, lane);
+                        let v3 = $add(v2, lane);
+                        // SAFETY: `i + STEP <= len`: the four loads are inside `data`.
+                        let (a, b, c, d) = unsafe {
+                            (
+                                $load(p.add(i).cast()),
+                                $load(p.add(i + L).cast()),
+                                $load(p.add(i + 2 * L).cast()),
+                                $load(p.add(i + 3 * L).cast()),
+                            )
+                        };
+                        let $x = v;
+                        let ea = $f;
+                        let $x = v1;
+                        let eb = $f;
+                        let $x = v2;
+                        let ec = $f;
+                        let $x = v3;
+                        let ed = $f;
+                        let diff = $or($or($xor(a, ea), $xor(b, eb)), $or($xor(c, ec), $xor(d, ed)));
+                        if $nonzero(diff) {
+                            break;
+                        }
+                        v = $add(v, step);
+                        i += STEP;
+                    }
+                    // The first mismatching block, or the tail, is pinned down by the portable
+                    // kernel.
+                    portable::verify($op, $base.wrapping_add(i as i32), &$data[i..]).map(|j| i + j)
+                }};
+            }
+
+            /// `out[i] = base + i`.
+            ///
+            /// # Safety
+            /// The CPU must support the `
+            #[doc = $feature]
+            /// ` target feature.
+            #[target_feature(enable = $feature)]
+            pub unsafe fn fill(base: i32, out: &mut [i32]) {
+                let lane = $set1(L as i32);
+                let step = $set1(STEP as i32);
+                let mut v = $add($set1(base), $iota);
+                let p = out.as_mut_ptr();
+                let mut i = 0;
+                while i + STEP <= out.len() {
+                    // SAFETY: `i + STEP <= len`: the four stores are inside `out`.
+                    unsafe {
+                        $store(p.add(i).cast(), v);
+                        $store(p.add(i + L).cast(), $add(v, lane));
+                        $store(p.add(i + 2 * L).cast(), $add($add(v, lane), lane));
+                        $store(p.add(i + 3 * L).cast(), $add($add($add(v, lane), lane), lane));
+                    }
+                    v = $add(v, step);
+                    i += STEP;
+                }
+                portable::fill(base.wrapping_add(i as i32), &mut out[i..]);
+            }
+
+            /// `x = op(x)` in place.
+            ///
+            /// # Safety
+            /// The CPU must support the `
+            #[doc = $feature]
+            /// ` target feature.
+            #[target_feature(enable = $feature)]
+            pub unsafe fn apply(op: Lanes, data: &mut [i32]) {
+                let mut i = 0;
+                match op {
+                    Lanes::Affine(a, b) => {
+                        let (va, vb) = ($set1(a), $set1(b));
+                        map4!(data, i, |x| $add($mullo(x, va), vb));
+                    }
+                    Lanes::Xor(k) => {
+                        let vk = $set1(k);
+                        map4!(data, i, |x| $xor(x, vk));
+                    }
+                    Lanes::Abs => map4!(data, i, |x| $abs(x)),
+                }
+                portable::apply(op, &mut data[i..]);
+            }
+
+            /// First `i` with `data[i] != op(base + i)`.
+            ///
+            /// # Safety
+            /// The CPU must support the `
+            #[doc = $feature]
+            /// ` target feature.
+            #[target_feature(enable = $feature)]
+            pub unsafe fn verify(op: Lanes, base: i32, data: &[i32]) -> Option<usize> {
+                match op {
+                    Lanes::Affine(a, b) => {
+                        let (va, vb) = ($set1(a), $set1(b));
+                        check4!(data, base, op, |x| $add($mullo(x, va), vb))
+                    }
+                    Lanes::Xor(k) => {
+                        let vk = $set1(k);
+                        check4!(data, base, op, |x| $xor(x, vk))
+                    }
+                    Lanes::Abs => check4!(data, base, op, |x| $abs(x)),
+                }
+            }
+        }
+    };
+}
+
+#[target_feature(enable = "avx2")]
+#[inline]
+fn nonzero256(v: core::arch::x86_64::__m256i) -> bool {
+    core::arch::x86_64::_mm256_testz_si256(v, v) == 0
+}
+
+#[target_feature(enable = "avx512f")]
+#[inline]
+fn nonzero512(v: core::arch::x86_64::__m512i) -> bool {
+    core::arch::x86_64::_mm512_test_epi32_mask(v, v) != 0
+}
+
+simd_kernels!(
+    avx2, "avx2", 8, _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7),
+    set1 _mm256_set1_epi32, add _mm256_add_epi32, mullo _mm256_mullo_epi32,
+    xor _mm256_xor_si256, or _mm256_or_si256, abs _mm256_abs_epi32,
+    load _mm256_loadu_si256, store _mm256_storeu_si256, nonzero nonzero256
+);
+
+simd_kernels!(
+    avx512, "avx512f", 16,
+    _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+    set1 _mm512_set1_epi32, add _mm512_add_epi32, mullo _mm512_mullo_epi32,
+    xor _mm512_xor_si512, or _mm512_or_si512, abs _mm512_abs_epi32,
+    load _mm512_loadu_si512, store _mm512_storeu_si512, nonzero nonzero512
+);

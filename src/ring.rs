@@ -1,0 +1,288 @@
+//! Single-producer single-consumer ring of `u64` token words over shared memory.
+//!
+//! The ring is a [`RingCtl`] (tail and head counters on separate lines) followed by a
+//! power-of-two array of entries. Counters are monotonically increasing `u64`s; the entry for
+//! counter `n` is `n & mask`. Each end is a value with `&mut self` methods, claimed once per
+//! process, and keeps a private copy of its own counter plus a cache of the other side's, so the
+//! common push/pop touches only its own line and the entry.
+//!
+//! Ordering pairs:
+//! - the producer writes an entry (Relaxed), then publishes `tail` with Release in
+//!   [`RingProducer::flush`]; the consumer loads `tail` with Acquire and only then reads entries
+//!   below it. That pair is what transfers ownership of the slot named by the token.
+//! - the consumer publishes `head` with Release in [`RingConsumer::release`] after it has read
+//!   the entries; the producer loads `head` with Acquire before reusing those entries.
+//!
+//! The other side is another process and is not trusted: every counter read from it is checked
+//! (`head <= tail <= head + capacity`, never moving backwards) and a violation is a
+//! [`RingError`], never an out-of-bounds access.
+//!
+//! Must never: block, allocate, or make a syscall.
+
+use crate::layout::RingCtl;
+use crate::sync::{AtomicU64, Ordering};
+
+/// The other side of a ring broke its protocol.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum RingError {
+    /// A counter read from shared memory is impossible given what this side knows.
+    #[error("ring counters corrupt: head {head}, tail {tail}, capacity {capacity}")]
+    Corrupt {
+        /// Head as seen.
+        head: u64,
+        /// Tail as seen.
+        tail: u64,
+        /// Ring capacity.
+        capacity: u64,
+    },
+}
+
+/// Push failed; the word comes back to the caller.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum PushError {
+    /// Every entry is in use. Cannot happen when capacity >= tokens in circulation.
+    #[error("ring full")]
+    Full(u64),
+    /// The consumer published an impossible head.
+    #[error(transparent)]
+    Corrupt(#[from] RingError),
+}
+
+/// The producing end of a ring.
+pub struct RingProducer<'a> {
+    ctl: &'a RingCtl,
+    entries: &'a [AtomicU64],
+    mask: u64,
+    /// Next counter to write (our own copy of `tail`).
+    tail: u64,
+    /// Last published `tail`.
+    published: u64,
+    /// Last `head` we loaded.
+    head_cache: u64,
+}
+
+/// The consuming end of a ring.
+pub struct RingConsumer<'a> {
+    ctl: &'a RingCtl,
+    entries: &'a [AtomicU64],
+    mask: u64,
+    /// Next counter to read (our own copy of `head`).
+    head: u64,
+    /// Last published `head`.
+    published: u64,
+    /// Last `tail` we loaded (validated).
+    tail_cache: u64,
+}
+
+fn check(entries: &[AtomicU64]) -> u64 {
+    assert!(
+        entries.len().is_power_of_two(),
+        "ring capacity must be a power of two"
+    );
+    entries.len() as u64 - 1
+}
+
+impl<'a> RingProducer<'a> {
+    /// Claims the producing end. The caller guarantees nobody else produces into this ring for
+    /// as long as the value lives (one owner per end; see `shm::Segment::ring`).
+    pub fn new(ctl: &'a RingCtl, entries: &'a [AtomicU64]) -> Result<Self, RingError> {
+        let mask = check(entries);
+        // Relaxed: we are the only writer of `tail`, so we read our own last value.
+        let tail = ctl.tail.load(Ordering::Relaxed);
+        let head = ctl.head.load(Ordering::Acquire);
+        let capacity = mask + 1;
+        if head > tail || tail - head > capacity {
+            return Err(RingError::Corrupt { head, tail, capacity });
+        }
+        Ok(RingProducer { ctl, entries, mask, tail, published: tail, head_cache: head })
+    }
+
+    /// Capacity in entries.
+    pub fn capacity(&self) -> u64 {
+        self.mask + 1
+    }
+
+    /// Writes `word` into the next entry. Not visible to the consumer until [`flush`](Self::flush).
+    #[inline]
+    pub fn push(&mut self, word: u64) -> Result<(), PushError> {
+        if self.tail - self.head_cache > self.mask {
+            // Looks full: refresh our view of the consumer. Acquire pairs with the consumer's
+            // Release in `release`, so the entries it released are no longer being read.
+            let head = self.ctl.head.load(Ordering::Acquire);
+            if head < self.head_cache || head > self.tail {
+                return Err(RingError::Corrupt { head, tail: self.tail, capacity: self.capacity() }.into());
+            }
+            self.head_cache = head;
+            if self.tail - head > self.mask {
+                return Err(PushError::Full(word));
+            }
+        }
+        // Relaxed: the entry is published by the Release store of `tail` in `flush`.
+        self.entries[(self.tail & self.mask) as usize].store(word, Ordering::Relaxed);
+        self.tail += 1;
+        Ok(())
+    }
+
+    /// Publishes every pushed entry (Release store of `tail`; pairs with the consumer's Acquire
+    /// load in `pop`). Returns whether anything new was published.
+    #[inline]
+    pub fn flush(&mut self) -> bool {
+        if self.tail == self.published {
+            return false;
+        }
+        self.ctl.tail.store(self.tail, Ordering::Release);
+        self.published = self.tail;
+        true
+    }
+
+    /// Entries pushed and not yet popped, as last seen (a cheap load-estimate).
+    pub fn in_flight(&self) -> u64 {
+        let head = self.ctl.head.load(Ordering::Relaxed).clamp(self.head_cache, self.tail);
+        self.tail - head
+    }
+}
+
+impl<'a> RingConsumer<'a> {
+    /// Claims the consuming end. The caller guarantees nobody else consumes from this ring for
+    /// as long as the value lives.
+    pub fn new(ctl: &'a RingCtl, entries: &'a [AtomicU64]) -> Result<Self, RingError> {
+        let mask = check(entries);
+        // Relaxed: we are the only writer of `head`.
+        let head = ctl.head.load(Ordering::Relaxed);
+        let tail = ctl.tail.load(Ordering::Acquire);
+        let capacity = mask + 1;
+        if head > tail || tail - head > capacity {
+            return Err(RingError::Corrupt { head, tail, capacity });
+        }
+        Ok(RingConsumer { ctl, entries, mask, head, published: head, tail_cache: tail })
+    }
+
+    /// Takes the next entry, if any.
+    #[inline]
+    pub fn pop(&mut self) -> Result<Option<u64>, RingError> {
+        if self.head == self.tail_cache && !self.refresh()? {
+            return Ok(None);
+        }
+        // Relaxed is enough: the Acquire load of `tail` in `refresh` made this entry's write
+        // (sequenced before the producer's Release store of `tail`) visible.
+        let word = self.entries[(self.head & self.mask) as usize].load(Ordering::Relaxed);
+        self.head += 1;
+        Ok(Some(word))
+    }
+
+    /// Whether the producer has published entries we have not popped (loads `tail` if our
+    /// cache says empty).
+    #[inline]
+    pub fn has_pending(&mut self) -> Result<bool, RingError> {
+        Ok(self.head != self.tail_cache || self.refresh()?)
+    }
+
+    /// Reloads `tail`; true if there is something to pop.
+    fn refresh(&mut self) -> Result<bool, RingError> {
+        // Acquire pairs with the producer's Release in `flush`.
+        let tail = self.ctl.tail.load(Ordering::Acquire);
+        if tail < self.tail_cache || tail - self.head > self.mask + 1 {
+            return Err(RingError::Corrupt { head: self.head, tail, capacity: self.mask + 1 });
+        }
+        self.tail_cache = tail;
+        Ok(tail != self.head)
+    }
+
+    /// Publishes how far we have read (Release store of `head`; pairs with the producer's
+    /// Acquire load in `push`). Entries below it may be overwritten from now on.
+    #[inline]
+    pub fn release(&mut self) {
+        if self.head != self.published {
+            self.ctl.head.store(self.head, Ordering::Release);
+            self.published = self.head;
+        }
+    }
+}
+
+#[cfg(all(test, not(loom)))]
+mod tests {
+    use super::*;
+
+    fn ring(cap: usize) -> (Box<RingCtl>, Vec<AtomicU64>) {
+        let ctl = Box::new(RingCtl {
+            tail: AtomicU64::new(0),
+            tail_pad: [0; 15],
+            head: AtomicU64::new(0),
+            head_pad: [0; 15],
+        });
+        (ctl, (0..cap).map(|_| AtomicU64::new(0)).collect())
+    }
+
+    #[test]
+    fn push_pop_wraps_around_many_times() {
+        let (ctl, e) = ring(4);
+        let mut p = RingProducer::new(&ctl, &e).unwrap();
+        let mut c = RingConsumer::new(&ctl, &e).unwrap();
+        for round in 0..100u64 {
+            for i in 0..3 {
+                p.push(round * 10 + i).unwrap();
+            }
+            assert_eq!(c.pop().unwrap(), None, "unflushed entries must be invisible");
+            assert!(p.flush());
+            for i in 0..3 {
+                assert_eq!(c.pop().unwrap(), Some(round * 10 + i));
+            }
+            assert_eq!(c.pop().unwrap(), None);
+            c.release();
+        }
+        assert_eq!(ctl.tail.load(Ordering::Relaxed), 300);
+        assert_eq!(ctl.head.load(Ordering::Relaxed), 300);
+    }
+
+    #[test]
+    fn full_returns_the_word_until_the_consumer_releases() {
+        let (ctl, e) = ring(2);
+        let mut p = RingProducer::new(&ctl, &e).unwrap();
+        let mut c = RingConsumer::new(&ctl, &e).unwrap();
+        p.push(1).unwrap();
+        p.push(2).unwrap();
+        assert_eq!(p.push(3), Err(PushError::Full(3)));
+        p.flush();
+        assert_eq!(c.pop().unwrap(), Some(1));
+        assert_eq!(p.push(3), Err(PushError::Full(3)), "not released yet");
+        c.release();
+        p.push(3).unwrap();
+        p.flush();
+        assert_eq!(c.pop().unwrap(), Some(2));
+        assert_eq!(c.pop().unwrap(), Some(3));
+        assert_eq!(c.pop().unwrap(), None);
+    }
+
+    #[test]
+    fn consumer_rejects_impossible_tail() {
+        let (ctl, e) = ring(4);
+        let mut c = RingConsumer::new(&ctl, &e).unwrap();
+        ctl.tail.store(5, Ordering::Relaxed); // more than capacity ahead of head 0
+        assert!(matches!(c.pop(), Err(RingError::Corrupt { tail: 5, .. })));
+        ctl.tail.store(2, Ordering::Relaxed);
+        assert_eq!(c.pop().unwrap(), Some(0));
+        ctl.tail.store(1, Ordering::Relaxed); // moved backwards
+        assert!(c.pop().is_ok(), "cached tail still covers entry 1");
+        assert!(matches!(c.pop(), Err(RingError::Corrupt { .. })));
+    }
+
+    #[test]
+    fn producer_rejects_impossible_head() {
+        let (ctl, e) = ring(2);
+        let mut p = RingProducer::new(&ctl, &e).unwrap();
+        p.push(1).unwrap();
+        p.push(2).unwrap();
+        p.flush();
+        ctl.head.store(9, Ordering::Relaxed); // beyond tail
+        assert!(matches!(p.push(3), Err(PushError::Corrupt(_))));
+    }
+
+    #[test]
+    fn attach_rejects_corrupt_counters() {
+        let (ctl, e) = ring(4);
+        ctl.head.store(3, Ordering::Relaxed);
+        ctl.tail.store(1, Ordering::Relaxed);
+        assert!(RingConsumer::new(&ctl, &e).is_err());
+        assert!(RingProducer::new(&ctl, &e).is_err());
+    }
+}
