@@ -177,19 +177,20 @@ pub struct SlotDesc {
     pub matrices: [MatrixDesc; MAX_BATCH],
 }
 
-/// Head and tail of one ring, each on its own [`LINE`]. The entries follow in the segment.
+/// A value alone on its own [`LINE`]. Padding is implicit (no fields), so references to it are
+/// sound even while other processes write the neighbouring lines.
 #[repr(C, align(128))]
+pub struct Padded<T>(pub T);
+
+/// Head and tail of one ring, each on its own [`LINE`]. The entries follow in the segment.
+#[repr(C)]
 pub struct RingCtl {
     /// Entries ever pushed. Written only by the producing side (Release), read by the consumer
     /// (Acquire). Monotonic; `tail - head <= capacity`.
-    pub tail: AtomicU64,
-    /// Zero.
-    pub tail_pad: [u64; 15],
+    pub tail: Padded<AtomicU64>,
     /// Entries ever popped. Written only by the consuming side (Release), read by the producer
     /// (Acquire) when the ring looks full. Monotonic; `head <= tail`.
-    pub head: AtomicU64,
-    /// Zero.
-    pub head_pad: [u64; 15],
+    pub head: Padded<AtomicU64>,
 }
 
 // The ABI, checked at compile time. Loom swaps the atomics for larger types, so the checks (and

@@ -88,8 +88,8 @@ impl<'a> RingProducer<'a> {
     pub fn new(ctl: &'a RingCtl, entries: &'a [AtomicU64]) -> Result<Self, RingError> {
         let mask = check(entries);
         // Relaxed: we are the only writer of `tail`, so we read our own last value.
-        let tail = ctl.tail.load(Ordering::Relaxed);
-        let head = ctl.head.load(Ordering::Acquire);
+        let tail = ctl.tail.0.load(Ordering::Relaxed);
+        let head = ctl.head.0.load(Ordering::Acquire);
         let capacity = mask + 1;
         if head > tail || tail - head > capacity {
             return Err(RingError::Corrupt { head, tail, capacity });
@@ -108,7 +108,7 @@ impl<'a> RingProducer<'a> {
         if self.tail - self.head_cache > self.mask {
             // Looks full: refresh our view of the consumer. Acquire pairs with the consumer's
             // Release in `release`, so the entries it released are no longer being read.
-            let head = self.ctl.head.load(Ordering::Acquire);
+            let head = self.ctl.head.0.load(Ordering::Acquire);
             if head < self.head_cache || head > self.tail {
                 return Err(RingError::Corrupt { head, tail: self.tail, capacity: self.capacity() }.into());
             }
@@ -130,14 +130,14 @@ impl<'a> RingProducer<'a> {
         if self.tail == self.published {
             return false;
         }
-        self.ctl.tail.store(self.tail, Ordering::Release);
+        self.ctl.tail.0.store(self.tail, Ordering::Release);
         self.published = self.tail;
         true
     }
 
     /// Entries pushed and not yet popped, as last seen (a cheap load-estimate).
     pub fn in_flight(&self) -> u64 {
-        let head = self.ctl.head.load(Ordering::Relaxed).clamp(self.head_cache, self.tail);
+        let head = self.ctl.head.0.load(Ordering::Relaxed).clamp(self.head_cache, self.tail);
         self.tail - head
     }
 }
@@ -148,8 +148,8 @@ impl<'a> RingConsumer<'a> {
     pub fn new(ctl: &'a RingCtl, entries: &'a [AtomicU64]) -> Result<Self, RingError> {
         let mask = check(entries);
         // Relaxed: we are the only writer of `head`.
-        let head = ctl.head.load(Ordering::Relaxed);
-        let tail = ctl.tail.load(Ordering::Acquire);
+        let head = ctl.head.0.load(Ordering::Relaxed);
+        let tail = ctl.tail.0.load(Ordering::Acquire);
         let capacity = mask + 1;
         if head > tail || tail - head > capacity {
             return Err(RingError::Corrupt { head, tail, capacity });
@@ -180,7 +180,7 @@ impl<'a> RingConsumer<'a> {
     /// Reloads `tail`; true if there is something to pop.
     fn refresh(&mut self) -> Result<bool, RingError> {
         // Acquire pairs with the producer's Release in `flush`.
-        let tail = self.ctl.tail.load(Ordering::Acquire);
+        let tail = self.ctl.tail.0.load(Ordering::Acquire);
         if tail < self.tail_cache || tail - self.head > self.mask + 1 {
             return Err(RingError::Corrupt { head: self.head, tail, capacity: self.mask + 1 });
         }
@@ -193,7 +193,7 @@ impl<'a> RingConsumer<'a> {
     #[inline]
     pub fn release(&mut self) {
         if self.head != self.published {
-            self.ctl.head.store(self.head, Ordering::Release);
+            self.ctl.head.0.store(self.head, Ordering::Release);
             self.published = self.head;
         }
     }
@@ -202,13 +202,12 @@ impl<'a> RingConsumer<'a> {
 #[cfg(all(test, not(loom)))]
 mod tests {
     use super::*;
+    use crate::layout::Padded;
 
     fn ring(cap: usize) -> (Box<RingCtl>, Vec<AtomicU64>) {
         let ctl = Box::new(RingCtl {
-            tail: AtomicU64::new(0),
-            tail_pad: [0; 15],
-            head: AtomicU64::new(0),
-            head_pad: [0; 15],
+            tail: Padded(AtomicU64::new(0)),
+            head: Padded(AtomicU64::new(0)),
         });
         (ctl, (0..cap).map(|_| AtomicU64::new(0)).collect())
     }
@@ -230,8 +229,8 @@ mod tests {
             assert_eq!(c.pop().unwrap(), None);
             c.release();
         }
-        assert_eq!(ctl.tail.load(Ordering::Relaxed), 300);
-        assert_eq!(ctl.head.load(Ordering::Relaxed), 300);
+        assert_eq!(ctl.tail.0.load(Ordering::Relaxed), 300);
+        assert_eq!(ctl.head.0.load(Ordering::Relaxed), 300);
     }
 
     #[test]
@@ -257,11 +256,11 @@ mod tests {
     fn consumer_rejects_impossible_tail() {
         let (ctl, e) = ring(4);
         let mut c = RingConsumer::new(&ctl, &e).unwrap();
-        ctl.tail.store(5, Ordering::Relaxed); // more than capacity ahead of head 0
+        ctl.tail.0.store(5, Ordering::Relaxed); // more than capacity ahead of head 0
         assert!(matches!(c.pop(), Err(RingError::Corrupt { tail: 5, .. })));
-        ctl.tail.store(2, Ordering::Relaxed);
+        ctl.tail.0.store(2, Ordering::Relaxed);
         assert_eq!(c.pop().unwrap(), Some(0));
-        ctl.tail.store(1, Ordering::Relaxed); // moved backwards
+        ctl.tail.0.store(1, Ordering::Relaxed); // moved backwards
         assert!(c.pop().is_ok(), "cached tail still covers entry 1");
         assert!(matches!(c.pop(), Err(RingError::Corrupt { .. })));
     }
@@ -273,15 +272,15 @@ mod tests {
         p.push(1).unwrap();
         p.push(2).unwrap();
         p.flush();
-        ctl.head.store(9, Ordering::Relaxed); // beyond tail
+        ctl.head.0.store(9, Ordering::Relaxed); // beyond tail
         assert!(matches!(p.push(3), Err(PushError::Corrupt(_))));
     }
 
     #[test]
     fn attach_rejects_corrupt_counters() {
         let (ctl, e) = ring(4);
-        ctl.head.store(3, Ordering::Relaxed);
-        ctl.tail.store(1, Ordering::Relaxed);
+        ctl.head.0.store(3, Ordering::Relaxed);
+        ctl.tail.0.store(1, Ordering::Relaxed);
         assert!(RingConsumer::new(&ctl, &e).is_err());
         assert!(RingProducer::new(&ctl, &e).is_err());
     }

@@ -1,0 +1,358 @@
+//! The shared segment: create (size, commit, map, write the header), attach (map, validate), and
+//! typed access to the objects [`Layout`] places in it.
+//!
+//! The segment is an anonymous memfd: it has no name, so nothing can be left behind in
+//! `/dev/shm`, and it is freed when the last process holding the fd or a mapping exits. Workers
+//! inherit the fd across exec.
+//!
+//! Access rules. Only all-atomic structs ([`WorkerShared`], [`ProducerShared`], [`RingCtl`] and
+//! ring entries) are handed out as references: they may be written by other processes at any
+//! time, and atomics make that sound. Descriptors and slot data are reached only through a
+//! [`Token`], whose holder owns the slot (DESIGN invariant 1); the header's plain fields are
+//! copied out once at attach and validated, never referenced.
+
+use std::io;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+
+use crate::layout::{
+    Header, Layout, LayoutError, Params, ProducerShared, RingCtl, SlotDesc, WorkerShared,
+    Direction, LAYOUT_VERSION, MAGIC,
+};
+use crate::pool::Token;
+use crate::sync::{AtomicU32, AtomicU64, Ordering};
+use crate::sys;
+
+/// Bytes kept free for everything else on the machine when checking whether a segment fits.
+const HEADROOM: u64 = 64 << 20;
+
+/// Why a segment could not be created.
+#[derive(Debug, thiserror::Error)]
+pub enum ShmCreateError {
+    /// The machine cannot commit that much memory.
+    #[error(
+        "shared memory does not fit: asked for {} ({asked} bytes), {} available \
+         (MemAvailable and cgroup limit, less {} headroom); lower --max-dim, --inflight or --workers",
+        human_bytes(*asked), human_bytes(*available), human_bytes(HEADROOM)
+    )]
+    TooLarge {
+        /// Segment size in bytes.
+        asked: u64,
+        /// Bytes the machine reported available.
+        available: u64,
+    },
+    /// A system call failed.
+    #[error("could not create shared memory ({step}): {source}")]
+    Io {
+        /// Which step failed.
+        step: &'static str,
+        /// The error.
+        source: io::Error,
+    },
+}
+
+/// Why attaching to a segment failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ShmAttachError {
+    /// A system call failed.
+    #[error("could not map shared memory: {0}")]
+    Io(#[from] io::Error),
+    /// The segment is smaller than its header says, or than a header.
+    #[error("segment is {actual} bytes, expected {expected}")]
+    Size {
+        /// Bytes expected.
+        expected: u64,
+        /// Bytes found.
+        actual: u64,
+    },
+    /// Not an mk1 segment.
+    #[error("not an mk1 segment (magic {0:#x})")]
+    Magic(u64),
+    /// Made by a different mk1 layout version.
+    #[error("segment layout version {found}, this build understands {LAYOUT_VERSION}")]
+    Version {
+        /// Version found.
+        found: u32,
+    },
+    /// The header's parameters do not describe a valid layout.
+    #[error(transparent)]
+    Layout(#[from] LayoutError),
+}
+
+/// Formats a byte count for people.
+pub fn human_bytes(b: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = b as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u + 1 < UNITS.len() {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{b} B")
+    } else {
+        format!("{v:.1} {}", UNITS[u])
+    }
+}
+
+/// One mapped segment.
+pub struct Segment {
+    map: sys::Mapping,
+    fd: OwnedFd,
+    layout: Layout,
+    coordinator_pid: u32,
+}
+
+impl Segment {
+    /// Creates, sizes, commits and maps a new segment for `layout`, and writes its header.
+    ///
+    /// Fails with [`ShmCreateError::TooLarge`] before touching memory when the machine does not
+    /// have the room, and again if the commit itself is refused — never with a later SIGBUS.
+    pub fn create(layout: Layout) -> Result<Segment, ShmCreateError> {
+        let asked = layout.total_bytes();
+        if let Some(avail) = sys::available_memory() {
+            if asked.saturating_add(HEADROOM) > avail {
+                return Err(ShmCreateError::TooLarge { asked, available: avail.saturating_sub(HEADROOM) });
+            }
+        }
+        let io = |step| move |source| ShmCreateError::Io { step, source };
+        let fd = sys::memfd("mk1").map_err(io("memfd_create"))?;
+        if let Err(e) = sys::size_and_commit(fd.as_fd(), asked) {
+            return Err(match e.raw_os_error() {
+                Some(code) if code == rustix::io::Errno::NOSPC.raw_os_error()
+                    || code == rustix::io::Errno::NOMEM.raw_os_error() =>
+                {
+                    ShmCreateError::TooLarge { asked, available: sys::available_memory().unwrap_or(0) }
+                }
+                _ => ShmCreateError::Io { step: "fallocate", source: e },
+            });
+        }
+        let len = usize::try_from(asked).map_err(|_| ShmCreateError::TooLarge { asked, available: 0 })?;
+        let map = sys::Mapping::shared(fd.as_fd(), len).map_err(io("mmap"))?;
+        let coordinator_pid = sys::own_pid();
+        let h = map.as_ptr().cast::<Header>();
+        // SAFETY: the mapping is fresh, page aligned and at least `size_of::<Header>()` long
+        // (Layout places everything after the header); no other process has the fd yet, so
+        // these plain writes cannot race. The memory is zeroed by the kernel, so the atomics
+        // (version, shutdown) start as valid zeros.
+        unsafe {
+            core::ptr::addr_of_mut!((*h).magic).write(MAGIC);
+            core::ptr::addr_of_mut!((*h).coordinator_pid).write(coordinator_pid);
+            core::ptr::addr_of_mut!((*h).params).write(*layout.params());
+        }
+        let seg = Segment { map, fd, layout, coordinator_pid };
+        // Release: publishes magic and params to any attacher's Acquire load of `version`.
+        seg.version_word().store(LAYOUT_VERSION, Ordering::Release);
+        Ok(seg)
+    }
+
+    /// Maps the segment behind an inherited fd and validates its header.
+    pub fn attach(fd: OwnedFd) -> Result<Segment, ShmAttachError> {
+        let len = sys::file_len(fd.as_fd())?;
+        let header = core::mem::size_of::<Header>() as u64;
+        if len < header {
+            return Err(ShmAttachError::Size { expected: header, actual: len });
+        }
+        let map = sys::Mapping::shared(fd.as_fd(), usize::try_from(len).map_err(io::Error::other)?)?;
+        let h = map.as_ptr().cast::<Header>();
+        // SAFETY: the mapping is page aligned and at least a header long; `version` is an
+        // atomic, so referencing it is sound even if another process writes it.
+        let version = unsafe { &*core::ptr::addr_of!((*h).version) }.load(Ordering::Acquire);
+        // SAFETY: as above for the bounds. The plain fields are only read after the Acquire
+        // above saw the creator's Release; we copy them out (read_volatile: the value may be
+        // changed by a misbehaving process, and a copy is then validated, never trusted).
+        let (magic, pid, params): (u64, u32, Params) = unsafe {
+            (
+                core::ptr::addr_of!((*h).magic).read_volatile(),
+                core::ptr::addr_of!((*h).coordinator_pid).read_volatile(),
+                core::ptr::addr_of!((*h).params).read_volatile(),
+            )
+        };
+        if magic != MAGIC {
+            return Err(ShmAttachError::Magic(magic));
+        }
+        if version != LAYOUT_VERSION {
+            return Err(ShmAttachError::Version { found: version });
+        }
+        let layout = Layout::from_params(params)?;
+        if layout.total_bytes() != len {
+            return Err(ShmAttachError::Size { expected: layout.total_bytes(), actual: len });
+        }
+        Ok(Segment { map, fd, layout, coordinator_pid: pid })
+    }
+
+    /// The layout this segment was created with (validated).
+    pub fn layout(&self) -> &Layout {
+        &self.layout
+    }
+
+    /// The segment's fd (inherited by workers).
+    pub fn fd(&self) -> BorrowedFd<'_> {
+        self.fd.as_fd()
+    }
+
+    /// Pid of the coordinator that created the segment, as written in the header.
+    pub fn coordinator_pid(&self) -> u32 {
+        self.coordinator_pid
+    }
+
+    /// Size in bytes.
+    pub fn len(&self) -> usize {
+        self.map.len()
+    }
+
+    /// Always false for a created or attached segment.
+    pub fn is_empty(&self) -> bool {
+        self.map.is_empty()
+    }
+
+    /// # Safety
+    /// `offset + size_of::<T>() <= len`, `offset` aligned for `T`, and `T` made only of
+    /// atomics (so concurrent writes from other processes are not data races).
+    unsafe fn atomic_ref<T>(&self, offset: u64) -> &T {
+        debug_assert!(offset as usize + core::mem::size_of::<T>() <= self.map.len());
+        debug_assert_eq!(offset as usize % core::mem::align_of::<T>(), 0);
+        // SAFETY: the caller guarantees bounds, alignment and an all-atomic `T`; the memory lives
+        // as long as `self.map`, which outlives the returned borrow of `self`.
+        unsafe { &*self.map.as_ptr().add(offset as usize).cast::<T>() }
+    }
+
+    fn version_word(&self) -> &AtomicU32 {
+        // SAFETY: `version` lies inside the header at the start of the mapping (const-asserted
+        // offset 8), 4-byte aligned, and is an atomic.
+        unsafe { self.atomic_ref(core::mem::offset_of!(Header, version) as u64) }
+    }
+
+    /// The shutdown flag: the coordinator stores 1 (Release) when workers should drain and exit;
+    /// workers load it (Acquire) when idle.
+    pub fn shutdown_flag(&self) -> &AtomicU32 {
+        // SAFETY: inside the header, aligned, atomic.
+        unsafe { self.atomic_ref(core::mem::offset_of!(Header, shutdown) as u64) }
+    }
+
+    /// Worker `w`'s shared state. Panics if `w` is out of range (a caller bug).
+    pub fn worker(&self, w: u32) -> &WorkerShared {
+        assert!(w < self.layout.params().workers, "worker {w} out of range");
+        // SAFETY: `Layout` (validated) places `workers` 128-byte-aligned `WorkerShared`s inside
+        // the segment; `WorkerShared` holds only atomics.
+        unsafe { self.atomic_ref(self.layout.worker_offset(w)) }
+    }
+
+    /// Producer `p`'s shared state. Panics if `p` is out of range (a caller bug).
+    pub fn producer(&self, p: u32) -> &ProducerShared {
+        assert!(p < self.layout.params().producers, "producer {p} out of range");
+        // SAFETY: as for `worker`, for the producer states.
+        unsafe { self.atomic_ref(self.layout.producer_offset(p)) }
+    }
+
+    /// The control block and entries of the ring between producer `p` and worker `w` in
+    /// direction `d`. Callers claim at most one `RingProducer` and one `RingConsumer` per ring.
+    pub fn ring(&self, p: u32, w: u32, d: Direction) -> (&RingCtl, &[AtomicU64]) {
+        let params = self.layout.params();
+        assert!(p < params.producers && w < params.workers, "ring ({p}, {w}) out of range");
+        let off = self.layout.ring_offset(p, w, d);
+        // SAFETY: `Layout` places each ring (control block of `2 * LINE` bytes, then
+        // `ring_capacity` u64 entries, within `ring_stride`) 128-byte aligned inside the
+        // segment. `RingCtl` and the entries are all atomics.
+        unsafe {
+            let ctl: &RingCtl = self.atomic_ref(off);
+            let first: *const AtomicU64 = self.map.as_ptr().add(off as usize + core::mem::size_of::<RingCtl>()).cast();
+            (ctl, core::slice::from_raw_parts(first, params.ring_capacity as usize))
+        }
+    }
+
+    /// Stores zero into both counters of every ring of worker `w`. Only the coordinator calls
+    /// this, after the worker process is reaped and before a new one is started, when nobody
+    /// else is using those rings.
+    pub fn reset_worker_rings(&self, w: u32) {
+        for p in 0..self.layout.params().producers {
+            for d in [Direction::ToWorker, Direction::FromWorker] {
+                let (ctl, _) = self.ring(p, w, d);
+                ctl.tail.0.store(0, Ordering::Relaxed);
+                ctl.head.0.store(0, Ordering::Relaxed);
+            }
+        }
+    }
+
+    fn desc_ptr(&self, token: &Token) -> *mut SlotDesc {
+        let off = self.layout.descriptor_offset(token.slot());
+        // SAFETY: `Token` values only exist for slots `< slots` (checked where they are made), and
+        // `Layout` places the descriptor array inside the segment, 64-byte aligned.
+        unsafe { self.map.as_ptr().add(off as usize).cast() }
+    }
+
+    /// Writes the descriptor of the token's slot.
+    pub fn write_desc(&self, token: &mut Token, desc: &SlotDesc) {
+        // SAFETY: holding the token means owning the slot (its previous owner's ring push was
+        // Release, our pop Acquire), so nobody following the protocol touches it meanwhile.
+        unsafe { self.desc_ptr(token).write_volatile(*desc) }
+    }
+
+    /// Copies out the descriptor of the token's slot. The copy is untrusted: validate it.
+    pub fn read_desc(&self, token: &Token) -> SlotDesc {
+        // SAFETY: as for `write_desc`; `SlotDesc` is plain integers, valid for any bits, and we
+        // copy it (volatile, so a concurrent scribbler cannot make us read it twice differently).
+        unsafe { self.desc_ptr(token).read_volatile() }
+    }
+
+    /// The token's slot data as int32s, exclusively borrowed for as long as the token is.
+    pub fn slot_mut<'a>(&'a self, token: &'a mut Token) -> &'a mut [i32] {
+        let (off, bytes) = self
+            .layout
+            .slot_data(token.slot())
+            .expect("tokens are only made for slots in range");
+        // SAFETY: the slot lies inside the segment (validated layout), is at least 64-byte
+        // aligned, and i32 is valid for any bits. Exclusivity: holding the token (borrowed
+        // mutably here, so at most one slice per token in this process) means owning the slot;
+        // no process that follows the protocol touches it until the token is pushed again, which
+        // needs the token back by value and so ends this borrow. A process that breaks the
+        // protocol can at worst change the integers we read, which verification then reports.
+        unsafe {
+            core::slice::from_raw_parts_mut(
+                self.map.as_ptr().add(off as usize).cast::<i32>(),
+                (bytes / 4) as usize,
+            )
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn create_then_attach_sees_the_same_layout() {
+        let layout = Layout::new(2, 1, 8, &[(4096, 4), (16384, 2)]).unwrap();
+        let seg = Segment::create(layout).unwrap();
+        let dup = seg.fd().try_clone_to_owned().unwrap();
+        let other = Segment::attach(dup).unwrap();
+        assert_eq!(other.layout(), seg.layout());
+        assert_eq!(other.coordinator_pid(), sys::own_pid());
+        seg.worker(1).heartbeat.store(7, Ordering::Relaxed);
+        assert_eq!(other.worker(1).heartbeat.load(Ordering::Relaxed), 7);
+        let mut t = Token::assume_owned(5, 0);
+        seg.slot_mut(&mut t)[4095] = 42;
+        assert_eq!(other.slot_mut(&mut t)[4095], 42);
+    }
+
+    #[test]
+    fn attach_rejects_a_foreign_file() {
+        let fd = sys::memfd("not-mk1").unwrap();
+        sys::size_and_commit(fd.as_fd(), 8192).unwrap();
+        assert!(matches!(Segment::attach(fd), Err(ShmAttachError::Magic(0))));
+        let fd = sys::memfd("tiny").unwrap();
+        assert!(matches!(Segment::attach(fd), Err(ShmAttachError::Size { .. })));
+    }
+
+    #[test]
+    fn too_large_is_a_clear_error_not_a_crash() {
+        let layout = Layout::new(1, 1, 1, &[(1 << 30, 1 << 14)]).unwrap(); // 16 TiB
+        match Segment::create(layout) {
+            Err(e @ ShmCreateError::TooLarge { .. }) => {
+                let msg = e.to_string();
+                assert!(msg.contains("16.0 TiB") && msg.contains("available"), "{msg}");
+            }
+            Err(e) => panic!("unexpected error {e}"),
+            Ok(_) => panic!("a 16 TiB segment was created"),
+        }
+    }
+}

@@ -1,0 +1,201 @@
+//! Waiting without burning a core, and waking without a syscall when nobody sleeps.
+//!
+//! A waiter goes through three phases ([`Backoff`]): spin (re-check the condition with a CPU
+//! pause), yield the CPU, then sleep on a [`Doorbell`]. The doorbell is a futex word plus a
+//! `sleeping` flag in shared memory. The notifier rings only when the flag says someone sleeps,
+//! so while work flows there is no syscall at all (DESIGN invariant 7).
+//!
+//! Lost wake-ups are excluded by a store-load (Dekker) pair, the one place mk1 needs SeqCst:
+//! - waiter: `sleeping = 1` (SeqCst); read `word`; re-check the condition; futex-wait on `word`.
+//! - notifier: publish the work (ring `tail`, Release); SeqCst fence; read `sleeping`; if set,
+//!   bump `word` (Release) and futex-wake.
+//!
+//! The two SeqCst operations are totally ordered, so either the waiter's re-check sees the work
+//! or the notifier sees `sleeping == 1`. If the bump lands between the waiter's read of `word`
+//! and its futex-wait, the kernel sees a changed value and returns at once.
+//!
+//! The futex itself is injected ([`Park`]), so the protocol can be model-checked without
+//! syscalls.
+
+use std::time::Duration;
+
+use crate::sync::{fence, AtomicU32, Ordering};
+
+/// Sleep and wake on a 32-bit word (a futex in production).
+pub trait Park {
+    /// Sleep while `*word == expected`, at most `timeout`; may return spuriously.
+    fn wait(&self, word: &AtomicU32, expected: u32, timeout: Duration);
+    /// Wake sleepers on `word`.
+    fn wake(&self, word: &AtomicU32);
+}
+
+/// The real thing: a shared (cross-process) futex.
+#[cfg(not(loom))]
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Futex;
+
+#[cfg(not(loom))]
+impl Park for Futex {
+    fn wait(&self, word: &AtomicU32, expected: u32, timeout: Duration) {
+        crate::sys::futex_wait(word, expected, timeout);
+    }
+    fn wake(&self, word: &AtomicU32) {
+        crate::sys::futex_wake(word, i32::MAX as u32);
+    }
+}
+
+/// A futex word and the flag that says whether anyone sleeps on it.
+#[derive(Clone, Copy)]
+pub struct Doorbell<'a> {
+    word: &'a AtomicU32,
+    sleeping: &'a AtomicU32,
+}
+
+impl<'a> Doorbell<'a> {
+    /// A doorbell over two shared words.
+    pub fn new(word: &'a AtomicU32, sleeping: &'a AtomicU32) -> Self {
+        Doorbell { word, sleeping }
+    }
+
+    /// Called by the notifier after publishing work. Returns whether a wake was issued.
+    #[inline]
+    pub fn ring(&self, park: &impl Park) -> bool {
+        // SeqCst fence: orders our earlier publish (Release store of a ring tail) before the
+        // load of `sleeping`, against the waiter's SeqCst store of `sleeping` (see module doc).
+        fence(Ordering::SeqCst);
+        if self.sleeping.load(Ordering::Relaxed) == 0 {
+            return false;
+        }
+        // Release: a waiter that sees the new value (Acquire below) also sees our work.
+        self.word.fetch_add(1, Ordering::Release);
+        park.wake(self.word);
+        true
+    }
+
+    /// Sleeps until rung or `timeout`, unless `ready()` is already true after announcing.
+    /// `ready` must check the condition the notifier publishes (e.g. "a ring is non-empty").
+    pub fn sleep(&self, park: &impl Park, timeout: Duration, mut ready: impl FnMut() -> bool) {
+        // SeqCst: pairs with the notifier's SeqCst fence (store-load ordering).
+        self.sleeping.store(1, Ordering::SeqCst);
+        let seen = self.word.load(Ordering::Acquire);
+        if !ready() {
+            park.wait(self.word, seen, timeout);
+        }
+        self.sleeping.store(0, Ordering::Relaxed);
+    }
+}
+
+/// How long to spin and yield before sleeping.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Backoff {
+    spins: u32,
+    yields: u32,
+    spin_limit: u32,
+    yield_limit: u32,
+}
+
+/// What a waiter should do next.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Step {
+    /// Pause the CPU briefly and re-check.
+    Spin,
+    /// Give the CPU away once and re-check.
+    Yield,
+    /// Sleep on the doorbell.
+    Sleep,
+}
+
+impl Backoff {
+    /// Spins for about `spin_limit` pauses and yields `yield_limit` times before sleeping.
+    pub fn new(spin_limit: u32, yield_limit: u32) -> Backoff {
+        Backoff { spins: 0, yields: 0, spin_limit, yield_limit }
+    }
+
+    /// A policy for `busy` running threads/processes on `cpus` CPUs: spin long when everyone has
+    /// a core, and give way quickly when oversubscribed, so a waiter never steals the CPU from a
+    /// process that has work.
+    pub fn for_load(busy: usize, cpus: usize) -> Backoff {
+        if busy <= cpus {
+            Backoff::new(1 << 14, 16)
+        } else {
+            Backoff::new(64, 4)
+        }
+    }
+
+    /// Start over (work arrived).
+    #[inline]
+    pub fn reset(&mut self) {
+        self.spins = 0;
+        self.yields = 0;
+    }
+
+    /// The next step; [`Step::Spin`] and [`Step::Yield`] are performed here.
+    #[inline]
+    pub fn next(&mut self) -> Step {
+        if self.spins < self.spin_limit {
+            self.spins += 1;
+            crate::sync::spin_hint();
+            Step::Spin
+        } else if self.yields < self.yield_limit {
+            self.yields += 1;
+            std::thread::yield_now();
+            Step::Yield
+        } else {
+            Step::Sleep
+        }
+    }
+}
+
+#[cfg(all(test, not(loom)))]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+    use std::time::Instant;
+
+    struct Words {
+        word: AtomicU32,
+        sleeping: AtomicU32,
+        work: AtomicU32,
+    }
+
+    #[test]
+    fn ring_is_silent_when_nobody_sleeps() {
+        let w = Words { word: AtomicU32::new(0), sleeping: AtomicU32::new(0), work: AtomicU32::new(0) };
+        let bell = Doorbell::new(&w.word, &w.sleeping);
+        assert!(!bell.ring(&Futex));
+        assert_eq!(w.word.load(Ordering::Relaxed), 0);
+    }
+
+    #[test]
+    fn a_sleeper_is_woken_long_before_its_timeout() {
+        let w = Arc::new(Words { word: AtomicU32::new(0), sleeping: AtomicU32::new(0), work: AtomicU32::new(0) });
+        let w2 = w.clone();
+        let sleeper = std::thread::spawn(move || {
+            let bell = Doorbell::new(&w2.word, &w2.sleeping);
+            let start = Instant::now();
+            while w2.work.load(Ordering::Acquire) == 0 {
+                bell.sleep(&Futex, Duration::from_secs(30), || w2.work.load(Ordering::Acquire) != 0);
+            }
+            start.elapsed()
+        });
+        while w.sleeping.load(Ordering::SeqCst) == 0 {
+            std::thread::yield_now();
+        }
+        w.work.store(1, Ordering::Release);
+        let bell = Doorbell::new(&w.word, &w.sleeping);
+        bell.ring(&Futex);
+        let waited = sleeper.join().unwrap();
+        assert!(waited < Duration::from_secs(20), "woken by the ring, not the 30 s timeout");
+    }
+
+    #[test]
+    fn backoff_goes_spin_yield_sleep() {
+        let mut b = Backoff::new(2, 1);
+        assert_eq!(b.next(), Step::Spin);
+        assert_eq!(b.next(), Step::Spin);
+        assert_eq!(b.next(), Step::Yield);
+        assert_eq!(b.next(), Step::Sleep);
+        b.reset();
+        assert_eq!(b.next(), Step::Spin);
+    }
+}

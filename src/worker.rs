@@ -1,0 +1,344 @@
+//! The worker role: its own process, started by re-executing the program with [`WORKER_ENV`]
+//! set. It attaches the inherited segment, then loops: pop a token from each producer's ring,
+//! validate it and its descriptor, apply the op in place to every matrix in the slot, push the
+//! token back, ring the producer's doorbell if it sleeps.
+//!
+//! A worker trusts nothing it reads from the segment: a bad token, descriptor or ring counter
+//! ends it with [`WorkerError`] and exit status [`EXIT_BAD_SEGMENT`]; the coordinator then
+//! reclaims its tokens. It exits on its own when the coordinator dies (parent-death signal, and a
+//! parent check whenever a sleep times out).
+
+use std::os::fd::{FromRawFd, OwnedFd};
+use std::time::Duration;
+
+use crate::layout::{Direction, WorkerState, MATRIX_ALIGN, MAX_BATCH};
+use crate::ops::{Kernel, Kernels, Op};
+use crate::pool::{BadToken, Token};
+use crate::ring::{PushError, RingConsumer, RingError, RingProducer};
+use crate::shm::{Segment, ShmAttachError};
+use crate::sync::Ordering;
+use crate::sys;
+use crate::wait::{Backoff, Doorbell, Futex, Step};
+
+/// Environment variable that turns a process into a worker: `fd,index,coordinator_pid,kernel,cpu`
+/// (`cpu` is `-` for no pinning).
+pub const WORKER_ENV: &str = "MK1_WORKER";
+
+/// Exit status of a worker whose spec was malformed.
+pub const EXIT_BAD_SPEC: i32 = 70;
+/// Exit status of a worker that found invalid data in the segment.
+pub const EXIT_BAD_SEGMENT: i32 = 71;
+/// Exit status of a worker whose coordinator went away.
+pub const EXIT_ORPHANED: i32 = 72;
+
+/// Tokens taken from one producer's ring before looking at the next (fairness between
+/// producers, and a bound on how long a doorbell waits to be rung).
+const BURST: usize = 16;
+/// Longest sleep between liveness checks of the coordinator.
+const SLEEP: Duration = Duration::from_millis(100);
+
+/// How a worker is started.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WorkerSpec {
+    /// The inherited segment fd.
+    pub fd: i32,
+    /// Worker slot.
+    pub index: u32,
+    /// Pid of the coordinator (our parent).
+    pub coordinator: u32,
+    /// Kernel to run ops with.
+    pub kernel: Kernel,
+    /// CPU to pin to.
+    pub cpu: Option<usize>,
+}
+
+impl WorkerSpec {
+    /// The value of [`WORKER_ENV`].
+    pub fn encode(&self) -> String {
+        let cpu = self.cpu.map_or("-".to_string(), |c| c.to_string());
+        format!("{},{},{},{},{cpu}", self.fd, self.index, self.coordinator, self.kernel.name())
+    }
+
+    /// Parses the value of [`WORKER_ENV`].
+    pub fn parse(s: &str) -> Option<WorkerSpec> {
+        let mut it = s.split(',');
+        let fd = it.next()?.parse().ok()?;
+        let index = it.next()?.parse().ok()?;
+        let coordinator = it.next()?.parse().ok()?;
+        let kname = it.next()?;
+        let kernel = Kernel::ALL.into_iter().find(|k| k.name() == kname)?;
+        let cpu = match it.next()? {
+            "-" => None,
+            c => Some(c.parse().ok()?),
+        };
+        if it.next().is_some() {
+            return None;
+        }
+        Some(WorkerSpec { fd, index, coordinator, kernel, cpu })
+    }
+}
+
+/// Why a worker stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum WorkerError {
+    /// The segment could not be attached.
+    #[error("cannot attach the segment: {0}")]
+    Attach(#[from] ShmAttachError),
+    /// The worker index is not in the segment.
+    #[error("worker index {index} but the segment has {workers} workers")]
+    Index {
+        /// Index given.
+        index: u32,
+        /// Workers in the segment.
+        workers: u32,
+    },
+    /// A ring's counters were invalid.
+    #[error("ring from producer {producer}: {source}")]
+    Ring {
+        /// Producer index.
+        producer: u32,
+        /// The error.
+        source: RingError,
+    },
+    /// A popped token was invalid.
+    #[error("ring from producer {producer}: {source}")]
+    Token {
+        /// Producer index.
+        producer: u32,
+        /// The error.
+        source: BadToken,
+    },
+    /// A slot descriptor was invalid.
+    #[error("slot {slot}: invalid descriptor: {why}")]
+    Descriptor {
+        /// Slot index.
+        slot: u32,
+        /// What was wrong.
+        why: String,
+    },
+    /// The return ring was full: more tokens arrived than exist.
+    #[error("return ring to producer {0} is full: more tokens in circulation than slots")]
+    Overflow(u32),
+    /// The kernel is not available (a spec from a different machine).
+    #[error("{0}")]
+    Kernel(#[from] crate::ops::KernelUnavailable),
+    /// The coordinator is gone.
+    #[error("coordinator (pid {0}) is gone")]
+    Orphaned(u32),
+    /// A system call failed.
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+}
+
+impl WorkerError {
+    /// The process exit status for this error.
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            WorkerError::Orphaned(_) => EXIT_ORPHANED,
+            WorkerError::Kernel(_) | WorkerError::Io(_) | WorkerError::Index { .. } => EXIT_BAD_SPEC,
+            _ => EXIT_BAD_SEGMENT,
+        }
+    }
+}
+
+/// If this process was started as an mk1 worker, serve and exit; otherwise return at once.
+///
+/// Call it first thing in `main` of any program that runs a pipeline through the library: the
+/// coordinator starts workers by re-executing the current program with [`WORKER_ENV`] set.
+pub fn run_if_worker() {
+    let Ok(spec) = std::env::var(WORKER_ENV) else { return };
+    let code = match WorkerSpec::parse(&spec) {
+        None => {
+            eprintln!("mk1 worker: malformed {WORKER_ENV}={spec:?}");
+            EXIT_BAD_SPEC
+        }
+        Some(spec) => match serve(spec) {
+            Ok(()) => 0,
+            Err(e) => {
+                eprintln!("mk1 worker {}: {e}", spec.index);
+                e.exit_code()
+            }
+        },
+    };
+    std::process::exit(code);
+}
+
+/// Validates a descriptor copy against the slot's size; returns the op and matrices.
+fn check_desc(
+    desc: &crate::layout::SlotDesc,
+    slot: u32,
+    slot_elems: usize,
+) -> Result<Op, WorkerError> {
+    let bad = |why: String| WorkerError::Descriptor { slot, why };
+    let op = Op::decode(desc.op_kind, desc.op_a, desc.op_b)
+        .ok_or_else(|| bad(format!("unknown op kind {}", desc.op_kind)))?;
+    let count = desc.count as usize;
+    if count == 0 || count > MAX_BATCH {
+        return Err(bad(format!("matrix count {count} outside 1..={MAX_BATCH}")));
+    }
+    for m in &desc.matrices[..count] {
+        let elems = u64::from(m.rows) * u64::from(m.cols);
+        let start = u64::from(m.offset);
+        if m.rows == 0 || m.cols == 0 || start % MATRIX_ALIGN != 0 || start / 4 + elems > slot_elems as u64 {
+            return Err(bad(format!(
+                "matrix {}x{} at byte {} does not fit a slot of {} bytes",
+                m.rows,
+                m.cols,
+                m.offset,
+                slot_elems * 4
+            )));
+        }
+    }
+    Ok(op)
+}
+
+/// Applies the descriptor's op to every matrix in the token's slot, after validating both.
+pub fn process(seg: &Segment, kernels: Kernels, token: &mut Token) -> Result<(), WorkerError> {
+    let desc = seg.read_desc(token);
+    let slot = token.slot();
+    let data = seg.slot_mut(token);
+    let op = check_desc(&desc, slot, data.len())?;
+    for m in &desc.matrices[..desc.count as usize] {
+        let start = m.offset as usize / 4;
+        let len = m.rows as usize * m.cols as usize;
+        kernels.apply(op, &mut data[start..start + len]);
+    }
+    Ok(())
+}
+
+/// The worker loop. Returns when the coordinator asks for shutdown and the rings are empty.
+pub fn serve(spec: WorkerSpec) -> Result<(), WorkerError> {
+    // Before anything else: die with the coordinator, and catch the case where it already died.
+    if !sys::die_with_parent(spec.coordinator)? {
+        return Err(WorkerError::Orphaned(spec.coordinator));
+    }
+    if let Some(cpu) = spec.cpu {
+        let _ = sys::pin_to_cpu(cpu); // best effort: placement is an optimisation
+    }
+    let kernels = Kernels::new(spec.kernel)?;
+    // SAFETY: the coordinator cleared close-on-exec on this fd for us and nothing else in this
+    // process knows the number, so we are its only owner.
+    let fd = unsafe { OwnedFd::from_raw_fd(spec.fd) };
+    let seg = Segment::attach(fd)?;
+    let params = *seg.layout().params();
+    if spec.index >= params.workers {
+        return Err(WorkerError::Index { index: spec.index, workers: params.workers });
+    }
+    let me = seg.worker(spec.index);
+    me.pid.store(sys::own_pid(), Ordering::Relaxed);
+    me.state.store(WorkerState::Running as u32, Ordering::Release);
+
+    let producers = params.producers;
+    let mut inbox = Vec::with_capacity(producers as usize);
+    let mut outbox = Vec::with_capacity(producers as usize);
+    let mut bells = Vec::with_capacity(producers as usize);
+    for p in 0..producers {
+        let (ctl, e) = seg.ring(p, spec.index, Direction::ToWorker);
+        inbox.push(RingConsumer::new(ctl, e).map_err(|source| WorkerError::Ring { producer: p, source })?);
+        let (ctl, e) = seg.ring(p, spec.index, Direction::FromWorker);
+        outbox.push(RingProducer::new(ctl, e).map_err(|source| WorkerError::Ring { producer: p, source })?);
+        let ps = seg.producer(p);
+        bells.push(Doorbell::new(&ps.wake, &ps.sleeping));
+    }
+    let my_bell = Doorbell::new(&me.wake, &me.sleeping);
+    let shutdown = seg.shutdown_flag();
+    let busy = params.workers as usize + producers as usize;
+    let mut backoff = Backoff::for_load(busy, sys::online_cpus());
+    let mut processed: u64 = 0;
+
+    loop {
+        let mut did = 0;
+        for p in 0..producers as usize {
+            let ring_err = |source| WorkerError::Ring { producer: p as u32, source };
+            let mut n = 0;
+            while n < BURST {
+                let Some(word) = inbox[p].pop().map_err(ring_err)? else { break };
+                let mut token = Token::from_untrusted_word(word, params.slots)
+                    .map_err(|source| WorkerError::Token { producer: p as u32, source })?;
+                process(&seg, kernels, &mut token)?;
+                match outbox[p].push(token.into_word()) {
+                    Ok(()) => {}
+                    Err(PushError::Full(_)) => return Err(WorkerError::Overflow(p as u32)),
+                    Err(PushError::Corrupt(e)) => return Err(ring_err(e)),
+                }
+                n += 1;
+            }
+            if n > 0 {
+                inbox[p].release();
+                outbox[p].flush();
+                bells[p].ring(&Futex);
+                did += n;
+            }
+        }
+        if did > 0 {
+            processed += did as u64;
+            me.heartbeat.store(processed, Ordering::Relaxed);
+            backoff.reset();
+            continue;
+        }
+        // Acquire: pairs with the coordinator's Release store; everything it pushed before
+        // asking us to stop is visible, and the rings were just seen empty.
+        if shutdown.load(Ordering::Acquire) != 0 {
+            let mut pending = false;
+            for r in &mut inbox {
+                pending |= r.has_pending().unwrap_or(false);
+            }
+            if !pending {
+                me.state.store(WorkerState::Exited as u32, Ordering::Release);
+                return Ok(());
+            }
+            continue;
+        }
+        if backoff.next() == Step::Sleep {
+            my_bell.sleep(&Futex, SLEEP, || {
+                shutdown.load(Ordering::Acquire) != 0
+                    || inbox.iter_mut().any(|r| r.has_pending().unwrap_or(true))
+            });
+            if sys::parent_pid() != spec.coordinator {
+                return Err(WorkerError::Orphaned(spec.coordinator));
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn spec_round_trips() {
+        let s = WorkerSpec { fd: 5, index: 3, coordinator: 1234, kernel: Kernel::Portable, cpu: Some(1) };
+        assert_eq!(WorkerSpec::parse(&s.encode()), Some(s));
+        let s = WorkerSpec { cpu: None, ..s };
+        assert_eq!(WorkerSpec::parse(&s.encode()), Some(s));
+        for bad in ["", "1,2,3", "a,2,3,portable,-", "1,2,3,sse9,-", "1,2,3,avx2,x"] {
+            assert_eq!(WorkerSpec::parse(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn descriptors_that_do_not_fit_are_rejected() {
+        let mut d = crate::pool::empty_desc();
+        let (k, a, b) = Op::Neg.encode();
+        d.op_kind = k;
+        d.op_a = a;
+        d.op_b = b;
+        d.count = 1;
+        d.matrices[0] = crate::layout::MatrixDesc { rows: 4, cols: 4, offset: 0, reserved: 0 };
+        assert!(check_desc(&d, 0, 16).is_ok());
+        assert!(check_desc(&d, 0, 15).is_err(), "too big");
+        d.matrices[0].offset = 4;
+        assert!(check_desc(&d, 0, 1024).is_err(), "misaligned");
+        d.matrices[0].offset = 0;
+        d.count = 0;
+        assert!(check_desc(&d, 0, 1024).is_err(), "empty");
+        d.count = MAX_BATCH as u32 + 1;
+        assert!(check_desc(&d, 0, 1 << 20).is_err(), "too many");
+        d.count = 1;
+        d.op_kind = 99;
+        assert!(check_desc(&d, 0, 1024).is_err(), "unknown op");
+        d.op_kind = k;
+        d.matrices[0] = crate::layout::MatrixDesc { rows: u32::MAX, cols: u32::MAX, offset: 0, reserved: 0 };
+        assert!(check_desc(&d, 0, 1024).is_err(), "overflowing dims");
+    }
+}
