@@ -32,7 +32,7 @@ use crate::config::{matrix_bytes, Config, ConfigError, Pin, Plan, Stop};
 use crate::dispatch::{self, Dispatch, WorkerView};
 use crate::layout::{Direction, MatrixDesc, SlotDesc, WorkerState, MAX_BATCH};
 use crate::ops::{Kernels, Op};
-use crate::pool::{empty_desc, SlotPool, Token};
+use crate::pool::{SlotPool, Token};
 use crate::report::{Failure, Latency, Report, WorkerExit};
 use crate::ring::{RingConsumer, RingProducer};
 use crate::shm::{Segment, ShmCreateError};
@@ -145,6 +145,47 @@ fn fill_base(seq: u64, seed: u64) -> i32 {
     (z ^ (z >> 31)) as i32
 }
 
+/// Writes the fill of every matrix in `desc`, then the descriptor, into the token's slot.
+fn write_slot(seg: &Segment, kernels: Kernels, seed: u64, desc: &SlotDesc, token: &mut Token) {
+    let data = seg.slot_mut(token);
+    for (i, m) in desc.matrices[..desc.count as usize].iter().enumerate() {
+        let start = m.offset as usize / 4;
+        let elems = m.rows as usize * m.cols as usize;
+        kernels.fill(fill_base(desc.seq + i as u64, seed), &mut data[start..start + elems]);
+    }
+    seg.write_desc(token, desc);
+}
+
+/// Random matrix shapes, uniform in `min..=max` for rows and columns, with one shape held back
+/// when it did not fit where it was drawn for.
+struct Shapes {
+    rng: SmallRng,
+    min: u32,
+    max: u32,
+    pending: Option<(u32, u32)>,
+}
+
+impl Shapes {
+    #[inline]
+    fn next(&mut self) -> (u32, u32) {
+        self.pending
+            .take()
+            .unwrap_or_else(|| (self.rng.random_range(self.min..=self.max), self.rng.random_range(self.min..=self.max)))
+    }
+}
+
+/// The current time, read at most once per producer loop iteration and only when needed
+/// (a clock read is not free in a VM, and idle iterations need none).
+#[derive(Default)]
+struct Now(Option<Instant>);
+
+impl Now {
+    #[inline]
+    fn get(&mut self) -> Instant {
+        *self.0.get_or_insert_with(Instant::now)
+    }
+}
+
 /// One producer thread.
 struct Producer<'s> {
     p: u32,
@@ -153,8 +194,6 @@ struct Producer<'s> {
     kernels: Kernels,
     op: Op,
     seed: u64,
-    min_dim: u32,
-    max_dim: u32,
     batch_cap: u32,
     out_limit: u32,
     /// Slot bytes of each class, smallest first.
@@ -169,14 +208,15 @@ struct Producer<'s> {
     seen_epoch: Vec<usize>,
     seen_changes: usize,
     redo: Vec<Token>,
-    rng: SmallRng,
+    shapes: Shapes,
     policy: Box<dyn Dispatch>,
-    pending: Option<(u32, u32)>,
     next_seq: u64,
     /// Matrices still to issue in count mode.
     budget: Option<u64>,
     deadline: Option<Instant>,
     issuing: bool,
+    /// Every busy thread has its own CPU: spin long before sleeping.
+    dedicated: bool,
     stats: ProducerStats,
 }
 
@@ -215,8 +255,6 @@ impl<'s> Producer<'s> {
             kernels,
             op: cfg.op,
             seed: cfg.seed,
-            min_dim: cfg.min_dim,
-            max_dim: cfg.max_dim,
             batch_cap: plan.batch_cap,
             out_limit: plan.out_limit[p as usize],
             class_bytes: layout.classes().iter().map(|c| c.slot_bytes).collect(),
@@ -230,13 +268,18 @@ impl<'s> Producer<'s> {
             seen_epoch: vec![0; w],
             seen_changes: 0,
             redo: Vec::new(),
-            rng: SmallRng::seed_from_u64(cfg.seed ^ (u64::from(p) << 32) ^ 0x5eed),
+            shapes: Shapes {
+                rng: SmallRng::seed_from_u64(cfg.seed ^ (u64::from(p) << 32) ^ 0x5eed),
+                min: cfg.min_dim,
+                max: cfg.max_dim,
+                pending: None,
+            },
             policy: dispatch::policy(cfg.dispatch, cfg.seed.wrapping_add(u64::from(p))),
-            pending: None,
             next_seq: u64::from(p) << 48,
             budget,
             deadline,
             issuing: budget != Some(0),
+            dedicated: (workers + producers) as usize <= sys::online_cpus(),
             stats: ProducerStats {
                 matrices: 0,
                 failed: 0,
@@ -289,37 +332,34 @@ impl<'s> Producer<'s> {
         self.pool.put(token);
     }
 
-    fn next_shape(&mut self) -> (u32, u32) {
-        self.pending.take().unwrap_or_else(|| {
-            (self.rng.random_range(self.min_dim..=self.max_dim), self.rng.random_range(self.min_dim..=self.max_dim))
-        })
-    }
-
     /// Takes a free slot and fills it with fresh matrices; `None` if no slot fits right now.
+    /// The descriptor is built in place in the pool's record (no copy of the whole struct).
     fn fill_new(&mut self) -> Option<Token> {
-        let mut desc = empty_desc();
         let mut token = if self.batch_cap == 1 {
-            let (r, c) = self.next_shape();
+            let (r, c) = self.shapes.next();
             let bytes = matrix_bytes(r, c);
             let class = self.class_bytes.iter().position(|&b| b >= bytes).expect("largest class fits max_dim");
             let Some(t) = self.pool.take(class) else {
-                self.pending = Some((r, c));
+                self.shapes.pending = Some((r, c));
                 return None;
             };
+            let desc = &mut self.pool.record_mut(&t).desc;
             desc.matrices[0] = MatrixDesc { rows: r, cols: c, offset: 0, reserved: 0 };
             desc.count = 1;
             t
         } else {
             let t = self.pool.take(0)?;
             let room = self.seg.layout().slot_data(t.slot()).expect("pool slots are in range").1;
+            let cap = MAX_BATCH.min(self.batch_cap as usize) as u32;
+            let cap = self.budget.map_or(cap, |b| b.min(u64::from(cap)) as u32);
+            let desc = &mut self.pool.record_mut(&t).desc;
+            desc.count = 0;
             let mut used = 0;
-            while (desc.count as usize) < MAX_BATCH.min(self.batch_cap as usize)
-                && self.budget.is_none_or(|b| b > u64::from(desc.count))
-            {
-                let (r, c) = self.next_shape();
+            while desc.count < cap {
+                let (r, c) = self.shapes.next();
                 let bytes = matrix_bytes(r, c);
                 if used + bytes > room {
-                    self.pending = Some((r, c));
+                    self.shapes.pending = Some((r, c));
                     break;
                 }
                 desc.matrices[desc.count as usize] = MatrixDesc { rows: r, cols: c, offset: used as u32, reserved: 0 };
@@ -328,32 +368,19 @@ impl<'s> Producer<'s> {
             }
             t
         };
+        let desc = &mut self.pool.record_mut(&token).desc;
         desc.seq = self.next_seq;
-        self.next_seq += u64::from(desc.count);
+        (desc.op_kind, desc.op_a, desc.op_b) = self.op.encode();
+        let count = u64::from(desc.count);
+        self.next_seq += count;
         if let Some(b) = &mut self.budget {
-            *b -= u64::from(desc.count);
+            *b -= count;
             if *b == 0 {
                 self.issuing = false;
             }
         }
-        let (kind, a, b) = self.op.encode();
-        desc.op_kind = kind;
-        desc.op_a = a;
-        desc.op_b = b;
-        self.write(&mut token, &desc);
-        self.pool.record_mut(&token).desc = desc;
+        write_slot(self.seg, self.kernels, self.seed, &self.pool.record(&token).desc, &mut token);
         Some(token)
-    }
-
-    /// Writes the fill of every matrix in `desc` and the descriptor itself into the slot.
-    fn write(&self, token: &mut Token, desc: &SlotDesc) {
-        let data = self.seg.slot_mut(token);
-        for (i, m) in desc.matrices[..desc.count as usize].iter().enumerate() {
-            let start = m.offset as usize / 4;
-            let elems = m.rows as usize * m.cols as usize;
-            self.kernels.fill(fill_base(desc.seq + i as u64, self.seed), &mut data[start..start + elems]);
-        }
-        self.seg.write_desc(token, desc);
     }
 
     /// A worker broke the protocol: stop using its rings and ask the monitor to kill it.
@@ -367,13 +394,13 @@ impl<'s> Producer<'s> {
     }
 
     /// Pops and verifies everything worker `w` has returned. Returns whether anything came.
-    fn collect(&mut self, w: usize, now: Instant) -> bool {
+    fn collect(&mut self, w: usize, clock: &mut Now) -> bool {
         let mut got = false;
         loop {
             match self.from[w].pop() {
                 Ok(Some(word)) => match self.pool.accept(word, w as u32) {
                     Ok(token) => {
-                        self.verify(token, w as u32, now);
+                        self.verify(token, w as u32, clock.get());
                         got = true;
                     }
                     Err(e) => {
@@ -393,9 +420,9 @@ impl<'s> Producer<'s> {
     }
 
     /// Worker `w` died: keep what it finished, take back the rest, reset our rings with it.
-    fn clean_up_after(&mut self, w: usize, now: Instant) {
+    fn clean_up_after(&mut self, w: usize, clock: &mut Now) {
         if !self.faulted[w] {
-            self.collect(w, now);
+            self.collect(w, clock);
         }
         let back = self.pool.reclaim(w as u32);
         self.ctl.reclaimed[w].fetch_add(back.len() as u64, Ordering::Relaxed);
@@ -416,7 +443,7 @@ impl<'s> Producer<'s> {
     }
 
     /// Acts on deaths and restarts published by the monitor.
-    fn follow_monitor(&mut self, now: Instant) {
+    fn follow_monitor(&mut self, clock: &mut Now) {
         let changes = self.ctl.changes.load(Ordering::Acquire);
         if changes == self.seen_changes {
             return;
@@ -425,7 +452,7 @@ impl<'s> Producer<'s> {
         for w in 0..self.usable.len() {
             let epoch = self.ctl.death_epoch[w].load(Ordering::Acquire);
             if epoch != self.seen_epoch[w] {
-                self.clean_up_after(w, now);
+                self.clean_up_after(w, clock);
                 self.seen_epoch[w] = epoch;
                 // Release: our ring reset happens-before the monitor's restart of the worker.
                 self.ctl.acked[self.p as usize][w].store(epoch, Ordering::Release);
@@ -435,7 +462,7 @@ impl<'s> Producer<'s> {
     }
 
     /// Sends one token (fresh or redone) if a slot, a worker and room allow. Returns whether it did.
-    fn issue_one(&mut self, now: Instant) -> bool {
+    fn issue_one(&mut self, clock: &mut Now) -> bool {
         if self.pool.out_total() >= self.out_limit {
             return false;
         }
@@ -443,10 +470,13 @@ impl<'s> Producer<'s> {
             return false;
         };
         let token = if let Some(mut t) = self.redo.pop() {
-            let desc = self.pool.record(&t).desc;
-            self.write(&mut t, &desc);
+            write_slot(self.seg, self.kernels, self.seed, &self.pool.record(&t).desc, &mut t);
             t
         } else if self.issuing {
+            if self.deadline.is_some_and(|d| clock.get() >= d) {
+                self.issuing = false;
+                return false;
+            }
             match self.fill_new() {
                 Some(t) => t,
                 None => return false,
@@ -454,6 +484,7 @@ impl<'s> Producer<'s> {
         } else {
             return false;
         };
+        let now = clock.get();
         self.stats.first_issue.get_or_insert(now);
         let word = self.pool.dispatch(token, w, now);
         if let Err(e) = self.to[w as usize].push(word) {
@@ -467,24 +498,22 @@ impl<'s> Producer<'s> {
 
     fn run(mut self) -> ProducerStats {
         let workers = self.usable.len();
-        let mut backoff = Backoff::for_load(workers + self.ctl.done.len(), sys::online_cpus());
+        let mut backoff = Backoff::for_load(self.dedicated);
         let me = self.seg.producer(self.p);
         let my_bell = Doorbell::new(&me.wake, &me.sleeping);
         loop {
-            let now = Instant::now();
+            let mut clock = Now::default();
             let mut progress = false;
             for w in 0..workers {
                 if self.usable[w] {
-                    progress |= self.collect(w, now);
+                    progress |= self.collect(w, &mut clock);
                 }
             }
-            self.follow_monitor(now);
-            if self.issuing
-                && (self.ctl.stop.load(Ordering::Relaxed) || self.deadline.is_some_and(|d| now >= d))
-            {
+            self.follow_monitor(&mut clock);
+            if self.issuing && self.ctl.stop.load(Ordering::Relaxed) {
                 self.issuing = false;
             }
-            while self.issue_one(now) {
+            while self.issue_one(&mut clock) {
                 progress = true;
             }
             for w in 0..workers {
@@ -592,6 +621,7 @@ pub fn run(cfg: &Config, hooks: &Hooks<'_>) -> Result<Report, RunError> {
         coordinator,
         kernel: cfg.kernel,
         cpu: pinned.then_some((producers + w) as usize),
+        spin: (workers + producers) as usize <= cpus,
     };
 
     // Start every worker and wait until each has attached, so a program that cannot serve as a

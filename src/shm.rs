@@ -16,7 +16,7 @@ use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 
 use crate::layout::{
     Header, Layout, LayoutError, Params, ProducerShared, RingCtl, SlotDesc, WorkerShared,
-    Direction, LAYOUT_VERSION, MAGIC,
+    Direction, LAYOUT_VERSION, MAGIC, MAX_BATCH,
 };
 use crate::pool::Token;
 use crate::sync::{AtomicU32, AtomicU64, Ordering};
@@ -92,6 +92,12 @@ pub fn human_bytes(b: u64) -> String {
     } else {
         format!("{v:.1} {}", UNITS[u])
     }
+}
+
+/// Bytes of a descriptor holding `count` matrices (clamped to `MAX_BATCH`).
+fn desc_bytes(count: u32) -> usize {
+    core::mem::offset_of!(SlotDesc, matrices)
+        + (count as usize).min(MAX_BATCH) * core::mem::size_of::<crate::layout::MatrixDesc>()
 }
 
 /// One mapped segment.
@@ -280,18 +286,40 @@ impl Segment {
         unsafe { self.map.as_ptr().add(off as usize).cast() }
     }
 
-    /// Writes the descriptor of the token's slot.
+    /// Writes the descriptor of the token's slot: the fixed part and the `count` matrices in
+    /// use (the unused tail is not copied).
     pub fn write_desc(&self, token: &mut Token, desc: &SlotDesc) {
+        let bytes = desc_bytes(desc.count);
         // SAFETY: holding the token means owning the slot (its previous owner's ring push was
-        // Release, our pop Acquire), so nobody following the protocol touches it meanwhile.
-        unsafe { self.desc_ptr(token).write_volatile(*desc) }
+        // Release, our pop Acquire), so nobody following the protocol touches the descriptor
+        // meanwhile; `bytes <= size_of::<SlotDesc>()`, so both ranges are in bounds.
+        unsafe {
+            core::ptr::copy_nonoverlapping(
+                (desc as *const SlotDesc).cast::<u8>(),
+                self.desc_ptr(token).cast::<u8>(),
+                bytes,
+            )
+        }
     }
 
-    /// Copies out the descriptor of the token's slot. The copy is untrusted: validate it.
-    pub fn read_desc(&self, token: &Token) -> SlotDesc {
-        // SAFETY: as for `write_desc`; `SlotDesc` is plain integers, valid for any bits, and we
-        // copy it (volatile, so a concurrent scribbler cannot make us read it twice differently).
-        unsafe { self.desc_ptr(token).read_volatile() }
+    /// Copies the descriptor of the token's slot into `out`: the fixed part, then as many
+    /// matrices as its (untrusted, clamped) count says. Validate `out` before use.
+    pub fn read_desc(&self, token: &Token, out: &mut SlotDesc) {
+        let src = self.desc_ptr(token);
+        // SAFETY: as for `write_desc`. The fixed part is read first, and the count clamped, so
+        // the second copy stays inside the descriptor whatever a scribbler wrote; the copy is
+        // ours, so a concurrent writer cannot change it after validation. `SlotDesc` is plain
+        // integers, valid for any bits.
+        unsafe {
+            let head = core::mem::offset_of!(SlotDesc, matrices);
+            core::ptr::copy_nonoverlapping(src.cast::<u8>(), (out as *mut SlotDesc).cast::<u8>(), head);
+            let bytes = desc_bytes(out.count);
+            core::ptr::copy_nonoverlapping(
+                src.cast::<u8>().add(head),
+                (out as *mut SlotDesc).cast::<u8>().add(head),
+                bytes - head,
+            );
+        }
     }
 
     /// The token's slot data as int32s, exclusively borrowed for as long as the token is.

@@ -111,11 +111,12 @@ impl Backoff {
         Backoff { spins: 0, yields: 0, spin_limit, yield_limit }
     }
 
-    /// A policy for `busy` running threads/processes on `cpus` CPUs: spin long when everyone has
-    /// a core, and give way quickly when oversubscribed, so a waiter never steals the CPU from a
-    /// process that has work.
-    pub fn for_load(busy: usize, cpus: usize) -> Backoff {
-        if busy <= cpus {
+    /// Spin long (about half a millisecond) when every busy thread has a CPU of its own
+    /// (`dedicated`), and give way quickly when oversubscribed, so a waiter never steals the CPU
+    /// from a process that has work. Decide `dedicated` from the whole machine's CPU count, not
+    /// from a pinned thread's affinity (which shows one CPU).
+    pub fn for_load(dedicated: bool) -> Backoff {
+        if dedicated {
             Backoff::new(1 << 14, 16)
         } else {
             Backoff::new(64, 4)

@@ -11,7 +11,7 @@
 use std::os::fd::{FromRawFd, OwnedFd};
 use std::time::Duration;
 
-use crate::layout::{Direction, WorkerState, MATRIX_ALIGN, MAX_BATCH};
+use crate::layout::{Direction, SlotDesc, WorkerState, MATRIX_ALIGN, MAX_BATCH};
 use crate::ops::{Kernel, Kernels, Op};
 use crate::pool::{BadToken, Token};
 use crate::ring::{PushError, RingConsumer, RingError, RingProducer};
@@ -20,8 +20,9 @@ use crate::sync::Ordering;
 use crate::sys;
 use crate::wait::{Backoff, Doorbell, Futex, Step};
 
-/// Environment variable that turns a process into a worker: `fd,index,coordinator_pid,kernel,cpu`
-/// (`cpu` is `-` for no pinning).
+/// Environment variable that turns a process into a worker:
+/// `fd,index,coordinator_pid,kernel,cpu,spin` (`cpu` is `-` for no pinning; `spin` is 1 when
+/// every busy thread has a CPU of its own, so waiting may spin long).
 pub const WORKER_ENV: &str = "MK1_WORKER";
 
 /// Exit status of a worker whose spec was malformed.
@@ -50,13 +51,17 @@ pub struct WorkerSpec {
     pub kernel: Kernel,
     /// CPU to pin to.
     pub cpu: Option<usize>,
+    /// Whether waiting may spin long (decided by the coordinator, which sees the whole machine;
+    /// a pinned worker's own affinity shows one CPU).
+    pub spin: bool,
 }
 
 impl WorkerSpec {
     /// The value of [`WORKER_ENV`].
     pub fn encode(&self) -> String {
         let cpu = self.cpu.map_or("-".to_string(), |c| c.to_string());
-        format!("{},{},{},{},{cpu}", self.fd, self.index, self.coordinator, self.kernel.name())
+        let spin = u8::from(self.spin);
+        format!("{},{},{},{},{cpu},{spin}", self.fd, self.index, self.coordinator, self.kernel.name())
     }
 
     /// Parses the value of [`WORKER_ENV`].
@@ -71,10 +76,15 @@ impl WorkerSpec {
             "-" => None,
             c => Some(c.parse().ok()?),
         };
+        let spin = match it.next()? {
+            "0" => false,
+            "1" => true,
+            _ => return None,
+        };
         if it.next().is_some() {
             return None;
         }
-        Some(WorkerSpec { fd, index, coordinator, kernel, cpu })
+        Some(WorkerSpec { fd, index, coordinator, kernel, cpu, spin })
     }
 }
 
@@ -193,11 +203,11 @@ fn check_desc(
 }
 
 /// Applies the descriptor's op to every matrix in the token's slot, after validating both.
-pub fn process(seg: &Segment, kernels: Kernels, token: &mut Token) -> Result<(), WorkerError> {
-    let desc = seg.read_desc(token);
+pub fn process(seg: &Segment, kernels: Kernels, token: &mut Token, desc: &mut SlotDesc) -> Result<(), WorkerError> {
+    seg.read_desc(token, desc);
     let slot = token.slot();
     let data = seg.slot_mut(token);
-    let op = check_desc(&desc, slot, data.len())?;
+    let op = check_desc(desc, slot, data.len())?;
     for m in &desc.matrices[..desc.count as usize] {
         let start = m.offset as usize / 4;
         let len = m.rows as usize * m.cols as usize;
@@ -242,9 +252,9 @@ pub fn serve(spec: WorkerSpec) -> Result<(), WorkerError> {
     }
     let my_bell = Doorbell::new(&me.wake, &me.sleeping);
     let shutdown = seg.shutdown_flag();
-    let busy = params.workers as usize + producers as usize;
-    let mut backoff = Backoff::for_load(busy, sys::online_cpus());
+    let mut backoff = Backoff::for_load(spec.spin);
     let mut processed: u64 = 0;
+    let mut desc = crate::pool::empty_desc();
 
     loop {
         let mut did = 0;
@@ -255,7 +265,7 @@ pub fn serve(spec: WorkerSpec) -> Result<(), WorkerError> {
                 let Some(word) = inbox[p].pop().map_err(ring_err)? else { break };
                 let mut token = Token::from_untrusted_word(word, params.slots)
                     .map_err(|source| WorkerError::Token { producer: p as u32, source })?;
-                process(&seg, kernels, &mut token)?;
+                process(&seg, kernels, &mut token, &mut desc)?;
                 match outbox[p].push(token.into_word()) {
                     Ok(()) => {}
                     Err(PushError::Full(_)) => return Err(WorkerError::Overflow(p as u32)),
@@ -307,11 +317,11 @@ mod tests {
 
     #[test]
     fn spec_round_trips() {
-        let s = WorkerSpec { fd: 5, index: 3, coordinator: 1234, kernel: Kernel::Portable, cpu: Some(1) };
+        let s = WorkerSpec { fd: 5, index: 3, coordinator: 1234, kernel: Kernel::Portable, cpu: Some(1), spin: true };
         assert_eq!(WorkerSpec::parse(&s.encode()), Some(s));
-        let s = WorkerSpec { cpu: None, ..s };
+        let s = WorkerSpec { cpu: None, spin: false, ..s };
         assert_eq!(WorkerSpec::parse(&s.encode()), Some(s));
-        for bad in ["", "1,2,3", "a,2,3,portable,-", "1,2,3,sse9,-", "1,2,3,avx2,x"] {
+        for bad in ["", "1,2,3", "a,2,3,portable,-,1", "1,2,3,sse9,-,1", "1,2,3,avx2,x,1", "1,2,3,avx2,-", "1,2,3,avx2,-,2"] {
             assert_eq!(WorkerSpec::parse(bad), None, "{bad}");
         }
     }
