@@ -7,7 +7,9 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use crate::layout::{Layout, LayoutError, MATRIX_ALIGN, MAX_BATCH, MAX_PRODUCERS, MAX_WORKERS, PAGE};
+use crate::layout::{
+    Layout, LayoutError, MATRIX_ALIGN, MAX_BATCH, MAX_PRODUCERS, MAX_WORKERS, PAGE,
+};
 use crate::ops::{Kernel, Op};
 
 /// Largest `--max-dim`: a 16384 × 16384 int32 matrix is 1 GiB, the largest slot.
@@ -131,7 +133,7 @@ impl Default for Config {
             op: Op::default(),
             seed: 1,
             batch: Batch::Auto,
-            kernel: Kernel::detect(),
+            kernel: Kernel::auto(),
             pin: Pin::Auto,
             max_restarts: 100,
             worker_timeout: Duration::from_secs(5),
@@ -208,25 +210,42 @@ impl Config {
     pub fn plan(&self) -> Result<Plan, ConfigError> {
         let bad = |what: &'static str, why: String| Err(ConfigError { what, why });
         if self.workers == 0 || self.workers > MAX_WORKERS {
-            return bad("--workers", format!("{} is outside 1..={MAX_WORKERS}", self.workers));
+            return bad(
+                "--workers",
+                format!("{} is outside 1..={MAX_WORKERS}", self.workers),
+            );
         }
         if self.producers == 0 || self.producers > MAX_PRODUCERS {
-            return bad("--producers", format!("{} is outside 1..={MAX_PRODUCERS}", self.producers));
+            return bad(
+                "--producers",
+                format!("{} is outside 1..={MAX_PRODUCERS}", self.producers),
+            );
         }
         if self.min_dim == 0 || self.max_dim == 0 {
             return bad("--min-dim/--max-dim", "dimensions start at 1".into());
         }
         if self.max_dim > MAX_DIM {
-            return bad("--max-dim", format!("{} is above {MAX_DIM} (a 1 GiB matrix)", self.max_dim));
+            return bad(
+                "--max-dim",
+                format!("{} is above {MAX_DIM} (a 1 GiB matrix)", self.max_dim),
+            );
         }
         if self.min_dim > self.max_dim {
-            return bad("--min-dim", format!("{} is above --max-dim {}", self.min_dim, self.max_dim));
+            return bad(
+                "--min-dim",
+                format!("{} is above --max-dim {}", self.min_dim, self.max_dim),
+            );
         }
         if self.inflight == 0 || self.inflight > MAX_INFLIGHT {
-            return bad("--inflight", format!("{} is outside 1..={MAX_INFLIGHT}", self.inflight));
+            return bad(
+                "--inflight",
+                format!("{} is outside 1..={MAX_INFLIGHT}", self.inflight),
+            );
         }
         match self.stop {
-            Stop::After(d) if d.is_zero() => return bad("--duration", "must be more than 0".into()),
+            Stop::After(d) if d.is_zero() => {
+                return bad("--duration", "must be more than 0".into())
+            }
             Stop::Count(0) => return bad("--count", "must be at least 1".into()),
             _ => {}
         }
@@ -241,7 +260,10 @@ impl Config {
         if let Err(e) = crate::ops::Kernels::new(self.kernel) {
             return bad("--kernel", e.to_string());
         }
-        Plan::new(self).map_err(|e| ConfigError { what: "layout", why: e.to_string() })
+        Plan::new(self).map_err(|e| ConfigError {
+            what: "layout",
+            why: e.to_string(),
+        })
     }
 }
 
@@ -295,7 +317,10 @@ impl Plan {
         let shapes_within = |bytes: u64| -> u64 {
             let elems = bytes / 4;
             (c.min_dim..=c.max_dim)
-                .map(|r| (elems / u64::from(r)).clamp(u64::from(c.min_dim) - 1, u64::from(c.max_dim)) + 1 - u64::from(c.min_dim))
+                .map(|r| {
+                    (elems / u64::from(r)).clamp(u64::from(c.min_dim) - 1, u64::from(c.max_dim)) + 1
+                        - u64::from(c.min_dim)
+                })
                 .sum()
         };
         let classes: Vec<(u64, u32)> = if batch_cap > 1 {
@@ -326,7 +351,11 @@ impl Plan {
             let mut below = 0;
             let mut out = Vec::new();
             for (i, &size) in sizes.iter().enumerate() {
-                let within = if i + 1 == sizes.len() { all } else { shapes_within(size) };
+                let within = if i + 1 == sizes.len() {
+                    all
+                } else {
+                    shapes_within(size)
+                };
                 let share = within - below;
                 below = within;
                 let mut count = (tokens * share).div_ceil(all);
@@ -340,10 +369,17 @@ impl Plan {
             out
         };
         let per_producer: u64 = classes.iter().map(|&(_, n)| u64::from(n).div_ceil(p)).sum();
-        let capacity = u32::try_from(per_producer).map_err(|_| LayoutError::Inconsistent("too many tokens"))?;
+        let capacity = u32::try_from(per_producer)
+            .map_err(|_| LayoutError::Inconsistent("too many tokens"))?;
         let layout = Layout::new(c.workers, c.producers, capacity, &classes)?;
-        let out_limit = (0..p).map(|i| ((tokens * (i + 1) / p) - (tokens * i / p)).max(1) as u32).collect();
-        Ok(Plan { layout, batch_cap, out_limit })
+        let out_limit = (0..p)
+            .map(|i| ((tokens * (i + 1) / p) - (tokens * i / p)).max(1) as u32)
+            .collect();
+        Ok(Plan {
+            layout,
+            batch_cap,
+            out_limit,
+        })
     }
 }
 
@@ -355,7 +391,10 @@ mod tests {
     fn defaults_plan() {
         let p = Config::default().plan().unwrap();
         assert!(p.layout.total_bytes() > 0);
-        assert_eq!(p.out_limit.iter().sum::<u32>(), Config::default().workers * 4);
+        assert_eq!(
+            p.out_limit.iter().sum::<u32>(),
+            Config::default().workers * 4
+        );
     }
 
     #[test]
@@ -379,13 +418,23 @@ mod tests {
 
     #[test]
     fn size_classes_cover_every_shape_and_save_memory() {
-        let c = Config::default().workers(2).inflight(8).max_dim(1024).batch(Batch::Off);
+        let c = Config::default()
+            .workers(2)
+            .inflight(8)
+            .max_dim(1024)
+            .batch(Batch::Off);
         let plan = c.plan().unwrap();
         let classes = plan.layout.classes();
         assert!(classes.len() > 1);
         assert!(classes.last().unwrap().slot_bytes >= 1024 * 1024 * 4);
-        let data: u64 = classes.iter().map(|k| k.slot_bytes * u64::from(k.count)).sum();
-        assert!(data < 16 * 4 * 1024 * 1024, "classes reserve less than 16 × 4 MiB: {data}");
+        let data: u64 = classes
+            .iter()
+            .map(|k| k.slot_bytes * u64::from(k.count))
+            .sum();
+        assert!(
+            data < 16 * 4 * 1024 * 1024,
+            "classes reserve less than 16 × 4 MiB: {data}"
+        );
         assert!(plan.layout.slots() >= 16);
     }
 
@@ -397,19 +446,32 @@ mod tests {
         assert_eq!(plan.layout.classes().len(), 1);
         assert!(plan.layout.classes()[0].slot_bytes >= matrix_bytes(16, 16));
         assert_eq!(Config::default().max_dim(128).batch_cap(), 1);
-        assert_eq!(Config::default().max_dim(128).batch(Batch::Max(8)).batch_cap(), 8);
+        assert_eq!(
+            Config::default()
+                .max_dim(128)
+                .batch(Batch::Max(8))
+                .batch_cap(),
+            8
+        );
     }
 
     #[test]
     fn ring_capacity_holds_every_token_of_a_producer() {
         for producers in 1..4 {
-            let c = Config::default().workers(3).producers(producers).max_dim(1024).batch(Batch::Off);
+            let c = Config::default()
+                .workers(3)
+                .producers(producers)
+                .max_dim(1024)
+                .batch(Batch::Off);
             let plan = c.plan().unwrap();
             let l = &plan.layout;
             let cap = l.params().ring_capacity as u64;
             for p in 0..producers {
                 let share = crate::pool::SlotPool::share(l, p, producers).len() as u64;
-                assert!(share <= cap && share > 0, "producer {p}: {share} tokens, capacity {cap}");
+                assert!(
+                    share <= cap && share > 0,
+                    "producer {p}: {share} tokens, capacity {cap}"
+                );
             }
         }
     }

@@ -151,7 +151,10 @@ fn write_slot(seg: &Segment, kernels: Kernels, seed: u64, desc: &SlotDesc, token
     for (i, m) in desc.matrices[..desc.count as usize].iter().enumerate() {
         let start = m.offset as usize / 4;
         let elems = m.rows as usize * m.cols as usize;
-        kernels.fill(fill_base(desc.seq + i as u64, seed), &mut data[start..start + elems]);
+        kernels.fill(
+            fill_base(desc.seq + i as u64, seed),
+            &mut data[start..start + elems],
+        );
     }
     seg.write_desc(token, desc);
 }
@@ -168,9 +171,12 @@ struct Shapes {
 impl Shapes {
     #[inline]
     fn next(&mut self) -> (u32, u32) {
-        self.pending
-            .take()
-            .unwrap_or_else(|| (self.rng.random_range(self.min..=self.max), self.rng.random_range(self.min..=self.max)))
+        self.pending.take().unwrap_or_else(|| {
+            (
+                self.rng.random_range(self.min..=self.max),
+                self.rng.random_range(self.min..=self.max),
+            )
+        })
     }
 }
 
@@ -221,7 +227,15 @@ struct Producer<'s> {
 }
 
 impl<'s> Producer<'s> {
-    fn new(p: u32, seg: &'s Segment, ctl: &'s Control, cfg: &Config, plan: &Plan, kernels: Kernels, start: Instant) -> Self {
+    fn new(
+        p: u32,
+        seg: &'s Segment,
+        ctl: &'s Control,
+        cfg: &Config,
+        plan: &Plan,
+        kernels: Kernels,
+        start: Instant,
+    ) -> Self {
         let layout = seg.layout();
         let workers = layout.params().workers;
         let producers = layout.params().producers;
@@ -234,7 +248,7 @@ impl<'s> Producer<'s> {
             let (ctl_, e) = seg.ring(p, w, Direction::FromWorker);
             from.push(RingConsumer::new(ctl_, e).expect("a new segment's rings are zeroed"));
             let ws = seg.worker(w);
-            bells.push(Doorbell::new(&ws.wake, &ws.sleeping));
+            bells.push(Doorbell::new(&ws.bell));
         }
         let budget = match cfg.stop {
             Stop::Count(n) => {
@@ -327,7 +341,8 @@ impl<'s> Producer<'s> {
         s.matrices += u64::from(desc.count);
         s.per_worker[w as usize] += u64::from(desc.count);
         s.tokens += 1;
-        s.latency.saturating_record(now.saturating_duration_since(sent_at).as_nanos() as u64);
+        s.latency
+            .saturating_record(now.saturating_duration_since(sent_at).as_nanos() as u64);
         s.last_return = Some(now);
         self.pool.put(token);
     }
@@ -338,18 +353,32 @@ impl<'s> Producer<'s> {
         let mut token = if self.batch_cap == 1 {
             let (r, c) = self.shapes.next();
             let bytes = matrix_bytes(r, c);
-            let class = self.class_bytes.iter().position(|&b| b >= bytes).expect("largest class fits max_dim");
+            let class = self
+                .class_bytes
+                .iter()
+                .position(|&b| b >= bytes)
+                .expect("largest class fits max_dim");
             let Some(t) = self.pool.take(class) else {
                 self.shapes.pending = Some((r, c));
                 return None;
             };
             let desc = &mut self.pool.record_mut(&t).desc;
-            desc.matrices[0] = MatrixDesc { rows: r, cols: c, offset: 0, reserved: 0 };
+            desc.matrices[0] = MatrixDesc {
+                rows: r,
+                cols: c,
+                offset: 0,
+                reserved: 0,
+            };
             desc.count = 1;
             t
         } else {
             let t = self.pool.take(0)?;
-            let room = self.seg.layout().slot_data(t.slot()).expect("pool slots are in range").1;
+            let room = self
+                .seg
+                .layout()
+                .slot_data(t.slot())
+                .expect("pool slots are in range")
+                .1;
             let cap = MAX_BATCH.min(self.batch_cap as usize) as u32;
             let cap = self.budget.map_or(cap, |b| b.min(u64::from(cap)) as u32);
             let desc = &mut self.pool.record_mut(&t).desc;
@@ -362,7 +391,12 @@ impl<'s> Producer<'s> {
                     self.shapes.pending = Some((r, c));
                     break;
                 }
-                desc.matrices[desc.count as usize] = MatrixDesc { rows: r, cols: c, offset: used as u32, reserved: 0 };
+                desc.matrices[desc.count as usize] = MatrixDesc {
+                    rows: r,
+                    cols: c,
+                    offset: used as u32,
+                    reserved: 0,
+                };
                 desc.count += 1;
                 used += bytes;
             }
@@ -379,7 +413,13 @@ impl<'s> Producer<'s> {
                 self.issuing = false;
             }
         }
-        write_slot(self.seg, self.kernels, self.seed, &self.pool.record(&token).desc, &mut token);
+        write_slot(
+            self.seg,
+            self.kernels,
+            self.seed,
+            &self.pool.record(&token).desc,
+            &mut token,
+        );
         Some(token)
     }
 
@@ -388,7 +428,11 @@ impl<'s> Producer<'s> {
         if !self.faulted[w] {
             self.faulted[w] = true;
             self.usable[w] = false;
-            self.ctl.fault_reasons.lock().unwrap_or_else(|e| e.into_inner()).push((w as u32, why));
+            self.ctl
+                .fault_reasons
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push((w as u32, why));
             self.ctl.kill[w].store(true, Ordering::Release);
         }
     }
@@ -466,11 +510,20 @@ impl<'s> Producer<'s> {
         if self.pool.out_total() >= self.out_limit {
             return false;
         }
-        let Some(w) = self.policy.pick(&WorkerView { usable: &self.usable, load: self.pool.out_counts() }) else {
+        let Some(w) = self.policy.pick(&WorkerView {
+            usable: &self.usable,
+            load: self.pool.out_counts(),
+        }) else {
             return false;
         };
         let token = if let Some(mut t) = self.redo.pop() {
-            write_slot(self.seg, self.kernels, self.seed, &self.pool.record(&t).desc, &mut t);
+            write_slot(
+                self.seg,
+                self.kernels,
+                self.seed,
+                &self.pool.record(&t).desc,
+                &mut t,
+            );
             t
         } else if self.issuing {
             if self.deadline.is_some_and(|d| clock.get() >= d) {
@@ -500,7 +553,7 @@ impl<'s> Producer<'s> {
         let workers = self.usable.len();
         let mut backoff = Backoff::for_load(self.dedicated);
         let me = self.seg.producer(self.p);
-        let my_bell = Doorbell::new(&me.wake, &me.sleeping);
+        let my_bell = Doorbell::new(&me.bell);
         loop {
             let mut clock = Now::default();
             let mut progress = false;
@@ -543,7 +596,7 @@ impl<'s> Producer<'s> {
             }
             if progress {
                 backoff.reset();
-            } else if backoff.next() == Step::Sleep {
+            } else if backoff.step() == Step::Sleep {
                 let seen = self.seen_changes;
                 let ctl = self.ctl;
                 let from = &mut self.from;
@@ -551,7 +604,10 @@ impl<'s> Producer<'s> {
                 my_bell.sleep(&Futex, PRODUCER_SLEEP, || {
                     ctl.changes.load(Ordering::Acquire) != seen
                         || ctl.finish.load(Ordering::Acquire)
-                        || from.iter_mut().zip(usable).any(|(r, &u)| u && r.has_pending().unwrap_or(true))
+                        || from
+                            .iter_mut()
+                            .zip(usable)
+                            .any(|(r, &u)| u && r.has_pending().unwrap_or(true))
                 });
             }
         }
@@ -580,7 +636,12 @@ fn spawn_worker(exe: &PathBuf, seg: &Segment, spec: WorkerSpec) -> std::io::Resu
     // The child is not reaped by anyone else (we never wait on `child`), so its pid cannot be
     // reused before this pidfd is open, even if it already exited.
     let pidfd = sys::pidfd_open(child.id())?;
-    Ok(WorkerProc { pid: child.id(), pidfd, heartbeat: 0, last_beat: Instant::now() })
+    Ok(WorkerProc {
+        pid: child.id(),
+        pidfd,
+        heartbeat: 0,
+        last_beat: Instant::now(),
+    })
 }
 
 /// Tokens producers have sent to worker `w` that it has not pushed back (from ring counters;
@@ -588,8 +649,18 @@ fn spawn_worker(exe: &PathBuf, seg: &Segment, spec: WorkerSpec) -> std::io::Resu
 fn owed(seg: &Segment, w: u32) -> u64 {
     (0..seg.layout().params().producers)
         .map(|p| {
-            let sent = seg.ring(p, w, Direction::ToWorker).0.tail.0.load(Ordering::Relaxed);
-            let back = seg.ring(p, w, Direction::FromWorker).0.tail.0.load(Ordering::Relaxed);
+            let sent = seg
+                .ring(p, w, Direction::ToWorker)
+                .0
+                .tail
+                .0
+                .load(Ordering::Relaxed);
+            let back = seg
+                .ring(p, w, Direction::FromWorker)
+                .0
+                .tail
+                .0
+                .load(Ordering::Relaxed);
             sent.saturating_sub(back)
         })
         .sum()
@@ -600,7 +671,10 @@ fn owed(seg: &Segment, w: u32) -> u64 {
 /// [`Report`] (check `verified`).
 pub fn run(cfg: &Config, hooks: &Hooks<'_>) -> Result<Report, RunError> {
     let plan = cfg.plan()?;
-    let kernels = Kernels::new(cfg.kernel).map_err(|e| ConfigError { what: "--kernel", why: e.to_string() })?;
+    let kernels = Kernels::new(cfg.kernel).map_err(|e| ConfigError {
+        what: "--kernel",
+        why: e.to_string(),
+    })?;
     let seg = Segment::create(plan.layout)?;
     let workers = cfg.workers;
     let producers = cfg.producers;
@@ -627,7 +701,11 @@ pub fn run(cfg: &Config, hooks: &Hooks<'_>) -> Result<Report, RunError> {
     // Start every worker and wait until each has attached, so a program that cannot serve as a
     // worker is a clear start-up error rather than a storm of restarts.
     let mut procs: Vec<Option<WorkerProc>> = Vec::new();
-    let start_err = |w: u32, why: String| RunError::WorkerStart { worker: w, exe: exe.display().to_string(), why };
+    let start_err = |w: u32, why: String| RunError::WorkerStart {
+        worker: w,
+        exe: exe.display().to_string(),
+        why,
+    };
     let abort = |procs: &mut Vec<Option<WorkerProc>>| {
         for wp in procs.iter().flatten() {
             let _ = sys::kill_pidfd(wp.pidfd.as_fd());
@@ -647,7 +725,7 @@ pub fn run(cfg: &Config, hooks: &Hooks<'_>) -> Result<Report, RunError> {
     let deadline = Instant::now() + START_TIMEOUT;
     for w in 0..workers {
         loop {
-            if seg.worker(w).state.load(Ordering::Acquire) == WorkerState::Running as u32 {
+            if seg.worker(w).status.state.load(Ordering::Acquire) == WorkerState::Running as u32 {
                 break;
             }
             let wp = procs[w as usize].as_ref().expect("just spawned");
@@ -674,7 +752,9 @@ pub fn run(cfg: &Config, hooks: &Hooks<'_>) -> Result<Report, RunError> {
         alive: (0..workers).map(|_| AtomicBool::new(true)).collect(),
         changes: AtomicUsize::new(0),
         death_epoch: (0..workers).map(|_| AtomicUsize::new(0)).collect(),
-        acked: (0..producers).map(|_| (0..workers).map(|_| AtomicUsize::new(0)).collect()).collect(),
+        acked: (0..producers)
+            .map(|_| (0..workers).map(|_| AtomicUsize::new(0)).collect())
+            .collect(),
         reclaimed: (0..workers).map(|_| AtomicU64::new(0)).collect(),
         kill: (0..workers).map(|_| AtomicBool::new(false)).collect(),
         fault_reasons: Mutex::new(Vec::new()),
@@ -722,7 +802,9 @@ pub fn run(cfg: &Config, hooks: &Hooks<'_>) -> Result<Report, RunError> {
             drop(fds);
             drop(live);
             for w in ready {
-                let Some(wp) = procs[w as usize].take() else { continue };
+                let Some(wp) = procs[w as usize].take() else {
+                    continue;
+                };
                 let how = match sys::try_reap(wp.pidfd.as_fd()) {
                     Ok(Some(k)) => k,
                     // Readable but not reapable yet: look again next tick.
@@ -735,7 +817,9 @@ pub fn run(cfg: &Config, hooks: &Hooks<'_>) -> Result<Report, RunError> {
                 let mut how_words = how.to_string();
                 if std::mem::take(&mut watchdog_kills[w as usize]) {
                     how_words = format!("stalled for {:?} and was killed", cfg.worker_timeout);
-                } else if ctl.kill[w as usize].swap(false, Ordering::AcqRel) || how == ExitKind::Exited(EXIT_BAD_SEGMENT) {
+                } else if ctl.kill[w as usize].swap(false, Ordering::AcqRel)
+                    || how == ExitKind::Exited(EXIT_BAD_SEGMENT)
+                {
                     faults += 1;
                 }
                 let reason = ctl
@@ -754,7 +838,7 @@ pub fn run(cfg: &Config, hooks: &Hooks<'_>) -> Result<Report, RunError> {
                 ctl.changes.fetch_add(1, Ordering::AcqRel);
                 for p in 0..producers {
                     let ps = seg.producer(p);
-                    Doorbell::new(&ps.wake, &ps.sleeping).ring(&Futex);
+                    Doorbell::new(&ps.bell).ring(&Futex);
                 }
                 exits.push(WorkerExit {
                     worker: w,
@@ -769,7 +853,9 @@ pub fn run(cfg: &Config, hooks: &Hooks<'_>) -> Result<Report, RunError> {
             // Restart a dead worker once every producer has cleaned up after it.
             pending_restart.retain(|&w| {
                 let epoch = ctl.death_epoch[w as usize].load(Ordering::Acquire);
-                if (0..producers as usize).any(|p| ctl.acked[p][w as usize].load(Ordering::Acquire) != epoch) {
+                if (0..producers as usize)
+                    .any(|p| ctl.acked[p][w as usize].load(Ordering::Acquire) != epoch)
+                {
                     return true;
                 }
                 if let Some(e) = exits.iter_mut().rev().find(|e| e.worker == w) {
@@ -778,16 +864,19 @@ pub fn run(cfg: &Config, hooks: &Hooks<'_>) -> Result<Report, RunError> {
                 let all_idle = ctl.idle.iter().all(|i| i.load(Ordering::Acquire));
                 if restarts >= cfg.max_restarts || all_idle {
                     if restarts >= cfg.max_restarts && interrupted.is_none() {
-                        interrupted = Some(format!("more than {} worker restarts", cfg.max_restarts));
+                        interrupted =
+                            Some(format!("more than {} worker restarts", cfg.max_restarts));
                         ctl.stop.store(true, Ordering::Relaxed);
                     }
                     gone_for_good[w as usize] = true;
                     return false;
                 }
                 let ws = seg.worker(w);
-                ws.sleeping.store(0, Ordering::Relaxed);
-                ws.heartbeat.store(0, Ordering::Relaxed);
-                ws.state.store(WorkerState::Empty as u32, Ordering::Relaxed);
+                ws.bell.sleeping.store(0, Ordering::Relaxed);
+                ws.status.heartbeat.store(0, Ordering::Relaxed);
+                ws.status
+                    .state
+                    .store(WorkerState::Empty as u32, Ordering::Relaxed);
                 match spawn_worker(&exe, &seg, spec(w)) {
                     Ok(p) => {
                         restarts += 1;
@@ -816,7 +905,11 @@ pub fn run(cfg: &Config, hooks: &Hooks<'_>) -> Result<Report, RunError> {
                     let _ = sys::kill_pidfd(wp.pidfd.as_fd());
                     continue;
                 }
-                let beat = seg.worker(w as u32).heartbeat.load(Ordering::Relaxed);
+                let beat = seg
+                    .worker(w as u32)
+                    .status
+                    .heartbeat
+                    .load(Ordering::Relaxed);
                 if beat != wp.heartbeat || owed(&seg, w as u32) == 0 {
                     wp.heartbeat = beat;
                     wp.last_beat = now;
@@ -837,7 +930,11 @@ pub fn run(cfg: &Config, hooks: &Hooks<'_>) -> Result<Report, RunError> {
                 if last_progress.elapsed() >= Duration::from_millis(100) {
                     last_progress = Instant::now();
                     let matrices = ctl.done.iter().map(|d| d.load(Ordering::Relaxed)).sum();
-                    progress(&Progress { matrices, elapsed: start.elapsed(), stop: cfg.stop });
+                    progress(&Progress {
+                        matrices,
+                        elapsed: start.elapsed(),
+                        stop: cfg.stop,
+                    });
                 }
             }
             if pending_restart.is_empty() && ctl.idle.iter().all(|i| i.load(Ordering::Acquire)) {
@@ -847,16 +944,19 @@ pub fn run(cfg: &Config, hooks: &Hooks<'_>) -> Result<Report, RunError> {
         ctl.finish.store(true, Ordering::Release);
         for p in 0..producers {
             let ps = seg.producer(p);
-            Doorbell::new(&ps.wake, &ps.sleeping).ring(&Futex);
+            Doorbell::new(&ps.bell).ring(&Futex);
         }
-        handles.into_iter().map(|h| h.join().expect("a producer thread panicked")).collect()
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("a producer thread panicked"))
+            .collect()
     });
 
     // Shut the workers down: ask, wake, wait, then insist.
     seg.shutdown_flag().store(1, Ordering::Release);
     for w in 0..workers {
         let ws = seg.worker(w);
-        Doorbell::new(&ws.wake, &ws.sleeping).ring(&Futex);
+        Doorbell::new(&ws.bell).ring(&Futex);
     }
     let grace = Instant::now() + SHUTDOWN_GRACE;
     while procs.iter().any(Option::is_some) {
@@ -875,7 +975,18 @@ pub fn run(cfg: &Config, hooks: &Hooks<'_>) -> Result<Report, RunError> {
         }
     }
 
-    Ok(build_report(cfg, &plan, kernels, pinned, &seg, stats, exits, restarts, faults, interrupted))
+    Ok(build_report(
+        cfg,
+        &plan,
+        kernels,
+        pinned,
+        &seg,
+        stats,
+        exits,
+        restarts,
+        faults,
+        interrupted,
+    ))
 }
 
 fn signal_name(sig: usize) -> String {
@@ -899,9 +1010,11 @@ fn build_report(
     faults: u32,
     interrupted: Option<String>,
 ) -> Report {
-    let mut latency = Histogram::<u64>::new_with_bounds(1, 3_600_000_000_000, 3).expect("valid bounds");
+    let mut latency =
+        Histogram::<u64>::new_with_bounds(1, 3_600_000_000_000, 3).expect("valid bounds");
     let mut per_worker = vec![0u64; cfg.workers as usize];
-    let (mut matrices, mut failed, mut lost, mut redone, mut tokens, mut bytes) = (0, 0, 0, 0, 0, 0);
+    let (mut matrices, mut failed, mut lost, mut redone, mut tokens, mut bytes) =
+        (0, 0, 0, 0, 0, 0);
     let mut failures = Vec::new();
     let mut first: Option<Instant> = None;
     let mut last: Option<Instant> = None;
@@ -951,7 +1064,11 @@ fn build_report(
         inflight: cfg.inflight,
         batch: plan.batch_cap,
         tokens,
-        matrices_per_token: if tokens > 0 { matrices as f64 / tokens as f64 } else { 0.0 },
+        matrices_per_token: if tokens > 0 {
+            matrices as f64 / tokens as f64
+        } else {
+            0.0
+        },
         kernel: kernels.kernel().name(),
         pinned,
         segment_bytes: seg.len() as u64,

@@ -75,14 +75,19 @@ mod tests {
 
     fn picks(kind: DispatchKind, usable: &[bool], load: &[u32], n: usize) -> Vec<u32> {
         let mut p = policy(kind, 7);
-        (0..n).map(|_| p.pick(&WorkerView { usable, load }).unwrap()).collect()
+        (0..n)
+            .map(|_| p.pick(&WorkerView { usable, load }).unwrap())
+            .collect()
     }
 
     #[test]
     fn random_reaches_every_worker_and_skips_dead_ones() {
         let got = picks(DispatchKind::Random, &[true; 4], &[0; 4], 400);
         for w in 0..4 {
-            assert!(got.iter().filter(|&&x| x == w).count() > 50, "worker {w} starved");
+            assert!(
+                got.iter().filter(|&&x| x == w).count() > 50,
+                "worker {w} starved"
+            );
         }
         let got = picks(DispatchKind::Random, &[true, false, true], &[0; 3], 100);
         assert!(!got.contains(&1));
@@ -90,19 +95,42 @@ mod tests {
 
     #[test]
     fn round_robin_cycles() {
-        assert_eq!(picks(DispatchKind::RoundRobin, &[true, true, true], &[0; 3], 5), [0, 1, 2, 0, 1]);
-        assert_eq!(picks(DispatchKind::RoundRobin, &[true, false, true], &[0; 3], 3), [0, 2, 0]);
+        assert_eq!(
+            picks(DispatchKind::RoundRobin, &[true, true, true], &[0; 3], 5),
+            [0, 1, 2, 0, 1]
+        );
+        assert_eq!(
+            picks(DispatchKind::RoundRobin, &[true, false, true], &[0; 3], 3),
+            [0, 2, 0]
+        );
     }
 
     #[test]
     fn least_loaded_prefers_the_shortest_queue() {
-        assert_eq!(picks(DispatchKind::LeastLoaded, &[true; 3], &[5, 1, 3], 1), [1]);
-        assert_eq!(picks(DispatchKind::LeastLoaded, &[true, false, true], &[5, 0, 3], 1), [2]);
+        assert_eq!(
+            picks(DispatchKind::LeastLoaded, &[true; 3], &[5, 1, 3], 1),
+            [1]
+        );
+        assert_eq!(
+            picks(
+                DispatchKind::LeastLoaded,
+                &[true, false, true],
+                &[5, 0, 3],
+                1
+            ),
+            [2]
+        );
     }
 
     #[test]
     fn nobody_usable_is_none() {
         let mut p = policy(DispatchKind::Random, 1);
-        assert_eq!(p.pick(&WorkerView { usable: &[false, false], load: &[0, 0] }), None);
+        assert_eq!(
+            p.pick(&WorkerView {
+                usable: &[false, false],
+                load: &[0, 0]
+            }),
+            None
+        );
     }
 }

@@ -31,6 +31,8 @@ pub const MAX_CLASSES: usize = 8;
 pub const MAX_WORKERS: u32 = 1024;
 /// Most producer threads.
 pub const MAX_PRODUCERS: u32 = 64;
+/// Bytes of one [`WorkerShared`].
+const WORKER_BYTES: u64 = 2 * LINE;
 /// Largest slot: 1 GiB (16384 × 16384 int32), so byte offsets inside a slot fit a u32.
 pub const MAX_SLOT_BYTES: u64 = 1 << 30;
 
@@ -101,17 +103,35 @@ pub struct Header {
     pub params: Params,
 }
 
-/// What one worker publishes about itself, on its own line. Index = worker slot.
+/// A doorbell: a futex word and the flag saying someone sleeps on it, alone on a line. Only
+/// the sleeper and its notifiers touch it, and notifiers only with one read-modify-write per
+/// ring (see `wait`), so it does not bounce while work flows.
 #[repr(C, align(128))]
-pub struct WorkerShared {
-    /// Futex word the worker sleeps on. Producers add 1 (Release) before waking it.
-    pub wake: AtomicU32,
-    /// 1 while the worker is about to sleep or asleep, 0 otherwise. Written by the worker
-    /// (SeqCst store, see `wait`), read by producers after a SeqCst fence.
+pub struct Bell {
+    /// Futex word the owner sleeps on. Notifiers add 1 (Release) before waking it.
+    pub word: AtomicU32,
+    /// 1 while the owner is about to sleep or asleep, 0 otherwise. The owner swaps in 1 (AcqRel)
+    /// before its last check and stores 0 (Release) after; notifiers read it with an AcqRel
+    /// read-modify-write after publishing work.
     pub sleeping: AtomicU32,
+}
+
+/// What one worker publishes about itself. Index = worker slot.
+#[repr(C)]
+pub struct WorkerShared {
+    /// The worker sleeps on this when all its request rings are empty.
+    pub bell: Bell,
+    /// Written by the worker, read by the coordinator; on its own line, away from the bell.
+    pub status: WorkerStatus,
+}
+
+/// A worker's self-reported state.
+#[repr(C, align(128))]
+pub struct WorkerStatus {
     /// Pid of the process currently serving this slot (written by that worker at start).
     pub pid: AtomicU32,
-    /// [`WorkerState`] as u32, written by the worker; informational for the coordinator.
+    /// [`WorkerState`] as u32, written by the worker (Release), read by the coordinator
+    /// (Acquire) to learn that a new worker has attached.
     pub state: AtomicU32,
     /// Tokens processed since the worker started (Relaxed); the watchdog reads it.
     pub heartbeat: AtomicU64,
@@ -130,12 +150,10 @@ pub enum WorkerState {
 }
 
 /// What one producer thread publishes so workers know when to wake it.
-#[repr(C, align(128))]
+#[repr(C)]
 pub struct ProducerShared {
-    /// Futex word the producer sleeps on; workers add 1 (Release) before waking it.
-    pub wake: AtomicU32,
-    /// 1 while the producer is about to sleep or asleep (same protocol as `WorkerShared`).
-    pub sleeping: AtomicU32,
+    /// The producer sleeps on this when it waits for returned tokens.
+    pub bell: Bell,
 }
 
 /// Where one matrix sits inside a slot.
@@ -202,8 +220,10 @@ const _: () = {
     assert!(size_of::<Params>() == 24 + 24 * MAX_CLASSES + 48);
     assert!(offset_of!(Header, version) == 8);
     assert!(offset_of!(Header, params) == 24);
-    assert!(size_of::<Header>() % LINE as usize == 0);
-    assert!(size_of::<WorkerShared>() == LINE as usize);
+    assert!(size_of::<Header>().is_multiple_of(LINE as usize));
+    assert!(size_of::<Bell>() == LINE as usize);
+    assert!(size_of::<WorkerShared>() == 2 * LINE as usize);
+    assert!(offset_of!(WorkerShared, status) == LINE as usize);
     assert!(size_of::<ProducerShared>() == LINE as usize);
     assert!(offset_of!(RingCtl, head) == LINE as usize);
     assert!(size_of::<RingCtl>() == 2 * LINE as usize);
@@ -253,9 +273,19 @@ fn align_up(x: u64, a: u64) -> Option<u64> {
     x.checked_add(a - 1).map(|v| v & !(a - 1))
 }
 
-fn range(what: &'static str, value: u64, lo: u64, hi: u64, words: &'static str) -> Result<(), LayoutError> {
+fn range(
+    what: &'static str,
+    value: u64,
+    lo: u64,
+    hi: u64,
+    words: &'static str,
+) -> Result<(), LayoutError> {
     if value < lo || value > hi {
-        Err(LayoutError::OutOfRange { what, value, range: words })
+        Err(LayoutError::OutOfRange {
+            what,
+            value,
+            range: words,
+        })
     } else {
         Ok(())
     }
@@ -272,11 +302,29 @@ impl Layout {
         classes: &[(u64, u32)],
     ) -> Result<Layout, LayoutError> {
         range("workers", workers.into(), 1, MAX_WORKERS.into(), "1..=1024")?;
-        range("producers", producers.into(), 1, MAX_PRODUCERS.into(), "1..=64")?;
-        range("slot classes", classes.len() as u64, 1, MAX_CLASSES as u64, "1..=8")?;
-        let ring_capacity = ring_capacity.max(1).checked_next_power_of_two().ok_or(
-            LayoutError::OutOfRange { what: "ring capacity", value: ring_capacity.into(), range: "1..=2^31" },
+        range(
+            "producers",
+            producers.into(),
+            1,
+            MAX_PRODUCERS.into(),
+            "1..=64",
         )?;
+        range(
+            "slot classes",
+            classes.len() as u64,
+            1,
+            MAX_CLASSES as u64,
+            "1..=8",
+        )?;
+        let ring_capacity =
+            ring_capacity
+                .max(1)
+                .checked_next_power_of_two()
+                .ok_or(LayoutError::OutOfRange {
+                    what: "ring capacity",
+                    value: ring_capacity.into(),
+                    range: "1..=2^31",
+                })?;
         let mut params = Params {
             workers,
             producers,
@@ -295,11 +343,12 @@ impl Layout {
         let bad = LayoutError::Inconsistent("size overflow");
         let mut at = core::mem::size_of::<Header>() as u64;
         params.workers_offset = at;
-        at += u64::from(workers) * LINE;
+        at += u64::from(workers) * WORKER_BYTES;
         params.producers_offset = at;
         at += u64::from(producers) * LINE;
         params.rings_offset = at;
-        params.ring_stride = align_up(2 * LINE + 8 * u64::from(ring_capacity), LINE).ok_or(bad.clone())?;
+        params.ring_stride =
+            align_up(2 * LINE + 8 * u64::from(ring_capacity), LINE).ok_or(bad.clone())?;
         let rings = 2 * u64::from(workers) * u64::from(producers);
         at = rings
             .checked_mul(params.ring_stride)
@@ -320,7 +369,13 @@ impl Layout {
         let mut first = 0u32;
         let mut prev_bytes = 0;
         for (i, &(bytes, count)) in classes.iter().enumerate() {
-            range("slot bytes", bytes, MATRIX_ALIGN, MAX_SLOT_BYTES, "64 B..=1 GiB")?;
+            range(
+                "slot bytes",
+                bytes,
+                MATRIX_ALIGN,
+                MAX_SLOT_BYTES,
+                "64 B..=1 GiB",
+            )?;
             if bytes <= prev_bytes {
                 return Err(LayoutError::Inconsistent("classes must grow strictly"));
             }
@@ -328,7 +383,12 @@ impl Layout {
             let align = if bytes >= PAGE { PAGE } else { MATRIX_ALIGN };
             let bytes = align_up(bytes, align).ok_or(bad.clone())?;
             at = align_up(at, align).ok_or(bad.clone())?;
-            params.classes[i] = SlotClass { slot_bytes: bytes, data_offset: at, first_slot: first, count };
+            params.classes[i] = SlotClass {
+                slot_bytes: bytes,
+                data_offset: at,
+                first_slot: first,
+                count,
+            };
             first += count;
             at = bytes
                 .checked_mul(u64::from(count))
@@ -342,41 +402,69 @@ impl Layout {
     /// Accepts parameters read from a segment (untrusted) after re-checking every range,
     /// alignment and offset against `total_bytes`.
     pub fn from_params(p: Params) -> Result<Layout, LayoutError> {
-        range("workers", p.workers.into(), 1, MAX_WORKERS.into(), "1..=1024")?;
-        range("producers", p.producers.into(), 1, MAX_PRODUCERS.into(), "1..=64")?;
-        range("slot classes", p.class_count.into(), 1, MAX_CLASSES as u64, "1..=8")?;
+        range(
+            "workers",
+            p.workers.into(),
+            1,
+            MAX_WORKERS.into(),
+            "1..=1024",
+        )?;
+        range(
+            "producers",
+            p.producers.into(),
+            1,
+            MAX_PRODUCERS.into(),
+            "1..=64",
+        )?;
+        range(
+            "slot classes",
+            p.class_count.into(),
+            1,
+            MAX_CLASSES as u64,
+            "1..=8",
+        )?;
         if !p.ring_capacity.is_power_of_two() {
-            return Err(LayoutError::Inconsistent("ring capacity not a power of two"));
+            return Err(LayoutError::Inconsistent(
+                "ring capacity not a power of two",
+            ));
         }
         let total = p.total_bytes;
         let end_of = |off: u64, len: u64| off.checked_add(len).filter(|&e| e <= total);
-        let ws = u64::from(p.workers) * LINE;
+        let ws = u64::from(p.workers) * WORKER_BYTES;
         let ps = u64::from(p.producers) * LINE;
         let rings = 2 * u64::from(p.workers) * u64::from(p.producers);
-        let ok = p.workers_offset % LINE == 0
+        let ok = p.workers_offset.is_multiple_of(LINE)
             && p.workers_offset >= core::mem::size_of::<Header>() as u64
             && end_of(p.workers_offset, ws).is_some_and(|e| e <= p.producers_offset)
-            && p.producers_offset % LINE == 0
+            && p.producers_offset.is_multiple_of(LINE)
             && end_of(p.producers_offset, ps).is_some_and(|e| e <= p.rings_offset)
-            && p.rings_offset % LINE == 0
-            && p.ring_stride % LINE == 0
+            && p.rings_offset.is_multiple_of(LINE)
+            && p.ring_stride.is_multiple_of(LINE)
             && p.ring_stride >= 2 * LINE + 8 * u64::from(p.ring_capacity)
             && rings
                 .checked_mul(p.ring_stride)
                 .and_then(|r| end_of(p.rings_offset, r))
                 .is_some_and(|e| e <= p.descriptors_offset)
-            && p.descriptors_offset % 64 == 0;
+            && p.descriptors_offset.is_multiple_of(64);
         if !ok {
-            return Err(LayoutError::Inconsistent("header regions overlap or are misaligned"));
+            return Err(LayoutError::Inconsistent(
+                "header regions overlap or are misaligned",
+            ));
         }
         let desc_end = u64::from(p.slots)
             .checked_mul(core::mem::size_of::<SlotDesc>() as u64)
             .and_then(|d| end_of(p.descriptors_offset, d))
-            .ok_or(LayoutError::Inconsistent("descriptors run past the segment"))?;
+            .ok_or(LayoutError::Inconsistent(
+                "descriptors run past the segment",
+            ))?;
         let mut next_slot = 0u32;
         let mut floor = desc_end;
         for c in &p.classes[..p.class_count as usize] {
-            let align = if c.slot_bytes >= PAGE { PAGE } else { MATRIX_ALIGN };
+            let align = if c.slot_bytes >= PAGE {
+                PAGE
+            } else {
+                MATRIX_ALIGN
+            };
             let fits = c.first_slot == next_slot
                 && c.slot_bytes >= MATRIX_ALIGN
                 && c.slot_bytes <= MAX_SLOT_BYTES
@@ -396,7 +484,9 @@ impl Layout {
             floor = c.data_offset + c.slot_bytes * u64::from(c.count);
         }
         if next_slot != p.slots {
-            return Err(LayoutError::Inconsistent("class counts do not sum to slots"));
+            return Err(LayoutError::Inconsistent(
+                "class counts do not sum to slots",
+            ));
         }
         Ok(Layout { params: p })
     }
@@ -424,7 +514,7 @@ impl Layout {
     /// Offset of worker `w`'s shared state. `w < workers`.
     pub fn worker_offset(&self, w: u32) -> u64 {
         debug_assert!(w < self.params.workers);
-        self.params.workers_offset + u64::from(w) * LINE
+        self.params.workers_offset + u64::from(w) * WORKER_BYTES
     }
 
     /// Offset of producer `p`'s shared state. `p < producers`.
@@ -457,7 +547,10 @@ impl Layout {
     /// `(offset, bytes)` of slot `s`'s data, or `None` if `s` is out of range.
     pub fn slot_data(&self, s: u32) -> Option<(u64, u64)> {
         let c = &self.classes()[self.class_of(s)?];
-        Some((c.data_offset + u64::from(s - c.first_slot) * c.slot_bytes, c.slot_bytes))
+        Some((
+            c.data_offset + u64::from(s - c.first_slot) * c.slot_bytes,
+            c.slot_bytes,
+        ))
     }
 }
 

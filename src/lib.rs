@@ -7,19 +7,17 @@
 //! [`coordinator`] (the two roles) → [`Config`] / [`run`] (the API).
 //!
 //! ```no_run
-//! fn main() {
-//!     // A program that runs a pipeline also serves as its worker: this returns at once in the
-//!     // coordinator and never returns in a worker.
-//!     mk1::run_if_worker();
-//!     let report = mk1::Config::default()
-//!         .workers(2)
-//!         .max_dim(256)
-//!         .stop(mk1::Stop::Count(100_000))
-//!         .run()
-//!         .expect("could not start");
-//!     println!("{report}");
-//!     assert!(report.verified);
-//! }
+//! // A program that runs a pipeline also serves as its worker: this returns at once in the
+//! // coordinator and never returns in a worker. Call it first thing in `main`.
+//! mk1::run_if_worker();
+//! let report = mk1::Config::default()
+//!     .workers(2)
+//!     .max_dim(256)
+//!     .stop(mk1::Stop::Count(100_000))
+//!     .run()
+//!     .expect("could not start");
+//! println!("{report}");
+//! assert!(report.verified);
 //! ```
 #![deny(unsafe_op_in_unsafe_fn)]
 #![deny(clippy::undocumented_unsafe_blocks)]

@@ -35,7 +35,9 @@ pub enum BadToken {
         slot: u32,
     },
     /// The slot is not out at the worker whose ring it came from.
-    #[error("token for slot {slot} came back from worker {from}, but it is not out at that worker")]
+    #[error(
+        "token for slot {slot} came back from worker {from}, but it is not out at that worker"
+    )]
     NotHeld {
         /// Slot.
         slot: u32,
@@ -164,7 +166,12 @@ impl SlotPool {
                 pool.local[slot as usize] = pool.records.len() as u32;
                 pool.slots.push(slot);
                 pool.class_of.push(ci as u8);
-                pool.records.push(Record { generation: 0, holder: Holder::Producer, sent_at: now, desc: empty_desc() });
+                pool.records.push(Record {
+                    generation: 0,
+                    holder: Holder::Producer,
+                    sent_at: now,
+                    desc: empty_desc(),
+                });
                 pool.free[ci].push(Token::assume_owned(slot, 0));
             }
         }
@@ -251,13 +258,23 @@ impl SlotPool {
     /// the generation we sent. On success the slot is the producer's again.
     pub fn accept(&mut self, word: u64, w: u32) -> Result<Token, BadToken> {
         let (slot, generation) = Token::split(word);
-        let local = *self.local.get(slot as usize).ok_or(BadToken::Slot { word, slot })?;
-        let r = self.records.get_mut(local as usize).ok_or(BadToken::Slot { word, slot })?;
+        let local = *self
+            .local
+            .get(slot as usize)
+            .ok_or(BadToken::Slot { word, slot })?;
+        let r = self
+            .records
+            .get_mut(local as usize)
+            .ok_or(BadToken::Slot { word, slot })?;
         if r.holder != Holder::Worker(w) {
             return Err(BadToken::NotHeld { slot, from: w });
         }
         if r.generation != generation {
-            return Err(BadToken::Generation { slot, got: generation, want: r.generation });
+            return Err(BadToken::Generation {
+                slot,
+                got: generation,
+                want: r.generation,
+            });
         }
         r.holder = Holder::Producer;
         self.out[w as usize] -= 1;
@@ -308,13 +325,22 @@ mod tests {
         let slot = t.slot();
         let word = pool.dispatch(t, 1, Instant::now());
         assert_eq!(pool.out_at(1), 1);
-        assert!(matches!(pool.accept(word, 0), Err(BadToken::NotHeld { .. })));
+        assert!(matches!(
+            pool.accept(word, 0),
+            Err(BadToken::NotHeld { .. })
+        ));
         let stale = word - (1 << 32);
-        assert!(matches!(pool.accept(stale, 1), Err(BadToken::Generation { .. })));
+        assert!(matches!(
+            pool.accept(stale, 1),
+            Err(BadToken::Generation { .. })
+        ));
         assert!(matches!(pool.accept(99, 1), Err(BadToken::Slot { .. })));
         let back = pool.accept(word, 1).unwrap();
         assert_eq!(back.slot(), slot);
-        assert!(matches!(pool.accept(word, 1), Err(BadToken::NotHeld { .. })), "duplicate");
+        assert!(
+            matches!(pool.accept(word, 1), Err(BadToken::NotHeld { .. })),
+            "duplicate"
+        );
         pool.put(back);
         assert!(pool.all_home());
     }
@@ -344,7 +370,10 @@ mod tests {
         assert_eq!(back.len(), 3);
         assert_eq!(pool.out_at(1), 0);
         assert_eq!(pool.out_at(0), 3);
-        assert!(pool.accept(words[1], 1).is_err(), "reclaimed tokens are no longer out");
+        assert!(
+            pool.accept(words[1], 1).is_err(),
+            "reclaimed tokens are no longer out"
+        );
     }
 
     #[test]

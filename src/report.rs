@@ -129,7 +129,11 @@ impl fmt::Display for Report {
         writeln!(
             f,
             "token round trip: p50 {} ns, p99 {} ns, max {} ns; {} tokens, {:.1} matrices/token",
-            self.latency_ns.p50, self.latency_ns.p99, self.latency_ns.max, self.tokens, self.matrices_per_token
+            self.latency_ns.p50,
+            self.latency_ns.p99,
+            self.latency_ns.max,
+            self.tokens,
+            self.matrices_per_token
         )?;
         let per: Vec<String> = self.per_worker.iter().map(u64::to_string).collect();
         writeln!(
@@ -138,7 +142,11 @@ impl fmt::Display for Report {
             self.workers,
             per.join(" "),
             self.producers,
-            if self.batch > 1 { format!("batch ≤{}", self.batch) } else { "unbatched".into() },
+            if self.batch > 1 {
+                format!("batch ≤{}", self.batch)
+            } else {
+                "unbatched".into()
+            },
             self.min_dim,
             self.max_dim,
             self.op,
@@ -170,6 +178,14 @@ impl fmt::Display for Report {
         if let Some(why) = &self.interrupted {
             writeln!(f, "stopped early: {why}")?;
         }
-        write!(f, "{}", if self.verified { "verified" } else { "NOT verified" })
+        write!(
+            f,
+            "{}",
+            if self.verified {
+                "verified"
+            } else {
+                "NOT verified"
+            }
+        )
     }
 }

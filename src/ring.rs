@@ -92,9 +92,20 @@ impl<'a> RingProducer<'a> {
         let head = ctl.head.0.load(Ordering::Acquire);
         let capacity = mask + 1;
         if head > tail || tail - head > capacity {
-            return Err(RingError::Corrupt { head, tail, capacity });
+            return Err(RingError::Corrupt {
+                head,
+                tail,
+                capacity,
+            });
         }
-        Ok(RingProducer { ctl, entries, mask, tail, published: tail, head_cache: head })
+        Ok(RingProducer {
+            ctl,
+            entries,
+            mask,
+            tail,
+            published: tail,
+            head_cache: head,
+        })
     }
 
     /// Capacity in entries.
@@ -110,7 +121,12 @@ impl<'a> RingProducer<'a> {
             // Release in `release`, so the entries it released are no longer being read.
             let head = self.ctl.head.0.load(Ordering::Acquire);
             if head < self.head_cache || head > self.tail {
-                return Err(RingError::Corrupt { head, tail: self.tail, capacity: self.capacity() }.into());
+                return Err(RingError::Corrupt {
+                    head,
+                    tail: self.tail,
+                    capacity: self.capacity(),
+                }
+                .into());
             }
             self.head_cache = head;
             if self.tail - head > self.mask {
@@ -137,7 +153,12 @@ impl<'a> RingProducer<'a> {
 
     /// Entries pushed and not yet popped, as last seen (a cheap load-estimate).
     pub fn in_flight(&self) -> u64 {
-        let head = self.ctl.head.0.load(Ordering::Relaxed).clamp(self.head_cache, self.tail);
+        let head = self
+            .ctl
+            .head
+            .0
+            .load(Ordering::Relaxed)
+            .clamp(self.head_cache, self.tail);
         self.tail - head
     }
 }
@@ -152,9 +173,20 @@ impl<'a> RingConsumer<'a> {
         let tail = ctl.tail.0.load(Ordering::Acquire);
         let capacity = mask + 1;
         if head > tail || tail - head > capacity {
-            return Err(RingError::Corrupt { head, tail, capacity });
+            return Err(RingError::Corrupt {
+                head,
+                tail,
+                capacity,
+            });
         }
-        Ok(RingConsumer { ctl, entries, mask, head, published: head, tail_cache: tail })
+        Ok(RingConsumer {
+            ctl,
+            entries,
+            mask,
+            head,
+            published: head,
+            tail_cache: tail,
+        })
     }
 
     /// Takes the next entry, if any.
@@ -182,7 +214,11 @@ impl<'a> RingConsumer<'a> {
         // Acquire pairs with the producer's Release in `flush`.
         let tail = self.ctl.tail.0.load(Ordering::Acquire);
         if tail < self.tail_cache || tail - self.head > self.mask + 1 {
-            return Err(RingError::Corrupt { head: self.head, tail, capacity: self.mask + 1 });
+            return Err(RingError::Corrupt {
+                head: self.head,
+                tail,
+                capacity: self.mask + 1,
+            });
         }
         self.tail_cache = tail;
         Ok(tail != self.head)
@@ -221,7 +257,11 @@ mod tests {
             for i in 0..3 {
                 p.push(round * 10 + i).unwrap();
             }
-            assert_eq!(c.pop().unwrap(), None, "unflushed entries must be invisible");
+            assert_eq!(
+                c.pop().unwrap(),
+                None,
+                "unflushed entries must be invisible"
+            );
             assert!(p.flush());
             for i in 0..3 {
                 assert_eq!(c.pop().unwrap(), Some(round * 10 + i));

@@ -15,8 +15,8 @@ use std::io;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 
 use crate::layout::{
-    Header, Layout, LayoutError, Params, ProducerShared, RingCtl, SlotDesc, WorkerShared,
-    Direction, LAYOUT_VERSION, MAGIC, MAX_BATCH,
+    Direction, Header, Layout, LayoutError, Params, ProducerShared, RingCtl, SlotDesc,
+    WorkerShared, LAYOUT_VERSION, MAGIC, MAX_BATCH,
 };
 use crate::pool::Token;
 use crate::sync::{AtomicU32, AtomicU64, Ordering};
@@ -117,22 +117,35 @@ impl Segment {
         let asked = layout.total_bytes();
         if let Some(avail) = sys::available_memory() {
             if asked.saturating_add(HEADROOM) > avail {
-                return Err(ShmCreateError::TooLarge { asked, available: avail.saturating_sub(HEADROOM) });
+                return Err(ShmCreateError::TooLarge {
+                    asked,
+                    available: avail.saturating_sub(HEADROOM),
+                });
             }
         }
         let io = |step| move |source| ShmCreateError::Io { step, source };
         let fd = sys::memfd("mk1").map_err(io("memfd_create"))?;
         if let Err(e) = sys::size_and_commit(fd.as_fd(), asked) {
             return Err(match e.raw_os_error() {
-                Some(code) if code == rustix::io::Errno::NOSPC.raw_os_error()
-                    || code == rustix::io::Errno::NOMEM.raw_os_error() =>
+                Some(code)
+                    if code == rustix::io::Errno::NOSPC.raw_os_error()
+                        || code == rustix::io::Errno::NOMEM.raw_os_error() =>
                 {
-                    ShmCreateError::TooLarge { asked, available: sys::available_memory().unwrap_or(0) }
+                    ShmCreateError::TooLarge {
+                        asked,
+                        available: sys::available_memory().unwrap_or(0),
+                    }
                 }
-                _ => ShmCreateError::Io { step: "fallocate", source: e },
+                _ => ShmCreateError::Io {
+                    step: "fallocate",
+                    source: e,
+                },
             });
         }
-        let len = usize::try_from(asked).map_err(|_| ShmCreateError::TooLarge { asked, available: 0 })?;
+        let len = usize::try_from(asked).map_err(|_| ShmCreateError::TooLarge {
+            asked,
+            available: 0,
+        })?;
         let map = sys::Mapping::shared(fd.as_fd(), len).map_err(io("mmap"))?;
         let coordinator_pid = sys::own_pid();
         let h = map.as_ptr().cast::<Header>();
@@ -145,7 +158,12 @@ impl Segment {
             core::ptr::addr_of_mut!((*h).coordinator_pid).write(coordinator_pid);
             core::ptr::addr_of_mut!((*h).params).write(*layout.params());
         }
-        let seg = Segment { map, fd, layout, coordinator_pid };
+        let seg = Segment {
+            map,
+            fd,
+            layout,
+            coordinator_pid,
+        };
         // Release: publishes magic and params to any attacher's Acquire load of `version`.
         seg.version_word().store(LAYOUT_VERSION, Ordering::Release);
         Ok(seg)
@@ -156,9 +174,13 @@ impl Segment {
         let len = sys::file_len(fd.as_fd())?;
         let header = core::mem::size_of::<Header>() as u64;
         if len < header {
-            return Err(ShmAttachError::Size { expected: header, actual: len });
+            return Err(ShmAttachError::Size {
+                expected: header,
+                actual: len,
+            });
         }
-        let map = sys::Mapping::shared(fd.as_fd(), usize::try_from(len).map_err(io::Error::other)?)?;
+        let map =
+            sys::Mapping::shared(fd.as_fd(), usize::try_from(len).map_err(io::Error::other)?)?;
         let h = map.as_ptr().cast::<Header>();
         // SAFETY: the mapping is page aligned and at least a header long; `version` is an
         // atomic, so referencing it is sound even if another process writes it.
@@ -181,9 +203,17 @@ impl Segment {
         }
         let layout = Layout::from_params(params)?;
         if layout.total_bytes() != len {
-            return Err(ShmAttachError::Size { expected: layout.total_bytes(), actual: len });
+            return Err(ShmAttachError::Size {
+                expected: layout.total_bytes(),
+                actual: len,
+            });
         }
-        Ok(Segment { map, fd, layout, coordinator_pid: pid })
+        Ok(Segment {
+            map,
+            fd,
+            layout,
+            coordinator_pid: pid,
+        })
     }
 
     /// The layout this segment was created with (validated).
@@ -245,7 +275,10 @@ impl Segment {
 
     /// Producer `p`'s shared state. Panics if `p` is out of range (a caller bug).
     pub fn producer(&self, p: u32) -> &ProducerShared {
-        assert!(p < self.layout.params().producers, "producer {p} out of range");
+        assert!(
+            p < self.layout.params().producers,
+            "producer {p} out of range"
+        );
         // SAFETY: as for `worker`, for the producer states.
         unsafe { self.atomic_ref(self.layout.producer_offset(p)) }
     }
@@ -254,15 +287,25 @@ impl Segment {
     /// direction `d`. Callers claim at most one `RingProducer` and one `RingConsumer` per ring.
     pub fn ring(&self, p: u32, w: u32, d: Direction) -> (&RingCtl, &[AtomicU64]) {
         let params = self.layout.params();
-        assert!(p < params.producers && w < params.workers, "ring ({p}, {w}) out of range");
+        assert!(
+            p < params.producers && w < params.workers,
+            "ring ({p}, {w}) out of range"
+        );
         let off = self.layout.ring_offset(p, w, d);
         // SAFETY: `Layout` places each ring (control block of `2 * LINE` bytes, then
         // `ring_capacity` u64 entries, within `ring_stride`) 128-byte aligned inside the
         // segment. `RingCtl` and the entries are all atomics.
         unsafe {
             let ctl: &RingCtl = self.atomic_ref(off);
-            let first: *const AtomicU64 = self.map.as_ptr().add(off as usize + core::mem::size_of::<RingCtl>()).cast();
-            (ctl, core::slice::from_raw_parts(first, params.ring_capacity as usize))
+            let first: *const AtomicU64 = self
+                .map
+                .as_ptr()
+                .add(off as usize + core::mem::size_of::<RingCtl>())
+                .cast();
+            (
+                ctl,
+                core::slice::from_raw_parts(first, params.ring_capacity as usize),
+            )
         }
     }
 
@@ -312,7 +355,11 @@ impl Segment {
         // integers, valid for any bits.
         unsafe {
             let head = core::mem::offset_of!(SlotDesc, matrices);
-            core::ptr::copy_nonoverlapping(src.cast::<u8>(), (out as *mut SlotDesc).cast::<u8>(), head);
+            core::ptr::copy_nonoverlapping(
+                src.cast::<u8>(),
+                (out as *mut SlotDesc).cast::<u8>(),
+                head,
+            );
             let bytes = desc_bytes(out.count);
             core::ptr::copy_nonoverlapping(
                 src.cast::<u8>().add(head),
@@ -355,8 +402,8 @@ mod tests {
         let other = Segment::attach(dup).unwrap();
         assert_eq!(other.layout(), seg.layout());
         assert_eq!(other.coordinator_pid(), sys::own_pid());
-        seg.worker(1).heartbeat.store(7, Ordering::Relaxed);
-        assert_eq!(other.worker(1).heartbeat.load(Ordering::Relaxed), 7);
+        seg.worker(1).status.heartbeat.store(7, Ordering::Relaxed);
+        assert_eq!(other.worker(1).status.heartbeat.load(Ordering::Relaxed), 7);
         let mut t = Token::assume_owned(5, 0);
         seg.slot_mut(&mut t)[4095] = 42;
         assert_eq!(other.slot_mut(&mut t)[4095], 42);
@@ -368,7 +415,10 @@ mod tests {
         sys::size_and_commit(fd.as_fd(), 8192).unwrap();
         assert!(matches!(Segment::attach(fd), Err(ShmAttachError::Magic(0))));
         let fd = sys::memfd("tiny").unwrap();
-        assert!(matches!(Segment::attach(fd), Err(ShmAttachError::Size { .. })));
+        assert!(matches!(
+            Segment::attach(fd),
+            Err(ShmAttachError::Size { .. })
+        ));
     }
 
     #[test]
@@ -377,7 +427,10 @@ mod tests {
         match Segment::create(layout) {
             Err(e @ ShmCreateError::TooLarge { .. }) => {
                 let msg = e.to_string();
-                assert!(msg.contains("16.0 TiB") && msg.contains("available"), "{msg}");
+                assert!(
+                    msg.contains("16.0 TiB") && msg.contains("available"),
+                    "{msg}"
+                );
             }
             Err(e) => panic!("unexpected error {e}"),
             Ok(_) => panic!("a 16 TiB segment was created"),

@@ -241,7 +241,13 @@ pub fn available_memory() -> Option<u64> {
     let mut avail = meminfo
         .lines()
         .find_map(|l| l.strip_prefix("MemAvailable:"))
-        .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .and_then(|rest| {
+            rest.trim()
+                .trim_end_matches("kB")
+                .trim()
+                .parse::<u64>()
+                .ok()
+        })
         .map(|kib| kib * 1024)?;
     if let (Some(max), Some(cur)) = (
         read_small("/sys/fs/cgroup/memory.max"),

@@ -5,21 +5,26 @@
 //! `sleeping` flag in shared memory. The notifier rings only when the flag says someone sleeps,
 //! so while work flows there is no syscall at all (DESIGN invariant 7).
 //!
-//! Lost wake-ups are excluded by a store-load (Dekker) pair, the one place mk1 needs SeqCst:
-//! - waiter: `sleeping = 1` (SeqCst); read `word`; re-check the condition; futex-wait on `word`.
-//! - notifier: publish the work (ring `tail`, Release); SeqCst fence; read `sleeping`; if set,
-//!   bump `word` (Release) and futex-wake.
+//! Lost wake-ups are excluded without any SeqCst: both sides do a read-modify-write on the same
+//! `sleeping` word, and RMWs on one location are totally ordered.
+//! - waiter: `sleeping.swap(1, AcqRel)`; read `word`; re-check the condition; futex-wait on
+//!   `word`; `sleeping.store(0, Release)`.
+//! - notifier: publish the work (ring `tail`, Release); `sleeping.fetch_add(0, AcqRel)`; if it
+//!   read 1, bump `word` (Release) and futex-wake.
 //!
-//! The two SeqCst operations are totally ordered, so either the waiter's re-check sees the work
-//! or the notifier sees `sleeping == 1`. If the bump lands between the waiter's read of `word`
-//! and its futex-wait, the kernel sees a changed value and returns at once.
+//! If the notifier's RMW comes first, the waiter's swap reads from it (Release → Acquire), so the
+//! waiter's re-check sees the published work. If the waiter's swap comes first, the notifier
+//! reads 1 and wakes it. If the bump lands between the waiter's read of `word` and its
+//! futex-wait, the kernel sees a changed value and returns at once. (loom models RMWs exactly,
+//! which it does not do for SeqCst fences; `tests/loom_ring.rs` checks this protocol.)
 //!
 //! The futex itself is injected ([`Park`]), so the protocol can be model-checked without
 //! syscalls.
 
 use std::time::Duration;
 
-use crate::sync::{fence, AtomicU32, Ordering};
+use crate::layout::Bell;
+use crate::sync::{AtomicU32, Ordering};
 
 /// Sleep and wake on a 32-bit word (a futex in production).
 pub trait Park {
@@ -47,41 +52,39 @@ impl Park for Futex {
 /// A futex word and the flag that says whether anyone sleeps on it.
 #[derive(Clone, Copy)]
 pub struct Doorbell<'a> {
-    word: &'a AtomicU32,
-    sleeping: &'a AtomicU32,
+    bell: &'a Bell,
 }
 
 impl<'a> Doorbell<'a> {
-    /// A doorbell over two shared words.
-    pub fn new(word: &'a AtomicU32, sleeping: &'a AtomicU32) -> Self {
-        Doorbell { word, sleeping }
+    /// A doorbell over a shared [`Bell`].
+    pub fn new(bell: &'a Bell) -> Self {
+        Doorbell { bell }
     }
 
     /// Called by the notifier after publishing work. Returns whether a wake was issued.
     #[inline]
     pub fn ring(&self, park: &impl Park) -> bool {
-        // SeqCst fence: orders our earlier publish (Release store of a ring tail) before the
-        // load of `sleeping`, against the waiter's SeqCst store of `sleeping` (see module doc).
-        fence(Ordering::SeqCst);
-        if self.sleeping.load(Ordering::Relaxed) == 0 {
+        // AcqRel RMW: ordered against the waiter's swap in `sleep` (see module doc). A plain load
+        // could miss a waiter that announced itself just before our publish became visible.
+        if self.bell.sleeping.fetch_add(0, Ordering::AcqRel) == 0 {
             return false;
         }
         // Release: a waiter that sees the new value (Acquire below) also sees our work.
-        self.word.fetch_add(1, Ordering::Release);
-        park.wake(self.word);
+        self.bell.word.fetch_add(1, Ordering::Release);
+        park.wake(&self.bell.word);
         true
     }
 
     /// Sleeps until rung or `timeout`, unless `ready()` is already true after announcing.
     /// `ready` must check the condition the notifier publishes (e.g. "a ring is non-empty").
     pub fn sleep(&self, park: &impl Park, timeout: Duration, mut ready: impl FnMut() -> bool) {
-        // SeqCst: pairs with the notifier's SeqCst fence (store-load ordering).
-        self.sleeping.store(1, Ordering::SeqCst);
-        let seen = self.word.load(Ordering::Acquire);
+        // AcqRel RMW: pairs with the notifier's RMW in `ring`.
+        self.bell.sleeping.swap(1, Ordering::AcqRel);
+        let seen = self.bell.word.load(Ordering::Acquire);
         if !ready() {
-            park.wait(self.word, seen, timeout);
+            park.wait(&self.bell.word, seen, timeout);
         }
-        self.sleeping.store(0, Ordering::Relaxed);
+        self.bell.sleeping.store(0, Ordering::Release);
     }
 }
 
@@ -108,7 +111,12 @@ pub enum Step {
 impl Backoff {
     /// Spins for about `spin_limit` pauses and yields `yield_limit` times before sleeping.
     pub fn new(spin_limit: u32, yield_limit: u32) -> Backoff {
-        Backoff { spins: 0, yields: 0, spin_limit, yield_limit }
+        Backoff {
+            spins: 0,
+            yields: 0,
+            spin_limit,
+            yield_limit,
+        }
     }
 
     /// Spin long (about half a millisecond) when every busy thread has a CPU of its own
@@ -132,7 +140,7 @@ impl Backoff {
 
     /// The next step; [`Step::Spin`] and [`Step::Yield`] are performed here.
     #[inline]
-    pub fn next(&mut self) -> Step {
+    pub fn step(&mut self) -> Step {
         if self.spins < self.spin_limit {
             self.spins += 1;
             crate::sync::spin_hint();
@@ -154,14 +162,27 @@ mod tests {
     use std::time::Instant;
 
     struct Words {
-        word: AtomicU32,
-        sleeping: AtomicU32,
+        bell: Bell,
         work: AtomicU32,
+    }
+
+    fn words() -> Words {
+        Words {
+            bell: Bell {
+                word: AtomicU32::new(0),
+                sleeping: AtomicU32::new(0),
+            },
+            work: AtomicU32::new(0),
+        }
     }
 
     #[test]
     fn ring_is_silent_when_nobody_sleeps() {
-        let w = Words { word: AtomicU32::new(0), sleeping: AtomicU32::new(0), work: AtomicU32::new(0) };
+        let w = Words {
+            word: AtomicU32::new(0),
+            sleeping: AtomicU32::new(0),
+            work: AtomicU32::new(0),
+        };
         let bell = Doorbell::new(&w.word, &w.sleeping);
         assert!(!bell.ring(&Futex));
         assert_eq!(w.word.load(Ordering::Relaxed), 0);
@@ -169,34 +190,43 @@ mod tests {
 
     #[test]
     fn a_sleeper_is_woken_long_before_its_timeout() {
-        let w = Arc::new(Words { word: AtomicU32::new(0), sleeping: AtomicU32::new(0), work: AtomicU32::new(0) });
+        let w = Arc::new(Words {
+            word: AtomicU32::new(0),
+            sleeping: AtomicU32::new(0),
+            work: AtomicU32::new(0),
+        });
         let w2 = w.clone();
         let sleeper = std::thread::spawn(move || {
-            let bell = Doorbell::new(&w2.word, &w2.sleeping);
+            let bell = Doorbell::new(&w2.bell);
             let start = Instant::now();
             while w2.work.load(Ordering::Acquire) == 0 {
-                bell.sleep(&Futex, Duration::from_secs(30), || w2.work.load(Ordering::Acquire) != 0);
+                bell.sleep(&Futex, Duration::from_secs(30), || {
+                    w2.work.load(Ordering::Acquire) != 0
+                });
             }
             start.elapsed()
         });
-        while w.sleeping.load(Ordering::SeqCst) == 0 {
+        while w.bell.sleeping.load(Ordering::Acquire) == 0 {
             std::thread::yield_now();
         }
         w.work.store(1, Ordering::Release);
-        let bell = Doorbell::new(&w.word, &w.sleeping);
+        let bell = Doorbell::new(&w.bell);
         bell.ring(&Futex);
         let waited = sleeper.join().unwrap();
-        assert!(waited < Duration::from_secs(20), "woken by the ring, not the 30 s timeout");
+        assert!(
+            waited < Duration::from_secs(20),
+            "woken by the ring, not the 30 s timeout"
+        );
     }
 
     #[test]
     fn backoff_goes_spin_yield_sleep() {
         let mut b = Backoff::new(2, 1);
-        assert_eq!(b.next(), Step::Spin);
-        assert_eq!(b.next(), Step::Spin);
-        assert_eq!(b.next(), Step::Yield);
-        assert_eq!(b.next(), Step::Sleep);
+        assert_eq!(b.step(), Step::Spin);
+        assert_eq!(b.step(), Step::Spin);
+        assert_eq!(b.step(), Step::Yield);
+        assert_eq!(b.step(), Step::Sleep);
         b.reset();
-        assert_eq!(b.next(), Step::Spin);
+        assert_eq!(b.step(), Step::Spin);
     }
 }

@@ -61,7 +61,13 @@ impl WorkerSpec {
     pub fn encode(&self) -> String {
         let cpu = self.cpu.map_or("-".to_string(), |c| c.to_string());
         let spin = u8::from(self.spin);
-        format!("{},{},{},{},{cpu},{spin}", self.fd, self.index, self.coordinator, self.kernel.name())
+        format!(
+            "{},{},{},{},{cpu},{spin}",
+            self.fd,
+            self.index,
+            self.coordinator,
+            self.kernel.name()
+        )
     }
 
     /// Parses the value of [`WORKER_ENV`].
@@ -84,7 +90,14 @@ impl WorkerSpec {
         if it.next().is_some() {
             return None;
         }
-        Some(WorkerSpec { fd, index, coordinator, kernel, cpu, spin })
+        Some(WorkerSpec {
+            fd,
+            index,
+            coordinator,
+            kernel,
+            cpu,
+            spin,
+        })
     }
 }
 
@@ -145,7 +158,9 @@ impl WorkerError {
     pub fn exit_code(&self) -> i32 {
         match self {
             WorkerError::Orphaned(_) => EXIT_ORPHANED,
-            WorkerError::Kernel(_) | WorkerError::Io(_) | WorkerError::Index { .. } => EXIT_BAD_SPEC,
+            WorkerError::Kernel(_) | WorkerError::Io(_) | WorkerError::Index { .. } => {
+                EXIT_BAD_SPEC
+            }
             _ => EXIT_BAD_SEGMENT,
         }
     }
@@ -156,7 +171,9 @@ impl WorkerError {
 /// Call it first thing in `main` of any program that runs a pipeline through the library: the
 /// coordinator starts workers by re-executing the current program with [`WORKER_ENV`] set.
 pub fn run_if_worker() {
-    let Ok(spec) = std::env::var(WORKER_ENV) else { return };
+    let Ok(spec) = std::env::var(WORKER_ENV) else {
+        return;
+    };
     let code = match WorkerSpec::parse(&spec) {
         None => {
             eprintln!("mk1 worker: malformed {WORKER_ENV}={spec:?}");
@@ -189,7 +206,11 @@ fn check_desc(
     for m in &desc.matrices[..count] {
         let elems = u64::from(m.rows) * u64::from(m.cols);
         let start = u64::from(m.offset);
-        if m.rows == 0 || m.cols == 0 || start % MATRIX_ALIGN != 0 || start / 4 + elems > slot_elems as u64 {
+        if m.rows == 0
+            || m.cols == 0
+            || start % MATRIX_ALIGN != 0
+            || start / 4 + elems > slot_elems as u64
+        {
             return Err(bad(format!(
                 "matrix {}x{} at byte {} does not fit a slot of {} bytes",
                 m.rows,
@@ -203,7 +224,12 @@ fn check_desc(
 }
 
 /// Applies the descriptor's op to every matrix in the token's slot, after validating both.
-pub fn process(seg: &Segment, kernels: Kernels, token: &mut Token, desc: &mut SlotDesc) -> Result<(), WorkerError> {
+pub fn process(
+    seg: &Segment,
+    kernels: Kernels,
+    token: &mut Token,
+    desc: &mut SlotDesc,
+) -> Result<(), WorkerError> {
     seg.read_desc(token, desc);
     let slot = token.slot();
     let data = seg.slot_mut(token);
@@ -232,11 +258,16 @@ pub fn serve(spec: WorkerSpec) -> Result<(), WorkerError> {
     let seg = Segment::attach(fd)?;
     let params = *seg.layout().params();
     if spec.index >= params.workers {
-        return Err(WorkerError::Index { index: spec.index, workers: params.workers });
+        return Err(WorkerError::Index {
+            index: spec.index,
+            workers: params.workers,
+        });
     }
     let me = seg.worker(spec.index);
-    me.pid.store(sys::own_pid(), Ordering::Relaxed);
-    me.state.store(WorkerState::Running as u32, Ordering::Release);
+    me.status.pid.store(sys::own_pid(), Ordering::Relaxed);
+    me.status
+        .state
+        .store(WorkerState::Running as u32, Ordering::Release);
 
     let producers = params.producers;
     let mut inbox = Vec::with_capacity(producers as usize);
@@ -244,13 +275,23 @@ pub fn serve(spec: WorkerSpec) -> Result<(), WorkerError> {
     let mut bells = Vec::with_capacity(producers as usize);
     for p in 0..producers {
         let (ctl, e) = seg.ring(p, spec.index, Direction::ToWorker);
-        inbox.push(RingConsumer::new(ctl, e).map_err(|source| WorkerError::Ring { producer: p, source })?);
+        inbox.push(
+            RingConsumer::new(ctl, e).map_err(|source| WorkerError::Ring {
+                producer: p,
+                source,
+            })?,
+        );
         let (ctl, e) = seg.ring(p, spec.index, Direction::FromWorker);
-        outbox.push(RingProducer::new(ctl, e).map_err(|source| WorkerError::Ring { producer: p, source })?);
+        outbox.push(
+            RingProducer::new(ctl, e).map_err(|source| WorkerError::Ring {
+                producer: p,
+                source,
+            })?,
+        );
         let ps = seg.producer(p);
-        bells.push(Doorbell::new(&ps.wake, &ps.sleeping));
+        bells.push(Doorbell::new(&ps.bell));
     }
-    let my_bell = Doorbell::new(&me.wake, &me.sleeping);
+    let my_bell = Doorbell::new(&me.bell);
     let shutdown = seg.shutdown_flag();
     let mut backoff = Backoff::for_load(spec.spin);
     let mut processed: u64 = 0;
@@ -259,12 +300,22 @@ pub fn serve(spec: WorkerSpec) -> Result<(), WorkerError> {
     loop {
         let mut did = 0;
         for p in 0..producers as usize {
-            let ring_err = |source| WorkerError::Ring { producer: p as u32, source };
+            let ring_err = |source| WorkerError::Ring {
+                producer: p as u32,
+                source,
+            };
             let mut n = 0;
             while n < BURST {
-                let Some(word) = inbox[p].pop().map_err(ring_err)? else { break };
-                let mut token = Token::from_untrusted_word(word, params.slots)
-                    .map_err(|source| WorkerError::Token { producer: p as u32, source })?;
+                let Some(word) = inbox[p].pop().map_err(ring_err)? else {
+                    break;
+                };
+                let mut token =
+                    Token::from_untrusted_word(word, params.slots).map_err(|source| {
+                        WorkerError::Token {
+                            producer: p as u32,
+                            source,
+                        }
+                    })?;
                 process(&seg, kernels, &mut token, &mut desc)?;
                 match outbox[p].push(token.into_word()) {
                     Ok(()) => {}
@@ -282,7 +333,7 @@ pub fn serve(spec: WorkerSpec) -> Result<(), WorkerError> {
         }
         if did > 0 {
             processed += did as u64;
-            me.heartbeat.store(processed, Ordering::Relaxed);
+            me.status.heartbeat.store(processed, Ordering::Relaxed);
             backoff.reset();
             continue;
         }
@@ -294,12 +345,14 @@ pub fn serve(spec: WorkerSpec) -> Result<(), WorkerError> {
                 pending |= r.has_pending().unwrap_or(false);
             }
             if !pending {
-                me.state.store(WorkerState::Exited as u32, Ordering::Release);
+                me.status
+                    .state
+                    .store(WorkerState::Exited as u32, Ordering::Release);
                 return Ok(());
             }
             continue;
         }
-        if backoff.next() == Step::Sleep {
+        if backoff.step() == Step::Sleep {
             my_bell.sleep(&Futex, SLEEP, || {
                 shutdown.load(Ordering::Acquire) != 0
                     || inbox.iter_mut().any(|r| r.has_pending().unwrap_or(true))
@@ -317,11 +370,30 @@ mod tests {
 
     #[test]
     fn spec_round_trips() {
-        let s = WorkerSpec { fd: 5, index: 3, coordinator: 1234, kernel: Kernel::Portable, cpu: Some(1), spin: true };
+        let s = WorkerSpec {
+            fd: 5,
+            index: 3,
+            coordinator: 1234,
+            kernel: Kernel::Portable,
+            cpu: Some(1),
+            spin: true,
+        };
         assert_eq!(WorkerSpec::parse(&s.encode()), Some(s));
-        let s = WorkerSpec { cpu: None, spin: false, ..s };
+        let s = WorkerSpec {
+            cpu: None,
+            spin: false,
+            ..s
+        };
         assert_eq!(WorkerSpec::parse(&s.encode()), Some(s));
-        for bad in ["", "1,2,3", "a,2,3,portable,-,1", "1,2,3,sse9,-,1", "1,2,3,avx2,x,1", "1,2,3,avx2,-", "1,2,3,avx2,-,2"] {
+        for bad in [
+            "",
+            "1,2,3",
+            "a,2,3,portable,-,1",
+            "1,2,3,sse9,-,1",
+            "1,2,3,avx2,x,1",
+            "1,2,3,avx2,-",
+            "1,2,3,avx2,-,2",
+        ] {
             assert_eq!(WorkerSpec::parse(bad), None, "{bad}");
         }
     }
@@ -334,7 +406,12 @@ mod tests {
         d.op_a = a;
         d.op_b = b;
         d.count = 1;
-        d.matrices[0] = crate::layout::MatrixDesc { rows: 4, cols: 4, offset: 0, reserved: 0 };
+        d.matrices[0] = crate::layout::MatrixDesc {
+            rows: 4,
+            cols: 4,
+            offset: 0,
+            reserved: 0,
+        };
         assert!(check_desc(&d, 0, 16).is_ok());
         assert!(check_desc(&d, 0, 15).is_err(), "too big");
         d.matrices[0].offset = 4;
@@ -348,7 +425,12 @@ mod tests {
         d.op_kind = 99;
         assert!(check_desc(&d, 0, 1024).is_err(), "unknown op");
         d.op_kind = k;
-        d.matrices[0] = crate::layout::MatrixDesc { rows: u32::MAX, cols: u32::MAX, offset: 0, reserved: 0 };
+        d.matrices[0] = crate::layout::MatrixDesc {
+            rows: u32::MAX,
+            cols: u32::MAX,
+            offset: 0,
+            reserved: 0,
+        };
         assert!(check_desc(&d, 0, 1024).is_err(), "overflowing dims");
     }
 }

@@ -125,7 +125,10 @@ fn parse_batch(s: &str) -> Result<Batch, String> {
         "off" => Ok(Batch::Off),
         n => match n.parse::<u32>() {
             Ok(k) if (1..=mk1::layout::MAX_BATCH as u32).contains(&k) => Ok(Batch::Max(k)),
-            _ => Err(format!("expected auto, off or 1..={}", mk1::layout::MAX_BATCH)),
+            _ => Err(format!(
+                "expected auto, off or 1..={}",
+                mk1::layout::MAX_BATCH
+            )),
         },
     }
 }
@@ -134,7 +137,9 @@ fn parse_batch(s: &str) -> Result<Batch, String> {
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let err = || format!("`{s}` is not a duration (examples: 20s, 500ms, 2m)");
     let t = s.trim();
-    let split = t.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(t.len());
+    let split = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(t.len());
     let (num, unit) = t.split_at(split);
     let v: f64 = num.parse().map_err(|_| err())?;
     let secs = match unit.trim() {
@@ -228,7 +233,8 @@ fn run(args: RunArgs) -> ExitCode {
             return usage_error(format!("cannot install a signal handler: {e}"));
         }
     }
-    let bar = (!args.json && !args.quiet && std::io::stderr().is_terminal()).then(|| progress_bar(stop));
+    let bar =
+        (!args.json && !args.quiet && std::io::stderr().is_terminal()).then(|| progress_bar(stop));
     let show = |p: &mk1::Progress| {
         if let Some(bar) = &bar {
             let rate = p.matrices as f64 / p.elapsed.as_secs_f64().max(1e-9);
@@ -239,7 +245,10 @@ fn run(args: RunArgs) -> ExitCode {
             bar.set_message(format!("{} matrices, {:.0}/s", p.matrices, rate));
         }
     };
-    let hooks = mk1::Hooks { progress: Some(&show), stop_signal: Some(&signal) };
+    let hooks = mk1::Hooks {
+        progress: Some(&show),
+        stop_signal: Some(&signal),
+    };
     let result = mk1::run(&cfg, &hooks);
     if let Some(bar) = &bar {
         bar.finish_and_clear();
@@ -249,7 +258,10 @@ fn run(args: RunArgs) -> ExitCode {
         Err(e) => return usage_error(e),
     };
     if args.json {
-        println!("{}", serde_json::to_string(&report).expect("a report serialises"));
+        println!(
+            "{}",
+            serde_json::to_string(&report).expect("a report serialises")
+        );
     } else if args.quiet {
         println!("{}", report.to_string().lines().next().unwrap_or_default());
     } else {
@@ -263,12 +275,19 @@ fn run(args: RunArgs) -> ExitCode {
 
 fn progress_bar(stop: Stop) -> indicatif::ProgressBar {
     let (len, template) = match stop {
-        Stop::After(d) => (d.as_millis() as u64, "{spinner} [{elapsed_precise}] {wide_bar} {msg}"),
-        Stop::Count(n) => (n, "{spinner} [{elapsed_precise}] {wide_bar} {pos}/{len} {msg}"),
+        Stop::After(d) => (
+            d.as_millis() as u64,
+            "{spinner} [{elapsed_precise}] {wide_bar} {msg}",
+        ),
+        Stop::Count(n) => (
+            n,
+            "{spinner} [{elapsed_precise}] {wide_bar} {pos}/{len} {msg}",
+        ),
     };
     let bar = indicatif::ProgressBar::new(len);
     bar.set_style(
-        indicatif::ProgressStyle::with_template(template).unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        indicatif::ProgressStyle::with_template(template)
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
     );
     bar
 }

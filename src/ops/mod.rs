@@ -132,7 +132,9 @@ impl fmt::Display for Op {
 
 /// An op string that does not parse.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("unknown op `{0}`: expected affine:A,B | add:K | mul:K | xor:K | neg | abs (K, A, B int32)")]
+#[error(
+    "unknown op `{0}`: expected affine:A,B | add:K | mul:K | xor:K | neg | abs (K, A, B int32)"
+)]
 pub struct OpParseError(String);
 
 impl FromStr for Op {
@@ -147,7 +149,10 @@ impl FromStr for Op {
         match (name, arg) {
             ("affine", Some(arg)) => {
                 let (a, b) = arg.split_once(',').ok_or_else(err)?;
-                Ok(Op::Affine { a: int(a)?, b: int(b)? })
+                Ok(Op::Affine {
+                    a: int(a)?,
+                    b: int(b)?,
+                })
             }
             ("add", Some(k)) => Ok(Op::Add(int(k)?)),
             ("mul", Some(k)) => Ok(Op::Mul(int(k)?)),
@@ -204,22 +209,43 @@ impl Kernel {
 
     /// The fastest kernel this CPU supports.
     pub fn detect() -> Kernel {
-        Kernel::ALL.into_iter().rev().find(|k| k.is_available()).unwrap_or(Kernel::Portable)
+        Kernel::ALL
+            .into_iter()
+            .rev()
+            .find(|k| k.is_available())
+            .unwrap_or(Kernel::Portable)
+    }
+
+    /// What `auto` means: the kernel named by the `MK1_KERNEL` environment variable if it is
+    /// set and available (CI uses it to force the portable path), else [`detect`](Self::detect).
+    pub fn auto() -> Kernel {
+        std::env::var("MK1_KERNEL")
+            .ok()
+            .and_then(|name| Kernel::ALL.into_iter().find(|k| k.name() == name))
+            .filter(|k| k.is_available())
+            .unwrap_or_else(Kernel::detect)
     }
 
     /// Every kernel this CPU supports.
     pub fn available() -> Vec<Kernel> {
-        Kernel::ALL.into_iter().filter(|k| k.is_available()).collect()
+        Kernel::ALL
+            .into_iter()
+            .filter(|k| k.is_available())
+            .collect()
     }
 
     /// `auto` (→ [`detect`](Self::detect)) or a kernel name, checked against this CPU.
     pub fn parse_and_check(s: &str) -> Result<Kernel, String> {
         let k = match s {
-            "auto" => return Ok(Kernel::detect()),
+            "auto" => return Ok(Kernel::auto()),
             "portable" => Kernel::Portable,
             "avx2" => Kernel::Avx2,
             "avx512" => Kernel::Avx512,
-            _ => return Err(format!("unknown kernel `{s}`: expected auto | portable | avx2 | avx512")),
+            _ => {
+                return Err(format!(
+                    "unknown kernel `{s}`: expected auto | portable | avx2 | avx512"
+                ))
+            }
         };
         Kernels::new(k).map(|_| k).map_err(|e| e.to_string())
     }
@@ -348,7 +374,16 @@ mod tests {
             let (k, a, b) = op.encode();
             assert_eq!(Op::decode(k, a, b), Some(op));
         }
-        for bad in ["", "affine", "affine:1", "add", "add:x", "neg:1", "sqrt", "mul:99999999999"] {
+        for bad in [
+            "",
+            "affine",
+            "affine:1",
+            "add",
+            "add:x",
+            "neg:1",
+            "sqrt",
+            "mul:99999999999",
+        ] {
             assert!(bad.parse::<Op>().is_err(), "{bad} parsed");
         }
         assert_eq!(Op::decode(0, 0, 0), None);
@@ -433,6 +468,6 @@ mod tests {
             assert_eq!(Kernels::new(kernel).is_ok(), kernel.is_available());
         }
         assert!(Kernel::parse_and_check("sse9").is_err());
-        assert_eq!(Kernel::parse_and_check("auto"), Ok(Kernel::detect()));
+        assert_eq!(Kernel::parse_and_check("auto"), Ok(Kernel::auto()));
     }
 }

@@ -17,7 +17,9 @@ pub fn fill(base: i32, out: &mut [i32]) {
 pub fn apply(op: Lanes, data: &mut [i32]) {
     // One loop per shape so each body is branch-free and vectorisable.
     match op {
-        Lanes::Affine(a, b) => data.iter_mut().for_each(|x| *x = x.wrapping_mul(a).wrapping_add(b)),
+        Lanes::Affine(a, b) => data
+            .iter_mut()
+            .for_each(|x| *x = x.wrapping_mul(a).wrapping_add(b)),
         Lanes::Xor(k) => data.iter_mut().for_each(|x| *x ^= k),
         Lanes::Abs => data.iter_mut().for_each(|x| *x = x.wrapping_abs()),
     }
@@ -47,8 +49,7 @@ pub fn verify(op: Lanes, base: i32, data: &[i32]) -> Option<usize> {
 /// OR of `x ^ f(start + i)` over the chunk: zero iff every element matches.
 #[inline(always)]
 fn mismatch(chunk: &[i32], start: i32, f: impl Fn(i32) -> i32) -> i32 {
-    chunk
-        .iter()
-        .enumerate()
-        .fold(0, |acc, (i, &x)| acc | (x ^ f(start.wrapping_add(i as i32))))
+    chunk.iter().enumerate().fold(0, |acc, (i, &x)| {
+        acc | (x ^ f(start.wrapping_add(i as i32)))
+    })
 }

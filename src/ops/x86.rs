@@ -78,7 +78,8 @@ macro_rules! simd_kernels {
                         let ec = $f;
                         let $x = v3;
                         let ed = $f;
-                        let diff = $or($or($xor(a, ea), $xor(b, eb)), $or($xor(c, ec), $xor(d, ed)));
+                        let diff =
+                            $or($or($xor(a, ea), $xor(b, eb)), $or($xor(c, ec), $xor(d, ed)));
                         if $nonzero(diff) {
                             break;
                         }
@@ -110,7 +111,10 @@ macro_rules! simd_kernels {
                         $store(p.add(i).cast(), v);
                         $store(p.add(i + L).cast(), $add(v, lane));
                         $store(p.add(i + 2 * L).cast(), $add($add(v, lane), lane));
-                        $store(p.add(i + 3 * L).cast(), $add($add($add(v, lane), lane), lane));
+                        $store(
+                            p.add(i + 3 * L).cast(),
+                            $add($add($add(v, lane), lane), lane),
+                        );
                     }
                     v = $add(v, step);
                     i += STEP;
