@@ -438,7 +438,9 @@ impl<'s> Producer<'s> {
     }
 
     /// Pops and verifies everything worker `w` has returned. Returns whether anything came.
-    fn collect(&mut self, w: usize, clock: &mut Now) -> bool {
+    /// A protocol violation faults the worker (it is killed), unless `after_death`: then the
+    /// process is already gone and the drain just stops.
+    fn collect(&mut self, w: usize, clock: &mut Now, after_death: bool) -> bool {
         let mut got = false;
         loop {
             match self.from[w].pop() {
@@ -448,13 +450,17 @@ impl<'s> Producer<'s> {
                         got = true;
                     }
                     Err(e) => {
-                        self.fault(w, format!("returned a bad token: {e}"));
+                        if !after_death {
+                            self.fault(w, format!("returned a bad token: {e}"));
+                        }
                         break;
                     }
                 },
                 Ok(None) => break,
                 Err(e) => {
-                    self.fault(w, format!("corrupted its return ring: {e}"));
+                    if !after_death {
+                        self.fault(w, format!("corrupted its return ring: {e}"));
+                    }
                     break;
                 }
             }
@@ -466,7 +472,7 @@ impl<'s> Producer<'s> {
     /// Worker `w` died: keep what it finished, take back the rest, reset our rings with it.
     fn clean_up_after(&mut self, w: usize, clock: &mut Now) {
         if !self.faulted[w] {
-            self.collect(w, clock);
+            self.collect(w, clock, true);
         }
         let back = self.pool.reclaim(w as u32);
         self.ctl.reclaimed[w].fetch_add(back.len() as u64, Ordering::Relaxed);
@@ -559,7 +565,7 @@ impl<'s> Producer<'s> {
             let mut progress = false;
             for w in 0..workers {
                 if self.usable[w] {
-                    progress |= self.collect(w, &mut clock);
+                    progress |= self.collect(w, &mut clock, false);
                 }
             }
             self.follow_monitor(&mut clock);

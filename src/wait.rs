@@ -178,23 +178,15 @@ mod tests {
 
     #[test]
     fn ring_is_silent_when_nobody_sleeps() {
-        let w = Words {
-            word: AtomicU32::new(0),
-            sleeping: AtomicU32::new(0),
-            work: AtomicU32::new(0),
-        };
-        let bell = Doorbell::new(&w.word, &w.sleeping);
+        let w = words();
+        let bell = Doorbell::new(&w.bell);
         assert!(!bell.ring(&Futex));
-        assert_eq!(w.word.load(Ordering::Relaxed), 0);
+        assert_eq!(w.bell.word.load(Ordering::Relaxed), 0);
     }
 
     #[test]
     fn a_sleeper_is_woken_long_before_its_timeout() {
-        let w = Arc::new(Words {
-            word: AtomicU32::new(0),
-            sleeping: AtomicU32::new(0),
-            work: AtomicU32::new(0),
-        });
+        let w = Arc::new(words());
         let w2 = w.clone();
         let sleeper = std::thread::spawn(move || {
             let bell = Doorbell::new(&w2.bell);

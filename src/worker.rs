@@ -38,6 +38,66 @@ const BURST: usize = 16;
 /// Longest sleep between liveness checks of the coordinator.
 const SLEEP: Duration = Duration::from_millis(100);
 
+/// Fault injection for tests, from the `MK1_CHAOS` environment variable: `KIND:N[@W]` makes
+/// worker slot `W` (every worker if omitted) misbehave once it has processed `N` tokens. Kinds:
+/// `wrong` flips one element of every N-th token, `exit` exits with status 99, `stall` stops
+/// consuming (holding its tokens), `badtoken` pushes back a forged token. Never set in normal
+/// use; `tests/reliability.rs` uses it to prove the coordinator copes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Chaos {
+    None,
+    Wrong(u64),
+    Exit(u64),
+    Stall(u64),
+    BadToken(u64),
+}
+
+impl Chaos {
+    fn from_env(index: u32) -> Chaos {
+        let Ok(v) = std::env::var("MK1_CHAOS") else {
+            return Chaos::None;
+        };
+        let (spec, only) = match v.split_once('@') {
+            Some((s, w)) => (s, w.parse::<u32>().ok()),
+            None => (v.as_str(), None),
+        };
+        if only.is_some_and(|w| w != index) {
+            return Chaos::None;
+        }
+        let Some((kind, n)) = spec.split_once(':') else {
+            return Chaos::None;
+        };
+        let Ok(n) = n.parse::<u64>() else {
+            return Chaos::None;
+        };
+        let n = n.max(1);
+        match kind {
+            "wrong" => Chaos::Wrong(n),
+            "exit" => Chaos::Exit(n),
+            "stall" => Chaos::Stall(n),
+            "badtoken" => Chaos::BadToken(n),
+            _ => Chaos::None,
+        }
+    }
+
+    /// Applies the fault after the op ran on `token`; returns the word to push back.
+    fn strike(self, seen: u64, seg: &Segment, token: &mut Token, desc: &SlotDesc) -> Option<u64> {
+        match self {
+            Chaos::Wrong(n) if seen.is_multiple_of(n) => {
+                let at = desc.matrices[0].offset as usize / 4;
+                seg.slot_mut(token)[at] ^= 0x10;
+                None
+            }
+            Chaos::Exit(n) if seen == n => std::process::exit(99),
+            Chaos::Stall(n) if seen >= n => loop {
+                std::thread::sleep(Duration::from_secs(1));
+            },
+            Chaos::BadToken(n) if seen == n => Some(u64::from(token.slot()) | (0xdead << 32)),
+            _ => None,
+        }
+    }
+}
+
 /// How a worker is started.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct WorkerSpec {
@@ -296,6 +356,8 @@ pub fn serve(spec: WorkerSpec) -> Result<(), WorkerError> {
     let mut backoff = Backoff::for_load(spec.spin);
     let mut processed: u64 = 0;
     let mut desc = crate::pool::empty_desc();
+    let chaos = Chaos::from_env(spec.index);
+    let mut processed_total: u64 = 0;
 
     loop {
         let mut did = 0;
@@ -317,7 +379,13 @@ pub fn serve(spec: WorkerSpec) -> Result<(), WorkerError> {
                         }
                     })?;
                 process(&seg, kernels, &mut token, &mut desc)?;
-                match outbox[p].push(token.into_word()) {
+                let mut word = None;
+                if chaos != Chaos::None {
+                    processed_total += 1;
+                    word = chaos.strike(processed_total, &seg, &mut token, &desc);
+                }
+                let word = word.unwrap_or_else(|| token.into_word());
+                match outbox[p].push(word) {
                     Ok(()) => {}
                     Err(PushError::Full(_)) => return Err(WorkerError::Overflow(p as u32)),
                     Err(PushError::Corrupt(e)) => return Err(ring_err(e)),
