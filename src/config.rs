@@ -63,6 +63,15 @@ impl DispatchKind {
     }
 }
 
+/// How producers and workers wait for each other.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Wait {
+    /// Spin, then yield, then sleep; spin long only when every busy thread has a CPU.
+    Auto,
+    /// Sleep on the futex at once (for measuring the wake-up path).
+    Sleep,
+}
+
 /// Whether to pin producers and workers to distinct CPUs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Pin {
@@ -112,6 +121,8 @@ pub struct Config {
     pub kernel: Kernel,
     /// CPU placement.
     pub pin: Pin,
+    /// Waiting strategy.
+    pub wait: Wait,
     /// Worker restarts allowed before the run gives up.
     pub max_restarts: u32,
     /// A worker holding tokens that makes no progress for this long is killed.
@@ -135,6 +146,7 @@ impl Default for Config {
             batch: Batch::Auto,
             kernel: Kernel::auto(),
             pin: Pin::Auto,
+            wait: Wait::Auto,
             max_restarts: 100,
             worker_timeout: Duration::from_secs(5),
             worker_exe: None,
@@ -179,6 +191,8 @@ impl Config {
         kernel: Kernel,
         /// Sets CPU placement.
         pin: Pin,
+        /// Sets the waiting strategy.
+        wait: Wait,
         /// Sets the restart budget.
         max_restarts: u32,
         /// Sets the stall timeout.

@@ -17,19 +17,15 @@
 //! the monitor to kill the worker, and the same path follows.
 
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
-use std::os::unix::process::CommandExt;
-use std::path::PathBuf;
-use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicUsize};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
-use rand::rngs::SmallRng;
-use rand::{Rng, SeedableRng};
 
-use crate::config::{matrix_bytes, Config, ConfigError, Pin, Plan, Stop};
+use crate::config::{matrix_bytes, Config, ConfigError, Pin, Plan, Stop, Wait};
 use crate::dispatch::{self, Dispatch, WorkerView};
+use crate::job::{fill_base, Shapes};
 use crate::layout::{Direction, MatrixDesc, SlotDesc, WorkerState, MAX_BATCH};
 use crate::ops::{Kernels, Op};
 use crate::pool::{SlotPool, Token};
@@ -38,7 +34,7 @@ use crate::ring::{RingConsumer, RingProducer};
 use crate::shm::{Segment, ShmCreateError};
 use crate::sync::{AtomicU64, Ordering};
 use crate::sys::{self, ExitKind};
-use crate::wait::{Backoff, Doorbell, Futex, Step};
+use crate::wait::{Backoff, Doorbell, Futex, SpinMode, Step};
 use crate::worker::{WorkerSpec, EXIT_BAD_SEGMENT, WORKER_ENV};
 
 /// How often the monitor looks at heartbeats and reports progress, at most.
@@ -137,14 +133,6 @@ struct ProducerStats {
     last_return: Option<Instant>,
 }
 
-/// splitmix64: the fill base of a matrix is a hash of its sequence number and the seed.
-fn fill_base(seq: u64, seed: u64) -> i32 {
-    let mut z = (seq ^ seed).wrapping_add(0x9e37_79b9_7f4a_7c15);
-    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    (z ^ (z >> 31)) as i32
-}
-
 /// Writes the fill of every matrix in `desc`, then the descriptor, into the token's slot.
 fn write_slot(seg: &Segment, kernels: Kernels, seed: u64, desc: &SlotDesc, token: &mut Token) {
     let data = seg.slot_mut(token);
@@ -157,27 +145,6 @@ fn write_slot(seg: &Segment, kernels: Kernels, seed: u64, desc: &SlotDesc, token
         );
     }
     seg.write_desc(token, desc);
-}
-
-/// Random matrix shapes, uniform in `min..=max` for rows and columns, with one shape held back
-/// when it did not fit where it was drawn for.
-struct Shapes {
-    rng: SmallRng,
-    min: u32,
-    max: u32,
-    pending: Option<(u32, u32)>,
-}
-
-impl Shapes {
-    #[inline]
-    fn next(&mut self) -> (u32, u32) {
-        self.pending.take().unwrap_or_else(|| {
-            (
-                self.rng.random_range(self.min..=self.max),
-                self.rng.random_range(self.min..=self.max),
-            )
-        })
-    }
 }
 
 /// The current time, read at most once per producer loop iteration and only when needed
@@ -221,8 +188,8 @@ struct Producer<'s> {
     budget: Option<u64>,
     deadline: Option<Instant>,
     issuing: bool,
-    /// Every busy thread has its own CPU: spin long before sleeping.
-    dedicated: bool,
+    /// How long to spin before sleeping.
+    spin: SpinMode,
     stats: ProducerStats,
 }
 
@@ -282,18 +249,23 @@ impl<'s> Producer<'s> {
             seen_epoch: vec![0; w],
             seen_changes: 0,
             redo: Vec::new(),
-            shapes: Shapes {
-                rng: SmallRng::seed_from_u64(cfg.seed ^ (u64::from(p) << 32) ^ 0x5eed),
-                min: cfg.min_dim,
-                max: cfg.max_dim,
-                pending: None,
-            },
+            shapes: Shapes::new(
+                cfg.seed ^ (u64::from(p) << 32) ^ 0x5eed,
+                cfg.min_dim,
+                cfg.max_dim,
+            ),
             policy: dispatch::policy(cfg.dispatch, cfg.seed.wrapping_add(u64::from(p))),
             next_seq: u64::from(p) << 48,
             budget,
             deadline,
             issuing: budget != Some(0),
-            dedicated: (workers + producers) as usize <= sys::online_cpus(),
+            spin: match cfg.wait {
+                Wait::Sleep => SpinMode::Never,
+                Wait::Auto if (workers + producers) as usize <= sys::online_cpus() => {
+                    SpinMode::Long
+                }
+                Wait::Auto => SpinMode::Short,
+            },
             stats: ProducerStats {
                 matrices: 0,
                 failed: 0,
@@ -351,7 +323,7 @@ impl<'s> Producer<'s> {
     /// The descriptor is built in place in the pool's record (no copy of the whole struct).
     fn fill_new(&mut self) -> Option<Token> {
         let mut token = if self.batch_cap == 1 {
-            let (r, c) = self.shapes.next();
+            let (r, c) = self.shapes.next_shape();
             let bytes = matrix_bytes(r, c);
             let class = self
                 .class_bytes
@@ -385,7 +357,7 @@ impl<'s> Producer<'s> {
             desc.count = 0;
             let mut used = 0;
             while desc.count < cap {
-                let (r, c) = self.shapes.next();
+                let (r, c) = self.shapes.next_shape();
                 let bytes = matrix_bytes(r, c);
                 if used + bytes > room {
                     self.shapes.pending = Some((r, c));
@@ -557,7 +529,7 @@ impl<'s> Producer<'s> {
 
     fn run(mut self) -> ProducerStats {
         let workers = self.usable.len();
-        let mut backoff = Backoff::for_load(self.dedicated);
+        let mut backoff = Backoff::for_mode(self.spin);
         let me = self.seg.producer(self.p);
         let my_bell = Doorbell::new(&me.bell);
         loop {
@@ -628,19 +600,14 @@ struct WorkerProc {
     last_beat: Instant,
 }
 
-fn spawn_worker(exe: &PathBuf, seg: &Segment, spec: WorkerSpec) -> std::io::Result<WorkerProc> {
-    let fd = seg.fd().as_raw_fd();
-    let mut cmd = Command::new(exe);
-    cmd.env(WORKER_ENV, spec.encode()).stdin(Stdio::null());
-    // SAFETY: the closure runs in the child between fork and exec, where only async-signal-safe
-    // work is allowed; it makes one raw fcntl syscall and allocates nothing. `fd` stays open in
-    // the parent for the whole call, so the number is valid in the child.
-    unsafe {
-        cmd.pre_exec(move || sys::inherit_fd(BorrowedFd::borrow_raw(fd)));
-    }
-    let child = cmd.spawn()?;
-    // The child is not reaped by anyone else (we never wait on `child`), so its pid cannot be
-    // reused before this pidfd is open, even if it already exited.
+fn spawn_worker(
+    exe: &std::path::Path,
+    seg: &Segment,
+    spec: WorkerSpec,
+) -> std::io::Result<WorkerProc> {
+    let child = sys::spawn_inheriting(exe, WORKER_ENV, &spec.encode(), &[seg.fd().as_raw_fd()])?;
+    // Nobody else reaps the child (we never wait on `child`), so its pid cannot be reused before
+    // this pidfd is open, even if it already exited.
     let pidfd = sys::pidfd_open(child.id())?;
     Ok(WorkerProc {
         pid: child.id(),
@@ -701,7 +668,11 @@ pub fn run(cfg: &Config, hooks: &Hooks<'_>) -> Result<Report, RunError> {
         coordinator,
         kernel: cfg.kernel,
         cpu: pinned.then_some((producers + w) as usize),
-        spin: (workers + producers) as usize <= cpus,
+        spin: match cfg.wait {
+            Wait::Sleep => SpinMode::Never,
+            Wait::Auto if (workers + producers) as usize <= cpus => SpinMode::Long,
+            Wait::Auto => SpinMode::Short,
+        },
     };
 
     // Start every worker and wait until each has attached, so a program that cannot serve as a
@@ -1097,9 +1068,10 @@ mod tests {
     use super::*;
 
     #[test]
-    fn fill_base_depends_on_seq_and_seed() {
-        assert_ne!(fill_base(1, 1), fill_base(2, 1));
-        assert_ne!(fill_base(1, 1), fill_base(1, 2));
-        assert_eq!(fill_base(7, 9), fill_base(7, 9));
+    fn now_reads_the_clock_once() {
+        let mut n = Now::default();
+        let a = n.get();
+        std::thread::sleep(Duration::from_millis(2));
+        assert_eq!(n.get(), a);
     }
 }

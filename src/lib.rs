@@ -30,11 +30,15 @@ pub mod sync;
 pub mod wait;
 
 #[cfg(not(loom))]
+pub mod bench;
+#[cfg(not(loom))]
 pub mod config;
 #[cfg(not(loom))]
 pub mod coordinator;
 #[cfg(not(loom))]
 pub mod dispatch;
+#[cfg(not(loom))]
+pub mod job;
 #[cfg(not(loom))]
 pub mod pool;
 #[cfg(not(loom))]
@@ -47,7 +51,7 @@ pub mod sys;
 pub mod worker;
 
 #[cfg(not(loom))]
-pub use config::{Batch, Config, ConfigError, DispatchKind, Pin, Stop};
+pub use config::{Batch, Config, ConfigError, DispatchKind, Pin, Stop, Wait};
 #[cfg(not(loom))]
 pub use coordinator::{run, Hooks, Progress, RunError};
 #[cfg(not(loom))]

@@ -6,7 +6,7 @@
 
 use std::fs::File;
 use std::io::{self, Read};
-use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::fd::{BorrowedFd, OwnedFd, RawFd};
 use std::time::Duration;
 
 use rustix::fs::{FallocateFlags, MemfdFlags};
@@ -282,7 +282,37 @@ pub fn pin_to_cpu(cpu: usize) -> io::Result<()> {
     Ok(rustix::thread::sched_setaffinity(None, &set)?)
 }
 
-/// Borrow helper so callers can pass `&OwnedFd` where a `BorrowedFd` is wanted.
-pub fn borrow(fd: &OwnedFd) -> BorrowedFd<'_> {
-    fd.as_fd()
+/// Starts `exe` with `key=value` in its environment, stdin from /dev/null, and the descriptors
+/// `fds` left open across exec (they are close-on-exec in this process). The child is not reaped
+/// by anyone else, so its pid stays valid until the caller waits for it.
+pub fn spawn_inheriting(
+    exe: &std::path::Path,
+    key: &str,
+    value: &str,
+    fds: &[RawFd],
+) -> io::Result<std::process::Child> {
+    use std::os::unix::process::CommandExt;
+    let mut cmd = std::process::Command::new(exe);
+    cmd.env(key, value).stdin(std::process::Stdio::null());
+    let fds = fds.to_vec();
+    // SAFETY: the closure runs in the child between fork and exec, where only async-signal-safe
+    // work is allowed: it makes raw fcntl syscalls on a vector allocated before the fork, and
+    // allocates nothing. The fds stay open in the parent for the whole call, so the numbers are
+    // valid in the child.
+    unsafe {
+        cmd.pre_exec(move || {
+            for &fd in &fds {
+                inherit_fd(BorrowedFd::borrow_raw(fd))?;
+            }
+            Ok(())
+        });
+    }
+    cmd.spawn()
+}
+
+/// A pipe, both ends close-on-exec ([pipe2(2)]): `(read, write)`.
+///
+/// [pipe2(2)]: https://man7.org/linux/man-pages/man2/pipe2.2.html
+pub fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
+    Ok(rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC)?)
 }

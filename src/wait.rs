@@ -97,6 +97,37 @@ pub struct Backoff {
     yield_limit: u32,
 }
 
+/// How eagerly a waiter spins.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SpinMode {
+    /// Every busy thread has a CPU of its own: spin about half a millisecond, then sleep. Decide
+    /// this from the whole machine's CPU count, not from a pinned thread's affinity (one CPU).
+    Long,
+    /// Oversubscribed: spin briefly and give the CPU away quickly, so a waiter never steals it
+    /// from a process that has work.
+    Short,
+    /// Sleep at once (measures the futex path).
+    Never,
+}
+
+impl SpinMode {
+    /// Encoding in a worker spec.
+    pub fn code(self) -> u8 {
+        match self {
+            SpinMode::Never => 0,
+            SpinMode::Short => 1,
+            SpinMode::Long => 2,
+        }
+    }
+
+    /// Inverse of [`code`](Self::code).
+    pub fn from_code(c: u8) -> Option<SpinMode> {
+        [SpinMode::Never, SpinMode::Short, SpinMode::Long]
+            .get(usize::from(c))
+            .copied()
+    }
+}
+
 /// What a waiter should do next.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Step {
@@ -119,15 +150,12 @@ impl Backoff {
         }
     }
 
-    /// Spin long (about half a millisecond) when every busy thread has a CPU of its own
-    /// (`dedicated`), and give way quickly when oversubscribed, so a waiter never steals the CPU
-    /// from a process that has work. Decide `dedicated` from the whole machine's CPU count, not
-    /// from a pinned thread's affinity (which shows one CPU).
-    pub fn for_load(dedicated: bool) -> Backoff {
-        if dedicated {
-            Backoff::new(1 << 14, 16)
-        } else {
-            Backoff::new(64, 4)
+    /// The policy for `mode`.
+    pub fn for_mode(mode: SpinMode) -> Backoff {
+        match mode {
+            SpinMode::Long => Backoff::new(1 << 14, 16),
+            SpinMode::Short => Backoff::new(64, 4),
+            SpinMode::Never => Backoff::new(0, 0),
         }
     }
 

@@ -18,11 +18,11 @@ use crate::ring::{PushError, RingConsumer, RingError, RingProducer};
 use crate::shm::{Segment, ShmAttachError};
 use crate::sync::Ordering;
 use crate::sys;
-use crate::wait::{Backoff, Doorbell, Futex, Step};
+use crate::wait::{Backoff, Doorbell, Futex, SpinMode, Step};
 
 /// Environment variable that turns a process into a worker:
-/// `fd,index,coordinator_pid,kernel,cpu,spin` (`cpu` is `-` for no pinning; `spin` is 1 when
-/// every busy thread has a CPU of its own, so waiting may spin long).
+/// `fd,index,coordinator_pid,kernel,cpu,spin` (`cpu` is `-` for no pinning; `spin` is a
+/// [`SpinMode`] code).
 pub const WORKER_ENV: &str = "MK1_WORKER";
 
 /// Exit status of a worker whose spec was malformed.
@@ -111,16 +111,16 @@ pub struct WorkerSpec {
     pub kernel: Kernel,
     /// CPU to pin to.
     pub cpu: Option<usize>,
-    /// Whether waiting may spin long (decided by the coordinator, which sees the whole machine;
-    /// a pinned worker's own affinity shows one CPU).
-    pub spin: bool,
+    /// How long waiting may spin (decided by the coordinator, which sees the whole machine; a
+    /// pinned worker's own affinity shows one CPU).
+    pub spin: SpinMode,
 }
 
 impl WorkerSpec {
     /// The value of [`WORKER_ENV`].
     pub fn encode(&self) -> String {
         let cpu = self.cpu.map_or("-".to_string(), |c| c.to_string());
-        let spin = u8::from(self.spin);
+        let spin = self.spin.code();
         format!(
             "{},{},{},{},{cpu},{spin}",
             self.fd,
@@ -142,11 +142,7 @@ impl WorkerSpec {
             "-" => None,
             c => Some(c.parse().ok()?),
         };
-        let spin = match it.next()? {
-            "0" => false,
-            "1" => true,
-            _ => return None,
-        };
+        let spin = SpinMode::from_code(it.next()?.parse().ok()?)?;
         if it.next().is_some() {
             return None;
         }
@@ -353,7 +349,7 @@ pub fn serve(spec: WorkerSpec) -> Result<(), WorkerError> {
     }
     let my_bell = Doorbell::new(&me.bell);
     let shutdown = seg.shutdown_flag();
-    let mut backoff = Backoff::for_load(spec.spin);
+    let mut backoff = Backoff::for_mode(spec.spin);
     let mut processed: u64 = 0;
     let mut desc = crate::pool::empty_desc();
     let chaos = Chaos::from_env(spec.index);
@@ -444,12 +440,12 @@ mod tests {
             coordinator: 1234,
             kernel: Kernel::Portable,
             cpu: Some(1),
-            spin: true,
+            spin: SpinMode::Long,
         };
         assert_eq!(WorkerSpec::parse(&s.encode()), Some(s));
         let s = WorkerSpec {
             cpu: None,
-            spin: false,
+            spin: SpinMode::Never,
             ..s
         };
         assert_eq!(WorkerSpec::parse(&s.encode()), Some(s));
@@ -460,7 +456,7 @@ mod tests {
             "1,2,3,sse9,-,1",
             "1,2,3,avx2,x,1",
             "1,2,3,avx2,-",
-            "1,2,3,avx2,-,2",
+            "1,2,3,avx2,-,3",
         ] {
             assert_eq!(WorkerSpec::parse(bad), None, "{bad}");
         }

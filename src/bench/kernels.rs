@@ -1,0 +1,130 @@
+//! `mk1 bench kernels`: each kernel's throughput on an in-cache and an out-of-cache buffer.
+
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+
+use crate::ops::{reference, Kernel, Kernels, Op};
+
+/// One kernel on one op at one buffer size.
+#[derive(Debug, Clone, Serialize)]
+pub struct KernelFigure {
+    /// Kernel name.
+    pub kernel: &'static str,
+    /// `fill`, `verify:<op>` or the op applied in place.
+    pub op: String,
+    /// Buffer size in bytes.
+    pub bytes: usize,
+    /// Bytes processed per second, 1e9 (best of the trials).
+    pub gb_per_s: f64,
+}
+
+/// Every available kernel, measured.
+#[derive(Debug, Clone, Serialize)]
+pub struct KernelReport {
+    /// What `--kernel auto` picks on this machine.
+    pub selected: &'static str,
+    /// The measurements.
+    pub kernels: Vec<KernelFigure>,
+}
+
+/// Best GB/s of `trials` runs of about `each`, calling `f` once per pass over `bytes` bytes.
+fn best_rate(bytes: usize, trials: u32, each: Duration, mut f: impl FnMut()) -> f64 {
+    let mut best: f64 = 0.0;
+    for _ in 0..trials {
+        let start = Instant::now();
+        let mut passes = 0u64;
+        while start.elapsed() < each {
+            f();
+            passes += 1;
+        }
+        let secs = start.elapsed().as_secs_f64();
+        best = best.max(bytes as f64 * passes as f64 / secs / 1e9);
+    }
+    best
+}
+
+/// Measures fill, verify and every op for every available kernel at each size. Each kernel's
+/// result is checked against the reference before it is timed.
+pub fn measure_kernels(
+    sizes: &[usize],
+    trials: u32,
+    each: Duration,
+) -> Result<KernelReport, String> {
+    let ops = [
+        Op::Affine { a: 3, b: 1 },
+        Op::Add(7),
+        Op::Mul(-3),
+        Op::Xor(0x5555),
+        Op::Neg,
+        Op::Abs,
+    ];
+    let mut figures = Vec::new();
+    for &bytes in sizes {
+        let n = bytes / 4;
+        let mut want = vec![0i32; n];
+        reference::fill(17, &mut want);
+        let mut applied = want.clone();
+        reference::apply(Op::default(), &mut applied);
+        for kernel in Kernel::available() {
+            let k = Kernels::new(kernel).map_err(|e| e.to_string())?;
+            let mut buf = vec![0i32; n];
+            k.fill(17, &mut buf);
+            if buf != want {
+                return Err(format!("{kernel} fill disagrees with the reference"));
+            }
+            k.apply(Op::default(), &mut buf);
+            if buf != applied || k.verify(Op::default(), 17, &buf).is_some() {
+                return Err(format!(
+                    "{kernel} apply/verify disagrees with the reference"
+                ));
+            }
+            let mut push = |op: String, rate: f64| {
+                figures.push(KernelFigure {
+                    kernel: kernel.name(),
+                    op,
+                    bytes,
+                    gb_per_s: rate,
+                })
+            };
+            let rate = best_rate(bytes, trials, each, || {
+                k.fill(std::hint::black_box(17), &mut buf)
+            });
+            push("fill".into(), rate);
+            k.fill(17, &mut buf);
+            k.apply(Op::default(), &mut buf);
+            let rate = best_rate(bytes, trials, each, || {
+                assert!(k
+                    .verify(Op::default(), std::hint::black_box(17), &buf)
+                    .is_none());
+            });
+            push(format!("verify:{}", Op::default()), rate);
+            for op in ops {
+                let rate = best_rate(bytes, trials, each, || {
+                    k.apply(std::hint::black_box(op), &mut buf)
+                });
+                push(op.to_string(), rate);
+            }
+        }
+    }
+    Ok(KernelReport {
+        selected: Kernel::auto().name(),
+        kernels: figures,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_available_kernel_is_measured_for_every_op() {
+        let r = measure_kernels(&[4096], 1, Duration::from_micros(200)).unwrap();
+        let kernels = Kernel::available().len();
+        assert_eq!(r.kernels.len(), kernels * 8);
+        assert!(r
+            .kernels
+            .iter()
+            .all(|f| f.gb_per_s > 0.0 && f.bytes == 4096));
+    }
+}

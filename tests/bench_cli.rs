@@ -1,0 +1,123 @@
+//! `mk1 bench` end to end: the comparison, latency and kernels commands, JSON and the plot.
+
+mod common;
+
+use common::*;
+use std::time::Duration;
+
+const LIMIT: Duration = Duration::from_secs(120);
+
+#[test]
+fn systems_comparison_json_and_plot() {
+    let svg = std::env::temp_dir().join(format!("mk1-bench-test-{}.svg", std::process::id()));
+    let out = mk1(
+        &[
+            "bench",
+            "--max-dim",
+            "8,40",
+            "--duration",
+            "60ms",
+            "--reps",
+            "2",
+            "--workers",
+            "2",
+            "--json",
+            "--plot",
+            svg.to_str().unwrap(),
+        ],
+        LIMIT,
+    );
+    let drawn = std::fs::read_to_string(&svg);
+    let _ = std::fs::remove_file(&svg);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    let lines: Vec<serde_json::Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 2);
+    for (line, dim) in lines.iter().zip([8, 40]) {
+        assert_eq!(line["max_dim"], dim);
+        assert_eq!(line["workers"], 2);
+        let systems = line["systems"].as_array().unwrap();
+        let names: Vec<&str> = systems
+            .iter()
+            .map(|s| s["system"].as_str().unwrap())
+            .collect();
+        assert_eq!(names, ["mk1", "threads", "unix-socket", "pipe", "inline"]);
+        for s in systems {
+            assert_eq!(s["verified"], true, "{s}");
+            assert!(s["matrices_per_s"].as_f64().unwrap() > 0.0);
+            assert!(s["latency_ns"]["p50"].as_u64().is_some());
+            assert_eq!(s["runs"].as_array().unwrap().len(), 2);
+        }
+        assert_eq!(systems[0]["ratio_to_mk1"], 1.0);
+    }
+    let drawn = drawn.expect("plot written");
+    assert!(
+        drawn.contains("<svg") && drawn.contains("max-dim 40") && drawn.contains("unix-socket")
+    );
+}
+
+#[test]
+fn latency_reports_three_transports() {
+    let out = mk1(
+        &["bench", "latency", "--round-trips", "2000", "--json"],
+        LIMIT,
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let j = json(&out);
+    let rows = j["latency"].as_array().unwrap();
+    assert_eq!(rows.len(), 3);
+    for r in rows {
+        let l = &r["latency_ns"];
+        assert!(
+            l["p50"].as_u64().unwrap() > 0 && l["p50"].as_u64() <= l["p99"].as_u64(),
+            "{r}"
+        );
+    }
+}
+
+#[test]
+fn kernels_json_lists_every_available_kernel() {
+    let out = mk1(&["bench", "kernels", "--json"], LIMIT);
+    assert!(out.status.success());
+    let j = json(&out);
+    let selected = j["selected"].as_str().unwrap();
+    let rows = j["kernels"].as_array().unwrap();
+    assert!(rows.iter().any(|r| r["kernel"] == selected));
+    assert!(rows
+        .iter()
+        .any(|r| r["kernel"] == "portable" && r["bytes"] == 32768));
+    assert!(rows.iter().any(|r| r["bytes"] == 4 << 20));
+    assert!(rows.iter().all(|r| r["gb_per_s"].as_f64().unwrap() > 0.0));
+}
+
+#[test]
+fn bad_bench_flags_exit_2() {
+    for args in [
+        &["bench", "--systems", "carrier-pigeon"][..],
+        &["bench", "--reps", "0"],
+        &["bench", "--max-dim", "0"],
+        &["bench", "latency", "--round-trips", "0"],
+    ] {
+        let out = mk1(args, LIMIT);
+        assert_eq!(out.status.code(), Some(2), "{args:?}");
+        assert_eq!(
+            String::from_utf8_lossy(&out.stderr)
+                .trim_end()
+                .lines()
+                .count(),
+            1,
+            "{args:?}"
+        );
+    }
+}
