@@ -23,6 +23,7 @@ use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
 
+use crate::clock::{self, Ticks};
 use crate::config::{matrix_bytes, Config, ConfigError, Pin, Plan, Stop, Wait};
 use crate::dispatch::{self, Dispatch, WorkerView};
 use crate::job::{fill_base, Shapes};
@@ -129,8 +130,8 @@ struct ProducerStats {
     per_worker: Vec<u64>,
     latency: Histogram<u64>,
     failures: Vec<Failure>,
-    first_issue: Option<Instant>,
-    last_return: Option<Instant>,
+    first_issue: Option<Ticks>,
+    last_return: Option<Ticks>,
 }
 
 /// Writes the fill of every matrix in `desc`, then the descriptor, into the token's slot.
@@ -147,15 +148,53 @@ fn write_slot(seg: &Segment, kernels: Kernels, seed: u64, desc: &SlotDesc, token
     seg.write_desc(token, desc);
 }
 
+/// Counts one checked matrix: its bytes if it matched, a failure (the first few in detail) if
+/// `bad` holds the first wrong element and the value found there.
+fn account(
+    s: &mut ProducerStats,
+    op: Op,
+    seq: u64,
+    w: u32,
+    base: i32,
+    elems: usize,
+    bad: Option<(usize, i32)>,
+) {
+    match bad {
+        None => s.bytes += elems as u64 * 4,
+        Some((at, got)) => {
+            s.failed += 1;
+            if s.failures.len() < KEEP_FAILURES {
+                s.failures.push(Failure {
+                    seq,
+                    worker: w,
+                    index: at as u64,
+                    expected: op.apply_scalar(base.wrapping_add(at as i32)),
+                    got,
+                });
+            }
+        }
+    }
+}
+
+/// Counts one returned token of `count` matrices from worker `w`.
+fn returned(s: &mut ProducerStats, w: u32, count: u32, sent_at: Ticks, now: Ticks) {
+    s.matrices += u64::from(count);
+    s.per_worker[w as usize] += u64::from(count);
+    s.tokens += 1;
+    s.latency
+        .saturating_record(clock::nanos_between(sent_at, now));
+    s.last_return = Some(now);
+}
+
 /// The current time, read at most once per producer loop iteration and only when needed
 /// (a clock read is not free in a VM, and idle iterations need none).
 #[derive(Default)]
-struct Now(Option<Instant>);
+struct Now(Option<Ticks>);
 
 impl Now {
     #[inline]
-    fn get(&mut self) -> Instant {
-        *self.0.get_or_insert_with(Instant::now)
+    fn get(&mut self) -> Ticks {
+        *self.0.get_or_insert_with(clock::now)
     }
 }
 
@@ -186,7 +225,8 @@ struct Producer<'s> {
     next_seq: u64,
     /// Matrices still to issue in count mode.
     budget: Option<u64>,
-    deadline: Option<Instant>,
+    /// End of issuing, in clock ticks.
+    deadline: Option<Ticks>,
     issuing: bool,
     /// How long to spin before sleeping.
     spin: SpinMode,
@@ -225,7 +265,10 @@ impl<'s> Producer<'s> {
             Stop::After(_) => None,
         };
         let deadline = match cfg.stop {
-            Stop::After(d) => Some(start + d),
+            Stop::After(d) => {
+                let left = d.saturating_sub(start.elapsed()).as_nanos() as f64;
+                Some(clock::now() + (left / clock::ns_per_tick()) as u64)
+            }
             Stop::Count(_) => None,
         };
         let w = workers as usize;
@@ -283,40 +326,82 @@ impl<'s> Producer<'s> {
     }
 
     /// Checks every matrix of a returned token and puts the slot back in the pool.
-    fn verify(&mut self, mut token: Token, w: u32, now: Instant) {
+    fn verify(&mut self, mut token: Token, w: u32, now: Ticks) {
         let record = self.pool.record(&token);
         let (desc, sent_at) = (&record.desc, record.sent_at);
         let data = self.seg.slot_mut(&mut token);
-        let s = &mut self.stats;
         for (i, m) in desc.matrices[..desc.count as usize].iter().enumerate() {
             let seq = desc.seq + i as u64;
             let base = fill_base(seq, self.seed);
             let start = m.offset as usize / 4;
             let elems = m.rows as usize * m.cols as usize;
             let matrix = &data[start..start + elems];
-            match self.kernels.verify(self.op, base, matrix) {
-                None => s.bytes += elems as u64 * 4,
-                Some(at) => {
-                    s.failed += 1;
-                    if s.failures.len() < KEEP_FAILURES {
-                        s.failures.push(Failure {
-                            seq,
-                            worker: w,
-                            index: at as u64,
-                            expected: self.op.apply_scalar(base.wrapping_add(at as i32)),
-                            got: matrix[at],
-                        });
-                    }
-                }
+            let bad = self
+                .kernels
+                .verify(self.op, base, matrix)
+                .map(|at| (at, matrix[at]));
+            account(&mut self.stats, self.op, seq, w, base, elems, bad);
+        }
+        let count = desc.count;
+        returned(&mut self.stats, w, count, sent_at, now);
+        self.pool.put(token);
+    }
+
+    /// The fused return path for one-matrix tokens: verifies the returned matrix and fills the
+    /// next one into the same slot in a single pass (the slot is hot in cache, and the token
+    /// skips the free list). `Err` gives the token back when that is not possible (nothing more
+    /// to issue, or the next shape does not fit this slot); the caller verifies it as usual.
+    fn refill_in_place(&mut self, mut token: Token, w: u32, now: Ticks) -> Result<Token, Token> {
+        if self.batch_cap != 1 || !self.issuing || !self.redo.is_empty() || self.budget == Some(0) {
+            return Err(token);
+        }
+        if self.deadline.is_some_and(|d| now >= d) {
+            self.issuing = false;
+            return Err(token);
+        }
+        let (r, c) = self.shapes.next_shape();
+        let need = self
+            .class_bytes
+            .iter()
+            .position(|&b| b >= matrix_bytes(r, c));
+        let have = self.pool.class_index(&token);
+        // Any slot the next matrix fits in will do: the pending shape mechanism makes sure a
+        // large matrix takes the next large slot that comes back (measured: a few per cent more
+        // matrices/s than requiring the exact class).
+        if need.is_none_or(|n| n > have) {
+            self.shapes.pending = Some((r, c));
+            return Err(token);
+        }
+        let record = self.pool.record(&token);
+        let (old, old_seq, sent_at) = (record.desc.matrices[0], record.desc.seq, record.sent_at);
+        debug_assert_eq!(record.desc.count, 1);
+        let new_seq = self.next_seq;
+        let (old_base, new_base) = (fill_base(old_seq, self.seed), fill_base(new_seq, self.seed));
+        let old_len = old.rows as usize * old.cols as usize;
+        let new_len = r as usize * c as usize;
+        let data = self.seg.slot_mut(&mut token);
+        let bad = self
+            .kernels
+            .verify_then_fill(self.op, old_base, old_len, new_base, new_len, data);
+        account(&mut self.stats, self.op, old_seq, w, old_base, old_len, bad);
+        returned(&mut self.stats, w, 1, sent_at, now);
+        self.next_seq += 1;
+        if let Some(b) = &mut self.budget {
+            *b -= 1;
+            if *b == 0 {
+                self.issuing = false;
             }
         }
-        s.matrices += u64::from(desc.count);
-        s.per_worker[w as usize] += u64::from(desc.count);
-        s.tokens += 1;
-        s.latency
-            .saturating_record(now.saturating_duration_since(sent_at).as_nanos() as u64);
-        s.last_return = Some(now);
-        self.pool.put(token);
+        let desc = &mut self.pool.record_mut(&token).desc;
+        desc.seq = new_seq;
+        desc.matrices[0] = MatrixDesc {
+            rows: r,
+            cols: c,
+            offset: 0,
+            reserved: 0,
+        };
+        self.seg.write_desc(&token, &self.pool.record(&token).desc);
+        Ok(token)
     }
 
     /// Takes a free slot and fills it with fresh matrices; `None` if no slot fits right now.
@@ -418,7 +503,11 @@ impl<'s> Producer<'s> {
             match self.from[w].pop() {
                 Ok(Some(word)) => match self.pool.accept(word, w as u32) {
                     Ok(token) => {
-                        self.verify(token, w as u32, clock.get());
+                        let now = clock.get();
+                        match self.refill_in_place(token, w as u32, now) {
+                            Ok(t) => self.send(t, now),
+                            Err(t) => self.verify(t, w as u32, now),
+                        }
                         got = true;
                     }
                     Err(e) => {
@@ -515,7 +604,23 @@ impl<'s> Producer<'s> {
         } else {
             return false;
         };
-        let now = clock.get();
+        self.send_to(token, w, clock.get());
+        true
+    }
+
+    /// Sends a filled token to the worker the policy picks; with no usable worker it waits in
+    /// the redo list (its record still describes what it holds).
+    fn send(&mut self, token: Token, now: Ticks) {
+        match self.policy.pick(&WorkerView {
+            usable: &self.usable,
+            load: self.pool.out_counts(),
+        }) {
+            Some(w) => self.send_to(token, w, now),
+            None => self.redo.push(token),
+        }
+    }
+
+    fn send_to(&mut self, token: Token, w: u32, now: Ticks) {
         self.stats.first_issue.get_or_insert(now);
         let word = self.pool.dispatch(token, w, now);
         if let Err(e) = self.to[w as usize].push(word) {
@@ -524,7 +629,6 @@ impl<'s> Producer<'s> {
             self.fault(w as usize, format!("corrupted its request ring: {e}"));
         }
         self.touched[w as usize] = true;
-        true
     }
 
     fn run(mut self) -> ProducerStats {
@@ -993,8 +1097,8 @@ fn build_report(
     let (mut matrices, mut failed, mut lost, mut redone, mut tokens, mut bytes) =
         (0, 0, 0, 0, 0, 0);
     let mut failures = Vec::new();
-    let mut first: Option<Instant> = None;
-    let mut last: Option<Instant> = None;
+    let mut first: Option<Ticks> = None;
+    let mut last: Option<Ticks> = None;
     for s in stats {
         matrices += s.matrices;
         failed += s.failed;
@@ -1018,7 +1122,7 @@ fn build_report(
     }
     failures.truncate(KEEP_FAILURES);
     let seconds = match (first, last) {
-        (Some(a), Some(b)) => b.saturating_duration_since(a).as_secs_f64(),
+        (Some(a), Some(b)) => clock::nanos_between(a, b) as f64 / 1e9,
         _ => 0.0,
     };
     let rate = |x: f64| if seconds > 0.0 { x / seconds } else { 0.0 };
@@ -1071,6 +1175,7 @@ mod tests {
     fn now_reads_the_clock_once() {
         let mut n = Now::default();
         let a = n.get();
+        assert!(a > 0);
         std::thread::sleep(Duration::from_millis(2));
         assert_eq!(n.get(), a);
     }

@@ -190,8 +190,9 @@ pub struct SlotDesc {
     /// Second op parameter.
     pub op_b: i32,
     /// Zero.
-    pub reserved: [u32; 10],
-    /// The matrices; entries at `count..` are ignored.
+    pub reserved: [u32; 2],
+    /// The matrices; entries at `count..` are ignored. The first two share the cache line of
+    /// the fields above, so a one-matrix token moves one descriptor line.
     pub matrices: [MatrixDesc; MAX_BATCH],
 }
 
@@ -228,8 +229,8 @@ const _: () = {
     assert!(offset_of!(RingCtl, head) == LINE as usize);
     assert!(size_of::<RingCtl>() == 2 * LINE as usize);
     assert!(size_of::<MatrixDesc>() == 16);
-    assert!(offset_of!(SlotDesc, matrices) == 64);
-    assert!(size_of::<SlotDesc>() == 64 + 16 * MAX_BATCH);
+    assert!(offset_of!(SlotDesc, matrices) == 32);
+    assert!(size_of::<SlotDesc>() == 32 + 16 * MAX_BATCH + 32);
     assert!(align_of::<SlotDesc>() == 64);
     assert!(size_of::<AtomicU64>() == 8 && align_of::<AtomicU64>() == 8);
     assert!(size_of::<AtomicU32>() == 4);

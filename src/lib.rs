@@ -32,6 +32,8 @@ pub mod wait;
 #[cfg(not(loom))]
 pub mod bench;
 #[cfg(not(loom))]
+pub mod clock;
+#[cfg(not(loom))]
 pub mod config;
 #[cfg(not(loom))]
 pub mod coordinator;

@@ -12,7 +12,7 @@
 //! and a copy of the descriptor it wrote, which is what verification uses (the shared one may
 //! have been scribbled over).
 
-use std::time::Instant;
+use crate::clock::Ticks;
 
 use crate::layout::{Layout, SlotDesc};
 
@@ -109,8 +109,8 @@ pub struct Record {
     pub generation: u32,
     /// Who has it.
     pub holder: Holder,
-    /// When it was last sent.
-    pub sent_at: Instant,
+    /// When it was last sent ([`crate::clock`] ticks).
+    pub sent_at: Ticks,
     /// What the producer last wrote into it (the trusted copy).
     pub desc: SlotDesc,
 }
@@ -138,7 +138,7 @@ pub fn empty_desc() -> SlotDesc {
         op_kind: 0,
         op_a: 0,
         op_b: 0,
-        reserved: [0; 10],
+        reserved: [0; 2],
         matrices: [Default::default(); crate::layout::MAX_BATCH],
     }
 }
@@ -157,7 +157,7 @@ impl SlotPool {
             out: vec![0; layout.params().workers as usize],
             class_of: Vec::new(),
         };
-        let now = Instant::now();
+        let now = 0;
         for (ci, c) in classes.iter().enumerate() {
             let n = u64::from(c.count);
             let lo = c.first_slot + (n * u64::from(p) / u64::from(producers)) as u32;
@@ -226,6 +226,11 @@ impl SlotPool {
         self.free[min_class..].iter_mut().find_map(Vec::pop)
     }
 
+    /// Size class index of the token's slot.
+    pub fn class_index(&self, token: &Token) -> usize {
+        self.class_of[self.local[token.slot as usize] as usize] as usize
+    }
+
     /// Returns a token to the free list.
     pub fn put(&mut self, token: Token) {
         let local = self.local[token.slot as usize] as usize;
@@ -245,7 +250,7 @@ impl SlotPool {
 
     /// Marks the token as sent to worker `w` at `now` and turns it into a ring word with a new
     /// generation.
-    pub fn dispatch(&mut self, token: Token, w: u32, now: Instant) -> u64 {
+    pub fn dispatch(&mut self, token: Token, w: u32, now: Ticks) -> u64 {
         let r = &mut self.records[self.local[token.slot as usize] as usize];
         r.generation = r.generation.wrapping_add(1);
         r.holder = Holder::Worker(w);
@@ -323,7 +328,7 @@ mod tests {
         let mut pool = SlotPool::share(&l, 0, 1);
         let t = pool.take(0).unwrap();
         let slot = t.slot();
-        let word = pool.dispatch(t, 1, Instant::now());
+        let word = pool.dispatch(t, 1, 0);
         assert_eq!(pool.out_at(1), 1);
         assert!(matches!(
             pool.accept(word, 0),
@@ -360,7 +365,7 @@ mod tests {
     fn reclaim_returns_exactly_the_dead_workers_slots() {
         let l = layout();
         let mut pool = SlotPool::share(&l, 0, 1);
-        let now = Instant::now();
+        let now = 0;
         let mut words = Vec::new();
         for i in 0..6 {
             let t = pool.take(0).unwrap();

@@ -331,7 +331,7 @@ impl Segment {
 
     /// Writes the descriptor of the token's slot: the fixed part and the `count` matrices in
     /// use (the unused tail is not copied).
-    pub fn write_desc(&self, token: &mut Token, desc: &SlotDesc) {
+    pub fn write_desc(&self, token: &Token, desc: &SlotDesc) {
         let bytes = desc_bytes(desc.count);
         // SAFETY: holding the token means owning the slot (its previous owner's ring push was
         // Release, our pop Acquire), so nobody following the protocol touches the descriptor
@@ -367,6 +367,23 @@ impl Segment {
                 bytes - head,
             );
         }
+    }
+
+    /// Hints the CPU to start fetching the first line of the token's slot data, so that the miss
+    /// overlaps with the descriptor's (both lines were last written by another core).
+    #[inline]
+    pub fn prefetch_slot(&self, token: &Token) {
+        #[cfg(target_arch = "x86_64")]
+        if let Some((off, _)) = self.layout.slot_data(token.slot()) {
+            let p = self.map.as_ptr().wrapping_add(off as usize);
+            // SAFETY: SSE is part of the x86_64 baseline, and a prefetch is only a hint: it never
+            // faults, even on a bad address, and has no effect on memory contents.
+            unsafe {
+                core::arch::x86_64::_mm_prefetch::<{ core::arch::x86_64::_MM_HINT_T0 }>(p.cast())
+            };
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        let _ = token;
     }
 
     /// The token's slot data as int32s, exclusively borrowed for as long as the token is.

@@ -286,6 +286,7 @@ pub fn process(
     token: &mut Token,
     desc: &mut SlotDesc,
 ) -> Result<(), WorkerError> {
+    seg.prefetch_slot(token);
     seg.read_desc(token, desc);
     let slot = token.slot();
     let data = seg.slot_mut(token);

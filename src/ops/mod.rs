@@ -325,6 +325,46 @@ impl Kernels {
     }
 }
 
+impl Kernels {
+    /// Verifies the old matrix in a slot and writes the fill of a new one over it, in one pass
+    /// over the memory they share: `data[..old_len]` is checked against `op(old_base + i)`,
+    /// then `data[..new_len]` holds `new_base + i`. Returns the first mismatch of the old
+    /// matrix as `(index, value found)`. Every old element is checked before it is overwritten.
+    pub fn verify_then_fill(
+        self,
+        op: Op,
+        old_base: i32,
+        old_len: usize,
+        new_base: i32,
+        new_len: usize,
+        data: &mut [i32],
+    ) -> Option<(usize, i32)> {
+        let common = old_len.min(new_len);
+        let lanes = op.lanes();
+        let done = match self.0 {
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: `Kernels::new` checked that the CPU has AVX2.
+            Kernel::Avx2 => unsafe {
+                x86::avx2::check_and_refill(lanes, old_base, new_base, &mut data[..common])
+            },
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: `Kernels::new` checked that the CPU has AVX-512F.
+            Kernel::Avx512 => unsafe {
+                x86::avx512::check_and_refill(lanes, old_base, new_base, &mut data[..common])
+            },
+            _ => portable::check_and_refill(lanes, old_base, new_base, &mut data[..common]),
+        };
+        // The rest: whatever of the old matrix is left is checked first, then filled over.
+        let bad = self
+            .verify(op, old_base.wrapping_add(done as i32), &data[done..old_len])
+            .map(|j| (done + j, data[done + j]));
+        if done < new_len {
+            self.fill(new_base.wrapping_add(done as i32), &mut data[done..new_len]);
+        }
+        bad
+    }
+}
+
 /// Reference implementations, element by element, used by the tests.
 pub mod reference {
     use super::Op;
@@ -444,6 +484,41 @@ mod tests {
                     prop_assert_eq!(k.verify(op, base, data), Some(at), "verify flipped, {}", kernel);
                     prop_assert_eq!(reference::verify(op, base, data), Some(at));
                 }
+            }
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(256))]
+
+        /// The fused verify-then-fill agrees with verify followed by fill, for every kernel,
+        /// any pair of lengths, with or without a wrong element.
+        #[test]
+        fn verify_then_fill_matches_verify_and_fill(
+            op in op_strategy(),
+            old_base in any::<i32>(),
+            new_base in any::<i32>(),
+            old_len in 0usize..600,
+            new_len in 0usize..600,
+            flip in any::<Option<prop::sample::Index>>(),
+        ) {
+            let cap = old_len.max(new_len) + 3;
+            let mut slot = vec![7i32; cap];
+            reference::fill(old_base, &mut slot[..old_len]);
+            reference::apply(op, &mut slot[..old_len]);
+            let bad = flip.filter(|_| old_len > 0).map(|ix| {
+                let at = ix.index(old_len);
+                slot[at] ^= 0x100;
+                (at, slot[at])
+            });
+            let mut want = slot.clone();
+            reference::fill(new_base, &mut want[..new_len]);
+            for kernel in Kernel::available() {
+                let k = Kernels::new(kernel).unwrap();
+                let mut data = slot.clone();
+                let got = k.verify_then_fill(op, old_base, old_len, new_base, new_len, &mut data);
+                prop_assert_eq!(got, bad, "{}", kernel);
+                prop_assert_eq!(&data, &want, "{}", kernel);
             }
         }
     }

@@ -53,3 +53,24 @@ fn mismatch(chunk: &[i32], start: i32, f: impl Fn(i32) -> i32) -> i32 {
         acc | (x ^ f(start.wrapping_add(i as i32)))
     })
 }
+
+/// Portable counterpart of the SIMD `check_and_refill`: whole chunks of the common prefix are
+/// checked and, if they match, refilled; returns where it stopped.
+#[inline]
+pub fn check_and_refill(op: Lanes, old: i32, new: i32, data: &mut [i32]) -> usize {
+    let mut done = 0;
+    for chunk in data.chunks_exact_mut(CHUNK) {
+        let start = old.wrapping_add(done as i32);
+        let diff = match op {
+            Lanes::Affine(a, b) => mismatch(chunk, start, |x| x.wrapping_mul(a).wrapping_add(b)),
+            Lanes::Xor(k) => mismatch(chunk, start, |x| x ^ k),
+            Lanes::Abs => mismatch(chunk, start, |x| x.wrapping_abs()),
+        };
+        if diff != 0 {
+            break;
+        }
+        fill(new.wrapping_add(done as i32), chunk);
+        done += CHUNK;
+    }
+    done
+}

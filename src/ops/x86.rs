@@ -92,6 +92,86 @@ macro_rules! simd_kernels {
                 }};
             }
 
+            /// Over `data` (the common prefix of an old and a new matrix in one slot): checks
+            /// each block of `STEP` against `op(old + i)` and, if it matches, overwrites it with
+            /// the new fill `new + i`. Returns how far it got: `data.len()` rounded down to
+            /// whole blocks, or the start of the first block with a mismatch (left untouched).
+            ///
+            /// # Safety
+            /// The CPU must support the `
+            #[doc = $feature]
+            /// ` target feature.
+            #[target_feature(enable = $feature)]
+            pub unsafe fn check_and_refill(
+                op: Lanes,
+                old: i32,
+                new: i32,
+                data: &mut [i32],
+            ) -> usize {
+                macro_rules! run {
+                    (|$x:ident| $f:expr) => {{
+                        let p = data.as_mut_ptr();
+                        let lane = $set1(L as i32);
+                        let step = $set1(STEP as i32);
+                        let mut v = $add($set1(old), $iota);
+                        let mut n = $add($set1(new), $iota);
+                        let mut i = 0;
+                        while i + STEP <= data.len() {
+                            let v1 = $add(v, lane);
+                            let v2 = $add(v1, lane);
+                            let v3 = $add(v2, lane);
+                            // SAFETY: `i + STEP <= len`: the four loads are inside `data`.
+                            let (a, b, c, d) = unsafe {
+                                (
+                                    $load(p.add(i).cast()),
+                                    $load(p.add(i + L).cast()),
+                                    $load(p.add(i + 2 * L).cast()),
+                                    $load(p.add(i + 3 * L).cast()),
+                                )
+                            };
+                            let $x = v;
+                            let ea = $f;
+                            let $x = v1;
+                            let eb = $f;
+                            let $x = v2;
+                            let ec = $f;
+                            let $x = v3;
+                            let ed = $f;
+                            let diff =
+                                $or($or($xor(a, ea), $xor(b, eb)), $or($xor(c, ec), $xor(d, ed)));
+                            if $nonzero(diff) {
+                                break;
+                            }
+                            // SAFETY: as above, for the stores.
+                            unsafe {
+                                $store(p.add(i).cast(), n);
+                                $store(p.add(i + L).cast(), $add(n, lane));
+                                $store(p.add(i + 2 * L).cast(), $add($add(n, lane), lane));
+                                $store(
+                                    p.add(i + 3 * L).cast(),
+                                    $add($add($add(n, lane), lane), lane),
+                                );
+                            }
+                            v = $add(v, step);
+                            n = $add(n, step);
+                            i += STEP;
+                        }
+                        i
+                    }};
+                }
+                match op {
+                    Lanes::Affine(a, b) => {
+                        let (va, vb) = ($set1(a), $set1(b));
+                        run!(|x| $add($mullo(x, va), vb))
+                    }
+                    Lanes::Xor(k) => {
+                        let vk = $set1(k);
+                        run!(|x| $xor(x, vk))
+                    }
+                    Lanes::Abs => run!(|x| $abs(x)),
+                }
+            }
+
             /// `out[i] = base + i`.
             ///
             /// # Safety
