@@ -89,16 +89,22 @@ fn latency(n: u64, json: bool) -> ExitCode {
     match bench::measure_latency(&exe, n) {
         Ok(figures) => {
             if json {
-                println!("{}", serde_json::json!({ "latency": figures }));
+                outln!("{}", serde_json::json!({ "latency": figures }));
             } else {
-                println!(
+                outln!(
                     "{:<40} {:>10} {:>10} {:>12}",
-                    "round trip, one token in flight", "p50 ns", "p99 ns", "max ns"
+                    "round trip, one token in flight",
+                    "p50 ns",
+                    "p99 ns",
+                    "max ns"
                 );
                 for f in &figures {
-                    println!(
+                    outln!(
                         "{:<40} {:>10} {:>10} {:>12}",
-                        f.transport, f.latency_ns.p50, f.latency_ns.p99, f.latency_ns.max
+                        f.transport,
+                        f.latency_ns.p50,
+                        f.latency_ns.p99,
+                        f.latency_ns.max
                     );
                 }
             }
@@ -115,12 +121,16 @@ fn kernels(json: bool) -> ExitCode {
     match bench::measure_kernels(&[32 << 10, 4 << 20], 5, Duration::from_millis(20)) {
         Ok(r) => {
             if json {
-                println!("{}", serde_json::to_string(&r).expect("serialisable"));
+                outln!("{}", serde_json::to_string(&r).expect("serialisable"));
             } else {
-                println!("selected by --kernel auto: {}", r.selected);
-                println!(
+                outln!("selected by --kernel auto: {}", r.selected);
+                outln!(
                     "{:<10} {:<16} {:>9} {:>10} {:>12}",
-                    "kernel", "op", "bytes", "GB/s", "vs portable"
+                    "kernel",
+                    "op",
+                    "bytes",
+                    "GB/s",
+                    "vs portable"
                 );
                 for f in &r.kernels {
                     let base = r
@@ -128,9 +138,13 @@ fn kernels(json: bool) -> ExitCode {
                         .iter()
                         .find(|g| g.kernel == "portable" && g.op == f.op && g.bytes == f.bytes)
                         .map_or(f64::NAN, |g| f.gb_per_s / g.gb_per_s);
-                    println!(
+                    outln!(
                         "{:<10} {:<16} {:>9} {:>10.1} {:>11.2}x",
-                        f.kernel, f.op, f.bytes, f.gb_per_s, base
+                        f.kernel,
+                        f.op,
+                        f.bytes,
+                        f.gb_per_s,
+                        base
                     );
                 }
             }
@@ -227,7 +241,7 @@ fn systems(args: &BenchArgs) -> ExitCode {
                 "kernel": job.kernels.kernel().name(),
                 "systems": summary,
             });
-            println!("{line}");
+            outln!("{line}");
         } else {
             print_table(max_dim, workers, &job, args.reps, &summary);
         }
@@ -239,7 +253,7 @@ fn systems(args: &BenchArgs) -> ExitCode {
             return ExitCode::from(1);
         }
         if !args.json {
-            println!("plot written to {}", path.display());
+            outln!("plot written to {}", path.display());
         }
     }
     if all_ok {
@@ -251,14 +265,14 @@ fn systems(args: &BenchArgs) -> ExitCode {
 }
 
 fn print_table(max_dim: u32, workers: u32, job: &Job, reps: u32, rows: &[SystemSummary]) {
-    println!(
+    outln!(
         "\nmax-dim {max_dim}, {workers} worker(s), {} in flight per worker, op {}, kernel {}, median of {reps} interleaved run(s) of {:?}",
         job.inflight,
         job.op,
         job.kernels.kernel(),
         job.duration
     );
-    println!(
+    outln!(
         "{:<12} {:>13} {:>23} {:>8} {:>10} {:>10} {:>7} {:>8}",
         "system",
         "matrices/s",
@@ -270,7 +284,7 @@ fn print_table(max_dim: u32, workers: u32, job: &Job, reps: u32, rows: &[SystemS
         "verified"
     );
     for s in rows {
-        println!(
+        outln!(
             "{:<12} {:>13.0} {:>23} {:>8.2} {:>10} {:>10} {:>6.2}x {:>8}",
             s.system,
             s.matrices_per_s,
@@ -286,7 +300,7 @@ fn print_table(max_dim: u32, workers: u32, job: &Job, reps: u32, rows: &[SystemS
         );
     }
     if max_dim <= mk1::config::AUTO_BATCH_MAX_DIM {
-        println!("(mk1 packs matrices up to {max_dim}x{max_dim} many per token here; the other systems send one per message)");
+        outln!("(mk1 packs matrices up to {max_dim}x{max_dim} many per token here; the other systems send one per message)");
     }
 }
 

@@ -4,7 +4,28 @@
 //! environment, reported before any process starts; 128+n when stopped by signal n after
 //! draining (130 SIGINT, 143 SIGTERM).
 
+/// `println!` that ends the process quietly when stdout is closed (piped into `head`, say)
+/// instead of panicking.
+macro_rules! outln {
+    ($($arg:tt)*) => {
+        $crate::cli::write_line(format_args!($($arg)*))
+    };
+}
+
 mod bench;
+
+/// Writes one line to stdout; exits with status 0 if the reader has gone away.
+pub fn write_line(args: std::fmt::Arguments<'_>) {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    if let Err(e) = out.write_fmt(args).and_then(|()| out.write_all(b"\n")) {
+        if e.kind() == std::io::ErrorKind::BrokenPipe {
+            std::process::exit(0);
+        }
+        eprintln!("mk1: cannot write to stdout: {e}");
+        std::process::exit(1);
+    }
+}
 
 use std::io::IsTerminal;
 use std::process::ExitCode;
@@ -258,14 +279,14 @@ fn run(args: RunArgs) -> ExitCode {
         Err(e) => return usage_error(e),
     };
     if args.json {
-        println!(
+        outln!(
             "{}",
             serde_json::to_string(&report).expect("a report serialises")
         );
     } else if args.quiet {
-        println!("{}", report.to_string().lines().next().unwrap_or_default());
+        outln!("{}", report.to_string().lines().next().unwrap_or_default());
     } else {
-        println!("{report}");
+        outln!("{report}");
     }
     match signal.load(Ordering::Relaxed) {
         0 => ExitCode::from(report.exit_code()),
