@@ -33,16 +33,13 @@ fn ring_push_pop(c: &mut Criterion) {
     p.push(7).unwrap();
     p.flush();
     assert_eq!(q.pop().unwrap(), Some(7));
-    q.release();
     let mut g = c.benchmark_group("ring");
     g.throughput(Throughput::Elements(1));
     g.bench_function("push+flush+pop+release, one thread", |b| {
         b.iter(|| {
             p.push(std::hint::black_box(42)).unwrap();
             p.flush();
-            let v = q.pop().unwrap();
-            q.release();
-            v
+            q.pop().unwrap()
         })
     });
     g.finish();
@@ -60,7 +57,6 @@ fn ring_round_trip(c: &mut Criterion) {
         let mut tx = RingProducer::new(&back2.ctl, &back2.entries).unwrap();
         while !stop2.load(StdOrdering::Relaxed) {
             if let Some(w) = rx.pop().unwrap() {
-                rx.release();
                 tx.push(w + 1).unwrap();
                 tx.flush();
             } else {
@@ -75,7 +71,6 @@ fn ring_round_trip(c: &mut Criterion) {
         tx.flush();
         loop {
             if let Some(w) = rx.pop().unwrap() {
-                rx.release();
                 return w;
             }
             std::hint::spin_loop();

@@ -526,7 +526,6 @@ impl<'s> Producer<'s> {
                 }
             }
         }
-        self.from[w].release();
         got
     }
 
@@ -628,6 +627,9 @@ impl<'s> Producer<'s> {
             // The token is recorded as out at `w` and comes back through the death path.
             self.fault(w as usize, format!("corrupted its request ring: {e}"));
         }
+        // Published at once so the worker can start while we fill the next one; its doorbell
+        // is rung once per loop iteration.
+        self.to[w as usize].flush();
         self.touched[w as usize] = true;
     }
 
@@ -652,7 +654,7 @@ impl<'s> Producer<'s> {
                 progress = true;
             }
             for w in 0..workers {
-                if std::mem::take(&mut self.touched[w]) && self.to[w].flush() {
+                if std::mem::take(&mut self.touched[w]) {
                     self.bells[w].ring(&Futex);
                 }
             }

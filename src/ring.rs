@@ -10,8 +10,12 @@
 //! - the producer writes an entry (Relaxed), then publishes `tail` with Release in
 //!   [`RingProducer::flush`]; the consumer loads `tail` with Acquire and only then reads entries
 //!   below it. That pair is what transfers ownership of the slot named by the token.
-//! - the consumer publishes `head` with Release in [`RingConsumer::release`] after it has read
-//!   the entries; the producer loads `head` with Acquire before reusing those entries.
+//! - the consumer publishes `head` with Release in [`RingConsumer::pop`], right after reading
+//!   the entry; the producer loads `head` with Acquire before reusing it. The release is not
+//!   deferred: a popped token can come straight back through the same ring (the producer
+//!   re-sends it as soon as it returns), and a ring sized for every token would look full if
+//!   the old entry were still held. The store hits the consumer's own line, which the producer
+//!   reads only when the ring looks full, so it costs no cache-line transfer.
 //!
 //! The other side is another process and is not trusted: every counter read from it is checked
 //! (`head <= tail <= head + capacity`, never moving backwards) and a violation is a
@@ -68,8 +72,6 @@ pub struct RingConsumer<'a> {
     mask: u64,
     /// Next counter to read (our own copy of `head`).
     head: u64,
-    /// Last published `head`.
-    published: u64,
     /// Last `tail` we loaded (validated).
     tail_cache: u64,
 }
@@ -184,12 +186,12 @@ impl<'a> RingConsumer<'a> {
             entries,
             mask,
             head,
-            published: head,
             tail_cache: tail,
         })
     }
 
-    /// Takes the next entry, if any.
+    /// Takes the next entry, if any, and frees its place at once (Release store of `head`;
+    /// pairs with the producer's Acquire load in `push`).
     #[inline]
     pub fn pop(&mut self) -> Result<Option<u64>, RingError> {
         if self.head == self.tail_cache && !self.refresh()? {
@@ -199,6 +201,7 @@ impl<'a> RingConsumer<'a> {
         // (sequenced before the producer's Release store of `tail`) visible.
         let word = self.entries[(self.head & self.mask) as usize].load(Ordering::Relaxed);
         self.head += 1;
+        self.ctl.head.0.store(self.head, Ordering::Release);
         Ok(Some(word))
     }
 
@@ -222,16 +225,6 @@ impl<'a> RingConsumer<'a> {
         }
         self.tail_cache = tail;
         Ok(tail != self.head)
-    }
-
-    /// Publishes how far we have read (Release store of `head`; pairs with the producer's
-    /// Acquire load in `push`). Entries below it may be overwritten from now on.
-    #[inline]
-    pub fn release(&mut self) {
-        if self.head != self.published {
-            self.ctl.head.0.store(self.head, Ordering::Release);
-            self.published = self.head;
-        }
     }
 }
 
@@ -267,25 +260,24 @@ mod tests {
                 assert_eq!(c.pop().unwrap(), Some(round * 10 + i));
             }
             assert_eq!(c.pop().unwrap(), None);
-            c.release();
         }
         assert_eq!(ctl.tail.0.load(Ordering::Relaxed), 300);
         assert_eq!(ctl.head.0.load(Ordering::Relaxed), 300);
     }
 
     #[test]
-    fn full_returns_the_word_until_the_consumer_releases() {
+    fn full_returns_the_word_until_the_consumer_pops() {
         let (ctl, e) = ring(2);
         let mut p = RingProducer::new(&ctl, &e).unwrap();
         let mut c = RingConsumer::new(&ctl, &e).unwrap();
         p.push(1).unwrap();
         p.push(2).unwrap();
         assert_eq!(p.push(3), Err(PushError::Full(3)));
+        assert_eq!(c.pop().unwrap(), None, "not published yet");
         p.flush();
         assert_eq!(c.pop().unwrap(), Some(1));
-        assert_eq!(p.push(3), Err(PushError::Full(3)), "not released yet");
-        c.release();
-        p.push(3).unwrap();
+        p.push(3).unwrap(); // the pop freed its entry at once
+        assert_eq!(p.push(4), Err(PushError::Full(4)));
         p.flush();
         assert_eq!(c.pop().unwrap(), Some(2));
         assert_eq!(c.pop().unwrap(), Some(3));

@@ -387,11 +387,13 @@ pub fn serve(spec: WorkerSpec) -> Result<(), WorkerError> {
                     Err(PushError::Full(_)) => return Err(WorkerError::Overflow(p as u32)),
                     Err(PushError::Corrupt(e)) => return Err(ring_err(e)),
                 }
+                // Publish each token at once: holding finished tokens back until the burst ends
+                // leaves the producer idle while we work (a measured 2x bubble with few tokens).
+                // The doorbell, which costs an RMW, is rung once per burst.
+                outbox[p].flush();
                 n += 1;
             }
             if n > 0 {
-                inbox[p].release();
-                outbox[p].flush();
                 bells[p].ring(&Futex);
                 did += n;
             }

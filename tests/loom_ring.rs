@@ -52,7 +52,6 @@ fn transfer(cap: usize, tokens: u64) {
             match c.pop().unwrap() {
                 Some(w) => {
                     got.push(w);
-                    c.release();
                 }
                 None => thread::yield_now(),
             }

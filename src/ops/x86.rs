@@ -46,6 +46,15 @@ macro_rules! simd_kernels {
                         }
                         $i += STEP;
                     }
+                    // Then one vector at a time, so the portable tail is shorter than a vector.
+                    while $i + L <= $data.len() {
+                        // SAFETY: `i + L <= len`: one vector inside `data`.
+                        unsafe {
+                            let $x = $load(p.add($i).cast());
+                            $store(p.add($i).cast(), $f);
+                        }
+                        $i += L;
+                    }
                 }};
             }
 
@@ -85,6 +94,20 @@ macro_rules! simd_kernels {
                         }
                         v = $add(v, step);
                         i += STEP;
+                    }
+                    // Then one vector at a time (unless a block above already mismatched).
+                    if i + STEP > $data.len() {
+                        while i + L <= $data.len() {
+                            // SAFETY: `i + L <= len`: one vector inside `data`.
+                            let a = unsafe { $load(p.add(i).cast()) };
+                            let $x = v;
+                            let e = $f;
+                            if $nonzero($xor(a, e)) {
+                                break;
+                            }
+                            v = $add(v, lane);
+                            i += L;
+                        }
                     }
                     // The first mismatching block, or the tail, is pinned down by the portable
                     // kernel.
@@ -198,6 +221,12 @@ macro_rules! simd_kernels {
                     }
                     v = $add(v, step);
                     i += STEP;
+                }
+                while i + L <= out.len() {
+                    // SAFETY: `i + L <= len`: one store inside `out`.
+                    unsafe { $store(p.add(i).cast(), v) };
+                    v = $add(v, lane);
+                    i += L;
                 }
                 portable::fill(base.wrapping_add(i as i32), &mut out[i..]);
             }
