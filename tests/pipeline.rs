@@ -16,6 +16,11 @@ fn check(cfg: Config, count: u64) -> mk1::Report {
     assert_eq!(r.matrices, count, "{cfg:?}");
     assert_eq!(r.per_worker.iter().sum::<u64>(), count);
     assert!(r.tokens > 0 && r.tokens <= count);
+    assert_eq!(
+        (r.worker_restarts, r.worker_faults),
+        (0, 0),
+        "a clean run has no worker trouble: {r}"
+    );
     r
 }
 
@@ -92,5 +97,30 @@ fn many_producers_few_workers_and_the_reverse() {
 fn exact_count_with_batching_does_not_overshoot() {
     for count in [1, 63, 64, 65, 1000] {
         check(Config::default().workers(1).producers(2).max_dim(8), count);
+    }
+}
+
+/// One token per worker: every returned token is re-sent at once through a ring of capacity 1,
+/// so a ring end that held on to a popped entry would find the ring full (a worker fault).
+#[test]
+fn a_token_can_come_straight_back_through_a_ring_of_one() {
+    for batch in [Batch::Off, Batch::Auto] {
+        check(
+            Config::default()
+                .workers(1)
+                .inflight(1)
+                .max_dim(4)
+                .batch(batch),
+            20_000,
+        );
+        check(
+            Config::default()
+                .workers(2)
+                .producers(2)
+                .inflight(1)
+                .max_dim(4)
+                .batch(batch),
+            20_000,
+        );
     }
 }
