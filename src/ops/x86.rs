@@ -10,7 +10,8 @@ macro_rules! simd_kernels {
     (
         $module:ident, $feature:literal, $lanes:literal, $iota:expr,
         set1 $set1:ident, add $add:ident, mullo $mullo:ident, xor $xor:ident, or $or:ident,
-        abs $abs:ident, load $load:ident, store $store:ident, nonzero $nonzero:ident
+        abs $abs:ident, load $load:ident, store $store:ident, nonzero $nonzero:ident,
+        tail $tail:ident
     ) => {
         pub mod $module {
             use core::arch::x86_64::*;
@@ -109,9 +110,17 @@ macro_rules! simd_kernels {
                             i += L;
                         }
                     }
-                    // The first mismatching block, or the tail, is pinned down by the portable
-                    // kernel.
-                    portable::verify($op, $base.wrapping_add(i as i32), &$data[i..]).map(|j| i + j)
+                    // The first mismatching block is pinned down by the portable kernel; a tail
+                    // shorter than a vector by the tail kernel.
+                    let rest = &$data[i..];
+                    let base = $base.wrapping_add(i as i32);
+                    let at = if rest.len() < L {
+                        // SAFETY: this function has the target feature the tail kernel needs.
+                        unsafe { $tail::verify($op, base, rest) }
+                    } else {
+                        portable::verify($op, base, rest)
+                    };
+                    at.map(|j| i + j)
                 }};
             }
 
@@ -228,7 +237,9 @@ macro_rules! simd_kernels {
                     v = $add(v, lane);
                     i += L;
                 }
-                portable::fill(base.wrapping_add(i as i32), &mut out[i..]);
+                // SAFETY: fewer than `L` elements are left; this function has the target feature
+                // the tail kernel needs.
+                unsafe { $tail::fill(base.wrapping_add(i as i32), &mut out[i..]) };
             }
 
             /// `x = op(x)` in place.
@@ -251,7 +262,8 @@ macro_rules! simd_kernels {
                     }
                     Lanes::Abs => map4!(data, i, |x| $abs(x)),
                 }
-                portable::apply(op, &mut data[i..]);
+                // SAFETY: as in `fill`.
+                unsafe { $tail::apply(op, &mut data[i..]) };
             }
 
             /// First `i` with `data[i] != op(base + i)`.
@@ -278,6 +290,103 @@ macro_rules! simd_kernels {
     };
 }
 
+/// Tails of the AVX2 kernels: the portable code (AVX2 has no cheap masked integer stores).
+mod plain_tail {
+    use crate::ops::{portable, Lanes};
+
+    /// # Safety
+    /// None; `unsafe` only to share the masked tails' signature.
+    #[inline]
+    pub unsafe fn fill(base: i32, out: &mut [i32]) {
+        portable::fill(base, out)
+    }
+
+    /// # Safety
+    /// None; as above.
+    #[inline]
+    pub unsafe fn apply(op: Lanes, data: &mut [i32]) {
+        portable::apply(op, data)
+    }
+
+    /// # Safety
+    /// None; as above.
+    #[inline]
+    pub unsafe fn verify(op: Lanes, base: i32, data: &[i32]) -> Option<usize> {
+        portable::verify(op, base, data)
+    }
+}
+
+/// Tails of the AVX-512 kernels, fewer than 16 elements, in one masked vector operation each.
+/// Masked-off lanes are neither read nor written (AVX-512 suppresses faults on them), so the
+/// slice bounds hold.
+mod masked_tail {
+    use core::arch::x86_64::*;
+
+    use crate::ops::Lanes;
+
+    #[inline(always)]
+    fn mask(len: usize) -> __mmask16 {
+        debug_assert!(len < 16);
+        ((1u32 << len) - 1) as __mmask16
+    }
+
+    #[target_feature(enable = "avx512f")]
+    #[inline]
+    fn lanes(op: Lanes, x: __m512i) -> __m512i {
+        match op {
+            Lanes::Affine(a, b) => _mm512_add_epi32(
+                _mm512_mullo_epi32(x, _mm512_set1_epi32(a)),
+                _mm512_set1_epi32(b),
+            ),
+            Lanes::Xor(k) => _mm512_xor_si512(x, _mm512_set1_epi32(k)),
+            Lanes::Abs => _mm512_abs_epi32(x),
+        }
+    }
+
+    #[target_feature(enable = "avx512f")]
+    #[inline]
+    fn iota(base: i32) -> __m512i {
+        _mm512_add_epi32(
+            _mm512_set1_epi32(base),
+            _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+        )
+    }
+
+    /// # Safety
+    /// AVX-512F must be available; `out.len() < 16`.
+    #[target_feature(enable = "avx512f")]
+    #[inline]
+    pub unsafe fn fill(base: i32, out: &mut [i32]) {
+        // SAFETY: only the first `len` lanes are written, and they are inside `out`.
+        unsafe { _mm512_mask_storeu_epi32(out.as_mut_ptr(), mask(out.len()), iota(base)) }
+    }
+
+    /// # Safety
+    /// AVX-512F must be available; `data.len() < 16`.
+    #[target_feature(enable = "avx512f")]
+    #[inline]
+    pub unsafe fn apply(op: Lanes, data: &mut [i32]) {
+        let m = mask(data.len());
+        // SAFETY: only the first `len` lanes are read and written, all inside `data`.
+        unsafe {
+            let x = _mm512_maskz_loadu_epi32(m, data.as_ptr());
+            _mm512_mask_storeu_epi32(data.as_mut_ptr(), m, lanes(op, x));
+        }
+    }
+
+    /// # Safety
+    /// AVX-512F must be available; `data.len() < 16`.
+    #[target_feature(enable = "avx512f")]
+    #[inline]
+    pub unsafe fn verify(op: Lanes, base: i32, data: &[i32]) -> Option<usize> {
+        let m = mask(data.len());
+        // SAFETY: only the first `len` lanes are read, all inside `data`.
+        let x = unsafe { _mm512_maskz_loadu_epi32(m, data.as_ptr()) };
+        let bad = _mm512_mask_cmpneq_epi32_mask(m, x, lanes(op, iota(base)));
+        (bad != 0).then(|| bad.trailing_zeros() as usize)
+    }
+}
+
 #[target_feature(enable = "avx2")]
 #[inline]
 fn nonzero256(v: core::arch::x86_64::__m256i) -> bool {
@@ -294,7 +403,8 @@ simd_kernels!(
     avx2, "avx2", 8, _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7),
     set1 _mm256_set1_epi32, add _mm256_add_epi32, mullo _mm256_mullo_epi32,
     xor _mm256_xor_si256, or _mm256_or_si256, abs _mm256_abs_epi32,
-    load _mm256_loadu_si256, store _mm256_storeu_si256, nonzero nonzero256
+    load _mm256_loadu_si256, store _mm256_storeu_si256, nonzero nonzero256,
+    tail plain_tail
 );
 
 simd_kernels!(
@@ -302,5 +412,6 @@ simd_kernels!(
     _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
     set1 _mm512_set1_epi32, add _mm512_add_epi32, mullo _mm512_mullo_epi32,
     xor _mm512_xor_si512, or _mm512_or_si512, abs _mm512_abs_epi32,
-    load _mm512_loadu_si512, store _mm512_storeu_si512, nonzero nonzero512
+    load _mm512_loadu_si512, store _mm512_storeu_si512, nonzero nonzero512,
+    tail masked_tail
 );
