@@ -497,13 +497,17 @@ impl<'s> Producer<'s> {
     /// Pops and verifies everything worker `w` has returned. Returns whether anything came.
     /// A protocol violation faults the worker (it is killed), unless `after_death`: then the
     /// process is already gone and the drain just stops.
-    fn collect(&mut self, w: usize, clock: &mut Now, after_death: bool) -> bool {
+    ///
+    /// At most as many tokens as the pool owns are taken per call: with the fused return path a
+    /// token can be back before the loop ends, and the caller must get to its other duties. The
+    /// clock is read per token (not cached), so latency and deadlines stay exact.
+    fn collect(&mut self, w: usize, after_death: bool) -> bool {
         let mut got = false;
-        loop {
+        for _ in 0..self.pool.len() {
             match self.from[w].pop() {
                 Ok(Some(word)) => match self.pool.accept(word, w as u32) {
                     Ok(token) => {
-                        let now = clock.get();
+                        let now = clock::now();
                         match self.refill_in_place(token, w as u32, now) {
                             Ok(t) => self.send(t, now),
                             Err(t) => self.verify(t, w as u32, now),
@@ -530,9 +534,10 @@ impl<'s> Producer<'s> {
     }
 
     /// Worker `w` died: keep what it finished, take back the rest, reset our rings with it.
-    fn clean_up_after(&mut self, w: usize, clock: &mut Now) {
+    fn clean_up_after(&mut self, w: usize) {
         if !self.faulted[w] {
-            self.collect(w, clock, true);
+            // The worker is gone, so nothing new arrives: one pass drains the ring.
+            self.collect(w, true);
         }
         let back = self.pool.reclaim(w as u32);
         self.ctl.reclaimed[w].fetch_add(back.len() as u64, Ordering::Relaxed);
@@ -553,7 +558,7 @@ impl<'s> Producer<'s> {
     }
 
     /// Acts on deaths and restarts published by the monitor.
-    fn follow_monitor(&mut self, clock: &mut Now) {
+    fn follow_monitor(&mut self) {
         let changes = self.ctl.changes.load(Ordering::Acquire);
         if changes == self.seen_changes {
             return;
@@ -562,7 +567,7 @@ impl<'s> Producer<'s> {
         for w in 0..self.usable.len() {
             let epoch = self.ctl.death_epoch[w].load(Ordering::Acquire);
             if epoch != self.seen_epoch[w] {
-                self.clean_up_after(w, clock);
+                self.clean_up_after(w);
                 self.seen_epoch[w] = epoch;
                 // Release: our ring reset happens-before the monitor's restart of the worker.
                 self.ctl.acked[self.p as usize][w].store(epoch, Ordering::Release);
@@ -643,10 +648,10 @@ impl<'s> Producer<'s> {
             let mut progress = false;
             for w in 0..workers {
                 if self.usable[w] {
-                    progress |= self.collect(w, &mut clock, false);
+                    progress |= self.collect(w, false);
                 }
             }
-            self.follow_monitor(&mut clock);
+            self.follow_monitor();
             if self.issuing && self.ctl.stop.load(Ordering::Relaxed) {
                 self.issuing = false;
             }

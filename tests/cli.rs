@@ -75,9 +75,15 @@ fn json_has_every_key_and_consistent_counts() {
     for k in KEYS {
         assert!(j.get(k).is_some(), "missing key {k} in {j}");
     }
-    for k in ["p50", "p99", "max"] {
-        assert!(j["latency_ns"][k].as_u64().is_some(), "latency_ns.{k}");
-    }
+    let lat = |k: &str| {
+        j["latency_ns"][k]
+            .as_u64()
+            .unwrap_or_else(|| panic!("latency_ns.{k}"))
+    };
+    assert!(
+        0 < lat("p50") && lat("p50") <= lat("p99") && lat("p99") <= lat("max"),
+        "{j}"
+    );
     assert_eq!(j["system"], "mk1");
     assert_eq!(j["matrices"], 20000);
     assert_eq!(per_worker(&j).iter().sum::<u64>(), 20000);
@@ -135,6 +141,13 @@ fn duration_mode_and_every_op_and_dispatch() {
         assert_eq!(j["op"], op);
         assert_eq!(j["dispatch"], dispatch);
         assert!(j["matrices"].as_u64().unwrap() > 0);
+        // First issue to last return spans the requested duration (timestamps are not stale).
+        let secs = j["seconds"].as_f64().unwrap();
+        assert!(
+            (0.2..10.0).contains(&secs),
+            "seconds {secs} for a 300 ms run: {j}"
+        );
+        assert!(j["latency_ns"]["p50"].as_u64().unwrap() > 0, "{j}");
     }
 }
 
