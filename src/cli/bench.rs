@@ -264,6 +264,15 @@ fn systems(args: &BenchArgs) -> ExitCode {
     }
 }
 
+/// A ratio to mk1, with enough digits to tell small ones apart.
+fn ratio(r: f64) -> String {
+    if r >= 0.01 {
+        format!("{r:.2}x")
+    } else {
+        format!("{r:.4}x")
+    }
+}
+
 fn print_table(max_dim: u32, workers: u32, job: &Job, reps: u32, rows: &[SystemSummary]) {
     outln!(
         "\nmax-dim {max_dim}, {workers} worker(s), {} in flight per worker, op {}, kernel {}, median of {reps} interleaved run(s) of {:?}",
@@ -273,7 +282,7 @@ fn print_table(max_dim: u32, workers: u32, job: &Job, reps: u32, rows: &[SystemS
         job.duration
     );
     outln!(
-        "{:<12} {:>13} {:>23} {:>8} {:>10} {:>10} {:>7} {:>8}",
+        "{:<12} {:>13} {:>23} {:>8} {:>10} {:>10} {:>8} {:>8}",
         "system",
         "matrices/s",
         "range (worst..best)",
@@ -285,7 +294,7 @@ fn print_table(max_dim: u32, workers: u32, job: &Job, reps: u32, rows: &[SystemS
     );
     for s in rows {
         outln!(
-            "{:<12} {:>13.0} {:>23} {:>8.2} {:>10} {:>10} {:>6.2}x {:>8}",
+            "{:<12} {:>13.0} {:>23} {:>8.2} {:>10} {:>10} {:>8} {:>8}",
             s.system,
             s.matrices_per_s,
             format!(
@@ -295,7 +304,7 @@ fn print_table(max_dim: u32, workers: u32, job: &Job, reps: u32, rows: &[SystemS
             s.gb_per_s,
             s.latency_ns.p50,
             s.latency_ns.p99,
-            s.ratio_to_mk1,
+            ratio(s.ratio_to_mk1),
             if s.verified { "yes" } else { "NO" }
         );
     }
@@ -377,7 +386,7 @@ fn plot(
                         ("sans-serif", 12),
                     ),
                     Text::new(
-                        format!("{:.2}x", s.ratio_to_mk1),
+                        ratio(s.ratio_to_mk1),
                         (x + 0.1, above + top * 0.045),
                         ("sans-serif", 12),
                     ),
