@@ -27,7 +27,7 @@ use crate::clock::{self, Ticks};
 use crate::config::{matrix_bytes, Config, ConfigError, Pin, Plan, Stop, Wait};
 use crate::dispatch::{self, Dispatch, WorkerView};
 use crate::job::{fill_base, Shapes};
-use crate::layout::{Direction, MatrixDesc, SlotDesc, WorkerState, MAX_BATCH};
+use crate::layout::{Direction, MatrixDesc, Padded, SlotDesc, WorkerState, MAX_BATCH};
 use crate::ops::{Kernels, Op};
 use crate::pool::{SlotPool, Token};
 use crate::report::{Failure, Latency, Report, WorkerExit};
@@ -115,8 +115,18 @@ struct Control {
     no_workers: AtomicBool,
     /// `idle[p]`: producer `p` stopped issuing and has every token home.
     idle: Vec<AtomicBool>,
-    /// Matrices verified by producer `p` (progress only).
-    done: Vec<AtomicU64>,
+    /// Matrices verified by producer `p` (progress only), one line each.
+    done: Vec<Padded<AtomicU64>>,
+    /// `flow[p][w]`: tokens producer `p` has sent to worker `w` and has had back (returned or
+    /// reclaimed). Process-local, written only by producer `p`, so the watchdog's notion of
+    /// "owes tokens and makes no progress" cannot be faked by a worker.
+    flow: Vec<Box<[Flow]>>,
+}
+
+/// One producer's token counts for one worker (see [`Control::flow`]).
+struct Flow {
+    sent: AtomicU64,
+    back: AtomicU64,
 }
 
 /// What one producer thread counted.
@@ -132,6 +142,15 @@ struct ProducerStats {
     failures: Vec<Failure>,
     first_issue: Option<Ticks>,
     last_return: Option<Ticks>,
+}
+
+/// Producer `p`'s ends of its two rings with worker `w`, both counters zeroed. Only while no
+/// worker process serves `w` with tokens from them: at start, or after `w` died.
+fn zeroed_ring_pair(seg: &Segment, p: u32, w: u32) -> (RingProducer<'_>, RingConsumer<'_>) {
+    let (c, e) = seg.ring(p, w, Direction::ToWorker);
+    let to = RingProducer::reset(c, e);
+    let (c, e) = seg.ring(p, w, Direction::FromWorker);
+    (to, RingConsumer::after_reset(c, e))
 }
 
 /// Writes the fill of every matrix in `desc`, then the descriptor, into the token's slot.
@@ -230,6 +249,11 @@ struct Producer<'s> {
     issuing: bool,
     /// How long to spin before sleeping.
     spin: SpinMode,
+    /// Local copies of this producer's `Control::flow` counters.
+    sent: Vec<u64>,
+    back: Vec<u64>,
+    /// Last value stored into `Control::done`.
+    done_published: u64,
     stats: ProducerStats,
 }
 
@@ -250,10 +274,10 @@ impl<'s> Producer<'s> {
         let mut from = Vec::new();
         let mut bells = Vec::new();
         for w in 0..workers {
-            let (ctl_, e) = seg.ring(p, w, Direction::ToWorker);
-            to.push(RingProducer::new(ctl_, e).expect("a new segment's rings are zeroed"));
-            let (ctl_, e) = seg.ring(p, w, Direction::FromWorker);
-            from.push(RingConsumer::new(ctl_, e).expect("a new segment's rings are zeroed"));
+            // Zeroed rather than validated: a worker may already have scribbled on them.
+            let (t, f) = zeroed_ring_pair(seg, p, w);
+            to.push(t);
+            from.push(f);
             let ws = seg.worker(w);
             bells.push(Doorbell::new(&ws.bell));
         }
@@ -309,6 +333,9 @@ impl<'s> Producer<'s> {
                 }
                 Wait::Auto => SpinMode::Short,
             },
+            sent: vec![0; w],
+            back: vec![0; w],
+            done_published: 0,
             stats: ProducerStats {
                 matrices: 0,
                 failed: 0,
@@ -507,6 +534,7 @@ impl<'s> Producer<'s> {
             match self.from[w].pop() {
                 Ok(Some(word)) => match self.pool.accept(word, w as u32) {
                     Ok(token) => {
+                        self.note_back(w, 1);
                         let now = clock::now();
                         match self.refill_in_place(token, w as u32, now) {
                             Ok(t) => self.send(t, now),
@@ -535,25 +563,20 @@ impl<'s> Producer<'s> {
 
     /// Worker `w` died: keep what it finished, take back the rest, reset our rings with it.
     fn clean_up_after(&mut self, w: usize) {
+        // First of all: no token may be sent to the dead worker while we drain its returns.
+        self.usable[w] = false;
         if !self.faulted[w] {
             // The worker is gone, so nothing new arrives: one pass drains the ring.
             self.collect(w, true);
         }
         let back = self.pool.reclaim(w as u32);
+        self.note_back(w, back.len() as u64);
         self.ctl.reclaimed[w].fetch_add(back.len() as u64, Ordering::Relaxed);
         for t in back {
             self.stats.redone += u64::from(self.pool.record(&t).desc.count);
             self.redo.push(t);
         }
-        for d in [Direction::ToWorker, Direction::FromWorker] {
-            let (ctl, _) = self.seg.ring(self.p, w as u32, d);
-            ctl.tail.0.store(0, Ordering::Relaxed);
-            ctl.head.0.store(0, Ordering::Relaxed);
-        }
-        let (c, e) = self.seg.ring(self.p, w as u32, Direction::ToWorker);
-        self.to[w] = RingProducer::new(c, e).expect("a reset ring is valid");
-        let (c, e) = self.seg.ring(self.p, w as u32, Direction::FromWorker);
-        self.from[w] = RingConsumer::new(c, e).expect("a reset ring is valid");
+        (self.to[w], self.from[w]) = zeroed_ring_pair(self.seg, self.p, w as u32);
         self.faulted[w] = false;
     }
 
@@ -624,7 +647,20 @@ impl<'s> Producer<'s> {
         }
     }
 
+    /// Records that `n` tokens came back from (or were reclaimed from) worker `w`.
+    #[inline]
+    fn note_back(&mut self, w: usize, n: u64) {
+        self.back[w] += n;
+        self.ctl.flow[self.p as usize][w]
+            .back
+            .store(self.back[w], Ordering::Relaxed);
+    }
+
     fn send_to(&mut self, token: Token, w: u32, now: Ticks) {
+        self.sent[w as usize] += 1;
+        self.ctl.flow[self.p as usize][w as usize]
+            .sent
+            .store(self.sent[w as usize], Ordering::Relaxed);
         self.stats.first_issue.get_or_insert(now);
         let word = self.pool.dispatch(token, w, now);
         if let Err(e) = self.to[w as usize].push(word) {
@@ -663,7 +699,12 @@ impl<'s> Producer<'s> {
                     self.bells[w].ring(&Futex);
                 }
             }
-            self.ctl.done[self.p as usize].store(self.stats.matrices, Ordering::Relaxed);
+            if self.stats.matrices != self.done_published {
+                self.done_published = self.stats.matrices;
+                self.ctl.done[self.p as usize]
+                    .0
+                    .store(self.done_published, Ordering::Relaxed);
+            }
             if !self.issuing && self.ctl.no_workers.load(Ordering::Acquire) {
                 // Nobody is left to do the remaining work: report it, never drop it silently.
                 for t in std::mem::take(&mut self.redo) {
@@ -671,7 +712,9 @@ impl<'s> Producer<'s> {
                     self.pool.put(t);
                 }
                 for w in 0..workers {
-                    for t in self.pool.reclaim(w as u32) {
+                    let back = self.pool.reclaim(w as u32);
+                    self.note_back(w, back.len() as u64);
+                    for t in back {
                         self.stats.lost += u64::from(self.pool.record(&t).desc.count);
                         self.pool.put(t);
                     }
@@ -707,7 +750,9 @@ impl<'s> Producer<'s> {
 struct WorkerProc {
     pid: u32,
     pidfd: OwnedFd,
-    heartbeat: u64,
+    /// Tokens back from this worker slot at the last change (from `flow_of`).
+    progress: u64,
+    /// When `progress` last changed (or the worker owed nothing).
     last_beat: Instant,
 }
 
@@ -723,31 +768,21 @@ fn spawn_worker(
     Ok(WorkerProc {
         pid: child.id(),
         pidfd,
-        heartbeat: 0,
+        progress: 0,
         last_beat: Instant::now(),
     })
 }
 
-/// Tokens producers have sent to worker `w` that it has not pushed back (from ring counters;
-/// the return tail is worker-written, so this is a heuristic for the watchdog only).
-fn owed(seg: &Segment, w: u32) -> u64 {
-    (0..seg.layout().params().producers)
-        .map(|p| {
-            let sent = seg
-                .ring(p, w, Direction::ToWorker)
-                .0
-                .tail
-                .0
-                .load(Ordering::Relaxed);
-            let back = seg
-                .ring(p, w, Direction::FromWorker)
-                .0
-                .tail
-                .0
-                .load(Ordering::Relaxed);
-            sent.saturating_sub(back)
-        })
-        .sum()
+/// `(owed, progress)` of worker `w` from the producers' own counts: tokens sent and not yet
+/// back, and tokens back so far.
+fn flow_of(ctl: &Control, w: usize) -> (u64, u64) {
+    ctl.flow.iter().fold((0, 0), |(owed, back), f| {
+        let (s, b) = (
+            f[w].sent.load(Ordering::Relaxed),
+            f[w].back.load(Ordering::Relaxed),
+        );
+        (owed + s.saturating_sub(b), back + b)
+    })
 }
 
 /// Runs the pipeline described by `cfg`: set up, run to the stop condition, drain, shut down,
@@ -848,7 +883,17 @@ pub fn run(cfg: &Config, hooks: &Hooks<'_>) -> Result<Report, RunError> {
         fault_reasons: Mutex::new(Vec::new()),
         no_workers: AtomicBool::new(false),
         idle: (0..producers).map(|_| AtomicBool::new(false)).collect(),
-        done: (0..producers).map(|_| AtomicU64::new(0)).collect(),
+        done: (0..producers).map(|_| Padded(AtomicU64::new(0))).collect(),
+        flow: (0..producers)
+            .map(|_| {
+                (0..workers)
+                    .map(|_| Flow {
+                        sent: AtomicU64::new(0),
+                        back: AtomicU64::new(0),
+                    })
+                    .collect()
+            })
+            .collect(),
     };
     let start = Instant::now();
     let mut exits: Vec<WorkerExit> = Vec::new();
@@ -903,11 +948,10 @@ pub fn run(cfg: &Config, hooks: &Hooks<'_>) -> Result<Report, RunError> {
                 };
                 let noticed = start.elapsed();
                 let mut how_words = how.to_string();
+                let faulted = ctl.kill[w as usize].swap(false, Ordering::AcqRel);
                 if std::mem::take(&mut watchdog_kills[w as usize]) {
                     how_words = format!("stalled for {:?} and was killed", cfg.worker_timeout);
-                } else if ctl.kill[w as usize].swap(false, Ordering::AcqRel)
-                    || how == ExitKind::Exited(EXIT_BAD_SEGMENT)
-                {
+                } else if faulted || how == ExitKind::Exited(EXIT_BAD_SEGMENT) {
                     faults += 1;
                 }
                 let reason = ctl
@@ -965,6 +1009,9 @@ pub fn run(cfg: &Config, hooks: &Hooks<'_>) -> Result<Report, RunError> {
                 ws.status
                     .state
                     .store(WorkerState::Empty as u32, Ordering::Relaxed);
+                // A producer may have flagged the dead process after it was reaped (while
+                // draining its rings); that request must not kill the replacement.
+                ctl.kill[w as usize].store(false, Ordering::Release);
                 match spawn_worker(&exe, &seg, spec(w)) {
                     Ok(p) => {
                         restarts += 1;
@@ -993,13 +1040,9 @@ pub fn run(cfg: &Config, hooks: &Hooks<'_>) -> Result<Report, RunError> {
                     let _ = sys::kill_pidfd(wp.pidfd.as_fd());
                     continue;
                 }
-                let beat = seg
-                    .worker(w as u32)
-                    .status
-                    .heartbeat
-                    .load(Ordering::Relaxed);
-                if beat != wp.heartbeat || owed(&seg, w as u32) == 0 {
-                    wp.heartbeat = beat;
+                let (owed, back) = flow_of(&ctl, w);
+                if back != wp.progress || owed == 0 {
+                    wp.progress = back;
                     wp.last_beat = now;
                 } else if now - wp.last_beat > cfg.worker_timeout && !watchdog_kills[w] {
                     watchdog_kills[w] = true;
@@ -1017,7 +1060,7 @@ pub fn run(cfg: &Config, hooks: &Hooks<'_>) -> Result<Report, RunError> {
             if let Some(progress) = hooks.progress {
                 if last_progress.elapsed() >= Duration::from_millis(100) {
                     last_progress = Instant::now();
-                    let matrices = ctl.done.iter().map(|d| d.load(Ordering::Relaxed)).sum();
+                    let matrices = ctl.done.iter().map(|d| d.0.load(Ordering::Relaxed)).sum();
                     progress(&Progress {
                         matrices,
                         elapsed: start.elapsed(),
@@ -1028,16 +1071,20 @@ pub fn run(cfg: &Config, hooks: &Hooks<'_>) -> Result<Report, RunError> {
             if pending_restart.is_empty() && ctl.idle.iter().all(|i| i.load(Ordering::Acquire)) {
                 break;
             }
+            // Producers return only once told to finish; one that ended early panicked. Stop
+            // issuing and end the run rather than wait for it forever.
+            if handles.iter().any(|h| h.is_finished()) {
+                interrupted.get_or_insert("a producer thread panicked".into());
+                ctl.stop.store(true, Ordering::Relaxed);
+                break;
+            }
         }
         ctl.finish.store(true, Ordering::Release);
         for p in 0..producers {
             let ps = seg.producer(p);
             Doorbell::new(&ps.bell).ring(&Futex);
         }
-        handles
-            .into_iter()
-            .map(|h| h.join().expect("a producer thread panicked"))
-            .collect()
+        handles.into_iter().filter_map(|h| h.join().ok()).collect()
     });
 
     // Shut the workers down: ask, wake, wait, then insist.
@@ -1104,6 +1151,7 @@ fn build_report(
     let (mut matrices, mut failed, mut lost, mut redone, mut tokens, mut bytes) =
         (0, 0, 0, 0, 0, 0);
     let mut failures = Vec::new();
+    let complete = stats.len() == cfg.producers as usize;
     let mut first: Option<Ticks> = None;
     let mut last: Option<Ticks> = None;
     for s in stats {
@@ -1136,7 +1184,8 @@ fn build_report(
     Report {
         system: "mk1",
         matrices,
-        verified: matrices > 0 && failed == 0 && lost == 0,
+        // A producer that panicked took its counts with it: such a run is never verified.
+        verified: matrices > 0 && failed == 0 && lost == 0 && complete,
         failed,
         lost,
         redone,

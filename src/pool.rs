@@ -84,7 +84,7 @@ impl Token {
 
     /// A worker's check of a popped word: the slot must exist. (Only the producer knows the
     /// generation it sent, so it checks that on return.)
-    pub fn from_untrusted_word(word: u64, slots: u32) -> Result<Token, BadToken> {
+    pub(crate) fn from_untrusted_word(word: u64, slots: u32) -> Result<Token, BadToken> {
         let (slot, generation) = Token::split(word);
         if slot >= slots {
             return Err(BadToken::Slot { word, slot });

@@ -110,6 +110,24 @@ impl<'a> RingProducer<'a> {
         })
     }
 
+    /// Claims the producing end of a ring nobody else is using yet or any more (a new run, or a
+    /// dead worker's): sets both counters to zero without reading them, so it cannot fail
+    /// whatever was written there.
+    pub fn reset(ctl: &'a RingCtl, entries: &'a [AtomicU64]) -> Self {
+        let mask = check(entries);
+        ctl.head.0.store(0, Ordering::Relaxed);
+        // Release: publishes the zeroed head with the tail to a consumer attaching later.
+        ctl.tail.0.store(0, Ordering::Release);
+        RingProducer {
+            ctl,
+            entries,
+            mask,
+            tail: 0,
+            published: 0,
+            head_cache: 0,
+        }
+    }
+
     /// Capacity in entries.
     pub fn capacity(&self) -> u64 {
         self.mask + 1
@@ -152,17 +170,6 @@ impl<'a> RingProducer<'a> {
         self.published = self.tail;
         true
     }
-
-    /// Entries pushed and not yet popped, as last seen (a cheap load-estimate).
-    pub fn in_flight(&self) -> u64 {
-        let head = self
-            .ctl
-            .head
-            .0
-            .load(Ordering::Relaxed)
-            .clamp(self.head_cache, self.tail);
-        self.tail - head
-    }
 }
 
 impl<'a> RingConsumer<'a> {
@@ -188,6 +195,21 @@ impl<'a> RingConsumer<'a> {
             head,
             tail_cache: tail,
         })
+    }
+
+    /// The consuming end of a ring that [`RingProducer::reset`] has just zeroed, on the same
+    /// side (the coordinator owns both ends of a dead worker's rings while it resets them).
+    pub fn after_reset(ctl: &'a RingCtl, entries: &'a [AtomicU64]) -> Self {
+        let mask = check(entries);
+        ctl.head.0.store(0, Ordering::Relaxed);
+        ctl.tail.0.store(0, Ordering::Release);
+        RingConsumer {
+            ctl,
+            entries,
+            mask,
+            head: 0,
+            tail_cache: 0,
+        }
     }
 
     /// Takes the next entry, if any, and frees its place at once (Release store of `head`;
@@ -306,6 +328,18 @@ mod tests {
         p.flush();
         ctl.head.0.store(9, Ordering::Relaxed); // beyond tail
         assert!(matches!(p.push(3), Err(PushError::Corrupt(_))));
+    }
+
+    #[test]
+    fn reset_ignores_whatever_was_written() {
+        let (ctl, e) = ring(4);
+        ctl.head.0.store(77, Ordering::Relaxed);
+        ctl.tail.0.store(3, Ordering::Relaxed);
+        let mut c = RingConsumer::after_reset(&ctl, &e);
+        let mut p = RingProducer::reset(&ctl, &e);
+        p.push(5).unwrap();
+        p.flush();
+        assert_eq!(c.pop().unwrap(), Some(5));
     }
 
     #[test]

@@ -309,19 +309,6 @@ impl Segment {
         }
     }
 
-    /// Stores zero into both counters of every ring of worker `w`. Only the coordinator calls
-    /// this, after the worker process is reaped and before a new one is started, when nobody
-    /// else is using those rings.
-    pub fn reset_worker_rings(&self, w: u32) {
-        for p in 0..self.layout.params().producers {
-            for d in [Direction::ToWorker, Direction::FromWorker] {
-                let (ctl, _) = self.ring(p, w, d);
-                ctl.tail.0.store(0, Ordering::Relaxed);
-                ctl.head.0.store(0, Ordering::Relaxed);
-            }
-        }
-    }
-
     fn desc_ptr(&self, token: &Token) -> *mut SlotDesc {
         let off = self.layout.descriptor_offset(token.slot());
         // SAFETY: `Token` values only exist for slots `< slots` (checked where they are made), and
@@ -387,7 +374,8 @@ impl Segment {
     }
 
     /// The token's slot data as int32s, exclusively borrowed for as long as the token is.
-    pub fn slot_mut<'a>(&'a self, token: &'a mut Token) -> &'a mut [i32] {
+    /// Crate-private: only the pool and the worker make tokens, one per slot.
+    pub(crate) fn slot_mut<'a>(&'a self, token: &'a mut Token) -> &'a mut [i32] {
         let (off, bytes) = self
             .layout
             .slot_data(token.slot())
@@ -397,7 +385,11 @@ impl Segment {
         // mutably here, so at most one slice per token in this process) means owning the slot;
         // no process that follows the protocol touches it until the token is pushed again, which
         // needs the token back by value and so ends this borrow. A process that breaks the
-        // protocol can at worst change the integers we read, which verification then reports.
+        // protocol and writes a slot it does not own races with this slice. That is outside
+        // Rust's memory model and no type can prevent it across processes; we contain it
+        // instead: slot contents are only ever compared (never used as an index, length or
+        // pointer), `Token`s cannot be forged outside this crate (`assume_owned` and
+        // `from_untrusted_word` are crate-private), and a mismatch is reported as a failure.
         unsafe {
             core::slice::from_raw_parts_mut(
                 self.map.as_ptr().add(off as usize).cast::<i32>(),

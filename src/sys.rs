@@ -166,6 +166,9 @@ pub enum ExitKind {
     Exited(i32),
     /// A signal ended it.
     Signaled(i32),
+    /// It is gone, but its status went elsewhere (for instance the host program set SIGCHLD
+    /// to SIG_IGN, so the kernel reaped it).
+    Vanished,
 }
 
 impl std::fmt::Display for ExitKind {
@@ -174,6 +177,7 @@ impl std::fmt::Display for ExitKind {
             ExitKind::Exited(code) => write!(f, "exited with status {code}"),
             ExitKind::Signaled(9) => write!(f, "was killed by SIGKILL"),
             ExitKind::Signaled(sig) => write!(f, "was killed by signal {sig}"),
+            ExitKind::Vanished => write!(f, "ended (exit status collected elsewhere)"),
         }
     }
 }
@@ -182,10 +186,15 @@ impl std::fmt::Display for ExitKind {
 ///
 /// [waitid(2)]: https://man7.org/linux/man-pages/man2/waitid.2.html
 pub fn try_reap(pidfd: BorrowedFd<'_>) -> io::Result<Option<ExitKind>> {
-    let status = rustix::process::waitid(
+    let status = match rustix::process::waitid(
         WaitId::PidFd(pidfd),
         WaitIdOptions::EXITED | WaitIdOptions::NOHANG,
-    )?;
+    ) {
+        Ok(s) => s,
+        // Not our child any more: someone else reaped it, so it has exited.
+        Err(rustix::io::Errno::CHILD) => return Ok(Some(ExitKind::Vanished)),
+        Err(e) => return Err(e.into()),
+    };
     Ok(status.and_then(|s| {
         if let Some(code) = s.exit_status() {
             Some(ExitKind::Exited(code))
