@@ -41,7 +41,8 @@ const SLEEP: Duration = Duration::from_millis(100);
 /// Fault injection for tests, from the `MK1_CHAOS` environment variable: `KIND:N[@W]` makes
 /// worker slot `W` (every worker if omitted) misbehave once it has processed `N` tokens. Kinds:
 /// `wrong` flips one element of every N-th token, `exit` exits with status 99, `stall` stops
-/// consuming (holding its tokens), `badtoken` pushes back a forged token. Never set in normal
+/// consuming (holding its tokens), `fake` stops consuming but keeps its heartbeat moving,
+/// `badtoken` pushes back a forged token. Never set in normal
 /// use; `tests/reliability.rs` uses it to prove the coordinator copes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Chaos {
@@ -49,6 +50,7 @@ enum Chaos {
     Wrong(u64),
     Exit(u64),
     Stall(u64),
+    Fake(u64),
     BadToken(u64),
 }
 
@@ -75,13 +77,21 @@ impl Chaos {
             "wrong" => Chaos::Wrong(n),
             "exit" => Chaos::Exit(n),
             "stall" => Chaos::Stall(n),
+            "fake" => Chaos::Fake(n),
             "badtoken" => Chaos::BadToken(n),
             _ => Chaos::None,
         }
     }
 
     /// Applies the fault after the op ran on `token`; returns the word to push back.
-    fn strike(self, seen: u64, seg: &Segment, token: &mut Token, desc: &SlotDesc) -> Option<u64> {
+    fn strike(
+        self,
+        seen: u64,
+        seg: &Segment,
+        index: u32,
+        token: &mut Token,
+        desc: &SlotDesc,
+    ) -> Option<u64> {
         match self {
             Chaos::Wrong(n) if seen.is_multiple_of(n) => {
                 let at = desc.matrices[0].offset as usize / 4;
@@ -91,6 +101,14 @@ impl Chaos {
             Chaos::Exit(n) if seen == n => std::process::exit(99),
             Chaos::Stall(n) if seen >= n => loop {
                 std::thread::sleep(Duration::from_secs(1));
+            },
+            // Looks busy (its self-reported heartbeat keeps moving) but returns nothing.
+            Chaos::Fake(n) if seen >= n => loop {
+                seg.worker(index)
+                    .status
+                    .heartbeat
+                    .fetch_add(1, crate::sync::Ordering::Relaxed);
+                std::thread::sleep(Duration::from_millis(1));
             },
             Chaos::BadToken(n) if seen == n => Some(u64::from(token.slot()) | (0xdead << 32)),
             _ => None,
@@ -379,7 +397,7 @@ pub fn serve(spec: WorkerSpec) -> Result<(), WorkerError> {
                 let mut word = None;
                 if chaos != Chaos::None {
                     processed_total += 1;
-                    word = chaos.strike(processed_total, &seg, &mut token, &desc);
+                    word = chaos.strike(processed_total, &seg, spec.index, &mut token, &desc);
                 }
                 let word = word.unwrap_or_else(|| token.into_word());
                 match outbox[p].push(word) {

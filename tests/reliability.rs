@@ -218,6 +218,42 @@ fn a_stalled_worker_is_killed_by_the_watchdog() {
     assert!(j["redone"].as_u64().unwrap() > 0, "{j}");
 }
 
+/// The watchdog counts tokens coming back (the producers' own numbers), not what a worker says
+/// about itself: one that fakes a heartbeat while hoarding tokens is still killed.
+#[test]
+fn a_worker_faking_its_heartbeat_is_still_killed() {
+    let out = wait_with_limit(
+        spawn(
+            &[
+                "run",
+                "--json",
+                "--workers",
+                "2",
+                "--count",
+                "3000",
+                "--max-dim",
+                "16",
+                "--batch",
+                "off",
+                "--worker-timeout",
+                "300ms",
+            ],
+            &[("MK1_CHAOS", "fake:20@1")],
+        ),
+        LIMIT,
+    );
+    let j = json(&out);
+    assert_eq!(out.status.code(), Some(0), "{j}");
+    assert_eq!(j["matrices"], 3000);
+    assert!(
+        j["worker_exits"][0]["how"]
+            .as_str()
+            .unwrap()
+            .contains("stalled"),
+        "{j}"
+    );
+}
+
 #[test]
 fn a_worker_returning_forged_tokens_is_faulted_not_trusted() {
     let out = wait_with_limit(
