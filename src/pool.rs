@@ -4,7 +4,7 @@
 //! invariant 1). It is neither `Clone` nor `Copy`; it leaves a process only by being turned
 //! into a ring word ([`SlotPool::dispatch`] on the producer, [`Token::into_word`] on a worker),
 //! which consumes it. A word read from a ring becomes a token again only after validation:
-//! [`Token::from_untrusted_word`] (range) on a worker, [`SlotPool::accept`] (range, ownership,
+//! `Token::from_untrusted_word` (range) on a worker, [`SlotPool::accept`] (range, ownership,
 //! generation, holder) on the producer.
 //!
 //! [`SlotPool`] is one producer thread's share of the slots: free lists per size class, and a
