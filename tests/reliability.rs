@@ -25,6 +25,11 @@ fn spawn(args: &[&str], env: &[(&str, &str)]) -> Child {
     cmd.spawn().expect("start mk1")
 }
 
+/// Runs mk1 to completion with the worker fault injection `chaos` (see `src/worker.rs`).
+fn chaos_run(args: &[&str], chaos: &str) -> std::process::Output {
+    wait_with_limit(spawn(args, &[("MK1_CHAOS", chaos)]), LIMIT)
+}
+
 /// Waits until coordinator `pid` has `n` live workers; returns their pids.
 fn wait_for_workers(pid: u32, n: usize) -> Vec<u32> {
     let start = Instant::now();
@@ -101,25 +106,22 @@ fn killed_workers_are_replaced_and_nothing_is_lost() {
 
 #[test]
 fn a_worker_that_exits_mid_run_has_its_tokens_redone() {
-    let out = wait_with_limit(
-        spawn(
-            &[
-                "run",
-                "--json",
-                "--workers",
-                "2",
-                "--count",
-                "20000",
-                "--max-dim",
-                "32",
-                "--batch",
-                "off",
-                "--inflight",
-                "8",
-            ],
-            &[("MK1_CHAOS", "exit:300@0")],
-        ),
-        LIMIT,
+    let out = chaos_run(
+        &[
+            "run",
+            "--json",
+            "--workers",
+            "2",
+            "--count",
+            "20000",
+            "--max-dim",
+            "32",
+            "--batch",
+            "off",
+            "--inflight",
+            "8",
+        ],
+        "exit:300@0",
     );
     let j = json(&out);
     assert_eq!(out.status.code(), Some(0), "{j}");
@@ -137,23 +139,20 @@ fn a_worker_that_exits_mid_run_has_its_tokens_redone() {
 
 #[test]
 fn wrong_results_fail_the_run_with_details() {
-    let out = wait_with_limit(
-        spawn(
-            &[
-                "run",
-                "--json",
-                "--workers",
-                "2",
-                "--count",
-                "2000",
-                "--max-dim",
-                "32",
-                "--batch",
-                "off",
-            ],
-            &[("MK1_CHAOS", "wrong:10@1")],
-        ),
-        LIMIT,
+    let out = chaos_run(
+        &[
+            "run",
+            "--json",
+            "--workers",
+            "2",
+            "--count",
+            "2000",
+            "--max-dim",
+            "32",
+            "--batch",
+            "off",
+        ],
+        "wrong:10@1",
     );
     let j = json(&out);
     assert_eq!(out.status.code(), Some(1), "{j}");
@@ -165,22 +164,19 @@ fn wrong_results_fail_the_run_with_details() {
     assert_ne!(f["expected"], f["got"]);
     assert!(f["seq"].as_u64().is_some());
     // The human summary names it too.
-    let out = wait_with_limit(
-        spawn(
-            &[
-                "run",
-                "--workers",
-                "1",
-                "--count",
-                "200",
-                "--max-dim",
-                "8",
-                "--batch",
-                "off",
-            ],
-            &[("MK1_CHAOS", "wrong:5")],
-        ),
-        LIMIT,
+    let out = chaos_run(
+        &[
+            "run",
+            "--workers",
+            "1",
+            "--count",
+            "200",
+            "--max-dim",
+            "8",
+            "--batch",
+            "off",
+        ],
+        "wrong:5",
     );
     assert_eq!(out.status.code(), Some(1));
     let text = String::from_utf8_lossy(&out.stdout);
@@ -192,23 +188,20 @@ fn wrong_results_fail_the_run_with_details() {
 
 #[test]
 fn a_stalled_worker_is_killed_by_the_watchdog() {
-    let out = wait_with_limit(
-        spawn(
-            &[
-                "run",
-                "--json",
-                "--workers",
-                "2",
-                "--count",
-                "5000",
-                "--max-dim",
-                "16",
-                "--worker-timeout",
-                "300ms",
-            ],
-            &[("MK1_CHAOS", "stall:20@0")],
-        ),
-        LIMIT,
+    let out = chaos_run(
+        &[
+            "run",
+            "--json",
+            "--workers",
+            "2",
+            "--count",
+            "5000",
+            "--max-dim",
+            "16",
+            "--worker-timeout",
+            "300ms",
+        ],
+        "stall:20@0",
     );
     let j = json(&out);
     assert_eq!(out.status.code(), Some(0), "{j}\n{}", stderr(&out));
@@ -222,25 +215,22 @@ fn a_stalled_worker_is_killed_by_the_watchdog() {
 /// about itself: one that fakes a heartbeat while hoarding tokens is still killed.
 #[test]
 fn a_worker_faking_its_heartbeat_is_still_killed() {
-    let out = wait_with_limit(
-        spawn(
-            &[
-                "run",
-                "--json",
-                "--workers",
-                "2",
-                "--count",
-                "3000",
-                "--max-dim",
-                "16",
-                "--batch",
-                "off",
-                "--worker-timeout",
-                "300ms",
-            ],
-            &[("MK1_CHAOS", "fake:20@1")],
-        ),
-        LIMIT,
+    let out = chaos_run(
+        &[
+            "run",
+            "--json",
+            "--workers",
+            "2",
+            "--count",
+            "3000",
+            "--max-dim",
+            "16",
+            "--batch",
+            "off",
+            "--worker-timeout",
+            "300ms",
+        ],
+        "fake:20@1",
     );
     let j = json(&out);
     assert_eq!(out.status.code(), Some(0), "{j}");
@@ -256,23 +246,20 @@ fn a_worker_faking_its_heartbeat_is_still_killed() {
 
 #[test]
 fn a_worker_returning_forged_tokens_is_faulted_not_trusted() {
-    let out = wait_with_limit(
-        spawn(
-            &[
-                "run",
-                "--json",
-                "--workers",
-                "2",
-                "--count",
-                "5000",
-                "--max-dim",
-                "16",
-                "--batch",
-                "off",
-            ],
-            &[("MK1_CHAOS", "badtoken:50@1")],
-        ),
-        LIMIT,
+    let out = chaos_run(
+        &[
+            "run",
+            "--json",
+            "--workers",
+            "2",
+            "--count",
+            "5000",
+            "--max-dim",
+            "16",
+            "--batch",
+            "off",
+        ],
+        "badtoken:50@1",
     );
     let j = json(&out);
     assert_eq!(out.status.code(), Some(0), "{j}");
@@ -321,23 +308,20 @@ fn sigterm_and_sigint_drain_and_report() {
 
 #[test]
 fn max_restarts_exceeded_fails_cleanly() {
-    let out = wait_with_limit(
-        spawn(
-            &[
-                "run",
-                "--json",
-                "--workers",
-                "1",
-                "--duration",
-                "20s",
-                "--max-dim",
-                "8",
-                "--max-restarts",
-                "3",
-            ],
-            &[("MK1_CHAOS", "exit:5")],
-        ),
-        LIMIT,
+    let out = chaos_run(
+        &[
+            "run",
+            "--json",
+            "--workers",
+            "1",
+            "--duration",
+            "20s",
+            "--max-dim",
+            "8",
+            "--max-restarts",
+            "3",
+        ],
+        "exit:5",
     );
     let j = json(&out);
     assert_eq!(out.status.code(), Some(1), "{j}");

@@ -59,6 +59,34 @@ macro_rules! simd_kernels {
                 }};
             }
 
+            /// OR over the 4 vectors at `p + i` of `x ^ $f(v + k·L)`: zero iff all match.
+            /// `v` is the fill value of element `i` in every lane (plus the lane index).
+            macro_rules! diff4 {
+                ($p:ident, $i:ident, $v:ident, $lane:ident, |$x:ident| $f:expr) => {{
+                    let v1 = $add($v, $lane);
+                    let v2 = $add(v1, $lane);
+                    let v3 = $add(v2, $lane);
+                    // SAFETY: callers check `i + STEP <= len`: the four loads are in bounds.
+                    let (a, b, c, d) = unsafe {
+                        (
+                            $load($p.add($i).cast()),
+                            $load($p.add($i + L).cast()),
+                            $load($p.add($i + 2 * L).cast()),
+                            $load($p.add($i + 3 * L).cast()),
+                        )
+                    };
+                    let $x = $v;
+                    let ea = $f;
+                    let $x = v1;
+                    let eb = $f;
+                    let $x = v2;
+                    let ec = $f;
+                    let $x = v3;
+                    let ed = $f;
+                    $or($or($xor(a, ea), $xor(b, eb)), $or($xor(c, ec), $xor(d, ed)))
+                }};
+            }
+
             /// Compares 4 vectors at a time against `$f(fill)`; returns the first mismatch.
             macro_rules! check4 {
                 ($data:ident, $base:ident, $op:ident, |$x:ident| $f:expr) => {{
@@ -68,28 +96,7 @@ macro_rules! simd_kernels {
                     let mut v = $add($set1($base), $iota);
                     let mut i = 0;
                     while i + STEP <= $data.len() {
-                        let v1 = $add(v, lane);
-                        let v2 = $add(v1, lane);
-                        let v3 = $add(v2, lane);
-                        // SAFETY: `i + STEP <= len`: the four loads are inside `data`.
-                        let (a, b, c, d) = unsafe {
-                            (
-                                $load(p.add(i).cast()),
-                                $load(p.add(i + L).cast()),
-                                $load(p.add(i + 2 * L).cast()),
-                                $load(p.add(i + 3 * L).cast()),
-                            )
-                        };
-                        let $x = v;
-                        let ea = $f;
-                        let $x = v1;
-                        let eb = $f;
-                        let $x = v2;
-                        let ec = $f;
-                        let $x = v3;
-                        let ed = $f;
-                        let diff =
-                            $or($or($xor(a, ea), $xor(b, eb)), $or($xor(c, ec), $xor(d, ed)));
+                        let diff = diff4!(p, i, v, lane, |$x| $f);
                         if $nonzero(diff) {
                             break;
                         }
@@ -149,28 +156,7 @@ macro_rules! simd_kernels {
                         let mut n = $add($set1(new), $iota);
                         let mut i = 0;
                         while i + STEP <= data.len() {
-                            let v1 = $add(v, lane);
-                            let v2 = $add(v1, lane);
-                            let v3 = $add(v2, lane);
-                            // SAFETY: `i + STEP <= len`: the four loads are inside `data`.
-                            let (a, b, c, d) = unsafe {
-                                (
-                                    $load(p.add(i).cast()),
-                                    $load(p.add(i + L).cast()),
-                                    $load(p.add(i + 2 * L).cast()),
-                                    $load(p.add(i + 3 * L).cast()),
-                                )
-                            };
-                            let $x = v;
-                            let ea = $f;
-                            let $x = v1;
-                            let eb = $f;
-                            let $x = v2;
-                            let ec = $f;
-                            let $x = v3;
-                            let ed = $f;
-                            let diff =
-                                $or($or($xor(a, ea), $xor(b, eb)), $or($xor(c, ec), $xor(d, ed)));
+                            let diff = diff4!(p, i, v, lane, |$x| $f);
                             if $nonzero(diff) {
                                 break;
                             }
