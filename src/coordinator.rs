@@ -930,7 +930,13 @@ pub fn run(cfg: &Config, hooks: &Hooks<'_>) -> Result<Report, RunError> {
                 .filter_map(|(w, p)| p.as_ref().map(|p| (w as u32, p.pidfd.as_fd())))
                 .collect();
             let fds: Vec<BorrowedFd<'_>> = live.iter().map(|&(_, fd)| fd).collect();
-            let ready = sys::poll_readable(&fds, MONITOR_TICK).unwrap_or_default();
+            // While a restart waits for the producers' acknowledgements, look again soon.
+            let tick = if pending_restart.is_empty() {
+                MONITOR_TICK
+            } else {
+                Duration::from_millis(1)
+            };
+            let ready = sys::poll_readable(&fds, tick).unwrap_or_default();
             let ready: Vec<u32> = ready.iter().map(|&i| live[i].0).collect();
             drop(fds);
             drop(live);
