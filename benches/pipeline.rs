@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicBool, Ordering as StdOrdering};
 use std::sync::Arc;
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
-use mk1::layout::{Padded, RingCtl};
+use mk1::layout::RingCtl;
 use mk1::ops::{reference, Kernel, Kernels, Op};
 use mk1::ring::{RingConsumer, RingProducer};
 use mk1::sync::AtomicU64;
@@ -18,10 +18,7 @@ struct HeapRing {
 
 fn heap_ring(cap: usize) -> Arc<HeapRing> {
     Arc::new(HeapRing {
-        ctl: RingCtl {
-            tail: Padded(AtomicU64::new(0)),
-            head: Padded(AtomicU64::new(0)),
-        },
+        ctl: RingCtl::new(),
         entries: (0..cap).map(|_| AtomicU64::new(0)).collect(),
     })
 }

@@ -201,15 +201,62 @@ pub struct SlotDesc {
 #[repr(C, align(128))]
 pub struct Padded<T>(pub T);
 
-/// Head and tail of one ring, each on its own [`LINE`]. The entries follow in the segment.
-#[repr(C)]
-pub struct RingCtl {
+/// Entries a ring keeps in its tail line instead of after the control block.
+pub const INLINE_ENTRIES: usize = 15;
+/// Largest capacity (a power of two) whose entries live in the tail line.
+pub const INLINE_CAPACITY: u32 = 8;
+
+/// The producer's line of a ring: the tail counter, and room for the entries of a small ring.
+/// When the capacity is at most [`INLINE_CAPACITY`] the entries live here, so a consumer that
+/// sees a new tail finds the entry in the same cache line: one transfer per hand-off, not two.
+#[repr(C, align(128))]
+pub struct TailLine {
     /// Entries ever pushed. Written only by the producing side (Release), read by the consumer
     /// (Acquire). Monotonic; `tail - head <= capacity`.
-    pub tail: Padded<AtomicU64>,
+    pub count: AtomicU64,
+    /// Entries of a small ring (see [`INLINE_CAPACITY`]); unused otherwise.
+    pub inline: [AtomicU64; INLINE_ENTRIES],
+}
+
+/// Head and tail of one ring, each on its own [`LINE`]. The entries of a ring larger than
+/// [`INLINE_CAPACITY`] follow in the segment.
+#[repr(C)]
+pub struct RingCtl {
+    /// The tail counter (and a small ring's entries).
+    pub tail: TailLine,
     /// Entries ever popped. Written only by the consuming side (Release), read by the producer
     /// (Acquire) when the ring looks full. Monotonic; `head <= tail`.
     pub head: Padded<AtomicU64>,
+}
+
+impl RingCtl {
+    /// A zeroed control block (for rings outside shared memory: tests, benches, models).
+    pub fn new() -> RingCtl {
+        RingCtl {
+            tail: TailLine {
+                count: AtomicU64::new(0),
+                inline: core::array::from_fn(|_| AtomicU64::new(0)),
+            },
+            head: Padded(AtomicU64::new(0)),
+        }
+    }
+}
+
+impl Default for RingCtl {
+    fn default() -> Self {
+        RingCtl::new()
+    }
+}
+
+/// Bytes of one ring in the segment: the control block, then the entries if they do not fit
+/// the tail line.
+pub fn ring_bytes(capacity: u32) -> u64 {
+    let outside = if capacity <= INLINE_CAPACITY {
+        0
+    } else {
+        8 * u64::from(capacity)
+    };
+    2 * LINE + outside
 }
 
 // The ABI, checked at compile time. Loom swaps the atomics for larger types, so the checks (and
@@ -227,6 +274,8 @@ const _: () = {
     assert!(offset_of!(WorkerShared, status) == LINE as usize);
     assert!(size_of::<ProducerShared>() == LINE as usize);
     assert!(offset_of!(RingCtl, head) == LINE as usize);
+    assert!(size_of::<TailLine>() == LINE as usize);
+    assert!(INLINE_CAPACITY.is_power_of_two() && INLINE_CAPACITY as usize <= INLINE_ENTRIES);
     assert!(size_of::<RingCtl>() == 2 * LINE as usize);
     assert!(size_of::<MatrixDesc>() == 16);
     assert!(offset_of!(SlotDesc, matrices) == 32);
@@ -348,8 +397,7 @@ impl Layout {
         params.producers_offset = at;
         at += u64::from(producers) * LINE;
         params.rings_offset = at;
-        params.ring_stride =
-            align_up(2 * LINE + 8 * u64::from(ring_capacity), LINE).ok_or(bad.clone())?;
+        params.ring_stride = align_up(ring_bytes(ring_capacity), LINE).ok_or(bad.clone())?;
         let rings = 2 * u64::from(workers) * u64::from(producers);
         at = rings
             .checked_mul(params.ring_stride)
@@ -441,7 +489,7 @@ impl Layout {
             && end_of(p.producers_offset, ps).is_some_and(|e| e <= p.rings_offset)
             && p.rings_offset.is_multiple_of(LINE)
             && p.ring_stride.is_multiple_of(LINE)
-            && p.ring_stride >= 2 * LINE + 8 * u64::from(p.ring_capacity)
+            && p.ring_stride >= ring_bytes(p.ring_capacity)
             && rings
                 .checked_mul(p.ring_stride)
                 .and_then(|r| end_of(p.rings_offset, r))

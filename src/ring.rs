@@ -1,7 +1,10 @@
 //! Single-producer single-consumer ring of `u64` token words over shared memory.
 //!
-//! The ring is a [`RingCtl`] (tail and head counters on separate lines) followed by a
-//! power-of-two array of entries. Counters are monotonically increasing `u64`s; the entry for
+//! The ring is a [`RingCtl`] (tail and head counters on separate lines) and a power-of-two
+//! array of entries: inside the tail's line for capacities up to
+//! [`INLINE_CAPACITY`](crate::layout::INLINE_CAPACITY) (so a hand-off moves one cache line),
+//! after the control block otherwise. The code here takes the entries as a slice and does not
+//! care which. Counters are monotonically increasing `u64`s; the entry for
 //! counter `n` is `n & mask`. Each end is a value with `&mut self` methods, claimed once per
 //! process, and keeps a private copy of its own counter plus a cache of the other side's, so the
 //! common push/pop touches only its own line and the entry.
@@ -90,7 +93,7 @@ impl<'a> RingProducer<'a> {
     pub fn new(ctl: &'a RingCtl, entries: &'a [AtomicU64]) -> Result<Self, RingError> {
         let mask = check(entries);
         // Relaxed: we are the only writer of `tail`, so we read our own last value.
-        let tail = ctl.tail.0.load(Ordering::Relaxed);
+        let tail = ctl.tail.count.load(Ordering::Relaxed);
         let head = ctl.head.0.load(Ordering::Acquire);
         let capacity = mask + 1;
         if head > tail || tail - head > capacity {
@@ -117,7 +120,7 @@ impl<'a> RingProducer<'a> {
         let mask = check(entries);
         ctl.head.0.store(0, Ordering::Relaxed);
         // Release: publishes the zeroed head with the tail to a consumer attaching later.
-        ctl.tail.0.store(0, Ordering::Release);
+        ctl.tail.count.store(0, Ordering::Release);
         RingProducer {
             ctl,
             entries,
@@ -166,7 +169,7 @@ impl<'a> RingProducer<'a> {
         if self.tail == self.published {
             return false;
         }
-        self.ctl.tail.0.store(self.tail, Ordering::Release);
+        self.ctl.tail.count.store(self.tail, Ordering::Release);
         self.published = self.tail;
         true
     }
@@ -179,7 +182,7 @@ impl<'a> RingConsumer<'a> {
         let mask = check(entries);
         // Relaxed: we are the only writer of `head`.
         let head = ctl.head.0.load(Ordering::Relaxed);
-        let tail = ctl.tail.0.load(Ordering::Acquire);
+        let tail = ctl.tail.count.load(Ordering::Acquire);
         let capacity = mask + 1;
         if head > tail || tail - head > capacity {
             return Err(RingError::Corrupt {
@@ -202,7 +205,7 @@ impl<'a> RingConsumer<'a> {
     pub fn after_reset(ctl: &'a RingCtl, entries: &'a [AtomicU64]) -> Self {
         let mask = check(entries);
         ctl.head.0.store(0, Ordering::Relaxed);
-        ctl.tail.0.store(0, Ordering::Release);
+        ctl.tail.count.store(0, Ordering::Release);
         RingConsumer {
             ctl,
             entries,
@@ -237,7 +240,7 @@ impl<'a> RingConsumer<'a> {
     /// Reloads `tail`; true if there is something to pop.
     fn refresh(&mut self) -> Result<bool, RingError> {
         // Acquire pairs with the producer's Release in `flush`.
-        let tail = self.ctl.tail.0.load(Ordering::Acquire);
+        let tail = self.ctl.tail.count.load(Ordering::Acquire);
         if tail < self.tail_cache || tail - self.head > self.mask + 1 {
             return Err(RingError::Corrupt {
                 head: self.head,
@@ -253,13 +256,9 @@ impl<'a> RingConsumer<'a> {
 #[cfg(all(test, not(loom)))]
 mod tests {
     use super::*;
-    use crate::layout::Padded;
 
     fn ring(cap: usize) -> (Box<RingCtl>, Vec<AtomicU64>) {
-        let ctl = Box::new(RingCtl {
-            tail: Padded(AtomicU64::new(0)),
-            head: Padded(AtomicU64::new(0)),
-        });
+        let ctl = Box::new(RingCtl::new());
         (ctl, (0..cap).map(|_| AtomicU64::new(0)).collect())
     }
 
@@ -283,7 +282,7 @@ mod tests {
             }
             assert_eq!(c.pop().unwrap(), None);
         }
-        assert_eq!(ctl.tail.0.load(Ordering::Relaxed), 300);
+        assert_eq!(ctl.tail.count.load(Ordering::Relaxed), 300);
         assert_eq!(ctl.head.0.load(Ordering::Relaxed), 300);
     }
 
@@ -310,11 +309,11 @@ mod tests {
     fn consumer_rejects_impossible_tail() {
         let (ctl, e) = ring(4);
         let mut c = RingConsumer::new(&ctl, &e).unwrap();
-        ctl.tail.0.store(5, Ordering::Relaxed); // more than capacity ahead of head 0
+        ctl.tail.count.store(5, Ordering::Relaxed); // more than capacity ahead of head 0
         assert!(matches!(c.pop(), Err(RingError::Corrupt { tail: 5, .. })));
-        ctl.tail.0.store(2, Ordering::Relaxed);
+        ctl.tail.count.store(2, Ordering::Relaxed);
         assert_eq!(c.pop().unwrap(), Some(0));
-        ctl.tail.0.store(1, Ordering::Relaxed); // moved backwards
+        ctl.tail.count.store(1, Ordering::Relaxed); // moved backwards
         assert!(c.pop().is_ok(), "cached tail still covers entry 1");
         assert!(matches!(c.pop(), Err(RingError::Corrupt { .. })));
     }
@@ -334,7 +333,7 @@ mod tests {
     fn reset_ignores_whatever_was_written() {
         let (ctl, e) = ring(4);
         ctl.head.0.store(77, Ordering::Relaxed);
-        ctl.tail.0.store(3, Ordering::Relaxed);
+        ctl.tail.count.store(3, Ordering::Relaxed);
         let mut c = RingConsumer::after_reset(&ctl, &e);
         let mut p = RingProducer::reset(&ctl, &e);
         p.push(5).unwrap();
@@ -346,7 +345,7 @@ mod tests {
     fn attach_rejects_corrupt_counters() {
         let (ctl, e) = ring(4);
         ctl.head.0.store(3, Ordering::Relaxed);
-        ctl.tail.0.store(1, Ordering::Relaxed);
+        ctl.tail.count.store(1, Ordering::Relaxed);
         assert!(RingConsumer::new(&ctl, &e).is_err());
         assert!(RingProducer::new(&ctl, &e).is_err());
     }

@@ -16,7 +16,7 @@ use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 
 use crate::layout::{
     Direction, Header, Layout, LayoutError, Params, ProducerShared, RingCtl, SlotDesc,
-    WorkerShared, LAYOUT_VERSION, MAGIC, MAX_BATCH,
+    WorkerShared, INLINE_CAPACITY, LAYOUT_VERSION, MAGIC, MAX_BATCH,
 };
 use crate::pool::Token;
 use crate::sync::{AtomicU32, AtomicU64, Ordering};
@@ -292,11 +292,16 @@ impl Segment {
             "ring ({p}, {w}) out of range"
         );
         let off = self.layout.ring_offset(p, w, d);
-        // SAFETY: `Layout` places each ring (control block of `2 * LINE` bytes, then
-        // `ring_capacity` u64 entries, within `ring_stride`) 128-byte aligned inside the
-        // segment. `RingCtl` and the entries are all atomics.
+        let cap = params.ring_capacity;
+        // SAFETY: `Layout` places each ring (control block of `2 * LINE` bytes, then, unless
+        // the capacity is at most INLINE_CAPACITY, `ring_capacity` u64 entries, within
+        // `ring_stride`) 128-byte aligned inside the segment. `RingCtl` and the entries are
+        // all atomics.
         unsafe {
             let ctl: &RingCtl = self.atomic_ref(off);
+            if cap <= INLINE_CAPACITY {
+                return (ctl, &ctl.tail.inline[..cap as usize]);
+            }
             let first: *const AtomicU64 = self
                 .map
                 .as_ptr()

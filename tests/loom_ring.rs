@@ -6,7 +6,7 @@
 
 use loom::sync::Arc;
 use loom::thread;
-use mk1::layout::{Bell, Padded, RingCtl};
+use mk1::layout::{Bell, RingCtl};
 use mk1::ring::{PushError, RingConsumer, RingProducer};
 use mk1::sync::{AtomicU32, AtomicU64, Ordering};
 use mk1::wait::{Doorbell, Park};
@@ -18,10 +18,7 @@ struct Ring {
 
 fn ring(cap: usize) -> Arc<Ring> {
     Arc::new(Ring {
-        ctl: RingCtl {
-            tail: Padded(AtomicU64::new(0)),
-            head: Padded(AtomicU64::new(0)),
-        },
+        ctl: RingCtl::new(),
         entries: (0..cap).map(|_| AtomicU64::new(u64::MAX)).collect(),
     })
 }
