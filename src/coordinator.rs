@@ -790,6 +790,8 @@ fn flow_of(ctl: &Control, w: usize) -> (u64, u64) {
 /// [`Report`] (check `verified`).
 pub fn run(cfg: &Config, hooks: &Hooks<'_>) -> Result<Report, RunError> {
     let plan = cfg.plan()?;
+    // Calibrate the tick clock now (it sleeps ~20 ms once), not at the first returned token.
+    clock::ns_per_tick();
     let kernels = Kernels::new(cfg.kernel).map_err(|e| ConfigError {
         what: "--kernel",
         why: e.to_string(),
