@@ -169,6 +169,10 @@ fn systems(args: &BenchArgs) -> ExitCode {
     if args.reps == 0 {
         return usage_error("--reps must be at least 1");
     }
+    if args.job.producers != 1 {
+        // The baselines have one producer thread; mk1 must be compared on the same terms.
+        return usage_error("bench compares single-producer systems: --producers must be 1 (use `mk1 run --producers P`)");
+    }
     if args.max_dim.is_empty() {
         return usage_error("--max-dim needs at least one value");
     }
