@@ -108,6 +108,7 @@ fn bad_bench_flags_exit_2() {
         &["bench", "--reps", "0"],
         &["bench", "--max-dim", "0"],
         &["bench", "latency", "--round-trips", "0"],
+        &["bench", "--producers", "2"],
     ] {
         let out = mk1(args, LIMIT);
         assert_eq!(out.status.code(), Some(2), "{args:?}");
