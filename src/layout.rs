@@ -15,7 +15,7 @@ use crate::sync::{AtomicU32, AtomicU64};
 /// `b"mk1-seg\0"` as a little-endian u64: the first eight bytes of every segment.
 pub const MAGIC: u64 = u64::from_le_bytes(*b"mk1-seg\0");
 /// Bumped on every change to a `repr(C)` struct in this module.
-pub const LAYOUT_VERSION: u32 = 1;
+pub const LAYOUT_VERSION: u32 = 2;
 /// Separation between data written by different processes (two 64-byte lines: the adjacent-line
 /// prefetcher on x86_64 pulls pairs, see crossbeam's `CachePadded`).
 pub const LINE: u64 = 128;
@@ -203,8 +203,9 @@ pub struct Padded<T>(pub T);
 
 /// Entries a ring keeps in its tail line instead of after the control block.
 pub const INLINE_ENTRIES: usize = 15;
-/// Largest capacity (a power of two) whose entries live in the tail line.
-pub const INLINE_CAPACITY: u32 = 8;
+/// Largest capacity (a power of two) whose entries live in the tail line: with the counter
+/// at byte 0, entries 0..4 sit at bytes 8..40, inside the same 64-byte line.
+pub const INLINE_CAPACITY: u32 = 4;
 
 /// The producer's line of a ring: the tail counter, and room for the entries of a small ring.
 /// When the capacity is at most [`INLINE_CAPACITY`] the entries live here, so a consumer that
@@ -572,8 +573,9 @@ impl Layout {
         self.params.producers_offset + u64::from(p) * LINE
     }
 
-    /// Offset of the ring between producer `p` and worker `w` in direction `d`; its entries
-    /// start [`LINE`]` * 2` bytes later.
+    /// Offset of the ring between producer `p` and worker `w` in direction `d`. Its entries
+    /// are in the tail line if the capacity is at most [`INLINE_CAPACITY`], else they start
+    /// [`LINE`]` * 2` bytes later.
     pub fn ring_offset(&self, p: u32, w: u32, d: Direction) -> u64 {
         debug_assert!(p < self.params.producers && w < self.params.workers);
         let index = (u64::from(p) * u64::from(self.params.workers) + u64::from(w)) * 2 + d as u64;

@@ -141,7 +141,7 @@ impl<'a> RingProducer<'a> {
     pub fn push(&mut self, word: u64) -> Result<(), PushError> {
         if self.tail - self.head_cache > self.mask {
             // Looks full: refresh our view of the consumer. Acquire pairs with the consumer's
-            // Release in `release`, so the entries it released are no longer being read.
+            // Release in `pop`, so the entries it popped are no longer being read.
             let head = self.ctl.head.0.load(Ordering::Acquire);
             if head < self.head_cache || head > self.tail {
                 return Err(RingError::Corrupt {

@@ -23,12 +23,18 @@ fn ring(cap: usize) -> Arc<Ring> {
     })
 }
 
-fn transfer(cap: usize, tokens: u64) {
+/// `inline`: the entries live in the tail's line, as they do in shared memory for small rings.
+fn transfer(cap: usize, tokens: u64, inline: bool) {
     loom::model(move || {
         let r = ring(cap);
         let r2 = r.clone();
         let producer = thread::spawn(move || {
-            let mut p = RingProducer::new(&r2.ctl, &r2.entries).unwrap();
+            let entries = if inline {
+                &r2.ctl.tail.inline[..cap]
+            } else {
+                &r2.entries[..]
+            };
+            let mut p = RingProducer::new(&r2.ctl, entries).unwrap();
             for t in 0..tokens {
                 loop {
                     match p.push(100 + t) {
@@ -43,7 +49,12 @@ fn transfer(cap: usize, tokens: u64) {
                 p.flush();
             }
         });
-        let mut c = RingConsumer::new(&r.ctl, &r.entries).unwrap();
+        let entries = if inline {
+            &r.ctl.tail.inline[..cap]
+        } else {
+            &r.entries[..]
+        };
+        let mut c = RingConsumer::new(&r.ctl, entries).unwrap();
         let mut got = Vec::new();
         while got.len() < tokens as usize {
             match c.pop().unwrap() {
@@ -61,12 +72,13 @@ fn transfer(cap: usize, tokens: u64) {
 
 #[test]
 fn capacity_1_delivers_each_token_once() {
-    transfer(1, 3);
+    transfer(1, 3, true);
 }
 
 #[test]
 fn capacity_2_delivers_each_token_once() {
-    transfer(2, 3);
+    transfer(2, 3, false);
+    transfer(2, 3, true);
 }
 
 /// A park that loom can explore: it spins (yielding) until the word changes. A lost wake-up
