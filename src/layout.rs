@@ -1,7 +1,7 @@
 //! Where everything sits in the segment. Pure arithmetic: no memory is touched here.
 //!
 //! ```text
-//! [ Header | WorkerShared × W | ProducerShared × P | rings: (to, from) × P × W
+//! [ Header (its own page) | WorkerShared × W | ProducerShared × P | rings: (to, from) × P × W
 //!   | SlotDesc × S | slot data, class by class ]
 //! ```
 //!
@@ -270,6 +270,7 @@ const _: () = {
     assert!(offset_of!(Header, version) == 8);
     assert!(offset_of!(Header, params) == 24);
     assert!(size_of::<Header>().is_multiple_of(LINE as usize));
+    assert!(size_of::<Header>() <= PAGE as usize);
     assert!(size_of::<Bell>() == LINE as usize);
     assert!(size_of::<WorkerShared>() == 2 * LINE as usize);
     assert!(offset_of!(WorkerShared, status) == LINE as usize);
@@ -392,7 +393,8 @@ impl Layout {
             total_bytes: 0,
         };
         let bad = LayoutError::Inconsistent("size overflow");
-        let mut at = core::mem::size_of::<Header>() as u64;
+        // The header has a page to itself, so that attachers can map it read-only.
+        let mut at = PAGE;
         params.workers_offset = at;
         at += u64::from(workers) * WORKER_BYTES;
         params.producers_offset = at;
@@ -483,7 +485,7 @@ impl Layout {
         let ws = u64::from(p.workers) * WORKER_BYTES;
         let ps = u64::from(p.producers) * LINE;
         let rings = 2 * u64::from(p.workers) * u64::from(p.producers);
-        let ok = p.workers_offset.is_multiple_of(LINE)
+        let ok = p.workers_offset.is_multiple_of(PAGE)
             && p.workers_offset >= core::mem::size_of::<Header>() as u64
             && end_of(p.workers_offset, ws).is_some_and(|e| e <= p.producers_offset)
             && p.producers_offset.is_multiple_of(LINE)

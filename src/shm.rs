@@ -169,7 +169,9 @@ impl Segment {
         Ok(seg)
     }
 
-    /// Maps the segment behind an inherited fd and validates its header.
+    /// Maps the segment behind an inherited fd and validates its header. The header page is
+    /// mapped read-only here: only the creator writes it, so a worker that tries (the shutdown
+    /// flag, say) faults itself instead of misleading the others.
     pub fn attach(fd: OwnedFd) -> Result<Segment, ShmAttachError> {
         let len = sys::file_len(fd.as_fd())?;
         let header = core::mem::size_of::<Header>() as u64;
@@ -208,6 +210,7 @@ impl Segment {
                 actual: len,
             });
         }
+        map.protect_prefix_read_only(crate::layout::PAGE as usize)?;
         Ok(Segment {
             map,
             fd,

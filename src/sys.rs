@@ -79,6 +79,19 @@ impl Mapping {
         })
     }
 
+    /// Makes the first `len` bytes (a multiple of the page size) read-only in this process
+    /// ([mprotect(2)]); a later write there is a SIGSEGV in this process only.
+    ///
+    /// [mprotect(2)]: https://man7.org/linux/man-pages/man2/mprotect.2.html
+    pub fn protect_prefix_read_only(&self, len: usize) -> io::Result<()> {
+        assert!(len <= self.len, "prefix within the mapping");
+        // SAFETY: the range is inside our own mapping; read-only is a subset of the current
+        // read-write protection, so no existing reference becomes invalid for reads. Callers
+        // only ever write the prefix through atomics they no longer use after this call.
+        unsafe { rustix::mm::mprotect(self.ptr.cast(), len, rustix::mm::MprotectFlags::READ)? };
+        Ok(())
+    }
+
     /// First byte of the mapping (page aligned).
     pub fn as_ptr(&self) -> *mut u8 {
         self.ptr

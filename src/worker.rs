@@ -42,7 +42,7 @@ const SLEEP: Duration = Duration::from_millis(100);
 /// worker slot `W` (every worker if omitted) misbehave once it has processed `N` tokens. Kinds:
 /// `wrong` flips one element of every N-th token, `exit` exits with status 99, `stall` stops
 /// consuming (holding its tokens), `fake` stops consuming but keeps its heartbeat moving,
-/// `badtoken` pushes back a forged token. Never set in normal
+/// `header` writes the shutdown flag in the header, `badtoken` pushes back a forged token. Never set in normal
 /// use; `tests/reliability.rs` uses it to prove the coordinator copes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Chaos {
@@ -51,6 +51,7 @@ enum Chaos {
     Exit(u64),
     Stall(u64),
     Fake(u64),
+    Header(u64),
     BadToken(u64),
 }
 
@@ -78,6 +79,7 @@ impl Chaos {
             "exit" => Chaos::Exit(n),
             "stall" => Chaos::Stall(n),
             "fake" => Chaos::Fake(n),
+            "header" => Chaos::Header(n),
             "badtoken" => Chaos::BadToken(n),
             _ => Chaos::None,
         }
@@ -102,6 +104,12 @@ impl Chaos {
             Chaos::Stall(n) if seen >= n => loop {
                 std::thread::sleep(Duration::from_secs(1));
             },
+            // Writes the header's shutdown flag, which would stop every other worker; the
+            // header page is read-only in workers, so this faults the writer instead.
+            Chaos::Header(n) if seen == n => {
+                seg.shutdown_flag().store(1, crate::sync::Ordering::Release);
+                None
+            }
             // Looks busy (its self-reported heartbeat keeps moving) but returns nothing.
             Chaos::Fake(n) if seen >= n => loop {
                 seg.worker(index)

@@ -211,6 +211,36 @@ fn a_stalled_worker_is_killed_by_the_watchdog() {
     assert!(j["redone"].as_u64().unwrap() > 0, "{j}");
 }
 
+/// A worker that writes the header (here: the shutdown flag that would stop every worker)
+/// faults itself, because workers map the header page read-only; the others carry on.
+#[test]
+fn a_worker_writing_the_header_only_hurts_itself() {
+    let out = chaos_run(
+        &[
+            "run",
+            "--json",
+            "--workers",
+            "2",
+            "--count",
+            "4000",
+            "--max-dim",
+            "16",
+            "--batch",
+            "off",
+        ],
+        "header:50@1",
+    );
+    let j = json(&out);
+    assert_eq!(out.status.code(), Some(0), "{j}");
+    assert_eq!(j["matrices"], 4000);
+    let exits = j["worker_exits"].as_array().unwrap();
+    assert!(!exits.is_empty(), "{j}");
+    for e in exits {
+        assert_eq!(e["worker"], 1, "only the writer ends: {j}");
+        assert!(e["how"].as_str().unwrap().contains("signal 11"), "{j}");
+    }
+}
+
 /// The watchdog counts tokens coming back (the producers' own numbers), not what a worker says
 /// about itself: one that fakes a heartbeat while hoarding tokens is still killed.
 #[test]
