@@ -529,7 +529,9 @@ impl<'s> Producer<'s> {
                         self.note_back(w, 1);
                         let now = clock::now();
                         match self.refill_in_place(token, w as u32, now) {
-                            Ok(t) => self.send(t, now),
+                            Ok(t) => {
+                                self.send(t, now);
+                            }
                             Err(t) => self.verify(t, w as u32, now),
                         }
                         got = true;
@@ -595,15 +597,10 @@ impl<'s> Producer<'s> {
     /// The clock is read per token: a pass can fill many large matrices, and each one's send
     /// time and the deadline check must be its own.
     fn issue_one(&mut self) -> bool {
-        if self.pool.out_total() >= self.out_limit {
+        if self.pool.out_total() >= self.out_limit || !self.usable.contains(&true) {
             return false;
         }
-        let Some(w) = self.policy.pick(&WorkerView {
-            usable: &self.usable,
-            load: self.pool.out_counts(),
-        }) else {
-            return false;
-        };
+        let now = clock::now();
         let token = if let Some(mut t) = self.redo.pop() {
             write_slot(
                 self.seg,
@@ -614,7 +611,7 @@ impl<'s> Producer<'s> {
             );
             t
         } else if self.issuing {
-            if self.deadline.is_some_and(|d| clock::now() >= d) {
+            if self.deadline.is_some_and(|d| now >= d) {
                 self.issuing = false;
                 return false;
             }
@@ -625,19 +622,24 @@ impl<'s> Producer<'s> {
         } else {
             return false;
         };
-        self.send_to(token, w, clock::now());
-        true
+        self.send(token, now)
     }
 
     /// Sends a filled token to the worker the policy picks; with no usable worker it waits in
-    /// the redo list (its record still describes what it holds).
-    fn send(&mut self, token: Token, now: Ticks) {
+    /// the redo list (its record still describes what it holds). Returns whether it was sent.
+    fn send(&mut self, token: Token, now: Ticks) -> bool {
         match self.policy.pick(&WorkerView {
             usable: &self.usable,
             load: self.pool.out_counts(),
         }) {
-            Some(w) => self.send_to(token, w, now),
-            None => self.redo.push(token),
+            Some(w) => {
+                self.send_to(token, w, now);
+                true
+            }
+            None => {
+                self.redo.push(token);
+                false
+            }
         }
     }
 

@@ -133,7 +133,8 @@ pub struct WorkerStatus {
     /// [`WorkerState`] as u32, written by the worker (Release), read by the coordinator
     /// (Acquire) to learn that a new worker has attached.
     pub state: AtomicU32,
-    /// Tokens processed since the worker started (Relaxed); the watchdog reads it.
+    /// Tokens processed since the worker started (Relaxed). Informational only: the watchdog
+    /// counts the producers' own returns, which a worker cannot fake.
     pub heartbeat: AtomicU64,
 }
 

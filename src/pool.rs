@@ -192,6 +192,7 @@ impl SlotPool {
     }
 
     /// Free tokens in class `c` and above.
+    #[cfg(test)]
     pub fn free_at_least(&self, c: usize) -> usize {
         self.free[c..].iter().map(Vec::len).sum()
     }
@@ -217,6 +218,7 @@ impl SlotPool {
     }
 
     /// Largest class index this pool has slots of.
+    #[cfg(test)]
     pub fn largest_class(&self) -> Option<usize> {
         self.class_of.iter().map(|&c| c as usize).max()
     }

@@ -357,20 +357,14 @@ pub fn serve(spec: WorkerSpec) -> Result<(), WorkerError> {
     let mut outbox = Vec::with_capacity(producers as usize);
     let mut bells = Vec::with_capacity(producers as usize);
     for p in 0..producers {
+        let ring_err = |source| WorkerError::Ring {
+            producer: p,
+            source,
+        };
         let (ctl, e) = seg.ring(p, spec.index, Direction::ToWorker);
-        inbox.push(
-            RingConsumer::new(ctl, e).map_err(|source| WorkerError::Ring {
-                producer: p,
-                source,
-            })?,
-        );
+        inbox.push(RingConsumer::new(ctl, e).map_err(ring_err)?);
         let (ctl, e) = seg.ring(p, spec.index, Direction::FromWorker);
-        outbox.push(
-            RingProducer::new(ctl, e).map_err(|source| WorkerError::Ring {
-                producer: p,
-                source,
-            })?,
-        );
+        outbox.push(RingProducer::new(ctl, e).map_err(ring_err)?);
         let ps = seg.producer(p);
         bells.push(Doorbell::new(&ps.bell));
     }
