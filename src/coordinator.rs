@@ -30,11 +30,11 @@ use crate::job::{fill_base, Shapes};
 use crate::layout::{Direction, MatrixDesc, Padded, SlotDesc, WorkerState, MAX_BATCH};
 use crate::ops::{Kernels, Op};
 use crate::pool::{SlotPool, Token};
-use crate::report::{Failure, Latency, Report, WorkerExit};
+use crate::report::{Failure, Latency, Report, Unreaped, WorkerExit};
 use crate::ring::{RingConsumer, RingProducer};
 use crate::shm::{Segment, ShmCreateError};
 use crate::sync::{AtomicU64, Ordering};
-use crate::sys::{self, ExitKind};
+use crate::sys::{self, ChildProcess, ExitKind};
 use crate::wait::{Backoff, Doorbell, Futex, SpinMode, Step};
 use crate::worker::{WorkerSpec, EXIT_BAD_SEGMENT, WORKER_ENV};
 
@@ -46,6 +46,11 @@ const PRODUCER_SLEEP: Duration = Duration::from_millis(20);
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
 /// How long a new worker may take to attach.
 const START_TIMEOUT: Duration = Duration::from_secs(10);
+/// A worker sent SIGKILL that still has it pending after this long is stuck in the kernel; its
+/// tokens are reclaimed without waiting for it to exit.
+const KILL_GRACE: Duration = Duration::from_millis(200);
+/// How long shutdown waits for killed workers before naming them and returning.
+const KILL_WAIT: Duration = Duration::from_secs(1);
 /// Failures kept in the report.
 const KEEP_FAILURES: usize = 16;
 
@@ -58,6 +63,18 @@ pub enum RunError {
     /// Shared memory could not be set up.
     #[error(transparent)]
     Shm(#[from] ShmCreateError),
+    /// The run does not fit under a limit of this process (memory, address space, tasks, files).
+    #[error(transparent)]
+    Limit(#[from] crate::limits::LimitError),
+    /// Something the run needs could not be had after workers started (a thread, say); they
+    /// were stopped and reaped before this was returned.
+    #[error("{what}: {why}")]
+    Resource {
+        /// What could not be had.
+        what: String,
+        /// The system's answer.
+        why: String,
+    },
     /// A worker process could not be started.
     #[error("cannot start worker {worker} ({exe}): {why}")]
     WorkerStart {
@@ -113,6 +130,9 @@ struct Control {
     fault_reasons: Mutex<Vec<(u32, String)>>,
     /// Every worker is gone for good; producers give up on what is left.
     no_workers: AtomicBool,
+    /// `abandoned[w]`: worker `w` could not be killed; producers give up its tokens as lost
+    /// (the run has stopped issuing, so their slots are never reused).
+    abandoned: Vec<AtomicBool>,
     /// `idle[p]`: producer `p` stopped issuing and has every token home.
     idle: Vec<AtomicBool>,
     /// Matrices verified by producer `p` (progress only), one line each.
@@ -121,6 +141,43 @@ struct Control {
     /// reclaimed). Process-local, written only by producer `p`, so the watchdog's notion of
     /// "owes tokens and makes no progress" cannot be faked by a worker.
     flow: Vec<Box<[Flow]>>,
+}
+
+impl Control {
+    fn new(workers: u32, producers: u32) -> Control {
+        let per_worker = || {
+            (0..workers)
+                .map(|_| AtomicBool::new(false))
+                .collect::<Vec<_>>()
+        };
+        Control {
+            stop: AtomicBool::new(false),
+            finish: AtomicBool::new(false),
+            alive: (0..workers).map(|_| AtomicBool::new(true)).collect(),
+            changes: AtomicUsize::new(0),
+            death_epoch: (0..workers).map(|_| AtomicUsize::new(0)).collect(),
+            acked: (0..producers)
+                .map(|_| (0..workers).map(|_| AtomicUsize::new(0)).collect())
+                .collect(),
+            reclaimed: (0..workers).map(|_| AtomicU64::new(0)).collect(),
+            kill: per_worker(),
+            fault_reasons: Mutex::new(Vec::with_capacity(16)),
+            no_workers: AtomicBool::new(false),
+            abandoned: per_worker(),
+            idle: (0..producers).map(|_| AtomicBool::new(false)).collect(),
+            done: (0..producers).map(|_| Padded(AtomicU64::new(0))).collect(),
+            flow: (0..producers)
+                .map(|_| {
+                    (0..workers)
+                        .map(|_| Flow {
+                            sent: AtomicU64::new(0),
+                            back: AtomicU64::new(0),
+                        })
+                        .collect()
+                })
+                .collect(),
+        }
+    }
 }
 
 /// One producer's token counts for one worker (see [`Control::flow`]).
@@ -237,6 +294,8 @@ struct Producer<'s> {
     issuing: bool,
     /// How long to spin before sleeping.
     spin: SpinMode,
+    /// `gave_up[w]`: the tokens out at abandoned worker `w` were counted lost.
+    gave_up: Vec<bool>,
     /// Local copies of this producer's `Control::flow` counters.
     sent: Vec<u64>,
     back: Vec<u64>,
@@ -253,7 +312,7 @@ impl<'s> Producer<'s> {
         cfg: &Config,
         plan: &Plan,
         kernels: Kernels,
-        start: Instant,
+        spin: SpinMode,
     ) -> Self {
         let layout = seg.layout();
         let workers = layout.params().workers;
@@ -276,13 +335,6 @@ impl<'s> Producer<'s> {
             }
             Stop::After(_) => None,
         };
-        let deadline = match cfg.stop {
-            Stop::After(d) => {
-                let left = d.saturating_sub(start.elapsed()).as_nanos() as f64;
-                Some(clock::now().saturating_add((left / clock::ns_per_tick()) as u64))
-            }
-            Stop::Count(_) => None,
-        };
         let w = workers as usize;
         Producer {
             p,
@@ -303,7 +355,6 @@ impl<'s> Producer<'s> {
             faulted: vec![false; w],
             seen_epoch: vec![0; w],
             seen_changes: 0,
-            redo: Vec::new(),
             shapes: Shapes::new(
                 cfg.seed ^ (u64::from(p) << 32) ^ 0x5eed,
                 cfg.min_dim,
@@ -312,15 +363,11 @@ impl<'s> Producer<'s> {
             policy: dispatch::policy(cfg.dispatch, cfg.seed.wrapping_add(u64::from(p))),
             next_seq: u64::from(p) << 48,
             budget,
-            deadline,
+            deadline: None,
             issuing: budget != Some(0),
-            spin: match cfg.wait {
-                Wait::Sleep => SpinMode::Never,
-                Wait::Auto if (workers + producers) as usize <= sys::online_cpus() => {
-                    SpinMode::Long
-                }
-                Wait::Auto => SpinMode::Short,
-            },
+            spin,
+            gave_up: vec![false; w],
+            redo: Vec::with_capacity(plan.layout.slots() as usize),
             sent: vec![0; w],
             back: vec![0; w],
             done_published: 0,
@@ -337,6 +384,15 @@ impl<'s> Producer<'s> {
                 first_issue: None,
                 last_return: None,
             },
+        }
+    }
+
+    /// Starts the clock of a duration run at `start` (called on the producer's own thread, once
+    /// every worker has attached).
+    fn arm(&mut self, stop: Stop, start: Instant) {
+        if let Stop::After(d) = stop {
+            let left = d.saturating_sub(start.elapsed()).as_nanos() as f64;
+            self.deadline = Some(clock::now().saturating_add((left / clock::ns_per_tick()) as u64));
         }
     }
 
@@ -589,6 +645,18 @@ impl<'s> Producer<'s> {
                 // Release: our ring reset happens-before the monitor's restart of the worker.
                 self.ctl.acked[self.p as usize][w].store(epoch, Ordering::Release);
             }
+            if self.ctl.abandoned[w].load(Ordering::Acquire) && !self.gave_up[w] {
+                // A worker that could not be killed may still write its slots: what it holds is
+                // lost. The monitor stopped the run first, so no slot is reused after this.
+                self.gave_up[w] = true;
+                self.issuing = false;
+                let back = self.pool.reclaim(w as u32);
+                self.note_back(w, back.len() as u64);
+                for t in back {
+                    self.stats.lost += u64::from(self.pool.record(&t).desc.count);
+                    self.pool.put(t);
+                }
+            }
             self.usable[w] = self.ctl.alive[w].load(Ordering::Acquire) && !self.faulted[w];
         }
     }
@@ -743,29 +811,113 @@ impl<'s> Producer<'s> {
 
 /// A running worker process as the monitor sees it.
 struct WorkerProc {
-    pid: u32,
-    pidfd: OwnedFd,
+    child: ChildProcess,
     /// Tokens back from this worker slot at the last change (from `flow_of`).
     progress: u64,
     /// When `progress` last changed (or the worker owed nothing).
     last_beat: Instant,
+    /// When it was started.
+    started: Instant,
+    /// It reported `Running` with our build id.
+    attached: bool,
+    /// When SIGKILL was sent, and why (words for the report).
+    killed: Option<(Instant, KillReason)>,
+}
+
+/// Why the monitor killed a worker.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum KillReason {
+    /// It held tokens and made no progress for `worker_timeout`.
+    Stalled,
+    /// A producer caught it breaking the protocol.
+    Fault,
+    /// It did not start properly (wrong build, no attach in time).
+    Start(String),
+}
+
+/// How the program to re-execute as a worker is named.
+enum WorkerImage {
+    /// The running program, held open: restarts run this very build, whatever happens to its
+    /// path since.
+    Running(OwnedFd),
+    /// A program the caller named ([`Config::worker_exe`]), or the path of the current one where
+    /// `/proc/self/exe` cannot be opened.
+    Path(std::path::PathBuf),
+}
+
+impl WorkerImage {
+    fn new(cfg: &Config) -> Result<WorkerImage, RunError> {
+        if let Some(p) = &cfg.worker_exe {
+            return Ok(WorkerImage::Path(p.clone()));
+        }
+        match sys::open_running_image() {
+            Ok(fd) => Ok(WorkerImage::Running(fd)),
+            Err(_) => {
+                std::env::current_exe()
+                    .map(WorkerImage::Path)
+                    .map_err(|e| RunError::WorkerStart {
+                        worker: 0,
+                        exe: "current executable".into(),
+                        why: e.to_string(),
+                    })
+            }
+        }
+    }
+
+    fn path(&self) -> std::path::PathBuf {
+        match self {
+            WorkerImage::Running(fd) => sys::fd_path(fd.as_fd()),
+            WorkerImage::Path(p) => p.clone(),
+        }
+    }
+
+    /// For messages: what the user knows the program as.
+    fn describe(&self) -> String {
+        match self {
+            WorkerImage::Running(_) => std::env::current_exe()
+                .map_or_else(|_| "this program".into(), |p| p.display().to_string()),
+            WorkerImage::Path(p) => p.display().to_string(),
+        }
+    }
 }
 
 fn spawn_worker(
-    exe: &std::path::Path,
+    image: &WorkerImage,
     seg: &Segment,
     spec: WorkerSpec,
 ) -> std::io::Result<WorkerProc> {
-    let child = sys::spawn_inheriting(exe, WORKER_ENV, &spec.encode(), &[seg.fd().as_raw_fd()])?;
-    // Nobody else reaps the child (we never wait on `child`), so its pid cannot be reused before
-    // this pidfd is open, even if it already exited.
-    let pidfd = sys::pidfd_open(child.id())?;
+    let child = ChildProcess::spawn(
+        &image.path(),
+        WORKER_ENV,
+        &spec.encode(),
+        &[seg.fd().as_raw_fd()],
+    )?;
+    let now = Instant::now();
     Ok(WorkerProc {
-        pid: child.id(),
-        pidfd,
+        child,
         progress: 0,
-        last_beat: Instant::now(),
+        last_beat: now,
+        started: now,
+        attached: false,
+        killed: None,
     })
+}
+
+/// Whether the worker in slot `w` has attached; `Err` says why it is not acceptable (another
+/// build answered the handshake).
+fn attach_state(seg: &Segment, w: u32) -> Result<bool, String> {
+    let status = &seg.worker(w).status;
+    if status.state.load(Ordering::Acquire) != WorkerState::Running as u32 {
+        return Ok(false);
+    }
+    let theirs = status.build.load(Ordering::Relaxed);
+    if theirs != crate::worker::BUILD_ID {
+        return Err(format!(
+            "it is not the same build as this coordinator (build {theirs:016x}, expected {:016x})",
+            crate::worker::BUILD_ID
+        ));
+    }
+    Ok(true)
 }
 
 /// `(owed, progress)` of worker `w` from the producers' own counts: tokens sent and not yet
@@ -780,9 +932,359 @@ fn flow_of(ctl: &Control, w: usize) -> (u64, u64) {
     })
 }
 
+/// Kills every worker and waits (bounded) for each; used when a run is abandoned at start.
+fn abandon(procs: &mut [Option<WorkerProc>]) {
+    for wp in procs.iter_mut().flatten() {
+        wp.child.kill_and_reap(KILL_WAIT);
+    }
+}
+
+/// What the monitor knows and decides: every worker process, deaths, restarts, the watchdog.
+struct Monitor<'a> {
+    cfg: &'a Config,
+    seg: &'a Segment,
+    ctl: &'a Control,
+    image: &'a WorkerImage,
+    spec: &'a dyn Fn(u32) -> WorkerSpec,
+    start: Instant,
+    procs: Vec<Option<WorkerProc>>,
+    /// Processes sent SIGKILL that have not exited yet but can run no code of their own (see
+    /// [`KILL_GRACE`]); their tokens are already reclaimed. Reaped when the kernel lets them go.
+    undying: Vec<(u32, ChildProcess)>,
+    exits: Vec<WorkerExit>,
+    restarts: u32,
+    faults: u32,
+    interrupted: Option<String>,
+    signal: Option<i32>,
+    pending_restart: Vec<u32>,
+    gone_for_good: Vec<bool>,
+    /// Set when slot `w`'s last start failed: it is not tried again.
+    start_failed: Vec<Option<String>>,
+}
+
+impl Monitor<'_> {
+    fn stop_with(&mut self, why: String) {
+        self.interrupted.get_or_insert(why);
+        self.ctl.stop.store(true, Ordering::Relaxed);
+    }
+
+    /// Worker `w` is gone (or can never run again): tell the producers, record how, and queue
+    /// its restart. `wp` is its process record, already reaped or moved to `undying`.
+    fn declare_dead(
+        &mut self,
+        w: u32,
+        pid: u32,
+        mut how_words: String,
+        killed: Option<KillReason>,
+        how: Option<ExitKind>,
+    ) {
+        let ctl = self.ctl;
+        let faulted = ctl.kill[w as usize].swap(false, Ordering::AcqRel);
+        match &killed {
+            Some(KillReason::Stalled) => {
+                how_words = format!(
+                    "stalled for {:?} and was killed; {how_words}",
+                    self.cfg.worker_timeout
+                );
+            }
+            Some(KillReason::Start(why)) => {
+                self.start_failed[w as usize] = Some(why.clone());
+            }
+            Some(KillReason::Fault) => self.faults += 1,
+            None if faulted || how == Some(ExitKind::Exited(EXIT_BAD_SEGMENT)) => self.faults += 1,
+            None => {}
+        }
+        let reason = ctl
+            .fault_reasons
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .rev()
+            .find(|(fw, _)| *fw == w)
+            .map(|(_, r)| r.clone());
+        if let Some(r) = reason {
+            how_words = format!("{r}; {how_words}");
+        }
+        ctl.alive[w as usize].store(false, Ordering::Release);
+        ctl.death_epoch[w as usize].fetch_add(1, Ordering::AcqRel);
+        ctl.changes.fetch_add(1, Ordering::AcqRel);
+        for p in 0..self.seg.layout().params().producers {
+            Doorbell::new(&self.seg.producer(p).bell).ring(&Futex);
+        }
+        self.exits.push(WorkerExit {
+            worker: w,
+            pid,
+            how: how_words,
+            noticed_ms: self.start.elapsed().as_secs_f64() * 1e3,
+            reclaimed_tokens: 0,
+        });
+        self.pending_restart.push(w);
+    }
+
+    /// Reaps the workers whose exit fds are readable.
+    fn reap_exited(&mut self, ready: &[u32]) {
+        for &w in ready {
+            let Some(mut wp) = self.procs[w as usize].take() else {
+                continue;
+            };
+            let how = match wp.child.try_reap() {
+                Ok(Some(k)) => k,
+                // Readable but not reapable yet: look again next tick.
+                _ => {
+                    self.procs[w as usize] = Some(wp);
+                    continue;
+                }
+            };
+            let killed = wp.killed.map(|(_, r)| r);
+            // Exiting with a status before attaching is a start failure (another program, a
+            // different build, a refused syscall); a signal from outside is an ordinary death.
+            // (It may have attached and left between two looks: the segment remembers.)
+            let status = &self.seg.worker(w).status;
+            let attached = wp.attached
+                || (status.state.load(Ordering::Acquire) != WorkerState::Empty as u32
+                    && status.build.load(Ordering::Relaxed) == crate::worker::BUILD_ID);
+            if !attached && killed.is_none() && matches!(how, ExitKind::Exited(_)) {
+                self.start_failed[w as usize] =
+                    Some(format!("it {how} before attaching to shared memory"));
+            }
+            self.declare_dead(w, wp.child.pid(), how.to_string(), killed, Some(how));
+        }
+        self.undying
+            .retain_mut(|(_, c)| !matches!(c.try_reap(), Ok(Some(_))));
+    }
+
+    /// Sends SIGKILL to worker `w` once, remembering why. A kill the kernel refuses on both
+    /// ways (pidfd and pid) stops the run: the worker may still be writing its slots, so its
+    /// tokens are given up as lost rather than reused.
+    fn kill(&mut self, w: usize, why: KillReason) {
+        let Some(wp) = self.procs[w].as_mut() else {
+            return;
+        };
+        if wp.killed.is_some() {
+            return;
+        }
+        match wp.child.kill() {
+            Ok(()) => wp.killed = Some((Instant::now(), why)),
+            Err(e) => {
+                let pid = wp.child.pid();
+                wp.killed = Some((Instant::now(), why));
+                self.stop_with(format!("cannot kill worker {w} (pid {pid}): {e}"));
+                self.ctl.abandoned[w].store(true, Ordering::Release);
+                self.ctl.alive[w].store(false, Ordering::Release);
+                self.ctl.changes.fetch_add(1, Ordering::AcqRel);
+                self.gone_for_good[w] = true;
+            }
+        }
+    }
+
+    /// A worker sent SIGKILL that is still there after [`KILL_GRACE`] is stuck in the kernel
+    /// (a frozen cgroup, hung NFS or FUSE). With SIGKILL pending it will never run another
+    /// instruction of its own, so its tokens can be taken back now and redone elsewhere; the
+    /// process is kept to be reaped when the kernel releases it.
+    fn give_up_on_stuck(&mut self) {
+        for w in 0..self.procs.len() {
+            let Some(wp) = &self.procs[w] else { continue };
+            let Some((at, _)) = &wp.killed else { continue };
+            if at.elapsed() < KILL_GRACE || self.ctl.abandoned[w].load(Ordering::Acquire) {
+                continue;
+            }
+            let pid = wp.child.pid();
+            if !sys::kill_pending(pid) {
+                // Either it is exiting right now (the next poll reaps it) or the signal was
+                // lost: send it again.
+                let _ = wp.child.kill();
+                continue;
+            }
+            let wp = self.procs[w].take().expect("checked above");
+            let state = sys::process_state(pid).unwrap_or('?');
+            let killed = wp.killed.map(|(_, r)| r);
+            self.undying.push((w as u32, wp.child));
+            self.declare_dead(
+                w as u32,
+                pid,
+                format!(
+                    "did not exit within {KILL_GRACE:?} of SIGKILL (state {state}: stuck in the \
+                     kernel); its tokens were reclaimed without waiting"
+                ),
+                killed,
+                None,
+            );
+        }
+    }
+
+    /// Starts replacements for dead workers once every producer has cleaned up after them.
+    fn restart_dead(&mut self) {
+        let producers = self.seg.layout().params().producers as usize;
+        let pending = std::mem::take(&mut self.pending_restart);
+        for w in pending {
+            let ctl = self.ctl;
+            let epoch = ctl.death_epoch[w as usize].load(Ordering::Acquire);
+            if (0..producers).any(|p| ctl.acked[p][w as usize].load(Ordering::Acquire) != epoch) {
+                self.pending_restart.push(w);
+                continue;
+            }
+            if let Some(e) = self.exits.iter_mut().rev().find(|e| e.worker == w) {
+                e.reclaimed_tokens = ctl.reclaimed[w as usize].swap(0, Ordering::Relaxed);
+            }
+            let all_idle = ctl.idle.iter().all(|i| i.load(Ordering::Acquire));
+            if let Some(why) = self.start_failed[w as usize].clone() {
+                // Refused once: a program that cannot serve would only fail again.
+                self.stop_with(format!(
+                    "cannot restart worker {w} ({}): {why}",
+                    self.image.describe()
+                ));
+                self.gone_for_good[w as usize] = true;
+                continue;
+            }
+            if self.restarts >= self.cfg.max_restarts || all_idle {
+                if self.restarts >= self.cfg.max_restarts {
+                    self.stop_with(format!(
+                        "more than {} worker restarts",
+                        self.cfg.max_restarts
+                    ));
+                }
+                self.gone_for_good[w as usize] = true;
+                continue;
+            }
+            let ws = self.seg.worker(w);
+            ws.bell.sleeping.store(0, Ordering::Relaxed);
+            ws.status.heartbeat.store(0, Ordering::Relaxed);
+            ws.status.build.store(0, Ordering::Relaxed);
+            ws.status
+                .state
+                .store(WorkerState::Empty as u32, Ordering::Relaxed);
+            // A producer may have flagged the dead process after it was reaped (while
+            // draining its rings); that request must not kill the replacement.
+            ctl.kill[w as usize].store(false, Ordering::Release);
+            match spawn_worker(self.image, self.seg, (self.spec)(w)) {
+                Ok(p) => {
+                    self.restarts += 1;
+                    self.procs[w as usize] = Some(p);
+                    ctl.alive[w as usize].store(true, Ordering::Release);
+                    ctl.changes.fetch_add(1, Ordering::AcqRel);
+                }
+                Err(e) => {
+                    self.stop_with(format!(
+                        "cannot restart worker {w} ({}): {e}",
+                        self.image.describe()
+                    ));
+                    self.gone_for_good[w as usize] = true;
+                }
+            }
+        }
+        if self.gone_for_good.iter().all(|&g| g) {
+            self.ctl.stop.store(true, Ordering::Relaxed);
+            self.ctl.no_workers.store(true, Ordering::Release);
+            self.ctl.changes.fetch_add(1, Ordering::AcqRel);
+        }
+    }
+
+    /// Handshakes, kill requests from producers, and the stall watchdog.
+    fn watch(&mut self) {
+        let now = Instant::now();
+        for w in 0..self.procs.len() {
+            let (seg, ctl, timeout) = (self.seg, self.ctl, self.cfg.worker_timeout);
+            let Some(wp) = &mut self.procs[w] else {
+                continue;
+            };
+            if wp.killed.is_some() {
+                continue;
+            }
+            let mut action = None;
+            if !wp.attached {
+                match attach_state(seg, w as u32) {
+                    Ok(true) => wp.attached = true,
+                    Ok(false) if now - wp.started > START_TIMEOUT => {
+                        action = Some(KillReason::Start(format!(
+                            "it did not attach within {START_TIMEOUT:?}"
+                        )));
+                    }
+                    Ok(false) => {}
+                    Err(why) => action = Some(KillReason::Start(why)),
+                }
+            }
+            if action.is_none() && ctl.kill[w].load(Ordering::Acquire) {
+                action = Some(KillReason::Fault);
+            }
+            if action.is_none() {
+                let (owed, back) = flow_of(ctl, w);
+                if back != wp.progress || owed == 0 {
+                    wp.progress = back;
+                    wp.last_beat = now;
+                } else if now - wp.last_beat > timeout {
+                    action = Some(KillReason::Stalled);
+                }
+            }
+            if let Some(why) = action {
+                self.kill(w, why);
+            }
+        }
+    }
+
+    /// Asks every worker to leave, waits [`SHUTDOWN_GRACE`], kills the rest, and waits
+    /// [`KILL_WAIT`] more. Whatever is still there then is stuck in the kernel: it is named in
+    /// the report rather than waited for.
+    fn shut_down(&mut self) -> Vec<Unreaped> {
+        self.seg.shutdown_flag().store(1, Ordering::Release);
+        for w in 0..self.procs.len() as u32 {
+            Doorbell::new(&self.seg.worker(w).bell).ring(&Futex);
+        }
+        let grace = Instant::now() + SHUTDOWN_GRACE;
+        let mut killed_at: Option<Instant> = None;
+        loop {
+            for slot in self.procs.iter_mut() {
+                if let Some(wp) = slot {
+                    if let Ok(Some(_)) = wp.child.try_reap() {
+                        *slot = None;
+                    }
+                }
+            }
+            self.undying
+                .retain_mut(|(_, c)| !matches!(c.try_reap(), Ok(Some(_))));
+            // Stuck workers already have SIGKILL pending and their tokens back: once the live
+            // ones are gone there is nothing left to wait for.
+            if self.procs.iter().all(Option::is_none) {
+                break;
+            }
+            let now = Instant::now();
+            if now > grace && killed_at.is_none() {
+                killed_at = Some(now);
+                for wp in self.procs.iter().flatten() {
+                    let _ = wp.child.kill();
+                }
+            }
+            if killed_at.is_some_and(|t| now - t > KILL_WAIT) {
+                break;
+            }
+            let fds: Vec<BorrowedFd<'_>> = self
+                .procs
+                .iter()
+                .flatten()
+                .map(|p| p.child.exit_fd())
+                .chain(self.undying.iter().map(|(_, c)| c.exit_fd()))
+                .collect();
+            let _ = sys::poll_readable(&fds, Duration::from_millis(10));
+        }
+        let mut left: Vec<Unreaped> = self
+            .procs
+            .iter()
+            .enumerate()
+            .filter_map(|(w, p)| p.as_ref().map(|p| (w as u32, p.child.pid())))
+            .chain(self.undying.iter().map(|(w, c)| (*w, c.pid())))
+            .map(|(worker, pid)| Unreaped {
+                worker,
+                pid,
+                state: sys::process_state(pid),
+            })
+            .collect();
+        left.sort_by_key(|u| u.worker);
+        left
+    }
+}
+
 /// Runs the pipeline described by `cfg`: set up, run to the stop condition, drain, shut down,
-/// report. Errors are only for runs that could not start; a run that started always returns a
-/// [`Report`] (check `verified`).
+/// report. Errors are only for runs that could not start (every worker already started is then
+/// killed and reaped); a run that started always returns a [`Report`] (check `verified`).
 pub fn run(cfg: &Config, hooks: &Hooks<'_>) -> Result<Report, RunError> {
     let plan = cfg.plan()?;
     // Calibrate the tick clock now (it sleeps ~20 ms once), not at the first returned token.
@@ -791,53 +1293,56 @@ pub fn run(cfg: &Config, hooks: &Hooks<'_>) -> Result<Report, RunError> {
         what: "--kernel",
         why: e.to_string(),
     })?;
-    let seg = Segment::create(plan.layout)?;
     let workers = cfg.workers;
     let producers = cfg.producers;
+    crate::limits::check(&crate::limits::Needs {
+        segment: plan.layout.total_bytes(),
+        workers,
+        producers,
+    })?;
+    let seg = Segment::create(plan.layout)?;
     let cpus = sys::online_cpus();
-    let pinned = cfg.pin == Pin::Auto && (workers + producers) as usize <= cpus;
-    let exe = match &cfg.worker_exe {
-        Some(p) => p.clone(),
-        None => std::env::current_exe().map_err(|e| RunError::WorkerStart {
-            worker: 0,
-            exe: "current executable".into(),
-            why: e.to_string(),
-        })?,
-    };
+    // Placement comes from this process's affinity mask (taskset, cpusets), never absolute CPU
+    // numbers: pin only when every producer and worker gets a CPU of that mask to itself.
+    let allowed = sys::allowed_cpus();
+    let busy = (workers + producers) as usize;
+    let pinned = cfg.pin == Pin::Auto && busy <= allowed.len() && busy <= cpus;
+    let image = WorkerImage::new(cfg)?;
     let coordinator = sys::own_pid();
+    let spin = match cfg.wait {
+        Wait::Sleep => SpinMode::Never,
+        Wait::Auto if busy <= cpus => SpinMode::Long,
+        Wait::Auto => SpinMode::Short,
+    };
     let spec = |w: u32| WorkerSpec {
         fd: seg.fd().as_raw_fd(),
         index: w,
         coordinator,
         kernel: cfg.kernel,
-        cpu: pinned.then_some((producers + w) as usize),
-        spin: match cfg.wait {
-            Wait::Sleep => SpinMode::Never,
-            Wait::Auto if (workers + producers) as usize <= cpus => SpinMode::Long,
-            Wait::Auto => SpinMode::Short,
-        },
+        cpu: pinned.then(|| allowed[(producers + w) as usize]),
+        spin,
     };
+
+    // Everything the producers need is allocated before the first worker starts, so running out
+    // of memory is a start-up error, not an abort with workers running.
+    let ctl = Control::new(workers, producers);
+    let mut ready: Vec<Option<Producer<'_>>> = (0..producers)
+        .map(|p| Some(Producer::new(p, &seg, &ctl, cfg, &plan, kernels, spin)))
+        .collect();
 
     // Start every worker and wait until each has attached, so a program that cannot serve as a
     // worker is a clear start-up error rather than a storm of restarts.
-    let mut procs: Vec<Option<WorkerProc>> = Vec::new();
+    let mut procs: Vec<Option<WorkerProc>> = Vec::with_capacity(workers as usize);
     let start_err = |w: u32, why: String| RunError::WorkerStart {
         worker: w,
-        exe: exe.display().to_string(),
+        exe: image.describe(),
         why,
     };
-    let abort = |procs: &mut Vec<Option<WorkerProc>>| {
-        for wp in procs.iter().flatten() {
-            let _ = sys::kill_pidfd(wp.pidfd.as_fd());
-            let _ = sys::poll_readable(&[wp.pidfd.as_fd()], Duration::from_secs(1));
-            let _ = sys::try_reap(wp.pidfd.as_fd());
-        }
-    };
     for w in 0..workers {
-        match spawn_worker(&exe, &seg, spec(w)) {
+        match spawn_worker(&image, &seg, spec(w)) {
             Ok(p) => procs.push(Some(p)),
             Err(e) => {
-                abort(&mut procs);
+                abandon(&mut procs);
                 return Err(start_err(w, e.to_string()));
             }
         }
@@ -845,219 +1350,131 @@ pub fn run(cfg: &Config, hooks: &Hooks<'_>) -> Result<Report, RunError> {
     let deadline = Instant::now() + START_TIMEOUT;
     for w in 0..workers {
         loop {
-            if seg.worker(w).status.state.load(Ordering::Acquire) == WorkerState::Running as u32 {
+            let state = attach_state(&seg, w);
+            if state == Ok(true) {
                 break;
             }
-            let wp = procs[w as usize].as_ref().expect("just spawned");
-            let status = sys::try_reap(wp.pidfd.as_fd()).ok().flatten();
-            if status.is_some() || Instant::now() > deadline {
-                let why = match status {
-                    Some(s) => format!(
+            let wp = procs[w as usize].as_mut().expect("just spawned");
+            let status = wp.child.try_reap().ok().flatten();
+            if status.is_some() || state.is_err() || Instant::now() > deadline {
+                let why = match (status, state) {
+                    (Some(s), _) => format!(
                         "it {s} before attaching to shared memory; a program used as the worker must call \
                          mk1::run_if_worker() first thing in main"
                     ),
-                    None => format!("it did not attach within {START_TIMEOUT:?}"),
+                    (None, Err(why)) => why,
+                    (None, _) => format!("it did not attach within {START_TIMEOUT:?}"),
                 };
-                procs[w as usize] = None;
-                abort(&mut procs);
+                abandon(&mut procs);
                 return Err(start_err(w, why));
             }
             std::thread::sleep(Duration::from_millis(1));
         }
+        if let Some(wp) = procs[w as usize].as_mut() {
+            wp.attached = true;
+        }
     }
 
-    let ctl = Control {
-        stop: AtomicBool::new(false),
-        finish: AtomicBool::new(false),
-        alive: (0..workers).map(|_| AtomicBool::new(true)).collect(),
-        changes: AtomicUsize::new(0),
-        death_epoch: (0..workers).map(|_| AtomicUsize::new(0)).collect(),
-        acked: (0..producers)
-            .map(|_| (0..workers).map(|_| AtomicUsize::new(0)).collect())
-            .collect(),
-        reclaimed: (0..workers).map(|_| AtomicU64::new(0)).collect(),
-        kill: (0..workers).map(|_| AtomicBool::new(false)).collect(),
-        fault_reasons: Mutex::new(Vec::new()),
-        no_workers: AtomicBool::new(false),
-        idle: (0..producers).map(|_| AtomicBool::new(false)).collect(),
-        done: (0..producers).map(|_| Padded(AtomicU64::new(0))).collect(),
-        flow: (0..producers)
-            .map(|_| {
-                (0..workers)
-                    .map(|_| Flow {
-                        sent: AtomicU64::new(0),
-                        back: AtomicU64::new(0),
-                    })
-                    .collect()
-            })
-            .collect(),
-    };
     let start = Instant::now();
-    let mut exits: Vec<WorkerExit> = Vec::new();
-    let mut restarts = 0u32;
-    let mut faults = 0u32;
-    let mut interrupted: Option<String> = None;
+    let mut monitor = Monitor {
+        cfg,
+        seg: &seg,
+        ctl: &ctl,
+        image: &image,
+        spec: &spec,
+        start,
+        procs,
+        undying: Vec::new(),
+        exits: Vec::new(),
+        restarts: 0,
+        faults: 0,
+        interrupted: None,
+        signal: None,
+        pending_restart: Vec::new(),
+        gone_for_good: vec![false; workers as usize],
+        start_failed: vec![None; workers as usize],
+    };
 
+    let mut thread_error: Option<(usize, std::io::Error)> = None;
     let stats: Vec<ProducerStats> = std::thread::scope(|scope| {
-        let handles: Vec<_> = (0..producers)
-            .map(|p| {
-                let producer = Producer::new(p, &seg, &ctl, cfg, &plan, kernels, start);
-                std::thread::Builder::new()
-                    .name(format!("mk1-producer-{p}"))
-                    .spawn_scoped(scope, move || {
-                        if pinned {
-                            let _ = sys::pin_to_cpu(p as usize);
-                        }
-                        producer.run()
-                    })
-                    .expect("spawning a producer thread")
-            })
-            .collect();
+        let mut handles = Vec::with_capacity(producers as usize);
+        for (p, slot) in ready.iter_mut().enumerate() {
+            let mut producer = slot.take().expect("each producer is started once");
+            let cpu = pinned.then(|| allowed[p]);
+            let spawned = std::thread::Builder::new()
+                .name(format!("mk1-producer-{p}"))
+                .spawn_scoped(scope, move || {
+                    if let Some(cpu) = cpu {
+                        let _ = sys::pin_to_cpu(cpu);
+                    }
+                    producer.arm(cfg.stop, start);
+                    producer.run()
+                });
+            match spawned {
+                Ok(h) => handles.push(h),
+                Err(e) => {
+                    // Abandon: the producers already running drain what they sent and return;
+                    // the workers are stopped below and the run is refused.
+                    thread_error = Some((p, e));
+                    break;
+                }
+            }
+        }
+        if thread_error.is_some() {
+            ctl.stop.store(true, Ordering::Relaxed);
+            ctl.finish.store(true, Ordering::Release);
+            for p in 0..producers {
+                Doorbell::new(&seg.producer(p).bell).ring(&Futex);
+            }
+            return handles.into_iter().filter_map(|h| h.join().ok()).collect();
+        }
+        let started = handles.len();
 
         // The monitor. It runs on the thread that spawned the workers, which lives until they
         // are reaped: their parent-death signal is tied to this thread.
-        let mut pending_restart: Vec<u32> = Vec::new();
-        let mut gone_for_good = vec![false; workers as usize];
         let mut last_progress = Instant::now();
-        let mut watchdog_kills: Vec<bool> = vec![false; workers as usize];
         loop {
-            let live: Vec<(u32, BorrowedFd<'_>)> = procs
-                .iter()
-                .enumerate()
-                .filter_map(|(w, p)| p.as_ref().map(|p| (w as u32, p.pidfd.as_fd())))
+            let live: Vec<u32> = (0..workers)
+                .filter(|&w| monitor.procs[w as usize].is_some())
                 .collect();
-            let fds: Vec<BorrowedFd<'_>> = live.iter().map(|&(_, fd)| fd).collect();
-            // While a restart waits for the producers' acknowledgements, look again soon.
-            let tick = if pending_restart.is_empty() {
-                MONITOR_TICK
-            } else {
+            let fds: Vec<BorrowedFd<'_>> = live
+                .iter()
+                .map(|&w| {
+                    monitor.procs[w as usize]
+                        .as_ref()
+                        .expect("live")
+                        .child
+                        .exit_fd()
+                })
+                .chain(monitor.undying.iter().map(|(_, c)| c.exit_fd()))
+                .collect();
+            // While a restart waits for the producers' acknowledgements, or a killed worker for
+            // its death, look again soon.
+            let busy = !monitor.pending_restart.is_empty()
+                || monitor.procs.iter().flatten().any(|p| p.killed.is_some());
+            let tick = if busy {
                 Duration::from_millis(1)
+            } else {
+                MONITOR_TICK
             };
-            let ready = sys::poll_readable(&fds, tick).unwrap_or_default();
-            let ready: Vec<u32> = ready.iter().map(|&i| live[i].0).collect();
+            let ready_idx = sys::poll_readable(&fds, tick).unwrap_or_default();
             drop(fds);
-            drop(live);
-            for w in ready {
-                let Some(wp) = procs[w as usize].take() else {
-                    continue;
-                };
-                let how = match sys::try_reap(wp.pidfd.as_fd()) {
-                    Ok(Some(k)) => k,
-                    // Readable but not reapable yet: look again next tick.
-                    _ => {
-                        procs[w as usize] = Some(wp);
-                        continue;
-                    }
-                };
-                let noticed = start.elapsed();
-                let mut how_words = how.to_string();
-                let faulted = ctl.kill[w as usize].swap(false, Ordering::AcqRel);
-                if std::mem::take(&mut watchdog_kills[w as usize]) {
-                    how_words = format!("stalled for {:?} and was killed", cfg.worker_timeout);
-                } else if faulted || how == ExitKind::Exited(EXIT_BAD_SEGMENT) {
-                    faults += 1;
-                }
-                let reason = ctl
-                    .fault_reasons
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .iter()
-                    .rev()
-                    .find(|(fw, _)| *fw == w)
-                    .map(|(_, r)| r.clone());
-                if let Some(r) = reason {
-                    how_words = format!("{r}; {how_words}");
-                }
-                ctl.alive[w as usize].store(false, Ordering::Release);
-                ctl.death_epoch[w as usize].fetch_add(1, Ordering::AcqRel);
-                ctl.changes.fetch_add(1, Ordering::AcqRel);
-                for p in 0..producers {
-                    let ps = seg.producer(p);
-                    Doorbell::new(&ps.bell).ring(&Futex);
-                }
-                exits.push(WorkerExit {
-                    worker: w,
-                    pid: wp.pid,
-                    how: how_words,
-                    noticed_ms: noticed.as_secs_f64() * 1e3,
-                    reclaimed_tokens: 0,
-                });
-                pending_restart.push(w);
-            }
-
-            // Restart a dead worker once every producer has cleaned up after it.
-            pending_restart.retain(|&w| {
-                let epoch = ctl.death_epoch[w as usize].load(Ordering::Acquire);
-                if (0..producers as usize)
-                    .any(|p| ctl.acked[p][w as usize].load(Ordering::Acquire) != epoch)
-                {
-                    return true;
-                }
-                if let Some(e) = exits.iter_mut().rev().find(|e| e.worker == w) {
-                    e.reclaimed_tokens = ctl.reclaimed[w as usize].swap(0, Ordering::Relaxed);
-                }
-                let all_idle = ctl.idle.iter().all(|i| i.load(Ordering::Acquire));
-                if restarts >= cfg.max_restarts || all_idle {
-                    if restarts >= cfg.max_restarts && interrupted.is_none() {
-                        interrupted =
-                            Some(format!("more than {} worker restarts", cfg.max_restarts));
-                        ctl.stop.store(true, Ordering::Relaxed);
-                    }
-                    gone_for_good[w as usize] = true;
-                    return false;
-                }
-                let ws = seg.worker(w);
-                ws.bell.sleeping.store(0, Ordering::Relaxed);
-                ws.status.heartbeat.store(0, Ordering::Relaxed);
-                ws.status
-                    .state
-                    .store(WorkerState::Empty as u32, Ordering::Relaxed);
-                // A producer may have flagged the dead process after it was reaped (while
-                // draining its rings); that request must not kill the replacement.
-                ctl.kill[w as usize].store(false, Ordering::Release);
-                match spawn_worker(&exe, &seg, spec(w)) {
-                    Ok(p) => {
-                        restarts += 1;
-                        procs[w as usize] = Some(p);
-                        ctl.alive[w as usize].store(true, Ordering::Release);
-                        ctl.changes.fetch_add(1, Ordering::AcqRel);
-                    }
-                    Err(e) => {
-                        interrupted.get_or_insert(format!("cannot restart worker {w}: {e}"));
-                        gone_for_good[w as usize] = true;
-                    }
-                }
-                false
-            });
-            if gone_for_good.iter().all(|&g| g) {
-                ctl.stop.store(true, Ordering::Relaxed);
-                ctl.no_workers.store(true, Ordering::Release);
-                ctl.changes.fetch_add(1, Ordering::AcqRel);
-            }
-
-            // Kill requests from producers and the stall watchdog.
-            let now = Instant::now();
-            for (w, slot) in procs.iter_mut().enumerate() {
-                let Some(wp) = slot else { continue };
-                if ctl.kill[w].load(Ordering::Acquire) {
-                    let _ = sys::kill_pidfd(wp.pidfd.as_fd());
-                    continue;
-                }
-                let (owed, back) = flow_of(&ctl, w);
-                if back != wp.progress || owed == 0 {
-                    wp.progress = back;
-                    wp.last_beat = now;
-                } else if now - wp.last_beat > cfg.worker_timeout && !watchdog_kills[w] {
-                    watchdog_kills[w] = true;
-                    let _ = sys::kill_pidfd(wp.pidfd.as_fd());
-                }
-            }
+            let ready: Vec<u32> = ready_idx
+                .iter()
+                .filter_map(|&i| live.get(i).copied())
+                .collect();
+            monitor.reap_exited(&ready);
+            monitor.give_up_on_stuck();
+            monitor.restart_dead();
+            monitor.watch();
 
             if let Some(sig) = hooks.stop_signal {
                 let s = sig.load(Ordering::Relaxed);
                 if s != 0 && !ctl.stop.load(Ordering::Relaxed) {
-                    interrupted.get_or_insert(signal_name(s));
-                    ctl.stop.store(true, Ordering::Relaxed);
+                    if monitor.interrupted.is_none() {
+                        monitor.signal = Some(s as i32);
+                    }
+                    monitor.stop_with(signal_name(s));
                 }
             }
             if let Some(progress) = hooks.progress {
@@ -1075,49 +1492,38 @@ pub fn run(cfg: &Config, hooks: &Hooks<'_>) -> Result<Report, RunError> {
             // issuing, count it as idle (its counts are lost, and the report says the run is not
             // verified), and keep monitoring so the others can drain.
             let panicked = |p: usize| handles[p].is_finished();
-            if (0..producers as usize).any(panicked) && interrupted.is_none() {
-                interrupted = Some("a producer thread panicked".into());
-                ctl.stop.store(true, Ordering::Relaxed);
+            if (0..started).any(panicked) {
+                monitor.stop_with("a producer thread panicked".into());
             }
-            if pending_restart.is_empty()
-                && (0..producers as usize)
-                    .all(|p| ctl.idle[p].load(Ordering::Acquire) || panicked(p))
+            if monitor.pending_restart.is_empty()
+                && (0..started).all(|p| ctl.idle[p].load(Ordering::Acquire) || panicked(p))
             {
                 break;
             }
         }
         ctl.finish.store(true, Ordering::Release);
         for p in 0..producers {
-            let ps = seg.producer(p);
-            Doorbell::new(&ps.bell).ring(&Futex);
+            Doorbell::new(&seg.producer(p).bell).ring(&Futex);
         }
         handles.into_iter().filter_map(|h| h.join().ok()).collect()
     });
 
-    // Shut the workers down: ask, wake, wait, then insist.
-    seg.shutdown_flag().store(1, Ordering::Release);
-    for w in 0..workers {
-        let ws = seg.worker(w);
-        Doorbell::new(&ws.bell).ring(&Futex);
+    let unreaped = monitor.shut_down();
+    if let Some((p, e)) = thread_error {
+        return Err(RunError::Resource {
+            what: format!("cannot start producer thread {p}"),
+            why: e.to_string(),
+        });
     }
-    let grace = Instant::now() + SHUTDOWN_GRACE;
-    while procs.iter().any(Option::is_some) {
-        for slot in procs.iter_mut() {
-            if let Some(wp) = slot {
-                if let Ok(Some(_)) = sys::try_reap(wp.pidfd.as_fd()) {
-                    *slot = None;
-                } else if Instant::now() > grace {
-                    let _ = sys::kill_pidfd(wp.pidfd.as_fd());
-                }
-            }
-        }
-        let fds: Vec<BorrowedFd<'_>> = procs.iter().flatten().map(|p| p.pidfd.as_fd()).collect();
-        if !fds.is_empty() {
-            let _ = sys::poll_readable(&fds, Duration::from_millis(10));
-        }
-    }
-
-    Ok(build_report(
+    let Monitor {
+        exits,
+        restarts,
+        faults,
+        interrupted,
+        signal,
+        ..
+    } = monitor;
+    let mut report = build_report(
         cfg,
         &plan,
         kernels,
@@ -1128,11 +1534,15 @@ pub fn run(cfg: &Config, hooks: &Hooks<'_>) -> Result<Report, RunError> {
         restarts,
         faults,
         interrupted,
-    ))
+    );
+    report.signal = signal;
+    report.unreaped = unreaped;
+    Ok(report)
 }
 
 fn signal_name(sig: usize) -> String {
     match sig {
+        1 => "SIGHUP".into(),
         2 => "SIGINT".into(),
         15 => "SIGTERM".into(),
         s => format!("signal {s}"),
@@ -1227,6 +1637,8 @@ fn build_report(
         failures,
         worker_exits: exits,
         interrupted,
+        signal: None,
+        unreaped: Vec::new(),
     }
 }
 

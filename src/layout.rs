@@ -15,7 +15,7 @@ use crate::sync::{AtomicU32, AtomicU64};
 /// `b"mk1-seg\0"` as a little-endian u64: the first eight bytes of every segment.
 pub const MAGIC: u64 = u64::from_le_bytes(*b"mk1-seg\0");
 /// Bumped on every change to a `repr(C)` struct in this module.
-pub const LAYOUT_VERSION: u32 = 2;
+pub const LAYOUT_VERSION: u32 = 3;
 /// Separation between data written by different processes (two 64-byte lines: the adjacent-line
 /// prefetcher on x86_64 pulls pairs, see crossbeam's `CachePadded`).
 pub const LINE: u64 = 128;
@@ -136,6 +136,10 @@ pub struct WorkerStatus {
     /// Tokens processed since the worker started (Relaxed). Informational only: the watchdog
     /// counts the producers' own returns, which a worker cannot fake.
     pub heartbeat: AtomicU64,
+    /// The worker's build id (`worker::BUILD_ID`), written before `state` becomes `Running`
+    /// (so the Release/Acquire pair on `state` publishes it); 0 until then. The coordinator
+    /// refuses a worker whose build differs from its own.
+    pub build: AtomicU64,
 }
 
 /// Lifecycle of a worker slot as the worker reports it.
@@ -275,6 +279,7 @@ const _: () = {
     assert!(size_of::<Bell>() == LINE as usize);
     assert!(size_of::<WorkerShared>() == 2 * LINE as usize);
     assert!(offset_of!(WorkerShared, status) == LINE as usize);
+    assert!(offset_of!(WorkerStatus, build) == 16);
     assert!(size_of::<ProducerShared>() == LINE as usize);
     assert!(offset_of!(RingCtl, head) == LINE as usize);
     assert!(size_of::<TailLine>() == LINE as usize);

@@ -42,6 +42,8 @@ pub mod dispatch;
 #[cfg(not(loom))]
 pub mod job;
 #[cfg(not(loom))]
+pub mod limits;
+#[cfg(not(loom))]
 pub mod pool;
 #[cfg(not(loom))]
 pub mod report;

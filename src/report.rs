@@ -106,15 +106,38 @@ pub struct Report {
     pub worker_exits: Vec<WorkerExit>,
     /// Why the run ended early, if it did ("SIGINT", "too many worker restarts", …).
     pub interrupted: Option<String>,
+    /// The signal number that stopped the run (SIGINT, SIGTERM or SIGHUP), if one did.
+    pub signal: Option<i32>,
+    /// Worker processes that were sent SIGKILL but had not exited when the run ended (stuck in
+    /// the kernel: a frozen cgroup, a hung filesystem). They can run no code of their own; the
+    /// kernel ends them when it releases them, and init reaps them.
+    pub unreaped: Vec<Unreaped>,
+}
+
+/// A worker that would not die (see [`Report::unreaped`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Unreaped {
+    /// Worker slot.
+    pub worker: u32,
+    /// Its pid.
+    pub pid: u32,
+    /// Its scheduler state when the run ended (`D` = stuck in the kernel), if readable.
+    pub state: Option<char>,
 }
 
 impl Report {
-    /// The process exit code: 0 verified, 1 the job failed. (Signals map in the binary.)
+    /// The process exit code, from this report alone: 1 if a matrix was wrong or lost, or the
+    /// run stopped early for any reason but a signal (restart limit, a worker that could not be
+    /// restarted, no workers left), or produced nothing; 128 + n if signal n stopped it after a
+    /// clean drain (130 SIGINT, 143 SIGTERM, 129 SIGHUP); 0 if every matrix verified.
     pub fn exit_code(&self) -> u8 {
-        if self.verified {
-            0
-        } else {
-            1
+        let complete = self.failed == 0 && self.lost == 0;
+        match (complete, self.signal, &self.interrupted) {
+            (false, _, _) => 1,
+            (true, Some(sig), _) => 128u8.saturating_add(sig.clamp(0, 127) as u8),
+            (true, None, Some(_)) => 1,
+            (true, None, None) if self.verified => 0,
+            (true, None, None) => 1,
         }
     }
 }
@@ -173,6 +196,16 @@ impl fmt::Display for Report {
                 f,
                 "  FAILED: matrix seq {} from worker {}: element {} is {} , expected {}",
                 x.seq, x.worker, x.index, x.got, x.expected
+            )?;
+        }
+        for u in &self.unreaped {
+            writeln!(
+                f,
+                "  worker {} (pid {}) was still there when the run ended (state {}); with SIGKILL \
+                 pending it runs no more code, and init reaps it when the kernel lets it go",
+                u.worker,
+                u.pid,
+                u.state.unwrap_or('?')
             )?;
         }
         if let Some(why) = &self.interrupted {

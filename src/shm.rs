@@ -31,7 +31,7 @@ pub enum ShmCreateError {
     /// The machine cannot commit that much memory.
     #[error(
         "shared memory does not fit: asked for {} ({asked} bytes), {} available \
-         (MemAvailable and cgroup limit, less {} headroom); lower --max-dim, --inflight or --workers",
+         under {limit}, less {} headroom; lower --max-dim, --inflight or --workers",
         human_bytes(*asked), human_bytes(*available), human_bytes(HEADROOM)
     )]
     TooLarge {
@@ -39,6 +39,8 @@ pub enum ShmCreateError {
         asked: u64,
         /// Bytes the machine reported available.
         available: u64,
+        /// The limit that leaves `available` (MemAvailable or a cgroup's limit file).
+        limit: String,
     },
     /// A system call failed.
     #[error("could not create shared memory ({step}): {source}")]
@@ -115,11 +117,13 @@ impl Segment {
     /// have the room, and again if the commit itself is refused — never with a later SIGBUS.
     pub fn create(layout: Layout) -> Result<Segment, ShmCreateError> {
         let asked = layout.total_bytes();
-        if let Some(avail) = sys::available_memory() {
-            if asked.saturating_add(HEADROOM) > avail {
+        let room = crate::limits::memory_room(&crate::limits::read_host);
+        if let Some(room) = &room {
+            if asked.saturating_add(HEADROOM) > room.left {
                 return Err(ShmCreateError::TooLarge {
                     asked,
-                    available: avail.saturating_sub(HEADROOM),
+                    available: room.left.saturating_sub(HEADROOM),
+                    limit: room.source.clone(),
                 });
             }
         }
@@ -131,9 +135,14 @@ impl Segment {
                     if code == rustix::io::Errno::NOSPC.raw_os_error()
                         || code == rustix::io::Errno::NOMEM.raw_os_error() =>
                 {
+                    let room = crate::limits::memory_room(&crate::limits::read_host);
                     ShmCreateError::TooLarge {
                         asked,
-                        available: sys::available_memory().unwrap_or(0),
+                        available: room.as_ref().map_or(0, |r| r.left),
+                        limit: room.map_or_else(
+                            || "the kernel's refusal to commit it".into(),
+                            |r| r.source,
+                        ),
                     }
                 }
                 _ => ShmCreateError::Io {
@@ -144,7 +153,8 @@ impl Segment {
         }
         let len = usize::try_from(asked).map_err(|_| ShmCreateError::TooLarge {
             asked,
-            available: 0,
+            available: usize::MAX as u64,
+            limit: "this platform's address space".into(),
         })?;
         let map = sys::Mapping::shared(fd.as_fd(), len).map_err(io("mmap"))?;
         let coordinator_pid = sys::own_pid();

@@ -6,7 +6,7 @@
 
 use std::fs::File;
 use std::io::{self, Read};
-use std::os::fd::{BorrowedFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::time::Duration;
 
 use rustix::fs::{FallocateFlags, MemfdFlags};
@@ -19,11 +19,33 @@ use crate::sync::AtomicU32;
 /// Creates an anonymous, close-on-exec memory file ([memfd_create(2)]).
 ///
 /// It lives on the kernel's internal tmpfs, not `/dev/shm`, so the size of `/dev/shm` (64 MiB
-/// under Docker) does not matter, and it is freed when the last fd and mapping go away.
+/// under Docker) does not matter, and it is freed when the last fd and mapping go away. Where
+/// `memfd_create` is refused (a kernel before 3.17, a seccomp profile) it falls back to an
+/// unnamed file in `/dev/shm` (`O_TMPFILE`), which is just as anonymous but counts against
+/// `/dev/shm`'s size; the commit that follows still fails up front if that is too small.
 ///
 /// [memfd_create(2)]: https://man7.org/linux/man-pages/man2/memfd_create.2.html
 pub fn memfd(name: &str) -> io::Result<OwnedFd> {
-    Ok(rustix::fs::memfd_create(name, MemfdFlags::CLOEXEC)?)
+    let first = match rustix::fs::memfd_create(name, MemfdFlags::CLOEXEC) {
+        Ok(fd) => return Ok(fd),
+        Err(e) => e,
+    };
+    if std::env::var_os("MK1_TEST_NO_TMPFILE").is_none() {
+        if let Ok(fd) = rustix::fs::open(
+            "/dev/shm",
+            rustix::fs::OFlags::TMPFILE | rustix::fs::OFlags::RDWR | rustix::fs::OFlags::CLOEXEC,
+            rustix::fs::Mode::RUSR | rustix::fs::Mode::WUSR,
+        ) {
+            return Ok(fd);
+        }
+    }
+    Err(io::Error::new(
+        io::Error::from(first).kind(),
+        format!(
+            "memfd_create(2) failed ({first}) and no unnamed file could be made in /dev/shm; \
+             allow memfd_create in the seccomp profile, or mount a writable tmpfs on /dev/shm"
+        ),
+    ))
 }
 
 /// Sets the file's size ([ftruncate(2)]) and then reserves every page of it ([fallocate(2)]),
@@ -146,6 +168,63 @@ pub fn pidfd_open(pid: u32) -> io::Result<OwnedFd> {
     Ok(rustix::process::pidfd_open(pid, PidfdFlags::empty())?)
 }
 
+/// Which of the pidfd system calls this kernel and sandbox allow, probed once per process on
+/// this process itself: `pidfd_open(2)` (Linux 5.3), `pidfd_send_signal(2)` (5.1) and
+/// `waitid(P_PIDFD)` (5.4). Seccomp profiles, valgrind and old kernels refuse some of them;
+/// every caller has a fallback on the plain pid, which is safe for a child nobody else reaps.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PidfdSupport {
+    /// `pidfd_open` works.
+    pub open: bool,
+    /// `pidfd_send_signal` works.
+    pub send_signal: bool,
+    /// `waitid(P_PIDFD, ...)` works.
+    pub waitid: bool,
+}
+
+/// The probe behind [`PidfdSupport`]; `MK1_NO_PIDFD=1` forces the fallbacks (for tests).
+pub fn pidfd_support() -> PidfdSupport {
+    static PROBE: std::sync::OnceLock<PidfdSupport> = std::sync::OnceLock::new();
+    *PROBE.get_or_init(|| {
+        let none = PidfdSupport {
+            open: false,
+            send_signal: false,
+            waitid: false,
+        };
+        if std::env::var_os("MK1_NO_PIDFD").is_some_and(|v| v == "1") {
+            return none;
+        }
+        let Ok(fd) = pidfd_open(own_pid()) else {
+            return none;
+        };
+        // Signal 0 checks permission and existence only; nothing is delivered.
+        // SAFETY: a raw syscall with an fd we own, signal 0, a null siginfo and no flags: the
+        // kernel reads no memory of ours.
+        let send_signal = unsafe {
+            libc::syscall(
+                libc::SYS_pidfd_send_signal,
+                fd.as_raw_fd(),
+                0,
+                core::ptr::null::<libc::siginfo_t>(),
+                0,
+            )
+        } == 0;
+        // On ourselves waitid answers ECHILD when it understands P_PIDFD (EINVAL before 5.4).
+        let waitid = matches!(
+            rustix::process::waitid(
+                WaitId::PidFd(fd.as_fd()),
+                WaitIdOptions::EXITED | WaitIdOptions::NOHANG
+            ),
+            Err(rustix::io::Errno::CHILD)
+        );
+        PidfdSupport {
+            open: true,
+            send_signal,
+            waitid,
+        }
+    })
+}
+
 /// Waits up to `timeout` for any of `fds` to become readable ([poll(2)]); returns the indices
 /// of those that are.
 ///
@@ -195,33 +274,192 @@ impl std::fmt::Display for ExitKind {
     }
 }
 
-/// Reaps the child behind `pidfd` if it has exited ([waitid(2)] P_PIDFD, WNOHANG).
-///
-/// [waitid(2)]: https://man7.org/linux/man-pages/man2/waitid.2.html
-pub fn try_reap(pidfd: BorrowedFd<'_>) -> io::Result<Option<ExitKind>> {
-    let status = match rustix::process::waitid(
-        WaitId::PidFd(pidfd),
-        WaitIdOptions::EXITED | WaitIdOptions::NOHANG,
-    ) {
-        Ok(s) => s,
-        // Not our child any more: someone else reaped it, so it has exited.
-        Err(rustix::io::Errno::CHILD) => return Ok(Some(ExitKind::Vanished)),
-        Err(e) => return Err(e.into()),
-    };
-    Ok(status.and_then(|s| {
-        if let Some(code) = s.exit_status() {
-            Some(ExitKind::Exited(code))
-        } else {
-            s.terminating_signal().map(ExitKind::Signaled)
-        }
-    }))
+/// A child process that only its creator reaps, so its pid cannot be recycled before
+/// [`ChildProcess::try_reap`] returns its exit: killing or waiting by pid is as safe as by
+/// pidfd. Notices an exit through a pidfd where the kernel allows one, otherwise through a pipe
+/// whose write end only the child holds (it closes, and the read end polls readable, when the
+/// child is gone: works on every kernel and under any seccomp profile that allows pipes).
+#[derive(Debug)]
+pub struct ChildProcess {
+    pid: u32,
+    /// Polls readable when the child has exited: its pidfd, or the read end of its exit pipe.
+    exit_fd: OwnedFd,
+    /// Whether `exit_fd` is a pidfd.
+    is_pidfd: bool,
+    /// Exit already collected (the pid may be reused from then on: no more kills).
+    reaped: bool,
 }
 
-/// Sends SIGKILL through a pidfd, which cannot hit a recycled pid ([pidfd_send_signal(2)]).
+/// Dispositions set to SIG_IGN in a worker between fork and exec (ignored signals stay
+/// ignored across exec): a terminal's Ctrl-C, `kill -- -PGID`, `timeout` and service managers
+/// signal the whole process group, and the coordinator alone decides when workers stop.
+const JOB_CONTROL_SIGNALS: [i32; 3] = [libc::SIGINT, libc::SIGTERM, libc::SIGHUP];
+
+impl ChildProcess {
+    /// Starts `exe` with `key=value` in its environment, stdin from /dev/null, the descriptors
+    /// `fds` left open across exec (they are close-on-exec in this process), and SIGINT, SIGTERM
+    /// and SIGHUP ignored. If anything fails after the fork, the child is killed and reaped
+    /// before the error is returned: it never lives on to print a line of its own.
+    pub fn spawn(
+        exe: &std::path::Path,
+        key: &str,
+        value: &str,
+        fds: &[RawFd],
+    ) -> io::Result<ChildProcess> {
+        let support = pidfd_support();
+        let pipe_ends = if support.open { None } else { Some(pipe()?) };
+        let mut inherit = fds.to_vec();
+        if let Some((_, w)) = &pipe_ends {
+            inherit.push(w.as_raw_fd());
+        }
+        let mut child = spawn_inheriting(exe, key, value, &inherit, true)?;
+        let pid = child.id();
+        let exit_fd = match pipe_ends {
+            // Our copy of the write end must go, or the read end never sees the child's close.
+            Some((r, w)) => {
+                drop(w);
+                Ok(r)
+            }
+            None => pidfd_open(pid),
+        };
+        match exit_fd {
+            Ok(exit_fd) => Ok(ChildProcess {
+                pid,
+                exit_fd,
+                is_pidfd: support.open,
+                reaped: false,
+            }),
+            Err(e) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                Err(e)
+            }
+        }
+    }
+
+    /// The child's pid.
+    pub fn pid(&self) -> u32 {
+        self.pid
+    }
+
+    /// Polls readable once the child has exited (see the type's doc).
+    pub fn exit_fd(&self) -> BorrowedFd<'_> {
+        self.exit_fd.as_fd()
+    }
+
+    /// Reaps the child if it has exited ([waitid(2)] P_PIDFD, or [waitpid(2)] on the pid where
+    /// P_PIDFD is refused), without blocking.
+    ///
+    /// [waitid(2)]: https://man7.org/linux/man-pages/man2/waitid.2.html
+    /// [waitpid(2)]: https://man7.org/linux/man-pages/man2/waitpid.2.html
+    pub fn try_reap(&mut self) -> io::Result<Option<ExitKind>> {
+        if self.reaped {
+            return Ok(Some(ExitKind::Vanished));
+        }
+        let got = if self.is_pidfd && pidfd_support().waitid {
+            match rustix::process::waitid(
+                WaitId::PidFd(self.exit_fd.as_fd()),
+                WaitIdOptions::EXITED | WaitIdOptions::NOHANG,
+            ) {
+                Ok(s) => s.and_then(|s| match s.exit_status() {
+                    Some(code) => Some(ExitKind::Exited(code)),
+                    None => s.terminating_signal().map(ExitKind::Signaled),
+                }),
+                Err(rustix::io::Errno::CHILD) => Some(ExitKind::Vanished),
+                Err(e) => return Err(e.into()),
+            }
+        } else {
+            let pid = Pid::from_raw(self.pid as i32).ok_or_else(|| io::Error::other("pid 0"))?;
+            match rustix::process::waitpid(Some(pid), rustix::process::WaitOptions::NOHANG) {
+                Ok(s) => s.and_then(|(_, s)| {
+                    if let Some(code) = s.exit_status() {
+                        Some(ExitKind::Exited(code))
+                    } else {
+                        s.terminating_signal().map(ExitKind::Signaled)
+                    }
+                }),
+                Err(rustix::io::Errno::CHILD) => Some(ExitKind::Vanished),
+                Err(e) => return Err(e.into()),
+            }
+        };
+        self.reaped = got.is_some();
+        Ok(got)
+    }
+
+    /// Sends SIGKILL: through the pidfd ([pidfd_send_signal(2)]) where allowed, else with
+    /// [kill(2)] on the pid, which is safe because the child is not reaped yet. If the first way
+    /// is refused the other is tried; the error is returned only when both fail.
+    ///
+    /// [pidfd_send_signal(2)]: https://man7.org/linux/man-pages/man2/pidfd_send_signal.2.html
+    /// [kill(2)]: https://man7.org/linux/man-pages/man2/kill.2.html
+    pub fn kill(&self) -> io::Result<()> {
+        if self.reaped {
+            return Ok(());
+        }
+        let by_pidfd = || -> io::Result<()> {
+            Ok(rustix::process::pidfd_send_signal(
+                self.exit_fd.as_fd(),
+                Signal::KILL,
+            )?)
+        };
+        let by_pid = || -> io::Result<()> {
+            let pid = Pid::from_raw(self.pid as i32).ok_or_else(|| io::Error::other("pid 0"))?;
+            Ok(rustix::process::kill_process(pid, Signal::KILL)?)
+        };
+        if self.is_pidfd && pidfd_support().send_signal {
+            by_pidfd().or_else(|first| {
+                by_pid().map_err(|second| {
+                    io::Error::other(format!("pidfd_send_signal: {first}; kill: {second}"))
+                })
+            })
+        } else {
+            by_pid()
+        }
+    }
+
+    /// Kills the child and waits up to `limit` for it to be reaped; returns whether it was.
+    pub fn kill_and_reap(&mut self, limit: Duration) -> bool {
+        let _ = self.kill();
+        let end = std::time::Instant::now() + limit;
+        loop {
+            if let Ok(Some(_)) = self.try_reap() {
+                return true;
+            }
+            let now = std::time::Instant::now();
+            if now >= end {
+                return false;
+            }
+            let _ = poll_readable(
+                &[self.exit_fd()],
+                (end - now).min(Duration::from_millis(10)),
+            );
+        }
+    }
+}
+
+/// The scheduler state of process `pid` from `/proc/PID/stat` ([proc_pid_stat(5)]): `R`
+/// running, `S` sleeping, `D` uninterruptible (stuck in the kernel), `T` stopped, `Z` zombie…
 ///
-/// [pidfd_send_signal(2)]: https://man7.org/linux/man-pages/man2/pidfd_send_signal.2.html
-pub fn kill_pidfd(pidfd: BorrowedFd<'_>) -> io::Result<()> {
-    Ok(rustix::process::pidfd_send_signal(pidfd, Signal::KILL)?)
+/// [proc_pid_stat(5)]: https://man7.org/linux/man-pages/man5/proc_pid_stat.5.html
+pub fn process_state(pid: u32) -> Option<char> {
+    let stat = read_small(&format!("/proc/{pid}/stat"))?;
+    // The command name is in parentheses and may itself contain ") ".
+    stat.rsplit_once(") ")?.1.chars().next()
+}
+
+/// Whether SIGKILL is pending for process `pid` (`ShdPnd`/`SigPnd` in `/proc/PID/status`): such
+/// a process never runs another instruction of its own, even while the kernel holds it.
+pub fn kill_pending(pid: u32) -> bool {
+    let Some(status) = read_small(&format!("/proc/{pid}/status")) else {
+        return false;
+    };
+    status.lines().any(|l| {
+        let hex = l
+            .strip_prefix("ShdPnd:")
+            .or_else(|| l.strip_prefix("SigPnd:"));
+        hex.and_then(|h| u64::from_str_radix(h.trim(), 16).ok())
+            .is_some_and(|mask| mask & (1 << (libc::SIGKILL - 1)) != 0)
+    })
 }
 
 /// Asks the kernel to SIGKILL this process when the thread that forked it exits
@@ -254,43 +492,44 @@ pub fn inherit_fd(fd: BorrowedFd<'_>) -> io::Result<()> {
     Ok(rustix::io::fcntl_setfd(fd, rustix::io::FdFlags::empty())?)
 }
 
-/// Memory this process could commit now: the smaller of `MemAvailable` ([proc(5)]) and the
-/// room left under the cgroup v2 `memory.max` limit, if one is set.
-///
-/// [proc(5)]: https://man7.org/linux/man-pages/man5/proc.5.html
-pub fn available_memory() -> Option<u64> {
-    let meminfo = read_small("/proc/meminfo")?;
-    let mut avail = meminfo
-        .lines()
-        .find_map(|l| l.strip_prefix("MemAvailable:"))
-        .and_then(|rest| {
-            rest.trim()
-                .trim_end_matches("kB")
-                .trim()
-                .parse::<u64>()
-                .ok()
-        })
-        .map(|kib| kib * 1024)?;
-    if let (Some(max), Some(cur)) = (
-        read_small("/sys/fs/cgroup/memory.max"),
-        read_small("/sys/fs/cgroup/memory.current"),
-    ) {
-        if let (Ok(max), Ok(cur)) = (max.trim().parse::<u64>(), cur.trim().parse::<u64>()) {
-            avail = avail.min(max.saturating_sub(cur));
-        }
-    }
-    Some(avail)
-}
-
-fn read_small(path: &str) -> Option<String> {
+/// Reads a small text file (procfs, sysfs); `None` if it cannot be read.
+pub fn read_small(path: &str) -> Option<String> {
     let mut s = String::new();
     File::open(path).ok()?.read_to_string(&mut s).ok()?;
     Some(s)
 }
 
-/// The number of CPUs this process may run on ([sched_getaffinity(2)]).
+/// The resource limits [`soft_limit`] reads (`RLIMIT_AS`, `RLIMIT_NPROC`…).
+pub use rustix::process::Resource;
+
+/// A resource limit of this process ([getrlimit(2)]): the soft limit, `None` if unlimited.
+///
+/// [getrlimit(2)]: https://man7.org/linux/man-pages/man2/getrlimit.2.html
+pub fn soft_limit(resource: Resource) -> Option<u64> {
+    rustix::process::getrlimit(resource).current
+}
+
+/// The real user id of this process.
+pub fn real_uid() -> u32 {
+    rustix::process::getuid().as_raw()
+}
+
+/// The CPUs this process may run on, in increasing order ([sched_getaffinity(2)]): taskset,
+/// cpusets and container runtimes all narrow this mask, so placement picks from it and never
+/// uses absolute CPU numbers.
 ///
 /// [sched_getaffinity(2)]: https://man7.org/linux/man-pages/man2/sched_getaffinity.2.html
+pub fn allowed_cpus() -> Vec<usize> {
+    match rustix::thread::sched_getaffinity(None) {
+        Ok(set) => (0..rustix::thread::CpuSet::MAX_CPU)
+            .filter(|&c| set.is_set(c))
+            .collect(),
+        Err(_) => (0..online_cpus()).collect(),
+    }
+}
+
+/// How many CPUs this process may use: its affinity mask, further limited by a cgroup CPU quota
+/// (what [`std::thread::available_parallelism`] reports).
 pub fn online_cpus() -> usize {
     std::thread::available_parallelism().map_or(1, |n| n.get())
 }
@@ -304,32 +543,72 @@ pub fn pin_to_cpu(cpu: usize) -> io::Result<()> {
     Ok(rustix::thread::sched_setaffinity(None, &set)?)
 }
 
+/// The program this process is running, opened from `/proc/self/exe` ([proc_pid_exe(5)]): the
+/// inode stays reachable through this fd whatever happens to the path since (deleted, replaced,
+/// upgraded in place), so a worker started through [`fd_path`] is always the same build.
+///
+/// [proc_pid_exe(5)]: https://man7.org/linux/man-pages/man5/proc_pid_exe.5.html
+pub fn open_running_image() -> io::Result<OwnedFd> {
+    Ok(rustix::fs::open(
+        "/proc/self/exe",
+        rustix::fs::OFlags::RDONLY | rustix::fs::OFlags::CLOEXEC,
+        rustix::fs::Mode::empty(),
+    )?)
+}
+
+/// A path that names `fd` in this process and in a child between fork and exec (the child
+/// inherits the fd until exec, which opens the path first).
+pub fn fd_path(fd: BorrowedFd<'_>) -> std::path::PathBuf {
+    format!("/proc/self/fd/{}", fd.as_raw_fd()).into()
+}
+
 /// Starts `exe` with `key=value` in its environment, stdin from /dev/null, and the descriptors
-/// `fds` left open across exec (they are close-on-exec in this process). The child is not reaped
-/// by anyone else, so its pid stays valid until the caller waits for it.
+/// `fds` left open across exec (they are close-on-exec in this process). With
+/// `ignore_job_control`, SIGINT, SIGTERM and SIGHUP are ignored in the child (dispositions set
+/// to ignore survive exec). The child is not reaped by anyone else, so its pid stays valid until
+/// the caller waits for it.
 pub fn spawn_inheriting(
     exe: &std::path::Path,
     key: &str,
     value: &str,
     fds: &[RawFd],
+    ignore_job_control: bool,
 ) -> io::Result<std::process::Child> {
     use std::os::unix::process::CommandExt;
     let mut cmd = std::process::Command::new(exe);
     cmd.env(key, value).stdin(std::process::Stdio::null());
     let fds = fds.to_vec();
     // SAFETY: the closure runs in the child between fork and exec, where only async-signal-safe
-    // work is allowed: it makes raw fcntl syscalls on a vector allocated before the fork, and
-    // allocates nothing. The fds stay open in the parent for the whole call, so the numbers are
-    // valid in the child.
+    // work is allowed: it makes raw fcntl and sigaction syscalls (signal(2) with SIG_IGN is
+    // async-signal-safe) on a vector allocated before the fork, and allocates nothing. The fds
+    // stay open in the parent for the whole call, so the numbers are valid in the child. std
+    // resets the signal mask and SIGPIPE before running this closure, so nothing undoes it.
     unsafe {
         cmd.pre_exec(move || {
             for &fd in &fds {
                 inherit_fd(BorrowedFd::borrow_raw(fd))?;
             }
+            if ignore_job_control {
+                for sig in JOB_CONTROL_SIGNALS {
+                    if libc::signal(sig, libc::SIG_IGN) == libc::SIG_ERR {
+                        return Err(io::Error::last_os_error());
+                    }
+                }
+            }
             Ok(())
         });
     }
     cmd.spawn()
+}
+
+/// Ignores SIGINT, SIGTERM and SIGHUP in this process (a worker's first act, in case it was not
+/// started by [`ChildProcess::spawn`]).
+pub fn ignore_job_control_signals() {
+    for sig in JOB_CONTROL_SIGNALS {
+        // SAFETY: setting a disposition to SIG_IGN installs no handler code; it cannot violate
+        // any Rust invariant.
+        unsafe { libc::signal(sig, libc::SIG_IGN) };
+    }
 }
 
 /// A pipe, both ends close-on-exec ([pipe2(2)]): `(read, write)`.

@@ -25,6 +25,27 @@ use crate::wait::{Backoff, Doorbell, Futex, SpinMode, Step};
 /// [`SpinMode`] code).
 pub const WORKER_ENV: &str = "MK1_WORKER";
 
+/// This build's identity: a hash of the crate's sources and version, made by `build.rs`. A
+/// worker publishes it at attach and the coordinator refuses any other, so a program replaced
+/// on disk, or a worker program built from other sources, is a clear start failure.
+pub const BUILD_ID: u64 = parse_build_id(env!("MK1_BUILD_ID"));
+
+const fn parse_build_id(hex: &str) -> u64 {
+    let b = hex.as_bytes();
+    let mut v = 0u64;
+    let mut i = 0;
+    while i < b.len() {
+        let d = match b[i] {
+            c @ b'0'..=b'9' => c - b'0',
+            c @ b'a'..=b'f' => c - b'a' + 10,
+            _ => panic!("MK1_BUILD_ID is lower-case hex"),
+        };
+        v = (v << 4) | d as u64;
+        i += 1;
+    }
+    v
+}
+
 /// Exit status of a worker whose spec was malformed.
 pub const EXIT_BAD_SPEC: i32 = 70;
 /// Exit status of a worker that found invalid data in the segment.
@@ -42,8 +63,10 @@ const SLEEP: Duration = Duration::from_millis(100);
 /// worker slot `W` (every worker if omitted) misbehave once it has processed `N` tokens. Kinds:
 /// `wrong` flips one element of every N-th token, `exit` exits with status 99, `stall` stops
 /// consuming (holding its tokens), `fake` stops consuming but keeps its heartbeat moving,
-/// `header` writes the shutdown flag in the header, `badtoken` pushes back a forged token. Never set in normal
-/// use; `tests/reliability.rs` uses it to prove the coordinator copes.
+/// `header` writes the shutdown flag in the header, `badtoken` pushes back a forged token,
+/// `foreign` (checked at attach, `N` ignored) claims another build id when the file named by
+/// `MK1_CHAOS_FOREIGN_IF` exists. Never set in normal use; `tests/reliability.rs` uses it to
+/// prove the coordinator copes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Chaos {
     None,
@@ -53,6 +76,7 @@ enum Chaos {
     Fake(u64),
     Header(u64),
     BadToken(u64),
+    Foreign,
 }
 
 impl Chaos {
@@ -81,6 +105,7 @@ impl Chaos {
             "fake" => Chaos::Fake(n),
             "header" => Chaos::Header(n),
             "badtoken" => Chaos::BadToken(n),
+            "foreign" => Chaos::Foreign,
             _ => Chaos::None,
         }
     }
@@ -327,8 +352,14 @@ pub fn process(
 
 /// The worker loop. Returns when the coordinator asks for shutdown and the rings are empty.
 pub fn serve(spec: WorkerSpec) -> Result<(), WorkerError> {
+    // Job-control signals sent to the whole process group are the coordinator's to act on.
+    sys::ignore_job_control_signals();
     // Before anything else: die with the coordinator, and catch the case where it already died.
-    if !sys::die_with_parent(spec.coordinator)? {
+    // A sandbox that refuses prctl leaves the parent check alone, which runs whenever a sleep
+    // times out: orphans still leave, a little later.
+    if !sys::die_with_parent(spec.coordinator).unwrap_or(true)
+        || sys::parent_pid() != spec.coordinator
+    {
         return Err(WorkerError::Orphaned(spec.coordinator));
     }
     if let Some(cpu) = spec.cpu {
@@ -348,6 +379,12 @@ pub fn serve(spec: WorkerSpec) -> Result<(), WorkerError> {
     }
     let me = seg.worker(spec.index);
     me.status.pid.store(sys::own_pid(), Ordering::Relaxed);
+    let chaos = Chaos::from_env(spec.index);
+    let foreign = chaos == Chaos::Foreign
+        && std::env::var_os("MK1_CHAOS_FOREIGN_IF")
+            .is_some_and(|f| std::path::Path::new(&f).exists());
+    let build = if foreign { !BUILD_ID } else { BUILD_ID };
+    me.status.build.store(build, Ordering::Relaxed);
     me.status
         .state
         .store(WorkerState::Running as u32, Ordering::Release);
@@ -373,7 +410,6 @@ pub fn serve(spec: WorkerSpec) -> Result<(), WorkerError> {
     let mut backoff = Backoff::for_mode(spec.spin);
     let mut processed: u64 = 0;
     let mut desc = crate::pool::empty_desc();
-    let chaos = Chaos::from_env(spec.index);
     let mut processed_total: u64 = 0;
 
     loop {

@@ -14,18 +14,22 @@ macro_rules! outln {
 
 mod bench;
 
-/// Writes one line to stdout; exits with status 0 if the reader has gone away.
+/// Writes one line to stdout. A reader that has gone away (`mk1 run | head -1`) ends nothing:
+/// the line is dropped, and the exit code still comes from the run's result. Any other write
+/// error is reported on stderr; it makes the exit code at least 1.
 pub fn write_line(args: std::fmt::Arguments<'_>) {
     use std::io::Write;
     let mut out = std::io::stdout().lock();
     if let Err(e) = out.write_fmt(args).and_then(|()| out.write_all(b"\n")) {
-        if e.kind() == std::io::ErrorKind::BrokenPipe {
-            std::process::exit(0);
+        if e.kind() != std::io::ErrorKind::BrokenPipe {
+            eprintln!("mk1: cannot write to stdout: {e}");
+            STDOUT_FAILED.store(true, std::sync::atomic::Ordering::Relaxed);
         }
-        eprintln!("mk1: cannot write to stdout: {e}");
-        std::process::exit(1);
     }
 }
+
+/// Set when a write to stdout failed for a reason other than a closed pipe.
+pub static STDOUT_FAILED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
 use std::io::IsTerminal;
 use std::process::ExitCode;
@@ -249,7 +253,13 @@ fn run(args: RunArgs) -> ExitCode {
         return usage_error(e);
     }
     let signal = Arc::new(AtomicUsize::new(0));
-    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+    // Ctrl-C, `timeout`, `kill -- -PGID` and service managers signal the whole process group:
+    // workers ignore these (see `sys::spawn_inheriting`), the coordinator drains and reports.
+    for sig in [
+        signal_hook::consts::SIGINT,
+        signal_hook::consts::SIGTERM,
+        signal_hook::consts::SIGHUP,
+    ] {
         if let Err(e) = signal_hook::flag::register_usize(sig, signal.clone(), sig as usize) {
             return usage_error(format!("cannot install a signal handler: {e}"));
         }
@@ -288,10 +298,13 @@ fn run(args: RunArgs) -> ExitCode {
     } else {
         outln!("{report}");
     }
-    match signal.load(Ordering::Relaxed) {
-        0 => ExitCode::from(report.exit_code()),
-        sig => ExitCode::from(128 + sig as u8),
+    // The code comes from the report alone (which records the signal that stopped it, if one
+    // did); an unwritable stdout can only make it worse, never better.
+    let code = report.exit_code();
+    if code == 0 && STDOUT_FAILED.load(Ordering::Relaxed) {
+        return ExitCode::from(1);
     }
+    ExitCode::from(code)
 }
 
 fn progress_bar(stop: Stop) -> indicatif::ProgressBar {
