@@ -1396,11 +1396,20 @@ pub fn run(cfg: &Config, hooks: &Hooks<'_>) -> Result<Report, RunError> {
     };
 
     let mut thread_error: Option<(usize, std::io::Error)> = None;
+    let chaos_thread = std::env::var("MK1_CHAOS_THREAD")
+        .ok()
+        .and_then(|v| v.parse::<usize>().ok());
     let stats: Vec<ProducerStats> = std::thread::scope(|scope| {
         let mut handles = Vec::with_capacity(producers as usize);
         for (p, slot) in ready.iter_mut().enumerate() {
             let mut producer = slot.take().expect("each producer is started once");
             let cpu = pinned.then(|| allowed[p]);
+            // Fault injection for the tests: `MK1_CHAOS_THREAD=P` makes starting producer P fail
+            // as the kernel would at a thread limit (EAGAIN), with workers already running.
+            if chaos_thread == Some(p) {
+                thread_error = Some((p, std::io::Error::from_raw_os_error(11)));
+                break;
+            }
             let spawned = std::thread::Builder::new()
                 .name(format!("mk1-producer-{p}"))
                 .spawn_scoped(scope, move || {
