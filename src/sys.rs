@@ -564,8 +564,8 @@ pub fn fd_path(fd: BorrowedFd<'_>) -> std::path::PathBuf {
 
 /// Starts `exe` with `key=value` in its environment, stdin from /dev/null, and the descriptors
 /// `fds` left open across exec (they are close-on-exec in this process). With
-/// `ignore_job_control`, SIGINT, SIGTERM and SIGHUP are ignored in the child (dispositions set
-/// to ignore survive exec). The child is not reaped by anyone else, so its pid stays valid until
+/// `ignore_job_control` (a worker), SIGINT, SIGTERM and SIGHUP are ignored in the child
+/// (dispositions set to ignore survive exec) and its stdout is /dev/null. The child is not reaped by anyone else, so its pid stays valid until
 /// the caller waits for it.
 pub fn spawn_inheriting(
     exe: &std::path::Path,
@@ -577,6 +577,11 @@ pub fn spawn_inheriting(
     use std::os::unix::process::CommandExt;
     let mut cmd = std::process::Command::new(exe);
     cmd.env(key, value).stdin(std::process::Stdio::null());
+    if ignore_job_control {
+        // A worker writes only to stderr; and one stuck in the kernel must not hold the
+        // coordinator's stdout open (`mk1 run --json | jq` would wait for it).
+        cmd.stdout(std::process::Stdio::null());
+    }
     let fds = fds.to_vec();
     // SAFETY: the closure runs in the child between fork and exec, where only async-signal-safe
     // work is allowed: it makes raw fcntl and sigaction syscalls (signal(2) with SIG_IGN is

@@ -22,16 +22,20 @@ pub fn mk1(args: &[&str], limit: Duration) -> Output {
 
 /// Waits for `child`, reading its output; kills it and panics after `limit`.
 pub fn wait_with_limit(mut child: Child, limit: Duration) -> Output {
-    let mut out = child.stdout.take().unwrap();
-    let mut err = child.stderr.take().unwrap();
+    let out = child.stdout.take();
+    let err = child.stderr.take();
     let reader = std::thread::spawn(move || {
         let mut o = Vec::new();
-        out.read_to_end(&mut o).unwrap();
+        if let Some(mut out) = out {
+            out.read_to_end(&mut o).unwrap();
+        }
         o
     });
     let ereader = std::thread::spawn(move || {
         let mut e = Vec::new();
-        err.read_to_end(&mut e).unwrap();
+        if let Some(mut err) = err {
+            err.read_to_end(&mut e).unwrap();
+        }
         e
     });
     let start = Instant::now();

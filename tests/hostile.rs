@@ -1,0 +1,853 @@
+//! mk1 where users' machines and containers put it: cgroup and rlimit limits, seccomp profiles
+//! that refuse syscalls, job-control signals to the whole process group, a binary deleted or
+//! replaced while running, a worker frozen in the kernel, a CPU mask. Each test stands for its
+//! class in `issues show 9`; tests that need root or a cgroup hierarchy print why they skip.
+
+mod common;
+
+use common::*;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+const LIMIT: Duration = Duration::from_secs(60);
+
+fn is_root() -> bool {
+    rustix::process::getuid().is_root()
+}
+
+fn skip(why: &str) {
+    eprintln!("SKIPPED: {why}");
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+fn cmd(args: &[&str]) -> Command {
+    let mut c = Command::new(MK1);
+    c.args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    c
+}
+
+fn run(mut c: Command) -> Output {
+    wait_with_limit(c.spawn().expect("start mk1"), LIMIT)
+}
+
+/// A usage/environment refusal: exit 2, exactly one line on stderr, no panic, nothing on stdout.
+fn assert_refused(out: &Output, needle: &str) {
+    let err = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "stderr: {err}");
+    assert_eq!(err.lines().count(), 1, "one line: {err}");
+    assert!(err.contains(needle), "{needle:?} in: {err}");
+    assert!(!err.contains("panicked"), "{err}");
+}
+
+/// Sets a resource limit in the child before exec.
+fn with_rlimit(c: &mut Command, res: rustix::process::Resource, bytes: u64) {
+    // SAFETY: setrlimit is a single async-signal-safe syscall on values copied into the closure.
+    unsafe {
+        c.pre_exec(move || {
+            rustix::process::setrlimit(
+                res,
+                rustix::process::Rlimit {
+                    current: Some(bytes),
+                    maximum: Some(bytes),
+                },
+            )?;
+            Ok(())
+        });
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// A. Limits are read where the kernel enforces them.
+
+/// A cgroup made for one test and removed (after its processes are gone) on drop.
+struct TestCgroup {
+    dirs: Vec<PathBuf>,
+}
+
+impl Drop for TestCgroup {
+    fn drop(&mut self) {
+        for d in self.dirs.iter().rev() {
+            for _ in 0..100 {
+                if std::fs::remove_dir(d).is_ok() || !d.exists() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+    }
+}
+
+/// Makes `outer/inner` under the v1 hierarchy of `controller`, or under this process's v2
+/// cgroup with `controller` enabled; `None` if neither can be done here.
+fn nested_cgroup(controller: &str, name: &str) -> Option<(TestCgroup, PathBuf, PathBuf, bool)> {
+    if !is_root() {
+        return None;
+    }
+    let v1 = PathBuf::from(format!("/sys/fs/cgroup/{controller}"));
+    let tag = format!("mk1-test-{}-{name}", std::process::id());
+    if v1.join("cgroup.procs").exists() {
+        let outer = v1.join(&tag);
+        let inner = outer.join("inner");
+        std::fs::create_dir_all(&inner).ok()?;
+        return Some((
+            TestCgroup {
+                dirs: vec![outer.clone(), inner.clone()],
+            },
+            outer,
+            inner,
+            false,
+        ));
+    }
+    // v2: our own cgroup, from /proc/self/cgroup's "0::" line.
+    let own = std::fs::read_to_string("/proc/self/cgroup").ok()?;
+    let rel = own.lines().find_map(|l| l.strip_prefix("0::"))?;
+    let base = Path::new("/sys/fs/cgroup").join(rel.trim_start_matches('/'));
+    let outer = base.join(&tag);
+    let inner = outer.join("inner");
+    std::fs::create_dir_all(&inner).ok()?;
+    let guard = TestCgroup {
+        dirs: vec![outer.clone(), inner.clone()],
+    };
+    std::fs::write(
+        outer.join("cgroup.subtree_control"),
+        format!("+{controller}"),
+    )
+    .ok()?;
+    Some((guard, outer, inner, true))
+}
+
+/// `mk1 args` started inside cgroup directory `dir`.
+fn in_cgroup(dir: &Path, args: &[&str]) -> Command {
+    let mut c = Command::new("sh");
+    c.arg("-c")
+        .arg(format!(
+            "echo $$ > {}/cgroup.procs && exec \"$0\" \"$@\"",
+            dir.display()
+        ))
+        .arg(MK1)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    c
+}
+
+#[test]
+fn a_memory_limit_on_an_enclosing_cgroup_is_refused_before_any_worker_starts() {
+    let Some((_g, outer, inner, v2)) = nested_cgroup("memory", "mem") else {
+        return skip("needs root and a writable memory cgroup (v1 or v2)");
+    };
+    // The limit sits one level above the cgroup mk1 runs in: a nested scope, as systemd and
+    // Kubernetes make them.
+    let file = if v2 {
+        "memory.max"
+    } else {
+        "memory.limit_in_bytes"
+    };
+    std::fs::write(outer.join(file), format!("{}", 200u64 << 20)).expect("set the limit");
+    let args = [
+        "run",
+        "--workers",
+        "1",
+        "--max-dim",
+        "4096",
+        "--inflight",
+        "8",
+        "--duration",
+        "2s",
+    ];
+    let out = run(in_cgroup(&inner, &args));
+    assert_refused(&out, "not enough memory");
+    let err = text(&out.stderr);
+    assert!(err.contains(file) && err.contains("asked for"), "{err}");
+    // A run that fits under the same limit still runs.
+    let ok = run(in_cgroup(
+        &inner,
+        &[
+            "run",
+            "--workers",
+            "1",
+            "--max-dim",
+            "256",
+            "--duration",
+            "300ms",
+        ],
+    ));
+    assert_eq!(ok.status.code(), Some(0), "{}", text(&ok.stderr));
+}
+
+#[test]
+fn a_pids_limit_is_refused_before_any_worker_starts() {
+    let Some((_g, outer, inner, _)) = nested_cgroup("pids", "pids") else {
+        return skip("needs root and a writable pids cgroup (v1 or v2)");
+    };
+    std::fs::write(outer.join("pids.max"), "4").expect("set pids.max");
+    let out = run(in_cgroup(
+        &inner,
+        &[
+            "run",
+            "--workers",
+            "3",
+            "--producers",
+            "2",
+            "--duration",
+            "1s",
+        ],
+    ));
+    assert_refused(&out, "too many tasks");
+    assert!(text(&out.stderr).contains("pids.max"));
+}
+
+#[test]
+fn an_address_space_limit_never_panics_aborts_or_hangs() {
+    use rustix::process::Resource;
+    // The smallest limit the binary can start under at all.
+    let floor = (4u64..200)
+        .map(|m| m << 20)
+        .find(|&b| {
+            let mut c = cmd(&["--version"]);
+            with_rlimit(&mut c, Resource::As, b);
+            run(c).status.success()
+        })
+        .expect("mk1 --version runs under some address-space limit");
+    let mut outcomes = Vec::new();
+    let mut mib = floor >> 20;
+    while mib < (floor >> 20) + 160 {
+        let mut c = cmd(&[
+            "run",
+            "--workers",
+            "2",
+            "--producers",
+            "4",
+            "--max-dim",
+            "1024",
+            "--duration",
+            "200ms",
+        ]);
+        with_rlimit(&mut c, Resource::As, mib << 20);
+        let out = wait_with_limit(c.spawn().unwrap(), Duration::from_secs(30));
+        let err = text(&out.stderr);
+        let code = out.status.code();
+        assert!(
+            code == Some(0) || code == Some(2),
+            "RLIMIT_AS {mib} MiB: exit {:?}: {err}",
+            out.status
+        );
+        assert!(
+            !err.contains("panicked") && !err.contains("memory allocation"),
+            "{err}"
+        );
+        if code == Some(2) {
+            assert_eq!(err.lines().count(), 1, "{err}");
+        }
+        outcomes.push((mib, code));
+        mib += 8;
+    }
+    assert!(
+        outcomes.iter().any(|o| o.1 == Some(2)) && outcomes.iter().any(|o| o.1 == Some(0)),
+        "the sweep crosses the threshold: {outcomes:?}"
+    );
+}
+
+#[test]
+fn file_size_and_descriptor_limits_are_refused_with_the_numbers() {
+    use rustix::process::Resource;
+    let mut c = cmd(&["run", "--max-dim", "1024", "--duration", "1s"]);
+    with_rlimit(&mut c, Resource::Fsize, 1 << 20);
+    assert_refused(&run(c), "RLIMIT_FSIZE");
+    let mut c = cmd(&["run", "--workers", "8", "--duration", "1s"]);
+    with_rlimit(&mut c, Resource::Nofile, 12);
+    assert_refused(&run(c), "RLIMIT_NOFILE");
+}
+
+#[test]
+fn a_process_limit_for_an_unprivileged_user_is_refused() {
+    if !is_root() {
+        return skip("needs root to become another user");
+    }
+    let mut c = cmd(&["run", "--workers", "4", "--duration", "1s"]);
+    // SAFETY: setrlimit and setuid/setgid are single async-signal-safe syscalls.
+    unsafe {
+        c.pre_exec(|| {
+            rustix::process::setrlimit(
+                rustix::process::Resource::Nproc,
+                rustix::process::Rlimit {
+                    current: Some(2),
+                    maximum: Some(2),
+                },
+            )?;
+            if libc::setgid(65534) != 0 || libc::setuid(65534) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let out = run(c);
+    if out.status.code() == Some(126) || text(&out.stderr).contains("ermission denied") {
+        return skip("the test binary is not executable by uid 65534 here");
+    }
+    assert_refused(&out, "RLIMIT_NPROC");
+}
+
+// Seccomp: a filter installed between fork and exec fails the listed syscalls with EPERM.
+#[cfg(target_arch = "x86_64")]
+fn with_denied_syscalls(c: &mut Command, nrs: &[u32]) {
+    const LD_ABS_W: u16 = 0x20;
+    const JEQ_K: u16 = 0x15;
+    const RET_K: u16 = 0x06;
+    const RET_ALLOW: u32 = 0x7fff_0000;
+    const RET_ERRNO: u32 = 0x0005_0000;
+    const ARCH_X86_64: u32 = 0xc000_003e;
+    let f = |code, jt, jf, k| libc::sock_filter { code, jt, jf, k };
+    let mut prog = vec![
+        f(LD_ABS_W, 0, 0, 4),
+        f(JEQ_K, 1, 0, ARCH_X86_64),
+        f(RET_K, 0, 0, RET_ALLOW),
+        f(LD_ABS_W, 0, 0, 0),
+    ];
+    for &nr in nrs {
+        prog.push(f(JEQ_K, 0, 1, nr));
+        prog.push(f(RET_K, 0, 0, RET_ERRNO | libc::EPERM as u32));
+    }
+    prog.push(f(RET_K, 0, 0, RET_ALLOW));
+    // SAFETY: two prctl calls on a filter allocated before the fork and alive in the child until
+    // exec; both are async-signal-safe.
+    unsafe {
+        c.pre_exec(move || {
+            let fprog = libc::sock_fprog {
+                len: prog.len() as u16,
+                filter: prog.as_ptr().cast_mut(),
+            };
+            if libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0
+                || libc::prctl(
+                    libc::PR_SET_SECCOMP,
+                    libc::SECCOMP_MODE_FILTER,
+                    &fprog as *const libc::sock_fprog,
+                ) != 0
+            {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+const PIDFD_OPEN: u32 = 434;
+#[cfg(target_arch = "x86_64")]
+const PIDFD_SEND_SIGNAL: u32 = 424;
+#[cfg(target_arch = "x86_64")]
+const WAITID: u32 = 247;
+#[cfg(target_arch = "x86_64")]
+const MEMFD_CREATE: u32 = 319;
+#[cfg(target_arch = "x86_64")]
+const KILL: u32 = 62;
+
+#[cfg(target_arch = "x86_64")]
+#[test]
+fn refused_pidfd_syscalls_fall_back_to_pids_and_workers_are_still_replaced() {
+    for deny in [
+        vec![PIDFD_OPEN],
+        vec![PIDFD_SEND_SIGNAL],
+        vec![WAITID],
+        vec![PIDFD_OPEN, PIDFD_SEND_SIGNAL, WAITID],
+    ] {
+        // A worker that exits mid-run must be noticed (exit pipe or pidfd), reaped (waitpid or
+        // waitid) and replaced, with nothing lost.
+        let mut c = cmd(&[
+            "run",
+            "--json",
+            "--workers",
+            "2",
+            "--count",
+            "20000",
+            "--max-dim",
+            "32",
+            "--batch",
+            "off",
+        ]);
+        c.env("MK1_CHAOS", "exit:300@0");
+        with_denied_syscalls(&mut c, &deny);
+        let out = run(c);
+        let j = json(&out);
+        assert_eq!(
+            out.status.code(),
+            Some(0),
+            "deny {deny:?}: {j} {}",
+            text(&out.stderr)
+        );
+        assert_eq!(j["lost"], 0);
+        assert!(j["worker_restarts"].as_u64().unwrap() >= 1, "{j}");
+        assert!(
+            text(&out.stderr).is_empty(),
+            "no stray lines: {}",
+            text(&out.stderr)
+        );
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[test]
+fn refused_memfd_create_falls_back_or_names_the_syscall() {
+    let mut c = cmd(&["run", "--workers", "1", "--duration", "300ms"]);
+    with_denied_syscalls(&mut c, &[MEMFD_CREATE]);
+    let out = run(c);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    // Without the /dev/shm fallback the error names the syscall and what to do.
+    let mut c = cmd(&["run", "--workers", "1", "--duration", "300ms"]);
+    c.env("MK1_TEST_NO_TMPFILE", "1");
+    with_denied_syscalls(&mut c, &[MEMFD_CREATE]);
+    let out = run(c);
+    assert_refused(&out, "memfd_create");
+    assert!(
+        text(&out.stderr).contains("seccomp"),
+        "{}",
+        text(&out.stderr)
+    );
+}
+
+#[cfg(target_arch = "x86_64")]
+#[test]
+fn a_worker_that_cannot_be_killed_is_reported_and_the_run_ends() {
+    // The watchdog's kill is refused both ways: the run says so, gives that worker's tokens up
+    // as lost (it may still write its slots), and ends in bounded time with exit 1.
+    let mut c = cmd(&[
+        "run",
+        "--json",
+        "--workers",
+        "2",
+        "--duration",
+        "20s",
+        "--worker-timeout",
+        "300ms",
+    ]);
+    c.env("MK1_CHAOS", "stall:500@0");
+    with_denied_syscalls(&mut c, &[KILL, PIDFD_SEND_SIGNAL]);
+    let started = Instant::now();
+    let out = run(c);
+    let j = json(&out);
+    assert_eq!(out.status.code(), Some(1), "{j}");
+    assert!(
+        j["interrupted"]
+            .as_str()
+            .unwrap()
+            .contains("cannot kill worker 0"),
+        "{j}"
+    );
+    assert!(j["lost"].as_u64().unwrap() > 0, "{j}");
+    assert!(
+        started.elapsed() < Duration::from_secs(15),
+        "ended early, bounded"
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// B. Running out after workers exist.
+
+#[test]
+fn a_producer_thread_that_cannot_start_stops_everything_cleanly() {
+    for producers in ["2", "4"] {
+        let mut c = cmd(&[
+            "run",
+            "--workers",
+            "2",
+            "--producers",
+            producers,
+            "--duration",
+            "5s",
+        ]);
+        c.env("MK1_CHAOS_THREAD", "1");
+        let child = c.spawn().unwrap();
+        let pid = child.id();
+        let started = Instant::now();
+        let out = wait_with_limit(child, Duration::from_secs(20));
+        assert_refused(&out, "cannot start producer thread 1");
+        assert!(started.elapsed() < Duration::from_secs(4), "no hang");
+        assert_no_workers_left(pid, Duration::from_secs(1));
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// C. Job-control signals are the coordinator's.
+
+#[test]
+fn signals_to_the_whole_process_group_drain_like_a_signal_to_the_coordinator() {
+    for (sig, num, name) in [
+        (rustix::process::Signal::INT, 2, "SIGINT"),
+        (rustix::process::Signal::TERM, 15, "SIGTERM"),
+        (rustix::process::Signal::HUP, 1, "SIGHUP"),
+    ] {
+        let mut c = cmd(&[
+            "run",
+            "--json",
+            "--workers",
+            "2",
+            "--duration",
+            "30s",
+            "--max-restarts",
+            "0",
+        ]);
+        c.process_group(0);
+        let child = c.spawn().unwrap();
+        let pid = child.id();
+        let start = Instant::now();
+        while workers_of(pid).len() < 2 {
+            assert!(start.elapsed() < Duration::from_secs(20));
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        std::thread::sleep(Duration::from_millis(300));
+        // The whole group, as a terminal's Ctrl-C, `timeout` or `kill -- -PGID` does.
+        rustix::process::kill_process_group(
+            rustix::process::Pid::from_raw(pid as i32).unwrap(),
+            sig,
+        )
+        .unwrap();
+        let out = wait_with_limit(child, Duration::from_secs(20));
+        let j = json(&out);
+        assert_eq!(out.status.code(), Some(128 + num), "{name}: {j}");
+        assert_eq!(j["lost"], 0, "{j}");
+        assert_eq!(j["worker_restarts"], 0, "no worker died: {j}");
+        assert_eq!(j["worker_exits"].as_array().unwrap().len(), 0, "{j}");
+        assert_eq!(j["interrupted"], name);
+        assert_eq!(j["signal"], num);
+        assert_no_workers_left(pid, Duration::from_secs(2));
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// D. A worker is the running image, not a path.
+
+fn private_copy(tag: &str) -> (PathBuf, PathBuf) {
+    let dir = std::env::temp_dir().join(format!("mk1-test-{}-{tag}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let exe = dir.join("mk1");
+    std::fs::copy(MK1, &exe).unwrap();
+    (dir, exe)
+}
+
+#[test]
+fn restarts_start_the_running_build_whatever_happened_to_its_file() {
+    for what in ["deleted", "replaced"] {
+        let (dir, exe) = private_copy(what);
+        let child = Command::new(&exe)
+            .args(["run", "--json", "--workers", "1", "--duration", "3s"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let pid = child.id();
+        let start = Instant::now();
+        let first = loop {
+            if let Some(&w) = workers_of(pid).first() {
+                break w;
+            }
+            assert!(start.elapsed() < Duration::from_secs(20));
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        std::fs::remove_file(&exe).unwrap();
+        if what == "replaced" {
+            // Something else now has the name: an upgrade, or another program entirely.
+            std::fs::write(&exe, "#!/bin/sh\necho not mk1; exit 3\n").unwrap();
+            std::fs::set_permissions(&exe, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+                .unwrap();
+        }
+        rustix::process::kill_process(
+            rustix::process::Pid::from_raw(first as i32).unwrap(),
+            rustix::process::Signal::KILL,
+        )
+        .unwrap();
+        let out = wait_with_limit(child, LIMIT);
+        let _ = std::fs::remove_dir_all(&dir);
+        let j = json(&out);
+        assert_eq!(
+            out.status.code(),
+            Some(0),
+            "{what}: {j} {}",
+            text(&out.stderr)
+        );
+        assert_eq!(j["lost"], 0);
+        assert!(j["worker_restarts"].as_u64().unwrap() >= 1, "{j}");
+        assert_no_workers_left(pid, Duration::from_secs(2));
+    }
+}
+
+#[test]
+fn a_worker_of_another_build_is_refused_once_not_restarted_forever() {
+    let flag = std::env::temp_dir().join(format!("mk1-test-{}-foreign", std::process::id()));
+    let _ = std::fs::remove_file(&flag);
+    let spawn = |flag: &Path| -> Child {
+        let mut c = cmd(&["run", "--json", "--workers", "2", "--duration", "20s"]);
+        c.env("MK1_CHAOS", "foreign:1@0")
+            .env("MK1_CHAOS_FOREIGN_IF", flag);
+        c.spawn().unwrap()
+    };
+    // At start: a clear start-up error.
+    std::fs::write(&flag, "").unwrap();
+    let out = wait_with_limit(spawn(&flag), LIMIT);
+    assert_refused(&out, "not the same build");
+    // At a restart: refused once, the run stops and says why.
+    std::fs::remove_file(&flag).unwrap();
+    let child = spawn(&flag);
+    let pid = child.id();
+    let start = Instant::now();
+    while workers_of(pid).len() < 2 {
+        assert!(start.elapsed() < Duration::from_secs(20));
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    std::fs::write(&flag, "").unwrap();
+    let victim = workers_of(pid)
+        .into_iter()
+        .find(|&w| {
+            std::fs::read(format!("/proc/{w}/environ"))
+                .is_ok_and(|e| String::from_utf8_lossy(&e).contains(&format!(",0,{pid},")))
+        })
+        .expect("worker 0");
+    rustix::process::kill_process(
+        rustix::process::Pid::from_raw(victim as i32).unwrap(),
+        rustix::process::Signal::KILL,
+    )
+    .unwrap();
+    let out = wait_with_limit(child, LIMIT);
+    let _ = std::fs::remove_file(&flag);
+    let j = json(&out);
+    assert_eq!(out.status.code(), Some(1), "{j}");
+    assert!(
+        j["interrupted"]
+            .as_str()
+            .unwrap()
+            .contains("not the same build"),
+        "{j}"
+    );
+    assert_eq!(j["worker_restarts"], 1, "refused once: {j}");
+    assert_eq!(j["lost"], 0, "its tokens were redone on worker 1: {j}");
+    assert_no_workers_left(pid, Duration::from_secs(2));
+}
+
+// ---------------------------------------------------------------------------------------------
+// E. The exit code comes from the report alone.
+
+#[test]
+fn a_closed_stdout_never_turns_a_failed_run_into_success() {
+    for (chaos, want) in [("wrong:100", 1), ("", 0)] {
+        let mut c = cmd(&[
+            "run",
+            "--json",
+            "--workers",
+            "1",
+            "--count",
+            "20000",
+            "--batch",
+            "off",
+        ]);
+        c.env("MK1_CHAOS", chaos);
+        let mut child = c.spawn().unwrap();
+        drop(child.stdout.take()); // the reader is gone, as with `| true`
+        let out = wait_with_limit(child, LIMIT);
+        assert_eq!(
+            out.status.code(),
+            Some(want),
+            "{chaos}: {}",
+            text(&out.stderr)
+        );
+    }
+}
+
+#[test]
+fn a_run_that_runs_out_of_workers_exits_1_and_says_why() {
+    let out = run({
+        let mut c = cmd(&[
+            "run",
+            "--json",
+            "--workers",
+            "1",
+            "--duration",
+            "10s",
+            "--max-restarts",
+            "0",
+        ]);
+        c.env("MK1_CHAOS", "exit:50");
+        c
+    });
+    let j = json(&out);
+    assert_eq!(out.status.code(), Some(1), "{j}");
+    assert!(!j["interrupted"].is_null(), "{j}");
+}
+
+// ---------------------------------------------------------------------------------------------
+// F. A worker that cannot die does not hold the run hostage.
+
+/// Freezes `pid` in a cgroup v1 freezer (where frozen tasks stay put even with SIGKILL pending)
+/// or a v2 `cgroup.freeze`; thaws and removes the cgroup on drop.
+struct Frozen {
+    dir: PathBuf,
+    v2: bool,
+}
+
+impl Frozen {
+    fn new(pid: u32) -> Option<Frozen> {
+        let (guard, outer, _inner, v2) = nested_cgroup("freezer", "freeze")?;
+        // Removed by our own drop, after thawing.
+        std::mem::forget(guard);
+        std::fs::write(outer.join("cgroup.procs"), pid.to_string()).ok()?;
+        let (file, value) = if v2 {
+            ("cgroup.freeze", "1")
+        } else {
+            ("freezer.state", "FROZEN")
+        };
+        std::fs::write(outer.join(file), value).ok()?;
+        Some(Frozen { dir: outer, v2 })
+    }
+}
+
+impl Drop for Frozen {
+    fn drop(&mut self) {
+        let (file, value) = if self.v2 {
+            ("cgroup.freeze", "0")
+        } else {
+            ("freezer.state", "THAWED")
+        };
+        let _ = std::fs::write(self.dir.join(file), value);
+        let _ = TestCgroup {
+            dirs: vec![self.dir.clone(), self.dir.join("inner")],
+        };
+    }
+}
+
+#[test]
+fn a_worker_frozen_in_the_kernel_is_given_up_and_the_run_ends_on_time() {
+    if !Path::new("/sys/fs/cgroup/freezer/cgroup.procs").exists() {
+        return skip("needs root and a cgroup v1 freezer (v2 frozen tasks die on SIGKILL)");
+    }
+    let child = cmd(&[
+        "run",
+        "--json",
+        "--workers",
+        "2",
+        "--duration",
+        "3s",
+        "--worker-timeout",
+        "1s",
+    ])
+    // The frozen worker keeps its inherited stderr open until it dies: read no stderr here.
+    .stderr(Stdio::null())
+    .spawn()
+    .unwrap();
+    let pid = child.id();
+    let start = Instant::now();
+    while workers_of(pid).len() < 2 {
+        assert!(start.elapsed() < Duration::from_secs(20));
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let victim = workers_of(pid)[0];
+    let Some(frozen) = Frozen::new(victim) else {
+        drop(wait_with_limit(child, LIMIT));
+        return skip("could not freeze the worker");
+    };
+    let out = wait_with_limit(child, Duration::from_secs(20));
+    let ended = start.elapsed();
+    drop(frozen);
+    let j = json(&out);
+    assert_eq!(out.status.code(), Some(0), "{j}");
+    assert_eq!(j["lost"], 0, "{j}");
+    assert!(
+        ended < Duration::from_secs(10),
+        "bounded shutdown: {ended:?}"
+    );
+    let how = j["worker_exits"][0]["how"].as_str().unwrap();
+    assert!(how.contains("stuck in the kernel"), "{j}");
+    assert_eq!(j["unreaped"][0]["pid"], victim, "named: {j}");
+    // Thawed, it dies of the pending SIGKILL and is gone.
+    let t = Instant::now();
+    while Path::new(&format!("/proc/{victim}/environ")).exists()
+        && std::fs::read(format!("/proc/{victim}/environ")).is_ok_and(|e| !e.is_empty())
+    {
+        assert!(
+            t.elapsed() < Duration::from_secs(5),
+            "thawed worker {victim} died"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// G. Sharing the machine: a CPU mask is respected.
+
+#[test]
+fn a_run_inside_a_cpu_mask_never_uses_a_cpu_outside_it() {
+    let cpus: Vec<usize> = {
+        let set = rustix::thread::sched_getaffinity(None).unwrap();
+        (0..rustix::thread::CpuSet::MAX_CPU)
+            .filter(|&c| set.is_set(c))
+            .collect()
+    };
+    let only = *cpus.last().unwrap();
+    let mut c = cmd(&[
+        "run",
+        "--json",
+        "--workers",
+        "2",
+        "--duration",
+        "1500ms",
+        "--pin",
+        "auto",
+    ]);
+    // SAFETY: one sched_setaffinity syscall on a set built before the fork.
+    let mut set = rustix::thread::CpuSet::new();
+    set.set(only);
+    unsafe {
+        c.pre_exec(move || {
+            rustix::thread::sched_setaffinity(None, &set)?;
+            Ok(())
+        });
+    }
+    let child = c.spawn().unwrap();
+    let pid = child.id();
+    let mut seen = std::collections::BTreeSet::new();
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_millis(1200) {
+        for p in std::iter::once(pid).chain(workers_of(pid)) {
+            let Ok(tasks) = std::fs::read_dir(format!("/proc/{p}/task")) else {
+                continue;
+            };
+            for t in tasks.flatten() {
+                let stat = std::fs::read_to_string(t.path().join("stat")).unwrap_or_default();
+                let status = std::fs::read_to_string(t.path().join("status")).unwrap_or_default();
+                // Field 39 of stat: the CPU it last ran on.
+                if let Some(cpu) = stat
+                    .rsplit_once(") ")
+                    .and_then(|(_, r)| r.split(' ').nth(36))
+                    .and_then(|c| c.parse::<usize>().ok())
+                {
+                    seen.insert(cpu);
+                }
+                if let Some(list) = status
+                    .lines()
+                    .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
+                {
+                    assert_eq!(list.trim(), only.to_string(), "task {:?}", t.path());
+                }
+            }
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let out = wait_with_limit(child, LIMIT);
+    let j = json(&out);
+    assert_eq!(out.status.code(), Some(0), "{j}");
+    assert_eq!(
+        j["pinned"], false,
+        "three busy threads cannot each have a CPU of a 1-CPU mask"
+    );
+    assert!(
+        seen.iter().all(|&c| c == only),
+        "ran on {seen:?}, allowed only {only}"
+    );
+}
