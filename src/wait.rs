@@ -96,8 +96,9 @@ impl<'a> Doorbell<'a> {
 /// yielding is no better (a yield that finds no other thread on this CPU's queue returns at
 /// once). Measured on 2 CPUs: two runs at once each fell to under 1% of one run alone.
 ///
-/// So the budget adapts, judged by time: a wait answered within [`PAYS`] keeps the budget and
-/// grows it back; a wait answered later, or that had to sleep, halves the spin and yield budget,
+/// So the budget adapts, judged by time: a wait answered while spinning, without losing the CPU
+/// on the way (at most [`PAYS`] plus a microsecond per re-check), keeps the budget and grows it
+/// back; a wait that lost the CPU, yielded or had to sleep halves the spin and yield budget,
 /// down to a few dozen re-checks, after which waiting is the futex. Because a collapsed budget
 /// cannot notice that spinning would pay again (both sides asleep make every hand-off slow), one
 /// wait per [`PROBE_EVERY`] spins with the full budget as a probe.
@@ -204,7 +205,12 @@ impl Backoff {
     #[inline]
     pub fn reset(&mut self) {
         if let Some(start) = self.wait_start.take() {
-            self.learn(!self.slept && start.elapsed() < PAYS);
+            // Paid: answered while spinning, and this thread stayed on its CPU the whole time
+            // (a spin re-check takes well under a microsecond; far more time than that per
+            // re-check means the scheduler took the CPU away, which is what sharing looks like).
+            let on_cpu =
+                start.elapsed() <= PAYS + Duration::from_nanos(u64::from(self.spins) * 1000);
+            self.learn(!self.slept && self.yields == 0 && on_cpu);
         }
         self.spins = 0;
         self.yields = 0;
