@@ -498,11 +498,7 @@ fn signals_to_the_whole_process_group_drain_like_a_signal_to_the_coordinator() {
         c.process_group(0);
         let child = c.spawn().unwrap();
         let pid = child.id();
-        let start = Instant::now();
-        while workers_of(pid).len() < 2 {
-            assert!(start.elapsed() < Duration::from_secs(20));
-            std::thread::sleep(Duration::from_millis(10));
-        }
+        wait_for_workers(pid, 2);
         std::thread::sleep(Duration::from_millis(300));
         // The whole group, as a terminal's Ctrl-C, `timeout` or `kill -- -PGID` does.
         rustix::process::kill_process_group(
@@ -545,14 +541,7 @@ fn restarts_start_the_running_build_whatever_happened_to_its_file() {
             .spawn()
             .unwrap();
         let pid = child.id();
-        let start = Instant::now();
-        let first = loop {
-            if let Some(&w) = workers_of(pid).first() {
-                break w;
-            }
-            assert!(start.elapsed() < Duration::from_secs(20));
-            std::thread::sleep(Duration::from_millis(10));
-        };
+        let first = wait_for_workers(pid, 1)[0];
         std::fs::remove_file(&exe).unwrap();
         if what == "replaced" {
             // Something else now has the name: an upgrade, or another program entirely.
@@ -598,11 +587,7 @@ fn a_worker_of_another_build_is_refused_once_not_restarted_forever() {
     std::fs::remove_file(&flag).unwrap();
     let child = spawn(&flag);
     let pid = child.id();
-    let start = Instant::now();
-    while workers_of(pid).len() < 2 {
-        assert!(start.elapsed() < Duration::from_secs(20));
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    wait_for_workers(pid, 2);
     std::fs::write(&flag, "").unwrap();
     let victim = workers_of(pid)
         .into_iter()
@@ -743,10 +728,7 @@ fn a_worker_frozen_in_the_kernel_is_given_up_and_the_run_ends_on_time() {
     .unwrap();
     let pid = child.id();
     let start = Instant::now();
-    while workers_of(pid).len() < 2 {
-        assert!(start.elapsed() < Duration::from_secs(20));
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    wait_for_workers(pid, 2);
     let victim = workers_of(pid)[0];
     let Some(frozen) = Frozen::new(victim) else {
         drop(wait_with_limit(child, LIMIT));

@@ -30,22 +30,6 @@ fn chaos_run(args: &[&str], chaos: &str) -> std::process::Output {
     wait_with_limit(spawn(args, &[("MK1_CHAOS", chaos)]), LIMIT)
 }
 
-/// Waits until coordinator `pid` has `n` live workers; returns their pids.
-fn wait_for_workers(pid: u32, n: usize) -> Vec<u32> {
-    let start = Instant::now();
-    loop {
-        let w = workers_of(pid);
-        if w.len() >= n {
-            return w;
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(20),
-            "workers of {pid} did not start"
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    }
-}
-
 fn signal(pid: u32, sig: &str) {
     let ok = Command::new("kill")
         .args([sig, &pid.to_string()])

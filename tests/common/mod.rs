@@ -125,3 +125,19 @@ pub fn assert_no_workers_left(coordinator: u32, limit: Duration) {
         std::thread::sleep(Duration::from_millis(20));
     }
 }
+
+/// Waits until coordinator `pid` has `n` live workers; returns their pids.
+pub fn wait_for_workers(pid: u32, n: usize) -> Vec<u32> {
+    let start = Instant::now();
+    loop {
+        let w = workers_of(pid);
+        if w.len() >= n {
+            return w;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "workers of {pid} did not start"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
