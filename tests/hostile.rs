@@ -85,43 +85,49 @@ impl Drop for TestCgroup {
     }
 }
 
-/// Makes `outer/inner` under the v1 hierarchy of `controller`, or under this process's v2
-/// cgroup with `controller` enabled; `None` if neither can be done here.
-fn nested_cgroup(controller: &str, name: &str) -> Option<(TestCgroup, PathBuf, PathBuf, bool)> {
+/// Makes `outer/inner` with a limit set on `outer` (`v1_file` in the v1 hierarchy of
+/// `controller`, else `v2_file` under this process's v2 cgroup, enabling the controller there if
+/// it can): the process will run in `inner`, one level below its limit, as in a systemd scope or
+/// a pod. `None` (the caller skips) where this host does not let us.
+fn limited_cgroup(
+    controller: &str,
+    name: &str,
+    v1_file: &'static str,
+    v2_file: &'static str,
+    value: &str,
+) -> Option<(TestCgroup, PathBuf, &'static str)> {
     if !is_root() {
         return None;
     }
-    let v1 = PathBuf::from(format!("/sys/fs/cgroup/{controller}"));
     let tag = format!("mk1-test-{}-{name}", std::process::id());
-    if v1.join("cgroup.procs").exists() {
-        let outer = v1.join(&tag);
-        let inner = outer.join("inner");
-        std::fs::create_dir_all(&inner).ok()?;
-        return Some((
-            TestCgroup {
-                dirs: vec![outer.clone(), inner.clone()],
-            },
-            outer,
-            inner,
-            false,
-        ));
-    }
-    // v2: our own cgroup, from /proc/self/cgroup's "0::" line.
-    let own = std::fs::read_to_string("/proc/self/cgroup").ok()?;
-    let rel = own.lines().find_map(|l| l.strip_prefix("0::"))?;
-    let base = Path::new("/sys/fs/cgroup").join(rel.trim_start_matches('/'));
+    let v1 = PathBuf::from(format!("/sys/fs/cgroup/{controller}"));
+    let (base, file) = if v1.join("cgroup.procs").exists() {
+        (v1, v1_file)
+    } else {
+        let mounts =
+            mk1::limits::parse_mountinfo(&std::fs::read_to_string("/proc/self/mountinfo").ok()?);
+        let m = mounts.into_iter().find(|m| m.v2)?;
+        let own = std::fs::read_to_string("/proc/self/cgroup").ok()?;
+        let rel = own.lines().find_map(|l| l.strip_prefix("0::"))?;
+        let rel = rel
+            .strip_prefix(m.root.trim_end_matches('/'))
+            .unwrap_or(rel);
+        let base = m.point.join(rel.trim_start_matches('/'));
+        // Works where our cgroup is the (namespaced) root or has no processes of its own.
+        let _ = std::fs::write(
+            base.join("cgroup.subtree_control"),
+            format!("+{controller}"),
+        );
+        (base, v2_file)
+    };
     let outer = base.join(&tag);
     let inner = outer.join("inner");
     std::fs::create_dir_all(&inner).ok()?;
     let guard = TestCgroup {
         dirs: vec![outer.clone(), inner.clone()],
     };
-    std::fs::write(
-        outer.join("cgroup.subtree_control"),
-        format!("+{controller}"),
-    )
-    .ok()?;
-    Some((guard, outer, inner, true))
+    std::fs::write(outer.join(file), value).ok()?;
+    Some((guard, inner, file))
 }
 
 /// `mk1 args` started inside cgroup directory `dir`.
@@ -142,17 +148,18 @@ fn in_cgroup(dir: &Path, args: &[&str]) -> Command {
 
 #[test]
 fn a_memory_limit_on_an_enclosing_cgroup_is_refused_before_any_worker_starts() {
-    let Some((_g, outer, inner, v2)) = nested_cgroup("memory", "mem") else {
-        return skip("needs root and a writable memory cgroup (v1 or v2)");
-    };
     // The limit sits one level above the cgroup mk1 runs in: a nested scope, as systemd and
     // Kubernetes make them.
-    let file = if v2 {
-        "memory.max"
-    } else {
-        "memory.limit_in_bytes"
+    let limit = format!("{}", 200u64 << 20);
+    let Some((_g, inner, file)) = limited_cgroup(
+        "memory",
+        "mem",
+        "memory.limit_in_bytes",
+        "memory.max",
+        &limit,
+    ) else {
+        return skip("needs root and a memory cgroup (v1 or v2) this process may create and limit");
     };
-    std::fs::write(outer.join(file), format!("{}", 200u64 << 20)).expect("set the limit");
     let args = [
         "run",
         "--workers",
@@ -186,10 +193,9 @@ fn a_memory_limit_on_an_enclosing_cgroup_is_refused_before_any_worker_starts() {
 
 #[test]
 fn a_pids_limit_is_refused_before_any_worker_starts() {
-    let Some((_g, outer, inner, _)) = nested_cgroup("pids", "pids") else {
-        return skip("needs root and a writable pids cgroup (v1 or v2)");
+    let Some((_g, inner, _)) = limited_cgroup("pids", "pids", "pids.max", "pids.max", "4") else {
+        return skip("needs root and a pids cgroup (v1 or v2) this process may create and limit");
     };
-    std::fs::write(outer.join("pids.max"), "4").expect("set pids.max");
     let out = run(in_cgroup(
         &inner,
         &[
@@ -290,10 +296,11 @@ fn a_process_limit_for_an_unprivileged_user_is_refused() {
             Ok(())
         });
     }
-    let out = run(c);
-    if out.status.code() == Some(126) || text(&out.stderr).contains("ermission denied") {
-        return skip("the test binary is not executable by uid 65534 here");
-    }
+    let child = match c.spawn() {
+        Ok(child) => child,
+        Err(e) => return skip(&format!("cannot start the binary as uid 65534 here: {e}")),
+    };
+    let out = wait_with_limit(child, LIMIT);
     assert_refused(&out, "RLIMIT_NPROC");
 }
 
@@ -522,7 +529,9 @@ fn signals_to_the_whole_process_group_drain_like_a_signal_to_the_coordinator() {
 // D. A worker is the running image, not a path.
 
 fn private_copy(tag: &str) -> (PathBuf, PathBuf) {
-    let dir = std::env::temp_dir().join(format!("mk1-test-{}-{tag}", std::process::id()));
+    // Under target/, not /tmp: tests leave nothing in /tmp, and /tmp may be noexec.
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR"))
+        .join(format!("mk1-test-{}-{tag}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let exe = dir.join("mk1");
     std::fs::copy(MK1, &exe).unwrap();
@@ -571,7 +580,8 @@ fn restarts_start_the_running_build_whatever_happened_to_its_file() {
 
 #[test]
 fn a_worker_of_another_build_is_refused_once_not_restarted_forever() {
-    let flag = std::env::temp_dir().join(format!("mk1-test-{}-foreign", std::process::id()));
+    let flag = Path::new(env!("CARGO_TARGET_TMPDIR"))
+        .join(format!("mk1-test-{}-foreign", std::process::id()));
     let _ = std::fs::remove_file(&flag);
     let spawn = |flag: &Path| -> Child {
         let mut c = cmd(&["run", "--json", "--workers", "2", "--duration", "20s"]);
@@ -670,39 +680,32 @@ fn a_run_that_runs_out_of_workers_exits_1_and_says_why() {
 // ---------------------------------------------------------------------------------------------
 // F. A worker that cannot die does not hold the run hostage.
 
-/// Freezes `pid` in a cgroup v1 freezer (where frozen tasks stay put even with SIGKILL pending)
-/// or a v2 `cgroup.freeze`; thaws and removes the cgroup on drop.
+/// Freezes `pid` in a cgroup v1 freezer, where frozen tasks stay put even with SIGKILL pending
+/// (v2's `cgroup.freeze` lets SIGKILL through, so it cannot stand for a stuck worker); thaws and
+/// removes the cgroup on drop.
 struct Frozen {
     dir: PathBuf,
-    v2: bool,
 }
 
 impl Frozen {
     fn new(pid: u32) -> Option<Frozen> {
-        let (guard, outer, _inner, v2) = nested_cgroup("freezer", "freeze")?;
-        // Removed by our own drop, after thawing.
-        std::mem::forget(guard);
-        std::fs::write(outer.join("cgroup.procs"), pid.to_string()).ok()?;
-        let (file, value) = if v2 {
-            ("cgroup.freeze", "1")
-        } else {
-            ("freezer.state", "FROZEN")
-        };
-        std::fs::write(outer.join(file), value).ok()?;
-        Some(Frozen { dir: outer, v2 })
+        let dir = PathBuf::from(format!(
+            "/sys/fs/cgroup/freezer/mk1-test-{}-freeze",
+            std::process::id()
+        ));
+        std::fs::create_dir_all(&dir).ok()?;
+        let frozen = Frozen { dir };
+        std::fs::write(frozen.dir.join("cgroup.procs"), pid.to_string()).ok()?;
+        std::fs::write(frozen.dir.join("freezer.state"), "FROZEN").ok()?;
+        Some(frozen)
     }
 }
 
 impl Drop for Frozen {
     fn drop(&mut self) {
-        let (file, value) = if self.v2 {
-            ("cgroup.freeze", "0")
-        } else {
-            ("freezer.state", "THAWED")
-        };
-        let _ = std::fs::write(self.dir.join(file), value);
+        let _ = std::fs::write(self.dir.join("freezer.state"), "THAWED");
         let _ = TestCgroup {
-            dirs: vec![self.dir.clone(), self.dir.join("inner")],
+            dirs: vec![self.dir.clone()],
         };
     }
 }
