@@ -598,6 +598,8 @@ fn a_worker_of_another_build_is_refused_once_not_restarted_forever() {
     let child = spawn(&flag);
     let pid = child.id();
     wait_for_workers(pid, 2);
+    // Let both attach with the flag absent (a process exists before it attaches).
+    std::thread::sleep(Duration::from_secs(1));
     std::fs::write(&flag, "").unwrap();
     let victim = workers_of(pid)
         .into_iter()
