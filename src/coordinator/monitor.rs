@@ -1,0 +1,490 @@
+//! The monitor: starts worker processes from the running image, checks their handshake,
+//! notices deaths (pidfd or exit pipe), gives up on workers stuck in the kernel, restarts,
+//! enforces the stall watchdog, and shuts workers down in bounded time.
+
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::time::{Duration, Instant};
+
+use crate::config::Config;
+use crate::layout::WorkerState;
+use crate::report::{Unreaped, WorkerExit};
+use crate::shm::Segment;
+use crate::sync::Ordering;
+use crate::sys::{self, ChildProcess, ExitKind};
+use crate::wait::{Doorbell, Futex};
+use crate::worker::{WorkerSpec, EXIT_BAD_SEGMENT, WORKER_ENV};
+
+use super::{Control, RunError, KILL_GRACE, KILL_WAIT, SHUTDOWN_GRACE, START_TIMEOUT};
+
+/// A running worker process as the monitor sees it.
+pub(super) struct WorkerProc {
+    pub(super) child: ChildProcess,
+    /// Tokens back from this worker slot at the last change (from `flow_of`).
+    pub(super) progress: u64,
+    /// When `progress` last changed (or the worker owed nothing).
+    pub(super) last_beat: Instant,
+    /// When it was started.
+    pub(super) started: Instant,
+    /// It reported `Running` with our build id.
+    pub(super) attached: bool,
+    /// When SIGKILL was sent, and why (words for the report).
+    pub(super) killed: Option<(Instant, KillReason)>,
+}
+
+/// Why the monitor killed a worker.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) enum KillReason {
+    /// It held tokens and made no progress for `worker_timeout`.
+    Stalled,
+    /// A producer caught it breaking the protocol.
+    Fault,
+    /// It did not start properly (wrong build, no attach in time).
+    Start(String),
+}
+
+/// How the program to re-execute as a worker is named.
+pub(super) enum WorkerImage {
+    /// The running program, held open: restarts run this very build, whatever happens to its
+    /// path since.
+    Running(OwnedFd),
+    /// A program the caller named ([`Config::worker_exe`]), or the path of the current one where
+    /// `/proc/self/exe` cannot be opened.
+    Path(std::path::PathBuf),
+}
+
+impl WorkerImage {
+    pub(super) fn new(cfg: &Config) -> Result<WorkerImage, RunError> {
+        if let Some(p) = &cfg.worker_exe {
+            return Ok(WorkerImage::Path(p.clone()));
+        }
+        match sys::open_running_image() {
+            Ok(fd) => Ok(WorkerImage::Running(fd)),
+            Err(_) => {
+                std::env::current_exe()
+                    .map(WorkerImage::Path)
+                    .map_err(|e| RunError::WorkerStart {
+                        worker: 0,
+                        exe: "current executable".into(),
+                        why: e.to_string(),
+                    })
+            }
+        }
+    }
+
+    pub(super) fn path(&self) -> std::path::PathBuf {
+        match self {
+            WorkerImage::Running(fd) => sys::fd_path(fd.as_fd()),
+            WorkerImage::Path(p) => p.clone(),
+        }
+    }
+
+    /// For messages: what the user knows the program as.
+    pub(super) fn describe(&self) -> String {
+        match self {
+            WorkerImage::Running(_) => std::env::current_exe()
+                .map_or_else(|_| "this program".into(), |p| p.display().to_string()),
+            WorkerImage::Path(p) => p.display().to_string(),
+        }
+    }
+}
+
+pub(super) fn spawn_worker(
+    image: &WorkerImage,
+    seg: &Segment,
+    spec: WorkerSpec,
+) -> std::io::Result<WorkerProc> {
+    let child = ChildProcess::spawn(
+        &image.path(),
+        WORKER_ENV,
+        &spec.encode(),
+        &[seg.fd().as_raw_fd()],
+    )?;
+    let now = Instant::now();
+    Ok(WorkerProc {
+        child,
+        progress: 0,
+        last_beat: now,
+        started: now,
+        attached: false,
+        killed: None,
+    })
+}
+
+/// Whether the worker in slot `w` has attached; `Err` says why it is not acceptable (another
+/// build answered the handshake).
+pub(super) fn attach_state(seg: &Segment, w: u32) -> Result<bool, String> {
+    let status = &seg.worker(w).status;
+    if status.state.load(Ordering::Acquire) != WorkerState::Running as u32 {
+        return Ok(false);
+    }
+    let theirs = status.build.load(Ordering::Relaxed);
+    if theirs != crate::worker::BUILD_ID {
+        return Err(format!(
+            "it is not the same build as this coordinator (build {theirs:016x}, expected {:016x})",
+            crate::worker::BUILD_ID
+        ));
+    }
+    Ok(true)
+}
+
+/// `(owed, progress)` of worker `w` from the producers' own counts: tokens sent and not yet
+/// back, and tokens back so far.
+pub(super) fn flow_of(ctl: &Control, w: usize) -> (u64, u64) {
+    ctl.flow.iter().fold((0, 0), |(owed, back), f| {
+        let (s, b) = (
+            f[w].sent.load(Ordering::Relaxed),
+            f[w].back.load(Ordering::Relaxed),
+        );
+        (owed + s.saturating_sub(b), back + b)
+    })
+}
+
+/// Kills every worker and waits (bounded) for each; used when a run is abandoned at start.
+pub(super) fn abandon(procs: &mut [Option<WorkerProc>]) {
+    for wp in procs.iter_mut().flatten() {
+        wp.child.kill_and_reap(KILL_WAIT);
+    }
+}
+
+/// What the monitor knows and decides: every worker process, deaths, restarts, the watchdog.
+pub(super) struct Monitor<'a> {
+    pub(super) cfg: &'a Config,
+    pub(super) seg: &'a Segment,
+    pub(super) ctl: &'a Control,
+    pub(super) image: &'a WorkerImage,
+    pub(super) spec: &'a dyn Fn(u32) -> WorkerSpec,
+    pub(super) start: Instant,
+    pub(super) procs: Vec<Option<WorkerProc>>,
+    /// Processes sent SIGKILL that have not exited yet but can run no code of their own (see
+    /// [`KILL_GRACE`]); their tokens are already reclaimed. Reaped when the kernel lets them go.
+    pub(super) undying: Vec<(u32, ChildProcess)>,
+    pub(super) exits: Vec<WorkerExit>,
+    pub(super) restarts: u32,
+    pub(super) faults: u32,
+    pub(super) interrupted: Option<String>,
+    pub(super) signal: Option<i32>,
+    pub(super) pending_restart: Vec<u32>,
+    pub(super) gone_for_good: Vec<bool>,
+    /// Set when slot `w`'s last start failed: it is not tried again.
+    pub(super) start_failed: Vec<Option<String>>,
+}
+
+impl Monitor<'_> {
+    pub(super) fn stop_with(&mut self, why: String) {
+        self.interrupted.get_or_insert(why);
+        self.ctl.stop.store(true, Ordering::Relaxed);
+    }
+
+    /// Worker `w` is gone (or can never run again): tell the producers, record how, and queue
+    /// its restart. `wp` is its process record, already reaped or moved to `undying`.
+    pub(super) fn declare_dead(
+        &mut self,
+        w: u32,
+        pid: u32,
+        mut how_words: String,
+        killed: Option<KillReason>,
+        how: Option<ExitKind>,
+    ) {
+        let ctl = self.ctl;
+        let faulted = ctl.kill[w as usize].swap(false, Ordering::AcqRel);
+        match &killed {
+            Some(KillReason::Stalled) => {
+                how_words = format!(
+                    "stalled for {:?} and was killed; {how_words}",
+                    self.cfg.worker_timeout
+                );
+            }
+            Some(KillReason::Start(why)) => {
+                self.start_failed[w as usize] = Some(why.clone());
+            }
+            Some(KillReason::Fault) => self.faults += 1,
+            None if faulted || how == Some(ExitKind::Exited(EXIT_BAD_SEGMENT)) => self.faults += 1,
+            None => {}
+        }
+        let reason = ctl
+            .fault_reasons
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .rev()
+            .find(|(fw, _)| *fw == w)
+            .map(|(_, r)| r.clone());
+        if let Some(r) = reason {
+            how_words = format!("{r}; {how_words}");
+        }
+        ctl.alive[w as usize].store(false, Ordering::Release);
+        ctl.death_epoch[w as usize].fetch_add(1, Ordering::AcqRel);
+        ctl.changes.fetch_add(1, Ordering::AcqRel);
+        for p in 0..self.seg.layout().params().producers {
+            Doorbell::new(&self.seg.producer(p).bell).ring(&Futex);
+        }
+        self.exits.push(WorkerExit {
+            worker: w,
+            pid,
+            how: how_words,
+            noticed_ms: self.start.elapsed().as_secs_f64() * 1e3,
+            reclaimed_tokens: 0,
+        });
+        self.pending_restart.push(w);
+    }
+
+    /// Reaps the workers whose exit fds are readable.
+    pub(super) fn reap_exited(&mut self, ready: &[u32]) {
+        for &w in ready {
+            let Some(mut wp) = self.procs[w as usize].take() else {
+                continue;
+            };
+            let how = match wp.child.try_reap() {
+                Ok(Some(k)) => k,
+                // Readable but not reapable yet: look again next tick.
+                _ => {
+                    self.procs[w as usize] = Some(wp);
+                    continue;
+                }
+            };
+            let killed = wp.killed.map(|(_, r)| r);
+            // Exiting with a status before attaching is a start failure (another program, a
+            // different build, a refused syscall); a signal from outside is an ordinary death.
+            // (It may have attached and left between two looks: the segment remembers.)
+            let status = &self.seg.worker(w).status;
+            let attached = wp.attached
+                || (status.state.load(Ordering::Acquire) != WorkerState::Empty as u32
+                    && status.build.load(Ordering::Relaxed) == crate::worker::BUILD_ID);
+            if !attached && killed.is_none() && matches!(how, ExitKind::Exited(_)) {
+                self.start_failed[w as usize] =
+                    Some(format!("it {how} before attaching to shared memory"));
+            }
+            self.declare_dead(w, wp.child.pid(), how.to_string(), killed, Some(how));
+        }
+        self.undying
+            .retain_mut(|(_, c)| !matches!(c.try_reap(), Ok(Some(_))));
+    }
+
+    /// Sends SIGKILL to worker `w` once, remembering why. A kill the kernel refuses on both
+    /// ways (pidfd and pid) stops the run: the worker may still be writing its slots, so its
+    /// tokens are given up as lost rather than reused.
+    pub(super) fn kill(&mut self, w: usize, why: KillReason) {
+        let Some(wp) = self.procs[w].as_mut() else {
+            return;
+        };
+        if wp.killed.is_some() {
+            return;
+        }
+        match wp.child.kill() {
+            Ok(()) => wp.killed = Some((Instant::now(), why)),
+            Err(e) => {
+                let pid = wp.child.pid();
+                wp.killed = Some((Instant::now(), why));
+                self.stop_with(format!("cannot kill worker {w} (pid {pid}): {e}"));
+                self.ctl.abandoned[w].store(true, Ordering::Release);
+                self.ctl.alive[w].store(false, Ordering::Release);
+                self.ctl.changes.fetch_add(1, Ordering::AcqRel);
+                self.gone_for_good[w] = true;
+            }
+        }
+    }
+
+    /// A worker sent SIGKILL that is still there after [`KILL_GRACE`] is stuck in the kernel
+    /// (a frozen cgroup, hung NFS or FUSE). With SIGKILL pending it will never run another
+    /// instruction of its own, so its tokens can be taken back now and redone elsewhere; the
+    /// process is kept to be reaped when the kernel releases it.
+    pub(super) fn give_up_on_stuck(&mut self) {
+        for w in 0..self.procs.len() {
+            let Some(wp) = &self.procs[w] else { continue };
+            let Some((at, _)) = &wp.killed else { continue };
+            if at.elapsed() < KILL_GRACE || self.ctl.abandoned[w].load(Ordering::Acquire) {
+                continue;
+            }
+            let pid = wp.child.pid();
+            if !sys::kill_pending(pid) {
+                // Either it is exiting right now (the next poll reaps it) or the signal was
+                // lost: send it again.
+                let _ = wp.child.kill();
+                continue;
+            }
+            let wp = self.procs[w].take().expect("checked above");
+            let state = sys::process_state(pid).unwrap_or('?');
+            let killed = wp.killed.map(|(_, r)| r);
+            self.undying.push((w as u32, wp.child));
+            self.declare_dead(
+                w as u32,
+                pid,
+                format!(
+                    "did not exit within {KILL_GRACE:?} of SIGKILL (state {state}: stuck in the \
+                     kernel); its tokens were reclaimed without waiting"
+                ),
+                killed,
+                None,
+            );
+        }
+    }
+
+    /// Starts replacements for dead workers once every producer has cleaned up after them.
+    pub(super) fn restart_dead(&mut self) {
+        let producers = self.seg.layout().params().producers as usize;
+        let pending = std::mem::take(&mut self.pending_restart);
+        for w in pending {
+            let ctl = self.ctl;
+            let epoch = ctl.death_epoch[w as usize].load(Ordering::Acquire);
+            if (0..producers).any(|p| ctl.acked[p][w as usize].load(Ordering::Acquire) != epoch) {
+                self.pending_restart.push(w);
+                continue;
+            }
+            if let Some(e) = self.exits.iter_mut().rev().find(|e| e.worker == w) {
+                e.reclaimed_tokens = ctl.reclaimed[w as usize].swap(0, Ordering::Relaxed);
+            }
+            let all_idle = ctl.idle.iter().all(|i| i.load(Ordering::Acquire));
+            if let Some(why) = self.start_failed[w as usize].clone() {
+                // Refused once: a program that cannot serve would only fail again.
+                self.stop_with(format!(
+                    "cannot restart worker {w} ({}): {why}",
+                    self.image.describe()
+                ));
+                self.gone_for_good[w as usize] = true;
+                continue;
+            }
+            if self.restarts >= self.cfg.max_restarts || all_idle {
+                if self.restarts >= self.cfg.max_restarts {
+                    self.stop_with(format!(
+                        "more than {} worker restarts",
+                        self.cfg.max_restarts
+                    ));
+                }
+                self.gone_for_good[w as usize] = true;
+                continue;
+            }
+            let ws = self.seg.worker(w);
+            ws.bell.sleeping.store(0, Ordering::Relaxed);
+            ws.status.heartbeat.store(0, Ordering::Relaxed);
+            ws.status.build.store(0, Ordering::Relaxed);
+            ws.status
+                .state
+                .store(WorkerState::Empty as u32, Ordering::Relaxed);
+            // A producer may have flagged the dead process after it was reaped (while
+            // draining its rings); that request must not kill the replacement.
+            ctl.kill[w as usize].store(false, Ordering::Release);
+            match spawn_worker(self.image, self.seg, (self.spec)(w)) {
+                Ok(p) => {
+                    self.restarts += 1;
+                    self.procs[w as usize] = Some(p);
+                    ctl.alive[w as usize].store(true, Ordering::Release);
+                    ctl.changes.fetch_add(1, Ordering::AcqRel);
+                }
+                Err(e) => {
+                    self.stop_with(format!(
+                        "cannot restart worker {w} ({}): {e}",
+                        self.image.describe()
+                    ));
+                    self.gone_for_good[w as usize] = true;
+                }
+            }
+        }
+        if self.gone_for_good.iter().all(|&g| g) {
+            self.ctl.stop.store(true, Ordering::Relaxed);
+            self.ctl.no_workers.store(true, Ordering::Release);
+            self.ctl.changes.fetch_add(1, Ordering::AcqRel);
+        }
+    }
+
+    /// Handshakes, kill requests from producers, and the stall watchdog.
+    pub(super) fn watch(&mut self) {
+        let now = Instant::now();
+        for w in 0..self.procs.len() {
+            let (seg, ctl, timeout) = (self.seg, self.ctl, self.cfg.worker_timeout);
+            let Some(wp) = &mut self.procs[w] else {
+                continue;
+            };
+            if wp.killed.is_some() {
+                continue;
+            }
+            let mut action = None;
+            if !wp.attached {
+                match attach_state(seg, w as u32) {
+                    Ok(true) => wp.attached = true,
+                    Ok(false) if now - wp.started > START_TIMEOUT => {
+                        action = Some(KillReason::Start(format!(
+                            "it did not attach within {START_TIMEOUT:?}"
+                        )));
+                    }
+                    Ok(false) => {}
+                    Err(why) => action = Some(KillReason::Start(why)),
+                }
+            }
+            if action.is_none() && ctl.kill[w].load(Ordering::Acquire) {
+                action = Some(KillReason::Fault);
+            }
+            if action.is_none() {
+                let (owed, back) = flow_of(ctl, w);
+                if back != wp.progress || owed == 0 {
+                    wp.progress = back;
+                    wp.last_beat = now;
+                } else if now - wp.last_beat > timeout {
+                    action = Some(KillReason::Stalled);
+                }
+            }
+            if let Some(why) = action {
+                self.kill(w, why);
+            }
+        }
+    }
+
+    /// Asks every worker to leave, waits [`SHUTDOWN_GRACE`], kills the rest, and waits
+    /// [`KILL_WAIT`] more. Whatever is still there then is stuck in the kernel: it is named in
+    /// the report rather than waited for.
+    pub(super) fn shut_down(&mut self) -> Vec<Unreaped> {
+        self.seg.shutdown_flag().store(1, Ordering::Release);
+        for w in 0..self.procs.len() as u32 {
+            Doorbell::new(&self.seg.worker(w).bell).ring(&Futex);
+        }
+        let grace = Instant::now() + SHUTDOWN_GRACE;
+        let mut killed_at: Option<Instant> = None;
+        loop {
+            for slot in self.procs.iter_mut() {
+                if let Some(wp) = slot {
+                    if let Ok(Some(_)) = wp.child.try_reap() {
+                        *slot = None;
+                    }
+                }
+            }
+            self.undying
+                .retain_mut(|(_, c)| !matches!(c.try_reap(), Ok(Some(_))));
+            // Stuck workers already have SIGKILL pending and their tokens back: once the live
+            // ones are gone there is nothing left to wait for.
+            if self.procs.iter().all(Option::is_none) {
+                break;
+            }
+            let now = Instant::now();
+            if now > grace && killed_at.is_none() {
+                killed_at = Some(now);
+                for wp in self.procs.iter().flatten() {
+                    let _ = wp.child.kill();
+                }
+            }
+            if killed_at.is_some_and(|t| now - t > KILL_WAIT) {
+                break;
+            }
+            let fds: Vec<BorrowedFd<'_>> = self
+                .procs
+                .iter()
+                .flatten()
+                .map(|p| p.child.exit_fd())
+                .chain(self.undying.iter().map(|(_, c)| c.exit_fd()))
+                .collect();
+            let _ = sys::poll_readable(&fds, Duration::from_millis(10));
+        }
+        let mut left: Vec<Unreaped> = self
+            .procs
+            .iter()
+            .enumerate()
+            .filter_map(|(w, p)| p.as_ref().map(|p| (w as u32, p.child.pid())))
+            .chain(self.undying.iter().map(|(w, c)| (*w, c.pid())))
+            .map(|(worker, pid)| Unreaped {
+                worker,
+                pid,
+                state: sys::process_state(pid),
+            })
+            .collect();
+        left.sort_by_key(|u| u.worker);
+        left
+    }
+}
