@@ -403,6 +403,41 @@ fn refused_pidfd_syscalls_fall_back_to_pids_and_workers_are_still_replaced() {
 
 #[cfg(target_arch = "x86_64")]
 #[test]
+fn refused_poll_still_notices_deaths_and_refused_fork_is_a_clear_start_error() {
+    // mk1 waits with ppoll (rustix); plain poll is left alone because Rust's own runtime uses
+    // it at start-up to check fds 0-2, and aborts any Rust program where it is refused.
+    const PPOLL: u32 = 271;
+    let mut c = cmd(&[
+        "run",
+        "--json",
+        "--workers",
+        "2",
+        "--count",
+        "20000",
+        "--max-dim",
+        "32",
+        "--batch",
+        "off",
+    ]);
+    c.env("MK1_CHAOS", "exit:300@0");
+    with_denied_syscalls(&mut c, &[PPOLL]);
+    let out = run(c);
+    let j = json(&out);
+    assert_eq!(out.status.code(), Some(0), "{j} {}", text(&out.stderr));
+    assert_eq!(j["lost"], 0);
+    assert!(j["worker_restarts"].as_u64().unwrap() >= 1, "{j}");
+    // No process can be started at all: one line that says which worker and why.
+    const CLONE: u32 = 56;
+    const CLONE3: u32 = 435;
+    const FORK: u32 = 57;
+    const VFORK: u32 = 58;
+    let mut c = cmd(&["run", "--workers", "2", "--duration", "1s"]);
+    with_denied_syscalls(&mut c, &[CLONE, CLONE3, FORK, VFORK]);
+    assert_refused(&run(c), "cannot start worker 0");
+}
+
+#[cfg(target_arch = "x86_64")]
+#[test]
 fn refused_memfd_create_falls_back_or_names_the_syscall() {
     let mut c = cmd(&["run", "--workers", "1", "--duration", "300ms"]);
     with_denied_syscalls(&mut c, &[MEMFD_CREATE]);
