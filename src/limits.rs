@@ -135,6 +135,14 @@ pub fn parse_proc_cgroup(text: &str) -> Vec<CgroupMembership> {
         .collect()
 }
 
+/// `path` relative to `root` if `root` is `path` or one of its ancestors (component-wise:
+/// `/docker/abc` is not below `/docker/ab`).
+fn below<'p>(path: &'p str, root: &str) -> Option<&'p str> {
+    let root = root.trim_end_matches('/');
+    let rest = path.strip_prefix(root)?;
+    (rest.is_empty() || rest.starts_with('/')).then(|| rest.trim_start_matches('/'))
+}
+
 /// The directories of this process's cgroups that can hold `controller`'s files: in the v1
 /// hierarchy that has it and in the v2 hierarchy, each from the process's own cgroup up to the
 /// mount point (the highest level this process can see).
@@ -142,23 +150,27 @@ pub fn cgroup_dirs(controller: &str, proc_cgroup: &str, mountinfo: &str) -> Vec<
     let mounts = parse_mountinfo(mountinfo);
     let mut dirs = Vec::new();
     for m in parse_proc_cgroup(proc_cgroup) {
-        let mount = mounts.iter().find(|mt| {
-            if m.v2 {
-                mt.v2
-            } else {
-                !mt.v2
-                    && m.controllers.iter().any(|c| c == controller)
-                    && mt.controllers.iter().any(|c| c == controller)
-            }
-        });
+        // Of the mounts of this hierarchy, the one whose root is the longest prefix of our path
+        // (a container may see several bind mounts of one hierarchy).
+        let mount = mounts
+            .iter()
+            .filter(|mt| {
+                if m.v2 {
+                    mt.v2
+                } else {
+                    !mt.v2
+                        && m.controllers.iter().any(|c| c == controller)
+                        && mt.controllers.iter().any(|c| c == controller)
+                }
+            })
+            .max_by_key(|mt| below(&m.path, &mt.root).map_or(0, |_| mt.root.len() + 1));
         let Some(mount) = mount else { continue };
-        // The part of our path below what the mount shows; a path outside the mount's root
-        // (another namespace's view) means the mount point itself is our cgroup.
-        let rel = m
-            .path
-            .strip_prefix(mount.root.trim_end_matches('/'))
-            .unwrap_or("")
-            .trim_start_matches('/');
+        // The part of our path below what the mount shows. A path outside the mount's root, or
+        // one that climbs (`/../x`: a cgroup namespace's view of a cgroup outside it), means the
+        // mount point itself is the closest level we can read.
+        let rel = below(&m.path, &mount.root)
+            .filter(|r| !r.split('/').any(|c| c == ".."))
+            .unwrap_or("");
         let mut dir = mount.point.clone();
         if !rel.is_empty() {
             dir.push(rel);
@@ -208,7 +220,8 @@ fn cgroup_rooms(
             };
             let used = read(&dir.join(usage))
                 .and_then(|u| u.trim().parse::<u64>().ok())
-                .unwrap_or(0);
+                .unwrap_or(0)
+                .saturating_sub(reclaimable(dir, read));
             rooms.push(Room {
                 left: max.saturating_sub(used),
                 source: format!(
@@ -221,6 +234,24 @@ fn cgroup_rooms(
         }
     }
     rooms
+}
+
+/// Page cache a memory cgroup can drop under pressure (inactive file pages from `memory.stat`:
+/// `inactive_file` on v2, `total_inactive_file` on v1). Usage counts it, the limit does not
+/// keep it, so it is room; 0 for other controllers.
+fn reclaimable(dir: &Path, read: &dyn Fn(&Path) -> Option<String>) -> u64 {
+    let Some(stat) = read(&dir.join("memory.stat")) else {
+        return 0;
+    };
+    let field = |key: &str| {
+        stat.lines().find_map(|l| {
+            let (k, v) = l.split_once(' ')?;
+            (k == key).then(|| v.trim().parse::<u64>().ok()).flatten()
+        })
+    };
+    field("total_inactive_file")
+        .or_else(|| field("inactive_file"))
+        .unwrap_or(0)
 }
 
 /// The host's files, for the readers below.
@@ -588,6 +619,33 @@ mod tests {
         let docker = cgroup_dirs("memory", DOCKER_V1_CGROUP, DOCKER_V1_MOUNTINFO);
         assert_eq!(docker, vec![PathBuf::from("/sys/fs/cgroup/memory")]);
         assert!(cgroup_dirs("pids", DOCKER_V1_CGROUP, DOCKER_V1_MOUNTINFO).is_empty());
+        // A root that is a string prefix but not an ancestor, and a namespaced path that climbs
+        // out of its namespace, both resolve to the mount point.
+        let sibling = "5:memory:/docker/abcdef\n";
+        assert_eq!(
+            cgroup_dirs("memory", sibling, DOCKER_V1_MOUNTINFO),
+            vec![PathBuf::from("/sys/fs/cgroup/memory")]
+        );
+        let climbing = "0::/../../user.slice/x\n";
+        assert_eq!(
+            cgroup_dirs("memory", climbing, V2_MOUNTINFO),
+            vec![PathBuf::from("/sys/fs/cgroup")]
+        );
+    }
+
+    #[test]
+    fn reclaimable_page_cache_is_not_counted_as_used() {
+        let read = fake(&[
+            ("/proc/self/cgroup", V2_CGROUP),
+            ("/proc/self/mountinfo", V2_MOUNTINFO),
+            ("/sys/fs/cgroup/user.slice/memory.max", "1000000\n"),
+            ("/sys/fs/cgroup/user.slice/memory.current", "900000\n"),
+            (
+                "/sys/fs/cgroup/user.slice/memory.stat",
+                "anon 100000\nfile 800000\nactive_file 300000\ninactive_file 500000\n",
+            ),
+        ]);
+        assert_eq!(memory_room(&read).unwrap().left, 600_000);
     }
 
     #[test]

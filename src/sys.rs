@@ -313,6 +313,13 @@ impl ChildProcess {
         fds: &[RawFd],
     ) -> io::Result<ChildProcess> {
         let support = pidfd_support();
+        if !support.open && children_reaped_elsewhere() {
+            return Err(io::Error::other(
+                "pidfd_open(2) is refused and this process ignores SIGCHLD (or sets \
+                 SA_NOCLDWAIT), so a worker's pid could be reused before mk1 sees it exit; \
+                 restore SIGCHLD's default disposition or allow pidfd_open",
+            ));
+        }
         let pipe_ends = if support.open { None } else { Some(pipe()?) };
         let mut inherit = fds.to_vec();
         if let Some((_, w)) = &pipe_ends {
@@ -412,7 +419,10 @@ impl ChildProcess {
             let pid = Pid::from_raw(self.pid as i32).ok_or_else(|| io::Error::other("pid 0"))?;
             Ok(rustix::process::kill_process(pid, Signal::KILL)?)
         };
-        if self.is_pidfd && pidfd_support().send_signal {
+        if self.is_pidfd && children_reaped_elsewhere() {
+            // Only the pidfd names the child safely here (see `children_reaped_elsewhere`).
+            by_pidfd()
+        } else if self.is_pidfd && pidfd_support().send_signal {
             by_pidfd().or_else(|first| {
                 by_pid().map_err(|second| {
                     io::Error::other(format!("pidfd_send_signal: {first}; kill: {second}"))
@@ -466,6 +476,46 @@ pub fn kill_pending(pid: u32) -> bool {
         hex.and_then(|h| u64::from_str_radix(h.trim(), 16).ok())
             .is_some_and(|mask| mask & (1 << (libc::SIGKILL - 1)) != 0)
     })
+}
+
+/// Whether process `pid`, already sent SIGKILL, can never run another instruction of its own:
+/// SIGKILL is still pending (it is held in the kernel: a frozen cgroup, hung NFS or FUSE), or it
+/// is already exiting (`PF_EXITING` in the flags of `/proc/PID/stat`, which stays set while
+/// `do_exit` is stuck closing files), or it is a zombie.
+pub fn runs_no_more_code(pid: u32) -> bool {
+    if kill_pending(pid) {
+        return true;
+    }
+    const PF_EXITING: u64 = 0x4;
+    let Some(stat) = read_small(&format!("/proc/{pid}/stat")) else {
+        return false;
+    };
+    let Some((_, rest)) = stat.rsplit_once(") ") else {
+        return false;
+    };
+    let mut fields = rest.split(' ');
+    let state = fields.next().unwrap_or("");
+    let flags = fields
+        .nth(5)
+        .and_then(|f| f.parse::<u64>().ok())
+        .unwrap_or(0);
+    matches!(state, "Z" | "X") || flags & PF_EXITING != 0
+}
+
+/// Whether this process lets the kernel reap its children on its own (SIGCHLD ignored, or
+/// `SA_NOCLDWAIT`; both survive exec). Then a child's pid may be reused before we see it exit,
+/// and only a pidfd names the child safely.
+pub fn children_reaped_elsewhere() -> bool {
+    let mut old = core::mem::MaybeUninit::<libc::sigaction>::zeroed();
+    // SAFETY: a query (null new action) that writes the current disposition into `old`, which
+    // is a valid, zeroed sigaction.
+    let rc = unsafe { libc::sigaction(libc::SIGCHLD, core::ptr::null(), old.as_mut_ptr()) };
+    if rc != 0 {
+        return false;
+    }
+    // SAFETY: sigaction succeeded, so it initialised `old`.
+    let old = unsafe { old.assume_init() };
+    old.sa_sigaction == libc::SIG_IGN || old.sa_flags & libc::SA_NOCLDWAIT != 0
 }
 
 /// Asks the kernel to SIGKILL this process when the thread that forked it exits

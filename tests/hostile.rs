@@ -438,6 +438,47 @@ fn refused_poll_still_notices_deaths_and_refused_fork_is_a_clear_start_error() {
 
 #[cfg(target_arch = "x86_64")]
 #[test]
+fn a_host_that_ignores_sigchld_still_tracks_workers_by_pidfd_and_refuses_the_pid_fallback() {
+    // SIGCHLD ignored (inherited across exec, as from some service managers and shells): the
+    // kernel reaps workers itself, so their pids may be reused. With pidfds deaths are still
+    // handled; without them mk1 refuses to fall back to bare pids.
+    let ignore_sigchld = |c: &mut Command| {
+        // SAFETY: signal(2) with SIG_IGN is async-signal-safe and installs no handler.
+        unsafe {
+            c.pre_exec(|| {
+                libc::signal(libc::SIGCHLD, libc::SIG_IGN);
+                Ok(())
+            });
+        }
+    };
+    let mut c = cmd(&[
+        "run",
+        "--json",
+        "--workers",
+        "2",
+        "--count",
+        "20000",
+        "--max-dim",
+        "32",
+        "--batch",
+        "off",
+    ]);
+    c.env("MK1_CHAOS", "exit:300@0");
+    ignore_sigchld(&mut c);
+    let out = run(c);
+    let j = json(&out);
+    assert_eq!(out.status.code(), Some(0), "{j} {}", text(&out.stderr));
+    assert_eq!(j["lost"], 0);
+    assert!(j["worker_restarts"].as_u64().unwrap() >= 1, "{j}");
+
+    let mut c = cmd(&["run", "--workers", "1", "--duration", "1s"]);
+    ignore_sigchld(&mut c);
+    with_denied_syscalls(&mut c, &[PIDFD_OPEN]);
+    assert_refused(&run(c), "ignores SIGCHLD");
+}
+
+#[cfg(target_arch = "x86_64")]
+#[test]
 fn refused_memfd_create_falls_back_or_names_the_syscall() {
     let mut c = cmd(&["run", "--workers", "1", "--duration", "300ms"]);
     with_denied_syscalls(&mut c, &[MEMFD_CREATE]);
@@ -512,7 +553,7 @@ fn a_producer_thread_that_cannot_start_stops_everything_cleanly() {
         let started = Instant::now();
         let out = wait_with_limit(child, Duration::from_secs(20));
         assert_refused(&out, "cannot start producer thread 1");
-        assert!(started.elapsed() < Duration::from_secs(4), "no hang");
+        assert!(started.elapsed() < Duration::from_secs(10), "no hang");
         assert_no_workers_left(pid, Duration::from_secs(1));
     }
 }
@@ -633,8 +674,6 @@ fn a_worker_of_another_build_is_refused_once_not_restarted_forever() {
     let child = spawn(&flag);
     let pid = child.id();
     wait_for_workers(pid, 2);
-    // Let both attach with the flag absent (a process exists before it attaches).
-    std::thread::sleep(Duration::from_secs(1));
     std::fs::write(&flag, "").unwrap();
     let victim = workers_of(pid)
         .into_iter()

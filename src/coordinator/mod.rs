@@ -337,7 +337,12 @@ pub fn run(cfg: &Config, hooks: &Hooks<'_>) -> Result<Report, RunError> {
             }
         }
         if thread_error.is_some() {
+            // No monitor will run: stop the workers first (bounded), so the producers that did
+            // start give up what is out instead of waiting for returns, deaths or restarts.
             ctl.stop.store(true, Ordering::Relaxed);
+            abandon(&mut monitor.procs);
+            ctl.no_workers.store(true, Ordering::Release);
+            ctl.changes.fetch_add(1, Ordering::AcqRel);
             ctl.finish.store(true, Ordering::Release);
             for p in 0..producers {
                 Doorbell::new(&seg.producer(p).bell).ring(&Futex);
@@ -379,9 +384,13 @@ pub fn run(cfg: &Config, hooks: &Hooks<'_>) -> Result<Report, RunError> {
                 .iter()
                 .filter_map(|&i| live.get(i).copied())
                 .collect();
+            // A producer that never started or has ended (panicked) never acknowledges a death.
+            let producer_gone: Vec<bool> = (0..producers as usize)
+                .map(|p| p >= started || handles[p].is_finished())
+                .collect();
             monitor.reap_exited(&ready);
             monitor.give_up_on_stuck();
-            monitor.restart_dead();
+            monitor.restart_dead(&producer_gone);
             monitor.watch();
 
             if let Some(sig) = hooks.stop_signal {
@@ -425,6 +434,10 @@ pub fn run(cfg: &Config, hooks: &Hooks<'_>) -> Result<Report, RunError> {
     });
 
     let unreaped = monitor.shut_down();
+    if stats.len() < producers as usize {
+        // A producer's counts are missing: whatever else happened, the run failed (exit 1).
+        monitor.signal = None;
+    }
     if let Some((p, e)) = thread_error {
         return Err(RunError::Resource {
             what: format!("cannot start producer thread {p}"),

@@ -201,14 +201,18 @@ impl Monitor<'_> {
             None if faulted || how == Some(ExitKind::Exited(EXIT_BAD_SEGMENT)) => self.faults += 1,
             None => {}
         }
-        let reason = ctl
-            .fault_reasons
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .iter()
-            .rev()
-            .find(|(fw, _)| *fw == w)
-            .map(|(_, r)| r.clone());
+        // Take (not just read) this slot's reasons: they belong to this process, not to its
+        // replacement.
+        let reason = {
+            let mut reasons = ctl.fault_reasons.lock().unwrap_or_else(|e| e.into_inner());
+            let last = reasons
+                .iter()
+                .rev()
+                .find(|(fw, _)| *fw == w)
+                .map(|(_, r)| r.clone());
+            reasons.retain(|(fw, _)| *fw != w);
+            last
+        };
         if let Some(r) = reason {
             how_words = format!("{r}; {how_words}");
         }
@@ -296,9 +300,8 @@ impl Monitor<'_> {
                 continue;
             }
             let pid = wp.child.pid();
-            if !sys::kill_pending(pid) {
-                // Either it is exiting right now (the next poll reaps it) or the signal was
-                // lost: send it again.
+            if !sys::runs_no_more_code(pid) {
+                // Neither pending nor exiting: the signal was lost. Send it again.
                 let _ = wp.child.kill();
                 continue;
             }
@@ -311,7 +314,8 @@ impl Monitor<'_> {
                 pid,
                 format!(
                     "did not exit within {KILL_GRACE:?} of SIGKILL (state {state}: stuck in the \
-                     kernel); its tokens were reclaimed without waiting"
+                     kernel, running no code of its own); its tokens were reclaimed without \
+                     waiting"
                 ),
                 killed,
                 None,
@@ -320,13 +324,21 @@ impl Monitor<'_> {
     }
 
     /// Starts replacements for dead workers once every producer has cleaned up after them.
-    pub(super) fn restart_dead(&mut self) {
-        let producers = self.seg.layout().params().producers as usize;
+    ///
+    /// `producer_gone[p]`: producer `p` never started or has ended (panicked); it will never
+    /// acknowledge, and is not waited for.
+    pub(super) fn restart_dead(&mut self, producer_gone: &[bool]) {
         let pending = std::mem::take(&mut self.pending_restart);
         for w in pending {
             let ctl = self.ctl;
+            if self.gone_for_good[w as usize] {
+                // Abandoned (could not be killed): its tokens were given up; never restarted.
+                continue;
+            }
             let epoch = ctl.death_epoch[w as usize].load(Ordering::Acquire);
-            if (0..producers).any(|p| ctl.acked[p][w as usize].load(Ordering::Acquire) != epoch) {
+            if producer_gone.iter().enumerate().any(|(p, &gone)| {
+                !gone && ctl.acked[p][w as usize].load(Ordering::Acquire) != epoch
+            }) {
                 self.pending_restart.push(w);
                 continue;
             }

@@ -126,12 +126,24 @@ pub fn assert_no_workers_left(coordinator: u32, limit: Duration) {
     }
 }
 
-/// Waits until coordinator `pid` has `n` live workers; returns their pids.
+/// Whether coordinator `pid` has started its producer threads, which it does only once every
+/// worker has attached: from then on a worker's death is an ordinary death, not a start failure.
+fn producing(pid: u32) -> bool {
+    std::fs::read_dir(format!("/proc/{pid}/task")).is_ok_and(|tasks| {
+        tasks.flatten().any(|t| {
+            std::fs::read_to_string(t.path().join("comm"))
+                .is_ok_and(|c| c.starts_with("mk1-producer"))
+        })
+    })
+}
+
+/// Waits until coordinator `pid` has `n` live, attached workers (the run is producing);
+/// returns their pids.
 pub fn wait_for_workers(pid: u32, n: usize) -> Vec<u32> {
     let start = Instant::now();
     loop {
         let w = workers_of(pid);
-        if w.len() >= n {
+        if w.len() >= n && producing(pid) {
             return w;
         }
         assert!(
