@@ -113,9 +113,40 @@ fn kernels(c: &mut Criterion) {
     g.finish();
 }
 
+/// The typed kernels (every dtype but the int32 pipeline's): f32 affine and u8 add over 32 KiB,
+/// each kernel checked against the scalar reference before it is timed.
+fn typed_kernels(c: &mut Criterion) {
+    use mk1::ops::typed::{ElemOp, TypedOp};
+    fn group<T: mk1::dtype::Element>(c: &mut Criterion, name: &str, op: ElemOp<T>) {
+        let n = (32 << 10) / std::mem::size_of::<T>();
+        let op = TypedOp::new(op).unwrap();
+        let input: Vec<T> = (0..n as u64).map(T::from_u64).collect();
+        let want: Vec<T> = input.iter().map(|&x| op.apply_scalar(x)).collect();
+        let mut g = c.benchmark_group(format!("typed kernels 32KiB/{name}"));
+        g.throughput(Throughput::Bytes(32 << 10));
+        for kernel in Kernel::available() {
+            let mut buf = input.clone();
+            op.apply(kernel, &mut buf);
+            assert!(buf.iter().zip(&want).all(|(a, b)| a.same(*b)), "{kernel}");
+            g.bench_function(kernel.name(), |b| b.iter(|| op.apply(kernel, &mut buf)));
+        }
+        g.finish();
+    }
+    group(c, "f32 affine", ElemOp::Affine { a: 3.0f32, b: 1.0 });
+    group(c, "u8 add", ElemOp::Add(7u8));
+    group(
+        c,
+        "i64 clamp",
+        ElemOp::Clamp {
+            lo: -5i64,
+            hi: 1 << 40,
+        },
+    );
+}
+
 criterion_group! {
     name = benches;
     config = Criterion::default().sample_size(20).measurement_time(std::time::Duration::from_secs(2)).warm_up_time(std::time::Duration::from_millis(500));
-    targets = ring_push_pop, ring_round_trip, kernels
+    targets = ring_push_pop, ring_round_trip, kernels, typed_kernels
 }
 criterion_main!(benches);

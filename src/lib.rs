@@ -23,6 +23,7 @@
 #![deny(clippy::undocumented_unsafe_blocks)]
 #![warn(missing_docs)]
 
+pub mod dtype;
 pub mod layout;
 pub mod ops;
 pub mod ring;

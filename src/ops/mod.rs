@@ -9,6 +9,7 @@
 //! Must never: allocate, make a syscall, or read outside the slice it is given.
 
 mod portable;
+pub mod typed;
 #[cfg(target_arch = "x86_64")]
 mod x86;
 
