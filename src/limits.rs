@@ -294,6 +294,30 @@ pub fn memory_room(read: &dyn Fn(&Path) -> Option<String>) -> Option<Room> {
         read,
         human_bytes,
     ));
+    // v1 also reports the tightest limit of all ancestors, including those above what this
+    // process can see (a Kubernetes pod's limit, above the container's cgroup mount).
+    if let Some(dir) = dirs.first() {
+        if let Some(limit) = read(&dir.join("memory.stat")).and_then(|st| {
+            st.lines()
+                .find_map(|l| l.strip_prefix("hierarchical_memory_limit "))
+                .and_then(limit_value)
+        }) {
+            let used = read(&dir.join("memory.usage_in_bytes"))
+                .and_then(|u| u.trim().parse::<u64>().ok())
+                .unwrap_or(0)
+                .saturating_sub(reclaimable(dir, read));
+            rooms.push(Room {
+                left: limit.saturating_sub(used),
+                source: format!(
+                    "the cgroup limit hierarchical_memory_limit in {} ({} limit on an enclosing \
+                     cgroup, {} in use here)",
+                    dir.join("memory.stat").display(),
+                    human_bytes(limit),
+                    human_bytes(used)
+                ),
+            });
+        }
+    }
     tightest(rooms)
 }
 
@@ -693,6 +717,24 @@ mod tests {
         let room = memory_room(&v1).unwrap();
         assert_eq!(room.left, 200_000_000);
         assert!(room.source.contains("memory.limit_in_bytes"), "{room:?}");
+
+        // A limit above the cgroup mount (not visible as a directory) via memory.stat.
+        let hidden = fake(&[
+            ("/proc/self/cgroup", DOCKER_V1_CGROUP),
+            ("/proc/self/mountinfo", DOCKER_V1_MOUNTINFO),
+            ("/proc/meminfo", "MemAvailable: 8000000 kB\n"),
+            (
+                "/sys/fs/cgroup/memory/memory.stat",
+                "cache 0\nhierarchical_memory_limit 41943040\ntotal_inactive_file 0\n",
+            ),
+            ("/sys/fs/cgroup/memory/memory.usage_in_bytes", "1943040\n"),
+        ]);
+        let room = memory_room(&hidden).unwrap();
+        assert_eq!(room.left, 40_000_000);
+        assert!(
+            room.source.contains("hierarchical_memory_limit"),
+            "{room:?}"
+        );
 
         let none = fake(&[("/proc/meminfo", "MemAvailable: 4 kB\n")]);
         assert_eq!(memory_room(&none).unwrap().left, 4096);

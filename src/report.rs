@@ -123,6 +123,8 @@ pub struct Unreaped {
     pub pid: u32,
     /// Its scheduler state when the run ended (`D` = stuck in the kernel), if readable.
     pub state: Option<char>,
+    /// Why it is still there, in words.
+    pub why: String,
 }
 
 impl Report {
@@ -201,11 +203,11 @@ impl fmt::Display for Report {
         for u in &self.unreaped {
             writeln!(
                 f,
-                "  worker {} (pid {}) was still there when the run ended (state {}); with SIGKILL \
-                 pending it runs no more code, and init reaps it when the kernel lets it go",
+                "  worker {} (pid {}) was still there when the run ended (state {}): {}",
                 u.worker,
                 u.pid,
-                u.state.unwrap_or('?')
+                u.state.unwrap_or('?'),
+                u.why
             )?;
         }
         if let Some(why) = &self.interrupted {
@@ -214,10 +216,11 @@ impl fmt::Display for Report {
         write!(
             f,
             "{}",
-            if self.verified {
-                "verified"
-            } else {
-                "NOT verified"
+            match (self.verified, self.exit_code()) {
+                (true, 0) => "verified",
+                (true, 1) => "verified what was issued, but the run failed: it stopped early",
+                (true, _) => "verified (stopped by a signal)",
+                (false, _) => "NOT verified",
             }
         )
     }

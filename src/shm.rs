@@ -135,6 +135,15 @@ impl Segment {
                     if code == rustix::io::Errno::NOSPC.raw_os_error()
                         || code == rustix::io::Errno::NOMEM.raw_os_error() =>
                 {
+                    if let Some(free) = sys::dev_shm_room(fd.as_fd()) {
+                        return Err(ShmCreateError::TooLarge {
+                            asked,
+                            available: free,
+                            limit: "the free space of /dev/shm (memfd_create is refused, so the \
+                                    segment is a file there)"
+                                .into(),
+                        });
+                    }
                     let room = crate::limits::memory_room(&crate::limits::read_host);
                     ShmCreateError::TooLarge {
                         asked,

@@ -48,6 +48,20 @@ pub fn memfd(name: &str) -> io::Result<OwnedFd> {
     ))
 }
 
+/// Whether `fd` is a file on the filesystem mounted at `/dev/shm` (the fallback of [`memfd`]),
+/// and if so the bytes still free there ([statvfs(3)]).
+///
+/// [statvfs(3)]: https://man7.org/linux/man-pages/man3/statvfs.3.html
+pub fn dev_shm_room(fd: BorrowedFd<'_>) -> Option<u64> {
+    let ours = rustix::fs::fstat(fd).ok()?;
+    let shm = rustix::fs::stat("/dev/shm").ok()?;
+    if ours.st_dev != shm.st_dev {
+        return None;
+    }
+    let v = rustix::fs::statvfs("/dev/shm").ok()?;
+    Some(v.f_bavail.saturating_mul(v.f_frsize))
+}
+
 /// Sets the file's size ([ftruncate(2)]) and then reserves every page of it ([fallocate(2)]),
 /// so that touching the mapping later can never raise SIGBUS for want of memory.
 ///
@@ -302,15 +316,15 @@ pub struct ChildProcess {
 const JOB_CONTROL_SIGNALS: [i32; 3] = [libc::SIGINT, libc::SIGTERM, libc::SIGHUP];
 
 impl ChildProcess {
-    /// Starts `exe` with `key=value` in its environment, stdin from /dev/null, the descriptors
-    /// `fds` left open across exec (they are close-on-exec in this process), and SIGINT, SIGTERM
-    /// and SIGHUP ignored. If anything fails after the fork, the child is killed and reaped
+    /// Starts `exe` with `key=value` in its environment and the descriptors `fds` left open
+    /// across exec, isolated as [`spawn_inheriting`] describes. If anything fails after the fork, the child is killed and reaped
     /// before the error is returned: it never lives on to print a line of its own.
     pub fn spawn(
         exe: &std::path::Path,
         key: &str,
         value: &str,
         fds: &[RawFd],
+        isolation: Isolation<'_>,
     ) -> io::Result<ChildProcess> {
         let support = pidfd_support();
         if !support.open && children_reaped_elsewhere() {
@@ -325,7 +339,7 @@ impl ChildProcess {
         if let Some((_, w)) = &pipe_ends {
             inherit.push(w.as_raw_fd());
         }
-        let mut child = spawn_inheriting(exe, key, value, &inherit, true)?;
+        let mut child = spawn_inheriting(exe, key, value, &inherit, Some(isolation))?;
         let pid = child.id();
         let exit_fd = match pipe_ends {
             // Our copy of the write end must go, or the read end never sees the child's close.
@@ -618,48 +632,122 @@ pub fn fd_path(fd: BorrowedFd<'_>) -> std::path::PathBuf {
     format!("/proc/self/fd/{}", fd.as_raw_fd()).into()
 }
 
+/// How a worker process is isolated from the coordinator's environment (see
+/// [`spawn_inheriting`]).
+#[derive(Debug, Clone, Copy)]
+pub struct Isolation<'a> {
+    /// Where the worker's stderr goes: a pipe the coordinator drains, so a worker stuck in the
+    /// kernel never holds the user's terminal or pipe (`2>&1 | tee log`) open.
+    pub stderr: BorrowedFd<'a>,
+    /// `argv[0]` to show in `ps` (the program is started through `/proc/self/fd/N`).
+    pub arg0: &'a std::ffi::OsStr,
+}
+
 /// Starts `exe` with `key=value` in its environment, stdin from /dev/null, and the descriptors
-/// `fds` left open across exec (they are close-on-exec in this process). With
-/// `ignore_job_control` (a worker), SIGINT, SIGTERM and SIGHUP are ignored in the child
-/// (dispositions set to ignore survive exec) and its stdout is /dev/null. The child is not reaped by anyone else, so its pid stays valid until
-/// the caller waits for it.
+/// `fds` left open across exec (they are close-on-exec in this process). With `isolation` (a
+/// worker): SIGINT, SIGTERM and SIGHUP are ignored in the child (dispositions set to ignore
+/// survive exec), its stdout is /dev/null, its stderr the given fd, and every other descriptor
+/// it would inherit by accident (not close-on-exec in this process: a shell's, a test
+/// harness's) is closed at exec. The child is not reaped by anyone else, so its pid stays valid
+/// until the caller waits for it.
 pub fn spawn_inheriting(
     exe: &std::path::Path,
     key: &str,
     value: &str,
     fds: &[RawFd],
-    ignore_job_control: bool,
+    isolation: Option<Isolation<'_>>,
 ) -> io::Result<std::process::Child> {
     use std::os::unix::process::CommandExt;
     let mut cmd = std::process::Command::new(exe);
     cmd.env(key, value).stdin(std::process::Stdio::null());
-    if ignore_job_control {
-        // A worker writes only to stderr; and one stuck in the kernel must not hold the
-        // coordinator's stdout open (`mk1 run --json | jq` would wait for it).
-        cmd.stdout(std::process::Stdio::null());
+    let isolate = isolation.is_some();
+    // The highest fd to mark close-on-exec one by one where close_range(2) is missing.
+    let fd_scan_limit = soft_limit(Resource::Nofile).unwrap_or(4096).min(4096) as i32;
+    if let Some(iso) = isolation {
+        cmd.stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::from(iso.stderr.try_clone_to_owned()?))
+            .arg0(iso.arg0);
     }
     let fds = fds.to_vec();
     // SAFETY: the closure runs in the child between fork and exec, where only async-signal-safe
-    // work is allowed: it makes raw fcntl and sigaction syscalls (signal(2) with SIG_IGN is
-    // async-signal-safe) on a vector allocated before the fork, and allocates nothing. The fds
-    // stay open in the parent for the whole call, so the numbers are valid in the child. std
-    // resets the signal mask and SIGPIPE before running this closure, so nothing undoes it.
+    // work is allowed: it makes raw close_range, fcntl and sigaction syscalls (signal(2) with
+    // SIG_IGN is async-signal-safe) on a vector allocated before the fork, and allocates
+    // nothing. The fds stay open in the parent for the whole call, so the numbers are valid in
+    // the child. std resets the signal mask and SIGPIPE before running this closure, so nothing
+    // undoes it. Marking descriptors close-on-exec (rather than closing them) leaves std's own
+    // exec-status pipe working.
     unsafe {
         cmd.pre_exec(move || {
-            for &fd in &fds {
-                inherit_fd(BorrowedFd::borrow_raw(fd))?;
-            }
-            if ignore_job_control {
+            if isolate {
+                let all = libc::syscall(
+                    libc::SYS_close_range,
+                    3u32,
+                    u32::MAX,
+                    libc::CLOSE_RANGE_CLOEXEC,
+                );
+                if all != 0 {
+                    for fd in 3..fd_scan_limit {
+                        libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC);
+                    }
+                }
                 for sig in JOB_CONTROL_SIGNALS {
                     if libc::signal(sig, libc::SIG_IGN) == libc::SIG_ERR {
                         return Err(io::Error::last_os_error());
                     }
                 }
             }
+            for &fd in &fds {
+                inherit_fd(BorrowedFd::borrow_raw(fd))?;
+            }
             Ok(())
         });
     }
     cmd.spawn()
+}
+
+/// Makes `fd` non-blocking ([fcntl(2)] `O_NONBLOCK`).
+///
+/// [fcntl(2)]: https://man7.org/linux/man-pages/man2/fcntl.2.html
+pub fn set_nonblocking(fd: BorrowedFd<'_>) -> io::Result<()> {
+    let flags = rustix::fs::fcntl_getfl(fd)?;
+    Ok(rustix::fs::fcntl_setfl(
+        fd,
+        flags | rustix::fs::OFlags::NONBLOCK,
+    )?)
+}
+
+/// Reads what is there from a non-blocking fd into `buf` (appending); returns false at end of
+/// file.
+pub fn read_available(fd: BorrowedFd<'_>, buf: &mut Vec<u8>) -> bool {
+    let mut chunk = [0u8; 4096];
+    loop {
+        match rustix::io::read(fd, &mut chunk) {
+            Ok(0) => return false,
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            Err(rustix::io::Errno::INTR) => {}
+            Err(_) => return true,
+        }
+    }
+}
+
+/// Names the calling thread (and, for the main thread, the process as `ps`, `top` and `pgrep`
+/// show it) ([PR_SET_NAME]); at most 15 bytes are kept. Best effort.
+///
+/// [PR_SET_NAME]: https://man7.org/linux/man-pages/man2/PR_SET_NAME.2const.html
+pub fn set_thread_name(name: &str) {
+    if let Ok(c) = std::ffi::CString::new(name) {
+        let _ = rustix::thread::set_name(&c);
+    }
+}
+
+/// Whether `sig` is ignored in this process (inherited from the parent: `nohup` ignores SIGHUP,
+/// a non-interactive shell ignores SIGINT in background jobs).
+pub fn signal_ignored(sig: i32) -> bool {
+    let mut old = core::mem::MaybeUninit::<libc::sigaction>::zeroed();
+    // SAFETY: a query (null new action) into a valid, zeroed sigaction.
+    let rc = unsafe { libc::sigaction(sig, core::ptr::null(), old.as_mut_ptr()) };
+    // SAFETY: on success sigaction initialised `old`.
+    rc == 0 && unsafe { old.assume_init() }.sa_sigaction == libc::SIG_IGN
 }
 
 /// Ignores SIGINT, SIGTERM and SIGHUP in this process (a worker's first act, in case it was not

@@ -354,6 +354,8 @@ pub fn process(
 pub fn serve(spec: WorkerSpec) -> Result<(), WorkerError> {
     // Job-control signals sent to the whole process group are the coordinator's to act on.
     sys::ignore_job_control_signals();
+    // Started through /proc/self/fd/N, the process would show as "N" in ps, top and pgrep.
+    sys::set_thread_name(&format!("mk1-worker-{}", spec.index));
     // Before anything else: die with the coordinator, and catch the case where it already died.
     // A sandbox that refuses prctl leaves the parent check alone, which runs whenever a sleep
     // times out: orphans still leave, a little later.

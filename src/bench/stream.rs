@@ -167,7 +167,7 @@ pub(crate) fn spawn_child(
     spec: String,
     child_fds: &[RawFd],
 ) -> Result<Proc, String> {
-    sys::spawn_inheriting(exe, CHILD_ENV, &spec, child_fds, false)
+    sys::spawn_inheriting(exe, CHILD_ENV, &spec, child_fds, None)
         .map(Proc)
         .map_err(|e| format!("cannot start {}: {e}", exe.display()))
 }

@@ -255,11 +255,16 @@ fn run(args: RunArgs) -> ExitCode {
     let signal = Arc::new(AtomicUsize::new(0));
     // Ctrl-C, `timeout`, `kill -- -PGID` and service managers signal the whole process group:
     // workers ignore these (see `sys::spawn_inheriting`), the coordinator drains and reports.
+    // A signal already ignored when mk1 starts stays ignored, as POSIX utilities do: `nohup`
+    // ignores SIGHUP, a shell ignores SIGINT in background jobs. SIGTERM is always handled.
     for sig in [
         signal_hook::consts::SIGINT,
         signal_hook::consts::SIGTERM,
         signal_hook::consts::SIGHUP,
     ] {
+        if sig != signal_hook::consts::SIGTERM && mk1::sys::signal_ignored(sig) {
+            continue;
+        }
         if let Err(e) = signal_hook::flag::register_usize(sig, signal.clone(), sig as usize) {
             return usage_error(format!("cannot install a signal handler: {e}"));
         }

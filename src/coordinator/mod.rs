@@ -215,6 +215,10 @@ pub fn run(cfg: &Config, hooks: &Hooks<'_>) -> Result<Report, RunError> {
     let busy = (workers + producers) as usize;
     let pinned = cfg.pin == Pin::Auto && busy <= allowed.len() && busy <= cpus;
     let image = WorkerImage::new(cfg)?;
+    let stderr = WorkerStderr::new().map_err(|e| RunError::Resource {
+        what: "cannot make the workers' stderr pipe".into(),
+        why: e.to_string(),
+    })?;
     let coordinator = sys::own_pid();
     let spin = match cfg.wait {
         Wait::Sleep => SpinMode::Never,
@@ -246,7 +250,7 @@ pub fn run(cfg: &Config, hooks: &Hooks<'_>) -> Result<Report, RunError> {
         why,
     };
     for w in 0..workers {
-        match spawn_worker(&image, &seg, spec(w)) {
+        match spawn_worker(&image, &stderr, &seg, spec(w)) {
             Ok(p) => procs.push(Some(p)),
             Err(e) => {
                 abandon(&mut procs);
@@ -273,6 +277,13 @@ pub fn run(cfg: &Config, hooks: &Hooks<'_>) -> Result<Report, RunError> {
                     (None, _) => format!("it did not attach within {START_TIMEOUT:?}"),
                 };
                 abandon(&mut procs);
+                // One line: the worker's own words go into it.
+                let said = stderr.take_text();
+                let why = if said.is_empty() {
+                    why
+                } else {
+                    format!("{why} (it said: {said})")
+                };
                 return Err(start_err(w, why));
             }
             std::thread::sleep(Duration::from_millis(1));
@@ -288,6 +299,8 @@ pub fn run(cfg: &Config, hooks: &Hooks<'_>) -> Result<Report, RunError> {
         seg: &seg,
         ctl: &ctl,
         image: &image,
+        stderr: &stderr,
+        stderr_pending: Vec::new(),
         spec: &spec,
         start,
         procs,
@@ -388,6 +401,7 @@ pub fn run(cfg: &Config, hooks: &Hooks<'_>) -> Result<Report, RunError> {
             let producer_gone: Vec<bool> = (0..producers as usize)
                 .map(|p| p >= started || handles[p].is_finished())
                 .collect();
+            monitor.stderr.forward(&mut monitor.stderr_pending);
             monitor.reap_exited(&ready);
             monitor.give_up_on_stuck();
             monitor.restart_dead(&producer_gone);
@@ -434,6 +448,12 @@ pub fn run(cfg: &Config, hooks: &Hooks<'_>) -> Result<Report, RunError> {
     });
 
     let unreaped = monitor.shut_down();
+    // The last words of the workers that left (a stuck one keeps only our pipe open).
+    monitor.stderr.forward(&mut monitor.stderr_pending);
+    if !monitor.stderr_pending.is_empty() {
+        monitor.stderr_pending.push(b'\n');
+        monitor.stderr.forward(&mut monitor.stderr_pending);
+    }
     if stats.len() < producers as usize {
         // A producer's counts are missing: whatever else happened, the run failed (exit 1).
         monitor.signal = None;

@@ -88,8 +88,54 @@ impl WorkerImage {
     }
 }
 
+/// The workers' stderr: one pipe that every worker writes and the monitor drains to this
+/// process's stderr, so that a worker stuck in the kernel holds only our pipe open, never the
+/// user's terminal or pipeline.
+pub(super) struct WorkerStderr {
+    read: OwnedFd,
+    write: OwnedFd,
+    /// What the workers show as `argv[0]` in `ps`.
+    arg0: std::ffi::OsString,
+}
+
+impl WorkerStderr {
+    pub(super) fn new() -> std::io::Result<WorkerStderr> {
+        let (read, write) = sys::pipe()?;
+        sys::set_nonblocking(read.as_fd())?;
+        Ok(WorkerStderr {
+            read,
+            write,
+            arg0: std::env::args_os().next().unwrap_or_else(|| "mk1".into()),
+        })
+    }
+
+    /// Copies every complete line the workers wrote to our stderr; `pending` keeps a partial
+    /// last line for next time.
+    pub(super) fn forward(&self, pending: &mut Vec<u8>) {
+        use std::io::Write;
+        sys::read_available(self.read.as_fd(), pending);
+        if let Some(end) = pending.iter().rposition(|&b| b == b'\n') {
+            let _ = std::io::stderr().write_all(&pending[..=end]);
+            pending.drain(..=end);
+        }
+    }
+
+    /// Everything the workers wrote and nobody forwarded yet, as one line (for a start error).
+    pub(super) fn take_text(&self) -> String {
+        let mut all = Vec::new();
+        sys::read_available(self.read.as_fd(), &mut all);
+        String::from_utf8_lossy(&all)
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty())
+            .collect::<Vec<_>>()
+            .join("; ")
+    }
+}
+
 pub(super) fn spawn_worker(
     image: &WorkerImage,
+    stderr: &WorkerStderr,
     seg: &Segment,
     spec: WorkerSpec,
 ) -> std::io::Result<WorkerProc> {
@@ -98,6 +144,10 @@ pub(super) fn spawn_worker(
         WORKER_ENV,
         &spec.encode(),
         &[seg.fd().as_raw_fd()],
+        sys::Isolation {
+            stderr: stderr.write.as_fd(),
+            arg0: &stderr.arg0,
+        },
     )?;
     let now = Instant::now();
     Ok(WorkerProc {
@@ -152,6 +202,9 @@ pub(super) struct Monitor<'a> {
     pub(super) seg: &'a Segment,
     pub(super) ctl: &'a Control,
     pub(super) image: &'a WorkerImage,
+    pub(super) stderr: &'a WorkerStderr,
+    /// A partial line of worker stderr not yet forwarded.
+    pub(super) stderr_pending: Vec<u8>,
     pub(super) spec: &'a dyn Fn(u32) -> WorkerSpec,
     pub(super) start: Instant,
     pub(super) procs: Vec<Option<WorkerProc>>,
@@ -375,7 +428,7 @@ impl Monitor<'_> {
             // A producer may have flagged the dead process after it was reaped (while
             // draining its rings); that request must not kill the replacement.
             ctl.kill[w as usize].store(false, Ordering::Release);
-            match spawn_worker(self.image, self.seg, (self.spec)(w)) {
+            match spawn_worker(self.image, self.stderr, self.seg, (self.spec)(w)) {
                 Ok(p) => {
                     self.restarts += 1;
                     self.procs[w as usize] = Some(p);
@@ -402,7 +455,14 @@ impl Monitor<'_> {
     pub(super) fn watch(&mut self) {
         let now = Instant::now();
         for w in 0..self.procs.len() {
-            let (seg, ctl, timeout) = (self.seg, self.ctl, self.cfg.worker_timeout);
+            // While draining after a stop, a silent worker is not waited for longer than the
+            // shutdown grace: Ctrl-C with a stuck worker ends in bounded time.
+            let timeout = if self.ctl.stop.load(Ordering::Relaxed) {
+                self.cfg.worker_timeout.min(SHUTDOWN_GRACE)
+            } else {
+                self.cfg.worker_timeout
+            };
+            let (seg, ctl) = (self.seg, self.ctl);
             let Some(wp) = &mut self.procs[w] else {
                 continue;
             };
@@ -494,6 +554,15 @@ impl Monitor<'_> {
                 worker,
                 pid,
                 state: sys::process_state(pid),
+                why: if self.ctl.abandoned[worker as usize].load(Ordering::Acquire) {
+                    "the kernel refused to kill it; it ends with this process (parent-death \
+                     signal)"
+                        .into()
+                } else {
+                    "SIGKILL is pending: it runs no more code of its own, and init reaps it when \
+                     the kernel lets it go"
+                        .into()
+                },
             })
             .collect();
         left.sort_by_key(|u| u.worker);
