@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# `mk1 run` of this checkout against an earlier commit, interleaved and repeated: builds the
+# baseline in a git worktree (target dir under target/), then alternates 1 s runs of both at each
+# max-dim and prints the median (best, worst) of the per-pair ratio new/baseline.
+#
+#   scripts/vs_baseline.sh [REV]          (REV=24ff8c6, REPS=5, DIMS="128 1024" by default)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+REV=${1:-24ff8c6}
+REPS=${REPS:-5}
+DIMS=${DIMS:-128 1024}
+WT=target/baseline-src
+if [ ! -d "$WT" ]; then git worktree add -f --detach "$WT" "$REV" >/dev/null; fi
+(cd "$WT" && git checkout -q --detach "$REV" && CARGO_TARGET_DIR=../baseline-target cargo build --release -q)
+cargo build --release -q
+NEW=target/release/mk1
+OLD=target/baseline-target/release/mk1
+rate() { "$1" run --json --quiet --max-dim "$2" --duration 1s | python3 -c 'import json,sys; j=json.load(sys.stdin); assert j["verified"], j; print(j["matrices_per_s"])'; }
+for d in $DIMS; do
+  pairs=()
+  for _ in $(seq "$REPS"); do pairs+=("$(rate "$NEW" "$d"):$(rate "$OLD" "$d")"); done
+  python3 - "$d" "$REV" "${pairs[@]}" <<'PY'
+import statistics as st, sys
+d, rev, pairs = sys.argv[1], sys.argv[2], [tuple(map(float, p.split(':'))) for p in sys.argv[3:]]
+r = [a / b for a, b in pairs]
+print(f"max-dim {d}: this checkout / {rev} median {st.median(r):.2f}x (best {max(r):.2f}x, worst {min(r):.2f}x); "
+      f"medians {st.median(a for a, _ in pairs):,.0f}/s vs {st.median(b for _, b in pairs):,.0f}/s over {len(r)} pairs")
+PY
+done
