@@ -17,6 +17,12 @@ fn is_root() -> bool {
     rustix::process::getuid().is_root()
 }
 
+/// Sends `sig` to process `pid`.
+fn send(pid: u32, sig: rustix::process::Signal) {
+    rustix::process::kill_process(rustix::process::Pid::from_raw(pid as i32).unwrap(), sig)
+        .unwrap();
+}
+
 fn skip(why: &str) {
     eprintln!("SKIPPED: {why}");
 }
@@ -358,6 +364,37 @@ const MEMFD_CREATE: u32 = 319;
 #[cfg(target_arch = "x86_64")]
 const KILL: u32 = 62;
 
+/// Runs 20000 matrices with worker 0 exiting after 300 tokens, with `prepare` applied to the
+/// command (a seccomp filter, a signal disposition); the death must be noticed, the worker
+/// replaced and nothing lost. `what` names the variant in failures.
+fn replaced_worker_run(what: &str, prepare: impl FnOnce(&mut Command)) -> Output {
+    let mut c = cmd(&[
+        "run",
+        "--json",
+        "--workers",
+        "2",
+        "--count",
+        "20000",
+        "--max-dim",
+        "32",
+        "--batch",
+        "off",
+    ]);
+    c.env("MK1_CHAOS", "exit:300@0");
+    prepare(&mut c);
+    let out = run(c);
+    let j = json(&out);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{what}: {j} {}",
+        text(&out.stderr)
+    );
+    assert_eq!(j["lost"], 0, "{what}: {j}");
+    assert!(j["worker_restarts"].as_u64().unwrap() >= 1, "{what}: {j}");
+    out
+}
+
 #[cfg(target_arch = "x86_64")]
 #[test]
 fn refused_pidfd_syscalls_fall_back_to_pids_and_workers_are_still_replaced() {
@@ -369,30 +406,9 @@ fn refused_pidfd_syscalls_fall_back_to_pids_and_workers_are_still_replaced() {
     ] {
         // A worker that exits mid-run must be noticed (exit pipe or pidfd), reaped (waitpid or
         // waitid) and replaced, with nothing lost.
-        let mut c = cmd(&[
-            "run",
-            "--json",
-            "--workers",
-            "2",
-            "--count",
-            "20000",
-            "--max-dim",
-            "32",
-            "--batch",
-            "off",
-        ]);
-        c.env("MK1_CHAOS", "exit:300@0");
-        with_denied_syscalls(&mut c, &deny);
-        let out = run(c);
-        let j = json(&out);
-        assert_eq!(
-            out.status.code(),
-            Some(0),
-            "deny {deny:?}: {j} {}",
-            text(&out.stderr)
-        );
-        assert_eq!(j["lost"], 0);
-        assert!(j["worker_restarts"].as_u64().unwrap() >= 1, "{j}");
+        let out = replaced_worker_run(&format!("deny {deny:?}"), |c| {
+            with_denied_syscalls(c, &deny)
+        });
         assert!(
             text(&out.stderr).is_empty(),
             "no stray lines: {}",
@@ -407,25 +423,7 @@ fn refused_poll_still_notices_deaths_and_refused_fork_is_a_clear_start_error() {
     // mk1 waits with ppoll (rustix); plain poll is left alone because Rust's own runtime uses
     // it at start-up to check fds 0-2, and aborts any Rust program where it is refused.
     const PPOLL: u32 = 271;
-    let mut c = cmd(&[
-        "run",
-        "--json",
-        "--workers",
-        "2",
-        "--count",
-        "20000",
-        "--max-dim",
-        "32",
-        "--batch",
-        "off",
-    ]);
-    c.env("MK1_CHAOS", "exit:300@0");
-    with_denied_syscalls(&mut c, &[PPOLL]);
-    let out = run(c);
-    let j = json(&out);
-    assert_eq!(out.status.code(), Some(0), "{j} {}", text(&out.stderr));
-    assert_eq!(j["lost"], 0);
-    assert!(j["worker_restarts"].as_u64().unwrap() >= 1, "{j}");
+    replaced_worker_run("deny ppoll", |c| with_denied_syscalls(c, &[PPOLL]));
     // No process can be started at all: one line that says which worker and why.
     const CLONE: u32 = 56;
     const CLONE3: u32 = 435;
@@ -451,25 +449,7 @@ fn a_host_that_ignores_sigchld_still_tracks_workers_by_pidfd_and_refuses_the_pid
             });
         }
     };
-    let mut c = cmd(&[
-        "run",
-        "--json",
-        "--workers",
-        "2",
-        "--count",
-        "20000",
-        "--max-dim",
-        "32",
-        "--batch",
-        "off",
-    ]);
-    c.env("MK1_CHAOS", "exit:300@0");
-    ignore_sigchld(&mut c);
-    let out = run(c);
-    let j = json(&out);
-    assert_eq!(out.status.code(), Some(0), "{j} {}", text(&out.stderr));
-    assert_eq!(j["lost"], 0);
-    assert!(j["worker_restarts"].as_u64().unwrap() >= 1, "{j}");
+    replaced_worker_run("SIGCHLD ignored", ignore_sigchld);
 
     let mut c = cmd(&["run", "--workers", "1", "--duration", "1s"]);
     ignore_sigchld(&mut c);
@@ -646,11 +626,7 @@ fn nohup_is_respected_and_a_drain_does_not_wait_out_a_long_worker_timeout() {
     let child = c.spawn().unwrap();
     let pid = child.id();
     wait_for_workers(pid, 1);
-    rustix::process::kill_process(
-        rustix::process::Pid::from_raw(pid as i32).unwrap(),
-        rustix::process::Signal::HUP,
-    )
-    .unwrap();
+    send(pid, rustix::process::Signal::HUP);
     let out = wait_with_limit(child, LIMIT);
     let j = json(&out);
     assert_eq!(out.status.code(), Some(0), "{j}");
@@ -674,11 +650,7 @@ fn nohup_is_respected_and_a_drain_does_not_wait_out_a_long_worker_timeout() {
     wait_for_workers(pid, 2);
     std::thread::sleep(Duration::from_millis(500));
     let sent = Instant::now();
-    rustix::process::kill_process(
-        rustix::process::Pid::from_raw(pid as i32).unwrap(),
-        rustix::process::Signal::INT,
-    )
-    .unwrap();
+    send(pid, rustix::process::Signal::INT);
     let out = wait_with_limit(child, LIMIT);
     let j = json(&out);
     assert_eq!(out.status.code(), Some(130), "{j}");
@@ -723,11 +695,7 @@ fn restarts_start_the_running_build_whatever_happened_to_its_file() {
             std::fs::set_permissions(&exe, std::os::unix::fs::PermissionsExt::from_mode(0o755))
                 .unwrap();
         }
-        rustix::process::kill_process(
-            rustix::process::Pid::from_raw(first as i32).unwrap(),
-            rustix::process::Signal::KILL,
-        )
-        .unwrap();
+        send(first, rustix::process::Signal::KILL);
         let out = wait_with_limit(child, LIMIT);
         let _ = std::fs::remove_dir_all(&dir);
         let j = json(&out);
@@ -771,11 +739,7 @@ fn a_worker_of_another_build_is_refused_once_not_restarted_forever() {
                 .is_ok_and(|e| String::from_utf8_lossy(&e).contains(&format!(",0,{pid},")))
         })
         .expect("worker 0");
-    rustix::process::kill_process(
-        rustix::process::Pid::from_raw(victim as i32).unwrap(),
-        rustix::process::Signal::KILL,
-    )
-    .unwrap();
+    send(victim, rustix::process::Signal::KILL);
     let out = wait_with_limit(child, LIMIT);
     let _ = std::fs::remove_file(&flag);
     let j = json(&out);
