@@ -10,7 +10,13 @@ NEW=${1:-target/release/mk1}
 OLD=${2:-}
 REPS=${REPS:-5}
 DUR=${DUR:-2s}
-rate() { "$1" run --json --quiet --workers 1 --pin off --duration "$DUR" | python3 -c 'import json,sys; j=json.load(sys.stdin); assert j["verified"], j; print(j["matrices_per_s"])'; }
+rate() {
+  local out
+  if ! out=$("$1" run --json --quiet --workers 1 --pin off --duration "$DUR"); then
+    echo "sharing.sh: $1 failed: $out" >&2; return 1
+  fi
+  python3 -c 'import json,sys; j=json.load(sys.stdin); assert j["verified"], j; print(j["matrices_per_s"])' <<<"$out"
+}
 measure() { # prints "alone together"
   local alone together
   alone=$(rate "$1")

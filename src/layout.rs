@@ -15,7 +15,7 @@ use crate::sync::{AtomicU32, AtomicU64};
 /// `b"mk1-seg\0"` as a little-endian u64: the first eight bytes of every segment.
 pub const MAGIC: u64 = u64::from_le_bytes(*b"mk1-seg\0");
 /// Bumped on every change to a `repr(C)` struct in this module.
-pub const LAYOUT_VERSION: u32 = 3;
+pub const LAYOUT_VERSION: u32 = 4;
 /// Separation between data written by different processes (two 64-byte lines: the adjacent-line
 /// prefetcher on x86_64 pulls pairs, see crossbeam's `CachePadded`).
 pub const LINE: u64 = 128;
@@ -114,6 +114,9 @@ pub struct Bell {
     /// before its last check and stores 0 (Release) after; notifiers read it with an AcqRel
     /// read-modify-write after publishing work.
     pub sleeping: AtomicU32,
+    /// 1 + the CPU the owner last began to wait on, 0 if unknown; written by the owner, read by
+    /// its partners (Relaxed: a placement hint, never trusted for safety).
+    pub cpu: AtomicU32,
 }
 
 /// What one worker publishes about itself. Index = worker slot.

@@ -604,6 +604,14 @@ pub fn online_cpus() -> usize {
     std::thread::available_parallelism().map_or(1, |n| n.get())
 }
 
+/// The CPU the calling thread is running on ([getcpu(2)], through the vDSO: no syscall).
+///
+/// [getcpu(2)]: https://man7.org/linux/man-pages/man2/getcpu.2.html
+#[inline]
+pub fn current_cpu() -> usize {
+    rustix::thread::sched_getcpu()
+}
+
 /// Pins the calling thread to one CPU ([sched_setaffinity(2)]); errors are returned, not fatal.
 ///
 /// [sched_setaffinity(2)]: https://man7.org/linux/man-pages/man2/sched_setaffinity.2.html

@@ -18,7 +18,7 @@ use crate::ring::{PushError, RingConsumer, RingError, RingProducer};
 use crate::shm::{Segment, ShmAttachError};
 use crate::sync::Ordering;
 use crate::sys;
-use crate::wait::{Backoff, Doorbell, Futex, SpinMode, Step};
+use crate::wait::{Backoff, Doorbell, Futex, SpinMode, Step, SAME_CPU_YIELDS};
 
 /// Environment variable that turns a process into a worker:
 /// `fd,index,coordinator_pid,kernel,cpu,spin` (`cpu` is `-` for no pinning; `spin` is a
@@ -411,6 +411,7 @@ pub fn serve(spec: WorkerSpec) -> Result<(), WorkerError> {
     let shutdown = seg.shutdown_flag();
     let mut backoff = Backoff::for_mode(spec.spin);
     let mut processed: u64 = 0;
+    let mut same_cpu_yields = 0u32;
     let mut desc = crate::pool::empty_desc();
     let mut processed_total: u64 = 0;
 
@@ -460,6 +461,7 @@ pub fn serve(spec: WorkerSpec) -> Result<(), WorkerError> {
             processed += did as u64;
             me.status.heartbeat.store(processed, Ordering::Relaxed);
             backoff.reset();
+            same_cpu_yields = 0;
             continue;
         }
         // Acquire: pairs with the coordinator's Release store; everything it pushed before
@@ -478,6 +480,16 @@ pub fn serve(spec: WorkerSpec) -> Result<(), WorkerError> {
             continue;
         }
         if backoff.step() == Step::Sleep {
+            // A producer that last waited on this CPU shares our run queue: yield to it.
+            let cpu = sys::current_cpu() as u32 + 1;
+            me.bell.cpu.store(cpu, Ordering::Relaxed);
+            if same_cpu_yields < SAME_CPU_YIELDS
+                && (0..producers).any(|p| seg.producer(p).bell.cpu.load(Ordering::Relaxed) == cpu)
+            {
+                same_cpu_yields += 1;
+                std::thread::yield_now();
+                continue;
+            }
             my_bell.sleep(&Futex, SLEEP, || {
                 shutdown.load(Ordering::Acquire) != 0
                     || inbox.iter_mut().any(|r| r.has_pending().unwrap_or(true))

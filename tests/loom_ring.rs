@@ -101,6 +101,7 @@ fn doorbell_never_loses_a_wakeup() {
             Bell {
                 word: AtomicU32::new(0),
                 sleeping: AtomicU32::new(0),
+                cpu: AtomicU32::new(0),
             },
             AtomicU64::new(0),
         ));

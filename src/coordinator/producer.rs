@@ -16,7 +16,8 @@ use crate::report::Failure;
 use crate::ring::{RingConsumer, RingProducer};
 use crate::shm::Segment;
 use crate::sync::Ordering;
-use crate::wait::{Backoff, Doorbell, Futex, SpinMode, Step};
+use crate::sys;
+use crate::wait::{Backoff, Doorbell, Futex, SpinMode, Step, SAME_CPU_YIELDS};
 
 use super::{Control, KEEP_FAILURES, PRODUCER_SLEEP};
 
@@ -592,6 +593,7 @@ impl<'s> Producer<'s> {
         let mut backoff = Backoff::for_mode(self.spin);
         let me = self.seg.producer(self.p);
         let my_bell = Doorbell::new(&me.bell);
+        let mut same_cpu_yields = 0u32;
         loop {
             let mut progress = false;
             for w in 0..workers {
@@ -640,7 +642,21 @@ impl<'s> Producer<'s> {
             }
             if progress {
                 backoff.reset();
+                same_cpu_yields = 0;
             } else if backoff.step() == Step::Sleep {
+                // A worker that last waited on this CPU shares our run queue: yield to it.
+                let cpu = sys::current_cpu() as u32 + 1;
+                me.bell.cpu.store(cpu, Ordering::Relaxed);
+                if same_cpu_yields < SAME_CPU_YIELDS
+                    && (0..workers).any(|w| {
+                        self.usable[w]
+                            && self.seg.worker(w as u32).bell.cpu.load(Ordering::Relaxed) == cpu
+                    })
+                {
+                    same_cpu_yields += 1;
+                    std::thread::yield_now();
+                    continue;
+                }
                 let seen = self.seen_changes;
                 let ctl = self.ctl;
                 let from = &mut self.from;
