@@ -17,11 +17,12 @@ rate() {
   fi
   python3 -c 'import json,sys; j=json.load(sys.stdin); assert j["verified"], j; print(j["matrices_per_s"])' <<<"$out"
 }
+TMP=$(mktemp -d); trap 'rm -rf "$TMP"' EXIT
 measure() { # prints "alone together"
-  local alone together
+  local alone
   alone=$(rate "$1")
-  together=$( { rate "$1" & rate "$1"; wait; } | paste -sd' ' | python3 -c 'import sys; print(sum(map(float, sys.stdin.read().split())))')
-  echo "$alone $together"
+  rate "$1" > "$TMP/a" & rate "$1" > "$TMP/b"; wait
+  echo "$alone $(python3 -c 'import sys; print(sum(float(open(f).read()) for f in sys.argv[1:]))' "$TMP/a" "$TMP/b")"
 }
 bins=("$NEW"); [ -n "$OLD" ] && bins+=("$OLD")
 declare -A res
