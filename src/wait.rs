@@ -1,7 +1,10 @@
 //! Waiting without burning a core, and waking without a syscall when nobody sleeps.
 //!
 //! A waiter goes through three phases ([`Backoff`]): spin (re-check the condition with a CPU
-//! pause), yield the CPU, then sleep on a [`Doorbell`]. The doorbell is a futex word plus a
+//! pause), yield the CPU, then sleep on a [`Doorbell`]. The spin and yield budgets adapt to
+//! whether spinning pays (it does not on a machine shared with other busy processes; see
+//! [`Backoff`]), and the roles add one step before sleeping: a waiter whose partner last waited on
+//! the same CPU yields to it ([`SAME_CPU_YIELDS`]). The doorbell is a futex word plus a
 //! `sleeping` flag in shared memory. The notifier rings only when the flag says someone sleeps,
 //! so while work flows there is no syscall at all (DESIGN invariant 7).
 //!
