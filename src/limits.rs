@@ -220,8 +220,13 @@ fn cgroup_rooms(
             };
             let used = read(&dir.join(usage))
                 .and_then(|u| u.trim().parse::<u64>().ok())
-                .unwrap_or(0)
-                .saturating_sub(reclaimable(dir, read));
+                .unwrap_or(0);
+            // Page cache is memory, not tasks: only memory usage gives it back.
+            let used = if usage.starts_with("memory.") {
+                used.saturating_sub(reclaimable(dir, read))
+            } else {
+                used
+            };
             rooms.push(Room {
                 left: max.saturating_sub(used),
                 source: format!(
@@ -742,6 +747,18 @@ mod tests {
 
     #[test]
     fn pids_limits_from_either_hierarchy() {
+        // v2 keeps pids and memory files side by side: page cache must not shrink the task count.
+        let v2 = fake(&[
+            ("/proc/self/cgroup", V2_CGROUP),
+            ("/proc/self/mountinfo", V2_MOUNTINFO),
+            ("/sys/fs/cgroup/user.slice/pids.max", "100\n"),
+            ("/sys/fs/cgroup/user.slice/pids.current", "60\n"),
+            (
+                "/sys/fs/cgroup/user.slice/memory.stat",
+                "inactive_file 500000000\n",
+            ),
+        ]);
+        assert_eq!(pids_room(&v2).unwrap().left, 40);
         let read = fake(&[
             ("/proc/self/cgroup", "8:pids:/job\n0::/\n"),
             ("/proc/self/mountinfo", HYBRID_MOUNTINFO),

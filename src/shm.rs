@@ -135,7 +135,11 @@ impl Segment {
                     if code == rustix::io::Errno::NOSPC.raw_os_error()
                         || code == rustix::io::Errno::NOMEM.raw_os_error() =>
                 {
-                    if let Some(free) = sys::dev_shm_room(fd.as_fd()) {
+                    // Out of space on the /dev/shm fallback (not a memory refusal: ENOMEM, or
+                    // ENOSPC with room left, is a memory limit and reported as one below).
+                    if let Some(free) = sys::dev_shm_room(fd.as_fd()).filter(|&free| {
+                        free < asked && code == rustix::io::Errno::NOSPC.raw_os_error()
+                    }) {
                         return Err(ShmCreateError::TooLarge {
                             asked,
                             available: free,

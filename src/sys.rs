@@ -669,8 +669,21 @@ pub fn spawn_inheriting(
     let mut cmd = std::process::Command::new(exe);
     cmd.env(key, value).stdin(std::process::Stdio::null());
     let isolate = isolation.is_some();
-    // The highest fd to mark close-on-exec one by one where close_range(2) is missing.
-    let fd_scan_limit = soft_limit(Resource::Nofile).unwrap_or(4096).min(4096) as i32;
+    // Where close_range(2) is missing (before 5.11) the child marks these one by one: the fds
+    // open now, listed here in the parent (the child must not allocate), or, without /proc, the
+    // first 4096 numbers.
+    let open_fds: Vec<i32> = if isolation.is_some() {
+        std::fs::read_dir("/proc/self/fd")
+            .map(|d| {
+                d.flatten()
+                    .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+                    .filter(|&fd| fd >= 3)
+                    .collect()
+            })
+            .unwrap_or_else(|_| (3..4096).collect())
+    } else {
+        Vec::new()
+    };
     if let Some(iso) = isolation {
         cmd.stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::from(iso.stderr.try_clone_to_owned()?))
@@ -694,7 +707,7 @@ pub fn spawn_inheriting(
                     libc::CLOSE_RANGE_CLOEXEC,
                 );
                 if all != 0 {
-                    for fd in 3..fd_scan_limit {
+                    for &fd in &open_fds {
                         libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC);
                     }
                 }

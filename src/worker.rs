@@ -483,8 +483,15 @@ pub fn serve(spec: WorkerSpec) -> Result<(), WorkerError> {
             // A producer that last waited on this CPU shares our run queue: yield to it.
             let cpu = sys::current_cpu() as u32 + 1;
             me.bell.cpu.store(cpu, Ordering::Relaxed);
+            // (Only to a partner that is not asleep on its futex, and never when told to sleep
+            // at once.)
             if same_cpu_yields < SAME_CPU_YIELDS
-                && (0..producers).any(|p| seg.producer(p).bell.cpu.load(Ordering::Relaxed) == cpu)
+                && spec.spin != SpinMode::Never
+                && (0..producers).any(|p| {
+                    let bell = &seg.producer(p).bell;
+                    bell.cpu.load(Ordering::Relaxed) == cpu
+                        && bell.sleeping.load(Ordering::Relaxed) == 0
+                })
             {
                 same_cpu_yields += 1;
                 std::thread::yield_now();

@@ -301,6 +301,7 @@ pub fn run(cfg: &Config, hooks: &Hooks<'_>) -> Result<Report, RunError> {
         image: &image,
         stderr: &stderr,
         stderr_pending: Vec::new(),
+        stop_seen: None,
         spec: &spec,
         start,
         procs,

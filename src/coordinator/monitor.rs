@@ -34,8 +34,9 @@ pub(super) struct WorkerProc {
 /// Why the monitor killed a worker.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(super) enum KillReason {
-    /// It held tokens and made no progress for `worker_timeout`.
-    Stalled,
+    /// It held tokens and made no progress for this long (`worker_timeout`, or the shutdown
+    /// grace while draining).
+    Stalled(Duration),
     /// A producer caught it breaking the protocol.
     Fault,
     /// It did not start properly (wrong build, no attach in time).
@@ -114,10 +115,15 @@ impl WorkerStderr {
     pub(super) fn forward(&self, pending: &mut Vec<u8>) {
         use std::io::Write;
         sys::read_available(self.read.as_fd(), pending);
-        if let Some(end) = pending.iter().rposition(|&b| b == b'\n') {
-            let _ = std::io::stderr().write_all(&pending[..=end]);
-            pending.drain(..=end);
-        }
+        // Whole lines, or everything once a line grows past 64 KiB (a worker writing without
+        // newlines must not grow this without bound).
+        let end = match pending.iter().rposition(|&b| b == b'\n') {
+            Some(end) => end + 1,
+            None if pending.len() > 64 << 10 => pending.len(),
+            None => return,
+        };
+        let _ = std::io::stderr().write_all(&pending[..end]);
+        pending.drain(..end);
     }
 
     /// Everything the workers wrote and nobody forwarded yet, as one line (for a start error).
@@ -205,6 +211,8 @@ pub(super) struct Monitor<'a> {
     pub(super) stderr: &'a WorkerStderr,
     /// A partial line of worker stderr not yet forwarded.
     pub(super) stderr_pending: Vec<u8>,
+    /// When the monitor first saw the run stopping.
+    pub(super) stop_seen: Option<Instant>,
     pub(super) spec: &'a dyn Fn(u32) -> WorkerSpec,
     pub(super) start: Instant,
     pub(super) procs: Vec<Option<WorkerProc>>,
@@ -241,11 +249,8 @@ impl Monitor<'_> {
         let ctl = self.ctl;
         let faulted = ctl.kill[w as usize].swap(false, Ordering::AcqRel);
         match &killed {
-            Some(KillReason::Stalled) => {
-                how_words = format!(
-                    "stalled for {:?} and was killed; {how_words}",
-                    self.cfg.worker_timeout
-                );
+            Some(KillReason::Stalled(after)) => {
+                how_words = format!("stalled for {after:?} and was killed; {how_words}");
             }
             Some(KillReason::Start(why)) => {
                 self.start_failed[w as usize] = Some(why.clone());
@@ -420,6 +425,7 @@ impl Monitor<'_> {
             }
             let ws = self.seg.worker(w);
             ws.bell.sleeping.store(0, Ordering::Relaxed);
+            ws.bell.cpu.store(0, Ordering::Relaxed);
             ws.status.heartbeat.store(0, Ordering::Relaxed);
             ws.status.build.store(0, Ordering::Relaxed);
             ws.status
@@ -457,11 +463,18 @@ impl Monitor<'_> {
         for w in 0..self.procs.len() {
             // While draining after a stop, a silent worker is not waited for longer than the
             // shutdown grace: Ctrl-C with a stuck worker ends in bounded time.
-            let timeout = if self.ctl.stop.load(Ordering::Relaxed) {
+            // Measured from the stop at the earliest, so a healthy worker in the middle of a
+            // long batch is not killed the moment Ctrl-C arrives.
+            let stopping = self.ctl.stop.load(Ordering::Relaxed);
+            if stopping && self.stop_seen.is_none() {
+                self.stop_seen = Some(now);
+            }
+            let timeout = if stopping {
                 self.cfg.worker_timeout.min(SHUTDOWN_GRACE)
             } else {
                 self.cfg.worker_timeout
             };
+            let stop_seen = self.stop_seen;
             let (seg, ctl) = (self.seg, self.ctl);
             let Some(wp) = &mut self.procs[w] else {
                 continue;
@@ -490,8 +503,8 @@ impl Monitor<'_> {
                 if back != wp.progress || owed == 0 {
                     wp.progress = back;
                     wp.last_beat = now;
-                } else if now - wp.last_beat > timeout {
-                    action = Some(KillReason::Stalled);
+                } else if now - stop_seen.map_or(wp.last_beat, |t| t.max(wp.last_beat)) > timeout {
+                    action = Some(KillReason::Stalled(timeout));
                 }
             }
             if let Some(why) = action {
@@ -535,6 +548,8 @@ impl Monitor<'_> {
             if killed_at.is_some_and(|t| now - t > KILL_WAIT) {
                 break;
             }
+            // Keep the workers' stderr flowing: one blocked on a full pipe cannot exit.
+            self.stderr.forward(&mut self.stderr_pending);
             let fds: Vec<BorrowedFd<'_>> = self
                 .procs
                 .iter()

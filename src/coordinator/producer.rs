@@ -647,10 +647,15 @@ impl<'s> Producer<'s> {
                 // A worker that last waited on this CPU shares our run queue: yield to it.
                 let cpu = sys::current_cpu() as u32 + 1;
                 me.bell.cpu.store(cpu, Ordering::Relaxed);
+                // (Only to a partner that is not asleep on its futex: it must be runnable to
+                // take the CPU; and never when told to sleep at once.)
                 if same_cpu_yields < SAME_CPU_YIELDS
+                    && self.spin != SpinMode::Never
                     && (0..workers).any(|w| {
+                        let bell = &self.seg.worker(w as u32).bell;
                         self.usable[w]
-                            && self.seg.worker(w as u32).bell.cpu.load(Ordering::Relaxed) == cpu
+                            && bell.cpu.load(Ordering::Relaxed) == cpu
+                            && bell.sleeping.load(Ordering::Relaxed) == 0
                     })
                 {
                     same_cpu_yields += 1;
