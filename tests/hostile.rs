@@ -395,6 +395,14 @@ fn replaced_worker_run(what: &str, prepare: impl FnOnce(&mut Command)) -> Output
     out
 }
 
+#[test]
+fn the_pid_fallback_replaces_workers_on_any_architecture() {
+    // The same path as a refused pidfd_open, forced without seccomp.
+    replaced_worker_run("MK1_NO_PIDFD=1", |c| {
+        c.env("MK1_NO_PIDFD", "1");
+    });
+}
+
 #[cfg(target_arch = "x86_64")]
 #[test]
 fn refused_pidfd_syscalls_fall_back_to_pids_and_workers_are_still_replaced() {
