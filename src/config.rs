@@ -7,6 +7,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
+pub use crate::dispatch::DispatchKind;
 use crate::layout::{
     Layout, LayoutError, MATRIX_ALIGN, MAX_BATCH, MAX_PRODUCERS, MAX_WORKERS, PAGE,
 };
@@ -39,28 +40,6 @@ pub enum Batch {
     Off,
     /// At most this many per token (1..=[`MAX_BATCH`]).
     Max(u32),
-}
-
-/// Which worker gets the next token.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum DispatchKind {
-    /// Uniformly random among live workers (seeded). The seed prototype's rule.
-    Random,
-    /// Next live worker in turn.
-    RoundRobin,
-    /// The live worker holding fewest of this producer's tokens.
-    LeastLoaded,
-}
-
-impl DispatchKind {
-    /// Name used on the command line and in reports.
-    pub fn name(self) -> &'static str {
-        match self {
-            DispatchKind::Random => "random",
-            DispatchKind::RoundRobin => "round-robin",
-            DispatchKind::LeastLoaded => "least-loaded",
-        }
-    }
 }
 
 /// How producers and workers wait for each other.

@@ -3,7 +3,27 @@
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 
-use crate::config::DispatchKind;
+/// Which worker gets the next token.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DispatchKind {
+    /// Uniformly random among live workers (seeded). The seed prototype's rule.
+    Random,
+    /// Next live worker in turn.
+    RoundRobin,
+    /// The live worker holding fewest of this producer's tokens.
+    LeastLoaded,
+}
+
+impl DispatchKind {
+    /// Name used on the command line and in reports.
+    pub fn name(self) -> &'static str {
+        match self {
+            DispatchKind::Random => "random",
+            DispatchKind::RoundRobin => "round-robin",
+            DispatchKind::LeastLoaded => "least-loaded",
+        }
+    }
+}
 
 /// What a policy may look at: which workers can take a token now, and how many of this
 /// producer's tokens each holds.
