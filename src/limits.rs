@@ -15,7 +15,6 @@
 //! the walk up the hierarchy and the limit files are the part that matters, and they are a few
 //! lines on top of these two small parsers.)
 
-use std::fmt;
 use std::path::{Path, PathBuf};
 
 use crate::shm::human_bytes;
@@ -545,12 +544,6 @@ pub fn check(needs: &Needs) -> Result<(), LimitError> {
         }
     }
     Ok(())
-}
-
-impl fmt::Display for Room {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{} left under {}", self.left, self.source)
-    }
 }
 
 #[cfg(test)]

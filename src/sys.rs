@@ -472,14 +472,19 @@ impl ChildProcess {
 ///
 /// [proc_pid_stat(5)]: https://man7.org/linux/man-pages/man5/proc_pid_stat.5.html
 pub fn process_state(pid: u32) -> Option<char> {
+    stat_fields(pid)?.chars().next()
+}
+
+/// The fields of `/proc/PID/stat` after the command name, from the state (field 3) on. The
+/// name is in parentheses and may itself contain ") ", hence the last match.
+fn stat_fields(pid: u32) -> Option<String> {
     let stat = read_small(&format!("/proc/{pid}/stat"))?;
-    // The command name is in parentheses and may itself contain ") ".
-    stat.rsplit_once(") ")?.1.chars().next()
+    Some(stat.rsplit_once(") ")?.1.to_owned())
 }
 
 /// Whether SIGKILL is pending for process `pid` (`ShdPnd`/`SigPnd` in `/proc/PID/status`): such
 /// a process never runs another instruction of its own, even while the kernel holds it.
-pub fn kill_pending(pid: u32) -> bool {
+fn kill_pending(pid: u32) -> bool {
     let Some(status) = read_small(&format!("/proc/{pid}/status")) else {
         return false;
     };
@@ -501,10 +506,7 @@ pub fn runs_no_more_code(pid: u32) -> bool {
         return true;
     }
     const PF_EXITING: u64 = 0x4;
-    let Some(stat) = read_small(&format!("/proc/{pid}/stat")) else {
-        return false;
-    };
-    let Some((_, rest)) = stat.rsplit_once(") ") else {
+    let Some(rest) = stat_fields(pid) else {
         return false;
     };
     let mut fields = rest.split(' ');
@@ -520,16 +522,21 @@ pub fn runs_no_more_code(pid: u32) -> bool {
 /// `SA_NOCLDWAIT`; both survive exec). Then a child's pid may be reused before we see it exit,
 /// and only a pidfd names the child safely.
 pub fn children_reaped_elsewhere() -> bool {
+    disposition(libc::SIGCHLD).is_some_and(|old| {
+        old.sa_sigaction == libc::SIG_IGN || old.sa_flags & libc::SA_NOCLDWAIT != 0
+    })
+}
+
+/// The current disposition of `sig` ([sigaction(2)] queried, nothing changed).
+///
+/// [sigaction(2)]: https://man7.org/linux/man-pages/man2/sigaction.2.html
+fn disposition(sig: i32) -> Option<libc::sigaction> {
     let mut old = core::mem::MaybeUninit::<libc::sigaction>::zeroed();
-    // SAFETY: a query (null new action) that writes the current disposition into `old`, which
-    // is a valid, zeroed sigaction.
-    let rc = unsafe { libc::sigaction(libc::SIGCHLD, core::ptr::null(), old.as_mut_ptr()) };
-    if rc != 0 {
-        return false;
-    }
-    // SAFETY: sigaction succeeded, so it initialised `old`.
-    let old = unsafe { old.assume_init() };
-    old.sa_sigaction == libc::SIG_IGN || old.sa_flags & libc::SA_NOCLDWAIT != 0
+    // SAFETY: a query (null new action) that writes the current disposition into `old`, a
+    // valid, zeroed sigaction that outlives the call.
+    let rc = unsafe { libc::sigaction(sig, core::ptr::null(), old.as_mut_ptr()) };
+    // SAFETY: sigaction returned 0, so it initialised `old` (and it was zeroed before anyway).
+    (rc == 0).then(|| unsafe { old.assume_init() })
 }
 
 /// Asks the kernel to SIGKILL this process when the thread that forked it exits
@@ -764,11 +771,7 @@ pub fn set_thread_name(name: &str) {
 /// Whether `sig` is ignored in this process (inherited from the parent: `nohup` ignores SIGHUP,
 /// a non-interactive shell ignores SIGINT in background jobs).
 pub fn signal_ignored(sig: i32) -> bool {
-    let mut old = core::mem::MaybeUninit::<libc::sigaction>::zeroed();
-    // SAFETY: a query (null new action) into a valid, zeroed sigaction.
-    let rc = unsafe { libc::sigaction(sig, core::ptr::null(), old.as_mut_ptr()) };
-    // SAFETY: on success sigaction initialised `old`.
-    rc == 0 && unsafe { old.assume_init() }.sa_sigaction == libc::SIG_IGN
+    disposition(sig).is_some_and(|old| old.sa_sigaction == libc::SIG_IGN)
 }
 
 /// Ignores SIGINT, SIGTERM and SIGHUP in this process (a worker's first act, in case it was not

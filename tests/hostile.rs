@@ -32,7 +32,12 @@ fn text(b: &[u8]) -> String {
 }
 
 fn cmd(args: &[&str]) -> Command {
-    let mut c = Command::new(MK1);
+    cmd_at(Path::new(MK1), args)
+}
+
+/// `program args`, stdin from /dev/null, stdout and stderr piped.
+fn cmd_at(program: &Path, args: &[&str]) -> Command {
+    let mut c = Command::new(program);
     c.args(args)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -687,13 +692,12 @@ fn private_copy(tag: &str) -> (PathBuf, PathBuf) {
 fn restarts_start_the_running_build_whatever_happened_to_its_file() {
     for what in ["deleted", "replaced"] {
         let (dir, exe) = private_copy(what);
-        let child = Command::new(&exe)
-            .args(["run", "--json", "--workers", "1", "--duration", "3s"])
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
+        let child = cmd_at(
+            &exe,
+            &["run", "--json", "--workers", "1", "--duration", "3s"],
+        )
+        .spawn()
+        .unwrap();
         let pid = child.id();
         let first = wait_for_workers(pid, 1)[0];
         std::fs::remove_file(&exe).unwrap();
@@ -922,9 +926,9 @@ fn a_run_inside_a_cpu_mask_never_uses_a_cpu_outside_it() {
         "--pin",
         "auto",
     ]);
-    // SAFETY: one sched_setaffinity syscall on a set built before the fork.
     let mut set = rustix::thread::CpuSet::new();
     set.set(only);
+    // SAFETY: one sched_setaffinity syscall on a set built before the fork.
     unsafe {
         c.pre_exec(move || {
             rustix::thread::sched_setaffinity(None, &set)?;

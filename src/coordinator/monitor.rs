@@ -168,9 +168,12 @@ pub(super) fn spawn_worker(
 
 /// Whether the worker in slot `w` has attached; `Err` says why it is not acceptable (another
 /// build answered the handshake).
+/// A worker that attached and has since left (`Exited`) counts as attached: the segment
+/// remembers what a process that is already gone did.
 pub(super) fn attach_state(seg: &Segment, w: u32) -> Result<bool, String> {
     let status = &seg.worker(w).status;
-    if status.state.load(Ordering::Acquire) != WorkerState::Running as u32 {
+    let state = status.state.load(Ordering::Acquire);
+    if state != WorkerState::Running as u32 && state != WorkerState::Exited as u32 {
         return Ok(false);
     }
     let theirs = status.build.load(Ordering::Relaxed);
@@ -308,10 +311,7 @@ impl Monitor<'_> {
             // Exiting with a status before attaching is a start failure (another program, a
             // different build, a refused syscall); a signal from outside is an ordinary death.
             // (It may have attached and left between two looks: the segment remembers.)
-            let status = &self.seg.worker(w).status;
-            let attached = wp.attached
-                || (status.state.load(Ordering::Acquire) != WorkerState::Empty as u32
-                    && status.build.load(Ordering::Relaxed) == crate::worker::BUILD_ID);
+            let attached = wp.attached || attach_state(self.seg, w) == Ok(true);
             if !attached && killed.is_none() && matches!(how, ExitKind::Exited(_)) {
                 self.start_failed[w as usize] =
                     Some(format!("it {how} before attaching to shared memory"));
