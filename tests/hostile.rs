@@ -587,6 +587,8 @@ fn a_producer_thread_that_cannot_start_stops_everything_cleanly() {
 
 #[test]
 fn signals_to_the_whole_process_group_drain_like_a_signal_to_the_coordinator() {
+    // As the reproduction runs it: a background job of a non-interactive shell, which
+    // starts with SIGINT ignored; the group's SIGINT must still drain the run.
     for (sig, num, name) in [
         (rustix::process::Signal::INT, 2, "SIGINT"),
         (rustix::process::Signal::TERM, 15, "SIGTERM"),
@@ -603,6 +605,13 @@ fn signals_to_the_whole_process_group_drain_like_a_signal_to_the_coordinator() {
             "0",
         ]);
         c.process_group(0);
+        // SAFETY: signal(2) with SIG_IGN is async-signal-safe and installs no handler.
+        unsafe {
+            c.pre_exec(|| {
+                libc::signal(libc::SIGINT, libc::SIG_IGN);
+                Ok(())
+            });
+        }
         let child = c.spawn().unwrap();
         let pid = child.id();
         wait_for_workers(pid, 2);

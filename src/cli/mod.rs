@@ -255,14 +255,15 @@ fn run(args: RunArgs) -> ExitCode {
     let signal = Arc::new(AtomicUsize::new(0));
     // Ctrl-C, `timeout`, `kill -- -PGID` and service managers signal the whole process group:
     // workers ignore these (see `sys::spawn_inheriting`), the coordinator drains and reports.
-    // A signal already ignored when mk1 starts stays ignored, as POSIX utilities do: `nohup`
-    // ignores SIGHUP, a shell ignores SIGINT in background jobs. SIGTERM is always handled.
+    // SIGHUP already ignored when mk1 starts stays ignored: that is what `nohup` asks for.
+    // SIGINT and SIGTERM are always handled, even in a script's background job (where the
+    // shell ignores SIGINT): `kill -INT -- -PGID` must still drain the run.
     for sig in [
         signal_hook::consts::SIGINT,
         signal_hook::consts::SIGTERM,
         signal_hook::consts::SIGHUP,
     ] {
-        if sig != signal_hook::consts::SIGTERM && mk1::sys::signal_ignored(sig) {
+        if sig == signal_hook::consts::SIGHUP && mk1::sys::signal_ignored(sig) {
             continue;
         }
         if let Err(e) = signal_hook::flag::register_usize(sig, signal.clone(), sig as usize) {
