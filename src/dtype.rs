@@ -148,7 +148,34 @@ pub trait Element:
     /// A value from the low bits of `x` (integers) or `x` scaled into a small range (floats),
     /// for tests and fills.
     fn from_u64(x: u64) -> Self;
+    /// The value's bits in a u64 word (what a descriptor's parameter word holds).
+    fn to_word(self) -> u64;
+    /// The value whose bits [`Element::to_word`] gave (the low bits of `w`).
+    fn from_word(w: u64) -> Self;
+    /// `i` exactly, if this type can hold it.
+    fn from_i128(i: i128) -> Option<Self>;
+    /// `f` as this type: rounded for floats; for integers only a finite whole number in range.
+    fn from_f64(f: f64) -> Option<Self>;
 }
+
+/// Runs `$body` with the type alias `$T` bound to the Rust type of dtype `$d`.
+macro_rules! with_dtype {
+    ($d:expr, $T:ident => $body:expr) => {
+        match $d {
+            $crate::dtype::DType::I8 => { type $T = i8; $body }
+            $crate::dtype::DType::U8 => { type $T = u8; $body }
+            $crate::dtype::DType::I16 => { type $T = i16; $body }
+            $crate::dtype::DType::U16 => { type $T = u16; $body }
+            $crate::dtype::DType::I32 => { type $T = i32; $body }
+            $crate::dtype::DType::U32 => { type $T = u32; $body }
+            $crate::dtype::DType::I64 => { type $T = i64; $body }
+            $crate::dtype::DType::U64 => { type $T = u64; $body }
+            $crate::dtype::DType::F32 => { type $T = f32; $body }
+            $crate::dtype::DType::F64 => { type $T = f64; $body }
+        }
+    };
+}
+pub(crate) use with_dtype;
 
 macro_rules! int_element {
     ($($t:ty => $d:ident),*) => {$(
@@ -181,6 +208,15 @@ macro_rules! int_element {
             #[inline(always)]
             fn same(self, other: Self) -> bool { self == other }
             fn from_u64(x: u64) -> Self { x as $t }
+            fn to_word(self) -> u64 { self as u64 }
+            fn from_word(w: u64) -> Self { w as $t }
+            fn from_i128(i: i128) -> Option<Self> { <$t>::try_from(i).ok() }
+            fn from_f64(f: f64) -> Option<Self> {
+                // `as i128` saturates: any |f| >= 2^127 fails the range check below.
+                (f.is_finite() && f.fract() == 0.0 && f.abs() < 1.7e38)
+                    .then(|| <$t>::try_from(f as i128).ok())
+                    .flatten()
+            }
         }
     )*};
 }
@@ -217,6 +253,10 @@ macro_rules! float_element {
                 self.to_bits() == other.to_bits() || (self.is_nan() && other.is_nan())
             }
             fn from_u64(x: u64) -> Self { ((x % 2_000_001) as $t - 1_000_000.0) / 64.0 }
+            fn to_word(self) -> u64 { self.to_bits() as u64 }
+            fn from_word(w: u64) -> Self { <$t>::from_bits(w as _) }
+            fn from_i128(i: i128) -> Option<Self> { Some(i as $t) }
+            fn from_f64(f: f64) -> Option<Self> { Some(f as $t) }
         }
     )*};
 }
@@ -254,5 +294,18 @@ mod tests {
         assert!(<f32 as Element>::same(f32::NAN, -f32::NAN));
         assert!(!<f32 as Element>::same(0.0, -0.0));
         assert_eq!(<f64 as Element>::neg(0.0).to_bits(), (-0.0f64).to_bits());
+    }
+
+    #[test]
+    fn words_and_conversions() {
+        assert_eq!(<i8 as Element>::from_word((-3i8).to_word()), -3);
+        assert_eq!(<f32 as Element>::from_word(1.5f32.to_word()), 1.5);
+        assert_eq!(<u8 as Element>::from_i128(256), None);
+        assert_eq!(<u8 as Element>::from_i128(-1), None);
+        assert_eq!(<i16 as Element>::from_f64(-7.0), Some(-7));
+        assert_eq!(<i16 as Element>::from_f64(0.5), None);
+        assert_eq!(<u64 as Element>::from_f64(f64::NAN), None);
+        assert_eq!(<u64 as Element>::from_f64(1e30), None);
+        assert_eq!(<f32 as Element>::from_i128(3), Some(3.0));
     }
 }

@@ -15,7 +15,7 @@ use crate::sync::{AtomicU32, AtomicU64};
 /// `b"mk1-seg\0"` as a little-endian u64: the first eight bytes of every segment.
 pub const MAGIC: u64 = u64::from_le_bytes(*b"mk1-seg\0");
 /// Bumped on every change to a `repr(C)` struct in this module.
-pub const LAYOUT_VERSION: u32 = 4;
+pub const LAYOUT_VERSION: u32 = 5;
 /// Separation between data written by different processes (two 64-byte lines: the adjacent-line
 /// prefetcher on x86_64 pulls pairs, see crossbeam's `CachePadded`).
 pub const LINE: u64 = 128;
@@ -66,8 +66,8 @@ pub struct Params {
     pub ring_capacity: u32,
     /// Used entries of `classes`, `1..=MAX_CLASSES`, in increasing `slot_bytes`.
     pub class_count: u32,
-    /// Zero.
-    pub reserved: u32,
+    /// 1 if every slot has a separate output region (out-of-place tasks), else 0.
+    pub outputs: u32,
     /// Slot classes.
     pub classes: [SlotClass; MAX_CLASSES],
     /// Offset of `WorkerShared[workers]`.
@@ -82,6 +82,10 @@ pub struct Params {
     pub descriptors_offset: u64,
     /// Size of the whole segment.
     pub total_bytes: u64,
+    /// With `outputs`: offset of the output region, a copy of the data region's layout (slot
+    /// `s`'s output sits as far from it as its data sits from the first class's data). 0
+    /// without.
+    pub output_offset: u64,
 }
 
 /// The first bytes of the segment.
@@ -143,7 +147,14 @@ pub struct WorkerStatus {
     /// (so the Release/Acquire pair on `state` publishes it); 0 until then. The coordinator
     /// refuses a worker whose build differs from its own.
     pub build: AtomicU64,
+    /// The token word of the task the worker is running, or [`NO_TASK`] (Relaxed). A hint for
+    /// the coordinator after a death or a timeout (which task to blame); never trusted for
+    /// safety: a wrong value only moves the blame between the tokens the worker held.
+    pub current: AtomicU64,
 }
+
+/// [`WorkerStatus::current`] when the worker runs no task.
+pub const NO_TASK: u64 = u64::MAX;
 
 /// Lifecycle of a worker slot as the worker reports it.
 #[repr(u32)]
@@ -203,6 +214,116 @@ pub struct SlotDesc {
     /// the fields above, so a one-matrix token moves one descriptor line.
     pub matrices: [MatrixDesc; MAX_BATCH],
 }
+
+/// Most dimensions of a task's array.
+pub const MAX_DIMS: usize = 4;
+/// Most arrays packed into one slot of a task.
+pub const MAX_ITEMS: usize = 32;
+/// Bytes of a task's parameters: 16 little-endian 8-byte words.
+pub const PARAM_BYTES: usize = 128;
+/// Bytes of a failed task's message kept in the descriptor.
+pub const MESSAGE_BYTES: usize = 256;
+/// [`TaskDesc::kernel`] values from here on name built-in ops (`BUILTIN + op code`); below, an
+/// index into the pool's kernel registry.
+pub const BUILTIN: u32 = 0x8000_0000;
+
+/// One array of a task: where it starts in the slot and its shape (row-major, contiguous).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ItemDesc {
+    /// Byte offset of element 0 from the slot start (input and, out of place, output); a
+    /// multiple of [`MATRIX_ALIGN`].
+    pub offset: u32,
+    /// Dimensions in use, `1..=MAX_DIMS`.
+    pub ndim: u32,
+    /// The dimensions; entries at `ndim..` are ignored. A dimension may be 0.
+    pub shape: [u32; MAX_DIMS],
+}
+
+/// Descriptor of a slot that carries a task (library pools), in the same descriptor array as
+/// [`SlotDesc`] (each entry is [`DESC_STRIDE`] bytes).
+///
+/// The request part (up to `items`) is written by the producer while it owns the token and
+/// read by the worker that popped it, which copies it out and validates the copy. The result
+/// part (`status` on) is written by the worker before it pushes the token back, and read by the
+/// producer after popping it; the producer validates it (a status it does not know is a
+/// failure) and clamps the message, so a scribbling worker can only fail its own tasks.
+#[repr(C, align(64))]
+#[derive(Debug, Clone, Copy)]
+pub struct TaskDesc {
+    /// The caller's number for the first item.
+    pub seq: u64,
+    /// Kernel: an index into the registry, or [`BUILTIN`] + op code.
+    pub kernel: u32,
+    /// Input dtype code (`dtype::DType`).
+    pub dtype: u32,
+    /// Output dtype code; equal to `dtype` in place.
+    pub out_dtype: u32,
+    /// Items in use, `1..=MAX_ITEMS`.
+    pub count: u32,
+    /// 0: each output has its input's shape. Otherwise (only with `count == 1`, out of place)
+    /// the output's dimensions in use.
+    pub out_ndim: u32,
+    /// Bytes of `params` in use, a multiple of 8, at most [`PARAM_BYTES`].
+    pub params_len: u32,
+    /// The output shape when `out_ndim != 0`.
+    pub out_shape: [u32; MAX_DIMS],
+    /// Parameters for the kernel.
+    pub params: [u8; PARAM_BYTES],
+    /// The arrays; entries at `count..` are ignored.
+    pub items: [ItemDesc; MAX_ITEMS],
+    /// Written by the worker: [`TASK_OK`] or [`TASK_FAILED`] (anything else is a failure).
+    pub status: u32,
+    /// Written by the worker: bit `i` set if item `i` failed.
+    pub failed_mask: u32,
+    /// Written by the worker: bytes of `message` in use.
+    pub message_len: u32,
+    /// Written by the worker: 1 if the first failure was a panic, 0 if the kernel returned an
+    /// error.
+    pub panicked: u32,
+    /// Written by the worker: the first failure's message (UTF-8, clamped by the reader).
+    pub message: [u8; MESSAGE_BYTES],
+}
+
+impl TaskDesc {
+    /// An all-zero descriptor.
+    pub const fn zeroed() -> TaskDesc {
+        const ITEM: ItemDesc = ItemDesc {
+            offset: 0,
+            ndim: 0,
+            shape: [0; MAX_DIMS],
+        };
+        TaskDesc {
+            seq: 0,
+            kernel: 0,
+            dtype: 0,
+            out_dtype: 0,
+            count: 0,
+            out_ndim: 0,
+            params_len: 0,
+            out_shape: [0; MAX_DIMS],
+            params: [0; PARAM_BYTES],
+            items: [ITEM; MAX_ITEMS],
+            status: 0,
+            failed_mask: 0,
+            message_len: 0,
+            panicked: 0,
+            message: [0; MESSAGE_BYTES],
+        }
+    }
+}
+
+/// [`TaskDesc::status`]: every item succeeded.
+pub const TASK_OK: u32 = 0x6f6b;
+/// [`TaskDesc::status`]: at least one item failed (see `failed_mask`).
+pub const TASK_FAILED: u32 = 0xfa11;
+
+/// Bytes of one entry of the descriptor array (room for a [`SlotDesc`] or a [`TaskDesc`]).
+pub const DESC_STRIDE: u64 = {
+    let a = core::mem::size_of::<SlotDesc>();
+    let b = core::mem::size_of::<TaskDesc>();
+    (if a > b { a } else { b }) as u64
+};
 
 /// A value alone on its own [`LINE`]. Padding is implicit (no fields), so references to it are
 /// sound even while other processes write the neighbouring lines.
@@ -274,7 +395,7 @@ pub fn ring_bytes(capacity: u32) -> u64 {
 const _: () = {
     use core::mem::{align_of, offset_of, size_of};
     assert!(size_of::<SlotClass>() == 24);
-    assert!(size_of::<Params>() == 24 + 24 * MAX_CLASSES + 48);
+    assert!(size_of::<Params>() == 24 + 24 * MAX_CLASSES + 56);
     assert!(offset_of!(Header, version) == 8);
     assert!(offset_of!(Header, params) == 24);
     assert!(size_of::<Header>().is_multiple_of(LINE as usize));
@@ -283,6 +404,14 @@ const _: () = {
     assert!(size_of::<WorkerShared>() == 2 * LINE as usize);
     assert!(offset_of!(WorkerShared, status) == LINE as usize);
     assert!(offset_of!(WorkerStatus, build) == 16);
+    assert!(offset_of!(WorkerStatus, current) == 24);
+    assert!(size_of::<ItemDesc>() == 24);
+    assert!(offset_of!(TaskDesc, params) == 48);
+    assert!(offset_of!(TaskDesc, items) == 48 + PARAM_BYTES);
+    assert!(offset_of!(TaskDesc, status) == 48 + PARAM_BYTES + 24 * MAX_ITEMS);
+    assert!(size_of::<TaskDesc>() % 64 == 0);
+    assert!(DESC_STRIDE % 64 == 0);
+    assert!(MAX_ITEMS <= 32); // failed_mask
     assert!(size_of::<ProducerShared>() == LINE as usize);
     assert!(offset_of!(RingCtl, head) == LINE as usize);
     assert!(size_of::<TailLine>() == LINE as usize);
@@ -362,6 +491,19 @@ impl Layout {
         ring_capacity: u32,
         classes: &[(u64, u32)],
     ) -> Result<Layout, LayoutError> {
+        Layout::with_outputs(workers, producers, ring_capacity, classes, false)
+    }
+
+    /// As [`Layout::new`]; with `outputs`, every slot also gets an output region of its own
+    /// size (out-of-place tasks), placed after all the slot data so that workers can map the
+    /// inputs read-only as one range.
+    pub fn with_outputs(
+        workers: u32,
+        producers: u32,
+        ring_capacity: u32,
+        classes: &[(u64, u32)],
+        outputs: bool,
+    ) -> Result<Layout, LayoutError> {
         range("workers", workers.into(), 1, MAX_WORKERS.into(), "1..=1024")?;
         range(
             "producers",
@@ -392,7 +534,7 @@ impl Layout {
             slots: 0,
             ring_capacity,
             class_count: classes.len() as u32,
-            reserved: 0,
+            outputs: u32::from(outputs),
             classes: [SlotClass::default(); MAX_CLASSES],
             workers_offset: 0,
             producers_offset: 0,
@@ -400,6 +542,7 @@ impl Layout {
             ring_stride: 0,
             descriptors_offset: 0,
             total_bytes: 0,
+            output_offset: 0,
         };
         let bad = LayoutError::Inconsistent("size overflow");
         // The header has a page to itself, so that attachers can map it read-only.
@@ -423,7 +566,7 @@ impl Layout {
         params.slots = slots as u32;
         params.descriptors_offset = at;
         at = slots
-            .checked_mul(core::mem::size_of::<SlotDesc>() as u64)
+            .checked_mul(DESC_STRIDE)
             .and_then(|d| d.checked_add(at))
             .ok_or(bad.clone())?;
         at = align_up(at, PAGE).ok_or(bad.clone())?;
@@ -455,6 +598,11 @@ impl Layout {
                 .checked_mul(u64::from(count))
                 .and_then(|d| d.checked_add(at))
                 .ok_or(bad.clone())?;
+        }
+        if outputs {
+            let data = at - params.classes[0].data_offset;
+            params.output_offset = align_up(at, PAGE).ok_or(bad.clone())?;
+            at = params.output_offset.checked_add(data).ok_or(bad.clone())?;
         }
         params.total_bytes = align_up(at, PAGE).ok_or(bad)?;
         Layout::from_params(params)
@@ -513,7 +661,7 @@ impl Layout {
             ));
         }
         let desc_end = u64::from(p.slots)
-            .checked_mul(core::mem::size_of::<SlotDesc>() as u64)
+            .checked_mul(DESC_STRIDE)
             .and_then(|d| end_of(p.descriptors_offset, d))
             .ok_or(LayoutError::Inconsistent(
                 "descriptors run past the segment",
@@ -548,6 +696,19 @@ impl Layout {
             return Err(LayoutError::Inconsistent(
                 "class counts do not sum to slots",
             ));
+        }
+        let data = floor - p.classes[0].data_offset;
+        let outputs_fit = match p.outputs {
+            0 => p.output_offset == 0,
+            1 => {
+                p.output_offset.is_multiple_of(PAGE)
+                    && p.output_offset >= floor
+                    && end_of(p.output_offset, data).is_some()
+            }
+            _ => false,
+        };
+        if !outputs_fit {
+            return Err(LayoutError::Inconsistent("output region out of bounds"));
         }
         Ok(Layout { params: p })
     }
@@ -596,7 +757,7 @@ impl Layout {
     /// Offset of slot `s`'s descriptor. `s < slots`.
     pub fn descriptor_offset(&self, s: u32) -> u64 {
         debug_assert!(s < self.params.slots);
-        self.params.descriptors_offset + u64::from(s) * core::mem::size_of::<SlotDesc>() as u64
+        self.params.descriptors_offset + u64::from(s) * DESC_STRIDE
     }
 
     /// Index of the class holding slot `s`, or `None` if `s` is out of range.
@@ -604,6 +765,29 @@ impl Layout {
         self.classes()
             .iter()
             .position(|c| s >= c.first_slot && s - c.first_slot < c.count)
+    }
+
+    /// Whether slots have separate output regions.
+    pub fn has_outputs(&self) -> bool {
+        self.params.outputs == 1
+    }
+
+    /// `(offset, bytes)` of the data of every slot, all classes together: the range workers
+    /// map read-only when slots have output regions. Page aligned at the start.
+    pub fn data_region(&self) -> (u64, u64) {
+        let first = self.classes()[0].data_offset;
+        let last = self.classes()[self.classes().len() - 1];
+        (first, last.data_offset + last.slot_bytes * u64::from(last.count) - first)
+    }
+
+    /// `(offset, bytes)` of slot `s`'s output region, or `None` if `s` is out of range or slots
+    /// have no output regions.
+    pub fn slot_output(&self, s: u32) -> Option<(u64, u64)> {
+        if !self.has_outputs() {
+            return None;
+        }
+        let (off, bytes) = self.slot_data(s)?;
+        Some((self.params.output_offset + (off - self.data_region().0), bytes))
     }
 
     /// `(offset, bytes)` of slot `s`'s data, or `None` if `s` is out of range.
@@ -628,7 +812,7 @@ mod tests {
         assert_eq!(p.slots, 17);
         assert!(l.ring_offset(1, 2, Direction::FromWorker) + p.ring_stride <= p.descriptors_offset);
         assert_eq!(l.ring_offset(0, 0, Direction::ToWorker), p.rings_offset);
-        let mut prev_end = l.descriptor_offset(16) + core::mem::size_of::<SlotDesc>() as u64;
+        let mut prev_end = l.descriptor_offset(16) + DESC_STRIDE;
         for s in 0..17 {
             let (off, bytes) = l.slot_data(s).unwrap();
             assert_eq!(off % PAGE, 0);
@@ -638,6 +822,36 @@ mod tests {
         assert!(prev_end <= l.total_bytes());
         assert_eq!(l.slot_data(17), None);
         assert_eq!(l.class_of(10), Some(1));
+    }
+
+    #[test]
+    fn output_regions_mirror_the_data_after_it() {
+        let l = Layout::with_outputs(2, 1, 4, &[(64, 3), (8192, 2)], true).unwrap();
+        let (start, len) = l.data_region();
+        assert_eq!(start % PAGE, 0);
+        for s in 0..5 {
+            let (d, bytes) = l.slot_data(s).unwrap();
+            let (o, obytes) = l.slot_output(s).unwrap();
+            assert_eq!(bytes, obytes);
+            assert!(o >= start + len, "output {s} overlaps the data");
+            assert_eq!(o - l.params().output_offset, d - start);
+            assert!(o + obytes <= l.total_bytes());
+        }
+        assert_eq!(Layout::from_params(*l.params()), Ok(l));
+        let mut p = *l.params();
+        p.output_offset = start;
+        assert!(Layout::from_params(p).is_err(), "outputs over the data");
+        let mut p = *l.params();
+        p.output_offset = p.total_bytes;
+        assert!(Layout::from_params(p).is_err(), "outputs past the end");
+        let mut p = *l.params();
+        p.outputs = 2;
+        assert!(Layout::from_params(p).is_err());
+        let plain = Layout::new(2, 1, 4, &[(64, 3), (8192, 2)]).unwrap();
+        assert_eq!(plain.slot_output(0), None);
+        let mut p = *plain.params();
+        p.output_offset = PAGE;
+        assert!(Layout::from_params(p).is_err(), "an offset without outputs");
     }
 
     #[test]

@@ -23,6 +23,8 @@
 #![deny(clippy::undocumented_unsafe_blocks)]
 #![warn(missing_docs)]
 
+#[cfg(not(loom))]
+pub mod array;
 pub mod dtype;
 pub mod layout;
 pub mod ops;
@@ -53,6 +55,8 @@ pub mod shm;
 #[cfg(not(loom))]
 pub mod sys;
 #[cfg(not(loom))]
+pub mod task;
+#[cfg(not(loom))]
 pub mod worker;
 
 #[cfg(not(loom))]
@@ -64,4 +68,4 @@ pub use ops::{Kernel, Op};
 #[cfg(not(loom))]
 pub use report::Report;
 #[cfg(not(loom))]
-pub use worker::run_if_worker;
+pub use worker::{run_if_worker, run_if_worker_with};

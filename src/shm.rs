@@ -15,8 +15,9 @@ use std::io;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 
 use crate::layout::{
-    Direction, Header, Layout, LayoutError, Params, ProducerShared, RingCtl, SlotDesc,
-    WorkerShared, INLINE_CAPACITY, LAYOUT_VERSION, MAGIC, MAX_BATCH,
+    Direction, Header, ItemDesc, Layout, LayoutError, Params, ProducerShared, RingCtl, SlotDesc,
+    TaskDesc, WorkerShared, INLINE_CAPACITY, LAYOUT_VERSION, MAGIC, MAX_BATCH, MAX_ITEMS,
+    MESSAGE_BYTES, TASK_FAILED, TASK_OK,
 };
 use crate::pool::Token;
 use crate::sync::{AtomicU32, AtomicU64, Ordering};
@@ -100,6 +101,27 @@ pub fn human_bytes(b: u64) -> String {
 fn desc_bytes(count: u32) -> usize {
     core::mem::offset_of!(SlotDesc, matrices)
         + (count as usize).min(MAX_BATCH) * core::mem::size_of::<crate::layout::MatrixDesc>()
+}
+
+/// A task's answer, as a worker writes it and a producer reads it back.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TaskResult {
+    /// [`TASK_OK`] or [`TASK_FAILED`].
+    pub status: u32,
+    /// Bit `i`: item `i` failed.
+    pub failed_mask: u32,
+    /// The first failure was a panic.
+    pub panicked: bool,
+    /// The first failure's message.
+    pub message: String,
+}
+
+/// A worker's view of one task's memory (see [`Segment::task_buffers`]).
+pub enum TaskBuffers<'a> {
+    /// The slot, read and written in place.
+    InPlace(&'a mut [u8]),
+    /// The input (read-only) and the output.
+    OutOfPlace(&'a [u8], &'a mut [u8]),
 }
 
 /// One mapped segment.
@@ -385,6 +407,170 @@ impl Segment {
                 bytes - head,
             );
         }
+    }
+
+    fn task_ptr(&self, token: &Token) -> *mut TaskDesc {
+        self.desc_ptr(token).cast()
+    }
+
+    /// Writes the request part of a task descriptor (everything before `items`, then the
+    /// `count` items in use) and clears the status, so a worker that never answers leaves no
+    /// stale success behind.
+    pub fn write_task(&self, token: &Token, desc: &TaskDesc) {
+        let head = core::mem::offset_of!(TaskDesc, items);
+        let items = (desc.count as usize).min(MAX_ITEMS) * core::mem::size_of::<ItemDesc>();
+        let dst = self.task_ptr(token);
+        // SAFETY: as for `write_desc`: holding the token means owning the descriptor, which is
+        // DESC_STRIDE >= size_of::<TaskDesc>() bytes (const-asserted), so every range written
+        // lies inside it; `status` is a plain u32 field of it.
+        unsafe {
+            core::ptr::copy_nonoverlapping(
+                (desc as *const TaskDesc).cast::<u8>(),
+                dst.cast::<u8>(),
+                head + items,
+            );
+            core::ptr::addr_of_mut!((*dst).status).write_volatile(0);
+        }
+    }
+
+    /// Copies the request part of the token's task descriptor into `out` (count clamped to
+    /// [`MAX_ITEMS`]). Untrusted: validate `out` before use.
+    pub fn read_task(&self, token: &Token, out: &mut TaskDesc) {
+        let head = core::mem::offset_of!(TaskDesc, items);
+        let src = self.task_ptr(token);
+        // SAFETY: as for `read_desc`: the fixed part first, then as many items as the clamped
+        // count says, all inside the descriptor; `TaskDesc` is plain integers and bytes, valid
+        // for any bits, and the copy is ours.
+        unsafe {
+            core::ptr::copy_nonoverlapping(src.cast::<u8>(), (out as *mut TaskDesc).cast(), head);
+            let items = (out.count as usize).min(MAX_ITEMS) * core::mem::size_of::<ItemDesc>();
+            core::ptr::copy_nonoverlapping(
+                src.cast::<u8>().add(head),
+                (out as *mut TaskDesc).cast::<u8>().add(head),
+                items,
+            );
+        }
+    }
+
+    /// The worker's answer for a task: status, failed items, whether the first failure was a
+    /// panic, and its message (at most [`MESSAGE_BYTES`]).
+    pub fn write_result(&self, token: &Token, result: &TaskResult) {
+        let dst = self.task_ptr(token);
+        let msg = &result.message.as_bytes()[..result.message.len().min(MESSAGE_BYTES)];
+        // SAFETY: the worker holds the token (owns the descriptor); all four fields and the
+        // message bytes lie inside it.
+        unsafe {
+            core::ptr::addr_of_mut!((*dst).status).write_volatile(result.status);
+            core::ptr::addr_of_mut!((*dst).failed_mask).write_volatile(result.failed_mask);
+            core::ptr::addr_of_mut!((*dst).panicked).write_volatile(u32::from(result.panicked));
+            core::ptr::addr_of_mut!((*dst).message_len).write_volatile(msg.len() as u32);
+            core::ptr::copy_nonoverlapping(
+                msg.as_ptr(),
+                core::ptr::addr_of_mut!((*dst).message).cast::<u8>(),
+                msg.len(),
+            );
+        }
+    }
+
+    /// Reads the worker's answer for a task the producer got back. Untrusted and so
+    /// normalised: an unknown status is a failure of every item, the message is clamped and
+    /// decoded lossily.
+    pub fn read_result(&self, token: &Token) -> TaskResult {
+        let src = self.task_ptr(token);
+        // SAFETY: the producer holds the token again (the worker's push was Release, our pop
+        // Acquire); the fields are plain integers inside the descriptor, read by copy.
+        let (status, failed_mask, panicked, len) = unsafe {
+            (
+                core::ptr::addr_of!((*src).status).read_volatile(),
+                core::ptr::addr_of!((*src).failed_mask).read_volatile(),
+                core::ptr::addr_of!((*src).panicked).read_volatile(),
+                core::ptr::addr_of!((*src).message_len).read_volatile(),
+            )
+        };
+        let len = (len as usize).min(MESSAGE_BYTES);
+        let mut msg = [0u8; MESSAGE_BYTES];
+        // SAFETY: `len <= MESSAGE_BYTES`, inside the descriptor; copied out before decoding.
+        unsafe {
+            core::ptr::copy_nonoverlapping(
+                core::ptr::addr_of!((*src).message).cast::<u8>(),
+                msg.as_mut_ptr(),
+                len,
+            )
+        };
+        let message = String::from_utf8_lossy(&msg[..len]).into_owned();
+        match status {
+            TASK_OK => TaskResult {
+                status,
+                failed_mask: 0,
+                panicked: false,
+                message,
+            },
+            TASK_FAILED => TaskResult {
+                status,
+                failed_mask,
+                panicked: panicked == 1,
+                message,
+            },
+            other => TaskResult {
+                status: TASK_FAILED,
+                failed_mask: u32::MAX,
+                panicked: false,
+                message: format!("the worker left an invalid status {other:#x}"),
+            },
+        }
+    }
+
+    /// The token's slot data as bytes, exclusively borrowed for as long as the token is (see
+    /// [`Segment::slot_mut`] for the ownership argument). Not for a worker's view of an input
+    /// that is mapped read-only: use [`Segment::task_buffers`] there.
+    pub(crate) fn slot_bytes_mut<'a>(&'a self, token: &'a mut Token) -> &'a mut [u8] {
+        let (off, bytes) = self.layout.slot_data(token.slot()).expect("token in range");
+        // SAFETY: as for `slot_mut`; u8 is valid for any bits and has no alignment.
+        unsafe {
+            core::slice::from_raw_parts_mut(self.map.as_ptr().add(off as usize), bytes as usize)
+        }
+    }
+
+    /// The token's output region as bytes (`None` without output regions), exclusively
+    /// borrowed for as long as the token is.
+    pub(crate) fn output_bytes_mut<'a>(&'a self, token: &'a mut Token) -> Option<&'a mut [u8]> {
+        let (off, bytes) = self.layout.slot_output(token.slot())?;
+        // SAFETY: as for `slot_bytes_mut`: the validated layout puts the region inside the
+        // segment, and the token is the right to it.
+        Some(unsafe {
+            core::slice::from_raw_parts_mut(self.map.as_ptr().add(off as usize), bytes as usize)
+        })
+    }
+
+    /// A worker's view of a task's memory: the slot read-write in place, or the input shared
+    /// (mapped read-only by [`Segment::protect_inputs`]) and the output exclusive.
+    pub(crate) fn task_buffers<'a>(&'a self, token: &'a mut Token) -> TaskBuffers<'a> {
+        let (off, bytes) = self.layout.slot_data(token.slot()).expect("token in range");
+        let Some((out, out_bytes)) = self.layout.slot_output(token.slot()) else {
+            return TaskBuffers::InPlace(self.slot_bytes_mut(token));
+        };
+        // SAFETY: both ranges lie inside the segment (validated layout) and do not overlap
+        // (the output region starts after all slot data); the token owns both. The input is
+        // only ever borrowed shared, so its read-only mapping is never written through.
+        unsafe {
+            TaskBuffers::OutOfPlace(
+                core::slice::from_raw_parts(self.map.as_ptr().add(off as usize), bytes as usize),
+                core::slice::from_raw_parts_mut(
+                    self.map.as_ptr().add(out as usize),
+                    out_bytes as usize,
+                ),
+            )
+        }
+    }
+
+    /// In a worker of a pool with output regions: maps every slot's input read-only, so no
+    /// worker can change an input (which is what makes redoing a task after a death safe).
+    pub fn protect_inputs(&self) -> io::Result<()> {
+        if !self.layout.has_outputs() {
+            return Ok(());
+        }
+        let (start, len) = self.layout.data_region();
+        self.map.protect_read_only(start as usize, len as usize)
     }
 
     /// Hints the CPU to start fetching the first line of the token's slot data, so that the miss

@@ -128,6 +128,30 @@ impl Mapping {
         Ok(())
     }
 
+    /// Makes `len` bytes from `offset` (page aligned; `len` is rounded up to whole pages) read
+    /// only in this process; a later write there is a SIGSEGV in this process only.
+    pub fn protect_read_only(&self, offset: usize, len: usize) -> io::Result<()> {
+        assert!(
+            offset.is_multiple_of(4096) && offset.checked_add(len).is_some_and(|e| e <= self.len),
+            "range within the mapping"
+        );
+        if len == 0 {
+            return Ok(());
+        }
+        // SAFETY: the range is inside our own mapping (checked above); read-only is a subset of
+        // the current protection, so existing references stay valid for reads. The caller
+        // creates no mutable references into the range afterwards (the worker only ever views
+        // task inputs through shared slices).
+        unsafe {
+            rustix::mm::mprotect(
+                self.ptr.add(offset).cast(),
+                len,
+                rustix::mm::MprotectFlags::READ,
+            )?
+        };
+        Ok(())
+    }
+
     /// First byte of the mapping (page aligned).
     pub fn as_ptr(&self) -> *mut u8 {
         self.ptr

@@ -11,7 +11,9 @@
 use std::os::fd::{FromRawFd, OwnedFd};
 use std::time::Duration;
 
-use crate::layout::{Direction, SlotDesc, WorkerState, MATRIX_ALIGN, MAX_BATCH};
+use crate::layout::{Direction, SlotDesc, WorkerState, MATRIX_ALIGN, MAX_BATCH, NO_TASK};
+use crate::task::exec::Executor;
+use crate::task::{Registry, WorkerInfo};
 use crate::ops::{Kernel, Kernels, Op};
 use crate::pool::{BadToken, Token};
 use crate::ring::{PushError, RingConsumer, RingError, RingProducer};
@@ -21,8 +23,9 @@ use crate::sys;
 use crate::wait::{Backoff, Doorbell, Futex, SpinMode, Step, SAME_CPU_YIELDS};
 
 /// Environment variable that turns a process into a worker:
-/// `fd,index,coordinator_pid,kernel,cpu,spin` (`cpu` is `-` for no pinning; `spin` is a
-/// [`SpinMode`] code).
+/// `fd,index,coordinator_pid,kernel,cpu,spin,tasks` (`cpu` is `-` for no pinning; `spin` is a
+/// [`SpinMode`] code; `tasks` is `-` for the synthetic job, else the hex fingerprint of the
+/// kernel registry the worker must have).
 pub const WORKER_ENV: &str = "MK1_WORKER";
 
 /// This build's identity: a hash of the crate's sources and version, made by `build.rs`. A
@@ -165,6 +168,9 @@ pub struct WorkerSpec {
     /// How long waiting may spin (decided by the coordinator, which sees the whole machine; a
     /// pinned worker's own affinity shows one CPU).
     pub spin: SpinMode,
+    /// `Some(fingerprint)`: serve tasks of a library pool whose kernel registry has this
+    /// fingerprint; `None`: the synthetic job.
+    pub tasks: Option<u64>,
 }
 
 impl WorkerSpec {
@@ -172,8 +178,9 @@ impl WorkerSpec {
     pub fn encode(&self) -> String {
         let cpu = self.cpu.map_or("-".to_string(), |c| c.to_string());
         let spin = self.spin.code();
+        let tasks = self.tasks.map_or("-".to_string(), |f| format!("{f:x}"));
         format!(
-            "{},{},{},{},{cpu},{spin}",
+            "{},{},{},{},{cpu},{spin},{tasks}",
             self.fd,
             self.index,
             self.coordinator,
@@ -194,6 +201,10 @@ impl WorkerSpec {
             c => Some(c.parse().ok()?),
         };
         let spin = SpinMode::from_code(it.next()?.parse().ok()?)?;
+        let tasks = match it.next()? {
+            "-" => None,
+            f => Some(u64::from_str_radix(f, 16).ok()?),
+        };
         if it.next().is_some() {
             return None;
         }
@@ -204,6 +215,7 @@ impl WorkerSpec {
             kernel,
             cpu,
             spin,
+            tasks,
         })
     }
 }
@@ -258,6 +270,9 @@ pub enum WorkerError {
     /// A system call failed.
     #[error("{0}")]
     Io(#[from] std::io::Error),
+    /// This program's kernels are not the pool's, or one's init hook failed.
+    #[error("{0}")]
+    Kernels(String),
 }
 
 impl WorkerError {
@@ -265,9 +280,10 @@ impl WorkerError {
     pub fn exit_code(&self) -> i32 {
         match self {
             WorkerError::Orphaned(_) => EXIT_ORPHANED,
-            WorkerError::Kernel(_) | WorkerError::Io(_) | WorkerError::Index { .. } => {
-                EXIT_BAD_SPEC
-            }
+            WorkerError::Kernel(_)
+            | WorkerError::Io(_)
+            | WorkerError::Index { .. }
+            | WorkerError::Kernels(_) => EXIT_BAD_SPEC,
             _ => EXIT_BAD_SEGMENT,
         }
     }
@@ -275,9 +291,17 @@ impl WorkerError {
 
 /// If this process was started as an mk1 worker, serve and exit; otherwise return at once.
 ///
-/// Call it first thing in `main` of any program that runs a pipeline through the library: the
-/// coordinator starts workers by re-executing the current program with [`WORKER_ENV`] set.
+/// Call it first thing in `main` of any program that runs a pipeline or a pool with only
+/// built-in ops: the coordinator starts workers by re-executing the current program with
+/// [`WORKER_ENV`] set. A program with kernels of its own calls [`run_if_worker_with`] instead.
 pub fn run_if_worker() {
+    run_if_worker_with(&Registry::new());
+}
+
+/// As [`run_if_worker`], for a program whose pools run its own kernels: `kernels` must be
+/// built exactly as the one given to [`crate::PoolBuilder::kernels`] (same names, dtypes and
+/// order); a worker whose registry differs refuses to start, and the pool reports why.
+pub fn run_if_worker_with(kernels: &Registry) {
     let Ok(spec) = std::env::var(WORKER_ENV) else {
         return;
     };
@@ -286,7 +310,7 @@ pub fn run_if_worker() {
             eprintln!("mk1 worker: malformed {WORKER_ENV}={spec:?}");
             EXIT_BAD_SPEC
         }
-        Some(spec) => match serve(spec) {
+        Some(spec) => match serve(spec, kernels) {
             Ok(()) => 0,
             Err(e) => {
                 eprintln!("mk1 worker {}: {e}", spec.index);
@@ -351,7 +375,7 @@ pub fn process(
 }
 
 /// The worker loop. Returns when the coordinator asks for shutdown and the rings are empty.
-pub fn serve(spec: WorkerSpec) -> Result<(), WorkerError> {
+pub fn serve(spec: WorkerSpec, registry: &Registry) -> Result<(), WorkerError> {
     // Job-control signals sent to the whole process group are the coordinator's to act on.
     sys::ignore_job_control_signals();
     // Started through /proc/self/fd/N, the process would show as "N" in ps, top and pgrep.
@@ -379,8 +403,29 @@ pub fn serve(spec: WorkerSpec) -> Result<(), WorkerError> {
             workers: params.workers,
         });
     }
+    let mut executor = match spec.tasks {
+        None => None,
+        Some(want) => {
+            if registry.fingerprint() != want {
+                return Err(WorkerError::Kernels(format!(
+                    "this program's kernels ({}) are not the pool's: call \
+                     mk1::run_if_worker_with() first thing in main, with the registry given to \
+                     the pool",
+                    registry.describe()
+                )));
+            }
+            seg.protect_inputs()?;
+            let info = WorkerInfo {
+                worker: spec.index,
+                workers: params.workers,
+            };
+            Some(Executor::new(registry, info, kernels.kernel()).map_err(WorkerError::Kernels)?)
+        }
+    };
+    let mut task = crate::layout::TaskDesc::zeroed();
     let me = seg.worker(spec.index);
     me.status.pid.store(sys::own_pid(), Ordering::Relaxed);
+    me.status.current.store(NO_TASK, Ordering::Relaxed);
     let chaos = Chaos::from_env(spec.index);
     let foreign = chaos == Chaos::Foreign
         && std::env::var_os("MK1_CHAOS_FOREIGN_IF")
@@ -434,7 +479,21 @@ pub fn serve(spec: WorkerSpec) -> Result<(), WorkerError> {
                             source,
                         }
                     })?;
-                process(&seg, kernels, &mut token, &mut desc)?;
+                me.status.current.store(word, Ordering::Relaxed);
+                match &mut executor {
+                    None => process(&seg, kernels, &mut token, &mut desc)?,
+                    Some(ex) => {
+                        seg.read_task(&token, &mut task);
+                        let result = ex
+                            .run(&task, seg.task_buffers(&mut token))
+                            .map_err(|why| WorkerError::Descriptor {
+                                slot: token.slot(),
+                                why,
+                            })?;
+                        seg.write_result(&token, &result);
+                    }
+                }
+                me.status.current.store(NO_TASK, Ordering::Relaxed);
                 let mut word = None;
                 if chaos != Chaos::None {
                     processed_total += 1;
@@ -521,22 +580,27 @@ mod tests {
             kernel: Kernel::Portable,
             cpu: Some(1),
             spin: SpinMode::Long,
+            tasks: None,
         };
         assert_eq!(WorkerSpec::parse(&s.encode()), Some(s));
         let s = WorkerSpec {
             cpu: None,
             spin: SpinMode::Never,
+            tasks: Some(0xdead_beef),
             ..s
         };
         assert_eq!(WorkerSpec::parse(&s.encode()), Some(s));
         for bad in [
             "",
             "1,2,3",
-            "a,2,3,portable,-,1",
-            "1,2,3,sse9,-,1",
-            "1,2,3,avx2,x,1",
+            "a,2,3,portable,-,1,-",
+            "1,2,3,sse9,-,1,-",
+            "1,2,3,avx2,x,1,-",
             "1,2,3,avx2,-",
-            "1,2,3,avx2,-,3",
+            "1,2,3,avx2,-,3,-",
+            "1,2,3,avx2,-,1",
+            "1,2,3,avx2,-,1,xyz",
+            "1,2,3,avx2,-,1,-,-",
         ] {
             assert_eq!(WorkerSpec::parse(bad), None, "{bad}");
         }

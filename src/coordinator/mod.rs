@@ -232,6 +232,7 @@ pub fn run(cfg: &Config, hooks: &Hooks<'_>) -> Result<Report, RunError> {
         kernel: cfg.kernel,
         cpu: pinned.then(|| allowed[(producers + w) as usize]),
         spin,
+        tasks: None,
     };
 
     // Everything the producers need is allocated before the first worker starts, so running out

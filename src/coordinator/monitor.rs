@@ -429,6 +429,9 @@ impl Monitor<'_> {
             ws.status.heartbeat.store(0, Ordering::Relaxed);
             ws.status.build.store(0, Ordering::Relaxed);
             ws.status
+                .current
+                .store(crate::layout::NO_TASK, Ordering::Relaxed);
+            ws.status
                 .state
                 .store(WorkerState::Empty as u32, Ordering::Relaxed);
             // A producer may have flagged the dead process after it was reaped (while

@@ -1,0 +1,261 @@
+//! The worker's side of a task: validate the descriptor copy, run the kernel on every array in
+//! the slot (catching panics), and say how it went.
+
+use std::any::Any;
+use std::cell::RefCell;
+use std::panic::AssertUnwindSafe;
+
+use super::registry::WorkerInfo;
+use super::{builtin, Args, Io, KernelError, Params, Registry};
+use crate::array::{cast, cast_mut, Shape};
+use crate::dtype::{DType, Element};
+use crate::layout::{TaskDesc, BUILTIN, MATRIX_ALIGN, MAX_ITEMS, TASK_FAILED, TASK_OK};
+use crate::ops::Kernel;
+use crate::shm::{TaskBuffers, TaskResult};
+
+/// One array's memory before it is typed.
+pub(crate) enum RawIo<'a> {
+    InPlace(&'a mut [u8]),
+    OutOfPlace(&'a [u8], &'a mut [u8]),
+}
+
+/// One kernel call before it is typed: what the registry's type-erased entry receives.
+pub(crate) struct RawCall<'a> {
+    io: RawIo<'a>,
+    dtype: DType,
+    shape: Shape,
+    out_shape: Shape,
+    params: &'a Params,
+    worker: u32,
+}
+
+impl RawCall<'_> {
+    /// The typed view; the registry only calls an entry for its own dtype, so the check is a
+    /// second line of defence.
+    pub(crate) fn typed<T: Element>(&mut self) -> Result<Args<'_, T>, KernelError> {
+        if self.dtype != T::DTYPE {
+            return Err(KernelError::new(format!(
+                "kernel for {} called with {}",
+                T::DTYPE,
+                self.dtype
+            )));
+        }
+        let io = match &mut self.io {
+            RawIo::InPlace(b) => Io::InPlace(cast_mut::<T>(b)),
+            RawIo::OutOfPlace(i, o) => Io::OutOfPlace {
+                input: cast::<T>(i),
+                output: cast_mut::<T>(o),
+            },
+        };
+        Ok(Args {
+            io,
+            shape: self.shape,
+            out_shape: self.out_shape,
+            params: self.params,
+            worker: self.worker,
+        })
+    }
+}
+
+thread_local! {
+    /// The last panic's message and place, kept by the worker's panic hook.
+    static LAST_PANIC: RefCell<Option<String>> = const { RefCell::new(None) };
+}
+
+/// Replaces the panic hook: a kernel's panic becomes its task's error message (with the
+/// source location), instead of a report on the worker's stderr.
+fn keep_panics_quiet() {
+    std::panic::set_hook(Box::new(|info| {
+        let msg = format!("{info}").replace('\n', " ");
+        LAST_PANIC.with(|p| *p.borrow_mut() = Some(msg));
+    }));
+}
+
+/// Runs `f`, turning a panic into `Err(message)`.
+fn guarded<R>(f: impl FnOnce() -> R) -> Result<R, String> {
+    std::panic::catch_unwind(AssertUnwindSafe(f)).map_err(|payload| {
+        LAST_PANIC
+            .with(|p| p.borrow_mut().take())
+            .or_else(|| payload.downcast_ref::<&str>().map(|s| s.to_string()))
+            .or_else(|| payload.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "panicked".into())
+    })
+}
+
+/// A worker's kernels with their per-worker state.
+pub(crate) struct Executor<'r> {
+    registry: &'r Registry,
+    states: Vec<Box<dyn Any>>,
+    simd: Kernel,
+    worker: u32,
+}
+
+impl<'r> Executor<'r> {
+    /// Runs every kernel's init hook once. `Err` names the kernel whose init failed or
+    /// panicked.
+    pub(crate) fn new(registry: &'r Registry, info: WorkerInfo, simd: Kernel) -> Result<Self, String> {
+        keep_panics_quiet();
+        let mut states = Vec::with_capacity(registry.len());
+        for i in 0..registry.len() as u32 {
+            let e = registry.entry(i).expect("in range");
+            let state = guarded(|| (e.init)(&info))
+                .map_err(|p| format!("init of kernel {:?} panicked: {p}", e.name))?
+                .map_err(|err| format!("init of kernel {:?} failed: {err}", e.name))?;
+            states.push(state);
+        }
+        Ok(Executor {
+            registry,
+            states,
+            simd,
+            worker: info.worker,
+        })
+    }
+
+    /// Runs the task `desc` (a validated-here copy) on `bufs` (the token's memory). `Err` only
+    /// for a descriptor that breaks the protocol (the worker then stops); a kernel's failure
+    /// is in the returned result.
+    pub(crate) fn run(&mut self, desc: &TaskDesc, bufs: TaskBuffers<'_>) -> Result<TaskResult, String> {
+        let task = check(desc, &bufs, self.registry)?;
+        let mut result = TaskResult {
+            status: TASK_OK,
+            failed_mask: 0,
+            panicked: false,
+            message: String::new(),
+        };
+        let (mut whole_in, mut whole_out): (Option<&mut [u8]>, Option<(&[u8], &mut [u8])>) =
+            match bufs {
+                TaskBuffers::InPlace(b) => (Some(b), None),
+                TaskBuffers::OutOfPlace(i, o) => (None, Some((i, o))),
+            };
+        for (i, item) in desc.items[..desc.count as usize].iter().enumerate() {
+            let shape = Shape::from_raw(item.ndim, item.shape).expect("checked");
+            let out_shape = task.out_shape.unwrap_or(shape);
+            let at = item.offset as usize;
+            let n_in = shape.bytes(task.dtype) as usize;
+            let n_out = out_shape.bytes(task.dtype) as usize;
+            let io = match (&mut whole_in, &mut whole_out) {
+                (Some(b), _) => RawIo::InPlace(&mut b[at..at + n_in]),
+                (_, Some((inp, out))) => {
+                    RawIo::OutOfPlace(&inp[at..at + n_in], &mut out[at..at + n_out])
+                }
+                _ => unreachable!("one of the two"),
+            };
+            let outcome = self.call(desc.kernel, &task, io, shape, out_shape);
+            if let Err((msg, panicked)) = outcome {
+                if result.status == TASK_OK {
+                    result.message = msg;
+                    result.panicked = panicked;
+                }
+                result.status = TASK_FAILED;
+                result.failed_mask |= 1 << i;
+            }
+        }
+        Ok(result)
+    }
+
+    fn call(
+        &mut self,
+        kernel: u32,
+        task: &Checked,
+        io: RawIo<'_>,
+        shape: Shape,
+        out_shape: Shape,
+    ) -> Result<(), (String, bool)> {
+        if kernel >= BUILTIN {
+            let data = match io {
+                RawIo::InPlace(b) => b,
+                RawIo::OutOfPlace(i, o) => {
+                    o.copy_from_slice(i);
+                    o
+                }
+            };
+            return builtin::run_in_place(kernel, &task.params, task.dtype, self.simd, data)
+                .map_err(|m| (m, false));
+        }
+        let entry = self.registry.entry(kernel).expect("checked");
+        let state = &mut self.states[kernel as usize];
+        let mut call = RawCall {
+            io,
+            dtype: task.dtype,
+            shape,
+            out_shape,
+            params: &task.params,
+            worker: self.worker,
+        };
+        match guarded(|| (entry.run)(state.as_mut(), &mut call)) {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err((e.message().to_string(), false)),
+            Err(p) => Err((p, true)),
+        }
+    }
+}
+
+/// What validation found.
+struct Checked {
+    dtype: DType,
+    params: Params,
+    out_shape: Option<Shape>,
+}
+
+/// Checks an untrusted descriptor copy against the slot's memory and the registry.
+fn check(d: &TaskDesc, bufs: &TaskBuffers<'_>, registry: &Registry) -> Result<Checked, String> {
+    let dtype = u8::try_from(d.dtype)
+        .ok()
+        .and_then(DType::from_code)
+        .ok_or_else(|| format!("unknown dtype code {}", d.dtype))?;
+    if d.out_dtype != d.dtype {
+        return Err("output dtype differs from the input's".into());
+    }
+    if d.kernel < BUILTIN {
+        let e = registry
+            .entry(d.kernel)
+            .ok_or_else(|| format!("kernel index {} out of range", d.kernel))?;
+        if e.dtype != dtype {
+            return Err(format!("kernel {:?} does not take {dtype}", e.name));
+        }
+    }
+    let params = Params::decode(&d.params, d.params_len)
+        .ok_or_else(|| format!("parameter length {}", d.params_len))?;
+    let count = d.count as usize;
+    if count == 0 || count > MAX_ITEMS {
+        return Err(format!("{count} arrays, outside 1..={MAX_ITEMS}"));
+    }
+    let (in_len, out_len) = match bufs {
+        TaskBuffers::InPlace(b) => (b.len() as u64, None),
+        TaskBuffers::OutOfPlace(i, o) => (i.len() as u64, Some(o.len() as u64)),
+    };
+    let out_shape = match d.out_ndim {
+        0 => None,
+        n => {
+            if count != 1 || out_len.is_none() || d.kernel >= BUILTIN {
+                return Err("an output shape of its own needs one array, out of place, and a user kernel".into());
+            }
+            Some(Shape::from_raw(n, d.out_shape).ok_or("bad output rank")?)
+        }
+    };
+    for item in &d.items[..count] {
+        let shape = Shape::from_raw(item.ndim, item.shape)
+            .ok_or_else(|| format!("array rank {}", item.ndim))?;
+        let at = u64::from(item.offset);
+        let fits = |bytes: u64, len: u64| at.checked_add(bytes).is_some_and(|e| e <= len);
+        if !at.is_multiple_of(MATRIX_ALIGN) || !fits(shape.bytes(dtype), in_len) {
+            return Err(format!(
+                "array {shape} of {dtype} at byte {at} does not fit a slot of {in_len} bytes"
+            ));
+        }
+        if let Some(out_len) = out_len {
+            let out = out_shape.unwrap_or(shape);
+            if !fits(out.bytes(dtype), out_len) {
+                return Err(format!("output {out} does not fit at byte {at}"));
+            }
+            if d.kernel >= BUILTIN && out.elements() != shape.elements() {
+                return Err("a built-in op keeps the shape".into());
+            }
+        }
+    }
+    Ok(Checked {
+        dtype,
+        params,
+        out_shape,
+    })
+}
