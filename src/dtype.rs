@@ -162,16 +162,46 @@ pub trait Element:
 macro_rules! with_dtype {
     ($d:expr, $T:ident => $body:expr) => {
         match $d {
-            $crate::dtype::DType::I8 => { type $T = i8; $body }
-            $crate::dtype::DType::U8 => { type $T = u8; $body }
-            $crate::dtype::DType::I16 => { type $T = i16; $body }
-            $crate::dtype::DType::U16 => { type $T = u16; $body }
-            $crate::dtype::DType::I32 => { type $T = i32; $body }
-            $crate::dtype::DType::U32 => { type $T = u32; $body }
-            $crate::dtype::DType::I64 => { type $T = i64; $body }
-            $crate::dtype::DType::U64 => { type $T = u64; $body }
-            $crate::dtype::DType::F32 => { type $T = f32; $body }
-            $crate::dtype::DType::F64 => { type $T = f64; $body }
+            $crate::dtype::DType::I8 => {
+                type $T = i8;
+                $body
+            }
+            $crate::dtype::DType::U8 => {
+                type $T = u8;
+                $body
+            }
+            $crate::dtype::DType::I16 => {
+                type $T = i16;
+                $body
+            }
+            $crate::dtype::DType::U16 => {
+                type $T = u16;
+                $body
+            }
+            $crate::dtype::DType::I32 => {
+                type $T = i32;
+                $body
+            }
+            $crate::dtype::DType::U32 => {
+                type $T = u32;
+                $body
+            }
+            $crate::dtype::DType::I64 => {
+                type $T = i64;
+                $body
+            }
+            $crate::dtype::DType::U64 => {
+                type $T = u64;
+                $body
+            }
+            $crate::dtype::DType::F32 => {
+                type $T = f32;
+                $body
+            }
+            $crate::dtype::DType::F64 => {
+                type $T = f64;
+                $body
+            }
         }
     };
 }

@@ -409,8 +409,8 @@ const _: () = {
     assert!(offset_of!(TaskDesc, params) == 48);
     assert!(offset_of!(TaskDesc, items) == 48 + PARAM_BYTES);
     assert!(offset_of!(TaskDesc, status) == 48 + PARAM_BYTES + 24 * MAX_ITEMS);
-    assert!(size_of::<TaskDesc>() % 64 == 0);
-    assert!(DESC_STRIDE % 64 == 0);
+    assert!(size_of::<TaskDesc>().is_multiple_of(64));
+    assert!(DESC_STRIDE.is_multiple_of(64));
     assert!(MAX_ITEMS <= 32); // failed_mask
     assert!(size_of::<ProducerShared>() == LINE as usize);
     assert!(offset_of!(RingCtl, head) == LINE as usize);
@@ -777,7 +777,10 @@ impl Layout {
     pub fn data_region(&self) -> (u64, u64) {
         let first = self.classes()[0].data_offset;
         let last = self.classes()[self.classes().len() - 1];
-        (first, last.data_offset + last.slot_bytes * u64::from(last.count) - first)
+        (
+            first,
+            last.data_offset + last.slot_bytes * u64::from(last.count) - first,
+        )
     }
 
     /// `(offset, bytes)` of slot `s`'s output region, or `None` if `s` is out of range or slots
@@ -787,7 +790,10 @@ impl Layout {
             return None;
         }
         let (off, bytes) = self.slot_data(s)?;
-        Some((self.params.output_offset + (off - self.data_region().0), bytes))
+        Some((
+            self.params.output_offset + (off - self.data_region().0),
+            bytes,
+        ))
     }
 
     /// `(offset, bytes)` of slot `s`'s data, or `None` if `s` is out of range.

@@ -35,6 +35,8 @@ pub mod wait;
 #[cfg(not(loom))]
 pub mod bench;
 #[cfg(not(loom))]
+pub mod client;
+#[cfg(not(loom))]
 pub mod clock;
 #[cfg(not(loom))]
 pub mod config;
@@ -60,9 +62,18 @@ pub mod task;
 pub mod worker;
 
 #[cfg(not(loom))]
+pub use array::{Array, AsArray, Shape};
+#[cfg(not(loom))]
+pub use client::{
+    Completion, Loan, LoanError, Map, Mode, OutputView, Pool, PoolBuilder, PoolError, Producer,
+    Rejected, SubmitError, Task, TaskError, Ticket,
+};
+#[cfg(not(loom))]
 pub use config::{Batch, Config, ConfigError, DispatchKind, Pin, Stop, Wait};
 #[cfg(not(loom))]
 pub use coordinator::{run, Hooks, Progress, RunError};
+#[cfg(not(loom))]
+pub use dtype::{DType, Element};
 #[cfg(not(loom))]
 pub use ops::{Kernel, Op};
 #[cfg(not(loom))]

@@ -531,17 +531,6 @@ impl Segment {
         }
     }
 
-    /// The token's output region as bytes (`None` without output regions), exclusively
-    /// borrowed for as long as the token is.
-    pub(crate) fn output_bytes_mut<'a>(&'a self, token: &'a mut Token) -> Option<&'a mut [u8]> {
-        let (off, bytes) = self.layout.slot_output(token.slot())?;
-        // SAFETY: as for `slot_bytes_mut`: the validated layout puts the region inside the
-        // segment, and the token is the right to it.
-        Some(unsafe {
-            core::slice::from_raw_parts_mut(self.map.as_ptr().add(off as usize), bytes as usize)
-        })
-    }
-
     /// A worker's view of a task's memory: the slot read-write in place, or the input shared
     /// (mapped read-only by [`Segment::protect_inputs`]) and the output exclusive.
     pub(crate) fn task_buffers<'a>(&'a self, token: &'a mut Token) -> TaskBuffers<'a> {
@@ -561,6 +550,21 @@ impl Segment {
                 ),
             )
         }
+    }
+
+    /// Where a returned task's results are, shared: the output region out of place, the slot
+    /// in place. Only for the producer, after the worker gave the token back.
+    pub(crate) fn result_bytes<'a>(&'a self, token: &'a Token) -> &'a [u8] {
+        let (off, bytes) = self
+            .layout
+            .slot_output(token.slot())
+            .or_else(|| self.layout.slot_data(token.slot()))
+            .expect("token in range");
+        // SAFETY: inside the segment (validated layout). The token is held (the worker's push
+        // was Release, our pop Acquire) and borrowed for the slice's life; the crate never makes
+        // a mutable view of a slot from a shared borrow of its token, so nothing in this process
+        // writes it meanwhile, and no worker follows the protocol while we hold the token.
+        unsafe { core::slice::from_raw_parts(self.map.as_ptr().add(off as usize), bytes as usize) }
     }
 
     /// In a worker of a pool with output regions: maps every slot's input read-only, so no

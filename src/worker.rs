@@ -12,14 +12,14 @@ use std::os::fd::{FromRawFd, OwnedFd};
 use std::time::Duration;
 
 use crate::layout::{Direction, SlotDesc, WorkerState, MATRIX_ALIGN, MAX_BATCH, NO_TASK};
-use crate::task::exec::Executor;
-use crate::task::{Registry, WorkerInfo};
 use crate::ops::{Kernel, Kernels, Op};
 use crate::pool::{BadToken, Token};
 use crate::ring::{PushError, RingConsumer, RingError, RingProducer};
 use crate::shm::{Segment, ShmAttachError};
 use crate::sync::Ordering;
 use crate::sys;
+use crate::task::exec::Executor;
+use crate::task::{Registry, WorkerInfo};
 use crate::wait::{Backoff, Doorbell, Futex, SpinMode, Step, SAME_CPU_YIELDS};
 
 /// Environment variable that turns a process into a worker:
@@ -484,11 +484,12 @@ pub fn serve(spec: WorkerSpec, registry: &Registry) -> Result<(), WorkerError> {
                     None => process(&seg, kernels, &mut token, &mut desc)?,
                     Some(ex) => {
                         seg.read_task(&token, &mut task);
-                        let result = ex
-                            .run(&task, seg.task_buffers(&mut token))
-                            .map_err(|why| WorkerError::Descriptor {
-                                slot: token.slot(),
-                                why,
+                        let result =
+                            ex.run(&task, seg.task_buffers(&mut token)).map_err(|why| {
+                                WorkerError::Descriptor {
+                                    slot: token.slot(),
+                                    why,
+                                }
                             })?;
                         seg.write_result(&token, &result);
                     }

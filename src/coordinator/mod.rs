@@ -17,7 +17,7 @@
 //! state. A producer that finds a protocol violation (bad token, impossible ring counter) asks
 //! the monitor to kill the worker, and the same path follows.
 
-use std::os::fd::{AsRawFd, BorrowedFd};
+use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, AtomicUsize};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -35,25 +35,25 @@ use crate::sys::{self};
 use crate::wait::{Doorbell, Futex, SpinMode};
 use crate::worker::WorkerSpec;
 
-mod monitor;
+pub(crate) mod monitor;
 mod producer;
 
-use monitor::*;
+pub(crate) use monitor::*;
 use producer::*;
 
 /// How often the monitor looks at heartbeats and reports progress, at most.
-const MONITOR_TICK: Duration = Duration::from_millis(20);
+pub(crate) const MONITOR_TICK: Duration = Duration::from_millis(20);
 /// Longest a producer sleeps before re-checking its deadline.
 const PRODUCER_SLEEP: Duration = Duration::from_millis(20);
 /// How long workers get to exit after shutdown is requested before they are killed.
-const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
+pub(crate) const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
 /// How long a new worker may take to attach.
-const START_TIMEOUT: Duration = Duration::from_secs(10);
+pub(crate) const START_TIMEOUT: Duration = Duration::from_secs(10);
 /// A worker sent SIGKILL that still has it pending after this long is stuck in the kernel; its
 /// tokens are reclaimed without waiting for it to exit.
-const KILL_GRACE: Duration = Duration::from_millis(200);
+pub(crate) const KILL_GRACE: Duration = Duration::from_millis(200);
 /// How long shutdown waits for killed workers before naming them and returning.
-const KILL_WAIT: Duration = Duration::from_secs(1);
+pub(crate) const KILL_WAIT: Duration = Duration::from_secs(1);
 /// Failures kept in the report.
 const KEEP_FAILURES: usize = 16;
 
@@ -112,42 +112,45 @@ pub struct Hooks<'a> {
 }
 
 /// State shared between the monitor and the producer threads (process-local).
-struct Control {
+pub(crate) struct Control {
     /// Stop issuing new matrices.
-    stop: AtomicBool,
+    pub(crate) stop: AtomicBool,
     /// Producers may exit (they are all idle).
-    finish: AtomicBool,
+    pub(crate) finish: AtomicBool,
     /// `alive[w]`: worker `w` may be sent tokens.
-    alive: Vec<AtomicBool>,
+    pub(crate) alive: Vec<AtomicBool>,
     /// Bumped on every death and every restart; producers re-read `alive` when it moves.
-    changes: AtomicUsize,
+    pub(crate) changes: AtomicUsize,
     /// Deaths of worker `w` so far.
-    death_epoch: Vec<AtomicUsize>,
+    pub(crate) death_epoch: Vec<AtomicUsize>,
     /// `acked[p][w]`: the last death epoch of `w` producer `p` has cleaned up after.
-    acked: Vec<Vec<AtomicUsize>>,
+    pub(crate) acked: Vec<Vec<AtomicUsize>>,
     /// Tokens reclaimed from worker `w` at its last death (summed over producers).
-    reclaimed: Vec<AtomicU64>,
+    pub(crate) reclaimed: Vec<AtomicU64>,
     /// `kill[w]`: a producer caught worker `w` breaking the protocol.
-    kill: Vec<AtomicBool>,
+    pub(crate) kill: Vec<AtomicBool>,
+    /// `stalled[w]`: worker `w`'s last kill was for running past the worker timeout (set before
+    /// its death is published, cleared at its restart).
+    pub(crate) stalled: Vec<AtomicBool>,
     /// Why, for the report (cold path).
-    fault_reasons: Mutex<Vec<(u32, String)>>,
+    pub(crate) fault_reasons: Mutex<Vec<(u32, String)>>,
     /// Every worker is gone for good; producers give up on what is left.
-    no_workers: AtomicBool,
+    pub(crate) no_workers: AtomicBool,
     /// `abandoned[w]`: worker `w` could not be killed; producers give up its tokens as lost
     /// (the run has stopped issuing, so their slots are never reused).
-    abandoned: Vec<AtomicBool>,
+    pub(crate) abandoned: Vec<AtomicBool>,
     /// `idle[p]`: producer `p` stopped issuing and has every token home.
-    idle: Vec<AtomicBool>,
+    pub(crate) idle: Vec<AtomicBool>,
     /// Matrices verified by producer `p` (progress only), one line each.
-    done: Vec<Padded<AtomicU64>>,
+    pub(crate) done: Vec<Padded<AtomicU64>>,
     /// `flow[p][w]`: tokens producer `p` has sent to worker `w` and has had back (returned or
     /// reclaimed). Process-local, written only by producer `p`, so the watchdog's notion of
     /// "owes tokens and makes no progress" cannot be faked by a worker.
-    flow: Vec<Box<[Flow]>>,
+    pub(crate) flow: Vec<Box<[Flow]>>,
 }
 
 impl Control {
-    fn new(workers: u32, producers: u32) -> Control {
+    pub(crate) fn new(workers: u32, producers: u32) -> Control {
         let per_worker = || {
             (0..workers)
                 .map(|_| AtomicBool::new(false))
@@ -164,6 +167,7 @@ impl Control {
                 .collect(),
             reclaimed: (0..workers).map(|_| AtomicU64::new(0)).collect(),
             kill: per_worker(),
+            stalled: per_worker(),
             fault_reasons: Mutex::new(Vec::with_capacity(16)),
             no_workers: AtomicBool::new(false),
             abandoned: per_worker(),
@@ -184,9 +188,9 @@ impl Control {
 }
 
 /// One producer's token counts for one worker (see [`Control::flow`]).
-struct Flow {
-    sent: AtomicU64,
-    back: AtomicU64,
+pub(crate) struct Flow {
+    pub(crate) sent: AtomicU64,
+    pub(crate) back: AtomicU64,
 }
 
 /// Runs the pipeline described by `cfg`: set up, run to the stop condition, drain, shut down,
@@ -244,55 +248,7 @@ pub fn run(cfg: &Config, hooks: &Hooks<'_>) -> Result<Report, RunError> {
 
     // Start every worker and wait until each has attached, so a program that cannot serve as a
     // worker is a clear start-up error rather than a storm of restarts.
-    let mut procs: Vec<Option<WorkerProc>> = Vec::with_capacity(workers as usize);
-    let start_err = |w: u32, why: String| RunError::WorkerStart {
-        worker: w,
-        exe: image.describe(),
-        why,
-    };
-    for w in 0..workers {
-        match spawn_worker(&image, &stderr, &seg, spec(w)) {
-            Ok(p) => procs.push(Some(p)),
-            Err(e) => {
-                abandon(&mut procs);
-                return Err(start_err(w, e.to_string()));
-            }
-        }
-    }
-    let deadline = Instant::now() + START_TIMEOUT;
-    for w in 0..workers {
-        loop {
-            let state = attach_state(&seg, w);
-            if state == Ok(true) {
-                break;
-            }
-            let wp = procs[w as usize].as_mut().expect("just spawned");
-            let status = wp.child.try_reap().ok().flatten();
-            if status.is_some() || state.is_err() || Instant::now() > deadline {
-                let why = match (status, state) {
-                    (Some(s), _) => format!(
-                        "it {s} before attaching to shared memory; a program used as the worker must call \
-                         mk1::run_if_worker() first thing in main"
-                    ),
-                    (None, Err(why)) => why,
-                    (None, _) => format!("it did not attach within {START_TIMEOUT:?}"),
-                };
-                abandon(&mut procs);
-                // One line: the worker's own words go into it.
-                let said = stderr.take_text();
-                let why = if said.is_empty() {
-                    why
-                } else {
-                    format!("{why} (it said: {said})")
-                };
-                return Err(start_err(w, why));
-            }
-            std::thread::sleep(Duration::from_millis(1));
-        }
-        if let Some(wp) = procs[w as usize].as_mut() {
-            wp.attached = true;
-        }
-    }
+    let procs = start_workers(&image, &stderr, &seg, workers, &spec)?;
 
     let start = Instant::now();
     let mut monitor = Monitor {
@@ -370,44 +326,11 @@ pub fn run(cfg: &Config, hooks: &Hooks<'_>) -> Result<Report, RunError> {
         // are reaped: their parent-death signal is tied to this thread.
         let mut last_progress = Instant::now();
         loop {
-            let live: Vec<u32> = (0..workers)
-                .filter(|&w| monitor.procs[w as usize].is_some())
-                .collect();
-            let fds: Vec<BorrowedFd<'_>> = live
-                .iter()
-                .map(|&w| {
-                    monitor.procs[w as usize]
-                        .as_ref()
-                        .expect("live")
-                        .child
-                        .exit_fd()
-                })
-                .chain(monitor.undying.iter().map(|(_, c)| c.exit_fd()))
-                .collect();
-            // While a restart waits for the producers' acknowledgements, or a killed worker for
-            // its death, look again soon.
-            let busy = !monitor.pending_restart.is_empty()
-                || monitor.procs.iter().flatten().any(|p| p.killed.is_some());
-            let tick = if busy {
-                Duration::from_millis(1)
-            } else {
-                MONITOR_TICK
-            };
-            let ready_idx = sys::poll_readable(&fds, tick).unwrap_or_default();
-            drop(fds);
-            let ready: Vec<u32> = ready_idx
-                .iter()
-                .filter_map(|&i| live.get(i).copied())
-                .collect();
             // A producer that never started or has ended (panicked) never acknowledges a death.
             let producer_gone: Vec<bool> = (0..producers as usize)
                 .map(|p| p >= started || handles[p].is_finished())
                 .collect();
-            monitor.stderr.forward(&mut monitor.stderr_pending);
-            monitor.reap_exited(&ready);
-            monitor.give_up_on_stuck();
-            monitor.restart_dead(&producer_gone);
-            monitor.watch();
+            monitor.tick(&producer_gone);
 
             if let Some(sig) = hooks.stop_signal {
                 let s = sig.load(Ordering::Relaxed);

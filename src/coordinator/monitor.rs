@@ -17,23 +17,23 @@ use crate::worker::{WorkerSpec, EXIT_BAD_SEGMENT, WORKER_ENV};
 use super::{Control, RunError, KILL_GRACE, KILL_WAIT, SHUTDOWN_GRACE, START_TIMEOUT};
 
 /// A running worker process as the monitor sees it.
-pub(super) struct WorkerProc {
-    pub(super) child: ChildProcess,
+pub(crate) struct WorkerProc {
+    pub(crate) child: ChildProcess,
     /// Tokens back from this worker slot at the last change (from `flow_of`).
-    pub(super) progress: u64,
+    pub(crate) progress: u64,
     /// When `progress` last changed (or the worker owed nothing).
-    pub(super) last_beat: Instant,
+    pub(crate) last_beat: Instant,
     /// When it was started.
-    pub(super) started: Instant,
+    pub(crate) started: Instant,
     /// It reported `Running` with our build id.
-    pub(super) attached: bool,
+    pub(crate) attached: bool,
     /// When SIGKILL was sent, and why (words for the report).
-    pub(super) killed: Option<(Instant, KillReason)>,
+    pub(crate) killed: Option<(Instant, KillReason)>,
 }
 
 /// Why the monitor killed a worker.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub(super) enum KillReason {
+pub(crate) enum KillReason {
     /// It held tokens and made no progress for this long (`worker_timeout`, or the shutdown
     /// grace while draining).
     Stalled(Duration),
@@ -44,7 +44,7 @@ pub(super) enum KillReason {
 }
 
 /// How the program to re-execute as a worker is named.
-pub(super) enum WorkerImage {
+pub(crate) enum WorkerImage {
     /// The running program, held open: restarts run this very build, whatever happens to its
     /// path since.
     Running(OwnedFd),
@@ -54,7 +54,7 @@ pub(super) enum WorkerImage {
 }
 
 impl WorkerImage {
-    pub(super) fn new(cfg: &Config) -> Result<WorkerImage, RunError> {
+    pub(crate) fn new(cfg: &Config) -> Result<WorkerImage, RunError> {
         if let Some(p) = &cfg.worker_exe {
             return Ok(WorkerImage::Path(p.clone()));
         }
@@ -72,7 +72,7 @@ impl WorkerImage {
         }
     }
 
-    pub(super) fn path(&self) -> std::path::PathBuf {
+    pub(crate) fn path(&self) -> std::path::PathBuf {
         match self {
             WorkerImage::Running(fd) => sys::fd_path(fd.as_fd()),
             WorkerImage::Path(p) => p.clone(),
@@ -80,7 +80,7 @@ impl WorkerImage {
     }
 
     /// For messages: what the user knows the program as.
-    pub(super) fn describe(&self) -> String {
+    pub(crate) fn describe(&self) -> String {
         match self {
             WorkerImage::Running(_) => std::env::current_exe()
                 .map_or_else(|_| "this program".into(), |p| p.display().to_string()),
@@ -92,7 +92,7 @@ impl WorkerImage {
 /// The workers' stderr: one pipe that every worker writes and the monitor drains to this
 /// process's stderr, so that a worker stuck in the kernel holds only our pipe open, never the
 /// user's terminal or pipeline.
-pub(super) struct WorkerStderr {
+pub(crate) struct WorkerStderr {
     read: OwnedFd,
     write: OwnedFd,
     /// What the workers show as `argv[0]` in `ps`.
@@ -100,7 +100,7 @@ pub(super) struct WorkerStderr {
 }
 
 impl WorkerStderr {
-    pub(super) fn new() -> std::io::Result<WorkerStderr> {
+    pub(crate) fn new() -> std::io::Result<WorkerStderr> {
         let (read, write) = sys::pipe()?;
         sys::set_nonblocking(read.as_fd())?;
         Ok(WorkerStderr {
@@ -112,7 +112,7 @@ impl WorkerStderr {
 
     /// Copies every complete line the workers wrote to our stderr; `pending` keeps a partial
     /// last line for next time.
-    pub(super) fn forward(&self, pending: &mut Vec<u8>) {
+    pub(crate) fn forward(&self, pending: &mut Vec<u8>) {
         use std::io::Write;
         sys::read_available(self.read.as_fd(), pending);
         // Whole lines, or everything once a line grows past 64 KiB (a worker writing without
@@ -127,7 +127,7 @@ impl WorkerStderr {
     }
 
     /// Everything the workers wrote and nobody forwarded yet, as one line (for a start error).
-    pub(super) fn take_text(&self) -> String {
+    pub(crate) fn take_text(&self) -> String {
         let mut all = Vec::new();
         sys::read_available(self.read.as_fd(), &mut all);
         String::from_utf8_lossy(&all)
@@ -139,7 +139,7 @@ impl WorkerStderr {
     }
 }
 
-pub(super) fn spawn_worker(
+pub(crate) fn spawn_worker(
     image: &WorkerImage,
     stderr: &WorkerStderr,
     seg: &Segment,
@@ -166,11 +166,73 @@ pub(super) fn spawn_worker(
     })
 }
 
+/// Starts `workers` workers and waits until each has attached. On failure every one already
+/// started is killed and reaped, and the error says which worker failed and why, with its own
+/// words when it wrote any.
+pub(crate) fn start_workers(
+    image: &WorkerImage,
+    stderr: &WorkerStderr,
+    seg: &Segment,
+    workers: u32,
+    spec: &dyn Fn(u32) -> WorkerSpec,
+) -> Result<Vec<Option<WorkerProc>>, RunError> {
+    let mut procs: Vec<Option<WorkerProc>> = Vec::with_capacity(workers as usize);
+    let start_err = |w: u32, why: String| RunError::WorkerStart {
+        worker: w,
+        exe: image.describe(),
+        why,
+    };
+    for w in 0..workers {
+        match spawn_worker(image, stderr, seg, spec(w)) {
+            Ok(p) => procs.push(Some(p)),
+            Err(e) => {
+                abandon(&mut procs);
+                return Err(start_err(w, e.to_string()));
+            }
+        }
+    }
+    let deadline = Instant::now() + START_TIMEOUT;
+    for w in 0..workers {
+        loop {
+            let state = attach_state(seg, w);
+            if state == Ok(true) {
+                break;
+            }
+            let wp = procs[w as usize].as_mut().expect("just spawned");
+            let status = wp.child.try_reap().ok().flatten();
+            if status.is_some() || state.is_err() || Instant::now() > deadline {
+                let why = match (status, state) {
+                    (Some(s), _) => format!(
+                        "it {s} before attaching to shared memory; a program used as the worker \
+                         must call mk1::run_if_worker() (or run_if_worker_with) first thing in main"
+                    ),
+                    (None, Err(why)) => why,
+                    (None, _) => format!("it did not attach within {START_TIMEOUT:?}"),
+                };
+                abandon(&mut procs);
+                // One line: the worker's own words go into it.
+                let said = stderr.take_text();
+                let why = if said.is_empty() {
+                    why
+                } else {
+                    format!("{why} (it said: {said})")
+                };
+                return Err(start_err(w, why));
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        if let Some(wp) = procs[w as usize].as_mut() {
+            wp.attached = true;
+        }
+    }
+    Ok(procs)
+}
+
 /// Whether the worker in slot `w` has attached; `Err` says why it is not acceptable (another
 /// build answered the handshake).
 /// A worker that attached and has since left (`Exited`) counts as attached: the segment
 /// remembers what a process that is already gone did.
-pub(super) fn attach_state(seg: &Segment, w: u32) -> Result<bool, String> {
+pub(crate) fn attach_state(seg: &Segment, w: u32) -> Result<bool, String> {
     let status = &seg.worker(w).status;
     let state = status.state.load(Ordering::Acquire);
     if state != WorkerState::Running as u32 && state != WorkerState::Exited as u32 {
@@ -188,7 +250,7 @@ pub(super) fn attach_state(seg: &Segment, w: u32) -> Result<bool, String> {
 
 /// `(owed, progress)` of worker `w` from the producers' own counts: tokens sent and not yet
 /// back, and tokens back so far.
-pub(super) fn flow_of(ctl: &Control, w: usize) -> (u64, u64) {
+pub(crate) fn flow_of(ctl: &Control, w: usize) -> (u64, u64) {
     ctl.flow.iter().fold((0, 0), |(owed, back), f| {
         let (s, b) = (
             f[w].sent.load(Ordering::Relaxed),
@@ -199,49 +261,90 @@ pub(super) fn flow_of(ctl: &Control, w: usize) -> (u64, u64) {
 }
 
 /// Kills every worker and waits (bounded) for each; used when a run is abandoned at start.
-pub(super) fn abandon(procs: &mut [Option<WorkerProc>]) {
+pub(crate) fn abandon(procs: &mut [Option<WorkerProc>]) {
     for wp in procs.iter_mut().flatten() {
         wp.child.kill_and_reap(KILL_WAIT);
     }
 }
 
 /// What the monitor knows and decides: every worker process, deaths, restarts, the watchdog.
-pub(super) struct Monitor<'a> {
-    pub(super) cfg: &'a Config,
-    pub(super) seg: &'a Segment,
-    pub(super) ctl: &'a Control,
-    pub(super) image: &'a WorkerImage,
-    pub(super) stderr: &'a WorkerStderr,
+pub(crate) struct Monitor<'a> {
+    pub(crate) cfg: &'a Config,
+    pub(crate) seg: &'a Segment,
+    pub(crate) ctl: &'a Control,
+    pub(crate) image: &'a WorkerImage,
+    pub(crate) stderr: &'a WorkerStderr,
     /// A partial line of worker stderr not yet forwarded.
-    pub(super) stderr_pending: Vec<u8>,
+    pub(crate) stderr_pending: Vec<u8>,
     /// When the monitor first saw the run stopping.
-    pub(super) stop_seen: Option<Instant>,
-    pub(super) spec: &'a dyn Fn(u32) -> WorkerSpec,
-    pub(super) start: Instant,
-    pub(super) procs: Vec<Option<WorkerProc>>,
+    pub(crate) stop_seen: Option<Instant>,
+    pub(crate) spec: &'a dyn Fn(u32) -> WorkerSpec,
+    pub(crate) start: Instant,
+    pub(crate) procs: Vec<Option<WorkerProc>>,
     /// Processes sent SIGKILL that have not exited yet but can run no code of their own (see
     /// [`KILL_GRACE`]); their tokens are already reclaimed. Reaped when the kernel lets them go.
-    pub(super) undying: Vec<(u32, ChildProcess)>,
-    pub(super) exits: Vec<WorkerExit>,
-    pub(super) restarts: u32,
-    pub(super) faults: u32,
-    pub(super) interrupted: Option<String>,
-    pub(super) signal: Option<i32>,
-    pub(super) pending_restart: Vec<u32>,
-    pub(super) gone_for_good: Vec<bool>,
+    pub(crate) undying: Vec<(u32, ChildProcess)>,
+    pub(crate) exits: Vec<WorkerExit>,
+    pub(crate) restarts: u32,
+    pub(crate) faults: u32,
+    pub(crate) interrupted: Option<String>,
+    pub(crate) signal: Option<i32>,
+    pub(crate) pending_restart: Vec<u32>,
+    pub(crate) gone_for_good: Vec<bool>,
     /// Set when slot `w`'s last start failed: it is not tried again.
-    pub(super) start_failed: Vec<Option<String>>,
+    pub(crate) start_failed: Vec<Option<String>>,
 }
 
 impl Monitor<'_> {
-    pub(super) fn stop_with(&mut self, why: String) {
+    /// One round: wait up to a tick for a worker to exit, then reap, give up on stuck ones,
+    /// restart the dead (once every producer not `producer_gone` has cleaned up after them),
+    /// and run the handshake and stall checks.
+    pub(crate) fn tick(&mut self, producer_gone: &[bool]) {
+        let workers = self.procs.len() as u32;
+        let live: Vec<u32> = (0..workers)
+            .filter(|&w| self.procs[w as usize].is_some())
+            .collect();
+        let fds: Vec<BorrowedFd<'_>> = live
+            .iter()
+            .map(|&w| {
+                self.procs[w as usize]
+                    .as_ref()
+                    .expect("live")
+                    .child
+                    .exit_fd()
+            })
+            .chain(self.undying.iter().map(|(_, c)| c.exit_fd()))
+            .collect();
+        // While a restart waits for the producers' acknowledgements, or a killed worker for
+        // its death, look again soon.
+        let busy = !self.pending_restart.is_empty()
+            || self.procs.iter().flatten().any(|p| p.killed.is_some());
+        let tick = if busy {
+            Duration::from_millis(1)
+        } else {
+            super::MONITOR_TICK
+        };
+        let ready_idx = sys::poll_readable(&fds, tick).unwrap_or_default();
+        drop(fds);
+        let ready: Vec<u32> = ready_idx
+            .iter()
+            .filter_map(|&i| live.get(i).copied())
+            .collect();
+        self.stderr.forward(&mut self.stderr_pending);
+        self.reap_exited(&ready);
+        self.give_up_on_stuck();
+        self.restart_dead(producer_gone);
+        self.watch();
+    }
+
+    pub(crate) fn stop_with(&mut self, why: String) {
         self.interrupted.get_or_insert(why);
         self.ctl.stop.store(true, Ordering::Relaxed);
     }
 
     /// Worker `w` is gone (or can never run again): tell the producers, record how, and queue
     /// its restart. `wp` is its process record, already reaped or moved to `undying`.
-    pub(super) fn declare_dead(
+    pub(crate) fn declare_dead(
         &mut self,
         w: u32,
         pid: u32,
@@ -294,7 +397,7 @@ impl Monitor<'_> {
     }
 
     /// Reaps the workers whose exit fds are readable.
-    pub(super) fn reap_exited(&mut self, ready: &[u32]) {
+    pub(crate) fn reap_exited(&mut self, ready: &[u32]) {
         for &w in ready {
             let Some(mut wp) = self.procs[w as usize].take() else {
                 continue;
@@ -325,12 +428,15 @@ impl Monitor<'_> {
     /// Sends SIGKILL to worker `w` once, remembering why. A kill the kernel refuses on both
     /// ways (pidfd and pid) stops the run: the worker may still be writing its slots, so its
     /// tokens are given up as lost rather than reused.
-    pub(super) fn kill(&mut self, w: usize, why: KillReason) {
+    pub(crate) fn kill(&mut self, w: usize, why: KillReason) {
         let Some(wp) = self.procs[w].as_mut() else {
             return;
         };
         if wp.killed.is_some() {
             return;
+        }
+        if matches!(why, KillReason::Stalled(_)) {
+            self.ctl.stalled[w].store(true, Ordering::Release);
         }
         match wp.child.kill() {
             Ok(()) => wp.killed = Some((Instant::now(), why)),
@@ -350,7 +456,7 @@ impl Monitor<'_> {
     /// (a frozen cgroup, hung NFS or FUSE). With SIGKILL pending it will never run another
     /// instruction of its own, so its tokens can be taken back now and redone elsewhere; the
     /// process is kept to be reaped when the kernel releases it.
-    pub(super) fn give_up_on_stuck(&mut self) {
+    pub(crate) fn give_up_on_stuck(&mut self) {
         for w in 0..self.procs.len() {
             let Some(wp) = &self.procs[w] else { continue };
             let Some((at, _)) = &wp.killed else { continue };
@@ -385,7 +491,7 @@ impl Monitor<'_> {
     ///
     /// `producer_gone[p]`: producer `p` never started or has ended (panicked); it will never
     /// acknowledge, and is not waited for.
-    pub(super) fn restart_dead(&mut self, producer_gone: &[bool]) {
+    pub(crate) fn restart_dead(&mut self, producer_gone: &[bool]) {
         let pending = std::mem::take(&mut self.pending_restart);
         for w in pending {
             let ctl = self.ctl;
@@ -437,6 +543,7 @@ impl Monitor<'_> {
             // A producer may have flagged the dead process after it was reaped (while
             // draining its rings); that request must not kill the replacement.
             ctl.kill[w as usize].store(false, Ordering::Release);
+            ctl.stalled[w as usize].store(false, Ordering::Release);
             match spawn_worker(self.image, self.stderr, self.seg, (self.spec)(w)) {
                 Ok(p) => {
                     self.restarts += 1;
@@ -461,7 +568,7 @@ impl Monitor<'_> {
     }
 
     /// Handshakes, kill requests from producers, and the stall watchdog.
-    pub(super) fn watch(&mut self) {
+    pub(crate) fn watch(&mut self) {
         let now = Instant::now();
         for w in 0..self.procs.len() {
             // While draining after a stop, a silent worker is not waited for longer than the
@@ -519,7 +626,7 @@ impl Monitor<'_> {
     /// Asks every worker to leave, waits [`SHUTDOWN_GRACE`], kills the rest, and waits
     /// [`KILL_WAIT`] more. Whatever is still there then is stuck in the kernel: it is named in
     /// the report rather than waited for.
-    pub(super) fn shut_down(&mut self) -> Vec<Unreaped> {
+    pub(crate) fn shut_down(&mut self) -> Vec<Unreaped> {
         self.seg.shutdown_flag().store(1, Ordering::Release);
         for w in 0..self.procs.len() as u32 {
             Doorbell::new(&self.seg.worker(w).bell).ring(&Futex);

@@ -99,7 +99,8 @@ pub enum BuiltinError {
 }
 
 /// The op names, as [`Builtin::parse`] takes them.
-pub const NAMES: &str = "affine:A,B  add:K  mul:K  neg  abs  clamp:LO,HI  xor:K  and:K  or:K  shl:N  shr:N";
+pub const NAMES: &str =
+    "affine:A,B  add:K  mul:K  neg  abs  clamp:LO,HI  xor:K  and:K  or:K  shl:N  shr:N";
 
 impl Builtin {
     /// Parses `name[:a[,b]]`, e.g. `affine:2,1`, `clamp:0,255`, `neg`. Parameters are integers
@@ -363,7 +364,15 @@ mod tests {
     #[test]
     fn encode_then_decode_gives_the_same_op_for_every_dtype() {
         for d in DType::ALL {
-            for s in ["affine:3,1", "add:-2", "neg", "abs", "clamp:-4,9", "shr:1", "or:6"] {
+            for s in [
+                "affine:3,1",
+                "add:-2",
+                "neg",
+                "abs",
+                "clamp:-4,9",
+                "shr:1",
+                "or:6",
+            ] {
                 let op = Builtin::parse(s).unwrap();
                 let Ok((code, p)) = op.encode(d) else {
                     assert!(d.is_float() || s.starts_with('a') || s.contains('-'));

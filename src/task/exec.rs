@@ -60,20 +60,30 @@ impl RawCall<'_> {
 thread_local! {
     /// The last panic's message and place, kept by the worker's panic hook.
     static LAST_PANIC: RefCell<Option<String>> = const { RefCell::new(None) };
+    /// Whether user code (a kernel or an init hook) is running.
+    static IN_KERNEL: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
 }
 
-/// Replaces the panic hook: a kernel's panic becomes its task's error message (with the
-/// source location), instead of a report on the worker's stderr.
-fn keep_panics_quiet() {
-    std::panic::set_hook(Box::new(|info| {
-        let msg = format!("{info}").replace('\n', " ");
-        LAST_PANIC.with(|p| *p.borrow_mut() = Some(msg));
+/// Wraps the panic hook: a kernel's panic becomes its task's error message (with the source
+/// location) instead of a report on the worker's stderr; any other panic is reported as before.
+fn keep_kernel_panics_quiet() {
+    let previous = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        if IN_KERNEL.with(|k| k.get()) {
+            let msg = format!("{info}").replace('\n', " ");
+            LAST_PANIC.with(|p| *p.borrow_mut() = Some(msg));
+        } else {
+            previous(info);
+        }
     }));
 }
 
-/// Runs `f`, turning a panic into `Err(message)`.
+/// Runs user code `f`, turning a panic into `Err(message)`.
 fn guarded<R>(f: impl FnOnce() -> R) -> Result<R, String> {
-    std::panic::catch_unwind(AssertUnwindSafe(f)).map_err(|payload| {
+    IN_KERNEL.with(|k| k.set(true));
+    let r = std::panic::catch_unwind(AssertUnwindSafe(f));
+    IN_KERNEL.with(|k| k.set(false));
+    r.map_err(|payload| {
         LAST_PANIC
             .with(|p| p.borrow_mut().take())
             .or_else(|| payload.downcast_ref::<&str>().map(|s| s.to_string()))
@@ -93,8 +103,12 @@ pub(crate) struct Executor<'r> {
 impl<'r> Executor<'r> {
     /// Runs every kernel's init hook once. `Err` names the kernel whose init failed or
     /// panicked.
-    pub(crate) fn new(registry: &'r Registry, info: WorkerInfo, simd: Kernel) -> Result<Self, String> {
-        keep_panics_quiet();
+    pub(crate) fn new(
+        registry: &'r Registry,
+        info: WorkerInfo,
+        simd: Kernel,
+    ) -> Result<Self, String> {
+        keep_kernel_panics_quiet();
         let mut states = Vec::with_capacity(registry.len());
         for i in 0..registry.len() as u32 {
             let e = registry.entry(i).expect("in range");
@@ -114,7 +128,11 @@ impl<'r> Executor<'r> {
     /// Runs the task `desc` (a validated-here copy) on `bufs` (the token's memory). `Err` only
     /// for a descriptor that breaks the protocol (the worker then stops); a kernel's failure
     /// is in the returned result.
-    pub(crate) fn run(&mut self, desc: &TaskDesc, bufs: TaskBuffers<'_>) -> Result<TaskResult, String> {
+    pub(crate) fn run(
+        &mut self,
+        desc: &TaskDesc,
+        bufs: TaskBuffers<'_>,
+    ) -> Result<TaskResult, String> {
         let task = check(desc, &bufs, self.registry)?;
         let mut result = TaskResult {
             status: TASK_OK,
@@ -122,23 +140,18 @@ impl<'r> Executor<'r> {
             panicked: false,
             message: String::new(),
         };
-        let (mut whole_in, mut whole_out): (Option<&mut [u8]>, Option<(&[u8], &mut [u8])>) =
-            match bufs {
-                TaskBuffers::InPlace(b) => (Some(b), None),
-                TaskBuffers::OutOfPlace(i, o) => (None, Some((i, o))),
-            };
+        let mut bufs = bufs;
         for (i, item) in desc.items[..desc.count as usize].iter().enumerate() {
             let shape = Shape::from_raw(item.ndim, item.shape).expect("checked");
             let out_shape = task.out_shape.unwrap_or(shape);
             let at = item.offset as usize;
             let n_in = shape.bytes(task.dtype) as usize;
             let n_out = out_shape.bytes(task.dtype) as usize;
-            let io = match (&mut whole_in, &mut whole_out) {
-                (Some(b), _) => RawIo::InPlace(&mut b[at..at + n_in]),
-                (_, Some((inp, out))) => {
+            let io = match &mut bufs {
+                TaskBuffers::InPlace(b) => RawIo::InPlace(&mut b[at..at + n_in]),
+                TaskBuffers::OutOfPlace(inp, out) => {
                     RawIo::OutOfPlace(&inp[at..at + n_in], &mut out[at..at + n_out])
                 }
-                _ => unreachable!("one of the two"),
             };
             let outcome = self.call(desc.kernel, &task, io, shape, out_shape);
             if let Err((msg, panicked)) = outcome {
@@ -228,7 +241,10 @@ fn check(d: &TaskDesc, bufs: &TaskBuffers<'_>, registry: &Registry) -> Result<Ch
         0 => None,
         n => {
             if count != 1 || out_len.is_none() || d.kernel >= BUILTIN {
-                return Err("an output shape of its own needs one array, out of place, and a user kernel".into());
+                return Err(
+                    "an output shape of its own needs one array, out of place, and a user kernel"
+                        .into(),
+                );
             }
             Some(Shape::from_raw(n, d.out_shape).ok_or("bad output rank")?)
         }

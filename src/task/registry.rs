@@ -205,7 +205,10 @@ mod tests {
         let e = r.find("scale", DType::I8).unwrap_err();
         assert!(e.contains("float32, float64") && e.contains("int8"), "{e}");
         let e = r.find("blur", DType::U8).unwrap_err();
-        assert!(e.contains("scale[float32]") && e.contains("inv[uint8]"), "{e}");
+        assert!(
+            e.contains("scale[float32]") && e.contains("inv[uint8]"),
+            "{e}"
+        );
         assert!(Registry::new()
             .find("x", DType::U8)
             .unwrap_err()

@@ -1,0 +1,304 @@
+//! `map` over an iterator of arrays: bounded work in flight, results in input order (or in
+//! completion order), small arrays packed many to a slot.
+//!
+//! Each result is copied out of shared memory into an [`Array`] as soon as its slot comes
+//! back, and the slot is reused at once: a caller that collects every result never blocks the
+//! pool (results waiting for their turn cost heap memory, bounded by the window, not slots).
+
+use std::collections::{BTreeMap, VecDeque};
+
+use super::producer::{packed_offset, Core, Outcome, Producer, Record, TaskError, PACK_MAX};
+use super::{SubmitError, Task};
+use crate::array::{as_bytes, cast, Array, AsArray, Shape};
+use crate::dtype::Element;
+use crate::layout::{ItemDesc, TaskDesc, TASK_OK};
+use crate::task::Params;
+
+/// Arrays up to this many bytes are packed several to a slot: per-task costs (a ring entry, a
+/// descriptor, a doorbell) then count once per slot instead of once per array.
+const PACK_BYTES: u64 = 64 << 10;
+
+/// One array's result.
+type Outcome1<I> = Result<Array<<<I as Iterator>::Item as AsArray>::Elem>, TaskError>;
+
+/// The iterator [`Producer::map`] and [`Producer::map_unordered`] return.
+pub struct Map<'h, 'pool, I: Iterator>
+where
+    I::Item: AsArray,
+{
+    producer: &'h Producer<'pool>,
+    inputs: I,
+    pending: Option<I::Item>,
+    kernel: u32,
+    params: Params,
+    ordered: bool,
+    window: u64,
+    next_in: u64,
+    next_out: u64,
+    /// Finished out of turn (ordered).
+    parked: BTreeMap<u64, Outcome1<I>>,
+    /// Finished, in completion order (unordered).
+    finished: VecDeque<(u64, Outcome1<I>)>,
+    exhausted: bool,
+    /// Slots of this map in flight.
+    out: usize,
+}
+
+impl<'pool> Producer<'pool> {
+    /// Runs `task` on every array of `inputs`, yielding the results in input order; at most a
+    /// bounded number of arrays are in flight or waiting for their turn (the handle's slots
+    /// times the arrays a slot packs), so any number of inputs is fine. `inputs` is consumed
+    /// lazily.
+    ///
+    /// Takes the handle mutably: no loan or completion of it may be alive meanwhile.
+    ///
+    /// # Errors
+    /// The task's [`SubmitError`] (unknown kernel, dtype, op parameters) before any work
+    /// starts; errors of single arrays come as `Err` items.
+    pub fn map<'h, I>(
+        &'h mut self,
+        task: &Task,
+        inputs: I,
+    ) -> Result<Map<'h, 'pool, I::IntoIter>, SubmitError>
+    where
+        I: IntoIterator,
+        I::Item: AsArray,
+    {
+        self.start_map(task, inputs.into_iter(), true)
+    }
+
+    /// As [`Producer::map`], yielding `(index, result)` in completion order.
+    ///
+    /// # Errors
+    /// As [`Producer::map`].
+    pub fn map_unordered<'h, I>(
+        &'h mut self,
+        task: &Task,
+        inputs: I,
+    ) -> Result<Map<'h, 'pool, I::IntoIter>, SubmitError>
+    where
+        I: IntoIterator,
+        I::Item: AsArray,
+    {
+        self.start_map(task, inputs.into_iter(), false)
+    }
+
+    fn start_map<'h, I>(
+        &'h mut self,
+        task: &Task,
+        inputs: I,
+        ordered: bool,
+    ) -> Result<Map<'h, 'pool, I>, SubmitError>
+    where
+        I: Iterator,
+        I::Item: AsArray,
+    {
+        if task.out_shape.is_some() {
+            return Err(SubmitError::OutShape(
+                "map keeps each array's shape; submit tasks with another output shape one by one"
+                    .into(),
+            ));
+        }
+        let c = self.core();
+        let dtype = <<I::Item as AsArray>::Elem as Element>::DTYPE;
+        let (kernel, params) = task.resolve(&c.sh.registry, dtype)?;
+        let window = (c.slots.len() * PACK_MAX) as u64;
+        drop(c);
+        Ok(Map {
+            producer: self,
+            inputs,
+            pending: None,
+            kernel,
+            params,
+            ordered,
+            window,
+            next_in: 0,
+            next_out: 0,
+            parked: BTreeMap::new(),
+            finished: VecDeque::new(),
+            exhausted: false,
+            out: 0,
+        })
+    }
+}
+
+impl<I: Iterator> Map<'_, '_, I>
+where
+    I::Item: AsArray,
+{
+    fn done(&mut self, seq: u64, r: Outcome1<I>) {
+        if self.ordered {
+            self.parked.insert(seq, r);
+        } else {
+            self.finished.push_back((seq, r));
+        }
+    }
+
+    /// Fills one free slot with as many next inputs as fit and sends it. Whether it did.
+    fn issue(&mut self, c: &mut Core<'_>) -> bool {
+        type E<I> = <<I as Iterator>::Item as AsArray>::Elem;
+        let dtype = <E<I> as Element>::DTYPE;
+        let slot_bytes = c.slot_bytes();
+        let limit = slot_bytes.min(PACK_BYTES);
+        let Some(mut token) = c.slots.take(0) else {
+            return false;
+        };
+        let mut desc = TaskDesc::zeroed();
+        desc.kernel = self.kernel;
+        desc.dtype = u32::from(dtype.code());
+        desc.out_dtype = desc.dtype;
+        (desc.params, desc.params_len) = self.params.encode();
+        desc.seq = self.next_in;
+        let mut used = 0u64;
+        let mut count = 0usize;
+        while count < PACK_MAX && self.next_in - self.next_out < self.window {
+            let Some(item) = self.pending.take().or_else(|| self.inputs.next()) else {
+                self.exhausted = true;
+                break;
+            };
+            let shape: Shape = item.shape();
+            let bytes = shape.bytes(dtype);
+            if bytes > slot_bytes || item.elements().len() as u64 != shape.elements() {
+                if count > 0 {
+                    self.pending = Some(item);
+                    break;
+                }
+                let seq = self.next_in;
+                self.next_in += 1;
+                desc.seq = self.next_in;
+                self.done(
+                    seq,
+                    Err(TaskError::TooLarge {
+                        asked: bytes,
+                        max: slot_bytes,
+                    }),
+                );
+                continue;
+            }
+            if count > 0 && (used + bytes > limit || used + bytes > slot_bytes) {
+                self.pending = Some(item);
+                break;
+            }
+            let data = c.sh.seg.slot_bytes_mut(&mut token);
+            data[used as usize..(used + bytes) as usize].copy_from_slice(as_bytes(item.elements()));
+            let (ndim, dims) = shape.raw();
+            desc.items[count] = ItemDesc {
+                offset: used as u32,
+                ndim,
+                shape: dims,
+            };
+            count += 1;
+            used += packed_offset(bytes);
+            self.next_in += 1;
+            if used >= limit {
+                break;
+            }
+        }
+        if count == 0 {
+            c.release(token, false);
+            return false;
+        }
+        desc.count = count as u32;
+        c.send_new(
+            token,
+            Record {
+                desc,
+                dtype,
+                out_shape: Shape::d1(0),
+                attempts: 0,
+                mapped: true,
+            },
+        );
+        self.out += 1;
+        true
+    }
+
+    /// Copies out the results of every finished slot of this map and frees the slots.
+    fn harvest(&mut self, c: &mut Core<'_>) {
+        let mut i = 0;
+        while i < c.ready.len() {
+            if !c.records[c.ready[i].token.slot() as usize].mapped {
+                i += 1;
+                continue;
+            }
+            let r = c.ready.remove(i).expect("in range");
+            let rec = c.records[r.token.slot() as usize];
+            self.out -= 1;
+            let results = c.sh.seg.result_bytes(&r.token);
+            for (k, item) in rec.desc.items[..rec.desc.count as usize].iter().enumerate() {
+                let seq = rec.desc.seq + k as u64;
+                let shape = Shape::from_raw(item.ndim, item.shape).expect("ours");
+                let result = match &r.outcome {
+                    Outcome::Failed(e) => Err(e.clone()),
+                    Outcome::Done(res)
+                        if res.status == TASK_OK || res.failed_mask & (1 << k) == 0 =>
+                    {
+                        let at = item.offset as usize;
+                        let n = shape.bytes(rec.dtype) as usize;
+                        let data =
+                            cast::<<I::Item as AsArray>::Elem>(&results[at..at + n]).to_vec();
+                        Ok(Array::new(data, shape).expect("shape matches"))
+                    }
+                    Outcome::Done(res) => Err(TaskError::Kernel {
+                        message: res.message.clone(),
+                        panicked: res.panicked,
+                    }),
+                };
+                self.done(seq, result);
+            }
+            c.release(r.token, r.quarantine);
+        }
+    }
+}
+
+impl<I: Iterator> Iterator for Map<'_, '_, I>
+where
+    I::Item: AsArray,
+{
+    type Item = Result<Array<<I::Item as AsArray>::Elem>, TaskError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        let producer = self.producer;
+        let mut c = producer.core();
+        loop {
+            if self.ordered {
+                if let Some(r) = self.parked.remove(&self.next_out) {
+                    self.next_out += 1;
+                    return Some(r);
+                }
+            } else if let Some((_, r)) = self.finished.pop_front() {
+                self.next_out += 1;
+                return Some(r);
+            }
+            if self.exhausted && self.pending.is_none() && self.out == 0 {
+                return None;
+            }
+            let mut sent = false;
+            while !(self.exhausted && self.pending.is_none()) && self.issue(&mut c) {
+                sent = true;
+            }
+            if sent {
+                c.ring_bells();
+            }
+            self.harvest(&mut c);
+            if self.parked.contains_key(&self.next_out) || !self.finished.is_empty() {
+                continue;
+            }
+            if self.out == 0 {
+                if self.exhausted && self.pending.is_none() {
+                    continue;
+                }
+                // Nothing of ours in flight and no slot to be had: the caller holds them.
+                let held = c.held + c.ready.len();
+                return Some(Err(TaskError::NoSlot(format!(
+                    "{held} completions of this handle are not yet received or dropped"
+                ))));
+            }
+            c.wait_until(None, |c| {
+                c.ready
+                    .iter()
+                    .any(|r| c.records[r.token.slot() as usize].mapped)
+            });
+        }
+    }
+}

@@ -1,0 +1,529 @@
+//! The library API: a [`Pool`] of worker processes that runs your kernels on your arrays in
+//! shared memory.
+//!
+//! ```no_run
+//! use mk1::{Pool, Task, Shape};
+//! mk1::run_if_worker(); // first thing in main: a worker serves here and never returns
+//! let pool = Pool::builder().workers(2).build().expect("pool");
+//! let producer = pool.producer().expect("a producer handle");
+//! let mut loan = producer.loan::<f32>(Shape::d2(64, 64)).expect("a slot");
+//! loan.as_mut_slice().fill(1.0);
+//! producer.submit(loan, &Task::op("affine:3,1").unwrap()).expect("submitted");
+//! let done = producer.recv().expect("one task in flight");
+//! assert!(done.output::<f32>().unwrap().as_slice().iter().all(|&x| x == 4.0));
+//! ```
+//!
+//! Layers: the pool owns the segment, the worker processes and a monitor thread (the
+//! coordinator's [`crate::coordinator::monitor`], unchanged: deaths, restarts, the watchdog);
+//! each [`Producer`] handle is one producer of the segment's protocol, used from one thread at
+//! a time; [`map`](Producer::map) is built on the handle.
+
+mod map;
+mod producer;
+
+pub use map::Map;
+pub use producer::{
+    Completion, Loan, LoanError, OutputView, Producer, Rejected, SubmitError, TaskError, Ticket,
+};
+
+use std::os::fd::AsRawFd;
+use std::path::PathBuf;
+use std::sync::atomic::AtomicBool;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use crate::array::Shape;
+use crate::config::Config;
+use crate::coordinator::{start_workers, Control, Monitor, RunError, WorkerImage, WorkerStderr};
+use crate::dtype::DType;
+use crate::layout::Layout;
+use crate::ops::Kernel;
+use crate::shm::Segment;
+use crate::sync::Ordering;
+use crate::task::{Builtin, BuiltinError, Params, Registry};
+use crate::wait::SpinMode;
+use crate::worker::WorkerSpec;
+
+/// Where a kernel's result goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// The kernel rewrites its input. Guarantee: a task whose worker dies comes back as
+    /// [`TaskError::WorkerDied`] (its input may be half-written); it is never redone.
+    InPlace,
+    /// The kernel reads the input and writes a separate output region. Workers map every
+    /// input read-only, so no worker can change an input. Guarantee: a task whose worker dies
+    /// is redone on another worker from its intact input, up to `max_retries` times, then
+    /// comes back as [`TaskError::WorkerDied`].
+    OutOfPlace,
+}
+
+/// Why a pool could not be built (exit code 2 in a command-line tool: usage or environment).
+#[derive(Debug, thiserror::Error)]
+pub enum PoolError {
+    /// A setting is out of range.
+    #[error("invalid pool setting {what}: {why}")]
+    Setting {
+        /// Which setting.
+        what: &'static str,
+        /// What is wrong.
+        why: String,
+    },
+    /// The segment, a limit, or a worker could not be had (see [`RunError`]).
+    #[error(transparent)]
+    Start(#[from] RunError),
+    /// Every producer handle is in use.
+    #[error("all {0} producer handles are in use (PoolBuilder::producers sets how many)")]
+    NoHandle(u32),
+}
+
+/// A task: which kernel runs on each array, with which parameters.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Task {
+    kind: TaskKind,
+    params: Params,
+    out_shape: Option<Shape>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+enum TaskKind {
+    Kernel(String),
+    Builtin(Builtin),
+}
+
+impl Task {
+    /// The registered kernel `name` (found, for the array's dtype, at submit).
+    pub fn kernel(name: &str) -> Task {
+        Task {
+            kind: TaskKind::Kernel(name.to_string()),
+            params: Params::none(),
+            out_shape: None,
+        }
+    }
+
+    /// A built-in op.
+    pub fn builtin(op: Builtin) -> Task {
+        Task {
+            kind: TaskKind::Builtin(op),
+            params: Params::none(),
+            out_shape: None,
+        }
+    }
+
+    /// A built-in op from its text, e.g. `affine:3,1` (see [`Builtin::parse`]).
+    ///
+    /// # Errors
+    /// The op's [`BuiltinError`].
+    pub fn op(text: &str) -> Result<Task, BuiltinError> {
+        Builtin::parse(text).map(Task::builtin)
+    }
+
+    /// With these parameters (user kernels read them from [`crate::task::Args::params`]).
+    pub fn params(mut self, params: Params) -> Task {
+        self.params = params;
+        self
+    }
+
+    /// With an output shape other than the input's (out of place, user kernels, one array per
+    /// task; the output must fit the input's slot).
+    pub fn out_shape(mut self, shape: Shape) -> Task {
+        self.out_shape = Some(shape);
+        self
+    }
+
+    /// The kernel code and parameters a descriptor carries for arrays of `dtype`.
+    pub(crate) fn resolve(
+        &self,
+        registry: &Registry,
+        dtype: DType,
+    ) -> Result<(u32, Params), SubmitError> {
+        match &self.kind {
+            TaskKind::Kernel(name) => registry
+                .find(name, dtype)
+                .map(|k| (k, self.params))
+                .map_err(SubmitError::Kernel),
+            TaskKind::Builtin(op) => op.encode(dtype).map_err(SubmitError::Op),
+        }
+    }
+}
+
+/// Settings of a [`Pool`]; [`Pool::builder`] gives the defaults.
+#[derive(Clone)]
+pub struct PoolBuilder {
+    workers: u32,
+    producers: u32,
+    max_array_bytes: u64,
+    slots_per_producer: u32,
+    mode: Mode,
+    max_retries: u32,
+    max_restarts: u32,
+    worker_timeout: Duration,
+    worker_exe: Option<PathBuf>,
+    kernel: Kernel,
+    registry: Arc<Registry>,
+}
+
+impl PoolBuilder {
+    /// Worker processes, `1..=1024`. Default: cores − 1, at least 1.
+    pub fn workers(mut self, n: u32) -> Self {
+        self.workers = n;
+        self
+    }
+
+    /// Producer handles that may exist at once (one per submitting thread), `1..=64`; each owns
+    /// an equal share of the slots. Default 1.
+    pub fn producers(mut self, n: u32) -> Self {
+        self.producers = n;
+        self
+    }
+
+    /// Largest array (input or output) in bytes: the size of a slot. Default 1 MiB; at most
+    /// 1 GiB.
+    pub fn max_array_bytes(mut self, bytes: u64) -> Self {
+        self.max_array_bytes = bytes;
+        self
+    }
+
+    /// Slots per producer handle: how many arrays one handle can have loaned, in flight and
+    /// completed-but-held at once (the backpressure bound). Default: 4 per worker.
+    pub fn slots_per_producer(mut self, n: u32) -> Self {
+        self.slots_per_producer = n;
+        self
+    }
+
+    /// In place or out of place (default [`Mode::OutOfPlace`]).
+    pub fn mode(mut self, mode: Mode) -> Self {
+        self.mode = mode;
+        self
+    }
+
+    /// Out of place: how many times a task whose worker died is redone before it fails with
+    /// [`TaskError::WorkerDied`]. Default 2.
+    pub fn max_retries(mut self, n: u32) -> Self {
+        self.max_retries = n;
+        self
+    }
+
+    /// Worker replacements over the pool's life before it gives up (every later task fails
+    /// with [`TaskError::NoWorkers`]). Default 1000.
+    pub fn max_restarts(mut self, n: u32) -> Self {
+        self.max_restarts = n;
+        self
+    }
+
+    /// A worker that holds tasks and returns none for this long is killed and replaced; the
+    /// task it was running fails with [`TaskError::Timeout`]. Default 10 s.
+    pub fn worker_timeout(mut self, d: Duration) -> Self {
+        self.worker_timeout = d;
+        self
+    }
+
+    /// The program to run as workers (default: this very program). It must call
+    /// [`crate::run_if_worker_with`] with the same kernels.
+    pub fn worker_exe(mut self, path: impl Into<PathBuf>) -> Self {
+        self.worker_exe = Some(path.into());
+        self
+    }
+
+    /// The SIMD kernels built-in ops run with (default: the best this CPU has).
+    pub fn simd(mut self, kernel: Kernel) -> Self {
+        self.kernel = kernel;
+        self
+    }
+
+    /// The user kernels (the same registry the program passes to
+    /// [`crate::run_if_worker_with`]).
+    pub fn kernels(mut self, registry: Registry) -> Self {
+        self.registry = Arc::new(registry);
+        self
+    }
+
+    /// Creates the segment, starts every worker and waits until each has attached (and run its
+    /// kernels' init hooks).
+    ///
+    /// # Errors
+    /// [`PoolError::Setting`] for a value out of range; [`PoolError::Start`] when the segment
+    /// does not fit a limit of this process, a worker cannot be started, exits before
+    /// attaching, has other kernels, or an init hook fails (its message is in the error).
+    pub fn build(self) -> Result<Pool, PoolError> {
+        let bad = |what: &'static str, why: String| PoolError::Setting { what, why };
+        if !(1..=crate::layout::MAX_WORKERS).contains(&self.workers) {
+            return Err(bad(
+                "workers",
+                format!("{} is outside 1..=1024", self.workers),
+            ));
+        }
+        if !(1..=crate::layout::MAX_PRODUCERS).contains(&self.producers) {
+            return Err(bad(
+                "producers",
+                format!("{} is outside 1..=64", self.producers),
+            ));
+        }
+        if !(64..=crate::layout::MAX_SLOT_BYTES).contains(&self.max_array_bytes) {
+            return Err(bad(
+                "max_array_bytes",
+                format!("{} is outside 64..=1073741824", self.max_array_bytes),
+            ));
+        }
+        if self.slots_per_producer == 0 || self.slots_per_producer > 1 << 16 {
+            return Err(bad(
+                "slots_per_producer",
+                format!("{} is outside 1..=65536", self.slots_per_producer),
+            ));
+        }
+        if !self.kernel.is_available() {
+            return Err(bad(
+                "simd",
+                format!("{} is not available on this CPU", self.kernel.name()),
+            ));
+        }
+        let slots = self.slots_per_producer * self.producers;
+        let layout = Layout::with_outputs(
+            self.workers,
+            self.producers,
+            self.slots_per_producer,
+            &[(self.max_array_bytes, slots)],
+            self.mode == Mode::OutOfPlace,
+        )
+        .map_err(|e| bad("layout", e.to_string()))?;
+        crate::limits::check(&crate::limits::Needs {
+            segment: layout.total_bytes(),
+            workers: self.workers,
+            producers: 1,
+        })
+        .map_err(RunError::from)?;
+        let seg = Segment::create(layout).map_err(RunError::from)?;
+        let cfg = Config {
+            workers: self.workers,
+            producers: self.producers,
+            max_restarts: self.max_restarts,
+            worker_timeout: self.worker_timeout,
+            worker_exe: self.worker_exe.clone(),
+            kernel: self.kernel,
+            ..Config::default()
+        };
+        let image = WorkerImage::new(&cfg)?;
+        let stderr = WorkerStderr::new().map_err(|e| RunError::Resource {
+            what: "cannot make the workers' stderr pipe".into(),
+            why: e.to_string(),
+        })?;
+        let shared = Arc::new(Shared {
+            ctl: Control::new(self.workers, self.producers),
+            seg,
+            image,
+            stderr,
+            cfg,
+            registry: self.registry.clone(),
+            mode: self.mode,
+            max_retries: self.max_retries,
+            spin: if (self.workers as usize) < crate::sys::online_cpus() {
+                SpinMode::Long
+            } else {
+                SpinMode::Short
+            },
+            active: (0..self.producers)
+                .map(|_| AtomicBool::new(false))
+                .collect(),
+            closing: AtomicBool::new(false),
+            broken: Mutex::new(None),
+            restarts: crate::sync::AtomicU32::new(0),
+        });
+        let (tx, rx) = std::sync::mpsc::channel();
+        let for_monitor = shared.clone();
+        let monitor = std::thread::Builder::new()
+            .name("mk1-monitor".into())
+            .spawn(move || monitor_main(&for_monitor, &tx))
+            .map_err(|e| RunError::Resource {
+                what: "cannot start the pool's monitor thread".into(),
+                why: e.to_string(),
+            })?;
+        match rx.recv() {
+            Ok(Ok(())) => Ok(Pool {
+                shared,
+                monitor: Some(monitor),
+            }),
+            Ok(Err(e)) => {
+                let _ = monitor.join();
+                Err(e.into())
+            }
+            Err(_) => {
+                let _ = monitor.join();
+                Err(RunError::Resource {
+                    what: "the pool's monitor thread".into(),
+                    why: "it ended before the workers started".into(),
+                }
+                .into())
+            }
+        }
+    }
+}
+
+/// What the pool's threads share.
+pub(crate) struct Shared {
+    pub(crate) seg: Segment,
+    pub(crate) ctl: Control,
+    image: WorkerImage,
+    stderr: WorkerStderr,
+    cfg: Config,
+    pub(crate) registry: Arc<Registry>,
+    pub(crate) mode: Mode,
+    pub(crate) max_retries: u32,
+    pub(crate) spin: SpinMode,
+    /// `active[p]`: a [`Producer`] handle for `p` exists (the monitor waits for its
+    /// acknowledgement of a death before restarting the worker).
+    pub(crate) active: Vec<AtomicBool>,
+    /// The pool is being dropped.
+    closing: AtomicBool,
+    /// Why the pool can run nothing any more (every worker gone for good).
+    pub(crate) broken: Mutex<Option<String>>,
+    restarts: crate::sync::AtomicU32,
+}
+
+/// The monitor thread: starts the workers (their parent-death signal is tied to this thread,
+/// which lives as long as the pool), then watches them until the pool is dropped.
+fn monitor_main(sh: &Shared, started: &std::sync::mpsc::Sender<Result<(), RunError>>) {
+    let coordinator = crate::sys::own_pid();
+    let fingerprint = sh.registry.fingerprint();
+    let spec = |w: u32| WorkerSpec {
+        fd: sh.seg.fd().as_raw_fd(),
+        index: w,
+        coordinator,
+        kernel: sh.cfg.kernel,
+        cpu: None,
+        spin: sh.spin,
+        tasks: Some(fingerprint),
+    };
+    let procs = match start_workers(&sh.image, &sh.stderr, &sh.seg, sh.cfg.workers, &spec) {
+        Ok(p) => p,
+        Err(e) => {
+            let _ = started.send(Err(e));
+            return;
+        }
+    };
+    let mut monitor = Monitor {
+        cfg: &sh.cfg,
+        seg: &sh.seg,
+        ctl: &sh.ctl,
+        image: &sh.image,
+        stderr: &sh.stderr,
+        stderr_pending: Vec::new(),
+        stop_seen: None,
+        spec: &spec,
+        start: Instant::now(),
+        procs,
+        undying: Vec::new(),
+        exits: Vec::new(),
+        restarts: 0,
+        faults: 0,
+        interrupted: None,
+        signal: None,
+        pending_restart: Vec::new(),
+        gone_for_good: vec![false; sh.cfg.workers as usize],
+        start_failed: vec![None; sh.cfg.workers as usize],
+    };
+    let _ = started.send(Ok(()));
+    while !sh.closing.load(Ordering::Acquire) {
+        let gone: Vec<bool> = sh
+            .active
+            .iter()
+            .map(|a| !a.load(Ordering::Acquire))
+            .collect();
+        monitor.tick(&gone);
+        sh.restarts.store(monitor.restarts, Ordering::Relaxed);
+        if sh.ctl.no_workers.load(Ordering::Acquire) {
+            let mut b = sh.broken.lock().unwrap_or_else(|e| e.into_inner());
+            if b.is_none() {
+                *b = Some(
+                    monitor
+                        .interrupted
+                        .clone()
+                        .unwrap_or_else(|| "every worker is gone".into()),
+                );
+            }
+        }
+    }
+    monitor.shut_down();
+    monitor.stderr.forward(&mut monitor.stderr_pending);
+}
+
+/// A pool of worker processes running kernels on arrays in shared memory.
+///
+/// Dropping it asks every worker to finish and exit, waits up to 2 s, kills the rest and reaps
+/// them all; the segment has no name, so nothing is left in `/dev/shm`. Handles borrow the
+/// pool, so it cannot be dropped while one exists.
+pub struct Pool {
+    shared: Arc<Shared>,
+    monitor: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Pool {
+    /// The default settings: cores − 1 workers, one producer handle, 1 MiB slots, 4 slots per
+    /// worker, out of place, 2 retries, 10 s worker timeout, no user kernels.
+    pub fn builder() -> PoolBuilder {
+        let workers = crate::config::default_workers();
+        PoolBuilder {
+            workers,
+            producers: 1,
+            max_array_bytes: 1 << 20,
+            slots_per_producer: 4 * workers,
+            mode: Mode::OutOfPlace,
+            max_retries: 2,
+            max_restarts: 1000,
+            worker_timeout: Duration::from_secs(10),
+            worker_exe: None,
+            kernel: Kernel::auto(),
+            registry: Arc::new(Registry::new()),
+        }
+    }
+
+    /// A producer handle: one submitting thread's share of the slots. At most
+    /// [`PoolBuilder::producers`] exist at once; dropping one makes its share available again.
+    ///
+    /// # Errors
+    /// [`PoolError::NoHandle`] when every handle is in use.
+    pub fn producer(&self) -> Result<Producer<'_>, PoolError> {
+        for (p, a) in self.shared.active.iter().enumerate() {
+            if a.compare_exchange(false, true, Ordering::AcqRel, Ordering::Acquire)
+                .is_ok()
+            {
+                return Ok(Producer::new(&self.shared, p as u32));
+            }
+        }
+        Err(PoolError::NoHandle(self.shared.active.len() as u32))
+    }
+
+    /// Worker processes.
+    pub fn workers(&self) -> u32 {
+        self.shared.cfg.workers
+    }
+
+    /// The mode.
+    pub fn mode(&self) -> Mode {
+        self.shared.mode
+    }
+
+    /// Bytes of the largest array a slot holds.
+    pub fn max_array_bytes(&self) -> u64 {
+        self.shared.seg.layout().classes()[0].slot_bytes
+    }
+
+    /// Workers replaced so far.
+    pub fn restarts(&self) -> u32 {
+        self.shared.restarts.load(Ordering::Relaxed)
+    }
+
+    /// Pids of the worker processes now serving (for tests and diagnostics).
+    pub fn worker_pids(&self) -> Vec<u32> {
+        (0..self.shared.cfg.workers)
+            .map(|w| self.shared.seg.worker(w).status.pid.load(Ordering::Relaxed))
+            .collect()
+    }
+}
+
+impl Drop for Pool {
+    fn drop(&mut self) {
+        self.shared.closing.store(true, Ordering::Release);
+        if let Some(m) = self.monitor.take() {
+            let _ = m.join();
+        }
+    }
+}

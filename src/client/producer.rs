@@ -1,0 +1,1081 @@
+//! A producer handle: loan a slot, write an array into it, submit it with a task, get the
+//! completion back with zero-copy access to the result.
+//!
+//! Ownership follows the token (DESIGN invariant 1): a [`Loan`] or a [`Completion`] holds its
+//! slot's token, and dropping it puts the slot back in this handle's free list. Nothing else
+//! reaches slot memory, so a slot is never written by two parties at once, and a slot whose
+//! worker could not be killed is never reused.
+
+use std::cell::RefCell;
+use std::collections::VecDeque;
+use std::marker::PhantomData;
+use std::time::{Duration, Instant};
+
+use super::{Mode, Shared, Task};
+use crate::array::{cast, cast_mut, Shape};
+use crate::clock;
+use crate::dispatch::{self, Dispatch, DispatchKind, WorkerView};
+use crate::dtype::{DType, Element};
+use crate::layout::{Direction, ItemDesc, TaskDesc, MAX_ITEMS, NO_TASK, TASK_OK};
+use crate::pool::{SlotPool, Token};
+use crate::ring::{RingConsumer, RingProducer};
+use crate::shm::TaskResult;
+use crate::sync::Ordering;
+use crate::wait::{Backoff, Doorbell, Futex, Step};
+
+/// Longest single sleep while waiting (deadlines and the monitor's news are re-checked after).
+const SLEEP: Duration = Duration::from_millis(20);
+
+/// The number a submit returns; its [`Completion`] carries the same.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Ticket(pub u64);
+
+/// Why a task produced no result.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TaskError {
+    /// The kernel returned an error, or panicked (the worker survives either way).
+    #[error("kernel {}: {message}", if *.panicked { "panicked" } else { "failed" })]
+    Kernel {
+        /// The kernel's message (for a panic: its text and source location).
+        message: String,
+        /// It was a panic.
+        panicked: bool,
+    },
+    /// The task ran past the worker timeout; its worker was killed and replaced.
+    #[error("the task ran past the worker timeout of {0:?}; its worker was killed and replaced")]
+    Timeout(Duration),
+    /// The worker running it died (in place: at once; out of place: after every retry).
+    #[error("its worker died ({how}) after {attempts} attempt(s)")]
+    WorkerDied {
+        /// How the last worker ended.
+        how: String,
+        /// Attempts made.
+        attempts: u32,
+    },
+    /// Every worker is gone for good (the restart limit, or a worker that cannot start).
+    #[error("the pool has no workers left: {0}")]
+    NoWorkers(String),
+    /// A `map` input larger than a slot (bytes asked, the maximum).
+    #[error("an array of {asked} bytes does not fit a slot: the largest array is {max} bytes (PoolBuilder::max_array_bytes)")]
+    TooLarge {
+        /// Bytes of the array.
+        asked: u64,
+        /// The slot size.
+        max: u64,
+    },
+    /// `map` could get no slot: the caller holds them all.
+    #[error("no slot for map: {0}")]
+    NoSlot(String),
+    /// The result was asked for as another dtype than the task's.
+    #[error("the result is {actual}, not {asked}")]
+    Dtype {
+        /// Asked for.
+        asked: DType,
+        /// What it is.
+        actual: DType,
+    },
+}
+
+/// Why no slot was loaned.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum LoanError {
+    /// The array is larger than a slot.
+    #[error("an array of {asked} bytes does not fit a slot: the largest array is {max} bytes (PoolBuilder::max_array_bytes)")]
+    TooLarge {
+        /// Bytes asked.
+        asked: u64,
+        /// The slot size.
+        max: u64,
+    },
+    /// Every slot of this handle is busy (`try_loan`, or a timeout ran out).
+    #[error("all {slots} slots of this handle are busy: {in_flight} in flight, {held} completed and not yet dropped, {loaned} loaned")]
+    Busy {
+        /// Slots of this handle.
+        slots: usize,
+        /// Submitted and not yet completed.
+        in_flight: usize,
+        /// Completions received or waiting to be received, not yet dropped.
+        held: usize,
+        /// Loans not yet submitted or dropped.
+        loaned: usize,
+    },
+    /// Every slot is loaned out or held as a completion by the caller: waiting could never end.
+    #[error("all {slots} slots of this handle are held by the caller ({held} completions, {loaned} loans): drop some to loan again")]
+    Exhausted {
+        /// Slots of this handle.
+        slots: usize,
+        /// Completions held.
+        held: usize,
+        /// Loans held.
+        loaned: usize,
+    },
+    /// Every worker is gone for good.
+    #[error("the pool has no workers left: {0}")]
+    NoWorkers(String),
+    /// A shape mk1 cannot carry.
+    #[error(transparent)]
+    Shape(#[from] crate::array::ShapeError),
+}
+
+/// Why a submit was refused (the loan comes back in [`Rejected`]).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SubmitError {
+    /// No such kernel, or not for this dtype.
+    #[error("{0}")]
+    Kernel(String),
+    /// A built-in op that does not fit the dtype.
+    #[error(transparent)]
+    Op(#[from] crate::task::BuiltinError),
+    /// The requested output shape is impossible here.
+    #[error("{0}")]
+    OutShape(String),
+    /// Every worker is gone for good.
+    #[error("the pool has no workers left: {0}")]
+    NoWorkers(String),
+}
+
+/// A refused submit: the reason, and the loan with its data, to fix and submit again.
+#[derive(thiserror::Error)]
+#[error("{error}")]
+pub struct Rejected<'p, T: Element> {
+    /// Why.
+    pub error: SubmitError,
+    /// The loan, untouched.
+    pub loan: Loan<'p, T>,
+}
+
+impl<T: Element> std::fmt::Debug for Rejected<'_, T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Rejected({:?})", self.error)
+    }
+}
+
+/// How a returned token went.
+pub(crate) enum Outcome {
+    /// The worker's answer.
+    Done(TaskResult),
+    /// No answer: the task failed as a whole.
+    Failed(TaskError),
+}
+
+/// A task's trusted record, by slot.
+#[derive(Clone, Copy)]
+pub(crate) struct Record {
+    pub(crate) desc: TaskDesc,
+    pub(crate) dtype: DType,
+    /// The first output's shape (single tasks).
+    pub(crate) out_shape: Shape,
+    pub(crate) attempts: u32,
+    /// Belongs to a `map` (left alone by `recv`).
+    pub(crate) mapped: bool,
+}
+
+/// A finished token, waiting to be received.
+pub(crate) struct Ready {
+    pub(crate) token: Token,
+    pub(crate) outcome: Outcome,
+    /// Its worker could not be killed: the slot is never reused.
+    pub(crate) quarantine: bool,
+}
+
+/// The state behind a handle.
+pub(crate) struct Core<'s> {
+    pub(crate) sh: &'s Shared,
+    p: u32,
+    pub(crate) slots: SlotPool,
+    to: Vec<RingProducer<'s>>,
+    from: Vec<RingConsumer<'s>>,
+    bells: Vec<Doorbell<'s>>,
+    touched: Vec<bool>,
+    usable: Vec<bool>,
+    faulted: Vec<bool>,
+    seen_epoch: Vec<usize>,
+    seen_changes: usize,
+    sent: Vec<u64>,
+    back: Vec<u64>,
+    gave_up: Vec<bool>,
+    policy: Box<dyn Dispatch>,
+    pub(crate) records: Vec<Record>,
+    pub(crate) ready: VecDeque<Ready>,
+    redo: Vec<Token>,
+    next_ticket: u64,
+    /// Submitted and not yet in `ready`.
+    pub(crate) in_flight: usize,
+    /// Loans alive.
+    pub(crate) loaned: usize,
+    /// Completions handed out and not yet dropped.
+    pub(crate) held: usize,
+    quarantined: Vec<Token>,
+    backoff: Backoff,
+}
+
+impl<'s> Core<'s> {
+    fn new(sh: &'s Shared, p: u32) -> Core<'s> {
+        let seg = &sh.seg;
+        let layout = seg.layout();
+        let workers = layout.params().workers;
+        let (mut to, mut from, mut bells) = (Vec::new(), Vec::new(), Vec::new());
+        let mut faulted = vec![false; workers as usize];
+        for w in 0..workers {
+            // Every token of this share is home (the last handle drained), so the rings are
+            // empty; a worker that scribbled on them is faulted, and its rings are zeroed again
+            // after its death.
+            let (c, e) = seg.ring(p, w, Direction::ToWorker);
+            let t = RingProducer::new(c, e);
+            let (c2, e2) = seg.ring(p, w, Direction::FromWorker);
+            let f = RingConsumer::new(c2, e2);
+            match (t, f) {
+                (Ok(t), Ok(f)) => {
+                    to.push(t);
+                    from.push(f);
+                }
+                _ => {
+                    faulted[w as usize] = true;
+                    to.push(RingProducer::reset(c, e));
+                    from.push(RingConsumer::after_reset(c2, e2));
+                }
+            }
+            bells.push(Doorbell::new(&seg.worker(w).bell));
+        }
+        let w = workers as usize;
+        let seen_epoch = (0..w)
+            .map(|i| sh.ctl.death_epoch[i].load(Ordering::Acquire))
+            .collect();
+        for (i, &f) in faulted.iter().enumerate() {
+            if f {
+                sh.ctl.kill[i].store(true, Ordering::Release);
+            }
+        }
+        let sent: Vec<u64> = (0..w)
+            .map(|i| sh.ctl.flow[p as usize][i].sent.load(Ordering::Relaxed))
+            .collect();
+        Core {
+            sh,
+            p,
+            slots: SlotPool::share(layout, p, layout.params().producers),
+            to,
+            from,
+            bells,
+            touched: vec![false; w],
+            usable: (0..w)
+                .map(|i| sh.ctl.alive[i].load(Ordering::Acquire) && !faulted[i])
+                .collect(),
+            faulted,
+            seen_epoch,
+            seen_changes: sh.ctl.changes.load(Ordering::Acquire),
+            back: sent.clone(),
+            sent,
+            gave_up: vec![false; w],
+            policy: dispatch::policy(DispatchKind::LeastLoaded, u64::from(p)),
+            records: vec![
+                Record {
+                    desc: TaskDesc::zeroed(),
+                    dtype: DType::U8,
+                    out_shape: Shape::d1(0),
+                    attempts: 0,
+                    mapped: false,
+                };
+                layout.slots() as usize
+            ],
+            ready: VecDeque::new(),
+            redo: Vec::new(),
+            next_ticket: 0,
+            in_flight: 0,
+            loaned: 0,
+            held: 0,
+            quarantined: Vec::new(),
+            backoff: Backoff::for_mode(sh.spin),
+        }
+    }
+
+    /// Bytes of each slot.
+    pub(crate) fn slot_bytes(&self) -> u64 {
+        self.sh.seg.layout().classes()[0].slot_bytes
+    }
+
+    pub(crate) fn broken(&self) -> Option<String> {
+        if !self.sh.ctl.no_workers.load(Ordering::Acquire) {
+            return None;
+        }
+        Some(
+            self.sh
+                .broken
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone()
+                .unwrap_or_else(|| "every worker is gone".into()),
+        )
+    }
+
+    pub(crate) fn next_ticket(&mut self) -> u64 {
+        let t = self.next_ticket;
+        self.next_ticket += 1;
+        t
+    }
+
+    /// Puts a slot back in the free list (or in quarantine).
+    pub(crate) fn release(&mut self, token: Token, quarantine: bool) {
+        if quarantine {
+            self.quarantined.push(token);
+        } else {
+            self.slots.put(token);
+        }
+    }
+
+    /// Writes the record's descriptor into the slot and sends it (or parks it for redo when no
+    /// worker can take it now).
+    pub(crate) fn send_new(&mut self, token: Token, record: Record) {
+        self.sh.seg.write_task(&token, &record.desc);
+        self.records[token.slot() as usize] = record;
+        self.in_flight += 1;
+        self.send(token);
+    }
+
+    fn send(&mut self, token: Token) {
+        let pick = self.policy.pick(&WorkerView {
+            usable: &self.usable,
+            load: self.slots.out_counts(),
+        });
+        let Some(w) = pick else {
+            self.redo.push(token);
+            return;
+        };
+        self.sent[w as usize] += 1;
+        self.sh.ctl.flow[self.p as usize][w as usize]
+            .sent
+            .store(self.sent[w as usize], Ordering::Relaxed);
+        let word = self.slots.dispatch(token, w, clock::now());
+        if let Err(e) = self.to[w as usize].push(word) {
+            self.fault(w as usize, format!("corrupted its request ring: {e}"));
+        }
+        self.to[w as usize].flush();
+        self.touched[w as usize] = true;
+    }
+
+    /// Rings the doorbells of the workers sent to since the last call.
+    pub(crate) fn ring_bells(&mut self) {
+        for w in 0..self.touched.len() {
+            if std::mem::take(&mut self.touched[w]) {
+                self.bells[w].ring(&Futex);
+            }
+        }
+    }
+
+    fn note_back(&mut self, w: usize, n: u64) {
+        self.back[w] += n;
+        self.sh.ctl.flow[self.p as usize][w]
+            .back
+            .store(self.back[w], Ordering::Relaxed);
+    }
+
+    fn fault(&mut self, w: usize, why: String) {
+        if !self.faulted[w] {
+            self.faulted[w] = true;
+            self.usable[w] = false;
+            self.sh
+                .ctl
+                .fault_reasons
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push((w as u32, why));
+            self.sh.ctl.kill[w].store(true, Ordering::Release);
+        }
+    }
+
+    fn finish(&mut self, token: Token, outcome: Outcome, quarantine: bool) {
+        self.in_flight -= 1;
+        self.ready.push_back(Ready {
+            token,
+            outcome,
+            quarantine,
+        });
+    }
+
+    /// Pops everything worker `w` returned. Returns whether anything came.
+    fn collect(&mut self, w: usize, after_death: bool) -> bool {
+        let mut got = false;
+        for _ in 0..self.slots.len() {
+            match self.from[w].pop() {
+                Ok(Some(word)) => match self.slots.accept(word, w as u32) {
+                    Ok(token) => {
+                        self.note_back(w, 1);
+                        let result = self.sh.seg.read_result(&token);
+                        self.finish(token, Outcome::Done(result), false);
+                        got = true;
+                    }
+                    Err(e) => {
+                        if !after_death {
+                            self.fault(w, format!("returned a bad token: {e}"));
+                        }
+                        break;
+                    }
+                },
+                Ok(None) => break,
+                Err(e) => {
+                    if !after_death {
+                        self.fault(w, format!("corrupted its return ring: {e}"));
+                    }
+                    break;
+                }
+            }
+        }
+        got
+    }
+
+    /// Worker `w` died: keep what it finished; fail, retry or time out the rest; reset rings.
+    fn clean_up_after(&mut self, w: usize) {
+        self.usable[w] = false;
+        if !self.faulted[w] {
+            self.collect(w, true);
+        }
+        let ctl = &self.sh.ctl;
+        let timed_out = ctl.stalled[w].load(Ordering::Acquire);
+        // Which task was running (a hint written by the dead worker; it only decides which of
+        // its own tasks is blamed).
+        let current = self
+            .sh
+            .seg
+            .worker(w as u32)
+            .status
+            .current
+            .load(Ordering::Relaxed);
+        let back = self.slots.reclaim(w as u32);
+        self.note_back(w, back.len() as u64);
+        ctl.reclaimed[w].fetch_add(back.len() as u64, Ordering::Relaxed);
+        let blamed_known = current != NO_TASK
+            && back
+                .iter()
+                .any(|t| (u64::from(t.generation()) << 32 | u64::from(t.slot())) == current);
+        let how = exit_words(&self.sh.ctl, w);
+        for t in back {
+            let word = u64::from(t.generation()) << 32 | u64::from(t.slot());
+            let blamed = !blamed_known || word == current;
+            let r = &mut self.records[t.slot() as usize];
+            if timed_out && blamed {
+                self.finish(
+                    t,
+                    Outcome::Failed(TaskError::Timeout(self.sh.cfg.worker_timeout)),
+                    false,
+                );
+                continue;
+            }
+            if blamed {
+                r.attempts += 1;
+            }
+            let retry = self.sh.mode == Mode::OutOfPlace && r.attempts <= self.sh.max_retries;
+            if retry {
+                // The input is intact (read-only in workers); the descriptor is rewritten from
+                // our copy, as the dead worker may have scribbled on it.
+                self.sh.seg.write_task(&t, &r.desc);
+                self.redo.push(t);
+            } else {
+                let attempts = r.attempts.max(1);
+                self.finish(
+                    t,
+                    Outcome::Failed(TaskError::WorkerDied {
+                        how: how.clone(),
+                        attempts,
+                    }),
+                    false,
+                );
+            }
+        }
+        let (c, e) = self.sh.seg.ring(self.p, w as u32, Direction::ToWorker);
+        self.to[w] = RingProducer::reset(c, e);
+        let (c, e) = self.sh.seg.ring(self.p, w as u32, Direction::FromWorker);
+        self.from[w] = RingConsumer::after_reset(c, e);
+        self.faulted[w] = false;
+    }
+
+    /// Acts on deaths and restarts published by the monitor.
+    fn follow_monitor(&mut self) {
+        let ctl = &self.sh.ctl;
+        let changes = ctl.changes.load(Ordering::Acquire);
+        if changes == self.seen_changes {
+            return;
+        }
+        self.seen_changes = changes;
+        for w in 0..self.usable.len() {
+            let epoch = ctl.death_epoch[w].load(Ordering::Acquire);
+            if epoch != self.seen_epoch[w] {
+                self.clean_up_after(w);
+                self.seen_epoch[w] = epoch;
+                // Release: our ring reset happens-before the monitor's restart of the worker.
+                self.sh.ctl.acked[self.p as usize][w].store(epoch, Ordering::Release);
+            }
+            let ctl = &self.sh.ctl;
+            if ctl.abandoned[w].load(Ordering::Acquire) && !self.gave_up[w] {
+                // A worker that could not be killed may still write its slots: fail its tasks
+                // and never reuse their slots.
+                self.gave_up[w] = true;
+                let back = self.slots.reclaim(w as u32);
+                self.note_back(w, back.len() as u64);
+                for t in back {
+                    self.finish(
+                        t,
+                        Outcome::Failed(TaskError::WorkerDied {
+                            how: "it could not be killed".into(),
+                            attempts: 1,
+                        }),
+                        true,
+                    );
+                }
+            }
+            let ctl = &self.sh.ctl;
+            self.usable[w] = ctl.alive[w].load(Ordering::Acquire) && !self.faulted[w];
+        }
+    }
+
+    /// One round of housekeeping: returns, deaths, redo, doorbells. Whether anything moved.
+    pub(crate) fn pump(&mut self) -> bool {
+        let mut progress = false;
+        for w in 0..self.usable.len() {
+            if self.usable[w] {
+                progress |= self.collect(w, false);
+            }
+        }
+        self.follow_monitor();
+        if !self.redo.is_empty() && self.usable.contains(&true) {
+            for t in std::mem::take(&mut self.redo) {
+                self.send(t);
+            }
+            progress = true;
+        }
+        if let Some(why) = self.broken() {
+            // Nobody is left to do the remaining work: fail it, never drop it silently.
+            for t in std::mem::take(&mut self.redo) {
+                self.finish(t, Outcome::Failed(TaskError::NoWorkers(why.clone())), false);
+                progress = true;
+            }
+            for w in 0..self.usable.len() {
+                if self.gave_up[w] {
+                    continue;
+                }
+                let back = self.slots.reclaim(w as u32);
+                self.note_back(w, back.len() as u64);
+                for t in back {
+                    self.finish(t, Outcome::Failed(TaskError::NoWorkers(why.clone())), false);
+                    progress = true;
+                }
+            }
+        }
+        self.ring_bells();
+        progress
+    }
+
+    /// Pumps until `done(self)` or the deadline; `false` if the deadline came first.
+    pub(crate) fn wait_until(
+        &mut self,
+        deadline: Option<Instant>,
+        mut done: impl FnMut(&mut Self) -> bool,
+    ) -> bool {
+        self.backoff.reset();
+        loop {
+            let progress = self.pump();
+            if done(self) {
+                return true;
+            }
+            let now = Instant::now();
+            if deadline.is_some_and(|d| now >= d) {
+                return false;
+            }
+            if progress {
+                self.backoff.reset();
+                continue;
+            }
+            if self.backoff.step() == Step::Sleep {
+                let left = deadline.map_or(SLEEP, |d| (d - now).min(SLEEP));
+                let seen = self.seen_changes;
+                let ctl = &self.sh.ctl;
+                let from = &mut self.from;
+                let usable = &self.usable;
+                Doorbell::new(&self.sh.seg.producer(self.p).bell).sleep(&Futex, left, || {
+                    ctl.changes.load(Ordering::Acquire) != seen
+                        || from
+                            .iter_mut()
+                            .zip(usable)
+                            .any(|(r, &u)| u && r.has_pending().unwrap_or(true))
+                });
+            }
+        }
+    }
+
+    /// A free slot of at least `bytes`, waiting until `deadline` (`None`: forever; now: try
+    /// once).
+    pub(crate) fn take_slot(
+        &mut self,
+        bytes: u64,
+        deadline: Option<Instant>,
+    ) -> Result<Token, LoanError> {
+        let max = self.slot_bytes();
+        if bytes > max {
+            return Err(LoanError::TooLarge { asked: bytes, max });
+        }
+        if let Some(t) = self.slots.take(0) {
+            return Ok(t);
+        }
+        let mut got = None;
+        let mut hopeless = false;
+        self.wait_until(deadline, |c| {
+            // Completed tasks not yet received do not free their slots: only dropping their
+            // completions does. If nothing is in flight, waiting cannot help.
+            got = c.slots.take(0);
+            hopeless = got.is_none() && c.in_flight == 0 && c.redo.is_empty();
+            got.is_some() || hopeless
+        });
+        if let Some(t) = got {
+            return Ok(t);
+        }
+        if let Some(why) = self.broken() {
+            return Err(LoanError::NoWorkers(why));
+        }
+        let (slots, held, loaned) = (self.slots.len(), self.held + self.ready.len(), self.loaned);
+        if hopeless {
+            return Err(LoanError::Exhausted {
+                slots,
+                held,
+                loaned,
+            });
+        }
+        Err(LoanError::Busy {
+            slots,
+            in_flight: self.in_flight,
+            held,
+            loaned,
+        })
+    }
+
+    /// Waits for all in-flight tasks (for a handle's drop).
+    fn drain(&mut self) {
+        self.wait_until(None, |c| c.in_flight == 0);
+        while let Some(r) = self.ready.pop_front() {
+            self.release(r.token, r.quarantine);
+        }
+    }
+}
+
+/// How a worker's last exit was described (for `WorkerDied`).
+fn exit_words(ctl: &crate::coordinator::Control, w: usize) -> String {
+    let reasons = ctl.fault_reasons.lock().unwrap_or_else(|e| e.into_inner());
+    reasons
+        .iter()
+        .rev()
+        .find(|(fw, _)| *fw as usize == w)
+        .map_or_else(
+            || format!("worker {w} exited"),
+            |(_, r)| format!("worker {w} {r}"),
+        )
+}
+
+/// One submitting thread's handle on a [`super::Pool`]: its own share of the slots and its own
+/// rings to every worker (no lock on the data path). Not `Sync`: one thread uses it at a time;
+/// make one handle per thread with [`super::Pool::producer`].
+///
+/// Dropping it waits for its tasks in flight (bounded by the worker timeout per task, as a
+/// hung worker is killed) and discards their results.
+pub struct Producer<'pool> {
+    core: RefCell<Core<'pool>>,
+}
+
+impl<'pool> Producer<'pool> {
+    pub(crate) fn new(sh: &'pool Shared, p: u32) -> Producer<'pool> {
+        Producer {
+            core: RefCell::new(Core::new(sh, p)),
+        }
+    }
+
+    pub(crate) fn core(&self) -> std::cell::RefMut<'_, Core<'pool>> {
+        self.core.borrow_mut()
+    }
+
+    /// Loans a slot for an array of `T` with `shape`, waiting while every slot of this handle
+    /// is busy (backpressure). The slot holds whatever was last in it: write every element.
+    ///
+    /// # Errors
+    /// [`LoanError::TooLarge`] (names bytes asked and the maximum), [`LoanError::Exhausted`]
+    /// when the caller itself holds every slot, [`LoanError::NoWorkers`].
+    pub fn loan<T: Element>(&self, shape: Shape) -> Result<Loan<'_, T>, LoanError> {
+        self.loan_until(shape, None)
+    }
+
+    /// As [`Producer::loan`], without waiting: [`LoanError::Busy`] says what holds the slots.
+    ///
+    /// # Errors
+    /// As [`Producer::loan`], and [`LoanError::Busy`].
+    pub fn try_loan<T: Element>(&self, shape: Shape) -> Result<Loan<'_, T>, LoanError> {
+        self.loan_until(shape, Some(Instant::now()))
+    }
+
+    /// As [`Producer::loan`], waiting at most `timeout`.
+    ///
+    /// # Errors
+    /// As [`Producer::try_loan`].
+    pub fn loan_timeout<T: Element>(
+        &self,
+        shape: Shape,
+        timeout: Duration,
+    ) -> Result<Loan<'_, T>, LoanError> {
+        self.loan_until(shape, Some(Instant::now() + timeout))
+    }
+
+    fn loan_until<T: Element>(
+        &self,
+        shape: Shape,
+        deadline: Option<Instant>,
+    ) -> Result<Loan<'_, T>, LoanError> {
+        let mut c = self.core();
+        let token = c.take_slot(shape.bytes(T::DTYPE), deadline)?;
+        c.loaned += 1;
+        Ok(Loan {
+            producer: self,
+            token: Some(token),
+            shape,
+            _t: PhantomData,
+        })
+    }
+
+    /// Submits the loan's array with `task`; returns its ticket at once (the task runs in a
+    /// worker; [`Producer::recv`] gives its completion).
+    ///
+    /// # Errors
+    /// [`Rejected`] (with the loan back, data intact) for an unknown kernel, a kernel without
+    /// this dtype, an op that does not fit the dtype, an impossible output shape, or a pool
+    /// without workers.
+    pub fn submit<'a, T: Element>(
+        &'a self,
+        loan: Loan<'a, T>,
+        task: &Task,
+    ) -> Result<Ticket, Rejected<'a, T>> {
+        let mut c = self.core();
+        let reject = |error, loan| Err(Rejected { error, loan });
+        let (kernel, params) = match task.resolve(&c.sh.registry, T::DTYPE) {
+            Ok(k) => k,
+            Err(e) => {
+                drop(c);
+                return reject(e, loan);
+            }
+        };
+        if let Some(why) = c.broken() {
+            drop(c);
+            return reject(SubmitError::NoWorkers(why), loan);
+        }
+        let out_shape = task.out_shape.unwrap_or(loan.shape);
+        if task.out_shape.is_some() {
+            let why = if c.sh.mode == Mode::InPlace {
+                Some("an output shape of its own needs an out-of-place pool".to_string())
+            } else if kernel >= crate::layout::BUILTIN {
+                Some("built-in ops keep the input's shape".to_string())
+            } else if out_shape.bytes(T::DTYPE) > c.slot_bytes() {
+                Some(format!(
+                    "an output {out_shape} of {} is {} bytes; a slot holds {}",
+                    T::DTYPE,
+                    out_shape.bytes(T::DTYPE),
+                    c.slot_bytes()
+                ))
+            } else {
+                None
+            };
+            if let Some(why) = why {
+                drop(c);
+                return reject(SubmitError::OutShape(why), loan);
+            }
+        }
+        let mut loan = loan;
+        let token = loan.token.take().expect("a live loan holds its token");
+        c.loaned -= 1;
+        let ticket = c.next_ticket();
+        let mut desc = TaskDesc::zeroed();
+        desc.seq = ticket;
+        desc.kernel = kernel;
+        desc.dtype = u32::from(T::DTYPE.code());
+        desc.out_dtype = desc.dtype;
+        desc.count = 1;
+        (desc.params, desc.params_len) = params.encode();
+        let (ndim, dims) = loan.shape.raw();
+        desc.items[0] = ItemDesc {
+            offset: 0,
+            ndim,
+            shape: dims,
+        };
+        if task.out_shape.is_some() {
+            (desc.out_ndim, desc.out_shape) = out_shape.raw();
+        }
+        c.send_new(
+            token,
+            Record {
+                desc,
+                dtype: T::DTYPE,
+                out_shape,
+                attempts: 0,
+                mapped: false,
+            },
+        );
+        c.ring_bells();
+        Ok(Ticket(ticket))
+    }
+
+    /// The next completion, waiting for one; `None` when this handle has no task in flight and
+    /// none completed (tasks of a running [`Producer::map`] are not counted).
+    pub fn recv(&self) -> Option<Completion<'_>> {
+        self.recv_until(None)
+    }
+
+    /// The next completion if one is ready now.
+    pub fn try_recv(&self) -> Option<Completion<'_>> {
+        self.recv_until(Some(Instant::now()))
+    }
+
+    /// The next completion, waiting at most `timeout`.
+    pub fn recv_timeout(&self, timeout: Duration) -> Option<Completion<'_>> {
+        self.recv_until(Some(Instant::now() + timeout))
+    }
+
+    fn recv_until(&self, deadline: Option<Instant>) -> Option<Completion<'_>> {
+        let mut c = self.core();
+        let pos = |c: &Core<'_>| {
+            c.ready
+                .iter()
+                .position(|r| !c.records[r.token.slot() as usize].mapped)
+        };
+        if pos(&c).is_none() {
+            c.pump();
+        }
+        if pos(&c).is_none() && c.in_flight > 0 {
+            c.wait_until(deadline, |c| pos(c).is_some() || c.in_flight == 0);
+        }
+        let i = pos(&c)?;
+        let r = c.ready.remove(i).expect("found");
+        c.held += 1;
+        let rec = c.records[r.token.slot() as usize];
+        let result = match r.outcome {
+            Outcome::Done(res) if res.status == TASK_OK => Ok(()),
+            Outcome::Done(res) => Err(TaskError::Kernel {
+                message: res.message,
+                panicked: res.panicked,
+            }),
+            Outcome::Failed(e) => Err(e),
+        };
+        Some(Completion {
+            producer: self,
+            token: Some(r.token),
+            quarantine: r.quarantine,
+            ticket: Ticket(rec.desc.seq),
+            dtype: rec.dtype,
+            shape: rec.out_shape,
+            result,
+        })
+    }
+
+    /// Tasks submitted and not yet completed.
+    pub fn in_flight(&self) -> usize {
+        self.core().in_flight
+    }
+
+    /// Slots of this handle.
+    pub fn slots(&self) -> usize {
+        self.core().slots.len()
+    }
+}
+
+/// What loans and completions need of their handle, with the handle's own lifetime erased
+/// (`Producer<'pool>` is invariant in `'pool`).
+trait Handle {
+    fn seg(&self) -> &crate::shm::Segment;
+    fn slot_bytes(&self) -> u64;
+    /// A loan (`completion == false`) or a completion gives its slot back.
+    fn give_back(&self, token: Token, quarantine: bool, completion: bool);
+    /// A completion's slot becomes a loan.
+    fn reloan(&self);
+}
+
+impl Handle for Producer<'_> {
+    fn seg(&self) -> &crate::shm::Segment {
+        // The segment lives in the pool, which outlives every handle; the borrow of the core
+        // is only to reach the reference.
+        let sh: &Shared = self.core.borrow().sh;
+        &sh.seg
+    }
+    fn slot_bytes(&self) -> u64 {
+        self.core().slot_bytes()
+    }
+    fn give_back(&self, token: Token, quarantine: bool, completion: bool) {
+        let mut c = self.core();
+        if completion {
+            c.held -= 1;
+        } else {
+            c.loaned -= 1;
+        }
+        c.release(token, quarantine);
+    }
+    fn reloan(&self) {
+        let mut c = self.core();
+        c.held -= 1;
+        c.loaned += 1;
+    }
+}
+
+impl Drop for Producer<'_> {
+    fn drop(&mut self) {
+        let c = self.core.get_mut();
+        c.drain();
+        let p = c.p as usize;
+        c.sh.active[p].store(false, Ordering::Release);
+    }
+}
+
+/// A loaned slot: write the input array here, then [`Producer::submit`] it. Dropping it
+/// unsubmitted gives the slot back.
+pub struct Loan<'p, T: Element> {
+    producer: &'p dyn Handle,
+    token: Option<Token>,
+    shape: Shape,
+    _t: PhantomData<T>,
+}
+
+impl<T: Element> Loan<'_, T> {
+    /// The array's elements, row-major, in shared memory (exactly `shape.elements()` of
+    /// them). They hold whatever the slot last held until written.
+    pub fn as_mut_slice(&mut self) -> &mut [T] {
+        let n = self.shape.bytes(T::DTYPE) as usize;
+        let token = self.token.as_mut().expect("a live loan holds its token");
+        let bytes = self.producer.seg().slot_bytes_mut(token);
+        let ptr = bytes.as_mut_ptr();
+        // SAFETY: `slot_bytes_mut` returned this token's slot, which stays mapped as long as the
+        // pool (which outlives `'p`); the token (held by this loan until it is consumed or
+        // dropped) is the only right to it, and the returned slice borrows `self` mutably, so
+        // no other view of the slot exists while it lives. `n` is at most the slot size
+        // (checked when the slot was loaned).
+        let bytes = unsafe { core::slice::from_raw_parts_mut(ptr, n) };
+        cast_mut::<T>(bytes)
+    }
+
+    /// Copies `data` in (`data.len()` must be the shape's element count).
+    ///
+    /// # Panics
+    /// If the lengths differ.
+    pub fn copy_from_slice(&mut self, data: &[T]) {
+        self.as_mut_slice().copy_from_slice(data);
+    }
+
+    /// The shape.
+    pub fn shape(&self) -> Shape {
+        self.shape
+    }
+}
+
+impl<T: Element> Drop for Loan<'_, T> {
+    fn drop(&mut self) {
+        if let Some(t) = self.token.take() {
+            self.producer.give_back(t, false, false);
+        }
+    }
+}
+
+/// A finished task: its result (zero-copy, in shared memory) or its error. Dropping it gives
+/// the slot back, so hold few at a time.
+pub struct Completion<'p> {
+    producer: &'p dyn Handle,
+    token: Option<Token>,
+    quarantine: bool,
+    ticket: Ticket,
+    dtype: DType,
+    shape: Shape,
+    result: Result<(), TaskError>,
+}
+
+/// A result array in shared memory, valid while its [`Completion`] lives.
+pub struct OutputView<'c, T> {
+    data: &'c [T],
+    shape: Shape,
+}
+
+impl<'c, T: Element> OutputView<'c, T> {
+    /// The elements, row-major.
+    pub fn as_slice(&self) -> &'c [T] {
+        self.data
+    }
+
+    /// The shape.
+    pub fn shape(&self) -> Shape {
+        self.shape
+    }
+
+    /// A copy that outlives the completion.
+    pub fn to_array(&self) -> crate::array::Array<T> {
+        crate::array::Array::new(self.data.to_vec(), self.shape).expect("shape matches")
+    }
+}
+
+impl<'p> Completion<'p> {
+    /// The ticket [`Producer::submit`] returned for this task.
+    pub fn ticket(&self) -> Ticket {
+        self.ticket
+    }
+
+    /// Whether the task failed, and why.
+    pub fn error(&self) -> Option<&TaskError> {
+        self.result.as_ref().err()
+    }
+
+    /// The result, as elements of `T` (the task's dtype) in shared memory.
+    ///
+    /// # Errors
+    /// The task's [`TaskError`], or [`TaskError::Dtype`] for another `T`.
+    pub fn output<T: Element>(&self) -> Result<OutputView<'_, T>, TaskError> {
+        self.result.clone()?;
+        if T::DTYPE != self.dtype {
+            return Err(TaskError::Dtype {
+                asked: T::DTYPE,
+                actual: self.dtype,
+            });
+        }
+        let token = self.token.as_ref().expect("held");
+        let n = self.shape.bytes(self.dtype) as usize;
+        // `n` fits the slot: checked at submit.
+        let bytes = &self.producer.seg().result_bytes(token)[..n];
+        Ok(OutputView {
+            data: cast::<T>(bytes),
+            shape: self.shape,
+        })
+    }
+
+    /// Reuses this slot for the next input (no trip through the free list): a loan of `shape`
+    /// whose memory is this slot's input region. In place, it holds this task's result, ready
+    /// to be read and overwritten in one pass.
+    ///
+    /// # Errors
+    /// [`LoanError::TooLarge`] if `shape` does not fit a slot (the slot goes home).
+    pub fn reuse<T: Element>(mut self, shape: Shape) -> Result<Loan<'p, T>, LoanError> {
+        let max = self.producer.slot_bytes();
+        if shape.bytes(T::DTYPE) > max || self.quarantine {
+            return Err(LoanError::TooLarge {
+                asked: shape.bytes(T::DTYPE),
+                max,
+            });
+        }
+        let token = self.token.take().expect("held");
+        self.producer.reloan();
+        Ok(Loan {
+            producer: self.producer,
+            token: Some(token),
+            shape,
+            _t: PhantomData,
+        })
+    }
+}
+
+impl Drop for Completion<'_> {
+    fn drop(&mut self) {
+        if let Some(t) = self.token.take() {
+            self.producer.give_back(t, self.quarantine, true);
+        }
+    }
+}
+
+/// Slot bytes of `count` arrays of `bytes` each, each starting on a 64-byte line.
+pub(crate) fn packed_offset(bytes: u64) -> u64 {
+    bytes.div_ceil(crate::layout::MATRIX_ALIGN) * crate::layout::MATRIX_ALIGN
+}
+
+/// Most arrays per packed slot.
+pub(crate) const PACK_MAX: usize = MAX_ITEMS;

@@ -1,0 +1,788 @@
+//! The library API end to end: pools of real worker processes running built-in ops and user
+//! kernels on arrays of every dtype, in both modes, with kernels that fail, panic, hang, die
+//! or scribble.
+//!
+//! A pool re-executes the running program as its workers, so this test is its own program
+//! (`harness = false`): `main` first serves as a worker when started as one, then runs the
+//! tests one after another (they set environment variables the workers inherit). Pass a
+//! substring to run only the tests whose names contain it.
+
+use std::time::{Duration, Instant};
+
+use mk1::ops::typed::ElemOp;
+use mk1::task::{Builtin, KernelError, Params, Registry};
+use mk1::{
+    Array, DType, Element, LoanError, Mode, Pool, PoolError, Shape, SubmitError, Task, TaskError,
+};
+
+/// The kernels every process of this program registers.
+fn kernels() -> Registry {
+    Registry::new()
+        .kernel::<i32>("x3p1", |mut a| {
+            a.io.map(|x| x.wrapping_mul(3).wrapping_add(1))
+        })
+        .kernel::<f32>("affine", |mut a| {
+            let (s, t) = (a.params.f64(0)? as f32, a.params.f64(1)? as f32);
+            a.io.map(|x| x * s + t)
+        })
+        .kernel_with_state::<u8, (u32, Vec<u8>)>(
+            "invert_tagged",
+            |info| {
+                if std::env::var_os("MK1_TEST_INIT_FAIL").is_some() {
+                    return Err(KernelError::new("the init hook was told to fail"));
+                }
+                Ok((info.worker, (0..=255u8).map(|v| 255 - v).collect()))
+            },
+            |(_, lut), mut a| a.io.map(|x| lut[x as usize]),
+        )
+        .kernel::<i64>("fails_on_negative", |mut a| {
+            if a.io.input().iter().any(|&x| x < 0) {
+                return Err(KernelError::new(format!(
+                    "negative input in an array of shape {}",
+                    a.shape
+                )));
+            }
+            a.io.map(|x| x + 1)
+        })
+        .kernel::<i64>("panics", |_a| panic!("boom from a kernel"))
+        .kernel::<f64>("sleep_ms", |mut a| {
+            std::thread::sleep(Duration::from_millis(a.params.u64(0)?));
+            a.io.map(|x| x * 2.0)
+        })
+        .kernel::<u16>("scribble_input", |a| {
+            if let mk1::task::Io::OutOfPlace { input, .. } = &a.io {
+                // Deliberately breaks the rules to show the input is mapped read-only in the
+                // worker: this write faults and kills the worker (SIGSEGV).
+                // SAFETY: none; this is the misbehaviour under test. The process dies at the
+                // write, before any other code could observe it.
+                unsafe { (input.as_ptr() as *mut u16).write_volatile(7) };
+            }
+            Ok(())
+        })
+        .kernel::<f32>("row_sums", |a| match a.io {
+            mk1::task::Io::OutOfPlace { input, output } => {
+                let cols = a.shape.dims()[1] as usize;
+                for (o, row) in output.iter_mut().zip(input.chunks(cols.max(1))) {
+                    *o = row.iter().sum();
+                }
+                Ok(())
+            }
+            mk1::task::Io::InPlace(_) => Err(KernelError::new("row_sums needs out of place")),
+        })
+}
+
+fn pool(mode: Mode) -> Pool {
+    Pool::builder()
+        .workers(2)
+        .mode(mode)
+        .max_array_bytes(1 << 20)
+        .slots_per_producer(8)
+        .worker_timeout(Duration::from_secs(5))
+        .kernels(kernels())
+        .build()
+        .expect("pool starts")
+}
+
+fn alive(pid: u32) -> bool {
+    std::path::Path::new(&format!("/proc/{pid}")).exists()
+        && !std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .unwrap_or_default()
+            .contains(") Z ")
+}
+
+/// One array of `T` through `op` in `mode`, checked against the scalar reference.
+fn builtin_round_trip<T: Element>(pool: &Pool, op: &str, shape: Shape) {
+    let producer = pool.producer().unwrap();
+    let n = shape.elements() as usize;
+    let input: Vec<T> = (0..n as u64)
+        .map(|i| T::from_u64(i.wrapping_mul(2654435761)))
+        .collect();
+    let mut loan = producer.loan::<T>(shape).unwrap();
+    loan.copy_from_slice(&input);
+    let builtin = Builtin::parse(op).unwrap();
+    let reference = builtin.typed::<T>().unwrap();
+    producer.submit(loan, &Task::builtin(builtin)).unwrap();
+    let done = producer.recv().expect("a completion");
+    let out = done.output::<T>().unwrap();
+    assert_eq!(out.shape(), shape);
+    for (i, (&x, &y)) in input.iter().zip(out.as_slice()).enumerate() {
+        assert!(
+            reference.apply_scalar(x).same(y),
+            "{op} on {} at {i}: {x:?} gave {y:?}",
+            T::DTYPE
+        );
+    }
+}
+
+fn every_dtype_through_builtin_ops_in_both_modes() {
+    for mode in [Mode::InPlace, Mode::OutOfPlace] {
+        let pool = pool(mode);
+        for shape in [
+            Shape::d1(0),
+            Shape::d2(1, 1),
+            Shape::d2(17, 33),
+            Shape::new(&[3, 4, 5, 6]).unwrap(),
+        ] {
+            builtin_round_trip::<i8>(&pool, "affine:3,1", shape);
+            builtin_round_trip::<u8>(&pool, "xor:90", shape);
+            builtin_round_trip::<i16>(&pool, "clamp:-100,100", shape);
+            builtin_round_trip::<u16>(&pool, "shl:3", shape);
+            builtin_round_trip::<i32>(&pool, "affine:3,1", shape);
+            builtin_round_trip::<u32>(&pool, "mul:7", shape);
+            builtin_round_trip::<i64>(&pool, "neg", shape);
+            builtin_round_trip::<u64>(&pool, "shr:5", shape);
+            builtin_round_trip::<f32>(&pool, "affine:2.5,-1", shape);
+            builtin_round_trip::<f64>(&pool, "abs", shape);
+        }
+        // The op is the op: the reference says so too.
+        assert_eq!(
+            Builtin::parse("affine:3,1")
+                .unwrap()
+                .typed::<i32>()
+                .unwrap()
+                .op(),
+            ElemOp::Affine { a: 3, b: 1 }
+        );
+    }
+}
+
+fn user_kernels_with_params_and_state() {
+    for mode in [Mode::InPlace, Mode::OutOfPlace] {
+        let pool = pool(mode);
+        let producer = pool.producer().unwrap();
+        let task = Task::kernel("affine").params(Params::from_f64(&[3.0, 1.0]).unwrap());
+        let mut tickets = Vec::new();
+        let mut seen = Vec::new();
+        let check = |done: mk1::Completion<'_>, tickets: &[mk1::Ticket], seen: &mut Vec<u32>| {
+            let k = tickets.iter().position(|&t| t == done.ticket()).unwrap() as u32;
+            let out = done.output::<f32>().unwrap();
+            assert_eq!(out.shape(), Shape::d2(k + 1, 7));
+            for (i, &y) in out.as_slice().iter().enumerate() {
+                assert_eq!(y, ((i as f32) + k as f32) * 3.0 + 1.0);
+            }
+            seen.push(k);
+        };
+        for k in 0..20u32 {
+            let shape = Shape::d2(k + 1, 7);
+            // Completions hold their slots until dropped: receive some when none is free.
+            let mut loan = loop {
+                match producer.try_loan::<f32>(shape) {
+                    Ok(l) => break l,
+                    Err(LoanError::Busy { .. } | LoanError::Exhausted { .. }) => {
+                        check(producer.recv().unwrap(), &tickets, &mut seen)
+                    }
+                    Err(e) => panic!("{e}"),
+                }
+            };
+            for (i, x) in loan.as_mut_slice().iter_mut().enumerate() {
+                *x = (i as f32) + k as f32;
+            }
+            tickets.push(producer.submit(loan, &task).unwrap());
+        }
+        while let Some(done) = producer.recv() {
+            check(done, &tickets, &mut seen);
+        }
+        seen.sort();
+        assert_eq!(
+            seen,
+            (0..20).collect::<Vec<_>>(),
+            "every task came back once"
+        );
+        let mut loan = producer.loan::<u8>(Shape::d1(256)).unwrap();
+        for (i, x) in loan.as_mut_slice().iter_mut().enumerate() {
+            *x = i as u8;
+        }
+        producer
+            .submit(loan, &Task::kernel("invert_tagged"))
+            .unwrap();
+        let done = producer.recv().unwrap();
+        let out = done.output::<u8>().unwrap();
+        assert!(out
+            .as_slice()
+            .iter()
+            .enumerate()
+            .all(|(i, &y)| y == 255 - i as u8));
+        assert!(matches!(done.output::<i8>(), Err(TaskError::Dtype { .. })));
+    }
+}
+
+fn an_output_shape_of_its_own() {
+    let pool = pool(Mode::OutOfPlace);
+    let producer = pool.producer().unwrap();
+    let mut loan = producer.loan::<f32>(Shape::d2(4, 3)).unwrap();
+    loan.copy_from_slice(&[1., 2., 3., 4., 5., 6., 7., 8., 9., 10., 11., 12.]);
+    let task = Task::kernel("row_sums").out_shape(Shape::d1(4));
+    producer.submit(loan, &task).unwrap();
+    let done = producer.recv().unwrap();
+    assert_eq!(
+        done.output::<f32>().unwrap().as_slice(),
+        &[6., 15., 24., 33.]
+    );
+    let big = Task::kernel("row_sums").out_shape(Shape::d1(1 << 20));
+    let loan = producer.loan::<f32>(Shape::d2(4, 3)).unwrap();
+    let e = producer.submit(loan, &big).unwrap_err();
+    assert!(matches!(e.error, SubmitError::OutShape(_)), "{e}");
+    let in_place = self::pool(Mode::InPlace);
+    let p2 = in_place.producer().unwrap();
+    let loan = p2.loan::<f32>(Shape::d2(4, 3)).unwrap();
+    assert!(
+        p2.submit(loan, &task).is_err(),
+        "in place cannot change the shape"
+    );
+}
+
+fn kernel_errors_and_panics_fail_only_their_task() {
+    let pool = pool(Mode::OutOfPlace);
+    let producer = pool.producer().unwrap();
+    let pids = pool.worker_pids();
+    let mut loan = producer.loan::<i64>(Shape::d1(4)).unwrap();
+    loan.copy_from_slice(&[1, 2, -3, 4]);
+    producer
+        .submit(loan, &Task::kernel("fails_on_negative"))
+        .unwrap();
+    let done = producer.recv().unwrap();
+    match done.output::<i64>() {
+        Err(TaskError::Kernel {
+            message,
+            panicked: false,
+        }) => {
+            assert!(
+                message.contains("negative input") && message.contains("(4,)"),
+                "{message}"
+            )
+        }
+        other => panic!(
+            "expected a kernel error, got {:?}",
+            other.map(|v| v.as_slice().to_vec())
+        ),
+    }
+    drop(done);
+    let loan = producer.loan::<i64>(Shape::d1(4)).unwrap();
+    producer.submit(loan, &Task::kernel("panics")).unwrap();
+    let done = producer.recv().unwrap();
+    match done.error() {
+        Some(TaskError::Kernel {
+            message,
+            panicked: true,
+        }) => {
+            assert!(
+                message.contains("boom from a kernel") && message.contains("library.rs"),
+                "{message}"
+            )
+        }
+        other => panic!("expected a panic, got {other:?}"),
+    }
+    drop(done);
+    // The pool goes on, with the same worker processes.
+    let mut loan = producer.loan::<i64>(Shape::d1(3)).unwrap();
+    loan.copy_from_slice(&[1, 2, 3]);
+    producer
+        .submit(loan, &Task::kernel("fails_on_negative"))
+        .unwrap();
+    assert_eq!(
+        producer.recv().unwrap().output::<i64>().unwrap().as_slice(),
+        &[2, 3, 4]
+    );
+    assert_eq!(pool.worker_pids(), pids, "no worker was replaced");
+    assert_eq!(pool.restarts(), 0);
+}
+
+fn a_hung_kernel_times_out_and_the_pool_goes_on() {
+    let pool = Pool::builder()
+        .workers(2)
+        .worker_timeout(Duration::from_millis(500))
+        .kernels(kernels())
+        .build()
+        .unwrap();
+    let producer = pool.producer().unwrap();
+    let loan = producer.loan::<f64>(Shape::d1(8)).unwrap();
+    let t0 = Instant::now();
+    producer
+        .submit(
+            loan,
+            &Task::kernel("sleep_ms").params(Params::from_words(&[60_000]).unwrap()),
+        )
+        .unwrap();
+    let done = producer.recv().unwrap();
+    assert_eq!(
+        done.error(),
+        Some(&TaskError::Timeout(Duration::from_millis(500)))
+    );
+    assert!(
+        t0.elapsed() < Duration::from_secs(5),
+        "took {:?}",
+        t0.elapsed()
+    );
+    drop(done);
+    let mut loan = producer.loan::<f64>(Shape::d1(2)).unwrap();
+    loan.copy_from_slice(&[1.5, 2.0]);
+    producer
+        .submit(
+            loan,
+            &Task::kernel("sleep_ms").params(Params::from_words(&[1]).unwrap()),
+        )
+        .unwrap();
+    assert_eq!(
+        producer.recv().unwrap().output::<f64>().unwrap().as_slice(),
+        &[3.0, 4.0]
+    );
+    let t = Instant::now();
+    while pool.restarts() < 1 && t.elapsed() < Duration::from_secs(5) {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert_eq!(pool.restarts(), 1, "the hung worker was replaced");
+}
+
+/// Kills every worker while a slow task runs.
+fn kill_mid_task(mode: Mode) -> (Result<Vec<f64>, TaskError>, u32) {
+    let pool = Pool::builder()
+        .workers(2)
+        .mode(mode)
+        .kernels(kernels())
+        .build()
+        .unwrap();
+    let producer = pool.producer().unwrap();
+    let mut loan = producer.loan::<f64>(Shape::d1(3)).unwrap();
+    loan.copy_from_slice(&[1.0, 2.0, 3.0]);
+    producer
+        .submit(
+            loan,
+            &Task::kernel("sleep_ms").params(Params::from_words(&[400]).unwrap()),
+        )
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(100));
+    let victims = pool.worker_pids();
+    for &pid in &victims {
+        unsafe_free_kill(pid);
+    }
+    let done = producer.recv().unwrap();
+    let r = done.output::<f64>().map(|v| v.as_slice().to_vec());
+    // The monitor reaps each killed worker as it notices (the idle one may come later).
+    let t0 = Instant::now();
+    while victims.iter().any(|&p| alive(p)) && t0.elapsed() < Duration::from_secs(5) {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    for pid in victims {
+        assert!(!alive(pid), "killed worker {pid} still there");
+    }
+    (r, pool.restarts())
+}
+
+fn unsafe_free_kill(pid: u32) {
+    let ok = std::process::Command::new("kill")
+        .args(["-9", &pid.to_string()])
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok, "kill -9 {pid}");
+}
+
+fn a_worker_killed_mid_task_out_of_place_is_redone() {
+    let (r, restarts) = kill_mid_task(Mode::OutOfPlace);
+    assert_eq!(r, Ok(vec![2.0, 4.0, 6.0]), "redone from the intact input");
+    assert!(restarts >= 2, "both workers replaced, got {restarts}");
+}
+
+fn a_worker_killed_mid_task_in_place_is_reported() {
+    let (r, _) = kill_mid_task(Mode::InPlace);
+    match r {
+        Err(TaskError::WorkerDied { attempts: 1, how }) => {
+            assert!(how.contains("worker"), "{how}")
+        }
+        other => panic!("expected WorkerDied, got {other:?}"),
+    }
+}
+
+fn inputs_are_read_only_out_of_place() {
+    let pool = Pool::builder()
+        .workers(2)
+        .max_retries(1)
+        .kernels(kernels())
+        .build()
+        .unwrap();
+    let producer = pool.producer().unwrap();
+    let mut loan = producer.loan::<u16>(Shape::d1(100)).unwrap();
+    loan.as_mut_slice().fill(42);
+    producer
+        .submit(loan, &Task::kernel("scribble_input"))
+        .unwrap();
+    let done = producer.recv().unwrap();
+    match done.error() {
+        Some(TaskError::WorkerDied { attempts: 2, .. }) => {}
+        other => panic!("expected WorkerDied after 2 attempts, got {other:?}"),
+    }
+    let loan = done.reuse::<u16>(Shape::d1(100)).unwrap();
+    let mut loan = loan;
+    assert!(
+        loan.as_mut_slice().iter().all(|&x| x == 42),
+        "the input was never changed"
+    );
+}
+
+fn bad_input_is_refused_with_the_loan_back() {
+    let pool = pool(Mode::OutOfPlace);
+    let producer = pool.producer().unwrap();
+    let mut loan = producer.loan::<f32>(Shape::d1(4)).unwrap();
+    loan.copy_from_slice(&[1., 2., 3., 4.]);
+    let e = producer.submit(loan, &Task::kernel("blur")).unwrap_err();
+    assert!(
+        e.to_string().contains("no kernel named \"blur\"")
+            && e.to_string().contains("affine[float32]"),
+        "{e}"
+    );
+    let e = producer.submit(e.loan, &Task::kernel("x3p1")).unwrap_err();
+    assert!(e.to_string().contains("takes int32, not float32"), "{e}");
+    let e = producer
+        .submit(e.loan, &Task::op("xor:1").unwrap())
+        .unwrap_err();
+    assert!(e.to_string().contains("integer dtypes only"), "{e}");
+    let mut loan = e.loan;
+    assert_eq!(
+        loan.as_mut_slice(),
+        &[1., 2., 3., 4.],
+        "the data survived three refusals"
+    );
+    producer.submit(loan, &Task::op("mul:2").unwrap()).unwrap();
+    assert_eq!(
+        producer.recv().unwrap().output::<f32>().unwrap().as_slice(),
+        &[2., 4., 6., 8.]
+    );
+    assert!(Task::op("affine:1").is_err());
+    let e = Task::op("add:300");
+    let loan = producer.loan::<u8>(Shape::d1(1)).unwrap();
+    let r = producer.submit(loan, &e.unwrap()).unwrap_err();
+    assert!(r.to_string().contains("300 is not a value of uint8"), "{r}");
+    match producer.loan::<f64>(Shape::d2(1024, 1024)) {
+        Err(
+            e @ LoanError::TooLarge {
+                asked: 8388608,
+                max: 1048576,
+            },
+        ) => {
+            assert!(e.to_string().contains("8388608 bytes") && e.to_string().contains("1048576"))
+        }
+        other => panic!("expected TooLarge, got {:?}", other.err()),
+    };
+}
+
+fn a_caller_holding_every_slot_gets_an_answer_not_a_hang() {
+    let pool = pool(Mode::OutOfPlace);
+    let producer = pool.producer().unwrap();
+    let slots = producer.slots();
+    let mut held = Vec::new();
+    for _ in 0..slots {
+        let loan = producer.loan::<u8>(Shape::d1(16)).unwrap();
+        producer.submit(loan, &Task::op("add:1").unwrap()).unwrap();
+    }
+    while let Some(done) = producer.recv() {
+        held.push(done);
+    }
+    assert_eq!(held.len(), slots);
+    match producer.try_loan::<u8>(Shape::d1(16)) {
+        Err(LoanError::Exhausted { held: h, .. }) => assert_eq!(h, slots),
+        other => panic!("expected Exhausted, got {:?}", other.err()),
+    }
+    let t0 = Instant::now();
+    assert!(matches!(
+        producer.loan::<u8>(Shape::d1(16)),
+        Err(LoanError::Exhausted { .. })
+    ));
+    assert!(
+        t0.elapsed() < Duration::from_secs(1),
+        "blocking loan returned at once"
+    );
+    drop(held.pop());
+    assert!(
+        producer.try_loan::<u8>(Shape::d1(16)).is_ok(),
+        "one slot back"
+    );
+    // Busy: slots in flight, none free.
+    drop(held);
+    let mut loans = Vec::new();
+    while let Ok(l) = producer.try_loan::<f64>(Shape::d1(1)) {
+        loans.push(l);
+    }
+    for l in loans.drain(..) {
+        producer
+            .submit(
+                l,
+                &Task::kernel("sleep_ms").params(Params::from_words(&[200]).unwrap()),
+            )
+            .unwrap();
+    }
+    match producer.try_loan::<u8>(Shape::d1(1)) {
+        Err(e @ LoanError::Busy { .. }) => assert!(e.to_string().contains("in flight"), "{e}"),
+        other => panic!("expected Busy, got {:?}", other.err()),
+    }
+    // Completed tasks hold their slots until received and dropped.
+    drop(producer.recv().unwrap());
+    assert!(producer
+        .loan_timeout::<u8>(Shape::d1(1), Duration::from_secs(10))
+        .is_ok());
+}
+
+fn map_keeps_order_packs_small_arrays_and_reports_errors() {
+    let mut p_pool = pool(Mode::OutOfPlace);
+    for pool in [&mut p_pool] {
+        let mut producer = pool.producer().unwrap();
+        let inputs: Vec<Array<i32>> = (0..10_000u32)
+            .map(|i| {
+                let shape = Shape::d2(i % 7 + 1, i % 5 + 1);
+                let data = (0..shape.elements() as i32).map(|x| x + i as i32).collect();
+                Array::new(data, shape).unwrap()
+            })
+            .collect();
+        let out: Vec<Array<i32>> = producer
+            .map(&Task::kernel("x3p1"), &inputs)
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        assert_eq!(out.len(), inputs.len());
+        for (a, b) in inputs.iter().zip(&out) {
+            assert_eq!(a.shape(), b.shape());
+            assert!(a
+                .as_slice()
+                .iter()
+                .zip(b.as_slice())
+                .all(|(&x, &y)| y == x * 3 + 1));
+        }
+        let mut seen: Vec<usize> = Vec::new();
+        let mut n = 0;
+        for r in producer
+            .map_unordered(&Task::op("neg").unwrap(), &inputs)
+            .unwrap()
+        {
+            let arr = r.unwrap();
+            n += 1;
+            seen.push(arr.as_slice().len());
+        }
+        assert_eq!(n, inputs.len(), "unordered: every result once");
+        // A failing array fails alone.
+        let mixed: Vec<Vec<i64>> = vec![vec![1, 2], vec![-1], vec![5]];
+        let r: Vec<_> = producer
+            .map(&Task::kernel("fails_on_negative"), mixed)
+            .unwrap()
+            .collect();
+        assert_eq!(r[0].as_ref().unwrap().as_slice(), &[2, 3]);
+        assert!(matches!(r[1], Err(TaskError::Kernel { .. })));
+        assert_eq!(r[2].as_ref().unwrap().as_slice(), &[6]);
+        // Unknown kernel: refused before any work.
+        assert!(producer
+            .map(&Task::kernel("nope"), vec![vec![1u8]])
+            .is_err());
+        // Too large for a slot: that array's error, the rest go on.
+        let sizes = vec![vec![0f64; 10], vec![0f64; 1 << 20], vec![1f64; 3]];
+        let r: Vec<_> = producer
+            .map(&Task::op("add:1").unwrap(), sizes)
+            .unwrap()
+            .collect();
+        assert!(matches!(r[1], Err(TaskError::TooLarge { .. })));
+        assert_eq!(r[2].as_ref().unwrap().as_slice(), &[2.0, 2.0, 2.0]);
+    }
+}
+
+fn a_worker_with_other_kernels_is_refused_at_start() {
+    let e = Pool::builder()
+        .workers(1)
+        .kernels(kernels())
+        .worker_exe(env!("CARGO_BIN_EXE_mk1"))
+        .build()
+        .err()
+        .expect("refused");
+    let msg = e.to_string();
+    assert!(matches!(e, PoolError::Start(_)), "{msg}");
+    assert!(
+        msg.contains("kernels") && msg.contains("run_if_worker_with"),
+        "{msg}"
+    );
+}
+
+fn an_init_hook_that_fails_stops_the_build() {
+    std::env::set_var("MK1_TEST_INIT_FAIL", "1");
+    let e = Pool::builder().workers(1).kernels(kernels()).build().err();
+    std::env::remove_var("MK1_TEST_INIT_FAIL");
+    let msg = e.expect("refused").to_string();
+    assert!(
+        msg.contains("invert_tagged") && msg.contains("told to fail"),
+        "{msg}"
+    );
+}
+
+fn a_pool_without_workers_refuses_work() {
+    let pool = Pool::builder()
+        .workers(1)
+        .max_restarts(0)
+        .kernels(kernels())
+        .build()
+        .unwrap();
+    let producer = pool.producer().unwrap();
+    unsafe_free_kill(pool.worker_pids()[0]);
+    let t0 = Instant::now();
+    loop {
+        let loan = producer.loan::<u8>(Shape::d1(1));
+        match loan {
+            Err(LoanError::NoWorkers(why)) => {
+                assert!(why.contains("restarts"), "{why}");
+                break;
+            }
+            Ok(l) => match producer.submit(l, &Task::op("neg").unwrap()) {
+                Err(r) if matches!(r.error, SubmitError::NoWorkers(_)) => break,
+                Err(r) => panic!("unexpected {r}"),
+                Ok(_) => {
+                    let d = producer.recv().unwrap();
+                    if matches!(d.error(), Some(TaskError::NoWorkers(_))) {
+                        break;
+                    }
+                }
+            },
+            Err(e) => panic!("unexpected {e}"),
+        }
+        assert!(t0.elapsed() < Duration::from_secs(10), "never noticed");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn dropping_the_pool_with_tasks_in_flight_leaves_nothing() {
+    let pool = pool(Mode::OutOfPlace);
+    let pids = pool.worker_pids();
+    {
+        let producer = pool.producer().unwrap();
+        for _ in 0..4 {
+            let loan = producer.loan::<f64>(Shape::d1(1000)).unwrap();
+            producer
+                .submit(
+                    loan,
+                    &Task::kernel("sleep_ms").params(Params::from_words(&[100]).unwrap()),
+                )
+                .unwrap();
+        }
+    }
+    drop(pool);
+    for pid in pids {
+        assert!(!alive(pid), "worker {pid} outlived its pool");
+    }
+}
+
+fn handles_per_thread() {
+    let pool = Pool::builder()
+        .workers(2)
+        .producers(2)
+        .kernels(kernels())
+        .build()
+        .unwrap();
+    std::thread::scope(|s| {
+        for t in 0..2 {
+            let pool = &pool;
+            s.spawn(move || {
+                let mut p = pool.producer().unwrap();
+                let inputs: Vec<Vec<u32>> = (0..2000u32).map(|i| vec![i + t; 5]).collect();
+                for (i, r) in p
+                    .map(&Task::op("add:1").unwrap(), &inputs)
+                    .unwrap()
+                    .enumerate()
+                {
+                    assert_eq!(r.unwrap().as_slice(), &[i as u32 + t + 1; 5]);
+                }
+            });
+        }
+    });
+    let a = pool.producer().unwrap();
+    let b = pool.producer().unwrap();
+    assert!(matches!(pool.producer(), Err(PoolError::NoHandle(2))));
+    drop((a, b));
+}
+
+fn main() {
+    mk1::run_if_worker_with(&kernels());
+    let filter: Option<String> = std::env::args().skip(1).find(|a| !a.starts_with('-'));
+    let tests: &[(&str, fn())] = &[
+        (
+            "every_dtype_through_builtin_ops_in_both_modes",
+            every_dtype_through_builtin_ops_in_both_modes,
+        ),
+        (
+            "user_kernels_with_params_and_state",
+            user_kernels_with_params_and_state,
+        ),
+        ("an_output_shape_of_its_own", an_output_shape_of_its_own),
+        (
+            "kernel_errors_and_panics_fail_only_their_task",
+            kernel_errors_and_panics_fail_only_their_task,
+        ),
+        (
+            "a_hung_kernel_times_out_and_the_pool_goes_on",
+            a_hung_kernel_times_out_and_the_pool_goes_on,
+        ),
+        (
+            "a_worker_killed_mid_task_out_of_place_is_redone",
+            a_worker_killed_mid_task_out_of_place_is_redone,
+        ),
+        (
+            "a_worker_killed_mid_task_in_place_is_reported",
+            a_worker_killed_mid_task_in_place_is_reported,
+        ),
+        (
+            "inputs_are_read_only_out_of_place",
+            inputs_are_read_only_out_of_place,
+        ),
+        (
+            "bad_input_is_refused_with_the_loan_back",
+            bad_input_is_refused_with_the_loan_back,
+        ),
+        (
+            "a_caller_holding_every_slot_gets_an_answer_not_a_hang",
+            a_caller_holding_every_slot_gets_an_answer_not_a_hang,
+        ),
+        (
+            "map_keeps_order_packs_small_arrays_and_reports_errors",
+            map_keeps_order_packs_small_arrays_and_reports_errors,
+        ),
+        (
+            "a_worker_with_other_kernels_is_refused_at_start",
+            a_worker_with_other_kernels_is_refused_at_start,
+        ),
+        (
+            "an_init_hook_that_fails_stops_the_build",
+            an_init_hook_that_fails_stops_the_build,
+        ),
+        (
+            "a_pool_without_workers_refuses_work",
+            a_pool_without_workers_refuses_work,
+        ),
+        (
+            "dropping_the_pool_with_tasks_in_flight_leaves_nothing",
+            dropping_the_pool_with_tasks_in_flight_leaves_nothing,
+        ),
+        ("handles_per_thread", handles_per_thread),
+    ];
+    let mut failed = Vec::new();
+    let mut ran = 0;
+    for (name, test) in tests {
+        if filter.as_deref().is_some_and(|f| !name.contains(f)) {
+            continue;
+        }
+        ran += 1;
+        let t0 = Instant::now();
+        let r = std::panic::catch_unwind(test);
+        let ok = r.is_ok();
+        println!(
+            "test {name} ... {} ({:.2?})",
+            if ok { "ok" } else { "FAILED" },
+            t0.elapsed()
+        );
+        if !ok {
+            failed.push(*name);
+        }
+    }
+    let _ = DType::ALL;
+    println!(
+        "\ntest result: {}. {} passed; {} failed",
+        if failed.is_empty() { "ok" } else { "FAILED" },
+        ran - failed.len(),
+        failed.len()
+    );
+    if !failed.is_empty() {
+        println!("failed: {failed:?}");
+        std::process::exit(1);
+    }
+}
