@@ -49,6 +49,8 @@ pub mod job;
 #[cfg(not(loom))]
 pub mod limits;
 #[cfg(not(loom))]
+pub mod npy;
+#[cfg(not(loom))]
 pub mod pool;
 #[cfg(not(loom))]
 pub mod report;

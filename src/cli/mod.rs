@@ -12,6 +12,7 @@ macro_rules! outln {
     };
 }
 
+mod apply;
 mod bench;
 
 /// Writes one line to stdout. A reader that has gone away (`mk1 run | head -1`) ends nothing:
@@ -56,6 +57,8 @@ enum Command {
     Run(RunArgs),
     /// Compare mk1 with threads, Unix sockets, pipes and a single thread on the same job.
     Bench(bench::BenchArgs),
+    /// Run a built-in op over .npy files through worker processes; write the results.
+    Apply(apply::ApplyArgs),
 }
 
 /// Flags shared by `run` and `bench`.
@@ -235,6 +238,7 @@ pub fn main() -> ExitCode {
     match cli.command {
         Command::Run(args) => run(args),
         Command::Bench(args) => bench::main(args),
+        Command::Apply(args) => apply::apply(args),
     }
 }
 

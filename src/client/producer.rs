@@ -746,9 +746,44 @@ impl<'pool> Producer<'pool> {
         loan: Loan<'a, T>,
         task: &Task,
     ) -> Result<Ticket, Rejected<'a, T>> {
+        let shape = loan.shape;
+        self.submit_typed(loan, T::DTYPE, shape, task)
+    }
+
+    /// Submits a loan of bytes as an array of `dtype` and `shape` (for data whose dtype is
+    /// known only at run time, such as a file's). `shape` must take exactly the loan's bytes.
+    ///
+    /// # Errors
+    /// As [`Producer::submit`], and [`SubmitError::OutShape`] when `shape` and `dtype` do not
+    /// take the loan's bytes.
+    pub fn submit_bytes<'a>(
+        &'a self,
+        loan: Loan<'a, u8>,
+        dtype: DType,
+        shape: Shape,
+        task: &Task,
+    ) -> Result<Ticket, Rejected<'a, u8>> {
+        if shape.bytes(dtype) != loan.shape.elements() {
+            let error = SubmitError::OutShape(format!(
+                "{shape} of {dtype} is {} bytes, the loan has {}",
+                shape.bytes(dtype),
+                loan.shape.elements()
+            ));
+            return Err(Rejected { error, loan });
+        }
+        self.submit_typed(loan, dtype, shape, task)
+    }
+
+    fn submit_typed<'a, T: Element>(
+        &'a self,
+        loan: Loan<'a, T>,
+        dtype: DType,
+        shape: Shape,
+        task: &Task,
+    ) -> Result<Ticket, Rejected<'a, T>> {
         let mut c = self.core();
         let reject = |error, loan| Err(Rejected { error, loan });
-        let (kernel, params) = match task.resolve(&c.sh.registry, T::DTYPE) {
+        let (kernel, params) = match task.resolve(&c.sh.registry, dtype) {
             Ok(k) => k,
             Err(e) => {
                 drop(c);
@@ -759,17 +794,16 @@ impl<'pool> Producer<'pool> {
             drop(c);
             return reject(SubmitError::NoWorkers(why), loan);
         }
-        let out_shape = task.out_shape.unwrap_or(loan.shape);
+        let out_shape = task.out_shape.unwrap_or(shape);
         if task.out_shape.is_some() {
             let why = if c.sh.mode == Mode::InPlace {
                 Some("an output shape of its own needs an out-of-place pool".to_string())
             } else if kernel >= crate::layout::BUILTIN {
                 Some("built-in ops keep the input's shape".to_string())
-            } else if out_shape.bytes(T::DTYPE) > c.slot_bytes() {
+            } else if out_shape.bytes(dtype) > c.slot_bytes() {
                 Some(format!(
-                    "an output {out_shape} of {} is {} bytes; a slot holds {}",
-                    T::DTYPE,
-                    out_shape.bytes(T::DTYPE),
+                    "an output {out_shape} of {dtype} is {} bytes; a slot holds {}",
+                    out_shape.bytes(dtype),
                     c.slot_bytes()
                 ))
             } else {
@@ -787,11 +821,11 @@ impl<'pool> Producer<'pool> {
         let mut desc = TaskDesc::zeroed();
         desc.seq = ticket;
         desc.kernel = kernel;
-        desc.dtype = u32::from(T::DTYPE.code());
+        desc.dtype = u32::from(dtype.code());
         desc.out_dtype = desc.dtype;
         desc.count = 1;
         (desc.params, desc.params_len) = params.encode();
-        let (ndim, dims) = loan.shape.raw();
+        let (ndim, dims) = shape.raw();
         desc.items[0] = ItemDesc {
             offset: 0,
             ndim,
@@ -804,7 +838,7 @@ impl<'pool> Producer<'pool> {
             token,
             Record {
                 desc,
-                dtype: T::DTYPE,
+                dtype,
                 out_shape,
                 attempts: 0,
                 mapped: false,
@@ -1037,6 +1071,27 @@ impl<'p> Completion<'p> {
             data: cast::<T>(bytes),
             shape: self.shape,
         })
+    }
+
+    /// The result's bytes (row-major elements of the task's dtype) in shared memory.
+    ///
+    /// # Errors
+    /// The task's [`TaskError`].
+    pub fn output_bytes(&self) -> Result<&[u8], TaskError> {
+        self.result.clone()?;
+        let token = self.token.as_ref().expect("held");
+        let n = self.shape.bytes(self.dtype) as usize;
+        Ok(&self.producer.seg().result_bytes(token)[..n])
+    }
+
+    /// The task's dtype.
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    /// The result's shape.
+    pub fn shape(&self) -> Shape {
+        self.shape
     }
 
     /// Reuses this slot for the next input (no trip through the free list): a loan of `shape`

@@ -226,6 +226,14 @@ impl Builtin {
         TypedOp::new(op).map_err(|e| bad(e.to_string()))
     }
 
+    /// Whether this op, with its parameters, works on `dtype`.
+    ///
+    /// # Errors
+    /// As [`Builtin::typed`].
+    pub fn check(&self, dtype: DType) -> Result<(), BuiltinError> {
+        with_dtype!(dtype, T => self.typed::<T>().map(|_| ()))
+    }
+
     /// What a descriptor carries for this op on `dtype`: the kernel code and the parameter
     /// words (the converted values' bits).
     ///

@@ -1,0 +1,285 @@
+//! `mk1 apply`: a built-in op over `.npy` files, through worker processes, results written
+//! atomically to an output directory.
+//!
+//! Every input header is checked before any worker starts (exit 2 naming the file and why);
+//! results are written as they complete (temporary file, then rename), so an interrupted run
+//! leaves only whole files. Exit 1 if any file failed, naming it.
+
+use std::collections::HashMap;
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Instant;
+
+use clap::{Args, ValueEnum};
+use mk1::npy::{self, NpyInfo};
+use mk1::task::Builtin;
+use mk1::{Completion, Mode, Pool, Producer, Shape, Task};
+
+/// Flags of `mk1 apply`.
+#[derive(Args, Debug)]
+pub struct ApplyArgs {
+    /// The op: affine:A,B add:K mul:K neg abs clamp:LO,HI xor:K and:K or:K shl:N shr:N
+    #[arg(long, value_parser = parse_builtin)]
+    op: Builtin,
+    /// Input .npy files
+    #[arg(required = true, value_name = "FILE")]
+    inputs: Vec<PathBuf>,
+    /// Directory for the results (created if missing); each keeps its input's file name
+    #[arg(long, value_name = "DIR")]
+    out_dir: PathBuf,
+    /// Worker processes [default: CPU cores - 1, at least 1]
+    #[arg(long, value_name = "N")]
+    workers: Option<u32>,
+    /// out-of-place: inputs are read-only in workers and a task whose worker dies is redone;
+    /// in-place: half the memory
+    #[arg(long, value_enum, default_value_t = ModeArg::OutOfPlace)]
+    mode: ModeArg,
+    /// Print one JSON object on stdout instead of the summary
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(ValueEnum, Debug, Clone, Copy)]
+enum ModeArg {
+    InPlace,
+    OutOfPlace,
+}
+
+fn parse_builtin(s: &str) -> Result<Builtin, String> {
+    Builtin::parse(s).map_err(|e| e.to_string())
+}
+
+/// One input, checked.
+struct Input {
+    path: PathBuf,
+    out: PathBuf,
+    info: NpyInfo,
+}
+
+fn usage(msg: impl std::fmt::Display) -> ExitCode {
+    eprintln!("mk1 apply: {msg}");
+    ExitCode::from(2)
+}
+
+/// Checks everything that can be checked before starting: the op for every file's dtype,
+/// every header, the output directory, name clashes.
+fn check(args: &ApplyArgs) -> Result<Vec<Input>, String> {
+    let mut inputs = Vec::with_capacity(args.inputs.len());
+    let mut names: HashMap<std::ffi::OsString, &Path> = HashMap::new();
+    for path in &args.inputs {
+        let info = npy::inspect(path).map_err(|e| e.to_string())?;
+        args.op
+            .check(info.dtype)
+            .map_err(|e| format!("{}: {e}", path.display()))?;
+        let name = path
+            .file_name()
+            .ok_or_else(|| format!("{}: not a file name", path.display()))?;
+        if let Some(other) = names.insert(name.to_os_string(), path) {
+            return Err(format!(
+                "{} and {} would both be written to {}",
+                other.display(),
+                path.display(),
+                args.out_dir.join(name).display()
+            ));
+        }
+        inputs.push(Input {
+            out: args.out_dir.join(name),
+            path: path.clone(),
+            info,
+        });
+    }
+    std::fs::create_dir_all(&args.out_dir)
+        .map_err(|e| format!("cannot create {}: {e}", args.out_dir.display()))?;
+    let probe = args
+        .out_dir
+        .join(format!(".mk1-probe-{}", std::process::id()));
+    std::fs::write(&probe, b"")
+        .map_err(|e| format!("cannot write to {}: {e}", args.out_dir.display()))?;
+    let _ = std::fs::remove_file(&probe);
+    Ok(inputs)
+}
+
+/// What the write-back side keeps.
+struct State<'i> {
+    by_ticket: HashMap<mk1::Ticket, &'i Input>,
+    failed: Vec<String>,
+    written: u64,
+    bar: Option<indicatif::ProgressBar>,
+}
+
+impl State<'_> {
+    /// Writes one result (or records why not).
+    fn finish(&mut self, done: Completion<'_>) {
+        let input = self.by_ticket.remove(&done.ticket()).expect("our ticket");
+        match write_result(input, &done) {
+            Ok(()) => self.written += 1,
+            Err(e) => self.failed.push(e),
+        }
+        if let Some(b) = &self.bar {
+            b.inc(1);
+        }
+    }
+}
+
+/// Runs `mk1 apply`.
+pub fn apply(args: ApplyArgs) -> ExitCode {
+    let inputs = match check(&args) {
+        Ok(i) => i,
+        Err(e) => return usage(e),
+    };
+    let largest = inputs.iter().map(|i| i.info.data_bytes).max().unwrap_or(0);
+    if largest > mk1::layout::MAX_SLOT_BYTES {
+        let big = inputs
+            .iter()
+            .find(|i| i.info.data_bytes == largest)
+            .expect("the largest");
+        return usage(format!(
+            "{}: {largest} bytes of data; mk1 moves arrays of at most {} bytes",
+            big.path.display(),
+            mk1::layout::MAX_SLOT_BYTES
+        ));
+    }
+    let workers = args
+        .workers
+        .unwrap_or_else(mk1::config::default_workers)
+        .max(1);
+    // Enough slots to keep every worker busy while results are written, not more: a slot is as
+    // large as the largest file.
+    let slots = (2 * workers + 2).min(inputs.len().max(1) as u32);
+    let pool = Pool::builder()
+        .workers(workers)
+        .mode(match args.mode {
+            ModeArg::InPlace => Mode::InPlace,
+            ModeArg::OutOfPlace => Mode::OutOfPlace,
+        })
+        .max_array_bytes(largest.max(64))
+        .slots_per_producer(slots)
+        .build();
+    let pool = match pool {
+        Ok(p) => p,
+        Err(e) => return usage(e),
+    };
+    let producer = match pool.producer() {
+        Ok(p) => p,
+        Err(e) => return usage(e),
+    };
+    let bar = (!args.json && std::io::stderr().is_terminal()).then(|| {
+        let b = indicatif::ProgressBar::new(inputs.len() as u64);
+        b.set_style(
+            indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} files {msg}")
+                .expect("valid template"),
+        );
+        b
+    });
+    let task = Task::builtin(args.op);
+    let start = Instant::now();
+    let mut st = State {
+        by_ticket: HashMap::new(),
+        failed: Vec::new(),
+        written: 0,
+        bar,
+    };
+    let mut bytes = 0u64;
+    for input in &inputs {
+        let loan = loop {
+            match producer.try_loan::<u8>(Shape::d1(input.info.data_bytes as u32)) {
+                Ok(l) => break Some(l),
+                Err(mk1::LoanError::Busy { .. } | mk1::LoanError::Exhausted { .. }) => {
+                    match producer.recv() {
+                        Some(done) => st.finish(done),
+                        None => break None,
+                    }
+                }
+                Err(e) => {
+                    st.failed.push(format!("{}: {e}", input.path.display()));
+                    break None;
+                }
+            }
+        };
+        let Some(mut loan) = loan else { continue };
+        if let Err(e) = npy::read_data(&input.path, &input.info, loan.as_mut_slice()) {
+            st.failed.push(e.to_string());
+            continue;
+        }
+        match submit(&producer, loan, &task, &input.info) {
+            Ok(t) => {
+                st.by_ticket.insert(t, input);
+                bytes += input.info.data_bytes;
+            }
+            Err(e) => st.failed.push(format!("{}: {e}", input.path.display())),
+        }
+    }
+    while let Some(done) = producer.recv() {
+        st.finish(done);
+    }
+    let State {
+        failed,
+        written,
+        bar,
+        ..
+    } = st;
+    let seconds = start.elapsed().as_secs_f64();
+    if let Some(b) = &bar {
+        b.finish_and_clear();
+    }
+    for f in &failed {
+        eprintln!("mk1 apply: {f}");
+    }
+    let restarts = pool.restarts();
+    drop(producer);
+    drop(pool);
+    if args.json {
+        let v = serde_json::json!({
+            "op": args.op.to_string(),
+            "files": inputs.len(),
+            "written": written,
+            "failed": failed.len(),
+            "failures": failed,
+            "bytes": bytes,
+            "seconds": seconds,
+            "gb_per_s": if seconds > 0.0 { bytes as f64 / seconds / 1e9 } else { 0.0 },
+            "workers": workers,
+            "worker_restarts": restarts,
+            "out_dir": args.out_dir.display().to_string(),
+        });
+        outln!("{v}");
+    } else {
+        outln!(
+            "mk1 apply {}: {written}/{} files written to {} ({:.1} MB in {:.2} s, {} failed, {restarts} worker restarts)",
+            args.op,
+            inputs.len(),
+            args.out_dir.display(),
+            bytes as f64 / 1e6,
+            seconds,
+            failed.len()
+        );
+    }
+    if failed.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    }
+}
+
+/// Submits the bytes in `loan` as an array of the file's dtype (the loan was taken as bytes;
+/// the op runs on the real dtype).
+fn submit(
+    producer: &Producer<'_>,
+    loan: mk1::Loan<'_, u8>,
+    task: &Task,
+    info: &NpyInfo,
+) -> Result<mk1::Ticket, String> {
+    let elements = u32::try_from(info.elements()).map_err(|_| "too many elements".to_string())?;
+    producer
+        .submit_bytes(loan, info.dtype, Shape::d1(elements), task)
+        .map_err(|e| e.to_string())
+}
+
+fn write_result(input: &Input, done: &Completion<'_>) -> Result<(), String> {
+    let bytes = done
+        .output_bytes()
+        .map_err(|e| format!("{}: {e}", input.path.display()))?;
+    npy::write_atomically(&input.out, input.info.dtype, &input.info.shape, bytes)
+        .map_err(|e| e.to_string())
+}

@@ -1,0 +1,262 @@
+//! `.npy` files (numpy's array format) in and out, through the `npyz` crate: headers are
+//! parsed and checked by it; data is read and written as raw little-endian bytes straight into
+//! and out of slot memory.
+//!
+//! Accepted: the ten dtypes of [`DType`], little-endian (or byte-sized), C order, any shape
+//! (0-d included). Refused with a reason: big-endian, Fortran order, structured, object,
+//! complex, bool, strings, dates, and files shorter than their header says.
+
+use std::fs::File;
+use std::io::{self, BufReader, Read, Seek, Write};
+use std::path::{Path, PathBuf};
+
+use npyz::{Endianness, NpyHeader, Order, TypeChar, WriterBuilder};
+
+use crate::dtype::DType;
+
+/// What a checked `.npy` header says.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NpyInfo {
+    /// Element type.
+    pub dtype: DType,
+    /// Dimensions as in the file (may be empty for a 0-d array).
+    pub shape: Vec<u64>,
+    /// Offset of the first data byte.
+    pub data_offset: u64,
+    /// Bytes of data (elements × element size).
+    pub data_bytes: u64,
+}
+
+impl NpyInfo {
+    /// Number of elements.
+    pub fn elements(&self) -> u64 {
+        self.shape.iter().product()
+    }
+}
+
+/// Why a file cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum NpyError {
+    /// It could not be opened or read.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// What the system said.
+        source: io::Error,
+    },
+    /// It is not an `.npy` file mk1 can take.
+    #[error("{path}: {why}")]
+    Unsupported {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        why: String,
+    },
+}
+
+/// Reads and checks the header of `path` (and that the data is all there).
+///
+/// # Errors
+/// [`NpyError`] naming the file: unreadable, not `.npy`, an unsupported dtype, byte order or
+/// memory order, or truncated.
+pub fn inspect(path: &Path) -> Result<NpyInfo, NpyError> {
+    let io_err = |source| NpyError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    let bad = |why: String| NpyError::Unsupported {
+        path: path.to_path_buf(),
+        why,
+    };
+    let file = File::open(path).map_err(io_err)?;
+    let len = file.metadata().map_err(io_err)?.len();
+    let mut r = BufReader::new(file);
+    let header = NpyHeader::from_reader(&mut r)
+        .map_err(|e| bad(format!("not a readable .npy file ({e})")))?;
+    let data_offset = r.stream_position().map_err(io_err)?;
+    let npyz::DType::Plain(ts) = header.dtype() else {
+        return Err(bad(format!(
+            "structured dtype {}: mk1 takes plain numeric arrays",
+            header.dtype().descr()
+        )));
+    };
+    let size = ts.size_field();
+    let dtype = match (ts.type_char(), size) {
+        (TypeChar::Int, 1) => DType::I8,
+        (TypeChar::Uint, 1) => DType::U8,
+        (TypeChar::Int, 2) => DType::I16,
+        (TypeChar::Uint, 2) => DType::U16,
+        (TypeChar::Int, 4) => DType::I32,
+        (TypeChar::Uint, 4) => DType::U32,
+        (TypeChar::Int, 8) => DType::I64,
+        (TypeChar::Uint, 8) => DType::U64,
+        (TypeChar::Float, 4) => DType::F32,
+        (TypeChar::Float, 8) => DType::F64,
+        _ => return Err(bad(format!(
+            "dtype {ts} is not supported (mk1 takes int8..int64, uint8..uint64, float32, float64)"
+        ))),
+    };
+    if size > 1 && ts.endianness() == Endianness::Big {
+        return Err(bad(format!(
+            "big-endian dtype {ts}: convert it first, e.g. a.astype(a.dtype.newbyteorder('<'))"
+        )));
+    }
+    if header.order() == Order::Fortran && header.shape().len() > 1 {
+        return Err(bad(
+            "Fortran (column-major) order: save a C-ordered copy, e.g. np.save(f, np.ascontiguousarray(a))"
+                .into(),
+        ));
+    }
+    let elements = header
+        .shape()
+        .iter()
+        .try_fold(1u64, |n, &d| n.checked_mul(d))
+        .ok_or_else(|| bad("the shape's element count overflows".into()))?;
+    let data_bytes = elements
+        .checked_mul(size)
+        .ok_or_else(|| bad("the data size overflows".into()))?;
+    let have = len.saturating_sub(data_offset);
+    if have < data_bytes {
+        return Err(bad(format!(
+            "truncated: the header says {data_bytes} bytes of data, the file has {have}"
+        )));
+    }
+    Ok(NpyInfo {
+        dtype,
+        shape: header.shape().to_vec(),
+        data_offset,
+        data_bytes,
+    })
+}
+
+/// Reads the data of a file [`inspect`] accepted into `out` (exactly `info.data_bytes`).
+///
+/// # Errors
+/// The file could not be read (changed or shrunk since it was inspected, say).
+pub fn read_data(path: &Path, info: &NpyInfo, out: &mut [u8]) -> Result<(), NpyError> {
+    let io_err = |source| NpyError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    let mut f = File::open(path).map_err(io_err)?;
+    f.seek(io::SeekFrom::Start(info.data_offset))
+        .map_err(io_err)?;
+    f.read_exact(out).map_err(io_err)
+}
+
+fn type_str(dtype: DType) -> &'static str {
+    match dtype {
+        DType::I8 => "|i1",
+        DType::U8 => "|u1",
+        DType::I16 => "<i2",
+        DType::U16 => "<u2",
+        DType::I32 => "<i4",
+        DType::U32 => "<u4",
+        DType::I64 => "<i8",
+        DType::U64 => "<u8",
+        DType::F32 => "<f4",
+        DType::F64 => "<f8",
+    }
+}
+
+/// Writes an array to `path` atomically: into a temporary file in the same directory, flushed,
+/// then renamed over `path`. A reader never sees a partial file; on error the temporary file is
+/// removed and `path` is untouched.
+///
+/// # Errors
+/// The system's error, naming the file.
+pub fn write_atomically(
+    path: &Path,
+    dtype: DType,
+    shape: &[u64],
+    data: &[u8],
+) -> Result<(), NpyError> {
+    let io_err = |source| NpyError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    let name = path
+        .file_name()
+        .ok_or_else(|| io_err(io::Error::other("no file name")))?;
+    let mut tmp_name = std::ffi::OsString::from(".");
+    tmp_name.push(name);
+    tmp_name.push(format!(".mk1-{}.tmp", std::process::id()));
+    let tmp = path.with_file_name(tmp_name);
+    let result = (|| -> io::Result<()> {
+        let file = File::create(&tmp)?;
+        let mut w = io::BufWriter::new(file);
+        let ts: npyz::TypeStr = type_str(dtype).parse().expect("valid type strings");
+        let w = npyz::WriteOptions::new_header_only()
+            .dtype(npyz::DType::Plain(ts))
+            .shape(shape)
+            .writer(&mut w)
+            .write_header_only()?;
+        w.write_all(data)?;
+        w.flush()?;
+        let file = w.get_ref();
+        file.sync_data()?;
+        std::fs::rename(&tmp, path)
+    })();
+    if let Err(e) = result {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(io_err(e));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tmpdir(tag: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!("mk1-npy-{tag}-{}", std::process::id()));
+        std::fs::create_dir_all(&d).unwrap();
+        d
+    }
+
+    #[test]
+    fn written_files_read_back_and_bad_ones_are_named() {
+        let d = tmpdir("rt");
+        let p = d.join("a.npy");
+        let data: Vec<u8> = (0..24u8).collect();
+        write_atomically(&p, DType::I16, &[3, 4], &data).unwrap();
+        let info = inspect(&p).unwrap();
+        assert_eq!(info.dtype, DType::I16);
+        assert_eq!(info.shape, vec![3, 4]);
+        assert_eq!(info.data_bytes, 24);
+        let mut back = vec![0u8; 24];
+        read_data(&p, &info, &mut back).unwrap();
+        assert_eq!(back, data);
+        // Truncated.
+        let bytes = std::fs::read(&p).unwrap();
+        let t = d.join("t.npy");
+        std::fs::write(&t, &bytes[..bytes.len() - 1]).unwrap();
+        let e = inspect(&t).unwrap_err().to_string();
+        assert!(e.contains("t.npy") && e.contains("truncated"), "{e}");
+        // Not npy.
+        let n = d.join("n.npy");
+        std::fs::write(&n, b"hello").unwrap();
+        assert!(inspect(&n)
+            .unwrap_err()
+            .to_string()
+            .contains("not a readable"));
+        // Big-endian: rewrite the header's type string.
+        let be = d.join("be.npy");
+        let mut swapped = bytes.clone();
+        let at = swapped.windows(3).position(|w| w == b"<i2").unwrap();
+        swapped[at] = b'>';
+        std::fs::write(&be, &swapped).unwrap();
+        assert!(inspect(&be).unwrap_err().to_string().contains("big-endian"));
+        let missing = inspect(&d.join("missing.npy")).unwrap_err().to_string();
+        assert!(missing.contains("missing.npy"), "{missing}");
+        // No temporary file is left behind.
+        let left: Vec<_> = std::fs::read_dir(&d)
+            .unwrap()
+            .flatten()
+            .filter(|e| e.file_name().to_string_lossy().contains(".tmp"))
+            .collect();
+        assert!(left.is_empty());
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+}

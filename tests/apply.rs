@@ -1,0 +1,229 @@
+//! `mk1 apply` against numpy: files written by numpy go through worker processes and come back
+//! as numpy expects, for every dtype and several shapes; every kind of bad input is exit 2
+//! naming the file, before any work.
+//!
+//! Needs `python3` with numpy (`.ci/run` installs it and sets `MK1_REQUIRE_NUMPY=1`, which
+//! turns a missing numpy into a failure instead of a skip).
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use common::mk1;
+
+fn numpy() -> bool {
+    let ok = Command::new("python3")
+        .args(["-c", "import numpy"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !ok {
+        assert!(
+            std::env::var_os("MK1_REQUIRE_NUMPY").is_none(),
+            "numpy is required (MK1_REQUIRE_NUMPY is set) but `python3 -c 'import numpy'` fails"
+        );
+        println!("SKIPPED: python3 with numpy is not installed");
+    }
+    ok
+}
+
+fn py(dir: &Path, code: &str) {
+    let out = Command::new("python3")
+        .arg("-c")
+        .arg(code)
+        .current_dir(dir)
+        .output()
+        .expect("python3 runs");
+    assert!(
+        out.status.success(),
+        "python failed: {}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        code
+    );
+}
+
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new(tag: &str) -> TempDir {
+        let d = std::env::temp_dir().join(format!("mk1-apply-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).unwrap();
+        TempDir(d)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn apply(dir: &Path, args: &[&str]) -> std::process::Output {
+    let mut full = vec!["apply"];
+    full.extend_from_slice(args);
+    let owned: Vec<String> = full
+        .iter()
+        .map(|a| {
+            if a.ends_with(".npy") && !a.starts_with('/') {
+                dir.join(a).display().to_string()
+            } else {
+                a.to_string()
+            }
+        })
+        .collect();
+    let refs: Vec<&str> = owned.iter().map(String::as_str).collect();
+    mk1(&refs, Duration::from_secs(60))
+}
+
+#[test]
+fn numpy_files_round_trip_for_every_dtype_and_shape() {
+    if !numpy() {
+        return;
+    }
+    let t = TempDir::new("rt");
+    py(
+        &t.0,
+        "import numpy as np\n\
+         rng = np.random.default_rng(7)\n\
+         shapes = [(0,), (1, 1), (1000,), (37, 53), (2, 3, 4), (2, 2, 2, 2, 3), ()]\n\
+         for dt in ['int8','uint8','int16','uint16','int32','uint32','int64','uint64','float32','float64']:\n\
+         \x20   for i, s in enumerate(shapes):\n\
+         \x20       np.save(f'{dt}_{i}.npy', (rng.standard_normal(s) * 100).astype(dt))\n",
+    );
+    let inputs: Vec<String> = std::fs::read_dir(&t.0)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path().display().to_string())
+        .collect();
+    assert_eq!(inputs.len(), 70);
+    for mode in ["out-of-place", "in-place"] {
+        let out = t.0.join(format!("out-{mode}"));
+        let out_s = out.display().to_string();
+        let mut args = vec![
+            "--op",
+            "affine:3,2",
+            "--workers",
+            "2",
+            "--mode",
+            mode,
+            "--json",
+        ];
+        args.extend(inputs.iter().map(String::as_str));
+        args.extend(["--out-dir", &out_s]);
+        let o = apply(&t.0, &args);
+        assert_eq!(
+            o.status.code(),
+            Some(0),
+            "{}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        assert_eq!(v["written"], 70);
+        assert_eq!(v["failed"], 0);
+        py(
+            &t.0,
+            &format!(
+                "import numpy as np, glob, os\n\
+                 n = 0\n\
+                 for f in glob.glob('*.npy'):\n\
+                 \x20   a = np.load(f); b = np.load(os.path.join('{out_s}', f))\n\
+                 \x20   with np.errstate(over='ignore'):\n\
+                 \x20       want = (a * a.dtype.type(3) + a.dtype.type(2)).astype(a.dtype)\n\
+                 \x20   assert b.dtype == a.dtype and b.shape == a.shape, (f, b.dtype, b.shape)\n\
+                 \x20   assert np.array_equal(b, want), f\n\
+                 \x20   n += 1\n\
+                 assert n == 70\n\
+                 assert not [x for x in os.listdir('{out_s}') if 'tmp' in x]\n"
+            ),
+        );
+    }
+}
+
+#[test]
+fn bad_inputs_are_exit_2_naming_the_file_before_any_work() {
+    if !numpy() {
+        return;
+    }
+    let t = TempDir::new("bad");
+    py(
+        &t.0,
+        "import numpy as np\n\
+         np.save('good.npy', np.arange(10, dtype=np.int32))\n\
+         np.save('complex.npy', np.zeros(3, dtype=np.complex64))\n\
+         np.save('object.npy', np.array([1, 'a'], dtype=object), allow_pickle=True)\n\
+         np.save('big.npy', np.arange(4, dtype='>i4'))\n\
+         np.save('fortran.npy', np.asfortranarray(np.arange(6, dtype=np.float64).reshape(2, 3)))\n\
+         np.save('bool.npy', np.zeros(3, dtype=bool))\n\
+         np.save('struct.npy', np.zeros(2, dtype=[('a', 'i4'), ('b', 'f8')]))\n\
+         b = open('good.npy', 'rb').read(); open('trunc.npy', 'wb').write(b[:-5])\n\
+         open('text.npy', 'w').write('not an array')\n",
+    );
+    let out = t.0.join("out");
+    let out_s = out.display().to_string();
+    let cases = [
+        ("complex.npy", "complex"),
+        ("object.npy", "object"),
+        ("big.npy", "big-endian"),
+        ("fortran.npy", "Fortran"),
+        ("bool.npy", "not supported"),
+        ("struct.npy", "structured"),
+        ("trunc.npy", "truncated"),
+        ("text.npy", "not a readable"),
+        ("missing.npy", "No such file"),
+    ];
+    for (file, why) in cases {
+        let o = apply(
+            &t.0,
+            &["--op", "neg", "good.npy", file, "--out-dir", &out_s],
+        );
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(2), "{file}: {err}");
+        assert!(err.contains(file) && err.contains(why), "{file}: {err}");
+        assert_eq!(err.trim().lines().count(), 1, "one line: {err}");
+        assert!(
+            !out.join("good.npy").exists(),
+            "{file}: work started before every header was checked"
+        );
+    }
+    // An op the dtype does not have, named with the file.
+    let o = apply(&t.0, &["--op", "shl:40", "good.npy", "--out-dir", &out_s]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(2), "{err}");
+    assert!(err.contains("good.npy") && err.contains("32 bits"), "{err}");
+    // An output directory that cannot be written.
+    let blocker = t.0.join("file-not-dir");
+    std::fs::write(&blocker, b"").unwrap();
+    let o = apply(
+        &t.0,
+        &[
+            "--op",
+            "neg",
+            "good.npy",
+            "--out-dir",
+            &blocker.join("x").display().to_string(),
+        ],
+    );
+    assert_eq!(o.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("cannot create"));
+    // Two inputs that would overwrite each other.
+    std::fs::create_dir_all(t.0.join("sub")).unwrap();
+    std::fs::copy(t.0.join("good.npy"), t.0.join("sub/good.npy")).unwrap();
+    let o = apply(
+        &t.0,
+        &[
+            "--op",
+            "neg",
+            "good.npy",
+            "sub/good.npy",
+            "--out-dir",
+            &out_s,
+        ],
+    );
+    assert_eq!(o.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("would both be written"));
+    // A bad op.
+    let o = apply(&t.0, &["--op", "frob:1", "good.npy", "--out-dir", &out_s]);
+    assert_eq!(o.status.code(), Some(2));
+}
