@@ -7,7 +7,8 @@ mod cli;
 #[cfg(not(loom))]
 fn main() -> std::process::ExitCode {
     // A worker is this same program re-executed; it never returns from here.
-    mk1::run_if_worker();
+    // (With the kernels `mk1 bench library` runs in its pools.)
+    mk1::run_if_worker_with(&mk1::bench::library::kernels());
     cli::bench_child_if_requested();
     cli::main()
 }

@@ -93,9 +93,11 @@ pub fn inspect(path: &Path) -> Result<NpyInfo, NpyError> {
         (TypeChar::Uint, 8) => DType::U64,
         (TypeChar::Float, 4) => DType::F32,
         (TypeChar::Float, 8) => DType::F64,
-        _ => return Err(bad(format!(
+        _ => {
+            return Err(bad(format!(
             "dtype {ts} is not supported (mk1 takes int8..int64, uint8..uint64, float32, float64)"
-        ))),
+        )))
+        }
     };
     if size > 1 && ts.endianness() == Endianness::Big {
         return Err(bad(format!(

@@ -629,6 +629,11 @@ pub fn allowed_cpus() -> Vec<usize> {
     }
 }
 
+/// Clock ticks per second (the unit of CPU times in `/proc/PID/stat`).
+pub fn clock_ticks_per_second() -> u64 {
+    rustix::param::clock_ticks_per_second()
+}
+
 /// How many CPUs this process may use: its affinity mask, further limited by a cgroup CPU quota
 /// (what [`std::thread::available_parallelism`] reports).
 pub fn online_cpus() -> usize {

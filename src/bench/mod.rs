@@ -12,6 +12,7 @@
 
 mod kernels;
 mod latency;
+pub mod library;
 mod stream;
 
 use std::time::{Duration, Instant};

@@ -9,6 +9,7 @@ use clap::{Args, Subcommand};
 use mk1::bench::{self, Job, SystemRun, SystemSummary};
 
 use super::{parse_duration, usage_error, JobArgs};
+use mk1::bench::library::LibraryBench;
 
 /// `mk1 bench` flags.
 #[derive(Args, Debug)]
@@ -53,6 +54,27 @@ enum BenchWhat {
         #[arg(long)]
         json: bool,
     },
+    /// The library API: user kernel vs built-in op, pool vs threads, packing, idle cost
+    Library {
+        /// Worker processes (and threads for the baseline) [default: CPU cores - 1, at least 1]
+        #[arg(long, value_name = "N")]
+        workers: Option<u32>,
+        /// Repetitions, interleaved; the table shows the median and the range
+        #[arg(long, default_value_t = 5)]
+        reps: u32,
+        /// Length of each throughput run
+        #[arg(long, default_value = "500ms", value_parser = parse_duration)]
+        duration: Duration,
+        /// Small arrays per `map` run in the packing comparison
+        #[arg(long, default_value_t = 1_000_000)]
+        map_arrays: u64,
+        /// The idle spell after which the pool's CPU use is measured
+        #[arg(long, default_value = "5s", value_parser = parse_duration)]
+        idle: Duration,
+        /// JSON on stdout
+        #[arg(long)]
+        json: bool,
+    },
     /// Throughput of every available kernel, in cache (32 KiB) and out of cache (4 MiB)
     Kernels {
         /// JSON on stdout
@@ -74,6 +96,23 @@ pub fn main(args: BenchArgs) -> ExitCode {
     match args.what {
         Some(BenchWhat::Latency { round_trips, json }) => latency(round_trips, json),
         Some(BenchWhat::Kernels { json }) => kernels(json),
+        Some(BenchWhat::Library {
+            workers,
+            reps,
+            duration,
+            map_arrays,
+            idle,
+            json,
+        }) => library(
+            LibraryBench {
+                workers: workers.unwrap_or_else(mk1::config::default_workers).max(1),
+                reps: reps.max(1),
+                duration,
+                map_arrays,
+                idle,
+            },
+            json,
+        ),
         None => systems(&args),
     }
 }
@@ -115,6 +154,46 @@ fn latency(n: u64, json: bool) -> ExitCode {
             ExitCode::from(1)
         }
     }
+}
+
+fn library(b: LibraryBench, json: bool) -> ExitCode {
+    let report = match bench::library::measure(&b) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("mk1 bench library: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    if json {
+        outln!("{}", serde_json::to_string(&report).expect("serialisable"));
+        return ExitCode::SUCCESS;
+    }
+    outln!(
+        "mk1 bench library: {} workers, {} interleaved repetitions; ratio a/b per repetition: median (min..max)",
+        report.workers,
+        report.reps
+    );
+    for c in &report.comparisons {
+        outln!(
+            "  {:<72} {:>6.2}x ({:.2}..{:.2})   a {:>10.0}/s  b {:>10.0}/s",
+            c.name,
+            c.ratio.median,
+            c.ratio.min,
+            c.ratio.max,
+            c.a.median,
+            c.b.median
+        );
+    }
+    let i = &report.idle;
+    outln!(
+        "  idle {:.1} s: pool processes used {:.3}% of one CPU; first task after an idle spell: p50 {:.0} us, p99 {:.0} us ({} spells)",
+        i.idle_seconds,
+        i.cpu_percent_of_one_core,
+        i.first_task_p50_us,
+        i.first_task_p99_us,
+        i.spells
+    );
+    ExitCode::SUCCESS
 }
 
 fn kernels(json: bool) -> ExitCode {

@@ -14,10 +14,6 @@ use crate::dtype::Element;
 use crate::layout::{ItemDesc, TaskDesc, TASK_OK};
 use crate::task::Params;
 
-/// Arrays up to this many bytes are packed several to a slot: per-task costs (a ring entry, a
-/// descriptor, a doorbell) then count once per slot instead of once per array.
-const PACK_BYTES: u64 = 64 << 10;
-
 /// One array's result.
 type Outcome1<I> = Result<Array<<<I as Iterator>::Item as AsArray>::Elem>, TaskError>;
 
@@ -139,7 +135,10 @@ where
         type E<I> = <<I as Iterator>::Item as AsArray>::Elem;
         let dtype = <E<I> as Element>::DTYPE;
         let slot_bytes = c.slot_bytes();
-        let limit = slot_bytes.min(PACK_BYTES);
+        // Arrays are packed several to a slot up to the pool's pack size: per-task costs (a ring
+        // entry, a descriptor, a doorbell) then count once per slot instead of once per array.
+        let limit = slot_bytes.min(c.sh.pack_bytes);
+        let one_per_slot = c.sh.pack_bytes == 0;
         let Some(mut token) = c.slots.take(0) else {
             return false;
         };
@@ -175,7 +174,7 @@ where
                 );
                 continue;
             }
-            if count > 0 && (used + bytes > limit || used + bytes > slot_bytes) {
+            if count > 0 && (one_per_slot || used + bytes > limit || used + bytes > slot_bytes) {
                 self.pending = Some(item);
                 break;
             }
@@ -190,7 +189,7 @@ where
             count += 1;
             used += packed_offset(bytes);
             self.next_in += 1;
-            if used >= limit {
+            if one_per_slot || used >= limit {
                 break;
             }
         }

@@ -160,9 +160,17 @@ pub struct PoolBuilder {
     worker_exe: Option<PathBuf>,
     kernel: Kernel,
     registry: Arc<Registry>,
+    pack_bytes: u64,
 }
 
 impl PoolBuilder {
+    /// `map` packs arrays of up to this many bytes several to a slot (per-task costs then count
+    /// once per slot); 0 turns packing off. Default 64 KiB.
+    pub fn pack_bytes(mut self, bytes: u64) -> Self {
+        self.pack_bytes = bytes;
+        self
+    }
+
     /// Worker processes, `1..=1024`. Default: cores − 1, at least 1.
     pub fn workers(mut self, n: u32) -> Self {
         self.workers = n;
@@ -315,6 +323,7 @@ impl PoolBuilder {
             registry: self.registry.clone(),
             mode: self.mode,
             max_retries: self.max_retries,
+            pack_bytes: self.pack_bytes,
             spin: if (self.workers as usize) < crate::sys::online_cpus() {
                 SpinMode::Long
             } else {
@@ -367,6 +376,7 @@ pub(crate) struct Shared {
     pub(crate) registry: Arc<Registry>,
     pub(crate) mode: Mode,
     pub(crate) max_retries: u32,
+    pub(crate) pack_bytes: u64,
     pub(crate) spin: SpinMode,
     /// `active[p]`: a [`Producer`] handle for `p` exists (the monitor waits for its
     /// acknowledgement of a death before restarting the worker).
@@ -472,6 +482,7 @@ impl Pool {
             worker_exe: None,
             kernel: Kernel::auto(),
             registry: Arc::new(Registry::new()),
+            pack_bytes: 64 << 10,
         }
     }
 

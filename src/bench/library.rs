@@ -1,0 +1,433 @@
+//! `mk1 bench library`: the library API's figures, each a ratio against a baseline measured in
+//! the same command, interleaved and repeated.
+//!
+//! - `kernel`: a user kernel computing `x*3+1` on int32 against the built-in `affine:3,1`
+//!   (same pool, same shapes, same fill and check).
+//! - `threads`: a user f32 kernel (`x*3+1`) through a pool, in place and out of place, against
+//!   threads in one process running the same closure on the same arrays handed through
+//!   crossbeam channels (the fill and the check are the same code).
+//! - `packing`: `map` over many small f32 arrays (up to 16x16), packed against one per slot.
+//! - `idle`: CPU used by an idle pool's processes over an idle spell, and the round trip of the
+//!   first task after each idle spell.
+//!
+//! The program serving as workers must register [`kernels`] (the `mk1` binary does).
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel as chan;
+use serde::Serialize;
+
+use crate::array::{Array, Shape};
+use crate::client::{Mode, Pool, Producer, Task};
+use crate::dtype::Element;
+use crate::job::Shapes;
+use crate::task::{Params, Registry};
+
+/// The user kernels the benchmarks run; the `mk1` binary registers them for its workers.
+pub fn kernels() -> Registry {
+    Registry::new()
+        .kernel::<i32>("x3p1", |mut a| {
+            a.io.map(|x| x.wrapping_mul(3).wrapping_add(1))
+        })
+        .kernel::<f32>("affine", |mut a| {
+            let (s, t) = (a.params.f64(0)? as f32, a.params.f64(1)? as f32);
+            a.io.map(|x| x * s + t)
+        })
+}
+
+/// Settings of one `mk1 bench library` run.
+#[derive(Debug, Clone)]
+pub struct LibraryBench {
+    /// Worker processes (and threads for the baseline).
+    pub workers: u32,
+    /// Repetitions, interleaved.
+    pub reps: u32,
+    /// Each throughput run's length.
+    pub duration: Duration,
+    /// Arrays for the packing comparison.
+    pub map_arrays: u64,
+    /// Length of the long idle spell.
+    pub idle: Duration,
+}
+
+/// Median and range of one measured quantity.
+#[derive(Debug, Clone, Serialize)]
+pub struct Spread {
+    /// Median.
+    pub median: f64,
+    /// Smallest.
+    pub min: f64,
+    /// Largest.
+    pub max: f64,
+}
+
+impl Spread {
+    fn of(v: &[f64]) -> Spread {
+        let mut s = v.to_vec();
+        s.sort_by(f64::total_cmp);
+        Spread {
+            median: if s.is_empty() { 0.0 } else { s[s.len() / 2] },
+            min: s.first().copied().unwrap_or(0.0),
+            max: s.last().copied().unwrap_or(0.0),
+        }
+    }
+}
+
+/// One comparison: the rates of both sides and the per-repetition ratio `a / b`.
+#[derive(Debug, Clone, Serialize)]
+pub struct Comparison {
+    /// What was compared.
+    pub name: String,
+    /// Side a (arrays per second).
+    pub a: Spread,
+    /// Side b (arrays per second).
+    pub b: Spread,
+    /// `a / b`, per repetition.
+    pub ratio: Spread,
+}
+
+/// The idle figures.
+#[derive(Debug, Clone, Serialize)]
+pub struct IdleFigures {
+    /// CPU time of the pool's processes (coordinator and workers) over the idle spell, as a
+    /// percentage of one CPU.
+    pub cpu_percent_of_one_core: f64,
+    /// The idle spell, seconds.
+    pub idle_seconds: f64,
+    /// Round trip of the first task after an idle spell, microseconds: median.
+    pub first_task_p50_us: f64,
+    /// The same, 99th percentile.
+    pub first_task_p99_us: f64,
+    /// Idle spells timed.
+    pub spells: usize,
+}
+
+/// Everything `mk1 bench library` measured.
+#[derive(Debug, Clone, Serialize)]
+pub struct LibraryReport {
+    /// Worker processes.
+    pub workers: u32,
+    /// Repetitions.
+    pub reps: u32,
+    /// The comparisons.
+    pub comparisons: Vec<Comparison>,
+    /// Idle costs.
+    pub idle: IdleFigures,
+}
+
+fn fill_i32(d: &mut [i32], seq: u64) {
+    let base = crate::job::fill_base(seq, 7);
+    for (i, x) in d.iter_mut().enumerate() {
+        *x = base.wrapping_add(i as i32);
+    }
+}
+
+fn check_i32(d: &[i32], seq: u64) -> bool {
+    let base = crate::job::fill_base(seq, 7);
+    d.iter()
+        .enumerate()
+        .all(|(i, &y)| y == base.wrapping_add(i as i32).wrapping_mul(3).wrapping_add(1))
+}
+
+/// Element `i` is `base + i` (exact in f32 for arrays up to 2^23 elements), so `x*3+1` is
+/// exact too and the check is an equality.
+fn fill_f32(d: &mut [f32], seq: u64) {
+    let base = (seq % 1024) as f32;
+    for (i, x) in d.iter_mut().enumerate() {
+        *x = base + i as f32;
+    }
+}
+
+fn check_f32(d: &[f32], seq: u64) -> bool {
+    let base = (seq % 1024) as f32;
+    d.iter()
+        .enumerate()
+        .all(|(i, &y)| y == (base + i as f32) * 3.0 + 1.0)
+}
+
+/// Keeps every slot of `producer` busy with arrays of shapes up to `max_dim` for `duration`:
+/// fill, submit, receive, check, and refill the returned slot. Returns arrays per second.
+fn drive<T: Element>(
+    producer: &Producer<'_>,
+    task: &Task,
+    max_dim: u32,
+    duration: Duration,
+    fill: fn(&mut [T], u64),
+    check: fn(&[T], u64) -> bool,
+) -> Result<f64, String> {
+    let mut shapes = Shapes::new(11, 1, max_dim);
+    let mut seq_of = HashMap::new();
+    let mut seq = 0u64;
+    let mut done = 0u64;
+    let start = Instant::now();
+    let deadline = start + duration;
+    let next_loan = |shape: Shape| producer.try_loan::<T>(shape).ok();
+    // Fill every slot once.
+    loop {
+        let (r, c) = shapes.next_shape();
+        let Some(mut loan) = next_loan(Shape::d2(r, c)) else {
+            shapes.pending = Some((r, c));
+            break;
+        };
+        fill(loan.as_mut_slice(), seq);
+        let t = producer.submit(loan, task).map_err(|e| e.to_string())?;
+        seq_of.insert(t, seq);
+        seq += 1;
+    }
+    while let Some(c) = producer.recv() {
+        let s = seq_of.remove(&c.ticket()).ok_or("unknown ticket")?;
+        let out = c.output::<T>().map_err(|e| e.to_string())?;
+        if !check(out.as_slice(), s) {
+            return Err(format!("array {s} came back wrong"));
+        }
+        done += 1;
+        if Instant::now() >= deadline {
+            continue;
+        }
+        let (r, cc) = shapes.next_shape();
+        let mut loan = c.reuse::<T>(Shape::d2(r, cc)).map_err(|e| e.to_string())?;
+        fill(loan.as_mut_slice(), seq);
+        let t = producer.submit(loan, task).map_err(|e| e.to_string())?;
+        seq_of.insert(t, seq);
+        seq += 1;
+    }
+    Ok(done as f64 / start.elapsed().as_secs_f64())
+}
+
+/// The threads baseline: `workers` threads apply `x*3+1` (the same closure as the user kernel)
+/// to f32 arrays handed through crossbeam channels; the caller fills and checks as [`drive`].
+fn threads_f32(
+    workers: u32,
+    inflight: u32,
+    max_dim: u32,
+    duration: Duration,
+) -> Result<f64, String> {
+    struct Msg {
+        seq: u64,
+        len: usize,
+        data: Vec<f32>,
+    }
+    let (back_tx, back_rx) = chan::unbounded::<Msg>();
+    let (to_tx, to_rx) = chan::unbounded::<Msg>();
+    let kernel = |x: f32| x * 3.0 + 1.0;
+    std::thread::scope(|s| -> Result<f64, String> {
+        for _ in 0..workers {
+            let (rx, back) = (to_rx.clone(), back_tx.clone());
+            s.spawn(move || {
+                for mut m in rx {
+                    m.data[..m.len].iter_mut().for_each(|x| *x = kernel(*x));
+                    if back.send(m).is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+        drop(back_tx);
+        let mut shapes = Shapes::new(11, 1, max_dim);
+        let max = (max_dim as usize).pow(2);
+        let start = Instant::now();
+        let deadline = start + duration;
+        let (mut seq, mut done, mut out) = (0u64, 0u64, 0u64);
+        let mut send = |mut data: Vec<f32>, seq: u64| {
+            let (r, c) = shapes.next_shape();
+            let len = (r * c) as usize;
+            fill_f32(&mut data[..len], seq);
+            to_tx.send(Msg { seq, len, data }).expect("workers alive");
+        };
+        for _ in 0..inflight {
+            send(vec![0.0; max], seq);
+            seq += 1;
+            out += 1;
+        }
+        while out > 0 {
+            let m = back_rx.recv().map_err(|e| e.to_string())?;
+            out -= 1;
+            if !check_f32(&m.data[..m.len], m.seq) {
+                return Err(format!("array {} came back wrong", m.seq));
+            }
+            done += 1;
+            if Instant::now() < deadline {
+                send(m.data, seq);
+                seq += 1;
+                out += 1;
+            }
+        }
+        drop(send);
+        drop(to_tx);
+        Ok(done as f64 / start.elapsed().as_secs_f64())
+    })
+}
+
+/// `map` over `n` small f32 arrays (up to 16x16); arrays per second, every result checked.
+fn map_small(producer: &mut Producer<'_>, n: u64) -> Result<f64, String> {
+    let mut shapes = Shapes::new(5, 1, 16);
+    let inputs = (0..n).map(move |seq| {
+        let (r, c) = shapes.next_shape();
+        let mut data = vec![0f32; (r * c) as usize];
+        fill_f32(&mut data, seq);
+        Array::new(data, Shape::d2(r, c)).expect("shape matches")
+    });
+    let task = Task::op("affine:3,1").expect("valid");
+    let start = Instant::now();
+    let mut k = 0u64;
+    for r in producer.map(&task, inputs).map_err(|e| e.to_string())? {
+        let a = r.map_err(|e| e.to_string())?;
+        if !check_f32(a.as_slice(), k) {
+            return Err(format!("mapped array {k} came back wrong"));
+        }
+        k += 1;
+    }
+    Ok(k as f64 / start.elapsed().as_secs_f64())
+}
+
+fn cpu_ticks(pid: u32) -> u64 {
+    crate::sys::read_small(&format!("/proc/{pid}/stat"))
+        .and_then(|s| {
+            let rest = &s[s.rfind(')')? + 2..];
+            let f: Vec<&str> = rest.split_whitespace().collect();
+            Some(f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?)
+        })
+        .unwrap_or(0)
+}
+
+fn idle(workers: u32, spell: Duration) -> Result<IdleFigures, String> {
+    let pool = Pool::builder()
+        .workers(workers)
+        .kernels(kernels())
+        .build()
+        .map_err(|e| e.to_string())?;
+    let producer = pool.producer().map_err(|e| e.to_string())?;
+    let task = Task::op("add:1").expect("valid");
+    let one = |producer: &Producer<'_>| -> Result<f64, String> {
+        let t0 = Instant::now();
+        let loan = producer
+            .loan::<i32>(Shape::d1(16))
+            .map_err(|e| e.to_string())?;
+        producer.submit(loan, &task).map_err(|e| e.to_string())?;
+        let c = producer.recv().ok_or("no completion")?;
+        c.output::<i32>().map_err(|e| e.to_string())?;
+        Ok(t0.elapsed().as_secs_f64() * 1e6)
+    };
+    one(&producer)?;
+    let pids: Vec<u32> = std::iter::once(crate::sys::own_pid())
+        .chain(pool.worker_pids())
+        .collect();
+    let before: u64 = pids.iter().map(|&p| cpu_ticks(p)).sum();
+    let t0 = Instant::now();
+    std::thread::sleep(spell);
+    let after: u64 = pids.iter().map(|&p| cpu_ticks(p)).sum();
+    let secs = t0.elapsed().as_secs_f64();
+    let hz = crate::sys::clock_ticks_per_second() as f64;
+    let cpu = (after - before) as f64 / hz / secs * 100.0;
+    let mut lat = vec![one(&producer)?];
+    for _ in 0..40 {
+        std::thread::sleep(Duration::from_millis(100));
+        lat.push(one(&producer)?);
+    }
+    lat.sort_by(f64::total_cmp);
+    let p = |q: f64| lat[((lat.len() - 1) as f64 * q).round() as usize];
+    Ok(IdleFigures {
+        cpu_percent_of_one_core: cpu,
+        idle_seconds: secs,
+        first_task_p50_us: p(0.5),
+        first_task_p99_us: p(0.99),
+        spells: lat.len(),
+    })
+}
+
+/// Runs every comparison `reps` times, interleaved, then the idle measurement.
+///
+/// # Errors
+/// A pool that cannot start, or a result that came back wrong.
+pub fn measure(b: &LibraryBench) -> Result<LibraryReport, String> {
+    let start = |mode: Mode, pack: u64| {
+        Pool::builder()
+            .workers(b.workers)
+            .producers(2)
+            .mode(mode)
+            .max_array_bytes(4 << 20)
+            .slots_per_producer(4 * b.workers)
+            .pack_bytes(pack)
+            .kernels(kernels())
+            .build()
+            .map_err(|e| e.to_string())
+    };
+    let in_place = start(Mode::InPlace, 64 << 10)?;
+    let out_place = start(Mode::OutOfPlace, 64 << 10)?;
+    let unpacked = start(Mode::OutOfPlace, 0)?;
+    let pi = in_place.producer().map_err(|e| e.to_string())?;
+    let po = out_place.producer().map_err(|e| e.to_string())?;
+    let builtin = Task::op("affine:3,1").expect("valid");
+    let x3p1 = Task::kernel("x3p1");
+    let affine = Task::kernel("affine").params(Params::from_f64(&[3.0, 1.0]).expect("two"));
+    let inflight = 4 * b.workers;
+    let mut rows: Vec<(String, Vec<f64>, Vec<f64>)> = Vec::new();
+    let mut add = |name: &str, a: f64, bb: f64| match rows.iter_mut().find(|r| r.0 == name) {
+        Some(r) => {
+            r.1.push(a);
+            r.2.push(bb);
+        }
+        None => rows.push((name.to_string(), vec![a], vec![bb])),
+    };
+    for _ in 0..b.reps {
+        let k = drive::<i32>(&pi, &x3p1, 128, b.duration, fill_i32, check_i32)?;
+        let bi = drive::<i32>(&pi, &builtin, 128, b.duration, fill_i32, check_i32)?;
+        add(
+            "user kernel x*3+1 / built-in affine:3,1 (int32, in place, max-dim 128)",
+            k,
+            bi,
+        );
+        for dim in [128, 1024] {
+            let t = threads_f32(b.workers, inflight, dim, b.duration)?;
+            let ip = drive::<f32>(&pi, &affine, dim, b.duration, fill_f32, check_f32)?;
+            let op = drive::<f32>(&po, &affine, dim, b.duration, fill_f32, check_f32)?;
+            add(
+                &format!("f32 user kernel in place / threads (max-dim {dim})"),
+                ip,
+                t,
+            );
+            add(
+                &format!("f32 user kernel out of place / threads (max-dim {dim})"),
+                op,
+                t,
+            );
+            add(
+                &format!("f32 user kernel out of place / in place (max-dim {dim})"),
+                op,
+                ip,
+            );
+        }
+        let mut pp = out_place.producer().map_err(|e| e.to_string())?;
+        let packed = map_small(&mut pp, b.map_arrays)?;
+        drop(pp);
+        let mut pu = unpacked.producer().map_err(|e| e.to_string())?;
+        let plain = map_small(&mut pu, b.map_arrays)?;
+        drop(pu);
+        add(
+            "map over small f32 arrays: packed / one per slot",
+            packed,
+            plain,
+        );
+    }
+    drop((pi, po));
+    drop((in_place, out_place, unpacked));
+    let idle = idle(b.workers, b.idle)?;
+    Ok(LibraryReport {
+        workers: b.workers,
+        reps: b.reps,
+        comparisons: rows
+            .into_iter()
+            .map(|(name, a, bb)| {
+                let ratio: Vec<f64> = a.iter().zip(&bb).map(|(x, y)| x / y).collect();
+                Comparison {
+                    name,
+                    a: Spread::of(&a),
+                    b: Spread::of(&bb),
+                    ratio: Spread::of(&ratio),
+                }
+            })
+            .collect(),
+        idle,
+    })
+}
