@@ -253,7 +253,6 @@ fn threads_f32(
                 out += 1;
             }
         }
-        drop(send);
         drop(to_tx);
         Ok(done as f64 / start.elapsed().as_secs_f64())
     })
