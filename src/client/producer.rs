@@ -144,6 +144,14 @@ pub struct Rejected<'p, T: Element> {
     pub loan: Loan<'p, T>,
 }
 
+impl<T: Element> From<Rejected<'_, T>> for SubmitError {
+    /// The reason alone (the loan is dropped and its slot goes home): for callers that give up
+    /// on a refused array, e.g. `producer.submit(loan, &task).map_err(SubmitError::from)?`.
+    fn from(r: Rejected<'_, T>) -> SubmitError {
+        r.error
+    }
+}
+
 impl<T: Element> std::fmt::Debug for Rejected<'_, T> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "Rejected({:?})", self.error)
