@@ -36,7 +36,10 @@ fn kernels() -> Registry {
     Registry::new().kernel_with_state::<f32, Clip>(
         "affine_clip",
         |info| {
-            eprintln!("worker {} of {} builds its table", info.worker, info.workers);
+            eprintln!(
+                "worker {} of {} builds its table",
+                info.worker, info.workers
+            );
             Ok(Clip::new())
         },
         |clip, mut a| {
@@ -69,9 +72,16 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     };
     // Fill every slot once, then refill each slot as its result is checked.
     while sent < total {
-        let Ok(mut loan) = producer.try_loan::<f32>(shape) else { break };
+        let Ok(mut loan) = producer.try_loan::<f32>(shape) else {
+            break;
+        };
         fill(loan.as_mut_slice(), sent);
-        seq_of.insert(producer.submit(loan, &task).map_err(mk1::SubmitError::from)?, sent);
+        seq_of.insert(
+            producer
+                .submit(loan, &task)
+                .map_err(mk1::SubmitError::from)?,
+            sent,
+        );
         sent += 1;
     }
     while let Some(done) = producer.recv() {
@@ -79,13 +89,22 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         let out = done.output::<f32>()?;
         for (i, &y) in out.as_slice().iter().enumerate() {
             let x = ((i as u64 + seq) % 100) as f32;
-            assert_eq!(y, reference.apply(x * 0.01 - 0.5), "array {seq} element {i}");
+            assert_eq!(
+                y,
+                reference.apply(x * 0.01 - 0.5),
+                "array {seq} element {i}"
+            );
         }
         checked += 1;
         if sent < total {
             let mut loan = done.reuse::<f32>(shape)?;
             fill(loan.as_mut_slice(), sent);
-            seq_of.insert(producer.submit(loan, &task).map_err(mk1::SubmitError::from)?, sent);
+            seq_of.insert(
+                producer
+                    .submit(loan, &task)
+                    .map_err(mk1::SubmitError::from)?,
+                sent,
+            );
             sent += 1;
         }
     }

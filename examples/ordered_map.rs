@@ -14,15 +14,24 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     // Arrays from 1x1 to 16x16, made as they are needed.
     let inputs = (0..n).map(|k| {
         let shape = Shape::d2(k % 16 + 1, (k / 16) % 16 + 1);
-        let data = (0..shape.elements()).map(|i| (k as f64) + i as f64).collect();
+        let data = (0..shape.elements())
+            .map(|i| (k as f64) + i as f64)
+            .collect();
         Array::new(data, shape).expect("shape matches")
     });
     let start = std::time::Instant::now();
     let mut count = 0u32;
-    for (k, result) in producer.map(&Task::op("affine:0.5,1")?, inputs)?.enumerate() {
+    for (k, result) in producer
+        .map(&Task::op("affine:0.5,1")?, inputs)?
+        .enumerate()
+    {
         let out = result?;
         let k = k as u32;
-        assert_eq!(out.shape(), Shape::d2(k % 16 + 1, (k / 16) % 16 + 1), "in input order");
+        assert_eq!(
+            out.shape(),
+            Shape::d2(k % 16 + 1, (k / 16) % 16 + 1),
+            "in input order"
+        );
         assert_eq!(out.as_slice()[0], k as f64 * 0.5 + 1.0);
         count += 1;
     }

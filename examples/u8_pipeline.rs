@@ -37,7 +37,10 @@ fn kernels() -> Registry {
         |_| Ok(Vec::new()),
         |sums, a| {
             let [rows, cols] = a.shape.dims() else {
-                return Err(KernelError::new(format!("box3 takes 2-D frames, got {}", a.shape)));
+                return Err(KernelError::new(format!(
+                    "box3 takes 2-D frames, got {}",
+                    a.shape
+                )));
             };
             match a.io {
                 Io::OutOfPlace { input, output } => {
@@ -69,15 +72,21 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .collect::<Result<_, _>>()?;
     // Stage 2: blur.
     let mut scratch = Vec::new();
-    for (k, out) in producer
-        .map(&Task::kernel("box3"), &inverted)?
-        .enumerate()
-    {
+    for (k, out) in producer.map(&Task::kernel("box3"), &inverted)?.enumerate() {
         let out = out?;
         let mut want = vec![0u8; (H * W) as usize];
-        blur(inverted[k].as_slice(), &mut want, H as usize, W as usize, &mut scratch);
+        blur(
+            inverted[k].as_slice(),
+            &mut want,
+            H as usize,
+            W as usize,
+            &mut scratch,
+        );
         assert_eq!(out.as_slice(), &want[..], "frame {k}");
-        assert_eq!(frame(k as u32).as_slice()[0] ^ 255, inverted[k].as_slice()[0]);
+        assert_eq!(
+            frame(k as u32).as_slice()[0] ^ 255,
+            inverted[k].as_slice()[0]
+        );
     }
     println!(
         "{frames} frames of {H}x{W} uint8 inverted and blurred in worker processes in {:.2} s, every pixel checked ({} worker restarts)",

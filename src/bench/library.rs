@@ -258,15 +258,22 @@ fn threads_f32(
     })
 }
 
-/// `map` over `n` small f32 arrays (up to 16x16); arrays per second, every result checked.
-fn map_small(producer: &mut Producer<'_>, n: u64) -> Result<f64, String> {
+/// `n` small f32 arrays (up to 16x16), array `k` filled as [`fill_f32`] with seq `k`.
+fn small_arrays(n: u64) -> Vec<Array<f32>> {
     let mut shapes = Shapes::new(5, 1, 16);
-    let inputs = (0..n).map(move |seq| {
-        let (r, c) = shapes.next_shape();
-        let mut data = vec![0f32; (r * c) as usize];
-        fill_f32(&mut data, seq);
-        Array::new(data, Shape::d2(r, c)).expect("shape matches")
-    });
+    (0..n)
+        .map(|seq| {
+            let (r, c) = shapes.next_shape();
+            let mut data = vec![0f32; (r * c) as usize];
+            fill_f32(&mut data, seq);
+            Array::new(data, Shape::d2(r, c)).expect("shape matches")
+        })
+        .collect()
+}
+
+/// `map` over `inputs` (made beforehand: only the map is timed); arrays per second, every
+/// result checked as it arrives.
+fn map_small(producer: &mut Producer<'_>, inputs: &[Array<f32>]) -> Result<f64, String> {
     let task = Task::op("affine:3,1").expect("valid");
     let start = Instant::now();
     let mut k = 0u64;
@@ -361,6 +368,7 @@ pub fn measure(b: &LibraryBench) -> Result<LibraryReport, String> {
     let x3p1 = Task::kernel("x3p1");
     let affine = Task::kernel("affine").params(Params::from_f64(&[3.0, 1.0]).expect("two"));
     let inflight = 4 * b.workers;
+    let small = small_arrays(b.map_arrays);
     let mut rows: Vec<(String, Vec<f64>, Vec<f64>)> = Vec::new();
     let mut add = |name: &str, a: f64, bb: f64| match rows.iter_mut().find(|r| r.0 == name) {
         Some(r) => {
@@ -398,10 +406,10 @@ pub fn measure(b: &LibraryBench) -> Result<LibraryReport, String> {
             );
         }
         let mut pp = out_place.producer().map_err(|e| e.to_string())?;
-        let packed = map_small(&mut pp, b.map_arrays)?;
+        let packed = map_small(&mut pp, &small)?;
         drop(pp);
         let mut pu = unpacked.producer().map_err(|e| e.to_string())?;
-        let plain = map_small(&mut pu, b.map_arrays)?;
+        let plain = map_small(&mut pu, &small)?;
         drop(pu);
         add(
             "map over small f32 arrays: packed / one per slot",

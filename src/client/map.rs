@@ -5,7 +5,7 @@
 //! back, and the slot is reused at once: a caller that collects every result never blocks the
 //! pool (results waiting for their turn cost heap memory, bounded by the window, not slots).
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::VecDeque;
 
 use super::producer::{packed_offset, Core, Outcome, Producer, Record, TaskError, PACK_MAX};
 use super::{SubmitError, Task};
@@ -31,8 +31,8 @@ where
     window: u64,
     next_in: u64,
     next_out: u64,
-    /// Finished out of turn (ordered).
-    parked: BTreeMap<u64, Outcome1<I>>,
+    /// Ordered: results by `seq - next_out` (`None` while not finished; at most the window).
+    parked: VecDeque<Option<Outcome1<I>>>,
     /// Finished, in completion order (unordered).
     finished: VecDeque<(u64, Outcome1<I>)>,
     exhausted: bool,
@@ -110,7 +110,7 @@ impl<'pool> Producer<'pool> {
             window,
             next_in: 0,
             next_out: 0,
-            parked: BTreeMap::new(),
+            parked: VecDeque::new(),
             finished: VecDeque::new(),
             exhausted: false,
             out: 0,
@@ -124,7 +124,11 @@ where
 {
     fn done(&mut self, seq: u64, r: Outcome1<I>) {
         if self.ordered {
-            self.parked.insert(seq, r);
+            let at = (seq - self.next_out) as usize;
+            if self.parked.len() <= at {
+                self.parked.resize_with(at + 1, || None);
+            }
+            self.parked[at] = Some(r);
         } else {
             self.finished.push_back((seq, r));
         }
@@ -261,9 +265,9 @@ where
         let mut c = producer.core();
         loop {
             if self.ordered {
-                if let Some(r) = self.parked.remove(&self.next_out) {
+                if let Some(Some(_)) = self.parked.front() {
                     self.next_out += 1;
-                    return Some(r);
+                    return self.parked.pop_front().flatten();
                 }
             } else if let Some((_, r)) = self.finished.pop_front() {
                 self.next_out += 1;
@@ -280,7 +284,7 @@ where
                 c.ring_bells();
             }
             self.harvest(&mut c);
-            if self.parked.contains_key(&self.next_out) || !self.finished.is_empty() {
+            if matches!(self.parked.front(), Some(Some(_))) || !self.finished.is_empty() {
                 continue;
             }
             if self.out == 0 {

@@ -135,6 +135,13 @@ impl<T: Element> TypedOp<T> {
         Ok(TypedOp(op))
     }
 
+    /// Wraps an op already checked by [`TypedOp::new`] (for a hot path that checked it once
+    /// for many arrays).
+    pub(crate) fn prechecked(op: ElemOp<T>) -> TypedOp<T> {
+        debug_assert!(TypedOp::new(op).is_ok());
+        TypedOp(op)
+    }
+
     /// The op.
     pub fn op(&self) -> ElemOp<T> {
         self.0

@@ -261,6 +261,15 @@ impl Builtin {
 /// A worker's side: rebuilds the op for `T` from an untrusted descriptor's code and words and
 /// validates it exactly as at submit.
 pub(crate) fn decode<T: Element>(code: u32, p: &Params) -> Result<TypedOp<T>, String> {
+    TypedOp::new(elem_op(code, p)?).map_err(|e| e.to_string())
+}
+
+/// Checks a descriptor's op for `dtype` (once per task; see [`run_prechecked`]).
+pub(crate) fn validate(code: u32, p: &Params, dtype: DType) -> Result<(), String> {
+    with_dtype!(dtype, T => decode::<T>(code, p).map(|_| ()))
+}
+
+fn elem_op<T: Element>(code: u32, p: &Params) -> Result<ElemOp<T>, String> {
     let w = |i: usize| p.words().get(i).copied().unwrap_or(0);
     let (a, b) = (T::from_word(w(0)), T::from_word(w(1)));
     let n = w(0).min(u64::from(u32::MAX)) as u32;
@@ -278,21 +287,15 @@ pub(crate) fn decode<T: Element>(code: u32, p: &Params) -> Result<TypedOp<T>, St
         11 => ElemOp::Shr(n),
         other => return Err(format!("unknown built-in op code {other}")),
     };
-    TypedOp::new(op).map_err(|e| e.to_string())
+    Ok(op)
 }
 
-/// Runs a built-in op from a descriptor on `data` (elements of `dtype`) in place.
-pub(crate) fn run_in_place(
-    code: u32,
-    p: &Params,
-    dtype: DType,
-    simd: Kernel,
-    data: &mut [u8],
-) -> Result<(), String> {
+/// Runs a built-in op that [`validate`] accepted on `data` (elements of `dtype`) in place.
+pub(crate) fn run_prechecked(code: u32, p: &Params, dtype: DType, simd: Kernel, data: &mut [u8]) {
     with_dtype!(dtype, T => {
-        let op = decode::<T>(code, p)?;
-        op.apply(simd, crate::array::cast_mut::<T>(data));
-        Ok(())
+        if let Ok(op) = elem_op::<T>(code, p) {
+            TypedOp::prechecked(op).apply(simd, crate::array::cast_mut::<T>(data));
+        }
     })
 }
 

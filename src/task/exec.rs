@@ -182,8 +182,8 @@ impl<'r> Executor<'r> {
                     o
                 }
             };
-            return builtin::run_in_place(kernel, &task.params, task.dtype, self.simd, data)
-                .map_err(|m| (m, false));
+            builtin::run_prechecked(kernel, &task.params, task.dtype, self.simd, data);
+            return Ok(());
         }
         let entry = self.registry.entry(kernel).expect("checked");
         let state = &mut self.states[kernel as usize];
@@ -229,6 +229,9 @@ fn check(d: &TaskDesc, bufs: &TaskBuffers<'_>, registry: &Registry) -> Result<Ch
     }
     let params = Params::decode(&d.params, d.params_len)
         .ok_or_else(|| format!("parameter length {}", d.params_len))?;
+    if d.kernel >= BUILTIN {
+        builtin::validate(d.kernel, &params, dtype)?;
+    }
     let count = d.count as usize;
     if count == 0 || count > MAX_ITEMS {
         return Err(format!("{count} arrays, outside 1..={MAX_ITEMS}"));
