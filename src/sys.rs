@@ -652,8 +652,15 @@ pub fn current_cpu() -> usize {
 ///
 /// [sched_setaffinity(2)]: https://man7.org/linux/man-pages/man2/sched_setaffinity.2.html
 pub fn pin_to_cpu(cpu: usize) -> io::Result<()> {
+    set_affinity(&[cpu])
+}
+
+/// Lets the calling thread run on exactly `cpus` (children started later inherit the mask).
+pub fn set_affinity(cpus: &[usize]) -> io::Result<()> {
     let mut set = rustix::thread::CpuSet::new();
-    set.set(cpu);
+    for &c in cpus {
+        set.set(c);
+    }
     Ok(rustix::thread::sched_setaffinity(None, &set)?)
 }
 

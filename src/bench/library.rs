@@ -101,6 +101,11 @@ pub struct IdleFigures {
     pub first_task_p99_us: f64,
     /// Idle spells timed.
     pub spells: usize,
+    /// The same first-task round trip with the caller and the workers confined to the caller's
+    /// CPU (no cross-CPU wake-up of an idle CPU), microseconds: median.
+    pub one_cpu_first_task_p50_us: f64,
+    /// The same, 99th percentile.
+    pub one_cpu_first_task_p99_us: f64,
 }
 
 /// Everything `mk1 bench library` measured.
@@ -297,7 +302,9 @@ fn cpu_ticks(pid: u32) -> u64 {
         .unwrap_or(0)
 }
 
-fn idle(workers: u32, spell: Duration) -> Result<IdleFigures, String> {
+/// First-task round trips after `spells` idle spells of 100 ms (p50, p99 in microseconds),
+/// with the pool started under the caller's current affinity.
+fn after_idle(workers: u32, spells: usize) -> Result<(f64, f64), String> {
     let pool = Pool::builder()
         .workers(workers)
         .kernels(kernels())
@@ -305,7 +312,9 @@ fn idle(workers: u32, spell: Duration) -> Result<IdleFigures, String> {
         .map_err(|e| e.to_string())?;
     let producer = pool.producer().map_err(|e| e.to_string())?;
     let task = Task::op("add:1").expect("valid");
-    let one = |producer: &Producer<'_>| -> Result<f64, String> {
+    let mut lat = Vec::with_capacity(spells);
+    for _ in 0..spells {
+        std::thread::sleep(Duration::from_millis(100));
         let t0 = Instant::now();
         let loan = producer
             .loan::<i32>(Shape::d1(16))
@@ -313,9 +322,28 @@ fn idle(workers: u32, spell: Duration) -> Result<IdleFigures, String> {
         producer.submit(loan, &task).map_err(|e| e.to_string())?;
         let c = producer.recv().ok_or("no completion")?;
         c.output::<i32>().map_err(|e| e.to_string())?;
-        Ok(t0.elapsed().as_secs_f64() * 1e6)
-    };
-    one(&producer)?;
+        lat.push(t0.elapsed().as_secs_f64() * 1e6);
+    }
+    lat.sort_by(f64::total_cmp);
+    let p = |q: f64| lat[((lat.len() - 1) as f64 * q).round() as usize];
+    Ok((p(0.5), p(0.99)))
+}
+
+fn idle(workers: u32, spell: Duration) -> Result<IdleFigures, String> {
+    let pool = Pool::builder()
+        .workers(workers)
+        .kernels(kernels())
+        .build()
+        .map_err(|e| e.to_string())?;
+    let producer = pool.producer().map_err(|e| e.to_string())?;
+    // One task first, so every process has done work before it goes idle.
+    let loan = producer
+        .loan::<i32>(Shape::d1(16))
+        .map_err(|e| e.to_string())?;
+    producer
+        .submit(loan, &Task::op("add:1").expect("valid"))
+        .map_err(|e| e.to_string())?;
+    drop(producer.recv().ok_or("no completion")?);
     let pids: Vec<u32> = std::iter::once(crate::sys::own_pid())
         .chain(pool.worker_pids())
         .collect();
@@ -326,19 +354,24 @@ fn idle(workers: u32, spell: Duration) -> Result<IdleFigures, String> {
     let secs = t0.elapsed().as_secs_f64();
     let hz = crate::sys::clock_ticks_per_second() as f64;
     let cpu = (after - before) as f64 / hz / secs * 100.0;
-    let mut lat = vec![one(&producer)?];
-    for _ in 0..40 {
-        std::thread::sleep(Duration::from_millis(100));
-        lat.push(one(&producer)?);
-    }
-    lat.sort_by(f64::total_cmp);
-    let p = |q: f64| lat[((lat.len() - 1) as f64 * q).round() as usize];
+    drop(producer);
+    drop(pool);
+    let spells = 40;
+    let (p50, p99) = after_idle(workers, spells)?;
+    // Again with everything on this thread's CPU: workers inherit the mask.
+    let allowed = crate::sys::allowed_cpus();
+    crate::sys::pin_to_cpu(crate::sys::current_cpu()).map_err(|e| e.to_string())?;
+    let one = after_idle(workers, spells);
+    crate::sys::set_affinity(&allowed).map_err(|e| e.to_string())?;
+    let (o50, o99) = one?;
     Ok(IdleFigures {
         cpu_percent_of_one_core: cpu,
         idle_seconds: secs,
-        first_task_p50_us: p(0.5),
-        first_task_p99_us: p(0.99),
-        spells: lat.len(),
+        first_task_p50_us: p50,
+        first_task_p99_us: p99,
+        spells,
+        one_cpu_first_task_p50_us: o50,
+        one_cpu_first_task_p99_us: o99,
     })
 }
 

@@ -193,6 +193,11 @@ fn library(b: LibraryBench, json: bool) -> ExitCode {
         i.first_task_p99_us,
         i.spells
     );
+    outln!(
+        "  the same with the caller and the workers on one CPU: p50 {:.0} us, p99 {:.0} us",
+        i.one_cpu_first_task_p50_us,
+        i.one_cpu_first_task_p99_us
+    );
     ExitCode::SUCCESS
 }
 
