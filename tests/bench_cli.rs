@@ -102,6 +102,55 @@ fn kernels_json_lists_every_available_kernel() {
 }
 
 #[test]
+fn library_bench_reports_every_comparison_and_the_idle_figures() {
+    let out = mk1(
+        &[
+            "bench",
+            "library",
+            "--workers",
+            "1",
+            "--reps",
+            "2",
+            "--duration",
+            "50ms",
+            "--map-arrays",
+            "2000",
+            "--idle",
+            "300ms",
+            "--json",
+        ],
+        LIMIT,
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let j = json(&out);
+    let rows = j["comparisons"].as_array().unwrap();
+    assert_eq!(rows.len(), 8, "{rows:?}");
+    for r in rows {
+        for side in ["a", "b", "ratio"] {
+            let s = &r[side];
+            let (lo, mid, hi) = (
+                s["min"].as_f64().unwrap(),
+                s["median"].as_f64().unwrap(),
+                s["max"].as_f64().unwrap(),
+            );
+            assert!(lo > 0.0 && lo <= mid && mid <= hi, "{r}");
+        }
+    }
+    assert!(rows
+        .iter()
+        .any(|r| r["name"].as_str().unwrap().contains("packed")));
+    let idle = &j["idle"];
+    assert!(idle["cpu_percent_of_one_core"].as_f64().unwrap() >= 0.0);
+    assert!(idle["first_task_p50_us"].as_f64().unwrap() > 0.0);
+    assert!(idle["one_cpu_first_task_p99_us"].as_f64().unwrap() > 0.0);
+    assert_eq!(idle["spells"], 40);
+}
+
+#[test]
 fn bad_bench_flags_exit_2() {
     for args in [
         &["bench", "--systems", "carrier-pigeon"][..],
@@ -109,6 +158,7 @@ fn bad_bench_flags_exit_2() {
         &["bench", "--max-dim", "0"],
         &["bench", "latency", "--round-trips", "0"],
         &["bench", "--producers", "2"],
+        &["bench", "library", "--duration", "forever"],
     ] {
         let out = mk1(args, LIMIT);
         assert_eq!(out.status.code(), Some(2), "{args:?}");
