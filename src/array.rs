@@ -6,6 +6,7 @@
 //! alignment and length. Every array in a slot starts at a multiple of 64 bytes, so the
 //! checks never fail for arrays mk1 placed.
 
+use std::borrow::Cow;
 use std::fmt;
 
 use crate::dtype::{DType, Element};
@@ -176,55 +177,106 @@ impl<T: Element> Array<T> {
     }
 }
 
-/// Anything `map` can take as an input array: a contiguous row-major slice of elements and its
-/// shape.
+/// Anything `map` can take as an input array: its elements in row-major order and its shape.
 pub trait AsArray {
     /// Element type.
     type Elem: Element;
-    /// The elements, row-major; `shape().elements()` of them.
-    fn elements(&self) -> &[Self::Elem];
+    /// The elements, row-major; `shape().elements()` of them. Borrowed when the array is
+    /// contiguous and row-major; a copy otherwise (an `ndarray` view with strides, say).
+    fn elements(&self) -> Cow<'_, [Self::Elem]>;
     /// The shape.
-    fn shape(&self) -> Shape;
+    ///
+    /// # Errors
+    /// A shape mk1 cannot carry (more than [`MAX_DIMS`] dimensions, a dimension of 2^32 or
+    /// more): `map` fails that array alone.
+    fn shape(&self) -> Result<Shape, ShapeError>;
 }
 
 impl<T: Element> AsArray for Array<T> {
     type Elem = T;
-    fn elements(&self) -> &[T] {
-        &self.data
+    fn elements(&self) -> Cow<'_, [T]> {
+        Cow::Borrowed(&self.data)
     }
-    fn shape(&self) -> Shape {
-        self.shape
+    fn shape(&self) -> Result<Shape, ShapeError> {
+        Ok(self.shape)
     }
 }
 
 impl<A: AsArray> AsArray for &A {
     type Elem = A::Elem;
-    fn elements(&self) -> &[A::Elem] {
+    fn elements(&self) -> Cow<'_, [A::Elem]> {
         (*self).elements()
     }
-    fn shape(&self) -> Shape {
+    fn shape(&self) -> Result<Shape, ShapeError> {
         (*self).shape()
     }
 }
 
 impl<T: Element> AsArray for Vec<T> {
     type Elem = T;
-    fn elements(&self) -> &[T] {
-        self
+    fn elements(&self) -> Cow<'_, [T]> {
+        Cow::Borrowed(self)
     }
-    fn shape(&self) -> Shape {
-        Shape::d1(u32::try_from(self.len()).expect("at most 2^32-1 elements"))
+    fn shape(&self) -> Result<Shape, ShapeError> {
+        Shape::new(&[self.len()])
     }
 }
 
 impl<T: Element> AsArray for &[T] {
     type Elem = T;
-    fn elements(&self) -> &[T] {
-        self
+    fn elements(&self) -> Cow<'_, [T]> {
+        Cow::Borrowed(self)
     }
-    fn shape(&self) -> Shape {
-        Shape::d1(u32::try_from(self.len()).expect("at most 2^32-1 elements"))
+    fn shape(&self) -> Result<Shape, ShapeError> {
+        Shape::new(&[self.len()])
     }
+}
+
+/// `ndarray` arrays and views of any layout (with the `ndarray` feature): a standard-layout
+/// (C-contiguous) array is read in place; any other (strided, transposed, Fortran order) is
+/// copied into row-major order first.
+#[cfg(feature = "ndarray")]
+impl<T, S, D> AsArray for ndarray::ArrayBase<S, D>
+where
+    T: Element,
+    S: ndarray::Data<Elem = T>,
+    D: ndarray::Dimension,
+{
+    type Elem = T;
+    fn elements(&self) -> Cow<'_, [T]> {
+        match self.as_slice() {
+            Some(s) => Cow::Borrowed(s),
+            None => Cow::Owned(self.iter().copied().collect()),
+        }
+    }
+    fn shape(&self) -> Result<Shape, ShapeError> {
+        Shape::new(ndarray::ArrayBase::shape(self))
+    }
+}
+
+/// The row-major elements of an `ndarray` array without a copy, or why not (with the
+/// `ndarray` feature): for callers that asked for zero copy and must not silently get one.
+///
+/// # Errors
+/// [`NotContiguous`] for a view that is not in standard (C-contiguous) layout.
+#[cfg(feature = "ndarray")]
+pub fn contiguous<T, S, D>(a: &ndarray::ArrayBase<S, D>) -> Result<&[T], NotContiguous>
+where
+    T: Element,
+    S: ndarray::Data<Elem = T>,
+    D: ndarray::Dimension,
+{
+    a.as_slice().ok_or(NotContiguous {
+        strides: a.strides().to_vec(),
+    })
+}
+
+/// An array that is not contiguous in row-major order.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("the array is not contiguous in row-major (C) order (strides {strides:?}); copy it, e.g. with as_standard_layout()")]
+pub struct NotContiguous {
+    /// Its strides, in elements.
+    pub strides: Vec<isize>,
 }
 
 /// Views `bytes` as elements of `T`.

@@ -692,6 +692,49 @@ fn handles_per_thread() {
     drop((a, b));
 }
 
+/// ndarray inputs of any layout: copied when not contiguous, refused where zero copy was asked.
+#[cfg(feature = "ndarray")]
+fn ndarray_inputs_of_any_layout() {
+    use ndarray::{Array2, ShapeBuilder};
+    let pool = pool(Mode::OutOfPlace);
+    let mut producer = pool.producer().unwrap();
+    let base = Array2::from_shape_fn((5, 7), |(r, c)| (r * 10 + c) as i32);
+    let transposed = base.t();
+    assert!(transposed.as_slice().is_none(), "a strided view");
+    let e = mk1::array::contiguous(&transposed).unwrap_err();
+    assert!(e.to_string().contains("not contiguous"), "{e}");
+    assert!(mk1::array::contiguous(&base).is_ok());
+    let views = vec![transposed, base.view()];
+    let out: Vec<_> = producer
+        .map(&Task::kernel("x3p1"), views.iter())
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    assert_eq!(out[0].shape(), Shape::d2(7, 5));
+    for (k, v) in views.iter().enumerate() {
+        let want: Vec<i32> = v.iter().map(|&x| x * 3 + 1).collect();
+        assert_eq!(out[k].as_slice(), &want[..], "row-major order of view {k}");
+    }
+    drop(out);
+    // A Fortran-ordered array copied into a loan, the result read as an ndarray view.
+    let f = Array2::from_shape_vec((3, 4).f(), (0..12).collect::<Vec<i32>>()).unwrap();
+    let mut loan = producer.loan::<i32>(Shape::d2(3, 4)).unwrap();
+    loan.copy_from_ndarray(&f).unwrap();
+    assert!(
+        loan.copy_from_ndarray(&base).is_err(),
+        "shape mismatch refused"
+    );
+    producer.submit(loan, &Task::kernel("x3p1")).unwrap();
+    let done = producer.recv().unwrap();
+    let view = done.output::<i32>().unwrap();
+    assert_eq!(view.as_ndarray(), f.mapv(|x| x * 3 + 1).into_dyn());
+}
+
+#[cfg(not(feature = "ndarray"))]
+fn ndarray_inputs_of_any_layout() {
+    println!("(ndarray tests need --features ndarray; .ci/run runs them)");
+}
+
 fn main() {
     mk1::run_if_worker_with(&kernels());
     let filter: Option<String> = std::env::args().skip(1).find(|a| !a.starts_with('-'));
@@ -754,6 +797,7 @@ fn main() {
             dropping_the_pool_with_tasks_in_flight_leaves_nothing,
         ),
         ("handles_per_thread", handles_per_thread),
+        ("ndarray_inputs_of_any_layout", ndarray_inputs_of_any_layout),
     ];
     let mut failed = Vec::new();
     let mut ran = 0;

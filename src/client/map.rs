@@ -159,9 +159,41 @@ where
                 self.exhausted = true;
                 break;
             };
-            let shape: Shape = item.shape();
+            let shape = match item.shape() {
+                Ok(s) => s,
+                Err(e) => {
+                    if count > 0 {
+                        self.pending = Some(item);
+                        break;
+                    }
+                    let seq = self.next_in;
+                    self.next_in += 1;
+                    desc.seq = self.next_in;
+                    self.done(seq, Err(TaskError::Shape(e.to_string())));
+                    continue;
+                }
+            };
             let bytes = shape.bytes(dtype);
-            if bytes > slot_bytes || item.elements().len() as u64 != shape.elements() {
+            let elements = item.elements();
+            if elements.len() as u64 != shape.elements() {
+                if count > 0 {
+                    self.pending = Some(item);
+                    break;
+                }
+                let seq = self.next_in;
+                self.next_in += 1;
+                desc.seq = self.next_in;
+                self.done(
+                    seq,
+                    Err(TaskError::Shape(format!(
+                        "{} elements for a shape of {}",
+                        elements.len(),
+                        shape
+                    ))),
+                );
+                continue;
+            }
+            if bytes > slot_bytes {
                 if count > 0 {
                     self.pending = Some(item);
                     break;
@@ -183,7 +215,8 @@ where
                 break;
             }
             let data = c.sh.seg.slot_bytes_mut(&mut token);
-            data[used as usize..(used + bytes) as usize].copy_from_slice(as_bytes(item.elements()));
+            data[used as usize..(used + bytes) as usize].copy_from_slice(as_bytes(&elements));
+            drop(elements);
             let (ndim, dims) = shape.raw();
             desc.items[count] = ItemDesc {
                 offset: used as u32,

@@ -63,6 +63,9 @@ pub enum TaskError {
         /// The slot size.
         max: u64,
     },
+    /// A `map` input whose shape mk1 cannot carry, or whose element count does not match it.
+    #[error("{0}")]
+    Shape(String),
     /// `map` could get no slot: the caller holds them all.
     #[error("no slot for map: {0}")]
     NoSlot(String),
@@ -1003,6 +1006,38 @@ impl<T: Element> Loan<'_, T> {
     pub fn shape(&self) -> Shape {
         self.shape
     }
+
+    /// The slot as an `ndarray` view of the loan's shape, to write the input in place (with the
+    /// `ndarray` feature).
+    #[cfg(feature = "ndarray")]
+    pub fn as_ndarray_mut(&mut self) -> ndarray::ArrayViewMutD<'_, T> {
+        let dims: Vec<usize> = self.shape.dims().iter().map(|&d| d as usize).collect();
+        ndarray::ArrayViewMutD::from_shape(dims, self.as_mut_slice())
+            .expect("the slice has the shape's element count")
+    }
+
+    /// Copies an `ndarray` array of any layout in (with the `ndarray` feature); its shape must
+    /// be the loan's.
+    ///
+    /// # Errors
+    /// [`crate::array::ShapeError`]-like message when the shapes differ.
+    #[cfg(feature = "ndarray")]
+    pub fn copy_from_ndarray<S, D>(&mut self, a: &ndarray::ArrayBase<S, D>) -> Result<(), String>
+    where
+        S: ndarray::Data<Elem = T>,
+        D: ndarray::Dimension,
+    {
+        let want: Vec<usize> = self.shape.dims().iter().map(|&d| d as usize).collect();
+        if a.shape() != want.as_slice() {
+            return Err(format!(
+                "an array of shape {:?} into a loan of {}",
+                a.shape(),
+                self.shape
+            ));
+        }
+        self.as_ndarray_mut().assign(&a.view().into_dyn());
+        Ok(())
+    }
 }
 
 impl<T: Element> Drop for Loan<'_, T> {
@@ -1040,6 +1075,14 @@ impl<'c, T: Element> OutputView<'c, T> {
     /// The shape.
     pub fn shape(&self) -> Shape {
         self.shape
+    }
+
+    /// An `ndarray` view of the result in shared memory (with the `ndarray` feature).
+    #[cfg(feature = "ndarray")]
+    pub fn as_ndarray(&self) -> ndarray::ArrayViewD<'c, T> {
+        let dims: Vec<usize> = self.shape.dims().iter().map(|&d| d as usize).collect();
+        ndarray::ArrayViewD::from_shape(dims, self.data)
+            .expect("the slice has the shape's element count")
     }
 
     /// A copy that outlives the completion.
