@@ -704,7 +704,7 @@ fn ndarray_inputs_of_any_layout() {
     let e = mk1::array::contiguous(&transposed).unwrap_err();
     assert!(e.to_string().contains("not contiguous"), "{e}");
     assert!(mk1::array::contiguous(&base).is_ok());
-    let views = vec![transposed, base.view()];
+    let views = [transposed, base.view()];
     let out: Vec<_> = producer
         .map(&Task::kernel("x3p1"), views.iter())
         .unwrap()
