@@ -735,8 +735,75 @@ fn ndarray_inputs_of_any_layout() {
     println!("(ndarray tests need --features ndarray; .ci/run runs them)");
 }
 
+/// A program that owns a pool and is stopped by a signal (Ctrl-C, `kill`) leaves no worker
+/// process and nothing in /dev/shm: the workers follow their coordinator out.
+fn ctrl_c_leaves_no_worker_behind() {
+    use std::io::BufRead;
+    for sig in ["INT", "TERM"] {
+        let shm_before = std::fs::read_dir("/dev/shm")
+            .map(|d| d.count())
+            .unwrap_or(0);
+        let mut child = std::process::Command::new(std::env::current_exe().unwrap())
+            .env("MK1_TEST_HOLD_POOL", "1")
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        std::io::BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        let pids: Vec<u32> = line
+            .split_whitespace()
+            .map(|p| p.parse().unwrap())
+            .collect();
+        assert_eq!(pids.len(), 2, "{line}");
+        std::thread::sleep(Duration::from_millis(200));
+        let ok = std::process::Command::new("kill")
+            .args([&format!("-{sig}"), &child.id().to_string()])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok);
+        let status = child.wait().unwrap();
+        assert!(!status.success(), "SIG{sig}: {status:?}");
+        let t0 = Instant::now();
+        while pids.iter().any(|&p| alive(p)) && t0.elapsed() < Duration::from_secs(3) {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        for p in pids {
+            assert!(!alive(p), "SIG{sig}: worker {p} outlived its coordinator");
+        }
+        let shm_after = std::fs::read_dir("/dev/shm")
+            .map(|d| d.count())
+            .unwrap_or(0);
+        assert!(
+            shm_after <= shm_before,
+            "SIG{sig}: something was left in /dev/shm"
+        );
+    }
+}
+
+/// The child of [`ctrl_c_leaves_no_worker_behind`]: a pool busy until it is killed.
+fn hold_pool() -> ! {
+    let pool = pool(Mode::OutOfPlace);
+    let pids: Vec<String> = pool.worker_pids().iter().map(u32::to_string).collect();
+    println!("{}", pids.join(" "));
+    use std::io::Write;
+    std::io::stdout().flush().unwrap();
+    let mut producer = pool.producer().unwrap();
+    loop {
+        let inputs = (0..1000).map(|k| vec![k as f64; 100]);
+        for r in producer.map(&Task::op("neg").unwrap(), inputs).unwrap() {
+            r.unwrap();
+        }
+    }
+}
+
 fn main() {
     mk1::run_if_worker_with(&kernels());
+    if std::env::var_os("MK1_TEST_HOLD_POOL").is_some() {
+        hold_pool();
+    }
     let filter: Option<String> = std::env::args().skip(1).find(|a| !a.starts_with('-'));
     let tests: &[(&str, fn())] = &[
         (
@@ -798,6 +865,10 @@ fn main() {
         ),
         ("handles_per_thread", handles_per_thread),
         ("ndarray_inputs_of_any_layout", ndarray_inputs_of_any_layout),
+        (
+            "ctrl_c_leaves_no_worker_behind",
+            ctrl_c_leaves_no_worker_behind,
+        ),
     ];
     let mut failed = Vec::new();
     let mut ran = 0;
