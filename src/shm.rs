@@ -116,7 +116,7 @@ pub struct TaskResult {
     pub message: String,
 }
 
-/// A worker's view of one task's memory (see [`Segment::task_buffers`]).
+/// A worker's view of one task's memory (made by `Segment::task_buffers`).
 pub enum TaskBuffers<'a> {
     /// The slot, read and written in place.
     InPlace(&'a mut [u8]),

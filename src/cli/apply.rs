@@ -155,6 +155,9 @@ pub fn apply(args: ApplyArgs) -> ExitCode {
         })
         .max_array_bytes(largest.max(64))
         .slots_per_producer(slots)
+        // The registry this binary's workers serve with (see main.rs); apply runs built-in
+        // ops only.
+        .kernels(mk1::bench::library::kernels())
         .build();
     let pool = match pool {
         Ok(p) => p,

@@ -14,7 +14,7 @@
 //! ```
 //!
 //! Layers: the pool owns the segment, the worker processes and a monitor thread (the
-//! coordinator's [`crate::coordinator::monitor`], unchanged: deaths, restarts, the watchdog);
+//! coordinator's monitor (`coordinator/monitor.rs`), unchanged: deaths, restarts, the watchdog);
 //! each [`Producer`] handle is one producer of the segment's protocol, used from one thread at
 //! a time; [`map`](Producer::map) is built on the handle.
 
