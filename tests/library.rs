@@ -49,6 +49,13 @@ fn kernels() -> Registry {
             std::thread::sleep(Duration::from_millis(a.params.u64(0)?));
             a.io.map(|x| x * 2.0)
         })
+        .kernel::<f64>("double_then_sleep", |mut a| {
+            // Writes first, then takes its time: a worker killed meanwhile leaves an in-place
+            // slot half-done (doubled), which a redo must not double again.
+            a.io.map(|x| x * 2.0)?;
+            std::thread::sleep(Duration::from_millis(a.params.u64(0)?));
+            Ok(())
+        })
         .kernel::<u16>("scribble_input", |a| {
             if let mk1::task::Io::OutOfPlace { input, .. } = &a.io {
                 // Deliberately breaks the rules to show the input is mapped read-only in the
@@ -334,10 +341,11 @@ fn a_hung_kernel_times_out_and_the_pool_goes_on() {
 }
 
 /// Kills every worker while a slow task runs.
-fn kill_mid_task(mode: Mode) -> (Result<Vec<f64>, TaskError>, u32) {
+fn kill_mid_task(mode: Mode, keep_copies: bool) -> (Result<Vec<f64>, TaskError>, u32) {
     let pool = Pool::builder()
         .workers(2)
         .mode(mode)
+        .keep_copies(keep_copies)
         .kernels(kernels())
         .build()
         .unwrap();
@@ -378,19 +386,23 @@ fn unsafe_free_kill(pid: u32) {
 }
 
 fn a_worker_killed_mid_task_out_of_place_is_redone() {
-    let (r, restarts) = kill_mid_task(Mode::OutOfPlace);
+    let (r, restarts) = kill_mid_task(Mode::OutOfPlace, false);
     assert_eq!(r, Ok(vec![2.0, 4.0, 6.0]), "redone from the intact input");
     assert!(restarts >= 2, "both workers replaced, got {restarts}");
 }
 
 fn a_worker_killed_mid_task_in_place_is_reported() {
-    let (r, _) = kill_mid_task(Mode::InPlace);
+    let (r, _) = kill_mid_task(Mode::InPlace, false);
     match r {
         Err(TaskError::WorkerDied { attempts: 1, how }) => {
             assert!(how.contains("worker"), "{how}")
         }
         other => panic!("expected WorkerDied, got {other:?}"),
     }
+    // With copies kept, in place is redone too, from the input as submitted.
+    let (r, restarts) = kill_mid_task(Mode::InPlace, true);
+    assert_eq!(r, Ok(vec![2.0, 4.0, 6.0]), "restored and redone");
+    assert!(restarts >= 2, "both workers replaced, got {restarts}");
 }
 
 fn inputs_are_read_only_out_of_place() {

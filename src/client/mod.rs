@@ -48,7 +48,9 @@ use crate::worker::WorkerSpec;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Mode {
     /// The kernel rewrites its input. Guarantee: a task whose worker dies comes back as
-    /// [`TaskError::WorkerDied`] (its input may be half-written); it is never redone.
+    /// [`TaskError::WorkerDied`] (its input may be half-written) and is not redone, unless
+    /// [`PoolBuilder::keep_copies`] asked mk1 to keep a copy of each input: then it is restored
+    /// and redone as out of place.
     InPlace,
     /// The kernel reads the input and writes a separate output region. Workers map every
     /// input read-only, so no worker can change an input. Guarantee: a task whose worker dies
@@ -161,6 +163,7 @@ pub struct PoolBuilder {
     kernel: Kernel,
     registry: Arc<Registry>,
     pack_bytes: u64,
+    keep_copies: bool,
 }
 
 impl PoolBuilder {
@@ -195,6 +198,14 @@ impl PoolBuilder {
     /// completed-but-held at once (the backpressure bound). Default: 4 per worker.
     pub fn slots_per_producer(mut self, n: u32) -> Self {
         self.slots_per_producer = n;
+        self
+    }
+
+    /// In place only: keep a private copy of every input at submit (one memcpy in this
+    /// process), so that a task whose worker dies is restored and redone, up to `max_retries`
+    /// times, as out of place does. Default off.
+    pub fn keep_copies(mut self, keep: bool) -> Self {
+        self.keep_copies = keep;
         self
     }
 
@@ -324,6 +335,7 @@ impl PoolBuilder {
             mode: self.mode,
             max_retries: self.max_retries,
             pack_bytes: self.pack_bytes,
+            keep_copies: self.keep_copies && self.mode == Mode::InPlace,
             spin: if (self.workers as usize) < crate::sys::online_cpus() {
                 SpinMode::Long
             } else {
@@ -377,6 +389,8 @@ pub(crate) struct Shared {
     pub(crate) mode: Mode,
     pub(crate) max_retries: u32,
     pub(crate) pack_bytes: u64,
+    /// In place, inputs are copied at submit to redo tasks after a death.
+    pub(crate) keep_copies: bool,
     pub(crate) spin: SpinMode,
     /// `active[p]`: a [`Producer`] handle for `p` exists (the monitor waits for its
     /// acknowledgement of a death before restarting the worker).
@@ -483,6 +497,7 @@ impl Pool {
             kernel: Kernel::auto(),
             registry: Arc::new(Registry::new()),
             pack_bytes: 64 << 10,
+            keep_copies: false,
         }
     }
 

@@ -217,6 +217,8 @@ pub(crate) struct Core<'s> {
     /// Completions handed out and not yet dropped.
     pub(crate) held: usize,
     quarantined: Vec<Token>,
+    /// In place with `keep_copies`: each slot's input as submitted (by slot index).
+    copies: Vec<Vec<u8>>,
     backoff: Backoff,
 }
 
@@ -295,6 +297,14 @@ impl<'s> Core<'s> {
             loaned: 0,
             held: 0,
             quarantined: Vec::new(),
+            copies: vec![
+                Vec::new();
+                if sh.keep_copies {
+                    layout.slots() as usize
+                } else {
+                    0
+                }
+            ],
             backoff: Backoff::for_mode(sh.spin),
         }
     }
@@ -335,7 +345,26 @@ impl<'s> Core<'s> {
 
     /// Writes the record's descriptor into the slot and sends it (or parks it for redo when no
     /// worker can take it now).
-    pub(crate) fn send_new(&mut self, token: Token, record: Record) {
+    pub(crate) fn send_new(&mut self, mut token: Token, record: Record) {
+        if self.sh.keep_copies {
+            // In place with copies kept: the input as submitted, to redo the task from if its
+            // worker dies (the slot may be half-written then).
+            let d = &record.desc;
+            let dtype = record.dtype;
+            let extent = d.items[..d.count as usize]
+                .iter()
+                .map(|it| {
+                    let shape = Shape::from_raw(it.ndim, it.shape).expect("ours");
+                    u64::from(it.offset) + shape.bytes(dtype)
+                })
+                .max()
+                .unwrap_or(0) as usize;
+            let slot = token.slot() as usize;
+            let data = self.sh.seg.slot_bytes_mut(&mut token);
+            let copy = &mut self.copies[slot];
+            copy.clear();
+            copy.extend_from_slice(&data[..extent]);
+        }
         self.sh.seg.write_task(&token, &record.desc);
         self.records[token.slot() as usize] = record;
         self.in_flight += 1;
@@ -473,10 +502,17 @@ impl<'s> Core<'s> {
             if blamed {
                 r.attempts += 1;
             }
-            let retry = self.sh.mode == Mode::OutOfPlace && r.attempts <= self.sh.max_retries;
+            let intact = self.sh.mode == Mode::OutOfPlace || self.sh.keep_copies;
+            let retry = intact && r.attempts <= self.sh.max_retries;
             if retry {
-                // The input is intact (read-only in workers); the descriptor is rewritten from
-                // our copy, as the dead worker may have scribbled on it.
+                // The input is intact (read-only in workers, or restored from our copy in
+                // place); the descriptor is rewritten from our record, as the dead worker may
+                // have scribbled on it.
+                let mut t = t;
+                if self.sh.mode == Mode::InPlace {
+                    let copy = &self.copies[t.slot() as usize];
+                    self.sh.seg.slot_bytes_mut(&mut t)[..copy.len()].copy_from_slice(copy);
+                }
                 self.sh.seg.write_task(&t, &r.desc);
                 self.redo.push(t);
             } else {
