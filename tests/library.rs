@@ -371,7 +371,11 @@ fn kill_mid_task(mode: Mode, keep_copies: bool) -> (Result<Vec<f64>, TaskError>,
         std::thread::sleep(Duration::from_millis(10));
     }
     for pid in victims {
-        assert!(!alive(pid), "killed worker {pid} still there");
+        assert!(
+            !alive(pid),
+            "killed worker {pid} still there: {:?}",
+            std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        );
     }
     (r, pool.restarts())
 }

@@ -302,14 +302,19 @@ fn cpu_ticks(pid: u32) -> u64 {
         .unwrap_or(0)
 }
 
-/// First-task round trips after `spells` idle spells of 100 ms (p50, p99 in microseconds),
-/// with the pool started under the caller's current affinity.
-fn after_idle(workers: u32, spells: usize) -> Result<(f64, f64), String> {
-    let pool = Pool::builder()
+/// A pool of `workers` with this binary's kernels and default settings.
+fn plain_pool(workers: u32) -> Result<Pool, String> {
+    Pool::builder()
         .workers(workers)
         .kernels(kernels())
         .build()
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| e.to_string())
+}
+
+/// First-task round trips after `spells` idle spells of 100 ms (p50, p99 in microseconds),
+/// with the pool started under the caller's current affinity.
+fn after_idle(workers: u32, spells: usize) -> Result<(f64, f64), String> {
+    let pool = plain_pool(workers)?;
     let producer = pool.producer().map_err(|e| e.to_string())?;
     let task = Task::op("add:1").expect("valid");
     let mut lat = Vec::with_capacity(spells);
@@ -330,11 +335,7 @@ fn after_idle(workers: u32, spells: usize) -> Result<(f64, f64), String> {
 }
 
 fn idle(workers: u32, spell: Duration) -> Result<IdleFigures, String> {
-    let pool = Pool::builder()
-        .workers(workers)
-        .kernels(kernels())
-        .build()
-        .map_err(|e| e.to_string())?;
+    let pool = plain_pool(workers)?;
     let producer = pool.producer().map_err(|e| e.to_string())?;
     // One task first, so every process has done work before it goes idle.
     let loan = producer

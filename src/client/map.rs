@@ -159,58 +159,43 @@ where
                 self.exhausted = true;
                 break;
             };
-            let shape = match item.shape() {
-                Ok(s) => s,
-                Err(e) => {
-                    if count > 0 {
-                        self.pending = Some(item);
-                        break;
+            // An array mk1 cannot carry fails alone; it never shares a slot with others.
+            let checked = item
+                .shape()
+                .map_err(|e| TaskError::Shape(e.to_string()))
+                .and_then(|shape| {
+                    let elements = item.elements();
+                    let bytes = shape.bytes(dtype);
+                    if elements.len() as u64 != shape.elements() {
+                        Err(TaskError::Shape(format!(
+                            "{} elements for a shape of {shape}",
+                            elements.len()
+                        )))
+                    } else if bytes > slot_bytes {
+                        Err(TaskError::TooLarge {
+                            asked: bytes,
+                            max: slot_bytes,
+                        })
+                    } else {
+                        Ok((shape, bytes, elements))
                     }
+                });
+            let (shape, bytes, elements) = match checked {
+                Ok(ok) => ok,
+                Err(_) if count > 0 => {
+                    self.pending = Some(item);
+                    break;
+                }
+                Err(e) => {
                     let seq = self.next_in;
                     self.next_in += 1;
                     desc.seq = self.next_in;
-                    self.done(seq, Err(TaskError::Shape(e.to_string())));
+                    self.done(seq, Err(e));
                     continue;
                 }
             };
-            let bytes = shape.bytes(dtype);
-            let elements = item.elements();
-            if elements.len() as u64 != shape.elements() {
-                if count > 0 {
-                    self.pending = Some(item);
-                    break;
-                }
-                let seq = self.next_in;
-                self.next_in += 1;
-                desc.seq = self.next_in;
-                self.done(
-                    seq,
-                    Err(TaskError::Shape(format!(
-                        "{} elements for a shape of {}",
-                        elements.len(),
-                        shape
-                    ))),
-                );
-                continue;
-            }
-            if bytes > slot_bytes {
-                if count > 0 {
-                    self.pending = Some(item);
-                    break;
-                }
-                let seq = self.next_in;
-                self.next_in += 1;
-                desc.seq = self.next_in;
-                self.done(
-                    seq,
-                    Err(TaskError::TooLarge {
-                        asked: bytes,
-                        max: slot_bytes,
-                    }),
-                );
-                continue;
-            }
             if count > 0 && (one_per_slot || used + bytes > limit || used + bytes > slot_bytes) {
+                drop(elements);
                 self.pending = Some(item);
                 break;
             }

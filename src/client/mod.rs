@@ -30,7 +30,7 @@ use std::os::fd::AsRawFd;
 use std::path::PathBuf;
 use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use crate::array::Shape;
 use crate::config::Config;
@@ -423,27 +423,9 @@ fn monitor_main(sh: &Shared, started: &std::sync::mpsc::Sender<Result<(), RunErr
             return;
         }
     };
-    let mut monitor = Monitor {
-        cfg: &sh.cfg,
-        seg: &sh.seg,
-        ctl: &sh.ctl,
-        image: &sh.image,
-        stderr: &sh.stderr,
-        stderr_pending: Vec::new(),
-        stop_seen: None,
-        spec: &spec,
-        start: Instant::now(),
-        procs,
-        undying: Vec::new(),
-        exits: Vec::new(),
-        restarts: 0,
-        faults: 0,
-        interrupted: None,
-        signal: None,
-        pending_restart: Vec::new(),
-        gone_for_good: vec![false; sh.cfg.workers as usize],
-        start_failed: vec![None; sh.cfg.workers as usize],
-    };
+    let mut monitor = Monitor::new(
+        &sh.cfg, &sh.seg, &sh.ctl, &sh.image, &sh.stderr, &spec, procs,
+    );
     let _ = started.send(Ok(()));
     while !sh.closing.load(Ordering::Acquire) {
         let gone: Vec<bool> = sh

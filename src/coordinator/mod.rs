@@ -251,27 +251,8 @@ pub fn run(cfg: &Config, hooks: &Hooks<'_>) -> Result<Report, RunError> {
     let procs = start_workers(&image, &stderr, &seg, workers, &spec)?;
 
     let start = Instant::now();
-    let mut monitor = Monitor {
-        cfg,
-        seg: &seg,
-        ctl: &ctl,
-        image: &image,
-        stderr: &stderr,
-        stderr_pending: Vec::new(),
-        stop_seen: None,
-        spec: &spec,
-        start,
-        procs,
-        undying: Vec::new(),
-        exits: Vec::new(),
-        restarts: 0,
-        faults: 0,
-        interrupted: None,
-        signal: None,
-        pending_restart: Vec::new(),
-        gone_for_good: vec![false; workers as usize],
-        start_failed: vec![None; workers as usize],
-    };
+    let mut monitor = Monitor::new(cfg, &seg, &ctl, &image, &stderr, &spec, procs);
+    monitor.start = start;
 
     let mut thread_error: Option<(usize, std::io::Error)> = None;
     let chaos_thread = std::env::var("MK1_CHAOS_THREAD")

@@ -295,7 +295,41 @@ pub(crate) struct Monitor<'a> {
     pub(crate) start_failed: Vec<Option<String>>,
 }
 
-impl Monitor<'_> {
+impl<'a> Monitor<'a> {
+    /// A monitor of the workers `procs` (as [`start_workers`] returned them) of `seg`.
+    pub(crate) fn new(
+        cfg: &'a Config,
+        seg: &'a Segment,
+        ctl: &'a Control,
+        image: &'a WorkerImage,
+        stderr: &'a WorkerStderr,
+        spec: &'a dyn Fn(u32) -> WorkerSpec,
+        procs: Vec<Option<WorkerProc>>,
+    ) -> Monitor<'a> {
+        let workers = procs.len();
+        Monitor {
+            cfg,
+            seg,
+            ctl,
+            image,
+            stderr,
+            stderr_pending: Vec::new(),
+            stop_seen: None,
+            spec,
+            start: Instant::now(),
+            procs,
+            undying: Vec::new(),
+            exits: Vec::new(),
+            restarts: 0,
+            faults: 0,
+            interrupted: None,
+            signal: None,
+            pending_restart: Vec::new(),
+            gone_for_good: vec![false; workers],
+            start_failed: vec![None; workers],
+        }
+    }
+
     /// One round: wait up to a tick for a worker to exit, then reap, give up on stuck ones,
     /// restart the dead (once every producer not `producer_gone` has cleaned up after them),
     /// and run the handshake and stall checks.
