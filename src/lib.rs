@@ -67,8 +67,8 @@ pub mod worker;
 pub use array::{Array, AsArray, Shape};
 #[cfg(not(loom))]
 pub use client::{
-    Completion, Loan, LoanError, Map, Mode, OutputView, Pool, PoolBuilder, PoolError, Producer,
-    Rejected, SubmitError, Task, TaskError, Ticket,
+    Completion, Loan, LoanError, Map, MapUnordered, Mode, OutputView, Pool, PoolBuilder, PoolError,
+    Producer, Rejected, SubmitError, Task, TaskError, Ticket,
 };
 #[cfg(not(loom))]
 pub use config::{Batch, Config, ConfigError, DispatchKind, Pin, Stop, Wait};

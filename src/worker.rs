@@ -289,6 +289,21 @@ impl WorkerError {
     }
 }
 
+/// Ends a process that was started as an mk1 worker but, instead of serving, is about to start
+/// workers of its own (its `main` did not call [`run_if_worker`] first): each would do the same,
+/// a cascade of processes. It exits with a message the coordinator folds into its start-up
+/// error. Called by every entry point that starts workers.
+pub(crate) fn refuse_nested_start() {
+    if std::env::var_os(WORKER_ENV).is_some() {
+        eprintln!(
+            "mk1 worker: this program was started as an mk1 worker but did not call \
+             mk1::run_if_worker() / run_if_worker_with() first thing in main; it went on to \
+             start workers of its own, which is refused"
+        );
+        std::process::exit(EXIT_BAD_SPEC);
+    }
+}
+
 /// If this process was started as an mk1 worker, serve and exit; otherwise return at once.
 ///
 /// Call it first thing in `main` of any program that runs a pipeline or a pool with only

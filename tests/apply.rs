@@ -226,4 +226,11 @@ fn bad_inputs_are_exit_2_naming_the_file_before_any_work() {
     // A bad op.
     let o = apply(&t.0, &["--op", "frob:1", "good.npy", "--out-dir", &out_s]);
     assert_eq!(o.status.code(), Some(2));
+    // Results over their own inputs: refused, the input untouched.
+    let before = std::fs::read(t.0.join("good.npy")).unwrap();
+    let dir = t.0.display().to_string();
+    let o = apply(&t.0, &["--op", "neg", "good.npy", "--out-dir", &dir]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("overwritten by its own result"));
+    assert_eq!(std::fs::read(t.0.join("good.npy")).unwrap(), before);
 }

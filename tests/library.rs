@@ -562,17 +562,22 @@ fn map_keeps_order_packs_small_arrays_and_reports_errors() {
                 .zip(b.as_slice())
                 .all(|(&x, &y)| y == x * 3 + 1));
         }
-        let mut seen: Vec<usize> = Vec::new();
-        let mut n = 0;
-        for r in producer
+        let mut seen = vec![false; inputs.len()];
+        for (i, r) in producer
             .map_unordered(&Task::op("neg").unwrap(), &inputs)
             .unwrap()
         {
             let arr = r.unwrap();
-            n += 1;
-            seen.push(arr.as_slice().len());
+            assert!(!seen[i], "index {i} twice");
+            seen[i] = true;
+            let want: Vec<i32> = inputs[i]
+                .as_slice()
+                .iter()
+                .map(|x| x.wrapping_neg())
+                .collect();
+            assert_eq!(arr.as_slice(), &want[..], "result {i} belongs to input {i}");
         }
-        assert_eq!(n, inputs.len(), "unordered: every result once");
+        assert!(seen.iter().all(|&s| s), "unordered: every result once");
         // A failing array fails alone.
         let mixed: Vec<Vec<i64>> = vec![vec![1, 2], vec![-1], vec![5]];
         let r: Vec<_> = producer
@@ -815,8 +820,29 @@ fn hold_pool() -> ! {
     }
 }
 
+/// A program that forgets `run_if_worker` is refused at start with the reason, and its workers
+/// do not go on to start pools of their own (which would cascade).
+fn forgetting_run_if_worker_is_a_clear_start_error() {
+    std::env::set_var("MK1_TEST_FORGET", "1");
+    let t0 = Instant::now();
+    let e = Pool::builder().workers(2).kernels(kernels()).build().err();
+    std::env::remove_var("MK1_TEST_FORGET");
+    let msg = e.expect("refused").to_string();
+    assert!(
+        msg.contains("did not call mk1::run_if_worker()") && msg.contains("refused"),
+        "{msg}"
+    );
+    assert!(
+        t0.elapsed() < Duration::from_secs(5),
+        "refused at once, not by a timeout"
+    );
+}
+
 fn main() {
-    mk1::run_if_worker_with(&kernels());
+    // (MK1_TEST_FORGET: play a program that forgot this line.)
+    if std::env::var_os("MK1_TEST_FORGET").is_none() {
+        mk1::run_if_worker_with(&kernels());
+    }
     if std::env::var_os("MK1_TEST_HOLD_POOL").is_some() {
         hold_pool();
     }
@@ -884,6 +910,10 @@ fn main() {
         (
             "ctrl_c_leaves_no_worker_behind",
             ctrl_c_leaves_no_worker_behind,
+        ),
+        (
+            "forgetting_run_if_worker_is_a_clear_start_error",
+            forgetting_run_if_worker_is_a_clear_start_error,
         ),
     ];
     let mut failed = Vec::new();

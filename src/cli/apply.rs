@@ -83,8 +83,19 @@ fn check(args: &ApplyArgs) -> Result<Vec<Input>, String> {
                 args.out_dir.join(name).display()
             ));
         }
+        let out = args.out_dir.join(name);
+        let same = |a: &Path, b: &Path| match (a.canonicalize(), b.canonicalize()) {
+            (Ok(a), Ok(b)) => a == b,
+            _ => false,
+        };
+        if same(path, &out) {
+            return Err(format!(
+                "{} would be overwritten by its own result: choose another --out-dir",
+                path.display()
+            ));
+        }
         inputs.push(Input {
-            out: args.out_dir.join(name),
+            out,
             path: path.clone(),
             info,
         });

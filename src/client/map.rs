@@ -63,7 +63,8 @@ impl<'pool> Producer<'pool> {
         self.start_map(task, inputs.into_iter(), true)
     }
 
-    /// As [`Producer::map`], yielding `(index, result)` in completion order.
+    /// As [`Producer::map`], yielding `(index, result)` in completion order (`index` counts
+    /// the inputs from 0).
     ///
     /// # Errors
     /// As [`Producer::map`].
@@ -71,12 +72,13 @@ impl<'pool> Producer<'pool> {
         &'h mut self,
         task: &Task,
         inputs: I,
-    ) -> Result<Map<'h, 'pool, I::IntoIter>, SubmitError>
+    ) -> Result<MapUnordered<'h, 'pool, I::IntoIter>, SubmitError>
     where
         I: IntoIterator,
         I::Item: AsArray,
     {
         self.start_map(task, inputs.into_iter(), false)
+            .map(MapUnordered)
     }
 
     fn start_map<'h, I>(
@@ -272,24 +274,51 @@ where
     }
 }
 
+/// The iterator [`Producer::map_unordered`] returns: `(index, result)` in completion order.
+pub struct MapUnordered<'h, 'pool, I: Iterator>(Map<'h, 'pool, I>)
+where
+    I::Item: AsArray;
+
+impl<I: Iterator> Iterator for MapUnordered<'_, '_, I>
+where
+    I::Item: AsArray,
+{
+    type Item = (usize, Outcome1<I>);
+
+    fn next(&mut self) -> Option<Self::Item> {
+        self.0.next_indexed().map(|(i, r)| (i as usize, r))
+    }
+}
+
 impl<I: Iterator> Iterator for Map<'_, '_, I>
 where
     I::Item: AsArray,
 {
-    type Item = Result<Array<<I::Item as AsArray>::Elem>, TaskError>;
+    type Item = Outcome1<I>;
 
     fn next(&mut self) -> Option<Self::Item> {
+        self.next_indexed().map(|(_, r)| r)
+    }
+}
+
+impl<I: Iterator> Map<'_, '_, I>
+where
+    I::Item: AsArray,
+{
+    /// The next result with its input's index.
+    fn next_indexed(&mut self) -> Option<(u64, Outcome1<I>)> {
         let producer = self.producer;
         let mut c = producer.core();
         loop {
             if self.ordered {
                 if let Some(Some(_)) = self.parked.front() {
+                    let seq = self.next_out;
                     self.next_out += 1;
-                    return self.parked.pop_front().flatten();
+                    return self.parked.pop_front().flatten().map(|r| (seq, r));
                 }
-            } else if let Some((_, r)) = self.finished.pop_front() {
+            } else if let Some((seq, r)) = self.finished.pop_front() {
                 self.next_out += 1;
-                return Some(r);
+                return Some((seq, r));
             }
             if self.exhausted && self.pending.is_none() && self.out == 0 {
                 return None;
@@ -310,10 +339,18 @@ where
                     continue;
                 }
                 // Nothing of ours in flight and no slot to be had: the caller holds them.
+                // The map stops here, saying so: waiting could never end.
                 let held = c.held + c.ready.len();
-                return Some(Err(TaskError::NoSlot(format!(
-                    "{held} completions of this handle are not yet received or dropped"
-                ))));
+                let seq = self.next_in;
+                self.exhausted = true;
+                self.pending = None;
+                return Some((
+                    seq,
+                    Err(TaskError::NoSlot(format!(
+                        "map stopped at input {seq}: {held} completions of this handle are not \
+                         yet received or dropped"
+                    ))),
+                ));
             }
             c.wait_until(None, |c| {
                 c.ready

@@ -21,7 +21,7 @@
 mod map;
 mod producer;
 
-pub use map::Map;
+pub use map::{Map, MapUnordered};
 pub use producer::{
     Completion, Loan, LoanError, OutputView, Producer, Rejected, SubmitError, TaskError, Ticket,
 };
@@ -154,7 +154,7 @@ pub struct PoolBuilder {
     workers: u32,
     producers: u32,
     max_array_bytes: u64,
-    slots_per_producer: u32,
+    slots_per_producer: Option<u32>,
     mode: Mode,
     max_retries: u32,
     max_restarts: u32,
@@ -197,7 +197,7 @@ impl PoolBuilder {
     /// Slots per producer handle: how many arrays one handle can have loaned, in flight and
     /// completed-but-held at once (the backpressure bound). Default: 4 per worker.
     pub fn slots_per_producer(mut self, n: u32) -> Self {
-        self.slots_per_producer = n;
+        self.slots_per_producer = Some(n);
         self
     }
 
@@ -264,6 +264,7 @@ impl PoolBuilder {
     /// does not fit a limit of this process, a worker cannot be started, exits before
     /// attaching, has other kernels, or an init hook fails (its message is in the error).
     pub fn build(self) -> Result<Pool, PoolError> {
+        crate::worker::refuse_nested_start();
         let bad = |what: &'static str, why: String| PoolError::Setting { what, why };
         if !(1..=crate::layout::MAX_WORKERS).contains(&self.workers) {
             return Err(bad(
@@ -283,10 +284,11 @@ impl PoolBuilder {
                 format!("{} is outside 64..=1073741824", self.max_array_bytes),
             ));
         }
-        if self.slots_per_producer == 0 || self.slots_per_producer > 1 << 16 {
+        let slots_per_producer = self.slots_per_producer.unwrap_or(4 * self.workers);
+        if slots_per_producer == 0 || slots_per_producer > 1 << 16 {
             return Err(bad(
                 "slots_per_producer",
-                format!("{} is outside 1..=65536", self.slots_per_producer),
+                format!("{slots_per_producer} is outside 1..=65536"),
             ));
         }
         if !self.kernel.is_available() {
@@ -295,11 +297,11 @@ impl PoolBuilder {
                 format!("{} is not available on this CPU", self.kernel.name()),
             ));
         }
-        let slots = self.slots_per_producer * self.producers;
+        let slots = slots_per_producer * self.producers;
         let layout = Layout::with_outputs(
             self.workers,
             self.producers,
-            self.slots_per_producer,
+            slots_per_producer,
             &[(self.max_array_bytes, slots)],
             self.mode == Mode::OutOfPlace,
         )
@@ -470,7 +472,7 @@ impl Pool {
             workers,
             producers: 1,
             max_array_bytes: 1 << 20,
-            slots_per_producer: 4 * workers,
+            slots_per_producer: None,
             mode: Mode::OutOfPlace,
             max_retries: 2,
             max_restarts: 1000,
@@ -514,7 +516,9 @@ impl Pool {
         self.shared.seg.layout().classes()[0].slot_bytes
     }
 
-    /// Workers replaced so far.
+    /// Workers replaced so far (as the monitor thread last published it: a replacement shows
+    /// here within a few milliseconds of its start, which follows the death by up to the
+    /// producer handles' acknowledgement).
     pub fn restarts(&self) -> u32 {
         self.shared.restarts.load(Ordering::Relaxed)
     }

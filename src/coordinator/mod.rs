@@ -197,6 +197,7 @@ pub(crate) struct Flow {
 /// report. Errors are only for runs that could not start (every worker already started is then
 /// killed and reaped); a run that started always returns a [`Report`] (check `verified`).
 pub fn run(cfg: &Config, hooks: &Hooks<'_>) -> Result<Report, RunError> {
+    crate::worker::refuse_nested_start();
     let plan = cfg.plan()?;
     // Calibrate the tick clock now (it sleeps ~20 ms once), not at the first returned token.
     clock::ns_per_tick();

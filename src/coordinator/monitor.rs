@@ -201,17 +201,18 @@ pub(crate) fn start_workers(
             let wp = procs[w as usize].as_mut().expect("just spawned");
             let status = wp.child.try_reap().ok().flatten();
             if status.is_some() || state.is_err() || Instant::now() > deadline {
+                abandon(&mut procs);
+                // One line: the worker's own words go into it; without any, the likely cause.
+                let said = stderr.take_text();
                 let why = match (status, state) {
-                    (Some(s), _) => format!(
+                    (Some(s), _) if said.is_empty() => format!(
                         "it {s} before attaching to shared memory; a program used as the worker \
                          must call mk1::run_if_worker() (or run_if_worker_with) first thing in main"
                     ),
+                    (Some(s), _) => format!("it {s} before attaching to shared memory"),
                     (None, Err(why)) => why,
                     (None, _) => format!("it did not attach within {START_TIMEOUT:?}"),
                 };
-                abandon(&mut procs);
-                // One line: the worker's own words go into it.
-                let said = stderr.take_text();
                 let why = if said.is_empty() {
                     why
                 } else {
