@@ -684,6 +684,15 @@ fn dropping_the_pool_with_tasks_in_flight_leaves_nothing() {
     }
 }
 
+/// What may cross threads: the pool is shared (`Sync`), a handle may move to the thread that
+/// uses it (`Send`, not `Sync`).
+const _: () = {
+    const fn send_sync<T: Send + Sync>() {}
+    const fn send<T: Send>() {}
+    send_sync::<Pool>();
+    send::<mk1::Producer<'static>>();
+};
+
 fn handles_per_thread() {
     let pool = Pool::builder()
         .workers(2)
