@@ -693,6 +693,34 @@ const _: () = {
     send::<mk1::Producer<'static>>();
 };
 
+/// A handle taken while a dead worker waits for its replacement does not hold the
+/// replacement up (it had nothing out at the dead worker).
+fn a_handle_taken_during_a_restart_does_not_block_it() {
+    let pool = Pool::builder()
+        .workers(2)
+        .producers(2)
+        .kernels(kernels())
+        .build()
+        .unwrap();
+    let a = pool.producer().unwrap();
+    unsafe_free_kill(pool.worker_pids()[0]);
+    std::thread::sleep(Duration::from_millis(100));
+    let b = pool.producer().unwrap();
+    assert!(a.try_recv().is_none(), "a's call acknowledges the death");
+    let t0 = Instant::now();
+    while pool.restarts() < 1 && t0.elapsed() < Duration::from_secs(5) {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert_eq!(pool.restarts(), 1, "the dead worker was replaced");
+    let mut loan = b.loan::<u8>(Shape::d1(3)).unwrap();
+    loan.copy_from_slice(&[1, 2, 3]);
+    b.submit(loan, &Task::op("add:1").unwrap()).unwrap();
+    assert_eq!(
+        b.recv().unwrap().output::<u8>().unwrap().as_slice(),
+        &[2, 3, 4]
+    );
+}
+
 fn handles_per_thread() {
     let pool = Pool::builder()
         .workers(2)
@@ -919,6 +947,10 @@ fn main() {
         (
             "ctrl_c_leaves_no_worker_behind",
             ctrl_c_leaves_no_worker_behind,
+        ),
+        (
+            "a_handle_taken_during_a_restart_does_not_block_it",
+            a_handle_taken_during_a_restart_does_not_block_it,
         ),
         (
             "forgetting_run_if_worker_is_a_clear_start_error",

@@ -429,12 +429,18 @@ fn monitor_main(sh: &Shared, started: &std::sync::mpsc::Sender<Result<(), RunErr
         &sh.cfg, &sh.seg, &sh.ctl, &sh.image, &sh.stderr, &spec, procs,
     );
     let _ = started.send(Ok(()));
-    while !sh.closing.load(Ordering::Acquire) {
-        let gone: Vec<bool> = sh
-            .active
+    // Which handles exist, asked after this round's deaths were published. SeqCst fence, with
+    // the one in `Pool::producer`: either the monitor sees a new handle as active (and waits
+    // for its acknowledgement), or that handle sees the worker already dead (and never sends
+    // to it); never neither (the store-buffer pattern needs both fences).
+    let gone = || -> Vec<bool> {
+        crate::sync::fence(Ordering::SeqCst);
+        sh.active
             .iter()
             .map(|a| !a.load(Ordering::Acquire))
-            .collect();
+            .collect()
+    };
+    while !sh.closing.load(Ordering::Acquire) {
         monitor.tick(&gone);
         sh.restarts.store(monitor.restarts, Ordering::Relaxed);
         if sh.ctl.no_workers.load(Ordering::Acquire) {

@@ -251,9 +251,16 @@ impl<'s> Core<'s> {
             bells.push(Doorbell::new(&seg.worker(w).bell));
         }
         let w = workers as usize;
-        let seen_epoch = (0..w)
+        // Deaths before this handle existed are not ours to clean up (every token of this share
+        // was home): acknowledge them at once, or a restart still waiting on acknowledgements
+        // would wait for this handle forever.
+        let seen_epoch: Vec<usize> = (0..w)
             .map(|i| sh.ctl.death_epoch[i].load(Ordering::Acquire))
             .collect();
+        for (i, &e) in seen_epoch.iter().enumerate() {
+            // Release: pairs with the monitor's Acquire before it restarts worker `i`.
+            sh.ctl.acked[p as usize][i].store(e, Ordering::Release);
+        }
         for (i, &f) in faulted.iter().enumerate() {
             if f {
                 sh.ctl.kill[i].store(true, Ordering::Release);
@@ -720,6 +727,11 @@ fn exit_words(ctl: &crate::coordinator::Control, w: usize) -> String {
 ///
 /// Dropping it waits for its tasks in flight (bounded by the worker timeout per task, as a
 /// hung worker is killed) and discards their results.
+///
+/// A handle takes part in recovering from a worker's death (it takes back what it had sent
+/// there) whenever it is used: any call. A dead worker is replaced once every live handle has
+/// done so, so a handle left idle while others work delays replacements (not their work:
+/// they keep using the other workers).
 pub struct Producer<'pool> {
     core: RefCell<Core<'pool>>,
 }

@@ -309,9 +309,11 @@ pub fn run(cfg: &Config, hooks: &Hooks<'_>) -> Result<Report, RunError> {
         let mut last_progress = Instant::now();
         loop {
             // A producer that never started or has ended (panicked) never acknowledges a death.
-            let producer_gone: Vec<bool> = (0..producers as usize)
-                .map(|p| p >= started || handles[p].is_finished())
-                .collect();
+            let producer_gone = || -> Vec<bool> {
+                (0..producers as usize)
+                    .map(|p| p >= started || handles[p].is_finished())
+                    .collect()
+            };
             monitor.tick(&producer_gone);
 
             if let Some(sig) = hooks.stop_signal {

@@ -334,7 +334,11 @@ impl<'a> Monitor<'a> {
     /// One round: wait up to a tick for a worker to exit, then reap, give up on stuck ones,
     /// restart the dead (once every producer not `producer_gone` has cleaned up after them),
     /// and run the handshake and stall checks.
-    pub(crate) fn tick(&mut self, producer_gone: &[bool]) {
+    ///
+    /// `producer_gone` is asked after the deaths of this round are published (`alive[w]`
+    /// false, the epoch bumped), so a producer that appeared since the last round is waited
+    /// for too.
+    pub(crate) fn tick(&mut self, producer_gone: &dyn Fn() -> Vec<bool>) {
         let workers = self.procs.len() as u32;
         let live: Vec<u32> = (0..workers)
             .filter(|&w| self.procs[w as usize].is_some())
@@ -368,7 +372,7 @@ impl<'a> Monitor<'a> {
         self.stderr.forward(&mut self.stderr_pending);
         self.reap_exited(&ready);
         self.give_up_on_stuck();
-        self.restart_dead(producer_gone);
+        self.restart_dead(&producer_gone());
         self.watch();
     }
 
