@@ -399,7 +399,7 @@ fn a_worker_killed_mid_task_in_place_is_reported() {
     let (r, _) = kill_mid_task(Mode::InPlace, false);
     match r {
         Err(TaskError::WorkerDied { attempts: 1, how }) => {
-            assert!(how.contains("worker"), "{how}")
+            assert!(how.contains("worker") && how.contains("pid"), "{how}")
         }
         other => panic!("expected WorkerDied, got {other:?}"),
     }
@@ -721,6 +721,95 @@ fn a_handle_taken_during_a_restart_does_not_block_it() {
     );
 }
 
+/// A map left early (`break`, `?`, `find`) gives its slots back; the next map starts clean.
+fn a_map_dropped_early_leaves_nothing_behind() {
+    let pool = pool(Mode::OutOfPlace);
+    let mut producer = pool.producer().unwrap();
+    let inputs: Vec<Vec<f64>> = (0..5000).map(|k| vec![k as f64; 300]).collect();
+    for _ in 0..3 {
+        let first = producer
+            .map(&Task::op("neg").unwrap(), &inputs)
+            .unwrap()
+            .next()
+            .unwrap()
+            .unwrap();
+        assert_eq!(first.as_slice()[0], -0.0);
+    }
+    for (i, r) in producer
+        .map_unordered(&Task::op("add:1").unwrap(), &inputs[..100])
+        .unwrap()
+    {
+        assert_eq!(r.unwrap().as_slice()[0], i as f64 + 1.0, "index {i}");
+    }
+    assert_eq!(producer.in_flight(), 0);
+    let loans: Vec<_> = (0..producer.slots())
+        .map(|_| {
+            producer
+                .try_loan::<u8>(Shape::d1(1))
+                .expect("every slot is free")
+        })
+        .collect();
+    drop(loans);
+}
+
+/// A loan belongs to the handle that made it.
+fn a_loan_cannot_be_submitted_through_another_handle() {
+    let pool = Pool::builder()
+        .workers(1)
+        .producers(2)
+        .kernels(kernels())
+        .build()
+        .unwrap();
+    let a = pool.producer().unwrap();
+    let b = pool.producer().unwrap();
+    let mut loan = a.loan::<u8>(Shape::d1(2)).unwrap();
+    loan.copy_from_slice(&[1, 2]);
+    let r = b.submit(loan, &Task::op("add:1").unwrap()).unwrap_err();
+    assert_eq!(r.error, SubmitError::OtherHandle);
+    a.submit(r.loan, &Task::op("add:1").unwrap()).unwrap();
+    assert_eq!(
+        a.recv().unwrap().output::<u8>().unwrap().as_slice(),
+        &[2, 3]
+    );
+    assert!(b.recv().is_none());
+}
+
+/// One handle's hung task times out alone: another handle's tasks queued behind it on the same
+/// worker never ran, and are redone, not failed.
+fn a_timeout_blames_only_the_running_task() {
+    let pool = Pool::builder()
+        .workers(1)
+        .producers(2)
+        .worker_timeout(Duration::from_millis(500))
+        .kernels(kernels())
+        .build()
+        .unwrap();
+    let a = pool.producer().unwrap();
+    let b = pool.producer().unwrap();
+    let loan = a.loan::<f64>(Shape::d1(1)).unwrap();
+    a.submit(
+        loan,
+        &Task::kernel("sleep_ms").params(Params::from_words(&[60_000]).unwrap()),
+    )
+    .unwrap();
+    std::thread::sleep(Duration::from_millis(50));
+    let mut loan = b.loan::<f64>(Shape::d1(2)).unwrap();
+    loan.copy_from_slice(&[1.0, 2.0]);
+    b.submit(
+        loan,
+        &Task::kernel("sleep_ms").params(Params::from_words(&[1]).unwrap()),
+    )
+    .unwrap();
+    assert_eq!(
+        a.recv().unwrap().error(),
+        Some(&TaskError::Timeout(Duration::from_millis(500)))
+    );
+    assert_eq!(
+        b.recv().unwrap().output::<f64>().unwrap().as_slice(),
+        &[2.0, 4.0]
+    );
+}
+
 fn handles_per_thread() {
     let pool = Pool::builder()
         .workers(2)
@@ -951,6 +1040,18 @@ fn main() {
         (
             "a_handle_taken_during_a_restart_does_not_block_it",
             a_handle_taken_during_a_restart_does_not_block_it,
+        ),
+        (
+            "a_map_dropped_early_leaves_nothing_behind",
+            a_map_dropped_early_leaves_nothing_behind,
+        ),
+        (
+            "a_loan_cannot_be_submitted_through_another_handle",
+            a_loan_cannot_be_submitted_through_another_handle,
+        ),
+        (
+            "a_timeout_blames_only_the_running_task",
+            a_timeout_blames_only_the_running_task,
         ),
         (
             "forgetting_run_if_worker_is_a_clear_start_error",

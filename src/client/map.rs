@@ -247,7 +247,6 @@ where
             let r = c.ready.remove(i).expect("in range");
             let rec = c.records[r.token.slot() as usize];
             self.out -= 1;
-            let results = c.sh.seg.result_bytes(&r.token);
             for (k, item) in rec.desc.items[..rec.desc.count as usize].iter().enumerate() {
                 let seq = rec.desc.seq + k as u64;
                 let shape = Shape::from_raw(item.ndim, item.shape).expect("ours");
@@ -256,6 +255,8 @@ where
                     Outcome::Done(res)
                         if res.status == TASK_OK || res.failed_mask & (1 << k) == 0 =>
                     {
+                        // Only for an answered task: a quarantined slot may still be written.
+                        let results = c.sh.seg.result_bytes(&r.token);
                         let at = item.offset as usize;
                         let n = shape.bytes(rec.dtype) as usize;
                         let data =
@@ -270,6 +271,38 @@ where
                 self.done(seq, result);
             }
             c.release(r.token, r.quarantine);
+        }
+    }
+}
+
+impl<I: Iterator> Drop for Map<'_, '_, I>
+where
+    I::Item: AsArray,
+{
+    /// A map dropped before its end (a `break`, a `?`, `find`) waits for its arrays in flight
+    /// and throws their results away, so its slots go home and the next map starts clean.
+    fn drop(&mut self) {
+        let producer = self.producer;
+        let mut c = producer.core();
+        loop {
+            let mut i = 0;
+            while i < c.ready.len() {
+                if c.records[c.ready[i].token.slot() as usize].mapped {
+                    let r = c.ready.remove(i).expect("in range");
+                    c.release(r.token, r.quarantine);
+                    self.out -= 1;
+                } else {
+                    i += 1;
+                }
+            }
+            if self.out == 0 {
+                return;
+            }
+            c.wait_until(None, |c| {
+                c.ready
+                    .iter()
+                    .any(|r| c.records[r.token.slot() as usize].mapped)
+            });
         }
     }
 }

@@ -428,6 +428,7 @@ fn monitor_main(sh: &Shared, started: &std::sync::mpsc::Sender<Result<(), RunErr
     let mut monitor = Monitor::new(
         &sh.cfg, &sh.seg, &sh.ctl, &sh.image, &sh.stderr, &spec, procs,
     );
+    monitor.short_drain = false;
     let _ = started.send(Ok(()));
     // Which handles exist, asked after this round's deaths were published. SeqCst fence, with
     // the one in `Pool::producer`: either the monitor sees a new handle as active (and waits

@@ -135,6 +135,9 @@ pub enum SubmitError {
     /// Every worker is gone for good.
     #[error("the pool has no workers left: {0}")]
     NoWorkers(String),
+    /// The loan belongs to another producer handle (submit it there).
+    #[error("the loan belongs to another producer handle")]
+    OtherHandle,
 }
 
 /// A refused submit: the reason, and the loan with its data, to fix and submit again.
@@ -489,14 +492,12 @@ impl<'s> Core<'s> {
         let back = self.slots.reclaim(w as u32);
         self.note_back(w, back.len() as u64);
         ctl.reclaimed[w].fetch_add(back.len() as u64, Ordering::Relaxed);
-        let blamed_known = current != NO_TASK
-            && back
-                .iter()
-                .any(|t| (u64::from(t.generation()) << 32 | u64::from(t.slot())) == current);
         let how = exit_words(&self.sh.ctl, w);
         for t in back {
             let word = u64::from(t.generation()) << 32 | u64::from(t.slot());
-            let blamed = !blamed_known || word == current;
+            // The running task is blamed (it may be another handle's: then none of ours is);
+            // with no hint at all, every task out there is.
+            let blamed = current == NO_TASK || word == current;
             let r = &mut self.records[t.slot() as usize];
             if timed_out && blamed {
                 self.finish(
@@ -710,15 +711,12 @@ impl<'s> Core<'s> {
 
 /// How a worker's last exit was described (for `WorkerDied`).
 fn exit_words(ctl: &crate::coordinator::Control, w: usize) -> String {
-    let reasons = ctl.fault_reasons.lock().unwrap_or_else(|e| e.into_inner());
-    reasons
-        .iter()
-        .rev()
-        .find(|(fw, _)| *fw as usize == w)
-        .map_or_else(
-            || format!("worker {w} exited"),
-            |(_, r)| format!("worker {w} {r}"),
-        )
+    let words = ctl.last_exit[w].lock().unwrap_or_else(|e| e.into_inner());
+    if words.is_empty() {
+        format!("worker {w} exited")
+    } else {
+        words.clone()
+    }
 }
 
 /// One submitting thread's handle on a [`super::Pool`]: its own share of the slots and its own
@@ -840,8 +838,12 @@ impl<'pool> Producer<'pool> {
         shape: Shape,
         task: &Task,
     ) -> Result<Ticket, Rejected<'a, T>> {
-        let mut c = self.core();
         let reject = |error, loan| Err(Rejected { error, loan });
+        let mine = std::ptr::addr_eq(loan.producer as *const dyn Handle, self as *const Self);
+        if !mine {
+            return reject(SubmitError::OtherHandle, loan);
+        }
+        let mut c = self.core();
         let (kernel, params) = match task.resolve(&c.sh.registry, dtype) {
             Ok(k) => k,
             Err(e) => {
@@ -1200,8 +1202,13 @@ impl<'p> Completion<'p> {
     /// # Errors
     /// [`LoanError::TooLarge`] if `shape` does not fit a slot (the slot goes home).
     pub fn reuse<T: Element>(mut self, shape: Shape) -> Result<Loan<'p, T>, LoanError> {
+        if self.quarantine {
+            return Err(LoanError::NoWorkers(
+                "this slot's worker could not be killed: the slot is never reused".into(),
+            ));
+        }
         let max = self.producer.slot_bytes();
-        if shape.bytes(T::DTYPE) > max || self.quarantine {
+        if shape.bytes(T::DTYPE) > max {
             return Err(LoanError::TooLarge {
                 asked: shape.bytes(T::DTYPE),
                 max,

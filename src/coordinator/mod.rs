@@ -134,6 +134,8 @@ pub(crate) struct Control {
     pub(crate) stalled: Vec<AtomicBool>,
     /// Why, for the report (cold path).
     pub(crate) fault_reasons: Mutex<Vec<(u32, String)>>,
+    /// How worker `w` last ended, in words (written before its death is published).
+    pub(crate) last_exit: Vec<Mutex<String>>,
     /// Every worker is gone for good; producers give up on what is left.
     pub(crate) no_workers: AtomicBool,
     /// `abandoned[w]`: worker `w` could not be killed; producers give up its tokens as lost
@@ -169,6 +171,7 @@ impl Control {
             kill: per_worker(),
             stalled: per_worker(),
             fault_reasons: Mutex::new(Vec::with_capacity(16)),
+            last_exit: (0..workers).map(|_| Mutex::new(String::new())).collect(),
             no_workers: AtomicBool::new(false),
             abandoned: per_worker(),
             idle: (0..producers).map(|_| AtomicBool::new(false)).collect(),

@@ -294,6 +294,9 @@ pub(crate) struct Monitor<'a> {
     pub(crate) gone_for_good: Vec<bool>,
     /// Set when slot `w`'s last start failed: it is not tried again.
     pub(crate) start_failed: Vec<Option<String>>,
+    /// Once the run stops, a silent worker is waited for at most `SHUTDOWN_GRACE` (a run
+    /// draining after Ctrl-C); a pool keeps its worker timeout for the work still to do.
+    pub(crate) short_drain: bool,
 }
 
 impl<'a> Monitor<'a> {
@@ -328,6 +331,7 @@ impl<'a> Monitor<'a> {
             pending_restart: Vec::new(),
             gone_for_good: vec![false; workers],
             start_failed: vec![None; workers],
+            short_drain: true,
         }
     }
 
@@ -419,6 +423,10 @@ impl<'a> Monitor<'a> {
         if let Some(r) = reason {
             how_words = format!("{r}; {how_words}");
         }
+        // Before the death is published: producers read it when they clean up.
+        *ctl.last_exit[w as usize]
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = format!("worker {w} (pid {pid}) {how_words}");
         ctl.alive[w as usize].store(false, Ordering::Release);
         ctl.death_epoch[w as usize].fetch_add(1, Ordering::AcqRel);
         ctl.changes.fetch_add(1, Ordering::AcqRel);
@@ -618,7 +626,7 @@ impl<'a> Monitor<'a> {
             if stopping && self.stop_seen.is_none() {
                 self.stop_seen = Some(now);
             }
-            let timeout = if stopping {
+            let timeout = if stopping && self.short_drain {
                 self.cfg.worker_timeout.min(SHUTDOWN_GRACE)
             } else {
                 self.cfg.worker_timeout
