@@ -148,9 +148,9 @@ fn fill_f32(d: &mut [f32], seq: u64) {
 
 fn check_f32(d: &[f32], seq: u64) -> bool {
     let base = (seq % 1024) as f32;
-    d.iter()
-        .enumerate()
-        .fold(true, |ok, (i, &y)| ok & (y == (base + i as f32) * 3.0 + 1.0))
+    d.iter().enumerate().fold(true, |ok, (i, &y)| {
+        ok & (y == (base + i as f32) * 3.0 + 1.0)
+    })
 }
 
 /// Keeps every slot of `producer` busy with arrays of shapes up to `max_dim` for `duration`:
