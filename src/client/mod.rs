@@ -464,7 +464,15 @@ fn monitor_main(sh: &Shared, started: &std::sync::mpsc::Sender<Result<(), RunErr
 ///
 /// Dropping it asks every worker to finish and exit, waits up to 2 s, kills the rest and reaps
 /// them all; the segment has no name, so nothing is left in `/dev/shm`. Handles borrow the
-/// pool, so it cannot be dropped while one exists.
+/// pool, so it cannot be dropped while one exists, and nothing can be submitted after it is
+/// (the compiler refuses):
+///
+/// ```compile_fail
+/// let pool = mk1::Pool::builder().build().unwrap();
+/// let producer = pool.producer().unwrap();
+/// drop(pool); // error: `pool` is borrowed by `producer`
+/// let _ = producer.loan::<f32>(mk1::Shape::d1(4));
+/// ```
 pub struct Pool {
     shared: Arc<Shared>,
     monitor: Option<std::thread::JoinHandle<()>>,
