@@ -203,6 +203,7 @@ fn user_kernels_with_params_and_state() {
             .submit(loan, &Task::kernel("invert_tagged"))
             .unwrap();
         let done = producer.recv().unwrap();
+        assert!(done.worker().is_some_and(|w| w < 2), "{:?}", done.worker());
         let out = done.output::<u8>().unwrap();
         assert!(out
             .as_slice()

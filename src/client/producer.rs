@@ -190,6 +190,8 @@ pub(crate) struct Ready {
     pub(crate) outcome: Outcome,
     /// Its worker could not be killed: the slot is never reused.
     pub(crate) quarantine: bool,
+    /// The worker that answered or last had it.
+    pub(crate) worker: Option<u32>,
 }
 
 /// The state behind a handle.
@@ -432,12 +434,13 @@ impl<'s> Core<'s> {
         }
     }
 
-    fn finish(&mut self, token: Token, outcome: Outcome, quarantine: bool) {
+    fn finish(&mut self, token: Token, outcome: Outcome, quarantine: bool, worker: Option<u32>) {
         self.in_flight -= 1;
         self.ready.push_back(Ready {
             token,
             outcome,
             quarantine,
+            worker,
         });
     }
 
@@ -450,7 +453,7 @@ impl<'s> Core<'s> {
                     Ok(token) => {
                         self.note_back(w, 1);
                         let result = self.sh.seg.read_result(&token);
-                        self.finish(token, Outcome::Done(result), false);
+                        self.finish(token, Outcome::Done(result), false, Some(w as u32));
                         got = true;
                     }
                     Err(e) => {
@@ -504,6 +507,7 @@ impl<'s> Core<'s> {
                     t,
                     Outcome::Failed(TaskError::Timeout(self.sh.cfg.worker_timeout)),
                     false,
+                    Some(w as u32),
                 );
                 continue;
             }
@@ -532,6 +536,7 @@ impl<'s> Core<'s> {
                         attempts,
                     }),
                     false,
+                    Some(w as u32),
                 );
             }
         }
@@ -573,6 +578,7 @@ impl<'s> Core<'s> {
                             attempts: 1,
                         }),
                         true,
+                        Some(w as u32),
                     );
                 }
             }
@@ -599,7 +605,12 @@ impl<'s> Core<'s> {
         if let Some(why) = self.broken() {
             // Nobody is left to do the remaining work: fail it, never drop it silently.
             for t in std::mem::take(&mut self.redo) {
-                self.finish(t, Outcome::Failed(TaskError::NoWorkers(why.clone())), false);
+                self.finish(
+                    t,
+                    Outcome::Failed(TaskError::NoWorkers(why.clone())),
+                    false,
+                    None,
+                );
                 progress = true;
             }
             for w in 0..self.usable.len() {
@@ -609,7 +620,12 @@ impl<'s> Core<'s> {
                 let back = self.slots.reclaim(w as u32);
                 self.note_back(w, back.len() as u64);
                 for t in back {
-                    self.finish(t, Outcome::Failed(TaskError::NoWorkers(why.clone())), false);
+                    self.finish(
+                        t,
+                        Outcome::Failed(TaskError::NoWorkers(why.clone())),
+                        false,
+                        Some(w as u32),
+                    );
                     progress = true;
                 }
             }
@@ -954,6 +970,7 @@ impl<'pool> Producer<'pool> {
             producer: self,
             token: Some(r.token),
             quarantine: r.quarantine,
+            worker: r.worker,
             ticket: Ticket(rec.desc.seq),
             dtype: rec.dtype,
             shape: rec.out_shape,
@@ -1104,6 +1121,7 @@ pub struct Completion<'p> {
     producer: &'p dyn Handle,
     token: Option<Token>,
     quarantine: bool,
+    worker: Option<u32>,
     ticket: Ticket,
     dtype: DType,
     shape: Shape,
@@ -1145,6 +1163,12 @@ impl<'p> Completion<'p> {
     /// The ticket [`Producer::submit`] returned for this task.
     pub fn ticket(&self) -> Ticket {
         self.ticket
+    }
+
+    /// The worker (`0..workers`) that ran the task, or whose death failed it; `None` when it
+    /// failed without reaching one (no workers left).
+    pub fn worker(&self) -> Option<u32> {
+        self.worker
     }
 
     /// Whether the task failed, and why.
