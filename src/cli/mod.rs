@@ -229,9 +229,20 @@ pub fn main() -> ExitCode {
                 return ExitCode::from(2);
             }
             // One line: clap's first line without its "error: " prefix, and a pointer to help.
+            // (With the lines that belong to it: clap lists missing arguments below it.)
             let text = e.render().to_string();
-            let first = text.lines().next().unwrap_or("invalid arguments");
-            let first = first.strip_prefix("error: ").unwrap_or(first);
+            let first: Vec<&str> = text
+                .lines()
+                .take_while(|l| !l.trim().is_empty())
+                .map(str::trim)
+                .collect();
+            let first = first.join(" ");
+            let first = first.strip_prefix("error: ").unwrap_or(&first);
+            let first = if first.is_empty() {
+                "invalid arguments"
+            } else {
+                first
+            };
             return usage_error(format!("{first} (see `mk1 --help`)"));
         }
     };
