@@ -811,6 +811,89 @@ fn a_timeout_blames_only_the_running_task() {
     );
 }
 
+/// Out of place, and in place with copies kept, `map` loses nothing while workers are killed
+/// at random: every result comes back, in order and right. `MK1_SOAK_SECS` makes each mode run
+/// longer (default 3 s).
+fn map_survives_random_worker_kills() {
+    map_under_kills(Mode::OutOfPlace, false);
+    map_under_kills(Mode::InPlace, true);
+}
+
+fn map_under_kills(mode: Mode, keep_copies: bool) {
+    let secs: u64 = std::env::var("MK1_SOAK_SECS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(3);
+    let pool = Pool::builder()
+        .workers(2)
+        .mode(mode)
+        .keep_copies(keep_copies)
+        .max_retries(20)
+        .kernels(kernels())
+        .build()
+        .unwrap();
+    let mut producer = pool.producer().unwrap();
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let kills = std::thread::scope(|s| {
+        let killer = s.spawn(|| {
+            let mut kills = 0u32;
+            let mut k = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                std::thread::sleep(Duration::from_millis(40 + (k * 37) % 90));
+                k += 1;
+                let pids = pool.worker_pids();
+                let pid = pids[(k % 2) as usize];
+                if pid != 0 && alive(pid) {
+                    let _ = std::process::Command::new("kill")
+                        .args(["-9", &pid.to_string()])
+                        .status();
+                    kills += 1;
+                }
+            }
+            kills
+        });
+        let t0 = Instant::now();
+        let mut round = 0u32;
+        while t0.elapsed() < Duration::from_secs(secs) {
+            let inputs = (0..20_000u32).map(|i| {
+                let shape = Shape::d2(i % 9 + 1, i % 13 + 1);
+                let data = (0..shape.elements() as i32)
+                    .map(|x| x ^ (i + round) as i32)
+                    .collect();
+                Array::new(data, shape).unwrap()
+            });
+            let mut n = 0u32;
+            for (i, r) in producer
+                .map(&Task::kernel("x3p1"), inputs)
+                .unwrap()
+                .enumerate()
+            {
+                let out = r.unwrap_or_else(|e| panic!("array {i} of round {round}: {e}"));
+                let i = i as u32;
+                assert_eq!(out.shape(), Shape::d2(i % 9 + 1, i % 13 + 1));
+                for (x, &y) in out.as_slice().iter().enumerate() {
+                    let v = (x as i32) ^ (i + round) as i32;
+                    assert_eq!(
+                        y,
+                        v.wrapping_mul(3).wrapping_add(1),
+                        "array {i} of round {round}"
+                    );
+                }
+                n += 1;
+            }
+            assert_eq!(n, 20_000, "round {round}: every array came back");
+            round += 1;
+        }
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        killer.join().unwrap()
+    });
+    println!(
+        "    ({mode:?}: {kills} workers killed, {} restarts)",
+        pool.restarts()
+    );
+    assert!(kills > 0 && pool.restarts() > 0, "the soak killed nobody");
+}
+
 fn handles_per_thread() {
     let pool = Pool::builder()
         .workers(2)
@@ -1053,6 +1136,10 @@ fn main() {
         (
             "a_timeout_blames_only_the_running_task",
             a_timeout_blames_only_the_running_task,
+        ),
+        (
+            "map_survives_random_worker_kills",
+            map_survives_random_worker_kills,
         ),
         (
             "forgetting_run_if_worker_is_a_clear_start_error",
