@@ -156,6 +156,7 @@ where
         desc.seq = self.next_in;
         let mut used = 0u64;
         let mut count = 0usize;
+        let data = c.sh.seg.slot_bytes_mut(&mut token);
         while count < PACK_MAX && self.next_in - self.next_out < self.window {
             let Some(item) = self.pending.take().or_else(|| self.inputs.next()) else {
                 self.exhausted = true;
@@ -201,7 +202,6 @@ where
                 self.pending = Some(item);
                 break;
             }
-            let data = c.sh.seg.slot_bytes_mut(&mut token);
             data[used as usize..(used + bytes) as usize].copy_from_slice(as_bytes(&elements));
             drop(elements);
             let (ndim, dims) = shape.raw();
@@ -245,30 +245,35 @@ where
                 continue;
             }
             let r = c.ready.remove(i).expect("in range");
-            let rec = c.records[r.token.slot() as usize];
             self.out -= 1;
-            for (k, item) in rec.desc.items[..rec.desc.count as usize].iter().enumerate() {
-                let seq = rec.desc.seq + k as u64;
-                let shape = Shape::from_raw(item.ndim, item.shape).expect("ours");
-                let result = match &r.outcome {
-                    Outcome::Failed(e) => Err(e.clone()),
-                    Outcome::Done(res)
-                        if res.status == TASK_OK || res.failed_mask & (1 << k) == 0 =>
-                    {
-                        // Only for an answered task: a quarantined slot may still be written.
-                        let results = c.sh.seg.result_bytes(&r.token);
-                        let at = item.offset as usize;
-                        let n = shape.bytes(rec.dtype) as usize;
-                        let data =
-                            cast::<<I::Item as AsArray>::Elem>(&results[at..at + n]).to_vec();
-                        Ok(Array::new(data, shape).expect("shape matches"))
-                    }
-                    Outcome::Done(res) => Err(TaskError::Kernel {
-                        message: res.message.clone(),
-                        panicked: res.panicked,
-                    }),
+            {
+                let rec = &c.records[r.token.slot() as usize];
+                // Only for an answered task: a quarantined slot may still be written.
+                let results = match &r.outcome {
+                    Outcome::Done(_) => Some(c.sh.seg.result_bytes(&r.token)),
+                    Outcome::Failed(_) => None,
                 };
-                self.done(seq, result);
+                for (k, item) in rec.desc.items[..rec.desc.count as usize].iter().enumerate() {
+                    let seq = rec.desc.seq + k as u64;
+                    let shape = Shape::from_raw(item.ndim, item.shape).expect("ours");
+                    let result = match (&r.outcome, results) {
+                        (Outcome::Failed(e), _) => Err(e.clone()),
+                        (Outcome::Done(res), Some(results))
+                            if res.status == TASK_OK || res.failed_mask & (1 << k) == 0 =>
+                        {
+                            let at = item.offset as usize;
+                            let n = shape.bytes(rec.dtype) as usize;
+                            let data =
+                                cast::<<I::Item as AsArray>::Elem>(&results[at..at + n]).to_vec();
+                            Ok(Array::new(data, shape).expect("shape matches"))
+                        }
+                        (Outcome::Done(res), _) => Err(TaskError::Kernel {
+                            message: res.message.clone(),
+                            panicked: res.panicked,
+                        }),
+                    };
+                    self.done(seq, result);
+                }
             }
             c.release(r.token, r.quarantine);
         }
