@@ -160,8 +160,8 @@ fn drive<T: Element>(
     task: &Task,
     max_dim: u32,
     duration: Duration,
-    fill: fn(&mut [T], u64),
-    check: fn(&[T], u64) -> bool,
+    fill: impl Fn(&mut [T], u64),
+    check: impl Fn(&[T], u64) -> bool,
 ) -> Result<f64, String> {
     let mut shapes = Shapes::new(11, 1, max_dim);
     let mut seq_of = HashMap::new();
@@ -276,50 +276,18 @@ fn job_through_api(
     let kernels = crate::ops::Kernels::detect();
     let op = crate::ops::Op::default();
     let task = Task::op("affine:3,1").expect("valid");
-    let fill = |d: &mut [i32], seq: u64| kernels.fill(crate::job::fill_base(seq, 1), d);
-    let mut shapes = Shapes::new(1, 1, max_dim);
-    let mut seq_of = HashMap::new();
-    let (mut seq, mut done) = (0u64, 0u64);
-    let start = Instant::now();
-    let deadline = start + duration;
-    loop {
-        let (r, c) = shapes.next_shape();
-        let Ok(mut loan) = producer.try_loan::<i32>(Shape::d2(r, c)) else {
-            shapes.pending = Some((r, c));
-            break;
-        };
-        fill(loan.as_mut_slice(), seq);
-        seq_of.insert(
-            producer.submit(loan, &task).map_err(|e| e.to_string())?,
-            seq,
-        );
-        seq += 1;
-    }
-    while let Some(c) = producer.recv() {
-        let s = seq_of.remove(&c.ticket()).ok_or("unknown ticket")?;
-        let out = c.output::<i32>().map_err(|e| e.to_string())?;
-        if kernels
-            .verify(op, crate::job::fill_base(s, 1), out.as_slice())
-            .is_some()
-        {
-            return Err(format!("matrix {s} came back wrong"));
-        }
-        done += 1;
-        if Instant::now() >= deadline {
-            continue;
-        }
-        let (r, cc) = shapes.next_shape();
-        let mut loan = c
-            .reuse::<i32>(Shape::d2(r, cc))
-            .map_err(|e| e.to_string())?;
-        fill(loan.as_mut_slice(), seq);
-        seq_of.insert(
-            producer.submit(loan, &task).map_err(|e| e.to_string())?,
-            seq,
-        );
-        seq += 1;
-    }
-    Ok(done as f64 / start.elapsed().as_secs_f64())
+    drive::<i32>(
+        producer,
+        &task,
+        max_dim,
+        duration,
+        |d, seq| kernels.fill(crate::job::fill_base(seq, 1), d),
+        |d, seq| {
+            kernels
+                .verify(op, crate::job::fill_base(seq, 1), d)
+                .is_none()
+        },
+    )
 }
 
 /// `mk1 run` itself (its own producer, fused verify-then-fill), in this process.
