@@ -226,6 +226,20 @@ fn an_output_shape_of_its_own() {
         done.output::<f32>().unwrap().as_slice(),
         &[6., 15., 24., 33.]
     );
+    // A loan can change shape before it is submitted, within its slot.
+    let mut loan = producer.loan::<f32>(Shape::d1(12)).unwrap();
+    loan.copy_from_slice(&[1., 2., 3., 4., 5., 6., 7., 8., 9., 10., 11., 12.]);
+    assert!(matches!(
+        loan.reshape(Shape::d2(1 << 20, 1)),
+        Err(LoanError::TooLarge { .. })
+    ));
+    loan.reshape(Shape::d2(3, 4)).unwrap();
+    producer
+        .submit(loan, &Task::kernel("row_sums").out_shape(Shape::d1(3)))
+        .unwrap();
+    let done = producer.recv().unwrap();
+    assert_eq!(done.output::<f32>().unwrap().as_slice(), &[10., 26., 42.]);
+    drop(done);
     let big = Task::kernel("row_sums").out_shape(Shape::d1(1 << 20));
     let loan = producer.loan::<f32>(Shape::d2(4, 3)).unwrap();
     let e = producer.submit(loan, &big).unwrap_err();

@@ -267,7 +267,9 @@ fn threads_f32(
 
 /// The seed's job through the public API: int32 matrices up to `max_dim` filled and verified
 /// with the same SIMD kernels `mk1 run` uses (`ops::Kernels`), `affine:3,1` as a built-in op,
-/// each returned slot reused for the next matrix. Matrices per second.
+/// in place; each returned slot is reused for the next matrix, its result checked and the next
+/// input written in one pass (`Kernels::verify_then_fill`, as the run does). Matrices per
+/// second.
 fn job_through_api(
     producer: &Producer<'_>,
     max_dim: u32,
@@ -276,18 +278,60 @@ fn job_through_api(
     let kernels = crate::ops::Kernels::detect();
     let op = crate::ops::Op::default();
     let task = Task::op("affine:3,1").expect("valid");
-    drive::<i32>(
-        producer,
-        &task,
-        max_dim,
-        duration,
-        |d, seq| kernels.fill(crate::job::fill_base(seq, 1), d),
-        |d, seq| {
-            kernels
-                .verify(op, crate::job::fill_base(seq, 1), d)
-                .is_none()
-        },
-    )
+    let base = |seq: u64| crate::job::fill_base(seq, 1);
+    let mut shapes = Shapes::new(1, 1, max_dim);
+    let mut seq_of = HashMap::new();
+    let (mut seq, mut done) = (0u64, 0u64);
+    let start = Instant::now();
+    let deadline = start + duration;
+    loop {
+        let (r, c) = shapes.next_shape();
+        let Ok(mut loan) = producer.try_loan::<i32>(Shape::d2(r, c)) else {
+            shapes.pending = Some((r, c));
+            break;
+        };
+        kernels.fill(base(seq), loan.as_mut_slice());
+        seq_of.insert(
+            producer.submit(loan, &task).map_err(|e| e.to_string())?,
+            seq,
+        );
+        seq += 1;
+    }
+    while let Some(c) = producer.recv() {
+        let s = seq_of.remove(&c.ticket()).ok_or("unknown ticket")?;
+        c.output::<i32>().map_err(|e| e.to_string())?;
+        let old = c.shape().elements() as usize;
+        done += 1;
+        if Instant::now() >= deadline {
+            if kernels
+                .verify(
+                    op,
+                    base(s),
+                    c.output::<i32>().map_err(|e| e.to_string())?.as_slice(),
+                )
+                .is_some()
+            {
+                return Err(format!("matrix {s} came back wrong"));
+            }
+            continue;
+        }
+        let (r, cc) = shapes.next_shape();
+        let next = Shape::d2(r, cc);
+        let new = next.elements() as usize;
+        let span = Shape::d1(old.max(new) as u32);
+        let mut loan = c.reuse::<i32>(span).map_err(|e| e.to_string())?;
+        let bad = kernels.verify_then_fill(op, base(s), old, base(seq), new, loan.as_mut_slice());
+        if bad.is_some() {
+            return Err(format!("matrix {s} came back wrong"));
+        }
+        loan.reshape(next).map_err(|e| e.to_string())?;
+        seq_of.insert(
+            producer.submit(loan, &task).map_err(|e| e.to_string())?,
+            seq,
+        );
+        seq += 1;
+    }
+    Ok(done as f64 / start.elapsed().as_secs_f64())
 }
 
 /// `mk1 run` itself (its own producer, fused verify-then-fill), in this process.

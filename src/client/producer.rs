@@ -1074,6 +1074,25 @@ impl<T: Element> Loan<'_, T> {
         self.shape
     }
 
+    /// Gives the loan another shape before it is submitted (the elements stay where they are:
+    /// the first `shape.elements()` of the slot). With [`Completion::reuse`] at the larger of
+    /// two shapes, this lets a caller check a result and write the next input in one pass over
+    /// the slot.
+    ///
+    /// # Errors
+    /// [`LoanError::TooLarge`] if `shape` does not fit the slot (the loan keeps its shape).
+    pub fn reshape(&mut self, shape: Shape) -> Result<(), LoanError> {
+        let max = self.producer.slot_bytes();
+        if shape.bytes(T::DTYPE) > max {
+            return Err(LoanError::TooLarge {
+                asked: shape.bytes(T::DTYPE),
+                max,
+            });
+        }
+        self.shape = shape;
+        Ok(())
+    }
+
     /// The slot as an `ndarray` view of the loan's shape, to write the input in place (with the
     /// `ndarray` feature).
     #[cfg(feature = "ndarray")]
