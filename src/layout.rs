@@ -147,7 +147,8 @@ pub struct WorkerStatus {
     /// (so the Release/Acquire pair on `state` publishes it); 0 until then. The coordinator
     /// refuses a worker whose build differs from its own.
     pub build: AtomicU64,
-    /// The token word of the task the worker is running, or [`NO_TASK`] (Relaxed). A hint for
+    /// In a library pool's worker: the token word of the task it is running, or [`NO_TASK`]
+    /// (Relaxed; the seed's job does not write it). A hint for
     /// the coordinator after a death or a timeout (which task to blame); never trusted for
     /// safety: a wrong value only moves the blame between the tokens the worker held.
     pub current: AtomicU64,

@@ -494,10 +494,12 @@ pub fn serve(spec: WorkerSpec, registry: &Registry) -> Result<(), WorkerError> {
                             source,
                         }
                     })?;
-                me.status.current.store(word, Ordering::Relaxed);
                 match &mut executor {
                     None => process(&seg, kernels, &mut token, &mut desc)?,
                     Some(ex) => {
+                        // Which task runs, for the pool to blame after a death or a timeout (the
+                        // seed's job never reads it, so its hot path does not write it).
+                        me.status.current.store(word, Ordering::Relaxed);
                         seg.read_task(&token, &mut task);
                         let result =
                             ex.run(&task, seg.task_buffers(&mut token)).map_err(|why| {
@@ -507,9 +509,9 @@ pub fn serve(spec: WorkerSpec, registry: &Registry) -> Result<(), WorkerError> {
                                 }
                             })?;
                         seg.write_result(&token, &result);
+                        me.status.current.store(NO_TASK, Ordering::Relaxed);
                     }
                 }
-                me.status.current.store(NO_TASK, Ordering::Relaxed);
                 let mut word = None;
                 if chaos != Chaos::None {
                     processed_total += 1;

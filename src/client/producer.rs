@@ -413,6 +413,14 @@ impl<'s> Core<'s> {
         }
     }
 
+    /// Takes back every token out at worker `w` (dead, abandoned, or with nobody left to serve
+    /// it) and counts them as back in the flow the watchdog reads.
+    fn reclaim(&mut self, w: usize) -> Vec<Token> {
+        let back = self.slots.reclaim(w as u32);
+        self.note_back(w, back.len() as u64);
+        back
+    }
+
     fn note_back(&mut self, w: usize, n: u64) {
         self.back[w] += n;
         self.sh.ctl.flow[self.p as usize][w]
@@ -492,8 +500,7 @@ impl<'s> Core<'s> {
             .status
             .current
             .load(Ordering::Relaxed);
-        let back = self.slots.reclaim(w as u32);
-        self.note_back(w, back.len() as u64);
+        let back = self.reclaim(w);
         ctl.reclaimed[w].fetch_add(back.len() as u64, Ordering::Relaxed);
         let how = exit_words(&self.sh.ctl, w);
         for t in back {
@@ -568,8 +575,7 @@ impl<'s> Core<'s> {
                 // A worker that could not be killed may still write its slots: fail its tasks
                 // and never reuse their slots.
                 self.gave_up[w] = true;
-                let back = self.slots.reclaim(w as u32);
-                self.note_back(w, back.len() as u64);
+                let back = self.reclaim(w);
                 for t in back {
                     self.finish(
                         t,
@@ -617,8 +623,7 @@ impl<'s> Core<'s> {
                 if self.gave_up[w] {
                     continue;
                 }
-                let back = self.slots.reclaim(w as u32);
-                self.note_back(w, back.len() as u64);
+                let back = self.reclaim(w);
                 for t in back {
                     self.finish(
                         t,
@@ -678,10 +683,7 @@ impl<'s> Core<'s> {
         bytes: u64,
         deadline: Option<Instant>,
     ) -> Result<Token, LoanError> {
-        let max = self.slot_bytes();
-        if bytes > max {
-            return Err(LoanError::TooLarge { asked: bytes, max });
-        }
+        fits(bytes, self.slot_bytes())?;
         if let Some(t) = self.slots.take(0) {
             return Ok(t);
         }
@@ -1050,14 +1052,8 @@ impl<T: Element> Loan<'_, T> {
     pub fn as_mut_slice(&mut self) -> &mut [T] {
         let n = self.shape.bytes(T::DTYPE) as usize;
         let token = self.token.as_mut().expect("a live loan holds its token");
-        let bytes = self.producer.seg().slot_bytes_mut(token);
-        let ptr = bytes.as_mut_ptr();
-        // SAFETY: `slot_bytes_mut` returned this token's slot, which stays mapped as long as the
-        // pool (which outlives `'p`); the token (held by this loan until it is consumed or
-        // dropped) is the only right to it, and the returned slice borrows `self` mutably, so
-        // no other view of the slot exists while it lives. `n` is at most the slot size
-        // (checked when the slot was loaned).
-        let bytes = unsafe { core::slice::from_raw_parts_mut(ptr, n) };
+        // `n` is at most the slot size (checked when the slot was loaned or reshaped).
+        let bytes = &mut self.producer.seg().slot_bytes_mut(token)[..n];
         cast_mut::<T>(bytes)
     }
 
@@ -1082,13 +1078,7 @@ impl<T: Element> Loan<'_, T> {
     /// # Errors
     /// [`LoanError::TooLarge`] if `shape` does not fit the slot (the loan keeps its shape).
     pub fn reshape(&mut self, shape: Shape) -> Result<(), LoanError> {
-        let max = self.producer.slot_bytes();
-        if shape.bytes(T::DTYPE) > max {
-            return Err(LoanError::TooLarge {
-                asked: shape.bytes(T::DTYPE),
-                max,
-            });
-        }
+        fits(shape.bytes(T::DTYPE), self.producer.slot_bytes())?;
         self.shape = shape;
         Ok(())
     }
@@ -1250,13 +1240,7 @@ impl<'p> Completion<'p> {
                 "this slot's worker could not be killed: the slot is never reused".into(),
             ));
         }
-        let max = self.producer.slot_bytes();
-        if shape.bytes(T::DTYPE) > max {
-            return Err(LoanError::TooLarge {
-                asked: shape.bytes(T::DTYPE),
-                max,
-            });
-        }
+        fits(shape.bytes(T::DTYPE), self.producer.slot_bytes())?;
         let token = self.token.take().expect("held");
         self.producer.reloan();
         Ok(Loan {
@@ -1274,6 +1258,14 @@ impl Drop for Completion<'_> {
             self.producer.give_back(t, self.quarantine, true);
         }
     }
+}
+
+/// `Ok` if an array of `bytes` fits a slot of `max` bytes.
+fn fits(bytes: u64, max: u64) -> Result<(), LoanError> {
+    if bytes > max {
+        return Err(LoanError::TooLarge { asked: bytes, max });
+    }
+    Ok(())
 }
 
 /// Slot bytes of `count` arrays of `bytes` each, each starting on a 64-byte line.
