@@ -108,6 +108,8 @@ pub struct Config {
     pub worker_timeout: Duration,
     /// Program to start as the worker (default: the current executable).
     pub worker_exe: Option<PathBuf>,
+    /// Arguments and environment the worker program is started with.
+    pub worker_launch: crate::sys::Launch,
 }
 
 impl Default for Config {
@@ -129,6 +131,7 @@ impl Default for Config {
             max_restarts: 100,
             worker_timeout: Duration::from_secs(5),
             worker_exe: None,
+            worker_launch: crate::sys::Launch::default(),
         }
     }
 }

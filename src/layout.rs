@@ -15,7 +15,7 @@ use crate::sync::{AtomicU32, AtomicU64};
 /// `b"mk1-seg\0"` as a little-endian u64: the first eight bytes of every segment.
 pub const MAGIC: u64 = u64::from_le_bytes(*b"mk1-seg\0");
 /// Bumped on every change to a `repr(C)` struct in this module.
-pub const LAYOUT_VERSION: u32 = 5;
+pub const LAYOUT_VERSION: u32 = 6;
 /// Separation between data written by different processes (two 64-byte lines: the adjacent-line
 /// prefetcher on x86_64 pulls pairs, see crossbeam's `CachePadded`).
 pub const LINE: u64 = 128;
@@ -267,6 +267,12 @@ pub struct TaskDesc {
     pub out_ndim: u32,
     /// Bytes of `params` in use, a multiple of 8, at most [`PARAM_BYTES`].
     pub params_len: u32,
+    /// Byte offset, in the slot's input, of the task's context bytes (after every item, at the
+    /// last multiple of [`MATRIX_ALIGN`] that leaves room for them before the slot's end);
+    /// ignored when `context_len` is 0.
+    pub context_offset: u32,
+    /// Bytes of context (handed to the kernel as is, read-only).
+    pub context_len: u32,
     /// The output shape when `out_ndim != 0`.
     pub out_shape: [u32; MAX_DIMS],
     /// Parameters for the kernel.
@@ -284,6 +290,28 @@ pub struct TaskDesc {
     pub panicked: u32,
     /// Written by the worker: the first failure's message (UTF-8, clamped by the reader).
     pub message: [u8; MESSAGE_BYTES],
+    /// Written by the worker: when non-zero, the first failure's whole message (longer than
+    /// `message`) is this many bytes at the start of the failed item's output space (see
+    /// [`TaskDesc::item_space`]); the reader clamps it to that space.
+    pub detail_len: u32,
+    /// Written by the worker: 1 when `outs` says what each item's output is (a kernel that
+    /// decides its output's dtype and shape), 0 when each output is as the request says.
+    pub produced: u32,
+    /// Written by the worker when `produced == 1`: each item's output dtype and shape, at the
+    /// item's offset in the output (validated by the reader against the item's space).
+    pub outs: [OutDesc; MAX_ITEMS],
+}
+
+/// An output a worker produced: its dtype and shape (row-major, contiguous).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct OutDesc {
+    /// Dtype code (`dtype::DType`).
+    pub dtype: u32,
+    /// Dimensions in use, `1..=MAX_DIMS`.
+    pub ndim: u32,
+    /// The dimensions; entries at `ndim..` are ignored.
+    pub shape: [u32; MAX_DIMS],
 }
 
 impl TaskDesc {
@@ -302,6 +330,8 @@ impl TaskDesc {
             count: 0,
             out_ndim: 0,
             params_len: 0,
+            context_offset: 0,
+            context_len: 0,
             out_shape: [0; MAX_DIMS],
             params: [0; PARAM_BYTES],
             items: [ITEM; MAX_ITEMS],
@@ -310,7 +340,38 @@ impl TaskDesc {
             message_len: 0,
             panicked: 0,
             message: [0; MESSAGE_BYTES],
+            detail_len: 0,
+            produced: 0,
+            outs: [OutDesc {
+                dtype: 0,
+                ndim: 0,
+                shape: [0; MAX_DIMS],
+            }; MAX_ITEMS],
         }
+    }
+
+    /// Where `len` bytes of context go in a slot of `slot_bytes`: the last line boundary that
+    /// leaves room for them (`None` if they do not fit at all).
+    pub fn context_offset_for(len: u64, slot_bytes: u64) -> Option<u64> {
+        let at = slot_bytes.checked_sub(len)?;
+        Some(at / MATRIX_ALIGN * MATRIX_ALIGN)
+    }
+
+    /// Bytes item `i`'s output may take, from its offset: up to the next item's offset, and
+    /// for the last item up to the end of `region` (the output region's size), or in place up
+    /// to the context. Zero for an item out of order (untrusted descriptors are validated
+    /// before this matters).
+    pub fn item_space(&self, i: usize, region: u64, in_place: bool) -> u64 {
+        let count = (self.count as usize).min(MAX_ITEMS);
+        let end = if i + 1 < count {
+            u64::from(self.items[i + 1].offset)
+        } else if in_place && self.context_len > 0 {
+            u64::from(self.context_offset)
+        } else {
+            region
+        };
+        end.min(region)
+            .saturating_sub(u64::from(self.items[i.min(MAX_ITEMS - 1)].offset))
     }
 }
 
@@ -407,9 +468,10 @@ const _: () = {
     assert!(offset_of!(WorkerStatus, build) == 16);
     assert!(offset_of!(WorkerStatus, current) == 24);
     assert!(size_of::<ItemDesc>() == 24);
-    assert!(offset_of!(TaskDesc, params) == 48);
-    assert!(offset_of!(TaskDesc, items) == 48 + PARAM_BYTES);
-    assert!(offset_of!(TaskDesc, status) == 48 + PARAM_BYTES + 24 * MAX_ITEMS);
+    assert!(offset_of!(TaskDesc, params) == 56);
+    assert!(offset_of!(TaskDesc, items) == 56 + PARAM_BYTES);
+    assert!(offset_of!(TaskDesc, status) == 56 + PARAM_BYTES + 24 * MAX_ITEMS);
+    assert!(size_of::<OutDesc>() == 24);
     assert!(size_of::<TaskDesc>().is_multiple_of(64));
     assert!(DESC_STRIDE.is_multiple_of(64));
     assert!(MAX_ITEMS <= 32); // failed_mask

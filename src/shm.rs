@@ -14,9 +14,11 @@
 use std::io;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 
+use crate::array::Shape;
+use crate::dtype::DType;
 use crate::layout::{
-    Direction, Header, ItemDesc, Layout, LayoutError, Params, ProducerShared, RingCtl, SlotDesc,
-    TaskDesc, WorkerShared, INLINE_CAPACITY, LAYOUT_VERSION, MAGIC, MAX_BATCH, MAX_ITEMS,
+    Direction, Header, ItemDesc, Layout, LayoutError, OutDesc, Params, ProducerShared, RingCtl,
+    SlotDesc, TaskDesc, WorkerShared, INLINE_CAPACITY, LAYOUT_VERSION, MAGIC, MAX_BATCH, MAX_ITEMS,
     MESSAGE_BYTES, TASK_FAILED, TASK_OK,
 };
 use crate::pool::Token;
@@ -114,6 +116,25 @@ pub struct TaskResult {
     pub panicked: bool,
     /// The first failure's message.
     pub message: String,
+    /// Bytes of the whole message written to the failed item's output space (0: the message
+    /// fits the descriptor).
+    pub detail_len: u32,
+    /// What each item's output is, when the kernel decided it (any-dtype kernels).
+    pub outs: Option<Vec<crate::layout::OutDesc>>,
+}
+
+impl TaskResult {
+    /// Every item succeeded, each output as requested.
+    pub fn ok() -> TaskResult {
+        TaskResult {
+            status: TASK_OK,
+            failed_mask: 0,
+            panicked: false,
+            message: String::new(),
+            detail_len: 0,
+            outs: None,
+        }
+    }
 }
 
 /// A worker's view of one task's memory (made by `Segment::task_buffers`).
@@ -453,80 +474,127 @@ impl Segment {
     }
 
     /// The worker's answer for a task: status, failed items, whether the first failure was a
-    /// panic, and its message (at most [`MESSAGE_BYTES`]).
+    /// panic, its message (at most [`MESSAGE_BYTES`] here; a longer one was already written to
+    /// the item's output space, `detail_len` bytes), and the outputs a kernel decided.
     pub fn write_result(&self, token: &Token, result: &TaskResult) {
         let dst = self.task_ptr(token);
         let msg = &result.message.as_bytes()[..result.message.len().min(MESSAGE_BYTES)];
-        // SAFETY: the worker holds the token (owns the descriptor); all four fields and the
-        // message bytes lie inside it.
+        let outs = result.outs.as_deref().unwrap_or(&[]);
+        let outs = &outs[..outs.len().min(MAX_ITEMS)];
+        // SAFETY: the worker holds the token (owns the descriptor); every field written and the
+        // message and output entries (clamped to their arrays) lie inside it.
         unsafe {
             core::ptr::addr_of_mut!((*dst).status).write_volatile(result.status);
             core::ptr::addr_of_mut!((*dst).failed_mask).write_volatile(result.failed_mask);
             core::ptr::addr_of_mut!((*dst).panicked).write_volatile(u32::from(result.panicked));
             core::ptr::addr_of_mut!((*dst).message_len).write_volatile(msg.len() as u32);
+            core::ptr::addr_of_mut!((*dst).detail_len).write_volatile(result.detail_len);
+            core::ptr::addr_of_mut!((*dst).produced)
+                .write_volatile(u32::from(result.outs.is_some()));
             core::ptr::copy_nonoverlapping(
                 msg.as_ptr(),
                 core::ptr::addr_of_mut!((*dst).message).cast::<u8>(),
                 msg.len(),
             );
+            core::ptr::copy_nonoverlapping(
+                outs.as_ptr(),
+                core::ptr::addr_of_mut!((*dst).outs).cast::<OutDesc>(),
+                outs.len(),
+            );
         }
     }
 
-    /// Reads the worker's answer for a task the producer got back. Untrusted and so
-    /// normalised: an unknown status is a failure of every item, the message is clamped and
-    /// decoded lossily.
-    pub fn read_result(&self, token: &Token) -> TaskResult {
+    /// Reads the worker's answer for a task the producer got back, against `sent` (the
+    /// producer's own copy of the request). Untrusted and so normalised: an unknown status is a
+    /// failure of every item; messages are clamped (a long one to the failed item's space) and
+    /// decoded lossily; with `expect_outs`, an output that is missing, unknown or larger than
+    /// its item's space fails that item.
+    pub fn read_result(&self, token: &Token, sent: &TaskDesc, expect_outs: bool) -> TaskResult {
         let src = self.task_ptr(token);
         // SAFETY: the producer holds the token again (the worker's push was Release, our pop
         // Acquire); the fields are plain integers inside the descriptor, read by copy.
-        let (status, failed_mask, panicked, len) = unsafe {
+        let (status, failed_mask, panicked, len, detail_len, produced) = unsafe {
             (
                 core::ptr::addr_of!((*src).status).read_volatile(),
                 core::ptr::addr_of!((*src).failed_mask).read_volatile(),
                 core::ptr::addr_of!((*src).panicked).read_volatile(),
                 core::ptr::addr_of!((*src).message_len).read_volatile(),
+                core::ptr::addr_of!((*src).detail_len).read_volatile(),
+                core::ptr::addr_of!((*src).produced).read_volatile(),
             )
         };
-        if status == TASK_OK {
-            // The common case reads four words and allocates nothing.
-            return TaskResult {
-                status,
-                failed_mask: 0,
-                panicked: false,
-                message: String::new(),
+        let count = (sent.count as usize).min(MAX_ITEMS);
+        let in_place = self.layout.slot_output(token.slot()).is_none();
+        let mut result = TaskResult::ok();
+        if status != TASK_OK {
+            let len = (len as usize).min(MESSAGE_BYTES);
+            let mut msg = [0u8; MESSAGE_BYTES];
+            // SAFETY: `len <= MESSAGE_BYTES`, inside the descriptor; copied out before decoding.
+            unsafe {
+                core::ptr::copy_nonoverlapping(
+                    core::ptr::addr_of!((*src).message).cast::<u8>(),
+                    msg.as_mut_ptr(),
+                    len,
+                )
             };
+            result.message = String::from_utf8_lossy(&msg[..len]).into_owned();
+            match status {
+                TASK_FAILED => {
+                    result.status = TASK_FAILED;
+                    result.failed_mask = failed_mask;
+                    result.panicked = panicked == 1;
+                    let first = failed_mask.trailing_zeros() as usize;
+                    if detail_len > 0 && first < count {
+                        let region = self.result_bytes(token);
+                        let at = sent.items[first].offset as usize;
+                        let room = sent.item_space(first, region.len() as u64, in_place) as usize;
+                        let n = (detail_len as usize).min(room);
+                        result.message = String::from_utf8_lossy(&region[at..at + n]).into_owned();
+                    }
+                }
+                other => {
+                    result.status = TASK_FAILED;
+                    result.failed_mask = u32::MAX;
+                    result.message = format!("the worker left an invalid status {other:#x}");
+                }
+            }
         }
-        let len = (len as usize).min(MESSAGE_BYTES);
-        let mut msg = [0u8; MESSAGE_BYTES];
-        // SAFETY: `len <= MESSAGE_BYTES`, inside the descriptor; copied out before decoding.
-        unsafe {
-            core::ptr::copy_nonoverlapping(
-                core::ptr::addr_of!((*src).message).cast::<u8>(),
-                msg.as_mut_ptr(),
-                len,
-            )
-        };
-        let message = String::from_utf8_lossy(&msg[..len]).into_owned();
-        match status {
-            TASK_OK => TaskResult {
-                status,
-                failed_mask: 0,
-                panicked: false,
-                message,
-            },
-            TASK_FAILED => TaskResult {
-                status,
-                failed_mask,
-                panicked: panicked == 1,
-                message,
-            },
-            other => TaskResult {
-                status: TASK_FAILED,
-                failed_mask: u32::MAX,
-                panicked: false,
-                message: format!("the worker left an invalid status {other:#x}"),
-            },
+        if expect_outs {
+            let mut outs = [OutDesc::default(); MAX_ITEMS];
+            if produced == 1 {
+                // SAFETY: as above; `count <= MAX_ITEMS` entries of plain integers, copied.
+                unsafe {
+                    core::ptr::copy_nonoverlapping(
+                        core::ptr::addr_of!((*src).outs).cast::<OutDesc>(),
+                        outs.as_mut_ptr(),
+                        count,
+                    )
+                };
+            }
+            let region = self.result_bytes(token).len() as u64;
+            for (i, o) in outs[..count].iter().enumerate() {
+                if result.failed_mask & (1 << i) != 0 {
+                    continue;
+                }
+                let fits = u8::try_from(o.dtype)
+                    .ok()
+                    .and_then(DType::from_code)
+                    .zip(Shape::from_raw(o.ndim, o.shape))
+                    .is_some_and(|(d, s)| s.bytes(d) <= sent.item_space(i, region, in_place));
+                if !fits {
+                    if result.status == TASK_OK {
+                        result.message = format!(
+                            "the worker reported output {i} as {o:?}, which is no dtype and \
+                             shape that fits its space"
+                        );
+                    }
+                    result.status = TASK_FAILED;
+                    result.failed_mask |= 1 << i;
+                }
+            }
+            result.outs = Some(outs[..count].to_vec());
         }
+        result
     }
 
     /// The token's slot data as bytes, exclusively borrowed for as long as the token is (see

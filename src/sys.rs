@@ -334,6 +334,16 @@ pub struct ChildProcess {
     reaped: bool,
 }
 
+/// What a started program gets besides its path: arguments after `argv[0]`, and environment
+/// variables on top of this process's (for an interpreter that runs a worker module, say).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Launch {
+    /// Arguments, in order.
+    pub args: Vec<std::ffi::OsString>,
+    /// Variables set in the child (the worker's own spec variable is set last and wins).
+    pub env: Vec<(std::ffi::OsString, std::ffi::OsString)>,
+}
+
 /// Dispositions set to SIG_IGN in a worker between fork and exec (ignored signals stay
 /// ignored across exec): a terminal's Ctrl-C, `kill -- -PGID`, `timeout` and service managers
 /// signal the whole process group, and the coordinator alone decides when workers stop.
@@ -345,6 +355,7 @@ impl ChildProcess {
     /// before the error is returned: it never lives on to print a line of its own.
     pub fn spawn(
         exe: &std::path::Path,
+        launch: &Launch,
         key: &str,
         value: &str,
         fds: &[RawFd],
@@ -363,7 +374,7 @@ impl ChildProcess {
         if let Some((_, w)) = &pipe_ends {
             inherit.push(w.as_raw_fd());
         }
-        let mut child = spawn_inheriting(exe, key, value, &inherit, Some(isolation))?;
+        let mut child = spawn_inheriting(exe, launch, key, value, &inherit, Some(isolation))?;
         let pid = child.id();
         let exit_fd = match pipe_ends {
             // Our copy of the write end must go, or the read end never sees the child's close.
@@ -703,6 +714,7 @@ pub struct Isolation<'a> {
 /// until the caller waits for it.
 pub fn spawn_inheriting(
     exe: &std::path::Path,
+    launch: &Launch,
     key: &str,
     value: &str,
     fds: &[RawFd],
@@ -710,7 +722,10 @@ pub fn spawn_inheriting(
 ) -> io::Result<std::process::Child> {
     use std::os::unix::process::CommandExt;
     let mut cmd = std::process::Command::new(exe);
-    cmd.env(key, value).stdin(std::process::Stdio::null());
+    cmd.args(&launch.args)
+        .envs(launch.env.iter().map(|(k, v)| (k, v)))
+        .env(key, value)
+        .stdin(std::process::Stdio::null());
     let isolate = isolation.is_some();
     // Where close_range(2) is missing (before 5.11) the child marks these one by one: the fds
     // open now, listed here in the parent (the child must not allocate), or, without /proc, the

@@ -76,6 +76,42 @@ fn kernels() -> Registry {
             }
             mk1::task::Io::InPlace(_) => Err(KernelError::new("row_sums needs out of place")),
         })
+        .kernel_any_dtype::<u32>(
+            "any_widen",
+            |info| Ok(info.worker),
+            |_, a| {
+                // The context says what to do; the default widens any integer array to f64
+                // halves, flattened (a new dtype, a new shape, 8x the bytes of u8 input).
+                let n = a.shape.bytes(a.dtype) as usize;
+                let (input, output): (Vec<u8>, &mut [u8]) = match a.io {
+                    mk1::task::AnyIo::InPlace(b) => (b[..n].to_vec(), b),
+                    mk1::task::AnyIo::OutOfPlace { input, output } => (input.to_vec(), output),
+                };
+                match a.context {
+                    b"long" => Err(KernelError::new(format!("{}END", "x".repeat(3000)))),
+                    b"huge" => Ok(mk1::task::Output {
+                        dtype: DType::U8,
+                        shape: Shape::d1(output.len() as u32 + 1),
+                    }),
+                    _ => {
+                        if a.dtype != DType::U8 {
+                            return Err(KernelError::new(format!("u8 only, not {}", a.dtype)));
+                        }
+                        let need = input.len() * 8;
+                        if output.len() < need {
+                            return Err(KernelError::new("no room"));
+                        }
+                        for (o, &x) in output.chunks_exact_mut(8).zip(&input) {
+                            o.copy_from_slice(&(f64::from(x) * 0.5).to_ne_bytes());
+                        }
+                        Ok(mk1::task::Output {
+                            dtype: DType::F64,
+                            shape: Shape::d1(input.len() as u32),
+                        })
+                    }
+                }
+            },
+        )
 }
 
 fn pool(mode: Mode) -> Pool {
@@ -251,6 +287,63 @@ fn an_output_shape_of_its_own() {
         p2.submit(loan, &task).is_err(),
         "in place cannot change the shape"
     );
+}
+
+/// A kernel for any dtype decides its output's dtype and shape, reads the task's context, and
+/// its long messages arrive whole; an output larger than its space fails only its task.
+fn any_dtype_kernels_with_context_and_long_messages() {
+    for mode in [Mode::OutOfPlace, Mode::InPlace] {
+        let pool = pool(mode);
+        let mut producer = pool.producer().unwrap();
+        let mut loan = producer.loan::<u8>(Shape::d2(3, 4)).unwrap();
+        loan.copy_from_slice(&[0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 255]);
+        producer
+            .submit(loan, &Task::kernel("any_widen").context(&b"widen"[..]))
+            .unwrap();
+        let done = producer.recv().unwrap();
+        assert_eq!(done.dtype(), DType::F64, "{mode:?}");
+        assert_eq!(done.shape(), Shape::d1(12));
+        let want: Vec<f64> = [0u8, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 255]
+            .iter()
+            .map(|&x| f64::from(x) * 0.5)
+            .collect();
+        assert_eq!(done.output::<f64>().unwrap().as_slice(), &want[..]);
+        assert!(matches!(done.output::<u8>(), Err(TaskError::Dtype { .. })));
+        drop(done);
+        for (ctx, want) in [(&b"long"[..], "END"), (&b"huge"[..], "room for")] {
+            let mut loan = producer.loan::<i16>(Shape::d1(5)).unwrap();
+            loan.copy_from_slice(&[1; 5]);
+            producer
+                .submit(loan, &Task::kernel("any_widen").context(ctx))
+                .unwrap();
+            let done = producer.recv().unwrap();
+            let Some(TaskError::Kernel { message, .. }) = done.error() else {
+                panic!("{mode:?}: {:?}", done.error());
+            };
+            assert!(message.contains(want), "{mode:?}: {message}");
+            if ctx == b"long" {
+                assert_eq!(message.len(), 3003, "the whole message arrives");
+            }
+        }
+        // map: outputs of another dtype than the input's are refused by a typed map, item by
+        // item, and a wrong-dtype input fails alone.
+        let inputs: Vec<Vec<u8>> = (0..50u8).map(|i| vec![i; 1 + i as usize % 7]).collect();
+        let task = Task::kernel("any_widen").context(&b"widen"[..]);
+        let results: Vec<_> = producer.map(&task, inputs.iter()).unwrap().collect();
+        assert_eq!(results.len(), 50);
+        assert!(results.iter().all(|r| matches!(
+            r,
+            Err(TaskError::Dtype {
+                actual: DType::F64,
+                ..
+            })
+        )));
+        // Context too large for the slot with the array: refused, loan back.
+        let loan = producer.loan::<u8>(Shape::d1(1000)).unwrap();
+        let big = Task::kernel("any_widen").context(vec![0u8; 1 << 20]);
+        let e = producer.submit(loan, &big).unwrap_err();
+        assert!(e.error.to_string().contains("context"), "{}", e.error);
+    }
 }
 
 fn kernel_errors_and_panics_fail_only_their_task() {
@@ -1081,6 +1174,10 @@ fn main() {
             user_kernels_with_params_and_state,
         ),
         ("an_output_shape_of_its_own", an_output_shape_of_its_own),
+        (
+            "any_dtype_kernels_with_context_and_long_messages",
+            any_dtype_kernels_with_context_and_long_messages,
+        ),
         (
             "kernel_errors_and_panics_fail_only_their_task",
             kernel_errors_and_panics_fail_only_their_task,

@@ -167,9 +167,16 @@ pub(crate) fn spawn_child(
     spec: String,
     child_fds: &[RawFd],
 ) -> Result<Proc, String> {
-    sys::spawn_inheriting(exe, CHILD_ENV, &spec, child_fds, None)
-        .map(Proc)
-        .map_err(|e| format!("cannot start {}: {e}", exe.display()))
+    sys::spawn_inheriting(
+        exe,
+        &sys::Launch::default(),
+        CHILD_ENV,
+        &spec,
+        child_fds,
+        None,
+    )
+    .map(Proc)
+    .map_err(|e| format!("cannot start {}: {e}", exe.display()))
 }
 
 fn start(job: &Job, kind: StreamKind) -> Result<Child, String> {

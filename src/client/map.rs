@@ -7,7 +7,9 @@
 
 use std::collections::VecDeque;
 
-use super::producer::{packed_offset, Core, Outcome, Producer, Record, TaskError, PACK_MAX};
+use super::producer::{
+    packed_offset, produced, Core, Outcome, Producer, Record, TaskError, PACK_MAX,
+};
 use super::{SubmitError, Task};
 use crate::array::{as_bytes, cast, Array, AsArray, Shape};
 use crate::dtype::Element;
@@ -27,6 +29,10 @@ where
     pending: Option<I::Item>,
     kernel: u32,
     params: Params,
+    /// The kernel takes any dtype (its outputs are as it reports).
+    any: bool,
+    /// The task's context bytes, after the arrays of every slot.
+    context: Option<std::sync::Arc<[u8]>>,
     ordered: bool,
     window: u64,
     next_in: u64,
@@ -100,6 +106,8 @@ impl<'pool> Producer<'pool> {
         let c = self.core();
         let dtype = <<I::Item as AsArray>::Elem as Element>::DTYPE;
         let (kernel, params) = task.resolve(&c.sh.registry, dtype)?;
+        let any = c.sh.registry.takes_any(kernel);
+        let context = task.context.clone();
         let window = (c.slots.len() * PACK_MAX) as u64;
         drop(c);
         Ok(Map {
@@ -108,6 +116,8 @@ impl<'pool> Producer<'pool> {
             pending: None,
             kernel,
             params,
+            any,
+            context,
             ordered,
             window,
             next_in: 0,
@@ -140,7 +150,15 @@ where
     fn issue(&mut self, c: &mut Core<'_>) -> bool {
         type E<I> = <<I as Iterator>::Item as AsArray>::Elem;
         let dtype = <E<I> as Element>::DTYPE;
-        let slot_bytes = c.slot_bytes();
+        let context_arc = self.context.clone();
+        let context = context_arc.as_deref().unwrap_or(&[]);
+        // The context goes at the slot's end: arrays get what is before it.
+        let context_at = TaskDesc::context_offset_for(context.len() as u64, c.slot_bytes());
+        let slot_bytes = if context.is_empty() {
+            c.slot_bytes()
+        } else {
+            context_at.unwrap_or(0)
+        };
         // Arrays are packed several to a slot up to the pool's pack size: per-task costs (a ring
         // entry, a descriptor, a doorbell) then count once per slot instead of once per array.
         let limit = slot_bytes.min(c.sh.pack_bytes);
@@ -221,6 +239,12 @@ where
             c.release(token, false);
             return false;
         }
+        if !context.is_empty() {
+            let at = slot_bytes as usize;
+            data[at..at + context.len()].copy_from_slice(context);
+            desc.context_offset = at as u32;
+            desc.context_len = context.len() as u32;
+        }
         desc.count = count as u32;
         c.send_new(
             token,
@@ -230,6 +254,7 @@ where
                 out_shape: Shape::d1(0),
                 attempts: 0,
                 mapped: true,
+                any: self.any,
             },
         );
         self.out += 1;
@@ -261,11 +286,19 @@ where
                         (Outcome::Done(res), Some(results))
                             if res.status == TASK_OK || res.failed_mask & (1 << k) == 0 =>
                         {
+                            type E<I> = <<I as Iterator>::Item as AsArray>::Elem;
+                            let (dtype, shape) = produced(res, k).unwrap_or((rec.dtype, shape));
                             let at = item.offset as usize;
-                            let n = shape.bytes(rec.dtype) as usize;
-                            let data =
-                                cast::<<I::Item as AsArray>::Elem>(&results[at..at + n]).to_vec();
-                            Ok(Array::new(data, shape).expect("shape matches"))
+                            let n = shape.bytes(dtype) as usize;
+                            if dtype == <E<I> as Element>::DTYPE {
+                                let data = cast::<E<I>>(&results[at..at + n]).to_vec();
+                                Ok(Array::new(data, shape).expect("shape matches"))
+                            } else {
+                                Err(TaskError::Dtype {
+                                    asked: <E<I> as Element>::DTYPE,
+                                    actual: dtype,
+                                })
+                            }
                         }
                         (Outcome::Done(res), _) => Err(TaskError::Kernel {
                             message: res.message.clone(),

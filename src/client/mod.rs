@@ -84,6 +84,7 @@ pub struct Task {
     kind: TaskKind,
     params: Params,
     out_shape: Option<Shape>,
+    context: Option<Arc<[u8]>>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -99,6 +100,7 @@ impl Task {
             kind: TaskKind::Kernel(name.to_string()),
             params: Params::none(),
             out_shape: None,
+            context: None,
         }
     }
 
@@ -108,6 +110,7 @@ impl Task {
             kind: TaskKind::Builtin(op),
             params: Params::none(),
             out_shape: None,
+            context: None,
         }
     }
 
@@ -130,6 +133,21 @@ impl Task {
     pub fn out_shape(mut self, shape: Shape) -> Task {
         self.out_shape = Some(shape);
         self
+    }
+
+    /// With context bytes: copied into each slot after its arrays and handed, read-only, to the
+    /// kernel with every array ([`crate::task::Args::context`]), for what does not fit the
+    /// parameters (a serialized function, a small table). They take room in the slot: an array
+    /// plus its context must fit a slot.
+    pub fn context(mut self, bytes: impl Into<Arc<[u8]>>) -> Task {
+        let bytes = bytes.into();
+        self.context = if bytes.is_empty() { None } else { Some(bytes) };
+        self
+    }
+
+    /// Bytes of context.
+    pub(crate) fn context_bytes(&self) -> &[u8] {
+        self.context.as_deref().unwrap_or(&[])
     }
 
     /// The kernel code and parameters a descriptor carries for arrays of `dtype`.
@@ -160,6 +178,7 @@ pub struct PoolBuilder {
     max_restarts: u32,
     worker_timeout: Duration,
     worker_exe: Option<PathBuf>,
+    worker_launch: crate::sys::Launch,
     kernel: Kernel,
     registry: Arc<Registry>,
     pack_bytes: u64,
@@ -243,6 +262,28 @@ impl PoolBuilder {
         self
     }
 
+    /// Arguments the worker program is started with (default: none). With
+    /// [`PoolBuilder::worker_exe`] naming an interpreter, these name what it runs: the program
+    /// it runs must call [`crate::run_if_worker_with`] with the same kernels first thing.
+    pub fn worker_args<I, S>(mut self, args: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<std::ffi::OsString>,
+    {
+        self.worker_launch.args = args.into_iter().map(Into::into).collect();
+        self
+    }
+
+    /// Sets an environment variable in every worker (on top of this process's environment).
+    pub fn worker_env(
+        mut self,
+        key: impl Into<std::ffi::OsString>,
+        value: impl Into<std::ffi::OsString>,
+    ) -> Self {
+        self.worker_launch.env.push((key.into(), value.into()));
+        self
+    }
+
     /// The SIMD kernels built-in ops run with (default: the best this CPU has).
     pub fn simd(mut self, kernel: Kernel) -> Self {
         self.kernel = kernel;
@@ -319,6 +360,7 @@ impl PoolBuilder {
             max_restarts: self.max_restarts,
             worker_timeout: self.worker_timeout,
             worker_exe: self.worker_exe.clone(),
+            worker_launch: self.worker_launch.clone(),
             kernel: self.kernel,
             ..Config::default()
         };
@@ -493,6 +535,7 @@ impl Pool {
             max_restarts: 1000,
             worker_timeout: Duration::from_secs(10),
             worker_exe: None,
+            worker_launch: crate::sys::Launch::default(),
             kernel: Kernel::auto(),
             registry: Arc::new(Registry::new()),
             pack_bytes: 64 << 10,

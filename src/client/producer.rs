@@ -182,6 +182,8 @@ pub(crate) struct Record {
     pub(crate) attempts: u32,
     /// Belongs to a `map` (left alone by `recv`).
     pub(crate) mapped: bool,
+    /// Its kernel takes any dtype and reports what it produced.
+    pub(crate) any: bool,
 }
 
 /// A finished token, waiting to be received.
@@ -299,6 +301,7 @@ impl<'s> Core<'s> {
                     out_shape: Shape::d1(0),
                     attempts: 0,
                     mapped: false,
+                    any: false,
                 };
                 layout.slots() as usize
             ],
@@ -369,6 +372,7 @@ impl<'s> Core<'s> {
                     let shape = Shape::from_raw(it.ndim, it.shape).expect("ours");
                     u64::from(it.offset) + shape.bytes(dtype)
                 })
+                .chain([u64::from(d.context_offset) + u64::from(d.context_len)])
                 .max()
                 .unwrap_or(0) as usize;
             let slot = token.slot() as usize;
@@ -460,7 +464,8 @@ impl<'s> Core<'s> {
                 Ok(Some(word)) => match self.slots.accept(word, w as u32) {
                     Ok(token) => {
                         self.note_back(w, 1);
-                        let result = self.sh.seg.read_result(&token);
+                        let rec = &self.records[token.slot() as usize];
+                        let result = self.sh.seg.read_result(&token, &rec.desc, rec.any);
                         self.finish(token, Outcome::Done(result), false, Some(w as u32));
                         got = true;
                     }
@@ -879,7 +884,7 @@ impl<'pool> Producer<'pool> {
                 Some("an output shape of its own needs an out-of-place pool".to_string())
             } else if kernel >= crate::layout::BUILTIN {
                 Some("built-in ops keep the input's shape".to_string())
-            } else if out_shape.bytes(dtype) > c.slot_bytes() {
+            } else if out_shape.bytes(dtype) > c.slot_bytes() - task.context_bytes().len() as u64 {
                 Some(format!(
                     "an output {out_shape} of {dtype} is {} bytes; a slot holds {}",
                     out_shape.bytes(dtype),
@@ -893,8 +898,26 @@ impl<'pool> Producer<'pool> {
                 return reject(SubmitError::OutShape(why), loan);
             }
         }
+        let context = task.context_bytes();
+        let context_at =
+            TaskDesc::context_offset_for(context.len() as u64, c.slot_bytes()).unwrap_or(0);
+        if !context.is_empty() && context_at < shape.bytes(dtype) {
+            let why = format!(
+                "an array of {} bytes and {} bytes of context do not fit a slot of {} bytes \
+                 (PoolBuilder::max_array_bytes)",
+                shape.bytes(dtype),
+                context.len(),
+                c.slot_bytes()
+            );
+            drop(c);
+            return reject(SubmitError::OutShape(why), loan);
+        }
         let mut loan = loan;
-        let token = loan.token.take().expect("a live loan holds its token");
+        let mut token = loan.token.take().expect("a live loan holds its token");
+        if !context.is_empty() {
+            let at = context_at as usize;
+            c.sh.seg.slot_bytes_mut(&mut token)[at..at + context.len()].copy_from_slice(context);
+        }
         c.loaned -= 1;
         let ticket = c.next_ticket();
         let mut desc = TaskDesc::zeroed();
@@ -904,6 +927,10 @@ impl<'pool> Producer<'pool> {
         desc.out_dtype = desc.dtype;
         desc.count = 1;
         (desc.params, desc.params_len) = params.encode();
+        if !context.is_empty() {
+            desc.context_offset = context_at as u32;
+            desc.context_len = context.len() as u32;
+        }
         let (ndim, dims) = shape.raw();
         desc.items[0] = ItemDesc {
             offset: 0,
@@ -913,6 +940,7 @@ impl<'pool> Producer<'pool> {
         if task.out_shape.is_some() {
             (desc.out_ndim, desc.out_shape) = out_shape.raw();
         }
+        let any = c.sh.registry.takes_any(kernel);
         c.send_new(
             token,
             Record {
@@ -921,6 +949,7 @@ impl<'pool> Producer<'pool> {
                 out_shape,
                 attempts: 0,
                 mapped: false,
+                any,
             },
         );
         c.ring_bells();
@@ -960,6 +989,10 @@ impl<'pool> Producer<'pool> {
         let r = c.ready.remove(i).expect("found");
         c.held += 1;
         let rec = c.records[r.token.slot() as usize];
+        let (dtype, shape) = match &r.outcome {
+            Outcome::Done(res) => produced(res, 0).unwrap_or((rec.dtype, rec.out_shape)),
+            Outcome::Failed(_) => (rec.dtype, rec.out_shape),
+        };
         let result = match r.outcome {
             Outcome::Done(res) if res.status == TASK_OK => Ok(()),
             Outcome::Done(res) => Err(TaskError::Kernel {
@@ -974,8 +1007,8 @@ impl<'pool> Producer<'pool> {
             quarantine: r.quarantine,
             worker: r.worker,
             ticket: Ticket(rec.desc.seq),
-            dtype: rec.dtype,
-            shape: rec.out_shape,
+            dtype,
+            shape,
             result,
         })
     }
@@ -1258,6 +1291,15 @@ impl Drop for Completion<'_> {
             self.producer.give_back(t, self.quarantine, true);
         }
     }
+}
+
+/// Item `i`'s output as its kernel reported it (any-dtype kernels; validated when read).
+pub(crate) fn produced(res: &TaskResult, i: usize) -> Option<(DType, Shape)> {
+    let o = res.outs.as_ref()?.get(i)?;
+    Some((
+        DType::from_code(u8::try_from(o.dtype).ok()?)?,
+        Shape::from_raw(o.ndim, o.shape)?,
+    ))
 }
 
 /// `Ok` if an array of `bytes` fits a slot of `max` bytes.

@@ -43,8 +43,14 @@ pub(crate) enum KillReason {
     Start(String),
 }
 
+/// The program to start as a worker, with its arguments and environment.
+pub(crate) struct WorkerImage {
+    exe: Exe,
+    launch: sys::Launch,
+}
+
 /// How the program to re-execute as a worker is named.
-pub(crate) enum WorkerImage {
+enum Exe {
     /// The running program, held open: restarts run this very build, whatever happens to its
     /// path since.
     Running(OwnedFd),
@@ -55,36 +61,42 @@ pub(crate) enum WorkerImage {
 
 impl WorkerImage {
     pub(crate) fn new(cfg: &Config) -> Result<WorkerImage, RunError> {
+        let exe = WorkerImage::exe(cfg)?;
+        Ok(WorkerImage {
+            exe,
+            launch: cfg.worker_launch.clone(),
+        })
+    }
+
+    fn exe(cfg: &Config) -> Result<Exe, RunError> {
         if let Some(p) = &cfg.worker_exe {
-            return Ok(WorkerImage::Path(p.clone()));
+            return Ok(Exe::Path(p.clone()));
         }
         match sys::open_running_image() {
-            Ok(fd) => Ok(WorkerImage::Running(fd)),
-            Err(_) => {
-                std::env::current_exe()
-                    .map(WorkerImage::Path)
-                    .map_err(|e| RunError::WorkerStart {
-                        worker: 0,
-                        exe: "current executable".into(),
-                        why: e.to_string(),
-                    })
-            }
+            Ok(fd) => Ok(Exe::Running(fd)),
+            Err(_) => std::env::current_exe()
+                .map(Exe::Path)
+                .map_err(|e| RunError::WorkerStart {
+                    worker: 0,
+                    exe: "current executable".into(),
+                    why: e.to_string(),
+                }),
         }
     }
 
     pub(crate) fn path(&self) -> std::path::PathBuf {
-        match self {
-            WorkerImage::Running(fd) => sys::fd_path(fd.as_fd()),
-            WorkerImage::Path(p) => p.clone(),
+        match &self.exe {
+            Exe::Running(fd) => sys::fd_path(fd.as_fd()),
+            Exe::Path(p) => p.clone(),
         }
     }
 
     /// For messages: what the user knows the program as.
     pub(crate) fn describe(&self) -> String {
-        match self {
-            WorkerImage::Running(_) => std::env::current_exe()
+        match &self.exe {
+            Exe::Running(_) => std::env::current_exe()
                 .map_or_else(|_| "this program".into(), |p| p.display().to_string()),
-            WorkerImage::Path(p) => p.display().to_string(),
+            Exe::Path(p) => p.display().to_string(),
         }
     }
 }
@@ -147,6 +159,7 @@ pub(crate) fn spawn_worker(
 ) -> std::io::Result<WorkerProc> {
     let child = ChildProcess::spawn(
         &image.path(),
+        &image.launch,
         WORKER_ENV,
         &spec.encode(),
         &[seg.fd().as_raw_fd()],

@@ -6,10 +6,12 @@ use std::cell::RefCell;
 use std::panic::AssertUnwindSafe;
 
 use super::registry::WorkerInfo;
-use super::{builtin, Args, Io, KernelError, Params, Registry};
+use super::{builtin, AnyArgs, AnyIo, Args, Io, KernelError, Output, Params, Registry};
 use crate::array::{cast, cast_mut, Shape};
 use crate::dtype::{DType, Element};
-use crate::layout::{TaskDesc, BUILTIN, MATRIX_ALIGN, MAX_ITEMS, TASK_FAILED, TASK_OK};
+use crate::layout::{
+    OutDesc, TaskDesc, BUILTIN, MATRIX_ALIGN, MAX_ITEMS, MESSAGE_BYTES, TASK_FAILED, TASK_OK,
+};
 use crate::ops::Kernel;
 use crate::shm::{TaskBuffers, TaskResult};
 
@@ -26,10 +28,30 @@ pub(crate) struct RawCall<'a> {
     shape: Shape,
     out_shape: Shape,
     params: &'a Params,
+    context: &'a [u8],
     worker: u32,
 }
 
 impl RawCall<'_> {
+    /// The bytes view, for an any-dtype kernel.
+    pub(crate) fn any(&mut self) -> AnyArgs<'_> {
+        let io = match &mut self.io {
+            RawIo::InPlace(b) => AnyIo::InPlace(b),
+            RawIo::OutOfPlace(i, o) => AnyIo::OutOfPlace {
+                input: i,
+                output: o,
+            },
+        };
+        AnyArgs {
+            io,
+            dtype: self.dtype,
+            shape: self.shape,
+            params: self.params,
+            context: self.context,
+            worker: self.worker,
+        }
+    }
+
     /// The typed view; the registry only calls an entry for its own dtype, so the check is a
     /// second line of defence.
     pub(crate) fn typed<T: Element>(&mut self) -> Result<Args<'_, T>, KernelError> {
@@ -52,6 +74,7 @@ impl RawCall<'_> {
             shape: self.shape,
             out_shape: self.out_shape,
             params: self.params,
+            context: self.context,
             worker: self.worker,
         })
     }
@@ -134,34 +157,86 @@ impl<'r> Executor<'r> {
         bufs: TaskBuffers<'_>,
     ) -> Result<TaskResult, String> {
         let task = check(desc, &bufs, self.registry)?;
-        let mut result = TaskResult {
-            status: TASK_OK,
-            failed_mask: 0,
-            panicked: false,
-            message: String::new(),
-        };
+        let mut result = TaskResult::ok();
         let mut bufs = bufs;
+        let any = desc.kernel < BUILTIN
+            && self
+                .registry
+                .entry(desc.kernel)
+                .is_some_and(|e| e.dtype.is_none());
+        let context: Vec<u8> = match &bufs {
+            TaskBuffers::InPlace(b) => context_of(desc, b).to_vec(),
+            TaskBuffers::OutOfPlace(i, _) => context_of(desc, i).to_vec(),
+        };
+        let (region, in_place) = match &bufs {
+            TaskBuffers::InPlace(b) => (b.len() as u64, true),
+            TaskBuffers::OutOfPlace(_, o) => (o.len() as u64, false),
+        };
+        let mut outs = [OutDesc::default(); MAX_ITEMS];
         for (i, item) in desc.items[..desc.count as usize].iter().enumerate() {
             let shape = Shape::from_raw(item.ndim, item.shape).expect("checked");
             let out_shape = task.out_shape.unwrap_or(shape);
             let at = item.offset as usize;
             let n_in = shape.bytes(task.dtype) as usize;
-            let n_out = out_shape.bytes(task.dtype) as usize;
+            let space = desc.item_space(i, region, in_place) as usize;
+            // A typed kernel gets exactly its arrays; an any-dtype one its whole space.
+            let n_out = if any {
+                space
+            } else {
+                out_shape.bytes(task.dtype) as usize
+            };
             let io = match &mut bufs {
-                TaskBuffers::InPlace(b) => RawIo::InPlace(&mut b[at..at + n_in]),
+                TaskBuffers::InPlace(b) => RawIo::InPlace(&mut b[at..at + n_in.max(n_out)]),
                 TaskBuffers::OutOfPlace(inp, out) => {
                     RawIo::OutOfPlace(&inp[at..at + n_in], &mut out[at..at + n_out])
                 }
             };
-            let outcome = self.call(desc.kernel, &task, io, shape, out_shape);
+            let outcome = self
+                .call(desc.kernel, &task, io, shape, out_shape, &context)
+                .and_then(|produced| match produced {
+                    None => Ok(()),
+                    Some(o) if o.shape.bytes(o.dtype) > space as u64 => Err((
+                        format!(
+                            "the kernel's output {} of {} is {} bytes; this array has room \
+                             for {space} (PoolBuilder::max_array_bytes, or fewer arrays per slot)",
+                            o.shape,
+                            o.dtype,
+                            o.shape.bytes(o.dtype)
+                        ),
+                        false,
+                    )),
+                    Some(o) => {
+                        let (ndim, shape) = o.shape.raw();
+                        outs[i] = OutDesc {
+                            dtype: u32::from(o.dtype.code()),
+                            ndim,
+                            shape,
+                        };
+                        Ok(())
+                    }
+                });
             if let Err((msg, panicked)) = outcome {
                 if result.status == TASK_OK {
+                    // A message longer than the descriptor's room goes, whole, into this
+                    // array's output space (its output is void anyway).
+                    if msg.len() > MESSAGE_BYTES {
+                        let room = match &mut bufs {
+                            TaskBuffers::InPlace(b) => &mut b[at..at + space],
+                            TaskBuffers::OutOfPlace(_, o) => &mut o[at..at + space],
+                        };
+                        let n = msg.len().min(room.len());
+                        room[..n].copy_from_slice(&msg.as_bytes()[..n]);
+                        result.detail_len = n as u32;
+                    }
                     result.message = msg;
                     result.panicked = panicked;
                 }
                 result.status = TASK_FAILED;
                 result.failed_mask |= 1 << i;
             }
+        }
+        if any {
+            result.outs = Some(outs[..desc.count as usize].to_vec());
         }
         Ok(result)
     }
@@ -173,7 +248,8 @@ impl<'r> Executor<'r> {
         io: RawIo<'_>,
         shape: Shape,
         out_shape: Shape,
-    ) -> Result<(), (String, bool)> {
+        context: &[u8],
+    ) -> Result<Option<Output>, (String, bool)> {
         if kernel >= BUILTIN {
             let data = match io {
                 RawIo::InPlace(b) => b,
@@ -183,7 +259,7 @@ impl<'r> Executor<'r> {
                 }
             };
             builtin::run_prechecked(kernel, &task.params, task.dtype, self.simd, data);
-            return Ok(());
+            return Ok(None);
         }
         let entry = self.registry.entry(kernel).expect("checked");
         let state = &mut self.states[kernel as usize];
@@ -193,10 +269,11 @@ impl<'r> Executor<'r> {
             shape,
             out_shape,
             params: &task.params,
+            context,
             worker: self.worker,
         };
         match guarded(|| (entry.run)(state.as_mut(), &mut call)) {
-            Ok(Ok(())) => Ok(()),
+            Ok(Ok(produced)) => Ok(produced),
             Ok(Err(e)) => Err((e.message().to_string(), false)),
             Err(p) => Err((p, true)),
         }
@@ -223,7 +300,7 @@ fn check(d: &TaskDesc, bufs: &TaskBuffers<'_>, registry: &Registry) -> Result<Ch
         let e = registry
             .entry(d.kernel)
             .ok_or_else(|| format!("kernel index {} out of range", d.kernel))?;
-        if e.dtype != dtype {
+        if e.dtype.is_some_and(|d| d != dtype) {
             return Err(format!("kernel {:?} does not take {dtype}", e.name));
         }
     }
@@ -252,10 +329,17 @@ fn check(d: &TaskDesc, bufs: &TaskBuffers<'_>, registry: &Registry) -> Result<Ch
             Some(Shape::from_raw(n, d.out_shape).ok_or("bad output rank")?)
         }
     };
+    // Items in increasing order, each ending before the next starts, then the context: what
+    // `TaskDesc::item_space` relies on.
+    let mut end = 0u64;
     for item in &d.items[..count] {
         let shape = Shape::from_raw(item.ndim, item.shape)
             .ok_or_else(|| format!("array rank {}", item.ndim))?;
         let at = u64::from(item.offset);
+        if at < end {
+            return Err(format!("array at byte {at} overlaps the one before"));
+        }
+        end = at + shape.bytes(dtype);
         let fits = |bytes: u64, len: u64| at.checked_add(bytes).is_some_and(|e| e <= len);
         if !at.is_multiple_of(MATRIX_ALIGN) || !fits(shape.bytes(dtype), in_len) {
             return Err(format!(
@@ -272,9 +356,28 @@ fn check(d: &TaskDesc, bufs: &TaskBuffers<'_>, registry: &Registry) -> Result<Ch
             }
         }
     }
+    if d.context_len > 0 {
+        let at = u64::from(d.context_offset);
+        let past = at + u64::from(d.context_len);
+        if at < end || !at.is_multiple_of(MATRIX_ALIGN) || past > in_len {
+            return Err(format!(
+                "context of {} bytes at byte {at} is not after the arrays in a slot of {in_len} bytes",
+                d.context_len
+            ));
+        }
+    }
     Ok(Checked {
         dtype,
         params,
         out_shape,
     })
+}
+
+/// The task's context bytes in the slot's input (validated by `check`).
+fn context_of<'b>(d: &TaskDesc, input: &'b [u8]) -> &'b [u8] {
+    if d.context_len == 0 {
+        return &[];
+    }
+    let at = d.context_offset as usize;
+    &input[at..at + d.context_len as usize]
 }

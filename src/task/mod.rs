@@ -14,7 +14,7 @@ pub use builtin::{Builtin, BuiltinError, Value};
 pub use registry::{Registry, WorkerInfo};
 
 use crate::array::Shape;
-use crate::dtype::Element;
+use crate::dtype::{DType, Element};
 use crate::layout::PARAM_BYTES;
 
 /// Most parameter words a task carries.
@@ -238,8 +238,52 @@ pub struct Args<'a, T> {
     pub out_shape: Shape,
     /// The task's parameters.
     pub params: &'a Params,
+    /// The task's context bytes (empty unless the task has some: [`crate::Task::context`]).
+    pub context: &'a [u8],
     /// Which worker runs it (`0..workers`).
     pub worker: u32,
+}
+
+/// The memory of one array as bytes, for a kernel that takes any dtype and decides its
+/// output's dtype and shape ([`Registry::kernel_any_dtype`]).
+pub enum AnyIo<'a> {
+    /// One buffer: the input's bytes at its start on entry, the output's on return. It is the
+    /// array's whole space in the slot, which may be larger than the input.
+    InPlace(&'a mut [u8]),
+    /// The input's bytes (read-only) and the output's whole space.
+    OutOfPlace {
+        /// Exactly the input's bytes, row-major.
+        input: &'a [u8],
+        /// Room for the output, from its first byte (larger than the input unless packed).
+        output: &'a mut [u8],
+    },
+}
+
+/// What a [`Registry::kernel_any_dtype`] kernel gets for one array.
+pub struct AnyArgs<'a> {
+    /// The array's memory.
+    pub io: AnyIo<'a>,
+    /// The input's dtype.
+    pub dtype: DType,
+    /// The input's shape.
+    pub shape: Shape,
+    /// The task's parameters.
+    pub params: &'a Params,
+    /// The task's context bytes.
+    pub context: &'a [u8],
+    /// Which worker runs it (`0..workers`).
+    pub worker: u32,
+}
+
+/// What a [`Registry::kernel_any_dtype`] kernel wrote at the start of its output space: the
+/// dtype and shape of a row-major, contiguous array. The worker checks that it fits the space;
+/// the caller's completion reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Output {
+    /// The output's dtype.
+    pub dtype: DType,
+    /// The output's shape.
+    pub shape: Shape,
 }
 
 #[cfg(test)]

@@ -4,7 +4,7 @@
 use std::any::Any;
 use std::fmt::Write as _;
 
-use super::{Args, KernelError};
+use super::{AnyArgs, Args, KernelError, Output};
 use crate::dtype::{DType, Element};
 
 /// Who runs a kernel: handed to per-worker init hooks.
@@ -18,13 +18,15 @@ pub struct WorkerInfo {
 }
 
 /// The type-erased kernel: state, then the raw call.
-pub(crate) type RunFn =
-    dyn Fn(&mut dyn Any, &mut super::exec::RawCall<'_>) -> Result<(), KernelError> + Send + Sync;
+pub(crate) type RunFn = dyn Fn(&mut dyn Any, &mut super::exec::RawCall<'_>) -> Result<Option<Output>, KernelError>
+    + Send
+    + Sync;
 type InitFn = dyn Fn(&WorkerInfo) -> Result<Box<dyn Any>, KernelError> + Send + Sync;
 
 pub(crate) struct Entry {
     pub(crate) name: String,
-    pub(crate) dtype: DType,
+    /// `None`: any dtype (the kernel says what it produced).
+    pub(crate) dtype: Option<DType>,
     pub(crate) run: Box<RunFn>,
     pub(crate) init: Box<InitFn>,
 }
@@ -84,28 +86,74 @@ impl Registry {
     /// # Panics
     /// If `name` is already registered for `T`.
     pub fn kernel_with_state<T: Element, S: 'static>(
-        mut self,
+        self,
         name: &str,
         init: impl Fn(&WorkerInfo) -> Result<S, KernelError> + Send + Sync + 'static,
         f: impl Fn(&mut S, Args<'_, T>) -> Result<(), KernelError> + Send + Sync + 'static,
+    ) -> Registry {
+        self.push(
+            name,
+            Some(T::DTYPE),
+            init,
+            move |state: &mut S, call: &mut super::exec::RawCall<'_>| {
+                f(state, call.typed::<T>()?).map(|()| None)
+            },
+        )
+    }
+
+    /// Registers kernel `name` for arrays of every dtype, with per-worker state as in
+    /// [`Registry::kernel_with_state`]. It sees its arrays as bytes ([`AnyArgs`]), writes a
+    /// row-major output of any dtype and shape at the start of its output space, and returns
+    /// what it wrote ([`Output`]): a result larger than the space fails that array's task with
+    /// a message giving both sizes. This is how an interpreter's functions (Python's, say)
+    /// run in workers.
+    ///
+    /// # Panics
+    /// If `name` is already registered, for any dtype.
+    pub fn kernel_any_dtype<S: 'static>(
+        self,
+        name: &str,
+        init: impl Fn(&WorkerInfo) -> Result<S, KernelError> + Send + Sync + 'static,
+        f: impl Fn(&mut S, AnyArgs<'_>) -> Result<Output, KernelError> + Send + Sync + 'static,
+    ) -> Registry {
+        self.push(
+            name,
+            None,
+            init,
+            move |state: &mut S, call: &mut super::exec::RawCall<'_>| {
+                f(state, call.any()).map(Some)
+            },
+        )
+    }
+
+    fn push<S: 'static>(
+        mut self,
+        name: &str,
+        dtype: Option<DType>,
+        init: impl Fn(&WorkerInfo) -> Result<S, KernelError> + Send + Sync + 'static,
+        run: impl Fn(&mut S, &mut super::exec::RawCall<'_>) -> Result<Option<Output>, KernelError>
+            + Send
+            + Sync
+            + 'static,
     ) -> Registry {
         assert!(
             !self
                 .entries
                 .iter()
-                .any(|e| e.name == name && e.dtype == T::DTYPE),
+                .any(|e| e.name == name
+                    && (e.dtype.is_none() || dtype.is_none() || e.dtype == dtype)),
             "kernel {name:?} is registered twice for {}",
-            T::DTYPE
+            dtype.map_or("any dtype", DType::name)
         );
         self.entries.push(Entry {
             name: name.to_string(),
-            dtype: T::DTYPE,
+            dtype,
             init: Box::new(move |info| init(info).map(|s| Box::new(s) as Box<dyn Any>)),
             run: Box::new(move |state, call| {
                 let state = state
                     .downcast_mut::<S>()
                     .expect("the state was made by this entry's init");
-                f(state, call.typed::<T>()?)
+                run(state, call)
             }),
         });
         self
@@ -119,7 +167,7 @@ impl Registry {
         if let Some(i) = self
             .entries
             .iter()
-            .position(|e| e.name == name && e.dtype == dtype)
+            .position(|e| e.name == name && e.dtype.is_none_or(|d| d == dtype))
         {
             return Ok(i as u32);
         }
@@ -127,7 +175,7 @@ impl Registry {
             .entries
             .iter()
             .filter(|e| e.name == name)
-            .map(|e| e.dtype.name())
+            .filter_map(|e| e.dtype.map(DType::name))
             .collect();
         if !dtypes.is_empty() {
             return Err(format!(
@@ -151,7 +199,7 @@ impl Registry {
             if i > 0 {
                 out.push_str(", ");
             }
-            let _ = write!(out, "{}[{}]", e.name, e.dtype);
+            let _ = write!(out, "{}[{}]", e.name, e.dtype.map_or("any", DType::name));
         }
         out
     }
@@ -164,6 +212,11 @@ impl Registry {
     /// No kernels.
     pub fn is_empty(&self) -> bool {
         self.entries.is_empty()
+    }
+
+    /// Whether kernel `i` takes any dtype (and says what it produced).
+    pub(crate) fn takes_any(&self, i: u32) -> bool {
+        self.entry(i).is_some_and(|e| e.dtype.is_none())
     }
 
     pub(crate) fn entry(&self, i: u32) -> Option<&Entry> {
@@ -181,7 +234,7 @@ impl Registry {
         };
         for e in &self.entries {
             eat(e.name.as_bytes());
-            eat(&[0, e.dtype.code(), 0]);
+            eat(&[0, e.dtype.map_or(0xff, DType::code), 0]);
         }
         h | 1
     }
