@@ -1,0 +1,502 @@
+"""``mk1.Pool``: the caller's side, built on the ``mk1._mk1`` extension."""
+
+from __future__ import annotations
+
+import base64
+import concurrent.futures
+import json
+import os
+import pickle
+import sys
+import time
+import weakref
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
+import numpy as np
+
+from . import _mk1
+from ._worker import BOOT_ENV, EXC_MARKER, INIT_ENV
+from .ops import Op
+
+_WAIT = 0.05  # longest wait inside Rust before Python checks for Ctrl-C (seconds)
+
+
+class _RemoteTraceback(Exception):
+    """The worker's traceback, attached as ``__cause__`` of a re-raised exception."""
+
+    def __init__(self, tb: str) -> None:
+        super().__init__(tb)
+        self.tb = tb
+
+    def __str__(self) -> str:
+        return self.tb
+
+
+def _rebuild(exc: BaseException) -> BaseException:
+    """A failed Python function's exception as it was raised in the worker (same type, with
+    the worker's traceback as ``__cause__``) when it unpickles here; else ``RemoteError``."""
+    if not isinstance(exc, _mk1.RemoteError):
+        return exc
+    message = str(exc)
+    text, sep, blob = message.partition(EXC_MARKER)
+    if sep:
+        try:
+            original = pickle.loads(base64.b64decode(blob))
+        except Exception:  # its type is not importable here, or it does not rebuild
+            original = None
+        if isinstance(original, BaseException):
+            original.__cause__ = _RemoteTraceback(text)
+            return original
+    return _mk1.RemoteError(text)
+
+
+def _pickle_function(fn: Callable) -> bytes:
+    """The function as bytes for the workers: by reference (module and name) when it can be,
+    else by value with cloudpickle (lambdas, closures, functions of an interactive session)."""
+    main = sys.modules.get("__main__")
+    interactive = getattr(fn, "__module__", None) == "__main__" and not getattr(
+        main, "__file__", None
+    )
+    if not interactive:
+        try:
+            return pickle.dumps(fn, protocol=pickle.HIGHEST_PROTOCOL)
+        except (pickle.PicklingError, AttributeError, TypeError) as e:
+            by_reference_error = e
+    else:
+        by_reference_error = None
+    try:
+        import cloudpickle
+    except ImportError:
+        why = (
+            "it is defined in an interactive session"
+            if interactive
+            else f"it cannot be pickled by reference ({by_reference_error})"
+        )
+        raise TypeError(
+            f"mk1 cannot send {fn!r} to the workers: {why}. Define it at module level in an "
+            f"importable module or in the main script, or install cloudpickle "
+            f"(pip install cloudpickle) to send lambdas and closures by value."
+        ) from None
+    return cloudpickle.dumps(fn, protocol=pickle.HIGHEST_PROTOCOL)
+
+
+def _as_array(a: Any) -> np.ndarray:
+    """The array to copy into a slot: C-contiguous (a strided array is copied first)."""
+    a = np.asarray(a)
+    if a.ndim == 0 or a.ndim > _mk1.MAX_DIMS:
+        raise ValueError(
+            f"mk1 carries arrays of 1 to {_mk1.MAX_DIMS} dimensions, not {a.ndim} "
+            f"(shape {a.shape}); reshape it first"
+        )
+    if not a.flags.c_contiguous:
+        a = np.ascontiguousarray(a)
+    return a
+
+
+def _default_workers() -> int:
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+class Future(concurrent.futures.Future):
+    """A task's result, as ``concurrent.futures.Future``. The pool has no background thread:
+    waiting on this future (``result``, ``exception``) or calling any other method of the pool
+    receives results; ``done()`` checks once without waiting."""
+
+    def __init__(self, pool: Pool) -> None:
+        super().__init__()
+        self._pool = pool
+
+    def result(self, timeout: float | None = None) -> Any:
+        self._pool._wait_for(self, timeout)
+        return super().result(0)
+
+    def exception(self, timeout: float | None = None) -> BaseException | None:
+        self._pool._wait_for(self, timeout)
+        return super().exception(0)
+
+    def done(self) -> bool:
+        if not super().done():
+            self._pool._pump(0)
+        return super().done()
+
+
+class _MapSink:
+    """Where the results of one map go, by input index."""
+
+    __slots__ = ("index", "results", "discard")
+
+    def __init__(self) -> None:
+        self.index: dict[int, int] = {}  # ticket -> input index
+        self.results: dict[int, tuple[bool, Any]] = {}
+        self.discard = False
+
+
+class Pool:
+    """A pool of worker processes fed through shared memory.
+
+    Arrays (numpy, any of int8..int64, uint8..uint64, float32, float64; 1 to 4 dimensions;
+    a dimension may be 0) are copied once into a shared-memory slot; the worker's function gets
+    a read-only numpy view of that slot and its result is copied once into the slot's output
+    region; the caller gets it as a new array (or, with ``zero_copy=True``, as a read-only
+    view of shared memory). Nothing is pickled but the function itself, once per call.
+
+    Parameters:
+        workers: worker processes (default: the CPUs this process may run on).
+        initializer, initargs: ``initializer(*initargs)`` runs once in every worker before it
+            serves (including replacements); an exception there makes the pool fail to start.
+        mode: ``"out-of-place"`` (default): inputs are read-only in the workers, and a task
+            whose worker dies is redone on another worker, up to ``max_retries`` times.
+            ``"in-place"``: the function's result overwrites the input in its slot; a task
+            whose worker dies fails with ``WorkerDied`` unless ``keep_copies=True``.
+        max_array_bytes: the largest array (and the largest result) in bytes (default 4 MiB).
+            Shared memory taken: about ``slots * max_array_bytes``, twice out of place.
+        slots: arrays in flight at once (default ``4 * workers``): the bound on memory and
+            the backpressure of ``map``.
+        max_retries: redos of a task whose worker died (out of place, or with keep_copies).
+        max_restarts: worker replacements before the pool gives up (``NoWorkersLeft``).
+        timeout: seconds one array may take; past it the worker is killed and replaced, and
+            the task fails with ``TaskTimeout`` (default: no limit).
+        keep_copies: in place, keep a copy of each input to redo a task whose worker died.
+
+    Raises ``PoolStartError`` when the pool cannot start (a setting out of range, not enough
+    shared memory or processes, a worker that fails to start or whose initializer raised).
+
+    A pool is used from the thread that made it. Use it as a context manager, or call
+    ``close()``: workers stop, shared memory is freed. Ctrl-C (KeyboardInterrupt) in any call
+    stops cleanly; if the caller dies, its workers exit with it and no shared memory is left
+    behind (the segment is an anonymous memfd).
+    """
+
+    def __init__(
+        self,
+        workers: int | None = None,
+        initializer: Callable[..., Any] | None = None,
+        initargs: tuple = (),
+        *,
+        mode: str = "out-of-place",
+        max_array_bytes: int = 4 << 20,
+        slots: int | None = None,
+        max_retries: int = 2,
+        max_restarts: int = 1000,
+        timeout: float | None = None,
+        keep_copies: bool = False,
+    ) -> None:
+        if mode not in ("out-of-place", "in-place"):
+            raise ValueError(f"mode must be 'out-of-place' or 'in-place', not {mode!r}")
+        workers = _default_workers() if workers is None else int(workers)
+        if workers < 1:
+            raise ValueError(f"workers must be at least 1, not {workers}")
+        slots = 4 * workers if slots is None else int(slots)
+        main = sys.modules.get("__main__")
+        spec = getattr(main, "__spec__", None)
+        boot = {
+            "path": list(sys.path),
+            "main_name": getattr(spec, "name", None),
+            "main_path": os.path.abspath(main.__file__)
+            if getattr(main, "__file__", None)
+            else None,
+        }
+        env = [(BOOT_ENV, json.dumps(boot))]
+        if initializer is not None:
+            blob = pickle.dumps((initializer, tuple(initargs)))
+            env.append((INIT_ENV, base64.b64encode(blob).decode("ascii")))
+        self._core = None
+        self._core = _mk1.PoolCore(
+            workers,
+            mode == "in-place",
+            int(max_array_bytes),
+            slots,
+            int(max_retries),
+            int(max_restarts),
+            timeout,
+            bool(keep_copies),
+            sys.executable,
+            ["-c", "import mk1._worker as w; w._main()"],
+            env,
+        )
+        self._workers = workers
+        self._slots = self._core.slots()
+        self._sinks: dict[int, Any] = {}  # ticket -> Future or _MapSink
+        self._finalizer = weakref.finalize(self, self._core.close)
+
+    # -- lifecycle ------------------------------------------------------------------------
+
+    def __enter__(self) -> Pool:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Stops the workers and frees the shared memory. Tasks still running are waited for
+        and their results dropped; results lent with ``zero_copy`` keep the memory mapped
+        until they are gone. Idempotent."""
+        if self._core is not None:
+            self._finalizer()
+            self._core = None
+            for sink in self._sinks.values():
+                if isinstance(sink, Future) and not sink.done():
+                    sink.set_exception(_mk1.Mk1Error("the pool was closed"))
+            self._sinks.clear()
+
+    terminate = close
+
+    def join(self) -> None:
+        """For ``multiprocessing.Pool`` compatibility: ``close()`` already waited."""
+
+    @property
+    def workers(self) -> int:
+        """Worker processes."""
+        return self._workers
+
+    def worker_pids(self) -> list[int]:
+        """Pids of the live workers."""
+        return self._live().worker_pids()
+
+    def restarts(self) -> int:
+        """Workers replaced so far."""
+        return self._live().restarts()
+
+    def _live(self):
+        if self._core is None:
+            raise ValueError("the pool is closed")
+        return self._core
+
+    # -- the data path --------------------------------------------------------------------
+
+    def _task(self, fn: Callable | Op) -> tuple[str | None, bytes | None]:
+        if isinstance(fn, Op):
+            return fn.text, None
+        if not callable(fn):
+            raise TypeError(f"fn must be a callable or an mk1.ops op, not {type(fn).__name__}")
+        return None, _pickle_function(fn)
+
+    def _submit_one(self, a: np.ndarray, task: tuple[str | None, bytes | None]) -> int:
+        """Submits, receiving results while every slot is busy (backpressure)."""
+        core = self._live()
+        while True:
+            try:
+                return core.submit(a, task[0], task[1])
+            except _mk1.Busy:
+                if core.in_flight() == 0:
+                    raise _mk1.Mk1Error(
+                        "every slot is held by results lent with zero_copy=True; drop them "
+                        "(or copy them) before asking for more"
+                    ) from None
+                self._pump(_WAIT)
+
+    def _pump(self, timeout: float) -> bool:
+        """Receives one completion (waiting up to ``timeout`` s) and routes it. Whether one
+        came."""
+        got = self._live().recv(timeout, False)
+        if got is None:
+            return False
+        self._route(got)
+        return True
+
+    def _route(self, got: tuple) -> None:
+        ticket, _worker, ok, payload, _dtype, _shape = got
+        sink = self._sinks.pop(ticket, None)
+        if isinstance(sink, Future):
+            if ok:
+                sink.set_result(payload)
+            else:
+                sink.set_exception(_rebuild(payload))
+        elif isinstance(sink, _MapSink) and not sink.discard:
+            sink.results[sink.index.pop(ticket)] = (ok, payload)
+
+    def _wait_for(self, fut: Future, timeout: float | None) -> None:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not concurrent.futures.Future.done(fut):
+            if self._core is None:
+                raise _mk1.Mk1Error("the pool was closed")
+            wait = _WAIT
+            if deadline is not None:
+                wait = min(wait, deadline - time.monotonic())
+                if wait <= 0:
+                    raise concurrent.futures.TimeoutError()
+            self._pump(wait)
+
+    def submit(self, fn: Callable | Op, a: Any) -> Future:
+        """Runs ``fn(a)`` in a worker; returns a ``Future`` of the result (a new numpy array).
+
+        Raises at once (nothing submitted) for an array mk1 cannot carry (``ValueError``), one
+        larger than ``max_array_bytes`` (``ArrayTooLarge``), or a function that cannot be sent
+        (``TypeError``). The future's exception is what ``fn`` raised (same type, with the
+        worker's traceback as ``__cause__``), or ``WorkerDied``, ``TaskTimeout``,
+        ``NoWorkersLeft``.
+        """
+        task = self._task(fn)
+        ticket = self._submit_one(_as_array(a), task)
+        fut = Future(self)
+        fut.set_running_or_notify_cancel()
+        self._sinks[ticket] = fut
+        return fut
+
+    def apply(self, fn: Callable | Op, a: Any) -> Any:
+        """``submit(fn, a).result()``."""
+        return self.submit(fn, a).result()
+
+    def map(
+        self,
+        fn: Callable | Op,
+        arrays: Iterable[Any],
+        *,
+        zero_copy: bool = False,
+        progress: bool = False,
+    ) -> Iterator[np.ndarray]:
+        """``fn(a)`` for every array, in input order, lazily: at most ``slots`` arrays are in
+        flight or waiting to be read, so any number of arrays runs in bounded memory.
+
+        ``fn`` is a module-level function (of an importable module or of the main script), or
+        with cloudpickle installed any callable; or an ``mk1.ops`` op (no Python in the
+        workers). It gets a read-only view of its input in shared memory and returns an array
+        (any supported dtype and 1 to 4 dimensions, at most ``max_array_bytes``; a scalar comes
+        back as a 1-element array), or, when it takes an ``out`` argument, writes its result
+        there (same dtype and shape as the input) and returns None: zero-copy both ways.
+
+        With ``zero_copy=True`` each result is a read-only array lent from shared memory: its
+        slot goes back when the array (and every view of it) is gone, so drop results as you
+        go. Otherwise results are new arrays.
+
+        The first failed array raises its exception when the iteration reaches it (see
+        ``submit``); the pool keeps working. ``progress=True`` shows a progress bar (tqdm when
+        installed).
+        """
+        return self._map(fn, arrays, True, zero_copy, progress)
+
+    imap = map
+
+    def imap_unordered(
+        self,
+        fn: Callable | Op,
+        arrays: Iterable[Any],
+        *,
+        zero_copy: bool = False,
+        progress: bool = False,
+    ) -> Iterator[np.ndarray]:
+        """As ``map``, in completion order."""
+        return self._map(fn, arrays, False, zero_copy, progress)
+
+    def _map(self, fn, arrays, ordered, zero_copy, progress):
+        task = self._task(fn)  # fails here, before any array is taken
+        bar = _progress(arrays) if progress else None
+        return self._map_gen(task, iter(arrays), ordered, zero_copy, bar)
+
+    def _map_gen(self, task, inputs, ordered, zero_copy, bar):
+        sink = _MapSink()
+        window = self._slots
+        next_in = 0
+        next_out = 0
+        exhausted = False
+        try:
+            while True:
+                core = self._live()
+                # Fill: keep at most `window` arrays in flight or waiting to be read.
+                while not exhausted and len(sink.index) + len(sink.results) < window:
+                    try:
+                        a = next(inputs)
+                    except StopIteration:
+                        exhausted = True
+                        break
+                    idx = next_in
+                    next_in += 1
+                    try:
+                        arr = _as_array(a)
+                        ticket = self._submit_lent(core, arr, task) if zero_copy else None
+                        if ticket is None:
+                            ticket = self._submit_one(arr, task)
+                    except (ValueError, TypeError, _mk1.Mk1Error) as e:
+                        sink.results[idx] = (False, e)
+                        continue
+                    sink.index[ticket] = idx
+                    self._sinks[ticket] = sink
+                # Yield what is ready.
+                if ordered:
+                    if next_out in sink.results:
+                        ok, value = sink.results.pop(next_out)
+                        next_out += 1
+                        if bar is not None:
+                            bar.update(1)
+                        if not ok:
+                            raise _rebuild(value)
+                        yield value
+                        continue
+                elif sink.results:
+                    _, (ok, value) = sink.results.popitem()
+                    if bar is not None:
+                        bar.update(1)
+                    if not ok:
+                        raise _rebuild(value)
+                    yield value
+                    continue
+                if exhausted and not sink.index and not sink.results:
+                    return
+                # Wait for one result.
+                if zero_copy:
+                    self._pump_lent(core, _WAIT)
+                else:
+                    self._pump(_WAIT)
+        finally:
+            # Ended early (break, exception, Ctrl-C): results still to come are dropped.
+            sink.discard = True
+            for t in sink.index:
+                self._sinks[t] = sink
+            if bar is not None:
+                bar.close()
+
+    def _submit_lent(self, core, arr, task):
+        """Submit for a zero-copy map (whose own results are received lent)."""
+        while True:
+            try:
+                return core.submit(arr, task[0], task[1])
+            except _mk1.Busy:
+                if core.in_flight() == 0:
+                    raise _mk1.Mk1Error(
+                        "every slot is held by results lent with zero_copy=True; drop them "
+                        "before asking for more"
+                    ) from None
+                self._pump_lent(core, _WAIT)
+
+    def _pump_lent(self, core, timeout):
+        got = core.recv(timeout, True)
+        if got is None:
+            return
+        ticket, worker, ok, payload, dtype, shape = got
+        if ok:
+            payload = np.frombuffer(payload, dtype=dtype).reshape(shape)
+        self._route((ticket, worker, ok, payload, dtype, shape))
+
+
+def _progress(arrays):
+    total = len(arrays) if hasattr(arrays, "__len__") else None
+    try:
+        from tqdm.auto import tqdm
+
+        return tqdm(total=total, unit="array")
+    except ImportError:
+        return _TextBar(total)
+
+
+class _TextBar:
+    """A progress line on stderr when tqdm is not installed."""
+
+    def __init__(self, total: int | None) -> None:
+        self.total, self.n, self.last = total, 0, 0.0
+
+    def update(self, n: int) -> None:
+        self.n += n
+        now = time.monotonic()
+        if now - self.last > 0.2:
+            self.last = now
+            of = f"/{self.total}" if self.total is not None else ""
+            print(f"\rmk1: {self.n}{of} arrays", end="", file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        of = f"/{self.total}" if self.total is not None else ""
+        print(f"\rmk1: {self.n}{of} arrays", file=sys.stderr, flush=True)
+

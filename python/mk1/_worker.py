@@ -1,0 +1,153 @@
+"""The worker side of a Python pool: what runs in each worker process.
+
+A pool starts ``python -c "import mk1._worker as w; w._main()"`` for every worker. ``_main``
+rebuilds the caller's import context (``sys.path`` and, as ``multiprocessing``'s spawn start
+method does, the main module under the name ``__mp_main__``) and enters mk1's worker loop,
+which calls ``_init`` once and ``_run`` for every array.
+"""
+
+from __future__ import annotations
+
+import base64
+import inspect
+import json
+import os
+import pickle
+import runpy
+import sys
+import traceback
+import types
+
+import numpy as np
+
+BOOT_ENV = "MK1_PY_BOOT"
+INIT_ENV = "MK1_PY_INIT"
+EXC_MARKER = "\n--mk1-pickled-exception--\n"
+
+_worker_id: int | None = None
+_workers: int | None = None
+_state: dict = {}
+_functions: dict = {}
+
+
+def _prepare_main(boot: dict) -> None:
+    """Makes the caller's main module importable as ``__main__`` (functions defined there are
+    pickled by reference to it). Like multiprocessing: a main run with ``-m pkg`` is re-imported
+    by name, a script is re-run by path under ``__name__ == "__mp_main__"`` (so code behind
+    ``if __name__ == "__main__":`` does not run again)."""
+    name = boot.get("main_name")
+    path = boot.get("main_path")
+    if name and name != "__main__" and not name.endswith(".__main__"):
+        main_globals = runpy.run_module(name, run_name="__mp_main__", alter_sys=True)
+    elif path and os.path.exists(path) and not path.endswith(("ipython", "<stdin>")):
+        main_globals = runpy.run_path(path, run_name="__mp_main__")
+    else:
+        return
+    main = types.ModuleType("__mp_main__")
+    main.__dict__.update(main_globals)
+    sys.modules["__main__"] = sys.modules["__mp_main__"] = main
+
+
+def _main() -> None:
+    """Entry point of a worker process."""
+    boot = json.loads(os.environ.get(BOOT_ENV, "{}"))
+    if "path" in boot:
+        sys.path[:] = boot["path"]
+    _prepare_main(boot)
+    from mk1 import _mk1
+
+    _mk1.serve()  # never returns in a worker
+    sys.exit("mk1._worker: this process was not started by an mk1 pool")
+
+
+def _init(worker: int, workers: int) -> None:
+    """Runs once per worker, before it reports ready: the pool's initializer."""
+    global _worker_id, _workers
+    _worker_id, _workers = worker, workers
+    # Output written with print() should appear even though the worker ends with _exit.
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.reconfigure(line_buffering=True)
+        except (AttributeError, ValueError):
+            pass
+    blob = os.environ.get(INIT_ENV)
+    if blob:
+        initializer, initargs = pickle.loads(base64.b64decode(blob))
+        initializer(*initargs)
+
+
+def _wants_out(fn) -> bool:
+    try:
+        return "out" in inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def _function(context: bytes):
+    entry = _functions.get(context)
+    if entry is None:
+        fn = pickle.loads(context)
+        entry = (fn, _wants_out(fn))
+        if len(_functions) > 256:
+            _functions.clear()
+        _functions[context] = entry
+    return entry
+
+
+def _encode_error(e: BaseException) -> str:
+    text = "".join(traceback.format_exception(type(e), e, e.__traceback__))
+    try:
+        blob = base64.b64encode(pickle.dumps(e)).decode("ascii")
+    except Exception:  # an exception that does not pickle travels as text only
+        return text
+    return text + EXC_MARKER + blob
+
+
+def _run(context, inp, dtype, shape, out, in_place, worker):
+    """Runs the task's function on one array; returns ``(dtype name, shape)`` of what it wrote
+    at the start of ``out``, or ``(None, message)`` when it raised."""
+    try:
+        fn, wants_out = _function(context)
+        count = 1
+        for d in shape:
+            count *= d
+        x = np.frombuffer(inp, dtype=dtype, count=count).reshape(shape)
+        if wants_out:
+            o = x if in_place else np.frombuffer(out, dtype=dtype, count=count).reshape(shape)
+            y = fn(x, out=o)
+            if y is None or y is o:
+                return (x.dtype.name, shape)
+        else:
+            y = fn(x)
+        y = np.asarray(y)
+        if y.ndim == 0:
+            y = y.reshape(1)
+        if y.dtype.byteorder == ">" or y.dtype.kind not in "iuf":
+            raise TypeError(
+                f"mk1 carries int, uint and float arrays in native byte order; the function "
+                f"returned {y.dtype}"
+            )
+        if y.nbytes > len(out):
+            from mk1 import ArrayTooLarge
+
+            raise ArrayTooLarge(
+                f"the function returned {y.shape} {y.dtype} ({y.nbytes} bytes); a result may "
+                f"take {len(out)} bytes here (Pool(max_array_bytes=...))"
+            )
+        if not (in_place and y is x):
+            dst = np.frombuffer(out, dtype=y.dtype, count=y.size).reshape(y.shape)
+            np.copyto(dst, y)
+        return (y.dtype.name, y.shape)
+    except BaseException as e:  # noqa: BLE001 - every failure goes back to the caller
+        return (None, _encode_error(e))
+
+
+def worker_id() -> int | None:
+    """This worker's index (``0..workers``), or None outside a worker."""
+    return _worker_id
+
+
+def worker_state() -> dict:
+    """A dict private to this worker process, kept between tasks: the initializer can fill
+    it, functions read it (as mpire's worker state)."""
+    return _state

@@ -1,0 +1,626 @@
+//! `mk1._mk1`: the Python extension module. It is a thin layer over mk1's public Rust API
+//! (`mk1::Pool`, its producer handle, `Registry::kernel_any_dtype`); the user-facing Python API
+//! (`mk1.Pool`, `map`, futures, errors) is written in Python on top of it, in `mk1/`.
+//!
+//! Two roles, as in every mk1 program:
+//! - the caller builds a [`PoolCore`], submits numpy arrays (copied once into a slot) and
+//!   receives results (copied out into a new numpy array, or lent zero-copy as a [`View`]);
+//! - a worker is the Python interpreter running `mk1._worker`, which calls [`serve`]: mk1's
+//!   worker loop, whose one kernel (`py`, any dtype) hands each array to Python as a
+//!   `memoryview` of shared memory and writes back what the function returned.
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::ffi::{c_int, c_void};
+use std::mem::ManuallyDrop;
+use std::rc::Rc;
+use std::time::Duration;
+
+use mk1::task::{AnyIo, KernelError, Output, Registry};
+use mk1::{
+    Completion, DType, LoanError, Mode, Pool, PoolError, Producer, Shape, SubmitError, Task,
+    TaskError,
+};
+use numpy::{PyArrayDescrMethods, PyUntypedArray, PyUntypedArrayMethods};
+use pyo3::exceptions::{PyException, PyRuntimeError, PyValueError};
+use pyo3::prelude::*;
+use pyo3::types::{PyBytes, PyTuple};
+
+pyo3::create_exception!(_mk1, Mk1Error, PyException, "Base class of mk1's errors.");
+pyo3::create_exception!(
+    _mk1,
+    PoolStartError,
+    Mk1Error,
+    "The pool could not start (a setting, a limit of this machine, a worker that failed to start)."
+);
+pyo3::create_exception!(
+    _mk1,
+    WorkerDied,
+    Mk1Error,
+    "The worker running the task died, after every retry the pool's mode allows."
+);
+pyo3::create_exception!(
+    _mk1,
+    TaskTimeout,
+    Mk1Error,
+    "The task ran past the pool's timeout; its worker was killed and replaced."
+);
+pyo3::create_exception!(
+    _mk1,
+    NoWorkersLeft,
+    Mk1Error,
+    "Every worker is gone for good (restart limit, or workers that cannot start)."
+);
+pyo3::create_exception!(
+    _mk1,
+    ArrayTooLarge,
+    Mk1Error,
+    "An array (or a function's result) does not fit a slot: see Pool(max_array_bytes=...)."
+);
+pyo3::create_exception!(
+    _mk1,
+    RemoteError,
+    Mk1Error,
+    "The function failed in the worker and its exception could not be rebuilt here."
+);
+pyo3::create_exception!(
+    _mk1,
+    Busy,
+    Mk1Error,
+    "Every slot is in use (internal: the Python layer receives a result and retries)."
+);
+
+/// The kernel every Python pool registers, in the caller and in the workers alike.
+const PY_KERNEL: &str = "py";
+
+/// The registry of a Python pool: one kernel for every dtype that calls the Python function
+/// the task's context names. Built identically in callers and workers.
+fn registry() -> Registry {
+    Registry::new().kernel_any_dtype::<Py<PyAny>>(
+        PY_KERNEL,
+        |info| {
+            Python::attach(|py| {
+                let m = py.import("mk1._worker")?;
+                m.call_method1("_init", (info.worker, info.workers))?;
+                Ok::<_, PyErr>(m.getattr("_run")?.unbind())
+            })
+            .map_err(|e| KernelError::new(python_error_text(&e)))
+        },
+        |run, args| Python::attach(|py| call_python(py, run, args)),
+    )
+}
+
+/// Runs one array through the Python function (`mk1._worker._run`).
+fn call_python(
+    py: Python<'_>,
+    run: &Py<PyAny>,
+    args: mk1::task::AnyArgs<'_>,
+) -> Result<Output, KernelError> {
+    let n_in = args.shape.bytes(args.dtype) as usize;
+    let (input, output, in_place) = match args.io {
+        // SAFETY (both arms): the memoryviews point into this worker's mapping of the segment,
+        // which lives as long as the process; they are valid for this call, and Python code
+        // that keeps one past it reads the slot's later contents, never unmapped memory. The
+        // read-only one is made with PyBUF_READ, so Python cannot write through it (out of
+        // place it is also mapped read-only).
+        AnyIo::InPlace(buf) => unsafe {
+            let mv = memoryview(py, buf.as_mut_ptr(), buf.len(), true)?;
+            (mv.clone(), mv, true)
+        },
+        AnyIo::OutOfPlace { input, output } => unsafe {
+            (
+                memoryview(py, input.as_ptr().cast_mut(), n_in, false)?,
+                memoryview(py, output.as_mut_ptr(), output.len(), true)?,
+                false,
+            )
+        },
+    };
+    let context = PyBytes::new(py, args.context);
+    let shape = PyTuple::new(py, args.shape.dims().iter().copied()).map_err(py_err)?;
+    let answer = run
+        .call1(
+            py,
+            (
+                context,
+                input,
+                args.dtype.name(),
+                shape,
+                output,
+                in_place,
+                args.worker,
+            ),
+        )
+        .map_err(py_err)?;
+    // `_run` returns (dtype name, shape) or (None, message) for an exception.
+    let (dtype, shape): (Option<String>, Bound<'_, PyAny>) = answer.extract(py).map_err(py_err)?;
+    let Some(dtype) = dtype else {
+        return Err(KernelError::new(shape.extract::<String>().map_err(py_err)?));
+    };
+    let dims: Vec<usize> = shape.extract().map_err(py_err)?;
+    let dtype = DType::from_name(&dtype)
+        .ok_or_else(|| KernelError::new(format!("mk1 cannot carry dtype {dtype}")))?;
+    let shape = Shape::new(&dims).map_err(|e| KernelError::new(e.to_string()))?;
+    Ok(Output { dtype, shape })
+}
+
+/// A memoryview of `len` bytes at `ptr`.
+///
+/// # Safety
+/// `ptr..ptr + len` must stay mapped for as long as Python may use the view (here: the
+/// worker's life), and be writable if `writable`.
+unsafe fn memoryview(
+    py: Python<'_>,
+    ptr: *mut u8,
+    len: usize,
+    writable: bool,
+) -> Result<Bound<'_, PyAny>, KernelError> {
+    let flags = if writable {
+        pyo3::ffi::PyBUF_WRITE
+    } else {
+        pyo3::ffi::PyBUF_READ
+    };
+    // An empty array still needs a valid pointer.
+    let ptr = if len == 0 {
+        std::ptr::NonNull::<u8>::dangling().as_ptr()
+    } else {
+        ptr
+    };
+    // SAFETY: the caller's promise; PyMemoryView_FromMemory returns a new reference or NULL
+    // with an exception set, which `from_owned_ptr_or_err` turns into a PyErr.
+    unsafe {
+        Bound::from_owned_ptr_or_err(
+            py,
+            pyo3::ffi::PyMemoryView_FromMemory(ptr.cast(), len as isize, flags),
+        )
+    }
+    .map_err(py_err)
+}
+
+fn py_err(e: PyErr) -> KernelError {
+    KernelError::new(Python::attach(|py| {
+        let _ = py;
+        python_error_text(&e)
+    }))
+}
+
+fn python_error_text(e: &PyErr) -> String {
+    Python::attach(|py| {
+        let tb = e
+            .traceback(py)
+            .and_then(|tb| tb.format().ok())
+            .unwrap_or_default();
+        format!("{tb}{e}")
+    })
+}
+
+/// Serves as a worker if this interpreter was started as one (never returns then); returns
+/// at once otherwise.
+#[pyfunction]
+fn serve(py: Python<'_>) {
+    let registry = registry();
+    // The worker loop runs without the GIL; the kernel takes it for each array.
+    py.detach(|| mk1::run_if_worker_with(&registry));
+}
+
+/// The caller's pool and its one producer handle. The handle borrows the pool, so both live
+/// behind one `Rc` (kept by every [`View`] too): the segment stays mapped while any lent result
+/// is alive, even after `close()`.
+struct Inner {
+    // Dropped first (see `Drop`): it borrows `pool`.
+    producer: ManuallyDrop<Producer<'static>>,
+    pool: ManuallyDrop<Box<Pool>>,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        // SAFETY: each field is dropped exactly once, here, the producer (which borrows the
+        // pool) before the pool.
+        unsafe {
+            ManuallyDrop::drop(&mut self.producer);
+            ManuallyDrop::drop(&mut self.pool);
+        }
+    }
+}
+
+impl Inner {
+    fn new(pool: Pool) -> Result<Rc<Inner>, PoolError> {
+        let pool = Box::new(pool);
+        // SAFETY: the producer borrows the pool on the heap (a Box never moves its contents),
+        // and `Inner` drops the producer before the pool, so the borrow never outlives it; the
+        // 'static lifetime never leaves this struct except inside completions and views that
+        // hold an `Rc<Inner>` themselves (see `View`).
+        let pool_ref: &'static Pool = unsafe { &*(&*pool as *const Pool) };
+        let producer = pool_ref.producer()?;
+        Ok(Rc::new(Inner {
+            producer: ManuallyDrop::new(producer),
+            pool: ManuallyDrop::new(pool),
+        }))
+    }
+}
+
+/// Wrapper that lets a closure holding `!Send` references run with the GIL released. Sound
+/// here because `Python::detach` runs the closure on this same thread, and the objects touched
+/// belong to an `unsendable` class, which no other thread can reach meanwhile.
+struct OnThisThread<T>(T);
+// SAFETY: see the type's doc: the value never actually moves to another thread.
+unsafe impl<T> Send for OnThisThread<T> {}
+
+/// The Rust side of `mk1.Pool`.
+#[pyclass(unsendable, module = "mk1._mk1")]
+struct PoolCore {
+    inner: Option<Rc<Inner>>,
+    ops: RefCell<HashMap<String, Task>>,
+}
+
+fn start_error(e: PoolError) -> PyErr {
+    PoolStartError::new_err(e.to_string())
+}
+
+impl PoolCore {
+    fn inner(&self) -> PyResult<&Rc<Inner>> {
+        self.inner
+            .as_ref()
+            .ok_or_else(|| PyRuntimeError::new_err("the pool is closed"))
+    }
+}
+
+/// The dtype mk1 uses for a numpy dtype.
+fn dtype_of(a: &Bound<'_, PyUntypedArray>) -> PyResult<DType> {
+    let d = a.dtype();
+    let kind = d.kind();
+    let name = match (kind, d.itemsize()) {
+        (b'i', n) | (b'u', n) | (b'f', n) if d.is_native_byteorder() != Some(false) => {
+            let base = match kind {
+                b'i' => "int",
+                b'u' => "uint",
+                _ => "float",
+            };
+            format!("{base}{}", n * 8)
+        }
+        _ => String::new(),
+    };
+    DType::from_name(&name).ok_or_else(|| {
+        PyValueError::new_err(format!(
+            "mk1 carries int8..int64, uint8..uint64, float32 and float64 arrays (native byte \
+             order), not {}",
+            d
+        ))
+    })
+}
+
+#[pymethods]
+impl PoolCore {
+    /// Starts the pool (see `mk1.Pool` for the meaning of each argument).
+    #[new]
+    #[pyo3(signature = (workers, in_place, max_array_bytes, slots, max_retries, max_restarts, timeout, keep_copies, worker_exe, worker_args, worker_env))]
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        py: Python<'_>,
+        workers: u32,
+        in_place: bool,
+        max_array_bytes: u64,
+        slots: u32,
+        max_retries: u32,
+        max_restarts: u32,
+        timeout: Option<f64>,
+        keep_copies: bool,
+        worker_exe: String,
+        worker_args: Vec<String>,
+        worker_env: Vec<(String, String)>,
+    ) -> PyResult<PoolCore> {
+        let timeout = match timeout {
+            None => Duration::from_secs(365 * 24 * 3600),
+            Some(t) if t.is_finite() && t > 0.0 => Duration::from_secs_f64(t),
+            Some(t) => return Err(PyValueError::new_err(format!("timeout {t} is not > 0"))),
+        };
+        let mut b = Pool::builder()
+            .workers(workers)
+            .mode(if in_place {
+                Mode::InPlace
+            } else {
+                Mode::OutOfPlace
+            })
+            .max_array_bytes(max_array_bytes)
+            .slots_per_producer(slots)
+            .max_retries(max_retries)
+            .max_restarts(max_restarts)
+            .worker_timeout(timeout)
+            .keep_copies(keep_copies)
+            .pack_bytes(0)
+            .worker_exe(worker_exe)
+            .worker_args(worker_args)
+            .kernels(registry());
+        for (k, v) in worker_env {
+            b = b.worker_env(k, v);
+        }
+        // Workers start (and import numpy) meanwhile: no GIL needed.
+        let built = py.detach(|| OnThisThread(b.build()));
+        let pool = built.0.map_err(start_error)?;
+        let inner = Inner::new(pool).map_err(start_error)?;
+        Ok(PoolCore {
+            inner: Some(inner),
+            ops: RefCell::new(HashMap::new()),
+        })
+    }
+
+    /// Copies `array` (C-contiguous, 1 to 4 dimensions) into a free slot and submits it, to run
+    /// the built-in `op` (text such as "affine:3,1") or, when `op` is None, the Python
+    /// function pickled in `context`. Returns the ticket. Raises `Busy` when no slot is free.
+    #[pyo3(signature = (array, op, context))]
+    fn submit(
+        &self,
+        array: &Bound<'_, PyUntypedArray>,
+        op: Option<&str>,
+        context: Option<&Bound<'_, PyBytes>>,
+    ) -> PyResult<u64> {
+        let inner = self.inner()?;
+        let dtype = dtype_of(array)?;
+        if !array.is_c_contiguous() {
+            return Err(PyValueError::new_err("the array must be C-contiguous"));
+        }
+        let shape = Shape::new(array.shape()).map_err(|e| PyValueError::new_err(e.to_string()))?;
+        let task = match op {
+            Some(text) => {
+                let mut ops = self.ops.borrow_mut();
+                if let Some(t) = ops.get(text) {
+                    t.clone()
+                } else {
+                    let t = Task::op(text).map_err(|e| PyValueError::new_err(e.to_string()))?;
+                    ops.insert(text.to_string(), t.clone());
+                    t
+                }
+            }
+            None => Task::kernel(PY_KERNEL).context(context.map_or(&[][..], |c| c.as_bytes())),
+        };
+        let nbytes = shape.bytes(dtype) as usize;
+        let p = &inner.producer;
+        let mut loan = p
+            .try_loan::<u8>(Shape::d1(nbytes as u32))
+            .map_err(loan_error)?;
+        if nbytes > 0 {
+            // SAFETY: the array is C-contiguous with `nbytes` bytes of data (its shape times
+            // its itemsize, checked above through the dtype), and we hold the GIL, so numpy
+            // does not free it meanwhile.
+            let src = unsafe {
+                let raw = (*array.as_array_ptr()).fields.data as *const u8;
+                std::slice::from_raw_parts(raw, nbytes)
+            };
+            loan.copy_from_slice(src);
+        }
+        p.submit_bytes(loan, dtype, shape, &task)
+            .map(|t| t.0)
+            .map_err(|r| submit_error(r.error))
+    }
+
+    /// The next completion, waiting at most `timeout` seconds (GIL released): None, or
+    /// `(ticket, worker, ok, payload, dtype, shape)` where payload is a new numpy array (or,
+    /// with `lend`, a `View` of the result in shared memory) when ok, else the exception to
+    /// raise.
+    #[pyo3(signature = (timeout, lend=false))]
+    fn recv<'py>(
+        &self,
+        py: Python<'py>,
+        timeout: f64,
+        lend: bool,
+    ) -> PyResult<Option<Bound<'py, PyTuple>>> {
+        let inner = self.inner()?.clone();
+        let p: &'static Producer<'static> = {
+            // SAFETY: the producer lives in `inner`, which the completion's View (or this call)
+            // keeps alive; see `View`.
+            unsafe { &*(&*inner.producer as *const Producer<'static>) }
+        };
+        let got = if timeout <= 0.0 {
+            p.try_recv()
+        } else {
+            let wait = OnThisThread(p);
+            py.detach(move || {
+                let p = wait;
+                OnThisThread(p.0.recv_timeout(Duration::from_secs_f64(timeout)))
+            })
+            .0
+        };
+        let Some(done) = got else {
+            return Ok(None);
+        };
+        let ticket = done.ticket().0;
+        let worker = done.worker().map_or(-1, i64::from);
+        let dtype = done.dtype().name();
+        let dims: Vec<u32> = done.shape().dims().to_vec();
+        let shape = PyTuple::new(py, dims)?;
+        let (ok, payload): (bool, Bound<'py, PyAny>) = match done.output_bytes() {
+            Err(e) => (false, task_error(py, &e)),
+            Ok(_) if lend => {
+                let view = View {
+                    done: Some(done),
+                    _inner: inner,
+                };
+                (true, Bound::new(py, view)?.into_any())
+            }
+            Ok(bytes) => (true, copy_out(py, done.dtype(), done.shape(), bytes)?),
+        };
+        Ok(Some(PyTuple::new(
+            py,
+            [
+                ticket.into_pyobject(py)?.into_any(),
+                worker.into_pyobject(py)?.into_any(),
+                pyo3::types::PyBool::new(py, ok).to_owned().into_any(),
+                payload,
+                dtype.into_pyobject(py)?.into_any(),
+                shape.into_any(),
+            ],
+        )?))
+    }
+
+    /// Tasks submitted and not yet received.
+    fn in_flight(&self) -> PyResult<usize> {
+        Ok(self.inner()?.producer.in_flight())
+    }
+
+    /// Slots of this pool.
+    fn slots(&self) -> PyResult<usize> {
+        Ok(self.inner()?.producer.slots())
+    }
+
+    /// The largest array, in bytes.
+    fn max_array_bytes(&self) -> PyResult<u64> {
+        Ok(self.inner()?.pool.max_array_bytes())
+    }
+
+    /// Worker restarts so far.
+    fn restarts(&self) -> PyResult<u32> {
+        Ok(self.inner()?.pool.restarts())
+    }
+
+    /// Pids of the live workers.
+    fn worker_pids(&self) -> PyResult<Vec<u32>> {
+        Ok(self.inner()?.pool.worker_pids())
+    }
+
+    /// Stops the workers and frees the segment (once every lent View is gone). Tasks still in
+    /// flight are waited for (bounded by the timeout) and dropped.
+    fn close(&mut self, py: Python<'_>) {
+        if let Some(inner) = self.inner.take() {
+            let inner = OnThisThread(inner);
+            py.detach(move || drop(inner));
+        }
+    }
+}
+
+/// A result lent from shared memory (buffer protocol, read-only bytes): `numpy.frombuffer`
+/// makes the array. The slot goes back to the pool when the last reference is dropped.
+#[pyclass(unsendable, module = "mk1._mk1")]
+struct View {
+    // Dropped before `_inner` (field order): the completion borrows the producer in it.
+    done: Option<Completion<'static>>,
+    _inner: Rc<Inner>,
+}
+
+#[pymethods]
+impl View {
+    unsafe fn __getbuffer__(
+        slf: Bound<'_, Self>,
+        view: *mut pyo3::ffi::Py_buffer,
+        flags: c_int,
+    ) -> PyResult<()> {
+        let (ptr, len) = {
+            let me = slf.borrow();
+            let bytes = me
+                .done
+                .as_ref()
+                .and_then(|d| d.output_bytes().ok())
+                .ok_or_else(|| PyRuntimeError::new_err("released"))?;
+            (bytes.as_ptr(), bytes.len())
+        };
+        let ptr = if len == 0 {
+            std::ptr::NonNull::<u8>::dangling().as_ptr().cast_const()
+        } else {
+            ptr
+        };
+        // SAFETY: `view` is the buffer struct Python passed us; PyBuffer_FillInfo fills it for
+        // `len` read-only bytes at `ptr` and takes a reference to `slf`, which keeps the
+        // completion (and so the slot's contents and the mapping) alive while the buffer is.
+        let rc = unsafe {
+            pyo3::ffi::PyBuffer_FillInfo(
+                view,
+                slf.as_ptr(),
+                ptr.cast_mut().cast::<c_void>(),
+                len as isize,
+                1,
+                flags,
+            )
+        };
+        if rc != 0 {
+            return Err(PyErr::fetch(slf.py()));
+        }
+        Ok(())
+    }
+}
+
+/// A new numpy array of `dtype` and `shape` holding `bytes`.
+fn copy_out<'py>(
+    py: Python<'py>,
+    dtype: DType,
+    shape: Shape,
+    bytes: &[u8],
+) -> PyResult<Bound<'py, PyAny>> {
+    let dims: Vec<usize> = shape.dims().iter().map(|&d| d as usize).collect();
+    macro_rules! make {
+        ($t:ty) => {{
+            // SAFETY: a new, uninitialised C-order array, filled completely right after; nothing
+            // reads it before.
+            let a = unsafe { numpy::PyArray::<$t, _>::new(py, dims, false) };
+            // SAFETY: the new array is C-contiguous with exactly `bytes.len()` bytes (`shape`
+            // and `dtype` are the result's), and owned by us alone.
+            unsafe {
+                std::ptr::copy_nonoverlapping(
+                    bytes.as_ptr(),
+                    numpy::PyArrayMethods::data(&a).cast::<u8>(),
+                    bytes.len(),
+                )
+            };
+            a.into_any()
+        }};
+    }
+    Ok(match dtype {
+        DType::I8 => make!(i8),
+        DType::U8 => make!(u8),
+        DType::I16 => make!(i16),
+        DType::U16 => make!(u16),
+        DType::I32 => make!(i32),
+        DType::U32 => make!(u32),
+        DType::I64 => make!(i64),
+        DType::U64 => make!(u64),
+        DType::F32 => make!(f32),
+        DType::F64 => make!(f64),
+    })
+}
+
+fn loan_error(e: LoanError) -> PyErr {
+    match e {
+        LoanError::TooLarge { .. } => ArrayTooLarge::new_err(e.to_string()),
+        LoanError::Busy { .. } | LoanError::Exhausted { .. } => Busy::new_err(e.to_string()),
+        LoanError::NoWorkers(_) => NoWorkersLeft::new_err(e.to_string()),
+        LoanError::Shape(_) => PyValueError::new_err(e.to_string()),
+    }
+}
+
+fn submit_error(e: SubmitError) -> PyErr {
+    match e {
+        SubmitError::NoWorkers(_) => NoWorkersLeft::new_err(e.to_string()),
+        SubmitError::OutShape(_) => ArrayTooLarge::new_err(e.to_string()),
+        _ => PyValueError::new_err(e.to_string()),
+    }
+}
+
+/// The exception (not raised) for a failed task. A Python function's failure carries its
+/// formatted traceback and, when picklable, the exception itself: `mk1.Pool` rebuilds it.
+fn task_error<'py>(py: Python<'py>, e: &TaskError) -> Bound<'py, PyAny> {
+    let err = match e {
+        TaskError::Kernel { message, .. } => RemoteError::new_err(message.clone()),
+        TaskError::Timeout(_) => TaskTimeout::new_err(e.to_string()),
+        TaskError::WorkerDied { .. } => WorkerDied::new_err(e.to_string()),
+        TaskError::NoWorkers(_) => NoWorkersLeft::new_err(e.to_string()),
+        TaskError::TooLarge { .. } => ArrayTooLarge::new_err(e.to_string()),
+        _ => Mk1Error::new_err(e.to_string()),
+    };
+    err.into_value(py).into_bound(py).into_any()
+}
+
+/// The `mk1._mk1` module.
+#[pymodule]
+fn _mk1(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    let py = m.py();
+    m.add_class::<PoolCore>()?;
+    m.add_class::<View>()?;
+    m.add_function(wrap_pyfunction!(serve, m)?)?;
+    m.add("Mk1Error", py.get_type::<Mk1Error>())?;
+    m.add("PoolStartError", py.get_type::<PoolStartError>())?;
+    m.add("WorkerDied", py.get_type::<WorkerDied>())?;
+    m.add("TaskTimeout", py.get_type::<TaskTimeout>())?;
+    m.add("NoWorkersLeft", py.get_type::<NoWorkersLeft>())?;
+    m.add("ArrayTooLarge", py.get_type::<ArrayTooLarge>())?;
+    m.add("RemoteError", py.get_type::<RemoteError>())?;
+    m.add("Busy", py.get_type::<Busy>())?;
+    m.add("MAX_DIMS", mk1::layout::MAX_DIMS)?;
+    Ok(())
+}
