@@ -389,7 +389,8 @@ class Pool:
 
     def _map_gen(self, task, inputs, ordered, zero_copy, bar):
         sink = _MapSink()
-        window = self._slots
+        # Zero-copy, the result the caller holds keeps its slot: one less in flight.
+        window = max(1, self._slots - 1) if zero_copy else self._slots
         next_in = 0
         next_out = 0
         exhausted = False
@@ -425,6 +426,7 @@ class Pool:
                         if not ok:
                             raise _rebuild(value)
                         yield value
+                        value = None  # (a lent result's slot goes home with the caller's copy)
                         continue
                 elif sink.results:
                     _, (ok, value) = sink.results.popitem()
@@ -433,6 +435,7 @@ class Pool:
                     if not ok:
                         raise _rebuild(value)
                     yield value
+                    value = None
                     continue
                 if exhausted and not sink.index and not sink.results:
                     return

@@ -1,0 +1,431 @@
+"""mk1's Python package end to end: real pools of worker processes.
+
+Functions the workers run are defined at module level here (the workers import this module by
+name through the caller's sys.path, as multiprocessing's spawn does).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import numpy as np
+import pytest
+
+import mk1
+
+DTYPES = [
+    np.int8,
+    np.uint8,
+    np.int16,
+    np.uint16,
+    np.int32,
+    np.uint32,
+    np.int64,
+    np.uint64,
+    np.float32,
+    np.float64,
+]
+SHAPES = [(0,), (1, 1), (17, 33), (3, 4, 5, 6), (5, 0, 2)]
+
+
+def x3p1(x):
+    return x * 3 + 1
+
+
+def x3p1_out(x, out):
+    np.multiply(x, 3, out=out)
+    out += 1
+
+
+def row_sums_f64(x):
+    return x.sum(axis=-1, dtype=np.float64)
+
+
+def total(x):
+    return x.sum()
+
+
+def grow(x):
+    return np.zeros(x.size * 1000, dtype=np.float64)
+
+
+def slow_x3p1(x):
+    time.sleep(0.002)
+    return x * 3 + 1
+
+
+def sleeps(x):
+    time.sleep(float(x[0]))
+    return x
+
+
+def which_worker(x):
+    return np.array([mk1.worker_id(), mk1.worker_state().get("tag", -1)], dtype=np.int64)
+
+
+def tag_worker(tag):
+    mk1.worker_state()["tag"] = tag
+
+
+def failing_init():
+    raise RuntimeError("initializer says no")
+
+
+def try_to_write_input(x):
+    x[0] = 99
+    return x
+
+
+class CustomError(Exception):
+    def __init__(self, code, why):
+        super().__init__(code, why)
+        self.code = code
+
+
+def raises_custom(x):
+    if x[0] < 0:
+        raise CustomError(int(x[0]), "negative first element")
+    return x
+
+
+def raises_local(x):
+    class Local(Exception):
+        pass
+
+    raise Local("a type the caller cannot import")
+
+
+def returns_bool(x):
+    return x > 0
+
+
+def _children() -> set[int]:
+    me = os.getpid()
+    kids = set()
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == me and fields[0] != "Z":
+            kids.add(int(pid))
+    return kids
+
+
+@pytest.fixture(autouse=True)
+def no_leftovers():
+    """Every test leaves no worker process and nothing in /dev/shm."""
+    shm_before = set(os.listdir("/dev/shm")) if os.path.isdir("/dev/shm") else set()
+    kids_before = _children()
+    yield
+    deadline = time.monotonic() + 5
+    while _children() - kids_before and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not (_children() - kids_before), "worker processes left behind"
+    if os.path.isdir("/dev/shm"):
+        assert set(os.listdir("/dev/shm")) - shm_before == set(), "files left in /dev/shm"
+
+
+@pytest.fixture(scope="module")
+def pool():
+    with mk1.Pool(workers=2, max_array_bytes=1 << 20) as p:
+        yield p
+
+
+def sample(dtype, shape, seed=0):
+    rng = np.random.default_rng(seed)
+    if np.issubdtype(dtype, np.integer):
+        info = np.iinfo(dtype)
+        return rng.integers(info.min, info.max, size=shape, dtype=dtype, endpoint=True)
+    return rng.standard_normal(size=shape).astype(dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
+def test_every_dtype_and_shape_through_a_function_and_an_op(pool, dtype):
+    arrays = [sample(dtype, s, i) for i, s in enumerate(SHAPES)]
+    with np.errstate(over="ignore"):
+        want = [a * 3 + 1 for a in arrays]
+        for got, w in zip(pool.map(x3p1, arrays), want):
+            assert got.dtype == w.dtype and got.shape == w.shape
+            np.testing.assert_array_equal(got, w)
+        for got, w in zip(pool.map(mk1.ops.affine(3, 1), arrays), want):
+            assert got.dtype == w.dtype and got.shape == w.shape
+            if np.issubdtype(dtype, np.floating):
+                np.testing.assert_allclose(got, w, rtol=1e-6)
+            else:
+                np.testing.assert_array_equal(got, w)
+
+
+def test_map_is_ordered_and_imap_unordered_is_complete(pool):
+    rng = np.random.default_rng(1)
+    arrays = [
+        np.full((rng.integers(1, 64), rng.integers(1, 64)), i, dtype=np.float32)
+        for i in range(500)
+    ]
+    out = list(pool.map(x3p1, arrays))
+    assert len(out) == 500
+    for i, (a, y) in enumerate(zip(arrays, out)):
+        assert y.shape == a.shape and y.flat[0] == i * 3 + 1
+    seen = sorted(int((y.flat[0] - 1) / 3) for y in pool.imap_unordered(x3p1, arrays))
+    assert seen == list(range(500))
+
+
+def test_outputs_of_another_dtype_and_shape_and_scalars(pool):
+    a = np.arange(12, dtype=np.int16).reshape(3, 4)
+    (y,) = pool.map(row_sums_f64, [a])
+    assert y.dtype == np.float64 and y.shape == (3,)
+    np.testing.assert_array_equal(y, [6, 22, 38])
+    (s,) = pool.map(total, [a])
+    assert s.shape == (1,) and s[0] == 66, "a scalar comes back as a 1-element array"
+    with pytest.raises(mk1.ArrayTooLarge, match="max_array_bytes"):
+        pool.submit(grow, np.ones(1000, np.float64)).result()
+    with pytest.raises(TypeError, match="bool"):
+        pool.submit(returns_bool, a).result()
+    assert pool.submit(x3p1, a).result()[0, 1] == 4, "the pool goes on"
+
+
+def test_out_argument_writes_in_shared_memory(pool):
+    a = np.linspace(0, 1, 1000, dtype=np.float32).reshape(10, 100)
+    (y,) = pool.map(x3p1_out, [a])
+    np.testing.assert_allclose(y, a * 3 + 1, rtol=1e-6)
+
+
+def test_inputs_are_read_only_in_the_worker(pool):
+    with pytest.raises(ValueError, match="read-only"):
+        pool.submit(try_to_write_input, np.zeros(4)).result()
+
+
+def test_zero_copy_results_are_read_only_views(pool):
+    arrays = [np.full((8, 8), i, dtype=np.int32) for i in range(100)]
+    total_seen = 0
+    for i, y in enumerate(pool.map(x3p1, arrays, zero_copy=True)):
+        assert not y.flags.writeable
+        assert y[0, 0] == i * 3 + 1
+        total_seen += 1
+        del y
+    assert total_seen == 100
+
+
+def test_exceptions_keep_their_type_and_the_workers_traceback(pool):
+    with pytest.raises(CustomError) as info:
+        pool.submit(raises_custom, np.array([-7, 1])).result()
+    assert info.value.code == -7
+    assert "negative first element" in str(info.value)
+    tb = str(info.value.__cause__)
+    assert "raise CustomError" in tb and "Traceback" in tb
+    with pytest.raises(mk1.RemoteError, match="a type the caller cannot import"):
+        pool.submit(raises_local, np.ones(2)).result()
+    # In a map: raised when iteration reaches the failed array; earlier results came.
+    arrays = [np.array([1.0]), np.array([2.0]), np.array([-3.0]), np.array([4.0])]
+    got = []
+    with pytest.raises(CustomError):
+        for y in pool.map(raises_custom, arrays):
+            got.append(float(y[0]))
+    assert got == [1.0, 2.0]
+    assert list(pool.map(x3p1, [np.ones(2)]))[0][0] == 4
+
+
+def test_bad_input_is_refused_before_anything_runs(pool):
+    with pytest.raises(mk1.ArrayTooLarge, match="bytes"):
+        pool.submit(x3p1, np.zeros(1 << 20, dtype=np.float64))
+    with pytest.raises(ValueError, match="complex"):
+        pool.submit(x3p1, np.zeros(3, dtype=np.complex64))
+    with pytest.raises(ValueError, match="bool"):
+        pool.submit(x3p1, np.zeros(3, dtype=bool))
+    with pytest.raises(ValueError, match="dimensions"):
+        pool.submit(x3p1, np.float32(1.0))
+    with pytest.raises(ValueError, match="dimensions"):
+        pool.submit(x3p1, np.zeros((1, 1, 1, 1, 1)))
+    with pytest.raises(TypeError, match="callable"):
+        pool.submit(42, np.zeros(3))
+    # A strided input is copied into the slot first.
+    base = np.arange(40, dtype=np.int64).reshape(4, 10)
+    np.testing.assert_array_equal(pool.submit(x3p1, base[:, ::3]).result(), base[:, ::3] * 3 + 1)
+    np.testing.assert_array_equal(pool.submit(x3p1, base.T).result(), base.T * 3 + 1)
+
+
+def test_list_of_a_map_over_10000_arrays_with_a_small_pool():
+    with mk1.Pool(workers=2, slots=4) as pool:
+        arrays = (np.full(16, i, dtype=np.int32) for i in range(10_000))
+        out = list(pool.map(x3p1, arrays))
+    assert len(out) == 10_000
+    assert all(y[0] == i * 3 + 1 for i, y in enumerate(out))
+
+
+def test_a_worker_killed_mid_map_is_replaced_and_every_result_is_right():
+    with mk1.Pool(workers=2, slots=8) as pool:
+        arrays = [np.full((32, 32), i, dtype=np.float32) for i in range(600)]
+        out = []
+        kills = 0
+        for i, y in enumerate(pool.map(slow_x3p1, arrays)):
+            out.append(y)
+            if i in (50, 200, 400):
+                os.kill(pool.worker_pids()[0], signal.SIGKILL)
+                kills += 1
+        assert len(out) == 600
+        for i, y in enumerate(out):
+            assert y.shape == (32, 32) and np.all(y == i * 3 + 1)
+        deadline = time.monotonic() + 10
+        while pool.restarts() < kills and time.monotonic() < deadline:
+            pool.submit(x3p1, np.ones(1)).result()
+            time.sleep(0.05)
+        assert pool.restarts() >= 1
+
+
+def test_in_place_mode_and_kept_copies():
+    with mk1.Pool(workers=2, mode="in-place", keep_copies=True) as pool:
+        arrays = [np.arange(100, dtype=np.uint16) + i for i in range(50)]
+        with np.errstate(over="ignore"):
+            for a, y in zip(arrays, pool.map(x3p1, arrays)):
+                np.testing.assert_array_equal(y, a * 3 + 1)
+        (y,) = pool.map(x3p1_out, [np.ones(5, np.int32)])
+        np.testing.assert_array_equal(y, 4)
+
+
+def test_initializer_worker_id_and_state():
+    with mk1.Pool(workers=2, initializer=tag_worker, initargs=(7,)) as pool:
+        ids = set()
+        for y in pool.map(which_worker, [np.zeros(1)] * 200):
+            ids.add(int(y[0]))
+            assert y[1] == 7
+        assert ids <= {0, 1} and ids
+    with pytest.raises(mk1.PoolStartError, match="initializer says no"):
+        mk1.Pool(workers=1, initializer=failing_init)
+
+
+def test_a_task_past_the_timeout_fails_and_the_pool_goes_on():
+    with mk1.Pool(workers=1, timeout=0.5) as pool:
+        with pytest.raises(mk1.TaskTimeout):
+            pool.submit(sleeps, np.array([30.0])).result()
+        assert pool.submit(sleeps, np.array([0.0])).result()[0] == 0.0
+
+
+def test_futures(pool):
+    futs = [pool.submit(x3p1, np.full(3, i)) for i in range(40)]
+    assert [int(f.result()[0]) for f in futs] == [i * 3 + 1 for i in range(40)]
+    assert all(f.done() for f in futs)
+    assert pool.apply(mk1.ops.neg(), np.array([1, -2], np.int8)).tolist() == [-1, 2]
+
+
+def test_progress_bar(pool, capsys):
+    out = list(pool.map(x3p1, [np.ones(4)] * 20, progress=True))
+    assert len(out) == 20
+
+
+def test_a_closed_pool_refuses_work():
+    pool = mk1.Pool(workers=1)
+    pool.close()
+    pool.close()
+    with pytest.raises(ValueError, match="closed"):
+        pool.submit(x3p1, np.ones(2))
+
+
+def run_script(tmp_path, body, *, env=None, timeout=60):
+    script = tmp_path / "script.py"
+    script.write_text(textwrap.dedent(body))
+    e = dict(os.environ)
+    e["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
+    if env:
+        e.update(env)
+    return subprocess.run(
+        [sys.executable, str(script)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=e,
+        cwd=tmp_path,
+    )
+
+
+def test_a_function_defined_in_the_main_script(tmp_path):
+    r = run_script(
+        tmp_path,
+        """
+        import numpy as np, mk1
+
+        def double(x):
+            return x * 2
+
+        if __name__ == "__main__":
+            with mk1.Pool(workers=2) as pool:
+                out = list(pool.map(double, [np.arange(5)] * 10))
+            print("ok", all((o == np.arange(5) * 2).all() for o in out))
+        """,
+    )
+    assert r.returncode == 0, r.stderr
+    assert "ok True" in r.stdout
+
+
+LAMBDA_SCRIPT = """
+    import sys
+    if "--no-cloudpickle" in sys.argv or {hide}:
+        sys.modules["cloudpickle"] = None  # as if it were not installed
+    import numpy as np, mk1
+
+    if __name__ == "__main__":
+        k = 5
+        with mk1.Pool(workers=1) as pool:
+            try:
+                out = list(pool.map(lambda x: x + k, [np.ones(3)]))
+                print("result", out[0].tolist())
+            except TypeError as e:
+                print("TypeError", e)
+"""
+
+
+def test_a_lambda_with_and_without_cloudpickle(tmp_path):
+    pytest.importorskip("cloudpickle")
+    r = run_script(tmp_path, LAMBDA_SCRIPT.format(hide=False))
+    assert r.returncode == 0, r.stderr
+    assert "result [6.0, 6.0, 6.0]" in r.stdout
+    r = run_script(tmp_path, LAMBDA_SCRIPT.format(hide=True))
+    assert r.returncode == 0, r.stderr
+    assert "TypeError" in r.stdout and "cloudpickle" in r.stdout
+
+
+def test_ctrl_c_stops_cleanly_with_nothing_left(tmp_path):
+    pids_file = tmp_path / "pids"
+    script = tmp_path / "script.py"
+    script.write_text(
+        textwrap.dedent(
+            f"""
+            import time, numpy as np, mk1
+            from test_pool import slow_x3p1
+
+            if __name__ == "__main__":
+                with mk1.Pool(workers=2) as pool:
+                    with open({str(pids_file)!r}, "w") as f:
+                        f.write(" ".join(map(str, pool.worker_pids())))
+                    for y in pool.map(slow_x3p1, (np.ones((64, 64)) for _ in range(10**9))):
+                        pass
+            """
+        )
+    )
+    shm_before = set(os.listdir("/dev/shm")) if os.path.isdir("/dev/shm") else set()
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
+    proc = subprocess.Popen(
+        [sys.executable, str(script)], stderr=subprocess.PIPE, text=True, env=env
+    )
+    deadline = time.monotonic() + 30
+    while not pids_file.exists() or not pids_file.read_text():
+        assert time.monotonic() < deadline and proc.poll() is None, proc.stderr.read()
+        time.sleep(0.05)
+    time.sleep(0.5)  # mid-map
+    workers = [int(p) for p in pids_file.read_text().split()]
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=30)
+    assert "KeyboardInterrupt" in err
+    time.sleep(0.2)
+    for pid in workers:
+        assert not os.path.exists(f"/proc/{pid}") or "Z" in open(f"/proc/{pid}/stat").read().split(")")[1][:3]
+    if os.path.isdir("/dev/shm"):
+        assert set(os.listdir("/dev/shm")) - shm_before == set()
