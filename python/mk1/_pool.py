@@ -275,19 +275,21 @@ class Pool:
             raise TypeError(f"fn must be a callable or an mk1.ops op, not {type(fn).__name__}")
         return None, _pickle_function(fn)
 
-    def _submit_one(self, a: np.ndarray, task: tuple[str | None, bytes | None]) -> int:
+    def _submit_one(self, a: np.ndarray, task: tuple[str | None, bytes | None], lent=False) -> int:
         """Submits, receiving results while every slot is busy (backpressure)."""
         core = self._live()
         while True:
             try:
                 return core.submit(a, task[0], task[1])
             except _mk1.Busy:
-                if core.in_flight() == 0:
+                # Results that arrived but were not received yet hold slots too.
+                wait = _WAIT if core.in_flight() else 0.0
+                got = self._pump_lent(core, wait) if lent else self._pump(wait)
+                if not got and core.in_flight() == 0:
                     raise _mk1.Mk1Error(
                         "every slot is held by results lent with zero_copy=True; drop them "
                         "(or copy them) before asking for more"
                     ) from None
-                self._pump(_WAIT)
 
     def _pump(self, timeout: float) -> bool:
         """Receives one completion (waiting up to ``timeout`` s) and routes it. Whether one
@@ -408,9 +410,7 @@ class Pool:
                     next_in += 1
                     try:
                         arr = _as_array(a)
-                        ticket = self._submit_lent(core, arr, task) if zero_copy else None
-                        if ticket is None:
-                            ticket = self._submit_one(arr, task)
+                        ticket = self._submit_one(arr, task, zero_copy)
                     except (ValueError, TypeError, _mk1.Mk1Error) as e:
                         sink.results[idx] = (False, e)
                         continue
@@ -452,27 +452,15 @@ class Pool:
             if bar is not None:
                 bar.close()
 
-    def _submit_lent(self, core, arr, task):
-        """Submit for a zero-copy map (whose own results are received lent)."""
-        while True:
-            try:
-                return core.submit(arr, task[0], task[1])
-            except _mk1.Busy:
-                if core.in_flight() == 0:
-                    raise _mk1.Mk1Error(
-                        "every slot is held by results lent with zero_copy=True; drop them "
-                        "before asking for more"
-                    ) from None
-                self._pump_lent(core, _WAIT)
-
-    def _pump_lent(self, core, timeout):
+    def _pump_lent(self, core, timeout) -> bool:
         got = core.recv(timeout, True)
         if got is None:
-            return
+            return False
         ticket, worker, ok, payload, dtype, shape = got
         if ok:
             payload = np.frombuffer(payload, dtype=dtype).reshape(shape)
         self._route((ticket, worker, ok, payload, dtype, shape))
+        return True
 
 
 def _progress(arrays):

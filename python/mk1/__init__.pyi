@@ -1,0 +1,105 @@
+"""Type stubs for mk1 (numpy arrays through worker processes over shared memory)."""
+
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future as _Future
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from . import ops as ops
+from .ops import Op
+
+__version__: str
+
+class Mk1Error(Exception):
+    """Base class of mk1's errors."""
+
+class PoolStartError(Mk1Error):
+    """The pool could not start: a setting, a limit of this machine (shared memory, processes,
+    address space), a worker that failed to start, or an initializer that raised."""
+
+class WorkerDied(Mk1Error):
+    """The worker running the task died, after every retry the pool's mode allows."""
+
+class TaskTimeout(Mk1Error):
+    """The task ran past the pool's timeout; its worker was killed and replaced."""
+
+class NoWorkersLeft(Mk1Error):
+    """Every worker is gone for good (restart limit, or workers that cannot start)."""
+
+class ArrayTooLarge(Mk1Error):
+    """An array, or a function's result, larger than ``max_array_bytes``."""
+
+class RemoteError(Mk1Error):
+    """The function raised in the worker and its exception could not be rebuilt here; the
+    message is the worker's formatted traceback."""
+
+ArrayLike = npt.ArrayLike
+Fn = Callable[..., Any] | Op
+
+class Future(_Future[np.ndarray]):
+    """A task's result. Waiting on it (``result``, ``exception``) drives the pool."""
+
+class Pool:
+    """A pool of worker processes fed through shared memory (see the module's docs).
+
+    Arrays: int8..int64, uint8..uint64, float32, float64 (native byte order), 1 to 4
+    dimensions (a dimension may be 0), at most ``max_array_bytes``; strided ones are copied.
+    """
+
+    def __init__(
+        self,
+        workers: int | None = ...,
+        initializer: Callable[..., Any] | None = ...,
+        initargs: tuple[Any, ...] = ...,
+        *,
+        mode: str = ...,
+        max_array_bytes: int = ...,
+        slots: int | None = ...,
+        max_retries: int = ...,
+        max_restarts: int = ...,
+        timeout: float | None = ...,
+        keep_copies: bool = ...,
+    ) -> None: ...
+    def __enter__(self) -> Pool: ...
+    def __exit__(self, *exc: object) -> None: ...
+    def close(self) -> None: ...
+    def terminate(self) -> None: ...
+    def join(self) -> None: ...
+    @property
+    def workers(self) -> int: ...
+    def worker_pids(self) -> list[int]: ...
+    def restarts(self) -> int: ...
+    def submit(self, fn: Fn, a: ArrayLike) -> Future: ...
+    def apply(self, fn: Fn, a: ArrayLike) -> np.ndarray: ...
+    def map(
+        self,
+        fn: Fn,
+        arrays: Iterable[ArrayLike],
+        *,
+        zero_copy: bool = ...,
+        progress: bool = ...,
+    ) -> Iterator[np.ndarray]: ...
+    def imap(
+        self,
+        fn: Fn,
+        arrays: Iterable[ArrayLike],
+        *,
+        zero_copy: bool = ...,
+        progress: bool = ...,
+    ) -> Iterator[np.ndarray]: ...
+    def imap_unordered(
+        self,
+        fn: Fn,
+        arrays: Iterable[ArrayLike],
+        *,
+        zero_copy: bool = ...,
+        progress: bool = ...,
+    ) -> Iterator[np.ndarray]: ...
+
+def worker_id() -> int | None:
+    """This worker's index (``0..workers``), or None outside a worker."""
+
+def worker_state() -> dict[Any, Any]:
+    """A dict private to this worker process, kept between tasks."""
