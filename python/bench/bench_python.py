@@ -88,6 +88,14 @@ class Mk1Op(Mk1):
             check(x, y)
 
 
+class Mk1OpNoCheck(Mk1):
+    name = "mk1 built-in op, no check"
+
+    def run(self, arrays):
+        for _ in self.pool.map(mk1.ops.affine(3, 1), arrays):
+            pass
+
+
 class MpPool:
     name = "multiprocessing.Pool.imap"
 
@@ -244,9 +252,13 @@ class Ray:
         self.ray.shutdown()
 
 
-def rust_job(path, n, max_dim, workers, max_bytes):
+RUST = "mk1 built-in op, driven from Rust"
+RUST_NOCHECK = "mk1 built-in op, no check, from Rust"
+
+
+def rust_job(path, n, max_dim, workers, max_bytes, check=True):
     out = subprocess.run(
-        [path, str(n), str(max_dim), str(workers), str(max_bytes)],
+        [path, str(n), str(max_dim), str(workers), str(max_bytes)] + ([] if check else ["nocheck"]),
         check=True,
         capture_output=True,
         text=True,
@@ -267,7 +279,7 @@ def main():
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     workers = args.workers or max(1, len(os.sched_getaffinity(0)))
-    systems = [Mk1, Mk1ZeroCopy, Mk1Op, MpPool, Executor, Joblib, HandShm]
+    systems = [Mk1, Mk1ZeroCopy, Mk1Op, Mk1OpNoCheck, MpPool, Executor, Joblib, HandShm]
     skipped = {}
     for opt, why in ((TorchMp, "torch"), (Ray, "ray")):
         try:
@@ -294,13 +306,16 @@ def main():
                 skipped[s.name] = f"did not start: {e}"
         rates = {name: [] for name in states}
         if args.rust_job:
-            rates["mk1 built-in op, driven from Rust"] = []
+            rates[RUST] = []
+            rates[RUST_NOCHECK] = []
         for r in range(args.rounds):
             order = list(rates)
             random.Random(r).shuffle(order)
             for name in order:
-                if name == "mk1 built-in op, driven from Rust":
-                    rates[name].append(rust_job(args.rust_job, n, size, workers, max_bytes))
+                if name in (RUST, RUST_NOCHECK):
+                    rates[name].append(
+                        rust_job(args.rust_job, n, size, workers, max_bytes, name == RUST)
+                    )
                     continue
                 t = time.perf_counter()
                 states[name].run(arrays)
@@ -317,15 +332,19 @@ def main():
                 f"{name:38} {statistics.median(rs):12.0f} ({min(rs):.0f}..{max(rs):.0f})"
                 f"   {statistics.median(ratios):6.2f}x ({min(ratios):.2f}..{max(ratios):.2f})"
             )
-        if "mk1 built-in op" in rates and "mk1 built-in op, driven from Rust" in rates:
-            py = rates["mk1 built-in op"]
-            rs = rates["mk1 built-in op, driven from Rust"]
-            ratios = [a / b for a, b in zip(py, rs)]
-            out["op_python_vs_rust"] = ratios
-            print(
-                f"built-in op from Python / from Rust: {statistics.median(ratios):.2f}x "
-                f"({min(ratios):.2f}..{max(ratios):.2f})"
-            )
+        pairs = [
+            ("mk1 zero-copy", "hand-written shared_memory", "mk1 zero-copy / hand-written"),
+            ("mk1 built-in op", RUST, "built-in op from Python / from Rust"),
+            ("mk1 built-in op, no check", RUST_NOCHECK, "same, results not checked"),
+        ]
+        for a, b, label in pairs:
+            if a in rates and b in rates:
+                ratios = [x / y for x, y in zip(rates[a], rates[b])]
+                out[label] = ratios
+                print(
+                    f"{label}: {statistics.median(ratios):.2f}x "
+                    f"({min(ratios):.2f}..{max(ratios):.2f})"
+                )
         report["sizes"][size] = out
     if args.json:
         with open(args.json, "w") as f:

@@ -124,17 +124,6 @@ class Future(concurrent.futures.Future):
         return super().done()
 
 
-class _MapSink:
-    """Where the results of one map go, by input index."""
-
-    __slots__ = ("index", "results", "discard")
-
-    def __init__(self) -> None:
-        self.index: dict[int, int] = {}  # ticket -> input index
-        self.results: dict[int, tuple[bool, Any]] = {}
-        self.discard = False
-
-
 class Pool:
     """A pool of worker processes fed through shared memory.
 
@@ -220,7 +209,7 @@ class Pool:
         )
         self._workers = workers
         self._slots = self._core.slots()
-        self._sinks: dict[int, Any] = {}  # ticket -> Future or _MapSink
+        self._sinks: dict[int, Future] = {}  # ticket -> its future (maps route in Rust)
         self._finalizer = weakref.finalize(self, self._core.close)
 
     # -- lifecycle ------------------------------------------------------------------------
@@ -275,7 +264,7 @@ class Pool:
             raise TypeError(f"fn must be a callable or an mk1.ops op, not {type(fn).__name__}")
         return None, _pickle_function(fn)
 
-    def _submit_one(self, a: np.ndarray, task: tuple[str | None, bytes | None], lent=False) -> int:
+    def _submit_one(self, a: np.ndarray, task: tuple[str | None, bytes | None]) -> int:
         """Submits, receiving results while every slot is busy (backpressure)."""
         core = self._live()
         while True:
@@ -284,7 +273,7 @@ class Pool:
             except _mk1.Busy:
                 # Results that arrived but were not received yet hold slots too.
                 wait = _WAIT if core.in_flight() else 0.0
-                got = self._pump_lent(core, wait) if lent else self._pump(wait)
+                got = self._pump(wait)
                 if not got and core.in_flight() == 0:
                     raise _mk1.Mk1Error(
                         "every slot is held by results lent with zero_copy=True; drop them "
@@ -297,7 +286,8 @@ class Pool:
         got = self._live().recv(timeout, False)
         if got is None:
             return False
-        self._route(got)
+        if got is not True:  # (True: it went to a running map)
+            self._route(got)
         return True
 
     def _route(self, got: tuple) -> None:
@@ -308,8 +298,6 @@ class Pool:
                 sink.set_result(payload)
             else:
                 sink.set_exception(_rebuild(payload))
-        elif isinstance(sink, _MapSink) and not sink.discard:
-            sink.results[sink.index.pop(ticket)] = (ok, payload)
 
     def _wait_for(self, fut: Future, timeout: float | None) -> None:
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -390,77 +378,23 @@ class Pool:
         return self._map_gen(task, iter(arrays), ordered, zero_copy, bar)
 
     def _map_gen(self, task, inputs, ordered, zero_copy, bar):
-        sink = _MapSink()
         # Zero-copy, the result the caller holds keeps its slot: one less in flight.
         window = max(1, self._slots - 1) if zero_copy else self._slots
-        next_in = 0
-        next_out = 0
-        exhausted = False
+        it = self._live().map_iter(
+            inputs, task[0], task[1], ordered, zero_copy, window, _as_array, self._route
+        )
         try:
-            while True:
-                core = self._live()
-                # Fill: keep at most `window` arrays in flight or waiting to be read.
-                while not exhausted and len(sink.index) + len(sink.results) < window:
-                    try:
-                        a = next(inputs)
-                    except StopIteration:
-                        exhausted = True
-                        break
-                    idx = next_in
-                    next_in += 1
-                    try:
-                        arr = _as_array(a)
-                        ticket = self._submit_one(arr, task, zero_copy)
-                    except (ValueError, TypeError, _mk1.Mk1Error) as e:
-                        sink.results[idx] = (False, e)
-                        continue
-                    sink.index[ticket] = idx
-                    self._sinks[ticket] = sink
-                # Yield what is ready.
-                if ordered:
-                    if next_out in sink.results:
-                        ok, value = sink.results.pop(next_out)
-                        next_out += 1
-                        if bar is not None:
-                            bar.update(1)
-                        if not ok:
-                            raise _rebuild(value)
-                        yield value
-                        value = None  # (a lent result's slot goes home with the caller's copy)
-                        continue
-                elif sink.results:
-                    _, (ok, value) = sink.results.popitem()
-                    if bar is not None:
-                        bar.update(1)
-                    if not ok:
-                        raise _rebuild(value)
-                    yield value
-                    value = None
-                    continue
-                if exhausted and not sink.index and not sink.results:
-                    return
-                # Wait for one result.
-                if zero_copy:
-                    self._pump_lent(core, _WAIT)
-                else:
-                    self._pump(_WAIT)
+            for ok, value in it:
+                if bar is not None:
+                    bar.update(1)
+                if not ok:
+                    raise _rebuild(value)
+                yield value
+                value = None  # (a lent result's slot goes home with the caller's last reference)
         finally:
-            # Ended early (break, exception, Ctrl-C): results still to come are dropped.
-            sink.discard = True
-            for t in sink.index:
-                self._sinks[t] = sink
+            del it  # results still to come are dropped as they arrive
             if bar is not None:
                 bar.close()
-
-    def _pump_lent(self, core, timeout) -> bool:
-        got = core.recv(timeout, True)
-        if got is None:
-            return False
-        ticket, worker, ok, payload, dtype, shape = got
-        if ok:
-            payload = np.frombuffer(payload, dtype=dtype).reshape(shape)
-        self._route((ticket, worker, ok, payload, dtype, shape))
-        return True
 
 
 def _progress(arrays):

@@ -248,8 +248,148 @@ unsafe impl<T> Send for OnThisThread<T> {}
 /// The Rust side of `mk1.Pool`.
 #[pyclass(unsendable, module = "mk1._mk1")]
 struct PoolCore {
-    inner: Option<Rc<Inner>>,
+    shared: Option<Rc<Shared>>,
+}
+
+/// What a pool's Python objects share: the pool and its handle, parsed ops, and where each
+/// ticket's result goes.
+struct Shared {
+    inner: Rc<Inner>,
     ops: RefCell<HashMap<String, Task>>,
+    router: RefCell<Router>,
+}
+
+/// Results of `map`s by ticket: a completion received by any call goes to its map (several
+/// maps, and futures, may be in flight at once on the one handle).
+#[derive(Default)]
+struct Router {
+    owner: HashMap<u64, (u64, u64)>, // ticket -> (map id, input index)
+    maps: HashMap<u64, MapState>,
+    next_map: u64,
+}
+
+#[derive(Default)]
+struct MapState {
+    ready: std::collections::BTreeMap<u64, (bool, Py<PyAny>)>,
+    in_flight: usize,
+}
+
+/// A completion as Python sees it: `(ticket, worker, ok, payload, dtype, shape)`.
+type Got = Py<PyTuple>;
+
+impl Shared {
+    fn producer(&self) -> &'static Producer<'static> {
+        // SAFETY: the producer lives in `inner`, which outlives every use made of this
+        // reference: the calls that take it hold `self` (and so `inner`), and completions that
+        // outlive a call are kept in a `View` together with an `Rc<Inner>`.
+        unsafe { &*(&*self.inner.producer as *const Producer<'static>) }
+    }
+
+    fn task(&self, op: Option<&str>, context: Option<&[u8]>) -> PyResult<Task> {
+        Ok(match op {
+            Some(text) => {
+                let mut ops = self.ops.borrow_mut();
+                if let Some(t) = ops.get(text) {
+                    t.clone()
+                } else {
+                    let t = Task::op(text).map_err(|e| PyValueError::new_err(e.to_string()))?;
+                    ops.insert(text.to_string(), t.clone());
+                    t
+                }
+            }
+            None => Task::kernel(PY_KERNEL).context(context.unwrap_or(&[])),
+        })
+    }
+
+    /// Copies `array` into a free slot and submits it (raises `Busy` when none is free).
+    fn submit(&self, array: &Bound<'_, PyUntypedArray>, task: &Task) -> PyResult<u64> {
+        let dtype = dtype_of(array)?;
+        if !array.is_c_contiguous() {
+            return Err(PyValueError::new_err("the array must be C-contiguous"));
+        }
+        let shape = Shape::new(array.shape()).map_err(|e| PyValueError::new_err(e.to_string()))?;
+        let nbytes = shape.bytes(dtype) as usize;
+        let p = self.producer();
+        let mut loan = p
+            .try_loan::<u8>(Shape::d1(nbytes as u32))
+            .map_err(loan_error)?;
+        if nbytes > 0 {
+            // SAFETY: the array is C-contiguous with `nbytes` bytes of data (its shape times
+            // its itemsize, checked above through the dtype), and we hold the GIL, so numpy
+            // does not free it meanwhile.
+            let src = unsafe {
+                let raw = (*array.as_array_ptr()).fields.data as *const u8;
+                std::slice::from_raw_parts(raw, nbytes)
+            };
+            loan.copy_from_slice(src);
+        }
+        p.submit_bytes(loan, dtype, shape, task)
+            .map(|t| t.0)
+            .map_err(|r| submit_error(r.error))
+    }
+
+    /// Receives one completion, waiting at most `timeout` seconds with the GIL released. A
+    /// map's result goes to its map (`Ok(Some(None))`); any other comes back.
+    fn recv(&self, py: Python<'_>, timeout: f64, lend: bool) -> PyResult<Option<Option<Got>>> {
+        let p = self.producer();
+        let got = if timeout <= 0.0 {
+            p.try_recv()
+        } else {
+            let wait = OnThisThread(p);
+            py.detach(move || {
+                let p = wait;
+                OnThisThread(p.0.recv_timeout(Duration::from_secs_f64(timeout)))
+            })
+            .0
+        };
+        let Some(done) = got else {
+            return Ok(None);
+        };
+        let ticket = done.ticket().0;
+        let worker = done.worker().map_or(-1, i64::from);
+        let dtype = done.dtype().name();
+        let dims: Vec<u32> = done.shape().dims().to_vec();
+        let shape = PyTuple::new(py, dims)?;
+        let (ok, payload): (bool, Bound<'_, PyAny>) = match done.output_bytes() {
+            Err(e) => (false, task_error(py, &e)),
+            Ok(_) if lend => {
+                let view = View {
+                    done: Some(done),
+                    _inner: self.inner.clone(),
+                };
+                let view = Bound::new(py, view)?;
+                let numpy = py.import("numpy")?;
+                let a = numpy
+                    .call_method1("frombuffer", (view, dtype))?
+                    .call_method1("reshape", (&shape,))?;
+                (true, a)
+            }
+            Ok(bytes) => (true, copy_out(py, done.dtype(), done.shape(), bytes)?),
+        };
+        let mut router = self.router.borrow_mut();
+        if let Some((map, index)) = router.owner.remove(&ticket) {
+            if let Some(state) = router.maps.get_mut(&map) {
+                state.in_flight -= 1;
+                state.ready.insert(index, (ok, payload.unbind()));
+            }
+            return Ok(Some(None));
+        }
+        drop(router);
+        Ok(Some(Some(
+            PyTuple::new(
+                py,
+                [
+                    ticket.into_pyobject(py)?.into_any(),
+                    worker.into_pyobject(py)?.into_any(),
+                    pyo3::types::PyBool::new(py, ok).to_owned().into_any(),
+                    payload,
+                    dtype.into_pyobject(py)?.into_any(),
+                    shape.into_any(),
+                ],
+            )?
+            .unbind(),
+        )))
+    }
 }
 
 fn start_error(e: PoolError) -> PyErr {
@@ -257,10 +397,14 @@ fn start_error(e: PoolError) -> PyErr {
 }
 
 impl PoolCore {
-    fn inner(&self) -> PyResult<&Rc<Inner>> {
-        self.inner
+    fn shared(&self) -> PyResult<&Rc<Shared>> {
+        self.shared
             .as_ref()
             .ok_or_else(|| PyRuntimeError::new_err("the pool is closed"))
+    }
+
+    fn inner(&self) -> PyResult<&Rc<Inner>> {
+        Ok(&self.shared()?.inner)
     }
 }
 
@@ -338,8 +482,11 @@ impl PoolCore {
         let pool = built.0.map_err(start_error)?;
         let inner = Inner::new(pool).map_err(start_error)?;
         Ok(PoolCore {
-            inner: Some(inner),
-            ops: RefCell::new(HashMap::new()),
+            shared: Some(Rc::new(Shared {
+                inner,
+                ops: RefCell::new(HashMap::new()),
+                router: RefCell::new(Router::default()),
+            })),
         })
     }
 
@@ -353,102 +500,64 @@ impl PoolCore {
         op: Option<&str>,
         context: Option<&Bound<'_, PyBytes>>,
     ) -> PyResult<u64> {
-        let inner = self.inner()?;
-        let dtype = dtype_of(array)?;
-        if !array.is_c_contiguous() {
-            return Err(PyValueError::new_err("the array must be C-contiguous"));
-        }
-        let shape = Shape::new(array.shape()).map_err(|e| PyValueError::new_err(e.to_string()))?;
-        let task = match op {
-            Some(text) => {
-                let mut ops = self.ops.borrow_mut();
-                if let Some(t) = ops.get(text) {
-                    t.clone()
-                } else {
-                    let t = Task::op(text).map_err(|e| PyValueError::new_err(e.to_string()))?;
-                    ops.insert(text.to_string(), t.clone());
-                    t
-                }
-            }
-            None => Task::kernel(PY_KERNEL).context(context.map_or(&[][..], |c| c.as_bytes())),
-        };
-        let nbytes = shape.bytes(dtype) as usize;
-        let p = &inner.producer;
-        let mut loan = p
-            .try_loan::<u8>(Shape::d1(nbytes as u32))
-            .map_err(loan_error)?;
-        if nbytes > 0 {
-            // SAFETY: the array is C-contiguous with `nbytes` bytes of data (its shape times
-            // its itemsize, checked above through the dtype), and we hold the GIL, so numpy
-            // does not free it meanwhile.
-            let src = unsafe {
-                let raw = (*array.as_array_ptr()).fields.data as *const u8;
-                std::slice::from_raw_parts(raw, nbytes)
-            };
-            loan.copy_from_slice(src);
-        }
-        p.submit_bytes(loan, dtype, shape, &task)
-            .map(|t| t.0)
-            .map_err(|r| submit_error(r.error))
+        let sh = self.shared()?;
+        let task = sh.task(op, context.map(|c| c.as_bytes()))?;
+        sh.submit(array, &task)
     }
 
-    /// The next completion, waiting at most `timeout` seconds (GIL released): None, or
-    /// `(ticket, worker, ok, payload, dtype, shape)` where payload is a new numpy array (or,
-    /// with `lend`, a `View` of the result in shared memory) when ok, else the exception to
-    /// raise.
+    /// The next completion that belongs to no map, waiting at most `timeout` seconds (GIL
+    /// released): None when nothing came, True when what came went to a running map, else
+    /// `(ticket, worker, ok, payload, dtype, shape)` where payload is a new numpy array (with
+    /// `lend`: a read-only array lent from shared memory) when ok, else the exception to raise.
     #[pyo3(signature = (timeout, lend=false))]
-    fn recv<'py>(
+    fn recv(&self, py: Python<'_>, timeout: f64, lend: bool) -> PyResult<Py<PyAny>> {
+        Ok(match self.shared()?.recv(py, timeout, lend)? {
+            None => py.None(),
+            Some(None) => pyo3::types::PyBool::new(py, true)
+                .to_owned()
+                .into_any()
+                .unbind(),
+            Some(Some(t)) => t.into_any(),
+        })
+    }
+
+    /// A map over the Python iterator `inputs` (see `MapIter`).
+    #[allow(clippy::too_many_arguments)]
+    #[pyo3(signature = (inputs, op, context, ordered, lend, window, prepare, route))]
+    fn map_iter(
         &self,
-        py: Python<'py>,
-        timeout: f64,
+        inputs: Bound<'_, PyAny>,
+        op: Option<&str>,
+        context: Option<&Bound<'_, PyBytes>>,
+        ordered: bool,
         lend: bool,
-    ) -> PyResult<Option<Bound<'py, PyTuple>>> {
-        let inner = self.inner()?.clone();
-        let p: &'static Producer<'static> = {
-            // SAFETY: the producer lives in `inner`, which the completion's View (or this call)
-            // keeps alive; see `View`.
-            unsafe { &*(&*inner.producer as *const Producer<'static>) }
+        window: usize,
+        prepare: Bound<'_, PyAny>,
+        route: Bound<'_, PyAny>,
+    ) -> PyResult<MapIter> {
+        let sh = self.shared()?;
+        let task = sh.task(op, context.map(|c| c.as_bytes()))?;
+        let id = {
+            let mut r = sh.router.borrow_mut();
+            r.next_map += 1;
+            let id = r.next_map;
+            r.maps.insert(id, MapState::default());
+            id
         };
-        let got = if timeout <= 0.0 {
-            p.try_recv()
-        } else {
-            let wait = OnThisThread(p);
-            py.detach(move || {
-                let p = wait;
-                OnThisThread(p.0.recv_timeout(Duration::from_secs_f64(timeout)))
-            })
-            .0
-        };
-        let Some(done) = got else {
-            return Ok(None);
-        };
-        let ticket = done.ticket().0;
-        let worker = done.worker().map_or(-1, i64::from);
-        let dtype = done.dtype().name();
-        let dims: Vec<u32> = done.shape().dims().to_vec();
-        let shape = PyTuple::new(py, dims)?;
-        let (ok, payload): (bool, Bound<'py, PyAny>) = match done.output_bytes() {
-            Err(e) => (false, task_error(py, &e)),
-            Ok(_) if lend => {
-                let view = View {
-                    done: Some(done),
-                    _inner: inner,
-                };
-                (true, Bound::new(py, view)?.into_any())
-            }
-            Ok(bytes) => (true, copy_out(py, done.dtype(), done.shape(), bytes)?),
-        };
-        Ok(Some(PyTuple::new(
-            py,
-            [
-                ticket.into_pyobject(py)?.into_any(),
-                worker.into_pyobject(py)?.into_any(),
-                pyo3::types::PyBool::new(py, ok).to_owned().into_any(),
-                payload,
-                dtype.into_pyobject(py)?.into_any(),
-                shape.into_any(),
-            ],
-        )?))
+        Ok(MapIter {
+            shared: Rc::downgrade(sh),
+            id,
+            inputs: inputs.unbind(),
+            prepare: prepare.unbind(),
+            route: route.unbind(),
+            task,
+            ordered,
+            lend,
+            window: window.max(1),
+            next_in: 0,
+            next_out: 0,
+            exhausted: false,
+        })
     }
 
     /// Tasks submitted and not yet received.
@@ -479,9 +588,175 @@ impl PoolCore {
     /// Stops the workers and frees the segment (once every lent View is gone). Tasks still in
     /// flight are waited for (bounded by the timeout) and dropped.
     fn close(&mut self, py: Python<'_>) {
-        if let Some(inner) = self.inner.take() {
-            let inner = OnThisThread(inner);
-            py.detach(move || drop(inner));
+        if let Some(shared) = self.shared.take() {
+            // Results waiting in maps may hold lent slots: let them go first.
+            let parked: Vec<_> = shared.router.borrow_mut().maps.drain().collect();
+            drop(parked);
+            let shared = OnThisThread(shared);
+            py.detach(move || drop(shared));
+        }
+    }
+}
+
+/// `map` and `imap_unordered`, run in Rust: pulls arrays from a Python iterator, keeps at most
+/// `window` in flight or waiting to be read, and yields `(ok, result or exception)` in input
+/// order (`ordered`) or as they come. An item mk1 cannot carry fails alone (its exception is
+/// yielded in its turn). Holds the pool weakly: closing the pool ends the map.
+#[pyclass(unsendable, module = "mk1._mk1")]
+struct MapIter {
+    shared: std::rc::Weak<Shared>,
+    id: u64,
+    inputs: Py<PyAny>,
+    /// `mk1._pool._as_array`, for what is not already a C-contiguous numpy array.
+    prepare: Py<PyAny>,
+    /// `Pool._route`, for completions that belong to no map (futures).
+    route: Py<PyAny>,
+    task: Task,
+    ordered: bool,
+    lend: bool,
+    window: usize,
+    next_in: u64,
+    next_out: u64,
+    exhausted: bool,
+}
+
+impl MapIter {
+    fn waiting(&self, sh: &Shared) -> (usize, usize) {
+        let r = sh.router.borrow();
+        r.maps
+            .get(&self.id)
+            .map_or((0, 0), |m| (m.in_flight, m.ready.len()))
+    }
+
+    fn park(&self, sh: &Shared, index: u64, result: (bool, Py<PyAny>)) {
+        if let Some(m) = sh.router.borrow_mut().maps.get_mut(&self.id) {
+            m.ready.insert(index, result);
+        }
+    }
+
+    /// Receives one completion and sends it where it belongs. Whether one came.
+    fn pump(&self, py: Python<'_>, sh: &Shared, timeout: f64) -> PyResult<bool> {
+        match sh.recv(py, timeout, self.lend)? {
+            None => {
+                py.check_signals()?;
+                Ok(false)
+            }
+            Some(None) => Ok(true),
+            Some(Some(other)) => {
+                self.route.call1(py, (other,))?;
+                Ok(true)
+            }
+        }
+    }
+
+    /// Submits the next inputs while the window has room.
+    fn fill(&mut self, py: Python<'_>, sh: &Shared) -> PyResult<()> {
+        loop {
+            let (in_flight, ready) = self.waiting(sh);
+            if self.exhausted || in_flight + ready >= self.window {
+                return Ok(());
+            }
+            let item = match self.inputs.bind(py).call_method0("__next__") {
+                Ok(item) => item,
+                Err(e) if e.is_instance_of::<pyo3::exceptions::PyStopIteration>(py) => {
+                    self.exhausted = true;
+                    return Ok(());
+                }
+                Err(e) => return Err(e),
+            };
+            let index = self.next_in;
+            self.next_in += 1;
+            let array = match item.cast::<PyUntypedArray>() {
+                Ok(a) if a.is_c_contiguous() && (1..=mk1::layout::MAX_DIMS).contains(&a.ndim()) => {
+                    Ok(a.clone())
+                }
+                _ => self
+                    .prepare
+                    .call1(py, (item,))
+                    .and_then(|a| Ok(a.bind(py).cast::<PyUntypedArray>()?.clone())),
+            };
+            let submitted = array.and_then(|a| loop {
+                match sh.submit(&a, &self.task) {
+                    Err(e) if e.is_instance_of::<Busy>(py) => {
+                        // Results that arrived unread hold slots too: read one, then retry.
+                        let busy = sh.producer().in_flight() > 0;
+                        let got = self.pump(py, sh, if busy { WAIT } else { 0.0 })?;
+                        if !got && !busy {
+                            return Err(Mk1Error::new_err(
+                                "every slot is held by results lent with zero_copy=True; drop \
+                                 them (or copy them) before asking for more",
+                            ));
+                        }
+                    }
+                    other => return other,
+                }
+            });
+            match submitted {
+                Ok(ticket) => {
+                    let mut r = sh.router.borrow_mut();
+                    r.owner.insert(ticket, (self.id, index));
+                    if let Some(m) = r.maps.get_mut(&self.id) {
+                        m.in_flight += 1;
+                    }
+                }
+                Err(e) if e.is_instance_of::<pyo3::exceptions::PyKeyboardInterrupt>(py) => {
+                    return Err(e)
+                }
+                Err(e) => self.park(sh, index, (false, e.into_value(py).into_any())),
+            }
+        }
+    }
+}
+
+/// Longest wait inside Rust before Python gets to run its signal handlers (Ctrl-C), seconds.
+const WAIT: f64 = 0.05;
+
+#[pymethods]
+impl MapIter {
+    fn __iter__(slf: PyRef<'_, Self>) -> PyRef<'_, Self> {
+        slf
+    }
+
+    fn __next__(&mut self, py: Python<'_>) -> PyResult<Option<(bool, Py<PyAny>)>> {
+        loop {
+            let sh = self
+                .shared
+                .upgrade()
+                .ok_or_else(|| PyRuntimeError::new_err("the pool is closed"))?;
+            self.fill(py, &sh)?;
+            {
+                let mut r = sh.router.borrow_mut();
+                let Some(m) = r.maps.get_mut(&self.id) else {
+                    return Ok(None);
+                };
+                let next = if self.ordered {
+                    m.ready.remove(&self.next_out)
+                } else {
+                    m.ready.pop_first().map(|(_, v)| v)
+                };
+                if let Some(v) = next {
+                    self.next_out += 1;
+                    return Ok(Some(v));
+                }
+                if self.exhausted && m.in_flight == 0 && m.ready.is_empty() {
+                    return Ok(None);
+                }
+            }
+            self.pump(py, &sh, WAIT)?;
+        }
+    }
+}
+
+impl Drop for MapIter {
+    /// A map ended early: results still to come are dropped as they arrive.
+    fn drop(&mut self) {
+        if let Some(sh) = self.shared.upgrade() {
+            let mut r = sh.router.borrow_mut();
+            let id = self.id;
+            let parked = r.maps.remove(&id);
+            r.owner.retain(|_, (m, _)| *m != id);
+            drop(r);
+            drop(parked);
         }
     }
 }
@@ -612,6 +887,7 @@ fn _mk1(m: &Bound<'_, PyModule>) -> PyResult<()> {
     let py = m.py();
     m.add_class::<PoolCore>()?;
     m.add_class::<View>()?;
+    m.add_class::<MapIter>()?;
     m.add_function(wrap_pyfunction!(serve, m)?)?;
     m.add("Mk1Error", py.get_type::<Mk1Error>())?;
     m.add("PoolStartError", py.get_type::<PoolStartError>())?;
