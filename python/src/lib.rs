@@ -411,23 +411,25 @@ impl PoolCore {
 /// The dtype mk1 uses for a numpy dtype.
 fn dtype_of(a: &Bound<'_, PyUntypedArray>) -> PyResult<DType> {
     let d = a.dtype();
-    let kind = d.kind();
-    let name = match (kind, d.itemsize()) {
-        (b'i', n) | (b'u', n) | (b'f', n) if d.is_native_byteorder() != Some(false) => {
-            let base = match kind {
-                b'i' => "int",
-                b'u' => "uint",
-                _ => "float",
-            };
-            format!("{base}{}", n * 8)
-        }
-        _ => String::new(),
+    let native = d.is_native_byteorder() != Some(false);
+    let dtype = match (d.kind(), d.itemsize()) {
+        _ if !native => None,
+        (b'i', 1) => Some(DType::I8),
+        (b'u', 1) => Some(DType::U8),
+        (b'i', 2) => Some(DType::I16),
+        (b'u', 2) => Some(DType::U16),
+        (b'i', 4) => Some(DType::I32),
+        (b'u', 4) => Some(DType::U32),
+        (b'i', 8) => Some(DType::I64),
+        (b'u', 8) => Some(DType::U64),
+        (b'f', 4) => Some(DType::F32),
+        (b'f', 8) => Some(DType::F64),
+        _ => None,
     };
-    DType::from_name(&name).ok_or_else(|| {
+    dtype.ok_or_else(|| {
         PyValueError::new_err(format!(
             "mk1 carries int8..int64, uint8..uint64, float32 and float64 arrays (native byte \
-             order), not {}",
-            d
+             order), not {d}"
         ))
     })
 }
