@@ -87,8 +87,9 @@ pub mod worker;
 pub use array::{Array, AsArray, Shape};
 #[cfg(not(loom))]
 pub use client::{
-    Completion, Loan, LoanError, Map, MapUnordered, Mode, OutputView, Pool, PoolBuilder, PoolError,
-    Producer, Rejected, SubmitError, Task, TaskError, Ticket,
+    Completion, Loan, LoanError, Map, MapUnordered, Mode, OutputView, PackedLoan, Pool,
+    PoolBuilder, PoolError, Producer, Rejected, RejectedPacked, SubmitError, Task, TaskError,
+    Ticket,
 };
 #[cfg(not(loom))]
 pub use config::{Batch, Config, ConfigError, DispatchKind, Pin, Stop, Wait};

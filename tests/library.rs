@@ -346,6 +346,81 @@ fn any_dtype_kernels_with_context_and_long_messages() {
     }
 }
 
+/// Several arrays packed by the caller into one slot come back as one completion with one
+/// result per array; a failure is per array; an array that cannot fit is refused.
+fn packed_loans_carry_several_arrays_per_task() {
+    let pool = pool(Mode::OutOfPlace);
+    let producer = pool.producer().unwrap();
+    let mut packed = producer.loan_packed(DType::I32, Some(4096)).unwrap();
+    let shapes = [Shape::d1(3), Shape::d2(2, 5), Shape::d1(0), Shape::d2(7, 7)];
+    for (k, &s) in shapes.iter().enumerate() {
+        let data: Vec<i32> = (0..s.elements() as i32).map(|v| v + k as i32).collect();
+        assert!(packed.push_bytes(s, mk1::array::as_bytes(&data)).unwrap());
+    }
+    // Full: 4096 bytes taken up to the limit.
+    let big = vec![0u8; 4000];
+    assert!(!packed.push_bytes(Shape::d1(1000), &big).unwrap());
+    assert!(matches!(
+        packed.push_bytes(Shape::d1(2000), &vec![0u8; 8000]),
+        Err(LoanError::TooLarge { .. })
+    ));
+    assert_eq!(packed.len(), 4);
+    producer
+        .submit_packed(packed, &Task::op("affine:3,1").unwrap())
+        .unwrap();
+    let done = producer.recv().unwrap();
+    assert_eq!(done.len(), 4);
+    for (k, &s) in shapes.iter().enumerate() {
+        assert_eq!(done.item_shape(k), s);
+        assert_eq!(done.item_dtype(k), DType::I32);
+        let got: &[i32] = mk1::array::cast(done.item_bytes(k).unwrap());
+        let want: Vec<i32> = (0..s.elements() as i32)
+            .map(|v| (v + k as i32) * 3 + 1)
+            .collect();
+        assert_eq!(got, &want[..], "array {k}");
+    }
+    drop(done);
+    // One failing array fails alone.
+    let mut packed = producer.loan_packed(DType::I64, None).unwrap();
+    for v in [[1i64, 2], [-1, 5], [3, 4]] {
+        assert!(packed
+            .push_bytes(Shape::d1(2), mk1::array::as_bytes(&v))
+            .unwrap());
+    }
+    producer
+        .submit_packed(packed, &Task::kernel("fails_on_negative"))
+        .unwrap();
+    let done = producer.recv().unwrap();
+    assert!(done.item_error(0).is_none() && done.item_error(2).is_none());
+    assert!(matches!(done.item_error(1), Some(TaskError::Kernel { .. })));
+    let got: &[i64] = mk1::array::cast(done.item_bytes(2).unwrap());
+    assert_eq!(got, &[4, 5]);
+    drop(done);
+    // An any-dtype kernel whose packed output outgrows its array's space fails that array.
+    let mut packed = producer.loan_packed(DType::U8, None).unwrap();
+    assert!(packed.push_bytes(Shape::d1(64), &[1u8; 64]).unwrap());
+    assert!(packed.push_bytes(Shape::d1(64), &[2u8; 64]).unwrap());
+    producer
+        .submit_packed(packed, &Task::kernel("any_widen").context(&b"widen"[..]))
+        .unwrap();
+    let done = producer.recv().unwrap();
+    assert!(
+        matches!(done.item_error(0), Some(TaskError::Kernel { message, .. }) if message.contains("no room")),
+        "{:?}",
+        done.item_error(0)
+    );
+    // The last array has the rest of the slot: its widened output fits.
+    let got: &[f64] = mk1::array::cast(done.item_bytes(1).unwrap());
+    assert_eq!(got, &[1.0; 64][..]);
+    drop(done);
+    // Empty: refused, loan back.
+    let empty = producer.loan_packed(DType::U8, None).unwrap();
+    let e = producer
+        .submit_packed(empty, &Task::op("neg").unwrap())
+        .unwrap_err();
+    assert!(e.error.to_string().contains("empty"), "{}", e.error);
+}
+
 fn kernel_errors_and_panics_fail_only_their_task() {
     let pool = pool(Mode::OutOfPlace);
     let producer = pool.producer().unwrap();
@@ -1177,6 +1252,10 @@ fn main() {
         (
             "any_dtype_kernels_with_context_and_long_messages",
             any_dtype_kernels_with_context_and_long_messages,
+        ),
+        (
+            "packed_loans_carry_several_arrays_per_task",
+            packed_loans_carry_several_arrays_per_task,
         ),
         (
             "kernel_errors_and_panics_fail_only_their_task",

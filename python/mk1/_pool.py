@@ -20,6 +20,14 @@ from ._worker import BOOT_ENV, EXC_MARKER, INIT_ENV
 from .ops import Op
 
 _WAIT = 0.05  # longest wait inside Rust before Python checks for Ctrl-C (seconds)
+_THREAD_VARS = (
+    "OMP_NUM_THREADS",
+    "OPENBLAS_NUM_THREADS",
+    "MKL_NUM_THREADS",
+    "BLIS_NUM_THREADS",
+    "VECLIB_MAXIMUM_THREADS",
+    "NUMEXPR_NUM_THREADS",
+)
 
 
 class _RemoteTraceback(Exception):
@@ -190,6 +198,13 @@ class Pool:
             else None,
         }
         env = [(BOOT_ENV, json.dumps(boot))]
+        # Native thread pools (BLAS, OpenMP) sized for the worker's share of the CPUs, as
+        # loky does, unless the caller chose: N workers each spinning up all-core pools would
+        # oversubscribe the machine.
+        share = str(max(1, _default_workers() // workers))
+        for var in _THREAD_VARS:
+            if var not in os.environ:
+                env.append((var, share))
         if initializer is not None:
             blob = pickle.dumps((initializer, tuple(initargs)))
             env.append((INIT_ENV, base64.b64encode(blob).decode("ascii")))

@@ -263,7 +263,7 @@ struct Shared {
 /// maps, and futures, may be in flight at once on the one handle).
 #[derive(Default)]
 struct Router {
-    owner: HashMap<u64, (u64, u64)>, // ticket -> (map id, input index)
+    owner: HashMap<u64, (u64, Vec<u64>)>, // ticket -> (map id, input index of each array)
     maps: HashMap<u64, MapState>,
     next_map: u64,
 }
@@ -313,16 +313,8 @@ impl Shared {
         let mut loan = p
             .try_loan::<u8>(Shape::d1(nbytes as u32))
             .map_err(loan_error)?;
-        if nbytes > 0 {
-            // SAFETY: the array is C-contiguous with `nbytes` bytes of data (its shape times
-            // its itemsize, checked above through the dtype), and we hold the GIL, so numpy
-            // does not free it meanwhile.
-            let src = unsafe {
-                let raw = (*array.as_array_ptr()).fields.data as *const u8;
-                std::slice::from_raw_parts(raw, nbytes)
-            };
-            loan.copy_from_slice(src);
-        }
+        // SAFETY: the array is C-contiguous (checked above), and we hold the GIL.
+        loan.copy_from_slice(unsafe { array_bytes(array) });
         p.submit_bytes(loan, dtype, shape, task)
             .map(|t| t.0)
             .map_err(|r| submit_error(r.error))
@@ -348,33 +340,20 @@ impl Shared {
         let ticket = done.ticket().0;
         let worker = done.worker().map_or(-1, i64::from);
         let dtype = done.dtype().name();
-        let dims: Vec<u32> = done.shape().dims().to_vec();
-        let shape = PyTuple::new(py, dims)?;
-        let (ok, payload): (bool, Bound<'_, PyAny>) = match done.output_bytes() {
-            Err(e) => (false, task_error(py, &e)),
-            Ok(_) if lend => {
-                let view = View {
-                    done: Some(done),
-                    _inner: self.inner.clone(),
-                };
-                let view = Bound::new(py, view)?;
-                let numpy = py.import("numpy")?;
-                let a = numpy
-                    .call_method1("frombuffer", (view, dtype))?
-                    .call_method1("reshape", (&shape,))?;
-                (true, a)
-            }
-            Ok(bytes) => (true, copy_out(py, done.dtype(), done.shape(), bytes)?),
-        };
-        let mut router = self.router.borrow_mut();
-        if let Some((map, index)) = router.owner.remove(&ticket) {
+        let shape = PyTuple::new(py, done.shape().dims().iter().copied())?;
+        let owner = self.router.borrow_mut().owner.remove(&ticket);
+        let mut results = self.results_of(py, done, lend)?;
+        if let Some((map, indices)) = owner {
+            let mut router = self.router.borrow_mut();
             if let Some(state) = router.maps.get_mut(&map) {
-                state.in_flight -= 1;
-                state.ready.insert(index, (ok, payload.unbind()));
+                state.in_flight -= indices.len();
+                for (index, (ok, payload)) in indices.into_iter().zip(results) {
+                    state.ready.insert(index, (ok, payload.unbind()));
+                }
             }
             return Ok(Some(None));
         }
-        drop(router);
+        let (ok, payload) = results.swap_remove(0);
         Ok(Some(Some(
             PyTuple::new(
                 py,
@@ -390,10 +369,52 @@ impl Shared {
             .unbind(),
         )))
     }
+
+    /// Each array's `(ok, result or exception)`: new numpy arrays, or for a single array with
+    /// `lend`, a read-only array lent from shared memory (its slot goes home when it is gone).
+    fn results_of<'py>(
+        &self,
+        py: Python<'py>,
+        done: Completion<'static>,
+        lend: bool,
+    ) -> PyResult<Vec<(bool, Bound<'py, PyAny>)>> {
+        if lend && done.len() == 1 && done.error().is_none() {
+            let dtype = done.dtype().name();
+            let shape = PyTuple::new(py, done.shape().dims().iter().copied())?;
+            let view = Bound::new(
+                py,
+                View {
+                    done: Some(done),
+                    _inner: self.inner.clone(),
+                },
+            )?;
+            let a = py
+                .import("numpy")?
+                .call_method1("frombuffer", (view, dtype))?
+                .call_method1("reshape", (shape,))?;
+            return Ok(vec![(true, a)]);
+        }
+        (0..done.len())
+            .map(|k| {
+                Ok(match done.item_bytes(k) {
+                    Err(e) => (false, task_error(py, &e)),
+                    Ok(b) => (
+                        true,
+                        copy_out(py, done.item_dtype(k), done.item_shape(k), b)?,
+                    ),
+                })
+            })
+            .collect()
+    }
 }
 
 fn start_error(e: PoolError) -> PyErr {
     PoolStartError::new_err(e.to_string())
+}
+
+/// Bytes of an array's data.
+fn nbytes(array: &Bound<'_, PyUntypedArray>) -> usize {
+    array.len() * array.dtype().itemsize()
 }
 
 impl PoolCore {
@@ -616,6 +637,7 @@ struct MapIter {
     task: Task,
     ordered: bool,
     lend: bool,
+    /// Arrays in flight or waiting to be read, at most.
     window: usize,
     next_in: u64,
     next_out: u64,
@@ -651,62 +673,120 @@ impl MapIter {
         }
     }
 
-    /// Submits the next inputs while the window has room.
+    /// Runs `f` until it does not raise `Busy`, receiving a result between tries (results
+    /// that arrived unread hold slots too).
+    fn when_free<T>(
+        &self,
+        py: Python<'_>,
+        sh: &Shared,
+        mut f: impl FnMut() -> PyResult<T>,
+    ) -> PyResult<T> {
+        loop {
+            match f() {
+                Err(e) if e.is_instance_of::<Busy>(py) => {
+                    let busy = sh.producer().in_flight() > 0;
+                    let got = self.pump(py, sh, if busy { WAIT } else { 0.0 })?;
+                    if !got && !busy {
+                        return Err(Mk1Error::new_err(
+                            "every slot is held by results lent with zero_copy=True; drop \
+                             them (or copy them) before asking for more",
+                        ));
+                    }
+                }
+                other => return other,
+            }
+        }
+    }
+
+    /// The next input as a C-contiguous array (or why it cannot be one); None at the end.
+    #[allow(clippy::type_complexity)]
+    fn next_array<'py>(
+        &mut self,
+        py: Python<'py>,
+    ) -> PyResult<Option<(u64, PyResult<Bound<'py, PyUntypedArray>>)>> {
+        let item = match self.inputs.bind(py).call_method0("__next__") {
+            Ok(item) => item,
+            Err(e) if e.is_instance_of::<pyo3::exceptions::PyStopIteration>(py) => {
+                self.exhausted = true;
+                return Ok(None);
+            }
+            Err(e) => return Err(e),
+        };
+        let index = self.next_in;
+        self.next_in += 1;
+        let array = match item.cast::<PyUntypedArray>() {
+            Ok(a) if a.is_c_contiguous() && (1..=mk1::layout::MAX_DIMS).contains(&a.ndim()) => {
+                Ok(a.clone())
+            }
+            _ => self
+                .prepare
+                .call1(py, (item,))
+                .and_then(|a| Ok(a.bind(py).cast::<PyUntypedArray>()?.clone())),
+        };
+        Ok(Some((index, array)))
+    }
+
+    /// Records a sent task (`Ok(ticket)`) or the failure of its arrays.
+    fn sent(
+        &self,
+        py: Python<'_>,
+        sh: &Shared,
+        indices: Vec<u64>,
+        r: PyResult<u64>,
+    ) -> PyResult<()> {
+        match r {
+            Ok(ticket) => {
+                let mut r = sh.router.borrow_mut();
+                if let Some(m) = r.maps.get_mut(&self.id) {
+                    m.in_flight += indices.len();
+                }
+                r.owner.insert(ticket, (self.id, indices));
+            }
+            Err(e) if e.is_instance_of::<pyo3::exceptions::PyKeyboardInterrupt>(py) => {
+                return Err(e)
+            }
+            Err(e) => {
+                let e = e.into_value(py).into_any();
+                for i in indices {
+                    self.park(sh, i, (false, e.clone_ref(py)));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Submits the next inputs while the window has room. (Packing small arrays several to
+    /// a slot, as the Rust map does, was measured here and gained nothing: the caller's own
+    /// per-array work is the limit from Python, not the workers or the rings.)
     fn fill(&mut self, py: Python<'_>, sh: &Shared) -> PyResult<()> {
         loop {
             let (in_flight, ready) = self.waiting(sh);
             if self.exhausted || in_flight + ready >= self.window {
                 return Ok(());
             }
-            let item = match self.inputs.bind(py).call_method0("__next__") {
-                Ok(item) => item,
-                Err(e) if e.is_instance_of::<pyo3::exceptions::PyStopIteration>(py) => {
-                    self.exhausted = true;
-                    return Ok(());
-                }
-                Err(e) => return Err(e),
+            let Some((index, array)) = self.next_array(py)? else {
+                return Ok(());
             };
-            let index = self.next_in;
-            self.next_in += 1;
-            let array = match item.cast::<PyUntypedArray>() {
-                Ok(a) if a.is_c_contiguous() && (1..=mk1::layout::MAX_DIMS).contains(&a.ndim()) => {
-                    Ok(a.clone())
-                }
-                _ => self
-                    .prepare
-                    .call1(py, (item,))
-                    .and_then(|a| Ok(a.bind(py).cast::<PyUntypedArray>()?.clone())),
-            };
-            let submitted = array.and_then(|a| loop {
-                match sh.submit(&a, &self.task) {
-                    Err(e) if e.is_instance_of::<Busy>(py) => {
-                        // Results that arrived unread hold slots too: read one, then retry.
-                        let busy = sh.producer().in_flight() > 0;
-                        let got = self.pump(py, sh, if busy { WAIT } else { 0.0 })?;
-                        if !got && !busy {
-                            return Err(Mk1Error::new_err(
-                                "every slot is held by results lent with zero_copy=True; drop \
-                                 them (or copy them) before asking for more",
-                            ));
-                        }
-                    }
-                    other => return other,
-                }
-            });
-            match submitted {
-                Ok(ticket) => {
-                    let mut r = sh.router.borrow_mut();
-                    r.owner.insert(ticket, (self.id, index));
-                    if let Some(m) = r.maps.get_mut(&self.id) {
-                        m.in_flight += 1;
-                    }
-                }
-                Err(e) if e.is_instance_of::<pyo3::exceptions::PyKeyboardInterrupt>(py) => {
-                    return Err(e)
-                }
-                Err(e) => self.park(sh, index, (false, e.into_value(py).into_any())),
-            }
+            let r = array.and_then(|a| self.when_free(py, sh, || sh.submit(&a, &self.task)));
+            self.sent(py, sh, vec![index], r)?;
         }
+    }
+}
+
+/// The bytes of a C-contiguous array.
+///
+/// # Safety
+/// `array` must be C-contiguous, and the caller must hold the GIL for as long as it uses the
+/// slice (numpy frees an array's data only under the GIL).
+unsafe fn array_bytes<'a>(array: &'a Bound<'_, PyUntypedArray>) -> &'a [u8] {
+    let n = nbytes(array);
+    if n == 0 {
+        return &[];
+    }
+    // SAFETY: the caller's promise; `nbytes` bytes of data start at `data`.
+    unsafe {
+        let raw = (*array.as_array_ptr()).fields.data as *const u8;
+        std::slice::from_raw_parts(raw, n)
     }
 }
 

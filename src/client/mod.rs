@@ -19,9 +19,11 @@
 //! a time; [`map`](Producer::map) is built on the handle.
 
 mod map;
+mod packed;
 mod producer;
 
 pub use map::{Map, MapUnordered};
+pub use packed::{PackedLoan, RejectedPacked};
 pub use producer::{
     Completion, Loan, LoanError, OutputView, Producer, Rejected, SubmitError, TaskError, Ticket,
 };

@@ -989,27 +989,51 @@ impl<'pool> Producer<'pool> {
         let r = c.ready.remove(i).expect("found");
         c.held += 1;
         let rec = c.records[r.token.slot() as usize];
-        let (dtype, shape) = match &r.outcome {
-            Outcome::Done(res) => produced(res, 0).unwrap_or((rec.dtype, rec.out_shape)),
-            Outcome::Failed(_) => (rec.dtype, rec.out_shape),
-        };
-        let result = match r.outcome {
-            Outcome::Done(res) if res.status == TASK_OK => Ok(()),
-            Outcome::Done(res) => Err(TaskError::Kernel {
-                message: res.message,
-                panicked: res.panicked,
-            }),
-            Outcome::Failed(e) => Err(e),
-        };
+        let mut items = (0..rec.desc.count as usize).map(|k| {
+            let item = rec.desc.items[k];
+            let (dtype, shape) = match &r.outcome {
+                Outcome::Done(res) => produced(res, k),
+                Outcome::Failed(_) => None,
+            }
+            .unwrap_or_else(|| {
+                // A single task may have asked for an output shape of its own.
+                let own = Shape::from_raw(item.ndim, item.shape).expect("ours");
+                (
+                    rec.dtype,
+                    if rec.desc.count == 1 {
+                        rec.out_shape
+                    } else {
+                        own
+                    },
+                )
+            });
+            let result = match &r.outcome {
+                Outcome::Done(res) if res.status == TASK_OK || res.failed_mask & (1 << k) == 0 => {
+                    Ok(())
+                }
+                Outcome::Done(res) => Err(TaskError::Kernel {
+                    message: res.message.clone(),
+                    panicked: res.panicked,
+                }),
+                Outcome::Failed(e) => Err(e.clone()),
+            };
+            ItemOut {
+                offset: item.offset as usize,
+                dtype,
+                shape,
+                result,
+            }
+        });
+        let first = items.next().expect("a task has at least one array");
+        let rest = items.collect();
         Some(Completion {
             producer: self,
             token: Some(r.token),
             quarantine: r.quarantine,
             worker: r.worker,
             ticket: Ticket(rec.desc.seq),
-            dtype,
-            shape,
-            result,
+            first,
+            rest,
         })
     }
 
@@ -1026,7 +1050,7 @@ impl<'pool> Producer<'pool> {
 
 /// What loans and completions need of their handle, with the handle's own lifetime erased
 /// (`Producer<'pool>` is invariant in `'pool`).
-trait Handle {
+pub(crate) trait Handle {
     fn seg(&self) -> &crate::shm::Segment;
     fn slot_bytes(&self) -> u64;
     /// A loan (`completion == false`) or a completion gives its slot back.
@@ -1165,6 +1189,17 @@ pub struct Completion<'p> {
     quarantine: bool,
     worker: Option<u32>,
     ticket: Ticket,
+    /// The (first) array's outcome.
+    first: ItemOut,
+    /// A batch's other arrays ([`Producer::submit_packed`]); empty otherwise.
+    rest: Vec<ItemOut>,
+}
+
+/// One array's outcome in a completion.
+#[derive(Debug, Clone)]
+struct ItemOut {
+    /// Byte offset of its output in the slot's output (or, in place, its data).
+    offset: usize,
     dtype: DType,
     shape: Shape,
     result: Result<(), TaskError>,
@@ -1213,52 +1248,108 @@ impl<'p> Completion<'p> {
         self.worker
     }
 
-    /// Whether the task failed, and why.
+    /// Whether the task failed, and why (a batch: its first failed array's error; see
+    /// [`Completion::item_error`]).
     pub fn error(&self) -> Option<&TaskError> {
-        self.result.as_ref().err()
+        std::iter::once(&self.first)
+            .chain(&self.rest)
+            .find_map(|i| i.result.as_ref().err())
     }
 
-    /// The result, as elements of `T` (the task's dtype) in shared memory.
+    /// The result, as elements of `T` in shared memory (a batch: its first array's).
     ///
     /// # Errors
-    /// The task's [`TaskError`], or [`TaskError::Dtype`] for another `T`.
+    /// The task's [`TaskError`], or [`TaskError::Dtype`] when the result is not `T`.
     pub fn output<T: Element>(&self) -> Result<OutputView<'_, T>, TaskError> {
-        self.result.clone()?;
-        if T::DTYPE != self.dtype {
+        let bytes = self.item_bytes(0)?;
+        if T::DTYPE != self.first.dtype {
             return Err(TaskError::Dtype {
                 asked: T::DTYPE,
-                actual: self.dtype,
+                actual: self.first.dtype,
             });
         }
-        let token = self.token.as_ref().expect("held");
-        let n = self.shape.bytes(self.dtype) as usize;
-        // `n` fits the slot: checked at submit.
-        let bytes = &self.producer.seg().result_bytes(token)[..n];
         Ok(OutputView {
             data: cast::<T>(bytes),
-            shape: self.shape,
+            shape: self.first.shape,
         })
     }
 
-    /// The result's bytes (row-major elements of the task's dtype) in shared memory.
+    /// The result's bytes (row-major elements of [`Completion::dtype`]) in shared memory.
     ///
     /// # Errors
     /// The task's [`TaskError`].
     pub fn output_bytes(&self) -> Result<&[u8], TaskError> {
-        self.result.clone()?;
-        let token = self.token.as_ref().expect("held");
-        let n = self.shape.bytes(self.dtype) as usize;
-        Ok(&self.producer.seg().result_bytes(token)[..n])
+        self.item_bytes(0)
     }
 
-    /// The task's dtype.
+    /// The result's dtype: the task's, or what a kernel for any dtype reported.
     pub fn dtype(&self) -> DType {
-        self.dtype
+        self.first.dtype
     }
 
     /// The result's shape.
     pub fn shape(&self) -> Shape {
-        self.shape
+        self.first.shape
+    }
+
+    /// Arrays in this completion: 1, or a batch's count.
+    pub fn len(&self) -> usize {
+        1 + self.rest.len()
+    }
+
+    /// Always false: a completion has at least one array.
+    pub fn is_empty(&self) -> bool {
+        false
+    }
+
+    fn item(&self, i: usize) -> &ItemOut {
+        if i == 0 {
+            &self.first
+        } else {
+            &self.rest[i - 1]
+        }
+    }
+
+    /// Array `i`'s result bytes in shared memory (row-major elements of
+    /// [`Completion::item_dtype`]).
+    ///
+    /// # Errors
+    /// That array's [`TaskError`].
+    ///
+    /// # Panics
+    /// If `i >= self.len()`.
+    pub fn item_bytes(&self, i: usize) -> Result<&[u8], TaskError> {
+        let item = self.item(i);
+        item.result.clone()?;
+        let token = self.token.as_ref().expect("held");
+        let n = item.shape.bytes(item.dtype) as usize;
+        // Within the slot: the request was built here, and a size a worker reported was
+        // checked against the item's space when the result was read.
+        Ok(&self.producer.seg().result_bytes(token)[item.offset..item.offset + n])
+    }
+
+    /// Array `i`'s error, if it failed.
+    ///
+    /// # Panics
+    /// If `i >= self.len()`.
+    pub fn item_error(&self, i: usize) -> Option<&TaskError> {
+        self.item(i).result.as_ref().err()
+    }
+
+    /// Array `i`'s result dtype.
+    ///
+    /// # Panics
+    /// If `i >= self.len()`.
+    pub fn item_dtype(&self, i: usize) -> DType {
+        self.item(i).dtype
+    }
+
+    /// Array `i`'s result shape.
+    ///
+    /// # Panics
+    /// If `i >= self.len()`.
+    pub fn item_shape(&self, i: usize) -> Shape {
+        self.item(i).shape
     }
 
     /// Reuses this slot for the next input (no trip through the free list): a loan of `shape`

@@ -1,0 +1,241 @@
+//! Several arrays of one dtype packed into one slot and submitted as one task: what `map` does
+//! for small arrays, for callers that build their own loop (bindings, dtypes known only at run
+//! time). Per-task costs (a ring entry, a descriptor, a doorbell, a worker wake-up) then count
+//! once per slot instead of once per array.
+
+use super::producer::{packed_offset, Handle, LoanError, Record, SubmitError, Ticket, PACK_MAX};
+use super::{Producer, Task};
+use crate::array::Shape;
+use crate::dtype::DType;
+use crate::layout::{ItemDesc, TaskDesc, MAX_ITEMS};
+use crate::pool::Token;
+
+/// A loaned slot being filled with arrays of one dtype ([`Producer::loan_packed`]), each on its
+/// own cache line; [`Producer::submit_packed`] sends them as one task and the completion has one
+/// result per array ([`super::Completion::item_bytes`]). Dropping it unsubmitted gives the slot
+/// back.
+pub struct PackedLoan<'p> {
+    producer: &'p dyn Handle,
+    token: Option<Token>,
+    dtype: DType,
+    /// The arrays pushed so far (at most [`MAX_ITEMS`]).
+    items: Vec<ItemDesc>,
+    /// Bytes taken, each array rounded up to a line.
+    used: u64,
+    /// Bytes the arrays may take.
+    limit: u64,
+}
+
+/// A refused packed submit: why, and the packed loan back, its arrays intact.
+#[derive(thiserror::Error)]
+#[error("{error}")]
+pub struct RejectedPacked<'p> {
+    /// Why.
+    pub error: SubmitError,
+    /// The packed loan, untouched.
+    pub loan: PackedLoan<'p>,
+}
+
+impl std::fmt::Debug for RejectedPacked<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "RejectedPacked({:?})", self.error)
+    }
+}
+
+impl PackedLoan<'_> {
+    /// Appends an array of the batch's dtype: `bytes` are its row-major elements for `shape`.
+    /// `Ok(false)` when it does not fit beside the arrays already in (submit, then start a new
+    /// batch) or the batch holds [`MAX_ITEMS`] arrays.
+    ///
+    /// # Errors
+    /// [`LoanError::TooLarge`] when the array could never fit (larger than the batch's byte
+    /// limit).
+    ///
+    /// # Panics
+    /// If `bytes` is not `shape`'s size in the batch's dtype.
+    pub fn push_bytes(&mut self, shape: Shape, bytes: &[u8]) -> Result<bool, LoanError> {
+        let n = shape.bytes(self.dtype);
+        assert_eq!(
+            n,
+            bytes.len() as u64,
+            "{shape} of {} is {n} bytes",
+            self.dtype
+        );
+        if n > self.limit {
+            return Err(LoanError::TooLarge {
+                asked: n,
+                max: self.limit,
+            });
+        }
+        if self.items.len() == PACK_MAX || self.used + n > self.limit {
+            return Ok(false);
+        }
+        let at = self.used as usize;
+        let token = self.token.as_mut().expect("a live batch holds its token");
+        self.producer.seg().slot_bytes_mut(token)[at..at + bytes.len()].copy_from_slice(bytes);
+        let (ndim, dims) = shape.raw();
+        self.items.push(ItemDesc {
+            offset: at as u32,
+            ndim,
+            shape: dims,
+        });
+        self.used += packed_offset(n);
+        Ok(true)
+    }
+
+    /// Arrays in the batch.
+    pub fn len(&self) -> usize {
+        self.items.len()
+    }
+
+    /// No array yet.
+    pub fn is_empty(&self) -> bool {
+        self.items.is_empty()
+    }
+
+    /// The batch's dtype.
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+}
+
+impl Drop for PackedLoan<'_> {
+    fn drop(&mut self) {
+        if let Some(t) = self.token.take() {
+            self.producer.give_back(t, false, false);
+        }
+    }
+}
+
+impl Producer<'_> {
+    /// Loans a slot to pack arrays of `dtype` into, waiting while every slot of this handle is
+    /// busy (backpressure, as [`Producer::loan`]). The arrays may take up to `limit` bytes
+    /// together (at most a slot; `None`: a whole slot).
+    ///
+    /// # Errors
+    /// As [`Producer::loan`].
+    pub fn loan_packed(
+        &self,
+        dtype: DType,
+        limit: Option<u64>,
+    ) -> Result<PackedLoan<'_>, LoanError> {
+        self.packed_until(dtype, limit, None)
+    }
+
+    /// As [`Producer::loan_packed`], without waiting ([`LoanError::Busy`] says what holds the
+    /// slots).
+    ///
+    /// # Errors
+    /// As [`Producer::try_loan`].
+    pub fn try_loan_packed(
+        &self,
+        dtype: DType,
+        limit: Option<u64>,
+    ) -> Result<PackedLoan<'_>, LoanError> {
+        self.packed_until(dtype, limit, Some(std::time::Instant::now()))
+    }
+
+    fn packed_until(
+        &self,
+        dtype: DType,
+        limit: Option<u64>,
+        deadline: Option<std::time::Instant>,
+    ) -> Result<PackedLoan<'_>, LoanError> {
+        let mut c = self.core();
+        let slot = c.slot_bytes();
+        let token = c.take_slot(0, deadline)?;
+        c.loaned += 1;
+        Ok(PackedLoan {
+            producer: self,
+            token: Some(token),
+            dtype,
+            items: Vec::with_capacity(MAX_ITEMS),
+            used: 0,
+            limit: limit.map_or(slot, |l| l.min(slot)),
+        })
+    }
+
+    /// Submits every array of `batch` with `task`, as one task; returns its ticket. Its
+    /// [`super::Completion`] has one result per array, in the order they were pushed.
+    ///
+    /// # Errors
+    /// [`RejectedPacked`] (boxed: it carries the loan; the batch back, intact) as for [`Producer::submit`], and for an empty
+    /// batch, a batch of another handle, a task with an output shape of its own, or a context
+    /// that does not fit after the arrays.
+    pub fn submit_packed<'a>(
+        &'a self,
+        batch: PackedLoan<'a>,
+        task: &Task,
+    ) -> Result<Ticket, Box<RejectedPacked<'a>>> {
+        let reject = |error, loan| Err(Box::new(RejectedPacked { error, loan }));
+        if !std::ptr::addr_eq(batch.producer as *const dyn Handle, self as *const Self) {
+            return reject(SubmitError::OtherHandle, batch);
+        }
+        if batch.items.is_empty() || task.out_shape.is_some() {
+            let why = if batch.items.is_empty() {
+                "an empty batch"
+            } else {
+                "a batch keeps each array's shape; submit tasks with another output shape one by one"
+            };
+            return reject(SubmitError::OutShape(why.into()), batch);
+        }
+        let mut c = self.core();
+        let (kernel, params) = match task.resolve(&c.sh.registry, batch.dtype) {
+            Ok(k) => k,
+            Err(e) => {
+                drop(c);
+                return reject(e, batch);
+            }
+        };
+        if let Some(why) = c.broken() {
+            drop(c);
+            return reject(SubmitError::NoWorkers(why), batch);
+        }
+        let context = task.context_bytes();
+        let context_at =
+            TaskDesc::context_offset_for(context.len() as u64, c.slot_bytes()).unwrap_or(0);
+        if !context.is_empty() && context_at < batch.used {
+            let why = format!(
+                "{} bytes of arrays and {} bytes of context do not fit a slot of {} bytes",
+                batch.used,
+                context.len(),
+                c.slot_bytes()
+            );
+            drop(c);
+            return reject(SubmitError::OutShape(why), batch);
+        }
+        let mut batch = batch;
+        let mut token = batch.token.take().expect("a live batch holds its token");
+        c.loaned -= 1;
+        let mut desc = TaskDesc::zeroed();
+        desc.seq = c.next_ticket();
+        desc.kernel = kernel;
+        desc.dtype = u32::from(batch.dtype.code());
+        desc.out_dtype = desc.dtype;
+        desc.count = batch.items.len() as u32;
+        (desc.params, desc.params_len) = params.encode();
+        desc.items[..batch.items.len()].copy_from_slice(&batch.items);
+        if !context.is_empty() {
+            let at = context_at as usize;
+            c.sh.seg.slot_bytes_mut(&mut token)[at..at + context.len()].copy_from_slice(context);
+            desc.context_offset = context_at as u32;
+            desc.context_len = context.len() as u32;
+        }
+        let any = c.sh.registry.takes_any(kernel);
+        let first = batch.items[0];
+        let out_shape = Shape::from_raw(first.ndim, first.shape).expect("pushed");
+        c.send_new(
+            token,
+            Record {
+                desc,
+                dtype: batch.dtype,
+                out_shape,
+                attempts: 0,
+                mapped: false,
+                any,
+            },
+        );
+        c.ring_bells();
+        Ok(Ticket(desc.seq))
+    }
+}
