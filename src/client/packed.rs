@@ -180,30 +180,13 @@ impl Producer<'_> {
             return reject(SubmitError::OutShape(why.into()), batch);
         }
         let mut c = self.core();
-        let (kernel, params) = match task.resolve(&c.sh.registry, batch.dtype) {
+        let (kernel, params) = match c.admit(task, batch.dtype, batch.used) {
             Ok(k) => k,
             Err(e) => {
                 drop(c);
                 return reject(e, batch);
             }
         };
-        if let Some(why) = c.broken() {
-            drop(c);
-            return reject(SubmitError::NoWorkers(why), batch);
-        }
-        let context = task.context_bytes();
-        let context_at =
-            TaskDesc::context_offset_for(context.len() as u64, c.slot_bytes()).unwrap_or(0);
-        if !context.is_empty() && context_at < batch.used {
-            let why = format!(
-                "{} bytes of arrays and {} bytes of context do not fit a slot of {} bytes",
-                batch.used,
-                context.len(),
-                c.slot_bytes()
-            );
-            drop(c);
-            return reject(SubmitError::OutShape(why), batch);
-        }
         let mut batch = batch;
         let mut token = batch.token.take().expect("a live batch holds its token");
         c.loaned -= 1;
@@ -215,12 +198,7 @@ impl Producer<'_> {
         desc.count = batch.items.len() as u32;
         (desc.params, desc.params_len) = params.encode();
         desc.items[..batch.items.len()].copy_from_slice(&batch.items);
-        if !context.is_empty() {
-            let at = context_at as usize;
-            c.sh.seg.slot_bytes_mut(&mut token)[at..at + context.len()].copy_from_slice(context);
-            desc.context_offset = context_at as u32;
-            desc.context_len = context.len() as u32;
-        }
+        c.place_context(task, &mut token, &mut desc);
         let any = c.sh.registry.takes_any(kernel);
         let first = batch.items[0];
         let out_shape = Shape::from_raw(first.ndim, first.shape).expect("pushed");

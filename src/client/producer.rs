@@ -324,6 +324,44 @@ impl<'s> Core<'s> {
         }
     }
 
+    /// Checks `task` for arrays of `dtype` that take `used` bytes of a slot: the kernel code
+    /// and parameters a descriptor carries.
+    pub(crate) fn admit(
+        &self,
+        task: &Task,
+        dtype: DType,
+        used: u64,
+    ) -> Result<(u32, crate::task::Params), SubmitError> {
+        let k = task.resolve(&self.sh.registry, dtype)?;
+        if let Some(why) = self.broken() {
+            return Err(SubmitError::NoWorkers(why));
+        }
+        let context = task.context_bytes().len() as u64;
+        let room = TaskDesc::context_offset_for(context, self.slot_bytes()).unwrap_or(0);
+        if context > 0 && room < used {
+            return Err(SubmitError::OutShape(format!(
+                "{used} bytes of arrays and {context} bytes of context do not fit a slot of {} \
+                 bytes (PoolBuilder::max_array_bytes)",
+                self.slot_bytes()
+            )));
+        }
+        Ok(k)
+    }
+
+    /// Copies `task`'s context (checked by `admit`) to the end of the token's slot and notes
+    /// where in `desc`.
+    pub(crate) fn place_context(&self, task: &Task, token: &mut Token, desc: &mut TaskDesc) {
+        let context = task.context_bytes();
+        if context.is_empty() {
+            return;
+        }
+        let at = TaskDesc::context_offset_for(context.len() as u64, self.slot_bytes())
+            .expect("checked by admit") as usize;
+        self.sh.seg.slot_bytes_mut(token)[at..at + context.len()].copy_from_slice(context);
+        desc.context_offset = at as u32;
+        desc.context_len = context.len() as u32;
+    }
+
     /// Bytes of each slot.
     pub(crate) fn slot_bytes(&self) -> u64 {
         self.sh.seg.layout().classes()[0].slot_bytes
@@ -867,17 +905,13 @@ impl<'pool> Producer<'pool> {
             return reject(SubmitError::OtherHandle, loan);
         }
         let mut c = self.core();
-        let (kernel, params) = match task.resolve(&c.sh.registry, dtype) {
+        let (kernel, params) = match c.admit(task, dtype, shape.bytes(dtype)) {
             Ok(k) => k,
             Err(e) => {
                 drop(c);
                 return reject(e, loan);
             }
         };
-        if let Some(why) = c.broken() {
-            drop(c);
-            return reject(SubmitError::NoWorkers(why), loan);
-        }
         let out_shape = task.out_shape.unwrap_or(shape);
         if task.out_shape.is_some() {
             let why = if c.sh.mode == Mode::InPlace {
@@ -898,26 +932,8 @@ impl<'pool> Producer<'pool> {
                 return reject(SubmitError::OutShape(why), loan);
             }
         }
-        let context = task.context_bytes();
-        let context_at =
-            TaskDesc::context_offset_for(context.len() as u64, c.slot_bytes()).unwrap_or(0);
-        if !context.is_empty() && context_at < shape.bytes(dtype) {
-            let why = format!(
-                "an array of {} bytes and {} bytes of context do not fit a slot of {} bytes \
-                 (PoolBuilder::max_array_bytes)",
-                shape.bytes(dtype),
-                context.len(),
-                c.slot_bytes()
-            );
-            drop(c);
-            return reject(SubmitError::OutShape(why), loan);
-        }
         let mut loan = loan;
         let mut token = loan.token.take().expect("a live loan holds its token");
-        if !context.is_empty() {
-            let at = context_at as usize;
-            c.sh.seg.slot_bytes_mut(&mut token)[at..at + context.len()].copy_from_slice(context);
-        }
         c.loaned -= 1;
         let ticket = c.next_ticket();
         let mut desc = TaskDesc::zeroed();
@@ -927,10 +943,7 @@ impl<'pool> Producer<'pool> {
         desc.out_dtype = desc.dtype;
         desc.count = 1;
         (desc.params, desc.params_len) = params.encode();
-        if !context.is_empty() {
-            desc.context_offset = context_at as u32;
-            desc.context_len = context.len() as u32;
-        }
+        c.place_context(task, &mut token, &mut desc);
         let (ndim, dims) = shape.raw();
         desc.items[0] = ItemDesc {
             offset: 0,
