@@ -342,6 +342,9 @@ pub struct Launch {
     pub args: Vec<std::ffi::OsString>,
     /// Variables set in the child (the worker's own spec variable is set last and wins).
     pub env: Vec<(std::ffi::OsString, std::ffi::OsString)>,
+    /// Keep this process's stdout in the child (an isolated child's stdout is /dev/null
+    /// otherwise, so a stuck worker never holds the user's terminal or pipe open).
+    pub inherit_stdout: bool,
 }
 
 /// Dispositions set to SIG_IGN in a worker between fork and exec (ignored signals stay
@@ -743,8 +746,10 @@ pub fn spawn_inheriting(
         Vec::new()
     };
     if let Some(iso) = isolation {
-        cmd.stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::from(iso.stderr.try_clone_to_owned()?))
+        if !launch.inherit_stdout {
+            cmd.stdout(std::process::Stdio::null());
+        }
+        cmd.stderr(std::process::Stdio::from(iso.stderr.try_clone_to_owned()?))
             .arg0(iso.arg0);
     }
     let fds = fds.to_vec();

@@ -8,6 +8,7 @@ import json
 import os
 import pickle
 import sys
+import threading
 import time
 import weakref
 from collections.abc import Callable, Iterable, Iterator
@@ -59,13 +60,45 @@ def _rebuild(exc: BaseException) -> BaseException:
     return _mk1.RemoteError(text)
 
 
+_TOP_LEVEL: dict[str, frozenset] = {}
+
+
+def _top_level_in_script(fn: Any, path: str) -> bool:
+    """Whether ``fn`` (of the main script) is defined by a statement at the script's top
+    level, which the workers run again (a def under ``if __name__ == "__main__":`` is not)."""
+    names = _TOP_LEVEL.get(path)
+    if names is None:
+        import ast
+
+        try:
+            with open(path, encoding="utf-8") as f:
+                tree = ast.parse(f.read())
+        except (OSError, SyntaxError, ValueError):
+            return True  # cannot tell: by reference, as multiprocessing does
+        names = frozenset(
+            n.name
+            for n in tree.body
+            if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))
+        )
+        _TOP_LEVEL[path] = names
+    return getattr(fn, "__qualname__", "").split(".")[0] in names
+
+
 def _pickle_function(fn: Callable) -> bytes:
     """The function as bytes for the workers: by reference (module and name) when it can be,
     else by value with cloudpickle (lambdas, closures, functions of an interactive session)."""
     main = sys.modules.get("__main__")
-    interactive = getattr(fn, "__module__", None) == "__main__" and not getattr(
-        main, "__file__", None
-    )
+    in_main = getattr(fn, "__module__", None) == "__main__"
+    interactive = in_main and not getattr(main, "__file__", None)
+    if in_main and not interactive and not _top_level_in_script(fn, main.__file__):
+        # Defined under `if __name__ == "__main__":` (or by exec): the workers' copy of the
+        # script does not have it, so it goes by value when cloudpickle can.
+        try:
+            import cloudpickle
+
+            return cloudpickle.dumps(fn, protocol=pickle.HIGHEST_PROTOCOL)
+        except ImportError:
+            pass
     if not interactive:
         try:
             return pickle.dumps(fn, protocol=pickle.HIGHEST_PROTOCOL)
@@ -182,15 +215,35 @@ class Pool:
         timeout: float | None = None,
         keep_copies: bool = False,
     ) -> None:
+        if os.environ.get("MK1_WORKER") is not None:
+            raise RuntimeError(
+                "mk1.Pool cannot be created inside an mk1 worker (a function running in a pool "
+                "tried to start a pool of its own)"
+            )
         if mode not in ("out-of-place", "in-place"):
             raise ValueError(f"mode must be 'out-of-place' or 'in-place', not {mode!r}")
         workers = _default_workers() if workers is None else int(workers)
-        if workers < 1:
-            raise ValueError(f"workers must be at least 1, not {workers}")
         slots = 4 * workers if slots is None else int(slots)
+        for name, value, least in (
+            ("workers", workers, 1),
+            ("slots", slots, 1),
+            ("max_array_bytes", int(max_array_bytes), 1),
+            ("max_retries", int(max_retries), 0),
+            ("max_restarts", int(max_restarts), 0),
+        ):
+            if value < least:
+                raise ValueError(f"{name} must be at least {least}, not {value}")
+        if timeout is not None and not timeout > 0:
+            raise ValueError(f"timeout must be > 0 seconds or None, not {timeout}")
         main = sys.modules.get("__main__")
+        # Workers run the main script as __mp_main__: what they pickle by reference to it
+        # (an exception class of the script, say) must unpickle here too, as multiprocessing
+        # arranges.
+        if main is not None:
+            sys.modules.setdefault("__mp_main__", main)
         spec = getattr(main, "__spec__", None)
         boot = {
+            "argv": list(sys.argv),
             "path": list(sys.path),
             "main_name": getattr(spec, "name", None),
             "main_path": os.path.abspath(main.__file__)
@@ -206,7 +259,7 @@ class Pool:
             if var not in os.environ:
                 env.append((var, share))
         if initializer is not None:
-            blob = pickle.dumps((initializer, tuple(initargs)))
+            blob = _pickle_function((initializer, tuple(initargs)))
             env.append((INIT_ENV, base64.b64encode(blob).decode("ascii")))
         self._core = None
         self._core = _mk1.PoolCore(
@@ -224,30 +277,53 @@ class Pool:
         )
         self._workers = workers
         self._slots = self._core.slots()
+        self._thread = threading.get_ident()
         self._sinks: dict[int, Future] = {}  # ticket -> its future (maps route in Rust)
-        self._finalizer = weakref.finalize(self, self._core.close)
+        # Garbage-collected or left open at exit: killed, never waited for.
+        self._finalizer = weakref.finalize(self, self._core.terminate)
 
     # -- lifecycle ------------------------------------------------------------------------
 
     def __enter__(self) -> Pool:
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+    def __exit__(self, exc_type, exc, tb) -> None:
+        # Leaving normally waits for what is still running (results of futures not waited on
+        # are dropped); leaving on an exception (Ctrl-C included) kills the workers at once,
+        # as multiprocessing.Pool's context manager does.
+        if exc_type is None:
+            self.close()
+        else:
+            self.terminate()
 
     def close(self) -> None:
-        """Stops the workers and frees the shared memory. Tasks still running are waited for
-        and their results dropped; results lent with ``zero_copy`` keep the memory mapped
-        until they are gone. Idempotent."""
-        if self._core is not None:
-            self._finalizer()
-            self._core = None
-            for sink in self._sinks.values():
-                if isinstance(sink, Future) and not sink.done():
-                    sink.set_exception(_mk1.Mk1Error("the pool was closed"))
-            self._sinks.clear()
+        """Waits for the tasks still running (their futures get their results), then stops the
+        workers and frees the shared memory; results lent with ``zero_copy`` keep the memory
+        mapped until they are gone. Ctrl-C while waiting terminates instead. Idempotent."""
+        if self._core is None:
+            return
+        try:
+            while self._core.in_flight() > 0:
+                self._pump(_WAIT)
+        except BaseException:
+            self.terminate()
+            raise
+        self._end("the pool was closed", self._core.close)
 
-    terminate = close
+    def terminate(self) -> None:
+        """Kills the workers now, without waiting for tasks (pending futures fail with
+        ``Mk1Error``), and frees the shared memory. Idempotent."""
+        if self._core is not None:
+            self._end("the pool was terminated", self._core.terminate)
+
+    def _end(self, why: str, stop: Callable[[], Any]) -> None:
+        self._finalizer.detach()
+        stop()
+        self._core = None
+        for fut in self._sinks.values():
+            if not concurrent.futures.Future.done(fut):
+                fut.set_exception(_mk1.Mk1Error(why))
+        self._sinks.clear()
 
     def join(self) -> None:
         """For ``multiprocessing.Pool`` compatibility: ``close()`` already waited."""
@@ -268,6 +344,10 @@ class Pool:
     def _live(self):
         if self._core is None:
             raise ValueError("the pool is closed")
+        if threading.get_ident() != self._thread:
+            raise RuntimeError(
+                "an mk1.Pool is used from the thread that created it (make one pool per thread)"
+            )
         return self._core
 
     # -- the data path --------------------------------------------------------------------
@@ -277,7 +357,15 @@ class Pool:
             return fn.text, None
         if not callable(fn):
             raise TypeError(f"fn must be a callable or an mk1.ops op, not {type(fn).__name__}")
-        return None, _pickle_function(fn)
+        blob = _pickle_function(fn)
+        room = _mk1.PoolCore.context_room()
+        if len(blob) > room:
+            raise ValueError(
+                f"{fn!r} pickles to {len(blob)} bytes; at most {room} travel with each array. "
+                f"Capture less in it: large data belongs in initargs (see worker_state()) or in "
+                f"a module the workers import"
+            )
+        return None, blob
 
     def _submit_one(self, a: np.ndarray, task: tuple[str | None, bytes | None]) -> int:
         """Submits, receiving results while every slot is busy (backpressure)."""
@@ -341,6 +429,27 @@ class Pool:
         fut.set_running_or_notify_cancel()
         self._sinks[ticket] = fut
         return fut
+
+    def as_completed(
+        self, futures: Iterable[Future], timeout: float | None = None
+    ) -> Iterator[Future]:
+        """Yields ``futures`` of this pool as they complete, receiving results meanwhile
+        (``concurrent.futures.as_completed`` and ``wait`` need this pool driven: use this, or
+        ``result()`` on each). Raises ``concurrent.futures.TimeoutError`` past ``timeout``."""
+        pending = set(futures)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while pending:
+            done = {f for f in pending if concurrent.futures.Future.done(f)}
+            yield from done
+            pending -= done
+            if not pending:
+                return
+            wait = _WAIT
+            if deadline is not None:
+                wait = min(wait, deadline - time.monotonic())
+                if wait <= 0:
+                    raise concurrent.futures.TimeoutError(f"{len(pending)} futures not done")
+            self._pump(wait)
 
     def apply(self, fn: Callable | Op, a: Any) -> Any:
         """``submit(fn, a).result()``."""

@@ -24,6 +24,9 @@ BOOT_ENV = "MK1_PY_BOOT"
 INIT_ENV = "MK1_PY_INIT"
 EXC_MARKER = "\n--mk1-pickled-exception--\n"
 
+_CARRIED = frozenset(
+    ["int8", "uint8", "int16", "uint16", "int32", "uint32", "int64", "uint64", "float32", "float64"]
+)
 _worker_id: int | None = None
 _workers: int | None = None
 _state: dict = {}
@@ -53,6 +56,8 @@ def _main() -> None:
     boot = json.loads(os.environ.get(BOOT_ENV, "{}"))
     if "path" in boot:
         sys.path[:] = boot["path"]
+    if "argv" in boot:
+        sys.argv[:] = boot["argv"]
     _prepare_main(boot)
     from mk1 import _mk1
 
@@ -77,10 +82,13 @@ def _init(worker: int, workers: int) -> None:
 
 
 def _wants_out(fn) -> bool:
+    """Whether ``fn`` writes its result into ``out``: only a *required* ``out`` parameter says
+    so (numpy's own functions, whose ``out=None`` has other rules, are called plainly)."""
     try:
-        return "out" in inspect.signature(fn).parameters
+        p = inspect.signature(fn).parameters.get("out")
     except (TypeError, ValueError):
         return False
+    return p is not None and p.default is inspect.Parameter.empty
 
 
 def _function(context: bytes):
@@ -119,13 +127,23 @@ def _run(context, inp, dtype, shape, out, in_place, worker):
                 return (x.dtype.name, shape)
         else:
             y = fn(x)
+        if y is None:
+            raise TypeError(
+                "the function returned None; return an array, or take a required `out` "
+                "argument and write the result there"
+            )
         y = np.asarray(y)
         if y.ndim == 0:
             y = y.reshape(1)
-        if y.dtype.byteorder == ">" or y.dtype.kind not in "iuf":
+        if y.dtype.name not in _CARRIED or not y.dtype.isnative:
             raise TypeError(
-                f"mk1 carries int, uint and float arrays in native byte order; the function "
-                f"returned {y.dtype}"
+                f"mk1 carries int8..int64, uint8..uint64, float32 and float64 arrays in native "
+                f"byte order; the function returned {y.dtype}"
+            )
+        if y.ndim > 4:
+            raise ValueError(
+                f"mk1 carries arrays of 1 to 4 dimensions; the function returned {y.ndim} "
+                f"(shape {y.shape})"
             )
         if y.nbytes > len(out):
             from mk1 import ArrayTooLarge

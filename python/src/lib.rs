@@ -70,6 +70,9 @@ pyo3::create_exception!(
     "Every slot is in use (internal: the Python layer receives a result and retries)."
 );
 
+/// Bytes of each slot kept for the pickled function that travels with every array.
+const CONTEXT_ROOM: u64 = 64 << 10;
+
 /// The kernel every Python pool registers, in the caller and in the workers alike.
 const PY_KERNEL: &str = "py";
 
@@ -255,6 +258,8 @@ struct PoolCore {
 /// ticket's result goes.
 struct Shared {
     inner: Rc<Inner>,
+    /// The largest array the caller may send (the slot has room for the function too).
+    max_array_bytes: u64,
     ops: RefCell<HashMap<String, Task>>,
     router: RefCell<Router>,
 }
@@ -309,6 +314,13 @@ impl Shared {
         }
         let shape = Shape::new(array.shape()).map_err(|e| PyValueError::new_err(e.to_string()))?;
         let nbytes = shape.bytes(dtype) as usize;
+        if nbytes as u64 > self.max_array_bytes {
+            return Err(ArrayTooLarge::new_err(format!(
+                "an array of {nbytes} bytes ({shape} {dtype}) is larger than the pool's \
+                 max_array_bytes, {} (mk1.Pool(max_array_bytes=...))",
+                self.max_array_bytes
+            )));
+        }
         let p = self.producer();
         let mut loan = p
             .try_loan::<u8>(Shape::d1(nbytes as u32))
@@ -409,7 +421,24 @@ impl Shared {
 }
 
 fn start_error(e: PoolError) -> PyErr {
-    PoolStartError::new_err(e.to_string())
+    PoolStartError::new_err(pythonize(&e.to_string()))
+}
+
+/// A message of the Rust API or the command line, in the Python API's words.
+fn pythonize(msg: &str) -> String {
+    msg.replace(
+        "(PoolBuilder::max_array_bytes)",
+        "(mk1.Pool(max_array_bytes=...))",
+    )
+    .replace(
+        "PoolBuilder::max_array_bytes",
+        "mk1.Pool(max_array_bytes=...)",
+    )
+    .replace("slots_per_producer", "slots")
+    .replace(
+        "--max-dim, --inflight or --workers",
+        "max_array_bytes, slots or workers",
+    )
 }
 
 /// Bytes of an array's data.
@@ -421,7 +450,7 @@ impl PoolCore {
     fn shared(&self) -> PyResult<&Rc<Shared>> {
         self.shared
             .as_ref()
-            .ok_or_else(|| PyRuntimeError::new_err("the pool is closed"))
+            .ok_or_else(|| PyValueError::new_err("the pool is closed"))
     }
 
     fn inner(&self) -> PyResult<&Rc<Inner>> {
@@ -487,7 +516,8 @@ impl PoolCore {
             } else {
                 Mode::OutOfPlace
             })
-            .max_array_bytes(max_array_bytes)
+            // Room for the pickled function beside the largest array.
+            .max_array_bytes(max_array_bytes.saturating_add(CONTEXT_ROOM))
             .slots_per_producer(slots)
             .max_retries(max_retries)
             .max_restarts(max_restarts)
@@ -496,6 +526,7 @@ impl PoolCore {
             .pack_bytes(0)
             .worker_exe(worker_exe)
             .worker_args(worker_args)
+            .inherit_stdout(true)
             .kernels(registry());
         for (k, v) in worker_env {
             b = b.worker_env(k, v);
@@ -507,6 +538,7 @@ impl PoolCore {
         Ok(PoolCore {
             shared: Some(Rc::new(Shared {
                 inner,
+                max_array_bytes,
                 ops: RefCell::new(HashMap::new()),
                 router: RefCell::new(Router::default()),
             })),
@@ -577,6 +609,7 @@ impl PoolCore {
             ordered,
             lend,
             window: window.max(1),
+            pending: None,
             next_in: 0,
             next_out: 0,
             exhausted: false,
@@ -608,10 +641,30 @@ impl PoolCore {
         Ok(self.inner()?.pool.worker_pids())
     }
 
+    /// Kills the workers now (tasks running are lost) and frees the segment once every lent
+    /// result is gone.
+    fn terminate(&mut self, py: Python<'_>) {
+        if let Some(sh) = &self.shared {
+            sh.inner.pool.terminate();
+        }
+        self.close(py);
+    }
+
+    /// Bytes of context (the pickled function) a task may carry.
+    #[staticmethod]
+    fn context_room() -> u64 {
+        CONTEXT_ROOM
+    }
+
     /// Stops the workers and frees the segment (once every lent View is gone). Tasks still in
     /// flight are waited for (bounded by the timeout) and dropped.
     fn close(&mut self, py: Python<'_>) {
         if let Some(shared) = self.shared.take() {
+            // Results lent to the caller keep the segment mapped after this; the workers need
+            // not wait for them.
+            if Rc::strong_count(&shared.inner) > 1 {
+                shared.inner.pool.terminate();
+            }
             // Results waiting in maps may hold lent slots: let them go first.
             let parked: Vec<_> = shared.router.borrow_mut().maps.drain().collect();
             drop(parked);
@@ -639,6 +692,9 @@ struct MapIter {
     lend: bool,
     /// Arrays in flight or waiting to be read, at most.
     window: usize,
+    /// An input taken from the iterator, waiting for a slot that only reading this map's
+    /// waiting results can free.
+    pending: Option<(u64, Py<PyUntypedArray>)>,
     next_in: u64,
     next_out: u64,
     exhausted: bool,
@@ -675,25 +731,31 @@ impl MapIter {
 
     /// Runs `f` until it does not raise `Busy`, receiving a result between tries (results
     /// that arrived unread hold slots too).
+    /// `Ok(None)` when no slot can free up before this map's waiting results are read (lent
+    /// results hold their slots): the caller yields those first and comes back.
     fn when_free<T>(
         &self,
         py: Python<'_>,
         sh: &Shared,
         mut f: impl FnMut() -> PyResult<T>,
-    ) -> PyResult<T> {
+    ) -> PyResult<Option<T>> {
         loop {
             match f() {
                 Err(e) if e.is_instance_of::<Busy>(py) => {
                     let busy = sh.producer().in_flight() > 0;
                     let got = self.pump(py, sh, if busy { WAIT } else { 0.0 })?;
                     if !got && !busy {
+                        if self.waiting(sh).1 > 0 {
+                            return Ok(None);
+                        }
                         return Err(Mk1Error::new_err(
-                            "every slot is held by results lent with zero_copy=True; drop \
-                             them (or copy them) before asking for more",
+                            "every slot is held by results lent with zero_copy=True that are \
+                             still referenced; drop them (or keep copies: np.array(y)) before \
+                             asking for more",
                         ));
                     }
                 }
-                other => return other,
+                other => return other.map(Some),
             }
         }
     }
@@ -760,15 +822,33 @@ impl MapIter {
     /// per-array work is the limit from Python, not the workers or the rings.)
     fn fill(&mut self, py: Python<'_>, sh: &Shared) -> PyResult<()> {
         loop {
-            let (in_flight, ready) = self.waiting(sh);
-            if self.exhausted || in_flight + ready >= self.window {
-                return Ok(());
-            }
-            let Some((index, array)) = self.next_array(py)? else {
-                return Ok(());
+            let (index, array) = match self.pending.take() {
+                Some((i, a)) => (i, Ok(a.into_bound(py))),
+                None => {
+                    let (in_flight, ready) = self.waiting(sh);
+                    if self.exhausted || in_flight + ready >= self.window {
+                        return Ok(());
+                    }
+                    match self.next_array(py)? {
+                        Some(next) => next,
+                        None => return Ok(()),
+                    }
+                }
             };
-            let r = array.and_then(|a| self.when_free(py, sh, || sh.submit(&a, &self.task)));
-            self.sent(py, sh, vec![index], r)?;
+            let array = match array {
+                Ok(a) => a,
+                Err(e) => {
+                    self.sent(py, sh, vec![index], Err(e))?;
+                    continue;
+                }
+            };
+            match self.when_free(py, sh, || sh.submit(&array, &self.task)) {
+                Ok(None) => {
+                    self.pending = Some((index, array.unbind()));
+                    return Ok(());
+                }
+                r => self.sent(py, sh, vec![index], r.map(|t| t.expect("some")))?,
+            }
         }
     }
 }
@@ -804,7 +884,7 @@ impl MapIter {
             let sh = self
                 .shared
                 .upgrade()
-                .ok_or_else(|| PyRuntimeError::new_err("the pool is closed"))?;
+                .ok_or_else(|| PyValueError::new_err("the pool is closed"))?;
             self.fill(py, &sh)?;
             {
                 let mut r = sh.router.borrow_mut();
@@ -820,7 +900,11 @@ impl MapIter {
                     self.next_out += 1;
                     return Ok(Some(v));
                 }
-                if self.exhausted && m.in_flight == 0 && m.ready.is_empty() {
+                if self.exhausted
+                    && self.pending.is_none()
+                    && m.in_flight == 0
+                    && m.ready.is_empty()
+                {
                     return Ok(None);
                 }
             }
@@ -934,7 +1018,7 @@ fn copy_out<'py>(
 
 fn loan_error(e: LoanError) -> PyErr {
     match e {
-        LoanError::TooLarge { .. } => ArrayTooLarge::new_err(e.to_string()),
+        LoanError::TooLarge { .. } => ArrayTooLarge::new_err(pythonize(&e.to_string())),
         LoanError::Busy { .. } | LoanError::Exhausted { .. } => Busy::new_err(e.to_string()),
         LoanError::NoWorkers(_) => NoWorkersLeft::new_err(e.to_string()),
         LoanError::Shape(_) => PyValueError::new_err(e.to_string()),
@@ -944,7 +1028,7 @@ fn loan_error(e: LoanError) -> PyErr {
 fn submit_error(e: SubmitError) -> PyErr {
     match e {
         SubmitError::NoWorkers(_) => NoWorkersLeft::new_err(e.to_string()),
-        SubmitError::OutShape(_) => ArrayTooLarge::new_err(e.to_string()),
+        SubmitError::OutShape(_) => ArrayTooLarge::new_err(pythonize(&e.to_string())),
         _ => PyValueError::new_err(e.to_string()),
     }
 }
@@ -957,7 +1041,7 @@ fn task_error<'py>(py: Python<'py>, e: &TaskError) -> Bound<'py, PyAny> {
         TaskError::Timeout(_) => TaskTimeout::new_err(e.to_string()),
         TaskError::WorkerDied { .. } => WorkerDied::new_err(e.to_string()),
         TaskError::NoWorkers(_) => NoWorkersLeft::new_err(e.to_string()),
-        TaskError::TooLarge { .. } => ArrayTooLarge::new_err(e.to_string()),
+        TaskError::TooLarge { .. } => ArrayTooLarge::new_err(pythonize(&e.to_string())),
         _ => Mk1Error::new_err(e.to_string()),
     };
     err.into_value(py).into_bound(py).into_any()

@@ -328,7 +328,7 @@ def test_a_closed_pool_refuses_work():
         pool.submit(x3p1, np.ones(2))
 
 
-def run_script(tmp_path, body, *, env=None, timeout=60):
+def run_script(tmp_path, body, *, env=None, timeout=60, args=("7",)):
     script = tmp_path / "script.py"
     script.write_text(textwrap.dedent(body))
     e = dict(os.environ)
@@ -336,7 +336,7 @@ def run_script(tmp_path, body, *, env=None, timeout=60):
     if env:
         e.update(env)
     return subprocess.run(
-        [sys.executable, str(script)],
+        [sys.executable, str(script), *args],
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -429,3 +429,122 @@ def test_ctrl_c_stops_cleanly_with_nothing_left(tmp_path):
         assert not os.path.exists(f"/proc/{pid}") or "Z" in open(f"/proc/{pid}/stat").read().split(")")[1][:3]
     if os.path.isdir("/dev/shm"):
         assert set(os.listdir("/dev/shm")) - shm_before == set()
+
+
+def slow_sleep(x):
+    time.sleep(float(x[0]))
+    return x
+
+
+def test_zero_copy_results_may_be_kept_while_the_map_goes_on():
+    with mk1.Pool(workers=2, slots=8) as pool:
+        kept = []
+        arrays = [np.full(64, i, dtype=np.int32) for i in range(40)]
+        for i, y in enumerate(pool.map(x3p1, arrays, zero_copy=True)):
+            if i < 3:
+                kept.append(y)
+            assert y[0] == i * 3 + 1
+        assert [int(k[0]) for k in kept] == [1, 4, 7]
+        # Keeping every result cannot work: a clear error, not a hang.
+        with pytest.raises(mk1.Mk1Error, match="still referenced"):
+            kept = list(pool.map(x3p1, arrays, zero_copy=True))
+        del kept
+
+
+def test_terminate_and_leaving_on_an_error_do_not_wait_for_running_tasks():
+    t = time.monotonic()
+    with pytest.raises(KeyError):
+        with mk1.Pool(workers=2) as pool:
+            futs = [pool.submit(slow_sleep, np.array([30.0])) for _ in range(4)]
+            time.sleep(0.3)
+            raise KeyError("the caller's own error")
+    assert time.monotonic() - t < 10
+    assert all(isinstance(f.exception(), mk1.Mk1Error) for f in futs)
+    # close() waits, and the futures get their results.
+    pool = mk1.Pool(workers=2)
+    futs = [pool.submit(slow_sleep, np.array([0.2])) for _ in range(3)]
+    pool.close()
+    assert [f.result()[0] for f in futs] == [0.2] * 3
+
+
+def test_numpy_functions_with_an_optional_out_are_called_plainly(pool):
+    y = pool.apply(np.cumsum, np.ones(300, np.int8))
+    assert y[-1] == 300 and y.dtype == np.cumsum(np.ones(3, np.int8)).dtype
+    assert pool.apply(np.mean, np.arange(10.0))[0] == 4.5
+
+
+def test_an_array_of_exactly_max_array_bytes_fits():
+    with mk1.Pool(workers=1, max_array_bytes=1 << 20) as pool:
+        a = np.ones(1 << 18, np.float32)  # exactly 1 MiB
+        assert pool.apply(x3p1, a)[0] == 4
+        assert pool.apply(mk1.ops.neg(), a)[0] == -1
+        with pytest.raises(mk1.ArrayTooLarge, match="max_array_bytes"):
+            pool.apply(x3p1, np.ones((1 << 18) + 1, np.float32))
+
+
+def test_the_timeout_counts_from_when_a_task_starts_not_from_an_idle_spell():
+    with mk1.Pool(workers=1, timeout=1.0) as pool:
+        time.sleep(1.6)
+        assert pool.apply(slow_sleep, np.array([0.3]))[0] == 0.3
+        assert pool.restarts() == 0
+
+
+def test_as_completed_and_the_owner_thread(pool):
+    import threading
+
+    futs = [pool.submit(slow_sleep, np.array([0.01 * (i % 3)])) for i in range(9)]
+    done = list(pool.as_completed(futs, timeout=30))
+    assert sorted(id(f) for f in done) == sorted(id(f) for f in futs)
+    errors = []
+
+    def other_thread():
+        try:
+            pool.submit(x3p1, np.ones(2))
+        except RuntimeError as e:
+            errors.append(str(e))
+
+    th = threading.Thread(target=other_thread)
+    th.start()
+    th.join()
+    assert errors and "thread" in errors[0]
+
+
+def test_the_main_script_as_multiprocessing_runs_it(tmp_path):
+    r = run_script(
+        tmp_path,
+        """
+        import argparse, sys
+        import numpy as np, mk1
+
+        parser = argparse.ArgumentParser()
+        parser.add_argument("n", type=int)
+        args = parser.parse_args()          # at top level: workers need the caller's argv
+
+        class ScriptError(Exception):
+            pass
+
+        def fails(x):
+            raise ScriptError("from the script")
+
+        def shout(x):
+            print("hello from worker", mk1.worker_id(), flush=True)
+            return x * args.n
+
+        if __name__ == "__main__":
+            def nested(x):                  # not in the workers' copy: sent by value
+                return x + 100
+
+            with mk1.Pool(workers=1, initializer=lambda: None) as pool:
+                print("scaled", pool.apply(shout, np.ones(2))[0])
+                print("nested", pool.apply(nested, np.ones(2))[0])
+                try:
+                    pool.apply(fails, np.ones(2))
+                except ScriptError as e:
+                    print("caught ScriptError", e)
+        """,
+    )
+    assert r.returncode == 0, r.stderr
+    assert "scaled 7.0" in r.stdout
+    assert "nested 101.0" in r.stdout
+    assert "caught ScriptError from the script" in r.stdout
+    assert "hello from worker 0" in r.stdout

@@ -286,6 +286,14 @@ impl PoolBuilder {
         self
     }
 
+    /// Whether workers write to this process's stdout (default: no, their stdout is
+    /// /dev/null, so a worker stuck in the kernel never holds the terminal or a pipe open;
+    /// their stderr is always forwarded). Interpreters whose users `print` in workers want it.
+    pub fn inherit_stdout(mut self, inherit: bool) -> Self {
+        self.worker_launch.inherit_stdout = inherit;
+        self
+    }
+
     /// The SIMD kernels built-in ops run with (default: the best this CPU has).
     pub fn simd(mut self, kernel: Kernel) -> Self {
         self.kernel = kernel;
@@ -391,6 +399,7 @@ impl PoolBuilder {
                 .map(|_| AtomicBool::new(false))
                 .collect(),
             closing: AtomicBool::new(false),
+            terminating: AtomicBool::new(false),
             broken: Mutex::new(None),
             restarts: crate::sync::AtomicU32::new(0),
         });
@@ -443,6 +452,8 @@ pub(crate) struct Shared {
     pub(crate) active: Vec<AtomicBool>,
     /// The pool is being dropped.
     closing: AtomicBool,
+    /// [`Pool::terminate`] was called: workers are killed now, handles stop waiting.
+    pub(crate) terminating: AtomicBool,
     /// Why the pool can run nothing any more (every worker gone for good).
     pub(crate) broken: Mutex<Option<String>>,
     restarts: crate::sync::AtomicU32,
@@ -499,6 +510,11 @@ fn monitor_main(sh: &Shared, started: &std::sync::mpsc::Sender<Result<(), RunErr
                 );
             }
         }
+    }
+    if sh.terminating.load(Ordering::Acquire) {
+        // Killed now rather than asked to finish; any that would not die in time are left to
+        // `shut_down`, which reports them.
+        crate::coordinator::monitor::abandon(&mut monitor.procs);
     }
     monitor.shut_down();
     monitor.stderr.forward(&mut monitor.stderr_pending);
@@ -585,9 +601,27 @@ impl Pool {
 
     /// Pids of the worker processes now serving (for tests and diagnostics).
     pub fn worker_pids(&self) -> Vec<u32> {
-        (0..self.shared.cfg.workers)
-            .map(|w| self.shared.seg.worker(w).status.pid.load(Ordering::Relaxed))
+        (0..self.shared.cfg.workers as usize)
+            .filter(|&w| self.shared.ctl.alive[w].load(Ordering::Acquire))
+            .map(|w| {
+                self.shared
+                    .seg
+                    .worker(w as u32)
+                    .status
+                    .pid
+                    .load(Ordering::Relaxed)
+            })
             .collect()
+    }
+
+    /// Stops the pool now: every worker is killed at once (tasks running are lost, not
+    /// waited for), handles stop waiting, and work submitted from here on is refused with
+    /// [`LoanError::NoWorkers`] / [`SubmitError::NoWorkers`]. Dropping the pool afterwards
+    /// returns at once. For a caller that is giving up (Ctrl-C, an error); a plain drop waits
+    /// for the tasks in flight instead.
+    pub fn terminate(&self) {
+        self.shared.terminating.store(true, Ordering::Release);
+        self.shared.closing.store(true, Ordering::Release);
     }
 }
 

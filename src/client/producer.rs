@@ -368,6 +368,9 @@ impl<'s> Core<'s> {
     }
 
     pub(crate) fn broken(&self) -> Option<String> {
+        if self.sh.terminating.load(Ordering::Acquire) {
+            return Some("the pool was terminated".into());
+        }
         if !self.sh.ctl.no_workers.load(Ordering::Acquire) {
             return None;
         }
@@ -763,7 +766,10 @@ impl<'s> Core<'s> {
 
     /// Waits for all in-flight tasks (for a handle's drop).
     fn drain(&mut self) {
-        self.wait_until(None, |c| c.in_flight == 0);
+        // A terminated pool kills its workers without waiting: nothing more will come back.
+        self.wait_until(None, |c| {
+            c.in_flight == 0 || c.sh.terminating.load(Ordering::Acquire)
+        });
         while let Some(r) = self.ready.pop_front() {
             self.release(r.token, r.quarantine);
         }

@@ -27,6 +27,9 @@ pub(crate) struct WorkerProc {
     pub(crate) started: Instant,
     /// It reported `Running` with our build id.
     pub(crate) attached: bool,
+    /// It owed nothing at the last look: work seen from now on starts the stall clock now,
+    /// not at the last look (which may be long ago when the pool was idle).
+    pub(crate) idle: bool,
     /// When SIGKILL was sent, and why (words for the report).
     pub(crate) killed: Option<(Instant, KillReason)>,
 }
@@ -175,6 +178,7 @@ pub(crate) fn spawn_worker(
         last_beat: now,
         started: now,
         attached: false,
+        idle: true,
         killed: None,
     })
 }
@@ -655,7 +659,11 @@ impl<'a> Monitor<'a> {
             let mut action = None;
             if !wp.attached {
                 match attach_state(seg, w as u32) {
-                    Ok(true) => wp.attached = true,
+                    Ok(true) => {
+                        // The stall clock starts when it can serve, not when it was started.
+                        wp.attached = true;
+                        wp.last_beat = now;
+                    }
                     Ok(false) if now - wp.started > START_TIMEOUT => {
                         action = Some(KillReason::Start(format!(
                             "it did not attach within {START_TIMEOUT:?}"
@@ -668,9 +676,10 @@ impl<'a> Monitor<'a> {
             if action.is_none() && ctl.kill[w].load(Ordering::Acquire) {
                 action = Some(KillReason::Fault);
             }
-            if action.is_none() {
+            if action.is_none() && wp.attached {
                 let (owed, back) = flow_of(ctl, w);
-                if back != wp.progress || owed == 0 {
+                if back != wp.progress || owed == 0 || wp.idle {
+                    wp.idle = owed == 0;
                     wp.progress = back;
                     wp.last_beat = now;
                 } else if now - stop_seen.map_or(wp.last_beat, |t| t.max(wp.last_beat)) > timeout {
