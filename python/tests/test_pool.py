@@ -548,3 +548,21 @@ def test_the_main_script_as_multiprocessing_runs_it(tmp_path):
     assert "nested 101.0" in r.stdout
     assert "caught ScriptError from the script" in r.stdout
     assert "hello from worker 0" in r.stdout
+
+
+def exits_if_negative(x):
+    if x[0] < 0:
+        os._exit(3)  # the worker dies mid-task, every time it gets this array
+    return x * 3 + 1
+
+
+def test_an_array_that_kills_every_worker_fails_with_worker_died_and_the_pool_goes_on():
+    with mk1.Pool(workers=2, max_retries=2) as pool:
+        arrays = [np.array([1.0]), np.array([-1.0]), np.array([2.0])]
+        got = []
+        with pytest.raises(mk1.WorkerDied, match="3 attempt"):
+            for y in pool.map(exits_if_negative, arrays):
+                got.append(float(y[0]))
+        assert got == [4.0]
+        assert pool.apply(exits_if_negative, np.array([5.0]))[0] == 16.0
+        assert pool.restarts() >= 3
