@@ -24,13 +24,10 @@ BOOT_ENV = "MK1_PY_BOOT"
 INIT_ENV = "MK1_PY_INIT"
 EXC_MARKER = "\n--mk1-pickled-exception--\n"
 
-_CARRIED = frozenset(
-    ["int8", "uint8", "int16", "uint16", "int32", "uint32", "int64", "uint64", "float32", "float64"]
-)
+_CODES: dict = {}  # numpy dtype -> mk1's dtype code (native byte order only)
 _worker_id: int | None = None
 _workers: int | None = None
 _state: dict = {}
-_functions: dict = {}
 
 
 def _prepare_main(boot: dict) -> None:
@@ -65,11 +62,13 @@ def _main() -> None:
     sys.exit("mk1._worker: this process was not started by an mk1 pool")
 
 
-def _init(worker: int, workers: int) -> None:
-    """Runs once per worker, before it reports ready: the pool's initializer."""
+def _init(worker: int, workers: int, codes: dict) -> None:
+    """Runs once per worker, before it reports ready: the pool's initializer. ``codes`` maps
+    each dtype name mk1 carries to its code."""
     global _worker_id, _workers
     _worker_id, _workers = worker, workers
-    # Output written with print() should appear even though the worker ends with _exit.
+    _CODES.update({np.dtype(name): code for name, code in codes.items()})
+    # Output written with print() shows at once (the worker's stdout is the caller's).
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.reconfigure(line_buffering=True)
@@ -91,15 +90,10 @@ def _wants_out(fn) -> bool:
     return p is not None and p.default is inspect.Parameter.empty
 
 
-def _function(context: bytes):
-    entry = _functions.get(context)
-    if entry is None:
-        fn = pickle.loads(context)
-        entry = (fn, _wants_out(fn))
-        if len(_functions) > 256:
-            _functions.clear()
-        _functions[context] = entry
-    return entry
+def _load(context: bytes):
+    """The task's function from its pickled bytes, and whether it takes ``out``."""
+    fn = pickle.loads(context)
+    return fn, _wants_out(fn)
 
 
 def _encode_error(e: BaseException) -> str:
@@ -111,53 +105,58 @@ def _encode_error(e: BaseException) -> str:
     return text + EXC_MARKER + blob
 
 
-def _run(context, inp, dtype, shape, out, in_place, worker):
-    """Runs the task's function on one array; returns ``(dtype name, shape)`` of what it wrote
-    at the start of ``out``, or ``(None, message)`` when it raised."""
+def _run(fn, wants_out, inp, dtype, shape, out, in_place):
+    """Runs ``fn`` on one array; returns ``(dtype code, shape)`` of what it wrote at the start
+    of ``out``, or ``(None, message)`` when it raised."""
     try:
-        fn, wants_out = _function(context)
-        count = 1
-        for d in shape:
-            count *= d
-        x = np.frombuffer(inp, dtype=dtype, count=count).reshape(shape)
+        x = np.ndarray(shape, dtype, inp)  # read-only out of place, as its buffer is
         if wants_out:
-            o = x if in_place else np.frombuffer(out, dtype=dtype, count=count).reshape(shape)
+            o = x if in_place else np.ndarray(shape, dtype, out)
             y = fn(x, out=o)
             if y is None or y is o:
-                return (x.dtype.name, shape)
+                return (_CODES[x.dtype], shape)
         else:
             y = fn(x)
-        if y is None:
-            raise TypeError(
-                "the function returned None; return an array, or take a required `out` "
-                "argument and write the result there"
-            )
-        y = np.asarray(y)
-        if y.ndim == 0:
-            y = y.reshape(1)
-        if y.dtype.name not in _CARRIED or not y.dtype.isnative:
-            raise TypeError(
-                f"mk1 carries int8..int64, uint8..uint64, float32 and float64 arrays in native "
-                f"byte order; the function returned {y.dtype}"
-            )
-        if y.ndim > 4:
-            raise ValueError(
-                f"mk1 carries arrays of 1 to 4 dimensions; the function returned {y.ndim} "
-                f"(shape {y.shape})"
-            )
+        code = _CODES.get(y.dtype) if type(y) is np.ndarray else None
+        if code is None or not 1 <= y.ndim <= 4:
+            y, code = _unusual(y)
         if y.nbytes > len(out):
             from mk1 import ArrayTooLarge
 
             raise ArrayTooLarge(
                 f"the function returned {y.shape} {y.dtype} ({y.nbytes} bytes); a result may "
-                f"take {len(out)} bytes here (Pool(max_array_bytes=...))"
+                f"take {len(out)} bytes here (mk1.Pool(max_array_bytes=...))"
             )
         if not (in_place and y is x):
-            dst = np.frombuffer(out, dtype=y.dtype, count=y.size).reshape(y.shape)
-            np.copyto(dst, y)
-        return (y.dtype.name, y.shape)
+            np.ndarray(y.shape, y.dtype, out)[...] = y
+        return (code, y.shape)
     except BaseException as e:  # noqa: BLE001 - every failure goes back to the caller
         return (None, _encode_error(e))
+
+
+def _unusual(y):
+    """A result that is not a plain array of a carried dtype: a scalar becomes a 1-element
+    array; anything mk1 cannot carry raises, saying why."""
+    if y is None:
+        raise TypeError(
+            "the function returned None; return an array, or take a required `out` "
+            "argument and write the result there"
+        )
+    y = np.asarray(y)
+    if y.ndim == 0:
+        y = y.reshape(1)
+    code = _CODES.get(y.dtype)
+    if code is None:
+        raise TypeError(
+            f"mk1 carries int8..int64, uint8..uint64, float32 and float64 arrays in native "
+            f"byte order; the function returned {y.dtype}"
+        )
+    if y.ndim > 4:
+        raise ValueError(
+            f"mk1 carries arrays of 1 to 4 dimensions; the function returned {y.ndim} "
+            f"(shape {y.shape})"
+        )
+    return y, code
 
 
 def worker_id() -> int | None:

@@ -79,71 +79,105 @@ const PY_KERNEL: &str = "py";
 /// The registry of a Python pool: one kernel for every dtype that calls the Python function
 /// the task's context names. Built identically in callers and workers.
 fn registry() -> Registry {
-    Registry::new().kernel_any_dtype::<Py<PyAny>>(
+    Registry::new().kernel_any_dtype::<PyWorker>(
         PY_KERNEL,
         |info| {
-            Python::attach(|py| {
-                let m = py.import("mk1._worker")?;
-                m.call_method1("_init", (info.worker, info.workers))?;
-                Ok::<_, PyErr>(m.getattr("_run")?.unbind())
-            })
-            .map_err(|e| KernelError::new(python_error_text(&e)))
+            Python::attach(|py| PyWorker::new(py, info.worker, info.workers))
+                .map_err(|e| KernelError::new(python_error_text(&e)))
         },
-        |run, args| Python::attach(|py| call_python(py, run, args)),
+        |state, args| Python::attach(|py| state.call(py, args)),
     )
 }
 
-/// Runs one array through the Python function (`mk1._worker._run`).
-fn call_python(
-    py: Python<'_>,
-    run: &Py<PyAny>,
-    args: mk1::task::AnyArgs<'_>,
-) -> Result<Output, KernelError> {
-    let n_in = args.shape.bytes(args.dtype) as usize;
-    let (input, output, in_place) = match args.io {
-        // SAFETY (both arms): the memoryviews point into this worker's mapping of the segment,
-        // which lives as long as the process; they are valid for this call, and Python code
-        // that keeps one past it reads the slot's later contents, never unmapped memory. The
-        // read-only one is made with PyBUF_READ, so Python cannot write through it (out of
-        // place it is also mapped read-only).
-        AnyIo::InPlace(buf) => unsafe {
-            let mv = memoryview(py, buf.as_mut_ptr(), buf.len(), true)?;
-            (mv.clone(), mv, true)
-        },
-        AnyIo::OutOfPlace { input, output } => unsafe {
-            (
-                memoryview(py, input.as_ptr().cast_mut(), n_in, false)?,
-                memoryview(py, output.as_mut_ptr(), output.len(), true)?,
-                false,
-            )
-        },
-    };
-    let context = PyBytes::new(py, args.context);
-    let shape = PyTuple::new(py, args.shape.dims().iter().copied()).map_err(py_err)?;
-    let answer = run
-        .call1(
-            py,
-            (
-                context,
-                input,
-                args.dtype.name(),
-                shape,
-                output,
-                in_place,
-                args.worker,
-            ),
-        )
-        .map_err(py_err)?;
-    // `_run` returns (dtype name, shape) or (None, message) for an exception.
-    let (dtype, shape): (Option<String>, Bound<'_, PyAny>) = answer.extract(py).map_err(py_err)?;
-    let Some(dtype) = dtype else {
-        return Err(KernelError::new(shape.extract::<String>().map_err(py_err)?));
-    };
-    let dims: Vec<usize> = shape.extract().map_err(py_err)?;
-    let dtype = DType::from_name(&dtype)
-        .ok_or_else(|| KernelError::new(format!("mk1 cannot carry dtype {dtype}")))?;
-    let shape = Shape::new(&dims).map_err(|e| KernelError::new(e.to_string()))?;
-    Ok(Output { dtype, shape })
+/// A worker's Python side: `mk1._worker`'s entry points, numpy's dtype objects by mk1 dtype,
+/// and the last function unpickled (tasks of one map carry the same pickled function, so it
+/// is unpickled once).
+struct PyWorker {
+    run: Py<PyAny>,
+    load: Py<PyAny>,
+    dtypes: Vec<Py<PyAny>>,
+    last: Option<(Vec<u8>, Py<PyAny>, bool)>,
+}
+
+impl PyWorker {
+    fn new(py: Python<'_>, worker: u32, workers: u32) -> PyResult<PyWorker> {
+        let m = py.import("mk1._worker")?;
+        let codes = pyo3::types::PyDict::new(py);
+        for d in DType::ALL {
+            codes.set_item(d.name(), d.code())?;
+        }
+        m.call_method1("_init", (worker, workers, codes))?;
+        let numpy = py.import("numpy")?;
+        let dtypes = DType::ALL
+            .iter()
+            .map(|d| Ok(numpy.call_method1("dtype", (d.name(),))?.unbind()))
+            .collect::<PyResult<_>>()?;
+        Ok(PyWorker {
+            run: m.getattr("_run")?.unbind(),
+            load: m.getattr("_load")?.unbind(),
+            dtypes,
+            last: None,
+        })
+    }
+
+    /// Runs one array through the task's Python function (`mk1._worker._run`).
+    fn call(
+        &mut self,
+        py: Python<'_>,
+        args: mk1::task::AnyArgs<'_>,
+    ) -> Result<Output, KernelError> {
+        if self
+            .last
+            .as_ref()
+            .is_none_or(|(c, _, _)| c.as_slice() != args.context)
+        {
+            let loaded = self
+                .load
+                .call1(py, (PyBytes::new(py, args.context),))
+                .map_err(py_err)?;
+            let (f, wants_out): (Py<PyAny>, bool) = loaded.extract(py).map_err(py_err)?;
+            self.last = Some((args.context.to_vec(), f, wants_out));
+        }
+        let (_, f, wants_out) = self.last.as_ref().expect("just set");
+        let n_in = args.shape.bytes(args.dtype) as usize;
+        let (input, output, in_place) = match args.io {
+            // SAFETY (both arms): the memoryviews point into this worker's mapping of the
+            // segment, which lives as long as the process; they are valid for this call, and
+            // Python code that keeps one past it reads the slot's later contents, never
+            // unmapped memory. The read-only one is made with PyBUF_READ, so Python cannot
+            // write through it (out of place it is also mapped read-only).
+            AnyIo::InPlace(buf) => unsafe {
+                let mv = memoryview(py, buf.as_mut_ptr(), buf.len(), true)?;
+                (mv.clone(), mv, true)
+            },
+            AnyIo::OutOfPlace { input, output } => unsafe {
+                (
+                    memoryview(py, input.as_ptr().cast_mut(), n_in, false)?,
+                    memoryview(py, output.as_mut_ptr(), output.len(), true)?,
+                    false,
+                )
+            },
+        };
+        let dtype = &self.dtypes[DType::ALL
+            .iter()
+            .position(|&d| d == args.dtype)
+            .expect("every dtype")];
+        let shape = PyTuple::new(py, args.shape.dims().iter().copied()).map_err(py_err)?;
+        let answer = self
+            .run
+            .call1(py, (f, *wants_out, input, dtype, shape, output, in_place))
+            .map_err(py_err)?;
+        // `_run` returns (dtype code, shape) or (None, message) for an exception.
+        let (code, shape): (Option<u8>, Bound<'_, PyAny>) = answer.extract(py).map_err(py_err)?;
+        let Some(code) = code else {
+            return Err(KernelError::new(shape.extract::<String>().map_err(py_err)?));
+        };
+        let dims: Vec<usize> = shape.extract().map_err(py_err)?;
+        let dtype = DType::from_code(code)
+            .ok_or_else(|| KernelError::new(format!("no dtype has code {code}")))?;
+        let shape = Shape::new(&dims).map_err(|e| KernelError::new(e.to_string()))?;
+        Ok(Output { dtype, shape })
+    }
 }
 
 /// A memoryview of `len` bytes at `ptr`.
