@@ -213,13 +213,13 @@ unsafe fn memoryview(
     .map_err(py_err)
 }
 
+/// A Python exception raised in the worker's own glue (not in the user's function, whose
+/// exceptions `_run` returns as text), as a kernel error with its traceback.
 fn py_err(e: PyErr) -> KernelError {
-    KernelError::new(Python::attach(|py| {
-        let _ = py;
-        python_error_text(&e)
-    }))
+    KernelError::new(python_error_text(&e))
 }
 
+/// An exception's formatted traceback and message.
 fn python_error_text(e: &PyErr) -> String {
     Python::attach(|py| {
         let tb = e
