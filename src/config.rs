@@ -110,6 +110,9 @@ pub struct Config {
     pub worker_exe: Option<PathBuf>,
     /// Arguments and environment the worker program is started with.
     pub worker_launch: crate::sys::Launch,
+    /// How long a worker may take from its start to attaching (and running its kernels' init
+    /// hooks) before it counts as failed to start.
+    pub start_timeout: Duration,
 }
 
 impl Default for Config {
@@ -132,6 +135,7 @@ impl Default for Config {
             worker_timeout: Duration::from_secs(5),
             worker_exe: None,
             worker_launch: crate::sys::Launch::default(),
+            start_timeout: crate::coordinator::START_TIMEOUT,
         }
     }
 }

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import concurrent.futures
 import json
+import operator
 import os
 import pickle
 import sys
@@ -21,6 +22,29 @@ from ._worker import BOOT_ENV, EXC_MARKER, INIT_ENV
 from .ops import Op
 
 _WAIT = 0.05  # longest wait inside Rust before Python checks for Ctrl-C (seconds)
+_POOLS: "weakref.WeakSet[Pool]" = weakref.WeakSet()  # live pools, for fork()
+
+
+def _finalize(core, thread: int) -> None:
+    """A pool garbage-collected or left open at exit: killed at once. From another thread than
+    its own it cannot be touched; its workers then end with this process."""
+    if threading.get_ident() == thread:
+        core.terminate()
+
+
+def _after_fork_in_child() -> None:
+    """A child made by fork() inherits the parent's pools but not their workers or threads: it
+    forgets them (using one there raises "the pool is closed")."""
+    for pool in list(_POOLS):
+        if pool._core is not None:
+            pool._finalizer.detach()
+            pool._core.abandon()
+            pool._core = None
+            pool._sinks.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 _THREAD_VARS = (
     "OMP_NUM_THREADS",
     "OPENBLAS_NUM_THREADS",
@@ -182,7 +206,8 @@ class Pool:
             whose worker dies is redone on another worker, up to ``max_retries`` times.
             ``"in-place"``: the function's result overwrites the input in its slot; a task
             whose worker dies fails with ``WorkerDied`` unless ``keep_copies=True``.
-        max_array_bytes: the largest array (and the largest result) in bytes (default 4 MiB).
+        max_array_bytes: the largest array in bytes (default 4 MiB; at most 1 GiB - 64 KiB).
+            A result may take that plus 64 KiB (the room the pickled function travels in).
             Shared memory taken: about ``slots * max_array_bytes``, twice out of place.
         slots: arrays in flight at once (default ``4 * workers``): the bound on memory and
             the backpressure of ``map``.
@@ -191,12 +216,16 @@ class Pool:
         timeout: seconds one array may take; past it the worker is killed and replaced, and
             the task fails with ``TaskTimeout`` (default: no limit).
         keep_copies: in place, keep a copy of each input to redo a task whose worker died.
+        start_timeout: seconds a worker may take to start (import the main script, run the
+            initializer) before the pool fails to start, or a replacement counts as failed
+            (default 120).
 
     Raises ``PoolStartError`` when the pool cannot start (a setting out of range, not enough
     shared memory or processes, a worker that fails to start or whose initializer raised).
 
-    A pool is used from the thread that made it. Use it as a context manager, or call
-    ``close()``: workers stop, shared memory is freed. Ctrl-C (KeyboardInterrupt) in any call
+    A pool is used from the thread that made it (another thread gets ``RuntimeError``), and
+    not across ``fork()`` (a child forgets its parent's pools). Use it as a context manager, or
+    call ``close()``: workers stop, shared memory is freed. Ctrl-C (KeyboardInterrupt) in any call
     stops cleanly; if the caller dies, its workers exit with it and no shared memory is left
     behind (the segment is an anonymous memfd).
     """
@@ -214,6 +243,7 @@ class Pool:
         max_restarts: int = 1000,
         timeout: float | None = None,
         keep_copies: bool = False,
+        start_timeout: float = 120.0,
     ) -> None:
         if os.environ.get("MK1_WORKER") is not None:
             raise RuntimeError(
@@ -222,14 +252,17 @@ class Pool:
             )
         if mode not in ("out-of-place", "in-place"):
             raise ValueError(f"mode must be 'out-of-place' or 'in-place', not {mode!r}")
-        workers = _default_workers() if workers is None else int(workers)
-        slots = 4 * workers if slots is None else int(slots)
+        workers = _default_workers() if workers is None else operator.index(workers)
+        slots = 4 * workers if slots is None else operator.index(slots)
+        max_array_bytes = operator.index(max_array_bytes)
+        max_retries = operator.index(max_retries)
+        max_restarts = operator.index(max_restarts)
         for name, value, least in (
             ("workers", workers, 1),
             ("slots", slots, 1),
-            ("max_array_bytes", int(max_array_bytes), 1),
-            ("max_retries", int(max_retries), 0),
-            ("max_restarts", int(max_restarts), 0),
+            ("max_array_bytes", max_array_bytes, 1),
+            ("max_retries", max_retries, 0),
+            ("max_restarts", max_restarts, 0),
         ):
             if value < least:
                 raise ValueError(f"{name} must be at least {least}, not {value}")
@@ -274,13 +307,16 @@ class Pool:
             sys.executable,
             ["-c", "import mk1._worker as w; w._main()"],
             env,
+            float(start_timeout),
         )
         self._workers = workers
         self._slots = self._core.slots()
         self._thread = threading.get_ident()
+        self._orphans: list = []  # maps ended in another thread, dropped in this one
         self._sinks: dict[int, Future] = {}  # ticket -> its future (maps route in Rust)
         # Garbage-collected or left open at exit: killed, never waited for.
-        self._finalizer = weakref.finalize(self, self._core.terminate)
+        self._finalizer = weakref.finalize(self, _finalize, self._core, self._thread)
+        _POOLS.add(self)
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -302,6 +338,7 @@ class Pool:
         mapped until they are gone. Ctrl-C while waiting terminates instead. Idempotent."""
         if self._core is None:
             return
+        self._owner_thread()
         try:
             while self._core.in_flight() > 0:
                 self._pump(_WAIT)
@@ -314,6 +351,7 @@ class Pool:
         """Kills the workers now, without waiting for tasks (pending futures fail with
         ``Mk1Error``), and frees the shared memory. Idempotent."""
         if self._core is not None:
+            self._owner_thread()
             self._end("the pool was terminated", self._core.terminate)
 
     def _end(self, why: str, stop: Callable[[], Any]) -> None:
@@ -344,11 +382,15 @@ class Pool:
     def _live(self):
         if self._core is None:
             raise ValueError("the pool is closed")
+        self._owner_thread()
+        self._orphans.clear()
+        return self._core
+
+    def _owner_thread(self) -> None:
         if threading.get_ident() != self._thread:
             raise RuntimeError(
                 "an mk1.Pool is used from the thread that created it (make one pool per thread)"
             )
-        return self._core
 
     # -- the data path --------------------------------------------------------------------
 
@@ -508,7 +550,12 @@ class Pool:
             inputs, task[0], task[1], ordered, zero_copy, window, _as_array, self._route
         )
         try:
-            for ok, value in it:
+            while True:
+                self._owner_thread()  # before touching the Rust iterator
+                try:
+                    ok, value = next(it)
+                except StopIteration:
+                    return
                 if bar is not None:
                     bar.update(1)
                 if not ok:
@@ -516,7 +563,11 @@ class Pool:
                 yield value
                 value = None  # (a lent result's slot goes home with the caller's last reference)
         finally:
-            del it  # results still to come are dropped as they arrive
+            # Results still to come are dropped as they arrive. The Rust iterator must be
+            # dropped in its own thread: if this generator ends in another, it waits.
+            if threading.get_ident() != self._thread:
+                self._orphans.append(it)
+            del it
             if bar is not None:
                 bar.close()
 

@@ -522,7 +522,7 @@ fn dtype_of(a: &Bound<'_, PyUntypedArray>) -> PyResult<DType> {
 impl PoolCore {
     /// Starts the pool (see `mk1.Pool` for the meaning of each argument).
     #[new]
-    #[pyo3(signature = (workers, in_place, max_array_bytes, slots, max_retries, max_restarts, timeout, keep_copies, worker_exe, worker_args, worker_env))]
+    #[pyo3(signature = (workers, in_place, max_array_bytes, slots, max_retries, max_restarts, timeout, keep_copies, worker_exe, worker_args, worker_env, start_timeout))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
@@ -537,7 +537,19 @@ impl PoolCore {
         worker_exe: String,
         worker_args: Vec<String>,
         worker_env: Vec<(String, String)>,
+        start_timeout: f64,
     ) -> PyResult<PoolCore> {
+        if !(start_timeout.is_finite() && start_timeout > 0.0) {
+            return Err(PyValueError::new_err(format!(
+                "start_timeout {start_timeout} is not > 0"
+            )));
+        }
+        let largest = mk1::layout::MAX_SLOT_BYTES - CONTEXT_ROOM;
+        if max_array_bytes > largest {
+            return Err(PyValueError::new_err(format!(
+                "max_array_bytes {max_array_bytes} is larger than {largest}"
+            )));
+        }
         let timeout = match timeout {
             None => Duration::from_secs(365 * 24 * 3600),
             Some(t) if t.is_finite() && t > 0.0 => Duration::from_secs_f64(t),
@@ -561,6 +573,7 @@ impl PoolCore {
             .worker_exe(worker_exe)
             .worker_args(worker_args)
             .inherit_stdout(true)
+            .start_timeout(Duration::from_secs_f64(start_timeout))
             .kernels(registry());
         for (k, v) in worker_env {
             b = b.worker_env(k, v);
@@ -682,6 +695,15 @@ impl PoolCore {
             sh.inner.pool.terminate();
         }
         self.close(py);
+    }
+
+    /// In a child made by `fork()`: forgets the pool without touching it (its workers, monitor
+    /// thread and handle belong to the parent; running its destructor here could hang or
+    /// disturb them). Leaks the parent's copy of the memory in this process, by design.
+    fn abandon(&mut self) {
+        if let Some(shared) = self.shared.take() {
+            std::mem::forget(shared);
+        }
     }
 
     /// Bytes of context (the pickled function) a task may carry.
@@ -806,7 +828,17 @@ impl MapIter {
                 self.exhausted = true;
                 return Ok(None);
             }
-            Err(e) => return Err(e),
+            Err(e) if e.is_instance_of::<pyo3::exceptions::PyKeyboardInterrupt>(py) => {
+                return Err(e)
+            }
+            Err(e) => {
+                // The input ended with an error: the arrays before it still come back, then
+                // the error, in its turn.
+                self.exhausted = true;
+                let index = self.next_in;
+                self.next_in += 1;
+                return Ok(Some((index, Err(e))));
+            }
         };
         let index = self.next_in;
         self.next_in += 1;

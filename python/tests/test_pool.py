@@ -503,10 +503,22 @@ def test_as_completed_and_the_owner_thread(pool):
         except RuntimeError as e:
             errors.append(str(e))
 
-    th = threading.Thread(target=other_thread)
-    th.start()
-    th.join()
-    assert errors and "thread" in errors[0]
+    it = pool.map(x3p1, [np.ones(2)] * 4)
+    assert next(it)[0] == 4
+
+    def consume_elsewhere():
+        try:
+            list(it)
+        except RuntimeError as e:
+            errors.append(str(e))
+
+    for target in (other_thread, consume_elsewhere):
+        th = threading.Thread(target=target)
+        th.start()
+        th.join()
+    assert len(errors) == 2 and all("thread" in e for e in errors), errors
+    assert list(it) == [], "a map misused from another thread is over"
+    assert pool.apply(x3p1, np.ones(1))[0] == 4
 
 
 def test_the_main_script_as_multiprocessing_runs_it(tmp_path):
@@ -566,3 +578,46 @@ def test_an_array_that_kills_every_worker_fails_with_worker_died_and_the_pool_go
         assert got == [4.0]
         assert pool.apply(exits_if_negative, np.array([5.0]))[0] == 16.0
         assert pool.restarts() >= 3
+
+
+def divide_by_zero_at(n):
+    for i in range(n):
+        yield np.full(4, i, dtype=np.int64)
+    raise ZeroDivisionError("the input generator failed")
+
+
+def test_an_input_that_fails_midway_delivers_what_came_before(pool):
+    got = []
+    with pytest.raises(ZeroDivisionError, match="input generator"):
+        for y in pool.map(x3p1, divide_by_zero_at(20)):
+            got.append(int(y[0]))
+    assert got == [i * 3 + 1 for i in range(20)]
+
+
+def test_settings_are_checked_and_a_slow_start_is_allowed():
+    with pytest.raises(TypeError):
+        mk1.Pool(workers=2.7)
+    with pytest.raises(ValueError, match="max_array_bytes"):
+        mk1.Pool(workers=1, max_array_bytes=1 << 30)
+    with pytest.raises(mk1.PoolStartError, match="did not attach within"):
+        mk1.Pool(workers=1, initializer=time.sleep, initargs=(3,), start_timeout=1.0)
+    with mk1.Pool(workers=1, initializer=time.sleep, initargs=(1.5,), start_timeout=10) as p:
+        assert p.apply(x3p1, np.ones(1))[0] == 4
+
+
+def test_a_forked_child_forgets_the_pool_and_the_parent_keeps_it(pool):
+    pid = os.fork()
+    if pid == 0:
+        code = 0
+        try:
+            pool.apply(x3p1, np.ones(1))
+            code = 1  # it should have been refused
+        except ValueError:
+            pass
+        except BaseException:
+            code = 2
+        os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert pool.apply(x3p1, np.ones(2))[1] == 4
+    assert all(os.path.exists(f"/proc/{p}") for p in pool.worker_pids())

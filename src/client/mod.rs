@@ -181,6 +181,7 @@ pub struct PoolBuilder {
     worker_timeout: Duration,
     worker_exe: Option<PathBuf>,
     worker_launch: crate::sys::Launch,
+    start_timeout: Duration,
     kernel: Kernel,
     registry: Arc<Registry>,
     pack_bytes: u64,
@@ -286,6 +287,13 @@ impl PoolBuilder {
         self
     }
 
+    /// How long a worker may take to start (until it serves, its kernels' init hooks
+    /// included) before `build()` fails, or a replacement counts as failed (default 10 s).
+    pub fn start_timeout(mut self, d: Duration) -> Self {
+        self.start_timeout = d;
+        self
+    }
+
     /// Whether workers write to this process's stdout (default: no, their stdout is
     /// /dev/null, so a worker stuck in the kernel never holds the terminal or a pipe open;
     /// their stderr is always forwarded). Interpreters whose users `print` in workers want it.
@@ -371,6 +379,7 @@ impl PoolBuilder {
             worker_timeout: self.worker_timeout,
             worker_exe: self.worker_exe.clone(),
             worker_launch: self.worker_launch.clone(),
+            start_timeout: self.start_timeout,
             kernel: self.kernel,
             ..Config::default()
         };
@@ -473,7 +482,14 @@ fn monitor_main(sh: &Shared, started: &std::sync::mpsc::Sender<Result<(), RunErr
         spin: sh.spin,
         tasks: Some(fingerprint),
     };
-    let procs = match start_workers(&sh.image, &sh.stderr, &sh.seg, sh.cfg.workers, &spec) {
+    let procs = match start_workers(
+        &sh.image,
+        &sh.stderr,
+        &sh.seg,
+        sh.cfg.workers,
+        sh.cfg.start_timeout,
+        &spec,
+    ) {
         Ok(p) => p,
         Err(e) => {
             let _ = started.send(Err(e));
@@ -554,6 +570,7 @@ impl Pool {
             worker_timeout: Duration::from_secs(10),
             worker_exe: None,
             worker_launch: crate::sys::Launch::default(),
+            start_timeout: crate::coordinator::START_TIMEOUT,
             kernel: Kernel::auto(),
             registry: Arc::new(Registry::new()),
             pack_bytes: 64 << 10,
@@ -602,7 +619,19 @@ impl Pool {
     /// Pids of the worker processes now serving (for tests and diagnostics).
     pub fn worker_pids(&self) -> Vec<u32> {
         (0..self.shared.cfg.workers as usize)
-            .filter(|&w| self.shared.ctl.alive[w].load(Ordering::Acquire))
+            .filter(|&w| {
+                // A replacement counts once it serves (its slot still shows the dead pid
+                // until then).
+                self.shared.ctl.alive[w].load(Ordering::Acquire)
+                    && self
+                        .shared
+                        .seg
+                        .worker(w as u32)
+                        .status
+                        .state
+                        .load(Ordering::Acquire)
+                        == crate::layout::WorkerState::Running as u32
+            })
             .map(|w| {
                 self.shared
                     .seg

@@ -48,7 +48,8 @@ const PRODUCER_SLEEP: Duration = Duration::from_millis(20);
 /// How long workers get to exit after shutdown is requested before they are killed.
 pub(crate) const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
 /// How long a new worker may take to attach.
-pub(crate) const START_TIMEOUT: Duration = Duration::from_secs(10);
+/// A worker's default time from start to attach ([`Config::start_timeout`]).
+pub const START_TIMEOUT: Duration = Duration::from_secs(10);
 /// A worker sent SIGKILL that still has it pending after this long is stuck in the kernel; its
 /// tokens are reclaimed without waiting for it to exit.
 pub(crate) const KILL_GRACE: Duration = Duration::from_millis(200);
@@ -252,7 +253,7 @@ pub fn run(cfg: &Config, hooks: &Hooks<'_>) -> Result<Report, RunError> {
 
     // Start every worker and wait until each has attached, so a program that cannot serve as a
     // worker is a clear start-up error rather than a storm of restarts.
-    let procs = start_workers(&image, &stderr, &seg, workers, &spec)?;
+    let procs = start_workers(&image, &stderr, &seg, workers, cfg.start_timeout, &spec)?;
 
     let start = Instant::now();
     let mut monitor = Monitor::new(cfg, &seg, &ctl, &image, &stderr, &spec, procs);

@@ -14,7 +14,7 @@ use crate::sys::{self, ChildProcess, ExitKind};
 use crate::wait::{Doorbell, Futex};
 use crate::worker::{WorkerSpec, EXIT_BAD_SEGMENT, WORKER_ENV};
 
-use super::{Control, RunError, KILL_GRACE, KILL_WAIT, SHUTDOWN_GRACE, START_TIMEOUT};
+use super::{Control, RunError, KILL_GRACE, KILL_WAIT, SHUTDOWN_GRACE};
 
 /// A running worker process as the monitor sees it.
 pub(crate) struct WorkerProc {
@@ -191,6 +191,7 @@ pub(crate) fn start_workers(
     stderr: &WorkerStderr,
     seg: &Segment,
     workers: u32,
+    start_timeout: Duration,
     spec: &dyn Fn(u32) -> WorkerSpec,
 ) -> Result<Vec<Option<WorkerProc>>, RunError> {
     let mut procs: Vec<Option<WorkerProc>> = Vec::with_capacity(workers as usize);
@@ -208,7 +209,7 @@ pub(crate) fn start_workers(
             }
         }
     }
-    let deadline = Instant::now() + START_TIMEOUT;
+    let deadline = Instant::now() + start_timeout;
     for w in 0..workers {
         loop {
             let state = attach_state(seg, w);
@@ -228,7 +229,7 @@ pub(crate) fn start_workers(
                     ),
                     (Some(s), _) => format!("it {s} before attaching to shared memory"),
                     (None, Err(why)) => why,
-                    (None, _) => format!("it did not attach within {START_TIMEOUT:?}"),
+                    (None, _) => format!("it did not attach within {start_timeout:?}"),
                 };
                 let why = if said.is_empty() {
                     why
@@ -664,9 +665,10 @@ impl<'a> Monitor<'a> {
                         wp.attached = true;
                         wp.last_beat = now;
                     }
-                    Ok(false) if now - wp.started > START_TIMEOUT => {
+                    Ok(false) if now - wp.started > self.cfg.start_timeout => {
                         action = Some(KillReason::Start(format!(
-                            "it did not attach within {START_TIMEOUT:?}"
+                            "it did not attach within {:?}",
+                            self.cfg.start_timeout
                         )));
                     }
                     Ok(false) => {}
