@@ -477,6 +477,64 @@ fn kernel_errors_and_panics_fail_only_their_task() {
     assert_eq!(pool.restarts(), 0);
 }
 
+/// The stall clock starts when a worker gets work: a task after an idle spell longer than the
+/// timeout is not charged for the idle time.
+fn an_idle_spell_does_not_count_against_the_next_task() {
+    let pool = Pool::builder()
+        .workers(1)
+        .worker_timeout(Duration::from_millis(800))
+        .kernels(kernels())
+        .build()
+        .unwrap();
+    let producer = pool.producer().unwrap();
+    for _ in 0..2 {
+        std::thread::sleep(Duration::from_millis(1500));
+        let mut loan = producer.loan::<f64>(Shape::d1(1)).unwrap();
+        loan.copy_from_slice(&[2.0]);
+        let task = Task::kernel("sleep_ms").params(Params::from_words(&[300]).unwrap());
+        producer.submit(loan, &task).unwrap();
+        let done = producer.recv().unwrap();
+        assert_eq!(done.output::<f64>().unwrap().as_slice(), &[4.0]);
+    }
+    assert_eq!(pool.restarts(), 0);
+}
+
+/// `terminate` kills workers running long tasks at once; the handle and the pool then drop
+/// without waiting, and nothing is left.
+fn terminate_does_not_wait_for_running_tasks() {
+    let pool = Pool::builder()
+        .workers(2)
+        .worker_timeout(Duration::from_secs(120))
+        .kernels(kernels())
+        .build()
+        .unwrap();
+    let pids = pool.worker_pids();
+    assert_eq!(pids.len(), 2);
+    let producer = pool.producer().unwrap();
+    for _ in 0..2 {
+        let loan = producer.loan::<f64>(Shape::d1(1)).unwrap();
+        let task = Task::kernel("sleep_ms").params(Params::from_words(&[60_000]).unwrap());
+        producer.submit(loan, &task).unwrap();
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    let t = Instant::now();
+    pool.terminate();
+    assert!(matches!(
+        producer.try_loan::<f64>(Shape::d1(1)),
+        Err(LoanError::NoWorkers(_))
+    ));
+    drop(producer);
+    drop(pool);
+    assert!(
+        t.elapsed() < Duration::from_secs(5),
+        "took {:?}",
+        t.elapsed()
+    );
+    for pid in pids {
+        assert!(!alive(pid), "worker {pid} left behind");
+    }
+}
+
 fn a_hung_kernel_times_out_and_the_pool_goes_on() {
     let pool = Pool::builder()
         .workers(2)
@@ -1256,6 +1314,14 @@ fn main() {
         (
             "packed_loans_carry_several_arrays_per_task",
             packed_loans_carry_several_arrays_per_task,
+        ),
+        (
+            "an_idle_spell_does_not_count_against_the_next_task",
+            an_idle_spell_does_not_count_against_the_next_task,
+        ),
+        (
+            "terminate_does_not_wait_for_running_tasks",
+            terminate_does_not_wait_for_running_tasks,
         ),
         (
             "kernel_errors_and_panics_fail_only_their_task",

@@ -730,6 +730,9 @@ impl<'s> Core<'s> {
         deadline: Option<Instant>,
     ) -> Result<Token, LoanError> {
         fits(bytes, self.slot_bytes())?;
+        if let Some(why) = self.broken() {
+            return Err(LoanError::NoWorkers(why));
+        }
         if let Some(t) = self.slots.take(0) {
             return Ok(t);
         }
