@@ -7,9 +7,11 @@ name through the caller's sys.path, as multiprocessing's spawn does).
 from __future__ import annotations
 
 import os
+import pathlib
 import signal
 import subprocess
 import sys
+import tempfile
 import textwrap
 import time
 
@@ -132,6 +134,13 @@ def no_leftovers():
     assert not (_children() - kids_before), "worker processes left behind"
     if os.path.isdir("/dev/shm"):
         assert set(os.listdir("/dev/shm")) - shm_before == set(), "files left in /dev/shm"
+
+
+@pytest.fixture
+def tmp_path():
+    """A scratch directory removed after the test (pytest's own keeps the last runs in /tmp)."""
+    with tempfile.TemporaryDirectory(prefix="mk1-test-") as d:
+        yield pathlib.Path(d)
 
 
 @pytest.fixture(scope="module")
