@@ -428,7 +428,7 @@ class Pool:
     def _pump(self, timeout: float) -> bool:
         """Receives one completion (waiting up to ``timeout`` s) and routes it. Whether one
         came."""
-        got = self._live().recv(timeout, False)
+        got = self._live().recv(timeout)
         if got is None:
             return False
         if got is not True:  # (True: it went to a running map)

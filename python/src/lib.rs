@@ -609,11 +609,10 @@ impl PoolCore {
 
     /// The next completion that belongs to no map, waiting at most `timeout` seconds (GIL
     /// released): None when nothing came, True when what came went to a running map, else
-    /// `(ticket, worker, ok, payload, dtype, shape)` where payload is a new numpy array (with
-    /// `lend`: a read-only array lent from shared memory) when ok, else the exception to raise.
-    #[pyo3(signature = (timeout, lend=false))]
-    fn recv(&self, py: Python<'_>, timeout: f64, lend: bool) -> PyResult<Py<PyAny>> {
-        Ok(match self.shared()?.recv(py, timeout, lend)? {
+    /// `(ticket, worker, ok, payload, dtype, shape)` where payload is a new numpy array when
+    /// ok, else the exception to raise.
+    fn recv(&self, py: Python<'_>, timeout: f64) -> PyResult<Py<PyAny>> {
+        Ok(match self.shared()?.recv(py, timeout, false)? {
             None => py.None(),
             Some(None) => pyo3::types::PyBool::new(py, true)
                 .to_owned()
@@ -1004,6 +1003,10 @@ struct View {
 
 #[pymethods]
 impl View {
+    /// The buffer protocol: the result's bytes, read-only.
+    ///
+    /// # Safety
+    /// Called by Python with a `Py_buffer` to fill, as the protocol requires.
     unsafe fn __getbuffer__(
         slf: Bound<'_, Self>,
         view: *mut pyo3::ffi::Py_buffer,

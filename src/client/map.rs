@@ -239,12 +239,7 @@ where
             c.release(token, false);
             return false;
         }
-        if !context.is_empty() {
-            let at = slot_bytes as usize;
-            data[at..at + context.len()].copy_from_slice(context);
-            desc.context_offset = at as u32;
-            desc.context_len = context.len() as u32;
-        }
+        c.place_context(context, &mut token, &mut desc);
         desc.count = count as u32;
         c.send_new(
             token,

@@ -348,10 +348,9 @@ impl<'s> Core<'s> {
         Ok(k)
     }
 
-    /// Copies `task`'s context (checked by `admit`) to the end of the token's slot and notes
-    /// where in `desc`.
-    pub(crate) fn place_context(&self, task: &Task, token: &mut Token, desc: &mut TaskDesc) {
-        let context = task.context_bytes();
+    /// Copies a task's context bytes (checked to fit by `admit`, or by `map`'s packing) to
+    /// the end of the token's slot and notes where in `desc`.
+    pub(crate) fn place_context(&self, context: &[u8], token: &mut Token, desc: &mut TaskDesc) {
         if context.is_empty() {
             return;
         }
@@ -952,7 +951,7 @@ impl<'pool> Producer<'pool> {
         desc.out_dtype = desc.dtype;
         desc.count = 1;
         (desc.params, desc.params_len) = params.encode();
-        c.place_context(task, &mut token, &mut desc);
+        c.place_context(task.context_bytes(), &mut token, &mut desc);
         let (ndim, dims) = shape.raw();
         desc.items[0] = ItemDesc {
             offset: 0,
@@ -1010,7 +1009,7 @@ impl<'pool> Producer<'pool> {
         let i = pos(&c)?;
         let r = c.ready.remove(i).expect("found");
         c.held += 1;
-        let rec = c.records[r.token.slot() as usize];
+        let rec = &c.records[r.token.slot() as usize];
         let mut items = (0..rec.desc.count as usize).map(|k| {
             let item = rec.desc.items[k];
             let (dtype, shape) = match &r.outcome {

@@ -172,7 +172,13 @@ impl<'r> Executor<'r> {
             TaskBuffers::InPlace(b) => (b.len() as u64, true),
             TaskBuffers::OutOfPlace(_, o) => (o.len() as u64, false),
         };
-        let mut outs = [OutDesc::default(); MAX_ITEMS];
+        // What an any-dtype kernel produced, per array (typed kernels: as requested, nothing
+        // to say).
+        let mut outs = if any {
+            vec![OutDesc::default(); desc.count as usize]
+        } else {
+            Vec::new()
+        };
         for (i, item) in desc.items[..desc.count as usize].iter().enumerate() {
             let shape = Shape::from_raw(item.ndim, item.shape).expect("checked");
             let out_shape = task.out_shape.unwrap_or(shape);
@@ -236,7 +242,7 @@ impl<'r> Executor<'r> {
             }
         }
         if any {
-            result.outs = Some(outs[..desc.count as usize].to_vec());
+            result.outs = Some(outs);
         }
         Ok(result)
     }
