@@ -191,9 +191,9 @@ impl Config {
         self
     }
 
-    /// Runs the pipeline; see [`crate::coordinator::run`].
+    /// Runs the seed's job; see [`crate::job::run`].
     pub fn run(&self) -> Result<crate::Report, crate::RunError> {
-        crate::coordinator::run(self, &crate::coordinator::Hooks::default())
+        crate::job::run(self, &crate::job::Hooks::default())
     }
 
     /// Matrices per token this configuration uses.

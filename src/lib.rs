@@ -88,13 +88,15 @@ pub use array::{Array, AsArray, Shape};
 #[cfg(not(loom))]
 pub use client::{
     Completion, Loan, LoanError, Map, MapUnordered, Mode, OutputView, PackedLoan, Pool,
-    PoolBuilder, PoolError, Producer, Rejected, RejectedPacked, SubmitError, Task, TaskError,
-    Ticket,
+    PoolBuilder, PoolError, Producer, Rejected, RejectedPacked, Shutdown, SubmitError, Task,
+    TaskError, Ticket,
 };
 #[cfg(not(loom))]
 pub use config::{Batch, Config, ConfigError, DispatchKind, Pin, Stop, Wait};
 #[cfg(not(loom))]
-pub use coordinator::{run, Hooks, Progress, RunError};
+pub use coordinator::RunError;
+#[cfg(not(loom))]
+pub use job::{run, Hooks, Progress};
 #[cfg(not(loom))]
 pub use dtype::{DType, Element};
 #[cfg(not(loom))]

@@ -421,7 +421,9 @@ pub fn serve(spec: WorkerSpec, registry: &Registry) -> Result<(), WorkerError> {
     let mut executor = match spec.tasks {
         None => None,
         Some(want) => {
-            if registry.fingerprint() != want {
+            // A pool without user kernels sends built-in ops only, which every worker has: its
+            // workers may carry any kernels (a program's `mk1 run` pool, say).
+            if want != Registry::new().fingerprint() && registry.fingerprint() != want {
                 return Err(WorkerError::Kernels(format!(
                     "this program's kernels ({}) are not the pool's: call \
                      mk1::run_if_worker_with() first thing in main, with the registry given to \

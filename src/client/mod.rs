@@ -35,7 +35,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use crate::array::Shape;
-use crate::config::Config;
+use crate::config::{Config, DispatchKind, Wait};
+use crate::report::{Unreaped, WorkerExit};
 use crate::coordinator::{start_workers, Control, Monitor, RunError, WorkerImage, WorkerStderr};
 use crate::dtype::DType;
 use crate::layout::Layout;
@@ -186,9 +187,41 @@ pub struct PoolBuilder {
     registry: Arc<Registry>,
     pack_bytes: u64,
     keep_copies: bool,
+    dispatch: DispatchKind,
+    seed: u64,
+    wait: Wait,
+    worker_cpus: Vec<usize>,
 }
 
 impl PoolBuilder {
+    /// Which worker each task goes to (default [`DispatchKind::LeastLoaded`]: the worker
+    /// holding fewest of this handle's tasks).
+    pub fn dispatch(mut self, kind: DispatchKind) -> Self {
+        self.dispatch = kind;
+        self
+    }
+
+    /// Seed of [`DispatchKind::Random`] (handle `p` draws from `seed + p`). Default 1.
+    pub fn seed(mut self, seed: u64) -> Self {
+        self.seed = seed;
+        self
+    }
+
+    /// How handles and workers wait for each other (default [`Wait::Auto`]: spin briefly,
+    /// then sleep on the futex; [`Wait::Sleep`] sleeps at once).
+    pub fn wait(mut self, wait: Wait) -> Self {
+        self.wait = wait;
+        self
+    }
+
+    /// Pins worker `w` to CPU `cpus[w]` (best effort: a CPU the process may not use is
+    /// ignored). Empty (the default): no pinning. Replacements are pinned as the worker they
+    /// replace.
+    pub fn worker_cpus(mut self, cpus: Vec<usize>) -> Self {
+        self.worker_cpus = cpus;
+        self
+    }
+
     /// `map` packs arrays of up to this many bytes several to a slot (per-task costs then count
     /// once per slot); 0 turns packing off. Default 64 KiB.
     pub fn pack_bytes(mut self, bytes: u64) -> Self {
@@ -399,16 +432,22 @@ impl PoolBuilder {
             max_retries: self.max_retries,
             pack_bytes: self.pack_bytes,
             keep_copies: self.keep_copies && self.mode == Mode::InPlace,
-            spin: if (self.workers as usize) < crate::sys::online_cpus() {
-                SpinMode::Long
-            } else {
-                SpinMode::Short
+            spin: match self.wait {
+                Wait::Sleep => SpinMode::Never,
+                Wait::Auto if (self.workers as usize) < crate::sys::online_cpus() => {
+                    SpinMode::Long
+                }
+                Wait::Auto => SpinMode::Short,
             },
+            dispatch: self.dispatch,
+            seed: self.seed,
+            worker_cpus: self.worker_cpus.clone(),
             active: (0..self.producers)
                 .map(|_| AtomicBool::new(false))
                 .collect(),
             closing: AtomicBool::new(false),
             terminating: AtomicBool::new(false),
+            winding_down: AtomicBool::new(false),
             broken: Mutex::new(None),
             restarts: crate::sync::AtomicU32::new(0),
         });
@@ -456,6 +495,9 @@ pub(crate) struct Shared {
     /// In place, inputs are copied at submit to redo tasks after a death.
     pub(crate) keep_copies: bool,
     pub(crate) spin: SpinMode,
+    pub(crate) dispatch: DispatchKind,
+    pub(crate) seed: u64,
+    worker_cpus: Vec<usize>,
     /// `active[p]`: a [`Producer`] handle for `p` exists (the monitor waits for its
     /// acknowledgement of a death before restarting the worker).
     pub(crate) active: Vec<AtomicBool>,
@@ -463,6 +505,8 @@ pub(crate) struct Shared {
     closing: AtomicBool,
     /// [`Pool::terminate`] was called: workers are killed now, handles stop waiting.
     pub(crate) terminating: AtomicBool,
+    /// [`Pool::wind_down`] was called.
+    winding_down: AtomicBool,
     /// Why the pool can run nothing any more (every worker gone for good).
     pub(crate) broken: Mutex<Option<String>>,
     restarts: crate::sync::AtomicU32,
@@ -470,7 +514,7 @@ pub(crate) struct Shared {
 
 /// The monitor thread: starts the workers (their parent-death signal is tied to this thread,
 /// which lives as long as the pool), then watches them until the pool is dropped.
-fn monitor_main(sh: &Shared, started: &std::sync::mpsc::Sender<Result<(), RunError>>) {
+fn monitor_main(sh: &Shared, started: &std::sync::mpsc::Sender<Result<(), RunError>>) -> Shutdown {
     let coordinator = crate::sys::own_pid();
     let fingerprint = sh.registry.fingerprint();
     let spec = |w: u32| WorkerSpec {
@@ -478,7 +522,7 @@ fn monitor_main(sh: &Shared, started: &std::sync::mpsc::Sender<Result<(), RunErr
         index: w,
         coordinator,
         kernel: sh.cfg.kernel,
-        cpu: None,
+        cpu: sh.worker_cpus.get(w as usize).copied(),
         spin: sh.spin,
         tasks: Some(fingerprint),
     };
@@ -493,7 +537,7 @@ fn monitor_main(sh: &Shared, started: &std::sync::mpsc::Sender<Result<(), RunErr
         Ok(p) => p,
         Err(e) => {
             let _ = started.send(Err(e));
-            return;
+            return Shutdown::default();
         }
     };
     let mut monitor = Monitor::new(
@@ -513,6 +557,11 @@ fn monitor_main(sh: &Shared, started: &std::sync::mpsc::Sender<Result<(), RunErr
             .collect()
     };
     while !sh.closing.load(Ordering::Acquire) {
+        if !monitor.short_drain && sh.winding_down.load(Ordering::Acquire) {
+            // The stall clock of every worker then runs at most the shutdown grace, from now.
+            monitor.short_drain = true;
+            sh.ctl.stop.store(true, Ordering::Relaxed);
+        }
         monitor.tick(&gone);
         sh.restarts.store(monitor.restarts, Ordering::Relaxed);
         if sh.ctl.no_workers.load(Ordering::Acquire) {
@@ -532,8 +581,38 @@ fn monitor_main(sh: &Shared, started: &std::sync::mpsc::Sender<Result<(), RunErr
         // `shut_down`, which reports them.
         crate::coordinator::monitor::abandon(&mut monitor.procs);
     }
-    monitor.shut_down();
+    let unreaped = monitor.shut_down();
     monitor.stderr.forward(&mut monitor.stderr_pending);
+    if !monitor.stderr_pending.is_empty() {
+        // The last words of a worker that left mid-line.
+        monitor.stderr_pending.push(b'\n');
+        monitor.stderr.forward(&mut monitor.stderr_pending);
+    }
+    Shutdown {
+        exits: std::mem::take(&mut monitor.exits),
+        restarts: monitor.restarts,
+        faults: monitor.faults,
+        gave_up: monitor.interrupted.take(),
+        unreaped,
+    }
+}
+
+/// How a pool's workers fared, from start to shutdown ([`Pool::shutdown`]).
+#[derive(Debug, Clone, Default)]
+pub struct Shutdown {
+    /// Every worker death the pool saw while it served, in the order noticed (the exits at
+    /// shutdown itself are not listed).
+    pub exits: Vec<WorkerExit>,
+    /// Workers replaced.
+    pub restarts: u32,
+    /// Workers killed for breaking the protocol (a bad token, a corrupted ring, a write to
+    /// memory it may only read).
+    pub faults: u32,
+    /// Why the pool stopped serving before it was shut down (every worker gone for good: the
+    /// restart limit, or replacements that cannot start), if it did.
+    pub gave_up: Option<String>,
+    /// Workers that could not be reaped before shutdown returned (stuck in the kernel).
+    pub unreaped: Vec<Unreaped>,
 }
 
 /// A pool of worker processes running kernels on arrays in shared memory.
@@ -551,7 +630,7 @@ fn monitor_main(sh: &Shared, started: &std::sync::mpsc::Sender<Result<(), RunErr
 /// ```
 pub struct Pool {
     shared: Arc<Shared>,
-    monitor: Option<std::thread::JoinHandle<()>>,
+    monitor: Option<std::thread::JoinHandle<Shutdown>>,
 }
 
 impl Pool {
@@ -575,6 +654,10 @@ impl Pool {
             registry: Arc::new(Registry::new()),
             pack_bytes: 64 << 10,
             keep_copies: false,
+            dispatch: DispatchKind::LeastLoaded,
+            seed: 1,
+            wait: Wait::Auto,
+            worker_cpus: Vec::new(),
         }
     }
 
@@ -602,6 +685,11 @@ impl Pool {
     /// The mode.
     pub fn mode(&self) -> Mode {
         self.shared.mode
+    }
+
+    /// Bytes of shared memory the pool maps (its segment: slots, rings, descriptors).
+    pub fn segment_bytes(&self) -> u64 {
+        self.shared.seg.len() as u64
     }
 
     /// Bytes of the largest array a slot holds.
@@ -643,6 +731,14 @@ impl Pool {
             .collect()
     }
 
+    /// Tells the pool its caller is winding down (Ctrl-C, a deadline): from now on a worker
+    /// that holds tasks and returns none is given at most 2 s, not the worker timeout, before
+    /// it is killed (its task then fails with [`TaskError::Timeout`]), so waiting for what is
+    /// in flight ends in bounded time. Work can still be submitted.
+    pub fn wind_down(&self) {
+        self.shared.winding_down.store(true, Ordering::Release);
+    }
+
     /// Stops the pool now: every worker is killed at once (tasks running are lost, not
     /// waited for), handles stop waiting, and work submitted from here on is refused with
     /// [`LoanError::NoWorkers`] / [`SubmitError::NoWorkers`]. Dropping the pool afterwards
@@ -654,11 +750,21 @@ impl Pool {
     }
 }
 
+impl Pool {
+    /// Shuts the pool down as dropping it does (every worker is asked to finish and exit,
+    /// waited for up to 2 s, then killed, and reaped) and says how its workers fared.
+    pub fn shutdown(mut self) -> Shutdown {
+        self.close().unwrap_or_default()
+    }
+
+    fn close(&mut self) -> Option<Shutdown> {
+        self.shared.closing.store(true, Ordering::Release);
+        self.monitor.take().and_then(|m| m.join().ok())
+    }
+}
+
 impl Drop for Pool {
     fn drop(&mut self) {
-        self.shared.closing.store(true, Ordering::Release);
-        if let Some(m) = self.monitor.take() {
-            let _ = m.join();
-        }
+        self.close();
     }
 }

@@ -5,8 +5,8 @@
 
 use super::producer::{packed_offset, Handle, LoanError, Record, SubmitError, Ticket, PACK_MAX};
 use super::{Producer, Task};
-use crate::array::Shape;
-use crate::dtype::DType;
+use crate::array::{cast_mut, Shape};
+use crate::dtype::{DType, Element};
 use crate::layout::{ItemDesc, TaskDesc, MAX_ITEMS};
 use crate::pool::Token;
 
@@ -61,6 +61,33 @@ impl PackedLoan<'_> {
             "{shape} of {} is {n} bytes",
             self.dtype
         );
+        Ok(match self.append(shape)? {
+            Some(room) => {
+                room.copy_from_slice(bytes);
+                true
+            }
+            None => false,
+        })
+    }
+
+    /// Appends an array of `T` (the batch's dtype) with `shape` and returns its elements in
+    /// the slot, row-major, to be written in place (they hold whatever the slot last held).
+    /// `Ok(None)` when it does not fit beside the arrays already in, as for
+    /// [`PackedLoan::push_bytes`].
+    ///
+    /// # Errors
+    /// As [`PackedLoan::push_bytes`].
+    ///
+    /// # Panics
+    /// If `T` is not the batch's dtype.
+    pub fn push_array<T: Element>(&mut self, shape: Shape) -> Result<Option<&mut [T]>, LoanError> {
+        assert_eq!(T::DTYPE, self.dtype, "the batch is {}", self.dtype);
+        Ok(self.append(shape)?.map(cast_mut::<T>))
+    }
+
+    /// Reserves room for one more array: its bytes in the slot, or `None` when it does not fit.
+    fn append(&mut self, shape: Shape) -> Result<Option<&mut [u8]>, LoanError> {
+        let n = shape.bytes(self.dtype);
         if n > self.limit {
             return Err(LoanError::TooLarge {
                 asked: n,
@@ -68,11 +95,9 @@ impl PackedLoan<'_> {
             });
         }
         if self.items.len() == PACK_MAX || self.used + n > self.limit {
-            return Ok(false);
+            return Ok(None);
         }
         let at = self.used as usize;
-        let token = self.token.as_mut().expect("a live batch holds its token");
-        self.producer.seg().slot_bytes_mut(token)[at..at + bytes.len()].copy_from_slice(bytes);
         let (ndim, dims) = shape.raw();
         self.items.push(ItemDesc {
             offset: at as u32,
@@ -80,7 +105,11 @@ impl PackedLoan<'_> {
             shape: dims,
         });
         self.used += packed_offset(n);
-        Ok(true)
+        let token = self.token.as_mut().expect("a live batch holds its token");
+        // Offsets are multiples of a cache line, so the bytes are aligned for any dtype.
+        Ok(Some(
+            &mut self.producer.seg().slot_bytes_mut(token)[at..at + n as usize],
+        ))
     }
 
     /// Arrays in the batch.

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use super::{Mode, Shared, Task};
 use crate::array::{cast, cast_mut, Shape};
 use crate::clock;
-use crate::dispatch::{self, Dispatch, DispatchKind, WorkerView};
+use crate::dispatch::{self, Dispatch, WorkerView};
 use crate::dtype::{DType, Element};
 use crate::layout::{Direction, ItemDesc, TaskDesc, MAX_ITEMS, NO_TASK, TASK_OK};
 use crate::pool::{SlotPool, Token};
@@ -194,6 +194,8 @@ pub(crate) struct Ready {
     pub(crate) quarantine: bool,
     /// The worker that answered or last had it.
     pub(crate) worker: Option<u32>,
+    /// Nanoseconds from its (last) dispatch to a worker until it was back.
+    pub(crate) latency_ns: u64,
 }
 
 /// The state behind a handle.
@@ -293,7 +295,7 @@ impl<'s> Core<'s> {
             back: sent.clone(),
             sent,
             gave_up: vec![false; w],
-            policy: dispatch::policy(DispatchKind::LeastLoaded, u64::from(p)),
+            policy: dispatch::policy(sh.dispatch, sh.seed.wrapping_add(u64::from(p))),
             records: vec![
                 Record {
                     desc: TaskDesc::zeroed(),
@@ -381,6 +383,10 @@ impl<'s> Core<'s> {
                 .clone()
                 .unwrap_or_else(|| "every worker is gone".into()),
         )
+    }
+
+    pub(crate) fn peek_ticket(&self) -> u64 {
+        self.next_ticket
     }
 
     pub(crate) fn next_ticket(&mut self) -> u64 {
@@ -488,11 +494,13 @@ impl<'s> Core<'s> {
 
     fn finish(&mut self, token: Token, outcome: Outcome, quarantine: bool, worker: Option<u32>) {
         self.in_flight -= 1;
+        let latency_ns = clock::nanos_between(self.slots.record(&token).sent_at, clock::now());
         self.ready.push_back(Ready {
             token,
             outcome,
             quarantine,
             worker,
+            latency_ns,
         });
     }
 
@@ -1053,9 +1061,17 @@ impl<'pool> Producer<'pool> {
             quarantine: r.quarantine,
             worker: r.worker,
             ticket: Ticket(rec.desc.seq),
+            latency_ns: r.latency_ns,
             first,
             rest,
         })
+    }
+
+    /// The ticket the next submit of this handle will return: a handle numbers its tasks 0,
+    /// 1, 2, … in the order they are submitted (a `map`'s tasks included), so a caller can
+    /// derive what it needs from the ticket instead of keeping a table.
+    pub fn next_ticket(&self) -> Ticket {
+        Ticket(self.core().peek_ticket())
     }
 
     /// Tasks submitted and not yet completed.
@@ -1210,6 +1226,7 @@ pub struct Completion<'p> {
     quarantine: bool,
     worker: Option<u32>,
     ticket: Ticket,
+    latency_ns: u64,
     /// The (first) array's outcome.
     first: ItemOut,
     /// A batch's other arrays ([`Producer::submit_packed`]); empty otherwise.
@@ -1263,6 +1280,13 @@ impl<'p> Completion<'p> {
         self.ticket
     }
 
+    /// How long the task was out: from its dispatch to a worker (for a task redone after a
+    /// death, its last dispatch) until this handle saw it back, in nanoseconds of the
+    /// invariant TSC (or the monotonic clock where there is none).
+    pub fn latency_ns(&self) -> u64 {
+        self.latency_ns
+    }
+
     /// The worker (`0..workers`) that ran the task, or whose death failed it; `None` when it
     /// failed without reaching one (no workers left).
     pub fn worker(&self) -> Option<u32> {
@@ -1282,16 +1306,28 @@ impl<'p> Completion<'p> {
     /// # Errors
     /// The task's [`TaskError`], or [`TaskError::Dtype`] when the result is not `T`.
     pub fn output<T: Element>(&self) -> Result<OutputView<'_, T>, TaskError> {
-        let bytes = self.item_bytes(0)?;
-        if T::DTYPE != self.first.dtype {
+        self.item_output(0)
+    }
+
+    /// Array `i`'s result, as elements of `T` in shared memory.
+    ///
+    /// # Errors
+    /// That array's [`TaskError`], or [`TaskError::Dtype`] when it is not `T`.
+    ///
+    /// # Panics
+    /// If `i >= self.len()`.
+    pub fn item_output<T: Element>(&self, i: usize) -> Result<OutputView<'_, T>, TaskError> {
+        let bytes = self.item_bytes(i)?;
+        let item = self.item(i);
+        if T::DTYPE != item.dtype {
             return Err(TaskError::Dtype {
                 asked: T::DTYPE,
-                actual: self.first.dtype,
+                actual: item.dtype,
             });
         }
         Ok(OutputView {
             data: cast::<T>(bytes),
-            shape: self.first.shape,
+            shape: item.shape,
         })
     }
 
@@ -1341,7 +1377,9 @@ impl<'p> Completion<'p> {
     /// If `i >= self.len()`.
     pub fn item_bytes(&self, i: usize) -> Result<&[u8], TaskError> {
         let item = self.item(i);
-        item.result.clone()?;
+        if let Err(e) = &item.result {
+            return Err(e.clone());
+        }
         let token = self.token.as_ref().expect("held");
         let n = item.shape.bytes(item.dtype) as usize;
         // Within the slot: the request was built here, and a size a worker reported was

@@ -307,7 +307,6 @@ pub(crate) struct Monitor<'a> {
     pub(crate) restarts: u32,
     pub(crate) faults: u32,
     pub(crate) interrupted: Option<String>,
-    pub(crate) signal: Option<i32>,
     pub(crate) pending_restart: Vec<u32>,
     pub(crate) gone_for_good: Vec<bool>,
     /// Set when slot `w`'s last start failed: it is not tried again.
@@ -345,7 +344,6 @@ impl<'a> Monitor<'a> {
             restarts: 0,
             faults: 0,
             interrupted: None,
-            signal: None,
             pending_restart: Vec::new(),
             gone_for_good: vec![false; workers],
             start_failed: vec![None; workers],

@@ -1,6 +1,11 @@
-//! The job every system runs, defined once: which shapes come next, and what each matrix is
-//! filled with. The pipeline and every benchmark baseline use these, so "the same work" is
+//! The seed's synthetic job, defined once: which shapes come next, what each matrix is filled
+//! with, and `mk1 run` itself ([`run`]), which drives a [`crate::Pool`] through the public API
+//! only. Every benchmark baseline uses the same shapes and fill, so "the same work" is
 //! literally the same work.
+
+mod run;
+
+pub use run::{run, Hooks, Progress};
 
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
