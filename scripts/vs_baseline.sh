@@ -11,7 +11,10 @@ REPS=${REPS:-5}
 DIMS=${DIMS:-128 1024}
 WT=target/baseline-src
 if [ ! -d "$WT" ]; then git worktree add -f --detach "$WT" "$REV" >/dev/null; fi
-(cd "$WT" && git checkout -q --detach "$REV" && CARGO_TARGET_DIR=../baseline-target cargo build --release -q)
+# (An empty [workspace] table keeps an old checkout out of this repository's workspace.)
+(cd "$WT" && git checkout -q -f --detach "$REV" \
+  && { grep -q '^\[workspace\]' Cargo.toml || printf '\n[workspace]\n' >> Cargo.toml; } \
+  && CARGO_TARGET_DIR=../baseline-target cargo build --release -q)
 cargo build --release -q
 NEW=target/release/mk1
 OLD=target/baseline-target/release/mk1

@@ -239,7 +239,7 @@ where
             c.release(token, false);
             return false;
         }
-        c.place_context(context, &mut token, &mut desc);
+        (desc.context_offset, desc.context_len) = c.place_context(context, &mut token);
         desc.count = count as u32;
         c.send_new(
             token,

@@ -227,7 +227,7 @@ impl Producer<'_> {
         desc.count = batch.items.len() as u32;
         (desc.params, desc.params_len) = params.encode();
         desc.items[..batch.items.len()].copy_from_slice(&batch.items);
-        c.place_context(task.context_bytes(), &mut token, &mut desc);
+        (desc.context_offset, desc.context_len) = c.place_context(task.context_bytes(), &mut token);
         let any = c.sh.registry.takes_any(kernel);
         let first = batch.items[0];
         let out_shape = Shape::from_raw(first.ndim, first.shape).expect("pushed");

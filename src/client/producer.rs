@@ -351,16 +351,15 @@ impl<'s> Core<'s> {
     }
 
     /// Copies a task's context bytes (checked to fit by `admit`, or by `map`'s packing) to
-    /// the end of the token's slot and notes where in `desc`.
-    pub(crate) fn place_context(&self, context: &[u8], token: &mut Token, desc: &mut TaskDesc) {
+    /// the end of the token's slot; returns where (`context_offset`, `context_len`).
+    pub(crate) fn place_context(&self, context: &[u8], token: &mut Token) -> (u32, u32) {
         if context.is_empty() {
-            return;
+            return (0, 0);
         }
         let at = TaskDesc::context_offset_for(context.len() as u64, self.slot_bytes())
             .expect("checked by admit") as usize;
         self.sh.seg.slot_bytes_mut(token)[at..at + context.len()].copy_from_slice(context);
-        desc.context_offset = at as u32;
-        desc.context_len = context.len() as u32;
+        (at as u32, context.len() as u32)
     }
 
     /// Bytes of each slot.
@@ -406,7 +405,31 @@ impl<'s> Core<'s> {
 
     /// Writes the record's descriptor into the slot and sends it (or parks it for redo when no
     /// worker can take it now).
-    pub(crate) fn send_new(&mut self, mut token: Token, record: Record) {
+    pub(crate) fn send_new(&mut self, token: Token, record: Record) {
+        self.records[token.slot() as usize] = record;
+        self.send_recorded(token);
+    }
+
+    /// The record of `token`'s slot for a new task: its request fields cleared (the items and
+    /// the result part are left as they are: `count` says which items count, and the result
+    /// part is the worker's to write), to be filled in place and sent with
+    /// [`Core::send_recorded`]. Saves building and copying a whole descriptor per task.
+    pub(crate) fn fresh_record(&mut self, token: &Token) -> &mut Record {
+        let r = &mut self.records[token.slot() as usize];
+        let d = &mut r.desc;
+        (d.seq, d.kernel, d.dtype, d.out_dtype, d.count, d.out_ndim) = (0, 0, 0, 0, 0, 0);
+        (d.params_len, d.context_offset, d.context_len) = (0, 0, 0);
+        d.out_shape = [0; crate::layout::MAX_DIMS];
+        r.attempts = 0;
+        r.mapped = false;
+        r.any = false;
+        r
+    }
+
+    /// Writes the slot's record (already in place) into its descriptor and sends it (or
+    /// parks it for redo when no worker can take it now).
+    pub(crate) fn send_recorded(&mut self, mut token: Token) {
+        let record = &self.records[token.slot() as usize];
         if self.sh.keep_copies {
             // In place with copies kept: the input as submitted, to redo the task from if its
             // worker dies (the slot may be half-written then).
@@ -428,7 +451,6 @@ impl<'s> Core<'s> {
             copy.extend_from_slice(&data[..extent]);
         }
         self.sh.seg.write_task(&token, &record.desc);
-        self.records[token.slot() as usize] = record;
         self.in_flight += 1;
         self.send(token);
     }
@@ -704,16 +726,22 @@ impl<'s> Core<'s> {
             if done(self) {
                 return true;
             }
-            let now = Instant::now();
-            if deadline.is_some_and(|d| now >= d) {
-                return false;
+            // (The clock is read only when there is a deadline: `recv` has none.)
+            let now = deadline.map(|_| Instant::now());
+            if let (Some(d), Some(now)) = (deadline, now) {
+                if now >= d {
+                    return false;
+                }
             }
             if progress {
                 self.backoff.reset();
                 continue;
             }
             if self.backoff.step() == Step::Sleep {
-                let left = deadline.map_or(SLEEP, |d| (d - now).min(SLEEP));
+                let left = match (deadline, now) {
+                    (Some(d), Some(now)) => (d - now).min(SLEEP),
+                    _ => SLEEP,
+                };
                 let seen = self.seen_changes;
                 let ctl = &self.sh.ctl;
                 let from = &mut self.from;
@@ -952,14 +980,20 @@ impl<'pool> Producer<'pool> {
         let mut token = loan.token.take().expect("a live loan holds its token");
         c.loaned -= 1;
         let ticket = c.next_ticket();
-        let mut desc = TaskDesc::zeroed();
+        let any = c.sh.registry.takes_any(kernel);
+        let context = c.place_context(task.context_bytes(), &mut token);
+        let r = c.fresh_record(&token);
+        r.dtype = dtype;
+        r.out_shape = out_shape;
+        r.any = any;
+        let desc = &mut r.desc;
         desc.seq = ticket;
         desc.kernel = kernel;
         desc.dtype = u32::from(dtype.code());
         desc.out_dtype = desc.dtype;
         desc.count = 1;
         (desc.params, desc.params_len) = params.encode();
-        c.place_context(task.context_bytes(), &mut token, &mut desc);
+        (desc.context_offset, desc.context_len) = context;
         let (ndim, dims) = shape.raw();
         desc.items[0] = ItemDesc {
             offset: 0,
@@ -969,18 +1003,7 @@ impl<'pool> Producer<'pool> {
         if task.out_shape.is_some() {
             (desc.out_ndim, desc.out_shape) = out_shape.raw();
         }
-        let any = c.sh.registry.takes_any(kernel);
-        c.send_new(
-            token,
-            Record {
-                desc,
-                dtype,
-                out_shape,
-                attempts: 0,
-                mapped: false,
-                any,
-            },
-        );
+        c.send_recorded(token);
         c.ring_bells();
         Ok(Ticket(ticket))
     }

@@ -365,7 +365,10 @@ impl Feed<'_> {
     fn run(&mut self, h: &Producer<'_>) {
         while self.may_issue(clock::now()) && self.issue(h) {}
         while let Some(c) = h.recv() {
-            self.complete(h, c);
+            if self.complete(h, c) {
+                // The slot went straight into the next task; no other slot came free.
+                continue;
+            }
             while self.may_issue(clock::now()) && self.issue(h) {}
             self.done.store(self.stats.matrices, Ordering::Relaxed);
         }
@@ -432,8 +435,8 @@ impl Feed<'_> {
     }
 
     /// Checks a completion and recycles its slot: for one matrix, into the next matrix in the
-    /// same pass when one is to be issued.
-    fn complete<'h>(&mut self, h: &'h Producer<'_>, c: Completion<'h>) {
+    /// same pass when one is to be issued (then `true`: the slot is out again).
+    fn complete<'h>(&mut self, h: &'h Producer<'_>, c: Completion<'h>) -> bool {
         let now = clock::now();
         let count = c.len() as u64;
         match c.error() {
@@ -444,18 +447,18 @@ impl Feed<'_> {
                 if self.issuing {
                     self.owed += count;
                 }
-                return;
+                return false;
             }
             Some(TaskError::NoWorkers(_)) => {
                 self.stats.lost += count;
                 self.issuing = false;
-                return;
+                return false;
             }
             Some(_) => {
                 // A worker said the op failed: for a built-in op, only a broken one does.
                 self.returned(&c, now);
                 self.stats.failed += count;
-                return;
+                return false;
             }
         }
         self.returned(&c, now);
@@ -474,7 +477,7 @@ impl Feed<'_> {
                     Err(_) => self.stats.failed += 1,
                 }
             }
-            return;
+            return false;
         }
         // The fused path: check this matrix and fill the next one over it in one pass.
         let (r, cols) = self.shapes.next_shape();
@@ -486,7 +489,7 @@ impl Feed<'_> {
         let Ok(mut loan) = c.reuse::<i32>(Shape::d1(old.max(new) as u32)) else {
             // Never for a live slot (every slot holds the largest matrix); the matrix is lost.
             self.stats.lost += 1;
-            return;
+            return false;
         };
         let new_seq = self.seq(h.next_ticket().0, 0);
         let new_base = self.base(new_seq);
@@ -500,12 +503,14 @@ impl Feed<'_> {
         );
         self.account(old_seq, w, old_base, old, bad);
         if loan.reshape(next).is_err() {
-            return;
+            return false;
         }
         self.charge(1);
         if h.submit(loan, self.job.task).is_err() {
             self.issuing = false;
+            return false;
         }
+        true
     }
 
     /// Counts one returned task.
