@@ -437,14 +437,15 @@ fn refused_poll_still_notices_deaths_and_refused_fork_is_a_clear_start_error() {
     // it at start-up to check fds 0-2, and aborts any Rust program where it is refused.
     const PPOLL: u32 = 271;
     replaced_worker_run("deny ppoll", |c| with_denied_syscalls(c, &[PPOLL]));
-    // No process can be started at all: one line that says which worker and why.
+    // No process (or thread) can be started at all: one line that says what and why (the
+    // pool's monitor thread is the first thing started, as workers are tied to it).
     const CLONE: u32 = 56;
     const CLONE3: u32 = 435;
     const FORK: u32 = 57;
     const VFORK: u32 = 58;
     let mut c = cmd(&["run", "--workers", "2", "--duration", "1s"]);
     with_denied_syscalls(&mut c, &[CLONE, CLONE3, FORK, VFORK]);
-    assert_refused(&run(c), "cannot start worker 0");
+    assert_refused(&run(c), "cannot start");
 }
 
 #[cfg(target_arch = "x86_64")]

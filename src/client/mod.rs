@@ -377,10 +377,10 @@ impl PoolBuilder {
             ));
         }
         let slots_per_producer = self.slots_per_producer.unwrap_or(4 * self.workers);
-        if slots_per_producer == 0 || slots_per_producer > 1 << 16 {
+        if slots_per_producer == 0 || slots_per_producer > 1 << 20 {
             return Err(bad(
                 "slots_per_producer",
-                format!("{slots_per_producer} is outside 1..=65536"),
+                format!("{slots_per_producer} is outside 1..=1048576"),
             ));
         }
         if !self.kernel.is_available() {
@@ -401,7 +401,8 @@ impl PoolBuilder {
         crate::limits::check(&crate::limits::Needs {
             segment: layout.total_bytes(),
             workers: self.workers,
-            producers: 1,
+            // Each handle is meant for a thread of its own, and the monitor is one more.
+            producers: self.producers + 1,
         })
         .map_err(RunError::from)?;
         let seg = Segment::create(layout).map_err(RunError::from)?;
@@ -449,6 +450,7 @@ impl PoolBuilder {
             terminating: AtomicBool::new(false),
             winding_down: AtomicBool::new(false),
             broken: Mutex::new(None),
+            trouble: Mutex::new(None),
             restarts: crate::sync::AtomicU32::new(0),
         });
         let (tx, rx) = std::sync::mpsc::channel();
@@ -509,6 +511,8 @@ pub(crate) struct Shared {
     winding_down: AtomicBool,
     /// Why the pool can run nothing any more (every worker gone for good).
     pub(crate) broken: Mutex<Option<String>>,
+    /// The monitor's first reason to give up on part of the pool ([`Pool::trouble`]).
+    trouble: Mutex<Option<String>>,
     restarts: crate::sync::AtomicU32,
 }
 
@@ -564,6 +568,12 @@ fn monitor_main(sh: &Shared, started: &std::sync::mpsc::Sender<Result<(), RunErr
         }
         monitor.tick(&gone);
         sh.restarts.store(monitor.restarts, Ordering::Relaxed);
+        if let Some(why) = &monitor.interrupted {
+            let mut t = sh.trouble.lock().unwrap_or_else(|e| e.into_inner());
+            if t.is_none() {
+                *t = Some(why.clone());
+            }
+        }
         if sh.ctl.no_workers.load(Ordering::Acquire) {
             let mut b = sh.broken.lock().unwrap_or_else(|e| e.into_inner());
             if b.is_none() {
@@ -702,6 +712,19 @@ impl Pool {
     /// producer handles' acknowledgement).
     pub fn restarts(&self) -> u32 {
         self.shared.restarts.load(Ordering::Relaxed)
+    }
+
+    /// Why the pool's monitor gave up on part of the pool, if it did: a worker it could not
+    /// kill (its tasks fail with [`TaskError::WorkerDied`] and its slots are retired, see
+    /// [`Completion::quarantined`]), a worker it could not restart, or the restart limit
+    /// reached. The workers left, if any, still serve; a caller that wants a pool that is
+    /// whole stops here.
+    pub fn trouble(&self) -> Option<String> {
+        self.shared
+            .trouble
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     /// Pids of the worker processes now serving (for tests and diagnostics).

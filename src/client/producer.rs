@@ -1303,6 +1303,13 @@ impl<'p> Completion<'p> {
         self.ticket
     }
 
+    /// Its worker could not be killed and may still write this slot: the task failed with
+    /// [`TaskError::WorkerDied`], and the slot is never used again (dropping this completion
+    /// retires it; [`Completion::reuse`] refuses it).
+    pub fn quarantined(&self) -> bool {
+        self.quarantine
+    }
+
     /// How long the task was out: from its dispatch to a worker (for a task redone after a
     /// death, its last dispatch) until this handle saw it back, in nanoseconds of the
     /// invariant TSC (or the monotonic clock where there is none).

@@ -157,8 +157,8 @@ mod tests {
 
     #[test]
     fn the_tick_clock_moves_forward() {
-        let a = clock::now();
+        let a = crate::clock::now();
         std::thread::sleep(Duration::from_millis(2));
-        assert!(clock::now() > a);
+        assert!(crate::clock::now() > a);
     }
 }

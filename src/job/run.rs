@@ -141,6 +141,15 @@ pub fn run(cfg: &Config, hooks: &Hooks<'_>) -> Result<Report, RunError> {
         },
     })?;
 
+    // Everything the producer threads use is allocated here, on this thread, within the room
+    // the pool's limit check left: a new thread's first allocation can need a malloc arena of
+    // its own, which an address-space limit refuses (an abort, not an error).
+    let mut ready: Vec<Option<(Producer<'_>, Stats)>> = (0..producers)
+        .map(|_| {
+            let h = pool.producer().expect("one handle per producer thread");
+            Some((h, Stats::new(workers as usize)))
+        })
+        .collect();
     let stop = AtomicBool::new(false);
     let done: Vec<Padded<AtomicU64>> = (0..producers)
         .map(|_| Padded(AtomicU64::new(0)))
@@ -167,7 +176,6 @@ pub fn run(cfg: &Config, hooks: &Hooks<'_>) -> Result<Report, RunError> {
         seed: cfg.seed,
         producers: u64::from(producers),
         batch,
-        workers: workers as usize,
         deadline,
         stop: &stop,
     };
@@ -188,7 +196,8 @@ pub fn run(cfg: &Config, hooks: &Hooks<'_>) -> Result<Report, RunError> {
                 }
                 Stop::After(_) => None,
             };
-            let (job, pool, done) = (&job, &pool, &done[p as usize].0);
+            let (job, done) = (&job, &done[p as usize].0);
+            let (handle, stats) = ready[p as usize].take().expect("each producer starts once");
             let finished = &finished[p as usize];
             let shapes = super::Shapes::new(
                 cfg.seed ^ (u64::from(p) << 32) ^ 0x5eed,
@@ -201,7 +210,6 @@ pub fn run(cfg: &Config, hooks: &Hooks<'_>) -> Result<Report, RunError> {
                     if let Some(cpu) = cpu {
                         let _ = sys::pin_to_cpu(cpu);
                     }
-                    let handle = pool.producer().expect("one handle per producer thread");
                     let mut feed = Feed {
                         job,
                         p: u64::from(p),
@@ -210,7 +218,7 @@ pub fn run(cfg: &Config, hooks: &Hooks<'_>) -> Result<Report, RunError> {
                         owed: 0,
                         issuing: true,
                         done,
-                        stats: Stats::new(job.workers),
+                        stats,
                     };
                     feed.run(&handle);
                     drop(handle);
@@ -244,6 +252,15 @@ pub fn run(cfg: &Config, hooks: &Hooks<'_>) -> Result<Report, RunError> {
                     pool.wind_down();
                 }
             }
+            // The pool gave up on a worker (could not kill or restart it) or hit the restart
+            // limit: the run stops issuing, as the seed's job always has.
+            if !stop.load(Ordering::Relaxed) {
+                if let Some(why) = pool.trouble() {
+                    interrupted.get_or_insert(why);
+                    stop.store(true, Ordering::Relaxed);
+                    pool.wind_down();
+                }
+            }
             // A thread that ended without saying so panicked: stop issuing (its counts are
             // lost, and the report says the run is not verified).
             let panicked = handles
@@ -267,6 +284,8 @@ pub fn run(cfg: &Config, hooks: &Hooks<'_>) -> Result<Report, RunError> {
         }
         handles.into_iter().filter_map(|h| h.join().ok()).collect()
     });
+    // (Handles of threads that never started.)
+    drop(ready);
     let segment_bytes = pool.segment_bytes();
     let fared = pool.shutdown();
     if let Some((p, e)) = thread_error {
@@ -299,7 +318,6 @@ struct Job<'a> {
     producers: u64,
     /// Matrices per task (1: one per task, filled and checked in the fused pass).
     batch: u32,
-    workers: usize,
     /// End of issuing, in clock ticks.
     deadline: Option<Ticks>,
     /// Stop issuing (a signal, a panicked thread, a thread that could not start).
@@ -441,6 +459,11 @@ impl Feed<'_> {
         let count = c.len() as u64;
         match c.error() {
             None => {}
+            Some(TaskError::WorkerDied { .. }) if c.quarantined() => {
+                // Its worker could not be killed: the slot is retired, the matrix lost.
+                self.stats.lost += count;
+                return false;
+            }
             Some(TaskError::WorkerDied { .. } | TaskError::Timeout(_)) => {
                 // In place, the matrix died with its worker: issue it again.
                 self.stats.redone += count;
