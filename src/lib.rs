@@ -96,9 +96,9 @@ pub use config::{Batch, Config, ConfigError, DispatchKind, Pin, Stop, Wait};
 #[cfg(not(loom))]
 pub use coordinator::RunError;
 #[cfg(not(loom))]
-pub use job::{run, Hooks, Progress};
-#[cfg(not(loom))]
 pub use dtype::{DType, Element};
+#[cfg(not(loom))]
+pub use job::{run, Hooks, Progress};
 #[cfg(not(loom))]
 pub use ops::{Kernel, Op};
 #[cfg(not(loom))]

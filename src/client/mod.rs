@@ -36,11 +36,11 @@ use std::time::Duration;
 
 use crate::array::Shape;
 use crate::config::{Config, DispatchKind, Wait};
-use crate::report::{Unreaped, WorkerExit};
 use crate::coordinator::{start_workers, Control, Monitor, RunError, WorkerImage, WorkerStderr};
 use crate::dtype::DType;
 use crate::layout::Layout;
 use crate::ops::Kernel;
+use crate::report::{Unreaped, WorkerExit};
 use crate::shm::Segment;
 use crate::sync::Ordering;
 use crate::task::{Builtin, BuiltinError, Params, Registry};
@@ -435,9 +435,7 @@ impl PoolBuilder {
             keep_copies: self.keep_copies && self.mode == Mode::InPlace,
             spin: match self.wait {
                 Wait::Sleep => SpinMode::Never,
-                Wait::Auto if (self.workers as usize) < crate::sys::online_cpus() => {
-                    SpinMode::Long
-                }
+                Wait::Auto if (self.workers as usize) < crate::sys::online_cpus() => SpinMode::Long,
                 Wait::Auto => SpinMode::Short,
             },
             dispatch: self.dispatch,

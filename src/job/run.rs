@@ -151,9 +151,7 @@ pub fn run(cfg: &Config, hooks: &Hooks<'_>) -> Result<Report, RunError> {
         })
         .collect();
     let stop = AtomicBool::new(false);
-    let done: Vec<Padded<AtomicU64>> = (0..producers)
-        .map(|_| Padded(AtomicU64::new(0)))
-        .collect();
+    let done: Vec<Padded<AtomicU64>> = (0..producers).map(|_| Padded(AtomicU64::new(0))).collect();
     // `finished[p]`: producer thread `p` returned normally.
     let finished: Vec<AtomicBool> = (0..producers).map(|_| AtomicBool::new(false)).collect();
     let start = Instant::now();
@@ -350,16 +348,22 @@ impl Feed<'_> {
         super::fill_base(seq, self.job.seed)
     }
 
-    /// Whether another matrix may be issued now (and stops issuing for good when not).
+    /// Whether another matrix may be issued now: a new one until the stop, the deadline or the
+    /// budget; one owed (redone) until the pool has no workers left.
     fn may_issue(&mut self, now: Ticks) -> bool {
         if self.issuing
             && (self.job.stop.load(Ordering::Relaxed)
                 || self.job.deadline.is_some_and(|d| now >= d))
         {
             self.issuing = false;
-            self.owed = 0;
         }
-        self.issuing && (self.owed > 0 || self.budget != Some(0))
+        self.owed > 0 || (self.issuing && self.budget != Some(0))
+    }
+
+    /// The pool has no workers left: nothing more can be issued, and what is owed is lost.
+    fn no_workers(&mut self) {
+        self.issuing = false;
+        self.stats.lost += std::mem::take(&mut self.owed);
     }
 
     /// Takes `n` matrices off what is owed, then off the budget.
@@ -390,6 +394,8 @@ impl Feed<'_> {
             while self.may_issue(clock::now()) && self.issue(h) {}
             self.done.store(self.stats.matrices, Ordering::Relaxed);
         }
+        // (Nothing is out: whatever is still owed could not be issued.)
+        self.no_workers();
         self.done.store(self.stats.matrices, Ordering::Relaxed);
     }
 
@@ -439,7 +445,7 @@ impl Feed<'_> {
             }
             Err(_) => {
                 // Only a pool without workers refuses a task it accepted before.
-                self.issuing = false;
+                self.no_workers();
                 false
             }
         }
@@ -447,7 +453,7 @@ impl Feed<'_> {
 
     fn refused(&mut self, e: &LoanError) -> bool {
         if matches!(e, LoanError::NoWorkers(_)) {
-            self.issuing = false;
+            self.no_workers();
         }
         false
     }
@@ -467,14 +473,12 @@ impl Feed<'_> {
             Some(TaskError::WorkerDied { .. } | TaskError::Timeout(_)) => {
                 // In place, the matrix died with its worker: issue it again.
                 self.stats.redone += count;
-                if self.issuing {
-                    self.owed += count;
-                }
+                self.owed += count;
                 return false;
             }
             Some(TaskError::NoWorkers(_)) => {
                 self.stats.lost += count;
-                self.issuing = false;
+                self.no_workers();
                 return false;
             }
             Some(_) => {
@@ -494,7 +498,11 @@ impl Feed<'_> {
                 match c.item_output::<i32>(i) {
                     Ok(out) => {
                         let m = out.as_slice();
-                        let bad = self.job.kernels.verify(self.job.op, base, m).map(|at| (at, m[at]));
+                        let bad = self
+                            .job
+                            .kernels
+                            .verify(self.job.op, base, m)
+                            .map(|at| (at, m[at]));
                         self.account(seq, w, base, m.len(), bad);
                     }
                     Err(_) => self.stats.failed += 1,
@@ -530,7 +538,7 @@ impl Feed<'_> {
         }
         self.charge(1);
         if h.submit(loan, self.job.task).is_err() {
-            self.issuing = false;
+            self.no_workers();
             return false;
         }
         true
