@@ -265,89 +265,6 @@ fn threads_f32(
     })
 }
 
-/// The seed's job through the public API: int32 matrices up to `max_dim` filled and verified
-/// with the same SIMD kernels `mk1 run` uses (`ops::Kernels`), `affine:3,1` as a built-in op,
-/// in place; each returned slot is reused for the next matrix, its result checked and the next
-/// input written in one pass (`Kernels::verify_then_fill`, as the run does). Matrices per
-/// second.
-fn job_through_api(
-    producer: &Producer<'_>,
-    max_dim: u32,
-    duration: Duration,
-) -> Result<f64, String> {
-    let kernels = crate::ops::Kernels::detect();
-    let op = crate::ops::Op::default();
-    let task = Task::op("affine:3,1").expect("valid");
-    let base = |seq: u64| crate::job::fill_base(seq, 1);
-    let mut shapes = Shapes::new(1, 1, max_dim);
-    let mut seq_of = HashMap::new();
-    let (mut seq, mut done) = (0u64, 0u64);
-    let start = Instant::now();
-    let deadline = start + duration;
-    loop {
-        let (r, c) = shapes.next_shape();
-        let Ok(mut loan) = producer.try_loan::<i32>(Shape::d2(r, c)) else {
-            shapes.pending = Some((r, c));
-            break;
-        };
-        kernels.fill(base(seq), loan.as_mut_slice());
-        seq_of.insert(
-            producer.submit(loan, &task).map_err(|e| e.to_string())?,
-            seq,
-        );
-        seq += 1;
-    }
-    while let Some(c) = producer.recv() {
-        let s = seq_of.remove(&c.ticket()).ok_or("unknown ticket")?;
-        c.output::<i32>().map_err(|e| e.to_string())?;
-        let old = c.shape().elements() as usize;
-        done += 1;
-        if Instant::now() >= deadline {
-            if kernels
-                .verify(
-                    op,
-                    base(s),
-                    c.output::<i32>().map_err(|e| e.to_string())?.as_slice(),
-                )
-                .is_some()
-            {
-                return Err(format!("matrix {s} came back wrong"));
-            }
-            continue;
-        }
-        let (r, cc) = shapes.next_shape();
-        let next = Shape::d2(r, cc);
-        let new = next.elements() as usize;
-        let span = Shape::d1(old.max(new) as u32);
-        let mut loan = c.reuse::<i32>(span).map_err(|e| e.to_string())?;
-        let bad = kernels.verify_then_fill(op, base(s), old, base(seq), new, loan.as_mut_slice());
-        if bad.is_some() {
-            return Err(format!("matrix {s} came back wrong"));
-        }
-        loan.reshape(next).map_err(|e| e.to_string())?;
-        seq_of.insert(
-            producer.submit(loan, &task).map_err(|e| e.to_string())?,
-            seq,
-        );
-        seq += 1;
-    }
-    Ok(done as f64 / start.elapsed().as_secs_f64())
-}
-
-/// `mk1 run` itself (its own producer, fused verify-then-fill), in this process.
-fn job_through_run(workers: u32, max_dim: u32, duration: Duration) -> Result<f64, String> {
-    let report = crate::Config::default()
-        .workers(workers)
-        .max_dim(max_dim)
-        .stop(crate::Stop::After(duration))
-        .run()
-        .map_err(|e| e.to_string())?;
-    if !report.verified {
-        return Err("mk1 run did not verify".into());
-    }
-    Ok(report.matrices_per_s)
-}
-
 /// `n` small f32 arrays (up to 16x16), array `k` filled as [`fill_f32`] with seq `k`.
 fn small_arrays(n: u64) -> Vec<Array<f32>> {
     let mut shapes = Shapes::new(5, 1, 16);
@@ -522,15 +439,6 @@ pub fn measure(b: &LibraryBench) -> Result<LibraryReport, String> {
                 &format!("f32 user kernel out of place / in place (max-dim {dim})"),
                 op,
                 ip,
-            );
-        }
-        for dim in [128, 1024] {
-            let api = job_through_api(&pi, dim, b.duration)?;
-            let run = job_through_run(b.workers, dim, b.duration)?;
-            add(
-                &format!("the seed's job through the public API / mk1 run (max-dim {dim})"),
-                api,
-                run,
             );
         }
         let mut pp = out_place.producer().map_err(|e| e.to_string())?;

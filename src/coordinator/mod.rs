@@ -1,6 +1,6 @@
 //! The engine's coordinator side, shared by every client of the segment: the monitor
 //! (`monitor.rs`) that starts workers, notices deaths, restarts them and enforces the
-//! watchdog, and the [`Control`] state through which it and the producer handles
+//! watchdog, and the `Control` state through which it and the producer handles
 //! (`client/producer.rs`) agree on who is alive. It knows nothing of what the arrays hold:
 //! `mk1 run`'s fill and verify live in `job`, on the public API.
 //!
@@ -30,8 +30,7 @@ pub(crate) use monitor::*;
 pub(crate) const MONITOR_TICK: Duration = Duration::from_millis(20);
 /// How long workers get to exit after shutdown is requested before they are killed.
 pub(crate) const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
-/// How long a new worker may take to attach.
-/// A worker's default time from start to attach ([`Config::start_timeout`]).
+/// A worker's default time from start to attach ([`crate::Config::start_timeout`]).
 pub const START_TIMEOUT: Duration = Duration::from_secs(10);
 /// A worker sent SIGKILL that still has it pending after this long is stuck in the kernel; its
 /// tokens are reclaimed without waiting for it to exit.
