@@ -15,7 +15,7 @@ use crate::sync::{AtomicU32, AtomicU64};
 /// `b"mk1-seg\0"` as a little-endian u64: the first eight bytes of every segment.
 pub const MAGIC: u64 = u64::from_le_bytes(*b"mk1-seg\0");
 /// Bumped on every change to a `repr(C)` struct in this module.
-pub const LAYOUT_VERSION: u32 = 6;
+pub const LAYOUT_VERSION: u32 = 7;
 /// Separation between data written by different processes (two 64-byte lines: the adjacent-line
 /// prefetcher on x86_64 pulls pairs, see crossbeam's `CachePadded`).
 pub const LINE: u64 = 128;
@@ -244,11 +244,16 @@ pub struct ItemDesc {
 /// Descriptor of a slot that carries a task (library pools), in the same descriptor array as
 /// [`SlotDesc`] (each entry is [`DESC_STRIDE`] bytes).
 ///
-/// The request part (up to `items`) is written by the producer while it owns the token and
-/// read by the worker that popped it, which copies it out and validates the copy. The result
-/// part (`status` on) is written by the worker before it pushes the token back, and read by the
-/// producer after popping it; the producer validates it (a status it does not know is a
-/// failure) and clamps the message, so a scribbling worker can only fail its own tasks.
+/// The request fields are written by the producer while it owns the token and read by the
+/// worker that popped it, which copies them out and validates the copy. The result fields
+/// (`status` to `produced`, `message`, `outs`) are written by the worker before it pushes the
+/// token back, and read by the producer after popping it; the producer validates them (a status
+/// it does not know is a failure) and clamps the message, so a scribbling worker can only fail
+/// its own tasks.
+///
+/// The order keeps a one-array task to three cache lines: the request head and the result
+/// words share the first (one line moves each way per task), the first items follow, and only
+/// the `params_len` bytes of `params` in use are copied.
 #[repr(C, align(64))]
 #[derive(Debug, Clone, Copy)]
 pub struct TaskDesc {
@@ -273,12 +278,6 @@ pub struct TaskDesc {
     pub context_offset: u32,
     /// Bytes of context (handed to the kernel as is, read-only).
     pub context_len: u32,
-    /// The output shape when `out_ndim != 0`.
-    pub out_shape: [u32; MAX_DIMS],
-    /// Parameters for the kernel.
-    pub params: [u8; PARAM_BYTES],
-    /// The arrays; entries at `count..` are ignored.
-    pub items: [ItemDesc; MAX_ITEMS],
     /// Written by the worker: [`TASK_OK`] or [`TASK_FAILED`] (anything else is a failure).
     pub status: u32,
     /// Written by the worker: bit `i` set if item `i` failed.
@@ -288,8 +287,6 @@ pub struct TaskDesc {
     /// Written by the worker: 1 if the first failure was a panic, 0 if the kernel returned an
     /// error.
     pub panicked: u32,
-    /// Written by the worker: the first failure's message (UTF-8, clamped by the reader).
-    pub message: [u8; MESSAGE_BYTES],
     /// Written by the worker: when non-zero, the first failure's whole message (longer than
     /// `message`) is this many bytes at the start of the failed item's output space (see
     /// [`TaskDesc::item_space`]); the reader clamps it to that space.
@@ -297,6 +294,14 @@ pub struct TaskDesc {
     /// Written by the worker: 1 when `outs` says what each item's output is (a kernel that
     /// decides its output's dtype and shape), 0 when each output is as the request says.
     pub produced: u32,
+    /// The output shape when `out_ndim != 0`.
+    pub out_shape: [u32; MAX_DIMS],
+    /// The arrays; entries at `count..` are ignored.
+    pub items: [ItemDesc; MAX_ITEMS],
+    /// Parameters for the kernel (the first `params_len` bytes travel).
+    pub params: [u8; PARAM_BYTES],
+    /// Written by the worker: the first failure's message (UTF-8, clamped by the reader).
+    pub message: [u8; MESSAGE_BYTES],
     /// Written by the worker when `produced == 1`: each item's output dtype and shape, at the
     /// item's offset in the output (validated by the reader against the item's space).
     pub outs: [OutDesc; MAX_ITEMS],
@@ -332,16 +337,16 @@ impl TaskDesc {
             params_len: 0,
             context_offset: 0,
             context_len: 0,
-            out_shape: [0; MAX_DIMS],
-            params: [0; PARAM_BYTES],
-            items: [ITEM; MAX_ITEMS],
             status: 0,
             failed_mask: 0,
             message_len: 0,
             panicked: 0,
-            message: [0; MESSAGE_BYTES],
             detail_len: 0,
             produced: 0,
+            out_shape: [0; MAX_DIMS],
+            items: [ITEM; MAX_ITEMS],
+            params: [0; PARAM_BYTES],
+            message: [0; MESSAGE_BYTES],
             outs: [OutDesc {
                 dtype: 0,
                 ndim: 0,
@@ -468,9 +473,11 @@ const _: () = {
     assert!(offset_of!(WorkerStatus, build) == 16);
     assert!(offset_of!(WorkerStatus, current) == 24);
     assert!(size_of::<ItemDesc>() == 24);
-    assert!(offset_of!(TaskDesc, params) == 56);
-    assert!(offset_of!(TaskDesc, items) == 56 + PARAM_BYTES);
-    assert!(offset_of!(TaskDesc, status) == 56 + PARAM_BYTES + 24 * MAX_ITEMS);
+    assert!(offset_of!(TaskDesc, status) == 40);
+    assert!(offset_of!(TaskDesc, produced) == 60);
+    assert!(offset_of!(TaskDesc, out_shape) == 64);
+    assert!(offset_of!(TaskDesc, items) == 80);
+    assert!(offset_of!(TaskDesc, params) == 80 + 24 * MAX_ITEMS);
     assert!(size_of::<OutDesc>() == 24);
     assert!(size_of::<TaskDesc>().is_multiple_of(64));
     assert!(DESC_STRIDE.is_multiple_of(64));

@@ -153,6 +153,23 @@ pub struct Segment {
     coordinator_pid: u32,
 }
 
+/// The byte ranges `(offset, len)` of a task descriptor's request that travel: the head (up to
+/// the result words), the output shape and the `count` items in use, and the `params_len`
+/// bytes of parameters in use (both counts clamped, so the ranges stay inside a `TaskDesc`
+/// whatever `desc` holds).
+fn task_spans(desc: &TaskDesc) -> ((usize, usize), (usize, usize), (usize, usize)) {
+    let head = (0, core::mem::offset_of!(TaskDesc, status));
+    let shape = core::mem::offset_of!(TaskDesc, out_shape);
+    let items = core::mem::offset_of!(TaskDesc, items) - shape
+        + (desc.count as usize).min(MAX_ITEMS) * core::mem::size_of::<ItemDesc>();
+    let params = (desc.params_len as usize).min(crate::layout::PARAM_BYTES);
+    (
+        head,
+        (shape, items),
+        (core::mem::offset_of!(TaskDesc, params), params),
+    )
+}
+
 impl Segment {
     /// Creates, sizes, commits and maps a new segment for `layout`, and writes its header.
     ///
@@ -434,42 +451,47 @@ impl Segment {
         self.desc_ptr(token).cast()
     }
 
-    /// Writes the request part of a task descriptor (everything before `items`, then the
-    /// `count` items in use) and clears the status, so a worker that never answers leaves no
+    /// Writes the request part of a task descriptor (the head, the `count` items in use and
+    /// the `params_len` bytes of parameters; see `task_spans`) and clears the status, so a worker that never answers leaves no
     /// stale success behind.
     pub fn write_task(&self, token: &Token, desc: &TaskDesc) {
-        let head = core::mem::offset_of!(TaskDesc, items);
-        let items = (desc.count as usize).min(MAX_ITEMS) * core::mem::size_of::<ItemDesc>();
+        let (head, body, params) = task_spans(desc);
         let dst = self.task_ptr(token);
         // SAFETY: as for `write_desc`: holding the token means owning the descriptor, which is
-        // DESC_STRIDE >= size_of::<TaskDesc>() bytes (const-asserted), so every range written
-        // lies inside it; `status` is a plain u32 field of it.
+        // DESC_STRIDE >= size_of::<TaskDesc>() bytes (const-asserted); `task_spans` gives byte
+        // ranges inside a `TaskDesc` (clamped counts), so every range written lies inside it;
+        // `status` is a plain u32 field of it.
         unsafe {
-            core::ptr::copy_nonoverlapping(
-                (desc as *const TaskDesc).cast::<u8>(),
-                dst.cast::<u8>(),
-                head + items,
-            );
+            for (at, len) in [head, body, params] {
+                core::ptr::copy_nonoverlapping(
+                    (desc as *const TaskDesc).cast::<u8>().add(at),
+                    dst.cast::<u8>().add(at),
+                    len,
+                );
+            }
             core::ptr::addr_of_mut!((*dst).status).write_volatile(0);
         }
     }
 
     /// Copies the request part of the token's task descriptor into `out` (count clamped to
-    /// [`MAX_ITEMS`]). Untrusted: validate `out` before use.
+    /// [`MAX_ITEMS`], parameter bytes to [`crate::layout::PARAM_BYTES`]). Untrusted: validate
+    /// `out` before use.
     pub fn read_task(&self, token: &Token, out: &mut TaskDesc) {
-        let head = core::mem::offset_of!(TaskDesc, items);
         let src = self.task_ptr(token);
-        // SAFETY: as for `read_desc`: the fixed part first, then as many items as the clamped
-        // count says, all inside the descriptor; `TaskDesc` is plain integers and bytes, valid
-        // for any bits, and the copy is ours.
+        // SAFETY: as for `read_desc`: the head first, then the spans its (clamped) counts give,
+        // all inside the descriptor; `TaskDesc` is plain integers and bytes, valid for any
+        // bits, and the copy is ours.
         unsafe {
-            core::ptr::copy_nonoverlapping(src.cast::<u8>(), (out as *mut TaskDesc).cast(), head);
-            let items = (out.count as usize).min(MAX_ITEMS) * core::mem::size_of::<ItemDesc>();
-            core::ptr::copy_nonoverlapping(
-                src.cast::<u8>().add(head),
-                (out as *mut TaskDesc).cast::<u8>().add(head),
-                items,
-            );
+            let (head, _, _) = task_spans(out);
+            core::ptr::copy_nonoverlapping(src.cast::<u8>(), (out as *mut TaskDesc).cast(), head.1);
+            let (_, body, params) = task_spans(out);
+            for (at, len) in [body, params] {
+                core::ptr::copy_nonoverlapping(
+                    src.cast::<u8>().add(at),
+                    (out as *mut TaskDesc).cast::<u8>().add(at),
+                    len,
+                );
+            }
         }
     }
 
