@@ -140,6 +140,8 @@ pub const PROBE_EVERY: Duration = Duration::from_millis(100);
 
 /// Re-checks made without a CPU pause before pausing between them.
 const EAGER_SPINS: u32 = 256;
+/// Re-checks before a wait is timed (see [`Backoff::step`]).
+const UNTIMED_SPINS: u32 = 16;
 
 /// How eagerly a waiter spins.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -249,7 +251,13 @@ impl Backoff {
     /// The next step; [`Step::Spin`] and [`Step::Yield`] are performed here.
     #[inline]
     pub fn step(&mut self) -> Step {
-        if self.wait_start.is_none() && self.max_spin + self.max_yield > 0 {
+        // A wait answered within the first few re-checks (the common hand-off while work
+        // flows) reads no clock: it is on the CPU and paid by definition, and two clock reads
+        // would cost more than the wait.
+        if self.wait_start.is_none()
+            && self.max_spin + self.max_yield > 0
+            && self.spins >= UNTIMED_SPINS.min(self.spin_limit)
+        {
             self.begin_wait();
         }
         let (spin_limit, yield_limit) = if self.probing {

@@ -82,12 +82,26 @@ pub enum PoolError {
 }
 
 /// A task: which kernel runs on each array, with which parameters.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone)]
 pub struct Task {
     kind: TaskKind,
     params: Params,
     out_shape: Option<Shape>,
     context: Option<Arc<[u8]>>,
+    /// A built-in op's code and parameters per dtype (by `DType::code() - 1`), worked out at
+    /// the first submit for that dtype and shared by clones: submits of the same op cost no
+    /// decoding.
+    encoded: Arc<[std::sync::OnceLock<Result<(u32, Params), BuiltinError>>; DType::ALL.len()]>,
+}
+
+impl PartialEq for Task {
+    /// Equal when they run the same kernel with the same parameters, output shape and context.
+    fn eq(&self, other: &Task) -> bool {
+        self.kind == other.kind
+            && self.params == other.params
+            && self.out_shape == other.out_shape
+            && self.context == other.context
+    }
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -104,6 +118,7 @@ impl Task {
             params: Params::none(),
             out_shape: None,
             context: None,
+            encoded: Arc::default(),
         }
     }
 
@@ -114,6 +129,7 @@ impl Task {
             params: Params::none(),
             out_shape: None,
             context: None,
+            encoded: Arc::default(),
         }
     }
 
@@ -164,7 +180,10 @@ impl Task {
                 .find(name, dtype)
                 .map(|k| (k, self.params))
                 .map_err(SubmitError::Kernel),
-            TaskKind::Builtin(op) => op.encode(dtype).map_err(SubmitError::Op),
+            TaskKind::Builtin(op) => self.encoded[usize::from(dtype.code()) - 1]
+                .get_or_init(|| op.encode(dtype))
+                .clone()
+                .map_err(SubmitError::Op),
         }
     }
 }

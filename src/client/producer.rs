@@ -1026,10 +1026,14 @@ impl<'pool> Producer<'pool> {
 
     fn recv_until(&self, deadline: Option<Instant>) -> Option<Completion<'_>> {
         let mut c = self.core();
-        let pos = |c: &Core<'_>| {
-            c.ready
+        // (Most often the first one is ours: no `map` runs.)
+        let pos = |c: &Core<'_>| match c.ready.front() {
+            Some(r) if !c.records[r.token.slot() as usize].mapped => Some(0),
+            None => None,
+            Some(_) => c
+                .ready
                 .iter()
-                .position(|r| !c.records[r.token.slot() as usize].mapped)
+                .position(|r| !c.records[r.token.slot() as usize].mapped),
         };
         if pos(&c).is_none() {
             c.pump();
@@ -1038,7 +1042,12 @@ impl<'pool> Producer<'pool> {
             c.wait_until(deadline, |c| pos(c).is_some() || c.in_flight == 0);
         }
         let i = pos(&c)?;
-        let r = c.ready.remove(i).expect("found");
+        let r = if i == 0 {
+            c.ready.pop_front()
+        } else {
+            c.ready.remove(i)
+        }
+        .expect("found");
         c.held += 1;
         let rec = &c.records[r.token.slot() as usize];
         let mut items = (0..rec.desc.count as usize).map(|k| {

@@ -130,11 +130,11 @@ impl Params {
         if len > PARAM_BYTES || !len.is_multiple_of(8) {
             return None;
         }
-        let words: Vec<u64> = bytes[..len]
-            .chunks_exact(8)
-            .map(|c| u64::from_le_bytes(c.try_into().expect("8 bytes")))
-            .collect();
-        Params::from_words(&words).ok()
+        let mut words = [0u64; MAX_PARAMS];
+        for (w, c) in words.iter_mut().zip(bytes[..len].chunks_exact(8)) {
+            *w = u64::from_le_bytes(c.try_into().expect("8 bytes"));
+        }
+        Params::from_words(&words[..len / 8]).ok()
     }
 }
 
