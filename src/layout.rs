@@ -15,7 +15,7 @@ use crate::sync::{AtomicU32, AtomicU64};
 /// `b"mk1-seg\0"` as a little-endian u64: the first eight bytes of every segment.
 pub const MAGIC: u64 = u64::from_le_bytes(*b"mk1-seg\0");
 /// Bumped on every change to a `repr(C)` struct in this module.
-pub const LAYOUT_VERSION: u32 = 7;
+pub const LAYOUT_VERSION: u32 = 8;
 /// Separation between data written by different processes (two 64-byte lines: the adjacent-line
 /// prefetcher on x86_64 pulls pairs, see crossbeam's `CachePadded`).
 pub const LINE: u64 = 128;
@@ -251,9 +251,11 @@ pub struct ItemDesc {
 /// it does not know is a failure) and clamps the message, so a scribbling worker can only fail
 /// its own tasks.
 ///
-/// The order keeps a one-array task to three cache lines: the request head and the result
-/// words share the first (one line moves each way per task), the first items follow, and only
-/// the `params_len` bytes of `params` in use are copied.
+/// The order keeps a one-array task to two cache lines each way: the request head and the
+/// first item fill the first line, and only the `params_len` bytes of `params` in use (one
+/// more line for most ops) and, when set, the output shape travel. A task that succeeds with
+/// every output as requested is answered by [`DONE_OK`] in the returned token word alone: the
+/// worker writes nothing here and the producer reads nothing back.
 #[repr(C, align(64))]
 #[derive(Debug, Clone, Copy)]
 pub struct TaskDesc {
@@ -278,6 +280,12 @@ pub struct TaskDesc {
     pub context_offset: u32,
     /// Bytes of context (handed to the kernel as is, read-only).
     pub context_len: u32,
+    /// The arrays; entries at `count..` are ignored.
+    pub items: [ItemDesc; MAX_ITEMS],
+    /// Parameters for the kernel (the first `params_len` bytes travel).
+    pub params: [u8; PARAM_BYTES],
+    /// The output shape when `out_ndim != 0`.
+    pub out_shape: [u32; MAX_DIMS],
     /// Written by the worker: [`TASK_OK`] or [`TASK_FAILED`] (anything else is a failure).
     pub status: u32,
     /// Written by the worker: bit `i` set if item `i` failed.
@@ -294,12 +302,6 @@ pub struct TaskDesc {
     /// Written by the worker: 1 when `outs` says what each item's output is (a kernel that
     /// decides its output's dtype and shape), 0 when each output is as the request says.
     pub produced: u32,
-    /// The output shape when `out_ndim != 0`.
-    pub out_shape: [u32; MAX_DIMS],
-    /// The arrays; entries at `count..` are ignored.
-    pub items: [ItemDesc; MAX_ITEMS],
-    /// Parameters for the kernel (the first `params_len` bytes travel).
-    pub params: [u8; PARAM_BYTES],
     /// Written by the worker: the first failure's message (UTF-8, clamped by the reader).
     pub message: [u8; MESSAGE_BYTES],
     /// Written by the worker when `produced == 1`: each item's output dtype and shape, at the
@@ -337,15 +339,15 @@ impl TaskDesc {
             params_len: 0,
             context_offset: 0,
             context_len: 0,
+            items: [ITEM; MAX_ITEMS],
+            params: [0; PARAM_BYTES],
+            out_shape: [0; MAX_DIMS],
             status: 0,
             failed_mask: 0,
             message_len: 0,
             panicked: 0,
             detail_len: 0,
             produced: 0,
-            out_shape: [0; MAX_DIMS],
-            items: [ITEM; MAX_ITEMS],
-            params: [0; PARAM_BYTES],
             message: [0; MESSAGE_BYTES],
             outs: [OutDesc {
                 dtype: 0,
@@ -379,6 +381,11 @@ impl TaskDesc {
             .saturating_sub(u64::from(self.items[i.min(MAX_ITEMS - 1)].offset))
     }
 }
+
+/// Set by a worker in the token word it returns (in the slot half, above every slot index)
+/// when the task succeeded with every output as requested: the producer then reads nothing of
+/// the descriptor. Without it, the result fields say what happened.
+pub const DONE_OK: u64 = 1 << 31;
 
 /// [`TaskDesc::status`]: every item succeeded.
 pub const TASK_OK: u32 = 0x6f6b;
@@ -473,11 +480,12 @@ const _: () = {
     assert!(offset_of!(WorkerStatus, build) == 16);
     assert!(offset_of!(WorkerStatus, current) == 24);
     assert!(size_of::<ItemDesc>() == 24);
-    assert!(offset_of!(TaskDesc, status) == 40);
-    assert!(offset_of!(TaskDesc, produced) == 60);
-    assert!(offset_of!(TaskDesc, out_shape) == 64);
-    assert!(offset_of!(TaskDesc, items) == 80);
-    assert!(offset_of!(TaskDesc, params) == 80 + 24 * MAX_ITEMS);
+    assert!(offset_of!(TaskDesc, items) == 40);
+    assert!(offset_of!(TaskDesc, params) == 40 + 24 * MAX_ITEMS);
+    assert!(offset_of!(TaskDesc, out_shape) == 40 + 24 * MAX_ITEMS + PARAM_BYTES);
+    assert!(offset_of!(TaskDesc, status) == 56 + 24 * MAX_ITEMS + PARAM_BYTES);
+    // A layout has at most 2^31 - 1 slots (`Layout::new`): the flag is above every index.
+    assert!((u32::MAX >> 1) as u64 <= DONE_OK);
     assert!(size_of::<OutDesc>() == 24);
     assert!(size_of::<TaskDesc>().is_multiple_of(64));
     assert!(DESC_STRIDE.is_multiple_of(64));

@@ -153,21 +153,24 @@ pub struct Segment {
     coordinator_pid: u32,
 }
 
-/// The byte ranges `(offset, len)` of a task descriptor's request that travel: the head (up to
-/// the result words), the output shape and the `count` items in use, and the `params_len`
-/// bytes of parameters in use (both counts clamped, so the ranges stay inside a `TaskDesc`
-/// whatever `desc` holds).
-fn task_spans(desc: &TaskDesc) -> ((usize, usize), (usize, usize), (usize, usize)) {
-    let head = (0, core::mem::offset_of!(TaskDesc, status));
-    let shape = core::mem::offset_of!(TaskDesc, out_shape);
-    let items = core::mem::offset_of!(TaskDesc, items) - shape
+/// The byte ranges `(offset, len)` of a task descriptor's request that travel: the head and
+/// the `count` items in use, the `params_len` bytes of parameters in use, and the output shape
+/// when one is set (counts clamped, so the ranges stay inside a `TaskDesc` whatever `desc`
+/// holds).
+fn task_spans(desc: &TaskDesc) -> [(usize, usize); 3] {
+    let items = core::mem::offset_of!(TaskDesc, items)
         + (desc.count as usize).min(MAX_ITEMS) * core::mem::size_of::<ItemDesc>();
     let params = (desc.params_len as usize).min(crate::layout::PARAM_BYTES);
-    (
-        head,
-        (shape, items),
+    let shape = if desc.out_ndim != 0 {
+        core::mem::size_of_val(&desc.out_shape)
+    } else {
+        0
+    };
+    [
+        (0, items),
         (core::mem::offset_of!(TaskDesc, params), params),
-    )
+        (core::mem::offset_of!(TaskDesc, out_shape), shape),
+    ]
 }
 
 impl Segment {
@@ -451,25 +454,23 @@ impl Segment {
         self.desc_ptr(token).cast()
     }
 
-    /// Writes the request part of a task descriptor (the head, the `count` items in use and
-    /// the `params_len` bytes of parameters; see `task_spans`) and clears the status, so a worker that never answers leaves no
-    /// stale success behind.
+    /// Writes the request part of a task descriptor (the head, the `count` items in use, the
+    /// `params_len` bytes of parameters and the output shape if set; see `task_spans`). The
+    /// result fields are the worker's: it writes them whenever it answers without
+    /// [`crate::layout::DONE_OK`].
     pub fn write_task(&self, token: &Token, desc: &TaskDesc) {
-        let (head, body, params) = task_spans(desc);
         let dst = self.task_ptr(token);
         // SAFETY: as for `write_desc`: holding the token means owning the descriptor, which is
         // DESC_STRIDE >= size_of::<TaskDesc>() bytes (const-asserted); `task_spans` gives byte
-        // ranges inside a `TaskDesc` (clamped counts), so every range written lies inside it;
-        // `status` is a plain u32 field of it.
+        // ranges inside a `TaskDesc` (clamped counts), so every range written lies inside it.
         unsafe {
-            for (at, len) in [head, body, params] {
+            for (at, len) in task_spans(desc) {
                 core::ptr::copy_nonoverlapping(
                     (desc as *const TaskDesc).cast::<u8>().add(at),
                     dst.cast::<u8>().add(at),
                     len,
                 );
             }
-            core::ptr::addr_of_mut!((*dst).status).write_volatile(0);
         }
     }
 
@@ -478,14 +479,13 @@ impl Segment {
     /// `out` before use.
     pub fn read_task(&self, token: &Token, out: &mut TaskDesc) {
         let src = self.task_ptr(token);
+        let head = core::mem::offset_of!(TaskDesc, items);
         // SAFETY: as for `read_desc`: the head first, then the spans its (clamped) counts give,
         // all inside the descriptor; `TaskDesc` is plain integers and bytes, valid for any
         // bits, and the copy is ours.
         unsafe {
-            let (head, _, _) = task_spans(out);
-            core::ptr::copy_nonoverlapping(src.cast::<u8>(), (out as *mut TaskDesc).cast(), head.1);
-            let (_, body, params) = task_spans(out);
-            for (at, len) in [body, params] {
+            core::ptr::copy_nonoverlapping(src.cast::<u8>(), (out as *mut TaskDesc).cast(), head);
+            for (at, len) in task_spans(out) {
                 core::ptr::copy_nonoverlapping(
                     src.cast::<u8>().add(at),
                     (out as *mut TaskDesc).cast::<u8>().add(at),

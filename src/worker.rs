@@ -11,7 +11,9 @@
 use std::os::fd::{FromRawFd, OwnedFd};
 use std::time::Duration;
 
-use crate::layout::{Direction, SlotDesc, WorkerState, MATRIX_ALIGN, MAX_BATCH, NO_TASK};
+use crate::layout::{
+    Direction, SlotDesc, WorkerState, DONE_OK, MATRIX_ALIGN, MAX_BATCH, NO_TASK, TASK_OK,
+};
 use crate::ops::{Kernel, Kernels, Op};
 use crate::pool::{BadToken, Token};
 use crate::ring::{PushError, RingConsumer, RingError, RingProducer};
@@ -496,6 +498,7 @@ pub fn serve(spec: WorkerSpec, registry: &Registry) -> Result<(), WorkerError> {
                             source,
                         }
                     })?;
+                let mut done = 0;
                 match &mut executor {
                     None => process(&seg, kernels, &mut token, &mut desc)?,
                     Some(ex) => {
@@ -510,7 +513,12 @@ pub fn serve(spec: WorkerSpec, registry: &Registry) -> Result<(), WorkerError> {
                                     why,
                                 }
                             })?;
-                        seg.write_result(&token, &result);
+                        if result.status == TASK_OK && result.outs.is_none() {
+                            // The common answer travels in the token word alone.
+                            done = DONE_OK;
+                        } else {
+                            seg.write_result(&token, &result);
+                        }
                         me.status.current.store(NO_TASK, Ordering::Relaxed);
                     }
                 }
@@ -519,7 +527,7 @@ pub fn serve(spec: WorkerSpec, registry: &Registry) -> Result<(), WorkerError> {
                     processed_total += 1;
                     word = chaos.strike(processed_total, &seg, spec.index, &mut token, &desc);
                 }
-                let word = word.unwrap_or_else(|| token.into_word());
+                let word = word.unwrap_or_else(|| token.into_word() | done);
                 match outbox[p].push(word) {
                     Ok(()) => {}
                     Err(PushError::Full(_)) => return Err(WorkerError::Overflow(p as u32)),

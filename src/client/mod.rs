@@ -91,8 +91,11 @@ pub struct Task {
     /// A built-in op's code and parameters per dtype (by `DType::code() - 1`), worked out at
     /// the first submit for that dtype and shared by clones: submits of the same op cost no
     /// decoding.
-    encoded: Arc<[std::sync::OnceLock<Result<(u32, Params), BuiltinError>>; DType::ALL.len()]>,
+    encoded: Arc<[std::sync::OnceLock<Encoded>; DType::ALL.len()]>,
 }
+
+/// A built-in op's descriptor code and parameters for one dtype, or why it has none.
+type Encoded = Result<(u32, Params), BuiltinError>;
 
 impl PartialEq for Task {
     /// Equal when they run the same kernel with the same parameters, output shape and context.

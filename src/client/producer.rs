@@ -16,7 +16,7 @@ use crate::array::{cast, cast_mut, Shape};
 use crate::clock;
 use crate::dispatch::{self, Dispatch, WorkerView};
 use crate::dtype::{DType, Element};
-use crate::layout::{Direction, ItemDesc, TaskDesc, MAX_ITEMS, NO_TASK, TASK_OK};
+use crate::layout::{Direction, ItemDesc, TaskDesc, DONE_OK, MAX_ITEMS, NO_TASK, TASK_OK};
 use crate::pool::{SlotPool, Token};
 use crate::ring::{RingConsumer, RingProducer};
 use crate::shm::TaskResult;
@@ -531,11 +531,17 @@ impl<'s> Core<'s> {
         let mut got = false;
         for _ in 0..self.slots.len() {
             match self.from[w].pop() {
-                Ok(Some(word)) => match self.slots.accept(word, w as u32) {
+                Ok(Some(word)) => match self.slots.accept(word & !DONE_OK, w as u32) {
                     Ok(token) => {
                         self.note_back(w, 1);
                         let rec = &self.records[token.slot() as usize];
-                        let result = self.sh.seg.read_result(&token, &rec.desc, rec.any);
+                        // A plain success says so in the word; a kernel that decides its
+                        // outputs always answers in the descriptor.
+                        let result = if word & DONE_OK != 0 && !rec.any {
+                            TaskResult::ok()
+                        } else {
+                            self.sh.seg.read_result(&token, &rec.desc, rec.any)
+                        };
                         self.finish(token, Outcome::Done(result), false, Some(w as u32));
                         got = true;
                     }
@@ -992,7 +998,7 @@ impl<'pool> Producer<'pool> {
         desc.dtype = u32::from(dtype.code());
         desc.out_dtype = desc.dtype;
         desc.count = 1;
-        (desc.params, desc.params_len) = params.encode();
+        desc.params_len = params.write_to(&mut desc.params);
         (desc.context_offset, desc.context_len) = context;
         let (ndim, dims) = shape.raw();
         desc.items[0] = ItemDesc {

@@ -118,10 +118,17 @@ impl Params {
     /// Into descriptor bytes: `(bytes, len)`.
     pub(crate) fn encode(&self) -> ([u8; PARAM_BYTES], u32) {
         let mut b = [0u8; PARAM_BYTES];
+        let len = self.write_to(&mut b);
+        (b, len)
+    }
+
+    /// Writes the words in use into `out` (the rest is left as it is); returns their length
+    /// in bytes.
+    pub(crate) fn write_to(&self, out: &mut [u8; PARAM_BYTES]) -> u32 {
         for (i, w) in self.words().iter().enumerate() {
-            b[i * 8..i * 8 + 8].copy_from_slice(&w.to_le_bytes());
+            out[i * 8..i * 8 + 8].copy_from_slice(&w.to_le_bytes());
         }
-        (b, u32::from(self.len) * 8)
+        u32::from(self.len) * 8
     }
 
     /// From descriptor bytes (untrusted `len`: `None` unless a multiple of 8 within the room).
