@@ -8,9 +8,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 pub use crate::dispatch::DispatchKind;
-use crate::layout::{
-    Layout, LayoutError, MATRIX_ALIGN, MAX_BATCH, MAX_PRODUCERS, MAX_WORKERS, PAGE,
-};
+use crate::layout::{Layout, LayoutError, MATRIX_ALIGN, MAX_PRODUCERS, MAX_WORKERS, PAGE};
 use crate::ops::{Kernel, Op};
 
 /// Largest `--max-dim`: a 16384 × 16384 int32 matrix is 1 GiB, the largest slot.
@@ -30,6 +28,10 @@ pub enum Stop {
     /// After this many matrices have been issued.
     Count(u64),
 }
+
+/// Most matrices `mk1 run` packs into one task (`--batch`; a task carries at most
+/// [`crate::layout::MAX_ITEMS`] arrays, so caps above that act as that).
+pub const MAX_BATCH: usize = 64;
 
 /// How many matrices one token may carry.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

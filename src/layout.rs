@@ -2,7 +2,7 @@
 //!
 //! ```text
 //! [ Header (its own page) | WorkerShared × W | ProducerShared × P | rings: (to, from) × P × W
-//!   | SlotDesc × S | slot data, class by class ]
+//!   | TaskDesc × S | slot data, class by class ]
 //! ```
 //!
 //! Every offset is computed by [`Layout::new`] with checked arithmetic and stored in the
@@ -15,7 +15,7 @@ use crate::sync::{AtomicU32, AtomicU64};
 /// `b"mk1-seg\0"` as a little-endian u64: the first eight bytes of every segment.
 pub const MAGIC: u64 = u64::from_le_bytes(*b"mk1-seg\0");
 /// Bumped on every change to a `repr(C)` struct in this module.
-pub const LAYOUT_VERSION: u32 = 8;
+pub const LAYOUT_VERSION: u32 = 9;
 /// Separation between data written by different processes (two 64-byte lines: the adjacent-line
 /// prefetcher on x86_64 pulls pairs, see crossbeam's `CachePadded`).
 pub const LINE: u64 = 128;
@@ -23,8 +23,6 @@ pub const LINE: u64 = 128;
 pub const MATRIX_ALIGN: u64 = 64;
 /// Alignment of slots of at least this size (and of the data region): a page.
 pub const PAGE: u64 = 4096;
-/// Most matrices one token may carry (batching).
-pub const MAX_BATCH: usize = 64;
 /// Most slot size classes.
 pub const MAX_CLASSES: usize = 8;
 /// Most worker processes.
@@ -78,7 +76,7 @@ pub struct Params {
     pub rings_offset: u64,
     /// Bytes from one ring to the next.
     pub ring_stride: u64,
-    /// Offset of `SlotDesc[slots]`.
+    /// Offset of `TaskDesc[slots]`.
     pub descriptors_offset: u64,
     /// Size of the whole segment.
     pub total_bytes: u64,
@@ -176,46 +174,6 @@ pub struct ProducerShared {
     pub bell: Bell,
 }
 
-/// Where one matrix sits inside a slot.
-#[repr(C)]
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct MatrixDesc {
-    /// Rows, `>= 1`.
-    pub rows: u32,
-    /// Columns, `>= 1`.
-    pub cols: u32,
-    /// Byte offset of element 0 from the slot start; a multiple of [`MATRIX_ALIGN`].
-    pub offset: u32,
-    /// Zero.
-    pub reserved: u32,
-}
-
-/// Descriptor of one slot: which matrices it holds and what to do with them.
-///
-/// Written by the producer while it owns the token, read by the worker that popped it (the ring
-/// push/pop is the Release/Acquire pair that publishes it). The worker copies it out and
-/// validates the copy; the producer never reads it back (it keeps its own record), so a worker
-/// that scribbles here can only hurt itself.
-#[repr(C, align(64))]
-#[derive(Debug, Clone, Copy)]
-pub struct SlotDesc {
-    /// Sequence number of the first matrix; matrix `i` has `seq + i`.
-    pub seq: u64,
-    /// Matrices in use, `1..=MAX_BATCH`.
-    pub count: u32,
-    /// Op kind (see `ops::Op::encode`).
-    pub op_kind: u32,
-    /// First op parameter.
-    pub op_a: i32,
-    /// Second op parameter.
-    pub op_b: i32,
-    /// Zero.
-    pub reserved: [u32; 2],
-    /// The matrices; entries at `count..` are ignored. The first two share the cache line of
-    /// the fields above, so a one-matrix token moves one descriptor line.
-    pub matrices: [MatrixDesc; MAX_BATCH],
-}
-
 /// Most dimensions of a task's array.
 pub const MAX_DIMS: usize = 4;
 /// Most arrays packed into one slot of a task.
@@ -241,8 +199,8 @@ pub struct ItemDesc {
     pub shape: [u32; MAX_DIMS],
 }
 
-/// Descriptor of a slot that carries a task (library pools), in the same descriptor array as
-/// [`SlotDesc`] (each entry is [`DESC_STRIDE`] bytes).
+/// Descriptor of a slot's task: which arrays it holds and what to run on them (one per slot,
+/// each [`DESC_STRIDE`] bytes).
 ///
 /// The request fields are written by the producer while it owns the token and read by the
 /// worker that popped it, which copies them out and validates the copy. The result fields
@@ -392,12 +350,8 @@ pub const TASK_OK: u32 = 0x6f6b;
 /// [`TaskDesc::status`]: at least one item failed (see `failed_mask`).
 pub const TASK_FAILED: u32 = 0xfa11;
 
-/// Bytes of one entry of the descriptor array (room for a [`SlotDesc`] or a [`TaskDesc`]).
-pub const DESC_STRIDE: u64 = {
-    let a = core::mem::size_of::<SlotDesc>();
-    let b = core::mem::size_of::<TaskDesc>();
-    (if a > b { a } else { b }) as u64
-};
+/// Bytes of one entry of the descriptor array (a [`TaskDesc`]).
+pub const DESC_STRIDE: u64 = core::mem::size_of::<TaskDesc>() as u64;
 
 /// A value alone on its own [`LINE`]. Padding is implicit (no fields), so references to it are
 /// sound even while other processes write the neighbouring lines.
@@ -495,10 +449,6 @@ const _: () = {
     assert!(size_of::<TailLine>() == LINE as usize);
     assert!(INLINE_CAPACITY.is_power_of_two() && INLINE_CAPACITY as usize <= INLINE_ENTRIES);
     assert!(size_of::<RingCtl>() == 2 * LINE as usize);
-    assert!(size_of::<MatrixDesc>() == 16);
-    assert!(offset_of!(SlotDesc, matrices) == 32);
-    assert!(size_of::<SlotDesc>() == 32 + 16 * MAX_BATCH + 32);
-    assert!(align_of::<SlotDesc>() == 64);
     assert!(size_of::<AtomicU64>() == 8 && align_of::<AtomicU64>() == 8);
     assert!(size_of::<AtomicU32>() == 4);
 };

@@ -14,7 +14,7 @@
 
 use crate::clock::Ticks;
 
-use crate::layout::{Layout, SlotDesc};
+use crate::layout::Layout;
 
 /// The right to use one slot.
 #[derive(Debug, PartialEq, Eq)]
@@ -111,8 +111,6 @@ pub struct Record {
     pub holder: Holder,
     /// When it was last sent ([`crate::clock`] ticks).
     pub sent_at: Ticks,
-    /// What the producer last wrote into it (the trusted copy).
-    pub desc: SlotDesc,
 }
 
 /// One producer's share of the slots.
@@ -128,19 +126,6 @@ pub struct SlotPool {
     out: Vec<u32>,
     /// Class of each record.
     class_of: Vec<u8>,
-}
-
-/// An all-zero descriptor.
-pub fn empty_desc() -> SlotDesc {
-    SlotDesc {
-        seq: 0,
-        count: 0,
-        op_kind: 0,
-        op_a: 0,
-        op_b: 0,
-        reserved: [0; 2],
-        matrices: [Default::default(); crate::layout::MAX_BATCH],
-    }
 }
 
 impl SlotPool {
@@ -170,7 +155,6 @@ impl SlotPool {
                     generation: 0,
                     holder: Holder::Producer,
                     sent_at: now,
-                    desc: empty_desc(),
                 });
                 pool.free[ci].push(Token::assume_owned(slot, 0));
             }

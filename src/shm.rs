@@ -18,8 +18,8 @@ use crate::array::Shape;
 use crate::dtype::DType;
 use crate::layout::{
     Direction, Header, ItemDesc, Layout, LayoutError, OutDesc, Params, ProducerShared, RingCtl,
-    SlotDesc, TaskDesc, WorkerShared, INLINE_CAPACITY, LAYOUT_VERSION, MAGIC, MAX_BATCH, MAX_ITEMS,
-    MESSAGE_BYTES, TASK_FAILED, TASK_OK,
+    TaskDesc, WorkerShared, INLINE_CAPACITY, LAYOUT_VERSION, MAGIC, MAX_ITEMS, MESSAGE_BYTES,
+    TASK_FAILED, TASK_OK,
 };
 use crate::pool::Token;
 use crate::sync::{AtomicU32, AtomicU64, Ordering};
@@ -97,12 +97,6 @@ pub fn human_bytes(b: u64) -> String {
     } else {
         format!("{v:.1} {}", UNITS[u])
     }
-}
-
-/// Bytes of a descriptor holding `count` matrices (clamped to `MAX_BATCH`).
-fn desc_bytes(count: u32) -> usize {
-    core::mem::offset_of!(SlotDesc, matrices)
-        + (count as usize).min(MAX_BATCH) * core::mem::size_of::<crate::layout::MatrixDesc>()
 }
 
 /// A task's answer, as a worker writes it and a producer reads it back.
@@ -403,55 +397,11 @@ impl Segment {
         }
     }
 
-    fn desc_ptr(&self, token: &Token) -> *mut SlotDesc {
+    fn task_ptr(&self, token: &Token) -> *mut TaskDesc {
         let off = self.layout.descriptor_offset(token.slot());
         // SAFETY: `Token` values only exist for slots `< slots` (checked where they are made), and
         // `Layout` places the descriptor array inside the segment, 64-byte aligned.
         unsafe { self.map.as_ptr().add(off as usize).cast() }
-    }
-
-    /// Writes the descriptor of the token's slot: the fixed part and the `count` matrices in
-    /// use (the unused tail is not copied).
-    pub fn write_desc(&self, token: &Token, desc: &SlotDesc) {
-        let bytes = desc_bytes(desc.count);
-        // SAFETY: holding the token means owning the slot (its previous owner's ring push was
-        // Release, our pop Acquire), so nobody following the protocol touches the descriptor
-        // meanwhile; `bytes <= size_of::<SlotDesc>()`, so both ranges are in bounds.
-        unsafe {
-            core::ptr::copy_nonoverlapping(
-                (desc as *const SlotDesc).cast::<u8>(),
-                self.desc_ptr(token).cast::<u8>(),
-                bytes,
-            )
-        }
-    }
-
-    /// Copies the descriptor of the token's slot into `out`: the fixed part, then as many
-    /// matrices as its (untrusted, clamped) count says. Validate `out` before use.
-    pub fn read_desc(&self, token: &Token, out: &mut SlotDesc) {
-        let src = self.desc_ptr(token);
-        // SAFETY: as for `write_desc`. The fixed part is read first, and the count clamped, so
-        // the second copy stays inside the descriptor whatever a scribbler wrote; the copy is
-        // ours, so a concurrent writer cannot change it after validation. `SlotDesc` is plain
-        // integers, valid for any bits.
-        unsafe {
-            let head = core::mem::offset_of!(SlotDesc, matrices);
-            core::ptr::copy_nonoverlapping(
-                src.cast::<u8>(),
-                (out as *mut SlotDesc).cast::<u8>(),
-                head,
-            );
-            let bytes = desc_bytes(out.count);
-            core::ptr::copy_nonoverlapping(
-                src.cast::<u8>().add(head),
-                (out as *mut SlotDesc).cast::<u8>().add(head),
-                bytes - head,
-            );
-        }
-    }
-
-    fn task_ptr(&self, token: &Token) -> *mut TaskDesc {
-        self.desc_ptr(token).cast()
     }
 
     /// Writes the request part of a task descriptor (the head, the `count` items in use, the
@@ -460,9 +410,11 @@ impl Segment {
     /// [`crate::layout::DONE_OK`].
     pub fn write_task(&self, token: &Token, desc: &TaskDesc) {
         let dst = self.task_ptr(token);
-        // SAFETY: as for `write_desc`: holding the token means owning the descriptor, which is
-        // DESC_STRIDE >= size_of::<TaskDesc>() bytes (const-asserted); `task_spans` gives byte
-        // ranges inside a `TaskDesc` (clamped counts), so every range written lies inside it.
+        // SAFETY: holding the token means owning the slot and its descriptor (its previous
+        // owner's ring push was Release, our pop Acquire), so nobody following the protocol
+        // touches it meanwhile. The descriptor is DESC_STRIDE = size_of::<TaskDesc>() bytes;
+        // `task_spans` gives byte ranges inside a `TaskDesc` (clamped counts), so every range
+        // written lies inside it.
         unsafe {
             for (at, len) in task_spans(desc) {
                 core::ptr::copy_nonoverlapping(
@@ -480,9 +432,11 @@ impl Segment {
     pub fn read_task(&self, token: &Token, out: &mut TaskDesc) {
         let src = self.task_ptr(token);
         let head = core::mem::offset_of!(TaskDesc, items);
-        // SAFETY: as for `read_desc`: the head first, then the spans its (clamped) counts give,
-        // all inside the descriptor; `TaskDesc` is plain integers and bytes, valid for any
-        // bits, and the copy is ours.
+        // SAFETY: the worker holds the token (the producer's push was Release, our pop
+        // Acquire), so the descriptor is its to read: the head first, then the spans its
+        // (clamped) counts give, all inside the descriptor; `TaskDesc` is plain integers and
+        // bytes, valid for any bits, and the copy is ours (a scribbler cannot change it after
+        // validation).
         unsafe {
             core::ptr::copy_nonoverlapping(src.cast::<u8>(), (out as *mut TaskDesc).cast(), head);
             for (at, len) in task_spans(out) {
@@ -692,31 +646,6 @@ impl Segment {
         #[cfg(not(target_arch = "x86_64"))]
         let _ = token;
     }
-
-    /// The token's slot data as int32s, exclusively borrowed for as long as the token is.
-    /// Crate-private: only the pool and the worker make tokens, one per slot.
-    pub(crate) fn slot_mut<'a>(&'a self, token: &'a mut Token) -> &'a mut [i32] {
-        let (off, bytes) = self
-            .layout
-            .slot_data(token.slot())
-            .expect("tokens are only made for slots in range");
-        // SAFETY: the slot lies inside the segment (validated layout), is at least 64-byte
-        // aligned, and i32 is valid for any bits. Exclusivity: holding the token (borrowed
-        // mutably here, so at most one slice per token in this process) means owning the slot;
-        // no process that follows the protocol touches it until the token is pushed again, which
-        // needs the token back by value and so ends this borrow. A process that breaks the
-        // protocol and writes a slot it does not own races with this slice. That is outside
-        // Rust's memory model and no type can prevent it across processes; we contain it
-        // instead: slot contents are only ever compared (never used as an index, length or
-        // pointer), `Token`s cannot be forged outside this crate (`assume_owned` and
-        // `from_untrusted_word` are crate-private), and a mismatch is reported as a failure.
-        unsafe {
-            core::slice::from_raw_parts_mut(
-                self.map.as_ptr().add(off as usize).cast::<i32>(),
-                (bytes / 4) as usize,
-            )
-        }
-    }
 }
 
 #[cfg(test)]
@@ -734,8 +663,8 @@ mod tests {
         seg.worker(1).status.heartbeat.store(7, Ordering::Relaxed);
         assert_eq!(other.worker(1).status.heartbeat.load(Ordering::Relaxed), 7);
         let mut t = Token::assume_owned(5, 0);
-        seg.slot_mut(&mut t)[4095] = 42;
-        assert_eq!(other.slot_mut(&mut t)[4095], 42);
+        seg.slot_bytes_mut(&mut t)[16383] = 42;
+        assert_eq!(other.slot_bytes_mut(&mut t)[16383], 42);
     }
 
     #[test]

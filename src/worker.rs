@@ -11,13 +11,11 @@
 use std::os::fd::{FromRawFd, OwnedFd};
 use std::time::Duration;
 
-use crate::layout::{
-    Direction, SlotDesc, WorkerState, DONE_OK, MATRIX_ALIGN, MAX_BATCH, NO_TASK, TASK_OK,
-};
-use crate::ops::{Kernel, Kernels, Op};
+use crate::layout::{Direction, WorkerState, DONE_OK, NO_TASK, TASK_OK};
+use crate::ops::{Kernel, Kernels};
 use crate::pool::{BadToken, Token};
 use crate::ring::{PushError, RingConsumer, RingError, RingProducer};
-use crate::shm::{Segment, ShmAttachError};
+use crate::shm::{Segment, ShmAttachError, TaskBuffers};
 use crate::sync::Ordering;
 use crate::sys;
 use crate::task::exec::Executor;
@@ -122,12 +120,19 @@ impl Chaos {
         seg: &Segment,
         index: u32,
         token: &mut Token,
-        desc: &SlotDesc,
+        task: &crate::layout::TaskDesc,
     ) -> Option<u64> {
         match self {
             Chaos::Wrong(n) if seen.is_multiple_of(n) => {
-                let at = desc.matrices[0].offset as usize / 4;
-                seg.slot_mut(token)[at] ^= 0x10;
+                // One bit of the first result's first element (a real worker's wrong answer).
+                let at = task.items[0].offset as usize;
+                let out = match seg.task_buffers(token) {
+                    TaskBuffers::InPlace(b) => b,
+                    TaskBuffers::OutOfPlace(_, o) => o,
+                };
+                if let Some(b) = out.get_mut(at) {
+                    *b ^= 0x10;
+                }
                 None
             }
             Chaos::Exit(n) if seen == n => std::process::exit(99),
@@ -170,9 +175,8 @@ pub struct WorkerSpec {
     /// How long waiting may spin (decided by the coordinator, which sees the whole machine; a
     /// pinned worker's own affinity shows one CPU).
     pub spin: SpinMode,
-    /// `Some(fingerprint)`: serve tasks of a library pool whose kernel registry has this
-    /// fingerprint; `None`: the synthetic job.
-    pub tasks: Option<u64>,
+    /// The fingerprint of the pool's kernel registry ([`Registry::fingerprint`]).
+    pub tasks: u64,
 }
 
 impl WorkerSpec {
@@ -180,13 +184,13 @@ impl WorkerSpec {
     pub fn encode(&self) -> String {
         let cpu = self.cpu.map_or("-".to_string(), |c| c.to_string());
         let spin = self.spin.code();
-        let tasks = self.tasks.map_or("-".to_string(), |f| format!("{f:x}"));
         format!(
-            "{},{},{},{},{cpu},{spin},{tasks}",
+            "{},{},{},{},{cpu},{spin},{:x}",
             self.fd,
             self.index,
             self.coordinator,
-            self.kernel.name()
+            self.kernel.name(),
+            self.tasks
         )
     }
 
@@ -203,10 +207,7 @@ impl WorkerSpec {
             c => Some(c.parse().ok()?),
         };
         let spin = SpinMode::from_code(it.next()?.parse().ok()?)?;
-        let tasks = match it.next()? {
-            "-" => None,
-            f => Some(u64::from_str_radix(f, 16).ok()?),
-        };
+        let tasks = u64::from_str_radix(it.next()?, 16).ok()?;
         if it.next().is_some() {
             return None;
         }
@@ -338,59 +339,6 @@ pub fn run_if_worker_with(kernels: &Registry) {
     std::process::exit(code);
 }
 
-/// Validates a descriptor copy against the slot's size; returns the op and matrices.
-fn check_desc(
-    desc: &crate::layout::SlotDesc,
-    slot: u32,
-    slot_elems: usize,
-) -> Result<Op, WorkerError> {
-    let bad = |why: String| WorkerError::Descriptor { slot, why };
-    let op = Op::decode(desc.op_kind, desc.op_a, desc.op_b)
-        .ok_or_else(|| bad(format!("unknown op kind {}", desc.op_kind)))?;
-    let count = desc.count as usize;
-    if count == 0 || count > MAX_BATCH {
-        return Err(bad(format!("matrix count {count} outside 1..={MAX_BATCH}")));
-    }
-    for m in &desc.matrices[..count] {
-        let elems = u64::from(m.rows) * u64::from(m.cols);
-        let start = u64::from(m.offset);
-        if m.rows == 0
-            || m.cols == 0
-            || start % MATRIX_ALIGN != 0
-            || start / 4 + elems > slot_elems as u64
-        {
-            return Err(bad(format!(
-                "matrix {}x{} at byte {} does not fit a slot of {} bytes",
-                m.rows,
-                m.cols,
-                m.offset,
-                slot_elems * 4
-            )));
-        }
-    }
-    Ok(op)
-}
-
-/// Applies the descriptor's op to every matrix in the token's slot, after validating both.
-pub fn process(
-    seg: &Segment,
-    kernels: Kernels,
-    token: &mut Token,
-    desc: &mut SlotDesc,
-) -> Result<(), WorkerError> {
-    seg.prefetch_slot(token);
-    seg.read_desc(token, desc);
-    let slot = token.slot();
-    let data = seg.slot_mut(token);
-    let op = check_desc(desc, slot, data.len())?;
-    for m in &desc.matrices[..desc.count as usize] {
-        let start = m.offset as usize / 4;
-        let len = m.rows as usize * m.cols as usize;
-        kernels.apply(op, &mut data[start..start + len]);
-    }
-    Ok(())
-}
-
 /// The worker loop. Returns when the coordinator asks for shutdown and the rings are empty.
 pub fn serve(spec: WorkerSpec, registry: &Registry) -> Result<(), WorkerError> {
     // Job-control signals sent to the whole process group are the coordinator's to act on.
@@ -420,27 +368,23 @@ pub fn serve(spec: WorkerSpec, registry: &Registry) -> Result<(), WorkerError> {
             workers: params.workers,
         });
     }
-    let mut executor = match spec.tasks {
-        None => None,
-        Some(want) => {
-            // A pool without user kernels sends built-in ops only, which every worker has: its
-            // workers may carry any kernels (a program's `mk1 run` pool, say).
-            if want != Registry::new().fingerprint() && registry.fingerprint() != want {
-                return Err(WorkerError::Kernels(format!(
-                    "this program's kernels ({}) are not the pool's: call \
-                     mk1::run_if_worker_with() first thing in main, with the registry given to \
-                     the pool",
-                    registry.describe()
-                )));
-            }
-            seg.protect_inputs()?;
-            let info = WorkerInfo {
-                worker: spec.index,
-                workers: params.workers,
-            };
-            Some(Executor::new(registry, info, kernels.kernel()).map_err(WorkerError::Kernels)?)
-        }
+    let want = spec.tasks;
+    // A pool without user kernels sends built-in ops only, which every worker has: its workers
+    // may carry any kernels (a program's `mk1 run` pool, say).
+    if want != Registry::new().fingerprint() && registry.fingerprint() != want {
+        return Err(WorkerError::Kernels(format!(
+            "this program's kernels ({}) are not the pool's: call mk1::run_if_worker_with() \
+             first thing in main, with the registry given to the pool",
+            registry.describe()
+        )));
+    }
+    seg.protect_inputs()?;
+    let info = WorkerInfo {
+        worker: spec.index,
+        workers: params.workers,
     };
+    let mut executor =
+        Executor::new(registry, info, kernels.kernel()).map_err(WorkerError::Kernels)?;
     let mut task = crate::layout::TaskDesc::zeroed();
     let me = seg.worker(spec.index);
     me.status.pid.store(sys::own_pid(), Ordering::Relaxed);
@@ -476,7 +420,6 @@ pub fn serve(spec: WorkerSpec, registry: &Registry) -> Result<(), WorkerError> {
     let mut backoff = Backoff::for_mode(spec.spin);
     let mut processed: u64 = 0;
     let mut same_cpu_yields = 0u32;
-    let mut desc = crate::pool::empty_desc();
     let mut processed_total: u64 = 0;
 
     loop {
@@ -498,34 +441,28 @@ pub fn serve(spec: WorkerSpec, registry: &Registry) -> Result<(), WorkerError> {
                             source,
                         }
                     })?;
+                // Which task runs, for the pool to blame after a death or a timeout.
+                me.status.current.store(word, Ordering::Relaxed);
+                seg.prefetch_slot(&token);
+                seg.read_task(&token, &mut task);
+                let result = executor
+                    .run(&task, seg.task_buffers(&mut token))
+                    .map_err(|why| WorkerError::Descriptor {
+                        slot: token.slot(),
+                        why,
+                    })?;
                 let mut done = 0;
-                match &mut executor {
-                    None => process(&seg, kernels, &mut token, &mut desc)?,
-                    Some(ex) => {
-                        // Which task runs, for the pool to blame after a death or a timeout (the
-                        // seed's job never reads it, so its hot path does not write it).
-                        me.status.current.store(word, Ordering::Relaxed);
-                        seg.read_task(&token, &mut task);
-                        let result =
-                            ex.run(&task, seg.task_buffers(&mut token)).map_err(|why| {
-                                WorkerError::Descriptor {
-                                    slot: token.slot(),
-                                    why,
-                                }
-                            })?;
-                        if result.status == TASK_OK && result.outs.is_none() {
-                            // The common answer travels in the token word alone.
-                            done = DONE_OK;
-                        } else {
-                            seg.write_result(&token, &result);
-                        }
-                        me.status.current.store(NO_TASK, Ordering::Relaxed);
-                    }
+                if result.status == TASK_OK && result.outs.is_none() {
+                    // The common answer travels in the token word alone.
+                    done = DONE_OK;
+                } else {
+                    seg.write_result(&token, &result);
                 }
+                me.status.current.store(NO_TASK, Ordering::Relaxed);
                 let mut word = None;
                 if chaos != Chaos::None {
                     processed_total += 1;
-                    word = chaos.strike(processed_total, &seg, spec.index, &mut token, &desc);
+                    word = chaos.strike(processed_total, &seg, spec.index, &mut token, &task);
                 }
                 let word = word.unwrap_or_else(|| token.into_word() | done);
                 match outbox[p].push(word) {
@@ -608,13 +545,13 @@ mod tests {
             kernel: Kernel::Portable,
             cpu: Some(1),
             spin: SpinMode::Long,
-            tasks: None,
+            tasks: 0x1,
         };
         assert_eq!(WorkerSpec::parse(&s.encode()), Some(s));
         let s = WorkerSpec {
             cpu: None,
             spin: SpinMode::Never,
-            tasks: Some(0xdead_beef),
+            tasks: 0xdead_beef,
             ..s
         };
         assert_eq!(WorkerSpec::parse(&s.encode()), Some(s));
@@ -629,44 +566,9 @@ mod tests {
             "1,2,3,avx2,-,1",
             "1,2,3,avx2,-,1,xyz",
             "1,2,3,avx2,-,1,-,-",
+            "1,2,3,avx2,-,1,ff,-",
         ] {
             assert_eq!(WorkerSpec::parse(bad), None, "{bad}");
         }
-    }
-
-    #[test]
-    fn descriptors_that_do_not_fit_are_rejected() {
-        let mut d = crate::pool::empty_desc();
-        let (k, a, b) = Op::Neg.encode();
-        d.op_kind = k;
-        d.op_a = a;
-        d.op_b = b;
-        d.count = 1;
-        d.matrices[0] = crate::layout::MatrixDesc {
-            rows: 4,
-            cols: 4,
-            offset: 0,
-            reserved: 0,
-        };
-        assert!(check_desc(&d, 0, 16).is_ok());
-        assert!(check_desc(&d, 0, 15).is_err(), "too big");
-        d.matrices[0].offset = 4;
-        assert!(check_desc(&d, 0, 1024).is_err(), "misaligned");
-        d.matrices[0].offset = 0;
-        d.count = 0;
-        assert!(check_desc(&d, 0, 1024).is_err(), "empty");
-        d.count = MAX_BATCH as u32 + 1;
-        assert!(check_desc(&d, 0, 1 << 20).is_err(), "too many");
-        d.count = 1;
-        d.op_kind = 99;
-        assert!(check_desc(&d, 0, 1024).is_err(), "unknown op");
-        d.op_kind = k;
-        d.matrices[0] = crate::layout::MatrixDesc {
-            rows: u32::MAX,
-            cols: u32::MAX,
-            offset: 0,
-            reserved: 0,
-        };
-        assert!(check_desc(&d, 0, 1024).is_err(), "overflowing dims");
     }
 }

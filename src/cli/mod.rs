@@ -152,10 +152,10 @@ fn parse_batch(s: &str) -> Result<Batch, String> {
         "auto" => Ok(Batch::Auto),
         "off" => Ok(Batch::Off),
         n => match n.parse::<u32>() {
-            Ok(k) if (1..=mk1::layout::MAX_BATCH as u32).contains(&k) => Ok(Batch::Max(k)),
+            Ok(k) if (1..=mk1::config::MAX_BATCH as u32).contains(&k) => Ok(Batch::Max(k)),
             _ => Err(format!(
                 "expected auto, off or 1..={}",
-                mk1::layout::MAX_BATCH
+                mk1::config::MAX_BATCH
             )),
         },
     }

@@ -548,7 +548,7 @@ fn monitor_main(sh: &Shared, started: &std::sync::mpsc::Sender<Result<(), RunErr
         kernel: sh.cfg.kernel,
         cpu: sh.worker_cpus.get(w as usize).copied(),
         spin: sh.spin,
-        tasks: Some(fingerprint),
+        tasks: fingerprint,
     };
     let procs = match start_workers(
         &sh.image,
