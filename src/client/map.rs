@@ -105,7 +105,7 @@ impl<'pool> Producer<'pool> {
         }
         let c = self.core();
         let dtype = <<I::Item as AsArray>::Elem as Element>::DTYPE;
-        let (kernel, params) = task.resolve(&c.sh.registry, dtype)?;
+        let (kernel, params) = task.resolve(&c.sh.registry, dtype).map(|(k, p)| (k, *p))?;
         let any = c.sh.registry.takes_any(kernel);
         let context = task.context.clone();
         let window = (c.slots.len() * PACK_MAX) as u64;

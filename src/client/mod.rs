@@ -177,16 +177,18 @@ impl Task {
         &self,
         registry: &Registry,
         dtype: DType,
-    ) -> Result<(u32, Params), SubmitError> {
+    ) -> Result<(u32, &Params), SubmitError> {
         match &self.kind {
             TaskKind::Kernel(name) => registry
                 .find(name, dtype)
-                .map(|k| (k, self.params))
+                .map(|k| (k, &self.params))
                 .map_err(SubmitError::Kernel),
-            TaskKind::Builtin(op) => self.encoded[usize::from(dtype.code()) - 1]
-                .get_or_init(|| op.encode(dtype))
-                .clone()
-                .map_err(SubmitError::Op),
+            TaskKind::Builtin(op) => {
+                match self.encoded[usize::from(dtype.code()) - 1].get_or_init(|| op.encode(dtype)) {
+                    Ok((k, p)) => Ok((*k, p)),
+                    Err(e) => Err(SubmitError::Op(e.clone())),
+                }
+            }
         }
     }
 }

@@ -328,12 +328,12 @@ impl<'s> Core<'s> {
 
     /// Checks `task` for arrays of `dtype` that take `used` bytes of a slot: the kernel code
     /// and parameters a descriptor carries.
-    pub(crate) fn admit(
+    pub(crate) fn admit<'t>(
         &self,
-        task: &Task,
+        task: &'t Task,
         dtype: DType,
         used: u64,
-    ) -> Result<(u32, crate::task::Params), SubmitError> {
+    ) -> Result<(u32, &'t crate::task::Params), SubmitError> {
         let k = task.resolve(&self.sh.registry, dtype)?;
         if let Some(why) = self.broken() {
             return Err(SubmitError::NoWorkers(why));
