@@ -15,7 +15,7 @@ use crate::sync::{AtomicU32, AtomicU64};
 /// `b"mk1-seg\0"` as a little-endian u64: the first eight bytes of every segment.
 pub const MAGIC: u64 = u64::from_le_bytes(*b"mk1-seg\0");
 /// Bumped on every change to a `repr(C)` struct in this module.
-pub const LAYOUT_VERSION: u32 = 9;
+pub const LAYOUT_VERSION: u32 = 10;
 /// Separation between data written by different processes (two 64-byte lines: the adjacent-line
 /// prefetcher on x86_64 pulls pairs, see crossbeam's `CachePadded`).
 pub const LINE: u64 = 128;
@@ -177,7 +177,7 @@ pub struct ProducerShared {
 /// Most dimensions of a task's array.
 pub const MAX_DIMS: usize = 4;
 /// Most arrays packed into one slot of a task.
-pub const MAX_ITEMS: usize = 32;
+pub const MAX_ITEMS: usize = 64;
 /// Bytes of a task's parameters: 16 little-endian 8-byte words.
 pub const PARAM_BYTES: usize = 128;
 /// Bytes of a failed task's message kept in the descriptor.
@@ -244,10 +244,10 @@ pub struct TaskDesc {
     pub params: [u8; PARAM_BYTES],
     /// The output shape when `out_ndim != 0`.
     pub out_shape: [u32; MAX_DIMS],
+    /// Written by the worker: bit `i` set if item `i` failed.
+    pub failed_mask: u64,
     /// Written by the worker: [`TASK_OK`] or [`TASK_FAILED`] (anything else is a failure).
     pub status: u32,
-    /// Written by the worker: bit `i` set if item `i` failed.
-    pub failed_mask: u32,
     /// Written by the worker: bytes of `message` in use.
     pub message_len: u32,
     /// Written by the worker: 1 if the first failure was a panic, 0 if the kernel returned an
@@ -300,8 +300,8 @@ impl TaskDesc {
             items: [ITEM; MAX_ITEMS],
             params: [0; PARAM_BYTES],
             out_shape: [0; MAX_DIMS],
-            status: 0,
             failed_mask: 0,
+            status: 0,
             message_len: 0,
             panicked: 0,
             detail_len: 0,
@@ -437,13 +437,14 @@ const _: () = {
     assert!(offset_of!(TaskDesc, items) == 40);
     assert!(offset_of!(TaskDesc, params) == 40 + 24 * MAX_ITEMS);
     assert!(offset_of!(TaskDesc, out_shape) == 40 + 24 * MAX_ITEMS + PARAM_BYTES);
-    assert!(offset_of!(TaskDesc, status) == 56 + 24 * MAX_ITEMS + PARAM_BYTES);
+    assert!(offset_of!(TaskDesc, failed_mask) == 56 + 24 * MAX_ITEMS + PARAM_BYTES);
+    assert!(offset_of!(TaskDesc, status) == 64 + 24 * MAX_ITEMS + PARAM_BYTES);
     // A layout has at most 2^31 - 1 slots (`Layout::new`): the flag is above every index.
     assert!((u32::MAX >> 1) as u64 <= DONE_OK);
     assert!(size_of::<OutDesc>() == 24);
     assert!(size_of::<TaskDesc>().is_multiple_of(64));
     assert!(DESC_STRIDE.is_multiple_of(64));
-    assert!(MAX_ITEMS <= 32); // failed_mask
+    assert!(MAX_ITEMS <= 64); // failed_mask
     assert!(size_of::<ProducerShared>() == LINE as usize);
     assert!(offset_of!(RingCtl, head) == LINE as usize);
     assert!(size_of::<TailLine>() == LINE as usize);

@@ -105,7 +105,7 @@ pub struct TaskResult {
     /// [`TASK_OK`] or [`TASK_FAILED`].
     pub status: u32,
     /// Bit `i`: item `i` failed.
-    pub failed_mask: u32,
+    pub failed_mask: u64,
     /// The first failure was a panic.
     pub panicked: bool,
     /// The first failure's message.
@@ -530,7 +530,7 @@ impl Segment {
                 }
                 other => {
                     result.status = TASK_FAILED;
-                    result.failed_mask = u32::MAX;
+                    result.failed_mask = u64::MAX;
                     result.message = format!("the worker left an invalid status {other:#x}");
                 }
             }

@@ -380,8 +380,10 @@ fn packed_loans_carry_several_arrays_per_task() {
         assert_eq!(got, &want[..], "array {k}");
     }
     drop(done);
-    // One failing array fails alone.
+    // One failing array fails alone. (A new packed loan starts empty: item lists are reused
+    // between batches.)
     let mut packed = producer.loan_packed(DType::I64, None).unwrap();
+    assert!(packed.is_empty());
     for v in [[1i64, 2], [-1, 5], [3, 4]] {
         assert!(packed
             .push_bytes(Shape::d1(2), mk1::array::as_bytes(&v))

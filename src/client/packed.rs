@@ -3,11 +3,11 @@
 //! time). Per-task costs (a ring entry, a descriptor, a doorbell, a worker wake-up) then count
 //! once per slot instead of once per array.
 
-use super::producer::{packed_offset, Handle, LoanError, Record, SubmitError, Ticket, PACK_MAX};
+use super::producer::{packed_offset, Handle, LoanError, SubmitError, Ticket, PACK_MAX};
 use super::{Producer, Task};
 use crate::array::{cast_mut, Shape};
 use crate::dtype::{DType, Element};
-use crate::layout::{ItemDesc, TaskDesc, MAX_ITEMS};
+use crate::layout::{ItemDesc, MAX_ITEMS};
 use crate::pool::Token;
 
 /// A loaned slot being filled with arrays of one dtype ([`Producer::loan_packed`]), each on its
@@ -133,6 +133,10 @@ impl Drop for PackedLoan<'_> {
         if let Some(t) = self.token.take() {
             self.producer.give_back(t, false, false);
         }
+        if self.items.capacity() > 0 {
+            self.producer
+                .recycle(Some(std::mem::take(&mut self.items)), None);
+        }
     }
 }
 
@@ -174,11 +178,15 @@ impl Producer<'_> {
         let slot = c.slot_bytes();
         let token = c.take_slot(0, deadline)?;
         c.loaned += 1;
+        let items = c
+            .spare_items
+            .pop()
+            .unwrap_or_else(|| Vec::with_capacity(MAX_ITEMS));
         Ok(PackedLoan {
             producer: self,
             token: Some(token),
             dtype,
-            items: Vec::with_capacity(MAX_ITEMS),
+            items,
             used: 0,
             limit: limit.map_or(slot, |l| l.min(slot)),
         })
@@ -219,30 +227,29 @@ impl Producer<'_> {
         let mut batch = batch;
         let mut token = batch.token.take().expect("a live batch holds its token");
         c.loaned -= 1;
-        let mut desc = TaskDesc::zeroed();
-        desc.seq = c.next_ticket();
+        let ticket = c.next_ticket();
+        let context = c.place_context(task.context_bytes(), &mut token);
+        let any = c.sh.registry.takes_any(kernel);
+        let first = batch.items[0];
+        let out_shape = Shape::from_raw(first.ndim, first.shape).expect("pushed");
+        let r = c.fresh_record(&token);
+        r.dtype = batch.dtype;
+        r.out_shape = out_shape;
+        r.any = any;
+        let desc = &mut r.desc;
+        desc.seq = ticket;
         desc.kernel = kernel;
         desc.dtype = u32::from(batch.dtype.code());
         desc.out_dtype = desc.dtype;
         desc.count = batch.items.len() as u32;
-        (desc.params, desc.params_len) = params.encode();
+        desc.params_len = params.write_to(&mut desc.params);
         desc.items[..batch.items.len()].copy_from_slice(&batch.items);
-        (desc.context_offset, desc.context_len) = c.place_context(task.context_bytes(), &mut token);
-        let any = c.sh.registry.takes_any(kernel);
-        let first = batch.items[0];
-        let out_shape = Shape::from_raw(first.ndim, first.shape).expect("pushed");
-        c.send_new(
-            token,
-            Record {
-                desc,
-                dtype: batch.dtype,
-                out_shape,
-                attempts: 0,
-                mapped: false,
-                any,
-            },
-        );
+        (desc.context_offset, desc.context_len) = context;
+        c.send_recorded(token);
         c.ring_bells();
-        Ok(Ticket(desc.seq))
+        let mut items = std::mem::take(&mut batch.items);
+        items.clear();
+        c.spare_items.push(items);
+        Ok(Ticket(ticket))
     }
 }

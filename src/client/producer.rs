@@ -228,6 +228,10 @@ pub(crate) struct Core<'s> {
     quarantined: Vec<Token>,
     /// In place with `keep_copies`: each slot's input as submitted (by slot index).
     copies: Vec<Vec<u8>>,
+    /// Emptied item lists of packed loans and completions, kept for the next ones (no
+    /// allocation per batch while work flows).
+    pub(crate) spare_items: Vec<Vec<ItemDesc>>,
+    spare_outs: Vec<Vec<ItemOut>>,
     backoff: Backoff,
 }
 
@@ -323,6 +327,8 @@ impl<'s> Core<'s> {
                 }
             ],
             backoff: Backoff::for_mode(sh.spin),
+            spare_items: Vec::new(),
+            spare_outs: Vec::new(),
         }
     }
 
@@ -843,12 +849,15 @@ fn exit_words(ctl: &crate::coordinator::Control, w: usize) -> String {
 /// they keep using the other workers).
 pub struct Producer<'pool> {
     core: RefCell<Core<'pool>>,
+    /// The pool's shared state (also in the core; here to reach the segment without a borrow).
+    sh: &'pool Shared,
 }
 
 impl<'pool> Producer<'pool> {
     pub(crate) fn new(sh: &'pool Shared, p: u32) -> Producer<'pool> {
         Producer {
             core: RefCell::new(Core::new(sh, p)),
+            sh,
         }
     }
 
@@ -1055,6 +1064,11 @@ impl<'pool> Producer<'pool> {
         }
         .expect("found");
         c.held += 1;
+        let mut rest = if c.records[r.token.slot() as usize].desc.count > 1 {
+            c.spare_outs.pop().unwrap_or_default()
+        } else {
+            Vec::new()
+        };
         let rec = &c.records[r.token.slot() as usize];
         let mut items = (0..rec.desc.count as usize).map(|k| {
             let item = rec.desc.items[k];
@@ -1092,7 +1106,7 @@ impl<'pool> Producer<'pool> {
             }
         });
         let first = items.next().expect("a task has at least one array");
-        let rest = items.collect();
+        rest.extend(items);
         Some(Completion {
             producer: self,
             token: Some(r.token),
@@ -1132,17 +1146,16 @@ pub(crate) trait Handle {
     fn give_back(&self, token: Token, quarantine: bool, completion: bool);
     /// A completion's slot becomes a loan.
     fn reloan(&self);
+    /// An item list of a packed loan, or a completion's results, to reuse.
+    fn recycle(&self, items: Option<Vec<ItemDesc>>, outs: Option<Vec<ItemOut>>);
 }
 
 impl Handle for Producer<'_> {
     fn seg(&self) -> &crate::shm::Segment {
-        // The segment lives in the pool, which outlives every handle; the borrow of the core
-        // is only to reach the reference.
-        let sh: &Shared = self.core.borrow().sh;
-        &sh.seg
+        &self.sh.seg
     }
     fn slot_bytes(&self) -> u64 {
-        self.core().slot_bytes()
+        self.sh.seg.layout().classes()[0].slot_bytes
     }
     fn give_back(&self, token: Token, quarantine: bool, completion: bool) {
         let mut c = self.core();
@@ -1157,6 +1170,22 @@ impl Handle for Producer<'_> {
         let mut c = self.core();
         c.held -= 1;
         c.loaned += 1;
+    }
+    fn recycle(&self, items: Option<Vec<ItemDesc>>, outs: Option<Vec<ItemOut>>) {
+        // (A few are enough: one per batch in flight at most is ever taken.)
+        let mut c = self.core();
+        if let Some(mut v) = items.filter(|v| v.capacity() > 0) {
+            if c.spare_items.len() < 64 {
+                v.clear();
+                c.spare_items.push(v);
+            }
+        }
+        if let Some(mut v) = outs.filter(|v| v.capacity() > 0) {
+            if c.spare_outs.len() < 64 {
+                v.clear();
+                c.spare_outs.push(v);
+            }
+        }
     }
 }
 
@@ -1273,7 +1302,7 @@ pub struct Completion<'p> {
 
 /// One array's outcome in a completion.
 #[derive(Debug, Clone)]
-struct ItemOut {
+pub(crate) struct ItemOut {
     /// Byte offset of its output in the slot's output (or, in place, its data).
     offset: usize,
     dtype: DType,
@@ -1484,6 +1513,10 @@ impl Drop for Completion<'_> {
     fn drop(&mut self) {
         if let Some(t) = self.token.take() {
             self.producer.give_back(t, self.quarantine, true);
+        }
+        if self.rest.capacity() > 0 {
+            self.producer
+                .recycle(None, Some(std::mem::take(&mut self.rest)));
         }
     }
 }

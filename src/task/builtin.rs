@@ -290,6 +290,25 @@ fn elem_op<T: Element>(code: u32, p: &Params) -> Result<ElemOp<T>, String> {
     Ok(op)
 }
 
+/// Runs a built-in op that [`validate`] accepted on every array `arrays` yields (bytes of
+/// elements of `dtype`), in place, decoding the op once for all of them.
+pub(crate) fn run_prechecked_each<'b>(
+    code: u32,
+    p: &Params,
+    dtype: DType,
+    simd: Kernel,
+    arrays: impl Iterator<Item = &'b mut [u8]>,
+) {
+    with_dtype!(dtype, T => {
+        if let Ok(op) = elem_op::<T>(code, p) {
+            let op = TypedOp::prechecked(op);
+            for a in arrays {
+                op.apply(simd, crate::array::cast_mut::<T>(a));
+            }
+        }
+    })
+}
+
 /// Runs a built-in op that [`validate`] accepted on `data` (elements of `dtype`) in place.
 pub(crate) fn run_prechecked(code: u32, p: &Params, dtype: DType, simd: Kernel, data: &mut [u8]) {
     with_dtype!(dtype, T => {

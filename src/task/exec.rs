@@ -10,7 +10,8 @@ use super::{builtin, AnyArgs, AnyIo, Args, Io, KernelError, Output, Params, Regi
 use crate::array::{cast, cast_mut, Shape};
 use crate::dtype::{DType, Element};
 use crate::layout::{
-    OutDesc, TaskDesc, BUILTIN, MATRIX_ALIGN, MAX_ITEMS, MESSAGE_BYTES, TASK_FAILED, TASK_OK,
+    ItemDesc, OutDesc, TaskDesc, BUILTIN, MATRIX_ALIGN, MAX_ITEMS, MESSAGE_BYTES, TASK_FAILED,
+    TASK_OK,
 };
 use crate::ops::Kernel;
 use crate::shm::{TaskBuffers, TaskResult};
@@ -157,8 +158,25 @@ impl<'r> Executor<'r> {
         bufs: TaskBuffers<'_>,
     ) -> Result<TaskResult, String> {
         let task = check(desc, &bufs, self.registry)?;
-        let mut result = TaskResult::ok();
         let mut bufs = bufs;
+        if desc.kernel >= BUILTIN {
+            // A built-in op (validated by `check`, so it cannot fail): decoded once, applied to
+            // each array in turn (out of place: on the output, after copying the input there).
+            let items = &desc.items[..desc.count as usize];
+            let (out, input) = match &mut bufs {
+                TaskBuffers::InPlace(b) => (&mut **b, None),
+                TaskBuffers::OutOfPlace(i, o) => (&mut **o, Some(*i)),
+            };
+            let arrays = disjoint_arrays(out, items, task.dtype).map(|(at, a)| {
+                if let Some(i) = input {
+                    a.copy_from_slice(&i[at..at + a.len()]);
+                }
+                a
+            });
+            builtin::run_prechecked_each(desc.kernel, &task.params, task.dtype, self.simd, arrays);
+            return Ok(TaskResult::ok());
+        }
+        let mut result = TaskResult::ok();
         let any = desc.kernel < BUILTIN
             && self
                 .registry
@@ -284,6 +302,28 @@ impl<'r> Executor<'r> {
             Err(p) => Err((p, true)),
         }
     }
+}
+
+/// Each item's bytes in `buf` (with its offset), as disjoint mutable slices: `check` made sure
+/// the items come in increasing order without overlap and fit.
+fn disjoint_arrays<'b>(
+    buf: &'b mut [u8],
+    items: &'b [ItemDesc],
+    dtype: DType,
+) -> impl Iterator<Item = (usize, &'b mut [u8])> {
+    let mut rest = buf;
+    let mut pos = 0usize;
+    items.iter().map(move |item| {
+        let at = item.offset as usize;
+        let n = Shape::from_raw(item.ndim, item.shape)
+            .expect("checked")
+            .bytes(dtype) as usize;
+        let (_, tail) = std::mem::take(&mut rest).split_at_mut(at - pos);
+        let (array, tail) = tail.split_at_mut(n);
+        rest = tail;
+        pos = at + n;
+        (at, array)
+    })
 }
 
 /// What validation found.
