@@ -416,7 +416,7 @@ impl Segment {
         // `task_spans` gives byte ranges inside a `TaskDesc` (clamped counts), so every range
         // written lies inside it.
         unsafe {
-            for (at, len) in task_spans(desc) {
+            for (at, len) in task_spans(desc).into_iter().filter(|&(_, len)| len > 0) {
                 core::ptr::copy_nonoverlapping(
                     (desc as *const TaskDesc).cast::<u8>().add(at),
                     dst.cast::<u8>().add(at),
@@ -439,7 +439,7 @@ impl Segment {
         // validation).
         unsafe {
             core::ptr::copy_nonoverlapping(src.cast::<u8>(), (out as *mut TaskDesc).cast(), head);
-            for (at, len) in task_spans(out) {
+            for (at, len) in task_spans(out).into_iter().filter(|&(_, len)| len > 0) {
                 core::ptr::copy_nonoverlapping(
                     src.cast::<u8>().add(at),
                     (out as *mut TaskDesc).cast::<u8>().add(at),

@@ -345,8 +345,9 @@ impl<'s> Core<'s> {
             return Err(SubmitError::NoWorkers(why));
         }
         let context = task.context_bytes().len() as u64;
-        let room = TaskDesc::context_offset_for(context, self.slot_bytes()).unwrap_or(0);
-        if context > 0 && room < used {
+        if context > 0
+            && TaskDesc::context_offset_for(context, self.slot_bytes()).unwrap_or(0) < used
+        {
             return Err(SubmitError::OutShape(format!(
                 "{used} bytes of arrays and {context} bytes of context do not fit a slot of {} \
                  bytes (PoolBuilder::max_array_bytes)",
@@ -373,12 +374,22 @@ impl<'s> Core<'s> {
         self.sh.seg.layout().classes()[0].slot_bytes
     }
 
+    /// Why the pool can run nothing any more, if it cannot (checked on every submit: two
+    /// loads when all is well, the words only otherwise).
+    #[inline]
     pub(crate) fn broken(&self) -> Option<String> {
+        if !self.sh.terminating.load(Ordering::Acquire)
+            && !self.sh.ctl.no_workers.load(Ordering::Acquire)
+        {
+            return None;
+        }
+        self.broken_why()
+    }
+
+    #[cold]
+    fn broken_why(&self) -> Option<String> {
         if self.sh.terminating.load(Ordering::Acquire) {
             return Some("the pool was terminated".into());
-        }
-        if !self.sh.ctl.no_workers.load(Ordering::Acquire) {
-            return None;
         }
         Some(
             self.sh
@@ -1078,15 +1089,12 @@ impl<'pool> Producer<'pool> {
             }
             .unwrap_or_else(|| {
                 // A single task may have asked for an output shape of its own.
-                let own = Shape::from_raw(item.ndim, item.shape).expect("ours");
-                (
-                    rec.dtype,
-                    if rec.desc.count == 1 {
-                        rec.out_shape
-                    } else {
-                        own
-                    },
-                )
+                if rec.desc.count == 1 {
+                    (rec.dtype, rec.out_shape)
+                } else {
+                    let own = Shape::from_raw(item.ndim, item.shape).expect("ours");
+                    (rec.dtype, own)
+                }
             });
             let result = match &r.outcome {
                 Outcome::Done(res) if res.status == TASK_OK || res.failed_mask & (1 << k) == 0 => {
