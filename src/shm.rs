@@ -147,13 +147,13 @@ pub struct Segment {
     coordinator_pid: u32,
 }
 
-/// The byte ranges `(offset, len)` of a task descriptor's request that travel: the head and
-/// the `count` items in use, the `params_len` bytes of parameters in use, and the output shape
-/// when one is set (counts clamped, so the ranges stay inside a `TaskDesc` whatever `desc`
+/// The byte ranges `(offset, len)` of a task descriptor's request that travel: the head, the
+/// `count` items in use (the first shares the head's cache line), the `params_len` bytes of
+/// parameters in use, and the output shape when one is set (counts clamped, so the ranges stay inside a `TaskDesc` whatever `desc`
 /// holds).
-fn task_spans(desc: &TaskDesc) -> [(usize, usize); 3] {
-    let items = core::mem::offset_of!(TaskDesc, items)
-        + (desc.count as usize).min(MAX_ITEMS) * core::mem::size_of::<ItemDesc>();
+fn task_spans(desc: &TaskDesc) -> [(usize, usize); 4] {
+    let head = core::mem::offset_of!(TaskDesc, items);
+    let items = (desc.count as usize).min(MAX_ITEMS) * core::mem::size_of::<ItemDesc>();
     let params = (desc.params_len as usize).min(crate::layout::PARAM_BYTES);
     let shape = if desc.out_ndim != 0 {
         core::mem::size_of_val(&desc.out_shape)
@@ -161,7 +161,8 @@ fn task_spans(desc: &TaskDesc) -> [(usize, usize); 3] {
         0
     };
     [
-        (0, items),
+        (0, head),
+        (head, items),
         (core::mem::offset_of!(TaskDesc, params), params),
         (core::mem::offset_of!(TaskDesc, out_shape), shape),
     ]
@@ -410,13 +411,16 @@ impl Segment {
     /// [`crate::layout::DONE_OK`].
     pub fn write_task(&self, token: &Token, desc: &TaskDesc) {
         let dst = self.task_ptr(token);
+        let [head, items, params, shape] = task_spans(desc);
+        // (The head and the items are contiguous: one copy.)
+        let spans = [(0, head.1 + items.1), params, shape];
         // SAFETY: holding the token means owning the slot and its descriptor (its previous
         // owner's ring push was Release, our pop Acquire), so nobody following the protocol
         // touches it meanwhile. The descriptor is DESC_STRIDE = size_of::<TaskDesc>() bytes;
-        // `task_spans` gives byte ranges inside a `TaskDesc` (clamped counts), so every range
-        // written lies inside it.
+        // `task_spans` gives byte ranges inside a `TaskDesc` (clamped counts; the head ends
+        // where the items start), so every range written lies inside it.
         unsafe {
-            for (at, len) in task_spans(desc).into_iter().filter(|&(_, len)| len > 0) {
+            for (at, len) in spans.into_iter().filter(|&(_, len)| len > 0) {
                 core::ptr::copy_nonoverlapping(
                     (desc as *const TaskDesc).cast::<u8>().add(at),
                     dst.cast::<u8>().add(at),
@@ -439,7 +443,13 @@ impl Segment {
         // validation).
         unsafe {
             core::ptr::copy_nonoverlapping(src.cast::<u8>(), (out as *mut TaskDesc).cast(), head);
-            for (at, len) in task_spans(out).into_iter().filter(|&(_, len)| len > 0) {
+            // The rest as the copied head says (not read again: a racing writer cannot make
+            // the counts and what was copied disagree).
+            for (at, len) in task_spans(out)
+                .into_iter()
+                .skip(1)
+                .filter(|&(_, len)| len > 0)
+            {
                 core::ptr::copy_nonoverlapping(
                     src.cast::<u8>().add(at),
                     (out as *mut TaskDesc).cast::<u8>().add(at),

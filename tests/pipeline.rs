@@ -124,3 +124,30 @@ fn a_token_can_come_straight_back_through_a_ring_of_one() {
         );
     }
 }
+
+#[test]
+fn progress_moves_during_a_run_in_both_issue_paths() {
+    // The fused one-matrix path and the packed path both report progress while they work,
+    // not only at the end.
+    for max_dim in [128, 16] {
+        let seen = std::sync::Mutex::new(Vec::new());
+        let progress = |p: &mk1::Progress| seen.lock().unwrap().push(p.matrices);
+        let hooks = mk1::Hooks {
+            progress: Some(&progress),
+            stop_signal: None,
+        };
+        let cfg = Config::default()
+            .workers(1)
+            .max_dim(max_dim)
+            .stop(Stop::After(std::time::Duration::from_millis(700)))
+            .worker_exe(MK1);
+        let r = mk1::run(&cfg, &hooks).expect("starts");
+        assert!(r.verified, "{r}");
+        let seen = seen.into_inner().unwrap();
+        assert!(
+            seen.iter().any(|&m| m > 0 && m < r.matrices),
+            "progress while running at max-dim {max_dim}: {seen:?} of {}",
+            r.matrices
+        );
+    }
+}

@@ -12,7 +12,7 @@
 //!
 //! Sequence numbers come from tickets (a handle numbers its tasks 0, 1, 2, … as they are
 //! submitted), so no table maps a completion back to what was filled into it: matrix `i` of
-//! the task with ticket `t`, sent by producer `p` of `P`, is matrix `(t · 32 + i) · P + p`,
+//! the task with ticket `t`, sent by producer `p` of `P`, is matrix `(t · 64 + i) · P + p`,
 //! filled from [`super::fill_base`] of that number.
 //!
 //! A task whose worker died (in place: its matrix is lost with it), or that ran past the
@@ -152,8 +152,8 @@ pub fn run(cfg: &Config, hooks: &Hooks<'_>) -> Result<Report, RunError> {
         .collect();
     let stop = AtomicBool::new(false);
     let done: Vec<Padded<AtomicU64>> = (0..producers).map(|_| Padded(AtomicU64::new(0))).collect();
-    // `finished[p]`: producer thread `p` returned normally.
-    let finished: Vec<AtomicBool> = (0..producers).map(|_| AtomicBool::new(false)).collect();
+    // `panics[p]`: producer thread `p` is unwinding (set by its `PanicFlag`).
+    let panics: Vec<AtomicBool> = (0..producers).map(|_| AtomicBool::new(false)).collect();
     let start = Instant::now();
     let deadline = match cfg.stop {
         Stop::After(d) => {
@@ -196,7 +196,7 @@ pub fn run(cfg: &Config, hooks: &Hooks<'_>) -> Result<Report, RunError> {
             };
             let (job, done) = (&job, &done[p as usize].0);
             let (handle, stats) = ready[p as usize].take().expect("each producer starts once");
-            let finished = &finished[p as usize];
+            let panicked = &panics[p as usize];
             let shapes = super::Shapes::new(
                 cfg.seed ^ (u64::from(p) << 32) ^ 0x5eed,
                 cfg.min_dim,
@@ -205,6 +205,7 @@ pub fn run(cfg: &Config, hooks: &Hooks<'_>) -> Result<Report, RunError> {
             let spawned = std::thread::Builder::new()
                 .name(format!("mk1-producer-{p}"))
                 .spawn_scoped(scope, move || {
+                    let _flag = PanicFlag(panicked);
                     if let Some(cpu) = cpu {
                         let _ = sys::pin_to_cpu(cpu);
                     }
@@ -220,7 +221,6 @@ pub fn run(cfg: &Config, hooks: &Hooks<'_>) -> Result<Report, RunError> {
                     };
                     feed.run(&handle);
                     drop(handle);
-                    finished.store(true, Ordering::Release);
                     feed.stats
                 });
             match spawned {
@@ -242,7 +242,7 @@ pub fn run(cfg: &Config, hooks: &Hooks<'_>) -> Result<Report, RunError> {
             std::thread::sleep(TICK);
             if let Some(sig) = hooks.stop_signal {
                 let s = sig.load(Ordering::Relaxed);
-                if s != 0 && !stop.load(Ordering::Relaxed) {
+                if s != 0 && signal.is_none() {
                     signal = Some(s as i32);
                     interrupted.get_or_insert_with(|| signal_name(s));
                     stop.store(true, Ordering::Relaxed);
@@ -259,12 +259,9 @@ pub fn run(cfg: &Config, hooks: &Hooks<'_>) -> Result<Report, RunError> {
                     pool.wind_down();
                 }
             }
-            // A thread that ended without saying so panicked: stop issuing (its counts are
-            // lost, and the report says the run is not verified).
-            let panicked = handles
-                .iter()
-                .zip(&finished)
-                .any(|(h, f)| h.is_finished() && !f.load(Ordering::Acquire));
+            // A producer thread panicked: stop issuing (its counts are lost, and the report
+            // says the run is not verified).
+            let panicked = panics.iter().any(|f| f.load(Ordering::Acquire));
             if panicked && !stop.load(Ordering::Relaxed) {
                 interrupted.get_or_insert_with(|| "a producer thread panicked".into());
                 stop.store(true, Ordering::Relaxed);
@@ -305,6 +302,17 @@ pub fn run(cfg: &Config, hooks: &Hooks<'_>) -> Result<Report, RunError> {
     report.interrupted = interrupted.or(fared.gave_up);
     report.signal = signal;
     Ok(report)
+}
+
+/// Raises its flag if dropped while its thread unwinds (a producer thread panicked).
+struct PanicFlag<'a>(&'a AtomicBool);
+
+impl Drop for PanicFlag<'_> {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.0.store(true, Ordering::Release);
+        }
+    }
 }
 
 /// What every producer thread shares.
@@ -387,12 +395,13 @@ impl Feed<'_> {
     fn run(&mut self, h: &Producer<'_>) {
         while self.may_issue(clock::now()) && self.issue(h) {}
         while let Some(c) = h.recv() {
-            if self.complete(h, c) {
+            let recycled = self.complete(h, c);
+            self.done.store(self.stats.matrices, Ordering::Relaxed);
+            if recycled {
                 // The slot went straight into the next task; no other slot came free.
                 continue;
             }
             while self.may_issue(clock::now()) && self.issue(h) {}
-            self.done.store(self.stats.matrices, Ordering::Relaxed);
         }
         // (Nothing is out: whatever is still owed could not be issued.)
         self.no_workers();
@@ -423,7 +432,7 @@ impl Feed<'_> {
                 n += 1;
             }
             self.charge(n);
-            h.submit_packed(b, self.job.task).map_err(|e| e.error)
+            h.submit_packed(b, self.job.task).map_err(|e| (n, e.error))
         } else {
             let (r, c) = self.shapes.next_shape();
             let mut loan = match h.try_loan::<i32>(Shape::d2(r, c)) {
@@ -436,15 +445,17 @@ impl Feed<'_> {
             let base = self.base(self.seq(ticket, 0));
             self.job.kernels.fill(base, loan.as_mut_slice());
             self.charge(1);
-            h.submit(loan, self.job.task).map_err(|e| e.error)
+            h.submit(loan, self.job.task).map_err(|e| (1, e.error))
         };
         match submitted {
             Ok(_) => {
                 self.stats.first_issue.get_or_insert_with(clock::now);
                 true
             }
-            Err(_) => {
-                // Only a pool without workers refuses a task it accepted before.
+            Err((n, _)) => {
+                // Only a pool without workers refuses a task it accepted before (the op was
+                // checked when the run started): what was charged is lost with the rest.
+                self.stats.lost += n;
                 self.no_workers();
                 false
             }
@@ -491,7 +502,9 @@ impl Feed<'_> {
         self.returned(&c, now);
         let w = c.worker().unwrap_or(0);
         let ticket = c.ticket().0;
-        if count > 1 || !self.may_issue(now) {
+        // (Batches are checked array by array and their slot packed anew: the fused pass is for
+        // one matrix per task.)
+        if self.job.batch > 1 || !self.may_issue(now) {
             for i in 0..c.len() {
                 let seq = self.seq(ticket, i);
                 let base = self.base(seq);
@@ -538,6 +551,7 @@ impl Feed<'_> {
         }
         self.charge(1);
         if h.submit(loan, self.job.task).is_err() {
+            self.stats.lost += 1;
             self.no_workers();
             return false;
         }
