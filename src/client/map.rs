@@ -7,9 +7,7 @@
 
 use std::collections::VecDeque;
 
-use super::producer::{
-    packed_offset, produced, Core, Outcome, Producer, Record, TaskError, PACK_MAX,
-};
+use super::producer::{packed_offset, produced, Core, Outcome, Producer, TaskError, PACK_MAX};
 use super::{SubmitError, Task};
 use crate::array::{as_bytes, cast, Array, AsArray, Shape};
 use crate::dtype::Element;
@@ -166,15 +164,22 @@ where
         let Some(mut token) = c.slots.take(0) else {
             return false;
         };
-        let mut desc = TaskDesc::zeroed();
+        // The descriptor is built in place in the slot's record (no copy of a whole one).
+        let sh = c.sh;
+        let record = c.fresh_record(&token);
+        record.dtype = dtype;
+        record.out_shape = Shape::d1(0);
+        record.mapped = true;
+        record.any = self.any;
+        let desc = &mut record.desc;
         desc.kernel = self.kernel;
         desc.dtype = u32::from(dtype.code());
         desc.out_dtype = desc.dtype;
-        (desc.params, desc.params_len) = self.params.encode();
+        desc.params_len = self.params.write_to(&mut desc.params);
         desc.seq = self.next_in;
         let mut used = 0u64;
         let mut count = 0usize;
-        let data = c.sh.seg.slot_bytes_mut(&mut token);
+        let data = sh.seg.slot_bytes_mut(&mut token);
         while count < PACK_MAX && self.next_in - self.next_out < self.window {
             let Some(item) = self.pending.take().or_else(|| self.inputs.next()) else {
                 self.exhausted = true;
@@ -239,19 +244,11 @@ where
             c.release(token, false);
             return false;
         }
-        (desc.context_offset, desc.context_len) = c.place_context(context, &mut token);
         desc.count = count as u32;
-        c.send_new(
-            token,
-            Record {
-                desc,
-                dtype,
-                out_shape: Shape::d1(0),
-                attempts: 0,
-                mapped: true,
-                any: self.any,
-            },
-        );
+        let context = c.place_context(context, &mut token);
+        let desc = &mut c.records[token.slot() as usize].desc;
+        (desc.context_offset, desc.context_len) = context;
+        c.send_recorded(token);
         self.out += 1;
         true
     }

@@ -3,7 +3,9 @@
 //! time). Per-task costs (a ring entry, a descriptor, a doorbell, a worker wake-up) then count
 //! once per slot instead of once per array.
 
-use super::producer::{packed_offset, Handle, LoanError, SubmitError, Ticket, PACK_MAX};
+use super::producer::{
+    keep_spare, packed_offset, Handle, LoanError, SubmitError, Ticket, PACK_MAX,
+};
 use super::{Producer, Task};
 use crate::array::{cast_mut, Shape};
 use crate::dtype::{DType, Element};
@@ -247,9 +249,7 @@ impl Producer<'_> {
         (desc.context_offset, desc.context_len) = context;
         c.send_recorded(token);
         c.ring_bells();
-        let mut items = std::mem::take(&mut batch.items);
-        items.clear();
-        c.spare_items.push(items);
+        keep_spare(&mut c.spare_items, std::mem::take(&mut batch.items));
         Ok(Ticket(ticket))
     }
 }

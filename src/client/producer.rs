@@ -420,13 +420,6 @@ impl<'s> Core<'s> {
         }
     }
 
-    /// Writes the record's descriptor into the slot and sends it (or parks it for redo when no
-    /// worker can take it now).
-    pub(crate) fn send_new(&mut self, token: Token, record: Record) {
-        self.records[token.slot() as usize] = record;
-        self.send_recorded(token);
-    }
-
     /// The record of `token`'s slot for a new task: its request fields cleared (the items and
     /// the result part are left as they are: `count` says which items count, and the result
     /// part is the worker's to write), to be filled in place and sent with
@@ -1180,20 +1173,21 @@ impl Handle for Producer<'_> {
         c.loaned += 1;
     }
     fn recycle(&self, items: Option<Vec<ItemDesc>>, outs: Option<Vec<ItemOut>>) {
-        // (A few are enough: one per batch in flight at most is ever taken.)
         let mut c = self.core();
-        if let Some(mut v) = items.filter(|v| v.capacity() > 0) {
-            if c.spare_items.len() < 64 {
-                v.clear();
-                c.spare_items.push(v);
-            }
+        if let Some(v) = items {
+            keep_spare(&mut c.spare_items, v);
         }
-        if let Some(mut v) = outs.filter(|v| v.capacity() > 0) {
-            if c.spare_outs.len() < 64 {
-                v.clear();
-                c.spare_outs.push(v);
-            }
+        if let Some(v) = outs {
+            keep_spare(&mut c.spare_outs, v);
         }
+    }
+}
+
+/// Keeps an emptied list for reuse (a few are enough: at most one per slot is ever taken).
+pub(crate) fn keep_spare<T>(spares: &mut Vec<Vec<T>>, mut v: Vec<T>) {
+    if v.capacity() > 0 && spares.len() < 64 {
+        v.clear();
+        spares.push(v);
     }
 }
 

@@ -99,8 +99,6 @@ pub(crate) struct Control {
     /// `abandoned[w]`: worker `w` could not be killed; producers give up its tokens as lost
     /// (the run has stopped issuing, so their slots are never reused).
     pub(crate) abandoned: Vec<AtomicBool>,
-    /// `idle[p]`: producer `p` stopped issuing and has every token home.
-    pub(crate) idle: Vec<AtomicBool>,
     /// `flow[p][w]`: tokens producer `p` has sent to worker `w` and has had back (returned or
     /// reclaimed). Process-local, written only by producer `p`, so the watchdog's notion of
     /// "owes tokens and makes no progress" cannot be faked by a worker.
@@ -129,7 +127,6 @@ impl Control {
             last_exit: (0..workers).map(|_| Mutex::new(String::new())).collect(),
             no_workers: AtomicBool::new(false),
             abandoned: per_worker(),
-            idle: (0..producers).map(|_| AtomicBool::new(false)).collect(),
             flow: (0..producers)
                 .map(|_| {
                     (0..workers)

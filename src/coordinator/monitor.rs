@@ -572,7 +572,6 @@ impl<'a> Monitor<'a> {
             if let Some(e) = self.exits.iter_mut().rev().find(|e| e.worker == w) {
                 e.reclaimed_tokens = ctl.reclaimed[w as usize].swap(0, Ordering::Relaxed);
             }
-            let all_idle = ctl.idle.iter().all(|i| i.load(Ordering::Acquire));
             if let Some(why) = self.start_failed[w as usize].clone() {
                 // Refused once: a program that cannot serve would only fail again.
                 self.stop_with(format!(
@@ -582,13 +581,11 @@ impl<'a> Monitor<'a> {
                 self.gone_for_good[w as usize] = true;
                 continue;
             }
-            if self.restarts >= self.cfg.max_restarts || all_idle {
-                if self.restarts >= self.cfg.max_restarts {
-                    self.stop_with(format!(
-                        "more than {} worker restarts",
-                        self.cfg.max_restarts
-                    ));
-                }
+            if self.restarts >= self.cfg.max_restarts {
+                self.stop_with(format!(
+                    "more than {} worker restarts",
+                    self.cfg.max_restarts
+                ));
                 self.gone_for_good[w as usize] = true;
                 continue;
             }

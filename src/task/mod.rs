@@ -115,13 +115,6 @@ impl Params {
         self.u64(i).map(|w| w as i64)
     }
 
-    /// Into descriptor bytes: `(bytes, len)`.
-    pub(crate) fn encode(&self) -> ([u8; PARAM_BYTES], u32) {
-        let mut b = [0u8; PARAM_BYTES];
-        let len = self.write_to(&mut b);
-        (b, len)
-    }
-
     /// Writes the words in use into `out` (the rest is left as it is); returns their length
     /// in bytes.
     pub(crate) fn write_to(&self, out: &mut [u8; PARAM_BYTES]) -> u32 {
@@ -300,7 +293,8 @@ mod tests {
     #[test]
     fn params_round_trip_through_descriptor_bytes() {
         let p = Params::from_f64(&[3.0, -1.5]).unwrap();
-        let (b, len) = p.encode();
+        let mut b = [0u8; PARAM_BYTES];
+        let len = p.write_to(&mut b);
         assert_eq!(len, 16);
         let q = Params::decode(&b, len).unwrap();
         assert_eq!(q.f64(1).unwrap(), -1.5);
