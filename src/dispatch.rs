@@ -1,7 +1,7 @@
 //! Which worker gets the next token: one small trait, three policies.
 
 use rand::rngs::SmallRng;
-use rand::{Rng, SeedableRng};
+use rand::{RngCore, SeedableRng};
 
 /// Which worker gets the next token.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -56,14 +56,21 @@ pub fn policy(kind: DispatchKind, seed: u64) -> Box<dyn Dispatch> {
     }
 }
 
+/// The first usable worker from `from` on, wrapping around (`from` may be `usable.len()`).
+#[inline]
 fn next_usable(usable: &[bool], from: usize) -> Option<usize> {
     let n = usable.len();
-    (0..n).map(|i| (from + i) % n).find(|&w| usable[w])
+    let from = if from >= n { 0 } else { from };
+    // (No division on the hot path: the first candidate is usable while all is well.)
+    (from..n).chain(0..from).find(|&w| usable[w])
 }
 
 impl Dispatch for Random {
     fn pick(&mut self, v: &WorkerView<'_>) -> Option<u32> {
-        let w = self.0.random_range(0..v.usable.len());
+        // Multiply-shift (Lemire) maps 64 random bits onto 0..n without a division; its bias,
+        // at most n / 2^64, is far below anything measurable.
+        let n = v.usable.len() as u64;
+        let w = ((u128::from(self.0.next_u64()) * u128::from(n)) >> 64) as usize;
         // A dead worker's turn goes to the next live one: still uniform when all are alive.
         next_usable(v.usable, w).map(|w| w as u32)
     }
@@ -80,8 +87,9 @@ impl Dispatch for RoundRobin {
 impl Dispatch for LeastLoaded {
     fn pick(&mut self, v: &WorkerView<'_>) -> Option<u32> {
         let n = v.usable.len();
-        let w = (0..n)
-            .map(|i| (self.0 + i) % n)
+        let from = if self.0 >= n { 0 } else { self.0 };
+        let w = (from..n)
+            .chain(0..from)
             .filter(|&w| v.usable[w])
             .min_by_key(|&w| v.load[w])?;
         self.0 = w + 1;

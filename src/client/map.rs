@@ -7,11 +7,11 @@
 
 use std::collections::VecDeque;
 
-use super::producer::{packed_offset, produced, Core, Outcome, Producer, TaskError, PACK_MAX};
+use super::producer::{packed_offset, Core, Producer, TaskError, PACK_MAX};
 use super::{SubmitError, Task};
 use crate::array::{as_bytes, cast, Array, AsArray, Shape};
 use crate::dtype::Element;
-use crate::layout::{ItemDesc, TaskDesc, TASK_OK};
+use crate::layout::{ItemDesc, TaskDesc};
 use crate::task::Params;
 
 /// One array's result.
@@ -266,20 +266,19 @@ where
             {
                 let rec = &c.records[r.token.slot() as usize];
                 // Only for an answered task: a quarantined slot may still be written.
-                let results = match &r.outcome {
-                    Outcome::Done(_) => Some(c.sh.seg.result_bytes(&r.token)),
-                    Outcome::Failed(_) => None,
-                };
+                let results = r
+                    .outcome
+                    .answered()
+                    .then(|| c.sh.seg.result_bytes(&r.token));
                 for (k, item) in rec.desc.items[..rec.desc.count as usize].iter().enumerate() {
                     let seq = rec.desc.seq + k as u64;
                     let shape = Shape::from_raw(item.ndim, item.shape).expect("ours");
-                    let result = match (&r.outcome, results) {
-                        (Outcome::Failed(e), _) => Err(e.clone()),
-                        (Outcome::Done(res), Some(results))
-                            if res.status == TASK_OK || res.failed_mask & (1 << k) == 0 =>
-                        {
+                    let result = match (r.outcome.item_error(k), results) {
+                        (Some(e), _) => Err(e),
+                        (None, Some(results)) => {
                             type E<I> = <<I as Iterator>::Item as AsArray>::Elem;
-                            let (dtype, shape) = produced(res, k).unwrap_or((rec.dtype, shape));
+                            let (dtype, shape) =
+                                r.outcome.produced(k).unwrap_or((rec.dtype, shape));
                             let at = item.offset as usize;
                             let n = shape.bytes(dtype) as usize;
                             if dtype == <E<I> as Element>::DTYPE {
@@ -292,10 +291,7 @@ where
                                 })
                             }
                         }
-                        (Outcome::Done(res), _) => Err(TaskError::Kernel {
-                            message: res.message.clone(),
-                            panicked: res.panicked,
-                        }),
+                        (None, None) => unreachable!("a task without an answer failed"),
                     };
                     self.done(seq, result);
                 }

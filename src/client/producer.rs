@@ -9,6 +9,7 @@
 use std::cell::RefCell;
 use std::collections::VecDeque;
 use std::marker::PhantomData;
+use std::ptr::NonNull;
 use std::time::{Duration, Instant};
 
 use super::{Mode, Shared, Task};
@@ -164,12 +165,46 @@ impl<T: Element> std::fmt::Debug for Rejected<'_, T> {
     }
 }
 
-/// How a returned token went.
+/// How a returned token went. (Small: it waits in the ready queue; the rare answers are boxed.)
 pub(crate) enum Outcome {
-    /// The worker's answer.
-    Done(TaskResult),
+    /// Every array succeeded, each output as requested: the worker said so in the token word.
+    Ok,
+    /// The worker's answer in the descriptor.
+    Done(Box<TaskResult>),
     /// No answer: the task failed as a whole.
-    Failed(TaskError),
+    Failed(Box<TaskError>),
+}
+
+impl Outcome {
+    pub(crate) fn failed(e: TaskError) -> Outcome {
+        Outcome::Failed(Box::new(e))
+    }
+
+    /// Array `k`'s error, if it failed.
+    pub(crate) fn item_error(&self, k: usize) -> Option<TaskError> {
+        match self {
+            Outcome::Ok => None,
+            Outcome::Done(res) if res.status == TASK_OK || res.failed_mask & (1 << k) == 0 => None,
+            Outcome::Done(res) => Some(TaskError::Kernel {
+                message: res.message.clone(),
+                panicked: res.panicked,
+            }),
+            Outcome::Failed(e) => Some((**e).clone()),
+        }
+    }
+
+    /// Array `k`'s output as its kernel reported it (kernels for any dtype).
+    pub(crate) fn produced(&self, k: usize) -> Option<(DType, Shape)> {
+        match self {
+            Outcome::Done(res) => produced(res, k),
+            Outcome::Ok | Outcome::Failed(_) => None,
+        }
+    }
+
+    /// A worker answered (its slot's result region is written, and no longer its).
+    pub(crate) fn answered(&self) -> bool {
+        !matches!(self, Outcome::Failed(_))
+    }
 }
 
 /// A task's trusted record, by slot.
@@ -401,6 +436,19 @@ impl<'s> Core<'s> {
         )
     }
 
+    /// Where the first completion for `recv` waits in `ready` (a running `map`'s are skipped).
+    #[inline]
+    pub(crate) fn first_ready(&self) -> Option<usize> {
+        let front = self.ready.front()?;
+        // (Most often the first one is ours: no `map` runs.)
+        if !self.records[front.token.slot() as usize].mapped {
+            return Some(0);
+        }
+        self.ready
+            .iter()
+            .position(|r| !self.records[r.token.slot() as usize].mapped)
+    }
+
     pub(crate) fn peek_ticket(&self) -> u64 {
         self.next_ticket
     }
@@ -547,12 +595,14 @@ impl<'s> Core<'s> {
                         let rec = &self.records[token.slot() as usize];
                         // A plain success says so in the word; a kernel that decides its
                         // outputs always answers in the descriptor.
-                        let result = if word & DONE_OK != 0 && !rec.any {
-                            TaskResult::ok()
+                        let outcome = if word & DONE_OK != 0 && !rec.any {
+                            Outcome::Ok
                         } else {
-                            self.sh.seg.read_result(&token, &rec.desc, rec.any)
+                            Outcome::Done(Box::new(
+                                self.sh.seg.read_result(&token, &rec.desc, rec.any),
+                            ))
                         };
-                        self.finish(token, Outcome::Done(result), false, Some(w as u32));
+                        self.finish(token, outcome, false, Some(w as u32));
                         got = true;
                     }
                     Err(e) => {
@@ -603,7 +653,7 @@ impl<'s> Core<'s> {
             if timed_out && blamed {
                 self.finish(
                     t,
-                    Outcome::Failed(TaskError::Timeout(self.sh.cfg.worker_timeout)),
+                    Outcome::failed(TaskError::Timeout(self.sh.cfg.worker_timeout)),
                     false,
                     Some(w as u32),
                 );
@@ -629,7 +679,7 @@ impl<'s> Core<'s> {
                 let attempts = r.attempts.max(1);
                 self.finish(
                     t,
-                    Outcome::Failed(TaskError::WorkerDied {
+                    Outcome::failed(TaskError::WorkerDied {
                         how: how.clone(),
                         attempts,
                     }),
@@ -670,7 +720,7 @@ impl<'s> Core<'s> {
                 for t in back {
                     self.finish(
                         t,
-                        Outcome::Failed(TaskError::WorkerDied {
+                        Outcome::failed(TaskError::WorkerDied {
                             how: "it could not be killed".into(),
                             attempts: 1,
                         }),
@@ -704,7 +754,7 @@ impl<'s> Core<'s> {
             for t in std::mem::take(&mut self.redo) {
                 self.finish(
                     t,
-                    Outcome::Failed(TaskError::NoWorkers(why.clone())),
+                    Outcome::failed(TaskError::NoWorkers(why.clone())),
                     false,
                     None,
                 );
@@ -718,7 +768,7 @@ impl<'s> Core<'s> {
                 for t in back {
                     self.finish(
                         t,
-                        Outcome::Failed(TaskError::NoWorkers(why.clone())),
+                        Outcome::failed(TaskError::NoWorkers(why.clone())),
                         false,
                         Some(w as u32),
                     );
@@ -907,12 +957,7 @@ impl<'pool> Producer<'pool> {
         let mut c = self.core();
         let token = c.take_slot(shape.bytes(T::DTYPE), deadline)?;
         c.loaned += 1;
-        Ok(Loan {
-            producer: self,
-            token: Some(token),
-            shape,
-            _t: PhantomData,
-        })
+        Ok(Loan::new(self, token, shape))
     }
 
     /// Submits the loan's array with `task`; returns its ticket at once (the task runs in a
@@ -1045,69 +1090,51 @@ impl<'pool> Producer<'pool> {
 
     fn recv_until(&self, deadline: Option<Instant>) -> Option<Completion<'_>> {
         let mut c = self.core();
-        // (Most often the first one is ours: no `map` runs.)
-        let pos = |c: &Core<'_>| match c.ready.front() {
-            Some(r) if !c.records[r.token.slot() as usize].mapped => Some(0),
-            None => None,
-            Some(_) => c
-                .ready
-                .iter()
-                .position(|r| !c.records[r.token.slot() as usize].mapped),
-        };
-        if pos(&c).is_none() {
+        let mut at = c.first_ready();
+        if at.is_none() {
             c.pump();
+            at = c.first_ready();
+            if at.is_none() && c.in_flight > 0 {
+                c.wait_until(deadline, |c| c.first_ready().is_some() || c.in_flight == 0);
+                at = c.first_ready();
+            }
         }
-        if pos(&c).is_none() && c.in_flight > 0 {
-            c.wait_until(deadline, |c| pos(c).is_some() || c.in_flight == 0);
-        }
-        let i = pos(&c)?;
-        let r = if i == 0 {
+        let at = at?;
+        let r = if at == 0 {
             c.ready.pop_front()
         } else {
-            c.ready.remove(i)
+            c.ready.remove(at)
         }
         .expect("found");
         c.held += 1;
-        let mut rest = if c.records[r.token.slot() as usize].desc.count > 1 {
+        let slot = r.token.slot() as usize;
+        let count = c.records[slot].desc.count as usize;
+        let mut rest = if count > 1 {
             c.spare_outs.pop().unwrap_or_default()
         } else {
             Vec::new()
         };
-        let rec = &c.records[r.token.slot() as usize];
-        let mut items = (0..rec.desc.count as usize).map(|k| {
-            let item = rec.desc.items[k];
-            let (dtype, shape) = match &r.outcome {
-                Outcome::Done(res) => produced(res, k),
-                Outcome::Failed(_) => None,
-            }
-            .unwrap_or_else(|| {
+        let rec = &c.records[slot];
+        let item_out = |k: usize| {
+            let item = &rec.desc.items[k];
+            let (dtype, shape) = r.outcome.produced(k).unwrap_or_else(|| {
                 // A single task may have asked for an output shape of its own.
-                if rec.desc.count == 1 {
+                if count == 1 {
                     (rec.dtype, rec.out_shape)
                 } else {
                     let own = Shape::from_raw(item.ndim, item.shape).expect("ours");
                     (rec.dtype, own)
                 }
             });
-            let result = match &r.outcome {
-                Outcome::Done(res) if res.status == TASK_OK || res.failed_mask & (1 << k) == 0 => {
-                    Ok(())
-                }
-                Outcome::Done(res) => Err(TaskError::Kernel {
-                    message: res.message.clone(),
-                    panicked: res.panicked,
-                }),
-                Outcome::Failed(e) => Err(e.clone()),
-            };
             ItemOut {
                 offset: item.offset as usize,
                 dtype,
                 shape,
-                result,
+                error: r.outcome.item_error(k).map(Box::new),
             }
-        });
-        let first = items.next().expect("a task has at least one array");
-        rest.extend(items);
+        };
+        let first = item_out(0);
+        rest.extend((1..count).map(item_out));
         Some(Completion {
             producer: self,
             token: Some(r.token),
@@ -1206,17 +1233,36 @@ pub struct Loan<'p, T: Element> {
     producer: &'p dyn Handle,
     token: Option<Token>,
     shape: Shape,
+    /// The slot's data, `cap` bytes (page-aligned), found once when the loan is made.
+    data: NonNull<u8>,
+    cap: u64,
     _t: PhantomData<T>,
 }
 
-impl<T: Element> Loan<'_, T> {
+impl<'p, T: Element> Loan<'p, T> {
+    /// A loan of `token`'s slot for an array of `shape` (checked to fit by the caller).
+    fn new(producer: &'p dyn Handle, mut token: Token, shape: Shape) -> Loan<'p, T> {
+        let slot = producer.seg().slot_bytes_mut(&mut token);
+        debug_assert!(shape.bytes(T::DTYPE) <= slot.len() as u64);
+        Loan {
+            producer,
+            data: NonNull::from(&mut *slot).cast(),
+            cap: slot.len() as u64,
+            token: Some(token),
+            shape,
+            _t: PhantomData,
+        }
+    }
+
     /// The array's elements, row-major, in shared memory (exactly `shape.elements()` of
     /// them). They hold whatever the slot last held until written.
     pub fn as_mut_slice(&mut self) -> &mut [T] {
         let n = self.shape.bytes(T::DTYPE) as usize;
-        let token = self.token.as_mut().expect("a live loan holds its token");
-        // `n` is at most the slot size (checked when the slot was loaned or reshaped).
-        let bytes = &mut self.producer.seg().slot_bytes_mut(token)[..n];
+        // SAFETY: `data` is the slot's memory, `cap` bytes inside the mapped segment, and this
+        // loan holds the slot's token, so nothing else reaches it (DESIGN invariant 1); the
+        // shape's bytes are at most `cap` (checked when the loan was made or reshaped). The
+        // borrow of `self` keeps the slice from outliving the loan.
+        let bytes = unsafe { std::slice::from_raw_parts_mut(self.data.as_ptr(), n) };
         cast_mut::<T>(bytes)
     }
 
@@ -1241,7 +1287,7 @@ impl<T: Element> Loan<'_, T> {
     /// # Errors
     /// [`LoanError::TooLarge`] if `shape` does not fit the slot (the loan keeps its shape).
     pub fn reshape(&mut self, shape: Shape) -> Result<(), LoanError> {
-        fits(shape.bytes(T::DTYPE), self.producer.slot_bytes())?;
+        fits(shape.bytes(T::DTYPE), self.cap)?;
         self.shape = shape;
         Ok(())
     }
@@ -1309,7 +1355,8 @@ pub(crate) struct ItemOut {
     offset: usize,
     dtype: DType,
     shape: Shape,
-    result: Result<(), TaskError>,
+    /// Boxed: the common case carries none, and completions move by value.
+    error: Option<Box<TaskError>>,
 }
 
 /// A result array in shared memory, valid while its [`Completion`] lives.
@@ -1374,7 +1421,7 @@ impl<'p> Completion<'p> {
     pub fn error(&self) -> Option<&TaskError> {
         std::iter::once(&self.first)
             .chain(&self.rest)
-            .find_map(|i| i.result.as_ref().err())
+            .find_map(|i| i.error.as_deref())
     }
 
     /// The result, as elements of `T` in shared memory (a batch: its first array's).
@@ -1453,8 +1500,8 @@ impl<'p> Completion<'p> {
     /// If `i >= self.len()`.
     pub fn item_bytes(&self, i: usize) -> Result<&[u8], TaskError> {
         let item = self.item(i);
-        if let Err(e) = &item.result {
-            return Err(e.clone());
+        if let Some(e) = &item.error {
+            return Err((**e).clone());
         }
         let token = self.token.as_ref().expect("held");
         let n = item.shape.bytes(item.dtype) as usize;
@@ -1468,7 +1515,7 @@ impl<'p> Completion<'p> {
     /// # Panics
     /// If `i >= self.len()`.
     pub fn item_error(&self, i: usize) -> Option<&TaskError> {
-        self.item(i).result.as_ref().err()
+        self.item(i).error.as_deref()
     }
 
     /// Array `i`'s result dtype.
@@ -1502,12 +1549,7 @@ impl<'p> Completion<'p> {
         fits(shape.bytes(T::DTYPE), self.producer.slot_bytes())?;
         let token = self.token.take().expect("held");
         self.producer.reloan();
-        Ok(Loan {
-            producer: self.producer,
-            token: Some(token),
-            shape,
-            _t: PhantomData,
-        })
+        Ok(Loan::new(self.producer, token, shape))
     }
 }
 
@@ -1524,7 +1566,7 @@ impl Drop for Completion<'_> {
 }
 
 /// Item `i`'s output as its kernel reported it (any-dtype kernels; validated when read).
-pub(crate) fn produced(res: &TaskResult, i: usize) -> Option<(DType, Shape)> {
+fn produced(res: &TaskResult, i: usize) -> Option<(DType, Shape)> {
     let o = res.outs.as_ref()?.get(i)?;
     Some((
         DType::from_code(u8::try_from(o.dtype).ok()?)?,
