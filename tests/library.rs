@@ -1290,6 +1290,97 @@ fn forgetting_run_if_worker_is_a_clear_start_error() {
     );
 }
 
+/// A pool with a class of small slots: small arrays take small slots (a larger one when those
+/// are busy), large ones the largest, results are right in both modes, `reuse` refuses what a
+/// small slot cannot hold, and bad classes are refused when the pool is built.
+fn size_classes_give_small_arrays_small_slots() {
+    for mode in [Mode::InPlace, Mode::OutOfPlace] {
+        let build = |small: u32| {
+            let mut b = Pool::builder()
+                .workers(1)
+                .mode(mode)
+                .max_array_bytes(1 << 20)
+                .slots_per_producer(2);
+            if small > 0 {
+                b = b.size_class(4096, small);
+            }
+            b.build().expect("pool starts")
+        };
+        let all_large = build(0).segment_bytes();
+        let pool = build(3);
+        assert!(
+            pool.segment_bytes() < all_large + 3 * (1 << 20),
+            "{} bytes with small slots",
+            pool.segment_bytes()
+        );
+        assert_eq!(pool.max_array_bytes(), 1 << 20);
+        let mut producer = pool.producer().unwrap();
+        assert_eq!(producer.slots(), 5);
+        let task = Task::op("affine:2,1").unwrap();
+        // Four small arrays: three small slots, then a large one; then one large array.
+        let shapes = [100u32, 200, 300, 400, 10_000];
+        let mut capacities = Vec::new();
+        for (k, &n) in shapes.iter().enumerate() {
+            let mut loan = producer.loan::<f32>(Shape::d1(n)).unwrap();
+            capacities.push(loan.capacity());
+            let data: Vec<f32> = (0..n).map(|i| (i + k as u32) as f32).collect();
+            loan.copy_from_slice(&data);
+            producer.submit(loan, &task).unwrap();
+        }
+        assert_eq!(capacities, [4096, 4096, 4096, 1 << 20, 1 << 20], "{mode:?}");
+        let mut small_completion = None;
+        for _ in 0..shapes.len() {
+            let c = producer.recv().expect("a completion");
+            let k = c.ticket().0 as usize;
+            let out = c.output::<f32>().unwrap();
+            assert_eq!(out.shape(), Shape::d1(shapes[k]));
+            for (i, &y) in out.as_slice().iter().enumerate() {
+                assert_eq!(y, (i + k) as f32 * 2.0 + 1.0, "{mode:?} array {k} at {i}");
+            }
+            if c.capacity() == 4096 && small_completion.is_none() {
+                small_completion = Some(c);
+            }
+        }
+        let c = small_completion.expect("a small slot came back");
+        match c.reuse::<f32>(Shape::d1(2000)) {
+            Err(LoanError::TooLarge { asked, max }) => assert_eq!((asked, max), (8000, 4096)),
+            other => panic!("expected TooLarge, got {:?}", other.err()),
+        }
+        // `map` takes the largest slots, and packs.
+        let inputs: Vec<Vec<f32>> = (0..500).map(|k| vec![k as f32; 1 + k % 300]).collect();
+        for (k, r) in producer.map(&task, &inputs).unwrap().enumerate() {
+            let a = r.unwrap();
+            assert_eq!(a.as_slice().len(), 1 + k % 300);
+            assert!(a.as_slice().iter().all(|&y| y == k as f32 * 2.0 + 1.0));
+        }
+    }
+    for (bytes, n, why) in [
+        (1 << 20, 1, "outside"),
+        (32, 1, "outside"),
+        (4096, 0, "slots per producer"),
+    ] {
+        let e = Pool::builder()
+            .workers(1)
+            .max_array_bytes(1 << 20)
+            .size_class(bytes, n)
+            .build()
+            .err()
+            .expect("refused");
+        assert!(
+            matches!(&e, PoolError::Setting { what: "size_class", why: w } if w.contains(why)),
+            "{e}"
+        );
+    }
+    let e = Pool::builder()
+        .workers(1)
+        .size_class(4096, 1)
+        .size_class(4096, 2)
+        .build()
+        .err()
+        .expect("refused");
+    assert!(e.to_string().contains("twice"), "{e}");
+}
+
 fn main() {
     // (MK1_TEST_FORGET: play a program that forgot this line.)
     if std::env::var_os("MK1_TEST_FORGET").is_none() {
@@ -1309,6 +1400,10 @@ fn main() {
             user_kernels_with_params_and_state,
         ),
         ("an_output_shape_of_its_own", an_output_shape_of_its_own),
+        (
+            "size_classes_give_small_arrays_small_slots",
+            size_classes_give_small_arrays_small_slots,
+        ),
         (
             "any_dtype_kernels_with_context_and_long_messages",
             any_dtype_kernels_with_context_and_long_messages,

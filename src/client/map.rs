@@ -135,6 +135,11 @@ where
     fn done(&mut self, seq: u64, r: Outcome1<I>) {
         if self.ordered {
             let at = (seq - self.next_out) as usize;
+            // (Results mostly come in input order: then this one goes at the end.)
+            if at == self.parked.len() {
+                self.parked.push_back(Some(r));
+                return;
+            }
             if self.parked.len() <= at {
                 self.parked.resize_with(at + 1, || None);
             }
@@ -150,10 +155,15 @@ where
         let dtype = <E<I> as Element>::DTYPE;
         let context_arc = self.context.clone();
         let context = context_arc.as_deref().unwrap_or(&[]);
+        // A map's slots are of the largest size.
+        let class = c.sh.seg.layout().classes().len() - 1;
+        let Some(mut token) = c.slots.take(class) else {
+            return false;
+        };
         // The context goes at the slot's end: arrays get what is before it.
-        let context_at = TaskDesc::context_offset_for(context.len() as u64, c.slot_bytes());
+        let context_at = TaskDesc::context_offset_for(context.len() as u64, c.capacity(&token));
         let slot_bytes = if context.is_empty() {
-            c.slot_bytes()
+            c.capacity(&token)
         } else {
             context_at.unwrap_or(0)
         };
@@ -161,9 +171,6 @@ where
         // entry, a descriptor, a doorbell) then count once per slot instead of once per array.
         let limit = slot_bytes.min(c.sh.pack_bytes);
         let one_per_slot = c.sh.pack_bytes == 0;
-        let Some(mut token) = c.slots.take(0) else {
-            return false;
-        };
         // The descriptor is built in place in the slot's record (no copy of a whole one).
         let sh = c.sh;
         let record = c.fresh_record(&token);

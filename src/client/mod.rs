@@ -200,6 +200,8 @@ pub struct PoolBuilder {
     producers: u32,
     max_array_bytes: u64,
     slots_per_producer: Option<u32>,
+    /// Smaller slots besides the largest: `(bytes, slots per handle)`.
+    size_classes: Vec<(u64, u32)>,
     mode: Mode,
     max_retries: u32,
     max_restarts: u32,
@@ -273,8 +275,19 @@ impl PoolBuilder {
         self
     }
 
-    /// Slots per producer handle: how many arrays one handle can have loaned, in flight and
-    /// completed-but-held at once (the backpressure bound). Default: 4 per worker.
+    /// Adds `slots_per_producer` smaller slots of `bytes` each to every handle (`bytes` below
+    /// [`PoolBuilder::max_array_bytes`]; up to 7 such classes). A loan takes a free slot of the
+    /// smallest size its array fits, or a larger one when those are all busy, so a pool for
+    /// arrays of mixed sizes maps (and touches) less memory than one of largest slots only.
+    /// Batches ([`Producer::loan_packed`]) and [`Producer::map`] use the largest slots.
+    pub fn size_class(mut self, bytes: u64, slots_per_producer: u32) -> Self {
+        self.size_classes.push((bytes, slots_per_producer));
+        self
+    }
+
+    /// Slots of the largest size per producer handle: how many arrays one handle can have
+    /// loaned, in flight and completed-but-held at once (the backpressure bound; slots of a
+    /// [`PoolBuilder::size_class`] come on top). Default: 4 per worker.
     pub fn slots_per_producer(mut self, n: u32) -> Self {
         self.slots_per_producer = Some(n);
         self
@@ -413,12 +426,40 @@ impl PoolBuilder {
                 format!("{} is not available on this CPU", self.kernel.name()),
             ));
         }
-        let slots = slots_per_producer * self.producers;
+        let mut classes = self.size_classes.clone();
+        classes.sort_unstable();
+        for (i, &(bytes, n)) in classes.iter().enumerate() {
+            let why = if !(64..self.max_array_bytes).contains(&bytes) {
+                Some(format!(
+                    "{bytes} bytes is outside 64..{} (max_array_bytes)",
+                    self.max_array_bytes
+                ))
+            } else if i > 0 && classes[i - 1].0 == bytes {
+                Some(format!("{bytes} bytes is given twice"))
+            } else if n == 0 || n > 1 << 20 {
+                Some(format!("{n} slots per producer is outside 1..=1048576"))
+            } else if classes.len() >= crate::layout::MAX_CLASSES {
+                Some(format!(
+                    "at most {} size classes besides the largest",
+                    crate::layout::MAX_CLASSES - 1
+                ))
+            } else {
+                None
+            };
+            if let Some(why) = why {
+                return Err(bad("size_class", why));
+            }
+        }
+        classes.push((self.max_array_bytes, slots_per_producer));
+        let per_producer: u32 = classes.iter().map(|&(_, n)| n).sum();
+        for c in &mut classes {
+            c.1 *= self.producers;
+        }
         let layout = Layout::with_outputs(
             self.workers,
             self.producers,
-            slots_per_producer,
-            &[(self.max_array_bytes, slots)],
+            per_producer,
+            &classes,
             self.mode == Mode::OutOfPlace,
         )
         .map_err(|e| bad("layout", e.to_string()))?;
@@ -675,6 +716,7 @@ impl Pool {
             producers: 1,
             max_array_bytes: 1 << 20,
             slots_per_producer: None,
+            size_classes: Vec::new(),
             mode: Mode::OutOfPlace,
             max_retries: 2,
             max_restarts: 1000,
@@ -726,7 +768,7 @@ impl Pool {
 
     /// Bytes of the largest array a slot holds.
     pub fn max_array_bytes(&self) -> u64 {
-        self.shared.seg.layout().classes()[0].slot_bytes
+        producer::max_slot_bytes(self.shared.seg.layout())
     }
 
     /// Workers replaced so far (as the monitor thread last published it: a replacement shows

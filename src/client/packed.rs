@@ -177,8 +177,9 @@ impl Producer<'_> {
         deadline: Option<std::time::Instant>,
     ) -> Result<PackedLoan<'_>, LoanError> {
         let mut c = self.core();
-        let slot = c.slot_bytes();
-        let token = c.take_slot(0, deadline)?;
+        // A batch takes a slot of the largest size.
+        let slot = c.max_slot_bytes();
+        let token = c.take_slot(slot, deadline)?;
         c.loaned += 1;
         let items = c
             .spare_items
@@ -219,7 +220,8 @@ impl Producer<'_> {
             return reject(SubmitError::OutShape(why.into()), batch);
         }
         let mut c = self.core();
-        let (kernel, params) = match c.admit(task, batch.dtype, batch.used) {
+        let slot = c.capacity(batch.token.as_ref().expect("a live batch holds its token"));
+        let (kernel, params) = match c.admit(task, batch.dtype, batch.used, slot) {
             Ok(k) => k,
             Err(e) => {
                 drop(c);

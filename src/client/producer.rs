@@ -374,19 +374,17 @@ impl<'s> Core<'s> {
         task: &'t Task,
         dtype: DType,
         used: u64,
+        slot: u64,
     ) -> Result<(u32, &'t crate::task::Params), SubmitError> {
         let k = task.resolve(&self.sh.registry, dtype)?;
         if let Some(why) = self.broken() {
             return Err(SubmitError::NoWorkers(why));
         }
         let context = task.context_bytes().len() as u64;
-        if context > 0
-            && TaskDesc::context_offset_for(context, self.slot_bytes()).unwrap_or(0) < used
-        {
+        if context > 0 && TaskDesc::context_offset_for(context, slot).unwrap_or(0) < used {
             return Err(SubmitError::OutShape(format!(
-                "{used} bytes of arrays and {context} bytes of context do not fit a slot of {} \
-                 bytes (PoolBuilder::max_array_bytes)",
-                self.slot_bytes()
+                "{used} bytes of arrays and {context} bytes of context do not fit a slot of \
+                 {slot} bytes (PoolBuilder::max_array_bytes)"
             )));
         }
         Ok(k)
@@ -398,15 +396,20 @@ impl<'s> Core<'s> {
         if context.is_empty() {
             return (0, 0);
         }
-        let at = TaskDesc::context_offset_for(context.len() as u64, self.slot_bytes())
+        let at = TaskDesc::context_offset_for(context.len() as u64, self.capacity(token))
             .expect("checked by admit") as usize;
         self.sh.seg.slot_bytes_mut(token)[at..at + context.len()].copy_from_slice(context);
         (at as u32, context.len() as u32)
     }
 
-    /// Bytes of each slot.
-    pub(crate) fn slot_bytes(&self) -> u64 {
-        self.sh.seg.layout().classes()[0].slot_bytes
+    /// Bytes of the largest slots (the largest array the pool takes).
+    pub(crate) fn max_slot_bytes(&self) -> u64 {
+        max_slot_bytes(self.sh.seg.layout())
+    }
+
+    /// Bytes of `token`'s slot.
+    pub(crate) fn capacity(&self, token: &Token) -> u64 {
+        capacity(&self.sh.seg, token)
     }
 
     /// Why the pool can run nothing any more, if it cannot (checked on every submit: two
@@ -823,18 +826,26 @@ impl<'s> Core<'s> {
         }
     }
 
-    /// A free slot of at least `bytes`, waiting until `deadline` (`None`: forever; now: try
-    /// once).
+    /// A free slot of at least `bytes` (of the smallest size class that has one), waiting
+    /// until `deadline` (`None`: forever; now: try once).
     pub(crate) fn take_slot(
         &mut self,
         bytes: u64,
         deadline: Option<Instant>,
     ) -> Result<Token, LoanError> {
-        fits(bytes, self.slot_bytes())?;
+        fits(bytes, self.max_slot_bytes())?;
         if let Some(why) = self.broken() {
             return Err(LoanError::NoWorkers(why));
         }
-        if let Some(t) = self.slots.take(0) {
+        let class = self
+            .sh
+            .seg
+            .layout()
+            .classes()
+            .iter()
+            .position(|c| c.slot_bytes >= bytes)
+            .expect("the largest class fits (checked above)");
+        if let Some(t) = self.slots.take(class) {
             return Ok(t);
         }
         let mut got = None;
@@ -842,7 +853,7 @@ impl<'s> Core<'s> {
         self.wait_until(deadline, |c| {
             // Completed tasks not yet received do not free their slots: only dropping their
             // completions does. If nothing is in flight, waiting cannot help.
-            got = c.slots.take(0);
+            got = c.slots.take(class);
             hopeless = got.is_none() && c.in_flight == 0 && c.redo.is_empty();
             got.is_some() || hopeless
         });
@@ -1013,7 +1024,7 @@ impl<'pool> Producer<'pool> {
             return reject(SubmitError::OtherHandle, loan);
         }
         let mut c = self.core();
-        let (kernel, params) = match c.admit(task, dtype, shape.bytes(dtype)) {
+        let (kernel, params) = match c.admit(task, dtype, shape.bytes(dtype), loan.cap) {
             Ok(k) => k,
             Err(e) => {
                 drop(c);
@@ -1026,11 +1037,11 @@ impl<'pool> Producer<'pool> {
                 Some("an output shape of its own needs an out-of-place pool".to_string())
             } else if kernel >= crate::layout::BUILTIN {
                 Some("built-in ops keep the input's shape".to_string())
-            } else if out_shape.bytes(dtype) > c.slot_bytes() - task.context_bytes().len() as u64 {
+            } else if out_shape.bytes(dtype) > loan.cap - task.context_bytes().len() as u64 {
                 Some(format!(
-                    "an output {out_shape} of {dtype} is {} bytes; a slot holds {}",
+                    "an output {out_shape} of {dtype} is {} bytes; its slot holds {}",
                     out_shape.bytes(dtype),
-                    c.slot_bytes()
+                    loan.cap
                 ))
             } else {
                 None
@@ -1169,7 +1180,6 @@ impl<'pool> Producer<'pool> {
 /// (`Producer<'pool>` is invariant in `'pool`).
 pub(crate) trait Handle {
     fn seg(&self) -> &crate::shm::Segment;
-    fn slot_bytes(&self) -> u64;
     /// A loan (`completion == false`) or a completion gives its slot back.
     fn give_back(&self, token: Token, quarantine: bool, completion: bool);
     /// A completion's slot becomes a loan.
@@ -1181,9 +1191,6 @@ pub(crate) trait Handle {
 impl Handle for Producer<'_> {
     fn seg(&self) -> &crate::shm::Segment {
         &self.sh.seg
-    }
-    fn slot_bytes(&self) -> u64 {
-        self.sh.seg.layout().classes()[0].slot_bytes
     }
     fn give_back(&self, token: Token, quarantine: bool, completion: bool) {
         let mut c = self.core();
@@ -1277,6 +1284,11 @@ impl<'p, T: Element> Loan<'p, T> {
     /// The shape.
     pub fn shape(&self) -> Shape {
         self.shape
+    }
+
+    /// Bytes the loaned slot holds: the largest shape [`Loan::reshape`] takes.
+    pub fn capacity(&self) -> u64 {
+        self.cap
     }
 
     /// Gives the loan another shape before it is submitted (the elements stay where they are:
@@ -1534,6 +1546,12 @@ impl<'p> Completion<'p> {
         self.item(i).shape
     }
 
+    /// Bytes this task's slot holds: the largest input [`Completion::reuse`] takes (a pool with
+    /// [`super::PoolBuilder::size_class`] has slots of several sizes).
+    pub fn capacity(&self) -> u64 {
+        capacity(self.producer.seg(), self.token.as_ref().expect("held"))
+    }
+
     /// Reuses this slot for the next input (no trip through the free list): a loan of `shape`
     /// whose memory is this slot's input region. In place, it holds this task's result, ready
     /// to be read and overwritten in one pass.
@@ -1546,7 +1564,7 @@ impl<'p> Completion<'p> {
                 "this slot's worker could not be killed: the slot is never reused".into(),
             ));
         }
-        fits(shape.bytes(T::DTYPE), self.producer.slot_bytes())?;
+        fits(shape.bytes(T::DTYPE), self.capacity())?;
         let token = self.token.take().expect("held");
         self.producer.reloan();
         Ok(Loan::new(self.producer, token, shape))
@@ -1563,6 +1581,23 @@ impl Drop for Completion<'_> {
                 .recycle(None, Some(std::mem::take(&mut self.rest)));
         }
     }
+}
+
+/// Bytes of the largest slots of a segment.
+pub(crate) fn max_slot_bytes(layout: &crate::layout::Layout) -> u64 {
+    layout
+        .classes()
+        .last()
+        .expect("a layout has a class")
+        .slot_bytes
+}
+
+/// Bytes of `token`'s slot.
+pub(crate) fn capacity(seg: &crate::shm::Segment, token: &Token) -> u64 {
+    seg.layout()
+        .slot_data(token.slot())
+        .expect("token in range")
+        .1
 }
 
 /// Item `i`'s output as its kernel reported it (any-dtype kernels; validated when read).
