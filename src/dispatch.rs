@@ -47,12 +47,33 @@ pub struct RoundRobin(usize);
 /// The usable worker with the fewest of our tokens (ties: the next one in turn).
 pub struct LeastLoaded(usize);
 
+/// One of the three policies, picked without a virtual call (it runs once per task).
+pub enum Policy {
+    /// See [`Random`].
+    Random(Random),
+    /// See [`RoundRobin`].
+    RoundRobin(RoundRobin),
+    /// See [`LeastLoaded`].
+    LeastLoaded(LeastLoaded),
+}
+
+impl Dispatch for Policy {
+    #[inline]
+    fn pick(&mut self, view: &WorkerView<'_>) -> Option<u32> {
+        match self {
+            Policy::Random(p) => p.pick(view),
+            Policy::RoundRobin(p) => p.pick(view),
+            Policy::LeastLoaded(p) => p.pick(view),
+        }
+    }
+}
+
 /// The policy for `kind`, seeded with `seed` where it is random.
-pub fn policy(kind: DispatchKind, seed: u64) -> Box<dyn Dispatch> {
+pub fn policy(kind: DispatchKind, seed: u64) -> Policy {
     match kind {
-        DispatchKind::Random => Box::new(Random(SmallRng::seed_from_u64(seed))),
-        DispatchKind::RoundRobin => Box::new(RoundRobin(0)),
-        DispatchKind::LeastLoaded => Box::new(LeastLoaded(0)),
+        DispatchKind::Random => Policy::Random(Random(SmallRng::seed_from_u64(seed))),
+        DispatchKind::RoundRobin => Policy::RoundRobin(RoundRobin(0)),
+        DispatchKind::LeastLoaded => Policy::LeastLoaded(LeastLoaded(0)),
     }
 }
 
@@ -66,6 +87,7 @@ fn next_usable(usable: &[bool], from: usize) -> Option<usize> {
 }
 
 impl Dispatch for Random {
+    #[inline]
     fn pick(&mut self, v: &WorkerView<'_>) -> Option<u32> {
         // Multiply-shift (Lemire) maps 64 random bits onto 0..n without a division; its bias,
         // at most n / 2^64, is far below anything measurable.

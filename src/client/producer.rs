@@ -249,7 +249,7 @@ pub(crate) struct Core<'s> {
     sent: Vec<u64>,
     back: Vec<u64>,
     gave_up: Vec<bool>,
-    policy: Box<dyn Dispatch>,
+    policy: dispatch::Policy,
     pub(crate) records: Vec<Record>,
     pub(crate) ready: VecDeque<Ready>,
     redo: Vec<Token>,
@@ -576,8 +576,20 @@ impl<'s> Core<'s> {
     }
 
     fn finish(&mut self, token: Token, outcome: Outcome, quarantine: bool, worker: Option<u32>) {
+        self.finish_at(token, outcome, quarantine, worker, clock::now());
+    }
+
+    /// As [`Core::finish`], with the clock already read.
+    fn finish_at(
+        &mut self,
+        token: Token,
+        outcome: Outcome,
+        quarantine: bool,
+        worker: Option<u32>,
+        now: clock::Ticks,
+    ) {
         self.in_flight -= 1;
-        let latency_ns = clock::nanos_between(self.slots.record(&token).sent_at, clock::now());
+        let latency_ns = clock::nanos_between(self.slots.record(&token).sent_at, now);
         self.ready.push_back(Ready {
             token,
             outcome,
@@ -589,12 +601,14 @@ impl<'s> Core<'s> {
 
     /// Pops everything worker `w` returned. Returns whether anything came.
     fn collect(&mut self, w: usize, after_death: bool) -> bool {
-        let mut got = false;
+        let mut got = 0;
+        // One clock read for what one call pops (it came back within a few ring pops).
+        let mut now = None;
         for _ in 0..self.slots.len() {
             match self.from[w].pop() {
                 Ok(Some(word)) => match self.slots.accept(word & !DONE_OK, w as u32) {
                     Ok(token) => {
-                        self.note_back(w, 1);
+                        got += 1;
                         let rec = &self.records[token.slot() as usize];
                         // A plain success says so in the word; a kernel that decides its
                         // outputs always answers in the descriptor.
@@ -605,8 +619,8 @@ impl<'s> Core<'s> {
                                 self.sh.seg.read_result(&token, &rec.desc, rec.any),
                             ))
                         };
-                        self.finish(token, outcome, false, Some(w as u32));
-                        got = true;
+                        let now = *now.get_or_insert_with(clock::now);
+                        self.finish_at(token, outcome, false, Some(w as u32), now);
                     }
                     Err(e) => {
                         if !after_death {
@@ -624,7 +638,10 @@ impl<'s> Core<'s> {
                 }
             }
         }
-        got
+        if got > 0 {
+            self.note_back(w, got);
+        }
+        got > 0
     }
 
     /// Worker `w` died: keep what it finished; fail, retry or time out the rest; reset rings.
@@ -968,7 +985,12 @@ impl<'pool> Producer<'pool> {
         let mut c = self.core();
         let token = c.take_slot(shape.bytes(T::DTYPE), deadline)?;
         c.loaned += 1;
-        Ok(Loan::new(self, token, shape))
+        drop(c);
+        // (A slot of a class the array fits: `new` cannot refuse it.)
+        Loan::new(self, token, shape).map_err(|(token, e)| {
+            self.give_back(token, false, false);
+            e
+        })
     }
 
     /// Submits the loan's array with `task`; returns its ticket at once (the task runs in a
@@ -1247,18 +1269,25 @@ pub struct Loan<'p, T: Element> {
 }
 
 impl<'p, T: Element> Loan<'p, T> {
-    /// A loan of `token`'s slot for an array of `shape` (checked to fit by the caller).
-    fn new(producer: &'p dyn Handle, mut token: Token, shape: Shape) -> Loan<'p, T> {
+    /// A loan of `token`'s slot for an array of `shape`, if it fits; the token back if not.
+    fn new(
+        producer: &'p dyn Handle,
+        mut token: Token,
+        shape: Shape,
+    ) -> Result<Loan<'p, T>, (Token, LoanError)> {
         let slot = producer.seg().slot_bytes_mut(&mut token);
-        debug_assert!(shape.bytes(T::DTYPE) <= slot.len() as u64);
-        Loan {
+        let (data, cap) = (NonNull::from(&mut *slot).cast(), slot.len() as u64);
+        if let Err(e) = fits(shape.bytes(T::DTYPE), cap) {
+            return Err((token, e));
+        }
+        Ok(Loan {
             producer,
-            data: NonNull::from(&mut *slot).cast(),
-            cap: slot.len() as u64,
+            data,
+            cap,
             token: Some(token),
             shape,
             _t: PhantomData,
-        }
+        })
     }
 
     /// The array's elements, row-major, in shared memory (exactly `shape.elements()` of
@@ -1564,10 +1593,18 @@ impl<'p> Completion<'p> {
                 "this slot's worker could not be killed: the slot is never reused".into(),
             ));
         }
-        fits(shape.bytes(T::DTYPE), self.capacity())?;
         let token = self.token.take().expect("held");
-        self.producer.reloan();
-        Ok(Loan::new(self.producer, token, shape))
+        match Loan::new(self.producer, token, shape) {
+            Ok(loan) => {
+                self.producer.reloan();
+                Ok(loan)
+            }
+            Err((token, e)) => {
+                // (Dropping `self` sends the slot home.)
+                self.token = Some(token);
+                Err(e)
+            }
+        }
     }
 }
 
