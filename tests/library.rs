@@ -1346,6 +1346,21 @@ fn size_classes_give_small_arrays_small_slots() {
             Err(LoanError::TooLarge { asked, max }) => assert_eq!((asked, max), (8000, 4096)),
             other => panic!("expected TooLarge, got {:?}", other.err()),
         }
+        // A task that needs more room than its small slot has is refused at submit, with the
+        // loan back (an empty array with a context, which once slipped through the check).
+        for n in [0u32, 100] {
+            let loan = producer.loan::<f32>(Shape::d1(n)).unwrap();
+            assert_eq!(loan.capacity(), 4096);
+            let with_context = Task::op("neg").unwrap().context(vec![7u8; 5000]);
+            match producer.submit(loan, &with_context) {
+                Err(r) => assert!(
+                    matches!(r.error, SubmitError::OutShape(ref why) if why.contains("4096")),
+                    "{}",
+                    r.error
+                ),
+                Ok(_) => panic!("a context larger than the slot was accepted"),
+            }
+        }
         // `map` takes the largest slots, and packs.
         let inputs: Vec<Vec<f32>> = (0..500).map(|k| vec![k as f32; 1 + k % 300]).collect();
         for (k, r) in producer.map(&task, &inputs).unwrap().enumerate() {

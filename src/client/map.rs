@@ -404,17 +404,20 @@ where
                 if self.exhausted && self.pending.is_none() {
                     continue;
                 }
-                // Nothing of ours in flight and no slot to be had: the caller holds them.
-                // The map stops here, saying so: waiting could never end.
+                // Nothing of ours in flight and no slot of the largest size to be had: the
+                // caller's own loans, completions and tasks hold them (the map receives none of
+                // those). The map stops here, saying so: waiting could never end.
                 let held = c.held + c.ready.len();
+                let (loaned, in_flight) = (c.loaned, c.in_flight);
                 let seq = self.next_in;
                 self.exhausted = true;
                 self.pending = None;
                 return Some((
                     seq,
                     Err(TaskError::NoSlot(format!(
-                        "map stopped at input {seq}: {held} completions of this handle are not \
-                         yet received or dropped"
+                        "map stopped at input {seq}: the caller holds this handle's slots of the \
+                         largest size ({held} completions not yet received or dropped, {loaned} \
+                         loans, {in_flight} of its own tasks in flight)"
                     ))),
                 ));
             }

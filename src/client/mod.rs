@@ -279,7 +279,11 @@ impl PoolBuilder {
     /// [`PoolBuilder::max_array_bytes`]; up to 7 such classes). A loan takes a free slot of the
     /// smallest size its array fits, or a larger one when those are all busy, so a pool for
     /// arrays of mixed sizes maps (and touches) less memory than one of largest slots only.
-    /// Batches ([`Producer::loan_packed`]) and [`Producer::map`] use the largest slots.
+    /// Batches ([`Producer::loan_packed`]) and [`Producer::map`] use the largest slots. A
+    /// loan's slot is picked for its input alone: a task that needs more room in its slot (a
+    /// context, a larger output shape, a kernel for any dtype that grows its output) is refused
+    /// at submit, or fails, in a slot too small for it; loan a larger shape for those (and
+    /// `reshape` it down), or leave size classes out.
     pub fn size_class(mut self, bytes: u64, slots_per_producer: u32) -> Self {
         self.size_classes.push((bytes, slots_per_producer));
         self
@@ -428,14 +432,29 @@ impl PoolBuilder {
         }
         let mut classes = self.size_classes.clone();
         classes.sort_unstable();
+        // Slots are rounded up (to a page from a page on, to a line below): compare what the
+        // layout will make of them.
+        let rounded = |b: u64| {
+            let align = if b >= crate::layout::PAGE {
+                crate::layout::PAGE
+            } else {
+                crate::layout::MATRIX_ALIGN
+            };
+            b.div_ceil(align) * align
+        };
         for (i, &(bytes, n)) in classes.iter().enumerate() {
-            let why = if !(64..self.max_array_bytes).contains(&bytes) {
+            let why = if !(64..self.max_array_bytes).contains(&bytes)
+                || rounded(bytes) >= rounded(self.max_array_bytes)
+            {
                 Some(format!(
-                    "{bytes} bytes is outside 64..{} (max_array_bytes)",
+                    "{bytes} bytes is outside 64..{} (below max_array_bytes, after rounding to \
+                     whole pages or lines)",
                     self.max_array_bytes
                 ))
-            } else if i > 0 && classes[i - 1].0 == bytes {
-                Some(format!("{bytes} bytes is given twice"))
+            } else if i > 0 && rounded(classes[i - 1].0) == rounded(bytes) {
+                Some(format!(
+                    "{bytes} bytes is given twice (after rounding to whole pages or lines)"
+                ))
             } else if n == 0 || n > 1 << 20 {
                 Some(format!("{n} slots per producer is outside 1..=1048576"))
             } else if classes.len() >= crate::layout::MAX_CLASSES {

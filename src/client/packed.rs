@@ -11,6 +11,7 @@ use crate::array::{cast_mut, Shape};
 use crate::dtype::{DType, Element};
 use crate::layout::{ItemDesc, MAX_ITEMS};
 use crate::pool::Token;
+use std::ptr::NonNull;
 
 /// A loaned slot being filled with arrays of one dtype ([`Producer::loan_packed`]), each on its
 /// own cache line; [`Producer::submit_packed`] sends them as one task and the completion has one
@@ -26,6 +27,8 @@ pub struct PackedLoan<'p> {
     used: u64,
     /// Bytes the arrays may take.
     limit: u64,
+    /// The slot's data (at least `limit` bytes), found once when the batch is made.
+    data: NonNull<u8>,
 }
 
 /// A refused packed submit: why, and the packed loan back, its arrays intact.
@@ -107,11 +110,14 @@ impl PackedLoan<'_> {
             shape: dims,
         });
         self.used += packed_offset(n);
-        let token = self.token.as_mut().expect("a live batch holds its token");
-        // Offsets are multiples of a cache line, so the bytes are aligned for any dtype.
-        Ok(Some(
-            &mut self.producer.seg().slot_bytes_mut(token)[at..at + n as usize],
-        ))
+        // SAFETY: `data` is the slot's memory (at least `limit` bytes, inside the mapped
+        // segment) and this batch holds the slot's token, so nothing else reaches it (DESIGN
+        // invariant 1); `at + n <= used <= limit` (checked above). The borrow of `self` keeps the
+        // slice from outliving the batch. Offsets are multiples of a cache line, so the bytes
+        // are aligned for any dtype.
+        Ok(Some(unsafe {
+            std::slice::from_raw_parts_mut(self.data.as_ptr().add(at), n as usize)
+        }))
     }
 
     /// Arrays in the batch.
@@ -179,8 +185,9 @@ impl Producer<'_> {
         let mut c = self.core();
         // A batch takes a slot of the largest size.
         let slot = c.max_slot_bytes();
-        let token = c.take_slot(slot, deadline)?;
+        let mut token = c.take_slot(slot, deadline)?;
         c.loaned += 1;
+        let data = NonNull::from(&mut *c.sh.seg.slot_bytes_mut(&mut token)).cast();
         let items = c
             .spare_items
             .pop()
@@ -192,6 +199,7 @@ impl Producer<'_> {
             items,
             used: 0,
             limit: limit.map_or(slot, |l| l.min(slot)),
+            data,
         })
     }
 

@@ -67,7 +67,8 @@ pub enum TaskError {
     /// A `map` input whose shape mk1 cannot carry, or whose element count does not match it.
     #[error("{0}")]
     Shape(String),
-    /// `map` could get no slot: the caller holds them all.
+    /// `map` could get no slot of the largest size: the caller's loans, completions or own
+    /// tasks hold them all.
     #[error("no slot for map: {0}")]
     NoSlot(String),
     /// The result was asked for as another dtype than the task's.
@@ -83,16 +84,16 @@ pub enum TaskError {
 /// Why no slot was loaned.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum LoanError {
-    /// The array is larger than a slot.
-    #[error("an array of {asked} bytes does not fit a slot: the largest array is {max} bytes (PoolBuilder::max_array_bytes)")]
+    /// The array is larger than a slot (for `reuse` and `reshape`: than this slot).
+    #[error("an array of {asked} bytes does not fit a slot: the largest array is {max} bytes (PoolBuilder::max_array_bytes, size_class)")]
     TooLarge {
         /// Bytes asked.
         asked: u64,
-        /// The slot size.
+        /// The slot size: the largest, or for `reuse` and `reshape` this slot's.
         max: u64,
     },
-    /// Every slot of this handle is busy (`try_loan`, or a timeout ran out).
-    #[error("all {slots} slots of this handle are busy: {in_flight} in flight, {held} completed and not yet dropped, {loaned} loaned")]
+    /// Every slot of this handle the array fits is busy (`try_loan`, or a timeout ran out).
+    #[error("every slot of this handle the array fits is busy ({slots} slots in all: {in_flight} in flight, {held} completed and not yet dropped, {loaned} loaned)")]
     Busy {
         /// Slots of this handle.
         slots: usize,
@@ -381,10 +382,11 @@ impl<'s> Core<'s> {
             return Err(SubmitError::NoWorkers(why));
         }
         let context = task.context_bytes().len() as u64;
-        if context > 0 && TaskDesc::context_offset_for(context, slot).unwrap_or(0) < used {
+        if context > 0 && TaskDesc::context_offset_for(context, slot).is_none_or(|at| at < used) {
             return Err(SubmitError::OutShape(format!(
-                "{used} bytes of arrays and {context} bytes of context do not fit a slot of \
-                 {slot} bytes (PoolBuilder::max_array_bytes)"
+                "{used} bytes of arrays and {context} bytes of context do not fit their slot of \
+                 {slot} bytes (a loan's slot is sized for its array: loan a larger shape, or see \
+                 PoolBuilder::max_array_bytes and size_class)"
             )));
         }
         Ok(k)
@@ -1059,7 +1061,9 @@ impl<'pool> Producer<'pool> {
                 Some("an output shape of its own needs an out-of-place pool".to_string())
             } else if kernel >= crate::layout::BUILTIN {
                 Some("built-in ops keep the input's shape".to_string())
-            } else if out_shape.bytes(dtype) > loan.cap - task.context_bytes().len() as u64 {
+            } else if out_shape.bytes(dtype)
+                > loan.cap.saturating_sub(task.context_bytes().len() as u64)
+            {
                 Some(format!(
                     "an output {out_shape} of {dtype} is {} bytes; its slot holds {}",
                     out_shape.bytes(dtype),
@@ -1168,6 +1172,8 @@ impl<'pool> Producer<'pool> {
         };
         let first = item_out(0);
         rest.extend((1..count).map(item_out));
+        let region = c.sh.seg.result_bytes(&r.token);
+        let (results, results_len) = (NonNull::from(region).cast(), region.len());
         Some(Completion {
             producer: self,
             token: Some(r.token),
@@ -1175,6 +1181,8 @@ impl<'pool> Producer<'pool> {
             worker: r.worker,
             ticket: Ticket(rec.desc.seq),
             latency_ns: r.latency_ns,
+            results,
+            results_len,
             first,
             rest,
         })
@@ -1262,7 +1270,8 @@ pub struct Loan<'p, T: Element> {
     producer: &'p dyn Handle,
     token: Option<Token>,
     shape: Shape,
-    /// The slot's data, `cap` bytes (page-aligned), found once when the loan is made.
+    /// The slot's data, `cap` bytes (aligned to a page, or to 64 bytes in a size class under a
+    /// page), found once when the loan is made.
     data: NonNull<u8>,
     cap: u64,
     _t: PhantomData<T>,
@@ -1383,6 +1392,9 @@ pub struct Completion<'p> {
     worker: Option<u32>,
     ticket: Ticket,
     latency_ns: u64,
+    /// The slot's result region (out of place its output, in place its data), found once.
+    results: NonNull<u8>,
+    results_len: usize,
     /// The (first) array's outcome.
     first: ItemOut,
     /// A batch's other arrays ([`Producer::submit_packed`]); empty otherwise.
@@ -1544,11 +1556,18 @@ impl<'p> Completion<'p> {
         if let Some(e) = &item.error {
             return Err((**e).clone());
         }
-        let token = self.token.as_ref().expect("held");
         let n = item.shape.bytes(item.dtype) as usize;
         // Within the slot: the request was built here, and a size a worker reported was
         // checked against the item's space when the result was read.
-        Ok(&self.producer.seg().result_bytes(token)[item.offset..item.offset + n])
+        assert!(
+            item.offset + n <= self.results_len,
+            "an array inside its slot"
+        );
+        // SAFETY: `results` is the slot's result region, `results_len` bytes inside the mapped
+        // segment, found when this completion was made; the completion holds the slot's token
+        // (the worker's push was Release, our pop Acquire), so no party following the protocol
+        // writes it while the returned borrow of `self` lives; the range is inside (asserted).
+        Ok(unsafe { std::slice::from_raw_parts(self.results.as_ptr().add(item.offset), n) })
     }
 
     /// Array `i`'s error, if it failed.
@@ -1586,7 +1605,8 @@ impl<'p> Completion<'p> {
     /// to be read and overwritten in one pass.
     ///
     /// # Errors
-    /// [`LoanError::TooLarge`] if `shape` does not fit a slot (the slot goes home).
+    /// [`LoanError::TooLarge`] if `shape` does not fit this slot (see
+    /// [`Completion::capacity`]; the slot goes home).
     pub fn reuse<T: Element>(mut self, shape: Shape) -> Result<Loan<'p, T>, LoanError> {
         if self.quarantine {
             return Err(LoanError::NoWorkers(

@@ -1,9 +1,9 @@
 //! `mk1 run`: the seed's job as one client of the library.
 //!
 //! Each producer thread takes a [`Producer`] handle on a [`Pool`] (in place, int32, the run's
-//! op as a built-in [`Task`]) and keeps every slot of its share busy: it loans a slot, fills a
-//! matrix of a random shape into it and submits it; when the completion comes back it checks
-//! every element and, in the same pass over the slot, writes the next matrix over it
+//! op as a built-in [`Task`]) and keeps its share of `--inflight` tasks out: it loans a slot,
+//! fills a matrix of a random shape into it and submits it; when the completion comes back it
+//! checks every element and, in the same pass over the slot, writes the next matrix over it
 //! ([`Completion::reuse`], so the slot skips the free list while it is hot in cache). With
 //! batching, small matrices go many to a slot ([`Producer::loan_packed`]). The pool does the
 //! rest: dispatch, the rings, deaths and restarts, the watchdog, validation of what workers
@@ -36,7 +36,8 @@ use crate::report::{Failure, Latency, Report};
 use crate::sync::{AtomicU64, Ordering};
 use crate::sys;
 
-/// Above this many bytes of largest slots, `mk1 run` uses size classes (see [`run`]).
+/// Above this many bytes of largest slots, `mk1 run` uses the plan's size classes (the reason
+/// is where `run` picks them).
 const SINGLE_CLASS_BYTES: u64 = 8 << 20;
 /// Failures kept in the report.
 const KEEP_FAILURES: usize = 16;
@@ -422,10 +423,12 @@ impl Feed<'_> {
         while let Some(c) = h.recv() {
             let recycled = self.complete(h, c);
             self.done.store(self.stats.matrices, Ordering::Relaxed);
-            if recycled {
-                // The slot went straight into the next task; no other slot came free.
+            if recycled && h.in_flight() >= self.limit {
+                // The slot went straight into the next task, and the share is busy.
                 continue;
             }
+            // (After a recycled slot too: with size classes, a slot too small for the pending
+            // matrix went home, and the share may be short of a task.)
             while self.may_issue(clock::now()) && self.issue(h) {}
         }
         // (Nothing is out: whatever is still owed could not be issued.)
@@ -433,8 +436,9 @@ impl Feed<'_> {
         self.done.store(self.stats.matrices, Ordering::Relaxed);
     }
 
-    /// Fills and submits one task into a free slot; `false` when no slot is free now (or
-    /// none ever will be: the pool has no workers left).
+    /// Fills and submits one task into a free slot; `false` when the producer's share of tasks
+    /// in flight (`--inflight`) is reached, no slot is free now, or none ever will be (the pool
+    /// has no workers left).
     fn issue(&mut self, h: &Producer<'_>) -> bool {
         if h.in_flight() >= self.limit {
             return false;
@@ -567,7 +571,7 @@ impl Feed<'_> {
         let old = c.shape().elements() as usize;
         let new = next.elements() as usize;
         let Ok(mut loan) = c.reuse::<i32>(Shape::d1(old.max(new) as u32)) else {
-            // Never for a live slot (every slot holds the largest matrix); the matrix is lost.
+            // Never for a live slot (both matrices fit it, checked above); the matrix is lost.
             self.stats.lost += 1;
             return false;
         };
