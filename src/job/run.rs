@@ -196,6 +196,7 @@ pub fn run(cfg: &Config, hooks: &Hooks<'_>) -> Result<Report, RunError> {
         seed: cfg.seed,
         producers: u64::from(producers),
         batch,
+        classes: classes.len() > 1,
         deadline,
         stop: &stop,
     };
@@ -236,6 +237,7 @@ pub fn run(cfg: &Config, hooks: &Hooks<'_>) -> Result<Report, RunError> {
                         job,
                         p: u64::from(p),
                         limit,
+                        short: false,
                         shapes,
                         budget,
                         owed: 0,
@@ -348,6 +350,8 @@ struct Job<'a> {
     producers: u64,
     /// Matrices per task (1: one per task, filled and checked in the fused pass).
     batch: u32,
+    /// The pool has slots of several sizes.
+    classes: bool,
     /// End of issuing, in clock ticks.
     deadline: Option<Ticks>,
     /// Stop issuing (a signal, a panicked thread, a thread that could not start).
@@ -360,6 +364,9 @@ struct Feed<'a> {
     p: u64,
     /// Tasks this producer keeps in flight (`--inflight` × workers, its share).
     limit: usize,
+    /// The last issue found no slot for its matrix while the pool has size classes (a smaller
+    /// slot may be free).
+    short: bool,
     shapes: super::Shapes,
     /// Matrices still to issue in count mode.
     budget: Option<u64>,
@@ -423,12 +430,12 @@ impl Feed<'_> {
         while let Some(c) = h.recv() {
             let recycled = self.complete(h, c);
             self.done.store(self.stats.matrices, Ordering::Relaxed);
-            if recycled && h.in_flight() >= self.limit {
-                // The slot went straight into the next task, and the share is busy.
+            // A recycled slot went straight into the next task, and no other slot came free;
+            // except that with size classes a slot too small for the pending matrix may have
+            // gone home earlier, leaving the share short of a task: then try again.
+            if recycled && !std::mem::take(&mut self.short) {
                 continue;
             }
-            // (After a recycled slot too: with size classes, a slot too small for the pending
-            // matrix went home, and the share may be short of a task.)
             while self.may_issue(clock::now()) && self.issue(h) {}
         }
         // (Nothing is out: whatever is still owed could not be issued.)
@@ -495,8 +502,11 @@ impl Feed<'_> {
     }
 
     fn refused(&mut self, e: &LoanError) -> bool {
-        if matches!(e, LoanError::NoWorkers(_)) {
-            self.no_workers();
+        match e {
+            LoanError::NoWorkers(_) => self.no_workers(),
+            // No free slot the next matrix fits: with size classes, smaller ones may be free.
+            LoanError::Busy { .. } => self.short = self.job.classes,
+            _ => {}
         }
         false
     }
