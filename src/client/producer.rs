@@ -1597,7 +1597,9 @@ impl<'p> Completion<'p> {
     /// Bytes this task's slot holds: the largest input [`Completion::reuse`] takes (a pool with
     /// [`super::PoolBuilder::size_class`] has slots of several sizes).
     pub fn capacity(&self) -> u64 {
-        capacity(self.producer.seg(), self.token.as_ref().expect("held"))
+        // (A slot's result region, its data in place or its output out of place, is the
+        // slot's size.)
+        self.results_len as u64
     }
 
     /// Reuses this slot for the next input (no trip through the free list): a loan of `shape`
