@@ -6,6 +6,8 @@ mod cli;
 
 #[cfg(not(loom))]
 fn main() -> std::process::ExitCode {
+    // (First, while this is the only thread: see the function.)
+    mk1::sys::one_malloc_arena_under_address_limit();
     // A worker is this same program re-executed; it never returns from here.
     // (With the kernels `mk1 bench library` runs in its pools.)
     mk1::run_if_worker_with(&mk1::bench::library::kernels());

@@ -624,6 +624,21 @@ pub fn soft_limit(resource: Resource) -> Option<u64> {
     rustix::process::getrlimit(resource).current
 }
 
+/// Under an address-space limit (`RLIMIT_AS`), keeps glibc's malloc to one arena. Each further
+/// arena reserves 64 MiB of address space when a thread first allocates, which can take the
+/// room the pool's limit check left for the run's own allocations, so that a later allocation
+/// fails (an abort, not an error). Call it before any other thread starts. Without a limit, and
+/// with other C libraries, it does nothing.
+pub fn one_malloc_arena_under_address_limit() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    if soft_limit(Resource::As).is_some() {
+        // SAFETY: `mallopt` only sets a tunable of glibc's allocator (under the allocator's own
+        // lock) and has no memory-safety preconditions; M_ARENA_MAX with 1 is a valid setting.
+        // Its result (1 on success) needs no handling: on failure nothing changes.
+        unsafe { libc::mallopt(libc::M_ARENA_MAX, 1) };
+    }
+}
+
 /// The real user id of this process.
 pub fn real_uid() -> u32 {
     rustix::process::getuid().as_raw()
