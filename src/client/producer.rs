@@ -411,7 +411,13 @@ impl<'s> Core<'s> {
 
     /// Bytes of `token`'s slot.
     pub(crate) fn capacity(&self, token: &Token) -> u64 {
-        capacity(&self.sh.seg, token)
+        let (_, bytes) = self
+            .sh
+            .seg
+            .layout()
+            .slot_data(token.slot())
+            .expect("token in range");
+        bytes
     }
 
     /// Why the pool can run nothing any more, if it cannot (checked on every submit: two
@@ -1649,14 +1655,6 @@ pub(crate) fn max_slot_bytes(layout: &crate::layout::Layout) -> u64 {
         .last()
         .expect("a layout has a class")
         .slot_bytes
-}
-
-/// Bytes of `token`'s slot.
-pub(crate) fn capacity(seg: &crate::shm::Segment, token: &Token) -> u64 {
-    seg.layout()
-        .slot_data(token.slot())
-        .expect("token in range")
-        .1
 }
 
 /// Item `i`'s output as its kernel reported it (any-dtype kernels; validated when read).
