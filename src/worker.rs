@@ -423,7 +423,7 @@ pub fn serve(spec: WorkerSpec, registry: &Registry) -> Result<(), WorkerError> {
     let mut processed_total: u64 = 0;
 
     loop {
-        let (mut did, mut woke) = (0, false);
+        let mut did = 0;
         for p in 0..producers as usize {
             let ring_err = |source| WorkerError::Ring {
                 producer: p as u32,
@@ -477,14 +477,9 @@ pub fn serve(spec: WorkerSpec, registry: &Registry) -> Result<(), WorkerError> {
                 n += 1;
             }
             if n > 0 {
-                woke |= bells[p].ring(&Futex);
+                bells[p].ring(&Futex);
                 did += n;
             }
-        }
-        if woke {
-            // A woken producer is often queued on this CPU: let it run now (see
-            // `wait::SPINS_PER_YIELD`).
-            std::thread::yield_now();
         }
         if did > 0 {
             processed += did as u64;

@@ -12,6 +12,7 @@
 //!
 //! The program serving as workers must register [`kernels`] (the `mk1` binary does).
 
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::time::{Duration, Instant};
 
 use crossbeam_channel as chan;
@@ -98,6 +99,12 @@ pub struct IdleFigures {
     pub first_task_p50_us: f64,
     /// The same, 99th percentile.
     pub first_task_p99_us: f64,
+    /// The floor under `first_task_p50_us` on this machine, measured interleaved with it: two
+    /// threads of one process, without mk1, each waking the other once after an idle spell
+    /// (the same two futex wake-ups), microseconds: median.
+    pub floor_p50_us: f64,
+    /// The same, 99th percentile.
+    pub floor_p99_us: f64,
     /// Idle spells timed.
     pub spells: usize,
     /// The same first-task round trip with the caller and the workers confined to the caller's
@@ -310,13 +317,38 @@ fn plain_pool(workers: u32) -> Result<Pool, String> {
         .map_err(|e| e.to_string())
 }
 
-/// First-task round trips after `spells` idle spells of 100 ms (p50, p99 in microseconds),
-/// with the pool started under the caller's current affinity.
-fn after_idle(workers: u32, spells: usize) -> Result<(f64, f64), String> {
+/// p50 and p99 of `v`.
+fn p50_p99(mut v: Vec<f64>) -> (f64, f64) {
+    v.sort_by(f64::total_cmp);
+    let p = |q: f64| v[((v.len() - 1) as f64 * q).round() as usize];
+    (p(0.5), p(0.99))
+}
+
+/// First-task round trips after idle spells of 100 ms (p50, p99 in microseconds), with the
+/// pool started under the caller's current affinity; and, interleaved with them, the floor
+/// under that figure on this machine: the same round trip between two threads of this process
+/// (the caller wakes a parked thread, which wakes the parked caller: two futex wake-ups, as in
+/// the pool), without mk1.
+fn after_idle(workers: u32, spells: usize) -> Result<((f64, f64), (f64, f64)), String> {
     let pool = plain_pool(workers)?;
     let producer = pool.producer().map_err(|e| e.to_string())?;
     let task = Task::op("add:1").expect("valid");
-    let mut lat = Vec::with_capacity(spells);
+    let (mut lat, mut floor) = (Vec::with_capacity(spells), Vec::with_capacity(spells));
+    // (Each side parks until the other's flag says go: a park may return spuriously.)
+    let flags = std::sync::Arc::new([AtomicU8::new(0), AtomicU8::new(0)]);
+    let (go, back, quit) = (0usize, 1usize, 2u8);
+    let caller = std::thread::current();
+    let f = flags.clone();
+    let helper = std::thread::spawn(move || loop {
+        match f[go].swap(0, Ordering::Acquire) {
+            0 => std::thread::park(),
+            v if v == quit => return,
+            _ => {
+                f[back].store(1, Ordering::Release);
+                caller.unpark();
+            }
+        }
+    });
     for _ in 0..spells {
         std::thread::sleep(Duration::from_millis(100));
         let t0 = Instant::now();
@@ -327,10 +359,20 @@ fn after_idle(workers: u32, spells: usize) -> Result<(f64, f64), String> {
         let c = producer.recv().ok_or("no completion")?;
         c.output::<i32>().map_err(|e| e.to_string())?;
         lat.push(t0.elapsed().as_secs_f64() * 1e6);
+        drop(c);
+        std::thread::sleep(Duration::from_millis(100));
+        let t0 = Instant::now();
+        flags[go].store(1, Ordering::Release);
+        helper.thread().unpark();
+        while flags[back].swap(0, Ordering::Acquire) == 0 {
+            std::thread::park();
+        }
+        floor.push(t0.elapsed().as_secs_f64() * 1e6);
     }
-    lat.sort_by(f64::total_cmp);
-    let p = |q: f64| lat[((lat.len() - 1) as f64 * q).round() as usize];
-    Ok((p(0.5), p(0.99)))
+    flags[go].store(quit, Ordering::Release);
+    helper.thread().unpark();
+    helper.join().map_err(|_| "the helper thread panicked")?;
+    Ok((p50_p99(lat), p50_p99(floor)))
 }
 
 fn idle(workers: u32, spell: Duration) -> Result<IdleFigures, String> {
@@ -357,18 +399,20 @@ fn idle(workers: u32, spell: Duration) -> Result<IdleFigures, String> {
     drop(producer);
     drop(pool);
     let spells = 40;
-    let (p50, p99) = after_idle(workers, spells)?;
+    let ((p50, p99), (f50, f99)) = after_idle(workers, spells)?;
     // Again with everything on this thread's CPU: workers inherit the mask.
     let allowed = crate::sys::allowed_cpus();
     crate::sys::pin_to_cpu(crate::sys::current_cpu()).map_err(|e| e.to_string())?;
     let one = after_idle(workers, spells);
     crate::sys::set_affinity(&allowed).map_err(|e| e.to_string())?;
-    let (o50, o99) = one?;
+    let ((o50, o99), _) = one?;
     Ok(IdleFigures {
         cpu_percent_of_one_core: cpu,
         idle_seconds: secs,
         first_task_p50_us: p50,
         first_task_p99_us: p99,
+        floor_p50_us: f50,
+        floor_p99_us: f99,
         spells,
         one_cpu_first_task_p50_us: o50,
         one_cpu_first_task_p99_us: o99,

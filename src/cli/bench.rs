@@ -194,6 +194,11 @@ fn library(b: LibraryBench, json: bool) -> ExitCode {
         i.spells
     );
     outln!(
+        "  the floor under it, interleaved: two threads waking each other after an idle spell, p50 {:.0} us, p99 {:.0} us",
+        i.floor_p50_us,
+        i.floor_p99_us
+    );
+    outln!(
         "  the same with the caller and the workers on one CPU: p50 {:.0} us, p99 {:.0} us",
         i.one_cpu_first_task_p50_us,
         i.one_cpu_first_task_p99_us

@@ -554,9 +554,7 @@ impl<'s> Core<'s> {
             }
         }
         if woke {
-            // A woken worker is often queued on this CPU: let it run now (see
-            // `wait::SPINS_PER_YIELD`); with nobody queued here the yield returns at once.
-            std::thread::yield_now();
+            self.backoff.woke_partner();
         }
     }
 
