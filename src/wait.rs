@@ -298,7 +298,7 @@ impl Backoff {
             // which would add straight to the hand-off latency. After that, pause to be polite.
             if self.spins > EAGER_SPINS {
                 crate::sync::spin_hint();
-                if self.spins % SPINS_PER_YIELD == 0 {
+                if self.spins.is_multiple_of(SPINS_PER_YIELD) {
                     std::thread::yield_now();
                 }
             }

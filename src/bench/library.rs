@@ -317,8 +317,11 @@ fn plain_pool(workers: u32) -> Result<Pool, String> {
         .map_err(|e| e.to_string())
 }
 
+/// A median and a 99th percentile, microseconds.
+type P50P99 = (f64, f64);
+
 /// p50 and p99 of `v`.
-fn p50_p99(mut v: Vec<f64>) -> (f64, f64) {
+fn p50_p99(mut v: Vec<f64>) -> P50P99 {
     v.sort_by(f64::total_cmp);
     let p = |q: f64| v[((v.len() - 1) as f64 * q).round() as usize];
     (p(0.5), p(0.99))
@@ -329,7 +332,7 @@ fn p50_p99(mut v: Vec<f64>) -> (f64, f64) {
 /// under that figure on this machine: the same round trip between two threads of this process
 /// (the caller wakes a parked thread, which wakes the parked caller: two futex wake-ups, as in
 /// the pool), without mk1.
-fn after_idle(workers: u32, spells: usize) -> Result<((f64, f64), (f64, f64)), String> {
+fn after_idle(workers: u32, spells: usize) -> Result<(P50P99, P50P99), String> {
     let pool = plain_pool(workers)?;
     let producer = pool.producer().map_err(|e| e.to_string())?;
     let task = Task::op("add:1").expect("valid");
