@@ -262,10 +262,11 @@ impl Backoff {
 
     /// Says that this thread just woke a sleeping partner: its next wait begins with a yield.
     ///
-    /// A woken sleeper is often queued on its waker's CPU (see [`SPINS_PER_YIELD`]); a waker
-    /// that then waits for it would spin in its way. The pool's producers use this (the first
-    /// task after an idle spell: p50 107 us -> 82 us here); its workers do not: in a worker, a
-    /// yield after waking a producer measured 0.83x with 2 producers and 1 worker on 2 CPUs.
+    /// A woken sleeper is often queued on its waker's CPU, beside an idle one (why spinning
+    /// yields every few hundred re-checks); a waker that then waits for it would spin in its
+    /// way. The pool's producers use this (the first task after an idle spell: p50 107 us ->
+    /// 82 us here); its workers do not: in a worker, a yield after waking a producer measured
+    /// 0.83x with 2 producers and 1 worker on 2 CPUs.
     #[inline]
     pub fn woke_partner(&mut self) {
         self.woke = true;
