@@ -583,17 +583,27 @@ fn a_hung_kernel_times_out_and_the_pool_goes_on() {
     assert_eq!(pool.restarts(), 1, "the hung worker was replaced");
 }
 
-/// Kills every worker while a slow task runs.
-fn kill_mid_task(mode: Mode, keep_copies: bool) -> (Result<Vec<f64>, TaskError>, u32) {
-    let pool = Pool::builder()
+/// Kills every worker while a slow task runs; with `classes`, in a pool with a class of small
+/// slots, which the task's array takes.
+fn kill_mid_task(
+    mode: Mode,
+    keep_copies: bool,
+    classes: bool,
+) -> (Result<Vec<f64>, TaskError>, u32) {
+    let mut b = Pool::builder()
         .workers(2)
         .mode(mode)
         .keep_copies(keep_copies)
-        .kernels(kernels())
-        .build()
-        .unwrap();
+        .kernels(kernels());
+    if classes {
+        b = b.size_class(4096, 2);
+    }
+    let pool = b.build().unwrap();
     let producer = pool.producer().unwrap();
     let mut loan = producer.loan::<f64>(Shape::d1(3)).unwrap();
+    if classes {
+        assert_eq!(loan.capacity(), 4096, "a small slot");
+    }
     loan.copy_from_slice(&[1.0, 2.0, 3.0]);
     producer
         .submit(
@@ -633,23 +643,28 @@ fn unsafe_free_kill(pid: u32) {
 }
 
 fn a_worker_killed_mid_task_out_of_place_is_redone() {
-    let (r, restarts) = kill_mid_task(Mode::OutOfPlace, false);
-    assert_eq!(r, Ok(vec![2.0, 4.0, 6.0]), "redone from the intact input");
-    assert!(restarts >= 2, "both workers replaced, got {restarts}");
+    for classes in [false, true] {
+        let (r, restarts) = kill_mid_task(Mode::OutOfPlace, false, classes);
+        assert_eq!(r, Ok(vec![2.0, 4.0, 6.0]), "redone from the intact input");
+        assert!(restarts >= 2, "both workers replaced, got {restarts}");
+    }
 }
 
 fn a_worker_killed_mid_task_in_place_is_reported() {
-    let (r, _) = kill_mid_task(Mode::InPlace, false);
+    let (r, _) = kill_mid_task(Mode::InPlace, false, false);
     match r {
         Err(TaskError::WorkerDied { attempts: 1, how }) => {
             assert!(how.contains("worker") && how.contains("pid"), "{how}")
         }
         other => panic!("expected WorkerDied, got {other:?}"),
     }
-    // With copies kept, in place is redone too, from the input as submitted.
-    let (r, restarts) = kill_mid_task(Mode::InPlace, true);
-    assert_eq!(r, Ok(vec![2.0, 4.0, 6.0]), "restored and redone");
-    assert!(restarts >= 2, "both workers replaced, got {restarts}");
+    // With copies kept, in place is redone too, from the input as submitted (in a slot of
+    // the largest size, and in a small one).
+    for classes in [false, true] {
+        let (r, restarts) = kill_mid_task(Mode::InPlace, true, classes);
+        assert_eq!(r, Ok(vec![2.0, 4.0, 6.0]), "restored and redone");
+        assert!(restarts >= 2, "both workers replaced, got {restarts}");
+    }
 }
 
 fn inputs_are_read_only_out_of_place() {
