@@ -4,7 +4,13 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
+use crate::ops::typed::{ElemOp, TypedOp};
 use crate::ops::{reference, Kernel, Kernels, Op};
+
+/// The `op` of the out-of-place figure that copies the input, then applies the op in place.
+pub const OUT_OF_PLACE_COPY: &str = "f32 affine, copy+op";
+/// The `op` of the out-of-place figure that reads the input and writes the output in one pass.
+pub const OUT_OF_PLACE_ONE_PASS: &str = "f32 affine, 1 pass";
 
 /// One kernel on one op at one buffer size.
 #[derive(Debug, Clone, Serialize)]
@@ -105,6 +111,40 @@ pub fn measure_kernels(
                 });
                 push(op.to_string(), rate);
             }
+            // Out of place, as a built-in op runs in an out-of-place pool (typed f32 affine):
+            // the input read and the output written in one pass, against copying the input to
+            // the output and applying the op there.
+            // Input and output start a whole number of pages apart, as a slot's input and output
+            // regions do (memcpy between buffers a few bytes out of step within a page can be
+            // 20x slower on some CPUs; see `array::copy_elements`).
+            let region = (n * 4).div_ceil(4096) * 1024;
+            let mut both = vec![0f32; 2 * region + 1024];
+            let skip = both.as_ptr().align_offset(4096);
+            let (input, output) = both[skip..skip + 2 * region].split_at_mut(region);
+            let (input, output) = (&mut input[..n], &mut output[..n]);
+            input
+                .iter_mut()
+                .enumerate()
+                .for_each(|(i, x)| *x = (i % 4096) as f32);
+            let (input, output): (&[f32], &mut [f32]) = (input, output);
+            let affine = TypedOp::new(ElemOp::Affine { a: 3.0f32, b: 1.0 }).expect("valid");
+            affine.apply_to(kernel, input, output);
+            let mut copied = input.to_vec();
+            affine.apply(kernel, &mut copied);
+            if *output != copied[..] {
+                return Err(format!(
+                    "{kernel} out-of-place affine disagrees with in place"
+                ));
+            }
+            let rate = best_rate(bytes, trials, each, || {
+                output.copy_from_slice(std::hint::black_box(input));
+                affine.apply(kernel, output);
+            });
+            push(OUT_OF_PLACE_COPY.into(), rate);
+            let rate = best_rate(bytes, trials, each, || {
+                affine.apply_to(kernel, std::hint::black_box(input), output)
+            });
+            push(OUT_OF_PLACE_ONE_PASS.into(), rate);
         }
     }
     Ok(KernelReport {
@@ -121,7 +161,7 @@ mod tests {
     fn every_available_kernel_is_measured_for_every_op() {
         let r = measure_kernels(&[4096], 1, Duration::from_micros(200)).unwrap();
         let kernels = Kernel::available().len();
-        assert_eq!(r.kernels.len(), kernels * 8);
+        assert_eq!(r.kernels.len(), kernels * 10);
         assert!(r
             .kernels
             .iter()

@@ -27,7 +27,9 @@ use crate::job::{fill_base, Shapes};
 use crate::ops::{Kernels, Op};
 use crate::report::Latency;
 
-pub use kernels::{measure_kernels, KernelFigure, KernelReport};
+pub use kernels::{
+    measure_kernels, KernelFigure, KernelReport, OUT_OF_PLACE_COPY, OUT_OF_PLACE_ONE_PASS,
+};
 pub use latency::{measure_latency, LatencyFigure};
 pub use stream::{run_child_if_requested, StreamKind};
 

@@ -236,6 +236,25 @@ fn kernels(json: bool) -> ExitCode {
                         base
                     );
                 }
+                // The out-of-place pair, side by side per kernel and size.
+                for f in r
+                    .kernels
+                    .iter()
+                    .filter(|f| f.op == bench::OUT_OF_PLACE_ONE_PASS)
+                {
+                    if let Some(g) = r.kernels.iter().find(|g| {
+                        g.op == bench::OUT_OF_PLACE_COPY
+                            && g.kernel == f.kernel
+                            && g.bytes == f.bytes
+                    }) {
+                        outln!(
+                            "out of place, {} at {} bytes: one pass / copy then op = {:.2}x",
+                            f.kernel,
+                            f.bytes,
+                            f.gb_per_s / g.gb_per_s
+                        );
+                    }
+                }
             }
             ExitCode::SUCCESS
         }

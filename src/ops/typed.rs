@@ -191,6 +191,29 @@ impl<T: Element> TypedOp<T> {
             _ => apply_loops(self, data),
         }
     }
+
+    /// Out of place: `output[i] = op(input[i])` for every element, in one pass (the same
+    /// results as copying `input` to `output` and applying in place, without the second pass
+    /// over `output`). `kernel` as for [`TypedOp::apply`].
+    ///
+    /// # Panics
+    /// If the two slices differ in length.
+    pub fn apply_to(&self, kernel: Kernel, input: &[T], output: &mut [T]) {
+        assert_eq!(input.len(), output.len(), "input and output lengths");
+        match kernel {
+            #[cfg(target_arch = "x86_64")]
+            Kernel::Avx512 if kernel.is_available() => {
+                // SAFETY: the CPU supports AVX-512F (checked just above).
+                unsafe { apply_to_avx512(self, input, output) }
+            }
+            #[cfg(target_arch = "x86_64")]
+            Kernel::Avx2 if kernel.is_available() => {
+                // SAFETY: the CPU supports AVX2 (checked just above).
+                unsafe { apply_to_avx2(self, input, output) }
+            }
+            _ => apply_to_loops(self, input, output),
+        }
+    }
 }
 
 impl<T: Element> fmt::Display for TypedOp<T> {
@@ -218,12 +241,47 @@ fn apply_loops<T: Element>(op: &TypedOp<T>, data: &mut [T]) {
     }
 }
 
+/// As [`apply_loops`], reading `input` and writing `output` (same lengths).
+#[inline(always)]
+fn apply_to_loops<T: Element>(op: &TypedOp<T>, input: &[T], output: &mut [T]) {
+    let pairs = output.iter_mut().zip(input);
+    match op.0 {
+        ElemOp::Affine { a, b } => pairs.for_each(|(o, &x)| *o = x.mul_add(a, b)),
+        ElemOp::Add(k) => pairs.for_each(|(o, &x)| *o = x.add(k)),
+        ElemOp::Mul(k) => pairs.for_each(|(o, &x)| *o = x.mul(k)),
+        ElemOp::Neg => pairs.for_each(|(o, &x)| *o = x.neg()),
+        ElemOp::Abs => pairs.for_each(|(o, &x)| *o = x.abs()),
+        ElemOp::Clamp { .. } => pairs.for_each(|(o, &x)| *o = op.apply_scalar(x)),
+        ElemOp::Xor(k) => pairs.for_each(|(o, &x)| *o = x.xor(k)),
+        ElemOp::And(k) => pairs.for_each(|(o, &x)| *o = x.and(k)),
+        ElemOp::Or(k) => pairs.for_each(|(o, &x)| *o = x.or(k)),
+        ElemOp::Shl(n) => pairs.for_each(|(o, &x)| *o = x.shl(n)),
+        ElemOp::Shr(n) => pairs.for_each(|(o, &x)| *o = x.shr(n)),
+    }
+}
+
 /// # Safety
 /// The CPU must support AVX2.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
 unsafe fn apply_avx2<T: Element>(op: &TypedOp<T>, data: &mut [T]) {
     apply_loops(op, data)
+}
+
+/// # Safety
+/// The CPU must support AVX2.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn apply_to_avx2<T: Element>(op: &TypedOp<T>, input: &[T], output: &mut [T]) {
+    apply_to_loops(op, input, output)
+}
+
+/// # Safety
+/// The CPU must support AVX-512F.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn apply_to_avx512<T: Element>(op: &TypedOp<T>, input: &[T], output: &mut [T]) {
+    apply_to_loops(op, input, output)
 }
 
 /// # Safety
@@ -277,6 +335,16 @@ mod tests {
                 assert_eq!(&got[..skew], &input[..skew], "{op} {kernel}: wrote outside");
                 for (i, (g, w)) in got[skew..].iter().zip(&want).enumerate() {
                     assert!(g.same(*w), "{op} {kernel} at {i}: got {g:?}, want {w:?}");
+                }
+                // Out of place, into an output at another offset: the elements around it untouched.
+                let mut out = vec![T::from_u64(7); want.len() + 3];
+                op.apply_to(kernel, &input[skew..], &mut out[1..=want.len()]);
+                assert!(out[0].same(T::from_u64(7)) && out[want.len() + 1].same(T::from_u64(7)));
+                for (i, (g, w)) in out[1..=want.len()].iter().zip(&want).enumerate() {
+                    assert!(
+                        g.same(*w),
+                        "{op} {kernel} out of place at {i}: {g:?} vs {w:?}"
+                    );
                 }
             }
         }

@@ -264,7 +264,7 @@ pub(crate) fn decode<T: Element>(code: u32, p: &Params) -> Result<TypedOp<T>, St
     TypedOp::new(elem_op(code, p)?).map_err(|e| e.to_string())
 }
 
-/// Checks a descriptor's op for `dtype` (once per task; see [`run_prechecked`]).
+/// Checks a descriptor's op for `dtype` (once per task; see [`run_prechecked_each`]).
 pub(crate) fn validate(code: u32, p: &Params, dtype: DType) -> Result<(), String> {
     with_dtype!(dtype, T => decode::<T>(code, p).map(|_| ()))
 }
@@ -290,30 +290,35 @@ fn elem_op<T: Element>(code: u32, p: &Params) -> Result<ElemOp<T>, String> {
     Ok(op)
 }
 
+/// One array for a built-in op: its bytes in place, or an input to read and an output of the
+/// same length to write.
+pub(crate) enum OpIo<'b> {
+    /// Read and written in place.
+    InPlace(&'b mut [u8]),
+    /// Read from the first, written to the second.
+    OutOfPlace(&'b [u8], &'b mut [u8]),
+}
+
 /// Runs a built-in op that [`validate`] accepted on every array `arrays` yields (bytes of
-/// elements of `dtype`), in place, decoding the op once for all of them.
+/// elements of `dtype`), decoding the op once for all of them. Out of place the op reads the
+/// input and writes the output in one pass.
 pub(crate) fn run_prechecked_each<'b>(
     code: u32,
     p: &Params,
     dtype: DType,
     simd: Kernel,
-    arrays: impl Iterator<Item = &'b mut [u8]>,
+    arrays: impl Iterator<Item = OpIo<'b>>,
 ) {
+    use crate::array::{cast, cast_mut};
     with_dtype!(dtype, T => {
         if let Ok(op) = elem_op::<T>(code, p) {
             let op = TypedOp::prechecked(op);
             for a in arrays {
-                op.apply(simd, crate::array::cast_mut::<T>(a));
+                match a {
+                    OpIo::InPlace(d) => op.apply(simd, cast_mut::<T>(d)),
+                    OpIo::OutOfPlace(i, o) => op.apply_to(simd, cast::<T>(i), cast_mut::<T>(o)),
+                }
             }
-        }
-    })
-}
-
-/// Runs a built-in op that [`validate`] accepted on `data` (elements of `dtype`) in place.
-pub(crate) fn run_prechecked(code: u32, p: &Params, dtype: DType, simd: Kernel, data: &mut [u8]) {
-    with_dtype!(dtype, T => {
-        if let Ok(op) = elem_op::<T>(code, p) {
-            TypedOp::prechecked(op).apply(simd, crate::array::cast_mut::<T>(data));
         }
     })
 }

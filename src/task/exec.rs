@@ -5,6 +5,7 @@ use std::any::Any;
 use std::cell::RefCell;
 use std::panic::AssertUnwindSafe;
 
+use super::builtin::OpIo;
 use super::registry::WorkerInfo;
 use super::{builtin, AnyArgs, AnyIo, Args, Io, KernelError, Output, Params, Registry};
 use crate::array::{cast, cast_mut, Shape};
@@ -161,17 +162,16 @@ impl<'r> Executor<'r> {
         let mut bufs = bufs;
         if desc.kernel >= BUILTIN {
             // A built-in op (validated by `check`, so it cannot fail): decoded once, applied to
-            // each array in turn (out of place: on the output, after copying the input there).
+            // each array in turn (out of place: reading the input, writing the output, in one
+            // pass).
             let items = &desc.items[..desc.count as usize];
             let (out, input) = match &mut bufs {
                 TaskBuffers::InPlace(b) => (&mut **b, None),
                 TaskBuffers::OutOfPlace(i, o) => (&mut **o, Some(*i)),
             };
-            let arrays = disjoint_arrays(out, items, task.dtype).map(|(at, a)| {
-                if let Some(i) = input {
-                    a.copy_from_slice(&i[at..at + a.len()]);
-                }
-                a
+            let arrays = disjoint_arrays(out, items, task.dtype).map(|(at, a)| match input {
+                Some(i) => OpIo::OutOfPlace(&i[at..at + a.len()], a),
+                None => OpIo::InPlace(a),
             });
             builtin::run_prechecked_each(desc.kernel, &task.params, task.dtype, self.simd, arrays);
             return Ok(TaskResult::ok());
@@ -275,14 +275,12 @@ impl<'r> Executor<'r> {
         context: &[u8],
     ) -> Result<Option<Output>, (String, bool)> {
         if kernel >= BUILTIN {
-            let data = match io {
-                RawIo::InPlace(b) => b,
-                RawIo::OutOfPlace(i, o) => {
-                    o.copy_from_slice(i);
-                    o
-                }
+            let io = match io {
+                RawIo::InPlace(b) => OpIo::InPlace(b),
+                RawIo::OutOfPlace(i, o) => OpIo::OutOfPlace(i, o),
             };
-            builtin::run_prechecked(kernel, &task.params, task.dtype, self.simd, data);
+            let one = std::iter::once(io);
+            builtin::run_prechecked_each(kernel, &task.params, task.dtype, self.simd, one);
             return Ok(None);
         }
         let entry = self.registry.entry(kernel).expect("checked");
