@@ -12,6 +12,11 @@ pub const OUT_OF_PLACE_COPY: &str = "f32 affine, copy+op";
 /// The `op` of the out-of-place figure that reads the input and writes the output in one pass.
 pub const OUT_OF_PLACE_ONE_PASS: &str = "f32 affine, 1 pass";
 
+/// The `op` of a copy out of a page-aligned buffer by one `memcpy`.
+pub const COPY_MEMCPY: &str = "page -> +16, memcpy";
+/// The same copy by `array::copy_elements`.
+pub const COPY_MK1: &str = "page -> +16, mk1";
+
 /// One kernel on one op at one buffer size.
 #[derive(Debug, Clone, Serialize)]
 pub struct KernelFigure {
@@ -147,6 +152,30 @@ pub fn measure_kernels(
             push(OUT_OF_PLACE_ONE_PASS.into(), rate);
         }
     }
+    // Copying a result out of a page-aligned slot into a buffer that starts 16 bytes into a
+    // page (where glibc puts large blocks): one `memcpy`, and `array::copy_elements`.
+    for &bytes in sizes {
+        let mut space = vec![0u8; 2 * bytes + 3 * 4096];
+        let base = space.as_ptr().align_offset(4096);
+        let split = base + bytes.div_ceil(4096) * 4096;
+        let (src, dst) = space.split_at_mut(split);
+        let (src, dst) = (&src[base..base + bytes], &mut dst[16..16 + bytes]);
+        for (name, f) in [
+            (
+                COPY_MEMCPY,
+                (|d: &mut [u8], s: &[u8]| d.copy_from_slice(s)) as fn(&mut [u8], &[u8]),
+            ),
+            (COPY_MK1, crate::array::copy_elements::<u8>),
+        ] {
+            let rate = best_rate(bytes, trials, each, || f(dst, std::hint::black_box(src)));
+            figures.push(KernelFigure {
+                kernel: "copy",
+                op: name.into(),
+                bytes,
+                gb_per_s: rate,
+            });
+        }
+    }
     Ok(KernelReport {
         selected: Kernel::auto().name(),
         kernels: figures,
@@ -161,7 +190,7 @@ mod tests {
     fn every_available_kernel_is_measured_for_every_op() {
         let r = measure_kernels(&[4096], 1, Duration::from_micros(200)).unwrap();
         let kernels = Kernel::available().len();
-        assert_eq!(r.kernels.len(), kernels * 10);
+        assert_eq!(r.kernels.len(), kernels * 10 + 2);
         assert!(r
             .kernels
             .iter()

@@ -28,7 +28,8 @@ use crate::ops::{Kernels, Op};
 use crate::report::Latency;
 
 pub use kernels::{
-    measure_kernels, KernelFigure, KernelReport, OUT_OF_PLACE_COPY, OUT_OF_PLACE_ONE_PASS,
+    measure_kernels, KernelFigure, KernelReport, COPY_MEMCPY, COPY_MK1, OUT_OF_PLACE_COPY,
+    OUT_OF_PLACE_ONE_PASS,
 };
 pub use latency::{measure_latency, LatencyFigure};
 pub use stream::{run_child_if_requested, StreamKind};

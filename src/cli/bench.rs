@@ -214,7 +214,7 @@ fn kernels(json: bool) -> ExitCode {
             } else {
                 outln!("selected by --kernel auto: {}", r.selected);
                 outln!(
-                    "{:<10} {:<16} {:>9} {:>10} {:>12}",
+                    "{:<10} {:<20} {:>9} {:>10} {:>12}",
                     "kernel",
                     "op",
                     "bytes",
@@ -227,14 +227,32 @@ fn kernels(json: bool) -> ExitCode {
                         .iter()
                         .find(|g| g.kernel == "portable" && g.op == f.op && g.bytes == f.bytes)
                         .map_or(f64::NAN, |g| f.gb_per_s / g.gb_per_s);
+                    let base = if base.is_nan() {
+                        String::new()
+                    } else {
+                        format!("{base:.2}x")
+                    };
                     outln!(
-                        "{:<10} {:<16} {:>9} {:>10.1} {:>11.2}x",
+                        "{:<10} {:<20} {:>9} {:>10.1} {:>12}",
                         f.kernel,
                         f.op,
                         f.bytes,
                         f.gb_per_s,
                         base
                     );
+                }
+                for f in r.kernels.iter().filter(|f| f.op == bench::COPY_MK1) {
+                    if let Some(g) = r
+                        .kernels
+                        .iter()
+                        .find(|g| g.op == bench::COPY_MEMCPY && g.bytes == f.bytes)
+                    {
+                        outln!(
+                            "copy out of a page-aligned slot to 16 bytes into a page, {} bytes: mk1 / memcpy = {:.2}x",
+                            f.bytes,
+                            f.gb_per_s / g.gb_per_s
+                        );
+                    }
                 }
                 // The out-of-place pair, side by side per kernel and size.
                 for f in r

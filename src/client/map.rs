@@ -9,7 +9,7 @@ use std::collections::VecDeque;
 
 use super::producer::{packed_offset, Core, Producer, TaskError, PACK_MAX};
 use super::{SubmitError, Task};
-use crate::array::{as_bytes, cast, Array, AsArray, Shape};
+use crate::array::{as_bytes, cast, copied_vec, copy_elements, Array, AsArray, Shape};
 use crate::dtype::Element;
 use crate::layout::{ItemDesc, TaskDesc};
 use crate::task::Params;
@@ -232,7 +232,10 @@ where
                 self.pending = Some(item);
                 break;
             }
-            data[used as usize..(used + bytes) as usize].copy_from_slice(as_bytes(&elements));
+            copy_elements(
+                &mut data[used as usize..(used + bytes) as usize],
+                as_bytes(&elements),
+            );
             drop(elements);
             let (ndim, dims) = shape.raw();
             desc.items[count] = ItemDesc {
@@ -289,7 +292,7 @@ where
                             let at = item.offset as usize;
                             let n = shape.bytes(dtype) as usize;
                             if dtype == <E<I> as Element>::DTYPE {
-                                let data = cast::<E<I>>(&results[at..at + n]).to_vec();
+                                let data = copied_vec(cast::<E<I>>(&results[at..at + n]));
                                 Ok(Array::new(data, shape).expect("shape matches"))
                             } else {
                                 Err(TaskError::Dtype {

@@ -68,7 +68,7 @@ impl PackedLoan<'_> {
         );
         Ok(match self.append(shape)? {
             Some(room) => {
-                room.copy_from_slice(bytes);
+                crate::array::copy_elements(room, bytes);
                 true
             }
             None => false,

@@ -517,7 +517,7 @@ impl<'s> Core<'s> {
             let data = self.sh.seg.slot_bytes_mut(&mut token);
             let copy = &mut self.copies[slot];
             copy.clear();
-            copy.extend_from_slice(&data[..extent]);
+            crate::array::extend_copied(copy, &data[..extent]);
         }
         self.sh.seg.write_task(&token, &record.desc);
         self.in_flight += 1;
@@ -703,7 +703,8 @@ impl<'s> Core<'s> {
                 let mut t = t;
                 if self.sh.mode == Mode::InPlace {
                     let copy = &self.copies[t.slot() as usize];
-                    self.sh.seg.slot_bytes_mut(&mut t)[..copy.len()].copy_from_slice(copy);
+                    let slot = self.sh.seg.slot_bytes_mut(&mut t);
+                    crate::array::copy_elements(&mut slot[..copy.len()], copy);
                 }
                 self.sh.seg.write_task(&t, &r.desc);
                 self.redo.push(t);
@@ -1326,7 +1327,7 @@ impl<'p, T: Element> Loan<'p, T> {
     /// # Panics
     /// If the lengths differ.
     pub fn copy_from_slice(&mut self, data: &[T]) {
-        self.as_mut_slice().copy_from_slice(data);
+        crate::array::copy_elements(self.as_mut_slice(), data);
     }
 
     /// The shape.
@@ -1449,7 +1450,8 @@ impl<'c, T: Element> OutputView<'c, T> {
 
     /// A copy that outlives the completion.
     pub fn to_array(&self) -> crate::array::Array<T> {
-        crate::array::Array::new(self.data.to_vec(), self.shape).expect("shape matches")
+        crate::array::Array::new(crate::array::copied_vec(self.data), self.shape)
+            .expect("shape matches")
     }
 }
 
