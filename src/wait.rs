@@ -1,7 +1,8 @@
 //! Waiting without burning a core, and waking without a syscall when nobody sleeps.
 //!
 //! A waiter goes through three phases ([`Backoff`]): spin (re-check the condition with a CPU
-//! pause), yield the CPU, then sleep on a [`Doorbell`]. The spin and yield budgets adapt to
+//! pause, giving the CPU away once every [`SPINS_PER_YIELD`] re-checks), yield the CPU, then
+//! sleep on a [`Doorbell`]. The spin and yield budgets adapt to
 //! whether spinning pays (it does not on a machine shared with other busy processes; see
 //! [`Backoff`]), and the roles add one step before sleeping: a waiter whose partner last waited on
 //! the same CPU yields to it ([`SAME_CPU_YIELDS`]). The doorbell is a futex word plus a
@@ -129,7 +130,8 @@ pub struct Backoff {
     last_probe: Option<Instant>,
     /// The current wait is a probe: full budgets.
     probing: bool,
-    /// This thread woke a sleeping partner since its last wait began.
+    /// This thread woke a sleeping partner, and no spin step or sleep has acted on it yet
+    /// ([`Backoff::woke_partner`]).
     woke: bool,
 }
 
@@ -152,7 +154,7 @@ const UNTIMED_SPINS: u32 = 16;
 /// idle spell took 1.6 ms (the caller's whole spin, then the worker's) instead of 0.1 ms. A
 /// yield with nobody else queued returns at once (about 0.6 us here), so a spin interrupted
 /// by one every 30 us costs a few percent of time spent waiting anyway.
-const SPINS_PER_YIELD: u32 = 512;
+pub const SPINS_PER_YIELD: u32 = 512;
 
 /// How eagerly a waiter spins.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -146,6 +146,11 @@ fn library_bench_reports_every_comparison_and_the_idle_figures() {
     let idle = &j["idle"];
     assert!(idle["cpu_percent_of_one_core"].as_f64().unwrap() >= 0.0);
     assert!(idle["first_task_p50_us"].as_f64().unwrap() > 0.0);
+    let (f50, f99) = (
+        idle["floor_p50_us"].as_f64().unwrap(),
+        idle["floor_p99_us"].as_f64().unwrap(),
+    );
+    assert!(f50 > 0.0 && f50 <= f99, "{idle}");
     assert!(idle["one_cpu_first_task_p99_us"].as_f64().unwrap() > 0.0);
     assert_eq!(idle["spells"], 40);
 }

@@ -99,9 +99,9 @@ pub struct IdleFigures {
     pub first_task_p50_us: f64,
     /// The same, 99th percentile.
     pub first_task_p99_us: f64,
-    /// The floor under `first_task_p50_us` on this machine, measured interleaved with it: two
-    /// threads of one process, without mk1, each waking the other once after an idle spell
-    /// (the same two futex wake-ups), microseconds: median.
+    /// A reference for `first_task_p50_us` on this machine, measured interleaved with it: two
+    /// threads of one process, without mk1, each waking the other by a futex once after an
+    /// idle spell, microseconds: median.
     pub floor_p50_us: f64,
     /// The same, 99th percentile.
     pub floor_p99_us: f64,
@@ -327,31 +327,78 @@ fn p50_p99(mut v: Vec<f64>) -> P50P99 {
     (p(0.5), p(0.99))
 }
 
+/// A thread that, each time it is told to go, wakes the thread that made it: the floor under
+/// the first-task figure. (Each side parks until the other's flag says so: a park may return
+/// spuriously.) Dropping it stops the thread, on every path out.
+struct Echo {
+    flags: std::sync::Arc<[AtomicU8; 2]>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+const GO: usize = 0;
+const BACK: usize = 1;
+const QUIT: u8 = 2;
+
+impl Echo {
+    fn start() -> Echo {
+        let flags = std::sync::Arc::new([AtomicU8::new(0), AtomicU8::new(0)]);
+        let (f, caller) = (flags.clone(), std::thread::current());
+        let thread = std::thread::spawn(move || loop {
+            match f[GO].swap(0, Ordering::Acquire) {
+                0 => std::thread::park(),
+                QUIT => return,
+                _ => {
+                    f[BACK].store(1, Ordering::Release);
+                    caller.unpark();
+                }
+            }
+        });
+        Echo {
+            flags,
+            thread: Some(thread),
+        }
+    }
+
+    /// One round trip, microseconds: wake the echo thread, sleep until it wakes us.
+    fn round_trip(&self) -> f64 {
+        let t0 = Instant::now();
+        self.flags[GO].store(1, Ordering::Release);
+        if let Some(t) = &self.thread {
+            t.thread().unpark();
+        }
+        while self.flags[BACK].swap(0, Ordering::Acquire) == 0 {
+            std::thread::park();
+        }
+        t0.elapsed().as_secs_f64() * 1e6
+    }
+}
+
+impl Drop for Echo {
+    fn drop(&mut self) {
+        self.flags[GO].store(QUIT, Ordering::Release);
+        if let Some(t) = self.thread.take() {
+            t.thread().unpark();
+            let _ = t.join();
+        }
+    }
+}
+
 /// First-task round trips after idle spells of 100 ms (p50, p99 in microseconds), with the
-/// pool started under the caller's current affinity; and, interleaved with them, the floor
-/// under that figure on this machine: the same round trip between two threads of this process
-/// (the caller wakes a parked thread, which wakes the parked caller: two futex wake-ups, as in
-/// the pool), without mk1.
-fn after_idle(workers: u32, spells: usize) -> Result<(P50P99, P50P99), String> {
+/// pool started under the caller's current affinity; and with `floor`, interleaved with them,
+/// a reference for that figure on this machine: two threads of one process, without mk1, each
+/// waking the other by a futex once after an idle spell. (The pool's caller spins before it
+/// sleeps, so it often catches the answer without the second wake-up; the worker's wake-up
+/// is the same.)
+fn after_idle(
+    workers: u32,
+    spells: usize,
+    floor: bool,
+) -> Result<(P50P99, Option<P50P99>), String> {
     let pool = plain_pool(workers)?;
     let producer = pool.producer().map_err(|e| e.to_string())?;
     let task = Task::op("add:1").expect("valid");
-    let (mut lat, mut floor) = (Vec::with_capacity(spells), Vec::with_capacity(spells));
-    // (Each side parks until the other's flag says go: a park may return spuriously.)
-    let flags = std::sync::Arc::new([AtomicU8::new(0), AtomicU8::new(0)]);
-    let (go, back, quit) = (0usize, 1usize, 2u8);
-    let caller = std::thread::current();
-    let f = flags.clone();
-    let helper = std::thread::spawn(move || loop {
-        match f[go].swap(0, Ordering::Acquire) {
-            0 => std::thread::park(),
-            v if v == quit => return,
-            _ => {
-                f[back].store(1, Ordering::Release);
-                caller.unpark();
-            }
-        }
-    });
+    let (mut lat, mut floors) = (Vec::with_capacity(spells), Vec::with_capacity(spells));
+    let echo = floor.then(Echo::start);
     for _ in 0..spells {
         std::thread::sleep(Duration::from_millis(100));
         let t0 = Instant::now();
@@ -363,19 +410,12 @@ fn after_idle(workers: u32, spells: usize) -> Result<(P50P99, P50P99), String> {
         c.output::<i32>().map_err(|e| e.to_string())?;
         lat.push(t0.elapsed().as_secs_f64() * 1e6);
         drop(c);
-        std::thread::sleep(Duration::from_millis(100));
-        let t0 = Instant::now();
-        flags[go].store(1, Ordering::Release);
-        helper.thread().unpark();
-        while flags[back].swap(0, Ordering::Acquire) == 0 {
-            std::thread::park();
+        if let Some(echo) = &echo {
+            std::thread::sleep(Duration::from_millis(100));
+            floors.push(echo.round_trip());
         }
-        floor.push(t0.elapsed().as_secs_f64() * 1e6);
     }
-    flags[go].store(quit, Ordering::Release);
-    helper.thread().unpark();
-    helper.join().map_err(|_| "the helper thread panicked")?;
-    Ok((p50_p99(lat), p50_p99(floor)))
+    Ok((p50_p99(lat), echo.map(|_| p50_p99(floors))))
 }
 
 fn idle(workers: u32, spell: Duration) -> Result<IdleFigures, String> {
@@ -402,11 +442,12 @@ fn idle(workers: u32, spell: Duration) -> Result<IdleFigures, String> {
     drop(producer);
     drop(pool);
     let spells = 40;
-    let ((p50, p99), (f50, f99)) = after_idle(workers, spells)?;
+    let ((p50, p99), floor) = after_idle(workers, spells, true)?;
+    let (f50, f99) = floor.expect("asked for");
     // Again with everything on this thread's CPU: workers inherit the mask.
     let allowed = crate::sys::allowed_cpus();
     crate::sys::pin_to_cpu(crate::sys::current_cpu()).map_err(|e| e.to_string())?;
-    let one = after_idle(workers, spells);
+    let one = after_idle(workers, spells, false);
     crate::sys::set_affinity(&allowed).map_err(|e| e.to_string())?;
     let ((o50, o99), _) = one?;
     Ok(IdleFigures {

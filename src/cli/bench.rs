@@ -194,7 +194,7 @@ fn library(b: LibraryBench, json: bool) -> ExitCode {
         i.spells
     );
     outln!(
-        "  the floor under it, interleaved: two threads waking each other after an idle spell, p50 {:.0} us, p99 {:.0} us",
+        "  a reference, interleaved: two threads waking each other by a futex after an idle spell, p50 {:.0} us, p99 {:.0} us",
         i.floor_p50_us,
         i.floor_p99_us
     );

@@ -31,7 +31,11 @@ pub struct Shapes {
 
 impl Shapes {
     /// Shapes in `min..=max` from `seed`.
+    ///
+    /// # Panics
+    /// If `min > max`.
     pub fn new(seed: u64, min: u32, max: u32) -> Shapes {
+        assert!(min <= max, "shapes in {min}..={max}");
         Shapes {
             rng: SmallRng::seed_from_u64(seed),
             min,
