@@ -295,8 +295,9 @@ const PIECES_BELOW: usize = 512 << 10;
 /// `memcpy` copies blocks from 4 KiB to about 448 KiB with `rep movsb`. On the AMD EPYC host
 /// measured here (glibc 2.36) that runs at 1.5–2.7 GB/s instead of 30–50 GB/s when the
 /// destination starts 1 to 31 bytes after the source within a page (`(dst - src) mod 4096`). A
-/// result copied from a page-aligned slot into a fresh buffer is exactly that case: glibc's
-/// large blocks start 16 bytes into a page. Then a copy of up to 512 KiB goes in pieces of
+/// result copied from a page-aligned slot meets it when the buffer is a block glibc (or numpy)
+/// serves by `mmap`, 16 bytes into a page, or for about one heap address in 256. Then a copy of
+/// up to 512 KiB goes in pieces of
 /// 2 KiB, which `memcpy` does with vector loads and stores (14x faster at 32 KiB, `mk1 bench
 /// kernels`); every other case is one `memcpy`.
 ///
