@@ -383,13 +383,14 @@ fn check(d: &TaskDesc, bufs: &TaskBuffers<'_>, registry: &Registry) -> Result<Ch
         if at < end {
             return Err(format!("array at byte {at} overlaps the one before"));
         }
-        end = at + shape.bytes(dtype);
         let fits = |bytes: u64, len: u64| at.checked_add(bytes).is_some_and(|e| e <= len);
         if !at.is_multiple_of(MATRIX_ALIGN) || !fits(shape.bytes(dtype), in_len) {
             return Err(format!(
                 "array {shape} of {dtype} at byte {at} does not fit a slot of {in_len} bytes"
             ));
         }
+        // (Only now: a scribbled shape of 2^64 bytes would overflow the sum.)
+        end = at + shape.bytes(dtype);
         if let Some(out_len) = out_len {
             let out = out_shape.unwrap_or(shape);
             if !fits(out.bytes(dtype), out_len) {
@@ -424,4 +425,51 @@ fn context_of<'b>(d: &TaskDesc, input: &'b [u8]) -> &'b [u8] {
     }
     let at = d.context_offset as usize;
     &input[at..at + d.context_len as usize]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::client::Task;
+
+    /// A valid one-array `add:1` task on int32, shape `dims`, at byte `at`.
+    fn task(dims: [u32; 2], at: u32) -> TaskDesc {
+        let registry = Registry::new();
+        let (kernel, params) = Task::op("add:1")
+            .unwrap()
+            .resolve(&registry, DType::I32)
+            .map(|(k, p)| (k, *p))
+            .unwrap();
+        let mut d = TaskDesc::zeroed();
+        d.kernel = kernel;
+        d.dtype = u32::from(DType::I32.code());
+        d.out_dtype = d.dtype;
+        d.count = 1;
+        d.params_len = params.write_to(&mut d.params);
+        d.items[0].offset = at;
+        d.items[0].ndim = 2;
+        d.items[0].shape[..2].copy_from_slice(&dims);
+        d
+    }
+
+    #[test]
+    fn a_scribbled_huge_shape_is_refused_not_an_overflow() {
+        let registry = Registry::new();
+        let mut slot = vec![0u8; 4096];
+        let ok = task([4, 4], 64);
+        assert!(check(&ok, &TaskBuffers::InPlace(&mut slot), &registry).is_ok());
+        // 2^32-1 squared, times 4 bytes, saturates to 2^64-1: with the offset, the sum would
+        // overflow (a debug build panicked here, found by the scribbling test).
+        for (dims, at) in [([u32::MAX, u32::MAX], 64), ([u32::MAX, 1], 64), ([1, 1], 4032)] {
+            let bad = task(dims, at);
+            let why = check(&bad, &TaskBuffers::InPlace(&mut slot), &registry)
+                .err()
+                .unwrap_or_default();
+            if dims == [1, 1] {
+                assert_eq!(why, "", "fits: 4 bytes at 4032");
+            } else {
+                assert!(why.contains("does not fit"), "{dims:?}: {why}");
+            }
+        }
+    }
 }
