@@ -460,7 +460,11 @@ mod tests {
         assert!(check(&ok, &TaskBuffers::InPlace(&mut slot), &registry).is_ok());
         // 2^32-1 squared, times 4 bytes, saturates to 2^64-1: with the offset, the sum would
         // overflow (a debug build panicked here, found by the scribbling test).
-        for (dims, at) in [([u32::MAX, u32::MAX], 64), ([u32::MAX, 1], 64), ([1, 1], 4032)] {
+        for (dims, at) in [
+            ([u32::MAX, u32::MAX], 64),
+            ([u32::MAX, 1], 64),
+            ([1, 1], 4032),
+        ] {
             let bad = task(dims, at);
             let why = check(&bad, &TaskBuffers::InPlace(&mut slot), &registry)
                 .err()
