@@ -297,21 +297,21 @@ const PIECES_BELOW: usize = 512 << 10;
 /// destination starts 1 to 31 bytes after the source within a page (`(dst - src) mod 4096`). A
 /// result copied from a page-aligned slot meets it when the buffer is a block glibc (or numpy)
 /// serves by `mmap`, 16 bytes into a page, or for about one heap address in 256. Then a copy of
-/// up to 512 KiB goes in pieces of
-/// 2 KiB, which `memcpy` does with vector loads and stores (14x faster at 32 KiB, `mk1 bench
-/// kernels`); every other case is one `memcpy`.
+/// up to 512 KiB goes in pieces of 2 KiB, which `memcpy` does with vector loads and stores (14x
+/// faster at 32 KiB, `mk1 bench kernels`); every other case is one `memcpy`.
 ///
 /// # Panics
 /// If the lengths differ.
 pub fn copy_elements<T: Copy>(dst: &mut [T], src: &[T]) {
     assert_eq!(dst.len(), src.len(), "copy_elements: lengths differ");
-    if !slow_for_memcpy(dst.as_ptr().cast(), src.as_ptr().cast(), size_of_val(src)) {
-        dst.copy_from_slice(src);
-        return;
-    }
-    let per = (PIECE_BYTES / size_of::<T>().max(1)).max(1);
-    for (d, s) in dst.chunks_mut(per).zip(src.chunks(per)) {
-        d.copy_from_slice(s);
+    // SAFETY: `dst` is a live, exclusive slice of `size_of_val(src)` bytes (same length and
+    // type), so it cannot overlap `src`; `T: Copy`, so its bytes are a valid copy.
+    unsafe {
+        copy_raw(
+            src.as_ptr().cast(),
+            dst.as_mut_ptr().cast(),
+            size_of_val(src),
+        )
     }
 }
 
@@ -321,16 +321,8 @@ pub fn copy_elements<T: Copy>(dst: &mut [T], src: &[T]) {
 /// # Safety
 /// `dst` must be valid for writes of `src.len()` bytes and must not overlap `src`.
 pub unsafe fn copy_bytes_to(src: &[u8], dst: *mut u8) {
-    let pieces = if slow_for_memcpy(dst, src.as_ptr(), src.len()) {
-        PIECE_BYTES
-    } else {
-        src.len().max(1)
-    };
-    for (k, s) in src.chunks(pieces).enumerate() {
-        // SAFETY: the piece lies `k * pieces` bytes into `src`, and so into `dst`, which the
-        // caller promised is writable for `src.len()` bytes and apart from `src`.
-        unsafe { core::ptr::copy_nonoverlapping(s.as_ptr(), dst.add(k * pieces), s.len()) };
-    }
+    // SAFETY: the caller's promise.
+    unsafe { copy_raw(src.as_ptr(), dst, src.len()) }
 }
 
 /// A new `Vec` holding a copy of `src`, copied as [`copy_elements`] does.
@@ -343,15 +335,34 @@ pub fn copied_vec<T: Copy>(src: &[T]) -> Vec<T> {
 /// Appends a copy of `src` to `v`, copied as [`copy_elements`] does.
 pub fn extend_copied<T: Copy>(v: &mut Vec<T>, src: &[T]) {
     v.reserve(src.len());
-    let dst = v.as_ptr().wrapping_add(v.len());
-    if !slow_for_memcpy(dst.cast(), src.as_ptr().cast(), size_of_val(src)) {
-        v.extend_from_slice(src);
-        return;
+    let len = v.len();
+    // SAFETY: `reserve` left room for `src.len()` more elements after `len`, in `v`'s own
+    // allocation, which `src` (a shared borrow while `v` is borrowed mutably) cannot overlap;
+    // they are initialised by the copy before `set_len` counts them, and `T: Copy`.
+    unsafe {
+        let dst = v.as_mut_ptr().add(len);
+        copy_raw(src.as_ptr().cast(), dst.cast(), size_of_val(src));
+        v.set_len(len + src.len());
     }
-    let per = (PIECE_BYTES / size_of::<T>().max(1)).max(1);
-    for s in src.chunks(per) {
-        // (One `memcpy` of at most 2 KiB each, into the room reserved above.)
-        v.extend_from_slice(s);
+}
+
+/// The one copy loop: `bytes` from `src` to `dst` in one `memcpy`, or in pieces of
+/// [`PIECE_BYTES`] where one would be slow (see [`copy_elements`]).
+///
+/// # Safety
+/// `src` must be valid for reads and `dst` for writes of `bytes` bytes, not overlapping.
+unsafe fn copy_raw(src: *const u8, dst: *mut u8, bytes: usize) {
+    let piece = if slow_for_memcpy(dst, src, bytes) {
+        PIECE_BYTES
+    } else {
+        bytes
+    };
+    let mut at = 0;
+    while at < bytes {
+        let n = piece.min(bytes - at);
+        // SAFETY: `at + n <= bytes`, inside both ranges the caller promised.
+        unsafe { core::ptr::copy_nonoverlapping(src.add(at), dst.add(at), n) };
+        at += n;
     }
 }
 

@@ -21,6 +21,16 @@ pub const LAYOUT_VERSION: u32 = 10;
 pub const LINE: u64 = 128;
 /// Alignment of every matrix inside a slot, so SIMD loads never split a cache line.
 pub const MATRIX_ALIGN: u64 = 64;
+
+/// What a slot class of `bytes` is rounded up to a multiple of: a page from a page on,
+/// [`MATRIX_ALIGN`] below.
+pub fn slot_align(bytes: u64) -> u64 {
+    if bytes >= PAGE {
+        PAGE
+    } else {
+        MATRIX_ALIGN
+    }
+}
 /// Alignment of slots of at least this size (and of the data region): a page.
 pub const PAGE: u64 = 4096;
 /// Most slot size classes.
@@ -613,7 +623,7 @@ impl Layout {
                 return Err(LayoutError::Inconsistent("classes must grow strictly"));
             }
             prev_bytes = bytes;
-            let align = if bytes >= PAGE { PAGE } else { MATRIX_ALIGN };
+            let align = slot_align(bytes);
             let bytes = align_up(bytes, align).ok_or(bad.clone())?;
             at = align_up(at, align).ok_or(bad.clone())?;
             params.classes[i] = SlotClass {

@@ -39,6 +39,16 @@ pub struct KernelReport {
     pub kernels: Vec<KernelFigure>,
 }
 
+impl KernelReport {
+    /// The rate measured for `kernel` on `op` at `bytes`, GB/s.
+    pub fn rate(&self, kernel: &str, op: &str, bytes: usize) -> Option<f64> {
+        self.kernels
+            .iter()
+            .find(|g| g.kernel == kernel && g.op == op && g.bytes == bytes)
+            .map(|g| g.gb_per_s)
+    }
+}
+
 /// Best GB/s of `trials` runs of about `each`, calling `f` once per pass over `bytes` bytes.
 fn best_rate(bytes: usize, trials: u32, each: Duration, mut f: impl FnMut()) -> f64 {
     let mut best: f64 = 0.0;

@@ -223,15 +223,8 @@ fn kernels(json: bool) -> ExitCode {
                 );
                 for f in &r.kernels {
                     let base = r
-                        .kernels
-                        .iter()
-                        .find(|g| g.kernel == "portable" && g.op == f.op && g.bytes == f.bytes)
-                        .map_or(f64::NAN, |g| f.gb_per_s / g.gb_per_s);
-                    let base = if base.is_nan() {
-                        String::new()
-                    } else {
-                        format!("{base:.2}x")
-                    };
+                        .rate("portable", &f.op, f.bytes)
+                        .map_or(String::new(), |p| format!("{:.2}x", f.gb_per_s / p));
                     outln!(
                         "{:<10} {:<20} {:>9} {:>10.1} {:>12}",
                         f.kernel,
@@ -241,36 +234,28 @@ fn kernels(json: bool) -> ExitCode {
                         base
                     );
                 }
-                for f in r.kernels.iter().filter(|f| f.op == bench::COPY_MK1) {
-                    if let Some(g) = r
-                        .kernels
-                        .iter()
-                        .find(|g| g.op == bench::COPY_MEMCPY && g.bytes == f.bytes)
-                    {
-                        outln!(
-                            "copy out of a page-aligned slot to 16 bytes into a page, {} bytes: mk1 / memcpy = {:.2}x",
-                            f.bytes,
-                            f.gb_per_s / g.gb_per_s
-                        );
-                    }
-                }
-                // The out-of-place pair, side by side per kernel and size.
-                for f in r
-                    .kernels
-                    .iter()
-                    .filter(|f| f.op == bench::OUT_OF_PLACE_ONE_PASS)
-                {
-                    if let Some(g) = r.kernels.iter().find(|g| {
-                        g.op == bench::OUT_OF_PLACE_COPY
-                            && g.kernel == f.kernel
-                            && g.bytes == f.bytes
-                    }) {
-                        outln!(
-                            "out of place, {} at {} bytes: one pass / copy then op = {:.2}x",
-                            f.kernel,
-                            f.bytes,
-                            f.gb_per_s / g.gb_per_s
-                        );
+                // The pairs measured side by side: each kernel and size, a / b.
+                for (a, b, what) in [
+                    (
+                        bench::COPY_MK1,
+                        bench::COPY_MEMCPY,
+                        "copy out of a page-aligned slot to 16 bytes into a page: mk1 / memcpy",
+                    ),
+                    (
+                        bench::OUT_OF_PLACE_ONE_PASS,
+                        bench::OUT_OF_PLACE_COPY,
+                        "out of place: one pass / copy then op",
+                    ),
+                ] {
+                    for f in r.kernels.iter().filter(|f| f.op == a) {
+                        if let Some(g) = r.rate(f.kernel, b, f.bytes) {
+                            outln!(
+                                "{what}, {} at {} bytes = {:.2}x",
+                                f.kernel,
+                                f.bytes,
+                                f.gb_per_s / g
+                            );
+                        }
                     }
                 }
             }

@@ -434,14 +434,8 @@ impl PoolBuilder {
         classes.sort_unstable();
         // Slots are rounded up (to a page from a page on, to a line below): compare what the
         // layout will make of them.
-        let rounded = |b: u64| {
-            let align = if b >= crate::layout::PAGE {
-                crate::layout::PAGE
-            } else {
-                crate::layout::MATRIX_ALIGN
-            };
-            b.div_ceil(align) * align
-        };
+        let rounded =
+            |b: u64| b.div_ceil(crate::layout::slot_align(b)) * crate::layout::slot_align(b);
         for (i, &(bytes, n)) in classes.iter().enumerate() {
             let why = if !(64..self.max_array_bytes).contains(&bytes)
                 || rounded(bytes) >= rounded(self.max_array_bytes)

@@ -5,6 +5,7 @@
 
 use std::fmt;
 
+use super::exec::RawIo;
 use super::Params;
 use crate::dtype::{with_dtype, DType, Element};
 use crate::layout::BUILTIN;
@@ -290,15 +291,6 @@ fn elem_op<T: Element>(code: u32, p: &Params) -> Result<ElemOp<T>, String> {
     Ok(op)
 }
 
-/// One array for a built-in op: its bytes in place, or an input to read and an output of the
-/// same length to write.
-pub(crate) enum OpIo<'b> {
-    /// Read and written in place.
-    InPlace(&'b mut [u8]),
-    /// Read from the first, written to the second.
-    OutOfPlace(&'b [u8], &'b mut [u8]),
-}
-
 /// Runs a built-in op that [`validate`] accepted on every array `arrays` yields (bytes of
 /// elements of `dtype`), decoding the op once for all of them. Out of place the op reads the
 /// input and writes the output in one pass.
@@ -307,7 +299,7 @@ pub(crate) fn run_prechecked_each<'b>(
     p: &Params,
     dtype: DType,
     simd: Kernel,
-    arrays: impl Iterator<Item = OpIo<'b>>,
+    arrays: impl Iterator<Item = RawIo<'b>>,
 ) {
     use crate::array::{cast, cast_mut};
     with_dtype!(dtype, T => {
@@ -315,8 +307,8 @@ pub(crate) fn run_prechecked_each<'b>(
             let op = TypedOp::prechecked(op);
             for a in arrays {
                 match a {
-                    OpIo::InPlace(d) => op.apply(simd, cast_mut::<T>(d)),
-                    OpIo::OutOfPlace(i, o) => op.apply_to(simd, cast::<T>(i), cast_mut::<T>(o)),
+                    RawIo::InPlace(d) => op.apply(simd, cast_mut::<T>(d)),
+                    RawIo::OutOfPlace(i, o) => op.apply_to(simd, cast::<T>(i), cast_mut::<T>(o)),
                 }
             }
         }

@@ -5,7 +5,6 @@ use std::any::Any;
 use std::cell::RefCell;
 use std::panic::AssertUnwindSafe;
 
-use super::builtin::OpIo;
 use super::registry::WorkerInfo;
 use super::{builtin, AnyArgs, AnyIo, Args, Io, KernelError, Output, Params, Registry};
 use crate::array::{cast, cast_mut, Shape};
@@ -170,8 +169,8 @@ impl<'r> Executor<'r> {
                 TaskBuffers::OutOfPlace(i, o) => (&mut **o, Some(*i)),
             };
             let arrays = disjoint_arrays(out, items, task.dtype).map(|(at, a)| match input {
-                Some(i) => OpIo::OutOfPlace(&i[at..at + a.len()], a),
-                None => OpIo::InPlace(a),
+                Some(i) => RawIo::OutOfPlace(&i[at..at + a.len()], a),
+                None => RawIo::InPlace(a),
             });
             builtin::run_prechecked_each(desc.kernel, &task.params, task.dtype, self.simd, arrays);
             return Ok(TaskResult::ok());
@@ -275,10 +274,6 @@ impl<'r> Executor<'r> {
         context: &[u8],
     ) -> Result<Option<Output>, (String, bool)> {
         if kernel >= BUILTIN {
-            let io = match io {
-                RawIo::InPlace(b) => OpIo::InPlace(b),
-                RawIo::OutOfPlace(i, o) => OpIo::OutOfPlace(i, o),
-            };
             let one = std::iter::once(io);
             builtin::run_prechecked_each(kernel, &task.params, task.dtype, self.simd, one);
             return Ok(None);
