@@ -1411,6 +1411,61 @@ fn size_classes_give_small_arrays_small_slots() {
     assert!(e.to_string().contains("twice"), "{e}");
 }
 
+/// `submit_deferred` publishes at once and wakes sleeping workers later: tasks submitted that
+/// way complete through `recv` (which rings before it waits), after `notify`, and when the
+/// handle is dropped with them in flight; none is lost or mixed up.
+fn deferred_submits_complete() {
+    let pool = pool(Mode::InPlace);
+    let task = Task::op("add:5").unwrap();
+    let producer = pool.producer().unwrap();
+    // Refill each completion, deferring every wake-up, as `mk1 run` does.
+    let first = producer.next_ticket().0;
+    for k in 0..4i64 {
+        let mut loan = producer.loan::<i64>(Shape::d1(3)).unwrap();
+        loan.copy_from_slice(&[k, k + 1, k + 2]);
+        producer.submit_deferred(loan, &task).unwrap();
+    }
+    let mut seen = 0i64;
+    while let Some(done) = producer.recv() {
+        let k = (done.ticket().0 - first) as i64;
+        assert_eq!(
+            done.output::<i64>().unwrap().as_slice(),
+            &[k + 5, k + 6, k + 7]
+        );
+        seen += 1;
+        // (Completions come in any order; a task's data follows its own ticket.)
+        let next = (producer.next_ticket().0 - first) as i64;
+        if next < 400 {
+            let mut loan = done.reuse::<i64>(Shape::d1(3)).unwrap();
+            loan.copy_from_slice(&[next, next + 1, next + 2]);
+            producer.submit_deferred(loan, &task).unwrap();
+        }
+    }
+    assert_eq!(seen, 400);
+    // Idle long enough for the workers to sleep on their futex, then notify.
+    std::thread::sleep(Duration::from_millis(50));
+    let mut loan = producer.loan::<i64>(Shape::d1(1)).unwrap();
+    loan.copy_from_slice(&[1]);
+    let t = producer.submit_deferred(loan, &task).unwrap();
+    producer.notify();
+    let done = producer.recv().unwrap();
+    assert_eq!(
+        (done.ticket(), done.output::<i64>().unwrap().as_slice()),
+        (t, &[6][..])
+    );
+    drop(done);
+    // In flight when the handle drops: the drop waits for them.
+    for _ in 0..3 {
+        let loan = producer.loan::<i64>(Shape::d1(1)).unwrap();
+        producer.submit_deferred(loan, &task).unwrap();
+    }
+    assert_eq!(producer.in_flight(), 3);
+    drop(producer);
+    let again = pool.producer().unwrap();
+    assert_eq!(again.in_flight(), 0);
+    assert_eq!(pool.restarts(), 0);
+}
+
 fn main() {
     // (MK1_TEST_FORGET: play a program that forgot this line.)
     if std::env::var_os("MK1_TEST_FORGET").is_none() {
@@ -1430,6 +1485,7 @@ fn main() {
             user_kernels_with_params_and_state,
         ),
         ("an_output_shape_of_its_own", an_output_shape_of_its_own),
+        ("deferred_submits_complete", deferred_submits_complete),
         (
             "size_classes_give_small_arrays_small_slots",
             size_classes_give_small_arrays_small_slots,

@@ -182,6 +182,7 @@ impl Outcome {
     }
 
     /// Array `k`'s error, if it failed.
+    #[inline]
     pub(crate) fn item_error(&self, k: usize) -> Option<TaskError> {
         match self {
             Outcome::Ok => None,
@@ -370,6 +371,7 @@ impl<'s> Core<'s> {
 
     /// Checks `task` for arrays of `dtype` that take `used` bytes of a slot: the kernel code
     /// and parameters a descriptor carries.
+    #[inline]
     pub(crate) fn admit<'t>(
         &self,
         task: &'t Task,
@@ -394,6 +396,7 @@ impl<'s> Core<'s> {
 
     /// Copies a task's context bytes (checked to fit by `admit`, or by `map`'s packing) to
     /// the end of the token's slot; returns where (`context_offset`, `context_len`).
+    #[inline]
     pub(crate) fn place_context(&self, context: &[u8], token: &mut Token) -> (u32, u32) {
         if context.is_empty() {
             return (0, 0);
@@ -497,6 +500,7 @@ impl<'s> Core<'s> {
 
     /// Writes the slot's record (already in place) into its descriptor and sends it (or
     /// parks it for redo when no worker can take it now).
+    #[inline]
     pub(crate) fn send_recorded(&mut self, mut token: Token) {
         let record = &self.records[token.slot() as usize];
         if self.sh.keep_copies {
@@ -592,6 +596,7 @@ impl<'s> Core<'s> {
     }
 
     /// As [`Core::finish`], with the clock already read.
+    #[inline]
     fn finish_at(
         &mut self,
         token: Token,
@@ -1019,7 +1024,36 @@ impl<'pool> Producer<'pool> {
         task: &Task,
     ) -> Result<Ticket, Rejected<'a, T>> {
         let shape = loan.shape;
-        self.submit_typed(loan, T::DTYPE, shape, task)
+        self.submit_typed(loan, T::DTYPE, shape, task, true)
+    }
+
+    /// As [`Producer::submit`], but without waking a sleeping worker: the task is published to
+    /// its worker's queue at once, so a worker that is awake (as while work flows) starts it
+    /// without delay, and one asleep on its futex is woken by this handle's next
+    /// [`Producer::notify`], [`Producer::submit`], a [`Producer::recv`] or loan that has to
+    /// wait, or the handle's drop. Waking a worker costs an atomic read-modify-write (a full
+    /// fence) per call; a caller that submits many tasks in a row, such as one refilling
+    /// each completion it receives, saves it by deferring and calling [`Producer::notify`]
+    /// once (or by letting its next waiting `recv` do it).
+    ///
+    /// A task submitted this way and never followed by one of those calls may wait for a
+    /// sleeping worker until the handle is dropped.
+    ///
+    /// # Errors
+    /// As [`Producer::submit`].
+    pub fn submit_deferred<'a, T: Element>(
+        &'a self,
+        loan: Loan<'a, T>,
+        task: &Task,
+    ) -> Result<Ticket, Rejected<'a, T>> {
+        let shape = loan.shape;
+        self.submit_typed(loan, T::DTYPE, shape, task, false)
+    }
+
+    /// Wakes every sleeping worker that has a task of this handle waiting
+    /// ([`Producer::submit_deferred`]); nothing when there is none.
+    pub fn notify(&self) {
+        self.core().ring_bells();
     }
 
     /// Submits a loan of bytes as an array of `dtype` and `shape` (for data whose dtype is
@@ -1043,7 +1077,7 @@ impl<'pool> Producer<'pool> {
             ));
             return Err(Rejected { error, loan });
         }
-        self.submit_typed(loan, dtype, shape, task)
+        self.submit_typed(loan, dtype, shape, task, true)
     }
 
     fn submit_typed<'a, T: Element>(
@@ -1052,6 +1086,7 @@ impl<'pool> Producer<'pool> {
         dtype: DType,
         shape: Shape,
         task: &Task,
+        notify: bool,
     ) -> Result<Ticket, Rejected<'a, T>> {
         let reject = |error, loan| Err(Rejected { error, loan });
         let mine = std::ptr::addr_eq(loan.producer as *const dyn Handle, self as *const Self);
@@ -1116,7 +1151,9 @@ impl<'pool> Producer<'pool> {
             (desc.out_ndim, desc.out_shape) = out_shape.raw();
         }
         c.send_recorded(token);
-        c.ring_bells();
+        if notify {
+            c.ring_bells();
+        }
         Ok(Ticket(ticket))
     }
 
@@ -1163,7 +1200,17 @@ impl<'pool> Producer<'pool> {
             Vec::new()
         };
         let rec = &c.records[slot];
+        // (The common answer, one array that succeeded as asked, skips the outcome's lookups.)
+        let plain = count == 1 && matches!(r.outcome, Outcome::Ok);
         let item_out = |k: usize| {
+            if plain {
+                return ItemOut {
+                    offset: rec.desc.items[0].offset as usize,
+                    dtype: rec.dtype,
+                    shape: rec.out_shape,
+                    error: None,
+                };
+            }
             let item = &rec.desc.items[k];
             let (dtype, shape) = r.outcome.produced(k).unwrap_or_else(|| {
                 // A single task may have asked for an output shape of its own.
@@ -1290,6 +1337,7 @@ pub struct Loan<'p, T: Element> {
 
 impl<'p, T: Element> Loan<'p, T> {
     /// A loan of `token`'s slot for an array of `shape`, if it fits; the token back if not.
+    #[inline]
     fn new(
         producer: &'p dyn Handle,
         mut token: Token,
