@@ -7,7 +7,7 @@
 
 use std::collections::VecDeque;
 
-use super::producer::{packed_offset, Core, Producer, TaskError, PACK_MAX};
+use super::producer::{packed_offset, Core, Producer, TaskError, Until, PACK_MAX};
 use super::{SubmitError, Task};
 use crate::array::{as_bytes, cast, copied_vec, copy_elements, Array, AsArray, Shape};
 use crate::dtype::Element;
@@ -334,7 +334,7 @@ where
             if self.out == 0 {
                 return;
             }
-            c.wait_until(None, |c| {
+            c.wait_until(Until::Forever, |c| {
                 c.ready
                     .iter()
                     .any(|r| c.records[r.token.slot() as usize].mapped)
@@ -424,7 +424,7 @@ where
                     ))),
                 ));
             }
-            c.wait_until(None, |c| {
+            c.wait_until(Until::Forever, |c| {
                 c.ready
                     .iter()
                     .any(|r| c.records[r.token.slot() as usize].mapped)

@@ -4,7 +4,7 @@
 //! once per slot instead of once per array.
 
 use super::producer::{
-    keep_spare, packed_offset, Handle, LoanError, SubmitError, Ticket, PACK_MAX,
+    keep_spare, packed_offset, Handle, LoanError, SubmitError, Ticket, Until, PACK_MAX,
 };
 use super::{Producer, Task};
 use crate::array::{cast_mut, Shape};
@@ -160,7 +160,7 @@ impl Producer<'_> {
         dtype: DType,
         limit: Option<u64>,
     ) -> Result<PackedLoan<'_>, LoanError> {
-        self.packed_until(dtype, limit, None)
+        self.packed_until(dtype, limit, Until::Forever)
     }
 
     /// As [`Producer::loan_packed`], without waiting ([`LoanError::Busy`] says what holds the
@@ -173,19 +173,19 @@ impl Producer<'_> {
         dtype: DType,
         limit: Option<u64>,
     ) -> Result<PackedLoan<'_>, LoanError> {
-        self.packed_until(dtype, limit, Some(std::time::Instant::now()))
+        self.packed_until(dtype, limit, Until::Now)
     }
 
     fn packed_until(
         &self,
         dtype: DType,
         limit: Option<u64>,
-        deadline: Option<std::time::Instant>,
+        until: Until,
     ) -> Result<PackedLoan<'_>, LoanError> {
         let mut c = self.core();
         // A batch takes a slot of the largest size.
         let slot = c.max_slot_bytes();
-        let mut token = c.take_slot(slot, deadline)?;
+        let mut token = c.take_slot(slot, until)?;
         c.loaned += 1;
         let data = NonNull::from(&mut *c.sh.seg.slot_bytes_mut(&mut token)).cast();
         let items = c

@@ -24,6 +24,17 @@ use crate::shm::TaskResult;
 use crate::sync::Ordering;
 use crate::wait::{Backoff, Doorbell, Futex, Step};
 
+/// How long a call may wait for what it needs.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum Until {
+    /// Not at all: one look (`try_` calls; the clock is not read).
+    Now,
+    /// Until this instant (`_timeout` calls).
+    At(Instant),
+    /// As long as it takes.
+    Forever,
+}
+
 /// Longest single sleep while waiting (deadlines and the monitor's news are re-checked after).
 const SLEEP: Duration = Duration::from_millis(20);
 
@@ -821,7 +832,7 @@ impl<'s> Core<'s> {
     /// Pumps until `done(self)` or the deadline; `false` if the deadline came first.
     pub(crate) fn wait_until(
         &mut self,
-        deadline: Option<Instant>,
+        until: Until,
         mut done: impl FnMut(&mut Self) -> bool,
     ) -> bool {
         self.backoff.reset();
@@ -830,22 +841,24 @@ impl<'s> Core<'s> {
             if done(self) {
                 return true;
             }
-            // (The clock is read only when there is a deadline: `recv` has none.)
-            let now = deadline.map(|_| Instant::now());
-            if let (Some(d), Some(now)) = (deadline, now) {
-                if now >= d {
-                    return false;
+            // (The clock is read only for a deadline: `recv` and the `try_` calls have none.)
+            let now = match until {
+                Until::Now => return false,
+                Until::At(d) => {
+                    let now = Instant::now();
+                    if now >= d {
+                        return false;
+                    }
+                    Some((d, now))
                 }
-            }
+                Until::Forever => None,
+            };
             if progress {
                 self.backoff.reset();
                 continue;
             }
             if self.backoff.step() == Step::Sleep {
-                let left = match (deadline, now) {
-                    (Some(d), Some(now)) => (d - now).min(SLEEP),
-                    _ => SLEEP,
-                };
+                let left = now.map_or(SLEEP, |(d, now)| (d - now).min(SLEEP));
                 let seen = self.seen_changes;
                 let ctl = &self.sh.ctl;
                 let from = &mut self.from;
@@ -862,12 +875,8 @@ impl<'s> Core<'s> {
     }
 
     /// A free slot of at least `bytes` (of the smallest size class that has one), waiting
-    /// until `deadline` (`None`: forever; now: try once).
-    pub(crate) fn take_slot(
-        &mut self,
-        bytes: u64,
-        deadline: Option<Instant>,
-    ) -> Result<Token, LoanError> {
+    /// as `until` says.
+    pub(crate) fn take_slot(&mut self, bytes: u64, until: Until) -> Result<Token, LoanError> {
         fits(bytes, self.max_slot_bytes())?;
         if let Some(why) = self.broken() {
             return Err(LoanError::NoWorkers(why));
@@ -885,7 +894,7 @@ impl<'s> Core<'s> {
         }
         let mut got = None;
         let mut hopeless = false;
-        self.wait_until(deadline, |c| {
+        self.wait_until(until, |c| {
             // Completed tasks not yet received do not free their slots: only dropping their
             // completions does. If nothing is in flight, waiting cannot help.
             got = c.slots.take(class);
@@ -917,7 +926,7 @@ impl<'s> Core<'s> {
     /// Waits for all in-flight tasks (for a handle's drop).
     fn drain(&mut self) {
         // A terminated pool kills its workers without waiting: nothing more will come back.
-        self.wait_until(None, |c| {
+        self.wait_until(Until::Forever, |c| {
             c.in_flight == 0 || c.sh.terminating.load(Ordering::Acquire)
         });
         while let Some(r) = self.ready.pop_front() {
@@ -972,7 +981,7 @@ impl<'pool> Producer<'pool> {
     /// [`LoanError::TooLarge`] (names bytes asked and the maximum), [`LoanError::Exhausted`]
     /// when the caller itself holds every slot, [`LoanError::NoWorkers`].
     pub fn loan<T: Element>(&self, shape: Shape) -> Result<Loan<'_, T>, LoanError> {
-        self.loan_until(shape, None)
+        self.loan_until(shape, Until::Forever)
     }
 
     /// As [`Producer::loan`], without waiting: [`LoanError::Busy`] says what holds the slots.
@@ -980,7 +989,7 @@ impl<'pool> Producer<'pool> {
     /// # Errors
     /// As [`Producer::loan`], and [`LoanError::Busy`].
     pub fn try_loan<T: Element>(&self, shape: Shape) -> Result<Loan<'_, T>, LoanError> {
-        self.loan_until(shape, Some(Instant::now()))
+        self.loan_until(shape, Until::Now)
     }
 
     /// As [`Producer::loan`], waiting at most `timeout`.
@@ -992,16 +1001,12 @@ impl<'pool> Producer<'pool> {
         shape: Shape,
         timeout: Duration,
     ) -> Result<Loan<'_, T>, LoanError> {
-        self.loan_until(shape, Some(Instant::now() + timeout))
+        self.loan_until(shape, Until::At(Instant::now() + timeout))
     }
 
-    fn loan_until<T: Element>(
-        &self,
-        shape: Shape,
-        deadline: Option<Instant>,
-    ) -> Result<Loan<'_, T>, LoanError> {
+    fn loan_until<T: Element>(&self, shape: Shape, until: Until) -> Result<Loan<'_, T>, LoanError> {
         let mut c = self.core();
-        let token = c.take_slot(shape.bytes(T::DTYPE), deadline)?;
+        let token = c.take_slot(shape.bytes(T::DTYPE), until)?;
         c.loaned += 1;
         drop(c);
         // (A slot of a class the array fits: `new` cannot refuse it.)
@@ -1160,27 +1165,27 @@ impl<'pool> Producer<'pool> {
     /// The next completion, waiting for one; `None` when this handle has no task in flight and
     /// none completed (tasks of a running [`Producer::map`] are not counted).
     pub fn recv(&self) -> Option<Completion<'_>> {
-        self.recv_until(None)
+        self.recv_until(Until::Forever)
     }
 
     /// The next completion if one is ready now.
     pub fn try_recv(&self) -> Option<Completion<'_>> {
-        self.recv_until(Some(Instant::now()))
+        self.recv_until(Until::Now)
     }
 
     /// The next completion, waiting at most `timeout`.
     pub fn recv_timeout(&self, timeout: Duration) -> Option<Completion<'_>> {
-        self.recv_until(Some(Instant::now() + timeout))
+        self.recv_until(Until::At(Instant::now() + timeout))
     }
 
-    fn recv_until(&self, deadline: Option<Instant>) -> Option<Completion<'_>> {
+    fn recv_until(&self, until: Until) -> Option<Completion<'_>> {
         let mut c = self.core();
         let mut at = c.first_ready();
         if at.is_none() {
             c.pump();
             at = c.first_ready();
             if at.is_none() && c.in_flight > 0 {
-                c.wait_until(deadline, |c| c.first_ready().is_some() || c.in_flight == 0);
+                c.wait_until(until, |c| c.first_ready().is_some() || c.in_flight == 0);
                 at = c.first_ready();
             }
         }
@@ -1200,32 +1205,28 @@ impl<'pool> Producer<'pool> {
             Vec::new()
         };
         let rec = &c.records[slot];
-        // (The common answer, one array that succeeded as asked, skips the outcome's lookups.)
-        let plain = count == 1 && matches!(r.outcome, Outcome::Ok);
+        // (The common answer, every array succeeded as asked, skips the outcome's lookups.)
+        let ok = matches!(r.outcome, Outcome::Ok);
         let item_out = |k: usize| {
-            if plain {
-                return ItemOut {
-                    offset: rec.desc.items[0].offset as usize,
-                    dtype: rec.dtype,
-                    shape: rec.out_shape,
-                    error: None,
-                };
-            }
             let item = &rec.desc.items[k];
-            let (dtype, shape) = r.outcome.produced(k).unwrap_or_else(|| {
+            let (dtype, shape) = match r.outcome.produced(k) {
+                Some(own) => own,
                 // A single task may have asked for an output shape of its own.
-                if count == 1 {
-                    (rec.dtype, rec.out_shape)
-                } else {
-                    let own = Shape::from_raw(item.ndim, item.shape).expect("ours");
-                    (rec.dtype, own)
-                }
-            });
+                None if count == 1 => (rec.dtype, rec.out_shape),
+                None => (
+                    rec.dtype,
+                    Shape::from_raw(item.ndim, item.shape).expect("ours"),
+                ),
+            };
             ItemOut {
                 offset: item.offset as usize,
                 dtype,
                 shape,
-                error: r.outcome.item_error(k).map(Box::new),
+                error: if ok {
+                    None
+                } else {
+                    r.outcome.item_error(k).map(Box::new)
+                },
             }
         };
         let first = item_out(0);
