@@ -27,7 +27,7 @@ use crate::wait::{Backoff, Doorbell, Futex, Step};
 /// How long a call may wait for what it needs.
 #[derive(Clone, Copy, Debug)]
 pub(crate) enum Until {
-    /// Not at all: one look (`try_` calls; the clock is not read).
+    /// Not at all: one look (`try_` calls; no clock read for a deadline).
     Now,
     /// Until this instant (`_timeout` calls).
     At(Instant),
@@ -1041,8 +1041,9 @@ impl<'pool> Producer<'pool> {
     /// each completion it receives, saves it by deferring and calling [`Producer::notify`]
     /// once (or by letting its next waiting `recv` do it).
     ///
-    /// A task submitted this way and never followed by one of those calls may wait for a
-    /// sleeping worker until the handle is dropped.
+    /// A task submitted this way and never followed by one of those calls waits for a sleeping
+    /// worker until the pool's monitor, which looks every 20 ms, sees work owed to a worker
+    /// that returns nothing and rings it (within about 40 ms).
     ///
     /// # Errors
     /// As [`Producer::submit`].

@@ -681,6 +681,12 @@ impl<'a> Monitor<'a> {
                     wp.last_beat = now;
                 } else if now - stop_seen.map_or(wp.last_beat, |t| t.max(wp.last_beat)) > timeout {
                     action = Some(KillReason::Stalled(timeout));
+                } else {
+                    // Work is owed and none came back since the last look: the worker may be
+                    // asleep on a task published without a wake-up
+                    // (`Producer::submit_deferred`) whose caller has not called in since.
+                    // Ringing costs one read-modify-write when it is awake.
+                    Doorbell::new(&seg.worker(w as u32).bell).ring(&Futex);
                 }
             }
             if let Some(why) = action {

@@ -246,6 +246,7 @@ pub fn run(cfg: &Config, hooks: &Hooks<'_>) -> Result<Report, RunError> {
                         stats,
                         now: clock::now(),
                         skip: 0,
+                        returned_last: false,
                     };
                     feed.run(&handle);
                     drop(handle);
@@ -382,12 +383,17 @@ struct Feed<'a> {
     /// The clock as last read by [`Feed::tick`], and reads to skip before the next one.
     now: Ticks,
     skip: u32,
+    /// The last completion was counted by [`Feed::returned`].
+    returned_last: bool,
 }
 
-/// Completions between two reads of the clock in [`Feed::tick`]: a read costs about 12 ns
-/// here (25 ns for `rdtscp`), against about 1.5 µs per matrix at max-dim 128, and the deadline
-/// is then checked every few µs, which a run measured in seconds cannot tell apart.
+/// Calls of [`Feed::tick`] per read of the clock: a read costs about 12 ns here (25 ns for
+/// `rdtscp`), against about 1.5 µs per matrix at max-dim 128, and the deadline is then checked
+/// every few µs, which a run measured in seconds cannot tell apart.
 const TICK_EVERY: u32 = 8;
+/// A completion whose round trip took longer than this reads the clock at once: with tasks
+/// this long, skipped reads would let the deadline pass by more than a few µs.
+const SLOW_TASK_NS: u64 = 20_000;
 
 impl Feed<'_> {
     /// Matrix `i` of the task with ticket `ticket`.
@@ -460,8 +466,9 @@ impl Feed<'_> {
             let now = self.tick();
             while self.may_issue(now) && self.issue(h) {}
         }
-        // The last completion was just now (`tick` may have been a few behind).
-        if self.stats.last_return.is_some() {
+        // When the last completion returned its matrices it was just now (`tick` may have
+        // been a few calls behind); a last completion that was lost keeps the last return.
+        if self.returned_last {
             self.stats.last_return = Some(clock::now());
         }
         // (Nothing is out: whatever is still owed could not be issued.)
@@ -540,8 +547,13 @@ impl Feed<'_> {
     /// Checks a completion and recycles its slot: for one matrix, into the next matrix in the
     /// same pass when one is to be issued (then `true`: the slot is out again).
     fn complete<'h>(&mut self, h: &'h Producer<'_>, c: Completion<'h>) -> bool {
+        if c.latency_ns() > SLOW_TASK_NS {
+            self.skip = 0;
+        }
         let now = self.tick();
         let count = c.len() as u64;
+        // (Set again by `returned` for a completion that returns its matrices.)
+        self.returned_last = false;
         match c.error() {
             None => {}
             Some(TaskError::WorkerDied { .. }) if c.quarantined() => {
@@ -649,6 +661,7 @@ impl Feed<'_> {
         s.tokens += 1;
         s.latency.saturating_record(c.latency_ns().max(1));
         s.last_return = Some(now);
+        self.returned_last = true;
     }
 
     /// Counts one checked matrix: its bytes if it matched, a failure (the first few in
