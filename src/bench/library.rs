@@ -5,7 +5,9 @@
 //!   (same pool, same shapes, same fill and check).
 //! - `threads`: a user f32 kernel (`x*3+1`) through a pool, in place and out of place, against
 //!   threads in one process running the same closure on the same arrays handed through
-//!   crossbeam channels (the fill and the check are the same code).
+//!   crossbeam channels (the fill and the check are the same code), and against rayon as it
+//!   is commonly used: fill a batch of arrays, apply the closure to the batch with
+//!   `par_iter_mut` on every CPU the pool side uses, then check the batch.
 //! - `packing`: `map` over many small f32 arrays (up to 16x16), packed against one per slot.
 //! - `idle`: CPU used by an idle pool's processes over an idle spell, and the round trip of the
 //!   first task after each idle spell.
@@ -269,6 +271,45 @@ fn threads_f32(
     })
 }
 
+/// The rayon baseline: the caller fills a batch of `batch` arrays (buffers allocated once and
+/// reused), a rayon pool of `threads` threads applies `x*3+1` to the batch (`par_iter_mut`;
+/// the caller waits meanwhile), then the caller checks the batch, as [`drive`] does. Returns
+/// arrays per second.
+fn rayon_f32(threads: u32, batch: u32, max_dim: u32, duration: Duration) -> Result<f64, String> {
+    use rayon::prelude::*;
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(threads as usize)
+        .build()
+        .map_err(|e| e.to_string())?;
+    let kernel = |x: f32| x * 3.0 + 1.0;
+    let max = (max_dim as usize).pow(2);
+    let mut arrays: Vec<(u64, usize, Vec<f32>)> =
+        (0..batch).map(|_| (0, 0, vec![0.0; max])).collect();
+    let mut shapes = Shapes::new(11, 1, max_dim);
+    let (mut seq, mut done) = (0u64, 0u64);
+    let start = Instant::now();
+    while start.elapsed() < duration {
+        for (s, len, data) in &mut arrays {
+            let (r, c) = shapes.next_shape();
+            (*s, *len) = (seq, (r * c) as usize);
+            fill_f32(&mut data[..*len], seq);
+            seq += 1;
+        }
+        pool.install(|| {
+            arrays.par_iter_mut().for_each(|(_, len, data)| {
+                data[..*len].iter_mut().for_each(|x| *x = kernel(*x));
+            });
+        });
+        for (s, len, data) in &arrays {
+            if !check_f32(&data[..*len], *s) {
+                return Err(format!("array {s} came back wrong"));
+            }
+            done += 1;
+        }
+    }
+    Ok(done as f64 / start.elapsed().as_secs_f64())
+}
+
 /// `n` small f32 arrays (up to 16x16), array `k` filled as [`fill_f32`] with seq `k`.
 fn small_arrays(n: u64) -> Vec<Array<f32>> {
     let mut shapes = Shapes::new(5, 1, 16);
@@ -508,6 +549,10 @@ pub fn measure(b: &LibraryBench) -> Result<LibraryReport, String> {
         );
         for dim in [128, 1024] {
             let t = threads_f32(b.workers, inflight, dim, b.duration)?;
+            // As many threads as the pool side has busy CPUs (its workers and the caller), and
+            // batches as large as the pool's slots hold in bytes (4 MiB each).
+            let batch = (inflight * (4 << 20) / (4 * dim * dim)).max(1);
+            let r = rayon_f32(b.workers + 1, batch, dim, b.duration)?;
             let ip = drive::<f32>(&pi, &affine, dim, b.duration, fill_f32, check_f32)?;
             let op = drive::<f32>(&po, &affine, dim, b.duration, fill_f32, check_f32)?;
             add(
@@ -519,6 +564,18 @@ pub fn measure(b: &LibraryBench) -> Result<LibraryReport, String> {
                 &format!("f32 user kernel out of place / threads (max-dim {dim})"),
                 op,
                 t,
+            );
+            add(
+                &format!("f32 user kernel in place / rayon, batches of {batch} (max-dim {dim})"),
+                ip,
+                r,
+            );
+            add(
+                &format!(
+                    "f32 user kernel out of place / rayon, batches of {batch} (max-dim {dim})"
+                ),
+                op,
+                r,
             );
             add(
                 &format!("f32 user kernel out of place / in place (max-dim {dim})"),
