@@ -46,6 +46,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .map(&Task::op("neg")?, sizes.iter().map(|&n| vec![1.0f64; n]))?
         .collect();
     assert!(results[0].is_ok() && results[2].is_ok());
-    println!("an oversized array: {}", results[1].as_ref().unwrap_err());
+    println!(
+        "as expected, an oversized array failed alone (the arrays beside it succeeded): {}",
+        results[1].as_ref().unwrap_err()
+    );
     Ok(())
 }

@@ -1035,8 +1035,9 @@ impl<'pool> Producer<'pool> {
     /// As [`Producer::submit`], but without waking a sleeping worker: the task is published to
     /// its worker's queue at once, so a worker that is awake (as while work flows) starts it
     /// without delay, and one asleep on its futex is woken by this handle's next
-    /// [`Producer::notify`], [`Producer::submit`], a [`Producer::recv`] or loan that has to
-    /// wait, or the handle's drop. Waking a worker costs an atomic read-modify-write (a full
+    /// [`Producer::notify`], [`Producer::submit`], `map`, a [`Producer::recv`],
+    /// [`Producer::try_recv`] or loan that finds nothing ready (each looks for completions,
+    /// which ends with the wake-ups owed), or the handle's drop. Waking a worker costs an atomic read-modify-write (a full
     /// fence) per call; a caller that submits many tasks in a row, such as one refilling
     /// each completion it receives, saves it by deferring and calling [`Producer::notify`]
     /// once (or by letting its next waiting `recv` do it).
@@ -1169,7 +1170,9 @@ impl<'pool> Producer<'pool> {
         self.recv_until(Until::Forever)
     }
 
-    /// The next completion if one is ready now.
+    /// The next completion if one is ready now. When none is waiting, it looks for
+    /// completions once, which also wakes the workers owed a wake-up
+    /// ([`Producer::submit_deferred`]).
     pub fn try_recv(&self) -> Option<Completion<'_>> {
         self.recv_until(Until::Now)
     }

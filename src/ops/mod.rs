@@ -131,25 +131,38 @@ impl fmt::Display for Op {
     }
 }
 
-/// An op string that does not parse.
+/// An op string that does not parse: the string and what is wrong with it.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error(
-    "unknown op `{0}`: expected affine:A,B | add:K | mul:K | xor:K | neg | abs (K, A, B int32)"
+    "bad op `{given}`: {why}; expected affine:A,B | add:K | mul:K | xor:K | neg | abs (K, A, B int32)"
 )]
-pub struct OpParseError(String);
+pub struct OpParseError {
+    given: String,
+    why: String,
+}
 
 impl FromStr for Op {
     type Err = OpParseError;
     fn from_str(s: &str) -> Result<Op, OpParseError> {
-        let err = || OpParseError(s.to_string());
-        let int = |t: &str| t.trim().parse::<i32>().map_err(|_| err());
+        let err = |why: String| OpParseError {
+            given: s.to_string(),
+            why,
+        };
+        let int = |t: &str| {
+            t.trim()
+                .parse::<i32>()
+                .map_err(|_| err(format!("`{}` is not an int32", t.trim())))
+        };
         let (name, arg) = match s.split_once(':') {
             Some((n, a)) => (n, Some(a)),
             None => (s, None),
         };
+        let takes = |n: &str| err(format!("{name} takes {n}"));
         match (name, arg) {
             ("affine", Some(arg)) => {
-                let (a, b) = arg.split_once(',').ok_or_else(err)?;
+                let (a, b) = arg
+                    .split_once(',')
+                    .ok_or_else(|| takes("2 parameters, A,B"))?;
                 Ok(Op::Affine {
                     a: int(a)?,
                     b: int(b)?,
@@ -158,9 +171,11 @@ impl FromStr for Op {
             ("add", Some(k)) => Ok(Op::Add(int(k)?)),
             ("mul", Some(k)) => Ok(Op::Mul(int(k)?)),
             ("xor", Some(k)) => Ok(Op::Xor(int(k)?)),
-            ("neg", None) => Ok(Op::Neg),
-            ("abs", None) => Ok(Op::Abs),
-            _ => Err(err()),
+            ("neg" | "abs", None) => Ok(if name == "neg" { Op::Neg } else { Op::Abs }),
+            ("affine", None) => Err(takes("2 parameters, A,B")),
+            ("add" | "mul" | "xor", None) => Err(takes("1 parameter, K")),
+            ("neg" | "abs", Some(_)) => Err(takes("no parameter")),
+            _ => Err(err("unknown op".to_string())),
         }
     }
 }
@@ -415,17 +430,22 @@ mod tests {
             let (k, a, b) = op.encode();
             assert_eq!(Op::decode(k, a, b), Some(op));
         }
-        for bad in [
-            "",
-            "affine",
-            "affine:1",
-            "add",
-            "add:x",
-            "neg:1",
-            "sqrt",
-            "mul:99999999999",
+        // Each refusal says what is wrong, not only that the op is unknown.
+        for (bad, why) in [
+            ("", "unknown op"),
+            ("affine", "affine takes 2 parameters"),
+            ("affine:1", "affine takes 2 parameters"),
+            ("add", "add takes 1 parameter"),
+            ("add:x", "`x` is not an int32"),
+            ("neg:1", "neg takes no parameter"),
+            ("sqrt", "unknown op"),
+            ("mul:99999999999", "`99999999999` is not an int32"),
         ] {
-            assert!(bad.parse::<Op>().is_err(), "{bad} parsed");
+            let e = bad.parse::<Op>().expect_err(bad).to_string();
+            assert!(
+                e.contains(why) && e.contains("expected affine:A,B"),
+                "{bad}: {e}"
+            );
         }
         assert_eq!(Op::decode(0, 0, 0), None);
         assert_eq!(Op::decode(7, 0, 0), None);
