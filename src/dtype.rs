@@ -158,7 +158,9 @@ pub trait Element:
     fn from_f64(f: f64) -> Option<Self>;
 }
 
-/// Runs `$body` with the type alias `$T` bound to the Rust type of dtype `$d`.
+/// Runs `$body` with the type alias `$T` bound to the Rust type of dtype `$d`. (Its users are
+/// left out of the loom build.)
+#[cfg_attr(loom, allow(unused_macros))]
 macro_rules! with_dtype {
     ($d:expr, $T:ident => $body:expr) => {
         match $d {
@@ -205,6 +207,7 @@ macro_rules! with_dtype {
         }
     };
 }
+#[cfg(not(loom))]
 pub(crate) use with_dtype;
 
 macro_rules! int_element {

@@ -137,6 +137,7 @@ impl<T: Element> TypedOp<T> {
 
     /// Wraps an op already checked by [`TypedOp::new`] (for a hot path that checked it once
     /// for many arrays).
+    #[cfg_attr(loom, allow(dead_code))]
     pub(crate) fn prechecked(op: ElemOp<T>) -> TypedOp<T> {
         debug_assert!(TypedOp::new(op).is_ok());
         TypedOp(op)
