@@ -31,6 +31,12 @@ pub fn slot_align(bytes: u64) -> u64 {
         MATRIX_ALIGN
     }
 }
+
+/// The bytes of a slot of a class asked for `bytes`: rounded up to [`slot_align`] (`None` past
+/// `u64::MAX`).
+pub fn slot_bytes(bytes: u64) -> Option<u64> {
+    align_up(bytes, slot_align(bytes))
+}
 /// Alignment of slots of at least this size (and of the data region): a page.
 pub const PAGE: u64 = 4096;
 /// Most slot size classes.
@@ -623,9 +629,8 @@ impl Layout {
                 return Err(LayoutError::Inconsistent("classes must grow strictly"));
             }
             prev_bytes = bytes;
-            let align = slot_align(bytes);
-            let bytes = align_up(bytes, align).ok_or(bad.clone())?;
-            at = align_up(at, align).ok_or(bad.clone())?;
+            at = align_up(at, slot_align(bytes)).ok_or(bad.clone())?;
+            let bytes = slot_bytes(bytes).ok_or(bad.clone())?;
             params.classes[i] = SlotClass {
                 slot_bytes: bytes,
                 data_offset: at,

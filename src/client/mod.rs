@@ -434,8 +434,8 @@ impl PoolBuilder {
         classes.sort_unstable();
         // Slots are rounded up (to a page from a page on, to a line below): compare what the
         // layout will make of them.
-        let rounded =
-            |b: u64| b.div_ceil(crate::layout::slot_align(b)) * crate::layout::slot_align(b);
+        // (Sizes here are at most MAX_SLOT_BYTES, checked above: rounding cannot overflow.)
+        let rounded = |b: u64| crate::layout::slot_bytes(b).unwrap_or(u64::MAX);
         for (i, &(bytes, n)) in classes.iter().enumerate() {
             let why = if !(64..self.max_array_bytes).contains(&bytes)
                 || rounded(bytes) >= rounded(self.max_array_bytes)

@@ -1209,8 +1209,6 @@ impl<'pool> Producer<'pool> {
             Vec::new()
         };
         let rec = &c.records[slot];
-        // (The common answer, every array succeeded as asked, skips the outcome's lookups.)
-        let ok = matches!(r.outcome, Outcome::Ok);
         let item_out = |k: usize| {
             let item = &rec.desc.items[k];
             let (dtype, shape) = match r.outcome.produced(k) {
@@ -1226,11 +1224,7 @@ impl<'pool> Producer<'pool> {
                 offset: item.offset as usize,
                 dtype,
                 shape,
-                error: if ok {
-                    None
-                } else {
-                    r.outcome.item_error(k).map(Box::new)
-                },
+                error: r.outcome.item_error(k).map(Box::new),
             }
         };
         let first = item_out(0);

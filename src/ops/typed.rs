@@ -212,7 +212,7 @@ impl<T: Element> TypedOp<T> {
                 // SAFETY: the CPU supports AVX2 (checked just above).
                 unsafe { apply_to_avx2(self, input, output) }
             }
-            _ => apply_to_loops(self, input, output),
+            _ => apply_loops(self, (input, output)),
         }
     }
 }
@@ -223,41 +223,43 @@ impl<T: Element> fmt::Display for TypedOp<T> {
     }
 }
 
-/// One loop per op, each simple enough for the compiler to vectorise at whatever width the
-/// enclosing function's target features allow.
-#[inline(always)]
-fn apply_loops<T: Element>(op: &TypedOp<T>, data: &mut [T]) {
-    match op.0 {
-        ElemOp::Affine { a, b } => data.iter_mut().for_each(|x| *x = x.mul_add(a, b)),
-        ElemOp::Add(k) => data.iter_mut().for_each(|x| *x = x.add(k)),
-        ElemOp::Mul(k) => data.iter_mut().for_each(|x| *x = x.mul(k)),
-        ElemOp::Neg => data.iter_mut().for_each(|x| *x = x.neg()),
-        ElemOp::Abs => data.iter_mut().for_each(|x| *x = x.abs()),
-        ElemOp::Clamp { .. } => data.iter_mut().for_each(|x| *x = op.apply_scalar(*x)),
-        ElemOp::Xor(k) => data.iter_mut().for_each(|x| *x = x.xor(k)),
-        ElemOp::And(k) => data.iter_mut().for_each(|x| *x = x.and(k)),
-        ElemOp::Or(k) => data.iter_mut().for_each(|x| *x = x.or(k)),
-        ElemOp::Shl(n) => data.iter_mut().for_each(|x| *x = x.shl(n)),
-        ElemOp::Shr(n) => data.iter_mut().for_each(|x| *x = x.shr(n)),
+/// Where an op's loop reads and writes: one slice in place, or an input and an output.
+trait Sweep<T> {
+    /// Runs `f` over every element: `x = f(x)`, or `output[i] = f(input[i])`.
+    fn sweep(self, f: impl Fn(T) -> T);
+}
+
+impl<T: Copy> Sweep<T> for &mut [T] {
+    #[inline(always)]
+    fn sweep(self, f: impl Fn(T) -> T) {
+        self.iter_mut().for_each(|x| *x = f(*x));
     }
 }
 
-/// As [`apply_loops`], reading `input` and writing `output` (same lengths).
+impl<T: Copy> Sweep<T> for (&[T], &mut [T]) {
+    #[inline(always)]
+    fn sweep(self, f: impl Fn(T) -> T) {
+        let (input, output) = self;
+        output.iter_mut().zip(input).for_each(|(o, &x)| *o = f(x));
+    }
+}
+
+/// One loop per op, each simple enough for the compiler to vectorise at whatever width the
+/// enclosing function's target features allow.
 #[inline(always)]
-fn apply_to_loops<T: Element>(op: &TypedOp<T>, input: &[T], output: &mut [T]) {
-    let pairs = output.iter_mut().zip(input);
+fn apply_loops<T: Element>(op: &TypedOp<T>, data: impl Sweep<T>) {
     match op.0 {
-        ElemOp::Affine { a, b } => pairs.for_each(|(o, &x)| *o = x.mul_add(a, b)),
-        ElemOp::Add(k) => pairs.for_each(|(o, &x)| *o = x.add(k)),
-        ElemOp::Mul(k) => pairs.for_each(|(o, &x)| *o = x.mul(k)),
-        ElemOp::Neg => pairs.for_each(|(o, &x)| *o = x.neg()),
-        ElemOp::Abs => pairs.for_each(|(o, &x)| *o = x.abs()),
-        ElemOp::Clamp { .. } => pairs.for_each(|(o, &x)| *o = op.apply_scalar(x)),
-        ElemOp::Xor(k) => pairs.for_each(|(o, &x)| *o = x.xor(k)),
-        ElemOp::And(k) => pairs.for_each(|(o, &x)| *o = x.and(k)),
-        ElemOp::Or(k) => pairs.for_each(|(o, &x)| *o = x.or(k)),
-        ElemOp::Shl(n) => pairs.for_each(|(o, &x)| *o = x.shl(n)),
-        ElemOp::Shr(n) => pairs.for_each(|(o, &x)| *o = x.shr(n)),
+        ElemOp::Affine { a, b } => data.sweep(|x| x.mul_add(a, b)),
+        ElemOp::Add(k) => data.sweep(|x| x.add(k)),
+        ElemOp::Mul(k) => data.sweep(|x| x.mul(k)),
+        ElemOp::Neg => data.sweep(|x| x.neg()),
+        ElemOp::Abs => data.sweep(|x| x.abs()),
+        ElemOp::Clamp { .. } => data.sweep(|x| op.apply_scalar(x)),
+        ElemOp::Xor(k) => data.sweep(|x| x.xor(k)),
+        ElemOp::And(k) => data.sweep(|x| x.and(k)),
+        ElemOp::Or(k) => data.sweep(|x| x.or(k)),
+        ElemOp::Shl(n) => data.sweep(|x| x.shl(n)),
+        ElemOp::Shr(n) => data.sweep(|x| x.shr(n)),
     }
 }
 
@@ -274,7 +276,7 @@ unsafe fn apply_avx2<T: Element>(op: &TypedOp<T>, data: &mut [T]) {
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
 unsafe fn apply_to_avx2<T: Element>(op: &TypedOp<T>, input: &[T], output: &mut [T]) {
-    apply_to_loops(op, input, output)
+    apply_loops(op, (input, output))
 }
 
 /// # Safety
@@ -282,7 +284,7 @@ unsafe fn apply_to_avx2<T: Element>(op: &TypedOp<T>, input: &[T], output: &mut [
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
 unsafe fn apply_to_avx512<T: Element>(op: &TypedOp<T>, input: &[T], output: &mut [T]) {
-    apply_to_loops(op, input, output)
+    apply_loops(op, (input, output))
 }
 
 /// # Safety
