@@ -150,6 +150,12 @@ impl<T: Element> Array<T> {
         Ok(Array { data, shape })
     }
 
+    /// An array whose length the caller computed from `shape` (no check but in debug builds).
+    pub(crate) fn from_trusted(data: Vec<T>, shape: Shape) -> Array<T> {
+        debug_assert_eq!(data.len() as u64, shape.elements());
+        Array { data, shape }
+    }
+
     /// A 1-D array of `data`.
     pub fn from_vec(data: Vec<T>) -> Array<T> {
         let shape = Shape::d1(u32::try_from(data.len()).expect("at most 2^32-1 elements"));
@@ -327,7 +333,9 @@ pub unsafe fn copy_bytes_to(src: &[u8], dst: *mut u8) {
 
 /// A new `Vec` holding a copy of `src`, copied as [`copy_elements`] does.
 pub fn copied_vec<T: Copy>(src: &[T]) -> Vec<T> {
-    let mut v = Vec::new();
+    // (One allocation of the exact size: `reserve` on an empty `Vec` goes through its growth
+    // path, three times the instructions for a small array.)
+    let mut v = Vec::with_capacity(src.len());
     extend_copied(&mut v, src);
     v
 }

@@ -7,7 +7,7 @@
 
 use std::collections::VecDeque;
 
-use super::producer::{packed_offset, Core, Producer, TaskError, Until, PACK_MAX};
+use super::producer::{packed_offset, Core, Outcome, Producer, TaskError, Until, PACK_MAX};
 use super::{SubmitError, Task};
 use crate::array::{as_bytes, cast, copied_vec, copy_elements, Array, AsArray, Shape};
 use crate::dtype::Element;
@@ -276,32 +276,41 @@ where
             {
                 let rec = &c.records[r.token.slot() as usize];
                 // Only for an answered task: a quarantined slot may still be written.
+                type E<I> = <<I as Iterator>::Item as AsArray>::Elem;
                 let results = r
                     .outcome
                     .answered()
                     .then(|| c.sh.seg.result_bytes(&r.token));
-                for (k, item) in rec.desc.items[..rec.desc.count as usize].iter().enumerate() {
+                // Array `k`'s output, of the map's dtype and `shape`, copied out of the slot.
+                let copy_out = |results: &[u8], k: usize, shape: Shape| {
+                    let at = rec.desc.items[k].offset as usize;
+                    let n = shape.bytes(<E<I> as Element>::DTYPE) as usize;
+                    let data = copied_vec(cast::<E<I>>(&results[at..at + n]));
+                    Array::from_trusted(data, shape)
+                };
+                let items = &rec.desc.items[..rec.desc.count as usize];
+                // Every array succeeded as asked (the common case): nothing to look up per array.
+                let all_ok = matches!(r.outcome, Outcome::Ok);
+                for (k, item) in items.iter().enumerate() {
                     let seq = rec.desc.seq + k as u64;
                     let shape = Shape::from_raw(item.ndim, item.shape).expect("ours");
-                    let result = match (r.outcome.item_error(k), results) {
-                        (Some(e), _) => Err(e),
-                        (None, Some(results)) => {
-                            type E<I> = <<I as Iterator>::Item as AsArray>::Elem;
-                            let (dtype, shape) =
-                                r.outcome.produced(k).unwrap_or((rec.dtype, shape));
-                            let at = item.offset as usize;
-                            let n = shape.bytes(dtype) as usize;
-                            if dtype == <E<I> as Element>::DTYPE {
-                                let data = copied_vec(cast::<E<I>>(&results[at..at + n]));
-                                Ok(Array::new(data, shape).expect("shape matches"))
-                            } else {
-                                Err(TaskError::Dtype {
-                                    asked: <E<I> as Element>::DTYPE,
-                                    actual: dtype,
-                                })
+                    let result = match (all_ok, results) {
+                        (true, Some(results)) => Ok(copy_out(results, k, shape)),
+                        _ => match (r.outcome.item_error(k), results) {
+                            (Some(e), _) => Err(e),
+                            (None, Some(results)) => {
+                                match r.outcome.produced(k).unwrap_or((rec.dtype, shape)) {
+                                    (dtype, shape) if dtype == <E<I> as Element>::DTYPE => {
+                                        Ok(copy_out(results, k, shape))
+                                    }
+                                    (actual, _) => Err(TaskError::Dtype {
+                                        asked: <E<I> as Element>::DTYPE,
+                                        actual,
+                                    }),
+                                }
                             }
-                        }
-                        (None, None) => unreachable!("a task without an answer failed"),
+                            (None, None) => unreachable!("a task without an answer failed"),
+                        },
                     };
                     self.done(seq, result);
                 }
