@@ -411,14 +411,21 @@ impl Needs {
     }
 }
 
+/// What to lower when a pool does not fit, for each way of making one.
+pub(crate) const SMALLER: &str =
+    "use fewer or smaller slots, or fewer workers (mk1 run: --max-dim, \
+     --inflight, --workers; mk1 apply: --workers; PoolBuilder: max_array_bytes, \
+     slots_per_producer, size_class, workers)";
+
 /// A limit the run does not fit under (exit 2, before any worker starts).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum LimitError {
     /// Not enough memory under the tightest memory limit.
     #[error(
         "not enough memory: asked for {} ({asked} bytes: shared segment, workers and headroom), \
-         {} available under {limit}; lower --max-dim, --inflight or --workers",
-        human_bytes(*asked), human_bytes(*available)
+         {} available under {limit}; {smaller}",
+        human_bytes(*asked), human_bytes(*available),
+        smaller = crate::limits::SMALLER
     )]
     Memory {
         /// Bytes the run needs.
@@ -432,8 +439,9 @@ pub enum LimitError {
     #[error(
         "address-space limit too low: asked for {} ({asked} bytes: this process, the shared \
          segment, {threads} producer thread(s) and headroom), but RLIMIT_AS is {} ({limit} bytes); \
-         raise it (ulimit -v) or lower --max-dim, --inflight or --workers",
-        human_bytes(*asked), human_bytes(*limit)
+         raise it (ulimit -v) or {smaller}",
+        human_bytes(*asked), human_bytes(*limit),
+        smaller = crate::limits::SMALLER
     )]
     AddressSpace {
         /// Bytes of address space needed.
@@ -446,8 +454,9 @@ pub enum LimitError {
     /// The segment is larger than `RLIMIT_FSIZE` (sizing it would raise SIGXFSZ).
     #[error(
         "file-size limit too low: the shared segment is {} ({asked} bytes), but RLIMIT_FSIZE is \
-         {} ({limit} bytes); raise it (ulimit -f) or lower --max-dim, --inflight or --workers",
-        human_bytes(*asked), human_bytes(*limit)
+         {} ({limit} bytes); raise it (ulimit -f) or {smaller}",
+        human_bytes(*asked), human_bytes(*limit),
+        smaller = crate::limits::SMALLER
     )]
     FileSize {
         /// Segment bytes.

@@ -111,6 +111,9 @@ pub struct Record {
     pub holder: Holder,
     /// When it was last sent ([`crate::clock`] ticks).
     pub sent_at: Ticks,
+    /// Where in its worker's request ring it was last written (the ring's counter): a worker
+    /// that died with its ring's head at or before this never took it.
+    pub ring_pos: u64,
 }
 
 /// One producer's share of the slots.
@@ -155,6 +158,7 @@ impl SlotPool {
                     generation: 0,
                     holder: Holder::Producer,
                     sent_at: now,
+                    ring_pos: 0,
                 });
                 pool.free[ci].push(Token::assume_owned(slot, 0));
             }
@@ -234,13 +238,14 @@ impl SlotPool {
         &mut self.records[self.local[token.slot as usize] as usize]
     }
 
-    /// Marks the token as sent to worker `w` at `now` and turns it into a ring word with a new
-    /// generation.
-    pub fn dispatch(&mut self, token: Token, w: u32, now: Ticks) -> u64 {
+    /// Marks the token as sent to worker `w` at `now`, written at `ring_pos` of its request
+    /// ring, and turns it into a ring word with a new generation.
+    pub fn dispatch(&mut self, token: Token, w: u32, now: Ticks, ring_pos: u64) -> u64 {
         let r = &mut self.records[self.local[token.slot as usize] as usize];
         r.generation = r.generation.wrapping_add(1);
         r.holder = Holder::Worker(w);
         r.sent_at = now;
+        r.ring_pos = ring_pos;
         self.out[w as usize] += 1;
         Token::assume_owned(token.slot, r.generation).into_word()
     }
@@ -314,7 +319,7 @@ mod tests {
         let mut pool = SlotPool::share(&l, 0, 1);
         let t = pool.take(0).unwrap();
         let slot = t.slot();
-        let word = pool.dispatch(t, 1, 0);
+        let word = pool.dispatch(t, 1, 0, 0);
         assert_eq!(pool.out_at(1), 1);
         assert!(matches!(
             pool.accept(word, 0),
@@ -355,7 +360,7 @@ mod tests {
         let mut words = Vec::new();
         for i in 0..6 {
             let t = pool.take(0).unwrap();
-            words.push(pool.dispatch(t, i % 2, now));
+            words.push(pool.dispatch(t, i % 2, now, u64::from(i / 2)));
         }
         let back = pool.reclaim(1);
         assert_eq!(back.len(), 3);

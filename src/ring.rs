@@ -136,6 +136,25 @@ impl<'a> RingProducer<'a> {
         self.mask + 1
     }
 
+    /// The counter the next [`push`](Self::push) writes at.
+    #[inline]
+    pub fn position(&self) -> u64 {
+        self.tail
+    }
+
+    /// How far the consumer has taken entries (its published `head`): entries written at this
+    /// counter or later were never popped. For a consumer that died, to tell the entries it
+    /// never took from those it may have acted on. A value outside what the consumer can have
+    /// published (a corrupt or hostile `head`) counts as everything taken.
+    pub fn taken(&self) -> u64 {
+        // Acquire pairs with the consumer's Release in `pop`.
+        let head = self.ctl.head.0.load(Ordering::Acquire);
+        if head < self.head_cache || head > self.published {
+            return self.tail;
+        }
+        head
+    }
+
     /// Writes `word` into the next entry. Not visible to the consumer until [`flush`](Self::flush).
     #[inline]
     pub fn push(&mut self, word: u64) -> Result<(), PushError> {

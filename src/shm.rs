@@ -34,8 +34,9 @@ pub enum ShmCreateError {
     /// The machine cannot commit that much memory.
     #[error(
         "shared memory does not fit: asked for {} ({asked} bytes), {} available \
-         under {limit}, less {} headroom; lower --max-dim, --inflight or --workers",
-        human_bytes(*asked), human_bytes(*available), human_bytes(HEADROOM)
+         under {limit}, less {} headroom; {smaller}",
+        human_bytes(*asked), human_bytes(*available), human_bytes(HEADROOM),
+        smaller = crate::limits::SMALLER
     )]
     TooLarge {
         /// Segment size in bytes.

@@ -141,6 +141,51 @@ fn numpy_files_round_trip_for_every_dtype_and_shape() {
     }
 }
 
+/// One large file among many small ones: the small ones get small slots, so the segment holds
+/// one slot of the large file's size per region, not one per worker; every result is right.
+#[test]
+fn one_large_file_among_small_ones_gets_one_large_slot() {
+    if !numpy() {
+        return;
+    }
+    let t = TempDir::new("sizes");
+    py(
+        &t.0,
+        "import numpy as np\n\
+         np.save('big.npy', np.arange(2 << 20, dtype='int32'))\n\
+         for i in range(10):\n\
+         \x20   np.save(f's{i}.npy', np.arange(100 + i, dtype='int32'))\n",
+    );
+    let out = t.0.join("out");
+    let out_s = out.display().to_string();
+    let mut args = vec!["--op", "add:1", "--workers", "1", "--json", "big.npy"];
+    let small: Vec<String> = (0..10).map(|i| format!("s{i}.npy")).collect();
+    args.extend(small.iter().map(String::as_str));
+    args.extend(["--out-dir", &out_s]);
+    let o = apply(&t.0, &args);
+    assert_eq!(
+        o.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["written"], 11);
+    // 8 MiB per region of a large slot, input and output: four large slots (one per worker
+    // and two spare, as before) would be 64 MiB.
+    let seg = v["segment_bytes"].as_u64().unwrap();
+    assert!(seg < 24 << 20, "segment of {seg} bytes");
+    py(
+        &t.0,
+        &format!(
+            "import numpy as np, os\n\
+             for f in ['big.npy'] + [f's{{i}}.npy' for i in range(10)]:\n\
+             \x20   a = np.load(f); b = np.load(os.path.join('{out_s}', f))\n\
+             \x20   assert b.dtype == a.dtype and np.array_equal(b, a + 1), f\n"
+        ),
+    );
+}
+
 #[test]
 fn bad_inputs_are_exit_2_naming_the_file_before_any_work() {
     if !numpy() {
@@ -226,6 +271,21 @@ fn bad_inputs_are_exit_2_naming_the_file_before_any_work() {
     // A bad op.
     let o = apply(&t.0, &["--op", "frob:1", "good.npy", "--out-dir", &out_s]);
     assert_eq!(o.status.code(), Some(2));
+    // No worker to run it (as `mk1 run --workers 0`).
+    let o = apply(
+        &t.0,
+        &[
+            "--op",
+            "neg",
+            "--workers",
+            "0",
+            "good.npy",
+            "--out-dir",
+            &out_s,
+        ],
+    );
+    assert_eq!(o.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("--workers: 0"));
     // Results over their own inputs: refused, the input untouched.
     let before = std::fs::read(t.0.join("good.npy")).unwrap();
     let dir = t.0.display().to_string();

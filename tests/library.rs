@@ -667,6 +667,136 @@ fn a_worker_killed_mid_task_in_place_is_reported() {
     }
 }
 
+/// In place, a task its worker never took (queued in the ring behind a running one, or sent
+/// before the handle learned of a death) is as submitted: it is sent again, not failed, and
+/// counts no attempt. Only the task the worker was running comes back `WorkerDied`.
+fn in_place_tasks_a_dead_worker_never_took_are_sent_again() {
+    // Queued behind a task the worker dies running (one worker: all go to it).
+    let pool = Pool::builder()
+        .workers(1)
+        .mode(Mode::InPlace)
+        .kernels(kernels())
+        .build()
+        .unwrap();
+    let producer = pool.producer().unwrap();
+    let submit = |v: f64, ms: u64| {
+        let mut loan = producer.loan::<f64>(Shape::d1(2)).unwrap();
+        loan.copy_from_slice(&[v, v + 1.0]);
+        let task = Task::kernel("double_then_sleep").params(Params::from_words(&[ms]).unwrap());
+        producer.submit(loan, &task).unwrap()
+    };
+    let slow = submit(1.0, 400);
+    let queued: Vec<_> = (0..3).map(|i| submit(10.0 * f64::from(i + 1), 0)).collect();
+    std::thread::sleep(Duration::from_millis(100));
+    unsafe_free_kill(pool.worker_pids()[0]);
+    for _ in 0..4 {
+        let c = producer.recv().unwrap();
+        if c.ticket() == slow {
+            assert!(
+                matches!(c.error(), Some(TaskError::WorkerDied { attempts: 1, .. })),
+                "the running task: {:?}",
+                c.error()
+            );
+        } else {
+            let k = queued.iter().position(|&t| t == c.ticket()).unwrap() as f64;
+            let v = 10.0 * (k + 1.0);
+            assert_eq!(
+                c.output::<f64>().unwrap().as_slice(),
+                &[2.0 * v, 2.0 * (v + 1.0)],
+                "a queued task, redone once from its input"
+            );
+        }
+    }
+    drop(producer);
+    // Sent after a death the handle had not yet looked at (two workers, the dead one idle).
+    let pool = Pool::builder()
+        .workers(2)
+        .mode(Mode::InPlace)
+        .kernels(kernels())
+        .build()
+        .unwrap();
+    let producer = pool.producer().unwrap();
+    unsafe_free_kill(pool.worker_pids()[0]);
+    std::thread::sleep(Duration::from_millis(300));
+    for i in 0..8 {
+        let mut loan = producer.loan::<f32>(Shape::d1(4)).unwrap();
+        loan.as_mut_slice().fill(i as f32);
+        producer.submit(loan, &Task::op("neg").unwrap()).unwrap();
+    }
+    for _ in 0..8 {
+        let c = producer.recv().unwrap();
+        let i = c.ticket().0 as f32;
+        assert_eq!(
+            c.output::<f32>().unwrap().as_slice(),
+            &[-i; 4],
+            "{:?}",
+            c.error()
+        );
+    }
+}
+
+/// A worker that dies and may not be restarted (`max_restarts`) gives the pool up at once:
+/// with no worker left, `trouble` says why and loans are refused, without any call on a handle
+/// first.
+fn a_pool_with_no_worker_left_says_so_at_once() {
+    let pool = Pool::builder()
+        .workers(2)
+        .mode(Mode::InPlace)
+        .max_restarts(0)
+        .kernels(kernels())
+        .build()
+        .unwrap();
+    let producer = pool.producer().unwrap();
+    for pid in pool.worker_pids() {
+        unsafe_free_kill(pid);
+    }
+    let t0 = Instant::now();
+    while pool.trouble().is_none() && t0.elapsed() < Duration::from_secs(10) {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let why = pool.trouble().expect("the monitor gave up");
+    assert!(why.contains("restarts"), "{why}");
+    // (Both deaths are published by now or very soon; the give-up follows the second.)
+    let t0 = Instant::now();
+    loop {
+        match producer.loan::<u8>(Shape::d1(1)) {
+            Err(LoanError::NoWorkers(why)) => {
+                assert!(why.contains("restarts"), "{why}");
+                break;
+            }
+            Ok(_) => assert!(
+                t0.elapsed() < Duration::from_secs(10),
+                "loans still granted"
+            ),
+            Err(e) => panic!("unexpected {e}"),
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// A handle dropped with tasks that hang waits for one worker timeout, not one per task: the
+/// tasks queued behind a killed worker are not redone (nobody will read them).
+fn a_handle_dropped_with_hung_tasks_waits_one_timeout() {
+    let pool = Pool::builder()
+        .workers(2)
+        .worker_timeout(Duration::from_millis(500))
+        .kernels(kernels())
+        .build()
+        .unwrap();
+    let producer = pool.producer().unwrap();
+    let hang = Task::kernel("sleep_ms").params(Params::from_words(&[60_000]).unwrap());
+    for _ in 0..8 {
+        let loan = producer.loan::<f64>(Shape::d1(1)).unwrap();
+        producer.submit(loan, &hang).unwrap();
+    }
+    let t0 = Instant::now();
+    drop(producer);
+    let took = t0.elapsed();
+    // Redoing the queued ones would take 4 rounds of 500 ms (8 tasks on 2 workers).
+    assert!(took < Duration::from_millis(1600), "the drop took {took:?}");
+    assert_eq!(pool.producer().unwrap().in_flight(), 0);
+}
+
 fn inputs_are_read_only_out_of_place() {
     let pool = Pool::builder()
         .workers(2)
@@ -849,6 +979,13 @@ fn map_keeps_order_packs_small_arrays_and_reports_errors() {
         assert!(producer
             .map(&Task::kernel("nope"), vec![vec![1u8]])
             .is_err());
+        // A context larger than any slot: refused before any work (empty arrays included).
+        let big = Task::op("neg").unwrap().context(vec![0u8; 2 << 20]);
+        match producer.map(&big, vec![Vec::<f32>::new()]) {
+            Err(SubmitError::OutShape(why)) => assert!(why.contains("context"), "{why}"),
+            Err(e) => panic!("unexpected {e}"),
+            Ok(_) => panic!("a context larger than a slot was accepted"),
+        }
         // Too large for a slot: that array's error, the rest go on.
         let sizes = vec![vec![0f64; 10], vec![0f64; 1 << 20], vec![1f64; 3]];
         let r: Vec<_> = producer
@@ -1526,6 +1663,18 @@ fn main() {
         (
             "a_worker_killed_mid_task_in_place_is_reported",
             a_worker_killed_mid_task_in_place_is_reported,
+        ),
+        (
+            "in_place_tasks_a_dead_worker_never_took_are_sent_again",
+            in_place_tasks_a_dead_worker_never_took_are_sent_again,
+        ),
+        (
+            "a_pool_with_no_worker_left_says_so_at_once",
+            a_pool_with_no_worker_left_says_so_at_once,
+        ),
+        (
+            "a_handle_dropped_with_hung_tasks_waits_one_timeout",
+            a_handle_dropped_with_hung_tasks_waits_one_timeout,
         ),
         (
             "inputs_are_read_only_out_of_place",

@@ -14,7 +14,7 @@ use std::time::Instant;
 use clap::{Args, ValueEnum};
 use mk1::npy::{self, NpyInfo};
 use mk1::task::Builtin;
-use mk1::{Completion, Mode, Pool, Producer, Shape, Task};
+use mk1::{Completion, Mode, Pool, PoolBuilder, Producer, Shape, Task};
 
 /// Flags of `mk1 apply`.
 #[derive(Args, Debug)]
@@ -55,6 +55,24 @@ struct Input {
     path: PathBuf,
     out: PathBuf,
     info: NpyInfo,
+}
+
+/// Slots for files of `sizes` bytes: enough to keep every worker busy while results are
+/// written, not more. Files larger than half the largest get slots of the largest size; the
+/// others get slots of their own largest size (so one large file among many small ones maps
+/// one large slot, not one per worker).
+fn sized_for(pool: PoolBuilder, sizes: &[u64], workers: u32) -> PoolBuilder {
+    let busy = 2 * workers + 2;
+    let largest = sizes.iter().copied().max().unwrap_or(0).max(64);
+    let count = |n: usize| (n.max(1) as u32).min(busy);
+    let (large, small): (Vec<u64>, Vec<u64>) = sizes.iter().partition(|&&b| b * 2 > largest);
+    let pool = pool
+        .max_array_bytes(largest)
+        .slots_per_producer(count(large.len()));
+    match small.iter().max() {
+        Some(&s) if s.max(64) * 2 <= largest => pool.size_class(s.max(64), count(small.len())),
+        _ => pool,
+    }
 }
 
 fn usage(msg: impl std::fmt::Display) -> ExitCode {
@@ -151,25 +169,21 @@ pub fn apply(args: ApplyArgs) -> ExitCode {
             mk1::layout::MAX_SLOT_BYTES
         ));
     }
-    let workers = args
-        .workers
-        .unwrap_or_else(mk1::config::default_workers)
-        .max(1);
-    // Enough slots to keep every worker busy while results are written, not more: a slot is as
-    // large as the largest file.
-    let slots = (2 * workers + 2).min(inputs.len().max(1) as u32);
+    if args.workers == Some(0) {
+        return usage("--workers: 0 is outside 1..=1024 (at least one worker runs the op)");
+    }
+    let workers = args.workers.unwrap_or_else(mk1::config::default_workers);
     let pool = Pool::builder()
         .workers(workers)
         .mode(match args.mode {
             ModeArg::InPlace => Mode::InPlace,
             ModeArg::OutOfPlace => Mode::OutOfPlace,
         })
-        .max_array_bytes(largest.max(64))
-        .slots_per_producer(slots)
         // The registry this binary's workers serve with (see main.rs); apply runs built-in
         // ops only.
-        .kernels(mk1::bench::library::kernels())
-        .build();
+        .kernels(mk1::bench::library::kernels());
+    let sizes: Vec<u64> = inputs.iter().map(|i| i.info.data_bytes).collect();
+    let pool = sized_for(pool, &sizes, workers).build();
     let pool = match pool {
         Ok(p) => p,
         Err(e) => return usage(e),
@@ -241,6 +255,7 @@ pub fn apply(args: ApplyArgs) -> ExitCode {
         eprintln!("mk1 apply: {f}");
     }
     let restarts = pool.restarts();
+    let segment_bytes = pool.segment_bytes();
     drop(producer);
     drop(pool);
     if args.json {
@@ -255,6 +270,7 @@ pub fn apply(args: ApplyArgs) -> ExitCode {
             "gb_per_s": if seconds > 0.0 { bytes as f64 / seconds / 1e9 } else { 0.0 },
             "workers": workers,
             "worker_restarts": restarts,
+            "segment_bytes": segment_bytes,
             "out_dir": args.out_dir.display().to_string(),
         });
         outln!("{v}");

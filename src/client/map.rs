@@ -106,6 +106,14 @@ impl<'pool> Producer<'pool> {
         let (kernel, params) = task.resolve(&c.sh.registry, dtype).map(|(k, p)| (k, *p))?;
         let any = c.sh.registry.takes_any(kernel);
         let context = task.context.clone();
+        // The context goes at the end of every slot the map sends (of the largest size).
+        let (context_len, slot) = (task.context_bytes().len() as u64, c.max_slot_bytes());
+        if context_len > 0 && TaskDesc::context_offset_for(context_len, slot).is_none() {
+            return Err(SubmitError::OutShape(format!(
+                "{context_len} bytes of context do not fit a slot of {slot} bytes, the largest \
+                 (see PoolBuilder::max_array_bytes)"
+            )));
+        }
         let window = (c.slots.len() * PACK_MAX) as u64;
         drop(c);
         Ok(Map {

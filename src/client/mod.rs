@@ -50,10 +50,11 @@ use crate::worker::WorkerSpec;
 /// Where a kernel's result goes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Mode {
-    /// The kernel rewrites its input. Guarantee: a task whose worker dies comes back as
-    /// [`TaskError::WorkerDied`] (its input may be half-written) and is not redone, unless
-    /// [`PoolBuilder::keep_copies`] asked mk1 to keep a copy of each input: then it is restored
-    /// and redone as out of place.
+    /// The kernel rewrites its input. Guarantee: a task whose worker dies after taking it comes
+    /// back as [`TaskError::WorkerDied`] (its input may be half-written) and is not redone,
+    /// unless [`PoolBuilder::keep_copies`] asked mk1 to keep a copy of each input: then it is
+    /// restored and redone as out of place. A task the dead worker had not taken yet (queued
+    /// in its ring) is untouched, and is sent again without counting an attempt.
     InPlace,
     /// The kernel reads the input and writes a separate output region. Workers map every
     /// input read-only, so no worker can change an input. Guarantee: a task whose worker dies
@@ -834,7 +835,8 @@ impl Pool {
     /// Tells the pool its caller is winding down (Ctrl-C, a deadline): from now on a worker
     /// that holds tasks and returns none is given at most 2 s, not the worker timeout, before
     /// it is killed (its task then fails with [`TaskError::Timeout`]), so waiting for what is
-    /// in flight ends in bounded time. Work can still be submitted.
+    /// in flight ends in bounded time: at most 2 s for each task that hangs, each retry of it
+    /// included (a handle being dropped redoes nothing). Work can still be submitted.
     pub fn wind_down(&self) {
         self.shared.winding_down.store(true, Ordering::Release);
     }

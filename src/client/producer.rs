@@ -259,6 +259,8 @@ pub(crate) struct Core<'s> {
     faulted: Vec<bool>,
     seen_epoch: Vec<usize>,
     seen_changes: usize,
+    /// The handle is being dropped: tasks of a dead worker are failed, not redone.
+    draining: bool,
     sent: Vec<u64>,
     back: Vec<u64>,
     gave_up: Vec<bool>,
@@ -344,6 +346,7 @@ impl<'s> Core<'s> {
             faulted,
             seen_epoch,
             seen_changes: sh.ctl.changes.load(Ordering::Acquire),
+            draining: false,
             back: sent.clone(),
             sent,
             gave_up: vec![false; w],
@@ -540,6 +543,10 @@ impl<'s> Core<'s> {
     }
 
     fn send(&mut self, token: Token) {
+        // A death the monitor published since the last look is acted on first, so no task goes
+        // to a worker known dead (one load of a counter that changes only on a death, a
+        // restart or a give-up).
+        self.follow_monitor();
         let pick = self.policy.pick(&WorkerView {
             usable: &self.usable,
             load: self.slots.out_counts(),
@@ -552,7 +559,8 @@ impl<'s> Core<'s> {
         self.sh.ctl.flow[self.p as usize][w as usize]
             .sent
             .store(self.sent[w as usize], Ordering::Relaxed);
-        let word = self.slots.dispatch(token, w, clock::now());
+        let pos = self.to[w as usize].position();
+        let word = self.slots.dispatch(token, w, clock::now(), pos);
         if let Err(e) = self.to[w as usize].push(word) {
             self.fault(w as usize, format!("corrupted its request ring: {e}"));
         }
@@ -689,10 +697,22 @@ impl<'s> Core<'s> {
             .status
             .current
             .load(Ordering::Relaxed);
+        // Tasks written to its ring at or after what it had taken were never popped, so never
+        // started: their slots are as submitted, in either mode.
+        let taken = self.to[w].taken();
         let back = self.reclaim(w);
         ctl.reclaimed[w].fetch_add(back.len() as u64, Ordering::Relaxed);
         let how = exit_words(&self.sh.ctl, w);
         for t in back {
+            let queued = self.slots.record(&t).ring_pos >= taken;
+            let r = &self.records[t.slot() as usize];
+            if queued && !self.draining {
+                // Sent again as it was, no attempt counted (the descriptor is rewritten from
+                // our record all the same: the dead worker could write it).
+                self.sh.seg.write_task(&t, &r.desc);
+                self.redo.push(t);
+                continue;
+            }
             let word = u64::from(t.generation()) << 32 | u64::from(t.slot());
             // The running task is blamed (it may be another handle's: then none of ours is);
             // with no hint at all, every task out there is.
@@ -711,7 +731,8 @@ impl<'s> Core<'s> {
                 r.attempts += 1;
             }
             let intact = self.sh.mode == Mode::OutOfPlace || self.sh.keep_copies;
-            let retry = intact && r.attempts <= self.sh.max_retries;
+            // (A handle being dropped redoes nothing: nobody will read the results.)
+            let retry = intact && r.attempts <= self.sh.max_retries && !self.draining;
             if retry {
                 // The input is intact (read-only in workers, or restored from our copy in
                 // place); the descriptor is rewritten from our record, as the dead worker may
@@ -745,13 +766,18 @@ impl<'s> Core<'s> {
     }
 
     /// Acts on deaths and restarts published by the monitor.
+    #[inline]
     fn follow_monitor(&mut self) {
-        let ctl = &self.sh.ctl;
-        let changes = ctl.changes.load(Ordering::Acquire);
-        if changes == self.seen_changes {
-            return;
+        let changes = self.sh.ctl.changes.load(Ordering::Acquire);
+        if changes != self.seen_changes {
+            self.follow_changes(changes);
         }
+    }
+
+    #[cold]
+    fn follow_changes(&mut self, changes: usize) {
         self.seen_changes = changes;
+        let ctl = &self.sh.ctl;
         for w in 0..self.usable.len() {
             let epoch = ctl.death_epoch[w].load(Ordering::Acquire);
             if epoch != self.seen_epoch[w] {
@@ -878,6 +904,8 @@ impl<'s> Core<'s> {
     /// as `until` says.
     pub(crate) fn take_slot(&mut self, bytes: u64, until: Until) -> Result<Token, LoanError> {
         fits(bytes, self.max_slot_bytes())?;
+        // (Deaths first: the monitor gives the pool up only once it knows no worker will serve.)
+        self.follow_monitor();
         if let Some(why) = self.broken() {
             return Err(LoanError::NoWorkers(why));
         }
@@ -925,6 +953,7 @@ impl<'s> Core<'s> {
 
     /// Waits for all in-flight tasks (for a handle's drop).
     fn drain(&mut self) {
+        self.draining = true;
         // A terminated pool kills its workers without waiting: nothing more will come back.
         self.wait_until(Until::Forever, |c| {
             c.in_flight == 0 || c.sh.terminating.load(Ordering::Acquire)
@@ -1246,8 +1275,9 @@ impl<'pool> Producer<'pool> {
     }
 
     /// The ticket the next submit of this handle will return: a handle numbers its tasks 0,
-    /// 1, 2, … in the order they are submitted (a `map`'s tasks included), so a caller can
-    /// derive what it needs from the ticket instead of keeping a table.
+    /// 1, 2, … in the order they are submitted (`submit`, `submit_deferred`, `submit_bytes`,
+    /// `submit_packed`; a `map` takes no tickets, its results carry their input's index), so a
+    /// caller can derive what it needs from the ticket instead of keeping a table.
     pub fn next_ticket(&self) -> Ticket {
         Ticket(self.core().peek_ticket())
     }

@@ -550,6 +550,11 @@ impl<'a> Monitor<'a> {
         }
     }
 
+    /// Worker `w` could not be killed (see [`Monitor::give_up_on_stuck`]).
+    fn abandoned(&self, w: u32) -> bool {
+        self.ctl.abandoned[w as usize].load(Ordering::Acquire)
+    }
+
     /// Starts replacements for dead workers once every producer has cleaned up after them.
     ///
     /// `producer_gone[p]`: producer `p` never started or has ended (panicked); it will never
@@ -558,35 +563,45 @@ impl<'a> Monitor<'a> {
         let pending = std::mem::take(&mut self.pending_restart);
         for w in pending {
             let ctl = self.ctl;
-            if self.gone_for_good[w as usize] {
-                // Abandoned (could not be killed): its tokens were given up; never restarted.
+            if self.abandoned(w) {
+                // Could not be killed: its tokens were given up; never restarted.
                 continue;
+            }
+            // A worker that will never be restarted is given up at once, before the producers
+            // have cleaned up after it: with no worker left, their loans and submits say so
+            // from now on instead of sending to nobody.
+            if !self.gone_for_good[w as usize] {
+                let never = if let Some(why) = &self.start_failed[w as usize] {
+                    // Refused once: a program that cannot serve would only fail again.
+                    Some(format!(
+                        "cannot restart worker {w} ({}): {why}",
+                        self.image.describe()
+                    ))
+                } else if self.restarts >= self.cfg.max_restarts {
+                    Some(format!(
+                        "more than {} worker restarts",
+                        self.cfg.max_restarts
+                    ))
+                } else {
+                    None
+                };
+                if let Some(why) = never {
+                    self.stop_with(why);
+                    self.gone_for_good[w as usize] = true;
+                }
             }
             let epoch = ctl.death_epoch[w as usize].load(Ordering::Acquire);
             if producer_gone.iter().enumerate().any(|(p, &gone)| {
                 !gone && ctl.acked[p][w as usize].load(Ordering::Acquire) != epoch
             }) {
+                // (Still waited for when given up: what the producers took back is counted.)
                 self.pending_restart.push(w);
                 continue;
             }
             if let Some(e) = self.exits.iter_mut().rev().find(|e| e.worker == w) {
                 e.reclaimed_tokens = ctl.reclaimed[w as usize].swap(0, Ordering::Relaxed);
             }
-            if let Some(why) = self.start_failed[w as usize].clone() {
-                // Refused once: a program that cannot serve would only fail again.
-                self.stop_with(format!(
-                    "cannot restart worker {w} ({}): {why}",
-                    self.image.describe()
-                ));
-                self.gone_for_good[w as usize] = true;
-                continue;
-            }
-            if self.restarts >= self.cfg.max_restarts {
-                self.stop_with(format!(
-                    "more than {} worker restarts",
-                    self.cfg.max_restarts
-                ));
-                self.gone_for_good[w as usize] = true;
+            if self.gone_for_good[w as usize] {
                 continue;
             }
             let ws = self.seg.worker(w);

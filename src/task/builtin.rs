@@ -115,6 +115,11 @@ impl Builtin {
             why,
         };
         let (name, rest) = s.split_once(':').unwrap_or((s, ""));
+        if s.contains(':') && rest.trim().is_empty() {
+            return Err(bad(format!(
+                "nothing after the colon (write `{name}` for no parameter)"
+            )));
+        }
         let args: Vec<Value> = if rest.is_empty() {
             Vec::new()
         } else {
@@ -200,10 +205,12 @@ impl Builtin {
         };
         let shift = |v: Value| -> Result<u32, BuiltinError> {
             match v {
-                Value::Int(i) => u32::try_from(i).ok(),
-                Value::Float(_) => None,
+                Value::Int(i) => u32::try_from(i)
+                    .map_err(|_| bad(format!("shift {i} is not a number of bits (0 or more)"))),
+                Value::Float(f) => Err(bad(format!(
+                    "shift {f:?} is a float: give a whole number of bits, e.g. 3"
+                ))),
             }
-            .ok_or_else(|| bad(format!("shift {v} is not a whole number of bits")))
         };
         let op = match *self {
             Builtin::Affine(a, b) => ElemOp::Affine {
@@ -320,10 +327,17 @@ fn parse_value(s: &str) -> Option<Value> {
         Some(d) => (true, d),
         None => (false, s),
     };
+    // One sign at most, and digits right after it (`from_str_radix` and `parse` would take
+    // another sign: `--5` or `0x-5`).
+    let unsigned = |d: &str| d.starts_with(|c: char| c.is_ascii_digit());
     let int = if let Some(hex) = digits.strip_prefix("0x") {
-        i128::from_str_radix(hex, 16).ok()
+        unsigned(hex)
+            .then(|| i128::from_str_radix(hex, 16).ok())
+            .flatten()
     } else {
-        digits.parse::<i128>().ok()
+        unsigned(digits)
+            .then(|| digits.parse::<i128>().ok())
+            .flatten()
     };
     if let Some(i) = int {
         return Some(Value::Int(if neg { -i } else { i }));
@@ -370,6 +384,33 @@ mod tests {
         for bad in ["affine:1", "neg:1", "frob", "add:x", "affine:1,2,3", ""] {
             assert!(Builtin::parse(bad).is_err(), "{bad}");
         }
+        // One sign at most, right before the digits; nothing empty after a colon or comma.
+        for bad in [
+            "add:--5",
+            "add:0x-5",
+            "add:-0x-5",
+            "add:0x+5",
+            "add:-+5",
+            "affine:1,",
+        ] {
+            assert!(Builtin::parse(bad).is_err(), "{bad}");
+        }
+        for s in ["neg:", "add:", "add: "] {
+            let e = Builtin::parse(s).unwrap_err().to_string();
+            assert!(e.contains("nothing after the colon"), "{s}: {e}");
+        }
+        assert_eq!(
+            Builtin::parse("add:-5").unwrap(),
+            Builtin::Add(Value::Int(-5))
+        );
+        assert_eq!(
+            Builtin::parse("add:-0x10").unwrap(),
+            Builtin::Add(Value::Int(-16))
+        );
+        assert_eq!(
+            Builtin::parse("add:+5").unwrap(),
+            Builtin::Add(Value::Float(5.0))
+        );
         assert!(Builtin::parse("frob")
             .unwrap_err()
             .to_string()
@@ -385,6 +426,12 @@ mod tests {
         assert!(Builtin::parse("mul:2.0").unwrap().typed::<i32>().is_ok());
         assert!(Builtin::parse("xor:1").unwrap().typed::<f32>().is_err());
         assert!(Builtin::parse("shl:8").unwrap().typed::<u8>().is_err());
+        // A float shift is named as written, not as the integer it prints as.
+        let e = Builtin::parse("shr:1.0")
+            .unwrap()
+            .typed::<u32>()
+            .unwrap_err();
+        assert!(e.to_string().contains("shift 1.0 is a float"), "{e}");
         assert!(Builtin::parse("clamp:5,1").unwrap().typed::<f64>().is_err());
     }
 
