@@ -171,6 +171,7 @@ fn bad_invocations_exit_2_with_one_line() {
         &["run", "--max-dim", "0"],
         &["run", "--min-dim", "9", "--max-dim", "8"],
         &["run", "--duration", "soon"],
+        &["run", "--duration", "-1s"],
         &["run", "--dispatch", "fastest"],
         &["run", "--op", "sqrt"],
         &["run", "--batch", "many"],

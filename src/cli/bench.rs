@@ -23,7 +23,7 @@ pub struct BenchArgs {
     #[arg(long, value_delimiter = ',', default_value = "16,128,1024")]
     max_dim: Vec<u32>,
     /// How long each system issues matrices, per repetition
-    #[arg(long, default_value = "400ms", value_parser = parse_duration)]
+    #[arg(long, default_value = "400ms", value_parser = parse_duration, allow_hyphen_values = true)]
     duration: Duration,
     /// Repetitions, interleaved across systems; the table shows the median and the range
     #[arg(long, default_value_t = 3)]
@@ -63,13 +63,13 @@ enum BenchWhat {
         #[arg(long, default_value_t = 5)]
         reps: u32,
         /// Length of each throughput run
-        #[arg(long, default_value = "500ms", value_parser = parse_duration)]
+        #[arg(long, default_value = "500ms", value_parser = parse_duration, allow_hyphen_values = true)]
         duration: Duration,
         /// Small arrays per `map` run in the packing comparison
         #[arg(long, default_value_t = 1_000_000)]
         map_arrays: u64,
         /// The idle spell after which the pool's CPU use is measured
-        #[arg(long, default_value = "5s", value_parser = parse_duration)]
+        #[arg(long, default_value = "5s", value_parser = parse_duration, allow_hyphen_values = true)]
         idle: Duration,
         /// JSON on stdout
         #[arg(long)]

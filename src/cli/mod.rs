@@ -104,7 +104,7 @@ struct RunArgs {
     #[arg(long, value_name = "N", default_value_t = 128)]
     max_dim: u32,
     /// How long to issue matrices (e.g. 20s, 500ms, 2m)
-    #[arg(long, default_value = "20s", value_parser = parse_duration, conflicts_with = "count")]
+    #[arg(long, default_value = "20s", value_parser = parse_duration, allow_hyphen_values = true, conflicts_with = "count")]
     duration: Duration,
     /// Issue exactly this many matrices instead of running for a duration
     #[arg(long, value_name = "N")]
@@ -113,7 +113,7 @@ struct RunArgs {
     #[arg(long, value_name = "N", default_value_t = 100)]
     max_restarts: u32,
     /// Kill a worker that holds tokens but makes no progress for this long
-    #[arg(long, default_value = "5s", value_parser = parse_duration)]
+    #[arg(long, default_value = "5s", value_parser = parse_duration, allow_hyphen_values = true)]
     worker_timeout: Duration,
     /// Print one JSON object on stdout instead of the summary
     #[arg(long)]
@@ -165,6 +165,11 @@ fn parse_batch(s: &str) -> Result<Batch, String> {
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let err = || format!("`{s}` is not a duration (examples: 20s, 500ms, 2m)");
     let t = s.trim();
+    if t.starts_with('-') {
+        return Err(format!(
+            "`{s}` is negative: a duration is 0 or more (examples: 20s, 500ms)"
+        ));
+    }
     let split = t
         .find(|c: char| !(c.is_ascii_digit() || c == '.'))
         .unwrap_or(t.len());
@@ -357,6 +362,7 @@ mod tests {
         assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
         assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
         assert_eq!(parse_duration("3"), Ok(Duration::from_secs(3)));
+        assert!(parse_duration("-1s").unwrap_err().contains("negative"));
         assert_eq!(parse_duration("1.5s"), Ok(Duration::from_millis(1500)));
         for bad in ["", "s", "-1s", "10 parsecs", "1e999", "abc"] {
             assert!(parse_duration(bad).is_err(), "{bad}");
