@@ -325,6 +325,34 @@ mod tests {
     }
 
     #[test]
+    fn taken_says_which_entries_the_consumer_never_popped() {
+        let (ctl, e) = ring(8);
+        let mut p = RingProducer::new(&ctl, &e).unwrap();
+        let mut c = RingConsumer::new(&ctl, &e).unwrap();
+        let at: Vec<u64> = (0..4)
+            .map(|w| {
+                let pos = p.position();
+                p.push(w).unwrap();
+                pos
+            })
+            .collect();
+        assert_eq!(at, [0, 1, 2, 3]);
+        p.flush();
+        p.push(9).unwrap(); // written, never published: never taken either
+        assert_eq!(c.pop().unwrap(), Some(0));
+        assert_eq!(c.pop().unwrap(), Some(1));
+        assert_eq!(p.taken(), 2, "entries at 2, 3 and 4 were never popped");
+        // A head the consumer cannot have published (past the published tail, or backwards
+        // from what we saw) counts as everything taken.
+        ctl.head.0.store(5, Ordering::Relaxed);
+        assert_eq!(p.taken(), 5);
+        ctl.head.0.store(4, Ordering::Relaxed);
+        assert_eq!(p.taken(), 4, "4 was published");
+        ctl.head.0.store(6, Ordering::Relaxed);
+        assert_eq!(p.taken(), p.position());
+    }
+
+    #[test]
     fn consumer_rejects_impossible_tail() {
         let (ctl, e) = ring(4);
         let mut c = RingConsumer::new(&ctl, &e).unwrap();

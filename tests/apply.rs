@@ -77,6 +77,18 @@ fn apply(dir: &Path, args: &[&str]) -> std::process::Output {
     mk1(&refs, Duration::from_secs(60))
 }
 
+/// `mk1 apply ARGS` (with `--json`) that must succeed: its summary.
+fn apply_json(dir: &Path, args: &[&str]) -> serde_json::Value {
+    let o = apply(dir, args);
+    assert_eq!(
+        o.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    serde_json::from_slice(&o.stdout).unwrap()
+}
+
 #[test]
 fn numpy_files_round_trip_for_every_dtype_and_shape() {
     if !numpy() {
@@ -112,14 +124,7 @@ fn numpy_files_round_trip_for_every_dtype_and_shape() {
         ];
         args.extend(inputs.iter().map(String::as_str));
         args.extend(["--out-dir", &out_s]);
-        let o = apply(&t.0, &args);
-        assert_eq!(
-            o.status.code(),
-            Some(0),
-            "{}",
-            String::from_utf8_lossy(&o.stderr)
-        );
-        let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        let v = apply_json(&t.0, &args);
         assert_eq!(v["written"], 70);
         assert_eq!(v["failed"], 0);
         py(
@@ -162,14 +167,7 @@ fn one_large_file_among_small_ones_gets_one_large_slot() {
     let small: Vec<String> = (0..10).map(|i| format!("s{i}.npy")).collect();
     args.extend(small.iter().map(String::as_str));
     args.extend(["--out-dir", &out_s]);
-    let o = apply(&t.0, &args);
-    assert_eq!(
-        o.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&o.stderr)
-    );
-    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let v = apply_json(&t.0, &args);
     assert_eq!(v["written"], 11);
     // 8 MiB per region of a large slot, input and output: four large slots (one per worker
     // and two spare, as before) would be 64 MiB.
