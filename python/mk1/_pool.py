@@ -113,16 +113,22 @@ def _pickle_function(fn: Callable) -> bytes:
     else by value with cloudpickle (lambdas, closures, functions of an interactive session)."""
     main = sys.modules.get("__main__")
     in_main = getattr(fn, "__module__", None) == "__main__"
-    interactive = in_main and not getattr(main, "__file__", None)
-    if in_main and not interactive and not _top_level_in_script(fn, main.__file__):
+    # (A script read from stdin has the file name "<stdin>", which the workers cannot run.)
+    main_file = getattr(main, "__file__", None)
+    interactive = in_main and (not main_file or main_file.endswith("<stdin>"))
+    if in_main and not interactive and not _top_level_in_script(fn, main_file):
         # Defined under `if __name__ == "__main__":` (or by exec): the workers' copy of the
-        # script does not have it, so it goes by value when cloudpickle can.
+        # script does not have it, so it goes by value, with cloudpickle.
         try:
             import cloudpickle
-
-            return cloudpickle.dumps(fn, protocol=pickle.HIGHEST_PROTOCOL)
         except ImportError:
-            pass
+            raise TypeError(
+                f"mk1 cannot send {fn!r} to the workers: it is defined under "
+                f"`if __name__ == '__main__':` (or by exec), which the workers do not run. "
+                f"Define it at the script's top level, or install cloudpickle "
+                f"(pip install cloudpickle) to send it by value."
+            ) from None
+        return cloudpickle.dumps(fn, protocol=pickle.HIGHEST_PROTOCOL)
     if not interactive:
         try:
             return pickle.dumps(fn, protocol=pickle.HIGHEST_PROTOCOL)
@@ -340,8 +346,10 @@ class Pool:
             return
         self._owner_thread()
         try:
-            while self._core.in_flight() > 0:
-                self._pump(_WAIT)
+            # In flight, or back and not yet received: every future gets its result.
+            while self._core.in_flight() > 0 or self._pump(0.0):
+                if self._core.in_flight() > 0:
+                    self._pump(_WAIT)
         except BaseException:
             self.terminate()
             raise
@@ -520,7 +528,11 @@ class Pool:
         go. Otherwise results are new arrays.
 
         The first failed array raises its exception when the iteration reaches it (see
-        ``submit``); the pool keeps working. ``progress=True`` shows a progress bar (tqdm when
+        ``submit``) and ends the iteration, as ``concurrent.futures``' ``map`` does: arrays
+        still in flight are dropped and inputs not yet taken are not run; the pool keeps
+        working. An input iterable that raises does so after the arrays taken before it (in
+        either order). Closing the pool while a map runs makes its next step raise
+        ``ValueError``. ``progress=True`` shows a progress bar (tqdm when
         installed).
         """
         return self._map(fn, arrays, True, zero_copy, progress)

@@ -28,6 +28,10 @@ class Op:
 
 
 def _num(v: float) -> str:
+    # numpy scalars (a parameter computed with numpy, such as ``a.mean()``) count as the
+    # Python int or float they hold.
+    if hasattr(v, "dtype") and hasattr(v, "item") and getattr(v, "shape", None) == ():
+        v = v.item()
     if isinstance(v, bool) or not isinstance(v, (int, float)):
         raise TypeError(f"an op parameter must be an int or a float, not {type(v).__name__}")
     return repr(v)

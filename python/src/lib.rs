@@ -659,6 +659,7 @@ impl PoolCore {
             next_in: 0,
             next_out: 0,
             exhausted: false,
+            failed_at: None,
         })
     }
 
@@ -753,6 +754,9 @@ struct MapIter {
     next_in: u64,
     next_out: u64,
     exhausted: bool,
+    /// The index of the input iterator's own failure (its turn comes after every array
+    /// taken before it, also in completion order).
+    failed_at: Option<u64>,
 }
 
 impl MapIter {
@@ -836,6 +840,7 @@ impl MapIter {
                 self.exhausted = true;
                 let index = self.next_in;
                 self.next_in += 1;
+                self.failed_at = Some(index);
                 return Ok(Some((index, Err(e))));
             }
         };
@@ -954,12 +959,26 @@ impl MapIter {
             {
                 let mut r = sh.router.borrow_mut();
                 let Some(m) = r.maps.get_mut(&self.id) else {
-                    return Ok(None);
+                    // Only closing the pool (from the input iterator, say) takes a running
+                    // map's state away: its arrays will not come back, so say so.
+                    return Err(PyValueError::new_err(
+                        "the pool was closed while this map ran; its arrays still in flight \
+                         will not come back",
+                    ));
                 };
                 let next = if self.ordered {
                     m.ready.remove(&self.next_out)
                 } else {
-                    m.ready.pop_first().map(|(_, v)| v)
+                    // The input's own failure waits for the arrays taken before it: raising
+                    // it ends the iteration.
+                    let failed_at = self.failed_at;
+                    let last = m.in_flight == 0 && self.pending.is_none();
+                    let key = m
+                        .ready
+                        .keys()
+                        .copied()
+                        .find(|&k| last || Some(k) != failed_at);
+                    key.and_then(|k| m.ready.remove(&k))
                 };
                 if let Some(v) = next {
                     self.next_out += 1;

@@ -630,3 +630,114 @@ def test_a_forked_child_forgets_the_pool_and_the_parent_keeps_it(pool):
     assert os.waitstatus_to_exitcode(status) == 0
     assert pool.apply(x3p1, np.ones(2))[1] == 4
     assert all(os.path.exists(f"/proc/{p}") for p in pool.worker_pids())
+
+
+def slow_double(x):
+    time.sleep(0.05)
+    return x * 2
+
+
+def test_close_gives_every_submitted_future_its_result():
+    # Results already back but not yet received count as much as those still running: with
+    # a quick function, all four are back before close() looks, and one look collects them.
+    for _ in range(5):
+        p = mk1.Pool(workers=2)
+        futs = [p.submit(x3p1, np.arange(3.0) + i) for i in range(4)]
+        time.sleep(0.1)
+        p.close()
+        assert [f.result().tolist() for f in futs] == [
+            [3.0 * (i + k) + 1 for k in range(3)] for i in range(4)
+        ]
+    with mk1.Pool(workers=2) as p:
+        futs = [p.submit(slow_double, np.arange(3.0)) for _ in range(4)]
+        futs[0].result()
+    assert all(f.result().tolist() == [0.0, 2.0, 4.0] for f in futs)
+
+
+def test_imap_unordered_delivers_the_arrays_taken_before_a_failing_input(pool):
+    got = []
+    with pytest.raises(ZeroDivisionError, match="input generator"):
+        for y in pool.imap_unordered(slow_double, divide_by_zero_at(3)):
+            got.append(int(y[0]))
+    assert sorted(got) == [0, 2, 4]
+
+
+def test_closing_the_pool_inside_the_input_stops_the_map_with_an_error():
+    p = mk1.Pool(workers=1)
+
+    def inputs():
+        for i in range(10):
+            if i == 5:
+                p.close()
+            yield np.full(3, float(i))
+
+    with pytest.raises(ValueError, match="closed"):
+        list(p.map(slow_double, inputs()))
+
+
+def test_op_parameters_may_be_numpy_scalars(pool):
+    a = np.arange(4.0)
+    assert (pool.apply(mk1.ops.add(np.float64(1.5)), a) == a + 1.5).all()
+    assert (pool.apply(mk1.ops.mul(np.float32(2.0)), a) == a * 2).all()
+    i = np.arange(4, dtype=np.int32)
+    assert (pool.apply(mk1.ops.add(np.int64(3)), i) == i + 3).all()
+    with pytest.raises(TypeError):
+        mk1.ops.add(np.bool_(True))
+
+
+NESTED_SCRIPT = """
+    import sys
+    sys.modules["cloudpickle"] = None  # as if it were not installed
+    import numpy as np, mk1
+
+    if __name__ == "__main__":
+        def nested(x):
+            return x + 1
+        with mk1.Pool(workers=1) as pool:
+            try:
+                pool.apply(nested, np.ones(3))
+                print("no error")
+            except TypeError as e:
+                print("TypeError", e)
+"""
+
+
+def test_a_function_defined_under_the_main_guard_without_cloudpickle_is_a_type_error(tmp_path):
+    r = run_script(tmp_path, NESTED_SCRIPT)
+    assert r.returncode == 0, r.stderr
+    assert "TypeError" in r.stdout and "__main__" in r.stdout, r.stdout
+
+
+def test_a_script_read_from_stdin(tmp_path):
+    body = textwrap.dedent(
+        """
+        import numpy as np, mk1
+
+        def f(x):
+            return x + 1
+
+        with mk1.Pool(workers=1) as pool:
+            try:
+                print("result", pool.apply(f, np.arange(3.0)).tolist())
+            except TypeError as e:
+                print("TypeError", e)
+        """
+    )
+    e = dict(os.environ)
+    e["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
+    r = subprocess.run(
+        [sys.executable, "-"],
+        input=body,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=e,
+        cwd=tmp_path,
+    )
+    assert r.returncode == 0, r.stderr
+    try:
+        import cloudpickle  # noqa: F401
+
+        assert "result [1.0, 2.0, 3.0]" in r.stdout, r.stdout + r.stderr
+    except ImportError:
+        assert "TypeError" in r.stdout and "interactive" in r.stdout, r.stdout

@@ -43,7 +43,9 @@ impl fmt::Display for Value {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Value::Int(i) => write!(f, "{i}"),
-            Value::Float(x) => write!(f, "{x}"),
+            // (Shortest text that reads back the same: `1.0`, not `1`; `1e-320`, not 320
+            // digits.)
+            Value::Float(x) => write!(f, "{x:?}"),
         }
     }
 }
@@ -207,8 +209,12 @@ impl Builtin {
             match v {
                 Value::Int(i) => u32::try_from(i)
                     .map_err(|_| bad(format!("shift {i} is not a number of bits (0 or more)"))),
+                // A whole float counts as its integer, as for every other parameter.
+                Value::Float(f) if f.fract() == 0.0 && (0.0..=f64::from(u32::MAX)).contains(&f) => {
+                    Ok(f as u32)
+                }
                 Value::Float(f) => Err(bad(format!(
-                    "shift {f:?} is a float: give a whole number of bits, e.g. 3"
+                    "shift {f:?} is not a whole number of bits (give one such as 3)"
                 ))),
             }
         };
@@ -426,12 +432,22 @@ mod tests {
         assert!(Builtin::parse("mul:2.0").unwrap().typed::<i32>().is_ok());
         assert!(Builtin::parse("xor:1").unwrap().typed::<f32>().is_err());
         assert!(Builtin::parse("shl:8").unwrap().typed::<u8>().is_err());
-        // A float shift is named as written, not as the integer it prints as.
-        let e = Builtin::parse("shr:1.0")
+        // A whole float is its integer, as for the other parameters (`xor:1.0` on ints); any
+        // other float is refused, named as written.
+        assert!(Builtin::parse("shr:1.0").unwrap().typed::<u32>().is_ok());
+        let e = Builtin::parse("shr:1.5")
             .unwrap()
             .typed::<u32>()
             .unwrap_err();
-        assert!(e.to_string().contains("shift 1.0 is a float"), "{e}");
+        assert!(
+            e.to_string().contains("shift 1.5 is not a whole number"),
+            "{e}"
+        );
+        assert_eq!(
+            Builtin::parse("mul:1e-320").unwrap().to_string(),
+            "mul:1e-320"
+        );
+        assert_eq!(Builtin::parse("mul:2.0").unwrap().to_string(), "mul:2.0");
         assert!(Builtin::parse("clamp:5,1").unwrap().typed::<f64>().is_err());
     }
 
