@@ -154,7 +154,12 @@ def _pickle_function(fn: Callable) -> bytes:
 
 def _as_array(a: Any) -> np.ndarray:
     """The array to copy into a slot: C-contiguous (a strided array is copied first)."""
+    given = a
     a = np.asarray(a)
+    if a.dtype.kind in "OSUV" and not isinstance(given, np.ndarray):
+        raise TypeError(
+            f"mk1 carries numeric arrays (or what numpy makes one of), not {type(given).__name__}"
+        )
     if a.ndim == 0 or a.ndim > _mk1.MAX_DIMS:
         raise ValueError(
             f"mk1 carries arrays of 1 to {_mk1.MAX_DIMS} dimensions, not {a.ndim} "
@@ -273,7 +278,7 @@ class Pool:
             if value < least:
                 raise ValueError(f"{name} must be at least {least}, not {value}")
         if timeout is not None and not timeout > 0:
-            raise ValueError(f"timeout must be > 0 seconds or None, not {timeout}")
+            raise ValueError(f"timeout must be > 0 seconds (None or inf: no limit), not {timeout}")
         main = sys.modules.get("__main__")
         # Workers run the main script as __mp_main__: what they pickle by reference to it
         # (an exception class of the script, say) must unpickle here too, as multiprocessing

@@ -539,11 +539,13 @@ impl PoolCore {
         worker_env: Vec<(String, String)>,
         start_timeout: f64,
     ) -> PyResult<PoolCore> {
-        if !(start_timeout.is_finite() && start_timeout > 0.0) {
+        if start_timeout.is_nan() || start_timeout <= 0.0 {
             return Err(PyValueError::new_err(format!(
-                "start_timeout {start_timeout} is not > 0"
+                "start_timeout {start_timeout} is not a number of seconds > 0"
             )));
         }
+        // (Infinity means no limit: a year.)
+        let start_timeout = start_timeout.min(YEAR_S);
         let largest = mk1::layout::MAX_SLOT_BYTES - CONTEXT_ROOM;
         if max_array_bytes > largest {
             return Err(PyValueError::new_err(format!(
@@ -551,9 +553,13 @@ impl PoolCore {
             )));
         }
         let timeout = match timeout {
-            None => Duration::from_secs(365 * 24 * 3600),
-            Some(t) if t.is_finite() && t > 0.0 => Duration::from_secs_f64(t),
-            Some(t) => return Err(PyValueError::new_err(format!("timeout {t} is not > 0"))),
+            Some(t) if t.is_nan() || t <= 0.0 => {
+                return Err(PyValueError::new_err(format!(
+                    "timeout {t} is not a number of seconds > 0 (None or inf: no limit)"
+                )))
+            }
+            Some(t) => Duration::from_secs_f64(t.min(YEAR_S)),
+            None => Duration::from_secs_f64(YEAR_S),
         };
         let mut b = Pool::builder()
             .workers(workers)
@@ -939,6 +945,9 @@ unsafe fn array_bytes<'a>(array: &'a Bound<'_, PyUntypedArray>) -> &'a [u8] {
         std::slice::from_raw_parts(raw, n)
     }
 }
+
+/// A year, seconds: what "no limit" (None, or infinity) means for a timeout.
+const YEAR_S: f64 = 365.0 * 24.0 * 3600.0;
 
 /// Longest wait inside Rust before Python gets to run its signal handlers (Ctrl-C), seconds.
 const WAIT: f64 = 0.05;

@@ -255,6 +255,9 @@ def test_bad_input_is_refused_before_anything_runs(pool):
         pool.submit(x3p1, np.zeros((1, 1, 1, 1, 1)))
     with pytest.raises(TypeError, match="callable"):
         pool.submit(42, np.zeros(3))
+    for not_an_array in (None, "abc", [1, "x"]):
+        with pytest.raises(TypeError, match="numeric arrays"):
+            pool.submit(x3p1, not_an_array)
     # A strided input is copied into the slot first.
     base = np.arange(40, dtype=np.int64).reshape(4, 10)
     np.testing.assert_array_equal(pool.submit(x3p1, base[:, ::3]).result(), base[:, ::3] * 3 + 1)
@@ -608,6 +611,12 @@ def test_settings_are_checked_and_a_slow_start_is_allowed():
         mk1.Pool(workers=2.7)
     with pytest.raises(ValueError, match="max_array_bytes"):
         mk1.Pool(workers=1, max_array_bytes=1 << 30)
+    for bad in (0, -1.0, float("nan")):
+        with pytest.raises(ValueError, match="> 0"):
+            mk1.Pool(workers=1, timeout=bad)
+    # Infinity is no limit, as None.
+    with mk1.Pool(workers=1, timeout=float("inf"), start_timeout=float("inf")) as p:
+        assert p.apply(x3p1, np.ones(1))[0] == 4
     with pytest.raises(mk1.PoolStartError, match="did not attach within"):
         mk1.Pool(workers=1, initializer=time.sleep, initargs=(3,), start_timeout=1.0)
     with mk1.Pool(workers=1, initializer=time.sleep, initargs=(1.5,), start_timeout=10) as p:
