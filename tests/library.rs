@@ -31,6 +31,9 @@ fn kernels() -> Registry {
                 if std::env::var_os("MK1_TEST_INIT_FAIL").is_some() {
                     return Err(KernelError::new("the init hook was told to fail"));
                 }
+                if std::env::var_os("MK1_TEST_INIT_SLOW").is_some() {
+                    std::thread::sleep(Duration::from_secs(60));
+                }
                 Ok((info.worker, (0..=255u8).map(|v| 255 - v).collect()))
             },
             |(_, lut), mut a| a.io.map(|x| lut[x as usize]),
@@ -1024,6 +1027,33 @@ fn an_init_hook_that_fails_stops_the_build() {
     );
 }
 
+/// A start that takes long (an init hook that sleeps a minute) is given up when `stop` says so:
+/// the build returns at once, and no worker is left.
+fn a_slow_start_can_be_interrupted() {
+    std::env::set_var("MK1_TEST_INIT_SLOW", "1");
+    let t0 = Instant::now();
+    let r = Pool::builder()
+        .workers(2)
+        .kernels(kernels())
+        .build_interruptible(|| t0.elapsed() > Duration::from_millis(300));
+    std::env::remove_var("MK1_TEST_INIT_SLOW");
+    let took = t0.elapsed();
+    assert!(matches!(r, Err(PoolError::Interrupted)), "{:?}", r.err());
+    assert!(took < Duration::from_secs(5), "given up after {took:?}");
+    let me = std::process::id().to_string();
+    let children: Vec<String> = std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| std::fs::read_to_string(e.path().join("stat")).ok())
+        .filter(|stat| {
+            let rest = stat.rsplit_once(") ").map_or("", |(_, r)| r);
+            let f: Vec<&str> = rest.split_whitespace().collect();
+            f.get(1) == Some(&me.as_str()) && f.first() != Some(&"Z")
+        })
+        .collect();
+    assert!(children.is_empty(), "workers left: {children:?}");
+}
+
 fn a_pool_without_workers_refuses_work() {
     let pool = Pool::builder()
         .workers(1)
@@ -1667,6 +1697,10 @@ fn main() {
         (
             "in_place_tasks_a_dead_worker_never_took_are_sent_again",
             in_place_tasks_a_dead_worker_never_took_are_sent_again,
+        ),
+        (
+            "a_slow_start_can_be_interrupted",
+            a_slow_start_can_be_interrupted,
         ),
         (
             "a_pool_with_no_worker_left_says_so_at_once",

@@ -584,8 +584,20 @@ impl PoolCore {
         for (k, v) in worker_env {
             b = b.worker_env(k, v);
         }
-        // Workers start (and import numpy) meanwhile: no GIL needed.
-        let built = py.detach(|| OnThisThread(b.build()));
+        // Workers start (and import numpy, run the initializer) meanwhile: no GIL needed,
+        // except to look for Ctrl-C every 50 ms (a signal handler that raises gives the
+        // start up; its exception is raised here once the workers are stopped).
+        let mut signalled: Option<PyErr> = None;
+        let built = py.detach(|| {
+            OnThisThread(b.build_interruptible(|| {
+                Python::attach(|py| py.check_signals())
+                    .map_err(|e| signalled = Some(e))
+                    .is_err()
+            }))
+        });
+        if let Some(e) = signalled {
+            return Err(e);
+        }
         let pool = built.0.map_err(start_error)?;
         let inner = Inner::new(pool).map_err(start_error)?;
         Ok(PoolCore {

@@ -750,3 +750,58 @@ def test_a_script_read_from_stdin(tmp_path):
         assert "result [1.0, 2.0, 3.0]" in r.stdout, r.stdout + r.stderr
     except ImportError:
         assert "TypeError" in r.stdout and "interactive" in r.stdout, r.stdout
+
+
+def test_ctrl_c_while_the_pool_starts_stops_the_start(tmp_path):
+    # An initializer that takes a minute: Ctrl-C two seconds in ends the start at once (it
+    # used to wait for the start to finish or time out), and no worker is left.
+    ready = tmp_path / "ready"
+    script = tmp_path / "script.py"
+    script.write_text(
+        textwrap.dedent(
+            f"""
+            import time, mk1
+
+            if __name__ == "__main__":
+                open({str(ready)!r}, "w").close()
+                mk1.Pool(workers=2, initializer=time.sleep, initargs=(60,), start_timeout=120)
+                print("started")
+            """
+        )
+    )
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
+    proc = subprocess.Popen(
+        [sys.executable, str(script)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    deadline = time.monotonic() + 30
+    while not ready.exists():
+        assert time.monotonic() < deadline and proc.poll() is None, proc.stderr.read()
+        time.sleep(0.05)
+    time.sleep(2)  # the workers are in the initializer now
+    kids = {
+        int(p)
+        for p in os.listdir("/proc")
+        if p.isdigit() and _ppid(int(p)) == proc.pid
+    }
+    assert len(kids) >= 2, "the workers were started"
+    t0 = time.monotonic()
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=30)
+    assert time.monotonic() - t0 < 10, "the start was not given up"
+    assert "KeyboardInterrupt" in err and "started" not in out, (out, err)
+    time.sleep(0.2)
+    for pid in kids:
+        assert not os.path.exists(f"/proc/{pid}") or "Z" in open(f"/proc/{pid}/stat").read().split(")")[1][:3]
+
+
+def _ppid(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[1])
+    except (OSError, ValueError, IndexError):
+        return -1

@@ -80,6 +80,10 @@ pub enum PoolError {
     /// Every producer handle is in use.
     #[error("all {0} producer handles are in use (PoolBuilder::producers sets how many)")]
     NoHandle(u32),
+    /// [`PoolBuilder::build_interruptible`]'s `stop` said to give the start up (every worker
+    /// started was killed and reaped).
+    #[error("the pool's start was interrupted; every worker started was stopped")]
+    Interrupted,
 }
 
 /// A task: which kernel runs on each array, with which parameters.
@@ -398,6 +402,19 @@ impl PoolBuilder {
     /// does not fit a limit of this process, a worker cannot be started, exits before
     /// attaching, has other kernels, or an init hook fails (its message is in the error).
     pub fn build(self) -> Result<Pool, PoolError> {
+        self.build_interruptible(|| false)
+    }
+
+    /// As [`PoolBuilder::build`], asking `stop` every 50 ms while the workers start (which
+    /// takes as long as their init hooks, up to [`PoolBuilder::start_timeout`]): when it says
+    /// `true`, the start is given up, every worker started is killed and reaped, and the build
+    /// returns [`PoolError::Interrupted`] within a few milliseconds. For a caller that must
+    /// stay responsive to Ctrl-C while a slow start runs (the Python package checks its
+    /// signals here).
+    ///
+    /// # Errors
+    /// As [`PoolBuilder::build`], and [`PoolError::Interrupted`].
+    pub fn build_interruptible(self, mut stop: impl FnMut() -> bool) -> Result<Pool, PoolError> {
         crate::worker::refuse_nested_start();
         let bad = |what: &'static str, why: String| PoolError::Setting { what, why };
         if !(1..=crate::layout::MAX_WORKERS).contains(&self.workers) {
@@ -539,11 +556,37 @@ impl PoolBuilder {
                 what: "cannot start the pool's monitor thread".into(),
                 why: e.to_string(),
             })?;
-        match rx.recv() {
-            Ok(Ok(())) => Ok(Pool {
+        // (`closing` during the start tells the monitor to give it up.)
+        let mut interrupted = false;
+        let started = loop {
+            match rx.recv_timeout(Duration::from_millis(50)) {
+                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                    if !interrupted && stop() {
+                        interrupted = true;
+                        shared.closing.store(true, Ordering::Release);
+                    }
+                }
+                Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break Err(()),
+                Ok(r) => break Ok(r),
+            }
+        };
+        match started {
+            Ok(Ok(())) if !interrupted => Ok(Pool {
                 shared,
                 monitor: Some(monitor),
             }),
+            Ok(Ok(())) => {
+                // Started just as it was given up: stopped as a drop would.
+                drop(Pool {
+                    shared,
+                    monitor: Some(monitor),
+                });
+                Err(PoolError::Interrupted)
+            }
+            Ok(Err(_)) if interrupted => {
+                let _ = monitor.join();
+                Err(PoolError::Interrupted)
+            }
             Ok(Err(e)) => {
                 let _ = monitor.join();
                 Err(e.into())
@@ -613,6 +656,7 @@ fn monitor_main(sh: &Shared, started: &std::sync::mpsc::Sender<Result<(), RunErr
         &sh.seg,
         sh.cfg.workers,
         sh.cfg.start_timeout,
+        &sh.closing,
         &spec,
     ) {
         Ok(p) => p,

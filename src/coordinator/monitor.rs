@@ -3,6 +3,7 @@
 //! enforces the stall watchdog, and shuts workers down in bounded time.
 
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::sync::atomic::AtomicBool;
 use std::time::{Duration, Instant};
 
 use crate::config::Config;
@@ -183,15 +184,16 @@ pub(crate) fn spawn_worker(
     })
 }
 
-/// Starts `workers` workers and waits until each has attached. On failure every one already
-/// started is killed and reaped, and the error says which worker failed and why, with its own
-/// words when it wrote any.
+/// Starts `workers` workers and waits until each has attached. On failure, or when `give_up`
+/// is set meanwhile, every one already started is killed and reaped, and the error says which
+/// worker failed and why, with its own words when it wrote any.
 pub(crate) fn start_workers(
     image: &WorkerImage,
     stderr: &WorkerStderr,
     seg: &Segment,
     workers: u32,
     start_timeout: Duration,
+    give_up: &AtomicBool,
     spec: &dyn Fn(u32) -> WorkerSpec,
 ) -> Result<Vec<Option<WorkerProc>>, RunError> {
     let mut procs: Vec<Option<WorkerProc>> = Vec::with_capacity(workers as usize);
@@ -215,6 +217,10 @@ pub(crate) fn start_workers(
             let state = attach_state(seg, w);
             if state == Ok(true) {
                 break;
+            }
+            if give_up.load(Ordering::Acquire) {
+                abandon(&mut procs);
+                return Err(start_err(w, "the start was given up".into()));
             }
             let wp = procs[w as usize].as_mut().expect("just spawned");
             let status = wp.child.try_reap().ok().flatten();
