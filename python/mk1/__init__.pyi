@@ -35,8 +35,8 @@ class RemoteError(Mk1Error):
     """The function raised in the worker and its exception could not be rebuilt here; the
     message is the worker's formatted traceback."""
 
-ArrayLike = npt.ArrayLike
-Fn = Callable[..., Any] | Op
+_ArrayLike = npt.ArrayLike
+_Fn = Callable[..., Any] | Op
 
 class Future(_Future[np.ndarray]):
     """A task's result. Waiting on it (``result``, ``exception``) drives the pool."""
@@ -72,31 +72,31 @@ class Pool:
     def workers(self) -> int: ...
     def worker_pids(self) -> list[int]: ...
     def restarts(self) -> int: ...
-    def submit(self, fn: Fn, a: ArrayLike) -> Future: ...
-    def apply(self, fn: Fn, a: ArrayLike) -> np.ndarray: ...
+    def submit(self, fn: _Fn, a: _ArrayLike) -> Future: ...
+    def apply(self, fn: _Fn, a: _ArrayLike) -> np.ndarray: ...
     def as_completed(
         self, futures: Iterable[Future], timeout: float | None = ...
     ) -> Iterator[Future]: ...
     def map(
         self,
-        fn: Fn,
-        arrays: Iterable[ArrayLike],
+        fn: _Fn,
+        arrays: Iterable[_ArrayLike],
         *,
         zero_copy: bool = ...,
         progress: bool = ...,
     ) -> Iterator[np.ndarray]: ...
     def imap(
         self,
-        fn: Fn,
-        arrays: Iterable[ArrayLike],
+        fn: _Fn,
+        arrays: Iterable[_ArrayLike],
         *,
         zero_copy: bool = ...,
         progress: bool = ...,
     ) -> Iterator[np.ndarray]: ...
     def imap_unordered(
         self,
-        fn: Fn,
-        arrays: Iterable[ArrayLike],
+        fn: _Fn,
+        arrays: Iterable[_ArrayLike],
         *,
         zero_copy: bool = ...,
         progress: bool = ...,
