@@ -490,8 +490,17 @@ class Pool:
     ) -> Iterator[Future]:
         """Yields ``futures`` of this pool as they complete, receiving results meanwhile
         (``concurrent.futures.as_completed`` and ``wait`` need this pool driven: use this, or
-        ``result()`` on each). Raises ``concurrent.futures.TimeoutError`` past ``timeout``."""
+        ``result()`` on each). Raises ``concurrent.futures.TimeoutError`` past ``timeout``, and
+        ``ValueError`` at the first step for a future of another pool (this one would never
+        complete it).
+        """
         pending = set(futures)
+        others = [f for f in pending if getattr(f, "_pool", None) is not self]
+        if others:
+            raise ValueError(
+                f"{len(others)} of these futures belong to another pool (or none): "
+                f"wait on them with their own pool's as_completed"
+            )
         deadline = None if timeout is None else time.monotonic() + timeout
         while pending:
             done = {f for f in pending if concurrent.futures.Future.done(f)}

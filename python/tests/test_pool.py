@@ -805,3 +805,13 @@ def _ppid(pid: int) -> int:
             return int(f.read().rsplit(")", 1)[1].split()[1])
     except (OSError, ValueError, IndexError):
         return -1
+
+
+def test_as_completed_refuses_another_pools_future(pool):
+    with mk1.Pool(workers=1) as other:
+        theirs = other.submit(x3p1, np.ones(2))
+        ours = pool.submit(x3p1, np.ones(2))
+        with pytest.raises(ValueError, match="another pool"):
+            list(pool.as_completed([ours, theirs]))
+        assert theirs.result().tolist() == [4.0, 4.0]
+        assert ours.result().tolist() == [4.0, 4.0]
