@@ -106,8 +106,9 @@ def returns_bool(x):
     return x > 0
 
 
-def _children() -> set[int]:
-    me = os.getpid()
+def _children(parent: int | None = None) -> set[int]:
+    """Live (not zombie) child processes of ``parent`` (this process by default)."""
+    me = os.getpid() if parent is None else parent
     kids = set()
     for pid in os.listdir("/proc"):
         if not pid.isdigit():
@@ -120,6 +121,15 @@ def _children() -> set[int]:
         if int(fields[1]) == me and fields[0] != "Z":
             kids.add(int(pid))
     return kids
+
+
+def _gone(pid: int) -> bool:
+    """The process has exited (a zombie counts: it runs nothing)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except OSError:
+        return True
 
 
 @pytest.fixture(autouse=True)
@@ -340,15 +350,23 @@ def test_a_closed_pool_refuses_work():
         pool.submit(x3p1, np.ones(2))
 
 
-def run_script(tmp_path, body, *, env=None, timeout=60, args=("7",)):
-    script = tmp_path / "script.py"
-    script.write_text(textwrap.dedent(body))
+def run_script(tmp_path, body, *, env=None, timeout=60, args=("7",), stdin=False):
+    """Runs ``body`` as a script in ``tmp_path`` (or, with ``stdin``, as ``python -`` reading
+    it from standard input)."""
     e = dict(os.environ)
     e["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
     if env:
         e.update(env)
+    body = textwrap.dedent(body)
+    if stdin:
+        cmd, given = [sys.executable, "-"], body
+    else:
+        script = tmp_path / "script.py"
+        script.write_text(body)
+        cmd, given = [sys.executable, str(script), *args], None
     return subprocess.run(
-        [sys.executable, str(script), *args],
+        cmd,
+        input=given,
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -403,34 +421,45 @@ def test_a_lambda_with_and_without_cloudpickle(tmp_path):
     assert "TypeError" in r.stdout and "cloudpickle" in r.stdout
 
 
-def test_ctrl_c_stops_cleanly_with_nothing_left(tmp_path):
-    pids_file = tmp_path / "pids"
+def start_script(tmp_path, body, marker):
+    """Starts ``body`` as a script in ``tmp_path`` (stdout and stderr piped) and waits until it
+    has written something to ``marker``."""
     script = tmp_path / "script.py"
-    script.write_text(
-        textwrap.dedent(
-            f"""
-            import time, numpy as np, mk1
-            from test_pool import slow_x3p1
-
-            if __name__ == "__main__":
-                with mk1.Pool(workers=2) as pool:
-                    with open({str(pids_file)!r}, "w") as f:
-                        f.write(" ".join(map(str, pool.worker_pids())))
-                    for y in pool.map(slow_x3p1, (np.ones((64, 64)) for _ in range(10**9))):
-                        pass
-            """
-        )
-    )
-    shm_before = set(os.listdir("/dev/shm")) if os.path.isdir("/dev/shm") else set()
+    script.write_text(textwrap.dedent(body))
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
     proc = subprocess.Popen(
-        [sys.executable, str(script)], stderr=subprocess.PIPE, text=True, env=env
+        [sys.executable, str(script)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
     )
     deadline = time.monotonic() + 30
-    while not pids_file.exists() or not pids_file.read_text():
+    while not marker.exists() or not marker.read_text():
         assert time.monotonic() < deadline and proc.poll() is None, proc.stderr.read()
         time.sleep(0.05)
+    return proc
+
+
+def test_ctrl_c_stops_cleanly_with_nothing_left(tmp_path):
+    pids_file = tmp_path / "pids"
+    shm_before = set(os.listdir("/dev/shm")) if os.path.isdir("/dev/shm") else set()
+    proc = start_script(
+        tmp_path,
+        f"""
+        import time, numpy as np, mk1
+        from test_pool import slow_x3p1
+
+        if __name__ == "__main__":
+            with mk1.Pool(workers=2) as pool:
+                with open({str(pids_file)!r}, "w") as f:
+                    f.write(" ".join(map(str, pool.worker_pids())))
+                for y in pool.map(slow_x3p1, (np.ones((64, 64)) for _ in range(10**9))):
+                    pass
+        """,
+        pids_file,
+    )
     time.sleep(0.5)  # mid-map
     workers = [int(p) for p in pids_file.read_text().split()]
     proc.send_signal(signal.SIGINT)
@@ -438,7 +467,7 @@ def test_ctrl_c_stops_cleanly_with_nothing_left(tmp_path):
     assert "KeyboardInterrupt" in err
     time.sleep(0.2)
     for pid in workers:
-        assert not os.path.exists(f"/proc/{pid}") or "Z" in open(f"/proc/{pid}/stat").read().split(")")[1][:3]
+        assert _gone(pid), pid
     if os.path.isdir("/dev/shm"):
         assert set(os.listdir("/dev/shm")) - shm_before == set()
 
@@ -718,8 +747,7 @@ def test_a_function_defined_under_the_main_guard_without_cloudpickle_is_a_type_e
 
 
 def test_a_script_read_from_stdin(tmp_path):
-    body = textwrap.dedent(
-        """
+    body = """
         import numpy as np, mk1
 
         def f(x):
@@ -731,18 +759,7 @@ def test_a_script_read_from_stdin(tmp_path):
             except TypeError as e:
                 print("TypeError", e)
         """
-    )
-    e = dict(os.environ)
-    e["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
-    r = subprocess.run(
-        [sys.executable, "-"],
-        input=body,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env=e,
-        cwd=tmp_path,
-    )
+    r = run_script(tmp_path, body, stdin=True)
     assert r.returncode == 0, r.stderr
     try:
         import cloudpickle  # noqa: F401
@@ -756,38 +773,21 @@ def test_ctrl_c_while_the_pool_starts_stops_the_start(tmp_path):
     # An initializer that takes a minute: Ctrl-C two seconds in ends the start at once (it
     # used to wait for the start to finish or time out), and no worker is left.
     ready = tmp_path / "ready"
-    script = tmp_path / "script.py"
-    script.write_text(
-        textwrap.dedent(
-            f"""
-            import time, mk1
+    proc = start_script(
+        tmp_path,
+        f"""
+        import time, mk1
 
-            if __name__ == "__main__":
-                open({str(ready)!r}, "w").close()
-                mk1.Pool(workers=2, initializer=time.sleep, initargs=(60,), start_timeout=120)
-                print("started")
-            """
-        )
+        if __name__ == "__main__":
+            with open({str(ready)!r}, "w") as f:
+                f.write("1")
+            mk1.Pool(workers=2, initializer=time.sleep, initargs=(60,), start_timeout=120)
+            print("started")
+        """,
+        ready,
     )
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
-    proc = subprocess.Popen(
-        [sys.executable, str(script)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=env,
-    )
-    deadline = time.monotonic() + 30
-    while not ready.exists():
-        assert time.monotonic() < deadline and proc.poll() is None, proc.stderr.read()
-        time.sleep(0.05)
     time.sleep(2)  # the workers are in the initializer now
-    kids = {
-        int(p)
-        for p in os.listdir("/proc")
-        if p.isdigit() and _ppid(int(p)) == proc.pid
-    }
+    kids = _children(proc.pid)
     assert len(kids) >= 2, "the workers were started"
     t0 = time.monotonic()
     proc.send_signal(signal.SIGINT)
@@ -796,15 +796,7 @@ def test_ctrl_c_while_the_pool_starts_stops_the_start(tmp_path):
     assert "KeyboardInterrupt" in err and "started" not in out, (out, err)
     time.sleep(0.2)
     for pid in kids:
-        assert not os.path.exists(f"/proc/{pid}") or "Z" in open(f"/proc/{pid}/stat").read().split(")")[1][:3]
-
-
-def _ppid(pid: int) -> int:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return int(f.read().rsplit(")", 1)[1].split()[1])
-    except (OSError, ValueError, IndexError):
-        return -1
+        assert _gone(pid), pid
 
 
 def test_as_completed_refuses_another_pools_future(pool):

@@ -1066,10 +1066,10 @@ impl<'pool> Producer<'pool> {
     /// without delay, and one asleep on its futex is woken by this handle's next
     /// [`Producer::notify`], [`Producer::submit`], `map`, a [`Producer::recv`],
     /// [`Producer::try_recv`] or loan that finds nothing ready (each looks for completions,
-    /// which ends with the wake-ups owed), or the handle's drop. Waking a worker costs an atomic read-modify-write (a full
-    /// fence) per call; a caller that submits many tasks in a row, such as one refilling
-    /// each completion it receives, saves it by deferring and calling [`Producer::notify`]
-    /// once (or by letting its next waiting `recv` do it).
+    /// which ends with the wake-ups owed), or the handle's drop. Waking a worker costs an
+    /// atomic read-modify-write (a full fence) per call; a caller that submits many tasks in
+    /// a row, such as one refilling each completion it receives, saves it by deferring and
+    /// calling [`Producer::notify`] once (or by letting its next waiting `recv` do it).
     ///
     /// A task submitted this way and never followed by one of those calls waits for a sleeping
     /// worker until the pool's monitor, which looks every 20 ms, sees work owed to a worker
