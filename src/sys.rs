@@ -27,7 +27,7 @@ use crate::sync::AtomicU32;
 /// [memfd_create(2)]: https://man7.org/linux/man-pages/man2/memfd_create.2.html
 pub fn memfd(name: &str) -> io::Result<OwnedFd> {
     let first = match rustix::fs::memfd_create(name, MemfdFlags::CLOEXEC) {
-        Ok(fd) => return Ok(fd),
+        Ok(fd) => return above_stdio(fd),
         Err(e) => e,
     };
     if std::env::var_os("MK1_TEST_NO_TMPFILE").is_none() {
@@ -36,7 +36,7 @@ pub fn memfd(name: &str) -> io::Result<OwnedFd> {
             rustix::fs::OFlags::TMPFILE | rustix::fs::OFlags::RDWR | rustix::fs::OFlags::CLOEXEC,
             rustix::fs::Mode::RUSR | rustix::fs::Mode::WUSR,
         ) {
-            return Ok(fd);
+            return above_stdio(fd);
         }
     }
     Err(io::Error::new(
@@ -617,11 +617,24 @@ pub fn read_small(path: &str) -> Option<String> {
 /// The resource limits [`soft_limit`] reads (`RLIMIT_AS`, `RLIMIT_NPROC`…).
 pub use rustix::process::Resource;
 
-/// A resource limit of this process ([getrlimit(2)]): the soft limit, `None` if unlimited.
+/// A resource limit of this process ([getrlimit(2)]): the soft limit, `None` if unlimited or
+/// unknown. Unknown is a refused call (a seccomp profile that denies `prlimit64`): the limit
+/// cannot be checked up front then, and hitting it is reported when it happens.
+///
+/// (Through libc, not rustix: rustix's `getrlimit` treats the call as infallible and, when it
+/// is refused, returns whatever was in the buffer.)
 ///
 /// [getrlimit(2)]: https://man7.org/linux/man-pages/man2/getrlimit.2.html
 pub fn soft_limit(resource: Resource) -> Option<u64> {
-    rustix::process::getrlimit(resource).current
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: `getrlimit` writes one `rlimit` through the valid, exclusive pointer it is given
+    // and nothing else; the resource numbers are the kernel's (rustix's `Resource` is
+    // `repr(u32)` with the kernel's values).
+    let rc = unsafe { libc::getrlimit(resource as u32 as _, &mut limit) };
+    (rc == 0 && limit.rlim_cur != libc::RLIM_INFINITY).then_some(limit.rlim_cur)
 }
 
 /// Under an address-space limit (`RLIMIT_AS`), keeps glibc's malloc to one arena. Each further
@@ -764,8 +777,16 @@ pub fn spawn_inheriting(
         if !launch.inherit_stdout {
             cmd.stdout(std::process::Stdio::null());
         }
-        cmd.stderr(std::process::Stdio::from(iso.stderr.try_clone_to_owned()?))
-            .arg0(iso.arg0);
+        // (Above 2 as well: std points the child's stdin at /dev/null before its stderr, so a
+        // copy numbered 0 would be replaced before it is used.)
+        let stderr = above_stdio(iso.stderr.try_clone_to_owned()?)?;
+        cmd.stderr(std::process::Stdio::from(stderr)).arg0(iso.arg0);
+    }
+    if let Some(fd) = fds.iter().find(|&&fd| fd <= 2) {
+        // (It would be overwritten by the child's standard streams: see `above_stdio`.)
+        return Err(io::Error::other(format!(
+            "descriptor {fd} cannot be handed to a child: it is a standard stream's number"
+        )));
     }
     let fds = fds.to_vec();
     // SAFETY: the closure runs in the child between fork and exec, where only async-signal-safe
@@ -859,5 +880,18 @@ pub fn ignore_job_control_signals() {
 ///
 /// [pipe2(2)]: https://man7.org/linux/man-pages/man2/pipe2.2.html
 pub fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
-    Ok(rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC)?)
+    let (r, w) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC)?;
+    Ok((above_stdio(r)?, above_stdio(w)?))
+}
+
+/// `fd`, moved to a number above 2 (close-on-exec) if it got 0, 1 or 2. A process started with
+/// a standard stream closed (a daemon, `python script.py <&-`) hands those numbers out first,
+/// and a child's standard streams are set up before exec, over whatever the child inherited
+/// there: a segment or pipe meant for a worker would be replaced by /dev/null. Every
+/// descriptor mk1 hands to a child comes from here.
+pub fn above_stdio(fd: OwnedFd) -> io::Result<OwnedFd> {
+    if fd.as_raw_fd() > 2 {
+        return Ok(fd);
+    }
+    Ok(rustix::io::fcntl_dupfd_cloexec(&fd, 3)?)
 }

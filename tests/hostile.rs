@@ -368,6 +368,10 @@ const WAITID: u32 = 247;
 const MEMFD_CREATE: u32 = 319;
 #[cfg(target_arch = "x86_64")]
 const KILL: u32 = 62;
+#[cfg(target_arch = "x86_64")]
+const GETRLIMIT: u32 = 97;
+#[cfg(target_arch = "x86_64")]
+const PRLIMIT64: u32 = 302;
 
 /// Runs 20000 matrices with worker 0 exiting after 300 tokens, with `prepare` applied to the
 /// command (a seccomp filter, a signal disposition); the death must be noticed, the worker
@@ -469,6 +473,36 @@ fn a_host_that_ignores_sigchld_still_tracks_workers_by_pidfd_and_refuses_the_pid
     ignore_sigchld(&mut c);
     with_denied_syscalls(&mut c, &[PIDFD_OPEN]);
     assert_refused(&run(c), "ignores SIGCHLD");
+}
+
+#[cfg(target_arch = "x86_64")]
+#[test]
+fn refused_limit_reads_count_as_no_limit_not_as_garbage() {
+    // A profile that refuses prlimit64: the limits are unknown, so they are not checked up
+    // front (a limit hit later is reported when it happens); before, the uninitialised result
+    // was read as a limit of a few bytes and the run refused to start.
+    for args in [
+        &["run", "--workers", "1", "--duration", "300ms"][..],
+        &[
+            "run",
+            "--workers",
+            "1",
+            "--duration",
+            "300ms",
+            "--max-dim",
+            "1024",
+        ][..],
+    ] {
+        let mut c = cmd(args);
+        with_denied_syscalls(&mut c, &[PRLIMIT64, GETRLIMIT]);
+        let out = run(c);
+        assert_eq!(
+            out.status.code(),
+            Some(0),
+            "{args:?}: {}",
+            text(&out.stderr)
+        );
+    }
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -633,6 +667,47 @@ fn signals_to_the_whole_process_group_drain_like_a_signal_to_the_coordinator() {
         assert_eq!(j["signal"], num);
         assert_no_workers_left(pid, Duration::from_secs(2));
     }
+}
+
+#[test]
+fn a_stopped_and_resumed_process_group_loses_no_worker() {
+    // Ctrl-Z then `fg`, `docker pause`, a cgroup freezer: the monitor stops with its workers,
+    // for longer than the worker timeout. On resuming, a worker in the middle of a matrix has
+    // returned nothing since the monitor's last look before the stop; that is not a stall.
+    let mut c = cmd(&[
+        "run",
+        "--json",
+        "--workers",
+        "2",
+        "--duration",
+        "2s",
+        "--max-dim",
+        "1024",
+        "--worker-timeout",
+        "500ms",
+    ]);
+    c.process_group(0);
+    let child = c.spawn().unwrap();
+    let pid = child.id();
+    wait_for_workers(pid, 2);
+    let group = rustix::process::Pid::from_raw(pid as i32).unwrap();
+    for _ in 0..3 {
+        std::thread::sleep(Duration::from_millis(200));
+        rustix::process::kill_process_group(group, rustix::process::Signal::STOP).unwrap();
+        std::thread::sleep(Duration::from_millis(1500));
+        rustix::process::kill_process_group(group, rustix::process::Signal::CONT).unwrap();
+    }
+    let out = wait_with_limit(child, LIMIT);
+    let j = json(&out);
+    assert_eq!(out.status.code(), Some(0), "{j} {}", text(&out.stderr));
+    assert_eq!(j["worker_restarts"], 0, "no worker was killed: {j}");
+    assert_eq!(j["worker_exits"].as_array().unwrap().len(), 0, "{j}");
+    assert_eq!(
+        (j["lost"].clone(), j["redone"].clone()),
+        (0.into(), 0.into()),
+        "{j}"
+    );
+    assert_eq!(j["verified"], true, "{j}");
 }
 
 #[test]

@@ -540,6 +540,47 @@ fn terminate_does_not_wait_for_running_tasks() {
     }
 }
 
+/// Ctrl-Z then `fg`, `docker pause`, a cgroup freezer: the caller and its workers stopped
+/// together for longer than the worker timeout. The tasks running then are not stalls.
+fn a_pool_stopped_whole_and_resumed_loses_no_task() {
+    let pool = Pool::builder()
+        .workers(2)
+        .worker_timeout(Duration::from_millis(500))
+        .kernels(kernels())
+        .build()
+        .unwrap();
+    let producer = pool.producer().unwrap();
+    for k in 0..4 {
+        let mut loan = producer.loan::<f64>(Shape::d1(1)).unwrap();
+        loan.as_mut_slice()[0] = k as f64;
+        let task = Task::kernel("double_then_sleep").params(Params::from_words(&[300]).unwrap());
+        producer.submit(loan, &task).unwrap();
+    }
+    std::thread::sleep(Duration::from_millis(100));
+    // (Another process stops this one and the workers, and resumes them 1.5 s later.)
+    let pids: Vec<String> = std::iter::once(std::process::id())
+        .chain(pool.worker_pids())
+        .map(|p| p.to_string())
+        .collect();
+    let pids = pids.join(" ");
+    let pause = std::process::Command::new("sh")
+        .args([
+            "-c",
+            &format!("kill -STOP {pids} && sleep 1.5; kill -CONT {pids}"),
+        ])
+        .status()
+        .unwrap();
+    assert!(pause.success());
+    let mut got = Vec::new();
+    while let Some(done) = producer.recv() {
+        assert_eq!(done.error(), None, "task {}", done.ticket().0);
+        got.push(done.output::<f64>().unwrap().as_slice()[0]);
+    }
+    got.sort_by(f64::total_cmp);
+    assert_eq!(got, [0.0, 2.0, 4.0, 6.0]);
+    assert_eq!(pool.restarts(), 0, "{:?}", pool.trouble());
+}
+
 fn a_hung_kernel_times_out_and_the_pool_goes_on() {
     let pool = Pool::builder()
         .workers(2)
@@ -1677,6 +1718,10 @@ fn main() {
         (
             "terminate_does_not_wait_for_running_tasks",
             terminate_does_not_wait_for_running_tasks,
+        ),
+        (
+            "a_pool_stopped_whole_and_resumed_loses_no_task",
+            a_pool_stopped_whole_and_resumed_loses_no_task,
         ),
         (
             "kernel_errors_and_panics_fail_only_their_task",

@@ -807,3 +807,33 @@ def test_as_completed_refuses_another_pools_future(pool):
             list(pool.as_completed([ours, theirs]))
         assert theirs.result().tolist() == [4.0, 4.0]
         assert ours.result().tolist() == [4.0, 4.0]
+
+
+@pytest.mark.parametrize("closed", [(0,), (2,), (0, 1, 2)])
+def test_a_process_with_standard_streams_closed_runs_a_pool(tmp_path, closed):
+    # A daemon, `python script.py <&-`: the segment's descriptor would get number 0, 1 or 2,
+    # which a worker's standard streams replace before it starts.
+    result = tmp_path / "result.txt"
+    r = run_script(
+        tmp_path,
+        f"""
+        import os
+        import numpy as np, mk1
+
+        def double(x):
+            return x * 2
+
+        if __name__ == "__main__":
+            for fd in {closed!r}:
+                os.close(fd)
+            with mk1.Pool(workers=2) as pool:
+                out = list(pool.map(double, [np.arange(5.0) + i for i in range(20)]))
+                ops = list(pool.map(mk1.ops.add(1), [np.arange(5.0)] * 4))
+            ok = all((o == (np.arange(5.0) + i) * 2).all() for i, o in enumerate(out))
+            ok = ok and all((o == np.arange(5.0) + 1).all() for o in ops)
+            with open({str(result)!r}, "w") as f:
+                f.write(f"ok {{ok}}")
+        """,
+    )
+    assert r.returncode == 0, r.stderr
+    assert result.read_text() == "ok True"

@@ -28,6 +28,9 @@ pub(crate) use monitor::*;
 
 /// How often the monitor looks at heartbeats and reports progress, at most.
 pub(crate) const MONITOR_TICK: Duration = Duration::from_millis(20);
+/// A monitor that did not run for this long (ten ticks) was stopped with its workers, not
+/// slow: the time is not counted against their stall clocks (see `Monitor::watch`).
+pub(crate) const PAUSE_GAP: Duration = Duration::from_millis(200);
 /// How long workers get to exit after shutdown is requested before they are killed.
 pub(crate) const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
 /// A worker's default time from start to attach ([`crate::Config::start_timeout`]).

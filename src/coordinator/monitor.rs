@@ -15,7 +15,7 @@ use crate::sys::{self, ChildProcess, ExitKind};
 use crate::wait::{Doorbell, Futex};
 use crate::worker::{WorkerSpec, EXIT_BAD_SEGMENT, WORKER_ENV};
 
-use super::{Control, RunError, KILL_GRACE, KILL_WAIT, SHUTDOWN_GRACE};
+use super::{Control, RunError, KILL_GRACE, KILL_WAIT, PAUSE_GAP, SHUTDOWN_GRACE};
 
 /// A running worker process as the monitor sees it.
 pub(crate) struct WorkerProc {
@@ -303,6 +303,8 @@ pub(crate) struct Monitor<'a> {
     pub(crate) stderr_pending: Vec<u8>,
     /// When the monitor first saw the run stopping.
     pub(crate) stop_seen: Option<Instant>,
+    /// When [`Monitor::watch`] last looked (to tell a pause of the whole pool from a stall).
+    pub(crate) last_watch: Option<Instant>,
     pub(crate) spec: &'a dyn Fn(u32) -> WorkerSpec,
     pub(crate) start: Instant,
     pub(crate) procs: Vec<Option<WorkerProc>>,
@@ -342,6 +344,7 @@ impl<'a> Monitor<'a> {
             stderr,
             stderr_pending: Vec::new(),
             stop_seen: None,
+            last_watch: None,
             spec,
             start: Instant::now(),
             procs,
@@ -651,6 +654,7 @@ impl<'a> Monitor<'a> {
     /// Handshakes, kill requests from producers, and the stall watchdog.
     pub(crate) fn watch(&mut self) {
         let now = Instant::now();
+        self.forgive_pause(now);
         for w in 0..self.procs.len() {
             // While draining after a stop, a silent worker is not waited for longer than the
             // shutdown grace: Ctrl-C with a stuck worker ends in bounded time.
@@ -713,6 +717,29 @@ impl<'a> Monitor<'a> {
             if let Some(why) = action {
                 self.kill(w, why);
             }
+        }
+    }
+
+    /// A monitor that did not look for [`PAUSE_GAP`] or more was not running: the whole
+    /// process group was stopped (Ctrl-Z, `docker pause`, a cgroup freezer, a suspended VM).
+    /// Its workers were stopped as long, so that time is not held against them: the stall and
+    /// start clocks move forward by the gap.
+    fn forgive_pause(&mut self, now: Instant) {
+        let gap = self
+            .last_watch
+            .replace(now)
+            .map_or(Duration::ZERO, |before| {
+                now.saturating_duration_since(before)
+            });
+        if gap < PAUSE_GAP {
+            return;
+        }
+        for wp in self.procs.iter_mut().flatten() {
+            wp.last_beat += gap;
+            wp.started += gap;
+        }
+        if let Some(t) = &mut self.stop_seen {
+            *t += gap;
         }
     }
 
