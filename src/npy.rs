@@ -162,9 +162,14 @@ fn type_str(dtype: DType) -> &'static str {
     }
 }
 
-/// Writes an array to `path` atomically: into a temporary file in the same directory, flushed,
-/// then renamed over `path`. A reader never sees a partial file; on error the temporary file is
-/// removed and `path` is untouched.
+/// Writes an array to `path` atomically: a reader never sees a partial file, and a writer
+/// stopped at any point, even by SIGKILL, leaves no partial file behind; on error `path` is
+/// untouched.
+///
+/// The data goes into an unnamed file in the same directory (`O_TMPFILE`), which gets its
+/// name only when whole: linked as `path` if there is none, otherwise linked under a
+/// temporary name and renamed over `path`. Where unnamed files are not supported (some
+/// filesystems, no /proc), it writes a temporary file and renames it, removing it on error.
 ///
 /// # Errors
 /// The system's error, naming the file.
@@ -185,8 +190,7 @@ pub fn write_atomically(
     tmp_name.push(name);
     tmp_name.push(format!(".mk1-{}.tmp", std::process::id()));
     let tmp = path.with_file_name(tmp_name);
-    let result = (|| -> io::Result<()> {
-        let file = File::create(&tmp)?;
+    let write = |file: &File| -> io::Result<()> {
         let mut w = io::BufWriter::new(file);
         let ts: npyz::TypeStr = type_str(dtype).parse().expect("valid type strings");
         let w = npyz::WriteOptions::new_header_only()
@@ -196,15 +200,65 @@ pub fn write_atomically(
             .write_header_only()?;
         w.write_all(data)?;
         w.flush()?;
-        let file = w.get_ref();
-        file.sync_data()?;
-        std::fs::rename(&tmp, path)
-    })();
+        file.sync_data()
+    };
+    if let Some(file) = unnamed_file_beside(path) {
+        write(&file).map_err(io_err)?;
+        match link_as(&file, path, &tmp) {
+            Ok(true) => return Ok(()),
+            Ok(false) => {} // (cannot be linked here: write it again, named)
+            Err(e) => return Err(io_err(e)),
+        }
+    }
+    let result = File::create(&tmp)
+        .and_then(|file| write(&file))
+        .and_then(|()| std::fs::rename(&tmp, path));
     if let Err(e) = result {
         let _ = std::fs::remove_file(&tmp);
         return Err(io_err(e));
     }
     Ok(())
+}
+
+/// An unnamed file (`O_TMPFILE`) in `path`'s directory, if its filesystem makes them.
+fn unnamed_file_beside(path: &Path) -> Option<File> {
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    use rustix::fs::{Mode, OFlags};
+    let mode = Mode::from_raw_mode(0o666); // (less the umask, as for any new file)
+    rustix::fs::open(
+        dir,
+        OFlags::TMPFILE | OFlags::WRONLY | OFlags::CLOEXEC,
+        mode,
+    )
+    .ok()
+    .map(File::from)
+}
+
+/// Gives the whole unnamed `file` the name `path`: linked there directly if `path` does not
+/// exist, else linked as `tmp` and renamed over `path` (a stop between the two leaves a whole
+/// file under `tmp`). `Ok(false)` if it cannot be linked at all (no /proc, no hard links).
+fn link_as(file: &File, path: &Path, tmp: &Path) -> io::Result<bool> {
+    use rustix::fs::{linkat, AtFlags, CWD};
+    use std::os::fd::AsRawFd;
+    // (Linking an fd by its /proc name needs no privilege; `AT_EMPTY_PATH` would.)
+    let by_fd = format!("/proc/self/fd/{}", file.as_raw_fd());
+    let link = |to: &Path| linkat(CWD, by_fd.as_str(), CWD, to, AtFlags::SYMLINK_FOLLOW);
+    match link(path) {
+        Ok(()) => return Ok(true),
+        Err(rustix::io::Errno::EXIST) => {}
+        // (No /proc, a filesystem without hard links: the named way may still work, and
+        // reports its own error if not.)
+        Err(_) => return Ok(false),
+    }
+    let _ = std::fs::remove_file(tmp);
+    link(tmp)?;
+    std::fs::rename(tmp, path).inspect_err(|_| {
+        let _ = std::fs::remove_file(tmp);
+    })?;
+    Ok(true)
 }
 
 #[cfg(test)]
@@ -215,6 +269,30 @@ mod tests {
         let d = std::env::temp_dir().join(format!("mk1-npy-{tag}-{}", std::process::id()));
         std::fs::create_dir_all(&d).unwrap();
         d
+    }
+
+    #[test]
+    fn atomic_writes_create_and_replace_leaving_only_the_file() {
+        let d = tmpdir("atomic");
+        let p = d.join("out.npy");
+        for (n, fill) in [(4u8, 1u8), (6, 2)] {
+            // First a new name (linked in place), then over an existing file (renamed over).
+            let data = vec![fill; usize::from(n)];
+            write_atomically(&p, DType::U8, &[u64::from(n)], &data).unwrap();
+            let info = inspect(&p).unwrap();
+            let mut back = vec![0u8; info.data_bytes as usize];
+            read_data(&p, &info, &mut back).unwrap();
+            assert_eq!(back, data);
+            let names: Vec<_> = std::fs::read_dir(&d)
+                .unwrap()
+                .map(|e| e.unwrap().file_name())
+                .collect();
+            assert_eq!(names, ["out.npy"], "nothing else in the directory");
+        }
+        // A directory that does not exist: an error naming the file, nothing made.
+        let e = write_atomically(&d.join("no/such.npy"), DType::U8, &[1], &[0]).unwrap_err();
+        assert!(e.to_string().contains("such.npy"), "{e}");
+        std::fs::remove_dir_all(&d).unwrap();
     }
 
     #[test]

@@ -292,3 +292,99 @@ fn bad_inputs_are_exit_2_naming_the_file_before_any_work() {
     assert!(String::from_utf8_lossy(&o.stderr).contains("overwritten by its own result"));
     assert_eq!(std::fs::read(t.0.join("good.npy")).unwrap(), before);
 }
+
+/// Input files of 1 MiB each (f32, 512x512, element `i` of file `k` is `k + i`), written
+/// with mk1's own writer (no numpy needed); their paths.
+fn mib_inputs(dir: &Path, n: usize) -> Vec<String> {
+    (0..n)
+        .map(|k| {
+            let p = dir.join(format!("in{k:03}.npy"));
+            let data: Vec<u8> = (0..512 * 512)
+                .flat_map(|i| ((k + i) as f32).to_le_bytes())
+                .collect();
+            mk1::npy::write_atomically(&p, mk1::DType::F32, &[512, 512], &data).unwrap();
+            p.display().to_string()
+        })
+        .collect()
+}
+
+/// Every file in `out` is a whole result (`neg` of its input), and nothing else is there.
+fn only_whole_results(out: &Path) -> usize {
+    let mut n = 0;
+    for e in std::fs::read_dir(out).unwrap() {
+        let p = e.unwrap().path();
+        let name = p.file_name().unwrap().to_string_lossy().into_owned();
+        assert!(
+            name.starts_with("in") && name.ends_with(".npy"),
+            "left behind: {name}"
+        );
+        let k: usize = name[2..5].parse().unwrap();
+        let info = mk1::npy::inspect(&p).unwrap();
+        let mut data = vec![0u8; info.data_bytes as usize];
+        mk1::npy::read_data(&p, &info, &mut data).unwrap();
+        assert_eq!(data.len(), 512 * 512 * 4, "{name}");
+        for (i, c) in data.chunks_exact(4).enumerate().step_by(997) {
+            assert_eq!(f32::from_le_bytes(c.try_into().unwrap()), -((k + i) as f32));
+        }
+        n += 1;
+    }
+    n
+}
+
+#[test]
+fn a_stopped_apply_leaves_only_whole_files_and_says_what_it_did_not_start() {
+    use std::process::Stdio;
+    let t = TempDir::new("signal");
+    let inputs = mib_inputs(&t.0, 120);
+    for (sig, code) in [(libc::SIGINT, Some(130)), (libc::SIGKILL, None)] {
+        let out = t.0.join(format!("out-{sig}"));
+        let mut args = vec![
+            "apply",
+            "--op",
+            "neg",
+            "--workers",
+            "1",
+            "--json",
+            "--out-dir",
+        ];
+        let out_s = out.display().to_string();
+        args.push(&out_s);
+        args.extend(inputs.iter().map(String::as_str));
+        let child = Command::new(common::MK1)
+            .args(&args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        // Signalled once the first result is there: in the middle of writing others.
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while std::fs::read_dir(&out).map_or(0, |d| d.count()) == 0 {
+            assert!(std::time::Instant::now() < deadline, "no result came");
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        // SAFETY: kill(2) on our own child's pid, which it keeps until we wait for it.
+        assert_eq!(unsafe { libc::kill(child.id() as i32, sig) }, 0);
+        let o = common::wait_with_limit(child, Duration::from_secs(60));
+        assert_eq!(
+            o.status.code(),
+            code,
+            "{}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        let whole = only_whole_results(&out);
+        if sig == libc::SIGINT {
+            let j: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+            assert_eq!(j["interrupted"], "SIGINT", "{j}");
+            assert_eq!(j["written"], whole, "{j}");
+            assert_eq!(j["failed"], 0, "{j}");
+            let not_started = j["not_started"].as_u64().unwrap();
+            assert!(not_started > 0, "stopped early: {j}");
+            assert_eq!(
+                whole as u64 + not_started,
+                120,
+                "every file written or not started: {j}"
+            );
+        }
+    }
+}

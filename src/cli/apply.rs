@@ -2,8 +2,9 @@
 //! atomically to an output directory.
 //!
 //! Every input header is checked before any worker starts (exit 2 naming the file and why);
-//! results are written as they complete (temporary file, then rename), so an interrupted run
-//! leaves only whole files. Exit 1 if any file failed, naming it.
+//! results are written as they complete ([`npy::write_atomically`]), so a run stopped at any
+//! point leaves only whole files. Exit 1 if any file failed, naming it; 128 + n when signal n
+//! stopped the run early (the files in flight are written first).
 
 use std::collections::HashMap;
 use std::io::IsTerminal;
@@ -134,6 +135,8 @@ struct State<'i> {
     by_ticket: HashMap<mk1::Ticket, &'i Input>,
     failed: Vec<String>,
     written: u64,
+    /// Data bytes of the files written.
+    bytes: u64,
     bar: Option<indicatif::ProgressBar>,
 }
 
@@ -142,7 +145,10 @@ impl State<'_> {
     fn finish(&mut self, done: Completion<'_>) {
         let input = self.by_ticket.remove(&done.ticket()).expect("our ticket");
         match write_result(input, &done) {
-            Ok(()) => self.written += 1,
+            Ok(()) => {
+                self.written += 1;
+                self.bytes += input.info.data_bytes;
+            }
             Err(e) => self.failed.push(e),
         }
         if let Some(b) = &self.bar {
@@ -173,6 +179,13 @@ pub fn apply(args: ApplyArgs) -> ExitCode {
         return usage("--workers: 0 is outside 1..=1024 (at least one worker runs the op)");
     }
     let workers = args.workers.unwrap_or_else(mk1::config::default_workers);
+    // A stopping signal ends the run early and cleanly: no file is started after it, those in
+    // flight are written, then the summary says so (exit 128 + the signal's number).
+    let signal = match super::stop_signals() {
+        Ok(s) => s,
+        Err(e) => return usage(e),
+    };
+    let stopped = || signal.load(std::sync::atomic::Ordering::Relaxed);
     let pool = Pool::builder()
         .workers(workers)
         .mode(match args.mode {
@@ -206,10 +219,15 @@ pub fn apply(args: ApplyArgs) -> ExitCode {
         by_ticket: HashMap::new(),
         failed: Vec::new(),
         written: 0,
+        bytes: 0,
         bar,
     };
-    let mut bytes = 0u64;
+    let mut started = 0usize;
     for input in &inputs {
+        if stopped() != 0 {
+            break;
+        }
+        started += 1;
         let loan = loop {
             match producer.try_loan::<u8>(Shape::d1(input.info.data_bytes as u32)) {
                 Ok(l) => break Some(l),
@@ -233,7 +251,6 @@ pub fn apply(args: ApplyArgs) -> ExitCode {
         match submit(&producer, loan, &task, &input.info) {
             Ok(t) => {
                 st.by_ticket.insert(t, input);
-                bytes += input.info.data_bytes;
             }
             Err(e) => st.failed.push(format!("{}: {e}", input.path.display())),
         }
@@ -244,9 +261,13 @@ pub fn apply(args: ApplyArgs) -> ExitCode {
     let State {
         failed,
         written,
+        bytes,
         bar,
         ..
     } = st;
+    let signal = stopped();
+    let interrupted = (signal != 0).then(|| signal_name(signal));
+    let not_started = inputs.len() - started;
     let seconds = start.elapsed().as_secs_f64();
     if let Some(b) = &bar {
         b.finish_and_clear();
@@ -272,6 +293,8 @@ pub fn apply(args: ApplyArgs) -> ExitCode {
             "worker_restarts": restarts,
             "segment_bytes": segment_bytes,
             "out_dir": args.out_dir.display().to_string(),
+            "interrupted": interrupted,
+            "not_started": not_started,
         });
         outln!("{v}");
     } else {
@@ -284,11 +307,27 @@ pub fn apply(args: ApplyArgs) -> ExitCode {
             seconds,
             failed.len()
         );
+        if let Some(name) = &interrupted {
+            outln!(
+                "stopped by {name}: {not_started} files not started (those started were finished)"
+            );
+        }
     }
-    if failed.is_empty() {
+    if signal != 0 {
+        ExitCode::from(128 + signal as u8)
+    } else if failed.is_empty() {
         ExitCode::SUCCESS
     } else {
         ExitCode::from(1)
+    }
+}
+
+fn signal_name(sig: usize) -> String {
+    match sig as i32 {
+        signal_hook::consts::SIGINT => "SIGINT".into(),
+        signal_hook::consts::SIGTERM => "SIGTERM".into(),
+        signal_hook::consts::SIGHUP => "SIGHUP".into(),
+        n => format!("signal {n}"),
     }
 }
 

@@ -272,24 +272,10 @@ fn run(args: RunArgs) -> ExitCode {
     if let Err(e) = cfg.plan() {
         return usage_error(e);
     }
-    let signal = Arc::new(AtomicUsize::new(0));
-    // Ctrl-C, `timeout`, `kill -- -PGID` and service managers signal the whole process group:
-    // workers ignore these (see `sys::spawn_inheriting`), the coordinator drains and reports.
-    // SIGHUP already ignored when mk1 starts stays ignored: that is what `nohup` asks for.
-    // SIGINT and SIGTERM are always handled, even in a script's background job (where the
-    // shell ignores SIGINT): `kill -INT -- -PGID` must still drain the run.
-    for sig in [
-        signal_hook::consts::SIGINT,
-        signal_hook::consts::SIGTERM,
-        signal_hook::consts::SIGHUP,
-    ] {
-        if sig == signal_hook::consts::SIGHUP && mk1::sys::signal_ignored(sig) {
-            continue;
-        }
-        if let Err(e) = signal_hook::flag::register_usize(sig, signal.clone(), sig as usize) {
-            return usage_error(format!("cannot install a signal handler: {e}"));
-        }
-    }
+    let signal = match stop_signals() {
+        Ok(s) => s,
+        Err(e) => return usage_error(e),
+    };
     let bar =
         (!args.json && !args.quiet && std::io::stderr().is_terminal()).then(|| progress_bar(stop));
     let show = |p: &mk1::Progress| {
@@ -331,6 +317,29 @@ fn run(args: RunArgs) -> ExitCode {
         return ExitCode::from(1);
     }
     ExitCode::from(code)
+}
+
+/// A flag set to the number of the first stopping signal that arrives (0 until one does).
+///
+/// Ctrl-C, `timeout`, `kill -- -PGID` and service managers signal the whole process group:
+/// workers ignore these (see `sys::spawn_inheriting`), the command drains and reports. SIGHUP
+/// already ignored when mk1 starts stays ignored: that is what `nohup` asks for. SIGINT and
+/// SIGTERM are always handled, even in a script's background job (where the shell ignores
+/// SIGINT): `kill -INT -- -PGID` must still drain the run.
+pub(crate) fn stop_signals() -> Result<Arc<AtomicUsize>, String> {
+    let signal = Arc::new(AtomicUsize::new(0));
+    for sig in [
+        signal_hook::consts::SIGINT,
+        signal_hook::consts::SIGTERM,
+        signal_hook::consts::SIGHUP,
+    ] {
+        if sig == signal_hook::consts::SIGHUP && mk1::sys::signal_ignored(sig) {
+            continue;
+        }
+        signal_hook::flag::register_usize(sig, signal.clone(), sig as usize)
+            .map_err(|e| format!("cannot install a signal handler: {e}"))?;
+    }
+    Ok(signal)
 }
 
 fn progress_bar(stop: Stop) -> indicatif::ProgressBar {
