@@ -414,8 +414,12 @@ impl Needs {
 /// What to lower when a pool does not fit, for each way of making one.
 pub(crate) const SMALLER: &str =
     "use fewer or smaller slots, or fewer workers (mk1 run: --max-dim, \
-     --inflight, --workers; mk1 apply: --workers; PoolBuilder: max_array_bytes, \
-     slots_per_producer, size_class, workers)";
+     --inflight, --workers; mk1 apply: --workers, or --mode in-place for half the memory; \
+     PoolBuilder: max_array_bytes, slots_per_producer, size_class, workers; Python \
+     mk1.Pool: max_array_bytes, slots, workers)";
+/// What lowers the number of processes and threads a pool starts, in each context.
+const FEWER_TASKS: &str = "lower the workers (mk1 run: --workers or --producers; mk1 apply: \
+     --workers; PoolBuilder: workers, producers; Python mk1.Pool: workers)";
 
 /// A limit the run does not fit under (exit 2, before any worker starts).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -467,7 +471,8 @@ pub enum LimitError {
     /// Not enough tasks (processes and threads) may be started.
     #[error(
         "too many tasks: this run starts {asked} (workers, producer threads and one replacement), \
-         but {limit} leaves {available}; lower --workers or --producers"
+         but {limit} leaves {available}; {fewer}",
+        fewer = FEWER_TASKS
     )]
     Tasks {
         /// Tasks needed.
@@ -480,7 +485,8 @@ pub enum LimitError {
     /// Not enough file descriptors.
     #[error(
         "too few file descriptors: this run needs {asked} more, but RLIMIT_NOFILE is {limit} with \
-         {open} open; raise it (ulimit -n) or lower --workers"
+         {open} open; raise it (ulimit -n) or {fewer}",
+        fewer = FEWER_TASKS
     )]
     Files {
         /// Descriptors needed.

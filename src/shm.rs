@@ -34,8 +34,8 @@ pub enum ShmCreateError {
     /// The machine cannot commit that much memory.
     #[error(
         "shared memory does not fit: asked for {} ({asked} bytes), {} available \
-         under {limit}, less {} headroom; {smaller}",
-        human_bytes(*asked), human_bytes(*available), human_bytes(HEADROOM),
+         under {limit}; {smaller}",
+        human_bytes(*asked), human_bytes(*available),
         smaller = crate::limits::SMALLER
     )]
     TooLarge {
@@ -169,6 +169,41 @@ fn task_spans(desc: &TaskDesc) -> [(usize, usize); 4] {
     ]
 }
 
+/// What a failure to commit the segment's memory (`fallocate`, or its fallback) means.
+fn commit_error(fd: BorrowedFd<'_>, asked: u64, e: io::Error) -> ShmCreateError {
+    match e.raw_os_error() {
+        Some(code)
+            if code == rustix::io::Errno::NOSPC.raw_os_error()
+                || code == rustix::io::Errno::NOMEM.raw_os_error() =>
+        {
+            // Out of space on the /dev/shm fallback (not a memory refusal: ENOMEM, or
+            // ENOSPC with room left, is a memory limit and reported as one below).
+            if let Some(free) = sys::dev_shm_room(fd.as_fd())
+                .filter(|&free| free < asked && code == rustix::io::Errno::NOSPC.raw_os_error())
+            {
+                return ShmCreateError::TooLarge {
+                    asked,
+                    available: free,
+                    limit: "the free space of /dev/shm (memfd_create is refused, so the \
+                            segment is a file there)"
+                        .into(),
+                };
+            }
+            let room = crate::limits::memory_room(&crate::limits::read_host);
+            ShmCreateError::TooLarge {
+                asked,
+                available: room.as_ref().map_or(0, |r| r.left),
+                limit: room
+                    .map_or_else(|| "the kernel's refusal to commit it".into(), |r| r.source),
+            }
+        }
+        _ => ShmCreateError::Io {
+            step: "fallocate",
+            source: e,
+        },
+    }
+}
+
 impl Segment {
     /// Creates, sizes, commits and maps a new segment for `layout`, and writes its header.
     ///
@@ -182,53 +217,60 @@ impl Segment {
                 return Err(ShmCreateError::TooLarge {
                     asked,
                     available: room.left.saturating_sub(HEADROOM),
-                    limit: room.source.clone(),
+                    limit: format!(
+                        "{}, less {} kept for the rest of the machine",
+                        room.source,
+                        human_bytes(HEADROOM)
+                    ),
                 });
             }
         }
         let io = |step| move |source| ShmCreateError::Io { step, source };
         let fd = sys::memfd("mk1").map_err(io("memfd_create"))?;
-        if let Err(e) = sys::size_and_commit(fd.as_fd(), asked) {
-            return Err(match e.raw_os_error() {
-                Some(code)
-                    if code == rustix::io::Errno::NOSPC.raw_os_error()
-                        || code == rustix::io::Errno::NOMEM.raw_os_error() =>
-                {
-                    // Out of space on the /dev/shm fallback (not a memory refusal: ENOMEM, or
-                    // ENOSPC with room left, is a memory limit and reported as one below).
-                    if let Some(free) = sys::dev_shm_room(fd.as_fd()).filter(|&free| {
-                        free < asked && code == rustix::io::Errno::NOSPC.raw_os_error()
-                    }) {
-                        return Err(ShmCreateError::TooLarge {
-                            asked,
-                            available: free,
-                            limit: "the free space of /dev/shm (memfd_create is refused, so the \
-                                    segment is a file there)"
-                                .into(),
-                        });
-                    }
-                    let room = crate::limits::memory_room(&crate::limits::read_host);
-                    ShmCreateError::TooLarge {
-                        asked,
-                        available: room.as_ref().map_or(0, |r| r.left),
-                        limit: room.map_or_else(
-                            || "the kernel's refusal to commit it".into(),
-                            |r| r.source,
-                        ),
-                    }
-                }
-                _ => ShmCreateError::Io {
-                    step: "fallocate",
-                    source: e,
-                },
-            });
-        }
+        let committed = match sys::size_and_commit(fd.as_fd(), asked) {
+            Ok(c) => c,
+            Err(e) => return Err(commit_error(fd.as_fd(), asked, e)),
+        };
         let len = usize::try_from(asked).map_err(|_| ShmCreateError::TooLarge {
             asked,
             available: usize::MAX as u64,
             limit: "this platform's address space".into(),
         })?;
         let map = sys::Mapping::shared(fd.as_fd(), len).map_err(io("mmap"))?;
+        if !committed {
+            // fallocate refused: commit through the mapping instead.
+            map.commit().map_err(|e| {
+                // (The pages it did get go back first, so the space reported is the space
+                // there was.)
+                let _ = sys::set_len(fd.as_fd(), 0);
+                let refused = [
+                    rustix::io::Errno::INVAL,
+                    rustix::io::Errno::PERM,
+                    rustix::io::Errno::NOSYS,
+                ];
+                match e.raw_os_error() {
+                Some(code) if refused.iter().any(|r| r.raw_os_error() == code) => {
+                    ShmCreateError::Io {
+                        step: "fallocate",
+                        source: io::Error::new(
+                            e.kind(),
+                            "fallocate(2) is refused, and so is madvise(2) MADV_POPULATE_WRITE \
+                             (or this kernel, before Linux 5.14, has none), so the segment's \
+                             memory cannot be committed up front (touching it later could raise \
+                             SIGBUS); allow fallocate in the seccomp profile",
+                        ),
+                    }
+                }
+                // (EFAULT: a page could not be had, where a touch would raise SIGBUS.)
+                Some(code) if code == rustix::io::Errno::FAULT.raw_os_error() => commit_error(
+                    fd.as_fd(),
+                    asked,
+                    io::Error::from_raw_os_error(rustix::io::Errno::NOSPC.raw_os_error()),
+                ),
+                _ => commit_error(fd.as_fd(), asked, e),
+                }
+            })?;
+        }
         let coordinator_pid = sys::own_pid();
         let h = map.as_ptr().cast::<Header>();
         // SAFETY: the mapping is fresh, page aligned and at least `size_of::<Header>()` long

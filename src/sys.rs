@@ -67,10 +67,24 @@ pub fn dev_shm_room(fd: BorrowedFd<'_>) -> Option<u64> {
 ///
 /// [ftruncate(2)]: https://man7.org/linux/man-pages/man2/ftruncate.2.html
 /// [fallocate(2)]: https://man7.org/linux/man-pages/man2/fallocate.2.html
-pub fn size_and_commit(fd: BorrowedFd<'_>, len: u64) -> io::Result<()> {
-    rustix::fs::ftruncate(fd, len)?;
-    rustix::fs::fallocate(fd, FallocateFlags::empty(), 0, len)?;
-    Ok(())
+///
+/// Returns `false` when `fallocate` is refused outright (a seccomp profile, a filesystem
+/// without it): the size is set and nothing is committed yet; the caller then commits through
+/// the mapping with [`Mapping::commit`]. Out of memory or space is an error here.
+pub fn size_and_commit(fd: BorrowedFd<'_>, len: u64) -> io::Result<bool> {
+    set_len(fd, len)?;
+    match rustix::fs::fallocate(fd, FallocateFlags::empty(), 0, len) {
+        Ok(()) => Ok(true),
+        Err(rustix::io::Errno::PERM | rustix::io::Errno::NOSYS | rustix::io::Errno::OPNOTSUPP) => {
+            Ok(false)
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Sets an open file's size ([ftruncate(2)]); to 0, gives its pages back.
+pub fn set_len(fd: BorrowedFd<'_>, len: u64) -> io::Result<()> {
+    Ok(rustix::fs::ftruncate(fd, len)?)
 }
 
 /// The size of an open file ([fstat(2)]).
@@ -113,6 +127,25 @@ impl Mapping {
             ptr: ptr.cast(),
             len,
         })
+    }
+
+    /// Commits every page of the mapping by writing nothing to it ([madvise(2)]
+    /// `MADV_POPULATE_WRITE`, Linux 5.14): where the memory cannot be had, an error now
+    /// instead of a SIGBUS at first touch later. The fallback of [`size_and_commit`].
+    ///
+    /// [madvise(2)]: https://man7.org/linux/man-pages/man2/madvise.2.html
+    pub fn commit(&self) -> io::Result<()> {
+        // SAFETY: the range is exactly our own live mapping; MADV_POPULATE_WRITE faults its
+        // pages in as writable without changing their contents (zeros in a fresh file), so no
+        // memory anyone reads changes.
+        unsafe {
+            rustix::mm::madvise(
+                self.ptr.cast(),
+                self.len,
+                rustix::mm::Advice::LinuxPopulateWrite,
+            )?
+        };
+        Ok(())
     }
 
     /// Makes the first `len` bytes (a multiple of the page size) read-only in this process

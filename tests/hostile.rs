@@ -372,6 +372,10 @@ const KILL: u32 = 62;
 const GETRLIMIT: u32 = 97;
 #[cfg(target_arch = "x86_64")]
 const PRLIMIT64: u32 = 302;
+#[cfg(target_arch = "x86_64")]
+const FALLOCATE: u32 = 285;
+#[cfg(target_arch = "x86_64")]
+const MADVISE: u32 = 28;
 
 /// Runs 20000 matrices with worker 0 exiting after 300 tokens, with `prepare` applied to the
 /// command (a seccomp filter, a signal disposition); the death must be noticed, the worker
@@ -503,6 +507,20 @@ fn refused_limit_reads_count_as_no_limit_not_as_garbage() {
             text(&out.stderr)
         );
     }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[test]
+fn refused_fallocate_commits_through_the_mapping_or_names_the_syscall() {
+    let args = ["run", "--workers", "1", "--duration", "300ms"];
+    let mut c = cmd(&args);
+    with_denied_syscalls(&mut c, &[FALLOCATE]);
+    let out = run(c);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    // Neither way to commit the memory up front: refused, naming what to allow.
+    let mut c = cmd(&args);
+    with_denied_syscalls(&mut c, &[FALLOCATE, MADVISE]);
+    assert_refused(&run(c), "allow fallocate");
 }
 
 #[cfg(target_arch = "x86_64")]
