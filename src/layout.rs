@@ -166,10 +166,16 @@ pub struct WorkerStatus {
     /// the coordinator after a death or a timeout (which task to blame); never trusted for
     /// safety: a wrong value only moves the blame between the tokens the worker held.
     pub current: AtomicU64,
+    /// Which item of [`WorkerStatus::current`] runs (a user kernel's, stored before each
+    /// one), or [`NO_ITEM`]; Relaxed, a hint like `current`: it decides which array of a
+    /// batch is blamed for a death or a hang, so that the others are not failed with it.
+    pub current_item: AtomicU32,
 }
 
 /// [`WorkerStatus::current`] when the worker runs no task.
 pub const NO_TASK: u64 = u64::MAX;
+/// [`WorkerStatus::current_item`] when no single item runs (built-in ops, between tasks).
+pub const NO_ITEM: u32 = u32::MAX;
 
 /// Lifecycle of a worker slot as the worker reports it.
 #[repr(u32)]
@@ -254,6 +260,9 @@ pub struct TaskDesc {
     pub context_offset: u32,
     /// Bytes of context (handed to the kernel as is, read-only).
     pub context_len: u32,
+    /// Bit `i` set: item `i` is not run (its outcome is already settled: it was blamed for a
+    /// worker's death or hang and failed alone, and the rest of its batch is sent again).
+    pub skip_mask: u64,
     /// The arrays; entries at `count..` are ignored.
     pub items: [ItemDesc; MAX_ITEMS],
     /// Parameters for the kernel (the first `params_len` bytes travel).
@@ -313,6 +322,7 @@ impl TaskDesc {
             params_len: 0,
             context_offset: 0,
             context_len: 0,
+            skip_mask: 0,
             items: [ITEM; MAX_ITEMS],
             params: [0; PARAM_BYTES],
             out_shape: [0; MAX_DIMS],
@@ -450,17 +460,19 @@ const _: () = {
     assert!(offset_of!(WorkerStatus, build) == 16);
     assert!(offset_of!(WorkerStatus, current) == 24);
     assert!(size_of::<ItemDesc>() == 24);
-    assert!(offset_of!(TaskDesc, items) == 40);
-    assert!(offset_of!(TaskDesc, params) == 40 + 24 * MAX_ITEMS);
-    assert!(offset_of!(TaskDesc, out_shape) == 40 + 24 * MAX_ITEMS + PARAM_BYTES);
-    assert!(offset_of!(TaskDesc, failed_mask) == 56 + 24 * MAX_ITEMS + PARAM_BYTES);
-    assert!(offset_of!(TaskDesc, status) == 64 + 24 * MAX_ITEMS + PARAM_BYTES);
+    assert!(offset_of!(WorkerStatus, current_item) == 32);
+    assert!(offset_of!(TaskDesc, skip_mask) == 40);
+    assert!(offset_of!(TaskDesc, items) == 48);
+    assert!(offset_of!(TaskDesc, params) == 48 + 24 * MAX_ITEMS);
+    assert!(offset_of!(TaskDesc, out_shape) == 48 + 24 * MAX_ITEMS + PARAM_BYTES);
+    assert!(offset_of!(TaskDesc, failed_mask) == 64 + 24 * MAX_ITEMS + PARAM_BYTES);
+    assert!(offset_of!(TaskDesc, status) == 72 + 24 * MAX_ITEMS + PARAM_BYTES);
     // A layout has at most 2^31 - 1 slots (`Layout::new`): the flag is above every index.
     assert!((u32::MAX >> 1) as u64 <= DONE_OK);
     assert!(size_of::<OutDesc>() == 24);
     assert!(size_of::<TaskDesc>().is_multiple_of(64));
     assert!(DESC_STRIDE.is_multiple_of(64));
-    assert!(MAX_ITEMS <= 64); // failed_mask
+    assert!(MAX_ITEMS <= 64); // failed_mask, skip_mask
     assert!(size_of::<ProducerShared>() == LINE as usize);
     assert!(offset_of!(RingCtl, head) == LINE as usize);
     assert!(size_of::<TailLine>() == LINE as usize);

@@ -11,7 +11,7 @@
 use std::os::fd::{FromRawFd, OwnedFd};
 use std::time::Duration;
 
-use crate::layout::{Direction, WorkerState, DONE_OK, NO_TASK, TASK_OK};
+use crate::layout::{Direction, WorkerState, DONE_OK, NO_ITEM, NO_TASK, TASK_OK};
 use crate::ops::{Kernel, Kernels};
 use crate::pool::{BadToken, Token};
 use crate::ring::{PushError, RingConsumer, RingError, RingProducer};
@@ -389,6 +389,7 @@ pub fn serve(spec: WorkerSpec, registry: &Registry) -> Result<(), WorkerError> {
     let me = seg.worker(spec.index);
     me.status.pid.store(sys::own_pid(), Ordering::Relaxed);
     me.status.current.store(NO_TASK, Ordering::Relaxed);
+    me.status.current_item.store(NO_ITEM, Ordering::Relaxed);
     let chaos = Chaos::from_env(spec.index);
     let foreign = chaos == Chaos::Foreign
         && std::env::var_os("MK1_CHAOS_FOREIGN_IF")
@@ -443,10 +444,11 @@ pub fn serve(spec: WorkerSpec, registry: &Registry) -> Result<(), WorkerError> {
                     })?;
                 // Which task runs, for the pool to blame after a death or a timeout.
                 me.status.current.store(word, Ordering::Relaxed);
+                me.status.current_item.store(NO_ITEM, Ordering::Relaxed);
                 seg.prefetch_slot(&token);
                 seg.read_task(&token, &mut task);
                 let result = executor
-                    .run(&task, seg.task_buffers(&mut token))
+                    .run(&task, seg.task_buffers(&mut token), &me.status.current_item)
                     .map_err(|why| WorkerError::Descriptor {
                         slot: token.slot(),
                         why,

@@ -48,6 +48,16 @@ fn kernels() -> Registry {
             a.io.map(|x| x + 1)
         })
         .kernel::<i64>("panics", |_a| panic!("boom from a kernel"))
+        .kernel::<f32>("poison", |mut a| {
+            // A first element of -1 hangs the worker, -2 kills it; others are doubled.
+            let first = a.io.input().first().copied();
+            if first == Some(-1.0) {
+                std::thread::sleep(Duration::from_secs(60));
+            } else if first == Some(-2.0) {
+                std::process::abort();
+            }
+            a.io.map(|x| x * 2.0)
+        })
         .kernel::<f64>("sleep_ms", |mut a| {
             std::thread::sleep(Duration::from_millis(a.params.u64(0)?));
             a.io.map(|x| x * 2.0)
@@ -537,6 +547,82 @@ fn terminate_does_not_wait_for_running_tasks() {
     );
     for pid in pids {
         assert!(!alive(pid), "worker {pid} left behind");
+    }
+}
+
+/// One array of a packed batch that hangs its worker, and one that kills it, fail alone: the
+/// other arrays of their batches come back right (out of place, and in place with copies), or
+/// in place without copies, those the worker had not reached yet.
+fn a_poison_array_fails_alone_not_its_whole_batch() {
+    let n = 120usize;
+    let inputs: Vec<Array<f32>> = (0..n)
+        .map(|i| {
+            let first = match i {
+                40 => -1.0,
+                70 => -2.0,
+                _ => i as f32,
+            };
+            let data = std::iter::once(first)
+                .chain((1..64).map(|x| x as f32))
+                .collect();
+            Array::new(data, Shape::d1(64)).unwrap()
+        })
+        .collect();
+    for (mode, copies) in [
+        (Mode::OutOfPlace, false),
+        (Mode::InPlace, true),
+        (Mode::InPlace, false),
+    ] {
+        let pool = Pool::builder()
+            .workers(2)
+            .mode(mode)
+            .keep_copies(copies)
+            .max_retries(1)
+            .worker_timeout(Duration::from_millis(500))
+            .kernels(kernels())
+            .build()
+            .unwrap();
+        let mut producer = pool.producer().unwrap();
+        let out: Vec<Result<Array<f32>, TaskError>> = producer
+            .map(&Task::kernel("poison"), &inputs)
+            .unwrap()
+            .collect();
+        assert_eq!(out.len(), n, "{mode:?}: one result per input");
+        let what = format!("{mode:?}, copies {copies}");
+        assert!(
+            matches!(out[40], Err(TaskError::Timeout(_))),
+            "{what}: {:?}",
+            out[40]
+        );
+        assert!(
+            matches!(out[70], Err(TaskError::WorkerDied { .. })),
+            "{what}: {:?}",
+            out[70]
+        );
+        let mut died_with = 0;
+        for (i, r) in out.iter().enumerate() {
+            if i == 40 || i == 70 {
+                continue;
+            }
+            match r {
+                Ok(a) => {
+                    let want: Vec<f32> = inputs[i].as_slice().iter().map(|x| x * 2.0).collect();
+                    assert_eq!(a.as_slice(), &want[..], "{what}: array {i}");
+                }
+                // In place without copies, an array the worker ran before the poison one was
+                // changed in place: it fails with the death.
+                Err(TaskError::WorkerDied { .. }) | Err(TaskError::Timeout(_))
+                    if mode == Mode::InPlace && !copies && (i < 40 || (41..70).contains(&i)) =>
+                {
+                    died_with += 1;
+                }
+                Err(e) => panic!("{what}: array {i} failed: {e}"),
+            }
+        }
+        assert!(
+            died_with < n / 2,
+            "{what}: {died_with} arrays failed with the poison ones"
+        );
     }
 }
 
@@ -1722,6 +1808,10 @@ fn main() {
         (
             "a_pool_stopped_whole_and_resumed_loses_no_task",
             a_pool_stopped_whole_and_resumed_loses_no_task,
+        ),
+        (
+            "a_poison_array_fails_alone_not_its_whole_batch",
+            a_poison_array_fails_alone_not_its_whole_batch,
         ),
         (
             "kernel_errors_and_panics_fail_only_their_task",

@@ -54,12 +54,16 @@ pub enum Mode {
     /// back as [`TaskError::WorkerDied`] (its input may be half-written) and is not redone,
     /// unless [`PoolBuilder::keep_copies`] asked mk1 to keep a copy of each input: then it is
     /// restored and redone as out of place. A task the dead worker had not taken yet (queued
-    /// in its ring) is untouched, and is sent again without counting an attempt.
+    /// in its ring) is untouched, and is sent again without counting an attempt. In a packed
+    /// batch, the array the worker was running takes the blame alone: the arrays it ran before
+    /// it fail with it (changed in place), those it had not reached are sent again.
     InPlace,
     /// The kernel reads the input and writes a separate output region. Workers map every
     /// input read-only, so no worker can change an input. Guarantee: a task whose worker dies
     /// is redone on another worker from its intact input, up to `max_retries` times, then
-    /// comes back as [`TaskError::WorkerDied`].
+    /// comes back as [`TaskError::WorkerDied`]. In a packed batch, the array the worker was
+    /// running takes the blame alone: once its attempts are spent (or at once, for a hang) it
+    /// fails by itself, and the rest of the batch is sent again without it.
     OutOfPlace,
 }
 

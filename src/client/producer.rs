@@ -185,6 +185,10 @@ pub(crate) enum Outcome {
     Done(Box<TaskResult>),
     /// No answer: the task failed as a whole.
     Failed(Box<TaskError>),
+    /// Some arrays of a batch failed alone earlier (blamed for a death or a hang: index and
+    /// error), and were skipped when the rest was sent again; the rest went as the inner
+    /// outcome says.
+    Partly(Box<(Outcome, Vec<(u32, TaskError)>)>),
 }
 
 impl Outcome {
@@ -203,6 +207,10 @@ impl Outcome {
                 panicked: res.panicked,
             }),
             Outcome::Failed(e) => Some((**e).clone()),
+            Outcome::Partly(p) => match p.1.iter().find(|(i, _)| *i as usize == k) {
+                Some((_, e)) => Some(e.clone()),
+                None => p.0.item_error(k),
+            },
         }
     }
 
@@ -210,13 +218,18 @@ impl Outcome {
     pub(crate) fn produced(&self, k: usize) -> Option<(DType, Shape)> {
         match self {
             Outcome::Done(res) => produced(res, k),
+            Outcome::Partly(p) => p.0.produced(k),
             Outcome::Ok | Outcome::Failed(_) => None,
         }
     }
 
     /// A worker answered (its slot's result region is written, and no longer its).
     pub(crate) fn answered(&self) -> bool {
-        !matches!(self, Outcome::Failed(_))
+        match self {
+            Outcome::Failed(_) => false,
+            Outcome::Partly(p) => p.0.answered(),
+            Outcome::Ok | Outcome::Done(_) => true,
+        }
     }
 }
 
@@ -278,6 +291,9 @@ pub(crate) struct Core<'s> {
     quarantined: Vec<Token>,
     /// In place with `keep_copies`: each slot's input as submitted (by slot index).
     copies: Vec<Vec<u8>>,
+    /// Arrays of a slot's batch that failed alone (blamed for a death or a hang) while the
+    /// rest was sent again, by slot index: added to the batch's outcome when it completes.
+    item_failures: Vec<Vec<(u32, TaskError)>>,
     /// Emptied item lists of packed loans and completions, kept for the next ones (no
     /// allocation per batch while work flows).
     pub(crate) spare_items: Vec<Vec<ItemDesc>>,
@@ -377,6 +393,7 @@ impl<'s> Core<'s> {
                     0
                 }
             ],
+            item_failures: vec![Vec::new(); layout.slots() as usize],
             backoff: Backoff::for_mode(sh.spin),
             spare_items: Vec::new(),
             spare_outs: Vec::new(),
@@ -501,10 +518,11 @@ impl<'s> Core<'s> {
     /// part is the worker's to write), to be filled in place and sent with
     /// [`Core::send_recorded`]. Saves building and copying a whole descriptor per task.
     pub(crate) fn fresh_record(&mut self, token: &Token) -> &mut Record {
+        self.item_failures[token.slot() as usize].clear();
         let r = &mut self.records[token.slot() as usize];
         let d = &mut r.desc;
         (d.seq, d.kernel, d.dtype, d.out_dtype, d.count, d.out_ndim) = (0, 0, 0, 0, 0, 0);
-        (d.params_len, d.context_offset, d.context_len) = (0, 0, 0);
+        (d.params_len, d.context_offset, d.context_len, d.skip_mask) = (0, 0, 0, 0);
         d.out_shape = [0; crate::layout::MAX_DIMS];
         r.attempts = 0;
         r.mapped = false;
@@ -626,6 +644,12 @@ impl<'s> Core<'s> {
     ) {
         self.in_flight -= 1;
         let latency_ns = clock::nanos_between(self.slots.record(&token).sent_at, now);
+        let failures = &mut self.item_failures[token.slot() as usize];
+        let outcome = if failures.is_empty() {
+            outcome
+        } else {
+            Outcome::Partly(Box::new((outcome, std::mem::take(failures))))
+        };
         self.ready.push_back(Ready {
             token,
             outcome,
@@ -697,6 +721,15 @@ impl<'s> Core<'s> {
             .status
             .current
             .load(Ordering::Relaxed);
+        // Which array of that task ran (a hint as well: it decides which array of a batch is
+        // blamed, so the rest of the batch is not failed with it).
+        let running_item = self
+            .sh
+            .seg
+            .worker(w as u32)
+            .status
+            .current_item
+            .load(Ordering::Relaxed);
         // Tasks written to its ring at or after what it had taken were never popped, so never
         // started: their slots are as submitted, in either mode.
         let taken = self.to[w].taken();
@@ -717,6 +750,13 @@ impl<'s> Core<'s> {
             // The running task is blamed (it may be another handle's: then none of ours is);
             // with no hint at all, every task out there is.
             let blamed = current == NO_TASK || word == current;
+            if word == current && !self.draining && self.blame_one_array(&t, running_item) {
+                let t = self.settle_culprit(t, running_item, timed_out, &how, w);
+                if let Some(t) = t {
+                    self.redo.push(t);
+                }
+                continue;
+            }
             let r = &mut self.records[t.slot() as usize];
             if timed_out && blamed {
                 self.finish(
@@ -763,6 +803,78 @@ impl<'s> Core<'s> {
         let (c, e) = self.sh.seg.ring(self.p, w as u32, Direction::FromWorker);
         self.from[w] = RingConsumer::after_reset(c, e);
         self.faulted[w] = false;
+    }
+
+    /// Whether the death or hang of `t`'s worker is blamed on its array `item` alone: `t` is a
+    /// batch, and `item` (the dead worker's hint) one of its arrays still to run.
+    fn blame_one_array(&self, t: &Token, item: u32) -> bool {
+        let d = &self.records[t.slot() as usize].desc;
+        d.count > 1 && item < d.count && d.skip_mask & (1 << item) == 0
+    }
+
+    /// Array `k` of batch `t` was running when its worker died (or hung, `timed_out`). That
+    /// array alone takes the blame: it is retried with the batch while attempts are left (the
+    /// input intact), else it fails alone and the rest of the batch goes again without it. In
+    /// place without copies the arrays before it were changed in place, so they fail too, and
+    /// those after it, untouched, go again. Returns the token to send again, if any.
+    fn settle_culprit(
+        &mut self,
+        mut t: Token,
+        k: u32,
+        timed_out: bool,
+        how: &str,
+        w: usize,
+    ) -> Option<Token> {
+        let slot = t.slot() as usize;
+        let intact = self.sh.mode == Mode::OutOfPlace || self.sh.keep_copies;
+        let r = &mut self.records[slot];
+        if !timed_out {
+            r.attempts += 1;
+        }
+        let retry_all = !timed_out && intact && r.attempts <= self.sh.max_retries;
+        if !retry_all {
+            let died = |attempts| TaskError::WorkerDied {
+                how: how.to_string(),
+                attempts,
+            };
+            let blame = if timed_out {
+                TaskError::Timeout(self.sh.cfg.worker_timeout)
+            } else {
+                died(r.attempts.max(1))
+            };
+            let mut failed = vec![(k, blame)];
+            if !intact {
+                failed.extend(
+                    (0..k)
+                        .filter(|i| r.desc.skip_mask & (1 << i) == 0)
+                        .map(|i| (i, died(1))),
+                );
+            }
+            for (i, _) in &failed {
+                r.desc.skip_mask |= 1 << i;
+            }
+            // (The next array to take the blame starts with a clean count.)
+            r.attempts = 0;
+            let first = failed[0].1.clone();
+            self.item_failures[slot].extend(failed);
+            let all = if r.desc.count == 64 {
+                u64::MAX
+            } else {
+                (1 << r.desc.count) - 1
+            };
+            if r.desc.skip_mask == all {
+                self.finish(t, Outcome::failed(first), false, Some(w as u32));
+                return None;
+            }
+        }
+        if self.sh.mode == Mode::InPlace && self.sh.keep_copies {
+            let copy = &self.copies[slot];
+            let data = self.sh.seg.slot_bytes_mut(&mut t);
+            crate::array::copy_elements(&mut data[..copy.len()], copy);
+        }
+        // (Rewritten from our record: the dead worker may have scribbled on the descriptor.)
+        self.sh.seg.write_task(&t, &self.records[slot].desc);
+        Some(t)
     }
 
     /// Acts on deaths and restarts published by the monitor.

@@ -622,6 +622,9 @@ impl<'a> Monitor<'a> {
                 .current
                 .store(crate::layout::NO_TASK, Ordering::Relaxed);
             ws.status
+                .current_item
+                .store(crate::layout::NO_ITEM, Ordering::Relaxed);
+            ws.status
                 .state
                 .store(WorkerState::Empty as u32, Ordering::Relaxed);
             // A producer may have flagged the dead process after it was reaped (while

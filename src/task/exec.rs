@@ -152,10 +152,15 @@ impl<'r> Executor<'r> {
     /// Runs the task `desc` (a validated-here copy) on `bufs` (the token's memory). `Err` only
     /// for a descriptor that breaks the protocol (the worker then stops); a kernel's failure
     /// is in the returned result.
+    ///
+    /// Items whose bit is set in `desc.skip_mask` are not run. Before each item of a user
+    /// kernel, its index is stored in `running` (Relaxed: a hint for the pool after a death or a
+    /// hang, see [`crate::layout::WorkerStatus::current_item`]).
     pub(crate) fn run(
         &mut self,
         desc: &TaskDesc,
         bufs: TaskBuffers<'_>,
+        running: &crate::sync::AtomicU32,
     ) -> Result<TaskResult, String> {
         let task = check(desc, &bufs, self.registry)?;
         let mut bufs = bufs;
@@ -168,10 +173,14 @@ impl<'r> Executor<'r> {
                 TaskBuffers::InPlace(b) => (&mut **b, None),
                 TaskBuffers::OutOfPlace(i, o) => (&mut **o, Some(*i)),
             };
-            let arrays = disjoint_arrays(out, items, task.dtype).map(|(at, a)| match input {
-                Some(i) => RawIo::OutOfPlace(&i[at..at + a.len()], a),
-                None => RawIo::InPlace(a),
-            });
+            let skip = desc.skip_mask;
+            let arrays = disjoint_arrays(out, items, task.dtype)
+                .enumerate()
+                .filter(move |(i, _)| skip & (1 << i) == 0)
+                .map(|(_, (at, a))| match input {
+                    Some(i) => RawIo::OutOfPlace(&i[at..at + a.len()], a),
+                    None => RawIo::InPlace(a),
+                });
             builtin::run_prechecked_each(desc.kernel, &task.params, task.dtype, self.simd, arrays);
             return Ok(TaskResult::ok());
         }
@@ -197,6 +206,10 @@ impl<'r> Executor<'r> {
             Vec::new()
         };
         for (i, item) in desc.items[..desc.count as usize].iter().enumerate() {
+            if desc.skip_mask & (1 << i) != 0 {
+                continue;
+            }
+            running.store(i as u32, crate::sync::Ordering::Relaxed);
             let shape = Shape::from_raw(item.ndim, item.shape).expect("checked");
             let out_shape = task.out_shape.unwrap_or(shape);
             let at = item.offset as usize;
