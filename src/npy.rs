@@ -220,41 +220,28 @@ pub fn write_atomically(
     Ok(())
 }
 
-/// An unnamed file (`O_TMPFILE`) in `path`'s directory, if its filesystem makes them.
+/// An unnamed file in `path`'s directory, if its filesystem makes them.
 fn unnamed_file_beside(path: &Path) -> Option<File> {
     let dir = match path.parent() {
         Some(d) if !d.as_os_str().is_empty() => d,
         _ => Path::new("."),
     };
-    use rustix::fs::{Mode, OFlags};
-    let mode = Mode::from_raw_mode(0o666); // (less the umask, as for any new file)
-    rustix::fs::open(
-        dir,
-        OFlags::TMPFILE | OFlags::WRONLY | OFlags::CLOEXEC,
-        mode,
-    )
-    .ok()
-    .map(File::from)
+    crate::sys::unnamed_file_in(dir)
 }
 
 /// Gives the whole unnamed `file` the name `path`: linked there directly if `path` does not
 /// exist, else linked as `tmp` and renamed over `path` (a stop between the two leaves a whole
 /// file under `tmp`). `Ok(false)` if it cannot be linked at all (no /proc, no hard links).
 fn link_as(file: &File, path: &Path, tmp: &Path) -> io::Result<bool> {
-    use rustix::fs::{linkat, AtFlags, CWD};
-    use std::os::fd::AsRawFd;
-    // (Linking an fd by its /proc name needs no privilege; `AT_EMPTY_PATH` would.)
-    let by_fd = format!("/proc/self/fd/{}", file.as_raw_fd());
-    let link = |to: &Path| linkat(CWD, by_fd.as_str(), CWD, to, AtFlags::SYMLINK_FOLLOW);
-    match link(path) {
+    match crate::sys::link_unnamed(file, path) {
         Ok(()) => return Ok(true),
-        Err(rustix::io::Errno::EXIST) => {}
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
         // (No /proc, a filesystem without hard links: the named way may still work, and
         // reports its own error if not.)
         Err(_) => return Ok(false),
     }
     let _ = std::fs::remove_file(tmp);
-    link(tmp)?;
+    crate::sys::link_unnamed(file, tmp)?;
     std::fs::rename(tmp, path).inspect_err(|_| {
         let _ = std::fs::remove_file(tmp);
     })?;

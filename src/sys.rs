@@ -48,6 +48,38 @@ pub fn memfd(name: &str) -> io::Result<OwnedFd> {
     ))
 }
 
+/// An unnamed, write-only file in directory `dir` ([open(2)] `O_TMPFILE`, mode 0666 less the
+/// umask), if its filesystem makes them; it gets a name only through [`link_unnamed`].
+///
+/// [open(2)]: https://man7.org/linux/man-pages/man2/open.2.html
+pub fn unnamed_file_in(dir: &std::path::Path) -> Option<File> {
+    use rustix::fs::{Mode, OFlags};
+    rustix::fs::open(
+        dir,
+        OFlags::TMPFILE | OFlags::WRONLY | OFlags::CLOEXEC,
+        Mode::from_raw_mode(0o666),
+    )
+    .ok()
+    .map(File::from)
+}
+
+/// Names the unnamed `file` ([`unnamed_file_in`]) `path` ([linkat(2)] of its /proc/self/fd
+/// entry, which needs no privilege, unlike `AT_EMPTY_PATH`). Fails with `AlreadyExists` if
+/// `path` exists.
+///
+/// [linkat(2)]: https://man7.org/linux/man-pages/man2/linkat.2.html
+pub fn link_unnamed(file: &File, path: &std::path::Path) -> io::Result<()> {
+    use rustix::fs::{linkat, AtFlags, CWD};
+    let by_fd = format!("/proc/self/fd/{}", file.as_raw_fd());
+    Ok(linkat(
+        CWD,
+        by_fd.as_str(),
+        CWD,
+        path,
+        AtFlags::SYMLINK_FOLLOW,
+    )?)
+}
+
 /// Whether `fd` is a file on the filesystem mounted at `/dev/shm` (the fallback of [`memfd`]),
 /// and if so the bytes still free there ([statvfs(3)]).
 ///

@@ -331,7 +331,10 @@ pub fn run_if_worker_with(kernels: &Registry) {
         Some(spec) => match serve(spec, kernels) {
             Ok(()) => 0,
             Err(e) => {
-                eprintln!("mk1 worker {}: {e}", spec.index);
+                // (Not `eprintln!`: an orphan's stderr pipe died with the coordinator, and a
+                // panic here would replace the exit code that says why.)
+                use std::io::Write;
+                let _ = writeln!(std::io::stderr(), "mk1 worker {}: {e}", spec.index);
                 e.exit_code()
             }
         },
@@ -346,11 +349,15 @@ pub fn serve(spec: WorkerSpec, registry: &Registry) -> Result<(), WorkerError> {
     // Started through /proc/self/fd/N, the process would show as "N" in ps, top and pgrep.
     sys::set_thread_name(&format!("mk1-worker-{}", spec.index));
     // Before anything else: die with the coordinator, and catch the case where it already died.
-    // A sandbox that refuses prctl leaves the parent check alone, which runs whenever a sleep
-    // times out: orphans still leave, a little later.
-    if !sys::die_with_parent(spec.coordinator).unwrap_or(true)
-        || sys::parent_pid() != spec.coordinator
-    {
+    // A sandbox that refuses prctl leaves the parent checks: whenever a sleep times out, and a
+    // thread that looks every 100 ms, so that an orphan leaves even in the middle of a long
+    // kernel.
+    match sys::die_with_parent(spec.coordinator) {
+        Ok(false) => return Err(WorkerError::Orphaned(spec.coordinator)),
+        Ok(true) => {}
+        Err(_) => watch_parent(spec.index, spec.coordinator),
+    }
+    if sys::parent_pid() != spec.coordinator {
         return Err(WorkerError::Orphaned(spec.coordinator));
     }
     if let Some(cpu) = spec.cpu {
@@ -532,6 +539,29 @@ pub fn serve(spec: WorkerSpec, registry: &Registry) -> Result<(), WorkerError> {
             }
         }
     }
+}
+
+/// Without a parent-death signal (prctl refused): a thread that ends worker `index` once its
+/// parent, the coordinator `parent`, is gone, whatever the worker is running then.
+fn watch_parent(index: u32, parent: u32) {
+    let started = std::thread::Builder::new()
+        .name("mk1-parent-watch".into())
+        .spawn(move || loop {
+            std::thread::sleep(Duration::from_millis(100));
+            if sys::parent_pid() != parent {
+                // (Best effort: the pipe it goes to died with the coordinator, and
+                // `eprintln!` would panic this thread instead of ending the process.)
+                use std::io::Write;
+                let _ = writeln!(
+                    std::io::stderr(),
+                    "mk1 worker {index}: {}",
+                    WorkerError::Orphaned(parent)
+                );
+                std::process::exit(EXIT_ORPHANED);
+            }
+        });
+    // (Without the thread, the checks after each sleep still end an orphan, later.)
+    drop(started);
 }
 
 #[cfg(test)]

@@ -316,47 +316,6 @@ fn a_process_limit_for_an_unprivileged_user_is_refused() {
 }
 
 // Seccomp: a filter installed between fork and exec fails the listed syscalls with EPERM.
-#[cfg(target_arch = "x86_64")]
-fn with_denied_syscalls(c: &mut Command, nrs: &[u32]) {
-    const LD_ABS_W: u16 = 0x20;
-    const JEQ_K: u16 = 0x15;
-    const RET_K: u16 = 0x06;
-    const RET_ALLOW: u32 = 0x7fff_0000;
-    const RET_ERRNO: u32 = 0x0005_0000;
-    const ARCH_X86_64: u32 = 0xc000_003e;
-    let f = |code, jt, jf, k| libc::sock_filter { code, jt, jf, k };
-    let mut prog = vec![
-        f(LD_ABS_W, 0, 0, 4),
-        f(JEQ_K, 1, 0, ARCH_X86_64),
-        f(RET_K, 0, 0, RET_ALLOW),
-        f(LD_ABS_W, 0, 0, 0),
-    ];
-    for &nr in nrs {
-        prog.push(f(JEQ_K, 0, 1, nr));
-        prog.push(f(RET_K, 0, 0, RET_ERRNO | libc::EPERM as u32));
-    }
-    prog.push(f(RET_K, 0, 0, RET_ALLOW));
-    // SAFETY: two prctl calls on a filter allocated before the fork and alive in the child until
-    // exec; both are async-signal-safe.
-    unsafe {
-        c.pre_exec(move || {
-            let fprog = libc::sock_fprog {
-                len: prog.len() as u16,
-                filter: prog.as_ptr().cast_mut(),
-            };
-            if libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0
-                || libc::prctl(
-                    libc::PR_SET_SECCOMP,
-                    libc::SECCOMP_MODE_FILTER,
-                    &fprog as *const libc::sock_fprog,
-                ) != 0
-            {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
-}
 
 #[cfg(target_arch = "x86_64")]
 const PIDFD_OPEN: u32 = 434;

@@ -7,6 +7,8 @@
 //! tests one after another (they set environment variables the workers inherit). Pass a
 //! substring to run only the tests whose names contain it.
 
+mod common;
+
 use std::time::{Duration, Instant};
 
 use mk1::ops::typed::ElemOp;
@@ -1565,14 +1567,59 @@ fn ctrl_c_leaves_no_worker_behind() {
     }
 }
 
+/// Where prctl is refused (no parent-death signal), workers inside a long kernel still leave
+/// soon after their coordinator is killed (a thread of theirs watches the parent).
+#[cfg(target_arch = "x86_64")]
+fn orphans_leave_mid_kernel_without_a_parent_death_signal() {
+    use std::io::BufRead;
+    const PRCTL: u32 = 157;
+    let mut c = std::process::Command::new(std::env::current_exe().unwrap());
+    c.env("MK1_TEST_HOLD_POOL", "sleep")
+        .stdout(std::process::Stdio::piped());
+    common::with_denied_syscalls(&mut c, &[PRCTL]);
+    let mut child = c.spawn().unwrap();
+    let mut line = String::new();
+    std::io::BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let pids: Vec<u32> = line
+        .split_whitespace()
+        .map(|p| p.parse().unwrap())
+        .collect();
+    assert_eq!(pids.len(), 2, "{line}");
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let t0 = Instant::now();
+    while pids.iter().any(|&p| alive(p)) && t0.elapsed() < Duration::from_secs(5) {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    for p in pids {
+        assert!(!alive(p), "worker {p} outlived its coordinator by 5 s");
+    }
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+fn orphans_leave_mid_kernel_without_a_parent_death_signal() {
+    println!("(the seccomp filter of this test is for x86_64)");
+}
+
 /// The child of [`ctrl_c_leaves_no_worker_behind`]: a pool busy until it is killed.
+/// (With `MK1_TEST_HOLD_POOL=sleep`, both workers are inside a 60 s kernel meanwhile.)
 fn hold_pool() -> ! {
     let pool = pool(Mode::OutOfPlace);
     let pids: Vec<String> = pool.worker_pids().iter().map(u32::to_string).collect();
+    let mut producer = pool.producer().unwrap();
+    if std::env::var("MK1_TEST_HOLD_POOL").as_deref() == Ok("sleep") {
+        let task = Task::kernel("sleep_ms").params(Params::from_words(&[60_000]).unwrap());
+        for _ in 0..2 {
+            let loan = producer.loan::<f64>(Shape::d1(1)).unwrap();
+            producer.submit(loan, &task).unwrap();
+        }
+        std::thread::sleep(Duration::from_millis(300));
+    }
     println!("{}", pids.join(" "));
     use std::io::Write;
     std::io::stdout().flush().unwrap();
-    let mut producer = pool.producer().unwrap();
     loop {
         let inputs = (0..1000).map(|k| vec![k as f64; 100]);
         for r in producer.map(&Task::op("neg").unwrap(), inputs).unwrap() {
@@ -1812,6 +1859,10 @@ fn main() {
         (
             "a_poison_array_fails_alone_not_its_whole_batch",
             a_poison_array_fails_alone_not_its_whole_batch,
+        ),
+        (
+            "orphans_leave_mid_kernel_without_a_parent_death_signal",
+            orphans_leave_mid_kernel_without_a_parent_death_signal,
         ),
         (
             "kernel_errors_and_panics_fail_only_their_task",
