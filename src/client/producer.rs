@@ -197,7 +197,7 @@ impl Outcome {
     }
 
     /// Array `k`'s error, if it failed.
-    #[inline]
+    #[inline(always)]
     pub(crate) fn item_error(&self, k: usize) -> Option<TaskError> {
         match self {
             Outcome::Ok => None,
@@ -207,10 +207,7 @@ impl Outcome {
                 panicked: res.panicked,
             }),
             Outcome::Failed(e) => Some((**e).clone()),
-            Outcome::Partly(p) => match p.1.iter().find(|(i, _)| *i as usize == k) {
-                Some((_, e)) => Some(e.clone()),
-                None => p.0.item_error(k),
-            },
+            Outcome::Partly(p) => partly_item_error(p, k),
         }
     }
 
@@ -218,7 +215,7 @@ impl Outcome {
     pub(crate) fn produced(&self, k: usize) -> Option<(DType, Shape)> {
         match self {
             Outcome::Done(res) => produced(res, k),
-            Outcome::Partly(p) => p.0.produced(k),
+            Outcome::Partly(p) => partly_produced(p, k),
             Outcome::Ok | Outcome::Failed(_) => None,
         }
     }
@@ -227,10 +224,25 @@ impl Outcome {
     pub(crate) fn answered(&self) -> bool {
         match self {
             Outcome::Failed(_) => false,
-            Outcome::Partly(p) => p.0.answered(),
+            Outcome::Partly(p) => !matches!(p.0, Outcome::Failed(_)),
             Outcome::Ok | Outcome::Done(_) => true,
         }
     }
+}
+
+// (Out of line, and cold: `Outcome`'s methods stay small enough to inline on the hot path.)
+
+#[cold]
+fn partly_item_error(p: &(Outcome, Vec<(u32, TaskError)>), k: usize) -> Option<TaskError> {
+    match p.1.iter().find(|(i, _)| *i as usize == k) {
+        Some((_, e)) => Some(e.clone()),
+        None => p.0.item_error(k),
+    }
+}
+
+#[cold]
+fn partly_produced(p: &(Outcome, Vec<(u32, TaskError)>), k: usize) -> Option<(DType, Shape)> {
+    p.0.produced(k)
 }
 
 /// A task's trusted record, by slot.
@@ -518,7 +530,9 @@ impl<'s> Core<'s> {
     /// part is the worker's to write), to be filled in place and sent with
     /// [`Core::send_recorded`]. Saves building and copying a whole descriptor per task.
     pub(crate) fn fresh_record(&mut self, token: &Token) -> &mut Record {
-        self.item_failures[token.slot() as usize].clear();
+        if !self.item_failures[token.slot() as usize].is_empty() {
+            self.forget_item_failures(token.slot() as usize);
+        }
         let r = &mut self.records[token.slot() as usize];
         let d = &mut r.desc;
         (d.seq, d.kernel, d.dtype, d.out_dtype, d.count, d.out_ndim) = (0, 0, 0, 0, 0, 0);
@@ -633,7 +647,7 @@ impl<'s> Core<'s> {
     }
 
     /// As [`Core::finish`], with the clock already read.
-    #[inline]
+    #[inline(always)]
     fn finish_at(
         &mut self,
         token: Token,
@@ -644,11 +658,10 @@ impl<'s> Core<'s> {
     ) {
         self.in_flight -= 1;
         let latency_ns = clock::nanos_between(self.slots.record(&token).sent_at, now);
-        let failures = &mut self.item_failures[token.slot() as usize];
-        let outcome = if failures.is_empty() {
+        let outcome = if self.item_failures[token.slot() as usize].is_empty() {
             outcome
         } else {
-            Outcome::Partly(Box::new((outcome, std::mem::take(failures))))
+            self.with_item_failures(token.slot() as usize, outcome)
         };
         self.ready.push_back(Ready {
             token,
@@ -803,6 +816,20 @@ impl<'s> Core<'s> {
         let (c, e) = self.sh.seg.ring(self.p, w as u32, Direction::FromWorker);
         self.from[w] = RingConsumer::after_reset(c, e);
         self.faulted[w] = false;
+    }
+
+    #[cold]
+    fn forget_item_failures(&mut self, slot: usize) {
+        self.item_failures[slot].clear();
+    }
+
+    /// `outcome` of slot `slot`'s batch, with the arrays that failed alone before.
+    #[cold]
+    fn with_item_failures(&mut self, slot: usize, outcome: Outcome) -> Outcome {
+        Outcome::Partly(Box::new((
+            outcome,
+            std::mem::take(&mut self.item_failures[slot]),
+        )))
     }
 
     /// Whether the death or hang of `t`'s worker is blamed on its array `item` alone: `t` is a
