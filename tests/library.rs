@@ -1522,25 +1522,13 @@ fn ndarray_inputs_of_any_layout() {
 /// A program that owns a pool and is stopped by a signal (Ctrl-C, `kill`) leaves no worker
 /// process and nothing in /dev/shm: the workers follow their coordinator out.
 fn ctrl_c_leaves_no_worker_behind() {
-    use std::io::BufRead;
     for sig in ["INT", "TERM"] {
         let shm_before = std::fs::read_dir("/dev/shm")
             .map(|d| d.count())
             .unwrap_or(0);
-        let mut child = std::process::Command::new(std::env::current_exe().unwrap())
-            .env("MK1_TEST_HOLD_POOL", "1")
-            .stdout(std::process::Stdio::piped())
-            .spawn()
-            .unwrap();
-        let mut line = String::new();
-        std::io::BufReader::new(child.stdout.take().unwrap())
-            .read_line(&mut line)
-            .unwrap();
-        let pids: Vec<u32> = line
-            .split_whitespace()
-            .map(|p| p.parse().unwrap())
-            .collect();
-        assert_eq!(pids.len(), 2, "{line}");
+        let mut c = std::process::Command::new(std::env::current_exe().unwrap());
+        c.env("MK1_TEST_HOLD_POOL", "1");
+        let (mut child, pids) = start_held_pool(c);
         std::thread::sleep(Duration::from_millis(200));
         let ok = std::process::Command::new("kill")
             .args([&format!("-{sig}"), &child.id().to_string()])
@@ -1550,13 +1538,11 @@ fn ctrl_c_leaves_no_worker_behind() {
         assert!(ok);
         let status = child.wait().unwrap();
         assert!(!status.success(), "SIG{sig}: {status:?}");
-        let t0 = Instant::now();
-        while pids.iter().any(|&p| alive(p)) && t0.elapsed() < Duration::from_secs(3) {
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        for p in pids {
-            assert!(!alive(p), "SIG{sig}: worker {p} outlived its coordinator");
-        }
+        let left = still_alive_after(&pids, Duration::from_secs(3));
+        assert!(
+            left.is_empty(),
+            "SIG{sig}: workers {left:?} outlived their coordinator"
+        );
         let shm_after = std::fs::read_dir("/dev/shm")
             .map(|d| d.count())
             .unwrap_or(0);
@@ -1571,13 +1557,25 @@ fn ctrl_c_leaves_no_worker_behind() {
 /// soon after their coordinator is killed (a thread of theirs watches the parent).
 #[cfg(target_arch = "x86_64")]
 fn orphans_leave_mid_kernel_without_a_parent_death_signal() {
-    use std::io::BufRead;
     const PRCTL: u32 = 157;
     let mut c = std::process::Command::new(std::env::current_exe().unwrap());
-    c.env("MK1_TEST_HOLD_POOL", "sleep")
-        .stdout(std::process::Stdio::piped());
+    c.env("MK1_TEST_HOLD_POOL", "sleep");
     common::with_denied_syscalls(&mut c, &[PRCTL]);
-    let mut child = c.spawn().unwrap();
+    let (mut child, pids) = start_held_pool(c);
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let left = still_alive_after(&pids, Duration::from_secs(5));
+    assert!(
+        left.is_empty(),
+        "workers {left:?} outlived their coordinator by 5 s"
+    );
+}
+
+/// Starts `c` (this program with `MK1_TEST_HOLD_POOL` set: [`hold_pool`]) and reads the pids
+/// of its two workers from its first line.
+fn start_held_pool(mut c: std::process::Command) -> (std::process::Child, Vec<u32>) {
+    use std::io::BufRead;
+    let mut child = c.stdout(std::process::Stdio::piped()).spawn().unwrap();
     let mut line = String::new();
     std::io::BufReader::new(child.stdout.take().unwrap())
         .read_line(&mut line)
@@ -1587,15 +1585,16 @@ fn orphans_leave_mid_kernel_without_a_parent_death_signal() {
         .map(|p| p.parse().unwrap())
         .collect();
     assert_eq!(pids.len(), 2, "{line}");
-    child.kill().unwrap();
-    child.wait().unwrap();
+    (child, pids)
+}
+
+/// The processes of `pids` still alive after waiting up to `limit` for all to go.
+fn still_alive_after(pids: &[u32], limit: Duration) -> Vec<u32> {
     let t0 = Instant::now();
-    while pids.iter().any(|&p| alive(p)) && t0.elapsed() < Duration::from_secs(5) {
+    while pids.iter().any(|&p| alive(p)) && t0.elapsed() < limit {
         std::thread::sleep(Duration::from_millis(10));
     }
-    for p in pids {
-        assert!(!alive(p), "worker {p} outlived its coordinator by 5 s");
-    }
+    pids.iter().copied().filter(|&p| alive(p)).collect()
 }
 
 #[cfg(not(target_arch = "x86_64"))]
