@@ -497,12 +497,7 @@ fn kernel_errors_and_panics_fail_only_their_task() {
 /// The stall clock starts when a worker gets work: a task after an idle spell longer than the
 /// timeout is not charged for the idle time.
 fn an_idle_spell_does_not_count_against_the_next_task() {
-    let pool = Pool::builder()
-        .workers(1)
-        .worker_timeout(Duration::from_millis(800))
-        .kernels(kernels())
-        .build()
-        .unwrap();
+    let pool = timed_pool(1, Duration::from_millis(800));
     let producer = pool.producer().unwrap();
     for _ in 0..2 {
         std::thread::sleep(Duration::from_millis(1500));
@@ -519,12 +514,7 @@ fn an_idle_spell_does_not_count_against_the_next_task() {
 /// `terminate` kills workers running long tasks at once; the handle and the pool then drop
 /// without waiting, and nothing is left.
 fn terminate_does_not_wait_for_running_tasks() {
-    let pool = Pool::builder()
-        .workers(2)
-        .worker_timeout(Duration::from_secs(120))
-        .kernels(kernels())
-        .build()
-        .unwrap();
+    let pool = timed_pool(2, Duration::from_secs(120));
     let pids = pool.worker_pids();
     assert_eq!(pids.len(), 2);
     let producer = pool.producer().unwrap();
@@ -631,12 +621,7 @@ fn a_poison_array_fails_alone_not_its_whole_batch() {
 /// Ctrl-Z then `fg`, `docker pause`, a cgroup freezer: the caller and its workers stopped
 /// together for longer than the worker timeout. The tasks running then are not stalls.
 fn a_pool_stopped_whole_and_resumed_loses_no_task() {
-    let pool = Pool::builder()
-        .workers(2)
-        .worker_timeout(Duration::from_millis(500))
-        .kernels(kernels())
-        .build()
-        .unwrap();
+    let pool = timed_pool(2, Duration::from_millis(500));
     let producer = pool.producer().unwrap();
     for k in 0..4 {
         let mut loan = producer.loan::<f64>(Shape::d1(1)).unwrap();
@@ -670,12 +655,7 @@ fn a_pool_stopped_whole_and_resumed_loses_no_task() {
 }
 
 fn a_hung_kernel_times_out_and_the_pool_goes_on() {
-    let pool = Pool::builder()
-        .workers(2)
-        .worker_timeout(Duration::from_millis(500))
-        .kernels(kernels())
-        .build()
-        .unwrap();
+    let pool = timed_pool(2, Duration::from_millis(500));
     let producer = pool.producer().unwrap();
     let loan = producer.loan::<f64>(Shape::d1(8)).unwrap();
     let t0 = Instant::now();
@@ -909,12 +889,7 @@ fn a_pool_with_no_worker_left_says_so_at_once() {
 /// A handle dropped with tasks that hang waits for one worker timeout, not one per task: the
 /// tasks queued behind a killed worker are not redone (nobody will read them).
 fn a_handle_dropped_with_hung_tasks_waits_one_timeout() {
-    let pool = Pool::builder()
-        .workers(2)
-        .worker_timeout(Duration::from_millis(500))
-        .kernels(kernels())
-        .build()
-        .unwrap();
+    let pool = timed_pool(2, Duration::from_millis(500));
     let producer = pool.producer().unwrap();
     let hang = Task::kernel("sleep_ms").params(Params::from_words(&[60_000]).unwrap());
     for _ in 0..8 {
@@ -1569,6 +1544,16 @@ fn orphans_leave_mid_kernel_without_a_parent_death_signal() {
         left.is_empty(),
         "workers {left:?} outlived their coordinator by 5 s"
     );
+}
+
+/// A pool of `workers` running this program's kernels, with `timeout` as its worker timeout.
+fn timed_pool(workers: u32, timeout: Duration) -> Pool {
+    Pool::builder()
+        .workers(workers)
+        .worker_timeout(timeout)
+        .kernels(kernels())
+        .build()
+        .unwrap()
 }
 
 /// Starts `c` (this program with `MK1_TEST_HOLD_POOL` set: [`hold_pool`]) and reads the pids
