@@ -225,3 +225,14 @@ impl fmt::Display for Report {
         )
     }
 }
+
+/// The name a report gives the stopping signal `sig` (`interrupted`): SIGHUP, SIGINT,
+/// SIGTERM, else "signal N".
+pub fn signal_name(sig: usize) -> String {
+    match sig {
+        1 => "SIGHUP".into(),
+        2 => "SIGINT".into(),
+        15 => "SIGTERM".into(),
+        s => format!("signal {s}"),
+    }
+}

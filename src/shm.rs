@@ -204,6 +204,35 @@ fn commit_error(fd: BorrowedFd<'_>, asked: u64, e: io::Error) -> ShmCreateError 
     }
 }
 
+/// What a failure of the fallback commit through the mapping (`MADV_POPULATE_WRITE`) means.
+fn populate_error(fd: BorrowedFd<'_>, asked: u64, e: io::Error) -> ShmCreateError {
+    let refused = [
+        rustix::io::Errno::INVAL,
+        rustix::io::Errno::PERM,
+        rustix::io::Errno::NOSYS,
+    ];
+    match e.raw_os_error() {
+        Some(code) if refused.iter().any(|r| r.raw_os_error() == code) => ShmCreateError::Io {
+            step: "fallocate",
+            source: io::Error::new(
+                e.kind(),
+                "fallocate(2) is refused, and so is madvise(2) MADV_POPULATE_WRITE (or this \
+                 kernel, before Linux 5.14, has none), so the segment's memory cannot be \
+                 committed up front (touching it later could raise SIGBUS); allow fallocate in \
+                 the seccomp profile",
+            ),
+        },
+        // EFAULT: a page could not be had, where a touch would raise SIGBUS; as fallocate's
+        // ENOSPC.
+        Some(code) if code == rustix::io::Errno::FAULT.raw_os_error() => commit_error(
+            fd,
+            asked,
+            io::Error::from_raw_os_error(rustix::io::Errno::NOSPC.raw_os_error()),
+        ),
+        _ => commit_error(fd, asked, e),
+    }
+}
+
 impl Segment {
     /// Creates, sizes, commits and maps a new segment for `layout`, and writes its header.
     ///
@@ -243,32 +272,7 @@ impl Segment {
                 // (The pages it did get go back first, so the space reported is the space
                 // there was.)
                 let _ = sys::set_len(fd.as_fd(), 0);
-                let refused = [
-                    rustix::io::Errno::INVAL,
-                    rustix::io::Errno::PERM,
-                    rustix::io::Errno::NOSYS,
-                ];
-                match e.raw_os_error() {
-                Some(code) if refused.iter().any(|r| r.raw_os_error() == code) => {
-                    ShmCreateError::Io {
-                        step: "fallocate",
-                        source: io::Error::new(
-                            e.kind(),
-                            "fallocate(2) is refused, and so is madvise(2) MADV_POPULATE_WRITE \
-                             (or this kernel, before Linux 5.14, has none), so the segment's \
-                             memory cannot be committed up front (touching it later could raise \
-                             SIGBUS); allow fallocate in the seccomp profile",
-                        ),
-                    }
-                }
-                // (EFAULT: a page could not be had, where a touch would raise SIGBUS.)
-                Some(code) if code == rustix::io::Errno::FAULT.raw_os_error() => commit_error(
-                    fd.as_fd(),
-                    asked,
-                    io::Error::from_raw_os_error(rustix::io::Errno::NOSPC.raw_os_error()),
-                ),
-                _ => commit_error(fd.as_fd(), asked, e),
-                }
+                populate_error(fd.as_fd(), asked, e)
             })?;
         }
         let coordinator_pid = sys::own_pid();

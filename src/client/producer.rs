@@ -763,21 +763,18 @@ impl<'s> Core<'s> {
             // The running task is blamed (it may be another handle's: then none of ours is);
             // with no hint at all, every task out there is.
             let blamed = current == NO_TASK || word == current;
-            if word == current && !self.draining && self.blame_one_array(&t, running_item) {
-                let t = self.settle_culprit(t, running_item, timed_out, &how, w);
-                if let Some(t) = t {
-                    self.redo.push(t);
-                }
-                continue;
-            }
+            // A batch whose running array is known: if the task is to fail, that array fails
+            // alone and the rest goes again.
+            let culprit = (word == current && !self.draining)
+                .then_some(running_item)
+                .filter(|&k| self.blame_one_array(&t, k));
             let r = &mut self.records[t.slot() as usize];
             if timed_out && blamed {
-                self.finish(
-                    t,
-                    Outcome::failed(TaskError::Timeout(self.sh.cfg.worker_timeout)),
-                    false,
-                    Some(w as u32),
-                );
+                let error = TaskError::Timeout(self.sh.cfg.worker_timeout);
+                match culprit {
+                    Some(k) => self.fail_alone(t, k, error, &how, w),
+                    None => self.finish(t, Outcome::failed(error), false, Some(w as u32)),
+                }
                 continue;
             }
             if blamed {
@@ -786,29 +783,14 @@ impl<'s> Core<'s> {
             let intact = self.sh.mode == Mode::OutOfPlace || self.sh.keep_copies;
             // (A handle being dropped redoes nothing: nobody will read the results.)
             let retry = intact && r.attempts <= self.sh.max_retries && !self.draining;
-            if retry {
-                // The input is intact (read-only in workers, or restored from our copy in
-                // place); the descriptor is rewritten from our record, as the dead worker may
-                // have scribbled on it.
-                let mut t = t;
-                if self.sh.mode == Mode::InPlace {
-                    let copy = &self.copies[t.slot() as usize];
-                    let slot = self.sh.seg.slot_bytes_mut(&mut t);
-                    crate::array::copy_elements(&mut slot[..copy.len()], copy);
-                }
-                self.sh.seg.write_task(&t, &r.desc);
-                self.redo.push(t);
-            } else {
-                let attempts = r.attempts.max(1);
-                self.finish(
-                    t,
-                    Outcome::failed(TaskError::WorkerDied {
-                        how: how.clone(),
-                        attempts,
-                    }),
-                    false,
-                    Some(w as u32),
-                );
+            let error = TaskError::WorkerDied {
+                how: how.clone(),
+                attempts: r.attempts.max(1),
+            };
+            match (retry, culprit) {
+                (true, _) => self.send_again(t),
+                (false, Some(k)) => self.fail_alone(t, k, error, &how, w),
+                (false, None) => self.finish(t, Outcome::failed(error), false, Some(w as u32)),
             }
         }
         let (c, e) = self.sh.seg.ring(self.p, w as u32, Direction::ToWorker);
@@ -839,69 +821,54 @@ impl<'s> Core<'s> {
         d.count > 1 && item < d.count && d.skip_mask & (1 << item) == 0
     }
 
-    /// Array `k` of batch `t` was running when its worker died (or hung, `timed_out`). That
-    /// array alone takes the blame: it is retried with the batch while attempts are left (the
-    /// input intact), else it fails alone and the rest of the batch goes again without it. In
-    /// place without copies the arrays before it were changed in place, so they fail too, and
-    /// those after it, untouched, go again. Returns the token to send again, if any.
-    fn settle_culprit(
-        &mut self,
-        mut t: Token,
-        k: u32,
-        timed_out: bool,
-        how: &str,
-        w: usize,
-    ) -> Option<Token> {
+    /// Batch `t` fails because its array `k` was running when its worker died or hung: array
+    /// `k` fails alone with `error`, and the rest of the batch is sent again without it. In
+    /// place without copies the arrays before it were changed in place, so they fail too
+    /// (`WorkerDied`); those after it are untouched.
+    fn fail_alone(&mut self, t: Token, k: u32, error: TaskError, how: &str, w: usize) {
         let slot = t.slot() as usize;
         let intact = self.sh.mode == Mode::OutOfPlace || self.sh.keep_copies;
         let r = &mut self.records[slot];
-        if !timed_out {
-            r.attempts += 1;
-        }
-        let retry_all = !timed_out && intact && r.attempts <= self.sh.max_retries;
-        if !retry_all {
-            let died = |attempts| TaskError::WorkerDied {
+        let mut failed = vec![(k, error)];
+        if !intact {
+            let died = TaskError::WorkerDied {
                 how: how.to_string(),
-                attempts,
+                attempts: 1,
             };
-            let blame = if timed_out {
-                TaskError::Timeout(self.sh.cfg.worker_timeout)
-            } else {
-                died(r.attempts.max(1))
-            };
-            let mut failed = vec![(k, blame)];
-            if !intact {
-                failed.extend(
-                    (0..k)
-                        .filter(|i| r.desc.skip_mask & (1 << i) == 0)
-                        .map(|i| (i, died(1))),
-                );
-            }
-            for (i, _) in &failed {
-                r.desc.skip_mask |= 1 << i;
-            }
-            // (The next array to take the blame starts with a clean count.)
-            r.attempts = 0;
-            let first = failed[0].1.clone();
-            self.item_failures[slot].extend(failed);
-            let all = if r.desc.count == 64 {
-                u64::MAX
-            } else {
-                (1 << r.desc.count) - 1
-            };
-            if r.desc.skip_mask == all {
-                self.finish(t, Outcome::failed(first), false, Some(w as u32));
-                return None;
-            }
+            failed.extend(
+                (0..k)
+                    .filter(|i| r.desc.skip_mask & (1 << i) == 0)
+                    .map(|i| (i, died.clone())),
+            );
         }
+        for (i, _) in &failed {
+            r.desc.skip_mask |= 1 << i;
+        }
+        // (The next array to take the blame starts with a clean count.)
+        r.attempts = 0;
+        let all = u64::MAX >> (64 - r.desc.count);
+        let done = r.desc.skip_mask == all;
+        let first = failed[0].1.clone();
+        self.item_failures[slot].extend(failed);
+        if done {
+            self.finish(t, Outcome::failed(first), false, Some(w as u32));
+        } else {
+            self.send_again(t);
+        }
+    }
+
+    /// Queues a task of a dead worker to be sent again: in place with copies, its input is
+    /// restored first; the descriptor is rewritten from our record, as the dead worker may
+    /// have scribbled on it.
+    fn send_again(&mut self, mut t: Token) {
+        let slot = t.slot() as usize;
         if self.sh.mode == Mode::InPlace && self.sh.keep_copies {
             let copy = &self.copies[slot];
             let data = self.sh.seg.slot_bytes_mut(&mut t);
             crate::array::copy_elements(&mut data[..copy.len()], copy);
         }
-        // (Rewritten from our record: the dead worker may have scribbled on the descriptor.)
         self.sh.seg.write_task(&t, &self.records[slot].desc);
-        Some(t)
+        self.redo.push(t);
     }
 
     /// Acts on deaths and restarts published by the monitor.

@@ -273,7 +273,7 @@ pub fn run(cfg: &Config, hooks: &Hooks<'_>) -> Result<Report, RunError> {
                 let s = sig.load(Ordering::Relaxed);
                 if s != 0 && signal.is_none() {
                     signal = Some(s as i32);
-                    interrupted.get_or_insert_with(|| signal_name(s));
+                    interrupted.get_or_insert_with(|| crate::report::signal_name(s));
                     stop.store(true, Ordering::Relaxed);
                     // Draining ends in bounded time even with a stuck worker.
                     pool.wind_down();
@@ -701,15 +701,6 @@ impl Stats {
             first_issue: None,
             last_return: None,
         }
-    }
-}
-
-fn signal_name(sig: usize) -> String {
-    match sig {
-        1 => "SIGHUP".into(),
-        2 => "SIGINT".into(),
-        15 => "SIGTERM".into(),
-        s => format!("signal {s}"),
     }
 }
 
