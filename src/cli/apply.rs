@@ -159,6 +159,15 @@ impl State<'_> {
 
 /// Runs `mk1 apply`.
 pub fn apply(args: ApplyArgs) -> ExitCode {
+    // A stopping signal ends the run early and cleanly: no file is started after it, those in
+    // flight are written, then the summary says so (exit 128 + the signal's number). Caught
+    // from the start, so the checks below (which write and remove a probe file in the output
+    // directory) always finish.
+    let signal = match super::stop_signals() {
+        Ok(s) => s,
+        Err(e) => return usage(e),
+    };
+    let stopped = || signal.load(std::sync::atomic::Ordering::Relaxed);
     let inputs = match check(&args) {
         Ok(i) => i,
         Err(e) => return usage(e),
@@ -179,13 +188,6 @@ pub fn apply(args: ApplyArgs) -> ExitCode {
         return usage("--workers: 0 is outside 1..=1024 (at least one worker runs the op)");
     }
     let workers = args.workers.unwrap_or_else(mk1::config::default_workers);
-    // A stopping signal ends the run early and cleanly: no file is started after it, those in
-    // flight are written, then the summary says so (exit 128 + the signal's number).
-    let signal = match super::stop_signals() {
-        Ok(s) => s,
-        Err(e) => return usage(e),
-    };
-    let stopped = || signal.load(std::sync::atomic::Ordering::Relaxed);
     let pool = Pool::builder()
         .workers(workers)
         .mode(match args.mode {
@@ -266,7 +268,7 @@ pub fn apply(args: ApplyArgs) -> ExitCode {
         ..
     } = st;
     let signal = stopped();
-    let interrupted = (signal != 0).then(|| signal_name(signal));
+    let interrupted = (signal != 0).then(|| mk1::report::signal_name(signal));
     let not_started = inputs.len() - started;
     let seconds = start.elapsed().as_secs_f64();
     if let Some(b) = &bar {
@@ -319,15 +321,6 @@ pub fn apply(args: ApplyArgs) -> ExitCode {
         ExitCode::SUCCESS
     } else {
         ExitCode::from(1)
-    }
-}
-
-fn signal_name(sig: usize) -> String {
-    match sig as i32 {
-        signal_hook::consts::SIGINT => "SIGINT".into(),
-        signal_hook::consts::SIGTERM => "SIGTERM".into(),
-        signal_hook::consts::SIGHUP => "SIGHUP".into(),
-        n => format!("signal {n}"),
     }
 }
 
