@@ -59,13 +59,65 @@ macro_rules! simd_kernels {
                 }};
             }
 
-            /// OR over the 4 vectors at `p + i` of `x ^ $f(v + k·L)`: zero iff all match.
-            /// `v` is the fill value of element `i` in every lane (plus the lane index).
+            /// `[s(v), s(v + L), s(v + 2·L), s(v + 3·L)]`: the states of 4 consecutive
+            /// vectors whose first holds the fill values `v` (one per lane).
+            macro_rules! states4 {
+                ($v:expr, |$x:ident| $s:expr) => {{
+                    let lane = $set1(L as i32);
+                    let v0 = $v;
+                    let v1 = $add(v0, lane);
+                    let v2 = $add(v1, lane);
+                    let v3 = $add(v2, lane);
+                    let $x = v0;
+                    let s0 = $s;
+                    let $x = v1;
+                    let s1 = $s;
+                    let $x = v2;
+                    let s2 = $s;
+                    let $x = v3;
+                    let s3 = $s;
+                    [s0, s1, s2, s3]
+                }};
+            }
+
+            /// Each of 4 states advanced by the same vector.
+            macro_rules! advance4 {
+                ($s:ident, $by:ident) => {
+                    $s = [
+                        $add($s[0], $by),
+                        $add($s[1], $by),
+                        $add($s[2], $by),
+                        $add($s[3], $by),
+                    ]
+                };
+            }
+
+            /// Expands `$m!` once per op with how that op's expected values `op(base + i)` are
+            /// tracked: `|x| state` maps fill values to a state, which grows by `inc` per
+            /// element, and `|y| expected` maps a state to the expected values. An affine op's
+            /// state is its expected value itself: `a·(base + i) + b` grows by exactly `a` per
+            /// element in wrapping arithmetic, so a vector costs one add, not a multiply and
+            /// two adds. Xor and abs are not linear: their state is the fill value.
+            macro_rules! per_op {
+                ($op:expr, $m:ident) => {
+                    match $op {
+                        Lanes::Affine(a, b) => {
+                            let (va, vb) = ($set1(a), $set1(b));
+                            $m!(|x| $add($mullo(x, va), vb), a, |y| y)
+                        }
+                        Lanes::Xor(k) => {
+                            let vk = $set1(k);
+                            $m!(|x| x, 1, |y| $xor(y, vk))
+                        }
+                        Lanes::Abs => $m!(|x| x, 1, |y| $abs(y)),
+                    }
+                };
+            }
+
+            /// OR over the 4 vectors at `p + i` of `data ^ expected(state)`: zero iff all
+            /// match.
             macro_rules! diff4 {
-                ($p:ident, $i:ident, $v:ident, $lane:ident, |$x:ident| $f:expr) => {{
-                    let v1 = $add($v, $lane);
-                    let v2 = $add(v1, $lane);
-                    let v3 = $add(v2, $lane);
+                ($p:ident, $i:ident, $st:ident, |$y:ident| $e:expr) => {{
                     // SAFETY: callers check `i + STEP <= len`: the four loads are in bounds.
                     let (a, b, c, d) = unsafe {
                         (
@@ -75,59 +127,15 @@ macro_rules! simd_kernels {
                             $load($p.add($i + 3 * L).cast()),
                         )
                     };
-                    let $x = $v;
-                    let ea = $f;
-                    let $x = v1;
-                    let eb = $f;
-                    let $x = v2;
-                    let ec = $f;
-                    let $x = v3;
-                    let ed = $f;
+                    let $y = $st[0];
+                    let ea = $e;
+                    let $y = $st[1];
+                    let eb = $e;
+                    let $y = $st[2];
+                    let ec = $e;
+                    let $y = $st[3];
+                    let ed = $e;
                     $or($or($xor(a, ea), $xor(b, eb)), $or($xor(c, ec), $xor(d, ed)))
-                }};
-            }
-
-            /// Compares 4 vectors at a time against `$f(fill)`; returns the first mismatch.
-            macro_rules! check4 {
-                ($data:ident, $base:ident, $op:ident, |$x:ident| $f:expr) => {{
-                    let p = $data.as_ptr();
-                    let lane = $set1(L as i32);
-                    let step = $set1(STEP as i32);
-                    let mut v = $add($set1($base), $iota);
-                    let mut i = 0;
-                    while i + STEP <= $data.len() {
-                        let diff = diff4!(p, i, v, lane, |$x| $f);
-                        if $nonzero(diff) {
-                            break;
-                        }
-                        v = $add(v, step);
-                        i += STEP;
-                    }
-                    // Then one vector at a time (unless a block above already mismatched).
-                    if i + STEP > $data.len() {
-                        while i + L <= $data.len() {
-                            // SAFETY: `i + L <= len`: one vector inside `data`.
-                            let a = unsafe { $load(p.add(i).cast()) };
-                            let $x = v;
-                            let e = $f;
-                            if $nonzero($xor(a, e)) {
-                                break;
-                            }
-                            v = $add(v, lane);
-                            i += L;
-                        }
-                    }
-                    // The first mismatching block is pinned down by the portable kernel; a tail
-                    // shorter than a vector by the tail kernel.
-                    let rest = &$data[i..];
-                    let base = $base.wrapping_add(i as i32);
-                    let at = if rest.len() < L {
-                        // SAFETY: this function has the target feature the tail kernel needs.
-                        unsafe { $tail::verify($op, base, rest) }
-                    } else {
-                        portable::verify($op, base, rest)
-                    };
-                    at.map(|j| i + j)
                 }};
             }
 
@@ -148,46 +156,36 @@ macro_rules! simd_kernels {
                 data: &mut [i32],
             ) -> usize {
                 macro_rules! run {
-                    (|$x:ident| $f:expr) => {{
+                    (|$x:ident| $s:expr, $inc:expr, |$y:ident| $e:expr) => {{
                         let p = data.as_mut_ptr();
-                        let lane = $set1(L as i32);
+                        let inc: i32 = $inc;
+                        let sstep = $set1(inc.wrapping_mul(STEP as i32));
                         let step = $set1(STEP as i32);
-                        let mut v = $add($set1(old), $iota);
-                        let mut n = $add($set1(new), $iota);
+                        let mut st = states4!($add($set1(old), $iota), |$x| $s);
+                        let mut n = states4!($add($set1(new), $iota), |v| v);
+                        let end = data.len() / STEP * STEP;
                         let mut i = 0;
-                        while i + STEP <= data.len() {
-                            let diff = diff4!(p, i, v, lane, |$x| $f);
+                        while i < end {
+                            let diff = diff4!(p, i, st, |$y| $e);
                             if $nonzero(diff) {
                                 break;
                             }
-                            // SAFETY: as above, for the stores.
+                            // SAFETY: `i + STEP <= end <= len`: the four stores are inside
+                            // `data`.
                             unsafe {
-                                $store(p.add(i).cast(), n);
-                                $store(p.add(i + L).cast(), $add(n, lane));
-                                $store(p.add(i + 2 * L).cast(), $add($add(n, lane), lane));
-                                $store(
-                                    p.add(i + 3 * L).cast(),
-                                    $add($add($add(n, lane), lane), lane),
-                                );
+                                $store(p.add(i).cast(), n[0]);
+                                $store(p.add(i + L).cast(), n[1]);
+                                $store(p.add(i + 2 * L).cast(), n[2]);
+                                $store(p.add(i + 3 * L).cast(), n[3]);
                             }
-                            v = $add(v, step);
-                            n = $add(n, step);
+                            advance4!(st, sstep);
+                            advance4!(n, step);
                             i += STEP;
                         }
                         i
                     }};
                 }
-                match op {
-                    Lanes::Affine(a, b) => {
-                        let (va, vb) = ($set1(a), $set1(b));
-                        run!(|x| $add($mullo(x, va), vb))
-                    }
-                    Lanes::Xor(k) => {
-                        let vk = $set1(k);
-                        run!(|x| $xor(x, vk))
-                    }
-                    Lanes::Abs => run!(|x| $abs(x)),
-                }
+                per_op!(op, run)
             }
 
             /// `out[i] = base + i`.
@@ -198,25 +196,24 @@ macro_rules! simd_kernels {
             /// ` target feature.
             #[target_feature(enable = $feature)]
             pub unsafe fn fill(base: i32, out: &mut [i32]) {
-                let lane = $set1(L as i32);
                 let step = $set1(STEP as i32);
-                let mut v = $add($set1(base), $iota);
+                let mut n = states4!($add($set1(base), $iota), |v| v);
                 let p = out.as_mut_ptr();
+                let end = out.len() / STEP * STEP;
                 let mut i = 0;
-                while i + STEP <= out.len() {
-                    // SAFETY: `i + STEP <= len`: the four stores are inside `out`.
+                while i < end {
+                    // SAFETY: `i + STEP <= end <= len`: the four stores are inside `out`.
                     unsafe {
-                        $store(p.add(i).cast(), v);
-                        $store(p.add(i + L).cast(), $add(v, lane));
-                        $store(p.add(i + 2 * L).cast(), $add($add(v, lane), lane));
-                        $store(
-                            p.add(i + 3 * L).cast(),
-                            $add($add($add(v, lane), lane), lane),
-                        );
+                        $store(p.add(i).cast(), n[0]);
+                        $store(p.add(i + L).cast(), n[1]);
+                        $store(p.add(i + 2 * L).cast(), n[2]);
+                        $store(p.add(i + 3 * L).cast(), n[3]);
                     }
-                    v = $add(v, step);
+                    advance4!(n, step);
                     i += STEP;
                 }
+                let lane = $set1(L as i32);
+                let mut v = n[0];
                 while i + L <= out.len() {
                     // SAFETY: `i + L <= len`: one store inside `out`.
                     unsafe { $store(p.add(i).cast(), v) };
@@ -260,17 +257,52 @@ macro_rules! simd_kernels {
             /// ` target feature.
             #[target_feature(enable = $feature)]
             pub unsafe fn verify(op: Lanes, base: i32, data: &[i32]) -> Option<usize> {
-                match op {
-                    Lanes::Affine(a, b) => {
-                        let (va, vb) = ($set1(a), $set1(b));
-                        check4!(data, base, op, |x| $add($mullo(x, va), vb))
-                    }
-                    Lanes::Xor(k) => {
-                        let vk = $set1(k);
-                        check4!(data, base, op, |x| $xor(x, vk))
-                    }
-                    Lanes::Abs => check4!(data, base, op, |x| $abs(x)),
+                macro_rules! check {
+                    (|$x:ident| $s:expr, $inc:expr, |$y:ident| $e:expr) => {{
+                        let p = data.as_ptr();
+                        let inc: i32 = $inc;
+                        let sstep = $set1(inc.wrapping_mul(STEP as i32));
+                        let mut st = states4!($add($set1(base), $iota), |$x| $s);
+                        let end = data.len() / STEP * STEP;
+                        let mut i = 0;
+                        while i < end {
+                            let diff = diff4!(p, i, st, |$y| $e);
+                            if $nonzero(diff) {
+                                break;
+                            }
+                            advance4!(st, sstep);
+                            i += STEP;
+                        }
+                        // Then one vector at a time (unless a block above mismatched).
+                        if i == end {
+                            let lstep = $set1(inc.wrapping_mul(L as i32));
+                            let mut s = st[0];
+                            while i + L <= data.len() {
+                                // SAFETY: `i + L <= len`: one vector inside `data`.
+                                let a = unsafe { $load(p.add(i).cast()) };
+                                let $y = s;
+                                if $nonzero($xor(a, $e)) {
+                                    break;
+                                }
+                                s = $add(s, lstep);
+                                i += L;
+                            }
+                        }
+                        i
+                    }};
                 }
+                let i = per_op!(op, check);
+                // The first mismatching block is pinned down by the portable kernel; a tail
+                // shorter than a vector by the tail kernel.
+                let rest = &data[i..];
+                let base = base.wrapping_add(i as i32);
+                let at = if rest.len() < L {
+                    // SAFETY: this function has the target feature the tail kernel needs.
+                    unsafe { $tail::verify(op, base, rest) }
+                } else {
+                    portable::verify(op, base, rest)
+                };
+                at.map(|j| i + j)
             }
         }
     };
