@@ -15,7 +15,7 @@ use crate::sync::{AtomicU32, AtomicU64};
 /// `b"mk1-seg\0"` as a little-endian u64: the first eight bytes of every segment.
 pub const MAGIC: u64 = u64::from_le_bytes(*b"mk1-seg\0");
 /// Bumped on every change to a `repr(C)` struct in this module.
-pub const LAYOUT_VERSION: u32 = 10;
+pub const LAYOUT_VERSION: u32 = 11;
 /// Separation between data written by different processes (two 64-byte lines: the adjacent-line
 /// prefetcher on x86_64 pulls pairs, see crossbeam's `CachePadded`).
 pub const LINE: u64 = 128;
@@ -260,15 +260,17 @@ pub struct TaskDesc {
     pub context_offset: u32,
     /// Bytes of context (handed to the kernel as is, read-only).
     pub context_len: u32,
-    /// Bit `i` set: item `i` is not run (its outcome is already settled: it was blamed for a
-    /// worker's death or hang and failed alone, and the rest of its batch is sent again).
-    pub skip_mask: u64,
     /// The arrays; entries at `count..` are ignored.
     pub items: [ItemDesc; MAX_ITEMS],
     /// Parameters for the kernel (the first `params_len` bytes travel).
     pub params: [u8; PARAM_BYTES],
     /// The output shape when `out_ndim != 0`.
     pub out_shape: [u32; MAX_DIMS],
+    /// Bit `i` set: item `i` is not run (its outcome is already settled: it was blamed for a
+    /// worker's death or hang and failed alone, and the rest of its batch is sent again). Batches only: it travels when
+    /// `count > 1` (off the first line, which a one-array task keeps to itself), and reads as 0
+    /// otherwise.
+    pub skip_mask: u64,
     /// Written by the worker: bit `i` set if item `i` failed.
     pub failed_mask: u64,
     /// Written by the worker: [`TASK_OK`] or [`TASK_FAILED`] (anything else is a failure).
@@ -461,10 +463,13 @@ const _: () = {
     assert!(offset_of!(WorkerStatus, current) == 24);
     assert!(size_of::<ItemDesc>() == 24);
     assert!(offset_of!(WorkerStatus, current_item) == 32);
-    assert!(offset_of!(TaskDesc, skip_mask) == 40);
-    assert!(offset_of!(TaskDesc, items) == 48);
-    assert!(offset_of!(TaskDesc, params) == 48 + 24 * MAX_ITEMS);
-    assert!(offset_of!(TaskDesc, out_shape) == 48 + 24 * MAX_ITEMS + PARAM_BYTES);
+    // The head and the first item fill the first line: a one-array task moves that line and
+    // the line of its parameters.
+    assert!(offset_of!(TaskDesc, items) == 40);
+    assert!(offset_of!(TaskDesc, items) + size_of::<ItemDesc>() == 64);
+    assert!(offset_of!(TaskDesc, params) == 40 + 24 * MAX_ITEMS);
+    assert!(offset_of!(TaskDesc, out_shape) == 40 + 24 * MAX_ITEMS + PARAM_BYTES);
+    assert!(offset_of!(TaskDesc, skip_mask) == 56 + 24 * MAX_ITEMS + PARAM_BYTES);
     assert!(offset_of!(TaskDesc, failed_mask) == 64 + 24 * MAX_ITEMS + PARAM_BYTES);
     assert!(offset_of!(TaskDesc, status) == 72 + 24 * MAX_ITEMS + PARAM_BYTES);
     // A layout has at most 2^31 - 1 slots (`Layout::new`): the flag is above every index.

@@ -58,7 +58,8 @@ pub enum BadToken {
 
 impl Token {
     /// A token for `slot`. Only for code that has just established ownership: pool creation,
-    /// validation of a popped word, and tests.
+    /// validation of a popped word, a holder handing its token on (and forgetting it), and
+    /// tests.
     pub(crate) fn assume_owned(slot: u32, generation: u32) -> Token {
         Token { slot, generation }
     }

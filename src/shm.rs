@@ -146,13 +146,41 @@ pub struct Segment {
     fd: OwnedFd,
     layout: Layout,
     coordinator_pid: u32,
+    /// Where each slot's memory lies (from the layout), by slot index.
+    spans: Box<[SlotSpan]>,
+}
+
+/// Where one slot's memory lies in the segment, worked out once from the (validated) layout:
+/// the hot paths index this instead of searching the size classes per task.
+#[derive(Clone, Copy)]
+struct SlotSpan {
+    /// Offset of its data (the input).
+    data: u64,
+    /// Bytes of its data, and of its output region when there is one.
+    bytes: u64,
+    /// Offset of its results: its output region out of place, its data in place.
+    result: u64,
+}
+
+fn slot_spans(layout: &Layout) -> Box<[SlotSpan]> {
+    (0..layout.slots())
+        .map(|s| {
+            let (data, bytes) = layout.slot_data(s).expect("every slot index is in range");
+            let result = layout.slot_output(s).map_or(data, |(out, _)| out);
+            SlotSpan {
+                data,
+                bytes,
+                result,
+            }
+        })
+        .collect()
 }
 
 /// The byte ranges `(offset, len)` of a task descriptor's request that travel: the head, the
 /// `count` items in use (the first shares the head's cache line), the `params_len` bytes of
-/// parameters in use, and the output shape when one is set (counts clamped, so the ranges stay inside a `TaskDesc` whatever `desc`
-/// holds).
-fn task_spans(desc: &TaskDesc) -> [(usize, usize); 4] {
+/// parameters in use, the output shape when one is set, and a batch's skip mask (counts
+/// clamped, so the ranges stay inside a `TaskDesc` whatever `desc` holds).
+fn task_spans(desc: &TaskDesc) -> [(usize, usize); 5] {
     let head = core::mem::offset_of!(TaskDesc, items);
     let items = (desc.count as usize).min(MAX_ITEMS) * core::mem::size_of::<ItemDesc>();
     let params = (desc.params_len as usize).min(crate::layout::PARAM_BYTES);
@@ -166,6 +194,10 @@ fn task_spans(desc: &TaskDesc) -> [(usize, usize); 4] {
         (head, items),
         (core::mem::offset_of!(TaskDesc, params), params),
         (core::mem::offset_of!(TaskDesc, out_shape), shape),
+        (
+            core::mem::offset_of!(TaskDesc, skip_mask),
+            if desc.count > 1 { 8 } else { 0 },
+        ),
     ]
 }
 
@@ -289,6 +321,7 @@ impl Segment {
         let seg = Segment {
             map,
             fd,
+            spans: slot_spans(&layout),
             layout,
             coordinator_pid,
         };
@@ -342,6 +375,7 @@ impl Segment {
         Ok(Segment {
             map,
             fd,
+            spans: slot_spans(&layout),
             layout,
             coordinator_pid: pid,
         })
@@ -457,22 +491,34 @@ impl Segment {
     /// result fields are the worker's: it writes them whenever it answers without
     /// [`crate::layout::DONE_OK`].
     pub fn write_task(&self, token: &Token, desc: &TaskDesc) {
-        let dst = self.task_ptr(token);
-        let [head, items, params, shape] = task_spans(desc);
-        // (The head and the items are contiguous: one copy.)
-        let spans = [(0, head.1 + items.1), params, shape];
+        let dst = self.task_ptr(token).cast::<u8>();
+        let src = (desc as *const TaskDesc).cast::<u8>();
+        let [head, items, params, shape, skip] = task_spans(desc);
         // SAFETY: holding the token means owning the slot and its descriptor (its previous
         // owner's ring push was Release, our pop Acquire), so nobody following the protocol
         // touches it meanwhile. The descriptor is DESC_STRIDE = size_of::<TaskDesc>() bytes;
         // `task_spans` gives byte ranges inside a `TaskDesc` (clamped counts; the head ends
-        // where the items start), so every range written lies inside it.
+        // where the items start), and the parameter words below end by `params.0 + PARAM_BYTES`
+        // (`params.1 <= PARAM_BYTES`, a multiple of 8), so every range written lies inside it.
         unsafe {
-            for (at, len) in spans.into_iter().filter(|&(_, len)| len > 0) {
-                core::ptr::copy_nonoverlapping(
-                    (desc as *const TaskDesc).cast::<u8>().add(at),
-                    dst.cast::<u8>().add(at),
-                    len,
-                );
+            // The head and the first item (always written; a worker ignores items at `count..`)
+            // in one copy of a constant size, a few register moves; then any further items.
+            const ONE: usize =
+                core::mem::offset_of!(TaskDesc, items) + core::mem::size_of::<ItemDesc>();
+            core::ptr::copy_nonoverlapping(src, dst, ONE);
+            let end = head.1 + items.1;
+            if end > ONE {
+                core::ptr::copy_nonoverlapping(src.add(ONE), dst.add(ONE), end - ONE);
+            }
+            // Parameters in 8-byte words (there are few).
+            for w in 0..params.1.div_ceil(8) {
+                let at = params.0 + 8 * w;
+                core::ptr::copy_nonoverlapping(src.add(at), dst.add(at), 8);
+            }
+            for (at, len) in [shape, skip] {
+                if len > 0 {
+                    core::ptr::copy_nonoverlapping(src.add(at), dst.add(at), len);
+                }
             }
         }
     }
@@ -503,6 +549,10 @@ impl Segment {
                     len,
                 );
             }
+        }
+        // (Only a batch's skip mask travels: a single array is never skipped.)
+        if out.count <= 1 {
+            out.skip_mask = 0;
         }
     }
 
@@ -557,7 +607,7 @@ impl Segment {
             )
         };
         let count = (sent.count as usize).min(MAX_ITEMS);
-        let in_place = self.layout.slot_output(token.slot()).is_none();
+        let in_place = !self.layout.has_outputs();
         let mut result = TaskResult::ok();
         if status != TASK_OK {
             let len = (len as usize).min(MESSAGE_BYTES);
@@ -633,21 +683,42 @@ impl Segment {
     /// The token's slot data as bytes, exclusively borrowed for as long as the token is (see
     /// [`Segment::slot_mut`] for the ownership argument). Not for a worker's view of an input
     /// that is mapped read-only: use [`Segment::task_buffers`] there.
+    #[inline]
     pub(crate) fn slot_bytes_mut<'a>(&'a self, token: &'a mut Token) -> &'a mut [u8] {
-        let (off, bytes) = self.layout.slot_data(token.slot()).expect("token in range");
+        let s = self.span(token);
         // SAFETY: as for `slot_mut`; u8 is valid for any bits and has no alignment.
         unsafe {
-            core::slice::from_raw_parts_mut(self.map.as_ptr().add(off as usize), bytes as usize)
+            core::slice::from_raw_parts_mut(
+                self.map.as_ptr().add(s.data as usize),
+                s.bytes as usize,
+            )
         }
+    }
+
+    /// Where the token's slot lies (a token's slot index is in range: the pool checks every
+    /// token it accepts).
+    #[inline]
+    fn span(&self, token: &Token) -> SlotSpan {
+        self.spans[token.slot() as usize]
+    }
+
+    /// Bytes of the token's slot data (and of its output region, when slots have one).
+    #[inline]
+    pub(crate) fn slot_len(&self, token: &Token) -> u64 {
+        self.span(token).bytes
     }
 
     /// A worker's view of a task's memory: the slot read-write in place, or the input shared
     /// (mapped read-only by [`Segment::protect_inputs`]) and the output exclusive.
     pub(crate) fn task_buffers<'a>(&'a self, token: &'a mut Token) -> TaskBuffers<'a> {
-        let (off, bytes) = self.layout.slot_data(token.slot()).expect("token in range");
-        let Some((out, out_bytes)) = self.layout.slot_output(token.slot()) else {
+        let SlotSpan {
+            data: off,
+            bytes,
+            result: out,
+        } = self.span(token);
+        if !self.layout.has_outputs() {
             return TaskBuffers::InPlace(self.slot_bytes_mut(token));
-        };
+        }
         // SAFETY: both ranges lie inside the segment (validated layout) and do not overlap
         // (the output region starts after all slot data); the token owns both. The input is
         // only ever borrowed shared, so its read-only mapping is never written through.
@@ -656,7 +727,7 @@ impl Segment {
                 core::slice::from_raw_parts(self.map.as_ptr().add(off as usize), bytes as usize),
                 core::slice::from_raw_parts_mut(
                     self.map.as_ptr().add(out as usize),
-                    out_bytes as usize,
+                    bytes as usize,
                 ),
             )
         }
@@ -664,12 +735,11 @@ impl Segment {
 
     /// Where a returned task's results are, shared: the output region out of place, the slot
     /// in place. Only for the producer, after the worker gave the token back.
+    #[inline]
     pub(crate) fn result_bytes<'a>(&'a self, token: &'a Token) -> &'a [u8] {
-        let (off, bytes) = self
-            .layout
-            .slot_output(token.slot())
-            .or_else(|| self.layout.slot_data(token.slot()))
-            .expect("token in range");
+        let SlotSpan {
+            result: off, bytes, ..
+        } = self.span(token);
         // SAFETY: inside the segment (validated layout). The token is held (the worker's push
         // was Release, our pop Acquire) and borrowed for the slice's life; the crate never makes
         // a mutable view of a slot from a shared borrow of its token, so nothing in this process
@@ -692,8 +762,8 @@ impl Segment {
     #[inline]
     pub fn prefetch_slot(&self, token: &Token) {
         #[cfg(target_arch = "x86_64")]
-        if let Some((off, _)) = self.layout.slot_data(token.slot()) {
-            let p = self.map.as_ptr().wrapping_add(off as usize);
+        if let Some(s) = self.spans.get(token.slot() as usize) {
+            let p = self.map.as_ptr().wrapping_add(s.data as usize);
             // SAFETY: SSE is part of the x86_64 baseline, and a prefetch is only a hint: it never
             // faults, even on a bad address, and has no effect on memory contents.
             unsafe {

@@ -182,6 +182,7 @@ impl Task {
     }
 
     /// The kernel code and parameters a descriptor carries for arrays of `dtype`.
+    #[inline]
     pub(crate) fn resolve(
         &self,
         registry: &Registry,

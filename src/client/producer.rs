@@ -414,7 +414,7 @@ impl<'s> Core<'s> {
 
     /// Checks `task` for arrays of `dtype` that take `used` bytes of a slot: the kernel code
     /// and parameters a descriptor carries.
-    #[inline]
+    #[inline(always)]
     pub(crate) fn admit<'t>(
         &self,
         task: &'t Task,
@@ -457,13 +457,7 @@ impl<'s> Core<'s> {
 
     /// Bytes of `token`'s slot.
     pub(crate) fn capacity(&self, token: &Token) -> u64 {
-        let (_, bytes) = self
-            .sh
-            .seg
-            .layout()
-            .slot_data(token.slot())
-            .expect("token in range");
-        bytes
+        self.sh.seg.slot_len(token)
     }
 
     /// Why the pool can run nothing any more, if it cannot (checked on every submit: two
@@ -494,7 +488,7 @@ impl<'s> Core<'s> {
     }
 
     /// Where the first completion for `recv` waits in `ready` (a running `map`'s are skipped).
-    #[inline]
+    #[inline(always)]
     pub(crate) fn first_ready(&self) -> Option<usize> {
         let front = self.ready.front()?;
         // (Most often the first one is ours: no `map` runs.)
@@ -1362,21 +1356,49 @@ impl<'pool> Producer<'pool> {
                 error: r.outcome.item_error(k).map(Box::new),
             }
         };
-        let first = item_out(0);
+        // (A single array that succeeded, the common case, needs none of the outcome's detail.)
+        let first = if count == 1 && matches!(r.outcome, Outcome::Ok) {
+            ItemOut {
+                offset: rec.desc.items[0].offset as usize,
+                dtype: rec.dtype,
+                shape: rec.out_shape,
+                error: None,
+            }
+        } else {
+            item_out(0)
+        };
         rest.extend((1..count).map(item_out));
-        let region = c.sh.seg.result_bytes(&r.token);
+        let ticket = Ticket(rec.desc.seq);
+        let Ready {
+            token,
+            outcome,
+            quarantine,
+            worker,
+            latency_ns,
+        } = r;
+        // (`Ok`, the common case, owns nothing: no drop glue to call for it.)
+        if matches!(outcome, Outcome::Ok) {
+            std::mem::forget(outcome);
+        } else {
+            drop(outcome);
+        }
+        let region = c.sh.seg.result_bytes(&token);
         let (results, results_len) = (NonNull::from(region).cast(), region.len());
         Some(Completion {
             producer: self,
-            token: Some(r.token),
-            quarantine: r.quarantine,
-            worker: r.worker,
-            ticket: Ticket(rec.desc.seq),
-            latency_ns: r.latency_ns,
+            token,
+            hold: if quarantine {
+                Hold::Quarantined
+            } else {
+                Hold::Slot
+            },
+            worker: worker.unwrap_or(NO_WORKER),
+            ticket,
+            latency_ns,
             results,
             results_len,
             first,
-            rest,
+            rest: std::mem::ManuallyDrop::new(rest),
         })
     }
 
@@ -1581,9 +1603,11 @@ impl<T: Element> Drop for Loan<'_, T> {
 /// the slot back, so hold few at a time.
 pub struct Completion<'p> {
     producer: &'p dyn Handle,
-    token: Option<Token>,
-    quarantine: bool,
-    worker: Option<u32>,
+    /// The slot's token while `hold` is not [`Hold::Gone`].
+    token: Token,
+    hold: Hold,
+    /// The worker that ran it or whose death failed it; [`NO_WORKER`] for none.
+    worker: u32,
     ticket: Ticket,
     latency_ns: u64,
     /// The slot's result region (out of place its output, in place its data), found once.
@@ -1591,9 +1615,28 @@ pub struct Completion<'p> {
     results_len: usize,
     /// The (first) array's outcome.
     first: ItemOut,
-    /// A batch's other arrays ([`Producer::submit_packed`]); empty otherwise.
-    rest: Vec<ItemOut>,
+    /// A batch's other arrays ([`Producer::submit_packed`]); empty otherwise. (Given back to
+    /// the handle for reuse by `drop`, never dropped here: no drop glue per completion.)
+    rest: std::mem::ManuallyDrop<Vec<ItemOut>>,
 }
+
+// (128 bytes at most: completions move by value, and up to that size a move is a few register
+// copies, not a call to `memcpy`.)
+const _: () = assert!(core::mem::size_of::<Completion<'static>>() <= 128);
+
+/// Whether a completion still holds its slot, and how it will give it back.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Hold {
+    /// It holds the slot: dropping it sends the slot home.
+    Slot,
+    /// It holds a slot whose worker could not be killed: dropping it retires the slot.
+    Quarantined,
+    /// [`Completion::reuse`] handed the slot to a loan.
+    Gone,
+}
+
+/// [`Completion`]'s `worker` when no worker had the task.
+const NO_WORKER: u32 = u32::MAX;
 
 /// One array's outcome in a completion.
 #[derive(Debug, Clone)]
@@ -1648,7 +1691,7 @@ impl<'p> Completion<'p> {
     /// [`TaskError::WorkerDied`], and the slot is never used again (dropping this completion
     /// retires it; [`Completion::reuse`] refuses it).
     pub fn quarantined(&self) -> bool {
-        self.quarantine
+        self.hold == Hold::Quarantined
     }
 
     /// How long the task was out: from its dispatch to a worker (for a task redone after a
@@ -1661,14 +1704,14 @@ impl<'p> Completion<'p> {
     /// The worker (`0..workers`) that ran the task, or whose death failed it; `None` when it
     /// failed without reaching one (no workers left).
     pub fn worker(&self) -> Option<u32> {
-        self.worker
+        (self.worker != NO_WORKER).then_some(self.worker)
     }
 
     /// Whether the task failed, and why (a batch: its first failed array's error; see
     /// [`Completion::item_error`]).
     pub fn error(&self) -> Option<&TaskError> {
         std::iter::once(&self.first)
-            .chain(&self.rest)
+            .chain(self.rest.iter())
             .find_map(|i| i.error.as_deref())
     }
 
@@ -1804,35 +1847,49 @@ impl<'p> Completion<'p> {
     /// # Errors
     /// [`LoanError::TooLarge`] if `shape` does not fit this slot (see
     /// [`Completion::capacity`]; the slot goes home).
+    #[inline]
     pub fn reuse<T: Element>(mut self, shape: Shape) -> Result<Loan<'p, T>, LoanError> {
-        if self.quarantine {
+        if self.hold == Hold::Quarantined {
             return Err(LoanError::NoWorkers(
                 "this slot's worker could not be killed: the slot is never reused".into(),
             ));
         }
-        let token = self.token.take().expect("held");
-        match Loan::new(self.producer, token, shape) {
+        match Loan::new(self.producer, self.take_token(), shape) {
             Ok(loan) => {
                 self.producer.reloan();
                 Ok(loan)
             }
             Err((token, e)) => {
                 // (Dropping `self` sends the slot home.)
-                self.token = Some(token);
+                (self.token, self.hold) = (token, Hold::Slot);
                 Err(e)
             }
         }
     }
+
+    /// Moves the token out; the completion no longer holds its slot.
+    #[inline(always)]
+    fn take_token(&mut self) -> Token {
+        debug_assert!(
+            self.hold != Hold::Gone,
+            "a completion gives its slot up once"
+        );
+        self.hold = Hold::Gone;
+        Token::assume_owned(self.token.slot(), self.token.generation())
+    }
 }
 
 impl Drop for Completion<'_> {
+    #[inline]
     fn drop(&mut self) {
-        if let Some(t) = self.token.take() {
-            self.producer.give_back(t, self.quarantine, true);
+        if self.hold != Hold::Gone {
+            let quarantine = self.hold == Hold::Quarantined;
+            let token = self.take_token();
+            self.producer.give_back(token, quarantine, true);
         }
         if self.rest.capacity() > 0 {
             self.producer
-                .recycle(None, Some(std::mem::take(&mut self.rest)));
+                .recycle(None, Some(std::mem::take(&mut *self.rest)));
         }
     }
 }

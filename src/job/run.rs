@@ -546,6 +546,7 @@ impl Feed<'_> {
 
     /// Checks a completion and recycles its slot: for one matrix, into the next matrix in the
     /// same pass when one is to be issued (then `true`: the slot is out again).
+    #[inline(always)]
     fn complete<'h>(&mut self, h: &'h Producer<'_>, c: Completion<'h>) -> bool {
         if c.latency_ns() > SLOW_TASK_NS {
             self.skip = 0;

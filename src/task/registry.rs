@@ -215,10 +215,12 @@ impl Registry {
     }
 
     /// Whether kernel `i` takes any dtype (and says what it produced).
+    #[inline]
     pub(crate) fn takes_any(&self, i: u32) -> bool {
         self.entry(i).is_some_and(|e| e.dtype.is_none())
     }
 
+    #[inline]
     pub(crate) fn entry(&self, i: u32) -> Option<&Entry> {
         self.entries.get(i as usize)
     }
