@@ -1356,18 +1356,29 @@ impl<'pool> Producer<'pool> {
                 error: r.outcome.item_error(k).map(Box::new),
             }
         };
-        // (A single array that succeeded, the common case, needs none of the outcome's detail.)
-        let first = if count == 1 && matches!(r.outcome, Outcome::Ok) {
+        // (Arrays that all succeeded as requested, the common case, need none of the
+        // outcome's detail: their dtype is the task's, their shapes are the request's.)
+        let plain = |k: usize| {
+            let item = &rec.desc.items[k];
             ItemOut {
-                offset: rec.desc.items[0].offset as usize,
+                offset: item.offset as usize,
                 dtype: rec.dtype,
-                shape: rec.out_shape,
+                shape: if count == 1 {
+                    rec.out_shape
+                } else {
+                    Shape::from_raw(item.ndim, item.shape).expect("ours")
+                },
                 error: None,
             }
-        } else {
-            item_out(0)
         };
-        rest.extend((1..count).map(item_out));
+        let first;
+        if matches!(r.outcome, Outcome::Ok) {
+            first = plain(0);
+            rest.extend((1..count).map(plain));
+        } else {
+            first = item_out(0);
+            rest.extend((1..count).map(item_out));
+        }
         let ticket = Ticket(rec.desc.seq);
         let Ready {
             token,
