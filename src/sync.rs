@@ -19,3 +19,10 @@ pub fn spin_hint() {
     #[cfg(not(loom))]
     core::hint::spin_loop();
 }
+
+/// A number unique within this process, never 0: an identity for caches, not a word of the
+/// shared protocol (so the core atomic, under loom too).
+pub(crate) fn unique_id() -> u64 {
+    static NEXT: core::sync::atomic::AtomicU64 = core::sync::atomic::AtomicU64::new(1);
+    NEXT.fetch_add(1, core::sync::atomic::Ordering::Relaxed)
+}

@@ -1796,6 +1796,71 @@ fn deferred_submits_complete() {
     assert_eq!(pool.restarts(), 0);
 }
 
+/// One slot, reused completion after completion, is given a different task, dtype or
+/// parameters each time: each array runs what its own submit asked for, never what the slot
+/// last carried (the handle keeps a slot's kernel and parameters only for the same task).
+fn a_reused_slot_runs_the_task_it_is_given_not_the_last_one() {
+    for mode in [Mode::InPlace, Mode::OutOfPlace] {
+        let pool = pool(mode);
+        let producer = pool.producer().unwrap();
+        let add5 = Task::op("add:5").unwrap();
+        let affine =
+            |s: f64, t: f64| Task::kernel("affine").params(Params::from_f64(&[s, t]).unwrap());
+        let mut loan = producer.loan::<i64>(Shape::d1(4)).unwrap();
+        loan.copy_from_slice(&[1, 2, 3, 4]);
+        producer.submit(loan, &add5).unwrap();
+        let mut done = producer.recv().unwrap();
+        assert_eq!(done.output::<i64>().unwrap().as_slice(), &[6, 7, 8, 9]);
+        let slot_steps: Vec<(&str, Task)> = vec![
+            ("the same task again", add5.clone()),
+            ("another op", Task::op("mul:3").unwrap()),
+            ("a clone of the first", add5.clone()),
+            ("an equal task built anew", Task::op("add:5").unwrap()),
+        ];
+        for (what, task) in &slot_steps {
+            let mut loan = done.reuse::<i64>(Shape::d1(4)).unwrap();
+            loan.copy_from_slice(&[1, 2, 3, 4]);
+            producer.submit(loan, task).unwrap();
+            done = producer.recv().unwrap();
+            let want: Vec<i64> = if std::ptr::eq(task, &slot_steps[1].1) {
+                vec![3, 6, 9, 12]
+            } else {
+                vec![6, 7, 8, 9]
+            };
+            assert_eq!(
+                done.output::<i64>().unwrap().as_slice(),
+                &want[..],
+                "{what}, {mode:?}"
+            );
+        }
+        // The same task for another dtype, then a user kernel whose parameters change.
+        let mut loan = done.reuse::<i32>(Shape::d2(2, 2)).unwrap();
+        loan.copy_from_slice(&[-1, 0, 1, 2]);
+        producer.submit(loan, &add5).unwrap();
+        done = producer.recv().unwrap();
+        assert_eq!(
+            done.output::<i32>().unwrap().as_slice(),
+            &[4, 5, 6, 7],
+            "{mode:?}"
+        );
+        for (s, t) in [(2.0, 1.0), (2.0, 1.0), (-1.0, 0.5), (3.0, 0.0)] {
+            let mut loan = done.reuse::<f32>(Shape::d1(3)).unwrap();
+            loan.copy_from_slice(&[0.0, 1.0, 2.0]);
+            producer.submit(loan, &affine(s, t)).unwrap();
+            done = producer.recv().unwrap();
+            let want: Vec<f32> = [0.0f32, 1.0, 2.0]
+                .iter()
+                .map(|x| x * s as f32 + t as f32)
+                .collect();
+            assert_eq!(
+                done.output::<f32>().unwrap().as_slice(),
+                &want[..],
+                "{s},{t} {mode:?}"
+            );
+        }
+    }
+}
+
 fn main() {
     // (MK1_TEST_FORGET: play a program that forgot this line.)
     if std::env::var_os("MK1_TEST_FORGET").is_none() {
@@ -1816,6 +1881,10 @@ fn main() {
         ),
         ("an_output_shape_of_its_own", an_output_shape_of_its_own),
         ("deferred_submits_complete", deferred_submits_complete),
+        (
+            "a_reused_slot_runs_the_task_it_is_given_not_the_last_one",
+            a_reused_slot_runs_the_task_it_is_given_not_the_last_one,
+        ),
         (
             "size_classes_give_small_arrays_small_slots",
             size_classes_give_small_arrays_small_slots,

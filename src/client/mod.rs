@@ -101,6 +101,10 @@ pub struct Task {
     /// the first submit for that dtype and shared by clones: submits of the same op cost no
     /// decoding.
     encoded: Arc<[std::sync::OnceLock<Encoded>; DType::ALL.len()]>,
+    /// Which content this is: a fresh number whenever a task is built or changed, kept by its
+    /// clones (same content). A handle that last sent a slot this task's one array of a dtype
+    /// reuses what it worked out then (kernel code, parameters) for the next one.
+    pub(crate) id: u64,
 }
 
 /// A built-in op's descriptor code and parameters for one dtype, or why it has none.
@@ -131,6 +135,7 @@ impl Task {
             out_shape: None,
             context: None,
             encoded: Arc::default(),
+            id: crate::sync::unique_id(),
         }
     }
 
@@ -142,6 +147,7 @@ impl Task {
             out_shape: None,
             context: None,
             encoded: Arc::default(),
+            id: crate::sync::unique_id(),
         }
     }
 
@@ -156,6 +162,7 @@ impl Task {
     /// With these parameters (user kernels read them from [`crate::task::Args::params`]).
     pub fn params(mut self, params: Params) -> Task {
         self.params = params;
+        self.id = crate::sync::unique_id();
         self
     }
 
@@ -163,6 +170,7 @@ impl Task {
     /// task; the output must fit the input's slot).
     pub fn out_shape(mut self, shape: Shape) -> Task {
         self.out_shape = Some(shape);
+        self.id = crate::sync::unique_id();
         self
     }
 
@@ -173,6 +181,7 @@ impl Task {
     pub fn context(mut self, bytes: impl Into<Arc<[u8]>>) -> Task {
         let bytes = bytes.into();
         self.context = if bytes.is_empty() { None } else { Some(bytes) };
+        self.id = crate::sync::unique_id();
         self
     }
 

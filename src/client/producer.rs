@@ -257,6 +257,10 @@ pub(crate) struct Record {
     pub(crate) mapped: bool,
     /// Its kernel takes any dtype and reports what it produced.
     pub(crate) any: bool,
+    /// The [`Task::id`] of the one-array task (no output shape or context of its own) that
+    /// this record describes, or 0: a next submit of the same task and dtype to this slot
+    /// keeps the kernel code and parameters already here.
+    pub(crate) task: u64,
 }
 
 /// A finished token, waiting to be received.
@@ -387,6 +391,7 @@ impl<'s> Core<'s> {
                     attempts: 0,
                     mapped: false,
                     any: false,
+                    task: 0,
                 };
                 layout.slots() as usize
             ],
@@ -535,6 +540,7 @@ impl<'s> Core<'s> {
         r.attempts = 0;
         r.mapped = false;
         r.any = false;
+        r.task = 0;
         r
     }
 
@@ -1230,6 +1236,39 @@ impl<'pool> Producer<'pool> {
             return reject(SubmitError::OtherHandle, loan);
         }
         let mut c = self.core();
+        let slot = loan
+            .token
+            .as_ref()
+            .expect("a live loan holds its token")
+            .slot() as usize;
+        if task.id == c.records[slot].task && c.records[slot].dtype == dtype {
+            // This slot last carried this same task for one array of this dtype, checked
+            // then and unchanged since (same id, same content): only the array and the number
+            // are new.
+            if let Some(why) = c.broken() {
+                drop(c);
+                return reject(SubmitError::NoWorkers(why), loan);
+            }
+            let mut loan = loan;
+            let token = loan.token.take().expect("a live loan holds its token");
+            c.loaned -= 1;
+            let ticket = c.next_ticket();
+            let r = &mut c.records[slot];
+            r.out_shape = shape;
+            r.attempts = 0;
+            r.desc.seq = ticket;
+            let (ndim, dims) = shape.raw();
+            r.desc.items[0] = ItemDesc {
+                offset: 0,
+                ndim,
+                shape: dims,
+            };
+            c.send_recorded(token);
+            if notify {
+                c.ring_bells();
+            }
+            return Ok(Ticket(ticket));
+        }
         let (kernel, params) = match c.admit(task, dtype, shape.bytes(dtype), loan.cap) {
             Ok(k) => k,
             Err(e) => {
@@ -1285,6 +1324,8 @@ impl<'pool> Producer<'pool> {
         };
         if task.out_shape.is_some() {
             (desc.out_ndim, desc.out_shape) = out_shape.raw();
+        } else if context == (0, 0) {
+            r.task = task.id;
         }
         c.send_recorded(token);
         if notify {
