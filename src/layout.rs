@@ -267,9 +267,9 @@ pub struct TaskDesc {
     /// The output shape when `out_ndim != 0`.
     pub out_shape: [u32; MAX_DIMS],
     /// Bit `i` set: item `i` is not run (its outcome is already settled: it was blamed for a
-    /// worker's death or hang and failed alone, and the rest of its batch is sent again). Batches only: it travels when
-    /// `count > 1` (off the first line, which a one-array task keeps to itself), and reads as 0
-    /// otherwise.
+    /// worker's death or hang and failed alone, and the rest of its batch is sent again).
+    /// Batches only: it travels when `count > 1` (off the first line, which a one-array task
+    /// keeps to itself), and reads as 0 otherwise.
     pub skip_mask: u64,
     /// Written by the worker: bit `i` set if item `i` failed.
     pub failed_mask: u64,

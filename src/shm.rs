@@ -487,7 +487,8 @@ impl Segment {
     }
 
     /// Writes the request part of a task descriptor (the head, the `count` items in use, the
-    /// `params_len` bytes of parameters and the output shape if set; see `task_spans`). The
+    /// `params_len` bytes of parameters, the output shape if set and a batch's skip mask; see
+    /// `task_spans`). The
     /// result fields are the worker's: it writes them whenever it answers without
     /// [`crate::layout::DONE_OK`].
     pub fn write_task(&self, token: &Token, desc: &TaskDesc) {

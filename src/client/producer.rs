@@ -1254,6 +1254,16 @@ impl<'pool> Producer<'pool> {
             c.loaned -= 1;
             let ticket = c.next_ticket();
             let r = &mut c.records[slot];
+            // (Only this function marks a record, and only for one array without an output
+            // shape or context of its own; every other writer starts from `fresh_record`.)
+            debug_assert!(
+                r.desc.count == 1
+                    && r.desc.out_ndim == 0
+                    && r.desc.context_len == 0
+                    && r.desc.skip_mask == 0
+                    && !r.mapped,
+                "a record marked with a task describes one plain array"
+            );
             r.out_shape = shape;
             r.attempts = 0;
             r.desc.seq = ticket;
