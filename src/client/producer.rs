@@ -245,6 +245,21 @@ fn partly_produced(p: &(Outcome, Vec<(u32, TaskError)>), k: usize) -> Option<(DT
     p.0.produced(k)
 }
 
+/// Array `k`'s dtype, shape and error as a completion reports them, from an outcome with
+/// detail (kernels that report their outputs, failures; out of line: the common outcome,
+/// `Ok`, needs none of it).
+#[cold]
+fn outcome_of_item(
+    outcome: &Outcome,
+    rec: &Record,
+    k: usize,
+) -> (DType, Shape, Option<Box<TaskError>>) {
+    let (dtype, shape) = outcome
+        .produced(k)
+        .unwrap_or_else(|| (rec.dtype, rec.requested_shape(k)));
+    (dtype, shape, outcome.item_error(k).map(Box::new))
+}
+
 /// A task's trusted record, by slot.
 #[derive(Clone, Copy)]
 pub(crate) struct Record {
@@ -261,6 +276,20 @@ pub(crate) struct Record {
     /// this record describes, or 0: a next submit of the same task and dtype to this slot
     /// keeps the kernel code and parameters already here.
     pub(crate) task: u64,
+}
+
+impl Record {
+    /// Array `k`'s output shape as requested: a single task's own output shape (or its
+    /// input's), a batch array's input shape.
+    #[inline]
+    fn requested_shape(&self, k: usize) -> Shape {
+        if self.desc.count == 1 {
+            self.out_shape
+        } else {
+            let item = &self.desc.items[k];
+            Shape::from_raw(item.ndim, item.shape).expect("ours")
+        }
+    }
 }
 
 /// A finished token, waiting to be received.
@@ -1241,102 +1270,92 @@ impl<'pool> Producer<'pool> {
             .as_ref()
             .expect("a live loan holds its token")
             .slot() as usize;
-        if task.id == c.records[slot].task && c.records[slot].dtype == dtype {
-            // This slot last carried this same task for one array of this dtype, checked
-            // then and unchanged since (same id, same content): only the array and the number
-            // are new.
+        // The same task for one array of this dtype as this slot last carried, checked then
+        // and unchanged since (same id, same content): its kernel code and parameters are in
+        // the record already, and only the array and the number are new.
+        let same = task.id == c.records[slot].task && c.records[slot].dtype == dtype;
+        let resolved = if same {
             if let Some(why) = c.broken() {
                 drop(c);
                 return reject(SubmitError::NoWorkers(why), loan);
             }
-            let mut loan = loan;
-            let token = loan.token.take().expect("a live loan holds its token");
-            c.loaned -= 1;
-            let ticket = c.next_ticket();
-            let r = &mut c.records[slot];
-            // (Only this function marks a record, and only for one array without an output
-            // shape or context of its own; every other writer starts from `fresh_record`.)
-            debug_assert!(
-                r.desc.count == 1
-                    && r.desc.out_ndim == 0
-                    && r.desc.context_len == 0
-                    && r.desc.skip_mask == 0
-                    && !r.mapped,
-                "a record marked with a task describes one plain array"
-            );
-            r.out_shape = shape;
-            r.attempts = 0;
-            r.desc.seq = ticket;
-            let (ndim, dims) = shape.raw();
-            r.desc.items[0] = ItemDesc {
-                offset: 0,
-                ndim,
-                shape: dims,
+            None
+        } else {
+            let (kernel, params) = match c.admit(task, dtype, shape.bytes(dtype), loan.cap) {
+                Ok(k) => k,
+                Err(e) => {
+                    drop(c);
+                    return reject(e, loan);
+                }
             };
-            c.send_recorded(token);
-            if notify {
-                c.ring_bells();
+            if let Some(out_shape) = task.out_shape {
+                let why = if c.sh.mode == Mode::InPlace {
+                    Some("an output shape of its own needs an out-of-place pool".to_string())
+                } else if kernel >= crate::layout::BUILTIN {
+                    Some("built-in ops keep the input's shape".to_string())
+                } else if out_shape.bytes(dtype)
+                    > loan.cap.saturating_sub(task.context_bytes().len() as u64)
+                {
+                    Some(format!(
+                        "an output {out_shape} of {dtype} is {} bytes; its slot holds {}",
+                        out_shape.bytes(dtype),
+                        loan.cap
+                    ))
+                } else {
+                    None
+                };
+                if let Some(why) = why {
+                    drop(c);
+                    return reject(SubmitError::OutShape(why), loan);
+                }
             }
-            return Ok(Ticket(ticket));
-        }
-        let (kernel, params) = match c.admit(task, dtype, shape.bytes(dtype), loan.cap) {
-            Ok(k) => k,
-            Err(e) => {
-                drop(c);
-                return reject(e, loan);
-            }
+            Some((kernel, params))
         };
         let out_shape = task.out_shape.unwrap_or(shape);
-        if task.out_shape.is_some() {
-            let why = if c.sh.mode == Mode::InPlace {
-                Some("an output shape of its own needs an out-of-place pool".to_string())
-            } else if kernel >= crate::layout::BUILTIN {
-                Some("built-in ops keep the input's shape".to_string())
-            } else if out_shape.bytes(dtype)
-                > loan.cap.saturating_sub(task.context_bytes().len() as u64)
-            {
-                Some(format!(
-                    "an output {out_shape} of {dtype} is {} bytes; its slot holds {}",
-                    out_shape.bytes(dtype),
-                    loan.cap
-                ))
-            } else {
-                None
-            };
-            if let Some(why) = why {
-                drop(c);
-                return reject(SubmitError::OutShape(why), loan);
-            }
-        }
         let mut loan = loan;
         let mut token = loan.token.take().expect("a live loan holds its token");
         c.loaned -= 1;
         let ticket = c.next_ticket();
-        let any = c.sh.registry.takes_any(kernel);
-        let context = c.place_context(task.context_bytes(), &mut token);
-        let r = c.fresh_record(&token);
-        r.dtype = dtype;
+        if let Some((kernel, params)) = resolved {
+            let any = c.sh.registry.takes_any(kernel);
+            let context = c.place_context(task.context_bytes(), &mut token);
+            let r = c.fresh_record(&token);
+            r.dtype = dtype;
+            r.any = any;
+            let desc = &mut r.desc;
+            desc.kernel = kernel;
+            desc.dtype = u32::from(dtype.code());
+            desc.out_dtype = desc.dtype;
+            desc.count = 1;
+            desc.params_len = params.write_to(&mut desc.params);
+            (desc.context_offset, desc.context_len) = context;
+            if task.out_shape.is_some() {
+                (desc.out_ndim, desc.out_shape) = out_shape.raw();
+            } else if context == (0, 0) {
+                r.task = task.id;
+            }
+        }
+        let r = &mut c.records[slot];
+        // (Only the lines above mark a record, and only for one array without an output shape
+        // or context of its own; every other writer starts from `fresh_record`.)
+        debug_assert!(
+            !same
+                || (r.desc.count == 1
+                    && r.desc.out_ndim == 0
+                    && r.desc.context_len == 0
+                    && r.desc.skip_mask == 0
+                    && !r.mapped),
+            "a record marked with a task describes one plain array"
+        );
         r.out_shape = out_shape;
-        r.any = any;
-        let desc = &mut r.desc;
-        desc.seq = ticket;
-        desc.kernel = kernel;
-        desc.dtype = u32::from(dtype.code());
-        desc.out_dtype = desc.dtype;
-        desc.count = 1;
-        desc.params_len = params.write_to(&mut desc.params);
-        (desc.context_offset, desc.context_len) = context;
+        r.attempts = 0;
+        r.desc.seq = ticket;
         let (ndim, dims) = shape.raw();
-        desc.items[0] = ItemDesc {
+        r.desc.items[0] = ItemDesc {
             offset: 0,
             ndim,
             shape: dims,
         };
-        if task.out_shape.is_some() {
-            (desc.out_ndim, desc.out_shape) = out_shape.raw();
-        } else if context == (0, 0) {
-            r.task = task.id;
-        }
         c.send_recorded(token);
         if notify {
             c.ring_bells();
@@ -1389,47 +1408,24 @@ impl<'pool> Producer<'pool> {
             Vec::new()
         };
         let rec = &c.records[slot];
+        // (Arrays that all succeeded as requested, the common case, need none of the
+        // outcome's detail: their dtype is the task's, their shapes the request's.)
+        let plain = matches!(r.outcome, Outcome::Ok);
         let item_out = |k: usize| {
-            let item = &rec.desc.items[k];
-            let (dtype, shape) = match r.outcome.produced(k) {
-                Some(own) => own,
-                // A single task may have asked for an output shape of its own.
-                None if count == 1 => (rec.dtype, rec.out_shape),
-                None => (
-                    rec.dtype,
-                    Shape::from_raw(item.ndim, item.shape).expect("ours"),
-                ),
+            let (dtype, shape, error) = if plain {
+                (rec.dtype, rec.requested_shape(k), None)
+            } else {
+                outcome_of_item(&r.outcome, rec, k)
             };
             ItemOut {
-                offset: item.offset as usize,
+                offset: rec.desc.items[k].offset as usize,
                 dtype,
                 shape,
-                error: r.outcome.item_error(k).map(Box::new),
+                error,
             }
         };
-        // (Arrays that all succeeded as requested, the common case, need none of the
-        // outcome's detail: their dtype is the task's, their shapes are the request's.)
-        let plain = |k: usize| {
-            let item = &rec.desc.items[k];
-            ItemOut {
-                offset: item.offset as usize,
-                dtype: rec.dtype,
-                shape: if count == 1 {
-                    rec.out_shape
-                } else {
-                    Shape::from_raw(item.ndim, item.shape).expect("ours")
-                },
-                error: None,
-            }
-        };
-        let first;
-        if matches!(r.outcome, Outcome::Ok) {
-            first = plain(0);
-            rest.extend((1..count).map(plain));
-        } else {
-            first = item_out(0);
-            rest.extend((1..count).map(item_out));
-        }
+        let first = item_out(0);
+        rest.extend((1..count).map(item_out));
         let ticket = Ticket(rec.desc.seq);
         let Ready {
             token,
@@ -1439,7 +1435,7 @@ impl<'pool> Producer<'pool> {
             latency_ns,
         } = r;
         // (`Ok`, the common case, owns nothing: no drop glue to call for it.)
-        if matches!(outcome, Outcome::Ok) {
+        if plain {
             std::mem::forget(outcome);
         } else {
             drop(outcome);

@@ -139,6 +139,46 @@ macro_rules! simd_kernels {
                 }};
             }
 
+            /// Stores the 4 vectors of `$v` at `p + i`, `p + i + L`, … (callers check that
+            /// `i + STEP` elements fit, in an `unsafe` block).
+            macro_rules! store4 {
+                ($p:ident, $i:ident, $v:ident) => {{
+                    $store($p.add($i).cast(), $v[0]);
+                    $store($p.add($i + L).cast(), $v[1]);
+                    $store($p.add($i + 2 * L).cast(), $v[2]);
+                    $store($p.add($i + 3 * L).cast(), $v[3]);
+                }};
+            }
+
+            /// Walks the `$len` elements at `p` block by block (whole blocks of `STEP` only)
+            /// while each block matches `op(base + i)` (described as `per_op` hands it out),
+            /// running `$body` after each matching block with `$i` at the block's start.
+            /// Evaluates to `(i, state)`: where it stopped (the first block that did not match,
+            /// or the end of the whole blocks) and the state of element `i`'s vector.
+            macro_rules! matching_blocks {
+                (
+                    $p:ident, $len:expr, $base:expr,
+                    |$x:ident| $s:expr, $inc:expr, |$y:ident| $e:expr,
+                    |$i:ident| $body:block
+                ) => {{
+                    let inc: i32 = $inc;
+                    let sstep = $set1(inc.wrapping_mul(STEP as i32));
+                    let mut st = states4!($add($set1($base), $iota), |$x| $s);
+                    let end = $len / STEP * STEP;
+                    let mut $i = 0;
+                    while $i < end {
+                        let diff = diff4!($p, $i, st, |$y| $e);
+                        if $nonzero(diff) {
+                            break;
+                        }
+                        $body
+                        advance4!(st, sstep);
+                        $i += STEP;
+                    }
+                    ($i, st[0])
+                }};
+            }
+
             /// Over `data` (the common prefix of an old and a new matrix in one slot): checks
             /// each block of `STEP` against `op(old + i)` and, if it matches, overwrites it with
             /// the new fill `new + i`. Returns how far it got: `data.len()` rounded down to
@@ -158,30 +198,15 @@ macro_rules! simd_kernels {
                 macro_rules! run {
                     (|$x:ident| $s:expr, $inc:expr, |$y:ident| $e:expr) => {{
                         let p = data.as_mut_ptr();
-                        let inc: i32 = $inc;
-                        let sstep = $set1(inc.wrapping_mul(STEP as i32));
                         let step = $set1(STEP as i32);
-                        let mut st = states4!($add($set1(old), $iota), |$x| $s);
                         let mut n = states4!($add($set1(new), $iota), |v| v);
-                        let end = data.len() / STEP * STEP;
-                        let mut i = 0;
-                        while i < end {
-                            let diff = diff4!(p, i, st, |$y| $e);
-                            if $nonzero(diff) {
-                                break;
-                            }
-                            // SAFETY: `i + STEP <= end <= len`: the four stores are inside
-                            // `data`.
-                            unsafe {
-                                $store(p.add(i).cast(), n[0]);
-                                $store(p.add(i + L).cast(), n[1]);
-                                $store(p.add(i + 2 * L).cast(), n[2]);
-                                $store(p.add(i + 3 * L).cast(), n[3]);
-                            }
-                            advance4!(st, sstep);
-                            advance4!(n, step);
-                            i += STEP;
-                        }
+                        let (i, _) =
+                            matching_blocks!(p, data.len(), old, |$x| $s, $inc, |$y| $e, |i| {
+                                // SAFETY: a whole block: `i + STEP <= len`, so the four stores
+                                // are inside `data`.
+                                unsafe { store4!(p, i, n) };
+                                advance4!(n, step);
+                            });
                         i
                     }};
                 }
@@ -203,12 +228,7 @@ macro_rules! simd_kernels {
                 let mut i = 0;
                 while i < end {
                     // SAFETY: `i + STEP <= end <= len`: the four stores are inside `out`.
-                    unsafe {
-                        $store(p.add(i).cast(), n[0]);
-                        $store(p.add(i + L).cast(), n[1]);
-                        $store(p.add(i + 2 * L).cast(), n[2]);
-                        $store(p.add(i + 3 * L).cast(), n[3]);
-                    }
+                    unsafe { store4!(p, i, n) };
                     advance4!(n, step);
                     i += STEP;
                 }
@@ -260,23 +280,12 @@ macro_rules! simd_kernels {
                 macro_rules! check {
                     (|$x:ident| $s:expr, $inc:expr, |$y:ident| $e:expr) => {{
                         let p = data.as_ptr();
-                        let inc: i32 = $inc;
-                        let sstep = $set1(inc.wrapping_mul(STEP as i32));
-                        let mut st = states4!($add($set1(base), $iota), |$x| $s);
-                        let end = data.len() / STEP * STEP;
-                        let mut i = 0;
-                        while i < end {
-                            let diff = diff4!(p, i, st, |$y| $e);
-                            if $nonzero(diff) {
-                                break;
-                            }
-                            advance4!(st, sstep);
-                            i += STEP;
-                        }
+                        let (mut i, mut s) =
+                            matching_blocks!(p, data.len(), base, |$x| $s, $inc, |$y| $e, |i| {});
                         // Then one vector at a time (unless a block above mismatched).
-                        if i == end {
+                        if i == data.len() / STEP * STEP {
+                            let inc: i32 = $inc;
                             let lstep = $set1(inc.wrapping_mul(L as i32));
-                            let mut s = st[0];
                             while i + L <= data.len() {
                                 // SAFETY: `i + L <= len`: one vector inside `data`.
                                 let a = unsafe { $load(p.add(i).cast()) };
