@@ -71,12 +71,17 @@ impl Shape {
         if ndim == 0 || ndim as usize > MAX_DIMS {
             return None;
         }
-        let mut s = Shape {
+        // (Unused dimensions zeroed one by one: no copy of a variable length.)
+        let mut dims = dims;
+        for (i, d) in dims.iter_mut().enumerate() {
+            if i >= ndim as usize {
+                *d = 0;
+            }
+        }
+        Some(Shape {
             ndim: ndim as u8,
-            dims: [0; MAX_DIMS],
-        };
-        s.dims[..ndim as usize].copy_from_slice(&dims[..ndim as usize]);
-        Some(s)
+            dims,
+        })
     }
 
     /// The fields a descriptor stores: `(ndim, dims)`, unused dimensions 0.
@@ -97,9 +102,17 @@ impl Shape {
     /// Number of elements (the product of the dimensions; at most 2^128, so it never
     /// overflows a u64 for shapes that fit a slot, and saturates otherwise).
     pub fn elements(&self) -> u64 {
-        self.dims()
-            .iter()
-            .fold(1u64, |n, &d| n.saturating_mul(u64::from(d)))
+        const _: () = assert!(MAX_DIMS == 4, "elements() multiplies four dimensions");
+        let d = |i: usize| {
+            if i < self.ndim as usize {
+                u64::from(self.dims[i])
+            } else {
+                1
+            }
+        };
+        // Two products of two dimensions below 2^32 each fit a u64; only their product can
+        // overflow.
+        (d(0) * d(1)).saturating_mul(d(2) * d(3))
     }
 
     /// Bytes of an array of this shape and `dtype` (saturating).
@@ -359,7 +372,14 @@ pub fn extend_copied<T: Copy>(v: &mut Vec<T>, src: &[T]) {
 ///
 /// # Safety
 /// `src` must be valid for reads and `dst` for writes of `bytes` bytes, not overlapping.
+#[inline(always)]
 unsafe fn copy_raw(src: *const u8, dst: *mut u8, bytes: usize) {
+    if bytes <= PIECE_BYTES {
+        // (Small arrays, most of those `map` packs: one call, no gap arithmetic.)
+        // SAFETY: the caller's promise.
+        unsafe { core::ptr::copy_nonoverlapping(src, dst, bytes) };
+        return;
+    }
     let piece = if slow_for_memcpy(dst, src, bytes) {
         PIECE_BYTES
     } else {

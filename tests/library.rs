@@ -1281,6 +1281,59 @@ fn a_map_dropped_early_leaves_nothing_behind() {
     drop(loans);
 }
 
+/// A long map whose stream mixes arrays refused before sending (too large), arrays whose
+/// kernel fails and good ones, in place and out of place: every result is its own input's, in
+/// input order (or once each, unordered), whether its slot came back whole or with failures.
+fn map_results_stay_with_their_inputs_around_failures() {
+    for mode in [Mode::OutOfPlace, Mode::InPlace] {
+        let pool = pool(mode);
+        let mut producer = pool.producer().unwrap();
+        let n = 20_000usize;
+        // Input k: `k % 9 + 1` copies of k; every 997th too large for a slot, every 1301st
+        // negative (the kernel fails it).
+        let input = |k: usize| -> Vec<i64> {
+            if k % 997 == 500 {
+                vec![0; 1 << 20]
+            } else if k % 1301 == 7 {
+                vec![-(k as i64); k % 9 + 1]
+            } else {
+                vec![k as i64; k % 9 + 1]
+            }
+        };
+        let check = |k: usize, r: Result<Array<i64>, TaskError>| {
+            if k % 997 == 500 {
+                assert!(matches!(r, Err(TaskError::TooLarge { .. })), "{mode:?} {k}");
+            } else if k % 1301 == 7 {
+                assert!(matches!(r, Err(TaskError::Kernel { .. })), "{mode:?} {k}");
+            } else {
+                let a = r.unwrap_or_else(|e| panic!("{mode:?} input {k}: {e}"));
+                assert_eq!(
+                    a.as_slice(),
+                    &vec![k as i64 + 1; k % 9 + 1][..],
+                    "{mode:?} {k}"
+                );
+            }
+        };
+        let task = Task::kernel("fails_on_negative");
+        let mut count = 0;
+        for (k, r) in producer.map(&task, (0..n).map(input)).unwrap().enumerate() {
+            check(k, r);
+            count += 1;
+        }
+        assert_eq!(count, n, "{mode:?}: one result per input");
+        let mut seen = vec![false; n];
+        for (k, r) in producer.map_unordered(&task, (0..n).map(input)).unwrap() {
+            assert!(
+                !std::mem::replace(&mut seen[k], true),
+                "{mode:?}: {k} twice"
+            );
+            check(k, r);
+        }
+        assert!(seen.iter().all(|&s| s), "{mode:?}: every input once");
+        assert_eq!(producer.in_flight(), 0);
+    }
+}
+
 /// A loan belongs to the handle that made it.
 fn a_loan_cannot_be_submitted_through_another_handle() {
     let pool = Pool::builder()
@@ -1994,6 +2047,10 @@ fn main() {
         (
             "a_map_dropped_early_leaves_nothing_behind",
             a_map_dropped_early_leaves_nothing_behind,
+        ),
+        (
+            "map_results_stay_with_their_inputs_around_failures",
+            map_results_stay_with_their_inputs_around_failures,
         ),
         (
             "a_loan_cannot_be_submitted_through_another_handle",

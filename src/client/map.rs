@@ -1,9 +1,12 @@
 //! `map` over an iterator of arrays: bounded work in flight, results in input order (or in
 //! completion order), small arrays packed many to a slot.
 //!
-//! Each result is copied out of shared memory into an [`Array`] as soon as its slot comes
-//! back, and the slot is reused at once: a caller that collects every result never blocks the
-//! pool (results waiting for their turn cost heap memory, bounded by the window, not slots).
+//! Each result is copied out of shared memory into an [`Array`]: the results of the slot that
+//! holds the next ones, when every array in it succeeded (the common case), one at a time as
+//! the caller takes them, the slot going home after its last; the results of any other slot
+//! that comes back, at once, and that slot is reused at once. So a map holds at most one
+//! finished slot, and a caller that collects every result never blocks the pool (results
+//! waiting for their turn cost heap memory, bounded by the window, not slots).
 
 use std::collections::VecDeque;
 
@@ -12,7 +15,29 @@ use super::{SubmitError, Task};
 use crate::array::{as_bytes, cast, copied_vec, copy_elements, Array, AsArray, Shape};
 use crate::dtype::Element;
 use crate::layout::{ItemDesc, TaskDesc};
+use crate::pool::Token;
 use crate::task::Params;
+
+/// Why `map` refuses an array of `shape` with `elements` elements (`bytes` bytes) for slots
+/// of `slot_bytes`.
+#[cold]
+fn refused(
+    shape: Result<Shape, crate::array::ShapeError>,
+    elements: usize,
+    bytes: u64,
+    slot_bytes: u64,
+) -> TaskError {
+    match shape {
+        Err(e) => TaskError::Shape(e.to_string()),
+        Ok(shape) if elements as u64 != shape.elements() => {
+            TaskError::Shape(format!("{elements} elements for a shape of {shape}"))
+        }
+        Ok(_) => TaskError::TooLarge {
+            asked: bytes,
+            max: slot_bytes,
+        },
+    }
+}
 
 /// One array's result.
 type Outcome1<I> = Result<Array<<<I as Iterator>::Item as AsArray>::Elem>, TaskError>;
@@ -42,6 +67,18 @@ where
     exhausted: bool,
     /// Slots of this map in flight.
     out: usize,
+    /// A finished slot whose arrays all succeeded, handed out straight from shared memory one
+    /// at a time (no parking), then sent home.
+    drain: Option<Drain>,
+}
+
+/// A finished slot being handed out: its array `next` (of `count`) is the map's next result;
+/// its first array was input `seq`.
+struct Drain {
+    token: Token,
+    next: usize,
+    count: usize,
+    seq: u64,
 }
 
 impl<'pool> Producer<'pool> {
@@ -132,6 +169,7 @@ impl<'pool> Producer<'pool> {
             finished: VecDeque::new(),
             exhausted: false,
             out: 0,
+            drain: None,
         })
     }
 }
@@ -201,33 +239,20 @@ where
                 break;
             };
             // An array mk1 cannot carry fails alone; it never shares a slot with others.
-            let checked = item
-                .shape()
-                .map_err(|e| TaskError::Shape(e.to_string()))
-                .and_then(|shape| {
-                    let elements = item.elements();
-                    let bytes = shape.bytes(dtype);
-                    if elements.len() as u64 != shape.elements() {
-                        Err(TaskError::Shape(format!(
-                            "{} elements for a shape of {shape}",
-                            elements.len()
-                        )))
-                    } else if bytes > slot_bytes {
-                        Err(TaskError::TooLarge {
-                            asked: bytes,
-                            max: slot_bytes,
-                        })
-                    } else {
-                        Ok((shape, bytes, elements))
-                    }
-                });
-            let (shape, bytes, elements) = match checked {
-                Ok(ok) => ok,
-                Err(_) if count > 0 => {
+            let shape = item.shape();
+            let elements = item.elements();
+            // (Its length matches the shape, checked below, so the bytes are its length's.)
+            let bytes = (elements.len() * dtype.size()) as u64;
+            let shape = match shape {
+                Ok(s) if elements.len() as u64 == s.elements() && bytes <= slot_bytes => s,
+                _ if count > 0 => {
+                    drop(elements);
                     self.pending = Some(item);
                     break;
                 }
-                Err(e) => {
+                shape => {
+                    let e = refused(shape, elements.len(), bytes, slot_bytes);
+                    drop(elements);
                     let seq = self.next_in;
                     self.next_in += 1;
                     desc.seq = self.next_in;
@@ -274,13 +299,31 @@ where
     /// Copies out the results of every finished slot of this map and frees the slots.
     fn harvest(&mut self, c: &mut Core<'_>) {
         let mut i = 0;
-        while i < c.ready.len() {
+        while self.drain.is_none() && i < c.ready.len() {
             if !c.records[c.ready[i].token.slot() as usize].mapped {
                 i += 1;
                 continue;
             }
             let r = c.ready.remove(i).expect("in range");
             self.out -= 1;
+            // The slot holding the next result, all of it as asked (the common case): its
+            // results are copied out one at a time as the caller takes them, not parked.
+            let seq = c.records[r.token.slot() as usize].desc.seq;
+            let next = if self.ordered {
+                self.parked.is_empty() && seq == self.next_out
+            } else {
+                self.finished.is_empty()
+            };
+            if next && matches!(r.outcome, Outcome::Ok) && !r.quarantine {
+                let count = c.records[r.token.slot() as usize].desc.count as usize;
+                self.drain = Some(Drain {
+                    token: r.token,
+                    next: 0,
+                    count,
+                    seq,
+                });
+                return;
+            }
             {
                 let rec = &c.records[r.token.slot() as usize];
                 // Only for an answered task: a quarantined slot may still be written.
@@ -337,6 +380,9 @@ where
     fn drop(&mut self) {
         let producer = self.producer;
         let mut c = producer.core();
+        if let Some(d) = self.drain.take() {
+            c.release(d.token, false);
+        }
         loop {
             let mut i = 0;
             while i < c.ready.len() {
@@ -396,6 +442,28 @@ where
         let producer = self.producer;
         let mut c = producer.core();
         loop {
+            if let Some(d) = &mut self.drain {
+                // (Nothing is parked or finished meanwhile: `harvest` waits for the drain.)
+                let k = d.next;
+                let seq = d.seq + k as u64;
+                d.next += 1;
+                let slot = d.token.slot() as usize;
+                let out = {
+                    type E<I> = <<I as Iterator>::Item as AsArray>::Elem;
+                    let item = &c.records[slot].desc.items[k];
+                    let shape = Shape::from_raw(item.ndim, item.shape).expect("ours");
+                    let at = item.offset as usize;
+                    let n = shape.bytes(<E<I> as Element>::DTYPE) as usize;
+                    let results = c.sh.seg.result_bytes(&d.token);
+                    Array::from_trusted(copied_vec(cast::<E<I>>(&results[at..at + n])), shape)
+                };
+                if d.next == d.count {
+                    let d = self.drain.take().expect("draining");
+                    c.release(d.token, false);
+                }
+                self.next_out += 1;
+                return Some((seq, Ok(out)));
+            }
             if self.ordered {
                 if let Some(Some(_)) = self.parked.front() {
                     let seq = self.next_out;
@@ -417,7 +485,10 @@ where
                 c.ring_bells();
             }
             self.harvest(&mut c);
-            if matches!(self.parked.front(), Some(Some(_))) || !self.finished.is_empty() {
+            if self.drain.is_some()
+                || matches!(self.parked.front(), Some(Some(_)))
+                || !self.finished.is_empty()
+            {
                 continue;
             }
             if self.out == 0 {
