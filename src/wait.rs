@@ -108,10 +108,12 @@ pub const SAME_CPU_YIELDS: u32 = 256;
 ///
 /// So the budget adapts, judged by time: a wait answered while spinning, without losing the CPU
 /// on the way (at most [`PAYS`] plus a microsecond per re-check), keeps the budget and grows it
-/// back; a wait that lost the CPU, yielded or had to sleep halves the spin and yield budget,
-/// down to a few dozen re-checks, after which waiting is the futex. Because a collapsed budget
-/// cannot notice that spinning would pay again (both sides asleep make every hand-off slow), one
-/// wait per [`PROBE_EVERY`] spins with the full budget as a probe.
+/// back; a wait that lost the CPU, yielded or had to sleep halves the spin budget, down to a few
+/// dozen re-checks. The yield budget is judged apart: a wait answered during the yields keeps
+/// it (the partner ran on the CPU they gave away), and only a wait that had to sleep halves it,
+/// after which waiting is the futex. Because a collapsed budget cannot notice that spinning
+/// would pay again (both sides asleep make every hand-off slow), one wait per [`PROBE_EVERY`]
+/// spins with the full budget as a probe.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Backoff {
     spins: u32,
@@ -235,7 +237,9 @@ impl Backoff {
             // re-check means the scheduler took the CPU away, which is what sharing looks like).
             let on_cpu =
                 start.elapsed() <= PAYS + Duration::from_nanos(u64::from(self.spins) * 1000);
-            self.learn(!self.slept && self.yields == 0 && on_cpu);
+            // Yields paid when the wait ended during them: the partner got the CPU they gave.
+            let yielded = !self.slept && self.yields > 0;
+            self.learn(!self.slept && self.yields == 0 && on_cpu, yielded);
         }
         self.spins = 0;
         self.yields = 0;
@@ -243,8 +247,10 @@ impl Backoff {
         self.probing = false;
     }
 
+    /// `paid`: the wait was answered while spinning, on the CPU. `yielded`: it was answered
+    /// during the yields, without sleeping.
     #[cold]
-    fn learn(&mut self, paid: bool) {
+    fn learn(&mut self, paid: bool, yielded: bool) {
         if paid && self.probing {
             self.spin_limit = self.max_spin;
             self.yield_limit = self.max_yield;
@@ -253,7 +259,16 @@ impl Backoff {
             self.yield_limit = (self.yield_limit + 1).min(self.max_yield);
         } else {
             self.spin_limit = (self.spin_limit / 2).max(MIN_SPIN.min(self.max_spin));
-            self.yield_limit /= 2;
+            // Yields that brought the answer keep their budget: more threads than CPUs hand
+            // work over by yielding (one run with a worker per CPU besides its producer:
+            // 0.2x of yielding as long as it takes, measured on 2 CPUs, when a yield counted
+            // as a failure and every wait ended on the futex). Only a wait that had to sleep
+            // says that yielding did not help.
+            if yielded {
+                self.yield_limit = (self.yield_limit + 1).min(self.max_yield);
+            } else if self.slept {
+                self.yield_limit /= 2;
+            }
         }
     }
 
@@ -417,6 +432,21 @@ mod tests {
     #[test]
     fn spinning_backs_off_when_it_does_not_pay_and_recovers_when_it_does() {
         let mut b = Backoff::new(1 << 14, 4);
+        // Waits answered during the yields (more threads than CPUs, handing work over by
+        // yielding): spinning did not pay, the yields did and keep their budget.
+        let full_yields = b.yield_limit;
+        for _ in 0..20 {
+            loop {
+                match b.step() {
+                    Step::Spin => {}
+                    Step::Yield => break,
+                    Step::Sleep => panic!("the yields lost their budget"),
+                }
+            }
+            b.reset();
+        }
+        assert_eq!(b.spin_limit(), MIN_SPIN);
+        assert_eq!(b.yield_limit, full_yields);
         // Waits that end asleep: the budgets fall to the floor.
         for _ in 0..20 {
             while b.step() != Step::Sleep {}
@@ -433,12 +463,12 @@ mod tests {
             .count();
         assert_eq!(spins as u32, 1 << 14);
         // ...and when it pays, the whole budget is back.
-        b.learn(true);
+        b.learn(true, false);
         assert_eq!(b.spin_limit(), 1 << 14);
         assert_eq!(b.yield_limit, 4);
         // A wait answered late (the other side was not running) halves it again.
         b.probing = false;
-        b.learn(false);
+        b.learn(false, false);
         assert_eq!(b.spin_limit(), 1 << 13);
         // Never is never.
         let mut n = Backoff::for_mode(SpinMode::Never);
