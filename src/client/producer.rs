@@ -22,7 +22,7 @@ use crate::pool::{SlotPool, Token};
 use crate::ring::{RingConsumer, RingProducer};
 use crate::shm::TaskResult;
 use crate::sync::Ordering;
-use crate::wait::{Backoff, Doorbell, Futex, Step};
+use crate::wait::{Backoff, Doorbell, Futex, SpinMode, Step, SAME_CPU_YIELDS};
 
 /// How long a call may wait for what it needs.
 #[derive(Clone, Copy, Debug)]
@@ -258,6 +258,20 @@ fn outcome_of_item(
         .produced(k)
         .unwrap_or_else(|| (rec.dtype, rec.requested_shape(k)));
     (dtype, shape, outcome.item_error(k).map(Box::new))
+}
+
+/// Says on which CPU producer `p` waits (for its workers to read), and whether a usable worker
+/// that is not asleep on its futex last waited on this same CPU: then it shares this CPU's run
+/// queue, and a yield hands it the CPU.
+fn worker_near(sh: &Shared, p: u32, usable: &[bool]) -> bool {
+    let cpu = crate::sys::current_cpu() as u32 + 1;
+    sh.seg.producer(p).bell.cpu.store(cpu, Ordering::Relaxed);
+    usable.iter().enumerate().any(|(w, &usable)| {
+        let bell = &sh.seg.worker(w as u32).bell;
+        usable
+            && bell.cpu.load(Ordering::Relaxed) == cpu
+            && bell.sleeping.load(Ordering::Relaxed) == 0
+    })
 }
 
 /// A task's trusted record, by slot.
@@ -997,6 +1011,7 @@ impl<'s> Core<'s> {
         mut done: impl FnMut(&mut Self) -> bool,
     ) -> bool {
         self.backoff.reset();
+        let mut same_cpu_yields = 0u32;
         loop {
             let progress = self.pump();
             if done(self) {
@@ -1016,9 +1031,23 @@ impl<'s> Core<'s> {
             };
             if progress {
                 self.backoff.reset();
+                same_cpu_yields = 0;
                 continue;
             }
             if self.backoff.step() == Step::Sleep {
+                let (sh, p, usable) = (self.sh, self.p, &self.usable);
+                // A worker that last waited on this CPU shares its run queue: a yield hands it
+                // the CPU at once, where a sleep would wait for a futex wake-up (the cheap
+                // hand-off of two runs sharing two CPUs, once each run's producer and worker
+                // are on one CPU). The workers do the same towards producers.
+                if same_cpu_yields < SAME_CPU_YIELDS
+                    && sh.spin != SpinMode::Never
+                    && worker_near(sh, p, usable)
+                {
+                    same_cpu_yields += 1;
+                    std::thread::yield_now();
+                    continue;
+                }
                 let left = now.map_or(SLEEP, |(d, now)| (d - now).min(SLEEP));
                 let seen = self.seen_changes;
                 let ctl = &self.sh.ctl;
@@ -1533,6 +1562,8 @@ impl Drop for Producer<'_> {
         let c = self.core.get_mut();
         c.drain();
         let p = c.p as usize;
+        // (No worker should yield to a handle that is gone.)
+        c.sh.seg.producer(c.p).bell.cpu.store(0, Ordering::Relaxed);
         c.sh.active[p].store(false, Ordering::Release);
     }
 }
