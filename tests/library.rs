@@ -1282,11 +1282,25 @@ fn a_map_dropped_early_leaves_nothing_behind() {
 }
 
 /// A long map whose stream mixes arrays refused before sending (too large), arrays whose
-/// kernel fails and good ones, in place and out of place: every result is its own input's, in
-/// input order (or once each, unordered), whether its slot came back whole or with failures.
+/// kernel fails and good ones, in place and out of place, and with a single slot (which the
+/// map holds while the caller takes its results): every result is its own input's, in input
+/// order (or once each, unordered), whether its slot came back whole or with failures.
 fn map_results_stay_with_their_inputs_around_failures() {
-    for mode in [Mode::OutOfPlace, Mode::InPlace] {
-        let pool = pool(mode);
+    let one_slot = || {
+        Pool::builder()
+            .workers(2)
+            .max_array_bytes(1 << 20)
+            .slots_per_producer(1)
+            .kernels(kernels())
+            .build()
+            .expect("pool starts")
+    };
+    for (mode, pool) in [
+        (Mode::OutOfPlace, pool(Mode::OutOfPlace)),
+        (Mode::InPlace, pool(Mode::InPlace)),
+        (Mode::InPlace, one_slot()),
+    ] {
+        assert_eq!(pool.mode(), mode);
         let mut producer = pool.producer().unwrap();
         let n = 20_000usize;
         // Input k: `k % 9 + 1` copies of k; every 997th too large for a slot, every 1301st
