@@ -1289,6 +1289,7 @@ fn map_results_stay_with_their_inputs_around_failures() {
     let one_slot = || {
         Pool::builder()
             .workers(2)
+            .mode(Mode::InPlace)
             .max_array_bytes(1 << 20)
             .slots_per_producer(1)
             .kernels(kernels())
