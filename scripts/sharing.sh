@@ -37,5 +37,9 @@ alone = [float(a) for a, _ in rows]; tog = [float(t) for _, t in rows]
 r = [t / a for a, t in zip(alone, tog)]
 print(f"{name}: together/alone median {st.median(r):.3f}x (best {max(r):.3f}x, worst {min(r):.3f}x); "
       f"alone median {st.median(alone):,.0f}/s, two together median {st.median(tog):,.0f}/s over {len(r)} reps")
+# The pair is bimodal on small machines (each run's producer and worker on one CPU, or crossed):
+# the mean and every repetition say more than the median.
+print(f"  mean {st.mean(r):.3f}x; above 0.5x in {sum(x > 0.5 for x in r)} of {len(r)}; "
+      f"every repetition: {' '.join(f'{x:.2f}' for x in sorted(r))}")
 PY
 done
