@@ -98,6 +98,22 @@ impl<'a> Doorbell<'a> {
 /// hand-offs cost a fraction of a futex wake-up.
 pub const SAME_CPU_YIELDS: u32 = 256;
 
+/// For a waiter about to sleep on CPU `cpu`: says so in its own bell `me` (for its partners to
+/// read), and tells whether one of `partners` that is not asleep on its futex last waited on
+/// the same CPU. That partner shares this CPU's run queue: a yield hands it the CPU at once,
+/// where a sleep would wait for a futex wake-up (see [`SAME_CPU_YIELDS`]).
+pub fn same_cpu_partner<'b>(
+    me: &Bell,
+    cpu: usize,
+    partners: impl IntoIterator<Item = &'b Bell>,
+) -> bool {
+    let cpu = cpu as u32 + 1;
+    me.cpu.store(cpu, Ordering::Relaxed);
+    partners.into_iter().any(|bell| {
+        bell.cpu.load(Ordering::Relaxed) == cpu && bell.sleeping.load(Ordering::Relaxed) == 0
+    })
+}
+
 /// How long to spin and yield before sleeping, adapted to whether spinning pays.
 ///
 /// Spinning only helps when the other side answers within the spin, which needs it to be on
@@ -367,6 +383,25 @@ mod tests {
             },
             work: AtomicU32::new(0),
         }
+    }
+
+    #[test]
+    fn a_same_cpu_partner_is_one_awake_on_this_cpu() {
+        let (me, a, b) = (words(), words(), words());
+        assert!(!same_cpu_partner(&me.bell, 3, [&a.bell, &b.bell]));
+        assert_eq!(
+            me.bell.cpu.load(Ordering::Relaxed),
+            4,
+            "1 + the CPU, 0 meaning unknown"
+        );
+        a.bell.cpu.store(4, Ordering::Relaxed);
+        assert!(same_cpu_partner(&me.bell, 3, [&b.bell, &a.bell]));
+        assert!(!same_cpu_partner(&me.bell, 2, [&a.bell]), "another CPU");
+        a.bell.sleeping.store(1, Ordering::Relaxed);
+        assert!(
+            !same_cpu_partner(&me.bell, 3, [&a.bell]),
+            "asleep: a yield cannot reach it"
+        );
     }
 
     #[test]

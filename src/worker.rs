@@ -20,7 +20,7 @@ use crate::sync::Ordering;
 use crate::sys;
 use crate::task::exec::Executor;
 use crate::task::{Registry, WorkerInfo};
-use crate::wait::{Backoff, Doorbell, Futex, SpinMode, Step, SAME_CPU_YIELDS};
+use crate::wait::{same_cpu_partner, Backoff, Doorbell, Futex, SpinMode, Step, SAME_CPU_YIELDS};
 
 /// Environment variable that turns a process into a worker:
 /// `fd,index,coordinator_pid,kernel,cpu,spin,tasks` (`cpu` is `-` for no pinning; `spin` is a
@@ -513,18 +513,15 @@ pub fn serve(spec: WorkerSpec, registry: &Registry) -> Result<(), WorkerError> {
             continue;
         }
         if backoff.step() == Step::Sleep {
-            // A producer that last waited on this CPU shares our run queue: yield to it.
-            let cpu = sys::current_cpu() as u32 + 1;
-            me.bell.cpu.store(cpu, Ordering::Relaxed);
-            // (Only to a partner that is not asleep on its futex, and never when told to sleep
-            // at once.)
+            // A producer that last waited on this CPU shares our run queue: yield to it (never
+            // when told to sleep at once).
             if same_cpu_yields < SAME_CPU_YIELDS
                 && spec.spin != SpinMode::Never
-                && (0..producers).any(|p| {
-                    let bell = &seg.producer(p).bell;
-                    bell.cpu.load(Ordering::Relaxed) == cpu
-                        && bell.sleeping.load(Ordering::Relaxed) == 0
-                })
+                && same_cpu_partner(
+                    &me.bell,
+                    sys::current_cpu(),
+                    (0..producers).map(|p| &seg.producer(p).bell),
+                )
             {
                 same_cpu_yields += 1;
                 std::thread::yield_now();

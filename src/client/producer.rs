@@ -22,7 +22,7 @@ use crate::pool::{SlotPool, Token};
 use crate::ring::{RingConsumer, RingProducer};
 use crate::shm::TaskResult;
 use crate::sync::Ordering;
-use crate::wait::{Backoff, Doorbell, Futex, SpinMode, Step, SAME_CPU_YIELDS};
+use crate::wait::{same_cpu_partner, Backoff, Doorbell, Futex, SpinMode, Step, SAME_CPU_YIELDS};
 
 /// How long a call may wait for what it needs.
 #[derive(Clone, Copy, Debug)]
@@ -258,20 +258,6 @@ fn outcome_of_item(
         .produced(k)
         .unwrap_or_else(|| (rec.dtype, rec.requested_shape(k)));
     (dtype, shape, outcome.item_error(k).map(Box::new))
-}
-
-/// Says on which CPU producer `p` waits (for its workers to read), and whether a usable worker
-/// that is not asleep on its futex last waited on this same CPU: then it shares this CPU's run
-/// queue, and a yield hands it the CPU.
-fn worker_near(sh: &Shared, p: u32, usable: &[bool]) -> bool {
-    let cpu = crate::sys::current_cpu() as u32 + 1;
-    sh.seg.producer(p).bell.cpu.store(cpu, Ordering::Relaxed);
-    usable.iter().enumerate().any(|(w, &usable)| {
-        let bell = &sh.seg.worker(w as u32).bell;
-        usable
-            && bell.cpu.load(Ordering::Relaxed) == cpu
-            && bell.sleeping.load(Ordering::Relaxed) == 0
-    })
 }
 
 /// A task's trusted record, by slot.
@@ -1035,14 +1021,19 @@ impl<'s> Core<'s> {
                 continue;
             }
             if self.backoff.step() == Step::Sleep {
-                let (sh, p, usable) = (self.sh, self.p, &self.usable);
-                // A worker that last waited on this CPU shares its run queue: a yield hands it
-                // the CPU at once, where a sleep would wait for a futex wake-up (the cheap
-                // hand-off of two runs sharing two CPUs, once each run's producer and worker
-                // are on one CPU). The workers do the same towards producers.
+                let (sh, usable) = (self.sh, &self.usable);
+                // A usable worker that last waited on this CPU shares its run queue: yield to
+                // it (the cheap hand-off of two runs sharing two CPUs, once each run's producer
+                // and worker are on one CPU). The workers do the same towards producers.
                 if same_cpu_yields < SAME_CPU_YIELDS
                     && sh.spin != SpinMode::Never
-                    && worker_near(sh, p, usable)
+                    && same_cpu_partner(
+                        &sh.seg.producer(self.p).bell,
+                        crate::sys::current_cpu(),
+                        (0..usable.len())
+                            .filter(|&w| usable[w])
+                            .map(|w| &sh.seg.worker(w as u32).bell),
+                    )
                 {
                     same_cpu_yields += 1;
                     std::thread::yield_now();
