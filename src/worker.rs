@@ -449,9 +449,12 @@ pub fn serve(spec: WorkerSpec, registry: &Registry) -> Result<(), WorkerError> {
                             source,
                         }
                     })?;
-                // Which task runs, for the pool to blame after a death or a timeout.
-                me.status.current.store(word, Ordering::Relaxed);
+                // Which task runs, for the pool to blame after a death or a timeout. The item
+                // goes first (Release keeps the compiler from swapping the stores; a plain store
+                // on x86): a death between the two stores then blames no array of this task,
+                // never the previous task's last array.
                 me.status.current_item.store(NO_ITEM, Ordering::Relaxed);
+                me.status.current.store(word, Ordering::Release);
                 seg.prefetch_slot(&token);
                 seg.read_task(&token, &mut task);
                 let result = executor

@@ -1281,6 +1281,125 @@ fn a_map_dropped_early_leaves_nothing_behind() {
     drop(loans);
 }
 
+/// The caller's input iterator panics part-way through filling a slot, in ordered and
+/// unordered maps, packed and one per slot: the arrays already copied in still come back (each
+/// its own input's), the map goes on after the panic is caught, and no slot is lost, even
+/// after more panics than the handle has slots.
+fn a_panicking_input_iterator_loses_no_slot_and_no_result() {
+    let quiet = std::panic::take_hook();
+    std::panic::set_hook(Box::new(|_| {}));
+    for pack in [64 << 10, 0] {
+        let pool = Pool::builder()
+            .workers(1)
+            .slots_per_producer(2)
+            .pack_bytes(pack)
+            .kernels(kernels())
+            .build()
+            .expect("pool starts");
+        let mut producer = pool.producer().unwrap();
+        let task = Task::op("affine:3,1").unwrap();
+        // Input `i` holds `i`; input 5 of each map panics instead of coming.
+        let inputs = || {
+            (0..100u32).map(|i| {
+                assert!(i != 5, "input 5 panics");
+                vec![i as f32; 1 + i as usize % 7]
+            })
+        };
+        for round in 0..6 {
+            let ordered = round % 2 == 0;
+            let mut got = Vec::new();
+            let mut panics = 0;
+            if ordered {
+                let mut m = producer.map(&task, inputs()).unwrap();
+                loop {
+                    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| m.next())) {
+                        Ok(Some(r)) => got.push(r.unwrap().as_slice().to_vec()),
+                        Ok(None) => break,
+                        Err(_) => panics += 1,
+                    }
+                }
+            } else {
+                let mut m = producer.map_unordered(&task, inputs()).unwrap();
+                loop {
+                    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| m.next())) {
+                        Ok(Some((_, r))) => got.push(r.unwrap().as_slice().to_vec()),
+                        Ok(None) => break,
+                        Err(_) => panics += 1,
+                    }
+                }
+                got.sort_by(|a, b| a[0].total_cmp(&b[0]));
+            }
+            assert_eq!(panics, 1, "pack {pack}, round {round}");
+            let want: Vec<Vec<f32>> = (0..100u32)
+                .filter(|&i| i != 5)
+                .map(|i| vec![i as f32 * 3.0 + 1.0; 1 + i as usize % 7])
+                .collect();
+            assert_eq!(
+                got, want,
+                "pack {pack}, round {round}: every input but 5, each its own"
+            );
+        }
+        assert_eq!(producer.in_flight(), 0);
+        let loans: Vec<_> = (0..producer.slots())
+            .map(|_| {
+                producer
+                    .try_loan::<u8>(Shape::d1(1))
+                    .expect("no slot was lost to a panic")
+            })
+            .collect();
+        drop(loans);
+    }
+    std::panic::set_hook(quiet);
+}
+
+/// A map forgotten (`mem::forget`) with tasks in flight: the next map on the handle never
+/// hands out the forgotten map's results as its own, and gets the forgotten map's slots back.
+fn a_forgotten_map_does_not_mix_its_results_into_the_next() {
+    for pack in [0, 64 << 10] {
+        let pool = Pool::builder()
+            .workers(1)
+            .slots_per_producer(4)
+            .pack_bytes(pack)
+            .kernels(kernels())
+            .build()
+            .expect("pool starts");
+        let mut producer = pool.producer().unwrap();
+        let slow = Task::kernel("sleep_ms").params(Params::from_words(&[20]).unwrap());
+        let double = Task::kernel("sleep_ms").params(Params::from_words(&[0]).unwrap());
+        for round in 0..3 {
+            let old: Vec<Vec<f64>> = (0..12).map(|i| vec![-(i as f64); 3]).collect();
+            let mut m = producer.map(&slow, &old).unwrap();
+            assert_eq!(m.next().unwrap().unwrap().as_slice(), &[-0.0; 3]);
+            // Some of its slots are still at the worker (20 ms each), some may be back.
+            std::mem::forget(m);
+            let new: Vec<Vec<f64>> = (0..12).map(|i| vec![i as f64 + 100.0; 3]).collect();
+            let got: Vec<Vec<f64>> = producer
+                .map(&double, &new)
+                .unwrap()
+                .map(|r| r.unwrap().as_slice().to_vec())
+                .collect();
+            let want: Vec<Vec<f64>> = (0..12).map(|i| vec![(i as f64 + 100.0) * 2.0; 3]).collect();
+            assert_eq!(got, want, "pack {pack}, round {round}");
+        }
+        // Whatever the forgotten maps still had out comes home with the next maps.
+        std::thread::sleep(Duration::from_millis(300));
+        let n: usize = producer
+            .map(&double, vec![vec![1.0f64]; 20])
+            .unwrap()
+            .map(|r| r.unwrap().as_slice().len())
+            .sum();
+        assert_eq!(n, 20);
+        let loans: Vec<_> = (0..producer.slots())
+            .map(|_| {
+                producer
+                    .try_loan::<u8>(Shape::d1(1))
+                    .expect("every slot came home")
+            })
+            .collect();
+        drop(loans);
+    }
+}
+
 /// A long map whose stream mixes arrays refused before sending (too large), arrays whose
 /// kernel fails and good ones, in place and out of place, and with a single slot (which the
 /// map holds while the caller takes its results): every result is its own input's, in input
@@ -2066,6 +2185,14 @@ fn main() {
         (
             "map_results_stay_with_their_inputs_around_failures",
             map_results_stay_with_their_inputs_around_failures,
+        ),
+        (
+            "a_panicking_input_iterator_loses_no_slot_and_no_result",
+            a_panicking_input_iterator_loses_no_slot_and_no_result,
+        ),
+        (
+            "a_forgotten_map_does_not_mix_its_results_into_the_next",
+            a_forgotten_map_does_not_mix_its_results_into_the_next,
         ),
         (
             "a_loan_cannot_be_submitted_through_another_handle",

@@ -4,18 +4,26 @@
 //! Each result is copied out of shared memory into an [`Array`]: the results of the slot that
 //! holds the next ones, when every array in it succeeded (the common case), one at a time as
 //! the caller takes them, the slot going home after its last; the results of any other slot
-//! that comes back, at once, and that slot is reused at once. So a map holds at most one
-//! finished slot, and a caller that collects every result never blocks the pool (results
-//! waiting for their turn cost heap memory, bounded by the window, not slots).
+//! (out of turn, or with failures) when the map next collects, that slot going home at once.
+//! While the caller takes one slot's results, the map neither sends inputs nor collects other
+//! slots (those already sent run meanwhile). So a caller that collects every result never
+//! blocks the pool: results waiting for their turn cost heap memory, bounded by the window,
+//! not slots.
+//!
+//! The caller's code runs inside a map (its input iterator, its arrays' `AsArray` methods and
+//! `Drop`): a panic there sends the arrays already packed (their results stay owed) before it
+//! goes on, so a map whose panic is caught goes on with the next input. A map forgotten with
+//! `mem::forget` leaves its slots to the next map of the same handle, which sends them home
+//! unread (each slot's record carries its map's number).
 
 use std::collections::VecDeque;
+use std::ops::DerefMut;
 
 use super::producer::{packed_offset, Core, Outcome, Producer, TaskError, Until, PACK_MAX};
 use super::{SubmitError, Task};
 use crate::array::{as_bytes, cast, copied_vec, copy_elements, Array, AsArray, Shape};
 use crate::dtype::Element;
 use crate::layout::{ItemDesc, TaskDesc};
-use crate::pool::Token;
 use crate::task::Params;
 
 /// Why `map` refuses an array of `shape` with `elements` elements (`bytes` bytes) for slots
@@ -70,12 +78,14 @@ where
     /// A finished slot whose arrays all succeeded, handed out straight from shared memory one
     /// at a time (no parking), then sent home.
     drain: Option<Drain>,
+    /// This map's number on its handle (the `map` field of its slots' records).
+    id: u32,
 }
 
 /// A finished slot being handed out: its array `next` (of `count`) is the map's next result;
-/// its first array was input `seq`.
+/// its first array was input `seq`. The slot's token waits in `Core::map_drain` (so a map
+/// that is forgotten mid-drain does not take the slot with it).
 struct Drain {
-    token: Token,
     next: usize,
     count: usize,
     seq: u64,
@@ -152,6 +162,15 @@ impl<'pool> Producer<'pool> {
             )));
         }
         let window = (c.slots.len() * PACK_MAX) as u64;
+        // One map at a time holds the handle: any map's slot already back belongs to one that
+        // was forgotten (`mem::forget`) and goes home now; those still out, when they return.
+        let mut c = c;
+        c.maps = c.maps.wrapping_add(1).max(1);
+        let id = c.maps;
+        release_stale(c.deref_mut(), id);
+        if let Some(t) = c.map_drain.take() {
+            c.release(t, false);
+        }
         drop(c);
         Ok(Map {
             producer: self,
@@ -170,6 +189,7 @@ impl<'pool> Producer<'pool> {
             exhausted: false,
             out: 0,
             drain: None,
+            id,
         })
     }
 }
@@ -222,7 +242,7 @@ where
         let record = c.fresh_record(&token);
         record.dtype = dtype;
         record.out_shape = Shape::d1(0);
-        record.mapped = true;
+        record.map = self.id;
         record.any = self.any;
         let desc = &mut record.desc;
         desc.kernel = self.kernel;
@@ -233,74 +253,86 @@ where
         let mut used = 0u64;
         let mut count = 0usize;
         let data = sh.seg.slot_bytes_mut(&mut token);
-        while count < PACK_MAX && self.next_in - self.next_out < self.window {
-            let Some(item) = self.pending.take().or_else(|| self.inputs.next()) else {
-                self.exhausted = true;
-                break;
-            };
-            // An array mk1 cannot carry fails alone; it never shares a slot with others.
-            let shape = item.shape();
-            let elements = item.elements();
-            // (Its length matches the shape, checked below, so the bytes are its length's.)
-            let bytes = (elements.len() * dtype.size()) as u64;
-            let shape = match shape {
-                Ok(s) if elements.len() as u64 == s.elements() && bytes <= slot_bytes => s,
-                _ if count > 0 => {
+        // The caller's iterator, its arrays' `shape`/`elements` and their `Drop` may panic:
+        // then the arrays already copied in are sent as usual (their results stay owed) and
+        // the slot is not lost, before the panic goes on to the caller.
+        let fill = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            while count < PACK_MAX && self.next_in - self.next_out < self.window {
+                let Some(item) = self.pending.take().or_else(|| self.inputs.next()) else {
+                    self.exhausted = true;
+                    break;
+                };
+                // An array mk1 cannot carry fails alone; it never shares a slot with others.
+                let shape = item.shape();
+                let elements = item.elements();
+                // (Its length matches the shape, checked below, so the bytes are its length's.)
+                let bytes = (elements.len() * dtype.size()) as u64;
+                let shape = match shape {
+                    Ok(s) if elements.len() as u64 == s.elements() && bytes <= slot_bytes => s,
+                    _ if count > 0 => {
+                        drop(elements);
+                        self.pending = Some(item);
+                        break;
+                    }
+                    shape => {
+                        let e = refused(shape, elements.len(), bytes, slot_bytes);
+                        drop(elements);
+                        let seq = self.next_in;
+                        self.next_in += 1;
+                        desc.seq = self.next_in;
+                        self.done(seq, Err(e));
+                        continue;
+                    }
+                };
+                if count > 0 && (one_per_slot || used + bytes > limit || used + bytes > slot_bytes)
+                {
                     drop(elements);
                     self.pending = Some(item);
                     break;
                 }
-                shape => {
-                    let e = refused(shape, elements.len(), bytes, slot_bytes);
-                    drop(elements);
-                    let seq = self.next_in;
-                    self.next_in += 1;
-                    desc.seq = self.next_in;
-                    self.done(seq, Err(e));
-                    continue;
-                }
-            };
-            if count > 0 && (one_per_slot || used + bytes > limit || used + bytes > slot_bytes) {
+                copy_elements(
+                    &mut data[used as usize..(used + bytes) as usize],
+                    as_bytes(&elements),
+                );
                 drop(elements);
-                self.pending = Some(item);
-                break;
+                let (ndim, dims) = shape.raw();
+                desc.items[count] = ItemDesc {
+                    offset: used as u32,
+                    ndim,
+                    shape: dims,
+                };
+                count += 1;
+                used += packed_offset(bytes);
+                self.next_in += 1;
+                if one_per_slot || used >= limit {
+                    break;
+                }
             }
-            copy_elements(
-                &mut data[used as usize..(used + bytes) as usize],
-                as_bytes(&elements),
-            );
-            drop(elements);
-            let (ndim, dims) = shape.raw();
-            desc.items[count] = ItemDesc {
-                offset: used as u32,
-                ndim,
-                shape: dims,
-            };
-            count += 1;
-            used += packed_offset(bytes);
-            self.next_in += 1;
-            if one_per_slot || used >= limit {
-                break;
-            }
-        }
+        }));
         if count == 0 {
             c.release(token, false);
-            return false;
+        } else {
+            let desc = &mut c.records[token.slot() as usize].desc;
+            desc.count = count as u32;
+            let context = c.place_context(context, &mut token);
+            let desc = &mut c.records[token.slot() as usize].desc;
+            (desc.context_offset, desc.context_len) = context;
+            c.send_recorded(token);
+            self.out += 1;
         }
-        desc.count = count as u32;
-        let context = c.place_context(context, &mut token);
-        let desc = &mut c.records[token.slot() as usize].desc;
-        (desc.context_offset, desc.context_len) = context;
-        c.send_recorded(token);
-        self.out += 1;
-        true
+        if let Err(panic) = fill {
+            c.ring_bells();
+            std::panic::resume_unwind(panic);
+        }
+        count > 0
     }
 
     /// Copies out the results of every finished slot of this map and frees the slots.
     fn harvest(&mut self, c: &mut Core<'_>) {
         let mut i = 0;
+        release_stale(c, self.id);
         while self.drain.is_none() && i < c.ready.len() {
-            if !c.records[c.ready[i].token.slot() as usize].mapped {
+            if c.records[c.ready[i].token.slot() as usize].map != self.id {
                 i += 1;
                 continue;
             }
@@ -316,8 +348,9 @@ where
             };
             if next && matches!(r.outcome, Outcome::Ok) && !r.quarantine {
                 let count = c.records[r.token.slot() as usize].desc.count as usize;
+                debug_assert!(c.map_drain.is_none(), "one drain at a time");
+                c.map_drain = Some(r.token);
                 self.drain = Some(Drain {
-                    token: r.token,
                     next: 0,
                     count,
                     seq,
@@ -380,13 +413,15 @@ where
     fn drop(&mut self) {
         let producer = self.producer;
         let mut c = producer.core();
-        if let Some(d) = self.drain.take() {
-            c.release(d.token, false);
+        self.drain = None;
+        if let Some(t) = c.map_drain.take() {
+            c.release(t, false);
         }
         loop {
+            release_stale(c.deref_mut(), self.id);
             let mut i = 0;
             while i < c.ready.len() {
-                if c.records[c.ready[i].token.slot() as usize].mapped {
+                if c.records[c.ready[i].token.slot() as usize].map == self.id {
                     let r = c.ready.remove(i).expect("in range");
                     c.release(r.token, r.quarantine);
                     self.out -= 1;
@@ -397,11 +432,7 @@ where
             if self.out == 0 {
                 return;
             }
-            c.wait_until(Until::Forever, |c| {
-                c.ready
-                    .iter()
-                    .any(|r| c.records[r.token.slot() as usize].mapped)
-            });
+            c.wait_until(Until::Forever, any_mapped);
         }
     }
 }
@@ -447,19 +478,21 @@ where
                 let k = d.next;
                 let seq = d.seq + k as u64;
                 d.next += 1;
-                let slot = d.token.slot() as usize;
+                let token = c.map_drain.as_ref().expect("a drain holds its slot");
+                let slot = token.slot() as usize;
                 let out = {
                     type E<I> = <<I as Iterator>::Item as AsArray>::Elem;
                     let item = &c.records[slot].desc.items[k];
                     let shape = Shape::from_raw(item.ndim, item.shape).expect("ours");
                     let at = item.offset as usize;
                     let n = shape.bytes(<E<I> as Element>::DTYPE) as usize;
-                    let results = c.sh.seg.result_bytes(&d.token);
+                    let results = c.sh.seg.result_bytes(token);
                     Array::from_trusted(copied_vec(cast::<E<I>>(&results[at..at + n])), shape)
                 };
                 if d.next == d.count {
-                    let d = self.drain.take().expect("draining");
-                    c.release(d.token, false);
+                    self.drain = None;
+                    let token = c.map_drain.take().expect("a drain holds its slot");
+                    c.release(token, false);
                 }
                 self.next_out += 1;
                 return Some((seq, Ok(out)));
@@ -512,11 +545,28 @@ where
                     ))),
                 ));
             }
-            c.wait_until(Until::Forever, |c| {
-                c.ready
-                    .iter()
-                    .any(|r| c.records[r.token.slot() as usize].mapped)
-            });
+            c.wait_until(Until::Forever, any_mapped);
+        }
+    }
+}
+
+/// Whether a completion of some map (this one's, or a forgotten one's to release) is ready.
+fn any_mapped(c: &mut Core<'_>) -> bool {
+    c.ready
+        .iter()
+        .any(|r| c.records[r.token.slot() as usize].map != 0)
+}
+
+/// Sends home every ready slot of a map other than map `id` (one that was forgotten).
+fn release_stale(c: &mut Core<'_>, id: u32) {
+    let mut i = 0;
+    while i < c.ready.len() {
+        match c.records[c.ready[i].token.slot() as usize].map {
+            m if m != 0 && m != id => {
+                let r = c.ready.remove(i).expect("in range");
+                c.release(r.token, r.quarantine);
+            }
+            _ => i += 1,
         }
     }
 }

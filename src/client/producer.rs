@@ -268,8 +268,8 @@ pub(crate) struct Record {
     /// The first output's shape (single tasks).
     pub(crate) out_shape: Shape,
     pub(crate) attempts: u32,
-    /// Belongs to a `map` (left alone by `recv`).
-    pub(crate) mapped: bool,
+    /// The number of the `map` this slot's task belongs to (left alone by `recv`), or 0.
+    pub(crate) map: u32,
     /// Its kernel takes any dtype and reports what it produced.
     pub(crate) any: bool,
     /// The [`Task::id`] of the one-array task (no output shape or context of its own) that
@@ -327,6 +327,12 @@ pub(crate) struct Core<'s> {
     pub(crate) ready: VecDeque<Ready>,
     redo: Vec<Token>,
     next_ticket: u64,
+    /// Maps started on this handle (the last one's number; numbers go from 1, wrapping past
+    /// 0): a map takes only slots with its own number, and releases those of a map that was
+    /// forgotten (`mem::forget`) with tasks in flight.
+    pub(crate) maps: u32,
+    /// The finished slot a running map hands its results out of, one at a time.
+    pub(crate) map_drain: Option<Token>,
     /// Submitted and not yet in `ready`.
     pub(crate) in_flight: usize,
     /// Loans alive.
@@ -418,7 +424,7 @@ impl<'s> Core<'s> {
                     dtype: DType::U8,
                     out_shape: Shape::d1(0),
                     attempts: 0,
-                    mapped: false,
+                    map: 0,
                     any: false,
                     task: 0,
                 };
@@ -427,6 +433,8 @@ impl<'s> Core<'s> {
             ready: VecDeque::new(),
             redo: Vec::new(),
             next_ticket: 0,
+            maps: 0,
+            map_drain: None,
             in_flight: 0,
             loaned: 0,
             held: 0,
@@ -526,12 +534,12 @@ impl<'s> Core<'s> {
     pub(crate) fn first_ready(&self) -> Option<usize> {
         let front = self.ready.front()?;
         // (Most often the first one is ours: no `map` runs.)
-        if !self.records[front.token.slot() as usize].mapped {
+        if self.records[front.token.slot() as usize].map == 0 {
             return Some(0);
         }
         self.ready
             .iter()
-            .position(|r| !self.records[r.token.slot() as usize].mapped)
+            .position(|r| self.records[r.token.slot() as usize].map == 0)
     }
 
     pub(crate) fn peek_ticket(&self) -> u64 {
@@ -567,7 +575,7 @@ impl<'s> Core<'s> {
         (d.params_len, d.context_offset, d.context_len, d.skip_mask) = (0, 0, 0, 0);
         d.out_shape = [0; crate::layout::MAX_DIMS];
         r.attempts = 0;
-        r.mapped = false;
+        r.map = 0;
         r.any = false;
         r.task = 0;
         r
@@ -1364,7 +1372,7 @@ impl<'pool> Producer<'pool> {
                     && r.desc.out_ndim == 0
                     && r.desc.context_len == 0
                     && r.desc.skip_mask == 0
-                    && !r.mapped),
+                    && r.map == 0),
             "a record marked with a task describes one plain array"
         );
         r.out_shape = out_shape;
