@@ -542,6 +542,54 @@ fn terminate_does_not_wait_for_running_tasks() {
     }
 }
 
+/// `terminate` in the middle of maps, in place and out of place: every result already under
+/// way is its own input's or fails with `NoWorkers`, the map ends after one result per
+/// input, and a map over an endless input after it keeps failing fast, taking no slot.
+fn a_map_after_terminate_fails_its_inputs_and_ends() {
+    for mode in [Mode::InPlace, Mode::OutOfPlace] {
+        let pool = Pool::builder()
+            .workers(2)
+            .mode(mode)
+            .pack_bytes(0)
+            .kernels(kernels())
+            .build()
+            .unwrap();
+        let mut producer = pool.producer().unwrap();
+        let task = Task::kernel("double_then_sleep").params(Params::from_words(&[2]).unwrap());
+        let inputs: Vec<Vec<f64>> = (0..300).map(|i| vec![i as f64; 500]).collect();
+        let (mut ok, mut failed) = (0, 0);
+        for (i, r) in producer.map(&task, &inputs).unwrap().enumerate() {
+            if i == 10 {
+                pool.terminate();
+            }
+            match r {
+                Ok(a) => {
+                    assert_eq!(
+                        a.as_slice(),
+                        &[i as f64 * 2.0; 500][..],
+                        "{mode:?}, input {i}"
+                    );
+                    ok += 1;
+                }
+                Err(TaskError::NoWorkers(_)) => failed += 1,
+                Err(e) => panic!("{mode:?}, input {i}: {e}"),
+            }
+        }
+        assert_eq!(ok + failed, 300, "{mode:?}: one result per input");
+        assert!(ok >= 10 && failed > 0, "{mode:?}: {ok} ok, {failed} failed");
+        let t = Instant::now();
+        let endless = (0u32..).map(|i| vec![i as f64; 4]);
+        let errors = producer
+            .map(&task, endless)
+            .unwrap()
+            .take(10_000)
+            .filter(|r| matches!(r, Err(TaskError::NoWorkers(_))))
+            .count();
+        assert_eq!(errors, 10_000, "{mode:?}");
+        assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
+    }
+}
+
 /// One array of a packed batch that hangs its worker, and one that kills it, fail alone: the
 /// other arrays of their batches come back right (out of place, and in place with copies), or
 /// in place without copies, those the worker had not reached yet.
@@ -2193,6 +2241,10 @@ fn main() {
         (
             "a_forgotten_map_does_not_mix_its_results_into_the_next",
             a_forgotten_map_does_not_mix_its_results_into_the_next,
+        ),
+        (
+            "a_map_after_terminate_fails_its_inputs_and_ends",
+            a_map_after_terminate_fails_its_inputs_and_ends,
         ),
         (
             "a_loan_cannot_be_submitted_through_another_handle",

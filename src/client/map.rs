@@ -221,6 +221,21 @@ where
         let dtype = <E<I> as Element>::DTYPE;
         let context_arc = self.context.clone();
         let context = context_arc.as_deref().unwrap_or(&[]);
+        if let Some(why) = c.broken() {
+            // Nothing can run any more: the next inputs fail without taking a slot (a worker of
+            // a terminated pool may still be writing one).
+            while self.next_in - self.next_out < self.window {
+                let Some(item) = self.pending.take().or_else(|| self.inputs.next()) else {
+                    self.exhausted = true;
+                    break;
+                };
+                drop(item);
+                let seq = self.next_in;
+                self.next_in += 1;
+                self.done(seq, Err(TaskError::NoWorkers(why.clone())));
+            }
+            return false;
+        }
         // A map's slots are of the largest size.
         let class = c.sh.seg.layout().classes().len() - 1;
         let Some(mut token) = c.slots.take(class) else {

@@ -978,6 +978,9 @@ impl<'s> Core<'s> {
                 );
                 progress = true;
             }
+            // A terminated pool's workers are being killed, not yet dead: one may still write
+            // the slot of the task it runs, so those slots are never reused.
+            let terminating = self.sh.terminating.load(Ordering::Acquire);
             for w in 0..self.usable.len() {
                 if self.gave_up[w] {
                     continue;
@@ -987,7 +990,7 @@ impl<'s> Core<'s> {
                     self.finish(
                         t,
                         Outcome::failed(TaskError::NoWorkers(why.clone())),
-                        false,
+                        terminating,
                         Some(w as u32),
                     );
                     progress = true;
@@ -1939,7 +1942,9 @@ impl<'p> Completion<'p> {
     pub fn reuse<T: Element>(mut self, shape: Shape) -> Result<Loan<'p, T>, LoanError> {
         if self.hold == Hold::Quarantined {
             return Err(LoanError::NoWorkers(
-                "this slot's worker could not be killed: the slot is never reused".into(),
+                "the worker of this slot's task may still write it (it could not be killed, or \
+                 the pool was terminated): the slot is never reused"
+                    .into(),
             ));
         }
         match Loan::new(self.producer, self.take_token(), shape) {
