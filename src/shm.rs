@@ -748,6 +748,20 @@ impl Segment {
         unsafe { core::slice::from_raw_parts(self.map.as_ptr().add(off as usize), bytes as usize) }
     }
 
+    /// Where a returned task's results are, as [`Segment::result_bytes`] says, as a pointer and
+    /// a length: no reference is made, so this is also right for a slot that a worker which
+    /// could not be stopped may still write (a quarantined one).
+    #[inline]
+    pub(crate) fn result_raw(&self, token: &Token) -> (std::ptr::NonNull<u8>, usize) {
+        let SlotSpan {
+            result: off, bytes, ..
+        } = self.span(token);
+        // SAFETY: `off + bytes` lies inside the mapping (validated layout), so the offset
+        // pointer stays in the same allocation and is not null.
+        let at = unsafe { std::ptr::NonNull::new_unchecked(self.map.as_ptr().add(off as usize)) };
+        (at, bytes as usize)
+    }
+
     /// In a worker of a pool with output regions: maps every slot's input read-only, so no
     /// worker can change an input (which is what makes redoing a task after a death safe).
     pub fn protect_inputs(&self) -> io::Result<()> {

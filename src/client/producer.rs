@@ -1471,8 +1471,8 @@ impl<'pool> Producer<'pool> {
         } else {
             drop(outcome);
         }
-        let region = c.sh.seg.result_bytes(&token);
-        let (results, results_len) = (NonNull::from(region).cast(), region.len());
+        // (A pointer, not a slice: a quarantined slot may still be written by its worker.)
+        let (results, results_len) = c.sh.seg.result_raw(&token);
         Some(Completion {
             producer: self,
             token,
