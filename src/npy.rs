@@ -144,7 +144,19 @@ pub fn read_data(path: &Path, info: &NpyInfo, out: &mut [u8]) -> Result<(), NpyE
     let mut f = File::open(path).map_err(io_err)?;
     f.seek(io::SeekFrom::Start(info.data_offset))
         .map_err(io_err)?;
-    f.read_exact(out).map_err(io_err)
+    f.read_exact(out).map_err(|e| {
+        if e.kind() == io::ErrorKind::UnexpectedEof {
+            io_err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                format!(
+                    "the file ends before its {} bytes of data do (it shrank after mk1 checked it)",
+                    info.data_bytes
+                ),
+            ))
+        } else {
+            io_err(e)
+        }
+    })
 }
 
 fn type_str(dtype: DType) -> &'static str {

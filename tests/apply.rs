@@ -250,6 +250,20 @@ fn bad_inputs_are_exit_2_naming_the_file_before_any_work() {
     );
     assert_eq!(o.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&o.stderr).contains("cannot create"));
+    // An output directory that is a file.
+    let o = apply(
+        &t.0,
+        &[
+            "--op",
+            "neg",
+            "good.npy",
+            "--out-dir",
+            &blocker.display().to_string(),
+        ],
+    );
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(2), "{err}");
+    assert!(err.contains("exists and is not a directory"), "{err}");
     // Two inputs that would overwrite each other.
     std::fs::create_dir_all(t.0.join("sub")).unwrap();
     std::fs::copy(t.0.join("good.npy"), t.0.join("sub/good.npy")).unwrap();

@@ -200,6 +200,26 @@ class Future(concurrent.futures.Future):
         return super().done()
 
 
+def _pool_in_worker() -> str:
+    """Why a pool cannot start here (in a worker), in the words that fit the cause."""
+    frame = sys._getframe(1)
+    while frame is not None:
+        if frame.f_code.co_name == "_prepare_main" and frame.f_globals.get("__name__") == (
+            "mk1._worker"
+        ):
+            return (
+                "mk1.Pool was created at the top level of the main script, which every worker "
+                "runs again to find the functions defined there (as multiprocessing's spawn "
+                'start method does): put the code that makes the pool under `if __name__ == '
+                '"__main__":`'
+            )
+        frame = frame.f_back
+    return (
+        "mk1.Pool cannot be created inside an mk1 worker (a function running in a pool tried "
+        "to start a pool of its own)"
+    )
+
+
 class Pool:
     """A pool of worker processes fed through shared memory.
 
@@ -257,10 +277,7 @@ class Pool:
         start_timeout: float = 120.0,
     ) -> None:
         if os.environ.get("MK1_WORKER") is not None:
-            raise RuntimeError(
-                "mk1.Pool cannot be created inside an mk1 worker (a function running in a pool "
-                "tried to start a pool of its own)"
-            )
+            raise RuntimeError(_pool_in_worker())
         if mode not in ("out-of-place", "in-place"):
             raise ValueError(f"mode must be 'out-of-place' or 'in-place', not {mode!r}")
         workers = _default_workers() if workers is None else operator.index(workers)

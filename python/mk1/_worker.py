@@ -55,7 +55,14 @@ def _main() -> None:
         sys.path[:] = boot["path"]
     if "argv" in boot:
         sys.argv[:] = boot["argv"]
-    _prepare_main(boot)
+    try:
+        _prepare_main(boot)
+    except Exception as e:
+        # One write, so that the tracebacks of workers starting together (they share the
+        # caller's stderr) do not interleave line by line in the pool's start error.
+        text = "".join(traceback.format_exception(type(e), e, e.__traceback__))
+        os.write(2, text.encode("utf-8", "replace"))
+        os._exit(1)
     from mk1 import _mk1
 
     _mk1.serve()  # never returns in a worker

@@ -394,6 +394,24 @@ def test_a_function_defined_in_the_main_script(tmp_path):
     assert "ok True" in r.stdout
 
 
+def test_a_pool_at_the_top_level_of_a_script_says_to_add_the_main_guard(tmp_path):
+    r = run_script(
+        tmp_path,
+        """
+        import numpy as np, mk1
+
+        def double(x):
+            return x * 2
+
+        with mk1.Pool(workers=2) as pool:   # no `if __name__ == "__main__":`
+            print(list(pool.map(double, [np.arange(5)])))
+        """,
+    )
+    assert r.returncode == 1, r.stderr
+    assert "PoolStartError" in r.stderr
+    assert 'put the code that makes the pool under `if __name__ == "__main__":`' in r.stderr
+
+
 LAMBDA_SCRIPT = """
     import sys
     if "--no-cloudpickle" in sys.argv or {hide}:

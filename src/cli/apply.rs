@@ -119,6 +119,12 @@ fn check(args: &ApplyArgs) -> Result<Vec<Input>, String> {
             info,
         });
     }
+    if args.out_dir.exists() && !args.out_dir.is_dir() {
+        return Err(format!(
+            "--out-dir {} exists and is not a directory",
+            args.out_dir.display()
+        ));
+    }
     std::fs::create_dir_all(&args.out_dir)
         .map_err(|e| format!("cannot create {}: {e}", args.out_dir.display()))?;
     let probe = args

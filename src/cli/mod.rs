@@ -167,7 +167,7 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let t = s.trim();
     if t.starts_with('-') {
         return Err(format!(
-            "`{s}` is negative: a duration is 0 or more (examples: 20s, 500ms)"
+            "`{s}` is negative; give a duration such as 20s or 500ms"
         ));
     }
     let split = t

@@ -146,12 +146,41 @@ impl WorkerStderr {
     pub(crate) fn take_text(&self) -> String {
         let mut all = Vec::new();
         sys::read_available(self.read.as_fd(), &mut all);
-        String::from_utf8_lossy(&all)
-            .lines()
-            .map(str::trim)
-            .filter(|l| !l.is_empty())
-            .collect::<Vec<_>>()
-            .join("; ")
+        one_line(&String::from_utf8_lossy(&all))
+    }
+}
+
+/// `text` as one line for an error message: its lines joined with "; ", without blank lines
+/// and Python's `^^^^` markers under a traceback's code, and said once where every worker
+/// that started together wrote the same.
+fn one_line(text: &str) -> String {
+    let lines: Vec<&str> = text
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.chars().all(|c| matches!(c, '^' | '~' | ' ')))
+        .collect();
+    let n = lines.len();
+    let once = (1..=n / 2)
+        .find(|&p| n.is_multiple_of(p) && (p..n).all(|i| lines[i] == lines[i - p]))
+        .unwrap_or(n);
+    lines[..once].join("; ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::one_line;
+
+    #[test]
+    fn start_errors_read_as_one_line_said_once() {
+        let tb = "Traceback:\n  File \"s.py\", line 4\n    with Pool():\n    ^^^^^^\n\nRuntimeError: x\n";
+        assert_eq!(
+            one_line(tb),
+            "Traceback:; File \"s.py\", line 4; with Pool():; RuntimeError: x"
+        );
+        assert_eq!(one_line(&tb.repeat(3)), one_line(tb));
+        assert_eq!(one_line("a\nb\na\n"), "a; b; a");
+        assert_eq!(one_line("a\na\n"), "a");
+        assert_eq!(one_line(""), "");
     }
 }
 

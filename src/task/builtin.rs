@@ -82,7 +82,7 @@ pub enum Builtin {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum BuiltinError {
     /// Not one of the op names, or the wrong number of parameters.
-    #[error("invalid op {given:?}: {why}")]
+    #[error("bad op `{given}`: {why}")]
     Syntax {
         /// What was given.
         given: String,
