@@ -166,24 +166,6 @@ fn one_line(text: &str) -> String {
     lines[..once].join("; ")
 }
 
-#[cfg(test)]
-mod tests {
-    use super::one_line;
-
-    #[test]
-    fn start_errors_read_as_one_line_said_once() {
-        let tb = "Traceback:\n  File \"s.py\", line 4\n    with Pool():\n    ^^^^^^\n\nRuntimeError: x\n";
-        assert_eq!(
-            one_line(tb),
-            "Traceback:; File \"s.py\", line 4; with Pool():; RuntimeError: x"
-        );
-        assert_eq!(one_line(&tb.repeat(3)), one_line(tb));
-        assert_eq!(one_line("a\nb\na\n"), "a; b; a");
-        assert_eq!(one_line("a\na\n"), "a");
-        assert_eq!(one_line(""), "");
-    }
-}
-
 pub(crate) fn spawn_worker(
     image: &WorkerImage,
     stderr: &WorkerStderr,
@@ -844,5 +826,23 @@ impl<'a> Monitor<'a> {
             .collect();
         left.sort_by_key(|u| u.worker);
         left
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::one_line;
+
+    #[test]
+    fn start_errors_read_as_one_line_said_once() {
+        let tb = "Traceback:\n  File \"s.py\", line 4\n    with Pool():\n    ^^^^^^\n\nRuntimeError: x\n";
+        assert_eq!(
+            one_line(tb),
+            "Traceback:; File \"s.py\", line 4; with Pool():; RuntimeError: x"
+        );
+        assert_eq!(one_line(&tb.repeat(3)), one_line(tb));
+        assert_eq!(one_line("a\nb\na\n"), "a; b; a");
+        assert_eq!(one_line("a\na\n"), "a");
+        assert_eq!(one_line(""), "");
     }
 }
