@@ -55,6 +55,22 @@ pub const EXIT_BAD_SPEC: i32 = 70;
 pub const EXIT_BAD_SEGMENT: i32 = 71;
 /// Exit status of a worker whose coordinator went away.
 pub const EXIT_ORPHANED: i32 = 72;
+/// Exit status of a worker that a kernel retired ([`retire_after_this_task`]).
+pub const EXIT_RETIRED: i32 = 73;
+
+/// Why this worker process is to end after its current task, once a kernel said so.
+static RETIRE: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+
+/// Called by a kernel in a worker process: this process ends as soon as the task running now
+/// has been answered (its results, or the error the kernel returns, reach the caller first),
+/// and the pool starts a replacement, as after a death (it counts as a restart); tasks already
+/// queued for this worker go to the others. For a kernel that finds its process unfit to go
+/// on: state it can no longer trust, or a view of shared memory that escaped the call (the
+/// Python bindings retire a worker whose function kept its input or output array). `why` is
+/// written to stderr with the worker's last words. Outside a worker it does nothing.
+pub fn retire_after_this_task(why: impl Into<String>) {
+    let _ = RETIRE.set(why.into());
+}
 
 /// Tokens taken from one producer's ring before looking at the next (fairness between
 /// producers, and a bound on how long a doorbell waits to be rung).
@@ -276,6 +292,9 @@ pub enum WorkerError {
     /// This program's kernels are not the pool's, or one's init hook failed.
     #[error("{0}")]
     Kernels(String),
+    /// A kernel retired this worker ([`retire_after_this_task`]).
+    #[error("retired after its task: {0}")]
+    Retired(String),
 }
 
 impl WorkerError {
@@ -283,6 +302,7 @@ impl WorkerError {
     pub fn exit_code(&self) -> i32 {
         match self {
             WorkerError::Orphaned(_) => EXIT_ORPHANED,
+            WorkerError::Retired(_) => EXIT_RETIRED,
             WorkerError::Kernel(_)
             | WorkerError::Io(_)
             | WorkerError::Index { .. }
@@ -487,6 +507,10 @@ pub fn serve(spec: WorkerSpec, registry: &Registry) -> Result<(), WorkerError> {
                 // The doorbell, which costs an RMW, is rung once per burst.
                 outbox[p].flush();
                 n += 1;
+                if let Some(why) = RETIRE.get() {
+                    bells[p].ring(&Futex);
+                    return Err(WorkerError::Retired(why.clone()));
+                }
             }
             if n > 0 {
                 bells[p].ring(&Futex);

@@ -23,6 +23,13 @@ fn kernels() -> Registry {
         .kernel::<i32>("x3p1", |mut a| {
             a.io.map(|x| x.wrapping_mul(3).wrapping_add(1))
         })
+        .kernel::<i32>("add1_retire_on_7", |mut a| {
+            // Answers as usual, and ends its worker after answering.
+            if a.io.input().first() == Some(&7) {
+                mk1::worker::retire_after_this_task("the test asked for it");
+            }
+            a.io.map(|x| x + 1)
+        })
         .kernel::<f32>("affine", |mut a| {
             let (s, t) = (a.params.f64(0)? as f32, a.params.f64(1)? as f32);
             a.io.map(|x| x * s + t)
@@ -587,6 +594,48 @@ fn a_map_after_terminate_fails_its_inputs_and_ends() {
             .count();
         assert_eq!(errors, 10_000, "{mode:?}");
         assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
+    }
+}
+
+/// A kernel that retires its worker: its task is answered first, the worker is replaced,
+/// and no other task is lost or failed (tasks queued for it go to others), in either mode.
+fn a_kernel_can_retire_its_worker_after_answering() {
+    for mode in [Mode::InPlace, Mode::OutOfPlace] {
+        let pool = Pool::builder()
+            .workers(2)
+            .mode(mode)
+            .pack_bytes(0)
+            .max_restarts(100)
+            .kernels(kernels())
+            .build()
+            .unwrap();
+        let mut producer = pool.producer().unwrap();
+        let task = Task::kernel("add1_retire_on_7");
+        // Inputs 7, 57, 107 and 157 start with 7: four retirements.
+        let inputs: Vec<Vec<i32>> = (0..200)
+            .map(|i| {
+                let first = if i % 50 == 7 { 7 } else { i };
+                vec![first, i, i, i]
+            })
+            .collect();
+        for (i, r) in producer.map(&task, &inputs).unwrap().enumerate() {
+            let got = r.unwrap_or_else(|e| panic!("{mode:?}, input {i}: {e}"));
+            let want: Vec<i32> = inputs[i].iter().map(|x| x + 1).collect();
+            assert_eq!(got.as_slice(), &want[..], "{mode:?}, input {i}");
+        }
+        // (The pool replaces a worker once its producers have seen it go: keep one busy.)
+        let t = Instant::now();
+        while pool.restarts() < 4 && t.elapsed() < Duration::from_secs(10) {
+            let one = producer.map(&task, vec![vec![1i32]]).unwrap().count();
+            assert_eq!(one, 1);
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert_eq!(
+            pool.restarts(),
+            4,
+            "{mode:?}: one replacement per retirement"
+        );
+        assert_eq!(pool.worker_pids().len(), 2, "{mode:?}");
     }
 }
 
@@ -2245,6 +2294,10 @@ fn main() {
         (
             "a_map_after_terminate_fails_its_inputs_and_ends",
             a_map_after_terminate_fails_its_inputs_and_ends,
+        ),
+        (
+            "a_kernel_can_retire_its_worker_after_answering",
+            a_kernel_can_retire_its_worker_after_answering,
         ),
         (
             "a_loan_cannot_be_submitted_through_another_handle",

@@ -582,6 +582,10 @@ class Pool:
         return self._map(fn, arrays, False, zero_copy, progress)
 
     def _map(self, fn, arrays, ordered, zero_copy, progress):
+        if zero_copy and self._slots < 2:
+            # The loop variable still holds the last result (and its slot) while the next
+            # one is fetched.
+            raise ValueError("zero_copy=True needs slots >= 2 (mk1.Pool(slots=...))")
         task = self._task(fn)  # fails here, before any array is taken
         bar = _progress(arrays) if progress else None
         return self._map_gen(task, iter(arrays), ordered, zero_copy, bar)

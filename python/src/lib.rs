@@ -97,6 +97,8 @@ struct PyWorker {
     load: Py<PyAny>,
     dtypes: Vec<Py<PyAny>>,
     last: Option<(Vec<u8>, Py<PyAny>, bool)>,
+    /// This worker's pid: a process forked by the function and returning here is not it.
+    pid: u32,
 }
 
 impl PyWorker {
@@ -117,6 +119,7 @@ impl PyWorker {
             load: m.getattr("_load")?.unbind(),
             dtypes,
             last: None,
+            pid: std::process::id(),
         })
     }
 
@@ -163,10 +166,52 @@ impl PyWorker {
             .position(|&d| d == args.dtype)
             .expect("every dtype")];
         let shape = PyTuple::new(py, args.shape.dims().iter().copied()).map_err(py_err)?;
+        let views = (input.clone(), output.clone());
         let answer = self
             .run
             .call1(py, (f, *wants_out, input, dtype, shape, output, in_place))
-            .map_err(py_err)?;
+            .map_err(py_err);
+        if std::process::id() != self.pid {
+            // A child the function forked (and that did not exit) came back here: it must not
+            // serve this worker's rings. It leaves at once, without Python's exit handlers.
+            let _ = py
+                .import("os")
+                .and_then(|os| os.call_method1("_exit", (0,)));
+            std::process::abort();
+        }
+        // Views of the slot must not outlive the call: a function that kept its input or
+        // output array (a global, a thread) would read or write other tasks' data later. Such
+        // a task fails, and the worker is replaced after answering (the reference cannot be
+        // taken back; the process that holds it goes).
+        // A kept array holds its memoryview (its `base`), so the view has more references than
+        // ours (in place, the two of `views` are one object); `release` fails while the view's
+        // buffer is exported.
+        let own = if in_place { 2 } else { 1 };
+        let release = || {
+            [&views.0, &views.1].iter().any(|v| {
+                // SAFETY: `v` is a live object (we hold a reference) and the GIL is held.
+                let refs = unsafe { pyo3::ffi::Py_REFCNT(v.as_ptr()) };
+                refs > own || v.call_method0("release").is_err()
+            })
+        };
+        // (A reference cycle that holds the array is garbage, not a kept reference: collect
+        // it, then look again.)
+        let kept = release() && {
+            let _ = py.import("gc").and_then(|gc| gc.call_method0("collect"));
+            release()
+        };
+        if kept {
+            mk1::worker::retire_after_this_task(
+                "the Python function kept a reference to its input or output array",
+            );
+            return Err(KernelError::new(
+                "the function kept a reference to its input or output array (or a view of \
+                 it) after returning; those arrays are shared memory that the next tasks \
+                 reuse, so the task fails and its worker is replaced: keep a copy instead \
+                 (np.array(x))",
+            ));
+        }
+        let answer = answer?;
         // `_run` returns (dtype code, shape) or (None, message) for an exception.
         let (code, shape): (Option<u8>, Bound<'_, PyAny>) = answer.extract(py).map_err(py_err)?;
         let Some(code) = code else {
@@ -292,6 +337,9 @@ struct PoolCore {
 /// ticket's result goes.
 struct Shared {
     inner: Rc<Inner>,
+    /// The pool was closed, or forgotten in a child made by `fork()`: a map still holding
+    /// this (weakly, or in the middle of a step) stops instead of going on.
+    gone: std::cell::Cell<bool>,
     /// The largest array the caller may send (the slot has room for the function too).
     max_array_bytes: u64,
     ops: RefCell<HashMap<String, Task>>,
@@ -368,7 +416,14 @@ impl Shared {
 
     /// Receives one completion, waiting at most `timeout` seconds with the GIL released. A
     /// map's result goes to its map (`Ok(Some(None))`); any other comes back.
-    fn recv(&self, py: Python<'_>, timeout: f64, lend: bool) -> PyResult<Option<Option<Got>>> {
+    /// `lend_to`: the map (a `zero_copy` one) whose single-array results are lent, not copied;
+    /// results of anything else are copied.
+    fn recv(
+        &self,
+        py: Python<'_>,
+        timeout: f64,
+        lend_to: Option<u64>,
+    ) -> PyResult<Option<Option<Got>>> {
         let p = self.producer();
         let got = if timeout <= 0.0 {
             p.try_recv()
@@ -388,7 +443,18 @@ impl Shared {
         let dtype = done.dtype().name();
         let shape = PyTuple::new(py, done.shape().dims().iter().copied())?;
         let owner = self.router.borrow_mut().owner.remove(&ticket);
-        let mut results = self.results_of(py, done, lend)?;
+        let lend = matches!((&owner, lend_to), (Some((map, _)), Some(to)) if *map == to);
+        let arrays = owner.as_ref().map_or(1, |(_, indices)| indices.len());
+        let mut results = match self.results_of(py, done, lend) {
+            Ok(results) => results,
+            // The results could not be made here (memory, say): each array still gets an
+            // answer, this error, so no future or map waits for it forever.
+            Err(e) if !e.is_instance_of::<pyo3::exceptions::PyKeyboardInterrupt>(py) => {
+                let e = e.into_value(py).into_any();
+                (0..arrays).map(|_| (false, e.bind(py).clone())).collect()
+            }
+            Err(e) => return Err(e),
+        };
         if let Some((map, indices)) = owner {
             let mut router = self.router.borrow_mut();
             if let Some(state) = router.maps.get_mut(&map) {
@@ -603,6 +669,7 @@ impl PoolCore {
         Ok(PoolCore {
             shared: Some(Rc::new(Shared {
                 inner,
+                gone: std::cell::Cell::new(false),
                 max_array_bytes,
                 ops: RefCell::new(HashMap::new()),
                 router: RefCell::new(Router::default()),
@@ -630,7 +697,7 @@ impl PoolCore {
     /// `(ticket, worker, ok, payload, dtype, shape)` where payload is a new numpy array when
     /// ok, else the exception to raise.
     fn recv(&self, py: Python<'_>, timeout: f64) -> PyResult<Py<PyAny>> {
-        Ok(match self.shared()?.recv(py, timeout, false)? {
+        Ok(match self.shared()?.recv(py, timeout, None)? {
             None => py.None(),
             Some(None) => pyo3::types::PyBool::new(py, true)
                 .to_owned()
@@ -720,6 +787,7 @@ impl PoolCore {
     /// disturb them). Leaks the parent's copy of the memory in this process, by design.
     fn abandon(&mut self) {
         if let Some(shared) = self.shared.take() {
+            shared.gone.set(true);
             std::mem::forget(shared);
         }
     }
@@ -734,6 +802,7 @@ impl PoolCore {
     /// flight are waited for (bounded by the timeout) and dropped.
     fn close(&mut self, py: Python<'_>) {
         if let Some(shared) = self.shared.take() {
+            shared.gone.set(true);
             // Results lent to the caller keep the segment mapped after this; the workers need
             // not wait for them.
             if Rc::strong_count(&shared.inner) > 1 {
@@ -793,7 +862,7 @@ impl MapIter {
 
     /// Receives one completion and sends it where it belongs. Whether one came.
     fn pump(&self, py: Python<'_>, sh: &Shared, timeout: f64) -> PyResult<bool> {
-        match sh.recv(py, timeout, self.lend)? {
+        match sh.recv(py, timeout, self.lend.then_some(self.id))? {
             None => {
                 py.check_signals()?;
                 Ok(false)
@@ -910,6 +979,13 @@ impl MapIter {
     /// per-array work is the limit from Python, not the workers or the rings.)
     fn fill(&mut self, py: Python<'_>, sh: &Shared) -> PyResult<()> {
         loop {
+            // The input iterator (or a callback it runs) may close the pool.
+            if sh.gone.get() {
+                return Err(PyValueError::new_err(
+                    "the pool was closed while this map ran; its arrays still in flight \
+                     will not come back",
+                ));
+            }
             let (index, array) = match self.pending.take() {
                 Some((i, a)) => (i, Ok(a.into_bound(py))),
                 None => {
@@ -975,8 +1051,15 @@ impl MapIter {
             let sh = self
                 .shared
                 .upgrade()
+                .filter(|sh| !sh.gone.get())
                 .ok_or_else(|| PyValueError::new_err("the pool is closed"))?;
-            self.fill(py, &sh)?;
+            let filled = self.fill(py, &sh);
+            if sh.gone.get() && Rc::strong_count(&sh) == 1 {
+                // Closed from inside this step, and this is the pool's last reference: its
+                // drop here (GIL held) must not wait for tasks in flight.
+                sh.inner.pool.terminate();
+            }
+            filled?;
             {
                 let mut r = sh.router.borrow_mut();
                 let Some(m) = r.maps.get_mut(&self.id) else {

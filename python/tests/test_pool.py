@@ -731,6 +731,100 @@ def test_closing_the_pool_inside_the_input_stops_the_map_with_an_error():
         list(p.map(slow_double, inputs()))
 
 
+def test_closing_the_pool_inside_an_endless_input_stops_the_map_at_once():
+    p = mk1.Pool(workers=1)
+
+    def endless():
+        yield np.zeros(3)
+        p.close()
+        while True:
+            yield np.zeros(3)
+
+    t = time.monotonic()
+    with pytest.raises(ValueError, match="closed"):
+        for _ in p.map(slow_double, endless()):
+            pass
+    assert time.monotonic() - t < 10
+
+
+def test_a_forked_child_cannot_drive_its_parents_map(pool):
+    it = pool.map(x3p1, (np.full(4, float(i)) for i in range(2000)))
+    assert next(it)[0] == 1.0
+    pid = os.fork()
+    if pid == 0:
+        code = 0
+        try:
+            next(it)
+            code = 1  # it should have been refused
+        except ValueError:
+            pass
+        except BaseException:
+            code = 2
+        os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    rest = [y[0] for y in it]
+    assert rest == [3.0 * i + 1 for i in range(1, 2000)]
+
+
+_KEPT = []
+
+
+def keeps_its_input(x):
+    _KEPT.append(x)
+    return x * 2
+
+
+def keeps_in_a_cycle_only(x):
+    holder = {"x": x}
+    holder["self"] = holder  # garbage once the function returns
+    return x * 2
+
+
+def test_a_function_that_keeps_its_input_fails_and_its_worker_is_replaced():
+    with mk1.Pool(workers=1) as p:
+        before = p.restarts()
+        with pytest.raises(mk1.Mk1Error, match="kept a reference to its input or output"):
+            p.apply(keeps_its_input, np.ones(4))
+        # The replacement works (the pool replaces a worker once the caller has seen it go,
+        # here in this call), and a cycle that is garbage is not a kept reference.
+        assert p.apply(x3p1, np.ones(4)).tolist() == [4.0] * 4
+        assert p.apply(keeps_in_a_cycle_only, np.ones(4)).tolist() == [2.0] * 4
+        deadline = time.monotonic() + 10
+        while p.restarts() == before and time.monotonic() < deadline:
+            p.apply(x3p1, np.ones(1))
+            time.sleep(0.01)
+        assert p.restarts() == before + 1
+
+
+def forks_and_returns(x):
+    os.fork()  # both processes return from here
+    return x + 1
+
+
+def test_a_child_forked_by_the_function_does_not_serve(pool):
+    out = [y.tolist() for y in pool.map(forks_and_returns, [np.full(2, float(i)) for i in range(20)])]
+    assert out == [[i + 1.0] * 2 for i in range(20)]
+    assert pool.apply(x3p1, np.ones(2)).tolist() == [4.0, 4.0]
+
+
+def test_futures_get_copies_while_a_zero_copy_map_runs():
+    with mk1.Pool(workers=1, slots=2) as p:
+        futs = [p.submit(slow_double, np.full(3, float(i))) for i in range(2)]
+        for y in p.map(x3p1, [np.ones(3)] * 4, zero_copy=True):
+            assert not y.flags.writeable
+        for i, f in enumerate(futs):
+            r = f.result()
+            assert r.flags.writeable and r.tolist() == [2.0 * i] * 3
+
+
+def test_zero_copy_needs_two_slots():
+    with mk1.Pool(workers=1, slots=1) as p:
+        with pytest.raises(ValueError, match="zero_copy=True needs slots"):
+            p.map(x3p1, [np.ones(3)], zero_copy=True)
+        assert [y.tolist() for y in p.map(x3p1, [np.ones(2)] * 3)] == [[4.0, 4.0]] * 3
+
+
 def test_op_parameters_may_be_numpy_scalars(pool):
     a = np.arange(4.0)
     assert (pool.apply(mk1.ops.add(np.float64(1.5)), a) == a + 1.5).all()
