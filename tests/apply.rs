@@ -235,35 +235,19 @@ fn bad_inputs_are_exit_2_naming_the_file_before_any_work() {
     let err = String::from_utf8_lossy(&o.stderr);
     assert_eq!(o.status.code(), Some(2), "{err}");
     assert!(err.contains("good.npy") && err.contains("32 bits"), "{err}");
-    // An output directory that cannot be written.
+    // An output directory that cannot be made (under a file), and one that is a file.
     let blocker = t.0.join("file-not-dir");
     std::fs::write(&blocker, b"").unwrap();
-    let o = apply(
-        &t.0,
-        &[
-            "--op",
-            "neg",
-            "good.npy",
-            "--out-dir",
-            &blocker.join("x").display().to_string(),
-        ],
-    );
-    assert_eq!(o.status.code(), Some(2));
-    assert!(String::from_utf8_lossy(&o.stderr).contains("cannot create"));
-    // An output directory that is a file.
-    let o = apply(
-        &t.0,
-        &[
-            "--op",
-            "neg",
-            "good.npy",
-            "--out-dir",
-            &blocker.display().to_string(),
-        ],
-    );
-    let err = String::from_utf8_lossy(&o.stderr);
-    assert_eq!(o.status.code(), Some(2), "{err}");
-    assert!(err.contains("exists and is not a directory"), "{err}");
+    for (out_dir, says) in [
+        (blocker.join("x"), "cannot create"),
+        (blocker.clone(), "exists and is not a directory"),
+    ] {
+        let out = out_dir.display().to_string();
+        let o = apply(&t.0, &["--op", "neg", "good.npy", "--out-dir", &out]);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(2), "{err}");
+        assert!(err.contains(says), "{err}");
+    }
     // Two inputs that would overwrite each other.
     std::fs::create_dir_all(t.0.join("sub")).unwrap();
     std::fs::copy(t.0.join("good.npy"), t.0.join("sub/good.npy")).unwrap();

@@ -148,6 +148,14 @@ fn pool(mode: Mode) -> Pool {
         .expect("pool starts")
 }
 
+/// Every slot of `producer` can be loaned at once: none was lost (`why` names the case).
+fn assert_every_slot_free(producer: &mk1::Producer<'_>, why: &str) {
+    let loans: Vec<_> = (0..producer.slots())
+        .map(|_| producer.try_loan::<u8>(Shape::d1(1)).expect(why))
+        .collect();
+    drop(loans);
+}
+
 fn alive(pid: u32) -> bool {
     std::path::Path::new(&format!("/proc/{pid}")).exists()
         && !std::fs::read_to_string(format!("/proc/{pid}/stat"))
@@ -1368,14 +1376,7 @@ fn a_map_dropped_early_leaves_nothing_behind() {
         assert_eq!(r.unwrap().as_slice()[0], i as f64 + 1.0, "index {i}");
     }
     assert_eq!(producer.in_flight(), 0);
-    let loans: Vec<_> = (0..producer.slots())
-        .map(|_| {
-            producer
-                .try_loan::<u8>(Shape::d1(1))
-                .expect("every slot is free")
-        })
-        .collect();
-    drop(loans);
+    assert_every_slot_free(&producer, "every slot is free");
 }
 
 /// The caller's input iterator panics part-way through filling a slot, in ordered and
@@ -1437,14 +1438,7 @@ fn a_panicking_input_iterator_loses_no_slot_and_no_result() {
             );
         }
         assert_eq!(producer.in_flight(), 0);
-        let loans: Vec<_> = (0..producer.slots())
-            .map(|_| {
-                producer
-                    .try_loan::<u8>(Shape::d1(1))
-                    .expect("no slot was lost to a panic")
-            })
-            .collect();
-        drop(loans);
+        assert_every_slot_free(&producer, "no slot was lost to a panic");
     }
     std::panic::set_hook(quiet);
 }
@@ -1486,14 +1480,7 @@ fn a_forgotten_map_does_not_mix_its_results_into_the_next() {
             .map(|r| r.unwrap().as_slice().len())
             .sum();
         assert_eq!(n, 20);
-        let loans: Vec<_> = (0..producer.slots())
-            .map(|_| {
-                producer
-                    .try_loan::<u8>(Shape::d1(1))
-                    .expect("every slot came home")
-            })
-            .collect();
-        drop(loans);
+        assert_every_slot_free(&producer, "every slot came home");
     }
 }
 

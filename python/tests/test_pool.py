@@ -670,12 +670,14 @@ def test_settings_are_checked_and_a_slow_start_is_allowed():
         assert p.apply(x3p1, np.ones(1))[0] == 4
 
 
-def test_a_forked_child_forgets_the_pool_and_the_parent_keeps_it(pool):
+def _refused_in_a_forked_child(use) -> bool:
+    """Whether ``use()``, run in a child made by fork(), raises ValueError (the pool is
+    closed there)."""
     pid = os.fork()
     if pid == 0:
         code = 0
         try:
-            pool.apply(x3p1, np.ones(1))
+            use()
             code = 1  # it should have been refused
         except ValueError:
             pass
@@ -683,7 +685,11 @@ def test_a_forked_child_forgets_the_pool_and_the_parent_keeps_it(pool):
             code = 2
         os._exit(code)
     _, status = os.waitpid(pid, 0)
-    assert os.waitstatus_to_exitcode(status) == 0
+    return os.waitstatus_to_exitcode(status) == 0
+
+
+def test_a_forked_child_forgets_the_pool_and_the_parent_keeps_it(pool):
+    assert _refused_in_a_forked_child(lambda: pool.apply(x3p1, np.ones(1)))
     assert pool.apply(x3p1, np.ones(2))[1] == 4
     assert all(os.path.exists(f"/proc/{p}") for p in pool.worker_pids())
 
@@ -750,19 +756,7 @@ def test_closing_the_pool_inside_an_endless_input_stops_the_map_at_once():
 def test_a_forked_child_cannot_drive_its_parents_map(pool):
     it = pool.map(x3p1, (np.full(4, float(i)) for i in range(2000)))
     assert next(it)[0] == 1.0
-    pid = os.fork()
-    if pid == 0:
-        code = 0
-        try:
-            next(it)
-            code = 1  # it should have been refused
-        except ValueError:
-            pass
-        except BaseException:
-            code = 2
-        os._exit(code)
-    _, status = os.waitpid(pid, 0)
-    assert os.waitstatus_to_exitcode(status) == 0
+    assert _refused_in_a_forked_child(lambda: next(it))
     rest = [y[0] for y in it]
     assert rest == [3.0 * i + 1 for i in range(1, 2000)]
 
