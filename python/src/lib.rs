@@ -897,7 +897,8 @@ impl MapIter {
                         return Err(Mk1Error::new_err(
                             "every slot is held by results lent with zero_copy=True that are \
                              still referenced; drop them (or keep copies: np.array(y)) before \
-                             asking for more",
+                             asking for more (a lent result dropped in another thread than the \
+                             pool's keeps its slot for good)",
                         ));
                     }
                 }
