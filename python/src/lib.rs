@@ -22,7 +22,7 @@ use mk1::{
     TaskError,
 };
 use numpy::{PyArrayDescrMethods, PyUntypedArray, PyUntypedArrayMethods};
-use pyo3::exceptions::{PyException, PyRuntimeError, PyValueError};
+use pyo3::exceptions::{PyException, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyTuple};
 
@@ -344,6 +344,8 @@ struct Shared {
     max_array_bytes: u64,
     ops: RefCell<HashMap<String, Task>>,
     router: RefCell<Router>,
+    /// Lent results dropped on another thread, dropped here on the pool's (see [`View`]).
+    orphans: Orphans,
 }
 
 /// Results of `map`s by ticket: a completion received by any call goes to its map (several
@@ -365,6 +367,13 @@ struct MapState {
 type Got = Py<PyTuple>;
 
 impl Shared {
+    /// Drops, here on the pool's thread, the lent results that were dropped on other threads:
+    /// their slots go home.
+    fn adopt_orphans(&self) {
+        let orphans = std::mem::take(&mut *self.orphans.lock().unwrap_or_else(|e| e.into_inner()));
+        drop(orphans);
+    }
+
     fn producer(&self) -> &'static Producer<'static> {
         // SAFETY: the producer lives in `inner`, which outlives every use made of this
         // reference: the calls that take it hold `self` (and so `inner`), and completions that
@@ -403,6 +412,7 @@ impl Shared {
                 self.max_array_bytes
             )));
         }
+        self.adopt_orphans();
         let p = self.producer();
         let mut loan = p
             .try_loan::<u8>(Shape::d1(nbytes as u32))
@@ -424,6 +434,7 @@ impl Shared {
         timeout: f64,
         lend_to: Option<u64>,
     ) -> PyResult<Option<Option<Got>>> {
+        self.adopt_orphans();
         let p = self.producer();
         let got = if timeout <= 0.0 {
             p.try_recv()
@@ -493,11 +504,23 @@ impl Shared {
         if lend && done.len() == 1 && done.error().is_none() {
             let dtype = done.dtype().name();
             let shape = PyTuple::new(py, done.shape().dims().iter().copied())?;
+            let bytes = done
+                .output_bytes()
+                .map_err(|e| Mk1Error::new_err(e.to_string()))?;
+            let (ptr, len) = (bytes.as_ptr() as usize, bytes.len());
             let view = Bound::new(
                 py,
                 View {
-                    done: Some(done),
-                    _inner: self.inner.clone(),
+                    ptr,
+                    len,
+                    owner: std::thread::current().id(),
+                    lent: std::sync::Mutex::new(Some(OnPoolThread {
+                        _lent: Lent {
+                            _done: done,
+                            _inner: self.inner.clone(),
+                        },
+                    })),
+                    orphans: self.orphans.clone(),
                 },
             )?;
             let a = py
@@ -673,6 +696,7 @@ impl PoolCore {
                 max_array_bytes,
                 ops: RefCell::new(HashMap::new()),
                 router: RefCell::new(Router::default()),
+                orphans: Orphans::default(),
             })),
         })
     }
@@ -803,14 +827,16 @@ impl PoolCore {
     fn close(&mut self, py: Python<'_>) {
         if let Some(shared) = self.shared.take() {
             shared.gone.set(true);
+            // Results waiting in maps may hold lent slots: let them go first, and those dropped
+            // on other threads.
+            let parked: Vec<_> = shared.router.borrow_mut().maps.drain().collect();
+            drop(parked);
+            shared.adopt_orphans();
             // Results lent to the caller keep the segment mapped after this; the workers need
             // not wait for them.
             if Rc::strong_count(&shared.inner) > 1 {
                 shared.inner.pool.terminate();
             }
-            // Results waiting in maps may hold lent slots: let them go first.
-            let parked: Vec<_> = shared.router.borrow_mut().maps.drain().collect();
-            drop(parked);
             let shared = OnThisThread(shared);
             py.detach(move || drop(shared));
         }
@@ -897,8 +923,7 @@ impl MapIter {
                         return Err(Mk1Error::new_err(
                             "every slot is held by results lent with zero_copy=True that are \
                              still referenced; drop them (or keep copies: np.array(y)) before \
-                             asking for more (a lent result dropped in another thread than the \
-                             pool's keeps its slot for good)",
+                             asking for more",
                         ));
                     }
                 }
@@ -1116,13 +1141,64 @@ impl Drop for MapIter {
     }
 }
 
-/// A result lent from shared memory (buffer protocol, read-only bytes): `numpy.frombuffer`
-/// makes the array. The slot goes back to the pool when the last reference is dropped.
-#[pyclass(unsendable, module = "mk1._mk1")]
-struct View {
+/// What a lent result holds: its completion (so its slot) and the pool it came from. Dropped
+/// only on the pool's thread (the completion's drop gives the slot back to the handle).
+struct Lent {
     // Dropped before `_inner` (field order): the completion borrows the producer in it.
-    done: Option<Completion<'static>>,
+    _done: Completion<'static>,
     _inner: Rc<Inner>,
+}
+
+/// A [`Lent`] on its way back to the pool's thread from another one.
+struct OnPoolThread {
+    _lent: Lent,
+}
+// SAFETY: a `Lent` is only moved through another thread (into `Orphans`, under its mutex), never
+// used or dropped there: `View::drop` moves it, and only the pool's thread drops it
+// (`Shared::adopt_orphans`, and `View::drop` on that thread). Its `Rc` count and the completion
+// are touched on the pool's thread alone.
+unsafe impl Send for OnPoolThread {}
+
+/// Lent results dropped on another thread than their pool's, waiting for that thread.
+type Orphans = std::sync::Arc<std::sync::Mutex<Vec<OnPoolThread>>>;
+
+/// A result lent from shared memory (buffer protocol, read-only bytes): `numpy.frombuffer`
+/// makes the array. The slot goes back to the pool when the last reference is dropped: at
+/// once on the pool's thread; from another thread, at the pool's next call (before, such a
+/// result kept its slot for good). One dropped after its pool was closed keeps the segment
+/// mapped until the process exits.
+#[pyclass(frozen, module = "mk1._mk1")]
+struct View {
+    /// The result's bytes in the segment, which `lent` keeps mapped.
+    ptr: usize,
+    len: usize,
+    /// The pool's thread.
+    owner: std::thread::ThreadId,
+    lent: std::sync::Mutex<Option<OnPoolThread>>,
+    orphans: Orphans,
+}
+
+impl Drop for View {
+    fn drop(&mut self) {
+        let lent = self
+            .lent
+            .get_mut()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        let Some(lent) = lent else {
+            return;
+        };
+        if std::thread::current().id() == self.owner {
+            // (On the pool's thread Python runs this while no call into the pool is under way:
+            // the handle is not borrowed.)
+            drop(lent);
+        } else {
+            self.orphans
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push(lent);
+        }
+    }
 }
 
 #[pymethods]
@@ -1137,13 +1213,8 @@ impl View {
         flags: c_int,
     ) -> PyResult<()> {
         let (ptr, len) = {
-            let me = slf.borrow();
-            let bytes = me
-                .done
-                .as_ref()
-                .and_then(|d| d.output_bytes().ok())
-                .ok_or_else(|| PyRuntimeError::new_err("released"))?;
-            (bytes.as_ptr(), bytes.len())
+            let me = slf.get();
+            (me.ptr as *const u8, me.len)
         };
         let ptr = if len == 0 {
             std::ptr::NonNull::<u8>::dangling().as_ptr().cast_const()

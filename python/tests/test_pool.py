@@ -812,6 +812,29 @@ def test_futures_get_copies_while_a_zero_copy_map_runs():
             assert r.flags.writeable and r.tolist() == [2.0 * i] * 3
 
 
+def test_zero_copy_results_dropped_in_other_threads_give_their_slots_back():
+    import threading
+
+    sums = []
+
+    def use(y):
+        time.sleep(0.01)  # until the map has moved on: this thread drops the last reference
+        sums.append(float(y.sum()))
+
+    with mk1.Pool(workers=1, slots=4) as p:
+        last = None
+        for y in p.map(x3p1, [np.ones(8)] * 40, zero_copy=True):
+            t = threading.Thread(target=use, args=(y,))
+            t.start()
+            del y
+            if last is not None:
+                last.join()
+            last = t
+        last.join()
+        assert sums == [32.0] * 40
+        assert p.apply(x3p1, np.ones(2)).tolist() == [4.0, 4.0]
+
+
 def test_zero_copy_needs_two_slots():
     with mk1.Pool(workers=1, slots=1) as p:
         with pytest.raises(ValueError, match="zero_copy=True needs slots"):
