@@ -772,6 +772,25 @@ impl Segment {
         self.map.protect_read_only(start as usize, len as usize)
     }
 
+    /// In a worker about to end: makes every slot's data and output region inaccessible in this
+    /// process, so that nothing it still runs (a thread a kernel left behind) can reach a slot
+    /// that the pool hands to other workers once this one has answered.
+    ///
+    /// # Safety
+    /// Nothing in this process may use a view of a slot afterwards.
+    pub unsafe fn revoke_slots(&self) -> io::Result<()> {
+        let (start, len) = self.layout.data_region();
+        // SAFETY: the caller's promise covers both regions.
+        unsafe {
+            self.map.protect_none(start as usize, len as usize)?;
+            if self.layout.has_outputs() {
+                self.map
+                    .protect_none(self.layout.params().output_offset as usize, len as usize)?;
+            }
+        }
+        Ok(())
+    }
+
     /// Hints the CPU to start fetching the first line of the token's slot data, so that the miss
     /// overlaps with the descriptor's (both lines were last written by another core).
     #[inline]

@@ -217,6 +217,31 @@ impl Mapping {
         Ok(())
     }
 
+    /// Makes `len` bytes at `offset` (page aligned) inaccessible in this process: any access
+    /// faults from now on.
+    ///
+    /// # Safety
+    /// Nothing in this process may use a reference into the range afterwards.
+    pub unsafe fn protect_none(&self, offset: usize, len: usize) -> io::Result<()> {
+        assert!(
+            offset.is_multiple_of(4096) && offset.checked_add(len).is_some_and(|e| e <= self.len),
+            "range within the mapping"
+        );
+        if len == 0 {
+            return Ok(());
+        }
+        // SAFETY: the range is inside our own mapping (checked above); the caller promises that
+        // no reference into it is used again, so revoking access breaks nothing Rust relies on.
+        unsafe {
+            rustix::mm::mprotect(
+                self.ptr.add(offset).cast(),
+                len,
+                rustix::mm::MprotectFlags::empty(),
+            )?
+        };
+        Ok(())
+    }
+
     /// First byte of the mapping (page aligned).
     pub fn as_ptr(&self) -> *mut u8 {
         self.ptr

@@ -497,6 +497,18 @@ pub fn serve(spec: WorkerSpec, registry: &Registry) -> Result<(), WorkerError> {
                     word = chaos.strike(processed_total, &seg, spec.index, &mut token, &task);
                 }
                 let word = word.unwrap_or_else(|| token.into_word() | done);
+                // A kernel retired this worker: once answered, the slot goes to others, so this
+                // process gives up its access to every slot first (a thread the kernel left
+                // behind faults instead of writing another task's data). Unable to, it leaves
+                // without answering, and the pool takes the task back as after a death.
+                let retiring = RETIRE.get();
+                if let Some(why) = retiring {
+                    // SAFETY: no view of a slot is used in this process after this: the task's
+                    // buffers are done with, and the loop returns below.
+                    if unsafe { seg.revoke_slots() }.is_err() {
+                        return Err(WorkerError::Retired(why.clone()));
+                    }
+                }
                 match outbox[p].push(word) {
                     Ok(()) => {}
                     Err(PushError::Full(_)) => return Err(WorkerError::Overflow(p as u32)),
@@ -507,7 +519,7 @@ pub fn serve(spec: WorkerSpec, registry: &Registry) -> Result<(), WorkerError> {
                 // The doorbell, which costs an RMW, is rung once per burst.
                 outbox[p].flush();
                 n += 1;
-                if let Some(why) = RETIRE.get() {
+                if let Some(why) = retiring {
                     bells[p].ring(&Futex);
                     return Err(WorkerError::Retired(why.clone()));
                 }

@@ -1437,10 +1437,49 @@ fn a_panicking_input_iterator_loses_no_slot_and_no_result() {
                 "pack {pack}, round {round}: every input but 5, each its own"
             );
         }
+        // An input whose own `shape` panics keeps its index, with an error as its result.
+        let mut got: Vec<(usize, Result<f32, String>)> = Vec::new();
+        let mut panics = 0;
+        {
+            let inputs = (0..100u32).map(|i| Touchy(vec![i as f32; 3]));
+            let mut m = producer.map_unordered(&task, inputs).unwrap();
+            loop {
+                match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| m.next())) {
+                    Ok(Some((i, r))) => {
+                        got.push((i, r.map(|a| a.as_slice()[0]).map_err(|e| e.to_string())))
+                    }
+                    Ok(None) => break,
+                    Err(_) => panics += 1,
+                }
+            }
+        }
+        got.sort_by_key(|g| g.0);
+        assert_eq!(panics, 1, "pack {pack}");
+        assert_eq!(got.len(), 100, "pack {pack}: one result per input");
+        for (i, r) in got {
+            match r {
+                Ok(v) => assert_eq!(v, i as f32 * 3.0 + 1.0, "pack {pack}, index {i}"),
+                Err(e) => assert!(i == 5 && e.contains("panicked"), "pack {pack}, {i}: {e}"),
+            }
+        }
         assert_eq!(producer.in_flight(), 0);
         assert_every_slot_free(&producer, "no slot was lost to a panic");
     }
     std::panic::set_hook(quiet);
+}
+
+/// An input array whose `shape` panics when its first element is 5.
+struct Touchy(Vec<f32>);
+
+impl mk1::AsArray for Touchy {
+    type Elem = f32;
+    fn elements(&self) -> std::borrow::Cow<'_, [f32]> {
+        std::borrow::Cow::Borrowed(&self.0)
+    }
+    fn shape(&self) -> Result<Shape, mk1::array::ShapeError> {
+        assert!(self.0[0] != 5.0, "the shape of input 5 panics");
+        Ok(Shape::d1(self.0.len() as u32))
+    }
 }
 
 /// A map forgotten (`mem::forget`) with tasks in flight: the next map on the handle never

@@ -195,10 +195,13 @@ impl PyWorker {
             })
         };
         // (A reference cycle that holds the array is garbage, not a kept reference: collect
-        // it, then look again.)
+        // it. Another thread that is just letting go of a part of it (a thread pool that ran
+        // pieces of the array) gets a few moments, the GIL given up meanwhile.)
         let kept = release() && {
             let _ = py.import("gc").and_then(|gc| gc.call_method0("collect"));
-            release()
+            let sleep = py.import("time").and_then(|t| t.getattr("sleep"));
+            (0..20).all(|_| release() && sleep.as_ref().is_ok_and(|s| s.call1((0.0005,)).is_ok()))
+                && release()
         };
         if kept {
             mk1::worker::retire_after_this_task(
@@ -348,6 +351,19 @@ struct Shared {
     orphans: Orphans,
 }
 
+impl Drop for Shared {
+    /// On the pool's thread: the lent results already dropped elsewhere go now; any dropped
+    /// elsewhere later are leaked (see [`Orphans`]).
+    fn drop(&mut self) {
+        let orphans = self
+            .orphans
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        drop(orphans);
+    }
+}
+
 /// Results of `map`s by ticket: a completion received by any call goes to its map (several
 /// maps, and futures, may be in flight at once on the one handle).
 #[derive(Default)]
@@ -370,7 +386,12 @@ impl Shared {
     /// Drops, here on the pool's thread, the lent results that were dropped on other threads:
     /// their slots go home.
     fn adopt_orphans(&self) {
-        let orphans = std::mem::take(&mut *self.orphans.lock().unwrap_or_else(|e| e.into_inner()));
+        let orphans = self
+            .orphans
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_mut()
+            .map(std::mem::take);
         drop(orphans);
     }
 
@@ -696,7 +717,7 @@ impl PoolCore {
                 max_array_bytes,
                 ops: RefCell::new(HashMap::new()),
                 router: RefCell::new(Router::default()),
-                orphans: Orphans::default(),
+                orphans: std::sync::Arc::new(std::sync::Mutex::new(Some(Vec::new()))),
             })),
         })
     }
@@ -1122,7 +1143,12 @@ impl MapIter {
                     return Ok(None);
                 }
             }
-            self.pump(py, &sh, WAIT)?;
+            let pumped = self.pump(py, &sh, WAIT);
+            if sh.gone.get() && Rc::strong_count(&sh) == 1 {
+                // (A future's callback run by `pump` closed it: as after `fill` above.)
+                sh.inner.pool.terminate();
+            }
+            pumped?;
         }
     }
 }
@@ -1159,14 +1185,16 @@ struct OnPoolThread {
 // are touched on the pool's thread alone.
 unsafe impl Send for OnPoolThread {}
 
-/// Lent results dropped on another thread than their pool's, waiting for that thread.
-type Orphans = std::sync::Arc<std::sync::Mutex<Vec<OnPoolThread>>>;
+/// Lent results dropped on another thread than their pool's, waiting for that thread; `None`
+/// once the pool's side is gone (a result dropped on another thread after that is leaked: no
+/// thread may drop it).
+type Orphans = std::sync::Arc<std::sync::Mutex<Option<Vec<OnPoolThread>>>>;
 
 /// A result lent from shared memory (buffer protocol, read-only bytes): `numpy.frombuffer`
 /// makes the array. The slot goes back to the pool when the last reference is dropped: at
 /// once on the pool's thread; from another thread, at the pool's next call (before, such a
-/// result kept its slot for good). One dropped after its pool was closed keeps the segment
-/// mapped until the process exits.
+/// result kept its slot for good). One dropped on another thread after its pool was closed is
+/// leaked: it keeps the segment mapped until the process exits.
 #[pyclass(frozen, module = "mk1._mk1")]
 struct View {
     /// The result's bytes in the segment, which `lent` keeps mapped.
@@ -1192,11 +1220,14 @@ impl Drop for View {
             // (On the pool's thread Python runs this while no call into the pool is under way:
             // the handle is not borrowed.)
             drop(lent);
-        } else {
-            self.orphans
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .push(lent);
+            return;
+        }
+        let mut orphans = self.orphans.lock().unwrap_or_else(|e| e.into_inner());
+        match orphans.as_mut() {
+            Some(waiting) => waiting.push(lent),
+            // The pool is closed: nobody on its thread will drop this. Leaked (its slot, and
+            // the segment stays mapped until the process exits), never dropped here.
+            None => std::mem::forget(lent),
         }
     }
 }

@@ -13,6 +13,7 @@ import subprocess
 import sys
 import tempfile
 import textwrap
+import threading
 import time
 
 import numpy as np
@@ -794,6 +795,45 @@ def test_a_function_that_keeps_its_input_fails_and_its_worker_is_replaced():
 def forks_and_returns(x):
     os.fork()  # both processes return from here
     return x + 1
+
+
+_THREADS = None
+
+
+def sums_in_threads(x):
+    global _THREADS
+    if _THREADS is None:
+        import concurrent.futures
+
+        _THREADS = concurrent.futures.ThreadPoolExecutor(4)
+    return np.array(list(_THREADS.map(np.sum, np.array_split(x, 4))))
+
+
+def test_a_function_that_runs_threads_on_its_input_is_not_blamed(pool):
+    before = pool.restarts()
+    for i in range(30):
+        y = pool.apply(sums_in_threads, np.arange(1000.0) + i)
+        assert y.sum() == (np.arange(1000.0) + i).sum()
+    assert pool.restarts() == before
+
+
+def scribbles_out_forever(x, out):
+    out[:] = x + 1
+
+    def scribble():
+        while True:
+            out.fill(-1.0)
+
+    threading.Thread(target=scribble, daemon=True).start()
+
+
+def test_a_thread_left_writing_its_output_never_reaches_another_task():
+    with mk1.Pool(workers=2) as p:
+        bad = p.submit(scribbles_out_forever, np.ones(64))
+        good = list(p.map(x3p1, [np.full(64, float(i)) for i in range(300)]))
+        assert all((g == 3.0 * i + 1).all() for i, g in enumerate(good))
+        with pytest.raises(mk1.Mk1Error):
+            bad.result()
 
 
 def test_a_child_forked_by_the_function_does_not_serve(pool):

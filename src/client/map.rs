@@ -270,13 +270,16 @@ where
         let data = sh.seg.slot_bytes_mut(&mut token);
         // The caller's iterator, its arrays' `shape`/`elements` and their `Drop` may panic:
         // then the arrays already copied in are sent as usual (their results stay owed) and
-        // the slot is not lost, before the panic goes on to the caller.
+        // the slot is not lost, before the panic goes on to the caller. An input taken whose
+        // own methods panicked keeps its index, with an error as its result.
+        let mut holding = false;
         let fill = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
             while count < PACK_MAX && self.next_in - self.next_out < self.window {
                 let Some(item) = self.pending.take().or_else(|| self.inputs.next()) else {
                     self.exhausted = true;
                     break;
                 };
+                holding = true;
                 // An array mk1 cannot carry fails alone; it never shares a slot with others.
                 let shape = item.shape();
                 let elements = item.elements();
@@ -287,6 +290,7 @@ where
                     _ if count > 0 => {
                         drop(elements);
                         self.pending = Some(item);
+                        holding = false;
                         break;
                     }
                     shape => {
@@ -295,6 +299,7 @@ where
                         let seq = self.next_in;
                         self.next_in += 1;
                         desc.seq = self.next_in;
+                        holding = false;
                         self.done(seq, Err(e));
                         continue;
                     }
@@ -303,6 +308,7 @@ where
                 {
                     drop(elements);
                     self.pending = Some(item);
+                    holding = false;
                     break;
                 }
                 copy_elements(
@@ -319,6 +325,9 @@ where
                 count += 1;
                 used += packed_offset(bytes);
                 self.next_in += 1;
+                // (Its `Drop` runs at the end of this pass: a panic there is after its turn.)
+                holding = false;
+                drop(item);
                 if one_per_slot || used >= limit {
                     break;
                 }
@@ -334,8 +343,20 @@ where
             (desc.context_offset, desc.context_len) = context;
             c.send_recorded(token);
             self.out += 1;
+            c.map_out += 1;
         }
         if let Err(panic) = fill {
+            if holding {
+                let seq = self.next_in;
+                self.next_in += 1;
+                self.done(
+                    seq,
+                    Err(TaskError::Shape(format!(
+                        "input {seq}: its shape or elements panicked (the panic went on to \
+                         the caller)"
+                    ))),
+                );
+            }
             c.ring_bells();
             std::panic::resume_unwind(panic);
         }
@@ -353,6 +374,7 @@ where
             }
             let r = c.ready.remove(i).expect("in range");
             self.out -= 1;
+            c.map_out -= 1;
             // The slot holding the next result, all of it as asked (the common case): its
             // results are copied out one at a time as the caller takes them, not parked.
             let seq = c.records[r.token.slot() as usize].desc.seq;
@@ -440,6 +462,7 @@ where
                     let r = c.ready.remove(i).expect("in range");
                     c.release(r.token, r.quarantine);
                     self.out -= 1;
+                    c.map_out -= 1;
                 } else {
                     i += 1;
                 }
@@ -539,7 +562,8 @@ where
             {
                 continue;
             }
-            if self.out == 0 {
+            // (A forgotten map's slots still out come back, to be sent home: wait for them.)
+            if self.out == 0 && c.map_out == 0 {
                 if self.exhausted && self.pending.is_none() {
                     continue;
                 }
@@ -580,6 +604,7 @@ fn release_stale(c: &mut Core<'_>, id: u32) {
             m if m != 0 && m != id => {
                 let r = c.ready.remove(i).expect("in range");
                 c.release(r.token, r.quarantine);
+                c.map_out -= 1;
             }
             _ => i += 1,
         }

@@ -333,6 +333,9 @@ pub(crate) struct Core<'s> {
     pub(crate) maps: u32,
     /// The finished slot a running map hands its results out of, one at a time.
     pub(crate) map_drain: Option<Token>,
+    /// Slots of maps (this one's, and any forgotten one's) sent and not yet taken back from
+    /// `ready`.
+    pub(crate) map_out: usize,
     /// Submitted and not yet in `ready`.
     pub(crate) in_flight: usize,
     /// Loans alive.
@@ -435,6 +438,7 @@ impl<'s> Core<'s> {
             next_ticket: 0,
             maps: 0,
             map_drain: None,
+            map_out: 0,
             in_flight: 0,
             loaned: 0,
             held: 0,
