@@ -1520,6 +1520,34 @@ fn a_forgotten_map_does_not_mix_its_results_into_the_next() {
             .sum();
         assert_eq!(n, 20);
         assert_every_slot_free(&producer, "every slot came home");
+        // The caller's own task holds a slot (its completion is not received while maps run),
+        // and a forgotten map holds every other one: the next map waits for those to come
+        // back, rather than stopping with `NoSlot`.
+        let mut loan = producer.loan::<f64>(Shape::d1(1)).unwrap();
+        loan.copy_from_slice(&[5.0]);
+        producer.submit(loan, &double).unwrap();
+        let old: Vec<Vec<f64>> = (0..12).map(|i| vec![i as f64; 3]).collect();
+        let mut m = producer.map(&slow, &old).unwrap();
+        assert!(m.next().unwrap().is_ok());
+        std::mem::forget(m);
+        // A second task of its own takes the slot the map's first result freed, if any.
+        if let Ok(mut loan) = producer.try_loan::<f64>(Shape::d1(1)) {
+            loan.copy_from_slice(&[5.0]);
+            producer.submit(loan, &double).unwrap();
+        }
+        let got: Vec<f64> = producer
+            .map(&double, vec![vec![7.0f64]; 5])
+            .unwrap()
+            .map(|r| r.unwrap().as_slice()[0])
+            .collect();
+        assert_eq!(got, vec![14.0; 5], "pack {pack}");
+        let mut own = 0;
+        while let Some(done) = producer.recv() {
+            assert_eq!(done.output::<f64>().unwrap().as_slice(), &[10.0]);
+            own += 1;
+        }
+        assert!((1..=2).contains(&own), "pack {pack}: {own}");
+        assert_every_slot_free(&producer, "every slot came home again");
     }
 }
 
