@@ -196,25 +196,10 @@ impl Mapping {
     /// Makes `len` bytes from `offset` (page aligned; `len` is rounded up to whole pages) read
     /// only in this process; a later write there is a SIGSEGV in this process only.
     pub fn protect_read_only(&self, offset: usize, len: usize) -> io::Result<()> {
-        assert!(
-            offset.is_multiple_of(4096) && offset.checked_add(len).is_some_and(|e| e <= self.len),
-            "range within the mapping"
-        );
-        if len == 0 {
-            return Ok(());
-        }
-        // SAFETY: the range is inside our own mapping (checked above); read-only is a subset of
-        // the current protection, so existing references stay valid for reads. The caller
-        // creates no mutable references into the range afterwards (the worker only ever views
-        // task inputs through shared slices).
-        unsafe {
-            rustix::mm::mprotect(
-                self.ptr.add(offset).cast(),
-                len,
-                rustix::mm::MprotectFlags::READ,
-            )?
-        };
-        Ok(())
+        // SAFETY: read-only is a subset of the current protection, so existing references stay
+        // valid for reads. The caller creates no mutable references into the range afterwards
+        // (the worker only ever views task inputs through shared slices).
+        unsafe { self.protect(offset, len, rustix::mm::MprotectFlags::READ) }
     }
 
     /// Makes `len` bytes at `offset` (page aligned) inaccessible in this process: any access
@@ -223,6 +208,21 @@ impl Mapping {
     /// # Safety
     /// Nothing in this process may use a reference into the range afterwards.
     pub unsafe fn protect_none(&self, offset: usize, len: usize) -> io::Result<()> {
+        // SAFETY: the caller promises that no reference into the range is used again, so
+        // revoking access breaks nothing Rust relies on.
+        unsafe { self.protect(offset, len, rustix::mm::MprotectFlags::empty()) }
+    }
+
+    /// `mprotect` of `len` bytes at `offset` (page aligned) of this mapping.
+    ///
+    /// # Safety
+    /// References into the range must stay valid under `flags` (the callers' contracts).
+    unsafe fn protect(
+        &self,
+        offset: usize,
+        len: usize,
+        flags: rustix::mm::MprotectFlags,
+    ) -> io::Result<()> {
         assert!(
             offset.is_multiple_of(4096) && offset.checked_add(len).is_some_and(|e| e <= self.len),
             "range within the mapping"
@@ -230,15 +230,9 @@ impl Mapping {
         if len == 0 {
             return Ok(());
         }
-        // SAFETY: the range is inside our own mapping (checked above); the caller promises that
-        // no reference into it is used again, so revoking access breaks nothing Rust relies on.
-        unsafe {
-            rustix::mm::mprotect(
-                self.ptr.add(offset).cast(),
-                len,
-                rustix::mm::MprotectFlags::empty(),
-            )?
-        };
+        // SAFETY: the range is inside our own mapping (checked above); the caller vouches for
+        // the references into it.
+        unsafe { rustix::mm::mprotect(self.ptr.add(offset).cast(), len, flags)? };
         Ok(())
     }
 
