@@ -355,12 +355,7 @@ impl Drop for Shared {
     /// On the pool's thread: the lent results already dropped elsewhere go now; any dropped
     /// elsewhere later are leaked (see [`Orphans`]).
     fn drop(&mut self) {
-        let orphans = self
-            .orphans
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .take();
-        drop(orphans);
+        self.orphans.adopt(true);
     }
 }
 
@@ -383,18 +378,6 @@ struct MapState {
 type Got = Py<PyTuple>;
 
 impl Shared {
-    /// Drops, here on the pool's thread, the lent results that were dropped on other threads:
-    /// their slots go home.
-    fn adopt_orphans(&self) {
-        let orphans = self
-            .orphans
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .as_mut()
-            .map(std::mem::take);
-        drop(orphans);
-    }
-
     fn producer(&self) -> &'static Producer<'static> {
         // SAFETY: the producer lives in `inner`, which outlives every use made of this
         // reference: the calls that take it hold `self` (and so `inner`), and completions that
@@ -433,7 +416,7 @@ impl Shared {
                 self.max_array_bytes
             )));
         }
-        self.adopt_orphans();
+        self.orphans.adopt(false);
         let p = self.producer();
         let mut loan = p
             .try_loan::<u8>(Shape::d1(nbytes as u32))
@@ -455,7 +438,7 @@ impl Shared {
         timeout: f64,
         lend_to: Option<u64>,
     ) -> PyResult<Option<Option<Got>>> {
-        self.adopt_orphans();
+        self.orphans.adopt(false);
         let p = self.producer();
         let got = if timeout <= 0.0 {
             p.try_recv()
@@ -717,7 +700,7 @@ impl PoolCore {
                 max_array_bytes,
                 ops: RefCell::new(HashMap::new()),
                 router: RefCell::new(Router::default()),
-                orphans: std::sync::Arc::new(std::sync::Mutex::new(Some(Vec::new()))),
+                orphans: Orphans::new(),
             })),
         })
     }
@@ -852,7 +835,7 @@ impl PoolCore {
             // on other threads.
             let parked: Vec<_> = shared.router.borrow_mut().maps.drain().collect();
             drop(parked);
-            shared.adopt_orphans();
+            shared.orphans.adopt(false);
             // Results lent to the caller keep the segment mapped after this; the workers need
             // not wait for them.
             if Rc::strong_count(&shared.inner) > 1 {
@@ -1100,13 +1083,8 @@ impl MapIter {
                 .upgrade()
                 .filter(|sh| !sh.gone.get())
                 .ok_or_else(|| PyValueError::new_err("the pool is closed"))?;
-            let filled = self.fill(py, &sh);
-            if sh.gone.get() && Rc::strong_count(&sh) == 1 {
-                // Closed from inside this step, and this is the pool's last reference: its
-                // drop here (GIL held) must not wait for tasks in flight.
-                sh.inner.pool.terminate();
-            }
-            filled?;
+            let sh = StepHold(sh);
+            self.fill(py, &sh)?;
             {
                 let mut r = sh.router.borrow_mut();
                 let Some(m) = r.maps.get_mut(&self.id) else {
@@ -1143,12 +1121,28 @@ impl MapIter {
                     return Ok(None);
                 }
             }
-            let pumped = self.pump(py, &sh, WAIT);
-            if sh.gone.get() && Rc::strong_count(&sh) == 1 {
-                // (A future's callback run by `pump` closed it: as after `fill` above.)
-                sh.inner.pool.terminate();
-            }
-            pumped?;
+            self.pump(py, &sh, WAIT)?;
+        }
+    }
+}
+
+/// A map's strong hold on its pool for one step. The pool may be closed during the step (from
+/// the input iterator, or a future's callback run while receiving): if this is then its last
+/// reference, the pool is terminated before it drops here, with the GIL held, so that its drop
+/// does not wait for tasks in flight.
+struct StepHold(Rc<Shared>);
+
+impl std::ops::Deref for StepHold {
+    type Target = Shared;
+    fn deref(&self) -> &Shared {
+        &self.0
+    }
+}
+
+impl Drop for StepHold {
+    fn drop(&mut self) {
+        if self.0.gone.get() && Rc::strong_count(&self.0) == 1 {
+            self.0.inner.pool.terminate();
         }
     }
 }
@@ -1181,14 +1175,67 @@ struct OnPoolThread {
 }
 // SAFETY: a `Lent` is only moved through another thread (into `Orphans`, under its mutex), never
 // used or dropped there: `View::drop` moves it, and only the pool's thread drops it
-// (`Shared::adopt_orphans`, and `View::drop` on that thread). Its `Rc` count and the completion
+// (`Orphans::adopt`, and `View::drop` on that thread). Its `Rc` count and the completion
 // are touched on the pool's thread alone.
 unsafe impl Send for OnPoolThread {}
 
-/// Lent results dropped on another thread than their pool's, waiting for that thread; `None`
-/// once the pool's side is gone (a result dropped on another thread after that is leaked: no
+/// Lent results dropped on another thread than their pool's, waiting for that thread. Closed
+/// once the pool's side is gone: a result dropped on another thread after that is leaked (no
 /// thread may drop it).
-type Orphans = std::sync::Arc<std::sync::Mutex<Option<Vec<OnPoolThread>>>>;
+#[derive(Clone)]
+struct Orphans(std::sync::Arc<OrphanQueue>);
+
+struct OrphanQueue {
+    /// Something is in `list` (read without the lock on every submit and receive).
+    waiting: std::sync::atomic::AtomicBool,
+    /// `None` once closed.
+    list: std::sync::Mutex<Option<Vec<OnPoolThread>>>,
+}
+
+impl Orphans {
+    fn new() -> Orphans {
+        Orphans(std::sync::Arc::new(OrphanQueue {
+            waiting: std::sync::atomic::AtomicBool::new(false),
+            list: std::sync::Mutex::new(Some(Vec::new())),
+        }))
+    }
+
+    /// From another thread than the pool's: hands `lent` to the pool's thread, or leaks it
+    /// once the queue is closed (keeping its slot, and the segment mapped, until exit).
+    fn send(&self, lent: OnPoolThread) {
+        let mut list = self.0.list.lock().unwrap_or_else(|e| e.into_inner());
+        match list.as_mut() {
+            Some(waiting) => {
+                waiting.push(lent);
+                self.0
+                    .waiting
+                    .store(true, std::sync::atomic::Ordering::Release);
+            }
+            None => std::mem::forget(lent),
+        }
+    }
+
+    /// On the pool's thread: drops the results waiting (their slots go home), and with
+    /// `close` closes the queue. One atomic load when nothing waits and it stays open.
+    fn adopt(&self, close: bool) {
+        if !close && !self.0.waiting.load(std::sync::atomic::Ordering::Acquire) {
+            return;
+        }
+        let taken = {
+            let mut list = self.0.list.lock().unwrap_or_else(|e| e.into_inner());
+            self.0
+                .waiting
+                .store(false, std::sync::atomic::Ordering::Relaxed);
+            if close {
+                list.take()
+            } else {
+                list.as_mut().map(std::mem::take)
+            }
+        };
+        // (Dropped after the lock: a completion's drop gives its slot back to the handle.)
+        drop(taken);
+    }
+}
 
 /// A result lent from shared memory (buffer protocol, read-only bytes): `numpy.frombuffer`
 /// makes the array. The slot goes back to the pool when the last reference is dropped: at
@@ -1220,14 +1267,8 @@ impl Drop for View {
             // (On the pool's thread Python runs this while no call into the pool is under way:
             // the handle is not borrowed.)
             drop(lent);
-            return;
-        }
-        let mut orphans = self.orphans.lock().unwrap_or_else(|e| e.into_inner());
-        match orphans.as_mut() {
-            Some(waiting) => waiting.push(lent),
-            // The pool is closed: nobody on its thread will drop this. Leaked (its slot, and
-            // the segment stays mapped until the process exits), never dropped here.
-            None => std::mem::forget(lent),
+        } else {
+            self.orphans.send(lent);
         }
     }
 }

@@ -402,12 +402,8 @@ where
                     .outcome
                     .answered()
                     .then(|| c.sh.seg.result_bytes(&r.token));
-                // Array `k`'s output, of the map's dtype and `shape`, copied out of the slot.
                 let copy_out = |results: &[u8], k: usize, shape: Shape| {
-                    let at = rec.desc.items[k].offset as usize;
-                    let n = shape.bytes(<E<I> as Element>::DTYPE) as usize;
-                    let data = copied_vec(cast::<E<I>>(&results[at..at + n]));
-                    Array::from_trusted(data, shape)
+                    copy_result::<E<I>>(results, &rec.desc.items[k], shape)
                 };
                 let items = &rec.desc.items[..rec.desc.count as usize];
                 // Every array succeeded as asked (the common case): nothing to look up per array.
@@ -522,10 +518,7 @@ where
                     type E<I> = <<I as Iterator>::Item as AsArray>::Elem;
                     let item = &c.records[slot].desc.items[k];
                     let shape = Shape::from_raw(item.ndim, item.shape).expect("ours");
-                    let at = item.offset as usize;
-                    let n = shape.bytes(<E<I> as Element>::DTYPE) as usize;
-                    let results = c.sh.seg.result_bytes(token);
-                    Array::from_trusted(copied_vec(cast::<E<I>>(&results[at..at + n])), shape)
+                    copy_result::<E<I>>(c.sh.seg.result_bytes(token), item, shape)
                 };
                 if d.next == d.count {
                     self.drain = None;
@@ -587,6 +580,15 @@ where
             c.wait_until(Until::Forever, any_mapped);
         }
     }
+}
+
+/// The output of the array `item` describes, of `T` and `shape`, copied out of its slot's
+/// `results` into an array of its own.
+#[inline]
+fn copy_result<T: Element>(results: &[u8], item: &ItemDesc, shape: Shape) -> Array<T> {
+    let at = item.offset as usize;
+    let n = shape.bytes(T::DTYPE) as usize;
+    Array::from_trusted(copied_vec(cast::<T>(&results[at..at + n])), shape)
 }
 
 /// Whether a completion of some map (this one's, or a forgotten one's to release) is ready.
