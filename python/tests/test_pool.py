@@ -792,6 +792,14 @@ def test_a_function_that_keeps_its_input_fails_and_its_worker_is_replaced():
         assert p.restarts() == before + 1
 
 
+def test_in_place_a_function_that_keeps_its_array_fails_too():
+    with mk1.Pool(workers=1, mode="in-place") as p:
+        with pytest.raises(mk1.Mk1Error, match="kept a reference to its input or output"):
+            p.apply(keeps_its_input, np.ones(4))
+        assert p.apply(keeps_in_a_cycle_only, np.ones(4)).tolist() == [2.0] * 4
+        assert p.apply(x3p1, np.ones(4)).tolist() == [4.0] * 4
+
+
 def forks_and_returns(x):
     os.fork()  # both processes return from here
     return x + 1
