@@ -87,8 +87,8 @@ pub mod worker;
 pub use array::{Array, AsArray, Shape};
 #[cfg(not(loom))]
 pub use client::{
-    Completion, Loan, LoanError, Map, MapUnordered, Mode, OutputView, PackedLoan, Pool,
-    PoolBuilder, PoolError, Producer, Rejected, RejectedPacked, Shutdown, SubmitError, Task,
+    Completion, Interrupter, Loan, LoanError, Map, MapUnordered, Mode, OutputView, PackedLoan,
+    Pool, PoolBuilder, PoolError, Producer, Rejected, RejectedPacked, Shutdown, SubmitError, Task,
     TaskError, Ticket,
 };
 #[cfg(not(loom))]

@@ -509,6 +509,48 @@ fn kernel_errors_and_panics_fail_only_their_task() {
     assert_eq!(pool.restarts(), 0);
 }
 
+/// An `Interrupter` ends a handle's wait for a completion from another thread at once, loses
+/// nothing (the completion still comes), and is used up by the wait it ended; one sent while
+/// no wait is under way ends the next at once.
+fn an_interrupter_cuts_a_wait_short_and_loses_nothing() {
+    let pool = timed_pool(1, Duration::from_secs(30));
+    let producer = pool.producer().unwrap();
+    let slow = Task::kernel("sleep_ms").params(Params::from_words(&[3000]).unwrap());
+    let mut loan = producer.loan::<f64>(Shape::d1(1)).unwrap();
+    loan.copy_from_slice(&[2.0]);
+    producer.submit(loan, &slow).unwrap();
+    let interrupter = producer.interrupter();
+    std::thread::scope(|s| {
+        s.spawn(move || {
+            std::thread::sleep(Duration::from_millis(100));
+            interrupter.interrupt();
+        });
+        let t = Instant::now();
+        assert!(producer.recv_timeout(Duration::from_secs(60)).is_none());
+        let waited = t.elapsed();
+        assert!(
+            waited >= Duration::from_millis(90) && waited < Duration::from_millis(2500),
+            "waited {waited:?}"
+        );
+    });
+    let done = producer
+        .recv_timeout(Duration::from_secs(60))
+        .expect("the interrupted wait lost nothing, and the interrupt was used up");
+    assert_eq!(done.output::<f64>().unwrap().as_slice(), &[4.0]);
+    drop(done);
+    let mut loan = producer.loan::<f64>(Shape::d1(1)).unwrap();
+    loan.copy_from_slice(&[3.0]);
+    producer.submit(loan, &slow).unwrap();
+    producer.interrupter().interrupt();
+    let t = Instant::now();
+    assert!(producer.recv_timeout(Duration::from_secs(60)).is_none());
+    assert!(t.elapsed() < Duration::from_millis(2500), "{:?}", t.elapsed());
+    assert_eq!(
+        producer.recv().unwrap().output::<f64>().unwrap().as_slice(),
+        &[6.0]
+    );
+}
+
 /// The stall clock starts when a worker gets work: a task after an idle spell longer than the
 /// timeout is not charged for the idle time.
 fn an_idle_spell_does_not_count_against_the_next_task() {
@@ -2364,6 +2406,10 @@ fn main() {
         (
             "map_survives_random_worker_kills",
             map_survives_random_worker_kills,
+        ),
+        (
+            "an_interrupter_cuts_a_wait_short_and_loses_nothing",
+            an_interrupter_cuts_a_wait_short_and_loses_nothing,
         ),
         (
             "forgetting_run_if_worker_is_a_clear_start_error",

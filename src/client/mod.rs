@@ -25,7 +25,8 @@ mod producer;
 pub use map::{Map, MapUnordered};
 pub use packed::{PackedLoan, RejectedPacked};
 pub use producer::{
-    Completion, Loan, LoanError, OutputView, Producer, Rejected, SubmitError, TaskError, Ticket,
+    Completion, Interrupter, Loan, LoanError, OutputView, Producer, Rejected, SubmitError,
+    TaskError, Ticket,
 };
 
 use std::os::fd::AsRawFd;
@@ -554,6 +555,9 @@ impl PoolBuilder {
             active: (0..self.producers)
                 .map(|_| AtomicBool::new(false))
                 .collect(),
+            interrupt: (0..self.producers)
+                .map(|_| AtomicBool::new(false))
+                .collect(),
             closing: AtomicBool::new(false),
             terminating: AtomicBool::new(false),
             winding_down: AtomicBool::new(false),
@@ -637,6 +641,8 @@ pub(crate) struct Shared {
     /// `active[p]`: a [`Producer`] handle for `p` exists (the monitor waits for its
     /// acknowledgement of a death before restarting the worker).
     pub(crate) active: Vec<AtomicBool>,
+    /// `interrupt[p]`: handle `p`'s wait for a completion is to end ([`Interrupter`]).
+    pub(crate) interrupt: Vec<AtomicBool>,
     /// The pool is being dropped.
     closing: AtomicBool,
     /// [`Pool::terminate`] was called: workers are killed now, handles stop waiting.

@@ -1006,17 +1006,29 @@ impl<'s> Core<'s> {
     }
 
     /// Pumps until `done(self)` or the deadline; `false` if the deadline came first.
-    pub(crate) fn wait_until(
+    pub(crate) fn wait_until(&mut self, until: Until, done: impl FnMut(&mut Self) -> bool) -> bool {
+        self.wait_inner(until, false, done)
+    }
+
+    /// As [`Core::wait_until`]; with `interruptible`, an [`Interrupter::interrupt`] also ends
+    /// the wait (`false`), and is used up by it.
+    fn wait_inner(
         &mut self,
         until: Until,
+        interruptible: bool,
         mut done: impl FnMut(&mut Self) -> bool,
     ) -> bool {
+        let interrupt = &self.sh.interrupt[self.p as usize];
         self.backoff.reset();
         let mut same_cpu_yields = 0u32;
         loop {
             let progress = self.pump();
             if done(self) {
                 return true;
+            }
+            // AcqRel: pairs with the Release store in `Interrupter::interrupt`.
+            if interruptible && interrupt.swap(false, Ordering::AcqRel) {
+                return false;
             }
             // (The clock is read only for a deadline: `recv` and the `try_` calls have none.)
             let now = match until {
@@ -1060,7 +1072,8 @@ impl<'s> Core<'s> {
                 let from = &mut self.from;
                 let usable = &self.usable;
                 Doorbell::new(&self.sh.seg.producer(self.p).bell).sleep(&Futex, left, || {
-                    ctl.changes.load(Ordering::Acquire) != seen
+                    (interruptible && interrupt.load(Ordering::Acquire))
+                        || ctl.changes.load(Ordering::Acquire) != seen
                         || from
                             .iter_mut()
                             .zip(usable)
@@ -1398,8 +1411,18 @@ impl<'pool> Producer<'pool> {
         Ok(Ticket(ticket))
     }
 
+    /// A way to cut this handle's waits for completions short from another thread (see
+    /// [`Interrupter`]).
+    pub fn interrupter(&self) -> Interrupter<'_> {
+        Interrupter {
+            sh: self.sh,
+            p: self.core().p,
+        }
+    }
+
     /// The next completion, waiting for one; `None` when this handle has no task in flight and
-    /// none completed (tasks of a running [`Producer::map`] are not counted).
+    /// none completed (tasks of a running [`Producer::map`] are not counted), or when an
+    /// [`Interrupter`] cut the wait short.
     pub fn recv(&self) -> Option<Completion<'_>> {
         self.recv_until(Until::Forever)
     }
@@ -1411,7 +1434,8 @@ impl<'pool> Producer<'pool> {
         self.recv_until(Until::Now)
     }
 
-    /// The next completion, waiting at most `timeout`.
+    /// The next completion, waiting at most `timeout` (less when an [`Interrupter`] cuts the
+    /// wait short).
     pub fn recv_timeout(&self, timeout: Duration) -> Option<Completion<'_>> {
         self.recv_until(Until::At(Instant::now() + timeout))
     }
@@ -1423,7 +1447,9 @@ impl<'pool> Producer<'pool> {
             c.pump();
             at = c.first_ready();
             if at.is_none() && c.in_flight > 0 {
-                c.wait_until(until, |c| c.first_ready().is_some() || c.in_flight == 0);
+                c.wait_inner(until, true, |c| {
+                    c.first_ready().is_some() || c.in_flight == 0
+                });
                 at = c.first_ready();
             }
         }
@@ -1560,6 +1586,27 @@ pub(crate) fn keep_spare<T>(spares: &mut Vec<Vec<T>>, mut v: Vec<T>) {
     if v.capacity() > 0 && spares.len() < 64 {
         v.clear();
         spares.push(v);
+    }
+}
+
+/// Cuts short, from any thread, a wait of one [`Producer`] handle for completions:
+/// [`Producer::recv`] and [`Producer::recv_timeout`] under way return `None` at once, or, when
+/// none is under way, the next one of them does. For a handle shared between threads by a lock
+/// (as the Python bindings do): a thread that wants the handle interrupts the one waiting with
+/// it, instead of waiting out its timeout. Nothing is lost: completions stay ready for the next
+/// receive. Waits for slots (`loan`) and `map` are not affected.
+#[derive(Clone, Copy)]
+pub struct Interrupter<'p> {
+    sh: &'p Shared,
+    p: u32,
+}
+
+impl Interrupter<'_> {
+    /// Ends the handle's current (or next) wait for a completion.
+    pub fn interrupt(&self) {
+        // Release: pairs with the waiter's AcqRel swap / Acquire load.
+        self.sh.interrupt[self.p as usize].store(true, Ordering::Release);
+        Doorbell::new(&self.sh.seg.producer(self.p).bell).ring(&Futex);
     }
 }
 
