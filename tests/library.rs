@@ -544,7 +544,11 @@ fn an_interrupter_cuts_a_wait_short_and_loses_nothing() {
     producer.interrupter().interrupt();
     let t = Instant::now();
     assert!(producer.recv_timeout(Duration::from_secs(60)).is_none());
-    assert!(t.elapsed() < Duration::from_millis(2500), "{:?}", t.elapsed());
+    assert!(
+        t.elapsed() < Duration::from_millis(2500),
+        "{:?}",
+        t.elapsed()
+    );
     assert_eq!(
         producer.recv().unwrap().output::<f64>().unwrap().as_slice(),
         &[6.0]
