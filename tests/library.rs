@@ -608,13 +608,7 @@ fn terminate_does_not_wait_for_running_tasks() {
 /// input, and a map over an endless input after it keeps failing fast, taking no slot.
 fn a_map_after_terminate_fails_its_inputs_and_ends() {
     for mode in [Mode::InPlace, Mode::OutOfPlace] {
-        let pool = Pool::builder()
-            .workers(2)
-            .mode(mode)
-            .pack_bytes(0)
-            .kernels(kernels())
-            .build()
-            .unwrap();
+        let pool = unpacked_pool(mode, Pool::builder());
         let mut producer = pool.producer().unwrap();
         let task = Task::kernel("double_then_sleep").params(Params::from_words(&[2]).unwrap());
         let inputs: Vec<Vec<f64>> = (0..300).map(|i| vec![i as f64; 500]).collect();
@@ -655,14 +649,7 @@ fn a_map_after_terminate_fails_its_inputs_and_ends() {
 /// and no other task is lost or failed (tasks queued for it go to others), in either mode.
 fn a_kernel_can_retire_its_worker_after_answering() {
     for mode in [Mode::InPlace, Mode::OutOfPlace] {
-        let pool = Pool::builder()
-            .workers(2)
-            .mode(mode)
-            .pack_bytes(0)
-            .max_restarts(100)
-            .kernels(kernels())
-            .build()
-            .unwrap();
+        let pool = unpacked_pool(mode, Pool::builder().max_restarts(100));
         let mut producer = pool.producer().unwrap();
         let task = Task::kernel("add1_retire_on_7");
         // Inputs 7, 57, 107 and 157 start with 7: four retirements.
@@ -1931,6 +1918,17 @@ fn orphans_leave_mid_kernel_without_a_parent_death_signal() {
 }
 
 /// A pool of `workers` running this program's kernels, with `timeout` as its worker timeout.
+/// Two workers in `mode`, one array per slot, this file's kernels, on top of `builder`.
+fn unpacked_pool(mode: Mode, builder: mk1::PoolBuilder) -> Pool {
+    builder
+        .workers(2)
+        .mode(mode)
+        .pack_bytes(0)
+        .kernels(kernels())
+        .build()
+        .unwrap()
+}
+
 fn timed_pool(workers: u32, timeout: Duration) -> Pool {
     Pool::builder()
         .workers(workers)

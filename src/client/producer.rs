@@ -1026,8 +1026,13 @@ impl<'s> Core<'s> {
             if done(self) {
                 return true;
             }
-            // AcqRel: pairs with the Release store in `Interrupter::interrupt`.
-            if interruptible && interrupt.swap(false, Ordering::AcqRel) {
+            // A load first: this runs on every spin of a wait, and a store (even of `false`)
+            // would pull the line, shared with other handles' flags, from their cores. AcqRel
+            // swap: pairs with the Release store in `Interrupter::interrupt`.
+            if interruptible
+                && interrupt.load(Ordering::Relaxed)
+                && interrupt.swap(false, Ordering::AcqRel)
+            {
                 return false;
             }
             // (The clock is read only for a deadline: `recv` and the `try_` calls have none.)
