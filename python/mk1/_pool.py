@@ -9,7 +9,6 @@ import operator
 import os
 import pickle
 import sys
-import threading
 import time
 import weakref
 from collections.abc import Callable, Iterable, Iterator
@@ -25,11 +24,9 @@ _WAIT = 0.05  # longest wait inside Rust before Python checks for Ctrl-C (second
 _POOLS: "weakref.WeakSet[Pool]" = weakref.WeakSet()  # live pools, for fork()
 
 
-def _finalize(core, thread: int) -> None:
-    """A pool garbage-collected or left open at exit: killed at once. From another thread than
-    its own it cannot be touched; its workers then end with this process."""
-    if threading.get_ident() == thread:
-        core.terminate()
+def _finalize(core) -> None:
+    """A pool garbage-collected or left open at exit: killed at once."""
+    core.terminate()
 
 
 def _after_fork_in_child() -> None:
@@ -40,7 +37,6 @@ def _after_fork_in_child() -> None:
             pool._finalizer.detach()
             pool._core.abandon()
             pool._core = None
-            pool._sinks.clear()
 
 
 if hasattr(os, "register_at_fork"):
@@ -179,8 +175,8 @@ def _default_workers() -> int:
 
 class Future(concurrent.futures.Future):
     """A task's result, as ``concurrent.futures.Future``. The pool has no background thread:
-    waiting on this future (``result``, ``exception``) or calling any other method of the pool
-    receives results; ``done()`` checks once without waiting."""
+    waiting on this future (``result``, ``exception``) or calling any other method of the pool,
+    in any thread, receives results; ``done()`` checks once without waiting."""
 
     def __init__(self, pool: Pool) -> None:
         super().__init__()
@@ -254,9 +250,10 @@ class Pool:
     Raises ``PoolStartError`` when the pool cannot start (a setting out of range, not enough
     shared memory or processes, a worker that fails to start or whose initializer raised).
 
-    A pool is used from the thread that made it (another thread gets ``RuntimeError``), and
-    not across ``fork()`` (a child forgets its parent's pools). Use it as a context manager, or
-    call ``close()``: workers stop, shared memory is freed. Ctrl-C (KeyboardInterrupt) in any call
+    Any thread may use a pool (submit, map, wait, close): its calls take turns, and whichever
+    thread is waiting receives results for all. It is not shared across ``fork()`` (a child
+    forgets its parent's pools). Use it as a context manager, or call ``close()``: workers
+    stop, shared memory is freed. Ctrl-C (KeyboardInterrupt) in any call
     stops cleanly; if the caller dies, its workers exit with it and no shared memory is left
     behind (the segment is an anonymous memfd).
     """
@@ -339,11 +336,8 @@ class Pool:
         )
         self._workers = workers
         self._slots = self._core.slots()
-        self._thread = threading.get_ident()
-        self._orphans: list = []  # maps ended in another thread, dropped in this one
-        self._sinks: dict[int, Future] = {}  # ticket -> its future (maps route in Rust)
         # Garbage-collected or left open at exit: killed, never waited for.
-        self._finalizer = weakref.finalize(self, _finalize, self._core, self._thread)
+        self._finalizer = weakref.finalize(self, _finalize, self._core)
         _POOLS.add(self)
 
     # -- lifecycle ------------------------------------------------------------------------
@@ -364,34 +358,34 @@ class Pool:
         """Waits for the tasks still running (their futures get their results), then stops the
         workers and frees the shared memory; results lent with ``zero_copy`` keep the memory
         mapped until they are gone. Ctrl-C while waiting terminates instead. Idempotent."""
-        if self._core is None:
+        core = self._core
+        if core is None:
             return
-        self._owner_thread()
         try:
             # In flight, or back and not yet received: every future gets its result.
-            while self._core.in_flight() > 0 or self._pump(0.0):
-                if self._core.in_flight() > 0:
-                    self._pump(_WAIT)
+            # (A wait of _WAIT also waits for this thread's turn when another holds the pool;
+            # with nothing in flight it does not wait for results.)
+            while self._pump(_WAIT) or core.in_flight() > 0:
+                pass
         except BaseException:
             self.terminate()
             raise
-        self._end("the pool was closed", self._core.close)
+        self._end("the pool was closed", core.close)
 
     def terminate(self) -> None:
         """Kills the workers now, without waiting for tasks (pending futures fail with
         ``Mk1Error``), and frees the shared memory. Idempotent."""
-        if self._core is not None:
-            self._owner_thread()
-            self._end("the pool was terminated", self._core.terminate)
+        core = self._core
+        if core is not None:
+            self._end("the pool was terminated", core.terminate)
 
-    def _end(self, why: str, stop: Callable[[], Any]) -> None:
+    def _end(self, why: str, stop: Callable[[], list]) -> None:
         self._finalizer.detach()
-        stop()
+        waiting = stop()  # (the futures still waiting; [] when another thread closed it first)
         self._core = None
-        for fut in self._sinks.values():
+        for fut in waiting:
             if not concurrent.futures.Future.done(fut):
                 fut.set_exception(_mk1.Mk1Error(why))
-        self._sinks.clear()
 
     def join(self) -> None:
         """For ``multiprocessing.Pool`` compatibility: ``close()`` already waited."""
@@ -410,17 +404,10 @@ class Pool:
         return self._live().restarts()
 
     def _live(self):
-        if self._core is None:
+        core = self._core
+        if core is None:
             raise ValueError("the pool is closed")
-        self._owner_thread()
-        self._orphans.clear()
-        return self._core
-
-    def _owner_thread(self) -> None:
-        if threading.get_ident() != self._thread:
-            raise RuntimeError(
-                "an mk1.Pool is used from the thread that created it (make one pool per thread)"
-            )
+        return core
 
     # -- the data path --------------------------------------------------------------------
 
@@ -439,36 +426,47 @@ class Pool:
             )
         return None, blob
 
-    def _submit_one(self, a: np.ndarray, task: tuple[str | None, bytes | None]) -> int:
-        """Submits, receiving results while every slot is busy (backpressure)."""
+    def _submit_one(self, a: np.ndarray, task: tuple[str | None, bytes | None], sink) -> int:
+        """Submits, receiving results while every slot is busy (backpressure); the result will
+        go to ``sink``."""
         core = self._live()
+        stuck = 0  # rounds with nothing in flight, nothing received and no slot
         while True:
             try:
-                return core.submit(a, task[0], task[1])
+                return core.submit(a, task[0], task[1], sink)
             except _mk1.Busy:
-                # Results that arrived but were not received yet hold slots too.
-                wait = _WAIT if core.in_flight() else 0.0
-                got = self._pump(wait)
+                # Results that arrived but were not received yet hold slots too. (With nothing
+                # in flight this waits only for this thread's turn, if another holds the pool.)
+                got = self._pump(_WAIT)
                 if not got and core.in_flight() == 0:
+                    if core.wait_for_lent(_WAIT):
+                        continue  # (other threads hold them, and will drop them)
+                    # Other threads' slots may be in passing (received, not yet dropped):
+                    # give up only when it lasts.
+                    stuck += 1
+                    if stuck < 20:
+                        time.sleep(_WAIT / 5)
+                        continue
                     raise _mk1.Mk1Error(
                         "every slot is held by results lent with zero_copy=True; drop them "
                         "(or copy them) before asking for more"
                     ) from None
 
-    def _pump(self, timeout: float) -> bool:
-        """Receives one completion (waiting up to ``timeout`` s) and routes it. Whether one
-        came."""
-        got = self._live().recv(timeout)
+    def _pump(self, timeout: float, watch: list | None = None) -> bool:
+        """Receives one completion (waiting up to ``timeout`` s, also for the turn of this
+        thread when another one receives; not past that turn when one of ``watch`` is done by
+        then) and routes it. Whether one came."""
+        got = self._live().recv(timeout, watch)
         if got is None:
             return False
         if got is not True:  # (True: it went to a running map)
             self._route(got)
         return True
 
-    def _route(self, got: tuple) -> None:
-        ticket, _worker, ok, payload, _dtype, _shape = got
-        sink = self._sinks.pop(ticket, None)
-        if isinstance(sink, Future):
+    @staticmethod
+    def _route(got: tuple) -> None:
+        sink, _worker, ok, payload, _dtype, _shape = got
+        if sink is not None:  # (a future: it completes only here, or fails at close)
             if ok:
                 sink.set_result(payload)
             else:
@@ -484,7 +482,7 @@ class Pool:
                 wait = min(wait, deadline - time.monotonic())
                 if wait <= 0:
                     raise concurrent.futures.TimeoutError()
-            self._pump(wait)
+            self._pump(wait, [fut])
 
     def submit(self, fn: Callable | Op, a: Any) -> Future:
         """Runs ``fn(a)`` in a worker; returns a ``Future`` of the result (a new numpy array).
@@ -496,10 +494,10 @@ class Pool:
         ``NoWorkersLeft``.
         """
         task = self._task(fn)
-        ticket = self._submit_one(_as_array(a), task)
+        a = _as_array(a)
         fut = Future(self)
         fut.set_running_or_notify_cancel()
-        self._sinks[ticket] = fut
+        self._submit_one(a, task, fut)
         return fut
 
     def as_completed(
@@ -530,7 +528,7 @@ class Pool:
                 wait = min(wait, deadline - time.monotonic())
                 if wait <= 0:
                     raise concurrent.futures.TimeoutError(f"{len(pending)} futures not done")
-            self._pump(wait)
+            self._pump(wait, list(pending))
 
     def apply(self, fn: Callable | Op, a: Any) -> Any:
         """``submit(fn, a).result()``."""
@@ -598,7 +596,6 @@ class Pool:
         )
         try:
             while True:
-                self._owner_thread()  # before touching the Rust iterator
                 try:
                     ok, value = next(it)
                 except StopIteration:
@@ -610,11 +607,7 @@ class Pool:
                 yield value
                 value = None  # (a lent result's slot goes home with the caller's last reference)
         finally:
-            # Results still to come are dropped as they arrive. The Rust iterator must be
-            # dropped in its own thread: if this generator ends in another, it waits.
-            if threading.get_ident() != self._thread:
-                self._orphans.append(it)
-            del it
+            del it  # (results still to come are dropped as they arrive)
             if bar is not None:
                 bar.close()
 

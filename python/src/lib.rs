@@ -9,12 +9,16 @@
 //!   worker loop, whose one kernel (`py`, any dtype) hands each array to Python as a
 //!   `memoryview` of shared memory and writes back what the function returned.
 
+mod handle;
+
 use std::cell::RefCell;
 use std::collections::HashMap;
 use std::ffi::{c_int, c_void};
 use std::mem::ManuallyDrop;
-use std::rc::Rc;
+use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
+
+use handle::{HandleLock, Held};
 
 use mk1::task::{AnyIo, KernelError, Output, Registry};
 use mk1::{
@@ -288,19 +292,29 @@ fn serve(py: Python<'_>) {
 }
 
 /// The caller's pool and its one producer handle. The handle borrows the pool, so both live
-/// behind one `Rc` (kept by every [`View`] too): the segment stays mapped while any lent result
+/// behind one `Arc` (kept by every [`View`] too): the segment stays mapped while any lent result
 /// is alive, even after `close()`.
 struct Inner {
     // Dropped first (see `Drop`): it borrows `pool`.
     producer: ManuallyDrop<Producer<'static>>,
     pool: ManuallyDrop<Box<Pool>>,
+    lock: Arc<HandleLock>,
 }
 
+// SAFETY: the producer handle (not thread-safe) is used, and `Inner` dropped, only by the thread
+// that holds `lock` (see `handle`): every path to it takes the lock first, and the lock's mutex
+// orders one holder's accesses before the next one's. The pool itself is thread-safe.
+unsafe impl Send for Inner {}
+// SAFETY: as for `Send`.
+unsafe impl Sync for Inner {}
+
 impl Drop for Inner {
+    /// Runs while the lock is held (its last reference goes under it).
     fn drop(&mut self) {
-        // SAFETY: each field is dropped exactly once, here, the producer (which borrows the
-        // pool) before the pool.
+        // SAFETY: the interrupter borrows the producer: it is cleared first. Then each field
+        // is dropped exactly once, here, the producer (which borrows the pool) before the pool.
         unsafe {
+            self.lock.set_interrupter(None);
             ManuallyDrop::drop(&mut self.producer);
             ManuallyDrop::drop(&mut self.pool);
         }
@@ -308,52 +322,69 @@ impl Drop for Inner {
 }
 
 impl Inner {
-    fn new(pool: Pool) -> Result<Rc<Inner>, PoolError> {
+    fn new(pool: Pool, lock: Arc<HandleLock>) -> Result<Arc<Inner>, PoolError> {
         let pool = Box::new(pool);
         // SAFETY: the producer borrows the pool on the heap (a Box never moves its contents),
         // and `Inner` drops the producer before the pool, so the borrow never outlives it; the
         // 'static lifetime never leaves this struct except inside completions and views that
-        // hold an `Rc<Inner>` themselves (see `View`).
+        // hold an `Arc<Inner>` themselves (see `View`), and the lock's interrupter, which
+        // `Inner::drop` clears.
         let pool_ref: &'static Pool = unsafe { &*(&*pool as *const Pool) };
         let producer = pool_ref.producer()?;
-        Ok(Rc::new(Inner {
+        let inner = Inner {
             producer: ManuallyDrop::new(producer),
             pool: ManuallyDrop::new(pool),
-        }))
+            lock,
+        };
+        // SAFETY: cleared by `Inner::drop` before the producer goes.
+        unsafe {
+            inner
+                .lock
+                .set_interrupter(Some(inner.producer.interrupter()))
+        };
+        Ok(Arc::new(inner))
     }
 }
 
 /// Wrapper that lets a closure holding `!Send` references run with the GIL released. Sound
-/// here because `Python::detach` runs the closure on this same thread, and the objects touched
-/// belong to an `unsendable` class, which no other thread can reach meanwhile.
+/// here because `Python::detach` runs the closure on this same thread, which holds the pool's
+/// lock meanwhile (no other thread can reach the objects touched).
 struct OnThisThread<T>(T);
 // SAFETY: see the type's doc: the value never actually moves to another thread.
 unsafe impl<T> Send for OnThisThread<T> {}
 
-/// The Rust side of `mk1.Pool`.
-#[pyclass(unsendable, module = "mk1._mk1")]
+/// The Rust side of `mk1.Pool`. Usable from any thread: each method takes the pool's lock.
+#[pyclass(frozen, module = "mk1._mk1")]
 struct PoolCore {
-    shared: Option<Rc<Shared>>,
+    lock: Arc<HandleLock>,
+    /// Taken (under `lock`) by `close`; cloned only under `lock`, so the last reference to the
+    /// pool always goes while the lock is held.
+    shared: Mutex<Option<Arc<Shared>>>,
 }
 
 /// What a pool's Python objects share: the pool and its handle, parsed ops, and where each
 /// ticket's result goes.
 struct Shared {
-    inner: Rc<Inner>,
-    /// The pool was closed, or forgotten in a child made by `fork()`: a map still holding
-    /// this (weakly, or in the middle of a step) stops instead of going on.
-    gone: std::cell::Cell<bool>,
+    inner: Arc<Inner>,
     /// The largest array the caller may send (the slot has room for the function too).
     max_array_bytes: u64,
     ops: RefCell<HashMap<String, Task>>,
     router: RefCell<Router>,
-    /// Lent results dropped on another thread, dropped here on the pool's (see [`View`]).
+    /// Lent results dropped while another thread held the lock, dropped by the next holder
+    /// (see [`View`]).
     orphans: Orphans,
 }
 
+// SAFETY: the `RefCell`s (and `inner`'s handle) are used, and `Shared` dropped, only by the
+// thread that holds the pool's lock (see `handle`): every method of `PoolCore` and `MapIter`
+// takes it before reaching a `Shared`, and clones or drops an `Arc<Shared>` only under it.
+unsafe impl Send for Shared {}
+// SAFETY: as for `Send`.
+unsafe impl Sync for Shared {}
+
 impl Drop for Shared {
-    /// On the pool's thread: the lent results already dropped elsewhere go now; any dropped
-    /// elsewhere later are leaked (see [`Orphans`]).
+    /// Under the lock: the lent results already dropped elsewhere go now; any dropped later
+    /// without the lock are leaked (see [`Orphans`]).
     fn drop(&mut self) {
         self.orphans.adopt(true);
     }
@@ -364,24 +395,29 @@ impl Drop for Shared {
 #[derive(Default)]
 struct Router {
     owner: HashMap<u64, (u64, Vec<u64>)>, // ticket -> (map id, input index of each array)
+    /// Ticket -> the future its result goes to (registered with the submit, under the lock, so
+    /// that no other thread can receive the result first).
+    sinks: HashMap<u64, Py<PyAny>>,
     maps: HashMap<u64, MapState>,
     next_map: u64,
 }
 
 #[derive(Default)]
 struct MapState {
-    ready: std::collections::BTreeMap<u64, (bool, Py<PyAny>)>,
+    /// Index -> (ok, result or exception, whether the result is lent from shared memory).
+    ready: std::collections::BTreeMap<u64, (bool, Py<PyAny>, bool)>,
     in_flight: usize,
 }
 
-/// A completion as Python sees it: `(ticket, worker, ok, payload, dtype, shape)`.
+/// A completion as Python sees it: `(future, worker, ok, payload, dtype, shape)` (the future
+/// given at submit, or None).
 type Got = Py<PyTuple>;
 
 impl Shared {
     fn producer(&self) -> &'static Producer<'static> {
         // SAFETY: the producer lives in `inner`, which outlives every use made of this
         // reference: the calls that take it hold `self` (and so `inner`), and completions that
-        // outlive a call are kept in a `View` together with an `Rc<Inner>`.
+        // outlive a call are kept in a `View` together with an `Arc<Inner>`.
         unsafe { &*(&*self.inner.producer as *const Producer<'static>) }
     }
 
@@ -440,6 +476,12 @@ impl Shared {
     ) -> PyResult<Option<Option<Got>>> {
         self.orphans.adopt(false);
         let p = self.producer();
+        // (A thread waits to submit: look once, and give the lock up.)
+        let timeout = if self.inner.lock.contended() {
+            0.0
+        } else {
+            timeout
+        };
         let got = if timeout <= 0.0 {
             p.try_recv()
         } else {
@@ -475,17 +517,20 @@ impl Shared {
             if let Some(state) = router.maps.get_mut(&map) {
                 state.in_flight -= indices.len();
                 for (index, (ok, payload)) in indices.into_iter().zip(results) {
-                    state.ready.insert(index, (ok, payload.unbind()));
+                    state
+                        .ready
+                        .insert(index, (ok, payload.unbind(), lend && ok));
                 }
             }
             return Ok(Some(None));
         }
         let (ok, payload) = results.swap_remove(0);
+        let sink = self.router.borrow_mut().sinks.remove(&ticket);
         Ok(Some(Some(
             PyTuple::new(
                 py,
                 [
-                    ticket.into_pyobject(py)?.into_any(),
+                    sink.map_or_else(|| py.None().into_bound(py), |f| f.into_bound(py)),
                     worker.into_pyobject(py)?.into_any(),
                     pyo3::types::PyBool::new(py, ok).to_owned().into_any(),
                     payload,
@@ -517,7 +562,7 @@ impl Shared {
                 View {
                     ptr,
                     len,
-                    owner: std::thread::current().id(),
+                    lock: self.inner.lock.clone(),
                     lent: std::sync::Mutex::new(Some(OnPoolThread {
                         _lent: Lent {
                             _done: done,
@@ -525,8 +570,10 @@ impl Shared {
                         },
                     })),
                     orphans: self.orphans.clone(),
+                    holder: std::thread::current().id(),
                 },
             )?;
+            self.orphans.lend(std::thread::current().id());
             let a = py
                 .import("numpy")?
                 .call_method1("frombuffer", (view, dtype))?
@@ -574,14 +621,48 @@ fn nbytes(array: &Bound<'_, PyUntypedArray>) -> usize {
 }
 
 impl PoolCore {
-    fn shared(&self) -> PyResult<&Rc<Shared>> {
+    /// The pool's shared state; `held` proves the lock is held (the reference, cloned here,
+    /// is dropped before the lock: declare it after the `Held`).
+    fn shared(&self, _held: &Held<'_>) -> PyResult<Arc<Shared>> {
+        if self.lock.is_gone() {
+            return Err(PyValueError::new_err("the pool is closed"));
+        }
         self.shared
-            .as_ref()
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
             .ok_or_else(|| PyValueError::new_err("the pool is closed"))
     }
 
-    fn inner(&self) -> PyResult<&Rc<Inner>> {
-        Ok(&self.shared()?.inner)
+    /// Runs `f` on the pool's state with the lock held (taken to do work now: see `handle`).
+    fn with<T>(&self, py: Python<'_>, f: impl FnOnce(&Arc<Shared>) -> PyResult<T>) -> PyResult<T> {
+        if self.lock.is_gone() {
+            return Err(PyValueError::new_err("the pool is closed"));
+        }
+        let held = self.lock.acquire(py);
+        let sh = self.shared(&held)?;
+        f(&sh)
+    }
+}
+
+impl Drop for PoolCore {
+    /// A pool dropped without `close` (its finalizer normally closes it first): its state
+    /// goes under the lock; in a child made by `fork()` it is forgotten, never touched.
+    fn drop(&mut self) {
+        let shared = self
+            .shared
+            .get_mut()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        let Some(shared) = shared else { return };
+        if self.lock.is_gone() {
+            std::mem::forget(shared);
+            return;
+        }
+        Python::attach(|py| {
+            let _held = self.lock.acquire(py);
+            drop(shared);
+        });
     }
 }
 
@@ -692,40 +773,78 @@ impl PoolCore {
             return Err(e);
         }
         let pool = built.0.map_err(start_error)?;
-        let inner = Inner::new(pool).map_err(start_error)?;
+        let lock = Arc::new(HandleLock::new());
+        let inner = Inner::new(pool, lock.clone()).map_err(start_error)?;
         Ok(PoolCore {
-            shared: Some(Rc::new(Shared {
+            lock,
+            shared: Mutex::new(Some(Arc::new(Shared {
                 inner,
-                gone: std::cell::Cell::new(false),
                 max_array_bytes,
                 ops: RefCell::new(HashMap::new()),
                 router: RefCell::new(Router::default()),
                 orphans: Orphans::new(),
-            })),
+            }))),
         })
     }
 
     /// Copies `array` (C-contiguous, 1 to 4 dimensions) into a free slot and submits it, to run
     /// the built-in `op` (text such as "affine:3,1") or, when `op` is None, the Python
-    /// function pickled in `context`. Returns the ticket. Raises `Busy` when no slot is free.
-    #[pyo3(signature = (array, op, context))]
+    /// function pickled in `context`; its result will come back with `sink` (a future).
+    /// Returns the ticket. Raises `Busy` when no slot is free.
+    #[pyo3(signature = (array, op, context, sink))]
     fn submit(
         &self,
+        py: Python<'_>,
         array: &Bound<'_, PyUntypedArray>,
         op: Option<&str>,
         context: Option<&Bound<'_, PyBytes>>,
+        sink: Py<PyAny>,
     ) -> PyResult<u64> {
-        let sh = self.shared()?;
-        let task = sh.task(op, context.map(|c| c.as_bytes()))?;
-        sh.submit(array, &task)
+        self.with(py, |sh| {
+            let task = sh.task(op, context.map(|c| c.as_bytes()))?;
+            let ticket = sh.submit(array, &task)?;
+            sh.router.borrow_mut().sinks.insert(ticket, sink);
+            Ok(ticket)
+        })
     }
 
     /// The next completion that belongs to no map, waiting at most `timeout` seconds (GIL
     /// released): None when nothing came, True when what came went to a running map, else
-    /// `(ticket, worker, ok, payload, dtype, shape)` where payload is a new numpy array when
+    /// `(future, worker, ok, payload, dtype, shape)` where payload is a new numpy array when
     /// ok, else the exception to raise.
-    fn recv(&self, py: Python<'_>, timeout: f64) -> PyResult<Py<PyAny>> {
-        Ok(match self.shared()?.recv(py, timeout, None)? {
+    ///
+    /// From any thread. Another thread receiving meanwhile is not interrupted: this one waits
+    /// its turn (its results go where they belong meanwhile), and returns None at once after
+    /// that turn if one of `watch` (futures) is done by then. With `timeout` 0 it does not wait
+    /// for its turn either (None when another thread holds the pool).
+    #[pyo3(signature = (timeout, watch=None))]
+    fn recv(
+        &self,
+        py: Python<'_>,
+        timeout: f64,
+        watch: Option<Bound<'_, PyAny>>,
+    ) -> PyResult<Py<PyAny>> {
+        if self.lock.is_gone() {
+            return Err(PyValueError::new_err("the pool is closed"));
+        }
+        let held = if timeout <= 0.0 {
+            // (No wait at all: not for the lock either.)
+            match self.lock.try_acquire() {
+                Some(held) => held,
+                None => return Ok(py.None()),
+            }
+        } else {
+            self.lock.acquire_to_wait(py)
+        };
+        let sh = self.shared(&held)?;
+        if let (true, Some(watch)) = (held.waited, watch) {
+            for f in watch.try_iter()? {
+                if f?.call_method0("done")?.is_truthy()? {
+                    return Ok(py.None());
+                }
+            }
+        }
+        Ok(match sh.recv(py, timeout, None)? {
             None => py.None(),
             Some(None) => pyo3::types::PyBool::new(py, true)
                 .to_owned()
@@ -749,17 +868,18 @@ impl PoolCore {
         prepare: Bound<'_, PyAny>,
         route: Bound<'_, PyAny>,
     ) -> PyResult<MapIter> {
-        let sh = self.shared()?;
-        let task = sh.task(op, context.map(|c| c.as_bytes()))?;
-        let id = {
+        let (task, shared, id) = self.with(inputs.py(), |sh| {
+            let task = sh.task(op, context.map(|c| c.as_bytes()))?;
             let mut r = sh.router.borrow_mut();
             r.next_map += 1;
             let id = r.next_map;
             r.maps.insert(id, MapState::default());
-            id
-        };
+            // (`with`'s strong reference is dropped before the lock.)
+            Ok((task, Arc::downgrade(sh), id))
+        })?;
         Ok(MapIter {
-            shared: Rc::downgrade(sh),
+            lock: self.lock.clone(),
+            shared,
             id,
             inputs: inputs.unbind(),
             prepare: prepare.unbind(),
@@ -777,47 +897,68 @@ impl PoolCore {
     }
 
     /// Tasks submitted and not yet received.
-    fn in_flight(&self) -> PyResult<usize> {
-        Ok(self.inner()?.producer.in_flight())
+    fn in_flight(&self, py: Python<'_>) -> PyResult<usize> {
+        self.with(py, |sh| Ok(sh.inner.producer.in_flight()))
     }
 
     /// Slots of this pool.
-    fn slots(&self) -> PyResult<usize> {
-        Ok(self.inner()?.producer.slots())
+    fn slots(&self, py: Python<'_>) -> PyResult<usize> {
+        self.with(py, |sh| Ok(sh.inner.producer.slots()))
     }
 
     /// The largest array, in bytes.
-    fn max_array_bytes(&self) -> PyResult<u64> {
-        Ok(self.inner()?.pool.max_array_bytes())
+    fn max_array_bytes(&self, py: Python<'_>) -> PyResult<u64> {
+        self.with(py, |sh| Ok(sh.inner.pool.max_array_bytes()))
     }
 
     /// Worker restarts so far.
-    fn restarts(&self) -> PyResult<u32> {
-        Ok(self.inner()?.pool.restarts())
+    fn restarts(&self, py: Python<'_>) -> PyResult<u32> {
+        self.with(py, |sh| Ok(sh.inner.pool.restarts()))
     }
 
     /// Pids of the live workers.
-    fn worker_pids(&self) -> PyResult<Vec<u32>> {
-        Ok(self.inner()?.pool.worker_pids())
+    fn worker_pids(&self, py: Python<'_>) -> PyResult<Vec<u32>> {
+        self.with(py, |sh| Ok(sh.inner.pool.worker_pids()))
     }
 
     /// Kills the workers now (tasks running are lost) and frees the segment once every lent
-    /// result is gone.
-    fn terminate(&mut self, py: Python<'_>) {
-        if let Some(sh) = &self.shared {
-            sh.inner.pool.terminate();
+    /// result is gone. Returns the futures still waiting for a result (see `close`).
+    fn terminate(&self, py: Python<'_>) -> Vec<Py<PyAny>> {
+        if self.lock.is_gone() {
+            return Vec::new();
         }
-        self.close(py);
+        {
+            // (No lock needed to kill the workers: that also ends a wait under way at once.)
+            let shared = self.shared.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(sh) = shared.as_ref() {
+                sh.inner.pool.terminate();
+            }
+        }
+        self.close(py)
     }
 
     /// In a child made by `fork()`: forgets the pool without touching it (its workers, monitor
-    /// thread and handle belong to the parent; running its destructor here could hang or
-    /// disturb them). Leaks the parent's copy of the memory in this process, by design.
-    fn abandon(&mut self) {
-        if let Some(shared) = self.shared.take() {
-            shared.gone.set(true);
-            std::mem::forget(shared);
+    /// thread and handle belong to the parent, and its lock may be held by a parent thread
+    /// that does not exist here; running its destructor here could hang or disturb them).
+    /// Leaks the parent's copy of the memory in this process, by design.
+    fn abandon(&self) {
+        self.lock.set_gone();
+        // (The mutex is held only for an instant, never across a call.)
+        if let Ok(mut shared) = self.shared.try_lock() {
+            std::mem::forget(shared.take());
         }
+    }
+
+    /// With no slot free and no task in flight: whether results are lent to other threads
+    /// (then after waiting up to `timeout` seconds for one of them to be dropped), or none
+    /// are (every slot is held by this thread's own: waiting could never end).
+    fn wait_for_lent(&self, py: Python<'_>, timeout: f64) -> PyResult<bool> {
+        let orphans = self.with(py, |sh| Ok(sh.orphans.clone()))?;
+        if !orphans.may_come_back() {
+            return Ok(false);
+        }
+        orphans.wait_for_return(py, Duration::from_secs_f64(timeout.clamp(0.0, WAIT)));
+        Ok(true)
     }
 
     /// Bytes of context (the pickled function) a task may carry.
@@ -827,23 +968,38 @@ impl PoolCore {
     }
 
     /// Stops the workers and frees the segment (once every lent View is gone). Tasks still in
-    /// flight are waited for (bounded by the timeout) and dropped.
-    fn close(&mut self, py: Python<'_>) {
-        if let Some(shared) = self.shared.take() {
-            shared.gone.set(true);
-            // Results waiting in maps may hold lent slots: let them go first, and those dropped
-            // on other threads.
-            let parked: Vec<_> = shared.router.borrow_mut().maps.drain().collect();
-            drop(parked);
-            shared.orphans.adopt(false);
-            // Results lent to the caller keep the segment mapped after this; the workers need
-            // not wait for them.
-            if Rc::strong_count(&shared.inner) > 1 {
-                shared.inner.pool.terminate();
-            }
-            let shared = OnThisThread(shared);
-            py.detach(move || drop(shared));
+    /// flight are waited for (bounded by the timeout) and dropped. From any thread; maps of
+    /// other threads stop at their next step. Returns the futures still waiting for a result,
+    /// for the caller to fail.
+    fn close(&self, py: Python<'_>) -> Vec<Py<PyAny>> {
+        if self.lock.is_gone() {
+            return Vec::new();
         }
+        let held = self.lock.acquire(py);
+        let shared = self.shared.lock().unwrap_or_else(|e| e.into_inner()).take();
+        let Some(shared) = shared else {
+            return Vec::new();
+        };
+        self.lock.set_gone();
+        // Results waiting in maps may hold lent slots: let them go first, and those dropped
+        // on other threads.
+        let (parked, sinks) = {
+            let mut r = shared.router.borrow_mut();
+            let parked: Vec<_> = r.maps.drain().collect();
+            (parked, r.sinks.drain().map(|(_, f)| f).collect::<Vec<_>>())
+        };
+        drop(parked);
+        shared.orphans.adopt(false);
+        // Results lent to the caller keep the segment mapped after this; the workers need
+        // not wait for them.
+        if Arc::strong_count(&shared.inner) > 1 {
+            shared.inner.pool.terminate();
+        }
+        // (Dropped under the lock, GIL released: the drop waits for the workers.)
+        let shared = OnThisThread(shared);
+        py.detach(move || drop(shared));
+        drop(held);
+        sinks
     }
 }
 
@@ -851,9 +1007,14 @@ impl PoolCore {
 /// `window` in flight or waiting to be read, and yields `(ok, result or exception)` in input
 /// order (`ordered`) or as they come. An item mk1 cannot carry fails alone (its exception is
 /// yielded in its turn). Holds the pool weakly: closing the pool ends the map.
-#[pyclass(unsendable, module = "mk1._mk1")]
+///
+/// Each step takes the pool's lock (see `handle`): to submit, in turn with interrupting a
+/// thread that waits for results; only to wait for results, without. So maps and futures of
+/// several threads share the pool, and whichever thread holds the lock receives for all.
+#[pyclass(module = "mk1._mk1")]
 struct MapIter {
-    shared: std::rc::Weak<Shared>,
+    lock: Arc<HandleLock>,
+    shared: Weak<Shared>,
     id: u64,
     inputs: Py<PyAny>,
     /// `mk1._pool._as_array`, for what is not already a C-contiguous numpy array.
@@ -886,7 +1047,7 @@ impl MapIter {
 
     fn park(&self, sh: &Shared, index: u64, result: (bool, Py<PyAny>)) {
         if let Some(m) = sh.router.borrow_mut().maps.get_mut(&self.id) {
-            m.ready.insert(index, result);
+            m.ready.insert(index, (result.0, result.1, false));
         }
     }
 
@@ -905,6 +1066,37 @@ impl MapIter {
         }
     }
 
+    /// Replaces this map's lent results that wait for their turn by read-only copies, so
+    /// their slots go home. Whether there were any. (Zero-copy maps of several threads can hold
+    /// every slot with their waiting results while each waits for a slot for the result that
+    /// comes before its own waiting ones: each map that cannot get a slot spills its own, so
+    /// none waits for the others.)
+    fn spill(&self, py: Python<'_>, sh: &Shared) -> PyResult<bool> {
+        let lent: Vec<(u64, Py<PyAny>)> = {
+            let r = sh.router.borrow();
+            let Some(m) = r.maps.get(&self.id) else {
+                return Ok(false);
+            };
+            m.ready
+                .iter()
+                .filter(|(_, (_, _, lent))| *lent)
+                .map(|(&k, (_, a, _))| (k, a.clone_ref(py)))
+                .collect()
+        };
+        if lent.is_empty() {
+            return Ok(false);
+        }
+        for (k, a) in lent {
+            let copy = a.bind(py).call_method0("copy")?;
+            copy.call_method1("setflags", (false,))?;
+            // (The view goes here, under the lock: its slot goes home at once.)
+            if let Some(m) = sh.router.borrow_mut().maps.get_mut(&self.id) {
+                m.ready.insert(k, (true, copy.unbind(), false));
+            }
+        }
+        Ok(true)
+    }
+
     /// Runs `f` until it does not raise `Busy`, receiving a result between tries (results
     /// that arrived unread hold slots too).
     /// `Ok(None)` when no slot can free up before this map's waiting results are read (lent
@@ -918,10 +1110,27 @@ impl MapIter {
         loop {
             match f() {
                 Err(e) if e.is_instance_of::<Busy>(py) => {
+                    // (Only when other threads hold lent results: alone, a map's own waiting
+                    // results never hold the slot it needs, as its window is one short.)
+                    if self.lend && sh.orphans.lent_elsewhere() && self.spill(py, sh)? {
+                        continue;
+                    }
                     let busy = sh.producer().in_flight() > 0;
                     let got = self.pump(py, sh, if busy { WAIT } else { 0.0 })?;
+                    if self.lock.contended() {
+                        // Another thread waits to submit: give the lock up (this map comes
+                        // back with the input kept).
+                        return Ok(None);
+                    }
                     if !got && !busy {
                         if self.waiting(sh).1 > 0 {
+                            return Ok(None);
+                        }
+                        if sh.orphans.may_come_back() {
+                            // Other threads hold the slots: wait for one to come back (the
+                            // lock is then given up, and this map comes back).
+                            sh.orphans
+                                .wait_for_return(py, Duration::from_secs_f64(WAIT));
                             return Ok(None);
                         }
                         return Err(Mk1Error::new_err(
@@ -1010,7 +1219,7 @@ impl MapIter {
     fn fill(&mut self, py: Python<'_>, sh: &Shared) -> PyResult<()> {
         loop {
             // The input iterator (or a callback it runs) may close the pool.
-            if sh.gone.get() {
+            if self.lock.is_gone() {
                 return Err(PyValueError::new_err(
                     "the pool was closed while this map ran; its arrays still in flight \
                      will not come back",
@@ -1077,12 +1286,27 @@ impl MapIter {
     }
 
     fn __next__(&mut self, py: Python<'_>) -> PyResult<Option<(bool, Py<PyAny>)>> {
+        let closed = || PyValueError::new_err("the pool is closed");
         loop {
+            if self.lock.is_gone() {
+                return Err(closed());
+            }
+            // One pass per turn with the lock: to submit, taken in turn (a thread waiting for
+            // results gives it up); with the window full, only to wait for results.
+            let fills = self.pending.is_some()
+                || (!self.exhausted && self.next_in - self.next_out < self.window as u64);
+            let lock = self.lock.clone();
+            let held = if fills {
+                lock.acquire(py)
+            } else {
+                lock.acquire_to_wait(py)
+            };
+            // (Declared after `held`, so dropped before it: see `PoolCore::shared`.)
             let sh = self
                 .shared
                 .upgrade()
-                .filter(|sh| !sh.gone.get())
-                .ok_or_else(|| PyValueError::new_err("the pool is closed"))?;
+                .filter(|_| !self.lock.is_gone())
+                .ok_or_else(closed)?;
             let sh = StepHold(sh);
             self.fill(py, &sh)?;
             {
@@ -1111,7 +1335,7 @@ impl MapIter {
                 };
                 if let Some(v) = next {
                     self.next_out += 1;
-                    return Ok(Some(v));
+                    return Ok(Some((v.0, v.1)));
                 }
                 if self.exhausted
                     && self.pending.is_none()
@@ -1122,6 +1346,8 @@ impl MapIter {
                 }
             }
             self.pump(py, &sh, WAIT)?;
+            drop(sh);
+            drop(held);
         }
     }
 }
@@ -1130,7 +1356,7 @@ impl MapIter {
 /// the input iterator, or a future's callback run while receiving): if this is then its last
 /// reference, the pool is terminated before it drops here, with the GIL held, so that its drop
 /// does not wait for tasks in flight.
-struct StepHold(Rc<Shared>);
+struct StepHold(Arc<Shared>);
 
 impl std::ops::Deref for StepHold {
     type Target = Shared;
@@ -1141,47 +1367,57 @@ impl std::ops::Deref for StepHold {
 
 impl Drop for StepHold {
     fn drop(&mut self) {
-        if self.0.gone.get() && Rc::strong_count(&self.0) == 1 {
+        if self.0.inner.lock.is_gone() && Arc::strong_count(&self.0) == 1 {
             self.0.inner.pool.terminate();
         }
     }
 }
 
 impl Drop for MapIter {
-    /// A map ended early: results still to come are dropped as they arrive.
+    /// A map ended early: results still to come are dropped as they arrive. (Nothing to do
+    /// for a closed pool: closing dropped every map's state.)
     fn drop(&mut self) {
-        if let Some(sh) = self.shared.upgrade() {
-            let mut r = sh.router.borrow_mut();
-            let id = self.id;
-            let parked = r.maps.remove(&id);
-            r.owner.retain(|_, (m, _)| *m != id);
-            drop(r);
-            drop(parked);
+        if self.lock.is_gone() {
+            return;
         }
+        Python::attach(|py| {
+            let held = self.lock.acquire(py);
+            if let Some(sh) = self.shared.upgrade() {
+                let mut r = sh.router.borrow_mut();
+                let id = self.id;
+                let parked = r.maps.remove(&id);
+                r.owner.retain(|_, (m, _)| *m != id);
+                drop(r);
+                drop(parked);
+                drop(sh);
+            }
+            drop(held);
+        });
     }
 }
 
 /// What a lent result holds: its completion (so its slot) and the pool it came from. Dropped
-/// only on the pool's thread (the completion's drop gives the slot back to the handle).
+/// only under the pool's lock (the completion's drop gives the slot back to the handle).
 struct Lent {
     // Dropped before `_inner` (field order): the completion borrows the producer in it.
     _done: Completion<'static>,
-    _inner: Rc<Inner>,
+    _inner: Arc<Inner>,
 }
 
-/// A [`Lent`] on its way back to the pool's thread from another one.
+/// A [`Lent`] that may cross threads on its way to a holder of the pool's lock.
 struct OnPoolThread {
     _lent: Lent,
 }
-// SAFETY: a `Lent` is only moved through another thread (into `Orphans`, under its mutex), never
-// used or dropped there: `View::drop` moves it, and only the pool's thread drops it
-// (`Orphans::adopt`, and `View::drop` on that thread). Its `Rc` count and the completion
-// are touched on the pool's thread alone.
+// SAFETY: a `Lent` is moved between threads (in a `View`, and into `Orphans` under its mutex)
+// but dropped only by a thread that holds the pool's lock (`View::drop` when it gets the lock
+// without waiting, else `Orphans::adopt` under it), and never used otherwise.
 unsafe impl Send for OnPoolThread {}
+// SAFETY: nothing reads a `Lent` through a shared reference.
+unsafe impl Sync for OnPoolThread {}
 
-/// Lent results dropped on another thread than their pool's, waiting for that thread. Closed
-/// once the pool's side is gone: a result dropped on another thread after that is leaked (no
-/// thread may drop it).
+/// Lent results dropped while another thread held the pool's lock, waiting for the next
+/// holder. Closed once the pool's side is gone: a result dropped after that without the lock
+/// is leaked (nobody would take them).
 #[derive(Clone)]
 struct Orphans(std::sync::Arc<OrphanQueue>);
 
@@ -1190,6 +1426,10 @@ struct OrphanQueue {
     waiting: std::sync::atomic::AtomicBool,
     /// `None` once closed.
     list: std::sync::Mutex<Option<Vec<OnPoolThread>>>,
+    /// Lent results alive, by the thread they were lent to.
+    lent: std::sync::Mutex<HashMap<std::thread::ThreadId, usize>>,
+    /// Notified whenever a lent result is dropped.
+    returned: std::sync::Condvar,
 }
 
 impl Orphans {
@@ -1197,11 +1437,57 @@ impl Orphans {
         Orphans(std::sync::Arc::new(OrphanQueue {
             waiting: std::sync::atomic::AtomicBool::new(false),
             list: std::sync::Mutex::new(Some(Vec::new())),
+            lent: std::sync::Mutex::new(HashMap::new()),
+            returned: std::sync::Condvar::new(),
         }))
     }
 
-    /// From another thread than the pool's: hands `lent` to the pool's thread, or leaks it
-    /// once the queue is closed (keeping its slot, and the segment mapped, until exit).
+    fn lent(&self) -> std::sync::MutexGuard<'_, HashMap<std::thread::ThreadId, usize>> {
+        self.0.lent.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Counts a result lent to `thread`.
+    fn lend(&self, thread: std::thread::ThreadId) {
+        *self.lent().entry(thread).or_default() += 1;
+    }
+
+    /// A result lent to `thread` was dropped (its slot is home, or on its way in `list`).
+    fn returned(&self, thread: std::thread::ThreadId) {
+        let mut lent = self.lent();
+        if let Some(n) = lent.get_mut(&thread) {
+            *n -= 1;
+            if *n == 0 {
+                lent.remove(&thread);
+            }
+        }
+        drop(lent);
+        self.0.returned.notify_all();
+    }
+
+    /// Whether slots held by lent results may come back without this thread's doing: some
+    /// wait in the queue (the next call takes them), or results are lent to another thread,
+    /// which may drop them (a caller out of slots can wait for those, where it could not wait
+    /// for its own).
+    fn may_come_back(&self) -> bool {
+        self.0.waiting.load(std::sync::atomic::Ordering::Acquire) || self.lent_elsewhere()
+    }
+
+    /// Whether results are lent to another thread than this one.
+    fn lent_elsewhere(&self) -> bool {
+        let me = std::thread::current().id();
+        self.lent().keys().any(|&t| t != me)
+    }
+
+    /// Sleeps (GIL released) until a lent result is dropped, at most `timeout`.
+    fn wait_for_return(&self, py: Python<'_>, timeout: Duration) {
+        py.detach(|| {
+            let lent = self.lent();
+            let _ = self.0.returned.wait_timeout(lent, timeout);
+        });
+    }
+
+    /// Without the lock: hands `lent` to the next holder, or leaks it once the queue is
+    /// closed (keeping its slot, and the segment mapped, until exit).
     fn send(&self, lent: OnPoolThread) {
         let mut list = self.0.list.lock().unwrap_or_else(|e| e.into_inner());
         match list.as_mut() {
@@ -1215,8 +1501,8 @@ impl Orphans {
         }
     }
 
-    /// On the pool's thread: drops the results waiting (their slots go home), and with
-    /// `close` closes the queue. One atomic load when nothing waits and it stays open.
+    /// Under the lock: drops the results waiting (their slots go home), and with `close`
+    /// closes the queue. One atomic load when nothing waits and it stays open.
     fn adopt(&self, close: bool) {
         if !close && !self.0.waiting.load(std::sync::atomic::Ordering::Acquire) {
             return;
@@ -1239,18 +1525,19 @@ impl Orphans {
 
 /// A result lent from shared memory (buffer protocol, read-only bytes): `numpy.frombuffer`
 /// makes the array. The slot goes back to the pool when the last reference is dropped: at
-/// once on the pool's thread; from another thread, at the pool's next call (before, such a
-/// result kept its slot for good). One dropped on another thread after its pool was closed is
-/// leaked: it keeps the segment mapped until the process exits.
+/// once when the pool's lock is free (or held by this thread); else at the lock holder's next
+/// call. One dropped that way after its pool was closed is leaked: it keeps the segment
+/// mapped until the process exits.
 #[pyclass(frozen, module = "mk1._mk1")]
 struct View {
     /// The result's bytes in the segment, which `lent` keeps mapped.
     ptr: usize,
     len: usize,
-    /// The pool's thread.
-    owner: std::thread::ThreadId,
-    lent: std::sync::Mutex<Option<OnPoolThread>>,
+    lock: Arc<HandleLock>,
+    lent: Mutex<Option<OnPoolThread>>,
     orphans: Orphans,
+    /// The thread it was lent to (see [`Orphans::may_come_back`]).
+    holder: std::thread::ThreadId,
 }
 
 impl Drop for View {
@@ -1263,13 +1550,15 @@ impl Drop for View {
         let Some(lent) = lent else {
             return;
         };
-        if std::thread::current().id() == self.owner {
-            // (On the pool's thread Python runs this while no call into the pool is under way:
-            // the handle is not borrowed.)
-            drop(lent);
-        } else {
-            self.orphans.send(lent);
+        // (Never waits: Python may drop this anywhere, with the GIL held.)
+        match self.lock.try_acquire() {
+            Some(held) => {
+                drop(lent);
+                drop(held);
+            }
+            None => self.orphans.send(lent),
         }
+        self.orphans.returned(self.holder);
     }
 }
 

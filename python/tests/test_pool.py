@@ -549,36 +549,125 @@ def test_the_timeout_counts_from_when_a_task_starts_not_from_an_idle_spell():
         assert pool.restarts() == 0
 
 
-def test_as_completed_and_the_owner_thread(pool):
-    import threading
-
+def test_as_completed_and_a_map_continued_in_another_thread(pool):
     futs = [pool.submit(slow_sleep, np.array([0.01 * (i % 3)])) for i in range(9)]
     done = list(pool.as_completed(futs, timeout=30))
     assert sorted(id(f) for f in done) == sorted(id(f) for f in futs)
-    errors = []
+    got = []
 
     def other_thread():
-        try:
-            pool.submit(x3p1, np.ones(2))
-        except RuntimeError as e:
-            errors.append(str(e))
+        got.append(pool.submit(x3p1, np.full(2, 5.0)).result(timeout=30)[0])
 
-    it = pool.map(x3p1, [np.ones(2)] * 4)
-    assert next(it)[0] == 4
+    it = pool.map(x3p1, [np.full(2, float(i)) for i in range(40)])
+    assert next(it)[0] == 1
 
     def consume_elsewhere():
-        try:
-            list(it)
-        except RuntimeError as e:
-            errors.append(str(e))
+        got.extend(y[0] for y in it)
 
     for target in (other_thread, consume_elsewhere):
         th = threading.Thread(target=target)
         th.start()
-        th.join()
-    assert len(errors) == 2 and all("thread" in e for e in errors), errors
-    assert list(it) == [], "a map misused from another thread is over"
+        th.join(timeout=60)
+        assert not th.is_alive()
+    assert got == [16] + [i * 3 + 1 for i in range(1, 40)]
     assert pool.apply(x3p1, np.ones(1))[0] == 4
+
+
+def test_threads_share_one_pool():
+    """Maps (both orders), futures and zero-copy maps of eight threads at once on one pool,
+    a future made in one thread and waited on in another: every result is its own input's."""
+    errors = []
+    handed = []
+    with mk1.Pool(workers=2, slots=6) as pool:
+
+        def work(t):
+            try:
+                arrays = [np.full(3, float(t * 1000 + i)) for i in range(150)]
+                ys = list(pool.map(x3p1, arrays))
+                assert [y[0] for y in ys] == [a[0] * 3 + 1 for a in arrays]
+                got = sorted(y[0] for y in pool.imap_unordered(x3p1, arrays))
+                assert got == sorted(a[0] * 3 + 1 for a in arrays)
+                futs = [pool.submit(x3p1, a) for a in arrays[:20]]
+                handed.append(futs[-1])
+                assert [f.result(timeout=60)[0] for f in futs] == [
+                    a[0] * 3 + 1 for a in arrays[:20]
+                ]
+                for y, a in zip(pool.map(x3p1, arrays, zero_copy=True), arrays):
+                    assert y[0] == a[0] * 3 + 1
+                    del y
+            except BaseException as e:  # reported below, with its thread
+                errors.append((t, repr(e)))
+
+        threads = [threading.Thread(target=work, args=(t,)) for t in range(8)]
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join(timeout=300)
+        assert not any(th.is_alive() for th in threads), "a thread hangs"
+        assert errors == []
+        # Futures are waited on from another thread than the one that made them.
+        assert all(f.result(timeout=5)[0] % 1 == 0 for f in handed)
+        assert pool.restarts() == 0
+
+
+def test_a_thread_that_submits_is_not_held_up_by_one_that_waits():
+    """One thread waits on a slow task while another makes many quick round trips: the waiting
+    one gives the pool up to the other at once, instead of at the end of its waits."""
+    with mk1.Pool(workers=2) as pool:
+        slow = pool.submit(slow_sleep, np.array([3.0]))
+        waiter = threading.Thread(target=lambda: slow.result(timeout=60))
+        waiter.start()
+        time.sleep(0.2)  # (the waiter now holds the pool, waiting)
+        t0 = time.monotonic()
+        for i in range(40):
+            assert pool.apply(x3p1, np.full(1, float(i)))[0] == i * 3 + 1
+        quick = time.monotonic() - t0
+        assert not slow.done(), "40 quick round trips ended before the slow task"
+        waiter.join(timeout=60)
+        assert slow.result()[0] == 3.0
+        assert quick < 2.5, quick
+
+
+def test_closing_from_another_thread_stops_a_running_map_and_fails_waiting_futures():
+    pool = mk1.Pool(workers=2)
+    try:
+        it = pool.map(slow_sleep, (np.array([0.05]) for _ in range(10_000)))
+        assert next(it)[0] == 0.05
+        fut = pool.submit(slow_sleep, np.array([30.0]))
+        closer = threading.Thread(target=pool.terminate)
+        closer.start()
+        closer.join(timeout=30)
+        assert not closer.is_alive()
+        with pytest.raises(ValueError, match="closed"):
+            for _ in it:
+                pass
+        with pytest.raises(mk1.Mk1Error, match="terminated"):
+            fut.result(timeout=10)
+        with pytest.raises(ValueError, match="closed"):
+            pool.submit(x3p1, np.ones(1))
+    finally:
+        pool.terminate()
+
+
+def test_a_pool_made_in_one_thread_and_dropped_in_another_leaves_nothing():
+    box = []
+    maker = threading.Thread(target=lambda: box.append(mk1.Pool(workers=1)))
+    maker.start()
+    maker.join(timeout=120)
+    pool = box.pop()
+    assert pool.apply(x3p1, np.ones(1))[0] == 4
+    pids = pool.worker_pids()
+    dropper = threading.Thread(target=lambda p=[pool]: p.clear())
+    del pool
+    dropper.start()
+    dropper.join(timeout=30)
+    import gc
+
+    gc.collect()
+    deadline = time.monotonic() + 10
+    while any(not _gone(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert all(_gone(p) for p in pids), "workers of a pool dropped in another thread are left"
 
 
 def test_the_main_script_as_multiprocessing_runs_it(tmp_path):
