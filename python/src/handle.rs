@@ -52,6 +52,8 @@ struct State {
     next: u64,
     /// The ticket whose turn it is: the lock is free for it once `owner` is `None`.
     serving: u64,
+    /// Threads asleep on `released` (a notify is a system call: made only for them).
+    sleepers: usize,
     /// Cuts the holder's wait for a completion short; `None` once the handle is gone.
     interrupter: Option<mk1::Interrupter<'static>>,
 }
@@ -73,6 +75,7 @@ impl HandleLock {
                 depth: 0,
                 next: 0,
                 serving: 0,
+                sleepers: 0,
                 interrupter: None,
             }),
             released: Condvar::new(),
@@ -135,7 +138,9 @@ impl HandleLock {
         py.detach(|| {
             let mut s = self.state();
             while !(s.owner.is_none() && s.serving == ticket) {
+                s.sleepers += 1;
                 s = self.released.wait(s).unwrap_or_else(|e| e.into_inner());
+                s.sleepers -= 1;
             }
             s.owner = Some(me);
             s.depth = 1;
@@ -191,8 +196,11 @@ impl Drop for Held<'_> {
         if s.depth == 0 {
             s.owner = None;
             s.serving += 1;
+            let sleepers = s.sleepers > 0;
             drop(s);
-            self.lock.released.notify_all();
+            if sleepers {
+                self.lock.released.notify_all();
+            }
         }
     }
 }

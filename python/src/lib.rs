@@ -1428,6 +1428,8 @@ struct OrphanQueue {
     list: std::sync::Mutex<Option<Vec<OnPoolThread>>>,
     /// Lent results alive, by the thread they were lent to.
     lent: std::sync::Mutex<HashMap<std::thread::ThreadId, usize>>,
+    /// Threads in `wait_for_return` (a notify is a system call: made only for them).
+    sleepers: std::sync::atomic::AtomicUsize,
     /// Notified whenever a lent result is dropped.
     returned: std::sync::Condvar,
 }
@@ -1438,6 +1440,7 @@ impl Orphans {
             waiting: std::sync::atomic::AtomicBool::new(false),
             list: std::sync::Mutex::new(Some(Vec::new())),
             lent: std::sync::Mutex::new(HashMap::new()),
+            sleepers: std::sync::atomic::AtomicUsize::new(0),
             returned: std::sync::Condvar::new(),
         }))
     }
@@ -1460,8 +1463,12 @@ impl Orphans {
                 lent.remove(&thread);
             }
         }
+        // (Read under the mutex that `wait_for_return` counts itself in under: no lost wake.)
+        let sleepers = self.0.sleepers.load(std::sync::atomic::Ordering::Relaxed) > 0;
         drop(lent);
-        self.0.returned.notify_all();
+        if sleepers {
+            self.0.returned.notify_all();
+        }
     }
 
     /// Whether slots held by lent results may come back without this thread's doing: some
@@ -1482,7 +1489,18 @@ impl Orphans {
     fn wait_for_return(&self, py: Python<'_>, timeout: Duration) {
         py.detach(|| {
             let lent = self.lent();
-            let _ = self.0.returned.wait_timeout(lent, timeout);
+            self.0
+                .sleepers
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let (lent, _) = self
+                .0
+                .returned
+                .wait_timeout(lent, timeout)
+                .unwrap_or_else(|e| e.into_inner());
+            self.0
+                .sleepers
+                .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+            drop(lent);
         });
     }
 
