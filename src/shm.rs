@@ -779,16 +779,29 @@ impl Segment {
     /// # Safety
     /// Nothing in this process may use a view of a slot afterwards.
     pub unsafe fn revoke_slots(&self) -> io::Result<()> {
-        let (start, len) = self.layout.data_region();
-        // SAFETY: the caller's promise covers both regions.
-        unsafe {
-            self.map.protect_none(start as usize, len as usize)?;
-            if self.layout.has_outputs() {
-                self.map
-                    .protect_none(self.layout.params().output_offset as usize, len as usize)?;
-            }
+        for (start, len) in self.slot_regions() {
+            // SAFETY: the caller's promise covers both regions.
+            unsafe { self.map.protect_none(start as usize, len as usize)? };
         }
         Ok(())
+    }
+
+    /// The slots' data region and, when slots have one, their output region: (offset, bytes)
+    /// each (a region of 0 bytes for none).
+    fn slot_regions(&self) -> [(u64, u64); 2] {
+        let (start, len) = self.layout.data_region();
+        let outputs = if self.layout.has_outputs() {
+            (self.layout.params().output_offset, len)
+        } else {
+            (0, 0)
+        };
+        [(start, len), outputs]
+    }
+
+    /// [`Segment::slot_regions`] as addresses in this process: (address, bytes) each.
+    pub fn slot_addresses(&self) -> [(usize, usize); 2] {
+        self.slot_regions()
+            .map(|(at, len)| (self.map.as_ptr() as usize + at as usize, len as usize))
     }
 
     /// Hints the CPU to start fetching the first line of the token's slot data, so that the miss

@@ -979,3 +979,34 @@ pub fn above_stdio(fd: OwnedFd) -> io::Result<OwnedFd> {
     }
     Ok(rustix::io::fcntl_dupfd_cloexec(&fd, 3)?)
 }
+
+/// Runs `handler` in the child of every `fork()` this process makes from now on, before
+/// `fork` returns there (`pthread_atfork`; `vfork` and `posix_spawn` do not run it). The
+/// handler must only make async-signal-safe calls.
+pub fn in_every_forked_child(handler: extern "C" fn()) -> io::Result<()> {
+    // SAFETY: registers a plain function pointer; what it may call is the caller's contract.
+    match unsafe { libc::pthread_atfork(None, None, Some(handler)) } {
+        0 => Ok(()),
+        e => Err(io::Error::from_raw_os_error(e)),
+    }
+}
+
+/// Makes `len` bytes at `addr` (page aligned) inaccessible in this process: `mprotect` with no
+/// access, one system call, async-signal-safe (for a fork handler, which has no [`Mapping`]).
+///
+/// # Safety
+/// The range must lie in a mapping of this process that nothing may use afterwards.
+pub unsafe fn protect_none_at(addr: usize, len: usize) -> io::Result<()> {
+    if len == 0 {
+        return Ok(());
+    }
+    // SAFETY: the caller's promise.
+    unsafe {
+        rustix::mm::mprotect(
+            addr as *mut core::ffi::c_void,
+            len,
+            rustix::mm::MprotectFlags::empty(),
+        )?
+    };
+    Ok(())
+}

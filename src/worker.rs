@@ -61,6 +61,25 @@ pub const EXIT_RETIRED: i32 = 73;
 /// Why this worker process is to end after its current task, once a kernel said so.
 static RETIRE: std::sync::OnceLock<String> = std::sync::OnceLock::new();
 
+/// This worker's slot regions, (address, bytes) each, for [`revoke_in_forked_child`].
+static SLOTS: std::sync::OnceLock<[(usize, usize); 2]> = std::sync::OnceLock::new();
+
+/// Runs in the child of a `fork()` made in a worker (by a kernel, or a library it calls):
+/// the child is not a worker, but it shares the segment, and whatever it runs on (the kernel's
+/// code returning, a Python function writing its result) would write slots that the pool
+/// hands to other tasks once the worker has answered: a wrong result for one of them. So the
+/// child loses access to every slot first; a write there faults in the child alone.
+extern "C" fn revoke_in_forked_child() {
+    if let Some(slots) = SLOTS.get() {
+        for &(at, len) in slots {
+            // SAFETY: the slots of this process's segment mapping, which no code of the child
+            // may use: it is not a worker (its kernel-side views fault, ending it). An error
+            // (none is expected) leaves the child as it was before this guard existed.
+            let _ = unsafe { sys::protect_none_at(at, len) };
+        }
+    }
+}
+
 /// Called by a kernel in a worker process: this process ends as soon as the task running now
 /// has been answered (its results, or the error the kernel returns, reach the caller first),
 /// and the pool starts a replacement, as after a death (it counts as a restart); tasks already
@@ -406,6 +425,9 @@ pub fn serve(spec: WorkerSpec, registry: &Registry) -> Result<(), WorkerError> {
         )));
     }
     seg.protect_inputs()?;
+    if SLOTS.set(seg.slot_addresses()).is_ok() {
+        sys::in_every_forked_child(revoke_in_forked_child)?;
+    }
     let info = WorkerInfo {
         worker: spec.index,
         workers: params.workers,

@@ -67,6 +67,26 @@ fn kernels() -> Registry {
             }
             a.io.map(|x| x * 2.0)
         })
+        .kernel::<f64>("forks_a_late_writer", |mut a| {
+            // Forks a child that writes this task's output (in place: its buffer) 20 ms later,
+            // when the slot holds another task's data; the worker itself adds 1.
+            let (at, len) = match &mut a.io {
+                mk1::task::Io::InPlace(d) => (d.as_mut_ptr(), d.len()),
+                mk1::task::Io::OutOfPlace { output, .. } => (output.as_mut_ptr(), output.len()),
+            };
+            // SAFETY: the worker runs this on its only thread; the child only sleeps, writes
+            // (the misbehaviour under test: it faults there) and leaves with `_exit`.
+            if unsafe { libc::fork() } == 0 {
+                std::thread::sleep(Duration::from_millis(20));
+                for i in 0..len {
+                    // SAFETY: none; this is the late write under test.
+                    unsafe { at.add(i).write_volatile(-1.0) };
+                }
+                // SAFETY: ends the child without running anything of the worker's.
+                unsafe { libc::_exit(0) };
+            }
+            a.io.map(|x| x + 1.0)
+        })
         .kernel::<f64>("sleep_ms", |mut a| {
             std::thread::sleep(Duration::from_millis(a.params.u64(0)?));
             a.io.map(|x| x * 2.0)
@@ -642,6 +662,26 @@ fn a_map_after_terminate_fails_its_inputs_and_ends() {
             .count();
         assert_eq!(errors, 10_000, "{mode:?}");
         assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
+    }
+}
+
+/// A process forked by a kernel is not a worker: it has no access to the slots, so its late
+/// write (once the worker has answered and the slot holds another task) faults in the child
+/// instead of changing another task's data; in either mode.
+fn a_child_forked_by_a_kernel_cannot_write_any_slot() {
+    for mode in [Mode::InPlace, Mode::OutOfPlace] {
+        let pool = unpacked_pool(mode, Pool::builder());
+        let mut producer = pool.producer().unwrap();
+        let inputs: Vec<Vec<f64>> = (0..120).map(|i| vec![i as f64; 512]).collect();
+        let task = Task::kernel("forks_a_late_writer");
+        for (i, r) in producer.map(&task, &inputs).unwrap().enumerate() {
+            assert_eq!(
+                r.unwrap().as_slice(),
+                &[i as f64 + 1.0; 512][..],
+                "{mode:?}, input {i}"
+            );
+        }
+        assert_eq!(pool.restarts(), 0, "{mode:?}");
     }
 }
 
@@ -2408,6 +2448,10 @@ fn main() {
         (
             "map_survives_random_worker_kills",
             map_survives_random_worker_kills,
+        ),
+        (
+            "a_child_forked_by_a_kernel_cannot_write_any_slot",
+            a_child_forked_by_a_kernel_cannot_write_any_slot,
         ),
         (
             "an_interrupter_cuts_a_wait_short_and_loses_nothing",

@@ -112,6 +112,17 @@ def _encode_error(e: BaseException) -> str:
     return text + EXC_MARKER + blob
 
 
+_PID = os.getpid()  # this worker's: a child its function forks has another
+
+
+def _leave_if_forked() -> None:
+    """In a child that the function forked and that returned here: leave at once, before
+    writing the result (the worker's own copy of it answers; the child has no access to the
+    slots anyway, see mk1's worker)."""
+    if os.getpid() != _PID:
+        os._exit(0)
+
+
 def _run(fn, wants_out, inp, dtype, shape, out, in_place):
     """Runs ``fn`` on one array; returns ``(dtype code, shape)`` of what it wrote at the start
     of ``out``, or ``(None, message)`` when it raised."""
@@ -120,10 +131,12 @@ def _run(fn, wants_out, inp, dtype, shape, out, in_place):
         if wants_out:
             o = x if in_place else np.ndarray(shape, dtype, out)
             y = fn(x, out=o)
+            _leave_if_forked()
             if y is None or y is o:
                 return (_CODES[x.dtype], shape)
         else:
             y = fn(x)
+            _leave_if_forked()
         code = _CODES.get(y.dtype) if type(y) is np.ndarray else None
         if code is None or not 1 <= y.ndim <= 4:
             y, code = _unusual(y)

@@ -933,6 +933,25 @@ def test_a_thread_left_writing_its_output_never_reaches_another_task():
             bad.result()
 
 
+def forks_a_late_writer(x, out):
+    if os.fork() == 0:
+        time.sleep(0.02)  # the worker has answered; the slot now holds another task's data
+        try:
+            out[...] = -1.0  # faults: a forked child has no access to the slots
+        finally:
+            os._exit(0)
+    out[...] = x + 1
+
+
+def test_a_child_forked_by_the_function_cannot_write_any_slot():
+    with mk1.Pool(workers=2, slots=4) as pool:
+        arrays = [np.full(512, float(i)) for i in range(120)]
+        for i, y in enumerate(pool.map(forks_a_late_writer, arrays)):
+            assert (y == i + 1).all(), f"array {i} was overwritten: {y[:4]}"
+        assert [y[0] for y in pool.map(x3p1, arrays)] == [i * 3 + 1 for i in range(120)]
+        assert pool.restarts() == 0
+
+
 def test_a_child_forked_by_the_function_does_not_serve(pool):
     out = [y.tolist() for y in pool.map(forks_and_returns, [np.full(2, float(i)) for i in range(20)])]
     assert out == [[i + 1.0] * 2 for i in range(20)]
