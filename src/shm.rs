@@ -798,7 +798,8 @@ impl Segment {
         [(start, len), outputs]
     }
 
-    /// [`Segment::slot_regions`] as addresses in this process: (address, bytes) each.
+    /// The slots' data and output regions (see `Segment::revoke_slots`) as addresses in this
+    /// process: (address, bytes) each, 0 bytes for none.
     pub fn slot_addresses(&self) -> [(usize, usize); 2] {
         self.slot_regions()
             .map(|(at, len)| (self.map.as_ptr() as usize + at as usize, len as usize))
