@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import concurrent.futures
+import itertools
 import json
 import operator
 import os
@@ -17,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from . import _mk1
+from . import _args
 from ._worker import BOOT_ENV, EXC_MARKER, INIT_ENV
 from .ops import Op
 
@@ -104,9 +106,11 @@ def _top_level_in_script(fn: Any, path: str) -> bool:
     return getattr(fn, "__qualname__", "").split(".")[0] in names
 
 
-def _pickle_function(fn: Callable) -> bytes:
-    """The function as bytes for the workers: by reference (module and name) when it can be,
-    else by value with cloudpickle (lambdas, closures, functions of an interactive session)."""
+def _pickle_function(fn: Callable, wrap: Callable[[Any], Any] | None = None) -> bytes:
+    """The function (wrapped in ``wrap(fn)`` if given) as bytes for the workers: by reference
+    (module and name) when it can be, else by value with cloudpickle (lambdas, closures,
+    functions of an interactive session)."""
+    obj = fn if wrap is None else wrap(fn)
     main = sys.modules.get("__main__")
     in_main = getattr(fn, "__module__", None) == "__main__"
     # (A script read from stdin has the file name "<stdin>", which the workers cannot run.)
@@ -124,10 +128,10 @@ def _pickle_function(fn: Callable) -> bytes:
                 f"Define it at the script's top level, or install cloudpickle "
                 f"(pip install cloudpickle) to send it by value."
             ) from None
-        return cloudpickle.dumps(fn, protocol=pickle.HIGHEST_PROTOCOL)
+        return cloudpickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
     if not interactive:
         try:
-            return pickle.dumps(fn, protocol=pickle.HIGHEST_PROTOCOL)
+            return pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
         except (pickle.PicklingError, AttributeError, TypeError) as e:
             by_reference_error = e
     else:
@@ -145,7 +149,30 @@ def _pickle_function(fn: Callable) -> bytes:
             f"importable module or in the main script, or install cloudpickle "
             f"(pip install cloudpickle) to send lambdas and closures by value."
         ) from None
-    return cloudpickle.dumps(fn, protocol=pickle.HIGHEST_PROTOCOL)
+    return cloudpickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
+
+
+_CARRIED = frozenset(
+    np.dtype(n)
+    for n in ("int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64",
+              "float32", "float64")
+)
+
+
+def _carried(a: Any) -> np.ndarray | None:
+    """``a`` as the C-contiguous array mk1 carries for it, when it is an array mk1 carries
+    (or what numpy makes one of): a dtype of ``_CARRIED``, 1 to ``MAX_DIMS`` dimensions. None
+    for anything else (a scalar, a string, a bool or complex array, ...), which then travels
+    as an argument of a call (see ``mk1._args``)."""
+    if a is None or isinstance(a, (str, bytes, bytearray, dict)):
+        return None
+    try:
+        arr = np.asarray(a)
+    except Exception:  # a ragged list, an object numpy refuses: not an array
+        return None
+    if arr.dtype not in _CARRIED or not 1 <= arr.ndim <= _mk1.MAX_DIMS:
+        return None
+    return arr if arr.flags.c_contiguous else np.ascontiguousarray(arr)
 
 
 def _as_array(a: Any) -> np.ndarray:
@@ -178,9 +205,10 @@ class Future(concurrent.futures.Future):
     waiting on this future (``result``, ``exception``) or calling any other method of the pool,
     in any thread, receives results; ``done()`` checks once without waiting."""
 
-    def __init__(self, pool: Pool) -> None:
+    def __init__(self, pool: Pool, call: bool = False) -> None:
         super().__init__()
         self._pool = pool
+        self._call = call  # its result is a bundle (see mk1._args), unpacked when it comes
 
     def result(self, timeout: float | None = None) -> Any:
         self._pool._wait_for(self, timeout)
@@ -302,6 +330,7 @@ class Pool:
         spec = getattr(main, "__spec__", None)
         boot = {
             "argv": list(sys.argv),
+            "nonce": _args.NONCE.hex(),
             "path": list(sys.path),
             "main_name": getattr(spec, "name", None),
             "main_path": os.path.abspath(main.__file__)
@@ -335,6 +364,7 @@ class Pool:
             float(start_timeout),
         )
         self._workers = workers
+        self._max_array_bytes = max_array_bytes
         self._slots = self._core.slots()
         # Garbage-collected or left open at exit: killed, never waited for.
         self._finalizer = weakref.finalize(self, _finalize, self._core)
@@ -411,12 +441,20 @@ class Pool:
 
     # -- the data path --------------------------------------------------------------------
 
-    def _task(self, fn: Callable | Op) -> tuple[str | None, bytes | None]:
+    def _task(self, fn: Callable | Op, call: bool = False) -> tuple[str | None, bytes | None]:
+        """What the workers run: a built-in op, or the pickled function (wrapped in
+        ``mk1._args.Call`` for a ``call``: arguments and result of any kind, in bundles)."""
         if isinstance(fn, Op):
+            if call:
+                raise TypeError(
+                    f"{fn!r} is a built-in op: it takes one array of a dtype mk1 carries "
+                    f"(int8..int64, uint8..uint64, float32, float64; 1 to {_mk1.MAX_DIMS} "
+                    f"dimensions), not several arguments or other objects"
+                )
             return fn.text, None
         if not callable(fn):
             raise TypeError(f"fn must be a callable or an mk1.ops op, not {type(fn).__name__}")
-        blob = _pickle_function(fn)
+        blob = _pickle_function(fn, _args.Call if call else None)
         room = _mk1.PoolCore.context_room()
         if len(blob) > room:
             raise ValueError(
@@ -467,6 +505,11 @@ class Pool:
     def _route(got: tuple) -> None:
         sink, _worker, ok, payload, _dtype, _shape = got
         if sink is not None:  # (a future: it completes only here, or fails at close)
+            if ok and (sink._call or payload.dtype == _U8 and _args.is_bundle(payload)):
+                try:
+                    payload = _unbundle(payload)
+                except _mk1.Mk1Error as e:
+                    ok, payload = False, e
             if ok:
                 sink.set_result(payload)
             else:
@@ -484,21 +527,47 @@ class Pool:
                     raise concurrent.futures.TimeoutError()
             self._pump(wait, [fut])
 
-    def submit(self, fn: Callable | Op, a: Any) -> Future:
-        """Runs ``fn(a)`` in a worker; returns a ``Future`` of the result (a new numpy array).
+    def submit(self, fn: Callable | Op, /, *args: Any, **kwargs: Any) -> Future:
+        """Runs ``fn(*args, **kwargs)`` in a worker; returns a ``Future`` of the result.
 
-        Raises at once (nothing submitted) for an array mk1 cannot carry (``ValueError``), one
-        larger than ``max_array_bytes`` (``ArrayTooLarge``), or a function that cannot be sent
-        (``TypeError``). The future's exception is what ``fn`` raised (same type, with the
+        - One array argument (of a dtype mk1 carries, 1 to 4 dimensions, or what numpy makes
+          one of), no keywords: the array is copied once into shared memory, ``fn`` gets a
+          read-only view of it, and the result is a new numpy array (a scalar result comes
+          back as a 1-element array; a result that is not an array fails the task). ``fn`` may
+          also be an ``mk1.ops`` op here.
+        - Any other call (several arguments, keywords, a non-array argument such as a path, a
+          number, a bool or complex array): as ``concurrent.futures``. Numpy arrays anywhere in
+          the arguments and in the result travel through shared memory (copied once into the
+          slot; ``fn`` gets read-only views), everything else is pickled; the result is what
+          ``fn`` returned. All of it must fit ``max_array_bytes``.
+
+        Raises at once (nothing submitted) for arguments larger than ``max_array_bytes``
+        (``ArrayTooLarge``), or a function or argument that cannot be sent (``TypeError``,
+        pickle's errors). The future's exception is what ``fn`` raised (same type, with the
         worker's traceback as ``__cause__``), or ``WorkerDied``, ``TaskTimeout``,
         ``NoWorkersLeft``.
         """
-        task = self._task(fn)
-        a = _as_array(a)
-        fut = Future(self)
+        a = _carried(args[0]) if len(args) == 1 and not kwargs else None
+        call = a is None
+        task = self._task(fn, call)
+        if call:
+            a = self._bundle(args, kwargs)
+        fut = Future(self, call)
         fut.set_running_or_notify_cancel()
         self._submit_one(a, task, fut)
         return fut
+
+    def _bundle(self, args: tuple, kwargs: dict) -> np.ndarray:
+        """The arguments of a call as a bundle (see ``mk1._args``), checked against the
+        slots' size."""
+        packed = _args.Packed((args, kwargs))
+        if packed.nbytes > self._max_array_bytes:
+            raise _mk1.ArrayTooLarge(
+                f"the arguments take {packed.nbytes} bytes in shared memory (their arrays, and "
+                f"the rest pickled); a task may take the pool's max_array_bytes, "
+                f"{self._max_array_bytes} (mk1.Pool(max_array_bytes=...))"
+            )
+        return packed.array()
 
     def as_completed(
         self, futures: Iterable[Future], timeout: float | None = None
@@ -530,20 +599,26 @@ class Pool:
                     raise concurrent.futures.TimeoutError(f"{len(pending)} futures not done")
             self._pump(wait, list(pending))
 
-    def apply(self, fn: Callable | Op, a: Any) -> Any:
-        """``submit(fn, a).result()``."""
-        return self.submit(fn, a).result()
+    def apply(self, fn: Callable | Op, /, *args: Any, **kwargs: Any) -> Any:
+        """``submit(fn, *args, **kwargs).result()``."""
+        return self.submit(fn, *args, **kwargs).result()
 
     def map(
         self,
         fn: Callable | Op,
-        arrays: Iterable[Any],
-        *,
+        *iterables: Iterable[Any],
         zero_copy: bool = False,
         progress: bool = False,
-    ) -> Iterator[np.ndarray]:
+    ) -> Iterator[Any]:
         """``fn(a)`` for every array, in input order, lazily: at most ``slots`` arrays are in
         flight or waiting to be read, so any number of arrays runs in bounded memory.
+
+        With several iterables, ``fn(a, b, ...)`` for their items taken together (stopping
+        at the shortest, as the built-in ``map``); and when the first item of a single
+        iterable is not an array mk1 carries (a path, a number, a tuple...), ``fn(item)``
+        for every item. Those run as calls (see ``submit``): arrays in the arguments and
+        results travel through shared memory, the rest is pickled, and each result is what
+        ``fn`` returned.
 
         ``fn`` is a module-level function (of an importable module or of the main script), or
         with cloudpickle installed any callable; or an ``mk1.ops`` op (no Python in the
@@ -564,31 +639,73 @@ class Pool:
         ``ValueError``. ``progress=True`` shows a progress bar (tqdm when
         installed).
         """
-        return self._map(fn, arrays, True, zero_copy, progress)
+        return self._map(fn, iterables, True, zero_copy, progress)
 
     imap = map
+
+    def starmap(
+        self,
+        fn: Callable,
+        iterable: Iterable[Iterable[Any]],
+        *,
+        zero_copy: bool = False,
+        progress: bool = False,
+    ) -> Iterator[Any]:
+        """``fn(*args)`` for every ``args`` of ``iterable``, in input order, lazily (as
+        ``multiprocessing.Pool.starmap``, but an iterator): calls as ``submit`` makes them for
+        several arguments. Otherwise as ``map``."""
+        return self._map(fn, (iterable,), True, zero_copy, progress, star=True)
 
     def imap_unordered(
         self,
         fn: Callable | Op,
-        arrays: Iterable[Any],
-        *,
+        *iterables: Iterable[Any],
         zero_copy: bool = False,
         progress: bool = False,
-    ) -> Iterator[np.ndarray]:
+    ) -> Iterator[Any]:
         """As ``map``, in completion order."""
-        return self._map(fn, arrays, False, zero_copy, progress)
+        return self._map(fn, iterables, False, zero_copy, progress)
 
-    def _map(self, fn, arrays, ordered, zero_copy, progress):
+    def _map(self, fn, iterables, ordered, zero_copy, progress, star=False):
+        if not iterables:
+            raise TypeError("map needs at least one iterable")
         if zero_copy and self._slots < 2:
             # The loop variable still holds the last result (and its slot) while the next
             # one is fetched.
             raise ValueError("zero_copy=True needs slots >= 2 (mk1.Pool(slots=...))")
-        task = self._task(fn)  # fails here, before any array is taken
-        bar = _progress(arrays) if progress else None
-        return self._map_gen(task, iter(arrays), ordered, zero_copy, bar)
+        # Fails here, before any input is taken. (One iterable: whether its items are arrays
+        # or call arguments is known at its first item.)
+        call = star or len(iterables) > 1
+        task = self._task(fn, call)
+        bar = None
+        if progress:
+            sized = all(hasattr(i, "__len__") for i in iterables)
+            bar = _progress(min(len(i) for i in iterables) if sized else None)
+        if star:
+            inputs = (self._bundle(tuple(args), {}) for args in iterables[0])
+        elif call:
+            inputs = (self._bundle(args, {}) for args in zip(*iterables))
+        else:
+            inputs = iter(iterables[0])
+        return self._map_gen(fn, task, inputs, call, ordered, zero_copy, bar)
 
-    def _map_gen(self, task, inputs, ordered, zero_copy, bar):
+    def _map_gen(self, fn, task, inputs, call, ordered, zero_copy, bar):
+        if not call:
+            # The first item says whether this map carries arrays or makes calls.
+            first = next(inputs, _END)
+            if first is _END:
+                if bar is not None:
+                    bar.close()
+                return
+            a = _carried(first)
+            if a is not None:
+                inputs = itertools.chain((a,), inputs)
+            else:
+                call = True
+                task = self._task(fn, True)
+                rest = inputs
+                inputs = (self._bundle((x,), {}) for x in itertools.chain((first,), rest))
+            del first, a
         # Zero-copy, the result the caller holds keeps its slot: one less in flight.
         window = max(1, self._slots - 1) if zero_copy else self._slots
         it = self._live().map_iter(
@@ -604,6 +721,8 @@ class Pool:
                     bar.update(1)
                 if not ok:
                     raise _rebuild(value)
+                if call or value.dtype == _U8 and _args.is_bundle(value):
+                    value = _unbundle(value)
                 yield value
                 value = None  # (a lent result's slot goes home with the caller's last reference)
         finally:
@@ -612,8 +731,19 @@ class Pool:
                 bar.close()
 
 
-def _progress(arrays):
-    total = len(arrays) if hasattr(arrays, "__len__") else None
+_END = object()  # the end of an iterator
+_U8 = np.dtype(np.uint8)
+
+
+def _unbundle(payload: np.ndarray) -> Any:
+    """The result of a call from its bundle; ``Mk1Error`` when it cannot be read here."""
+    try:
+        return _args.unpack(payload)
+    except Exception as e:  # garbled, or of a type this process cannot import
+        raise _mk1.Mk1Error(f"the result of a call cannot be read here: {e!r}") from e
+
+
+def _progress(total: int | None):
     try:
         from tqdm.auto import tqdm
 

@@ -20,6 +20,8 @@ import types
 
 import numpy as np
 
+from . import _args
+
 BOOT_ENV = "MK1_PY_BOOT"
 INIT_ENV = "MK1_PY_INIT"
 EXC_MARKER = "\n--mk1-pickled-exception--\n"
@@ -55,6 +57,8 @@ def _main() -> None:
         sys.path[:] = boot["path"]
     if "argv" in boot:
         sys.argv[:] = boot["argv"]
+    if "nonce" in boot:
+        _args.NONCE = bytes.fromhex(boot["nonce"])
     try:
         _prepare_main(boot)
     except Exception as e:
@@ -126,6 +130,8 @@ def _leave_if_forked() -> None:
 def _run(fn, wants_out, inp, dtype, shape, out, in_place):
     """Runs ``fn`` on one array; returns ``(dtype code, shape)`` of what it wrote at the start
     of ``out``, or ``(None, message)`` when it raised."""
+    if type(fn) is _args.Call:
+        return _run_call(fn.fn, inp, dtype, shape, out, in_place)
     try:
         x = np.ndarray(shape, dtype, inp)  # read-only out of place, as its buffer is
         if wants_out:
@@ -140,6 +146,9 @@ def _run(fn, wants_out, inp, dtype, shape, out, in_place):
         code = _CODES.get(y.dtype) if type(y) is np.ndarray else None
         if code is None or not 1 <= y.ndim <= 4:
             y, code = _unusual(y)
+            if code is None:  # not an array mk1 carries: it goes back as a bundle
+                del x
+                return _write_bundle(y, out, in_place)
         if y.nbytes > len(out):
             from mk1 import ArrayTooLarge
 
@@ -154,29 +163,53 @@ def _run(fn, wants_out, inp, dtype, shape, out, in_place):
         return (None, _encode_error(e))
 
 
+def _run_call(fn, inp, dtype, shape, out, in_place):
+    """Runs ``fn(*args, **kwargs)`` for the bundle of ``(args, kwargs)`` in ``inp`` and
+    writes the bundle of its result at the start of ``out``; returns as ``_run``."""
+    try:
+        bundle = np.ndarray(shape, dtype, inp)
+        args, kwargs = _args.unpack(bundle)
+        y = fn(*args, **kwargs)
+        _leave_if_forked()
+        del args, kwargs, bundle
+        return _write_bundle(y, out, in_place)
+    except BaseException as e:  # noqa: BLE001 - every failure goes back to the caller
+        return (None, _encode_error(e))
+
+
+def _write_bundle(y, out, in_place):
+    """Writes the bundle of ``y`` at the start of ``out``; returns its dtype code and shape."""
+    packed = _args.Packed(y)
+    if packed.nbytes > len(out):
+        from mk1 import ArrayTooLarge
+
+        raise ArrayTooLarge(
+            f"the function's result takes {packed.nbytes} bytes in shared memory (its "
+            f"arrays, and the rest pickled); a result may take {len(out)} bytes here "
+            f"(mk1.Pool(max_array_bytes=...))"
+        )
+    dst = np.ndarray((len(out),), np.uint8, out)
+    if in_place:
+        # The result may be (a view of) the input, in the very memory it goes to.
+        dst[: packed.nbytes] = packed.array()
+    else:
+        packed.write(dst)
+    return (_CODES[np.dtype(np.uint8)], (packed.nbytes,))
+
+
 def _unusual(y):
-    """A result that is not a plain array of a carried dtype: a scalar becomes a 1-element
-    array; anything mk1 cannot carry raises, saying why."""
-    if y is None:
-        raise TypeError(
-            "the function returned None; return an array, or take a required `out` "
-            "argument and write the result there"
-        )
-    y = np.asarray(y)
-    if y.ndim == 0:
-        y = y.reshape(1)
-    code = _CODES.get(y.dtype)
-    if code is None:
-        raise TypeError(
-            f"mk1 carries int8..int64, uint8..uint64, float32 and float64 arrays in native "
-            f"byte order; the function returned {y.dtype}"
-        )
-    if y.ndim > 4:
-        raise ValueError(
-            f"mk1 carries arrays of 1 to 4 dimensions; the function returned {y.ndim} "
-            f"(shape {y.shape})"
-        )
-    return y, code
+    """A result that is not a plain array of a carried dtype and 1 to 4 dimensions: a
+    scalar (or 0-d array) of a carried dtype becomes a 1-element array (code set); for
+    anything else (None, a dict, a list, a bool or complex array, ...) the code is None: the
+    result goes back pickled, as it is."""
+    if type(y) is np.ndarray and y.ndim == 0:
+        a = y.reshape(1)
+    elif isinstance(y, (int, float, np.integer, np.floating)) and not isinstance(y, bool):
+        a = np.asarray(y).reshape(1)
+    else:
+        return y, None
+    code = _CODES.get(a.dtype)  # (None for an int beyond 64 bits, say)
+    return (a, code) if code is not None else (y, None)
 
 
 def worker_id() -> int | None:
