@@ -365,6 +365,7 @@ class Pool:
         )
         self._workers = workers
         self._max_array_bytes = max_array_bytes
+        self._timeout = timeout
         self._slots = self._core.slots()
         # Garbage-collected or left open at exit: killed, never waited for.
         self._finalizer = weakref.finalize(self, _finalize, self._core)
@@ -441,11 +442,12 @@ class Pool:
 
     # -- the data path --------------------------------------------------------------------
 
-    def _task(self, fn: Callable | Op, call: bool = False) -> tuple[str | None, bytes | None]:
-        """What the workers run: a built-in op, or the pickled function (wrapped in
-        ``mk1._args.Call`` for a ``call``: arguments and result of any kind, in bundles)."""
+    def _task(self, fn: Callable | Op, wrap: type | None = None) -> tuple[str | None, bytes | None]:
+        """What the workers run: a built-in op, or the pickled function (wrapped in ``wrap``,
+        ``mk1._args.Call`` or ``Batch``, for calls: arguments and results of any kind, in
+        bundles)."""
         if isinstance(fn, Op):
-            if call:
+            if wrap is not None:
                 raise TypeError(
                     f"{fn!r} is a built-in op: it takes one array of a dtype mk1 carries "
                     f"(int8..int64, uint8..uint64, float32, float64; 1 to {_mk1.MAX_DIMS} "
@@ -454,7 +456,7 @@ class Pool:
             return fn.text, None
         if not callable(fn):
             raise TypeError(f"fn must be a callable or an mk1.ops op, not {type(fn).__name__}")
-        blob = _pickle_function(fn, _args.Call if call else None)
+        blob = _pickle_function(fn, wrap)
         room = _mk1.PoolCore.context_room()
         if len(blob) > room:
             raise ValueError(
@@ -549,7 +551,7 @@ class Pool:
         """
         a = _carried(args[0]) if len(args) == 1 and not kwargs else None
         call = a is None
-        task = self._task(fn, call)
+        task = self._task(fn, _args.Call if call else None)
         if call:
             a = self._bundle(args, kwargs)
         fut = Future(self, call)
@@ -562,12 +564,47 @@ class Pool:
         slots' size."""
         packed = _args.Packed((args, kwargs))
         if packed.nbytes > self._max_array_bytes:
-            raise _mk1.ArrayTooLarge(
-                f"the arguments take {packed.nbytes} bytes in shared memory (their arrays, and "
-                f"the rest pickled); a task may take the pool's max_array_bytes, "
-                f"{self._max_array_bytes} (mk1.Pool(max_array_bytes=...))"
-            )
+            raise self._too_large(packed.nbytes)
         return packed.array()
+
+    def _too_large(self, nbytes: int) -> BaseException:
+        return _mk1.ArrayTooLarge(
+            f"the arguments take {nbytes} bytes in shared memory (their arrays, and the rest "
+            f"pickled); a task may take the pool's max_array_bytes, {self._max_array_bytes} "
+            f"(mk1.Pool(max_array_bytes=...))"
+        )
+
+    def _batches(self, calls: Iterator[tuple], sizer: _BatchSizer) -> Iterator[np.ndarray]:
+        """The calls of a map as bundles of ``sizer.size`` calls each (fewer where they would
+        not fit a slot together). An input that fails (or one call too large for a slot) ends
+        the batches, after the calls taken before it."""
+        while True:
+            batch = []
+            try:
+                while len(batch) < sizer.size:
+                    batch.append(next(calls))
+            except StopIteration:
+                yield from self._fitting(batch)
+                return
+            except BaseException:
+                yield from self._fitting(batch)
+                raise
+            yield from self._fitting(batch)
+
+    def _fitting(self, batch: list) -> Iterator[np.ndarray]:
+        """``batch`` as one bundle, or split in halves until each fits a slot."""
+        if not batch:
+            return
+        packed = _args.Packed(batch)
+        if packed.nbytes <= self._max_array_bytes:
+            yield packed.array()
+        elif len(batch) == 1:
+            raise self._too_large(packed.nbytes)
+        else:
+            del packed
+            half = len(batch) // 2
+            yield from self._fitting(batch[:half])
+            yield from self._fitting(batch[half:])
 
     def as_completed(
         self, futures: Iterable[Future], timeout: float | None = None
@@ -675,22 +712,21 @@ class Pool:
             raise ValueError("zero_copy=True needs slots >= 2 (mk1.Pool(slots=...))")
         # Fails here, before any input is taken. (One iterable: whether its items are arrays
         # or call arguments is known at its first item.)
-        call = star or len(iterables) > 1
-        task = self._task(fn, call)
+        calls = None
+        if star:
+            calls = ((tuple(args), {}) for args in iterables[0])
+        elif len(iterables) > 1:
+            calls = ((args, {}) for args in zip(*iterables))
+        task = self._task(fn, None if calls is None else _args.Batch)
         bar = None
         if progress:
             sized = all(hasattr(i, "__len__") for i in iterables)
             bar = _progress(min(len(i) for i in iterables) if sized else None)
-        if star:
-            inputs = (self._bundle(tuple(args), {}) for args in iterables[0])
-        elif call:
-            inputs = (self._bundle(args, {}) for args in zip(*iterables))
-        else:
-            inputs = iter(iterables[0])
-        return self._map_gen(fn, task, inputs, call, ordered, zero_copy, bar)
+        inputs = iter(iterables[0]) if calls is None else calls
+        return self._map_gen(fn, task, inputs, calls is not None, ordered, zero_copy, bar)
 
-    def _map_gen(self, fn, task, inputs, call, ordered, zero_copy, bar):
-        if not call:
+    def _map_gen(self, fn, task, inputs, batched, ordered, zero_copy, bar):
+        if not batched:
             # The first item says whether this map carries arrays or makes calls.
             first = next(inputs, _END)
             if first is _END:
@@ -701,11 +737,14 @@ class Pool:
             if a is not None:
                 inputs = itertools.chain((a,), inputs)
             else:
-                call = True
-                task = self._task(fn, True)
+                batched = True
+                task = self._task(fn, _args.Batch)
                 rest = inputs
-                inputs = (self._bundle((x,), {}) for x in itertools.chain((first,), rest))
+                inputs = (((x,), {}) for x in itertools.chain((first,), rest))
             del first, a
+        if batched:
+            sizer = _BatchSizer(self._timeout is None)
+            inputs = self._batches(inputs, sizer)
         # Zero-copy, the result the caller holds keeps its slot: one less in flight.
         window = max(1, self._slots - 1) if zero_copy else self._slots
         it = self._live().map_iter(
@@ -717,11 +756,24 @@ class Pool:
                     ok, value = next(it)
                 except StopIteration:
                     return
+                if not ok:
+                    if bar is not None:
+                        bar.update(1)
+                    raise _rebuild(value)
+                if batched:
+                    results = _batch_results(value, sizer)
+                    value = None
+                    for ok, value in results:
+                        if bar is not None:
+                            bar.update(1)
+                        if not ok:
+                            raise _rebuild(_mk1.RemoteError(value))
+                        yield value
+                    results = value = None
+                    continue
                 if bar is not None:
                     bar.update(1)
-                if not ok:
-                    raise _rebuild(value)
-                if call or value.dtype == _U8 and _args.is_bundle(value):
+                if value.dtype == _U8 and _args.is_bundle(value):
                     value = _unbundle(value)
                 yield value
                 value = None  # (a lent result's slot goes home with the caller's last reference)
@@ -729,6 +781,47 @@ class Pool:
             del it  # (results still to come are dropped as they arrive)
             if bar is not None:
                 bar.close()
+
+
+class _BatchSizer:
+    """How many calls a map's next slot carries: enough that the costs of a slot (a round
+    trip, a bundle each way) are shared by many quick calls, few enough that a slot takes about
+    ``TARGET`` seconds of a worker, so that the work spreads over the workers and results come
+    steadily. Starts at one call, then follows the worker's own time per call. One call per
+    slot always when the pool has a ``timeout`` (it is per slot: it must count one call)."""
+
+    TARGET = 0.002
+    MOST = 64
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled
+        self.size = 1
+        self.per_call: float | None = None
+
+    def record(self, seconds: float, calls: int) -> None:
+        if not self.enabled or calls <= 0 or not 0.0 <= seconds < 1e6:
+            return
+        t = seconds / calls
+        self.per_call = t if self.per_call is None else 0.7 * self.per_call + 0.3 * t
+        self.size = max(1, min(self.MOST, int(self.TARGET / max(self.per_call, 1e-9))))
+
+
+def _batch_results(payload: np.ndarray, sizer: _BatchSizer) -> list:
+    """The ``(ok, result or error)`` of each call of a batch from its bundle; ``Mk1Error``
+    when it is not what a worker sends."""
+    got = _unbundle(payload)
+    try:
+        seconds, results = got
+        seconds = float(seconds)
+        ok = isinstance(results, list) and all(
+            type(r) is tuple and len(r) == 2 and (r[0] or isinstance(r[1], str)) for r in results
+        )
+    except (TypeError, ValueError):
+        ok = False
+    if not ok:
+        raise _mk1.Mk1Error("a worker sent back a batch of results mk1 cannot read")
+    sizer.record(seconds, len(results))
+    return results
 
 
 _END = object()  # the end of an iterator

@@ -15,6 +15,7 @@ import os
 import pickle
 import runpy
 import sys
+import time
 import traceback
 import types
 
@@ -117,13 +118,24 @@ def _encode_error(e: BaseException) -> str:
 
 
 _PID = os.getpid()  # this worker's: a child its function forks has another
+_forked = False  # set in a child made by os.fork (a flag is cheaper than a getpid per call)
 
 
-def _leave_if_forked() -> None:
+def _mark_forked() -> None:
+    global _forked
+    _forked = True
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_mark_forked)
+
+
+def _leave_if_forked(sure: bool = False) -> None:
     """In a child that the function forked and that returned here: leave at once, before
     writing the result (the worker's own copy of it answers; the child has no access to the
-    slots anyway, see mk1's worker)."""
-    if os.getpid() != _PID:
+    slots anyway, see mk1's worker). ``sure``: also for a child forked other than by
+    ``os.fork`` (asks the kernel for the pid)."""
+    if _forked or (sure and os.getpid() != _PID):
         os._exit(0)
 
 
@@ -132,17 +144,19 @@ def _run(fn, wants_out, inp, dtype, shape, out, in_place):
     of ``out``, or ``(None, message)`` when it raised."""
     if type(fn) is _args.Call:
         return _run_call(fn.fn, inp, dtype, shape, out, in_place)
+    if type(fn) is _args.Batch:
+        return _run_batch(fn.fn, inp, dtype, shape, out, in_place)
     try:
         x = np.ndarray(shape, dtype, inp)  # read-only out of place, as its buffer is
         if wants_out:
             o = x if in_place else np.ndarray(shape, dtype, out)
             y = fn(x, out=o)
-            _leave_if_forked()
+            _leave_if_forked(True)
             if y is None or y is o:
                 return (_CODES[x.dtype], shape)
         else:
             y = fn(x)
-            _leave_if_forked()
+            _leave_if_forked(True)
         code = _CODES.get(y.dtype) if type(y) is np.ndarray else None
         if code is None or not 1 <= y.ndim <= 4:
             y, code = _unusual(y)
@@ -170,9 +184,37 @@ def _run_call(fn, inp, dtype, shape, out, in_place):
         bundle = np.ndarray(shape, dtype, inp)
         args, kwargs = _args.unpack(bundle)
         y = fn(*args, **kwargs)
-        _leave_if_forked()
+        _leave_if_forked(True)
         del args, kwargs, bundle
         return _write_bundle(y, out, in_place)
+    except BaseException as e:  # noqa: BLE001 - every failure goes back to the caller
+        return (None, _encode_error(e))
+
+
+def _run_batch(fn, inp, dtype, shape, out, in_place):
+    """Makes every call of the bundle of a list of ``(args, kwargs)`` in ``inp``, each failing
+    alone, and writes the bundle of ``(seconds, results)`` (see ``mk1._args.Batch``) at the
+    start of ``out``; returns as ``_run``."""
+    try:
+        bundle = np.ndarray(shape, dtype, inp)
+        calls = _args.unpack(bundle)
+        del bundle
+        results = []
+        start = time.perf_counter()
+        for call in calls:
+            try:
+                args, kwargs = call
+                y = fn(*args, **kwargs)
+                _leave_if_forked()
+                results.append((True, y))
+            except BaseException as e:  # noqa: BLE001 - this call fails alone
+                _leave_if_forked()
+                results.append((False, _encode_error(e)))
+            args = kwargs = call = y = None
+        seconds = time.perf_counter() - start
+        _leave_if_forked(True)
+        del calls
+        return _write_bundle((seconds, results), out, in_place)
     except BaseException as e:  # noqa: BLE001 - every failure goes back to the caller
         return (None, _encode_error(e))
 
