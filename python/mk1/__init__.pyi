@@ -4,8 +4,6 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future as _Future
 from typing import Any
 
-import numpy as np
-import numpy.typing as npt
 
 from . import ops as ops
 from .ops import Op
@@ -35,10 +33,9 @@ class RemoteError(Mk1Error):
     """The function raised in the worker and its exception could not be rebuilt here; the
     message is the worker's formatted traceback."""
 
-_ArrayLike = npt.ArrayLike
 _Fn = Callable[..., Any] | Op
 
-class Future(_Future[np.ndarray]):
+class Future(_Future[Any]):
     """A task's result. Waiting on it (``result``, ``exception``) drives the pool."""
 
 class Pool:
@@ -46,6 +43,8 @@ class Pool:
 
     Arrays: int8..int64, uint8..uint64, float32, float64 (native byte order), 1 to 4
     dimensions (a dimension may be 0), at most ``max_array_bytes``; strided ones are copied.
+    Calls with other arguments (several, keywords, non-arrays) and results of any kind travel
+    as pickles whose arrays go through shared memory.
     """
 
     def __init__(
@@ -72,35 +71,40 @@ class Pool:
     def workers(self) -> int: ...
     def worker_pids(self) -> list[int]: ...
     def restarts(self) -> int: ...
-    def submit(self, fn: _Fn, a: _ArrayLike) -> Future: ...
-    def apply(self, fn: _Fn, a: _ArrayLike) -> np.ndarray: ...
+    def submit(self, fn: _Fn, /, *args: Any, **kwargs: Any) -> Future: ...
+    def apply(self, fn: _Fn, /, *args: Any, **kwargs: Any) -> Any: ...
     def as_completed(
         self, futures: Iterable[Future], timeout: float | None = ...
     ) -> Iterator[Future]: ...
     def map(
         self,
         fn: _Fn,
-        arrays: Iterable[_ArrayLike],
-        *,
+        *iterables: Iterable[Any],
         zero_copy: bool = ...,
         progress: bool = ...,
-    ) -> Iterator[np.ndarray]: ...
+    ) -> Iterator[Any]: ...
     def imap(
         self,
         fn: _Fn,
-        arrays: Iterable[_ArrayLike],
-        *,
+        *iterables: Iterable[Any],
         zero_copy: bool = ...,
         progress: bool = ...,
-    ) -> Iterator[np.ndarray]: ...
+    ) -> Iterator[Any]: ...
     def imap_unordered(
         self,
         fn: _Fn,
-        arrays: Iterable[_ArrayLike],
+        *iterables: Iterable[Any],
+        zero_copy: bool = ...,
+        progress: bool = ...,
+    ) -> Iterator[Any]: ...
+    def starmap(
+        self,
+        fn: Callable[..., Any],
+        iterable: Iterable[Iterable[Any]],
         *,
         zero_copy: bool = ...,
         progress: bool = ...,
-    ) -> Iterator[np.ndarray]: ...
+    ) -> Iterator[Any]: ...
 
 def worker_id() -> int | None:
     """This worker's index (``0..workers``), or None outside a worker."""

@@ -584,18 +584,19 @@ class Pool:
                 while len(batch) < sizer.size:
                     batch.append(next(calls))
             except StopIteration:
-                yield from self._fitting(batch)
+                yield from self._fitting(batch, sizer)
                 return
             except BaseException:
-                yield from self._fitting(batch)
+                yield from self._fitting(batch, sizer)
                 raise
-            yield from self._fitting(batch)
+            yield from self._fitting(batch, sizer)
 
-    def _fitting(self, batch: list) -> Iterator[np.ndarray]:
+    def _fitting(self, batch: list, sizer: _BatchSizer) -> Iterator[np.ndarray]:
         """``batch`` as one bundle, or split in halves until each fits a slot."""
         if not batch:
             return
         packed = _args.Packed(batch)
+        sizer.record_bytes(packed.nbytes, len(batch), self._max_array_bytes)
         if packed.nbytes <= self._max_array_bytes:
             yield packed.array()
         elif len(batch) == 1:
@@ -603,8 +604,8 @@ class Pool:
         else:
             del packed
             half = len(batch) // 2
-            yield from self._fitting(batch[:half])
-            yield from self._fitting(batch[half:])
+            yield from self._fitting(batch[:half], sizer)
+            yield from self._fitting(batch[half:], sizer)
 
     def as_completed(
         self, futures: Iterable[Future], timeout: float | None = None
@@ -797,13 +798,26 @@ class _BatchSizer:
         self.enabled = enabled
         self.size = 1
         self.per_call: float | None = None
+        self.fit = self.MOST  # calls of the last batch's size per call that fit a slot
 
     def record(self, seconds: float, calls: int) -> None:
+        """A batch of ``calls`` took the worker ``seconds``."""
         if not self.enabled or calls <= 0 or not 0.0 <= seconds < 1e6:
             return
         t = seconds / calls
         self.per_call = t if self.per_call is None else 0.7 * self.per_call + 0.3 * t
-        self.size = max(1, min(self.MOST, int(self.TARGET / max(self.per_call, 1e-9))))
+        self._resize()
+
+    def record_bytes(self, nbytes: int, calls: int, slot_bytes: int) -> None:
+        """A batch of ``calls`` took ``nbytes`` of a slot of ``slot_bytes``: later batches
+        hold what fits (so they are seldom split)."""
+        self.fit = max(1, min(self.MOST, slot_bytes * calls // max(nbytes, 1)))
+        self._resize()
+
+    def _resize(self) -> None:
+        if self.enabled and self.per_call is not None:
+            by_time = int(self.TARGET / max(self.per_call, 1e-9))
+            self.size = max(1, min(self.MOST, self.fit, by_time))
 
 
 def _batch_results(payload: np.ndarray, sizer: _BatchSizer) -> list:

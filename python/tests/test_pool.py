@@ -1315,3 +1315,102 @@ def test_a_garbled_bundle_is_an_error_never_a_crash():
             _args.unpack(b[: rng.integers(40, len(b) + 1)])
         except Exception:  # noqa: BLE001 - any exception is fine; a crash is not
             pass
+
+
+# -- calls in maps go several to a slot ----------------------------------------------------
+
+
+def fails_at_seven(i, x):
+    if i == 7:
+        raise CustomError(i, "seven")
+    return i, float(x.sum())
+
+
+def sleeps(seconds, tag):
+    time.sleep(seconds)
+    return tag
+
+
+def exits_once(i, marker):
+    """Kills its worker the first time call 150 runs (the marker file says it ran)."""
+    if i == 150 and not os.path.exists(marker):
+        open(marker, "w").close()
+        os._exit(3)
+    return i * 2
+
+
+def calls_failing_after(n):
+    for i in range(n):
+        yield i, np.full(3, float(i))
+    raise ZeroDivisionError("the input generator failed")
+
+
+def test_a_failing_call_in_a_batch_fails_alone_and_ends_the_map_where_it_is(pool):
+    calls = [(i, np.ones(4)) for i in range(400)]
+    got = []
+    with pytest.raises(CustomError, match="seven"):
+        for r in pool.starmap(fails_at_seven, calls):
+            got.append(r)
+    assert got == [(i, 4.0) for i in range(7)]
+    # Unordered: every other call still comes back.
+    seen, failed = set(), 0
+    it = pool.imap_unordered(fails_at_seven, range(400), [np.ones(2)] * 400)
+    while True:
+        try:
+            seen.add(next(it)[0])
+        except CustomError:
+            failed += 1
+            break
+        except StopIteration:
+            break
+    assert failed == 1 and 7 not in seen
+    # An input that fails midway: the calls taken before it come back first.
+    got = []
+    with pytest.raises(ZeroDivisionError, match="input generator"):
+        for r in pool.starmap(fails_at_seven, calls_failing_after(5)):
+            got.append(r[0])
+    assert got == list(range(5))
+
+
+def test_batches_too_large_for_a_slot_are_split_and_zero_copy_results_are_lent():
+    with mk1.Pool(workers=2, max_array_bytes=1 << 20) as p:
+        # 300 quick calls of 100 KB each: batches grow past a slot and are split to fit.
+        arrays = [np.full(25_000, float(i), np.float32) for i in range(300)]
+        out = list(p.map(weighted_sum, arrays, arrays))
+        assert [float(y[0]) for y in out] == [2.0 * i for i in range(300)]
+        assert all(y.shape == (25_000,) for y in out)
+        for i, d in enumerate(p.starmap(describe, ((a,) for a in arrays), zero_copy=True)):
+            assert not d["double"].flags.writeable and d["mean"] == float(i)
+            del d
+
+
+def test_a_worker_killed_mid_batch_is_replaced_and_every_call_comes_back(tmp_path):
+    marker = str(tmp_path / "killed")
+    with mk1.Pool(workers=2) as p:
+        got = list(p.map(exits_once, range(400), [marker] * 400))
+        assert got == [2 * i for i in range(400)]
+        assert os.path.exists(marker)
+
+
+def test_under_a_timeout_a_hung_call_fails_alone():
+    with mk1.Pool(workers=1, timeout=1.0) as p:
+        got = []
+        with pytest.raises(mk1.TaskTimeout):
+            for r in p.starmap(sleeps, [(0, "a"), (0, "b"), (30, "hung"), (0, "c")]):
+                got.append(r)
+        assert got == ["a", "b"]
+        assert p.apply(sleeps, 0, "after") == "after"
+
+
+def test_a_garbled_batch_of_results_is_an_error():
+    from mk1 import _args, _pool
+
+    sizer = _pool._BatchSizer(True)
+    assert _pool._batch_results(_args.pack((0.001, [(True, 1), (False, "e")])), sizer) == [
+        (True, 1),
+        (False, "e"),
+    ]
+    assert sizer.size == 4, "2 calls in 1 ms: 4 fill the 2 ms a slot aims at"
+    for bad in ((0.1, "not a list"), (0.1, [(False, 3)]), ("x", []), 42, None):
+        with pytest.raises(mk1.Mk1Error, match="batch of results"):
+            _pool._batch_results(_args.pack(bad), sizer)
