@@ -1414,3 +1414,38 @@ def test_a_garbled_batch_of_results_is_an_error():
     for bad in ((0.1, "not a list"), (0.1, [(False, 3)]), ("x", []), 42, None):
         with pytest.raises(mk1.Mk1Error, match="batch of results"):
             _pool._batch_results(_args.pack(bad), sizer)
+
+
+def forks_and_returns_a_pair(i, x):
+    os.fork()  # both processes return from here; the child must not go on with the batch
+    return i, x + 1
+
+
+def keeps_an_argument_sometimes(i, x):
+    if i == 40:
+        _KEPT_ARGUMENTS.append(x)
+    return i
+
+
+def test_calls_that_fork_or_keep_an_argument_in_a_batch():
+    with mk1.Pool(workers=2) as p:
+        got = list(p.starmap(forks_and_returns_a_pair, ((i, np.full(2, float(i))) for i in range(60))))
+        assert [(i, x.tolist()) for i, x in got] == [(i, [i + 1.0] * 2) for i in range(60)]
+        assert p.apply(weighted_sum, 1, 2) == 3
+        # A call that keeps an argument fails its whole slot (and its worker is replaced): the
+        # map raises there, after the results before it.
+        got = []
+        with pytest.raises(mk1.Mk1Error, match="kept a reference"):
+            for r in p.starmap(keeps_an_argument_sometimes, ((i, np.ones(3)) for i in range(200))):
+                got.append(r)
+        assert got == list(range(len(got))) and len(got) <= 40
+        assert list(p.starmap(weighted_sum, [(1, 2), (3, 4)])) == [3, 7]
+
+
+def test_calls_in_place_in_batches():
+    with mk1.Pool(workers=2, mode="in-place") as p:
+        arrays = [np.full(100, float(i)) for i in range(300)]
+        got = list(p.starmap(first_argument, ((a, "x") for a in arrays)))
+        assert [float(y[0]) for y in got] == [float(i) for i in range(300)]
+        got = list(p.map(weighted_sum, arrays, arrays))
+        assert [float(y[-1]) for y in got] == [2.0 * i for i in range(300)]
