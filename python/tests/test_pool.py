@@ -1326,7 +1326,7 @@ def fails_at_seven(i, x):
     return i, float(x.sum())
 
 
-def sleeps(seconds, tag):
+def sleeps_then(seconds, tag):
     time.sleep(seconds)
     return tag
 
@@ -1396,10 +1396,10 @@ def test_under_a_timeout_a_hung_call_fails_alone():
     with mk1.Pool(workers=1, timeout=1.0) as p:
         got = []
         with pytest.raises(mk1.TaskTimeout):
-            for r in p.starmap(sleeps, [(0, "a"), (0, "b"), (30, "hung"), (0, "c")]):
+            for r in p.starmap(sleeps_then, [(0, "a"), (0, "b"), (30, "hung"), (0, "c")]):
                 got.append(r)
         assert got == ["a", "b"]
-        assert p.apply(sleeps, 0, "after") == "after"
+        assert p.apply(sleeps_then, 0, "after") == "after"
 
 
 def test_a_garbled_batch_of_results_is_an_error():
