@@ -181,7 +181,10 @@ def _as_array(a: Any) -> np.ndarray:
     a = np.asarray(a)
     if a.dtype.kind in "OSUV" and not isinstance(given, np.ndarray):
         raise TypeError(
-            f"mk1 carries numeric arrays (or what numpy makes one of), not {type(given).__name__}"
+            f"mk1 carries numeric arrays (or what numpy makes one of), not "
+            f"{type(given).__name__}: this map's first item was an array, so it carries arrays "
+            f"(a map whose first item is not one makes calls with any items: use starmap, or "
+            f"put the odd items in a map of their own)"
         )
     if a.ndim == 0 or a.ndim > _mk1.MAX_DIMS:
         raise ValueError(
@@ -252,6 +255,10 @@ class Pool:
     a read-only numpy view of that slot and its result is copied once into the slot's output
     region; the caller gets it as a new array (or, with ``zero_copy=True``, as a read-only
     view of shared memory). Nothing is pickled but the function itself, once per call.
+    Calls with other arguments (several, keywords, objects that are not such arrays) run as
+    ``concurrent.futures`` runs them and return what the function returned: arrays in their
+    arguments and results still travel through shared memory, the rest is pickled (see
+    ``submit``).
 
     Parameters:
         workers: worker processes (default: the CPUs this process may run on).
