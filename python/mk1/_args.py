@@ -46,9 +46,8 @@ _BUF = struct.Struct("<QQ")
 _MAX_BUFFERS = 1 << 20
 
 
-class Call:
-    """The function of a task whose input is a bundle of ``(args, kwargs)``: the worker calls
-    ``fn(*args, **kwargs)`` and sends back a bundle of the result."""
+class _Wrapped:
+    """A function wrapped to say how its task's input and result are to be read."""
 
     __slots__ = ("fn",)
 
@@ -56,28 +55,26 @@ class Call:
         self.fn = fn
 
     def __reduce__(self):
-        return (Call, (self.fn,))
+        return (type(self), (self.fn,))
 
     def __repr__(self) -> str:
-        return f"mk1 call of {self.fn!r}"
+        return f"{type(self).__name__}({self.fn!r})"
 
 
-class Batch:
+class Call(_Wrapped):
+    """The function of a task whose input is a bundle of ``(args, kwargs)``: the worker calls
+    ``fn(*args, **kwargs)`` and sends back a bundle of the result."""
+
+    __slots__ = ()
+
+
+class Batch(_Wrapped):
     """The function of a map's tasks whose input is a bundle of a list of ``(args, kwargs)``:
     the worker makes each call in turn and sends back a bundle of ``(seconds, results)``, the
     worker's time for all of them and, per call, ``(True, result)`` or ``(False, error)`` (the
     error encoded as a failed task's message)."""
 
-    __slots__ = ("fn",)
-
-    def __init__(self, fn: Any) -> None:
-        self.fn = fn
-
-    def __reduce__(self):
-        return (Batch, (self.fn,))
-
-    def __repr__(self) -> str:
-        return f"mk1 calls of {self.fn!r}"
+    __slots__ = ()
 
 
 def _align(n: int) -> int:
