@@ -160,19 +160,16 @@ _CARRIED = frozenset(
 
 
 def _carried(a: Any) -> np.ndarray | None:
-    """``a`` as the C-contiguous array mk1 carries for it, when it is an array mk1 carries
-    (or what numpy makes one of): a dtype of ``_CARRIED``, 1 to ``MAX_DIMS`` dimensions. None
-    for anything else (a scalar, a string, a bool or complex array, ...), which then travels
-    as an argument of a call (see ``mk1._args``)."""
-    if a is None or isinstance(a, (str, bytes, bytearray, dict)):
+    """``a`` as the C-contiguous array mk1 carries for it, when it is a numpy array (an
+    ``ndarray`` or a ``memmap``; not a subclass with more to it, such as a masked array) of a
+    dtype of ``_CARRIED`` and 1 to ``MAX_DIMS`` dimensions. None for anything else (a list, a
+    scalar, a string, a bool or complex array, ...), which then travels as it is, as an
+    argument of a call (see ``mk1._args``)."""
+    if type(a) is not np.ndarray and type(a) is not np.memmap:
         return None
-    try:
-        arr = np.asarray(a)
-    except Exception:  # a ragged list, an object numpy refuses: not an array
+    if a.dtype not in _CARRIED or not 1 <= a.ndim <= _mk1.MAX_DIMS:
         return None
-    if arr.dtype not in _CARRIED or not 1 <= arr.ndim <= _mk1.MAX_DIMS:
-        return None
-    return arr if arr.flags.c_contiguous else np.ascontiguousarray(arr)
+    return a if a.flags.c_contiguous else np.ascontiguousarray(a)
 
 
 def _as_array(a: Any) -> np.ndarray:
@@ -539,13 +536,13 @@ class Pool:
     def submit(self, fn: Callable | Op, /, *args: Any, **kwargs: Any) -> Future:
         """Runs ``fn(*args, **kwargs)`` in a worker; returns a ``Future`` of the result.
 
-        - One array argument (of a dtype mk1 carries, 1 to 4 dimensions, or what numpy makes
-          one of), no keywords: the array is copied once into shared memory, ``fn`` gets a
+        - One numpy array argument (``ndarray`` or ``memmap``, of a dtype mk1 carries, 1 to 4
+          dimensions), no keywords: the array is copied once into shared memory, ``fn`` gets a
           read-only view of it, and the result is a new numpy array (a scalar result comes
           back as a 1-element array; a result that is not an array fails the task). ``fn`` may
           also be an ``mk1.ops`` op here.
-        - Any other call (several arguments, keywords, a non-array argument such as a path, a
-          number, a bool or complex array): as ``concurrent.futures``. Numpy arrays anywhere in
+        - Any other call (several arguments, keywords, an argument that is not such an array:
+          a path, a number, a list, a bool or complex array, a masked array): as ``concurrent.futures``. Numpy arrays anywhere in
           the arguments and in the result travel through shared memory (copied once into the
           slot; ``fn`` gets read-only views), everything else is pickled; the result is what
           ``fn`` returned. All of it must fit ``max_array_bytes``.

@@ -1197,6 +1197,12 @@ def test_calls_take_any_arguments_and_return_any_result(pool):
     assert back.dtype.str == ">i4" and back.tolist() == list(range(5))
     five_d = np.zeros((1, 2, 1, 2, 1))
     assert pool.apply(first_argument, five_d).shape == (1, 2, 1, 2, 1)
+    # Lists and masked arrays arrive as they are (numpy would have made a list an array, and
+    # dropped a mask).
+    assert pool.apply(first_argument, [1, 2, 3]) == [1, 2, 3]
+    masked = np.ma.masked_array([1.0, 2.0, 3.0], mask=[False, True, False])
+    back = pool.apply(first_argument, masked)
+    assert isinstance(back, np.ma.MaskedArray) and back.mask.tolist() == [False, True, False]
     # No arguments at all, keywords only, None as a result, nested containers.
     args, kwargs = pool.apply(echo)
     assert args == () and kwargs == {}
@@ -1204,6 +1210,15 @@ def test_calls_take_any_arguments_and_return_any_result(pool):
     assert args == () and kwargs["k"][1] == {"s": "t"} and kwargs["k"][0].tolist() == [1, 1]
     assert pool.apply(returns_none, np.ones(3)) is None
     assert pool.apply(returns_none, x=np.ones(3)) is None
+
+
+def test_a_memmap_is_carried_as_an_array(pool, tmp_path):
+    m = np.memmap(tmp_path / "m.dat", dtype=np.float32, mode="w+", shape=(4, 5))
+    m[:] = np.arange(20).reshape(4, 5)
+    m.flush()
+    y = pool.apply(x3p1, m)
+    assert type(y) is np.ndarray and y.tolist() == (np.arange(20).reshape(4, 5) * 3 + 1).tolist()
+    del m
 
 
 def test_arrays_in_a_calls_arguments_are_views_of_shared_memory(pool):
