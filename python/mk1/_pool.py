@@ -590,6 +590,8 @@ class Pool:
             except StopIteration:
                 yield from self._fitting(batch, sizer)
                 return
+            except (KeyboardInterrupt, SystemExit):
+                raise  # (at once: the map ends, what it took with it)
             except BaseException:
                 yield from self._fitting(batch, sizer)
                 raise
