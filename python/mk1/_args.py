@@ -3,7 +3,7 @@
 ``pool.submit(fn, *args, **kwargs)`` (and ``starmap``, ``map`` over several iterables, or over
 items that are not arrays) sends the function wrapped in a ``Call`` and its arguments as one
 *bundle*: a 1-D uint8 array that mk1 carries like any other. Numpy arrays inside the arguments
-travel out of band (pickle protocol 5): their bytes are written once into the slot and the
+travel out of band: their bytes are written once into the slot and the
 function gets read-only views of them there; everything else is pickled. The result comes back
 the same way, so it may be any picklable object, arrays in it again out of band. A function
 called with one array whose result is not an array mk1 carries (a dict, a tuple, a string, a
@@ -32,6 +32,7 @@ import io
 import pickle
 import secrets
 import struct
+import threading
 from typing import Any
 
 import numpy as np
@@ -77,50 +78,95 @@ class Batch(_Wrapped):
     __slots__ = ()
 
 
+class Auto(_Wrapped):
+    """The function of a map of arrays: an input that is a bundle of ``((item,), {})`` (an
+    item that was not an array mk1 carries) is a call, and its result a bundle; any other
+    input is the array itself, and ``fn`` runs as for one array."""
+
+    __slots__ = ()
+
+
 def _align(n: int) -> int:
     return (n + ALIGN - 1) // ALIGN * ALIGN
 
 
-_DTYPES: dict[str, np.dtype] = {}
+# The dtypes whose arrays go out of band, by their text in a bundle (native byte order; other
+# arrays, such as strings, datetimes, structured or big-endian ones, are pickled in band).
+_TEXT: dict[np.dtype, str] = {
+    np.dtype(t): np.dtype(t).str
+    for t in (
+        "bool", "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64",
+        "float16", "float32", "float64", "longdouble", "complex64", "complex128",
+    )
+}
+_DTYPES: dict[str, np.dtype] = {text: dt for dt, text in _TEXT.items()}
 
 
-def _array(buffer: Any, dtype: str, shape: tuple, order: str) -> np.ndarray:
-    """An array over ``buffer`` (no copy): how ``_reduce`` rebuilds one. (Raises for a buffer
-    of another size than the shape asks.)"""
-    dt = _DTYPES.get(dtype)
+def _dtype(text: str) -> np.dtype:
+    """The dtype a bundle names; only one of those ``_carry`` sends (a dtype with objects
+    would read pointers out of the bundle's bytes)."""
+    dt = _DTYPES.get(text)
     if dt is None:
-        dt = _DTYPES.setdefault(dtype, np.dtype(dtype))
-    return np.ndarray(shape, dt, buffer, order=order)
+        raise ValueError(f"not a dtype mk1 sends out of band: {text!r}")
+    return dt
 
 
-def _reduce(obj: Any) -> Any:
-    """An array's reduction with its bytes out of band, half the cost of numpy's own (a dtype
-    string instead of a pickled dtype object); a strided array is made contiguous first (numpy
-    would pickle it in band, and the function would get a private copy instead of a view).
-    NotImplemented for anything else, and for arrays whose dtype a string does not describe
-    (structured, big-endian, object), which numpy pickles itself."""
-    if type(obj) is not np.ndarray or obj.dtype.isbuiltin != 1 or obj.dtype.hasobject:
-        return NotImplemented
-    if obj.nbytes == 0:
-        return NotImplemented
-    if not obj.flags.forc:
-        obj = np.ascontiguousarray(obj)
-    order = "C" if obj.flags.c_contiguous else "F"
-    return (_array, (pickle.PickleBuffer(obj), obj.dtype.str, obj.shape, order))
+# The arrays of the bundle being read in this thread (see `_array`).
+_LOADING = threading.local()
+
+
+def _array(k: Any, text: Any, shape: Any, order: Any) -> np.ndarray:
+    """Array ``k`` of the bundle being read (a view of its bytes, no copy): how an array that
+    went out of band comes back. Anything that does not name one raises ``ValueError``."""
+    buffers = getattr(_LOADING, "buffers", None)
+    if buffers is None or type(k) is not int or not 0 <= k < len(buffers) or order not in "CF":
+        raise ValueError(f"a garbled mk1 bundle: no array {k!r}")
+    return np.ndarray(shape, _dtype(text), buffers[k], order=order)
 
 
 class _Pickler(pickle.Pickler):
+    """Sends the bytes of arrays of the dtypes of ``_TEXT`` out of band (into ``arrays``), a
+    strided one as a contiguous copy (so that the function gets a view of it too); everything
+    else, empty arrays too, is pickled as usual.
+
+    (Not pickle's own out-of-band buffers: numpy's reduction costs twice as much, and those
+    buffers come back read-only when they left read-only, as a worker's inputs are. And a
+    reducer, not a persistent id: pickle asks a reducer about arrays only, but asks for a
+    persistent id of every object.)"""
+
+    def __init__(self, f: io.BytesIO) -> None:
+        super().__init__(f, protocol=5)
+        self.arrays: list = []
+
     def reducer_override(self, obj: Any) -> Any:
-        return _reduce(obj)
+        return _reduce(obj, self.arrays)
 
 
-def _dump(obj: Any) -> tuple[bytes, list[pickle.PickleBuffer]]:
-    """``obj`` pickled (protocol 5) and its out-of-band buffers: by reference where it can be,
+def _reduce(obj: Any, arrays: list) -> Any:
+    if type(obj) is not np.ndarray:
+        return NotImplemented
+    text = _TEXT.get(obj.dtype)
+    if text is None or obj.size == 0:
+        return NotImplemented
+    flags = obj.flags
+    if flags.c_contiguous:
+        order = "C"
+    elif flags.f_contiguous:
+        order = "F"
+    else:
+        obj, order = np.ascontiguousarray(obj), "C"
+    arrays.append(obj)
+    return (_array, (len(arrays) - 1, text, obj.shape, order))
+
+
+def _dump(obj: Any) -> tuple[bytes, list[np.ndarray]]:
+    """``obj`` pickled, and the arrays that go out of band: by reference where it can be,
     else with cloudpickle when it is installed (lambdas, closures, as for the function)."""
-    f, buffers = io.BytesIO(), []
+    f = io.BytesIO()
+    p = _Pickler(f)
     try:
-        _Pickler(f, protocol=5, buffer_callback=buffers.append).dump(obj)
-        return f.getvalue(), buffers
+        p.dump(obj)
+        return f.getvalue(), p.arrays
     except (pickle.PicklingError, AttributeError, TypeError) as e:
         error = e
     try:
@@ -133,15 +179,15 @@ def _dump(obj: Any) -> tuple[bytes, list[pickle.PickleBuffer]]:
 
     class _Cloud(cloudpickle.CloudPickler):
         def reducer_override(self, obj: Any) -> Any:
-            r = _reduce(obj)
+            r = _reduce(obj, arrays)
             return super().reducer_override(obj) if r is NotImplemented else r
 
-    f, buffers = io.BytesIO(), []
+    f, arrays = io.BytesIO(), []
     try:
-        _Cloud(f, protocol=5, buffer_callback=buffers.append).dump(obj)
+        _Cloud(f, protocol=5).dump(obj)
     except Exception as e:
         raise TypeError(f"mk1 cannot send {_short(obj)} to or from a worker: {e}") from e
-    return f.getvalue(), buffers
+    return f.getvalue(), arrays
 
 
 def _short(obj: Any) -> str:
@@ -156,9 +202,9 @@ class Packed:
     __slots__ = ("head", "raws", "offsets", "nbytes")
 
     def __init__(self, obj: Any) -> None:
-        self.head, buffers = _dump(obj)
-        # (numpy hands out contiguous buffers only; `raw` is their bytes, without a copy.)
-        self.raws = [b.raw() for b in buffers]
+        self.head, arrays = _dump(obj)
+        # (Contiguous arrays, C or Fortran order: `raw` is their bytes, without a copy.)
+        self.raws = [pickle.PickleBuffer(a).raw() for a in arrays]
         at = _align(_HEAD.size + _BUF.size * len(self.raws) + len(self.head))
         self.offsets = []
         for r in self.raws:
@@ -234,4 +280,9 @@ def unpack(bundle: np.ndarray) -> Any:
         # (A numpy slice, not a memoryview slice: every array made from it keeps `bundle`
         # itself referenced, which is how a worker sees a function keep its arguments.)
         buffers.append(bundle[off : off + length])
-    return pickle.loads(head, buffers=buffers)
+    outer = getattr(_LOADING, "buffers", None)
+    _LOADING.buffers = buffers
+    try:
+        return pickle.loads(head.tobytes())
+    finally:
+        _LOADING.buffers = outer

@@ -173,15 +173,14 @@ def _carried(a: Any) -> np.ndarray | None:
 
 
 def _as_array(a: Any) -> np.ndarray:
-    """The array to copy into a slot: C-contiguous (a strided array is copied first)."""
+    """An input of a built-in op as the array to copy into a slot: C-contiguous (a strided
+    array is copied first)."""
     given = a
     a = np.asarray(a)
     if a.dtype.kind in "OSUV" and not isinstance(given, np.ndarray):
         raise TypeError(
-            f"mk1 carries numeric arrays (or what numpy makes one of), not "
-            f"{type(given).__name__}: this map's first item was an array, so it carries arrays "
-            f"(a map whose first item is not one makes calls with any items: use starmap, or "
-            f"put the odd items in a map of their own)"
+            f"a built-in op takes numeric arrays (or what numpy makes one of), not "
+            f"{type(given).__name__}"
         )
     if a.ndim == 0 or a.ndim > _mk1.MAX_DIMS:
         raise ValueError(
@@ -537,15 +536,18 @@ class Pool:
         """Runs ``fn(*args, **kwargs)`` in a worker; returns a ``Future`` of the result.
 
         - One numpy array argument (``ndarray`` or ``memmap``, of a dtype mk1 carries, 1 to 4
-          dimensions), no keywords: the array is copied once into shared memory, ``fn`` gets a
-          read-only view of it, and the result is a new numpy array (a scalar result comes
-          back as a 1-element array; a result that is not an array fails the task). ``fn`` may
-          also be an ``mk1.ops`` op here.
+          dimensions), no keywords: the array is copied once into shared memory and ``fn`` gets
+          a read-only view of it (or writes into ``out``, see ``map``). ``fn`` may also be an
+          ``mk1.ops`` op here.
         - Any other call (several arguments, keywords, an argument that is not such an array:
-          a path, a number, a list, a bool or complex array, a masked array): as ``concurrent.futures``. Numpy arrays anywhere in
-          the arguments and in the result travel through shared memory (copied once into the
-          slot; ``fn`` gets read-only views), everything else is pickled; the result is what
-          ``fn`` returned. All of it must fit ``max_array_bytes``.
+          a path, a number, a list, a bool or complex array, a masked array): as
+          ``concurrent.futures`` makes it. Numpy arrays anywhere in the arguments travel
+          through shared memory (copied once into the slot; ``fn`` gets read-only views),
+          everything else is pickled. ``out`` is never supplied to such a call.
+
+        The result is what ``fn`` returned: an array of a dtype mk1 carries as a new array
+        (C order), anything else pickled, its arrays again through shared memory. Arguments
+        and result must each fit ``max_array_bytes`` (a result has 64 KiB more).
 
         Raises at once (nothing submitted) for arguments larger than ``max_array_bytes``
         (``ArrayTooLarge``), or a function or argument that cannot be sent (``TypeError``,
@@ -562,6 +564,17 @@ class Pool:
         fut.set_running_or_notify_cancel()
         self._submit_one(a, task, fut)
         return fut
+
+    def _prepare(self, item: Any) -> np.ndarray:
+        """An item of a map of arrays as its task's input: the array, or for anything else a
+        bundle of one call (the map's function is wrapped in ``mk1._args.Auto``)."""
+        a = _carried(item)
+        return a if a is not None else self._bundle((item,), {})
+
+    @staticmethod
+    def _prepare_call(item: Any) -> np.ndarray:
+        """An input of a map of calls (a bundle already), or of an op: the array."""
+        return _as_array(item)
 
     def _bundle(self, args: tuple, kwargs: dict) -> np.ndarray:
         """The arguments of a call as a bundle (see ``mk1._args``), checked against the
@@ -660,16 +673,17 @@ class Pool:
         With several iterables, ``fn(a, b, ...)`` for their items taken together (stopping
         at the shortest, as the built-in ``map``); and when the first item of a single
         iterable is not an array mk1 carries (a path, a number, a tuple...), ``fn(item)``
-        for every item. Those run as calls (see ``submit``): arrays in the arguments and
+        for every item. (In a map whose first item is such an array, a later item that is not
+        one runs as a call of its own.) Those run as calls (see ``submit``): arrays in the arguments and
         results travel through shared memory, the rest is pickled, and each result is what
         ``fn`` returned.
 
         ``fn`` is a module-level function (of an importable module or of the main script), or
         with cloudpickle installed any callable; or an ``mk1.ops`` op (no Python in the
-        workers). It gets a read-only view of its input in shared memory and returns an array
-        (any supported dtype and 1 to 4 dimensions, at most ``max_array_bytes``; a scalar comes
-        back as a 1-element array), or, when it takes an ``out`` argument, writes its result
-        there (same dtype and shape as the input) and returns None: zero-copy both ways.
+        workers). It gets a read-only view of its input in shared memory and returns its
+        result (see ``submit``), or, when it takes a required ``out`` argument, writes its
+        result there (same dtype and shape as the input) and returns None: zero-copy both
+        ways.
 
         With ``zero_copy=True`` each result is a read-only array lent from shared memory: its
         slot goes back when the array (and every view of it) is gone, so drop results as you
@@ -742,6 +756,8 @@ class Pool:
                 return
             a = _carried(first)
             if a is not None:
+                # Arrays; an odd item later on is sent as a call of its own (see `_prepare`).
+                task = self._task(fn, None if isinstance(fn, Op) else _args.Auto)
                 inputs = itertools.chain((a,), inputs)
             else:
                 batched = True
@@ -754,8 +770,9 @@ class Pool:
             inputs = self._batches(inputs, sizer)
         # Zero-copy, the result the caller holds keeps its slot: one less in flight.
         window = max(1, self._slots - 1) if zero_copy else self._slots
+        prepare = self._prepare_call if batched or isinstance(fn, Op) else self._prepare
         it = self._live().map_iter(
-            inputs, task[0], task[1], ordered, zero_copy, window, _as_array, self._route
+            inputs, task[0], task[1], ordered, zero_copy, window, prepare, self._route
         )
         try:
             while True:

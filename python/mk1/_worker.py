@@ -28,6 +28,7 @@ INIT_ENV = "MK1_PY_INIT"
 EXC_MARKER = "\n--mk1-pickled-exception--\n"
 
 _CODES: dict = {}  # numpy dtype -> mk1's dtype code (native byte order only)
+_U8 = np.dtype(np.uint8)
 _worker_id: int | None = None
 _workers: int | None = None
 _state: dict = {}
@@ -105,7 +106,7 @@ def _wants_out(fn) -> bool:
 def _load(context: bytes):
     """The task's function from its pickled bytes, and whether it takes ``out``."""
     fn = pickle.loads(context)
-    return fn, _wants_out(fn)
+    return fn, _wants_out(fn.fn if type(fn) is _args.Auto else fn)
 
 
 def _encode_error(e: BaseException) -> str:
@@ -146,6 +147,10 @@ def _run(fn, wants_out, inp, dtype, shape, out, in_place):
         return _run_call(fn.fn, inp, dtype, shape, out, in_place)
     if type(fn) is _args.Batch:
         return _run_batch(fn.fn, inp, dtype, shape, out, in_place)
+    if type(fn) is _args.Auto:
+        fn = fn.fn
+        if len(shape) == 1 and dtype == _U8 and _args.is_bundle(np.ndarray(shape, dtype, inp)):
+            return _run_call(fn, inp, dtype, shape, out, in_place)
     try:
         x = np.ndarray(shape, dtype, inp)  # read-only out of place, as its buffer is
         if wants_out:
@@ -159,10 +164,10 @@ def _run(fn, wants_out, inp, dtype, shape, out, in_place):
             _leave_if_forked(True)
         code = _CODES.get(y.dtype) if type(y) is np.ndarray else None
         if code is None or not 1 <= y.ndim <= 4:
-            y, code = _unusual(y)
-            if code is None:  # not an array mk1 carries: it goes back as a bundle
-                del x
-                return _write_bundle(y, out, in_place)
+            # Not an array mk1 carries (a scalar, a dict, a bool array...): it goes back
+            # pickled, as it is (see mk1._args).
+            del x
+            return _write_bundle(y, out, in_place)
         if y.nbytes > len(out):
             from mk1 import ArrayTooLarge
 
@@ -237,21 +242,6 @@ def _write_bundle(y, out, in_place):
     else:
         packed.write(dst)
     return (_CODES[np.dtype(np.uint8)], (packed.nbytes,))
-
-
-def _unusual(y):
-    """A result that is not a plain array of a carried dtype and 1 to 4 dimensions: a
-    scalar (or 0-d array) of a carried dtype becomes a 1-element array (code set); for
-    anything else (None, a dict, a list, a bool or complex array, ...) the code is None: the
-    result goes back pickled, as it is."""
-    if type(y) is np.ndarray and y.ndim == 0:
-        a = y.reshape(1)
-    elif isinstance(y, (int, float, np.integer, np.floating)) and not isinstance(y, bool):
-        a = np.asarray(y).reshape(1)
-    else:
-        return y, None
-    code = _CODES.get(a.dtype)  # (None for an int beyond 64 bits, say)
-    return (a, code) if code is not None else (y, None)
 
 
 def worker_id() -> int | None:

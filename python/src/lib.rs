@@ -1017,7 +1017,8 @@ struct MapIter {
     shared: Weak<Shared>,
     id: u64,
     inputs: Py<PyAny>,
-    /// `mk1._pool._as_array`, for what is not already a C-contiguous numpy array.
+    /// `Pool._prepare`, for what is not already a C-contiguous numpy array of a dtype mk1
+    /// carries.
     prepare: Py<PyAny>,
     /// `Pool._route`, for completions that belong to no map (futures).
     route: Py<PyAny>,
@@ -1173,7 +1174,11 @@ impl MapIter {
         let index = self.next_in;
         self.next_in += 1;
         let array = match item.cast::<PyUntypedArray>() {
-            Ok(a) if a.is_c_contiguous() && (1..=mk1::layout::MAX_DIMS).contains(&a.ndim()) => {
+            Ok(a)
+                if a.is_c_contiguous()
+                    && (1..=mk1::layout::MAX_DIMS).contains(&a.ndim())
+                    && dtype_of(a).is_ok() =>
+            {
                 Ok(a.clone())
             }
             _ => self

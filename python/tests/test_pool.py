@@ -204,7 +204,7 @@ def test_outputs_of_another_dtype_and_shape_and_scalars(pool):
     assert y.dtype == np.float64 and y.shape == (3,)
     np.testing.assert_array_equal(y, [6, 22, 38])
     (s,) = pool.map(total, [a])
-    assert s.shape == (1,) and s[0] == 66, "a scalar comes back as a 1-element array"
+    assert s == 66 and type(s) is np.int64, "a scalar comes back as it is"
     with pytest.raises(mk1.ArrayTooLarge, match="max_array_bytes"):
         pool.submit(grow, np.ones(1000, np.float64)).result()
     # A result that is not an array mk1 carries comes back pickled, as it is.
@@ -526,7 +526,7 @@ def test_terminate_and_leaving_on_an_error_do_not_wait_for_running_tasks():
 def test_numpy_functions_with_an_optional_out_are_called_plainly(pool):
     y = pool.apply(np.cumsum, np.ones(300, np.int8))
     assert y[-1] == 300 and y.dtype == np.cumsum(np.ones(3, np.int8)).dtype
-    assert pool.apply(np.mean, np.arange(10.0))[0] == 4.5
+    assert pool.apply(np.mean, np.arange(10.0)) == 4.5
 
 
 def test_an_array_of_exactly_max_array_bytes_fits():
@@ -1464,3 +1464,24 @@ def test_calls_in_place_in_batches():
         assert [float(y[0]) for y in got] == [float(i) for i in range(300)]
         got = list(p.map(weighted_sum, arrays, arrays))
         assert [float(y[-1]) for y in got] == [2.0 * i for i in range(300)]
+
+
+def what_it_got(x):
+    return type(x).__name__, getattr(x, "dtype", None) and str(x.dtype)
+
+
+def test_a_map_of_arrays_takes_odd_items_as_calls_of_their_own(pool):
+    items = [np.ones(2), 3, "s", np.ones(2, bool), [1, 2], np.zeros((1, 1, 1, 1, 1)), np.ones(3)]
+    assert list(pool.map(what_it_got, items)) == [
+        ("ndarray", "float64"),
+        ("int", None),
+        ("str", None),
+        ("ndarray", "bool"),
+        ("list", None),
+        ("ndarray", "float64"),
+        ("ndarray", "float64"),
+    ]
+    # A uint8 array that is not a bundle is an array (only this process's bundles are calls).
+    raw = np.frombuffer(b"mk1args\x01" + bytes(100), np.uint8)
+    assert pool.apply(first_argument, raw).tobytes() == raw.tobytes()
+    assert list(pool.map(first_argument, [raw, 5]))[0].tobytes() == raw.tobytes()
