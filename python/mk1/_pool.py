@@ -877,7 +877,7 @@ def _progress(total: int | None):
     try:
         from tqdm.auto import tqdm
 
-        return tqdm(total=total, unit="array")
+        return tqdm(total=total, unit="item")
     except ImportError:
         return _TextBar(total)
 
@@ -894,9 +894,9 @@ class _TextBar:
         if now - self.last > 0.2:
             self.last = now
             of = f"/{self.total}" if self.total is not None else ""
-            print(f"\rmk1: {self.n}{of} arrays", end="", file=sys.stderr, flush=True)
+            print(f"\rmk1: {self.n}{of} items", end="", file=sys.stderr, flush=True)
 
     def close(self) -> None:
         of = f"/{self.total}" if self.total is not None else ""
-        print(f"\rmk1: {self.n}{of} arrays", file=sys.stderr, flush=True)
+        print(f"\rmk1: {self.n}{of} items", file=sys.stderr, flush=True)
 

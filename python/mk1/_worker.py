@@ -109,7 +109,15 @@ def _load(context: bytes):
     return fn, _wants_out(fn.fn if type(fn) is _args.Auto else fn)
 
 
+_READ_ONLY_NOTE = (
+    "mk1: the arrays a function gets are read-only views of shared memory; copy one to change "
+    "it (np.array(x)), or take a required `out` argument to write a result in place"
+)
+
+
 def _encode_error(e: BaseException) -> str:
+    if isinstance(e, ValueError) and "read-only" in str(e) and hasattr(e, "add_note"):
+        e.add_note(_READ_ONLY_NOTE)
     text = "".join(traceback.format_exception(type(e), e, e.__traceback__))
     try:
         blob = base64.b64encode(pickle.dumps(e)).decode("ascii")

@@ -220,8 +220,10 @@ def test_out_argument_writes_in_shared_memory(pool):
 
 
 def test_inputs_are_read_only_in_the_worker(pool):
-    with pytest.raises(ValueError, match="read-only"):
+    with pytest.raises(ValueError, match="read-only") as info:
         pool.submit(try_to_write_input, np.zeros(4)).result()
+    if sys.version_info >= (3, 11):
+        assert any("read-only views of shared memory" in n for n in info.value.__notes__)
 
 
 def test_zero_copy_results_are_read_only_views(pool):
@@ -337,6 +339,8 @@ def test_futures(pool):
 def test_progress_bar(pool, capsys):
     out = list(pool.map(x3p1, [np.ones(4)] * 20, progress=True))
     assert len(out) == 20
+    out = list(pool.starmap(weighted_sum, [(1, 2)] * 30, progress=True))
+    assert out == [3] * 30
 
 
 def test_a_closed_pool_refuses_work():
