@@ -1,28 +1,38 @@
 """Calls with any arguments and any result: arrays through shared memory, the rest pickled.
 
 ``pool.submit(fn, *args, **kwargs)`` (and ``starmap``, ``map`` over several iterables, or over
-items that are not arrays) sends the function wrapped in a ``Call`` and its arguments as one
+items that are not arrays) sends the function wrapped in a ``Batch`` and its calls as one
 *bundle*: a 1-D uint8 array that mk1 carries like any other. Numpy arrays inside the arguments
-travel out of band: their bytes are written once into the slot and the
-function gets read-only views of them there; everything else is pickled. The result comes back
-the same way, so it may be any picklable object, arrays in it again out of band. A function
-called with one array whose result is not an array mk1 carries (a dict, a tuple, a string, a
-bool array) sends that result back as a bundle too.
+travel out of band: their bytes are written once into the slot and the function gets
+read-only views of them there; everything else is pickled. The results come back the same way,
+so they may be any picklable objects, arrays in them again out of band. A function called with
+one array whose result is not an array mk1 carries (a dict, a scalar, a bool array) sends that
+result back as a bundle too.
 
 A bundle, all integers unsigned 64-bit little-endian::
 
     [0, 8)          MAGIC
     [8, 24)         NONCE: the calling process's (random, given to its workers at start)
-    [24, 32)        length of the pickle, P
-    [32, 40)        number of out-of-band buffers, N
-    [40, 40 + 16N)  per buffer: its offset from the bundle's start, its length in bytes
-    then the pickle (P bytes), then each buffer at a multiple of ALIGN bytes.
+    [24, 32)        length of the pickles, P
+    [32, 40)        number of out-of-band arrays, N
+    [40, 40 + 16N)  per array: its offset from the bundle's start, its length in bytes
+    then the pickles (P bytes), then each array's bytes at a multiple of ALIGN bytes.
+
+The pickles are pieces, each pickled on its own (no object is shared between two pieces, as
+no object is shared between two calls of ``concurrent.futures``), the last one a trailer:
+
+- calls: one ``(args, kwargs)`` per call, then ``("calls", batch, count)``;
+- results: one entry per call, then ``("results", batch, seconds, count)``, ``seconds`` the
+  worker's time for the calls it made. An entry is ``(OK, result)``, ``(FAILED, error)`` (the
+  error encoded as a failed task's message), or ``(AGAIN, None)``: run that call again on its
+  own (the worker stopped the batch before it, because the batch ran long or its results
+  filled the slot; or, rarely, it ran but its result did not fit what the others left).
 
 The nonce is what tells the caller that a uint8 result of a one-array function is a bundle and
 not the function's own bytes: a function's result cannot start with it by chance (2^-128).
 Whoever reads a bundle checks every length and offset against the bundle's size first: a
 bundle written by a misbehaving worker raises ``ValueError``, it never reads out of bounds.
-(Its pickle is trusted as the workers' pickled exceptions are: the workers run the caller's
+(Its pickles are trusted as the workers' pickled exceptions are: the workers run the caller's
 own code.)
 """
 
@@ -43,8 +53,14 @@ ALIGN = 64
 NONCE = secrets.token_bytes(16)
 _HEAD = struct.Struct("<8s16sQQ")
 _BUF = struct.Struct("<QQ")
-# (Buffers larger than a slot cannot be in a bundle; this caps N before anything is allocated.)
+# (Arrays larger than a slot cannot be in a bundle; this caps N before anything is allocated.)
 _MAX_BUFFERS = 1 << 20
+# Entry kinds of a results bundle.
+OK, FAILED, AGAIN = 0, 1, 2
+# Room kept in a results bundle for the entries still to come and the trailer (an AGAIN
+# entry pickles to about 15 bytes; the trailer to about 60).
+_ROOM_PER_ENTRY = 32
+_ROOM_TRAILER = 160
 
 
 class _Wrapped:
@@ -62,26 +78,17 @@ class _Wrapped:
         return f"{type(self).__name__}({self.fn!r})"
 
 
-class Call(_Wrapped):
-    """The function of a task whose input is a bundle of ``(args, kwargs)``: the worker calls
-    ``fn(*args, **kwargs)`` and sends back a bundle of the result."""
-
-    __slots__ = ()
-
-
 class Batch(_Wrapped):
-    """The function of a map's tasks whose input is a bundle of a list of ``(args, kwargs)``:
-    the worker makes each call in turn and sends back a bundle of ``(seconds, results)``, the
-    worker's time for all of them and, per call, ``(True, result)`` or ``(False, error)`` (the
-    error encoded as a failed task's message)."""
+    """The function of a task whose input is a calls bundle: the worker makes each call in
+    turn and sends back a results bundle."""
 
     __slots__ = ()
 
 
 class Auto(_Wrapped):
-    """The function of a map of arrays: an input that is a bundle of ``((item,), {})`` (an
-    item that was not an array mk1 carries) is a call, and its result a bundle; any other
-    input is the array itself, and ``fn`` runs as for one array."""
+    """The function of a map of arrays: an input that is a calls bundle (an item that was not
+    an array mk1 carries) is a ``Batch`` of one call; any other input is the array itself,
+    and ``fn`` runs as for one array."""
 
     __slots__ = ()
 
@@ -101,16 +108,6 @@ _TEXT: dict[np.dtype, str] = {
 }
 _DTYPES: dict[str, np.dtype] = {text: dt for dt, text in _TEXT.items()}
 
-
-def _dtype(text: str) -> np.dtype:
-    """The dtype a bundle names; only one of those ``_carry`` sends (a dtype with objects
-    would read pointers out of the bundle's bytes)."""
-    dt = _DTYPES.get(text)
-    if dt is None:
-        raise ValueError(f"not a dtype mk1 sends out of band: {text!r}")
-    return dt
-
-
 # The arrays of the bundle being read in this thread (see `_array`).
 _LOADING = threading.local()
 
@@ -119,30 +116,23 @@ def _array(k: Any, text: Any, shape: Any, order: Any) -> np.ndarray:
     """Array ``k`` of the bundle being read (a view of its bytes, no copy): how an array that
     went out of band comes back. Anything that does not name one raises ``ValueError``."""
     buffers = getattr(_LOADING, "buffers", None)
-    if buffers is None or type(k) is not int or not 0 <= k < len(buffers) or order not in "CF":
-        raise ValueError(f"a garbled mk1 bundle: no array {k!r}")
-    return np.ndarray(shape, _dtype(text), buffers[k], order=order)
-
-
-class _Pickler(pickle.Pickler):
-    """Sends the bytes of arrays of the dtypes of ``_TEXT`` out of band (into ``arrays``), a
-    strided one as a contiguous copy (so that the function gets a view of it too); everything
-    else, empty arrays too, is pickled as usual.
-
-    (Not pickle's own out-of-band buffers: numpy's reduction costs twice as much, and those
-    buffers come back read-only when they left read-only, as a worker's inputs are. And a
-    reducer, not a persistent id: pickle asks a reducer about arrays only, but asks for a
-    persistent id of every object.)"""
-
-    def __init__(self, f: io.BytesIO) -> None:
-        super().__init__(f, protocol=5)
-        self.arrays: list = []
-
-    def reducer_override(self, obj: Any) -> Any:
-        return _reduce(obj, self.arrays)
+    try:
+        if buffers is None or type(k) is not int or not 0 <= k < len(buffers):
+            raise ValueError("no such array")
+        if order not in ("C", "F") or type(text) is not str or text not in _DTYPES:
+            raise ValueError("not an order and dtype mk1 sends")
+        if type(shape) is not tuple or not all(type(d) is int and d >= 0 for d in shape):
+            raise ValueError("not a shape")
+        a = np.ndarray(shape, _DTYPES[text], buffers[k], order=order)
+        return a.copy(order="K") if _LOADING.copy else a
+    except Exception as e:  # noqa: BLE001 - whatever is wrong, it is a garbled bundle
+        raise ValueError(f"a garbled mk1 bundle: array {k!r}: {e}") from None
 
 
 def _reduce(obj: Any, arrays: list) -> Any:
+    """How ``_Pickler`` sends an array of a dtype of ``_TEXT``: its bytes out of band (into
+    ``arrays``), a strided one as a contiguous copy (so that the function gets a view of it
+    too); NotImplemented for anything else, empty arrays too, pickled as usual."""
     if type(obj) is not np.ndarray:
         return NotImplemented
     text = _TEXT.get(obj.dtype)
@@ -159,35 +149,20 @@ def _reduce(obj: Any, arrays: list) -> Any:
     return (_array, (len(arrays) - 1, text, obj.shape, order))
 
 
-def _dump(obj: Any) -> tuple[bytes, list[np.ndarray]]:
-    """``obj`` pickled, and the arrays that go out of band: by reference where it can be,
-    else with cloudpickle when it is installed (lambdas, closures, as for the function)."""
-    f = io.BytesIO()
-    p = _Pickler(f)
-    try:
-        p.dump(obj)
-        return f.getvalue(), p.arrays
-    except (pickle.PicklingError, AttributeError, TypeError) as e:
-        error = e
-    try:
-        import cloudpickle
-    except ImportError:
-        raise TypeError(
-            f"mk1 cannot send {_short(obj)} to or from a worker: {error}. Install "
-            f"cloudpickle (pip install cloudpickle) to send lambdas and closures by value"
-        ) from error
+class _Pickler(pickle.Pickler):
+    """A pickler whose arrays go out of band (see ``_reduce``).
 
-    class _Cloud(cloudpickle.CloudPickler):
-        def reducer_override(self, obj: Any) -> Any:
-            r = _reduce(obj, arrays)
-            return super().reducer_override(obj) if r is NotImplemented else r
+    (Not pickle's own out-of-band buffers: numpy's reduction costs twice as much, and those
+    buffers come back read-only when they left read-only, as a worker's inputs are. And a
+    reducer, not a persistent id: pickle asks a reducer about arrays only, but asks for a
+    persistent id of every object.)"""
 
-    f, arrays = io.BytesIO(), []
-    try:
-        _Cloud(f, protocol=5).dump(obj)
-    except Exception as e:
-        raise TypeError(f"mk1 cannot send {_short(obj)} to or from a worker: {e}") from e
-    return f.getvalue(), arrays
+    def __init__(self, f: io.BytesIO, arrays: list) -> None:
+        super().__init__(f, protocol=5)
+        self.arrays = arrays
+
+    def reducer_override(self, obj: Any) -> Any:
+        return _reduce(obj, self.arrays)
 
 
 def _short(obj: Any) -> str:
@@ -195,42 +170,106 @@ def _short(obj: Any) -> str:
     return text if len(text) <= 200 else text[:200] + "..."
 
 
-class Packed:
-    """An object pickled with its arrays out of band, ready to be written as a bundle of
-    ``nbytes`` bytes."""
+class Writer:
+    """Writes a bundle piece by piece, within ``limit`` bytes (see the module's docs)."""
 
-    __slots__ = ("head", "raws", "offsets", "nbytes")
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.f = io.BytesIO()
+        self.arrays: list[np.ndarray] = []
+        self.array_bytes = 0  # the arrays' bytes, each aligned
+        self.pieces = 0
+        self._pickler = _Pickler(self.f, self.arrays)
+        self._cloud: Any = None
 
-    def __init__(self, obj: Any) -> None:
-        self.head, arrays = _dump(obj)
-        # (Contiguous arrays, C or Fortran order: `raw` is their bytes, without a copy.)
-        self.raws = [pickle.PickleBuffer(a).raw() for a in arrays]
-        at = _align(_HEAD.size + _BUF.size * len(self.raws) + len(self.head))
-        self.offsets = []
-        for r in self.raws:
-            self.offsets.append(at)
-            at = _align(at + r.nbytes)
-        self.nbytes = at if self.raws else _HEAD.size + len(self.head)
+    @property
+    def nbytes(self) -> int:
+        """The bundle's size so far."""
+        table = _HEAD.size + _BUF.size * len(self.arrays) + self.f.tell()
+        return _align(table) + self.array_bytes if self.arrays else table
+
+    def add(self, obj: Any, room: int = 0) -> int | None:
+        """Pickles ``obj`` as the next piece, leaving ``room`` bytes below the limit. Returns
+        None when it went in; else the bytes the bundle would have taken with it (nothing
+        went in). Raises ``TypeError`` when ``obj`` does not pickle (nothing went in): by
+        reference where it can be, else with cloudpickle when it is installed (lambdas,
+        closures, as for the function)."""
+        at, n = self.f.tell(), len(self.arrays)
+        try:
+            self._dump(obj, at, n)
+        except BaseException:
+            self._undo(at, n)
+            raise
+        self.array_bytes += sum(_align(a.nbytes) for a in self.arrays[n:])
+        size = self.nbytes
+        if size + room > self.limit:
+            self._undo(at, n)
+            return size
+        self.pieces += 1
+        return None
+
+    def _dump(self, obj: Any, at: int, n: int) -> None:
+        # Each piece on its own: nothing shared with the pieces before it.
+        self._pickler.clear_memo()
+        try:
+            self._pickler.dump(obj)
+            return
+        except (pickle.PicklingError, AttributeError, TypeError) as e:
+            error = e
+        self._undo(at, n)
+        try:
+            import cloudpickle
+        except ImportError:
+            raise TypeError(
+                f"mk1 cannot send {_short(obj)} to or from a worker: {error}. Install "
+                f"cloudpickle (pip install cloudpickle) to send lambdas and closures by value"
+            ) from error
+        if self._cloud is None:
+            arrays = self.arrays
+
+            class _Cloud(cloudpickle.CloudPickler):
+                def reducer_override(self, obj: Any) -> Any:
+                    r = _reduce(obj, arrays)
+                    return super().reducer_override(obj) if r is NotImplemented else r
+
+            self._cloud = _Cloud
+        try:
+            self._cloud(self.f, protocol=5).dump(obj)
+        except Exception as e:
+            raise TypeError(f"mk1 cannot send {_short(obj)} to or from a worker: {e}") from e
+
+    def finish_calls(self, batch: int) -> int | None:
+        """Adds the trailer of a calls bundle of batch number ``batch``; as ``add``."""
+        return self.add(("calls", batch, self.pieces))
+
+    def _undo(self, at: int, n: int) -> None:
+        self.f.seek(at)
+        self.f.truncate()
+        del self.arrays[n:]
+        self.array_bytes = sum(_align(a.nbytes) for a in self.arrays)
 
     def write(self, dst: np.ndarray) -> None:
         """Writes the bundle at the start of ``dst`` (a 1-D uint8 array of at least
         ``nbytes``)."""
-        table = [0] * (2 * len(self.raws))
-        table[0::2] = self.offsets
-        table[1::2] = [r.nbytes for r in self.raws]
-        prefix = b"".join(
-            (
-                _HEAD.pack(MAGIC, NONCE, len(self.head), len(self.raws)),
-                struct.pack(f"<{len(table)}Q", *table),
-                self.head,
-            )
-        )
+        head = self.f.getbuffer()
+        at = _align(_HEAD.size + _BUF.size * len(self.arrays) + len(head))
+        table = []
+        for a in self.arrays:
+            table += (at, a.nbytes)
+            at = _align(at + a.nbytes)
         # (Through a memoryview: a slice assignment there is a plain copy, several times
         # cheaper than numpy's for the many small pieces of a batch.)
         with memoryview(dst) as mv:
-            mv[: len(prefix)] = prefix
-            for off, r in zip(self.offsets, self.raws):
-                mv[off : off + r.nbytes] = r
+            n = _HEAD.size
+            mv[:n] = _HEAD.pack(MAGIC, NONCE, len(head), len(self.arrays))
+            mv[n : n + _BUF.size * len(self.arrays)] = struct.pack(f"<{len(table)}Q", *table)
+            n += _BUF.size * len(self.arrays)
+            mv[n : n + len(head)] = head
+            for k, a in enumerate(self.arrays):
+                off = table[2 * k]
+                # (Contiguous, C or Fortran order: `raw` is its bytes, without a copy.)
+                mv[off : off + a.nbytes] = pickle.PickleBuffer(a).raw()
+        del head
 
     def array(self) -> np.ndarray:
         """The bundle as a new uint8 array."""
@@ -239,9 +278,18 @@ class Packed:
         return out
 
 
-def pack(obj: Any) -> np.ndarray:
-    """``obj`` as a new bundle."""
-    return Packed(obj).array()
+def calls(batch: int, pairs: list[tuple[tuple, dict]], limit: int) -> np.ndarray:
+    """A calls bundle of ``pairs`` (each ``(args, kwargs)``); ``OverflowError`` carrying the
+    bytes it would take when that is past ``limit``."""
+    w = Writer(limit)
+    for pair in pairs:
+        size = w.add(pair)
+        if size is not None:
+            raise OverflowError(size)
+    size = w.finish_calls(batch)
+    if size is not None:
+        raise OverflowError(size)
+    return w.array()
 
 
 def is_bundle(a: np.ndarray) -> bool:
@@ -254,10 +302,10 @@ def is_bundle(a: np.ndarray) -> bool:
     )
 
 
-def unpack(bundle: np.ndarray) -> Any:
-    """The object of ``bundle`` (a 1-D uint8 array). Its arrays are views of ``bundle``
-    (read-only when it is), which they keep alive. Raises ``ValueError`` for anything that is
-    not a well-formed bundle."""
+def read(bundle: np.ndarray, copy: bool = False) -> list:
+    """The pieces of ``bundle`` (a 1-D uint8 array). Its arrays are views of ``bundle``
+    (read-only when it is), which they keep alive; with ``copy``, arrays of their own. Raises
+    ``ValueError`` for anything that is not a well-formed bundle."""
     if bundle.dtype != np.uint8 or bundle.ndim != 1:
         raise ValueError(f"not an mk1 bundle: a {bundle.dtype} array of shape {bundle.shape}")
     size = bundle.shape[0]
@@ -267,22 +315,103 @@ def unpack(bundle: np.ndarray) -> Any:
     if magic != MAGIC or nonce != NONCE:
         raise ValueError("not an mk1 bundle of this pool (its first bytes are not mk1's)")
     if n > _MAX_BUFFERS or _HEAD.size + _BUF.size * n + head_len > size:
-        raise ValueError(f"a garbled mk1 bundle: {n} buffers, {head_len} bytes of pickle in {size}")
+        raise ValueError(f"a garbled mk1 bundle: {n} arrays, {head_len} bytes of pickles in {size}")
     at = _HEAD.size + _BUF.size * n
-    head = bundle[at : at + head_len]
     end = at + head_len
     table = struct.unpack_from(f"<{2 * n}Q", bundle, _HEAD.size)
     buffers = []
     for k in range(n):
         off, length = table[2 * k], table[2 * k + 1]
         if off < end or off > size or length > size - off:
-            raise ValueError(f"a garbled mk1 bundle: buffer {k} at {off}+{length} of {size} bytes")
+            raise ValueError(f"a garbled mk1 bundle: array {k} at {off}+{length} of {size} bytes")
         # (A numpy slice, not a memoryview slice: every array made from it keeps `bundle`
         # itself referenced, which is how a worker sees a function keep its arguments.)
         buffers.append(bundle[off : off + length])
-    outer = getattr(_LOADING, "buffers", None)
-    _LOADING.buffers = buffers
+    f = io.BytesIO(bundle[at:end].tobytes())
+    outer = getattr(_LOADING, "buffers", None), getattr(_LOADING, "copy", False)
+    _LOADING.buffers, _LOADING.copy = buffers, copy
     try:
-        return pickle.loads(head.tobytes())
+        pieces = []
+        while f.tell() < head_len:
+            # (An unpickler per piece: each piece numbers its memo from 0, and an unpickler
+            # would go on numbering from where the last piece left off.)
+            pieces.append(pickle.Unpickler(f).load())
+        return pieces
+    except ValueError:
+        raise
+    except Exception as e:  # noqa: BLE001 - a truncated or garbled pickle
+        raise ValueError(f"a garbled mk1 bundle: {e!r}") from e
     finally:
-        _LOADING.buffers = outer
+        _LOADING.buffers, _LOADING.copy = outer
+
+
+def read_calls(bundle: np.ndarray) -> tuple[int, list]:
+    """The batch number and the ``(args, kwargs)`` of a calls bundle; ``ValueError`` for
+    anything else."""
+    *pairs, trailer = read(bundle) or [None]
+    if not (
+        type(trailer) is tuple
+        and len(trailer) == 3
+        and trailer[0] == "calls"
+        and trailer[2] == len(pairs)
+        and all(type(p) is tuple and len(p) == 2 for p in pairs)
+    ):
+        raise ValueError("a garbled mk1 bundle: not calls")
+    return trailer[1], pairs
+
+
+def read_results(bundle: np.ndarray, copy: bool = False) -> tuple[int, float, list]:
+    """The batch number, the worker's seconds and the entries of a results bundle (``copy``:
+    see ``read``); ``ValueError`` for anything else."""
+    *entries, trailer = read(bundle, copy) or [None]
+    if not (
+        type(trailer) is tuple
+        and len(trailer) == 4
+        and trailer[0] == "results"
+        and trailer[3] == len(entries)
+        and all(
+            type(e) is tuple
+            and len(e) == 2
+            and (e[0] == OK or (e[0] == FAILED and type(e[1]) is str) or e[0] == AGAIN)
+            for e in entries
+        )
+    ):
+        raise ValueError("a garbled mk1 bundle: not results")
+    return trailer[1], float(trailer[2]), entries
+
+
+class Results:
+    """A results bundle being written by a worker into a result space of ``limit`` bytes for
+    ``count`` calls: room is kept for an AGAIN entry for each call not yet answered."""
+
+    def __init__(self, limit: int, count: int) -> None:
+        self.w = Writer(limit)
+        self.left = count
+
+    def add(self, entry: tuple) -> int | None:
+        """Adds ``entry`` for the next call (see ``Writer.add``); raises ``TypeError`` for a
+        result that does not pickle."""
+        size = self.w.add(entry, _ROOM_TRAILER + _ROOM_PER_ENTRY * (self.left - 1))
+        if size is None:
+            self.left -= 1
+        return size
+
+    def again(self) -> None:
+        """Answers the next call with AGAIN (always fits: room was kept for it)."""
+        self.w.add((AGAIN, None))
+        self.left -= 1
+
+    def finish(self, batch: int, seconds: float) -> Writer:
+        self.w.add(("results", batch, seconds, self.w.pieces))
+        return self.w
+
+
+def results(value: Any, limit: int) -> Writer:
+    """The results bundle of one call's ``value`` (a one-array function's result that is not
+    an array mk1 carries); ``OverflowError`` carrying its bytes when past ``limit``. Raises
+    ``TypeError`` when it does not pickle."""
+    r = Results(limit, 1)
+    size = r.add((OK, value))
+    if size is not None:
+        raise OverflowError(size)
+    return r.finish(-1, 0.0)

@@ -447,7 +447,7 @@ class Pool:
 
     def _task(self, fn: Callable | Op, wrap: type | None = None) -> tuple[str | None, bytes | None]:
         """What the workers run: a built-in op, or the pickled function (wrapped in ``wrap``,
-        ``mk1._args.Call`` or ``Batch``, for calls: arguments and results of any kind, in
+        ``mk1._args.Batch`` or ``Auto``, for calls: arguments and results of any kind, in
         bundles)."""
         if isinstance(fn, Op):
             if wrap is not None:
@@ -509,16 +509,20 @@ class Pool:
     @staticmethod
     def _route(got: tuple) -> None:
         sink, _worker, ok, payload, _dtype, _shape = got
-        if sink is not None:  # (a future: it completes only here, or fails at close)
+        if sink is None:
+            return
+        # (A future: it completes only here, or fails at close. It is no longer registered,
+        # so whatever happens here, Ctrl-C included, must complete it.)
+        try:
             if ok and (sink._call or payload.dtype == _U8 and _args.is_bundle(payload)):
-                try:
-                    payload = _unbundle(payload)
-                except _mk1.Mk1Error as e:
-                    ok, payload = False, e
-            if ok:
-                sink.set_result(payload)
-            else:
-                sink.set_exception(_rebuild(payload))
+                ok, payload = _one_result(payload)
+        except BaseException as e:  # (Ctrl-C while its result was read)
+            sink.set_exception(e)
+            raise
+        if ok:
+            sink.set_result(payload)
+        else:
+            sink.set_exception(_rebuild(payload))
 
     def _wait_for(self, fut: Future, timeout: float | None) -> None:
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -555,11 +559,17 @@ class Pool:
         worker's traceback as ``__cause__``), or ``WorkerDied``, ``TaskTimeout``,
         ``NoWorkersLeft``.
         """
-        a = _carried(args[0]) if len(args) == 1 and not kwargs else None
-        call = a is None
-        task = self._task(fn, _args.Call if call else None)
+        if isinstance(fn, Op):
+            if len(args) != 1 or kwargs:
+                self._task(fn, _args.Batch)  # (raises, saying why)
+            a = _as_array(args[0])
+            call = False
+        else:
+            a = _carried(args[0]) if len(args) == 1 and not kwargs else None
+            call = a is None
+        task = self._task(fn, _args.Batch if call else None)
         if call:
-            a = self._bundle(args, kwargs)
+            a = self._calls([(args, kwargs)])
         fut = Future(self, call)
         fut.set_running_or_notify_cancel()
         self._submit_one(a, task, fut)
@@ -567,64 +577,80 @@ class Pool:
 
     def _prepare(self, item: Any) -> np.ndarray:
         """An item of a map of arrays as its task's input: the array, or for anything else a
-        bundle of one call (the map's function is wrapped in ``mk1._args.Auto``)."""
+        calls bundle of one call (the map's function is wrapped in ``mk1._args.Auto``)."""
         a = _carried(item)
-        return a if a is not None else self._bundle((item,), {})
+        return a if a is not None else self._calls([((item,), {})])
 
-    @staticmethod
-    def _prepare_call(item: Any) -> np.ndarray:
-        """An input of a map of calls (a bundle already), or of an op: the array."""
-        return _as_array(item)
-
-    def _bundle(self, args: tuple, kwargs: dict) -> np.ndarray:
-        """The arguments of a call as a bundle (see ``mk1._args``), checked against the
-        slots' size."""
-        packed = _args.Packed((args, kwargs))
-        if packed.nbytes > self._max_array_bytes:
-            raise self._too_large(packed.nbytes)
-        return packed.array()
+    def _calls(self, pairs: list, batch: int = -1) -> np.ndarray:
+        """A calls bundle (see ``mk1._args``), checked against the slots' size."""
+        try:
+            return _args.calls(batch, pairs, self._max_array_bytes)
+        except OverflowError as e:
+            raise self._too_large(e.args[0]) from None
 
     def _too_large(self, nbytes: int) -> BaseException:
+        """The error of a call whose arguments take ``nbytes`` in a bundle."""
         return _mk1.ArrayTooLarge(
             f"the arguments take {nbytes} bytes in shared memory (their arrays, and the rest "
             f"pickled); a task may take the pool's max_array_bytes, {self._max_array_bytes} "
             f"(mk1.Pool(max_array_bytes=...))"
         )
 
-    def _batches(self, calls: Iterator[tuple], sizer: _BatchSizer) -> Iterator[np.ndarray]:
-        """The calls of a map as bundles of ``sizer.size`` calls each (fewer where they would
-        not fit a slot together). An input that fails (or one call too large for a slot) ends
-        the batches, after the calls taken before it."""
-        while True:
-            batch = []
-            try:
-                while len(batch) < sizer.size:
-                    batch.append(next(calls))
-            except StopIteration:
-                yield from self._fitting(batch, sizer)
+    def _batches(
+        self, calls: Iterator[tuple], sizer: _BatchSizer, sent: dict
+    ) -> Iterator[np.ndarray]:
+        """The calls of a map as calls bundles of up to ``sizer.size`` calls each, as many as
+        fit a slot; ``sent`` keeps each batch's calls by its number until its results come
+        (to run again those the worker answers AGAIN). An input that fails, a call that does
+        not pickle (named by its index) or one too large for a slot ends the batches, after
+        the calls taken before it."""
+        taken = 0  # calls taken from the input
+        carry = None  # a call taken that did not fit the batch before
+        for number in itertools.count():
+            w = _args.Writer(self._max_array_bytes)
+            batch: list = []
+            failure = None
+            while len(batch) < sizer.size:
+                if carry is None:
+                    try:
+                        call = next(calls)
+                    except StopIteration:
+                        break
+                    except (KeyboardInterrupt, SystemExit):
+                        raise  # (at once: the map ends, what it took with it)
+                    except BaseException as e:
+                        failure = e
+                        break
+                    taken += 1
+                else:
+                    call, carry = carry, None
+                try:
+                    # (The first call may take the whole slot but the trailer; room for it
+                    # is kept after that.)
+                    size = w.add(call, _args._ROOM_TRAILER if batch else 0)
+                except TypeError as e:
+                    failure = TypeError(f"input {taken - 1} of this map: {e}")
+                    failure.__cause__ = e
+                    break
+                if size is not None:
+                    if not batch:
+                        failure = self._too_large(size)
+                        break
+                    carry = call  # the next batch's first
+                    break
+                batch.append(call)
+            if batch:
+                size = w.finish_calls(number)
+                if size is not None:  # (one call, and no room left for the trailer)
+                    raise self._too_large(size)
+                sent[number] = batch
+                sizer.record_bytes(w.nbytes, len(batch), self._max_array_bytes)
+                yield w.array()
+            del w
+            if failure is not None:
+                raise failure
+            if not batch and carry is None:
                 return
-            except (KeyboardInterrupt, SystemExit):
-                raise  # (at once: the map ends, what it took with it)
-            except BaseException:
-                yield from self._fitting(batch, sizer)
-                raise
-            yield from self._fitting(batch, sizer)
-
-    def _fitting(self, batch: list, sizer: _BatchSizer) -> Iterator[np.ndarray]:
-        """``batch`` as one bundle, or split in halves until each fits a slot."""
-        if not batch:
-            return
-        packed = _args.Packed(batch)
-        sizer.record_bytes(packed.nbytes, len(batch), self._max_array_bytes)
-        if packed.nbytes <= self._max_array_bytes:
-            yield packed.array()
-        elif len(batch) == 1:
-            raise self._too_large(packed.nbytes)
-        else:
-            del packed
-            half = len(batch) // 2
-            yield from self._fitting(batch[:half], sizer)
-            yield from self._fitting(batch[half:], sizer)
 
     def as_completed(
         self, futures: Iterable[Future], timeout: float | None = None
@@ -738,7 +764,10 @@ class Pool:
             calls = ((tuple(args), {}) for args in iterables[0])
         elif len(iterables) > 1:
             calls = ((args, {}) for args in zip(*iterables))
-        task = self._task(fn, None if calls is None else _args.Batch)
+        if calls is not None:
+            task = self._task(fn, _args.Batch)
+        else:
+            task = self._task(fn, None if isinstance(fn, Op) else _args.Auto)
         bar = None
         if progress:
             sized = all(hasattr(i, "__len__") for i in iterables)
@@ -747,7 +776,7 @@ class Pool:
         return self._map_gen(fn, task, inputs, calls is not None, ordered, zero_copy, bar)
 
     def _map_gen(self, fn, task, inputs, batched, ordered, zero_copy, bar):
-        if not batched:
+        if not batched and not isinstance(fn, Op):
             # The first item says whether this map carries arrays or makes calls.
             first = next(inputs, _END)
             if first is _END:
@@ -757,7 +786,6 @@ class Pool:
             a = _carried(first)
             if a is not None:
                 # Arrays; an odd item later on is sent as a call of its own (see `_prepare`).
-                task = self._task(fn, None if isinstance(fn, Op) else _args.Auto)
                 inputs = itertools.chain((a,), inputs)
             else:
                 batched = True
@@ -766,13 +794,20 @@ class Pool:
                 inputs = (((x,), {}) for x in itertools.chain((first,), rest))
             del first, a
         if batched:
-            sizer = _BatchSizer(self._timeout is None)
-            inputs = self._batches(inputs, sizer)
+            sizer = _BatchSizer(self._timeout is None, self._max_array_bytes)
+            sent: dict = {}
+            inputs = self._batches(inputs, sizer, sent)
         # Zero-copy, the result the caller holds keeps its slot: one less in flight.
         window = max(1, self._slots - 1) if zero_copy else self._slots
-        prepare = self._prepare_call if batched or isinstance(fn, Op) else self._prepare
+        # (A map of calls sends bundles, which never need preparing; a map of an op takes
+        # what numpy makes an array of.)
+        prepare = _as_array if batched or isinstance(fn, Op) else self._prepare
+        # A batch's results are read straight from shared memory (lent), and unless zero-copy
+        # each array is copied out on its own as it is read, so that a result kept does not
+        # keep the whole batch's bytes alive; the slot goes home once they are read.
+        lend = zero_copy or batched
         it = self._live().map_iter(
-            inputs, task[0], task[1], ordered, zero_copy, window, prepare, self._route
+            inputs, task[0], task[1], ordered, lend, window, prepare, self._route
         )
         try:
             while True:
@@ -785,20 +820,32 @@ class Pool:
                         bar.update(1)
                     raise _rebuild(value)
                 if batched:
-                    results = _batch_results(value, sizer)
+                    number, entries = _batch_entries(value, sizer, copy=not zero_copy)
                     value = None
-                    for ok, value in results:
+                    pairs = sent.pop(number, None)
+                    if pairs is None or len(pairs) != len(entries):
+                        raise _mk1.Mk1Error("a worker sent back the results of another batch")
+                    # Calls the worker left: each on its own now, all at once (in order).
+                    again = {
+                        i: self._again(task, pairs[i])
+                        for i, (kind, _) in enumerate(entries)
+                        if kind == _args.AGAIN
+                    }
+                    pairs = None
+                    for i, (kind, value) in enumerate(entries):
                         if bar is not None:
                             bar.update(1)
-                        if not ok:
+                        if kind == _args.FAILED:
                             raise _rebuild(_mk1.RemoteError(value))
-                        yield value
-                    results = value = None
+                        yield value if kind == _args.OK else again.pop(i).result()
+                    entries = value = None
                     continue
                 if bar is not None:
                     bar.update(1)
                 if value.dtype == _U8 and _args.is_bundle(value):
-                    value = _unbundle(value)
+                    ok, value = _one_result(value)
+                    if not ok:
+                        raise _rebuild(value)
                 yield value
                 value = None  # (a lent result's slot goes home with the caller's last reference)
         finally:
@@ -806,71 +853,98 @@ class Pool:
             if bar is not None:
                 bar.close()
 
+    def _again(self, task: tuple, pair: tuple) -> Future:
+        """A call of a batch that its worker left (see ``mk1._args``), submitted on its own."""
+        fut = Future(self, True)
+        fut.set_running_or_notify_cancel()
+        self._submit_one(self._calls([pair]), task, fut)
+        return fut
+
 
 class _BatchSizer:
     """How many calls a map's next slot carries: enough that the costs of a slot (a round
     trip, a bundle each way) are shared by many quick calls, few enough that a slot takes about
-    ``TARGET`` seconds of a worker, so that the work spreads over the workers and results come
-    steadily. Starts at one call, then follows the worker's own time per call. One call per
-    slot always when the pool has a ``timeout`` (it is per slot: it must count one call)."""
+    ``TARGET`` seconds of a worker (so that the work spreads over the workers and results come
+    steadily) and that the calls and their results fit a slot. Starts at one call, then follows
+    the worker's own time per call and the bytes per call each way. One call per slot always
+    when the pool has a ``timeout`` (it is per slot: it must count one call). A worker also
+    stops a batch that runs long, or whose results fill the slot, and the caller runs the calls
+    it left one to a slot (see ``mk1._args``)."""
 
     TARGET = 0.002
     MOST = 64
 
-    def __init__(self, enabled: bool) -> None:
+    def __init__(self, enabled: bool, slot_bytes: int) -> None:
         self.enabled = enabled
+        self.slot = slot_bytes
         self.size = 1
         self.per_call: float | None = None
-        self.fit = self.MOST  # calls of the last batch's size per call that fit a slot
+        self.bytes_in = 0.0  # per call, in the last batch sent
+        self.bytes_out = 0.0  # per call, in the last results
 
     def record(self, seconds: float, calls: int) -> None:
-        """A batch of ``calls`` took the worker ``seconds``."""
-        if not self.enabled or calls <= 0 or not 0.0 <= seconds < 1e6:
+        """A worker made ``calls`` calls in ``seconds``."""
+        if calls <= 0 or not 0.0 <= seconds < 1e6:
             return
         t = seconds / calls
         self.per_call = t if self.per_call is None else 0.7 * self.per_call + 0.3 * t
         self._resize()
 
     def record_bytes(self, nbytes: int, calls: int, slot_bytes: int) -> None:
-        """A batch of ``calls`` took ``nbytes`` of a slot of ``slot_bytes``: later batches
-        hold what fits (so they are seldom split)."""
-        self.fit = max(1, min(self.MOST, slot_bytes * calls // max(nbytes, 1)))
+        """A batch of ``calls`` calls took ``nbytes`` (of a slot of ``slot_bytes``)."""
+        self.bytes_in = nbytes / max(calls, 1)
+        self.slot = slot_bytes
+        self._resize()
+
+    def record_results(self, nbytes: int, calls: int) -> None:
+        """The results of ``calls`` calls took ``nbytes``."""
+        self.bytes_out = nbytes / max(calls, 1)
         self._resize()
 
     def _resize(self) -> None:
-        if self.enabled and self.per_call is not None:
-            by_time = int(self.TARGET / max(self.per_call, 1e-9))
-            self.size = max(1, min(self.MOST, self.fit, by_time))
+        if not self.enabled or self.per_call is None:
+            return
+        by_time = self.TARGET / max(self.per_call, 1e-9)
+        # (Three quarters of the slot: calls and results vary in size.)
+        by_bytes = 0.75 * self.slot / max(self.bytes_in, self.bytes_out, 1.0)
+        self.size = int(max(1, min(self.MOST, by_time, by_bytes)))
 
 
-def _batch_results(payload: np.ndarray, sizer: _BatchSizer) -> list:
-    """The ``(ok, result or error)`` of each call of a batch from its bundle; ``Mk1Error``
-    when it is not what a worker sends."""
-    got = _unbundle(payload)
+def _batch_entries(
+    payload: np.ndarray, sizer: _BatchSizer, copy: bool = False
+) -> tuple[int, list]:
+    """The batch number and the entries of a results bundle (see ``mk1._args``; ``copy``:
+    arrays of their own, not views of ``payload``), the worker's time and the bytes recorded
+    in ``sizer``; ``Mk1Error`` when it is not what a worker sends."""
     try:
-        seconds, results = got
-        seconds = float(seconds)
-        ok = isinstance(results, list) and all(
-            type(r) is tuple and len(r) == 2 and (r[0] or isinstance(r[1], str)) for r in results
-        )
-    except (TypeError, ValueError):
-        ok = False
-    if not ok:
-        raise _mk1.Mk1Error("a worker sent back a batch of results mk1 cannot read")
-    sizer.record(seconds, len(results))
-    return results
+        number, seconds, entries = _args.read_results(payload, copy)
+    except Exception as e:  # garbled, or of a type this process cannot import
+        raise _mk1.Mk1Error(f"the results of a batch cannot be read here: {e!r}") from e
+    ran = sum(1 for kind, _ in entries if kind != _args.AGAIN)
+    sizer.record(seconds, ran)
+    sizer.record_results(payload.nbytes, len(entries))
+    return number, entries
+
+
+def _one_result(payload: np.ndarray) -> tuple[bool, Any]:
+    """``(True, value)`` of one call from its results bundle, or ``(False, error)``: the
+    function's (for ``_rebuild``), or an ``Mk1Error`` when it cannot be read here."""
+    try:
+        _, _, entries = _args.read_results(payload)
+    except Exception as e:  # garbled, or of a type this process cannot import
+        error = _mk1.Mk1Error(f"the result of a call cannot be read here: {e!r}")
+        error.__cause__ = e
+        return False, error
+    if len(entries) != 1 or entries[0][0] == _args.AGAIN:
+        return False, _mk1.Mk1Error("a worker could not answer this call (see its slot size)")
+    kind, value = entries[0]
+    if kind == _args.FAILED:
+        return False, _mk1.RemoteError(value)
+    return True, value
 
 
 _END = object()  # the end of an iterator
 _U8 = np.dtype(np.uint8)
-
-
-def _unbundle(payload: np.ndarray) -> Any:
-    """The result of a call from its bundle; ``Mk1Error`` when it cannot be read here."""
-    try:
-        return _args.unpack(payload)
-    except Exception as e:  # garbled, or of a type this process cannot import
-        raise _mk1.Mk1Error(f"the result of a call cannot be read here: {e!r}") from e
 
 
 def _progress(total: int | None):

@@ -115,8 +115,13 @@ _READ_ONLY_NOTE = (
 )
 
 
-def _encode_error(e: BaseException) -> str:
-    if isinstance(e, ValueError) and "read-only" in str(e) and hasattr(e, "add_note"):
+def _encode_error(e: BaseException, in_place: bool = False) -> str:
+    if (
+        not in_place
+        and isinstance(e, ValueError)
+        and "read-only" in str(e)
+        and hasattr(e, "add_note")
+    ):
         e.add_note(_READ_ONLY_NOTE)
     text = "".join(traceback.format_exception(type(e), e, e.__traceback__))
     try:
@@ -151,14 +156,12 @@ def _leave_if_forked(sure: bool = False) -> None:
 def _run(fn, wants_out, inp, dtype, shape, out, in_place):
     """Runs ``fn`` on one array; returns ``(dtype code, shape)`` of what it wrote at the start
     of ``out``, or ``(None, message)`` when it raised."""
-    if type(fn) is _args.Call:
-        return _run_call(fn.fn, inp, dtype, shape, out, in_place)
     if type(fn) is _args.Batch:
         return _run_batch(fn.fn, inp, dtype, shape, out, in_place)
     if type(fn) is _args.Auto:
         fn = fn.fn
         if len(shape) == 1 and dtype == _U8 and _args.is_bundle(np.ndarray(shape, dtype, inp)):
-            return _run_call(fn, inp, dtype, shape, out, in_place)
+            return _run_batch(fn, inp, dtype, shape, out, in_place)
     try:
         x = np.ndarray(shape, dtype, inp)  # read-only out of place, as its buffer is
         if wants_out:
@@ -175,7 +178,11 @@ def _run(fn, wants_out, inp, dtype, shape, out, in_place):
             # Not an array mk1 carries (a scalar, a dict, a bool array...): it goes back
             # pickled, as it is (see mk1._args).
             del x
-            return _write_bundle(y, out, in_place)
+            try:
+                w = _args.results(y, len(out))
+            except OverflowError as e:
+                raise _too_large(e.args[0], len(out)) from None
+            return _write(w, out, in_place)
         if y.nbytes > len(out):
             from mk1 import ArrayTooLarge
 
@@ -187,69 +194,80 @@ def _run(fn, wants_out, inp, dtype, shape, out, in_place):
             np.ndarray(y.shape, y.dtype, out)[...] = y
         return (code, y.shape)
     except BaseException as e:  # noqa: BLE001 - every failure goes back to the caller
-        return (None, _encode_error(e))
+        return (None, _encode_error(e, in_place))
 
 
-def _run_call(fn, inp, dtype, shape, out, in_place):
-    """Runs ``fn(*args, **kwargs)`` for the bundle of ``(args, kwargs)`` in ``inp`` and
-    writes the bundle of its result at the start of ``out``; returns as ``_run``."""
-    try:
-        bundle = np.ndarray(shape, dtype, inp)
-        args, kwargs = _args.unpack(bundle)
-        y = fn(*args, **kwargs)
-        _leave_if_forked(True)
-        del args, kwargs, bundle
-        return _write_bundle(y, out, in_place)
-    except BaseException as e:  # noqa: BLE001 - every failure goes back to the caller
-        return (None, _encode_error(e))
+# A batch that has run this long stops: the caller runs its remaining calls one to a slot, on
+# every worker (they turned out slower than the batch was sized for).
+_BATCH_STOP = 0.02
 
 
 def _run_batch(fn, inp, dtype, shape, out, in_place):
-    """Makes every call of the bundle of a list of ``(args, kwargs)`` in ``inp``, each failing
-    alone, and writes the bundle of ``(seconds, results)`` (see ``mk1._args.Batch``) at the
-    start of ``out``; returns as ``_run``."""
+    """Makes the calls of the calls bundle in ``inp`` in turn, each failing alone, and writes
+    their results bundle at the start of ``out`` (see ``mk1._args``); returns as ``_run``."""
     try:
         bundle = np.ndarray(shape, dtype, inp)
-        calls = _args.unpack(bundle)
+        batch, calls = _args.read_calls(bundle)
         del bundle
-        results = []
+        results = _args.Results(len(out), len(calls))
         start = time.perf_counter()
-        for call in calls:
+        stop = False
+        for i in range(len(calls)):
+            if stop or (i > 0 and time.perf_counter() - start > _BATCH_STOP):
+                stop = True
+                results.again()
+                continue
             try:
-                args, kwargs = call
-                y = fn(*args, **kwargs)
-                _leave_if_forked()
-                results.append((True, y))
+                args, kwargs = calls[i]
+                calls[i] = None
+                entry = (_args.OK, fn(*args, **kwargs))
             except BaseException as e:  # noqa: BLE001 - this call fails alone
-                _leave_if_forked()
-                results.append((False, _encode_error(e)))
-            args = kwargs = call = y = None
+                entry = (_args.FAILED, _encode_error(e, in_place))
+            _leave_if_forked()
+            args = kwargs = None
+            try:
+                size = results.add(entry)
+            except TypeError as e:  # its result does not pickle: it fails alone
+                size = results.add((_args.FAILED, _encode_error(e, in_place)))
+            entry = None
+            if size is None:
+                continue
+            if i == 0:
+                # Alone in the whole space, and still too large: this call's failure.
+                error = _too_large(size, len(out))
+                if results.add((_args.FAILED, _encode_error(error, in_place))) is None:
+                    continue
+            # The rest of the space is too small for it: it runs again on its own, and so do
+            # the calls after it (this one ran; its result is dropped).
+            results.again()
+            stop = True
         seconds = time.perf_counter() - start
         _leave_if_forked(True)
         del calls
-        return _write_bundle((seconds, results), out, in_place)
+        return _write(results.finish(batch, seconds), out, in_place)
     except BaseException as e:  # noqa: BLE001 - every failure goes back to the caller
-        return (None, _encode_error(e))
+        return (None, _encode_error(e, in_place))
 
 
-def _write_bundle(y, out, in_place):
-    """Writes the bundle of ``y`` at the start of ``out``; returns its dtype code and shape."""
-    packed = _args.Packed(y)
-    if packed.nbytes > len(out):
-        from mk1 import ArrayTooLarge
+def _too_large(size, space):
+    from mk1 import ArrayTooLarge
 
-        raise ArrayTooLarge(
-            f"the function's result takes {packed.nbytes} bytes in shared memory (its "
-            f"arrays, and the rest pickled); a result may take {len(out)} bytes here "
-            f"(mk1.Pool(max_array_bytes=...))"
-        )
+    return ArrayTooLarge(
+        f"the function's result takes {size} bytes in shared memory (its arrays, and the rest "
+        f"pickled); a result may take {space} bytes here (mk1.Pool(max_array_bytes=...))"
+    )
+
+
+def _write(w, out, in_place):
+    """Writes the bundle of writer ``w`` at the start of ``out``; returns its dtype code and
+    shape."""
     dst = np.ndarray((len(out),), np.uint8, out)
     if in_place:
-        # The result may be (a view of) the input, in the very memory it goes to.
-        dst[: packed.nbytes] = packed.array()
+        # Results may be (views of) the arguments, in the very memory they go to.
+        dst[: w.nbytes] = w.array()
     else:
-        packed.write(dst)
-    return (_CODES[np.dtype(np.uint8)], (packed.nbytes,))
+        w.write(dst)
+    return (_CODES[_U8], (w.nbytes,))
 
 
 def worker_id() -> int | None:

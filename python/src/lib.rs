@@ -1173,9 +1173,12 @@ impl MapIter {
         };
         let index = self.next_in;
         self.next_in += 1;
+        // (An exact ndarray only: a subclass, a masked array say, is prepared in Python,
+        // which sends it as a call, whole.)
         let array = match item.cast::<PyUntypedArray>() {
             Ok(a)
-                if a.is_c_contiguous()
+                if item.is_exact_instance_of::<PyUntypedArray>()
+                    && a.is_c_contiguous()
                     && (1..=mk1::layout::MAX_DIMS).contains(&a.ndim())
                     && dtype_of(a).is_ok() =>
             {

@@ -1316,24 +1316,73 @@ def test_calls_in_place():
 def test_a_garbled_bundle_is_an_error_never_a_crash():
     from mk1 import _args
 
-    good = _args.pack(((np.arange(5.0), "s"), {"k": np.ones(2, np.int8)}))
-    args, kwargs = _args.unpack(good)
-    assert args[0].tolist() == [0, 1, 2, 3, 4] and args[1] == "s" and kwargs["k"].sum() == 2
+    good = _args.calls(3, [((np.arange(5.0), "s"), {"k": np.ones(2, np.int8)})], 1 << 20)
+    number, [(args, kwargs)] = _args.read_calls(good)
+    assert number == 3 and args[1] == "s" and kwargs["k"].sum() == 2
+    assert args[0].tolist() == [0, 1, 2, 3, 4]
     assert _args.is_bundle(good)
     assert not _args.is_bundle(np.zeros(100, np.uint8))
     assert not _args.is_bundle(good.astype(np.int16))
     for bad in (good[:10], good[:39], np.zeros(64, np.uint8)):
         with pytest.raises(ValueError):
-            _args.unpack(bad)
+            _args.read(bad)
+    with pytest.raises(ValueError, match="not results"):
+        _args.read_results(good)
     rng = np.random.default_rng(7)
     for _ in range(2000):
         b = good.copy()
         at = rng.integers(24, len(b), size=rng.integers(1, 4))
         b[at] = rng.integers(0, 256, size=len(at))
-        try:
-            _args.unpack(b[: rng.integers(40, len(b) + 1)])
-        except Exception:  # noqa: BLE001 - any exception is fine; a crash is not
-            pass
+        with pytest.raises(ValueError) if at.min() < 40 else _maybe_raises():
+            _args.read_calls(b[: rng.integers(40, len(b) + 1)])
+
+
+class _maybe_raises:
+    """A garbled byte may land where it changes nothing; any error must be a ValueError."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, value, tb):
+        return kind is None or issubclass(kind, ValueError)
+
+
+def _array_of(k, text, shape, order):
+    from mk1 import _args
+
+    return _args._array, (k, text, shape, order)
+
+
+class _Forged:
+    """Unpickles as a call of ``mk1._args._array`` with any arguments (a hostile worker)."""
+
+    def __init__(self, *args):
+        self.args = args
+
+    def __reduce__(self):
+        return _array_of(*self.args)
+
+
+def test_a_forged_array_reference_is_a_value_error():
+    from mk1 import _args
+
+    for args in (
+        (5, "<f8", (1,), "C"),  # no such array
+        (-1, "<f8", (1,), "C"),
+        (True, "<f8", (1,), "C"),
+        (0, "|O", (1,), "C"),  # an object dtype would read pointers
+        (0, "<f8", (1 << 40,), "C"),  # larger than its bytes
+        (0, "<f8", (-1,), "C"),
+        (0, "<f8", (1.5,), "C"),
+        (0, "<f8", (1,), "CF"),
+        (0, "<f8", (1,), None),
+        (0, ["unhashable"], (1,), "C"),
+    ):
+        w = _args.Writer(1 << 20)
+        w.add(((np.ones(4),), {}))  # array 0: 32 bytes
+        w.add(_Forged(*args))
+        with pytest.raises(ValueError, match="garbled"):
+            _args.read(w.array())
 
 
 # -- calls in maps go several to a slot ----------------------------------------------------
@@ -1421,18 +1470,25 @@ def test_under_a_timeout_a_hung_call_fails_alone():
         assert p.apply(sleeps_then, 0, "after") == "after"
 
 
-def test_a_garbled_batch_of_results_is_an_error():
+def test_the_batch_sizer_and_garbled_results():
     from mk1 import _args, _pool
 
-    sizer = _pool._BatchSizer(True)
-    assert _pool._batch_results(_args.pack((0.001, [(True, 1), (False, "e")])), sizer) == [
-        (True, 1),
-        (False, "e"),
-    ]
-    assert sizer.size == 4, "2 calls in 1 ms: 4 fill the 2 ms a slot aims at"
-    for bad in ((0.1, "not a list"), (0.1, [(False, 3)]), ("x", []), 42, None):
-        with pytest.raises(mk1.Mk1Error, match="batch of results"):
-            _pool._batch_results(_args.pack(bad), sizer)
+    sizer = _pool._BatchSizer(True, 1 << 20)
+    r = _args.Results(1 << 20, 3)
+    r.add((_args.OK, 1))
+    r.add((_args.FAILED, "e"))
+    r.again()
+    number, entries = _pool._batch_entries(r.finish(9, 0.001).array(), sizer)
+    assert number == 9 and entries == [(0, 1), (1, "e"), (2, None)]
+    assert sizer.size == 4, "2 calls ran in 1 ms: 4 fill the 2 ms a slot aims at"
+    sizer.record_bytes(300_000, 1, 1 << 20)
+    assert sizer.size == 2, "calls of 300 kB: 2 fill three quarters of a 1 MiB slot"
+    assert _pool._BatchSizer(False, 1 << 20).size == 1
+    for bad in (("results", 1, 0.1, 5), ("calls", 1, 0), 42, None):
+        w = _args.Writer(1 << 20)
+        w.add(bad)
+        with pytest.raises(mk1.Mk1Error, match="cannot be read"):
+            _pool._batch_entries(w.array(), sizer)
 
 
 def forks_and_returns_a_pair(i, x):
@@ -1489,3 +1545,114 @@ def test_a_map_of_arrays_takes_odd_items_as_calls_of_their_own(pool):
     raw = np.frombuffer(b"mk1args\x01" + bytes(100), np.uint8)
     assert pool.apply(first_argument, raw).tobytes() == raw.tobytes()
     assert list(pool.map(first_argument, [raw, 5]))[0].tobytes() == raw.tobytes()
+
+
+# -- from a review: batches behave as calls one by one ----------------------------------------
+
+
+def a_mebibyte(i):
+    return np.full(1 << 17, float(i))  # 1 MiB
+
+
+def lock_at(i, n):
+    return threading.Lock() if i == n else i
+
+
+def appends_one(xs):
+    xs.append(1)
+    return len(xs)
+
+
+def bump(x):
+    x += 1
+    return float(x[0])
+
+
+def worker_after(seconds):
+    time.sleep(seconds)
+    return mk1.worker_id()
+
+
+def small_and_large(i):
+    return np.full(1, i), np.ones(16384)
+
+
+def locks_from(n):
+    for i in range(n):
+        yield i
+    yield threading.Lock()
+    yield n + 1
+
+
+def test_each_call_of_a_batch_gets_its_own_result_whatever_the_others_return():
+    with mk1.Pool(workers=2) as p:
+        # 300 results of 1 MiB: quick calls, batched, whose results would overflow a slot.
+        got = list(p.map(a_mebibyte, range(300)))
+        assert [float(y[0]) for y in got] == [float(i) for i in range(300)]
+        assert all(y.shape == (1 << 17,) for y in got)
+        # A result that does not pickle fails its call alone, in its turn.
+        got = []
+        with pytest.raises(TypeError, match="cannot send"):
+            for r in p.starmap(lock_at, ((i, 3000) for i in range(5000))):
+                got.append(r)
+        assert got == list(range(3000))
+        # An input that does not pickle: the calls before it come back, then its error.
+        got = []
+        with pytest.raises(TypeError, match="input 3000"):
+            for r in p.map(first_argument, locks_from(3000)):
+                got.append(r)
+        assert got == list(range(3000))
+
+
+def test_calls_of_a_batch_share_nothing():
+    with mk1.Pool(workers=1) as p:
+        assert set(p.map(appends_one, [[]] * 300)) == {1}
+        # (Within one call, an object passed twice is still one object, as pickle keeps it.)
+        shared = [np.zeros(3)]
+        assert all(args[0] is args[1] for args, _ in p.starmap(echo, [(shared, shared)] * 3))
+    with mk1.Pool(workers=1, mode="in-place") as p:
+        a = np.zeros(4)
+        assert set(p.starmap(bump, [(a,)] * 300)) == {1.0}
+        assert a.tolist() == [0.0] * 4
+
+
+def test_a_batch_that_runs_long_spreads_its_calls_over_the_workers():
+    with mk1.Pool(workers=2) as p:
+        # Quick calls size the batches large; then slow ones come, 64 to a batch, and a
+        # worker that finds its batch running long leaves the rest to be run one to a slot.
+        delays = [0.0] * 3000 + [0.03] * 64
+        seen = list(p.map(worker_after, delays))
+        assert set(seen[3000:]) == {0, 1}
+
+
+def test_a_kept_result_of_a_batch_is_an_array_of_its_own():
+    with mk1.Pool(workers=1) as p:
+        kept = [small for small, _ in p.map(small_and_large, range(500))]
+        assert all(k.base is None and k.flags.writeable for k in kept)
+        assert [int(k[0]) for k in kept] == list(range(500))
+
+
+def test_a_call_exactly_at_max_array_bytes_fits_in_submit_and_in_a_map():
+    from mk1 import _args
+
+    limit = 1 << 16
+    size = len(_args.calls(-1, [((b"",), {})], 1 << 30))
+    n = limit - size
+    while len(_args.calls(-1, [((b"x" * n,), {})], 1 << 30)) != limit:
+        n += limit - len(_args.calls(-1, [((b"x" * n,), {})], 1 << 30))
+    with mk1.Pool(workers=1, max_array_bytes=limit) as p:
+        big = b"x" * n
+        assert p.apply(len, big) == n
+        assert list(p.map(len, [big])) == [n]
+        assert list(p.map(len, [big, big, big])) == [n] * 3
+        with pytest.raises(mk1.ArrayTooLarge, match="arguments take"):
+            p.apply(len, big + b"x")
+
+
+def test_built_in_ops_take_lists_and_odd_subclasses_stay_whole(pool):
+    op = mk1.ops.affine(3, 1)
+    assert pool.apply(op, [1.0, 2.0]).tolist() == [4.0, 7.0]
+    assert [y.tolist() for y in pool.map(op, [[1.0, 2.0], np.ones(2)])] == [[4.0, 7.0], [4.0, 4.0]]
+    m = np.ma.masked_array([1.0, 2.0, 100.0], mask=[False, False, True])
+    got = list(pool.map(what_it_got, [np.ones(3), m]))
+    assert got[1] == ("MaskedArray", "float64")
