@@ -115,16 +115,20 @@ _LOADING = threading.local()
 def _array(k: Any, text: Any, shape: Any, order: Any) -> np.ndarray:
     """Array ``k`` of the bundle being read (a view of its bytes, no copy): how an array that
     went out of band comes back. Anything that does not name one raises ``ValueError``."""
-    buffers = getattr(_LOADING, "buffers", None)
+    loading = _LOADING
+    buffers = getattr(loading, "buffers", None)
     try:
         if buffers is None or type(k) is not int or not 0 <= k < len(buffers):
             raise ValueError("no such array")
         if order not in ("C", "F") or type(text) is not str or text not in _DTYPES:
             raise ValueError("not an order and dtype mk1 sends")
-        if type(shape) is not tuple or not all(type(d) is int and d >= 0 for d in shape):
+        if type(shape) is not tuple:
             raise ValueError("not a shape")
+        for d in shape:
+            if type(d) is not int or d < 0:
+                raise ValueError("not a shape")
         a = np.ndarray(shape, _DTYPES[text], buffers[k], order=order)
-        return a.copy(order="K") if _LOADING.copy else a
+        return a.copy(order="K") if loading.copy else a
     except Exception as e:  # noqa: BLE001 - whatever is wrong, it is a garbled bundle
         raise ValueError(f"a garbled mk1 bundle: array {k!r}: {e}") from None
 
@@ -194,14 +198,18 @@ class Writer:
         went in). Raises ``TypeError`` when ``obj`` does not pickle (nothing went in): by
         reference where it can be, else with cloudpickle when it is installed (lambdas,
         closures, as for the function)."""
-        at, n = self.f.tell(), len(self.arrays)
+        f, arrays = self.f, self.arrays
+        at, n = f.tell(), len(arrays)
         try:
             self._dump(obj, at, n)
         except BaseException:
             self._undo(at, n)
             raise
-        self.array_bytes += sum(_align(a.nbytes) for a in self.arrays[n:])
-        size = self.nbytes
+        for k in range(n, len(arrays)):
+            self.array_bytes += (arrays[k].nbytes + ALIGN - 1) // ALIGN * ALIGN
+        size = _HEAD.size + _BUF.size * len(arrays) + f.tell()
+        if arrays:
+            size = (size + ALIGN - 1) // ALIGN * ALIGN + self.array_bytes
         if size + room > self.limit:
             self._undo(at, n)
             return size
