@@ -819,6 +819,10 @@ class Pool:
                     if bar is not None:
                         bar.update(1)
                     raise _rebuild(value)
+                if zero_copy and value.flags.writeable:
+                    # (A copy: another thread received it. Read-only all the same, as a lent
+                    # result is, so that the caller sees one behaviour.)
+                    value.setflags(write=False)
                 if batched:
                     number, entries = _batch_entries(value, sizer, copy=not zero_copy)
                     value = None

@@ -1656,3 +1656,26 @@ def test_built_in_ops_take_lists_and_odd_subclasses_stay_whole(pool):
     m = np.ma.masked_array([1.0, 2.0, 100.0], mask=[False, False, True])
     got = list(pool.map(what_it_got, [np.ones(3), m]))
     assert got[1] == ("MaskedArray", "float64")
+
+
+def test_zero_copy_results_are_read_only_whichever_thread_received_them():
+    with mk1.Pool(workers=2) as p:
+        stop = threading.Event()
+
+        def other_thread():
+            while not stop.is_set():
+                p.apply(x3p1, np.ones(2))  # receives completions of the map too, as copies
+
+        t = threading.Thread(target=other_thread)
+        t.start()
+        try:
+            arrays = [np.full(64, float(i)) for i in range(400)]
+            for i, y in enumerate(p.map(x3p1, arrays, zero_copy=True)):
+                assert not y.flags.writeable and y[0] == 3 * i + 1
+                del y
+            for i, d in enumerate(p.map(describe, arrays, zero_copy=True)):
+                assert not d["double"].flags.writeable and d["mean"] == float(i)
+                del d
+        finally:
+            stop.set()
+            t.join()
