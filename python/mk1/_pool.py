@@ -628,9 +628,11 @@ class Pool:
                     # (The first call may take the whole slot but the trailer; room for it
                     # is kept after that.)
                     size = w.add(call, _args._ROOM_TRAILER if batch else 0)
-                except TypeError as e:
-                    failure = TypeError(f"input {taken - 1} of this map: {e}")
-                    failure.__cause__ = e
+                except Exception as e:  # (it does not pickle, or its pickling failed)
+                    failure = e
+                    if isinstance(e, TypeError):
+                        failure = TypeError(f"input {taken - 1} of this map: {e}")
+                        failure.__cause__ = e
                     break
                 if size is not None:
                     if not batch:

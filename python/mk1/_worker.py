@@ -227,7 +227,7 @@ def _run_batch(fn, inp, dtype, shape, out, in_place):
             args = kwargs = None
             try:
                 size = results.add(entry)
-            except TypeError as e:  # its result does not pickle: it fails alone
+            except Exception as e:  # its result does not pickle: it fails alone
                 size = results.add((_args.FAILED, _encode_error(e, in_place)))
             entry = None
             if size is None:
