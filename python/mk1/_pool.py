@@ -702,9 +702,13 @@ class Pool:
         at the shortest, as the built-in ``map``); and when the first item of a single
         iterable is not an array mk1 carries (a path, a number, a tuple...), ``fn(item)``
         for every item. (In a map whose first item is such an array, a later item that is not
-        one runs as a call of its own.) Those run as calls (see ``submit``): arrays in the arguments and
-        results travel through shared memory, the rest is pickled, and each result is what
-        ``fn`` returned.
+        one runs as a call of its own.) Those run as calls (see ``submit``): arrays in the
+        arguments and results travel through shared memory, the rest is pickled, and each
+        result is what ``fn`` returned. Quick calls go several to a slot (batches of up to 64,
+        sized to about 2 ms of a worker's time and to fit a slot; one to a slot under a
+        ``timeout``); each is pickled on its own, so calls share no object, and each fails
+        alone. A call runs twice only when its batch's worker died (out of place, redone) or
+        when its result did not fit what the calls before it left of the slot.
 
         ``fn`` is a module-level function (of an importable module or of the main script), or
         with cloudpickle installed any callable; or an ``mk1.ops`` op (no Python in the
