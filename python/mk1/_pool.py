@@ -68,6 +68,13 @@ def _rebuild(exc: BaseException) -> BaseException:
     """A failed Python function's exception as it was raised in the worker (same type, with
     the worker's traceback as ``__cause__``) when it unpickles here; else ``RemoteError``."""
     if not isinstance(exc, _mk1.RemoteError):
+        # A new one of mk1's own errors: the one given may be held elsewhere too (a failed
+        # slot's error is every array's of it), and the traceback raising it attaches would
+        # hold the caller's frames, and the results they hold, alive with it.
+        if isinstance(exc, _mk1.Mk1Error):
+            fresh = type(exc)(*exc.args)
+            fresh.__cause__ = exc.__cause__
+            return fresh
         return exc
     message = str(exc)
     text, sep, blob = message.partition(EXC_MARKER)
@@ -395,6 +402,7 @@ class Pool:
         core = self._core
         if core is None:
             return
+        core.begin_close()  # (no new work from here on, from any thread)
         try:
             # In flight, or back and not yet received: every future gets its result.
             # (A wait of _WAIT also waits for this thread's turn when another holds the pool;
@@ -818,9 +826,22 @@ class Pool:
         try:
             while True:
                 try:
-                    ok, value = next(it)
+                    ok, value, index = next(it)
                 except StopIteration:
                     return
+                if not ok and batched and isinstance(value, (_mk1.WorkerDied, _mk1.TaskTimeout)):
+                    # The batch's worker died (or hung) on one of its calls: each call runs
+                    # again on its own, so that only the call that kills its worker fails.
+                    pairs = sent.pop(index, None)
+                    if pairs is not None and len(pairs) > 1:
+                        again = [self._again(task, pair) for pair in pairs]
+                        pairs = None
+                        for fut in again:
+                            if bar is not None:
+                                bar.update(1)
+                            yield fut.result()
+                        again = None
+                        continue
                 if not ok:
                     if bar is not None:
                         bar.update(1)

@@ -36,6 +36,9 @@ pub(crate) struct HandleLock {
     /// held by a thread that does not exist): objects that still reach it stop instead of
     /// taking it.
     pub(crate) gone: AtomicBool,
+    /// `close()` has begun: it waits for the work already given, and no new work starts
+    /// (maps running in other threads stop at their next step).
+    closing: AtomicBool,
     /// Threads queued by [`HandleLock::acquire`] (to do work now), not yet holding it (read
     /// without the mutex on every wait for results).
     urgent: AtomicUsize,
@@ -69,6 +72,7 @@ impl HandleLock {
     pub(crate) fn new() -> HandleLock {
         HandleLock {
             gone: AtomicBool::new(false),
+            closing: AtomicBool::new(false),
             urgent: AtomicUsize::new(0),
             state: Mutex::new(State {
                 owner: None,
@@ -182,6 +186,16 @@ impl HandleLock {
     /// Marks the pool gone (see [`HandleLock::gone`]).
     pub(crate) fn set_gone(&self) {
         self.gone.store(true, Ordering::Release);
+    }
+
+    /// Whether `close()` has begun (see [`HandleLock::closing`]), or the pool is gone.
+    pub(crate) fn is_closing(&self) -> bool {
+        self.closing.load(Ordering::Acquire) || self.is_gone()
+    }
+
+    /// Marks that `close()` has begun.
+    pub(crate) fn set_closing(&self) {
+        self.closing.store(true, Ordering::Release);
     }
 
     fn held(&self, waited: bool) -> Held<'_> {

@@ -800,6 +800,11 @@ impl PoolCore {
         context: Option<&Bound<'_, PyBytes>>,
         sink: Py<PyAny>,
     ) -> PyResult<u64> {
+        if self.lock.is_closing() {
+            return Err(PyValueError::new_err(
+                "the pool is closing (close() was called)",
+            ));
+        }
         self.with(py, |sh| {
             let task = sh.task(op, context.map(|c| c.as_bytes()))?;
             let ticket = sh.submit(array, &task)?;
@@ -935,6 +940,12 @@ impl PoolCore {
             }
         }
         self.close(py)
+    }
+
+    /// `close()` begins: no new work starts from here on (submit raises, maps stop at their
+    /// next step); what was given still runs, and its results still come.
+    fn begin_close(&self) {
+        self.lock.set_closing();
     }
 
     /// In a child made by `fork()`: forgets the pool without touching it (its workers, monitor
@@ -1226,8 +1237,9 @@ impl MapIter {
     /// per-array work is the limit from Python, not the workers or the rings.)
     fn fill(&mut self, py: Python<'_>, sh: &Shared) -> PyResult<()> {
         loop {
-            // The input iterator (or a callback it runs) may close the pool.
-            if self.lock.is_gone() {
+            // The input iterator (or a callback it runs, or another thread) may close the
+            // pool: no new array goes then.
+            if self.lock.is_closing() {
                 return Err(PyValueError::new_err(
                     "the pool was closed while this map ran; its arrays still in flight \
                      will not come back",
@@ -1293,7 +1305,8 @@ impl MapIter {
         slf
     }
 
-    fn __next__(&mut self, py: Python<'_>) -> PyResult<Option<(bool, Py<PyAny>)>> {
+    /// The next `(ok, result or error, input index)`.
+    fn __next__(&mut self, py: Python<'_>) -> PyResult<Option<(bool, Py<PyAny>, u64)>> {
         let closed = || PyValueError::new_err("the pool is closed");
         loop {
             if self.lock.is_gone() {
@@ -1328,7 +1341,7 @@ impl MapIter {
                     ));
                 };
                 let next = if self.ordered {
-                    m.ready.remove(&self.next_out)
+                    m.ready.remove(&self.next_out).map(|v| (self.next_out, v))
                 } else {
                     // The input's own failure waits for the arrays taken before it: raising
                     // it ends the iteration.
@@ -1339,11 +1352,11 @@ impl MapIter {
                         .keys()
                         .copied()
                         .find(|&k| last || Some(k) != failed_at);
-                    key.and_then(|k| m.ready.remove(&k))
+                    key.and_then(|k| m.ready.remove(&k).map(|v| (k, v)))
                 };
-                if let Some(v) = next {
+                if let Some((index, v)) = next {
                     self.next_out += 1;
-                    return Ok(Some((v.0, v.1)));
+                    return Ok(Some((v.0, v.1, index)));
                 }
                 if self.exhausted
                     && self.pending.is_none()

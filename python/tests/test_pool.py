@@ -1679,3 +1679,49 @@ def test_zero_copy_results_are_read_only_whichever_thread_received_them():
         finally:
             stop.set()
             t.join()
+
+
+def dies_at(i, n):
+    if i == n:
+        os._exit(4)
+    return i
+
+
+def test_a_call_that_kills_its_worker_fails_alone_in_its_batch():
+    for mode in ("out-of-place", "in-place"):
+        with mk1.Pool(workers=2, mode=mode) as p:
+            got = []
+            with pytest.raises(mk1.WorkerDied):
+                for r in p.starmap(dies_at, ((i, 400) for i in range(600))):
+                    got.append(r)
+            assert got == list(range(400)), mode
+            assert p.apply(dies_at, 1, 0) == 1, "the pool goes on"
+
+
+def test_close_from_another_thread_stops_endless_maps_of_arrays_and_of_calls():
+    import itertools
+
+    for make in (
+        lambda p: p.map(x3p1, (np.ones(4) for _ in itertools.count())),
+        lambda p: p.starmap(sleeps_then, ((0.001, i) for i in itertools.count())),
+    ):
+        p = mk1.Pool(workers=2)
+        outcome = []
+
+        def consume(p=p, make=make, outcome=outcome):
+            n = 0
+            try:
+                for _ in make(p):
+                    n += 1
+            except ValueError as e:
+                outcome.append((n, str(e)))
+
+        t = threading.Thread(target=consume)
+        t.start()
+        time.sleep(0.3)
+        p.close()  # returns once what was given has come back: the map gives no more
+        t.join(10)
+        assert not t.is_alive()
+        assert outcome and outcome[0][0] > 0 and "closed" in outcome[0][1]
+        with pytest.raises(ValueError, match="closed"):
+            p.submit(x3p1, np.ones(2))
