@@ -1725,3 +1725,26 @@ def test_close_from_another_thread_stops_endless_maps_of_arrays_and_of_calls():
         assert outcome and outcome[0][0] > 0 and "closed" in outcome[0][1]
         with pytest.raises(ValueError, match="closed"):
             p.submit(x3p1, np.ones(2))
+
+
+def _keep_lent_results_until_the_map_stops(pool, arrays):
+    kept = []
+    try:
+        for y in pool.map(x3p1, arrays, zero_copy=True):
+            kept.append(y)
+    except mk1.Mk1Error:
+        return len(kept)
+
+
+def test_lent_results_dropped_after_an_error_free_their_slots_without_the_garbage_collector():
+    import gc
+
+    with mk1.Pool(workers=2, slots=4) as p:
+        gc.disable()
+        try:
+            arrays = [np.ones(8) for _ in range(20)]
+            assert _keep_lent_results_until_the_map_stops(p, arrays) >= 1
+            # Every lent result is gone with the function's frame: the slots are free.
+            assert [y[0] for y in p.map(x3p1, arrays)] == [4.0] * 20
+        finally:
+            gc.enable()
