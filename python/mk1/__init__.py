@@ -8,6 +8,8 @@
 ...     for y in pool.imap_unordered(f, arrays): ...           # completion order
 ...     y = pool.submit(f, a).result()                         # a future
 ...     ys = list(pool.map(mk1.ops.affine(3, 1), arrays))      # built-in op: Rust in the workers
+...     d = pool.submit(stats, a, b, bins=10).result()         # any arguments, any result
+...     for d in pool.starmap(stats, pairs): ...               # several arguments per call
 
 See ``mk1.Pool`` for the guarantees, and the README for installation.
 """
