@@ -834,6 +834,7 @@ class Pool:
                     # again on its own, so that only the call that kills its worker fails.
                     pairs = sent.pop(index, None)
                     if pairs is not None and len(pairs) > 1:
+                        it.spill_waiting()  # (lent results waiting give their slots up)
                         again = [self._again(task, pair) for pair in pairs]
                         pairs = None
                         for fut in again:
@@ -856,12 +857,13 @@ class Pool:
                     pairs = sent.pop(number, None)
                     if pairs is None or len(pairs) != len(entries):
                         raise _mk1.Mk1Error("a worker sent back the results of another batch")
-                    # Calls the worker left: each on its own now, all at once (in order).
-                    again = {
-                        i: self._again(task, pairs[i])
-                        for i, (kind, _) in enumerate(entries)
-                        if kind == _args.AGAIN
-                    }
+                    # Calls the worker left: each on its own now, all at once (in order). (Lent
+                    # results waiting for their turn give their slots up for them first: else
+                    # they could hold every slot these need.)
+                    left = [i for i, (kind, _) in enumerate(entries) if kind == _args.AGAIN]
+                    if left:
+                        it.spill_waiting()
+                    again = {i: self._again(task, pairs[i]) for i in left}
                     pairs = None
                     for i, (kind, value) in enumerate(entries):
                         if bar is not None:

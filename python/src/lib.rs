@@ -1305,6 +1305,22 @@ impl MapIter {
         slf
     }
 
+    /// Replaces this map's lent results that wait for their turn by read-only copies, so that
+    /// their slots go home: for a caller that needs slots of its own before it reads them
+    /// (calls of a batch that run again on their own). Whether there were any.
+    fn spill_waiting(&self, py: Python<'_>) -> PyResult<bool> {
+        let held = self.lock.acquire(py);
+        // (Declared after `held`, so dropped before it: see `PoolCore::shared`.)
+        let Some(sh) = self.shared.upgrade().filter(|_| !self.lock.is_gone()) else {
+            return Ok(false);
+        };
+        let sh = StepHold(sh);
+        let spilled = self.spill(py, &sh);
+        drop(sh);
+        drop(held);
+        spilled
+    }
+
     /// The next `(ok, result or error, input index)`.
     fn __next__(&mut self, py: Python<'_>) -> PyResult<Option<(bool, Py<PyAny>, u64)>> {
         let closed = || PyValueError::new_err("the pool is closed");

@@ -1748,3 +1748,21 @@ def test_lent_results_dropped_after_an_error_free_their_slots_without_the_garbag
             assert [y[0] for y in p.map(x3p1, arrays)] == [4.0] * 20
         finally:
             gc.enable()
+
+
+def grows_at(i, n):
+    return np.full(10 if i < n else 150_000, float(i))
+
+
+def test_calls_left_by_a_batch_run_again_while_zero_copy_results_wait():
+    # Quick calls with small results size the batches large; then the results grow (1.2 MB
+    # each, three to a slot), so each batch leaves most of its calls to be run again one to a
+    # slot, while the map's other lent results wait for their turn holding slots.
+    for slots in (3, 8):
+        with mk1.Pool(workers=2, slots=slots) as p:
+            n = 0
+            for i, y in enumerate(p.starmap(grows_at, ((i, 600) for i in range(800)), zero_copy=True)):
+                assert y[0] == float(i) and y.size == (10 if i < 600 else 150_000)
+                n += 1
+                del y
+            assert n == 800
