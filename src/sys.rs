@@ -227,13 +227,9 @@ impl Mapping {
             offset.is_multiple_of(4096) && offset.checked_add(len).is_some_and(|e| e <= self.len),
             "range within the mapping"
         );
-        if len == 0 {
-            return Ok(());
-        }
         // SAFETY: the range is inside our own mapping (checked above); the caller vouches for
         // the references into it.
-        unsafe { rustix::mm::mprotect(self.ptr.add(offset).cast(), len, flags)? };
-        Ok(())
+        unsafe { mprotect_range(self.ptr as usize + offset, len, flags) }
     }
 
     /// First byte of the mapping (page aligned).
@@ -997,16 +993,25 @@ pub fn in_every_forked_child(handler: extern "C" fn()) -> io::Result<()> {
 /// # Safety
 /// The range must lie in a mapping of this process that nothing may use afterwards.
 pub unsafe fn protect_none_at(addr: usize, len: usize) -> io::Result<()> {
+    // SAFETY: the caller's promise.
+    unsafe { mprotect_range(addr, len, rustix::mm::MprotectFlags::empty()) }
+}
+
+/// `mprotect` of `len` bytes at `addr` (page aligned) to `flags`; nothing for 0 bytes. One
+/// system call, async-signal-safe (no allocation, no lock, no panic).
+///
+/// # Safety
+/// The range must lie in a mapping of this process, and every reference into it that is used
+/// afterwards must stay valid under `flags`.
+unsafe fn mprotect_range(
+    addr: usize,
+    len: usize,
+    flags: rustix::mm::MprotectFlags,
+) -> io::Result<()> {
     if len == 0 {
         return Ok(());
     }
     // SAFETY: the caller's promise.
-    unsafe {
-        rustix::mm::mprotect(
-            addr as *mut core::ffi::c_void,
-            len,
-            rustix::mm::MprotectFlags::empty(),
-        )?
-    };
+    unsafe { rustix::mm::mprotect(addr as *mut core::ffi::c_void, len, flags)? };
     Ok(())
 }

@@ -206,10 +206,8 @@ class Writer:
             self._undo(at, n)
             raise
         for k in range(n, len(arrays)):
-            self.array_bytes += (arrays[k].nbytes + ALIGN - 1) // ALIGN * ALIGN
-        size = _HEAD.size + _BUF.size * len(arrays) + f.tell()
-        if arrays:
-            size = (size + ALIGN - 1) // ALIGN * ALIGN + self.array_bytes
+            self.array_bytes += _align(arrays[k].nbytes)
+        size = self.nbytes
         if size + room > self.limit:
             self._undo(at, n)
             return size

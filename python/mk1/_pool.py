@@ -589,10 +589,11 @@ class Pool:
         a = _carried(item)
         return a if a is not None else self._calls([((item,), {})])
 
-    def _calls(self, pairs: list, batch: int = -1) -> np.ndarray:
-        """A calls bundle (see ``mk1._args``), checked against the slots' size."""
+    def _calls(self, pairs: list) -> np.ndarray:
+        """A calls bundle outside a map's batches (see ``mk1._args``), checked against the
+        slots' size."""
         try:
-            return _args.calls(batch, pairs, self._max_array_bytes)
+            return _args.calls(-1, pairs, self._max_array_bytes)
         except OverflowError as e:
             raise self._too_large(e.args[0]) from None
 
@@ -654,7 +655,7 @@ class Pool:
                 if size is not None:  # (one call, and no room left for the trailer)
                     raise self._too_large(size)
                 sent[number] = batch
-                sizer.record_bytes(w.nbytes, len(batch), self._max_array_bytes)
+                sizer.record_bytes(w.nbytes, len(batch))
                 yield w.array()
             del w
             if failure is not None:
@@ -854,8 +855,10 @@ class Pool:
                 if batched:
                     number, entries = _batch_entries(value, sizer, copy=not zero_copy)
                     value = None
-                    pairs = sent.pop(number, None)
-                    if pairs is None or len(pairs) != len(entries):
+                    # (The batch is the map's input `index`, as Rust counted them; the number
+                    # the worker wrote back only confirms it.)
+                    pairs = sent.pop(index, None)
+                    if pairs is None or number != index or len(pairs) != len(entries):
                         raise _mk1.Mk1Error("a worker sent back the results of another batch")
                     # Calls the worker left: each on its own now, all at once (in order). (Lent
                     # results waiting for their turn give their slots up for them first: else
@@ -923,10 +926,9 @@ class _BatchSizer:
         self.per_call = t if self.per_call is None else 0.7 * self.per_call + 0.3 * t
         self._resize()
 
-    def record_bytes(self, nbytes: int, calls: int, slot_bytes: int) -> None:
-        """A batch of ``calls`` calls took ``nbytes`` (of a slot of ``slot_bytes``)."""
+    def record_bytes(self, nbytes: int, calls: int) -> None:
+        """A batch of ``calls`` calls took ``nbytes``."""
         self.bytes_in = nbytes / max(calls, 1)
-        self.slot = slot_bytes
         self._resize()
 
     def record_results(self, nbytes: int, calls: int) -> None:

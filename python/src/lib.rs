@@ -645,16 +645,19 @@ impl PoolCore {
     }
 }
 
+/// What `m` holds, taken out by the owner about to drop it (a poisoned mutex still gives it:
+/// a panic elsewhere must not leak the pool).
+fn take_out<T>(m: &mut Mutex<Option<T>>) -> Option<T> {
+    m.get_mut().unwrap_or_else(|e| e.into_inner()).take()
+}
+
 impl Drop for PoolCore {
     /// A pool dropped without `close` (its finalizer normally closes it first): its state
     /// goes under the lock; in a child made by `fork()` it is forgotten, never touched.
     fn drop(&mut self) {
-        let shared = self
-            .shared
-            .get_mut()
-            .unwrap_or_else(|e| e.into_inner())
-            .take();
-        let Some(shared) = shared else { return };
+        let Some(shared) = take_out(&mut self.shared) else {
+            return;
+        };
         if self.lock.is_gone() {
             std::mem::forget(shared);
             return;
@@ -1597,12 +1600,7 @@ struct View {
 
 impl Drop for View {
     fn drop(&mut self) {
-        let lent = self
-            .lent
-            .get_mut()
-            .unwrap_or_else(|e| e.into_inner())
-            .take();
-        let Some(lent) = lent else {
+        let Some(lent) = take_out(&mut self.lent) else {
             return;
         };
         // (Never waits: Python may drop this anywhere, with the GIL held.)

@@ -1481,7 +1481,7 @@ def test_the_batch_sizer_and_garbled_results():
     number, entries = _pool._batch_entries(r.finish(9, 0.001).array(), sizer)
     assert number == 9 and entries == [(0, 1), (1, "e"), (2, None)]
     assert sizer.size == 4, "2 calls ran in 1 ms: 4 fill the 2 ms a slot aims at"
-    sizer.record_bytes(300_000, 1, 1 << 20)
+    sizer.record_bytes(300_000, 1)
     assert sizer.size == 2, "calls of 300 kB: 2 fill three quarters of a 1 MiB slot"
     assert _pool._BatchSizer(False, 1 << 20).size == 1
     for bad in (("results", 1, 0.1, 5), ("calls", 1, 0), 42, None):
