@@ -28,6 +28,13 @@ no object is shared between two calls of ``concurrent.futures``), the last one a
   own (the worker stopped the batch before it, because the batch ran long or its results
   filled the slot; or, rarely, it ran but its result did not fit what the others left).
 
+A *block* is the same in one piece, for calls whose arguments, or results, are all *atoms*
+(``int``, ``float``, ``complex``, ``bool``, ``None``, ``str``, ``bytes``, and tuples of them:
+objects that cannot change, so that calls sharing one share nothing that matters):
+``("calls", batch, count, [args, ...])`` (no keywords), or ``("results", batch, seconds,
+count, [result, ...])`` when every call returned an atom. One pickle per batch instead of one per call: what makes a map
+over numbers or paths as quick as ``multiprocessing``'s chunks.
+
 The nonce is what tells the caller that a uint8 result of a one-array function is a bundle and
 not the function's own bytes: a function's result cannot start with it by chance (2^-128).
 Whoever reads a bundle checks every length and offset against the bundle's size first: a
@@ -39,6 +46,7 @@ own code.)
 from __future__ import annotations
 
 import io
+import itertools
 import pickle
 import secrets
 import struct
@@ -57,6 +65,20 @@ _BUF = struct.Struct("<QQ")
 _MAX_BUFFERS = 1 << 20
 # Entry kinds of a results bundle.
 OK, FAILED, AGAIN = 0, 1, 2
+# The exact types of atoms (see the module's docs).
+ATOMS = frozenset({int, float, complex, bool, type(None), str, bytes})
+_all_atoms = ATOMS.issuperset
+
+
+def flat(t: tuple) -> bool:
+    """Whether every item of ``t`` is an atom or a tuple of atoms (as immutable as an atom)."""
+    return _all_atoms(map(type, t)) or all(
+        type(x) in ATOMS or (type(x) is tuple and _all_atoms(map(type, x))) for x in t
+    )
+
+
+# The keywords of a call without any (shared by many calls: `fn(**kwargs)` copies it).
+NO_KEYWORDS: dict = {}
 # Room kept in a results bundle for the entries still to come and the trailer (an AGAIN
 # entry pickles to about 15 bytes; the trailer to about 60).
 _ROOM_PER_ENTRY = 32
@@ -298,6 +320,14 @@ def calls(batch: int, pairs: list[tuple[tuple, dict]], limit: int) -> np.ndarray
     return w.array()
 
 
+def block(trailer: tuple, limit: int) -> tuple[Writer | None, int]:
+    """The bundle of one piece, ``trailer`` (a block, see the module's docs), and its size;
+    no bundle when it takes more than ``limit`` bytes."""
+    w = Writer(limit)
+    size = w.add(trailer)
+    return (w, w.nbytes) if size is None else (None, size)
+
+
 def is_bundle(a: np.ndarray) -> bool:
     """Whether ``a`` (a result of a one-array function) is a bundle of this process."""
     return (
@@ -351,10 +381,22 @@ def read(bundle: np.ndarray, copy: bool = False) -> list:
         _LOADING.buffers, _LOADING.copy = outer
 
 
-def read_calls(bundle: np.ndarray) -> tuple[int, list]:
-    """The batch number and the ``(args, kwargs)`` of a calls bundle; ``ValueError`` for
-    anything else."""
+def read_calls(bundle: np.ndarray) -> tuple[int, list, bool]:
+    """The batch number and the ``(args, kwargs)`` of a calls bundle, and whether it is a
+    block (every argument an atom); ``ValueError`` for anything else."""
     *pairs, trailer = read(bundle) or [None]
+    if (
+        not pairs
+        and type(trailer) is tuple
+        and len(trailer) == 4
+        and trailer[0] == "calls"
+        and type(trailer[3]) is list
+        and trailer[2] == len(trailer[3])
+    ):
+        args = trailer[3]
+        if not all(type(a) is tuple for a in args):
+            raise ValueError("a garbled mk1 bundle: not calls")
+        return trailer[1], list(zip(args, itertools.repeat(NO_KEYWORDS))), True
     if not (
         type(trailer) is tuple
         and len(trailer) == 3
@@ -363,13 +405,23 @@ def read_calls(bundle: np.ndarray) -> tuple[int, list]:
         and all(type(p) is tuple and len(p) == 2 for p in pairs)
     ):
         raise ValueError("a garbled mk1 bundle: not calls")
-    return trailer[1], pairs
+    return trailer[1], pairs, False
 
 
-def read_results(bundle: np.ndarray, copy: bool = False) -> tuple[int, float, list]:
-    """The batch number, the worker's seconds and the entries of a results bundle (``copy``:
-    see ``read``); ``ValueError`` for anything else."""
+def read_results(bundle: np.ndarray, copy: bool = False) -> tuple[int, float, list, bool]:
+    """The batch number, the worker's seconds, the entries of a results bundle (``copy``: see
+    ``read``) and whether it is a block: then the entries are the calls' results themselves
+    (every call returned, an atom); ``ValueError`` for anything else."""
     *entries, trailer = read(bundle, copy) or [None]
+    if (
+        not entries
+        and type(trailer) is tuple
+        and len(trailer) == 5
+        and trailer[0] == "results"
+        and type(trailer[4]) is list
+        and trailer[3] == len(trailer[4])
+    ):
+        return trailer[1], float(trailer[2]), trailer[4], True
     if not (
         type(trailer) is tuple
         and len(trailer) == 4
@@ -383,7 +435,7 @@ def read_results(bundle: np.ndarray, copy: bool = False) -> tuple[int, float, li
         )
     ):
         raise ValueError("a garbled mk1 bundle: not results")
-    return trailer[1], float(trailer[2]), entries
+    return trailer[1], float(trailer[2]), entries, False
 
 
 class Results:

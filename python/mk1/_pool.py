@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import collections
 import concurrent.futures
 import itertools
 import json
@@ -199,6 +200,14 @@ def _as_array(a: Any) -> np.ndarray:
     return a
 
 
+# What a worker runs: this very mk1 package (whatever the worker's default sys.path would
+# find first, another installed version, say), then its main (which sets the caller's path).
+_WORKER_MAIN = (
+    f"import sys; sys.path.insert(0, {os.path.dirname(os.path.dirname(os.path.abspath(__file__)))!r}); "
+    "import mk1._worker as w; w._main()"
+)
+
+
 def _default_workers() -> int:
     try:
         return max(1, len(os.sched_getaffinity(0)))
@@ -369,7 +378,7 @@ class Pool:
             timeout,
             bool(keep_copies),
             sys.executable,
-            ["-c", "import mk1._worker as w; w._main()"],
+            ["-c", _WORKER_MAIN],
             env,
             float(start_timeout),
         )
@@ -610,17 +619,42 @@ class Pool:
     ) -> Iterator[np.ndarray]:
         """The calls of a map as calls bundles of up to ``sizer.size`` calls each, as many as
         fit a slot; ``sent`` keeps each batch's calls by its number until its results come
-        (to run again those the worker answers AGAIN). An input that fails, a call that does
-        not pickle (named by its index) or one too large for a slot ends the batches, after
-        the calls taken before it."""
+        (to run again those the worker answers AGAIN). While every argument so far is an atom
+        (a number, a string...: see ``mk1._args``) a batch goes as a block, one pickle; from
+        the first call with another argument on, each call is pickled on its own. An input
+        that fails, a call that does not pickle (named by its index) or one too large for a
+        slot ends the batches, after the calls taken before it."""
         taken = 0  # calls taken from the input
-        carry = None  # a call taken that did not fit the batch before
+        carry: collections.deque = collections.deque()  # taken, not yet in a batch
+        ended = None  # what the input raised (after the calls taken before it)
+        atoms, flat = _args.ATOMS.issuperset, _args.flat
+        plain = True
+        sizer.blocks(True)
         for number in itertools.count():
-            w = _args.Writer(self._max_array_bytes)
             batch: list = []
-            failure = None
+            failure = None  # a call's own (the calls after it are not sent)
+            w = None
+            if plain and not carry and ended is None:
+                # Blocks, the common case of quick calls: their calls taken in one loop.
+                # (Any call that is not all atoms goes back to be taken below.)
+                append = batch.append
+                try:
+                    for call in itertools.islice(calls, sizer.size):
+                        if call[1] or not (atoms(map(type, call[0])) or flat(call[0])):
+                            carry.append(call)
+                            break
+                        append(call)
+                except (KeyboardInterrupt, SystemExit):
+                    raise  # (at once: the map ends, what it took with it)
+                except BaseException as e:
+                    ended = e
+                taken += len(batch) + len(carry)
             while len(batch) < sizer.size:
-                if carry is None:
+                if carry:
+                    call = carry.popleft()
+                elif ended is not None:
+                    break
+                else:
                     try:
                         call = next(calls)
                     except StopIteration:
@@ -628,11 +662,20 @@ class Pool:
                     except (KeyboardInterrupt, SystemExit):
                         raise  # (at once: the map ends, what it took with it)
                     except BaseException as e:
-                        failure = e
+                        ended = e
                         break
                     taken += 1
-                else:
-                    call, carry = carry, None
+                if plain:
+                    if not call[1] and (atoms(map(type, call[0])) or flat(call[0])):
+                        batch.append(call)
+                        continue
+                    plain = False
+                    sizer.blocks(False)
+                    if batch:
+                        carry.appendleft(call)  # (the next batch's first, on its own)
+                        break
+                if w is None:
+                    w = _args.Writer(self._max_array_bytes)
                 try:
                     # (The first call may take the whole slot but the trailer; room for it
                     # is kept after that.)
@@ -640,27 +683,45 @@ class Pool:
                 except Exception as e:  # (it does not pickle, or its pickling failed)
                     failure = e
                     if isinstance(e, TypeError):
-                        failure = TypeError(f"input {taken - 1} of this map: {e}")
+                        index = taken - 1 - len(carry)
+                        failure = TypeError(f"input {index} of this map: {e}")
                         failure.__cause__ = e
                     break
                 if size is not None:
                     if not batch:
                         failure = self._too_large(size)
                         break
-                    carry = call  # the next batch's first
+                    carry.appendleft(call)  # the next batch's first
                     break
                 batch.append(call)
-            if batch:
+            if batch and w is None:
+                # A block; halved until it fits (the sizer learns the bytes per call from
+                # it, so this is rare).
+                while True:
+                    trailer = ("calls", number, len(batch), [args for args, _ in batch])
+                    w, size = _args.block(trailer, self._max_array_bytes)
+                    if w is not None:
+                        break
+                    if len(batch) == 1:
+                        raise self._too_large(size)
+                    sizer.record_bytes(size, len(batch))
+                    half = len(batch) // 2
+                    carry.extendleft(reversed(batch[half:]))
+                    batch = batch[:half]
+            elif batch:
                 size = w.finish_calls(number)
                 if size is not None:  # (one call, and no room left for the trailer)
                     raise self._too_large(size)
+            if batch:
                 sent[number] = batch
                 sizer.record_bytes(w.nbytes, len(batch))
                 yield w.array()
-            del w
+            w = None
             if failure is not None:
                 raise failure
-            if not batch and carry is None:
+            if not carry and (ended is not None or not batch):
+                if ended is not None:
+                    raise ended
                 return
 
     def as_completed(
@@ -716,7 +777,9 @@ class Pool:
         result is what ``fn`` returned. Quick calls go several to a slot (batches of up to 64,
         sized to about 2 ms of a worker's time and to fit a slot; one to a slot under a
         ``timeout``); each is pickled on its own, so calls share no object, and each fails
-        alone. A call runs twice only when its batch's worker died (out of place, redone) or
+        alone. (Calls whose arguments are numbers, strings, bytes, None or tuples of them,
+        which cannot change, go up to 1024 to a batch in one pickle, and their results too
+        while each is such an object.) A call runs twice only when its batch's worker died (out of place, redone) or
         when its result did not fit what the calls before it left of the slot.
 
         ``fn`` is a module-level function (of an importable module or of the main script), or
@@ -776,9 +839,9 @@ class Pool:
         # or call arguments is known at its first item.)
         calls = None
         if star:
-            calls = ((tuple(args), {}) for args in iterables[0])
+            calls = ((tuple(args), _args.NO_KEYWORDS) for args in iterables[0])
         elif len(iterables) > 1:
-            calls = ((args, {}) for args in zip(*iterables))
+            calls = zip(zip(*iterables), itertools.repeat(_args.NO_KEYWORDS))
         if calls is not None:
             task = self._task(fn, _args.Batch)
         else:
@@ -806,7 +869,9 @@ class Pool:
                 batched = True
                 task = self._task(fn, _args.Batch)
                 rest = inputs
-                inputs = (((x,), {}) for x in itertools.chain((first,), rest))
+                inputs = zip(
+                    zip(itertools.chain((first,), rest)), itertools.repeat(_args.NO_KEYWORDS)
+                )
             del first, a
         if batched:
             sizer = _BatchSizer(self._timeout is None, self._max_array_bytes)
@@ -853,13 +918,21 @@ class Pool:
                     # result is, so that the caller sees one behaviour.)
                     value.setflags(write=False)
                 if batched:
-                    number, entries = _batch_entries(value, sizer, copy=not zero_copy)
+                    number, entries, block = _batch_entries(value, sizer, copy=not zero_copy)
                     value = None
                     # (The batch is the map's input `index`, as Rust counted them; the number
                     # the worker wrote back only confirms it.)
                     pairs = sent.pop(index, None)
                     if pairs is None or number != index or len(pairs) != len(entries):
                         raise _mk1.Mk1Error("a worker sent back the results of another batch")
+                    if block:
+                        # (Every call returned, an atom.)
+                        pairs = None
+                        if bar is not None:
+                            bar.update(len(entries))
+                        yield from entries
+                        entries = None
+                        continue
                     # Calls the worker left: each on its own now, all at once (in order). (Lent
                     # results waiting for their turn give their slots up for them first: else
                     # they could hold every slot these need.)
@@ -909,10 +982,14 @@ class _BatchSizer:
 
     TARGET = 0.002
     MOST = 64
+    # Blocks (calls and results all atoms, see `mk1._args`) cost one pickle per batch, not
+    # per call: they may carry more calls.
+    MOST_BLOCK = 1024
 
     def __init__(self, enabled: bool, slot_bytes: int) -> None:
         self.enabled = enabled
         self.slot = slot_bytes
+        self.most = self.MOST
         self.size = 1
         self.per_call: float | None = None
         self.bytes_in = 0.0  # per call, in the last batch sent
@@ -942,34 +1019,42 @@ class _BatchSizer:
         by_time = self.TARGET / max(self.per_call, 1e-9)
         # (Three quarters of the slot: calls and results vary in size.)
         by_bytes = 0.75 * self.slot / max(self.bytes_in, self.bytes_out, 1.0)
-        self.size = int(max(1, min(self.MOST, by_time, by_bytes)))
+        self.size = int(max(1, min(self.most, by_time, by_bytes)))
+
+    def blocks(self, on: bool) -> None:
+        """Whether the batches are blocks (see ``MOST_BLOCK``)."""
+        self.most = self.MOST_BLOCK if on else self.MOST
+        self._resize()
 
 
 def _batch_entries(
     payload: np.ndarray, sizer: _BatchSizer, copy: bool = False
-) -> tuple[int, list]:
-    """The batch number and the entries of a results bundle (see ``mk1._args``; ``copy``:
-    arrays of their own, not views of ``payload``), the worker's time and the bytes recorded
-    in ``sizer``; ``Mk1Error`` when it is not what a worker sends."""
+) -> tuple[int, list, bool]:
+    """The batch number, the entries of a results bundle and whether it is a block (see
+    ``mk1._args.read_results``; ``copy``: arrays of their own, not views of ``payload``), the
+    worker's time and the bytes recorded in ``sizer``; ``Mk1Error`` when it is not what a
+    worker sends."""
     try:
-        number, seconds, entries = _args.read_results(payload, copy)
+        number, seconds, entries, block = _args.read_results(payload, copy)
     except Exception as e:  # garbled, or of a type this process cannot import
         raise _mk1.Mk1Error(f"the results of a batch cannot be read here: {e!r}") from e
-    ran = sum(1 for kind, _ in entries if kind != _args.AGAIN)
+    ran = len(entries) if block else sum(1 for kind, _ in entries if kind != _args.AGAIN)
     sizer.record(seconds, ran)
     sizer.record_results(payload.nbytes, len(entries))
-    return number, entries
+    return number, entries, block
 
 
 def _one_result(payload: np.ndarray) -> tuple[bool, Any]:
     """``(True, value)`` of one call from its results bundle, or ``(False, error)``: the
     function's (for ``_rebuild``), or an ``Mk1Error`` when it cannot be read here."""
     try:
-        _, _, entries = _args.read_results(payload)
+        _, _, entries, block = _args.read_results(payload)
     except Exception as e:  # garbled, or of a type this process cannot import
         error = _mk1.Mk1Error(f"the result of a call cannot be read here: {e!r}")
         error.__cause__ = e
         return False, error
+    if len(entries) == 1 and block:
+        return True, entries[0]
     if len(entries) != 1 or entries[0][0] == _args.AGAIN:
         return False, _mk1.Mk1Error("a worker could not answer this call (see its slot size)")
     kind, value = entries[0]

@@ -207,16 +207,65 @@ def _run_batch(fn, inp, dtype, shape, out, in_place):
     their results bundle at the start of ``out`` (see ``mk1._args``); returns as ``_run``."""
     try:
         bundle = np.ndarray(shape, dtype, inp)
-        batch, calls = _args.read_calls(bundle)
+        batch, calls, block = _args.read_calls(bundle)
         del bundle
-        results = _args.Results(len(out), len(calls))
         start = time.perf_counter()
-        stop = False
-        for i in range(len(calls)):
-            if stop or (i > 0 and time.perf_counter() - start > _BATCH_STOP):
-                stop = True
-                results.again()
-                continue
+        made: list = []  # the entries of the calls made so far, in order
+        if block:
+            # Every argument an atom: while every result is one too, the results go back as
+            # a block (one pickle). The first call that fails or returns anything else, a
+            # batch that runs long, or a block too large for the slot goes on piece by piece
+            # (`_run_pieces`), with the calls made so far.
+            atoms, flat, clock = _args.ATOMS, _args.flat, time.perf_counter
+            values: list = []
+            last = None
+            for args, _ in calls:
+                if values and clock() - start > _BATCH_STOP:
+                    break
+                try:
+                    value = fn(*args)
+                except BaseException as e:  # noqa: BLE001 - this call fails alone
+                    _leave_if_forked()
+                    last = (_args.FAILED, _encode_error(e, in_place))
+                    break
+                if _forked:
+                    os._exit(0)  # (see `_leave_if_forked`)
+                kind = type(value)
+                if kind not in atoms and not (kind is tuple and flat(value)):
+                    last = (_args.OK, value)
+                    break
+                values.append(value)
+            else:
+                seconds = time.perf_counter() - start
+                _leave_if_forked(True)
+                w, _ = _args.block(("results", batch, seconds, len(values), values), len(out))
+                if w is not None:
+                    del calls, values
+                    return _write(w, out, in_place)
+            made = [(_args.OK, v) for v in values]
+            del values
+            if last is not None:
+                made.append(last)
+                last = None
+        return _run_pieces(fn, batch, calls, made, start, out, in_place)
+    except BaseException as e:  # noqa: BLE001 - every failure goes back to the caller
+        return (None, _encode_error(e, in_place))
+
+
+def _run_pieces(fn, batch, calls, made, start, out, in_place):
+    """Makes the calls of a batch from ``len(made)`` on (``made``: the entries of those made
+    before) and writes the results bundle, each entry pickled on its own; returns as
+    ``_run``."""
+    results = _args.Results(len(out), len(calls))
+    stop = False
+    for i in range(len(calls)):
+        if stop or (i >= len(made) and i > 0 and time.perf_counter() - start > _BATCH_STOP):
+            stop = True
+            results.again()
+            continue
+        if i < len(made):
+            entry, made[i] = made[i], None
+        else:
             try:
                 args, kwargs = calls[i]
                 calls[i] = None
@@ -225,28 +274,26 @@ def _run_batch(fn, inp, dtype, shape, out, in_place):
                 entry = (_args.FAILED, _encode_error(e, in_place))
             _leave_if_forked()
             args = kwargs = None
-            try:
-                size = results.add(entry)
-            except Exception as e:  # its result does not pickle: it fails alone
-                size = results.add((_args.FAILED, _encode_error(e, in_place)))
-            entry = None
-            if size is None:
+        try:
+            size = results.add(entry)
+        except Exception as e:  # its result does not pickle: it fails alone
+            size = results.add((_args.FAILED, _encode_error(e, in_place)))
+        entry = None
+        if size is None:
+            continue
+        if i == 0:
+            # Alone in the whole space, and still too large: this call's failure.
+            error = _too_large(size, len(out))
+            if results.add((_args.FAILED, _encode_error(error, in_place))) is None:
                 continue
-            if i == 0:
-                # Alone in the whole space, and still too large: this call's failure.
-                error = _too_large(size, len(out))
-                if results.add((_args.FAILED, _encode_error(error, in_place))) is None:
-                    continue
-            # The rest of the space is too small for it: it runs again on its own, and so do
-            # the calls after it (this one ran; its result is dropped).
-            results.again()
-            stop = True
-        seconds = time.perf_counter() - start
-        _leave_if_forked(True)
-        del calls
-        return _write(results.finish(batch, seconds), out, in_place)
-    except BaseException as e:  # noqa: BLE001 - every failure goes back to the caller
-        return (None, _encode_error(e, in_place))
+        # The rest of the space is too small for it: it runs again on its own, and so do
+        # the calls after it (this one ran; its result is dropped).
+        results.again()
+        stop = True
+    seconds = time.perf_counter() - start
+    _leave_if_forked(True)
+    del calls, made
+    return _write(results.finish(batch, seconds), out, in_place)
 
 
 def _too_large(size, space):

@@ -1317,8 +1317,8 @@ def test_a_garbled_bundle_is_an_error_never_a_crash():
     from mk1 import _args
 
     good = _args.calls(3, [((np.arange(5.0), "s"), {"k": np.ones(2, np.int8)})], 1 << 20)
-    number, [(args, kwargs)] = _args.read_calls(good)
-    assert number == 3 and args[1] == "s" and kwargs["k"].sum() == 2
+    number, [(args, kwargs)], block = _args.read_calls(good)
+    assert number == 3 and args[1] == "s" and kwargs["k"].sum() == 2 and not block
     assert args[0].tolist() == [0, 1, 2, 3, 4]
     assert _args.is_bundle(good)
     assert not _args.is_bundle(np.zeros(100, np.uint8))
@@ -1478,8 +1478,8 @@ def test_the_batch_sizer_and_garbled_results():
     r.add((_args.OK, 1))
     r.add((_args.FAILED, "e"))
     r.again()
-    number, entries = _pool._batch_entries(r.finish(9, 0.001).array(), sizer)
-    assert number == 9 and entries == [(0, 1), (1, "e"), (2, None)]
+    number, entries, block = _pool._batch_entries(r.finish(9, 0.001).array(), sizer)
+    assert number == 9 and entries == [(0, 1), (1, "e"), (2, None)] and not block
     assert sizer.size == 4, "2 calls ran in 1 ms: 4 fill the 2 ms a slot aims at"
     sizer.record_bytes(300_000, 1)
     assert sizer.size == 2, "calls of 300 kB: 2 fill three quarters of a 1 MiB slot"
@@ -1766,3 +1766,95 @@ def test_calls_left_by_a_batch_run_again_while_zero_copy_results_wait():
                 n += 1
                 del y
             assert n == 800
+
+
+def square(x):
+    return x * x
+
+
+def pair_and_text(i, text):
+    return i, text.upper()
+
+
+def dict_every(i, n):
+    return {"i": i} if i % n == 0 else i
+
+
+def fails_at_537(i):
+    if i == 537:
+        raise CustomError(i, "537")
+    return i
+
+
+def text_of(n):
+    return "r" * n
+
+
+def ints_failing_after(n):
+    yield from range(n)
+    raise ZeroDivisionError("the input generator failed")
+
+
+def test_calls_of_atoms_go_as_blocks_and_each_still_stands_alone():
+    from mk1 import _args
+
+    # The format: a block of calls reads back as the same calls, and says it is a block.
+    w, size = _args.block(("calls", 5, 2, [(1, "a"), (2.5, None)]), 1 << 20)
+    number, pairs, block = _args.read_calls(w.array())
+    assert (number, block, size) == (5, True, w.nbytes)
+    assert pairs == [((1, "a"), {}), ((2.5, None), {})]
+    assert _args.block(("calls", 5, 1, [("x" * 2000,)]), 1000)[0] is None
+    assert _args.flat((1, "a", (2, b"b"))) and not _args.flat(((1, [2]),))
+    with mk1.Pool(workers=2) as p:
+        assert list(p.map(square, range(20_000))) == [i * i for i in range(20_000)]
+        assert sorted(p.imap_unordered(square, range(5000))) == [i * i for i in range(5000)]
+        got = list(p.starmap(pair_and_text, ((i, f"t{i}") for i in range(3000))))
+        assert got == [(i, f"T{i}") for i in range(3000)]
+        # Items that are tuples of atoms, results that are not atoms now and then.
+        got = list(p.map(dict_every, range(3000), [100] * 3000))
+        assert got == [{"i": i} if i % 100 == 0 else i for i in range(3000)]
+        # A call that fails in a block fails alone, in its turn.
+        got = []
+        with pytest.raises(CustomError, match="537"):
+            for r in p.map(fails_at_537, range(2000)):
+                got.append(r)
+        assert got == list(range(537))
+        # The input fails midway: the calls before it come back first.
+        got = []
+        with pytest.raises(ZeroDivisionError, match="input generator"):
+            for r in p.map(square, ints_failing_after(2500)):
+                got.append(r)
+        assert got == [i * i for i in range(2500)]
+
+
+def test_blocks_too_large_for_a_slot_are_split_both_ways():
+    with mk1.Pool(workers=2, max_array_bytes=1 << 20) as p:
+        # Quick small calls size the batches large, then calls of 300 kB come: a block
+        # that would not fit is halved until it does.
+        texts = ["x"] * 3000 + [f"{i}" + "y" * 300_000 for i in range(12)] + ["z"] * 100
+        assert list(p.map(len, texts)) == [len(t) for t in texts]
+        # Results that do not fit together: as many as fit, the rest again on their own.
+        sizes = [1] * 3000 + [200_000] * 40
+        assert [len(r) for r in p.map(text_of, sizes)] == sizes
+
+
+def test_a_garbled_block_is_an_error_never_a_crash():
+    from mk1 import _args
+
+    good, _ = _args.block(("calls", 3, 3, [(1,), ("s", 2.0), (None,)]), 1 << 20)
+    good = good.array()
+    rng = np.random.default_rng(11)
+    for _ in range(2000):
+        b = good.copy()
+        at = rng.integers(24, len(b), size=rng.integers(1, 4))
+        b[at] = rng.integers(0, 256, size=len(at))
+        with pytest.raises(ValueError) if at.min() < 40 else _maybe_raises():
+            _args.read_calls(b[: rng.integers(40, len(b) + 1)])
+    for bad in (("calls", 1, 2, [(1,)]), ("calls", 1, 1, [1]), ("calls", 1, 1, (1,))):
+        w, _ = _args.block(bad, 1 << 20)
+        with pytest.raises(ValueError, match="not calls"):
+            _args.read_calls(w.array())
+    for bad in (("results", 1, 0.0, 2, [1]), ("results", 1, 0.0, 1, (1,))):
+        w, _ = _args.block(bad, 1 << 20)
+        with pytest.raises(ValueError, match="not results"):
+            _args.read_results(w.array())
