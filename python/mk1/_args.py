@@ -276,9 +276,10 @@ class Writer:
         del self.arrays[n:]
         self.array_bytes = sum(_align(a.nbytes) for a in self.arrays)
 
-    def write(self, dst: np.ndarray) -> None:
-        """Writes the bundle at the start of ``dst`` (a 1-D uint8 array of at least
-        ``nbytes``)."""
+    def write(self, dst: Any) -> None:
+        """Writes the bundle at the start of ``dst`` (a writable buffer of at least ``nbytes``
+        bytes: a 1-D uint8 array, or the pool's own buffer of a slot), keeping no view of
+        it."""
         head = self.f.getbuffer()
         at = _align(_HEAD.size + _BUF.size * len(self.arrays) + len(head))
         table = []
@@ -306,9 +307,10 @@ class Writer:
         return out
 
 
-def calls(batch: int, pairs: list[tuple[tuple, dict]], limit: int) -> np.ndarray:
-    """A calls bundle of ``pairs`` (each ``(args, kwargs)``); ``OverflowError`` carrying the
-    bytes it would take when that is past ``limit``."""
+def calls(batch: int, pairs: list[tuple[tuple, dict]], limit: int) -> Writer:
+    """A calls bundle of ``pairs`` (each ``(args, kwargs)``), to be written (the pool writes
+    it straight into a slot); ``OverflowError`` carrying the bytes it would take when that is
+    past ``limit``."""
     w = Writer(limit)
     for pair in pairs:
         size = w.add(pair)
@@ -317,7 +319,7 @@ def calls(batch: int, pairs: list[tuple[tuple, dict]], limit: int) -> np.ndarray
     size = w.finish_calls(batch)
     if size is not None:
         raise OverflowError(size)
-    return w.array()
+    return w
 
 
 def block(trailer: tuple, limit: int) -> tuple[Writer | None, int]:

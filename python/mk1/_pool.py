@@ -208,6 +208,10 @@ _WORKER_MAIN = (
 )
 
 
+def _as_is(x: Any) -> Any:
+    return x
+
+
 def _default_workers() -> int:
     try:
         return max(1, len(os.sched_getaffinity(0)))
@@ -486,9 +490,12 @@ class Pool:
             )
         return None, blob
 
-    def _submit_one(self, a: np.ndarray, task: tuple[str | None, bytes | None], sink) -> int:
-        """Submits, receiving results while every slot is busy (backpressure); the result will
-        go to ``sink``."""
+    def _submit_one(
+        self, a: np.ndarray | _args.Writer, task: tuple[str | None, bytes | None], sink
+    ) -> int:
+        """Submits ``a`` (an array, copied into a slot, or a bundle, written there),
+        receiving results while every slot is busy (backpressure); the result will go to
+        ``sink``."""
         core = self._live()
         stuck = 0  # rounds with nothing in flight, nothing received and no slot
         while True:
@@ -592,13 +599,13 @@ class Pool:
         self._submit_one(a, task, fut)
         return fut
 
-    def _prepare(self, item: Any) -> np.ndarray:
+    def _prepare(self, item: Any) -> np.ndarray | _args.Writer:
         """An item of a map of arrays as its task's input: the array, or for anything else a
         calls bundle of one call (the map's function is wrapped in ``mk1._args.Auto``)."""
         a = _carried(item)
         return a if a is not None else self._calls([((item,), {})])
 
-    def _calls(self, pairs: list) -> np.ndarray:
+    def _calls(self, pairs: list) -> _args.Writer:
         """A calls bundle outside a map's batches (see ``mk1._args``), checked against the
         slots' size."""
         try:
@@ -715,7 +722,7 @@ class Pool:
             if batch:
                 sent[number] = batch
                 sizer.record_bytes(w.nbytes, len(batch))
-                yield w.array()
+                yield w  # (written by the pool straight into its slot)
             w = None
             if failure is not None:
                 raise failure
@@ -879,9 +886,9 @@ class Pool:
             inputs = self._batches(inputs, sizer, sent)
         # Zero-copy, the result the caller holds keeps its slot: one less in flight.
         window = max(1, self._slots - 1) if zero_copy else self._slots
-        # (A map of calls sends bundles, which never need preparing; a map of an op takes
-        # what numpy makes an array of.)
-        prepare = _as_array if batched or isinstance(fn, Op) else self._prepare
+        # (A map of calls sends bundles, written by the pool straight into their slots; a map
+        # of an op takes what numpy makes an array of.)
+        prepare = _as_is if batched else _as_array if isinstance(fn, Op) else self._prepare
         # A batch's results are read straight from shared memory (lent), and unless zero-copy
         # each array is copied out on its own as it is read, so that a result kept does not
         # keep the whole batch's bytes alive; the slot goes home once they are read.

@@ -11,7 +11,7 @@
 
 mod handle;
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::ffi::{c_int, c_void};
 use std::mem::ManuallyDrop;
@@ -27,6 +27,7 @@ use mk1::{
 };
 use numpy::{PyArrayDescrMethods, PyUntypedArray, PyUntypedArrayMethods};
 use pyo3::exceptions::{PyException, PyValueError};
+use pyo3::intern;
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyTuple};
 
@@ -437,8 +438,65 @@ impl Shared {
         })
     }
 
+    /// Submits `input`: a numpy array ([`Shared::submit_array`]), or anything else as a
+    /// bundle writer ([`Shared::submit_bundle`]).
+    fn submit(&self, input: &Bound<'_, PyAny>, task: &Task) -> PyResult<u64> {
+        match input.cast::<PyUntypedArray>() {
+            Ok(array) => self.submit_array(array, task),
+            Err(_) => self.submit_bundle(input, task),
+        }
+    }
+
+    /// Loans a slot of `writer.nbytes` bytes and has `writer.write(room)` write them there
+    /// (`room` a writable buffer of those bytes, [`Room`], valid during that call only), then
+    /// submits them as a uint8 array: how a calls bundle (`mk1._args.Writer`) goes into its
+    /// slot without a copy of its own. Raises `Busy` when no slot is free, `ArrayTooLarge` past
+    /// the pool's `max_array_bytes`, and whatever `write` raised (the slot goes back).
+    fn submit_bundle(&self, writer: &Bound<'_, PyAny>, task: &Task) -> PyResult<u64> {
+        let py = writer.py();
+        let nbytes: u64 = writer.getattr(intern!(py, "nbytes"))?.extract()?;
+        if nbytes > self.max_array_bytes {
+            return Err(ArrayTooLarge::new_err(format!(
+                "a bundle of {nbytes} bytes is larger than the pool's max_array_bytes, {} \
+                 (mk1.Pool(max_array_bytes=...))",
+                self.max_array_bytes
+            )));
+        }
+        self.orphans.adopt(false);
+        let p = self.producer();
+        let mut loan = p
+            .try_loan::<u8>(Shape::d1(nbytes as u32))
+            .map_err(loan_error)?;
+        let bytes = loan.as_mut_slice();
+        let room = Bound::new(
+            py,
+            Room {
+                ptr: bytes.as_mut_ptr() as usize,
+                len: bytes.len(),
+                open: Cell::new(true),
+                exports: Cell::new(0),
+            },
+        )?;
+        let wrote = writer.call_method1(intern!(py, "write"), (&room,));
+        let room = room.borrow();
+        room.open.set(false);
+        if room.exports.get() > 0 {
+            // A view of the slot outlived the write: the slot could be written through it
+            // after its submit, so it never goes back (nor out).
+            std::mem::forget(loan);
+            return Err(Mk1Error::new_err(
+                "a view of a slot outlived the writing of its bundle (a bug of mk1's); that \
+                 slot is out of use",
+            ));
+        }
+        wrote?;
+        p.submit_bytes(loan, DType::U8, Shape::d1(nbytes as u32), task)
+            .map(|t| t.0)
+            .map_err(|r| submit_error(r.error))
+    }
+
     /// Copies `array` into a free slot and submits it (raises `Busy` when none is free).
-    fn submit(&self, array: &Bound<'_, PyUntypedArray>, task: &Task) -> PyResult<u64> {
+    fn submit_array(&self, array: &Bound<'_, PyUntypedArray>, task: &Task) -> PyResult<u64> {
         let dtype = dtype_of(array)?;
         if !array.is_c_contiguous() {
             return Err(PyValueError::new_err("the array must be C-contiguous"));
@@ -798,7 +856,7 @@ impl PoolCore {
     fn submit(
         &self,
         py: Python<'_>,
-        array: &Bound<'_, PyUntypedArray>,
+        array: &Bound<'_, PyAny>,
         op: Option<&str>,
         context: Option<&Bound<'_, PyBytes>>,
         sink: Py<PyAny>,
@@ -1043,7 +1101,7 @@ struct MapIter {
     window: usize,
     /// An input taken from the iterator, waiting for a slot that only reading this map's
     /// waiting results can free.
-    pending: Option<(u64, Py<PyUntypedArray>)>,
+    pending: Option<(u64, Py<PyAny>)>,
     next_in: u64,
     next_out: u64,
     exhausted: bool,
@@ -1160,12 +1218,13 @@ impl MapIter {
         }
     }
 
-    /// The next input as a C-contiguous array (or why it cannot be one); None at the end.
+    /// The next input as a C-contiguous array or a bundle writer (or why it cannot be one);
+    /// None at the end.
     #[allow(clippy::type_complexity)]
     fn next_array<'py>(
         &mut self,
         py: Python<'py>,
-    ) -> PyResult<Option<(u64, PyResult<Bound<'py, PyUntypedArray>>)>> {
+    ) -> PyResult<Option<(u64, PyResult<Bound<'py, PyAny>>)>> {
         let item = match self.inputs.bind(py).call_method0("__next__") {
             Ok(item) => item,
             Err(e) if e.is_instance_of::<pyo3::exceptions::PyStopIteration>(py) => {
@@ -1189,21 +1248,19 @@ impl MapIter {
         self.next_in += 1;
         // (An exact ndarray only: a subclass, a masked array say, is prepared in Python,
         // which sends it as a call, whole.)
-        let array = match item.cast::<PyUntypedArray>() {
+        // What `prepare` returns is a numpy array, or a bundle writer (see `Shared::submit`).
+        let input = match item.cast::<PyUntypedArray>() {
             Ok(a)
                 if item.is_exact_instance_of::<PyUntypedArray>()
                     && a.is_c_contiguous()
                     && (1..=mk1::layout::MAX_DIMS).contains(&a.ndim())
                     && dtype_of(a).is_ok() =>
             {
-                Ok(a.clone())
+                Ok(item)
             }
-            _ => self
-                .prepare
-                .call1(py, (item,))
-                .and_then(|a| Ok(a.bind(py).cast::<PyUntypedArray>()?.clone())),
+            _ => self.prepare.call1(py, (item,)).map(|a| a.into_bound(py)),
         };
-        Ok(Some((index, array)))
+        Ok(Some((index, input)))
     }
 
     /// Records a sent task (`Ok(ticket)`) or the failure of its arrays.
@@ -1578,6 +1635,68 @@ impl Orphans {
         };
         // (Dropped after the lock: a completion's drop gives its slot back to the handle.)
         drop(taken);
+    }
+}
+
+/// The bytes of a loaned slot, writable through the buffer protocol while a bundle is written
+/// into them ([`Shared::submit_bundle`]); refused after that. It counts its exports, so that
+/// the submit can tell that no view of the slot outlives the write.
+#[pyclass(unsendable)]
+struct Room {
+    ptr: usize,
+    len: usize,
+    /// Whether the write is still going on (buffers may be taken).
+    open: Cell<bool>,
+    /// Buffers taken and not yet released.
+    exports: Cell<usize>,
+}
+
+#[pymethods]
+impl Room {
+    /// The buffer protocol: the slot's bytes, writable, while the write goes on.
+    ///
+    /// # Safety
+    /// Called by Python with a `Py_buffer` to fill, as the protocol requires.
+    unsafe fn __getbuffer__(
+        slf: Bound<'_, Self>,
+        view: *mut pyo3::ffi::Py_buffer,
+        flags: c_int,
+    ) -> PyResult<()> {
+        let (ptr, len) = {
+            let me = slf.borrow();
+            if !me.open.get() {
+                return Err(pyo3::exceptions::PyBufferError::new_err(
+                    "this slot was submitted: its bytes are no longer writable here",
+                ));
+            }
+            (me.ptr as *mut u8, me.len)
+        };
+        // SAFETY: `view` is the buffer struct Python passed us; PyBuffer_FillInfo fills it for
+        // `len` writable bytes at `ptr`, the loaned slot's, which stay loaned (and mapped)
+        // until the write returns; the submit checks that every buffer taken was released by
+        // then (`exports`), and refuses new ones after (`open`).
+        let rc = unsafe {
+            pyo3::ffi::PyBuffer_FillInfo(
+                view,
+                slf.as_ptr(),
+                ptr.cast::<c_void>(),
+                len as isize,
+                0,
+                flags,
+            )
+        };
+        if rc != 0 {
+            return Err(PyErr::fetch(slf.py()));
+        }
+        let me = slf.borrow();
+        me.exports.set(me.exports.get() + 1);
+        Ok(())
+    }
+
+    /// # Safety
+    /// Called by Python for a buffer `__getbuffer__` filled.
+    unsafe fn __releasebuffer__(&self, _view: *mut pyo3::ffi::Py_buffer) {
+        self.exports.set(self.exports.get() - 1);
     }
 }
 

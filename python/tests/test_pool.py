@@ -1316,7 +1316,8 @@ def test_calls_in_place():
 def test_a_garbled_bundle_is_an_error_never_a_crash():
     from mk1 import _args
 
-    good = _args.calls(3, [((np.arange(5.0), "s"), {"k": np.ones(2, np.int8)})], 1 << 20)
+    call = ((np.arange(5.0), "s"), {"k": np.ones(2, np.int8)})
+    good = _args.calls(3, [call], 1 << 20).array()
     number, [(args, kwargs)], block = _args.read_calls(good)
     assert number == 3 and args[1] == "s" and kwargs["k"].sum() == 2 and not block
     assert args[0].tolist() == [0, 1, 2, 3, 4]
@@ -1636,10 +1637,10 @@ def test_a_call_exactly_at_max_array_bytes_fits_in_submit_and_in_a_map():
     from mk1 import _args
 
     limit = 1 << 16
-    size = len(_args.calls(-1, [((b"",), {})], 1 << 30))
+    size = _args.calls(-1, [((b"",), {})], 1 << 30).nbytes
     n = limit - size
-    while len(_args.calls(-1, [((b"x" * n,), {})], 1 << 30)) != limit:
-        n += limit - len(_args.calls(-1, [((b"x" * n,), {})], 1 << 30))
+    while _args.calls(-1, [((b"x" * n,), {})], 1 << 30).nbytes != limit:
+        n += limit - _args.calls(-1, [((b"x" * n,), {})], 1 << 30).nbytes
     with mk1.Pool(workers=1, max_array_bytes=limit) as p:
         big = b"x" * n
         assert p.apply(len, big) == n
@@ -1858,3 +1859,46 @@ def test_a_garbled_block_is_an_error_never_a_crash():
         w, _ = _args.block(bad, 1 << 20)
         with pytest.raises(ValueError, match="not results"):
             _args.read_results(w.array())
+
+
+class _KeepsAView:
+    """A bundle writer that keeps a view of the slot it was given (mk1's own never do)."""
+
+    nbytes = 100
+
+    def write(self, dst):
+        self.kept = memoryview(dst)
+        self.kept[:4] = b"junk"
+
+
+class _RaisesInWrite:
+    nbytes = 100
+
+    def write(self, dst):
+        with memoryview(dst) as mv:
+            mv[:4] = b"half"
+        raise OSError("the bundle could not be written")
+
+
+def test_bundles_are_written_into_their_slots_and_a_view_kept_is_refused():
+    from mk1 import _args
+
+    with mk1.Pool(workers=1, slots=2) as p:
+        task = p._task(echo, _args.Batch)
+        # A write that fails gives its slot back, every time.
+        for _ in range(10):
+            fut = mk1.Future(p, True)
+            with pytest.raises(OSError, match="could not be written"):
+                p._submit_one(_RaisesInWrite(), task, fut)
+        # A view kept past the write: that submit fails, the slot stays out of use (it
+        # could be written through the view), the view cannot take the buffer again, and
+        # the pool goes on with its other slot.
+        w = _KeepsAView()
+        with pytest.raises(mk1.Mk1Error, match="outlived"):
+            p._submit_one(w, task, mk1.Future(p, True))
+        with pytest.raises(BufferError):
+            memoryview(w.kept.obj)
+        assert list(p.starmap(echo, [(i, "x") for i in range(50)])) == [
+            ((i, "x"), {}) for i in range(50)
+        ]
+        assert p.apply(weighted_sum, np.ones(3), np.ones(3), weight=2).tolist() == [3.0] * 3
