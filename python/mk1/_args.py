@@ -29,8 +29,9 @@ no object is shared between two calls of ``concurrent.futures``), the last one a
   filled the slot; or, rarely, it ran but its result did not fit what the others left).
 
 A *block* is the same in one piece, for calls whose arguments, or results, are all *atoms*
-(``int``, ``float``, ``complex``, ``bool``, ``None``, ``str``, ``bytes``, and tuples of them:
-objects that cannot change, so that calls sharing one share nothing that matters):
+(``int``, ``float``, ``complex``, ``bool``, ``None``, ``str``, ``bytes``, paths, numpy's
+scalars, and tuples of them: objects that cannot change, so that calls sharing one share
+nothing that matters):
 ``("calls", batch, count, [args, ...])`` (no keywords), or ``("results", batch, seconds,
 count, [result, ...])`` when every call returned an atom. One pickle per batch instead of one per call: what makes a map
 over numbers or paths as quick as ``multiprocessing``'s chunks.
@@ -47,6 +48,7 @@ from __future__ import annotations
 
 import io
 import itertools
+import pathlib
 import pickle
 import secrets
 import struct
@@ -66,7 +68,13 @@ _MAX_BUFFERS = 1 << 20
 # Entry kinds of a results bundle.
 OK, FAILED, AGAIN = 0, 1, 2
 # The exact types of atoms (see the module's docs).
-ATOMS = frozenset({int, float, complex, bool, type(None), str, bytes})
+ATOMS = frozenset(
+    {int, float, complex, bool, type(None), str, bytes, type(pathlib.Path())}
+    | {pathlib.PurePosixPath, pathlib.PureWindowsPath}
+    # numpy's scalars (what iterating over an array gives, what np.mean returns)
+    | {np.dtype(t).type for t in "?bhilqBHILQefdgFDG"}
+    | {np.str_, np.bytes_}
+)
 _all_atoms = ATOMS.issuperset
 
 

@@ -1814,6 +1814,13 @@ def test_calls_of_atoms_go_as_blocks_and_each_still_stands_alone():
         # Items that are tuples of atoms, results that are not atoms now and then.
         got = list(p.map(dict_every, range(3000), [100] * 3000))
         assert got == [{"i": i} if i % 100 == 0 else i for i in range(3000)]
+        # numpy's scalars and paths are atoms too; results keep their types.
+        xs = np.arange(300.0)
+        got = list(p.map(np.sqrt, xs))
+        assert got == list(np.sqrt(xs)) and type(got[7]) is np.float64
+        assert all(type(x) in _args.ATOMS for x in (xs[0], np.int32(1), pathlib.Path("a")))
+        paths = [pathlib.Path(f"/data/{i}.npy") for i in range(300)]
+        assert list(p.map(str, paths)) == [f"/data/{i}.npy" for i in range(300)]
         # A call that fails in a block fails alone, in its turn.
         got = []
         with pytest.raises(CustomError, match="537"):
@@ -1902,3 +1909,30 @@ def test_bundles_are_written_into_their_slots_and_a_view_kept_is_refused():
             ((i, "x"), {}) for i in range(50)
         ]
         assert p.apply(weighted_sum, np.ones(3), np.ones(3), weight=2).tolist() == [3.0] * 3
+
+
+def test_workers_run_the_callers_own_mk1(tmp_path):
+    # A copy of this mk1 put first on sys.path by the script itself: its workers must run
+    # that copy, not what their default path finds first (the mk1 this test imported).
+    import shutil
+
+    alt = tmp_path / "alt"
+    shutil.copytree(os.path.dirname(mk1.__file__), alt / "mk1")
+    r = run_script(
+        tmp_path,
+        f"""
+        import sys
+        sys.path.insert(0, {str(alt)!r})
+        import mk1
+
+        def mk1_file(_):
+            return mk1.__file__
+
+        if __name__ == "__main__":
+            with mk1.Pool(workers=1) as pool:
+                print("worker", pool.apply(mk1_file, 0))
+            print("caller", mk1.__file__)
+        """,
+    )
+    assert r.returncode == 0, r.stderr
+    assert f"worker {alt}" in r.stdout and f"caller {alt}" in r.stdout, r.stdout
