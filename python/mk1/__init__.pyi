@@ -36,7 +36,9 @@ class RemoteError(Mk1Error):
 _Fn = Callable[..., Any] | Op
 
 class Future(_Future[Any]):
-    """A task's result. Waiting on it (``result``, ``exception``) drives the pool."""
+    """A task's result, as ``concurrent.futures.Future``: it completes by itself (a thread of
+    the pool receives while futures are pending), so ``concurrent.futures.wait``,
+    ``add_done_callback`` and ``asyncio.wrap_future`` work; ``result()`` receives at once."""
 
 class Pool:
     """A pool of worker processes fed through shared memory (see the module's docs).

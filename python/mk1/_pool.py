@@ -11,6 +11,7 @@ import operator
 import os
 import pickle
 import sys
+import threading
 import time
 import weakref
 from collections.abc import Callable, Iterable, Iterator
@@ -200,12 +201,23 @@ def _as_array(a: Any) -> np.ndarray:
     return a
 
 
-# What a worker runs: this very mk1 package (whatever the worker's default sys.path would
-# find first, another installed version, say), then its main (which sets the caller's path).
-_WORKER_MAIN = (
-    f"import sys; sys.path.insert(0, {os.path.dirname(os.path.dirname(os.path.abspath(__file__)))!r}); "
-    "import mk1._worker as w; w._main()"
+# What a worker runs: first the caller's sys.path (so that the standard library, numpy and
+# the rest resolve as in the caller), then this very mk1 package, loaded from where the caller
+# loaded it (not whatever that path finds first under the name: another installed version),
+# then its main.
+_WORKER_MAIN = f"""
+import importlib.util, json, os, sys
+sys.path[:] = json.loads(os.environ.get({BOOT_ENV!r}, "{{}}")).get("path", sys.path)
+d = {os.path.dirname(os.path.abspath(__file__))!r}
+spec = importlib.util.spec_from_file_location(
+    "mk1", os.path.join(d, "__init__.py"), submodule_search_locations=[d]
 )
+mk1 = importlib.util.module_from_spec(spec)
+sys.modules["mk1"] = mk1
+spec.loader.exec_module(mk1)
+import mk1._worker
+mk1._worker._main()
+"""
 
 
 def _as_is(x: Any) -> Any:
@@ -220,14 +232,16 @@ def _default_workers() -> int:
 
 
 class Future(concurrent.futures.Future):
-    """A task's result, as ``concurrent.futures.Future``. The pool has no background thread:
-    waiting on this future (``result``, ``exception``) or calling any other method of the pool,
-    in any thread, receives results; ``done()`` checks once without waiting."""
+    """A task's result, as ``concurrent.futures.Future``: it completes by itself (a thread of
+    the pool receives results while futures are pending), so ``concurrent.futures.wait``,
+    ``as_completed``, ``add_done_callback`` and ``asyncio.wrap_future`` work on it; waiting on
+    it (``result``, ``exception``) also receives results in the waiting thread, at once."""
 
     def __init__(self, pool: Pool, call: bool = False) -> None:
         super().__init__()
         self._pool = pool
         self._call = call  # its result is a bundle (see mk1._args), unpacked when it comes
+        self._driven = False  # counted in its pool's `_Driver` until it completes
 
     def result(self, timeout: float | None = None) -> Any:
         self._pool._wait_for(self, timeout)
@@ -241,6 +255,104 @@ class Future(concurrent.futures.Future):
         if not super().done():
             self._pool._pump(0)
         return super().done()
+
+
+class _Driver:
+    """Receives results for futures that nobody waits on, so that they complete by themselves
+    (as ``concurrent.futures``' do): a thread runs while futures of the pool are pending and
+    stops after ``LINGER`` seconds without any. It holds the pool only while it receives (a
+    pool dropped by its caller is still garbage-collected), and it receives with the GIL
+    released, in turns with the caller's own threads (whichever receives a result routes it
+    where it belongs)."""
+
+    LINGER = 1.0
+    # The caller's threads receive (waiting on a future) or submit: this thread steps aside
+    # meanwhile and for GRACE seconds after, so that it does not contend with a caller that
+    # is busy with the pool, only with one that left its futures to complete by themselves.
+    GRACE = 0.002
+
+    def __init__(self, pool: Pool) -> None:
+        self.pool = weakref.ref(pool)
+        self.cond = threading.Condition(threading.Lock())
+        self.pending = 0  # futures submitted and not completed
+        self.busy = 0  # threads of the caller receiving or submitting (see `enter`)
+        self.quiet = 0.0  # when the last of them left
+        self.parked = False  # this thread waits for them to leave
+        self.thread: threading.Thread | None = None
+
+    def submitted(self, fut: Future) -> None:
+        with self.cond:
+            fut._driven = True
+            self.pending += 1
+            if self.thread is None:
+                self.thread = threading.Thread(
+                    target=self._run, name="mk1-futures", daemon=True
+                )
+                self.thread.start()
+            elif self.pending == 1:
+                self.cond.notify()
+
+    def completed(self, fut: Future) -> None:
+        with self.cond:
+            if fut._driven:
+                fut._driven = False
+                self.pending -= 1
+
+    def stop(self) -> None:
+        with self.cond:
+            self.pending = 0
+            self.cond.notify()
+
+    def enter(self) -> bool:
+        """A thread of the caller starts receiving (or submitting): the pool's thread steps
+        aside until it leaves. Whether that thread may be receiving now (to be interrupted)."""
+        with self.cond:
+            self.busy += 1
+            return self.thread is not None
+
+    def leave(self) -> None:
+        with self.cond:
+            self.busy -= 1
+            self.quiet = time.monotonic()
+            if self.busy == 0 and self.parked:
+                self.cond.notify()  # (to count its GRACE from now)
+
+    def _run(self) -> None:
+        idle_since = None
+        while True:
+            with self.cond:
+                while self.pending == 0 or self.busy or time.monotonic() < self.quiet + self.GRACE:
+                    # (Every wait ends by itself: a pool garbage-collected is noticed below.)
+                    if self.pending:
+                        idle_since = None
+                        # (While the caller's threads receive or submit, and for GRACE after.)
+                        self.parked = self.busy > 0
+                        self.cond.wait(self.LINGER if self.parked else self.GRACE)
+                        self.parked = False
+                    else:
+                        now = time.monotonic()
+                        if idle_since is None:
+                            idle_since = now
+                        elif now - idle_since >= self.LINGER:
+                            self.thread = None
+                            return
+                        self.cond.wait(self.LINGER - (now - idle_since))
+                    if self.pool() is None:
+                        self.thread = None
+                        return
+                idle_since = None
+            pool = self.pool()
+            try:
+                if pool is None or pool._core is None:
+                    raise ValueError("the pool is closed")
+                pool._pump(_WAIT)
+            except Exception:  # noqa: BLE001 - closed (or closing) under it: its futures fail there
+                with self.cond:
+                    self.pending = 0
+                    self.thread = None
+                return
+            finally:
+                pool = None
 
 
 def _pool_in_worker() -> str:
@@ -302,7 +414,8 @@ class Pool:
     shared memory or processes, a worker that fails to start or whose initializer raised).
 
     Any thread may use a pool (submit, map, wait, close): its calls take turns, and whichever
-    thread is waiting receives results for all. It is not shared across ``fork()`` (a child
+    thread is waiting receives results for all. Futures complete by themselves (see
+    ``Future``). It is not shared across ``fork()`` (a child
     forgets its parent's pools). Use it as a context manager, or call ``close()``: workers
     stop, shared memory is freed. Ctrl-C (KeyboardInterrupt) in any call
     stops cleanly; if the caller dies, its workers exit with it and no shared memory is left
@@ -390,6 +503,7 @@ class Pool:
         self._max_array_bytes = max_array_bytes
         self._timeout = timeout
         self._slots = self._core.slots()
+        self._driver = _Driver(self)
         # Garbage-collected or left open at exit: killed, never waited for.
         self._finalizer = weakref.finalize(self, _finalize, self._core)
         _POOLS.add(self)
@@ -416,6 +530,7 @@ class Pool:
         if core is None:
             return
         core.begin_close()  # (no new work from here on, from any thread)
+        self._driver.enter()
         try:
             # In flight, or back and not yet received: every future gets its result.
             # (A wait of _WAIT also waits for this thread's turn when another holds the pool;
@@ -425,6 +540,8 @@ class Pool:
         except BaseException:
             self.terminate()
             raise
+        finally:
+            self._driver.leave()
         self._end("the pool was closed", core.close)
 
     def terminate(self) -> None:
@@ -438,6 +555,7 @@ class Pool:
         self._finalizer.detach()
         waiting = stop()  # (the futures still waiting; [] when another thread closed it first)
         self._core = None
+        self._driver.stop()
         for fut in waiting:
             if not concurrent.futures.Future.done(fut):
                 fut.set_exception(_mk1.Mk1Error(why))
@@ -519,16 +637,12 @@ class Pool:
                         "(or copy them) before asking for more"
                     ) from None
 
-    def _pump(self, timeout: float, watch: list | None = None) -> bool:
+    def _pump(self, timeout: float, watch: list | None = None, urgent: bool = False) -> bool:
         """Receives one completion (waiting up to ``timeout`` s, also for the turn of this
-        thread when another one receives; not past that turn when one of ``watch`` is done by
-        then) and routes it. Whether one came."""
-        got = self._live().recv(timeout, watch)
-        if got is None:
-            return False
-        if got is not True:  # (True: it went to a running map)
-            self._route(got)
-        return True
+        thread when another one receives, which ``urgent`` interrupts; not past that turn when
+        one of ``watch`` is done by then) and routes it. Whether one came."""
+        # (A future's result is routed before this thread gives the pool up.)
+        return self._live().recv(timeout, watch, self._route, urgent) is not None
 
     @staticmethod
     def _route(got: tuple) -> None:
@@ -541,24 +655,37 @@ class Pool:
             if ok and (sink._call or payload.dtype == _U8 and _args.is_bundle(payload)):
                 ok, payload = _one_result(payload)
         except BaseException as e:  # (Ctrl-C while its result was read)
+            if sink._driven:
+                sink._pool._driver.completed(sink)
             sink.set_exception(e)
             raise
+        if sink._driven:
+            sink._pool._driver.completed(sink)
         if ok:
             sink.set_result(payload)
         else:
             sink.set_exception(_rebuild(payload))
 
     def _wait_for(self, fut: Future, timeout: float | None) -> None:
+        if concurrent.futures.Future.done(fut):
+            return
         deadline = None if timeout is None else time.monotonic() + timeout
-        while not concurrent.futures.Future.done(fut):
-            if self._core is None:
-                raise _mk1.Mk1Error("the pool was closed")
-            wait = _WAIT
-            if deadline is not None:
-                wait = min(wait, deadline - time.monotonic())
-                if wait <= 0:
-                    raise concurrent.futures.TimeoutError()
-            self._pump(wait, [fut])
+        # This thread receives while it waits; the pool's own thread steps aside (and is
+        # interrupted once, if it is receiving).
+        urgent = self._driver.enter()
+        try:
+            while not concurrent.futures.Future.done(fut):
+                if self._core is None:
+                    raise _mk1.Mk1Error("the pool was closed")
+                wait = _WAIT
+                if deadline is not None:
+                    wait = min(wait, deadline - time.monotonic())
+                    if wait <= 0:
+                        raise concurrent.futures.TimeoutError()
+                self._pump(wait, [fut], urgent)
+                urgent = False
+        finally:
+            self._driver.leave()
 
     def submit(self, fn: Callable | Op, /, *args: Any, **kwargs: Any) -> Future:
         """Runs ``fn(*args, **kwargs)`` in a worker; returns a ``Future`` of the result.
@@ -596,7 +723,15 @@ class Pool:
             a = self._calls([(args, kwargs)])
         fut = Future(self, call)
         fut.set_running_or_notify_cancel()
-        self._submit_one(a, task, fut)
+        self._driver.submitted(fut)  # (before it can complete, in another thread say)
+        self._driver.enter()
+        try:
+            self._submit_one(a, task, fut)
+        except BaseException:
+            self._driver.completed(fut)
+            raise
+        finally:
+            self._driver.leave()
         return fut
 
     def _prepare(self, item: Any) -> np.ndarray | _args.Writer:
@@ -623,7 +758,7 @@ class Pool:
 
     def _batches(
         self, calls: Iterator[tuple], sizer: _BatchSizer, sent: dict
-    ) -> Iterator[np.ndarray]:
+    ) -> Iterator[_args.Writer]:
         """The calls of a map as calls bundles of up to ``sizer.size`` calls each, as many as
         fit a slot; ``sent`` keeps each batch's calls by its number until its results come
         (to run again those the worker answers AGAIN). While every argument so far is an atom
@@ -634,6 +769,7 @@ class Pool:
         taken = 0  # calls taken from the input
         carry: collections.deque = collections.deque()  # taken, not yet in a batch
         ended = None  # what the input raised (after the calls taken before it)
+        done = False  # the input ended (never asked again: a zip would take one more item)
         atoms, flat = _args.ATOMS.issuperset, _args.flat
         plain = True
         sizer.blocks(True)
@@ -641,16 +777,18 @@ class Pool:
             batch: list = []
             failure = None  # a call's own (the calls after it are not sent)
             w = None
-            if plain and not carry and ended is None:
+            if plain and not carry and ended is None and not done:
                 # Blocks, the common case of quick calls: their calls taken in one loop.
                 # (Any call that is not all atoms goes back to be taken below.)
-                append = batch.append
+                append, size = batch.append, sizer.size
                 try:
-                    for call in itertools.islice(calls, sizer.size):
+                    for call in itertools.islice(calls, size):
                         if call[1] or not (atoms(map(type, call[0])) or flat(call[0])):
                             carry.append(call)
                             break
                         append(call)
+                    else:
+                        done = len(batch) < size
                 except (KeyboardInterrupt, SystemExit):
                     raise  # (at once: the map ends, what it took with it)
                 except BaseException as e:
@@ -659,12 +797,13 @@ class Pool:
             while len(batch) < sizer.size:
                 if carry:
                     call = carry.popleft()
-                elif ended is not None:
+                elif ended is not None or done:
                     break
                 else:
                     try:
                         call = next(calls)
                     except StopIteration:
+                        done = True
                         break
                     except (KeyboardInterrupt, SystemExit):
                         raise  # (at once: the map ends, what it took with it)
@@ -734,11 +873,11 @@ class Pool:
     def as_completed(
         self, futures: Iterable[Future], timeout: float | None = None
     ) -> Iterator[Future]:
-        """Yields ``futures`` of this pool as they complete, receiving results meanwhile
-        (``concurrent.futures.as_completed`` and ``wait`` need this pool driven: use this, or
-        ``result()`` on each). Raises ``concurrent.futures.TimeoutError`` past ``timeout``, and
-        ``ValueError`` at the first step for a future of another pool (this one would never
-        complete it).
+        """Yields ``futures`` of this pool as they complete, receiving results in this thread
+        meanwhile (``concurrent.futures.as_completed`` works too; this one receives at once,
+        without waiting for the pool's own thread). Raises
+        ``concurrent.futures.TimeoutError`` past ``timeout``, and ``ValueError`` at the first
+        step for a future of another pool (this one would never complete it).
         """
         pending = set(futures)
         others = [f for f in pending if getattr(f, "_pool", None) is not self]
@@ -759,7 +898,12 @@ class Pool:
                 wait = min(wait, deadline - time.monotonic())
                 if wait <= 0:
                     raise concurrent.futures.TimeoutError(f"{len(pending)} futures not done")
-            self._pump(wait, list(pending))
+            # (As `_wait_for`; not across the yield, where the caller may wait elsewhere.)
+            urgent = self._driver.enter()
+            try:
+                self._pump(wait, list(pending), urgent)
+            finally:
+                self._driver.leave()
 
     def apply(self, fn: Callable | Op, /, *args: Any, **kwargs: Any) -> Any:
         """``submit(fn, *args, **kwargs).result()``."""
@@ -990,13 +1134,16 @@ class _BatchSizer:
     TARGET = 0.002
     MOST = 64
     # Blocks (calls and results all atoms, see `mk1._args`) cost one pickle per batch, not
-    # per call: they may carry more calls.
+    # per call: they may carry more calls (while the last results were a block too: results
+    # pickled one by one keep room in the slot for every call after them).
     MOST_BLOCK = 1024
 
     def __init__(self, enabled: bool, slot_bytes: int) -> None:
         self.enabled = enabled
         self.slot = slot_bytes
         self.most = self.MOST
+        self.blocks_out = True  # the last results were a block
+        self.blocks_in = False  # the calls go as blocks
         self.size = 1
         self.per_call: float | None = None
         self.bytes_in = 0.0  # per call, in the last batch sent
@@ -1015,10 +1162,11 @@ class _BatchSizer:
         self.bytes_in = nbytes / max(calls, 1)
         self._resize()
 
-    def record_results(self, nbytes: int, calls: int) -> None:
-        """The results of ``calls`` calls took ``nbytes``."""
+    def record_results(self, nbytes: int, calls: int, block: bool = False) -> None:
+        """The results of ``calls`` calls took ``nbytes`` (as a ``block``, or not)."""
         self.bytes_out = nbytes / max(calls, 1)
-        self._resize()
+        self.blocks_out = block
+        self._most()
 
     def _resize(self) -> None:
         if not self.enabled or self.per_call is None:
@@ -1029,8 +1177,13 @@ class _BatchSizer:
         self.size = int(max(1, min(self.most, by_time, by_bytes)))
 
     def blocks(self, on: bool) -> None:
-        """Whether the batches are blocks (see ``MOST_BLOCK``)."""
-        self.most = self.MOST_BLOCK if on else self.MOST
+        """Whether the calls go as blocks (see ``MOST_BLOCK``)."""
+        self.blocks_in = on
+        self._most()
+
+    def _most(self) -> None:
+        both = self.blocks_in and self.blocks_out
+        self.most = self.MOST_BLOCK if both else self.MOST
         self._resize()
 
 
@@ -1047,7 +1200,7 @@ def _batch_entries(
         raise _mk1.Mk1Error(f"the results of a batch cannot be read here: {e!r}") from e
     ran = len(entries) if block else sum(1 for kind, _ in entries if kind != _args.AGAIN)
     sizer.record(seconds, ran)
-    sizer.record_results(payload.nbytes, len(entries))
+    sizer.record_results(payload.nbytes, len(entries), block)
     return number, entries, block
 
 

@@ -1,7 +1,7 @@
 """The worker side of a Python pool: what runs in each worker process.
 
-A pool starts ``python -c "import mk1._worker as w; w._main()"`` for every worker. ``_main``
-rebuilds the caller's import context (``sys.path`` and, as ``multiprocessing``'s spawn start
+A pool starts ``python -c CODE`` for every worker, CODE loading the caller's own mk1 (see
+``mk1._pool._WORKER_MAIN``) and calling ``_main``, which rebuilds the caller's import context (``sys.path`` and, as ``multiprocessing``'s spawn start
 method does, the main module under the name ``__mp_main__``) and enters mk1's worker loop,
 which calls ``_init`` once and ``_run`` for every array.
 """
@@ -281,8 +281,8 @@ def _run_pieces(fn, batch, calls, made, start, out, in_place):
         entry = None
         if size is None:
             continue
-        if i == 0:
-            # Alone in the whole space, and still too large: this call's failure.
+        if i == 0 and size + _args._ROOM_TRAILER > len(out):
+            # Too large even alone in the whole space: this call's failure.
             error = _too_large(size, len(out))
             if results.add((_args.FAILED, _encode_error(error, in_place))) is None:
                 continue

@@ -482,8 +482,11 @@ impl Shared {
         room.open.set(false);
         if room.exports.get() > 0 {
             // A view of the slot outlived the write: the slot could be written through it
-            // after its submit, so it never goes back (nor out).
+            // after its submit, so it never goes back (nor out); and the segment stays
+            // mapped for good (the pool's workers still stop at close), so that writing
+            // through that view never faults.
             std::mem::forget(loan);
+            std::mem::forget(Arc::clone(&self.inner));
             return Err(Mk1Error::new_err(
                 "a view of a slot outlived the writing of its bundle (a bug of mk1's); that \
                  slot is out of use",
@@ -875,20 +878,25 @@ impl PoolCore {
     }
 
     /// The next completion that belongs to no map, waiting at most `timeout` seconds (GIL
-    /// released): None when nothing came, True when what came went to a running map, else
-    /// `(future, worker, ok, payload, dtype, shape)` where payload is a new numpy array when
-    /// ok, else the exception to raise.
+    /// released): None when nothing came, True when what came went to a running map (or to
+    /// `route`), else `(future, worker, ok, payload, dtype, shape)` where payload is a new
+    /// numpy array when ok, else the exception to raise. With `route`, that tuple goes to
+    /// `route(tuple)`, called before this thread gives the pool up, so that a thread waiting
+    /// for its turn finds the future done when it gets it.
     ///
-    /// From any thread. Another thread receiving meanwhile is not interrupted: this one waits
-    /// its turn (its results go where they belong meanwhile), and returns None at once after
-    /// that turn if one of `watch` (futures) is done by then. With `timeout` 0 it does not wait
-    /// for its turn either (None when another thread holds the pool).
-    #[pyo3(signature = (timeout, watch=None))]
+    /// From any thread. Another thread receiving meanwhile is not interrupted (unless
+    /// `urgent`): this one waits its turn (its results go where they belong meanwhile), and
+    /// returns None at once after that turn if one of `watch` (futures) is done by then. With
+    /// `timeout` 0 it does not wait for its turn either (None when another thread holds the
+    /// pool).
+    #[pyo3(signature = (timeout, watch=None, route=None, urgent=false))]
     fn recv(
         &self,
         py: Python<'_>,
         timeout: f64,
         watch: Option<Bound<'_, PyAny>>,
+        route: Option<Bound<'_, PyAny>>,
+        urgent: bool,
     ) -> PyResult<Py<PyAny>> {
         if self.lock.is_gone() {
             return Err(PyValueError::new_err("the pool is closed"));
@@ -899,6 +907,8 @@ impl PoolCore {
                 Some(held) => held,
                 None => return Ok(py.None()),
             }
+        } else if urgent {
+            self.lock.acquire(py)
         } else {
             self.lock.acquire_to_wait(py)
         };
@@ -910,13 +920,23 @@ impl PoolCore {
                 }
             }
         }
-        Ok(match sh.recv(py, timeout, None)? {
-            None => py.None(),
-            Some(None) => pyo3::types::PyBool::new(py, true)
+        let yes = || {
+            pyo3::types::PyBool::new(py, true)
                 .to_owned()
                 .into_any()
-                .unbind(),
-            Some(Some(t)) => t.into_any(),
+                .unbind()
+        };
+        Ok(match sh.recv(py, timeout, None)? {
+            None => py.None(),
+            Some(None) => yes(),
+            Some(Some(t)) => match route {
+                Some(route) => {
+                    route.call1((t,))?;
+                    drop(held);
+                    yes()
+                }
+                None => t.into_any(),
+            },
         })
     }
 

@@ -6,6 +6,7 @@ name through the caller's sys.path, as multiprocessing's spawn does).
 
 from __future__ import annotations
 
+import concurrent.futures
 import os
 import pathlib
 import signal
@@ -1911,28 +1912,113 @@ def test_bundles_are_written_into_their_slots_and_a_view_kept_is_refused():
         assert p.apply(weighted_sum, np.ones(3), np.ones(3), weight=2).tolist() == [3.0] * 3
 
 
-def test_workers_run_the_callers_own_mk1(tmp_path):
-    # A copy of this mk1 put first on sys.path by the script itself: its workers must run
-    # that copy, not what their default path finds first (the mk1 this test imported).
+def test_workers_run_the_callers_own_mk1_with_the_callers_path(tmp_path):
+    # A copy of this mk1, put on sys.path by the script itself, after the standard library
+    # and before the site-packages where another mk1 may be installed; beside it, a module
+    # named as one of the standard library's. The workers must run that copy of mk1 (not
+    # what their default path finds first under the name), and resolve the rest as the
+    # caller does (the standard library's `secrets`, not that directory's).
     import shutil
 
     alt = tmp_path / "alt"
     shutil.copytree(os.path.dirname(mk1.__file__), alt / "mk1")
+    (alt / "secrets.py").write_text("raise ImportError('not the standard library')\n")
     r = run_script(
         tmp_path,
         f"""
         import sys
-        sys.path.insert(0, {str(alt)!r})
+        at = next(k for k, p in enumerate(sys.path) if p.endswith("-packages"))
+        sys.path.insert(at, {str(alt)!r})
         import mk1
 
         def mk1_file(_):
-            return mk1.__file__
+            import secrets
+            return mk1.__file__, secrets.__file__
 
         if __name__ == "__main__":
             with mk1.Pool(workers=1) as pool:
-                print("worker", pool.apply(mk1_file, 0))
-            print("caller", mk1.__file__)
+                print("worker", *pool.apply(mk1_file, 0))
+            print("caller", *mk1_file(0))
         """,
+        env={"PYTHONPATH": ""},
     )
     assert r.returncode == 0, r.stderr
-    assert f"worker {alt}" in r.stdout and f"caller {alt}" in r.stdout, r.stdout
+    worker, caller = r.stdout.splitlines()[-2:]
+    assert caller.startswith(f"caller {alt}") and worker.startswith(f"worker {alt}"), r.stdout
+    assert worker.split()[2] == caller.split()[2] != str(alt / "secrets.py"), r.stdout
+
+
+def add(a, b):
+    return a + b
+
+
+def big_after(i, n):
+    return [b"x" * 100_000] if i >= n else i
+
+
+def test_maps_of_calls_take_what_the_builtin_map_takes_and_big_results_after_small_ones():
+    with mk1.Pool(workers=2, max_array_bytes=64 << 10) as p:
+        # The shorter input ends the map; the longer one loses one item, as with map().
+        a = iter(range(10))
+        assert list(p.map(add, a, [0, 0, 0])) == [0, 1, 2]
+        assert list(a) == list(range(4, 10))
+        # Quick calls returning small results size the batches large; then each result
+        # takes most of a slot (fits alone): they run again on their own, none fails.
+        got = list(p.map(big_after, range(22000), [20000] * 22000))
+        assert got[:20000] == list(range(20000))
+        assert all(r == [b"x" * 100_000] for r in got[20000:]) and len(got) == 22000
+
+
+def _futures_threads() -> int:
+    return sum(t.name == "mk1-futures" for t in threading.enumerate())
+
+
+def test_futures_complete_by_themselves_for_the_standard_library_and_asyncio():
+    import asyncio
+
+    with mk1.Pool(workers=2) as p:
+        fs = [p.submit(square, i) for i in range(50)]
+        done, not_done = concurrent.futures.wait(fs, timeout=60)
+        assert not not_done and sorted(f.result() for f in done) == [i * i for i in range(50)]
+        fs = [p.submit(square, i) for i in range(50)]
+        got = sorted(f.result() for f in concurrent.futures.as_completed(fs, timeout=60))
+        assert got == [i * i for i in range(50)]
+        # A callback fires without anyone waiting, in the pool's thread; it may submit.
+        fired = threading.Event()
+        then: list = []
+
+        def callback(f):
+            then.append(p.submit(square, f.result()))
+            fired.set()
+
+        p.submit(square, 3).add_done_callback(callback)
+        assert fired.wait(60) and then[0].result(timeout=60) == 81
+
+        async def main():
+            return await asyncio.gather(
+                *(asyncio.wrap_future(p.submit(square, i)) for i in range(20))
+            )
+
+        assert asyncio.run(main()) == [i * i for i in range(20)]
+        # Idle, the pool's thread goes (it lingers a second).
+        deadline = time.monotonic() + 10
+        while p._driver.thread is not None:
+            assert time.monotonic() < deadline, "the futures thread stayed"
+            time.sleep(0.1)
+        assert p.submit(square, 5).result(timeout=60) == 25
+
+
+def test_a_pool_dropped_without_close_leaves_no_futures_thread():
+    import gc
+
+    p = mk1.Pool(workers=1)
+    fs = [p.submit(square, i) for i in range(20)]
+    assert len(concurrent.futures.wait(fs, timeout=60).done) == 20
+    fs = [p.submit(sleeps_then, 0.2, i) for i in range(3)]  # (still pending when dropped)
+    assert _futures_threads() >= 1
+    del p, fs
+    gc.collect()
+    deadline = time.monotonic() + 10
+    while _futures_threads():
+        assert time.monotonic() < deadline, "a futures thread outlived its pool"
+        time.sleep(0.1)
