@@ -777,24 +777,39 @@ class Pool:
             batch: list = []
             failure = None  # a call's own (the calls after it are not sent)
             w = None
+            # A batch takes calls until it is full or the input has taken TARGET seconds: a
+            # slow input sends what it gave so far.
+            start = time.perf_counter()
+            closed = False
             if plain and not carry and ended is None and not done:
-                # Blocks, the common case of quick calls: their calls taken in one loop.
+                # Blocks, the common case of quick calls: their calls taken in a tight loop,
+                # up to 16 at a time, as many as the input's pace so far leaves time for.
                 # (Any call that is not all atoms goes back to be taken below.)
-                append, size = batch.append, sizer.size
+                append, size, step = batch.append, sizer.size, 1
                 try:
-                    for call in itertools.islice(calls, size):
-                        if call[1] or not (atoms(map(type, call[0])) or flat(call[0])):
-                            carry.append(call)
+                    while not carry and not done and len(batch) < size:
+                        step = min(step, size - len(batch))
+                        for call in itertools.islice(calls, step):
+                            if call[1] or not (atoms(map(type, call[0])) or flat(call[0])):
+                                carry.append(call)
+                                break
+                            append(call)
+                            step -= 1
+                        else:
+                            done = step > 0
+                        spent = time.perf_counter() - start
+                        if spent > sizer.TARGET:
+                            closed = True
                             break
-                        append(call)
-                    else:
-                        done = len(batch) < size
+                        # (The calls the time left would take at the pace so far.)
+                        pace = len(batch) / max(spent, 1e-9)
+                        step = min(16, max(1, int((sizer.TARGET - spent) * pace)))
                 except (KeyboardInterrupt, SystemExit):
                     raise  # (at once: the map ends, what it took with it)
                 except BaseException as e:
                     ended = e
                 taken += len(batch) + len(carry)
-            while len(batch) < sizer.size:
+            while len(batch) < sizer.size and not closed:
                 if carry:
                     call = carry.popleft()
                 elif ended is not None or done:
@@ -814,6 +829,7 @@ class Pool:
                 if plain:
                     if not call[1] and (atoms(map(type, call[0])) or flat(call[0])):
                         batch.append(call)
+                        closed = time.perf_counter() - start > sizer.TARGET
                         continue
                     plain = False
                     sizer.blocks(False)
@@ -840,6 +856,7 @@ class Pool:
                     carry.appendleft(call)  # the next batch's first
                     break
                 batch.append(call)
+                closed = time.perf_counter() - start > sizer.TARGET
             if batch and w is None:
                 # A block; halved until it fits (the sizer learns the bytes per call from
                 # it, so this is rare).

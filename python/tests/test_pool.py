@@ -2022,3 +2022,22 @@ def test_a_pool_dropped_without_close_leaves_no_futures_thread():
     while _futures_threads():
         assert time.monotonic() < deadline, "a futures thread outlived its pool"
         time.sleep(0.1)
+
+
+def test_a_slow_input_is_not_held_back_to_fill_a_batch():
+    taken = 0
+
+    def inputs():
+        nonlocal taken
+        for i in range(3400):
+            if i >= 3000:
+                time.sleep(0.002)  # (then the input slows down)
+            taken = i + 1
+            yield i
+
+    with mk1.Pool(workers=2) as p:
+        for i, r in enumerate(p.map(square, inputs())):
+            assert r == i * i
+            if i == 3000:
+                # Quick calls sized the batches large; a slow input sends what it gave.
+                assert taken < 3200, taken
