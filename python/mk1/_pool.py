@@ -242,6 +242,7 @@ class Future(concurrent.futures.Future):
         self._pool = pool
         self._call = call  # its result is a bundle (see mk1._args), unpacked when it comes
         self._driven = False  # counted in its pool's `_Driver` until it completes
+        self._group = False  # its result is the entries of several calls (see `_Left`)
 
     def result(self, timeout: float | None = None) -> Any:
         self._pool._wait_for(self, timeout)
@@ -652,7 +653,9 @@ class Pool:
         # (A future: it completes only here, or fails at close. It is no longer registered,
         # so whatever happens here, Ctrl-C included, must complete it.)
         try:
-            if ok and (sink._call or payload.dtype == _U8 and _args.is_bundle(payload)):
+            if ok and sink._group:
+                ok, payload = _group_entries(payload)
+            elif ok and (sink._call or payload.dtype == _U8 and _args.is_bundle(payload)):
                 ok, payload = _one_result(payload)
         except BaseException as e:  # (Ctrl-C while its result was read)
             if sink._driven:
@@ -1086,6 +1089,7 @@ class Pool:
                     # result is, so that the caller sees one behaviour.)
                     value.setflags(write=False)
                 if batched:
+                    size = sizer.size  # (before this batch's time counts)
                     number, entries, block = _batch_entries(value, sizer, copy=not zero_copy)
                     value = None
                     # (The batch is the map's input `index`, as Rust counted them; the number
@@ -1107,15 +1111,17 @@ class Pool:
                     left = [i for i, (kind, _) in enumerate(entries) if kind == _args.AGAIN]
                     if left:
                         it.spill_waiting()
-                    again = {i: self._again(task, pairs[i]) for i in left}
+                    # (In groups of calls sized as before this batch: the calls that made it
+                    # run long are rarely all of them.)
+                    again = _Left(self, task, pairs, left, min(_BatchSizer.MOST, size))
                     pairs = None
                     for i, (kind, value) in enumerate(entries):
                         if bar is not None:
                             bar.update(1)
                         if kind == _args.FAILED:
                             raise _rebuild(_mk1.RemoteError(value))
-                        yield value if kind == _args.OK else again.pop(i).result()
-                    entries = value = None
+                        yield value if kind == _args.OK else again.result(i)
+                    entries = value = again = None
                     continue
                 if bar is not None:
                     bar.update(1)
@@ -1136,6 +1142,75 @@ class Pool:
         fut.set_running_or_notify_cancel()
         self._submit_one(self._calls([pair]), task, fut)
         return fut
+
+    def _again_group(self, task: tuple, pairs: list) -> Future:
+        """Calls of a batch that its worker left, submitted together as a batch of their own
+        (a block when every argument is an atom); the future's result is their entries (see
+        ``mk1._args``)."""
+        fut = Future(self, True)
+        fut._group = True
+        fut.set_running_or_notify_cancel()
+        w = None
+        atoms, flat = _args.ATOMS.issuperset, _args.flat
+        if all(not kw and (atoms(map(type, a)) or flat(a)) for a, kw in pairs):
+            trailer = ("calls", -1, len(pairs), [a for a, _ in pairs])
+            w, _ = _args.block(trailer, self._max_array_bytes)
+        self._submit_one(w or self._calls(pairs), task, fut)
+        return fut
+
+
+class _Left:
+    """The calls a batch's worker left (AGAIN, see ``mk1._args``), run again in groups of up
+    to ``size``, each a batch of its own (whose worker stops it in turn if it runs long): a
+    call left again, or one of a group whose worker died or hung, runs on its own."""
+
+    def __init__(self, pool: Pool, task: tuple, pairs: list, left: list, size: int) -> None:
+        self.pool, self.task = pool, task
+        self.where: dict = {}  # a left call's index in its batch -> (its group, its place)
+        size = max(1, size)
+        for start in range(0, len(left), size):
+            group = _Group([pairs[i] for i in left[start : start + size]])
+            if len(group.pairs) == 1:
+                group.singles = [pool._again(task, group.pairs[0])]
+            else:
+                group.fut = pool._again_group(task, group.pairs)
+            for k, i in enumerate(left[start : start + size]):
+                self.where[i] = (group, k)
+
+    def result(self, i: int) -> Any:
+        """The result of call ``i`` of the batch (raises its exception)."""
+        group, k = self.where.pop(i)
+        if group.singles is None and group.entries is None:
+            try:
+                group.entries = group.fut.result()
+            except (_mk1.WorkerDied, _mk1.TaskTimeout):
+                # Only the call that kills its worker (or hangs) must fail: each on its own.
+                group.singles = [self.pool._again(self.task, p) for p in group.pairs]
+            group.fut = None
+            if group.entries is not None and len(group.entries) != len(group.pairs):
+                raise _mk1.Mk1Error("a worker sent back the results of another batch")
+        if group.singles is not None:
+            return group.singles[k].result()
+        kind, value = group.entries[k]
+        group.entries[k] = None
+        if kind == _args.OK:
+            return value
+        if kind == _args.FAILED:
+            raise _rebuild(_mk1.RemoteError(value))
+        return self.pool._again(self.task, group.pairs[k]).result()
+
+
+class _Group:
+    """A group of ``_Left``: its calls, and its future or, once they run on their own, its
+    calls' futures."""
+
+    __slots__ = ("pairs", "fut", "entries", "singles")
+
+    def __init__(self, pairs: list) -> None:
+        self.pairs = pairs
+        self.fut: Future | None = None
+        self.entries: list | None = None
+        self.singles: list | None = None
 
 
 class _BatchSizer:
@@ -1219,6 +1294,18 @@ def _batch_entries(
     sizer.record(seconds, ran)
     sizer.record_results(payload.nbytes, len(entries), block)
     return number, entries, block
+
+
+def _group_entries(payload: np.ndarray) -> tuple[bool, Any]:
+    """``(True, entries)`` of a group's results bundle (see ``_Left``), or ``(False, error)``
+    when it cannot be read here."""
+    try:
+        _, _, entries, block = _args.read_results(payload)
+    except Exception as e:  # garbled, or of a type this process cannot import
+        error = _mk1.Mk1Error(f"the results of a batch cannot be read here: {e!r}")
+        error.__cause__ = e
+        return False, error
+    return True, [(_args.OK, v) for v in entries] if block else entries
 
 
 def _one_result(payload: np.ndarray) -> tuple[bool, Any]:

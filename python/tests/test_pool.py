@@ -2041,3 +2041,34 @@ def test_a_slow_input_is_not_held_back_to_fill_a_batch():
             if i == 3000:
                 # Quick calls sized the batches large; a slow input sends what it gave.
                 assert taken < 3200, taken
+
+
+def slow_every(i, n):
+    if i % n == n - 1:
+        time.sleep(0.03)
+    return i
+
+
+def slow_then_dies(i, slow, dies):
+    if i == slow:
+        time.sleep(0.03)
+    if i == dies:
+        os._exit(5)
+    return i
+
+
+def test_calls_a_long_batch_left_run_again_in_groups_and_each_fails_alone():
+    with mk1.Pool(workers=2) as p:
+        # A slow call now and then makes its batch stop: the calls it left run again in
+        # groups, in their turn.
+        assert list(p.map(slow_every, range(6000), [700] * 6000)) == list(range(6000))
+        assert sorted(p.imap_unordered(slow_every, range(3000), [700] * 3000)) == list(
+            range(3000)
+        )
+        # A call that kills its worker in such a group fails alone, in its turn.
+        got = []
+        with pytest.raises(mk1.WorkerDied):
+            for r in p.map(slow_then_dies, range(4000), [2500] * 4000, [2510] * 4000):
+                got.append(r)
+        assert got == list(range(2510))
+        assert p.apply(square, 4) == 16
