@@ -31,10 +31,10 @@ no object is shared between two calls of ``concurrent.futures``), the last one a
 A *block* is the same in one piece, for calls whose arguments, or results, are all *atoms*
 (``int``, ``float``, ``complex``, ``bool``, ``None``, ``str``, ``bytes``, paths, numpy's
 scalars, and tuples of them: objects that cannot change, so that calls sharing one share
-nothing that matters):
-``("calls", batch, count, [args, ...])`` (no keywords), or ``("results", batch, seconds,
-count, [result, ...])`` when every call returned an atom. One pickle per batch instead of one per call: what makes a map
-over numbers or paths as quick as ``multiprocessing``'s chunks.
+nothing that matters): ``("calls", batch, count, [args, ...])`` (no keywords), or
+``("results", batch, seconds, count, [result, ...])`` when every call returned an atom. One
+pickle per batch instead of one per call: what makes a map over numbers or paths as quick as
+``multiprocessing``'s chunks.
 
 The nonce is what tells the caller that a uint8 result of a one-array function is a bundle and
 not the function's own bytes: a function's result cannot start with it by chance (2^-128).
@@ -391,19 +391,27 @@ def read(bundle: np.ndarray, copy: bool = False) -> list:
         _LOADING.buffers, _LOADING.copy = outer
 
 
+def _block(pieces: list, trailer: Any, kind: str, length: int) -> list | None:
+    """The list a block of ``kind`` ends its trailer with (its trailer ``length`` long, and no
+    other piece), or None when ``pieces`` and ``trailer`` are not such a block."""
+    if (
+        not pieces
+        and type(trailer) is tuple
+        and len(trailer) == length
+        and trailer[0] == kind
+        and type(trailer[-1]) is list
+        and trailer[-2] == len(trailer[-1])
+    ):
+        return trailer[-1]
+    return None
+
+
 def read_calls(bundle: np.ndarray) -> tuple[int, list, bool]:
     """The batch number and the ``(args, kwargs)`` of a calls bundle, and whether it is a
     block (every argument an atom); ``ValueError`` for anything else."""
     *pairs, trailer = read(bundle) or [None]
-    if (
-        not pairs
-        and type(trailer) is tuple
-        and len(trailer) == 4
-        and trailer[0] == "calls"
-        and type(trailer[3]) is list
-        and trailer[2] == len(trailer[3])
-    ):
-        args = trailer[3]
+    args = _block(pairs, trailer, "calls", 4)
+    if args is not None:
         if not all(type(a) is tuple for a in args):
             raise ValueError("a garbled mk1 bundle: not calls")
         return trailer[1], list(zip(args, itertools.repeat(NO_KEYWORDS))), True
@@ -423,15 +431,9 @@ def read_results(bundle: np.ndarray, copy: bool = False) -> tuple[int, float, li
     ``read``) and whether it is a block: then the entries are the calls' results themselves
     (every call returned, an atom); ``ValueError`` for anything else."""
     *entries, trailer = read(bundle, copy) or [None]
-    if (
-        not entries
-        and type(trailer) is tuple
-        and len(trailer) == 5
-        and trailer[0] == "results"
-        and type(trailer[4]) is list
-        and trailer[3] == len(trailer[4])
-    ):
-        return trailer[1], float(trailer[2]), trailer[4], True
+    values = _block(entries, trailer, "results", 5)
+    if values is not None:
+        return trailer[1], float(trailer[2]), values, True
     if not (
         type(trailer) is tuple
         and len(trailer) == 4

@@ -347,7 +347,7 @@ class _Driver:
                 if pool is None or pool._core is None:
                     raise ValueError("the pool is closed")
                 pool._pump(_WAIT)
-            except Exception:  # noqa: BLE001 - closed (or closing) under it: its futures fail there
+            except Exception:  # noqa: BLE001 - closed under it: its futures fail there
                 with self.cond:
                     self.pending = 0
                     self.thread = None
@@ -950,8 +950,9 @@ class Pool:
         ``timeout``); each is pickled on its own, so calls share no object, and each fails
         alone. (Calls whose arguments are numbers, strings, bytes, None or tuples of them,
         which cannot change, go up to 1024 to a batch in one pickle, and their results too
-        while each is such an object.) A call runs twice only when its batch's worker died (out of place, redone) or
-        when its result did not fit what the calls before it left of the slot.
+        while each is such an object.) A call runs twice only when its batch's worker died
+        (out of place, redone) or when its result did not fit what the calls before it left
+        of the slot.
 
         ``fn`` is a module-level function (of an importable module or of the main script), or
         with cloudpickle installed any callable; or an ``mk1.ops`` op (no Python in the
@@ -1296,27 +1297,35 @@ def _batch_entries(
     return number, entries, block
 
 
-def _group_entries(payload: np.ndarray) -> tuple[bool, Any]:
-    """``(True, entries)`` of a group's results bundle (see ``_Left``), or ``(False, error)``
-    when it cannot be read here."""
+def _read_results(payload: np.ndarray, what: str) -> tuple[bool, Any]:
+    """``(True, (entries, block))`` of a results bundle (see ``mk1._args.read_results``), or
+    ``(False, error)`` when the ``what`` cannot be read here."""
     try:
         _, _, entries, block = _args.read_results(payload)
     except Exception as e:  # garbled, or of a type this process cannot import
-        error = _mk1.Mk1Error(f"the results of a batch cannot be read here: {e!r}")
+        error = _mk1.Mk1Error(f"the {what} cannot be read here: {e!r}")
         error.__cause__ = e
         return False, error
+    return True, (entries, block)
+
+
+def _group_entries(payload: np.ndarray) -> tuple[bool, Any]:
+    """``(True, entries)`` of a group's results bundle (see ``_Left``), or ``(False, error)``
+    when it cannot be read here."""
+    ok, got = _read_results(payload, "results of a batch")
+    if not ok:
+        return ok, got
+    entries, block = got
     return True, [(_args.OK, v) for v in entries] if block else entries
 
 
 def _one_result(payload: np.ndarray) -> tuple[bool, Any]:
     """``(True, value)`` of one call from its results bundle, or ``(False, error)``: the
     function's (for ``_rebuild``), or an ``Mk1Error`` when it cannot be read here."""
-    try:
-        _, _, entries, block = _args.read_results(payload)
-    except Exception as e:  # garbled, or of a type this process cannot import
-        error = _mk1.Mk1Error(f"the result of a call cannot be read here: {e!r}")
-        error.__cause__ = e
-        return False, error
+    ok, got = _read_results(payload, "result of a call")
+    if not ok:
+        return ok, got
+    entries, block = got
     if len(entries) == 1 and block:
         return True, entries[0]
     if len(entries) != 1 or entries[0][0] == _args.AGAIN:

@@ -1,9 +1,10 @@
 """The worker side of a Python pool: what runs in each worker process.
 
 A pool starts ``python -c CODE`` for every worker, CODE loading the caller's own mk1 (see
-``mk1._pool._WORKER_MAIN``) and calling ``_main``, which rebuilds the caller's import context (``sys.path`` and, as ``multiprocessing``'s spawn start
-method does, the main module under the name ``__mp_main__``) and enters mk1's worker loop,
-which calls ``_init`` once and ``_run`` for every array.
+``mk1._pool._WORKER_MAIN``) and calling ``_main``, which rebuilds the caller's import context
+(``sys.path`` and, as ``multiprocessing``'s spawn start method does, the main module under the
+name ``__mp_main__``) and enters mk1's worker loop, which calls ``_init`` once and ``_run`` for
+every array.
 """
 
 from __future__ import annotations

@@ -1658,6 +1658,45 @@ impl Orphans {
     }
 }
 
+/// Fills `view` (a buffer Python asked `owner` for, with `flags`) for the `len` bytes at `ptr`,
+/// read-only or not; the buffer keeps a reference to `owner`.
+///
+/// # Safety
+/// `view` must be the `Py_buffer` Python passed to `owner`'s `__getbuffer__`, and the `len`
+/// bytes at `ptr` must stay valid (and, unless `readonly`, writable by whoever holds the
+/// buffer) for as long as `owner` lives.
+unsafe fn fill_buffer(
+    owner: &Bound<'_, PyAny>,
+    view: *mut pyo3::ffi::Py_buffer,
+    ptr: *mut u8,
+    len: usize,
+    readonly: bool,
+    flags: c_int,
+) -> PyResult<()> {
+    // (Python wants a non-null pointer even for no bytes.)
+    let ptr = if len == 0 {
+        std::ptr::NonNull::<u8>::dangling().as_ptr()
+    } else {
+        ptr
+    };
+    // SAFETY: the caller's promises; PyBuffer_FillInfo fills `view` and takes a reference to
+    // `owner`.
+    let rc = unsafe {
+        pyo3::ffi::PyBuffer_FillInfo(
+            view,
+            owner.as_ptr(),
+            ptr.cast::<c_void>(),
+            len as isize,
+            c_int::from(readonly),
+            flags,
+        )
+    };
+    if rc != 0 {
+        return Err(PyErr::fetch(owner.py()));
+    }
+    Ok(())
+}
+
 /// The bytes of a loaned slot, writable through the buffer protocol while a bundle is written
 /// into them ([`Shared::submit_bundle`]); refused after that. It counts its exports, so that
 /// the submit can tell that no view of the slot outlives the write.
@@ -1691,23 +1730,11 @@ impl Room {
             }
             (me.ptr as *mut u8, me.len)
         };
-        // SAFETY: `view` is the buffer struct Python passed us; PyBuffer_FillInfo fills it for
-        // `len` writable bytes at `ptr`, the loaned slot's, which stay loaned (and mapped)
-        // until the write returns; the submit checks that every buffer taken was released by
-        // then (`exports`), and refuses new ones after (`open`).
-        let rc = unsafe {
-            pyo3::ffi::PyBuffer_FillInfo(
-                view,
-                slf.as_ptr(),
-                ptr.cast::<c_void>(),
-                len as isize,
-                0,
-                flags,
-            )
-        };
-        if rc != 0 {
-            return Err(PyErr::fetch(slf.py()));
-        }
+        // SAFETY: `view` is Python's; the `len` bytes at `ptr` are the loaned slot's, which
+        // stay loaned (and mapped) until the write returns; the submit checks that every
+        // buffer taken was released by then (`exports`), and this refuses new ones after
+        // (`open`).
+        unsafe { fill_buffer(slf.as_any(), view, ptr, len, false, flags)? };
         let me = slf.borrow();
         me.exports.set(me.exports.get() + 1);
         Ok(())
@@ -1769,28 +1796,10 @@ impl View {
             let me = slf.get();
             (me.ptr as *const u8, me.len)
         };
-        let ptr = if len == 0 {
-            std::ptr::NonNull::<u8>::dangling().as_ptr().cast_const()
-        } else {
-            ptr
-        };
-        // SAFETY: `view` is the buffer struct Python passed us; PyBuffer_FillInfo fills it for
-        // `len` read-only bytes at `ptr` and takes a reference to `slf`, which keeps the
-        // completion (and so the slot's contents and the mapping) alive while the buffer is.
-        let rc = unsafe {
-            pyo3::ffi::PyBuffer_FillInfo(
-                view,
-                slf.as_ptr(),
-                ptr.cast_mut().cast::<c_void>(),
-                len as isize,
-                1,
-                flags,
-            )
-        };
-        if rc != 0 {
-            return Err(PyErr::fetch(slf.py()));
-        }
-        Ok(())
+        // SAFETY: `view` is Python's; the buffer holds a reference to `slf`, which keeps the
+        // completion (and so the `len` bytes at `ptr`, the slot's contents, and the mapping)
+        // alive while the buffer is; they are only read through it.
+        unsafe { fill_buffer(slf.as_any(), view, ptr.cast_mut(), len, true, flags) }
     }
 }
 

@@ -161,6 +161,15 @@ def pool():
         yield p
 
 
+
+def _taken_until(results, error, match=None) -> list:
+    """The results an iterator gave before it raised ``error`` (which it must)."""
+    got = []
+    with pytest.raises(error, match=match):
+        for r in results:
+            got.append(r)
+    return got
+
 def sample(dtype, shape, seed=0):
     rng = np.random.default_rng(seed)
     if np.issubdtype(dtype, np.integer):
@@ -1290,10 +1299,10 @@ def test_failures_of_calls_and_their_results(pool):
     with pytest.raises(TypeError, match="cannot send"):
         pool.submit(weighted_sum, np.ones(2), threading.Lock())  # an argument that never pickles
     # In a map, the failing call ends the iteration where it is, as for arrays.
-    got = []
-    with pytest.raises(CustomError):
-        for r in pool.map(labelled_check, [np.array([1.0]), np.array([-2.0])], ["a", "b"]):
-            got.append(r)
+    got = _taken_until(
+        pool.map(labelled_check, [np.array([1.0]), np.array([-2.0])], ["a", "b"]),
+        CustomError,
+    )
     assert len(got) == 1
     assert pool.apply(weighted_sum, 1, 2) == 3, "the pool goes on"
 
@@ -1417,10 +1426,7 @@ def calls_failing_after(n):
 
 def test_a_failing_call_in_a_batch_fails_alone_and_ends_the_map_where_it_is(pool):
     calls = [(i, np.ones(4)) for i in range(400)]
-    got = []
-    with pytest.raises(CustomError, match="seven"):
-        for r in pool.starmap(fails_at_seven, calls):
-            got.append(r)
+    got = _taken_until(pool.starmap(fails_at_seven, calls), CustomError, match="seven")
     assert got == [(i, 4.0) for i in range(7)]
     # Unordered: every other call still comes back.
     seen, failed = set(), 0
@@ -1464,10 +1470,10 @@ def test_a_worker_killed_mid_batch_is_replaced_and_every_call_comes_back(tmp_pat
 
 def test_under_a_timeout_a_hung_call_fails_alone():
     with mk1.Pool(workers=1, timeout=1.0) as p:
-        got = []
-        with pytest.raises(mk1.TaskTimeout):
-            for r in p.starmap(sleeps_then, [(0, "a"), (0, "b"), (30, "hung"), (0, "c")]):
-                got.append(r)
+        got = _taken_until(
+            p.starmap(sleeps_then, [(0, "a"), (0, "b"), (30, "hung"), (0, "c")]),
+            mk1.TaskTimeout,
+        )
         assert got == ["a", "b"]
         assert p.apply(sleeps_then, 0, "after") == "after"
 
@@ -1511,10 +1517,11 @@ def test_calls_that_fork_or_keep_an_argument_in_a_batch():
         assert p.apply(weighted_sum, 1, 2) == 3
         # A call that keeps an argument fails its whole slot (and its worker is replaced): the
         # map raises there, after the results before it.
-        got = []
-        with pytest.raises(mk1.Mk1Error, match="kept a reference"):
-            for r in p.starmap(keeps_an_argument_sometimes, ((i, np.ones(3)) for i in range(200))):
-                got.append(r)
+        got = _taken_until(
+            p.starmap(keeps_an_argument_sometimes, ((i, np.ones(3)) for i in range(200))),
+            mk1.Mk1Error,
+            match="kept a reference",
+        )
         assert got == list(range(len(got))) and len(got) <= 40
         assert list(p.starmap(weighted_sum, [(1, 2), (3, 4)])) == [3, 7]
 
@@ -1593,16 +1600,14 @@ def test_each_call_of_a_batch_gets_its_own_result_whatever_the_others_return():
         assert [float(y[0]) for y in got] == [float(i) for i in range(300)]
         assert all(y.shape == (1 << 17,) for y in got)
         # A result that does not pickle fails its call alone, in its turn.
-        got = []
-        with pytest.raises(TypeError, match="cannot send"):
-            for r in p.starmap(lock_at, ((i, 3000) for i in range(5000))):
-                got.append(r)
+        got = _taken_until(
+            p.starmap(lock_at, ((i, 3000) for i in range(5000))),
+            TypeError,
+            match="cannot send",
+        )
         assert got == list(range(3000))
         # An input that does not pickle: the calls before it come back, then its error.
-        got = []
-        with pytest.raises(TypeError, match="input 3000"):
-            for r in p.map(first_argument, locks_from(3000)):
-                got.append(r)
+        got = _taken_until(p.map(first_argument, locks_from(3000)), TypeError, match="input 3000")
         assert got == list(range(3000))
 
 
@@ -1692,10 +1697,7 @@ def dies_at(i, n):
 def test_a_call_that_kills_its_worker_fails_alone_in_its_batch():
     for mode in ("out-of-place", "in-place"):
         with mk1.Pool(workers=2, mode=mode) as p:
-            got = []
-            with pytest.raises(mk1.WorkerDied):
-                for r in p.starmap(dies_at, ((i, 400) for i in range(600))):
-                    got.append(r)
+            got = _taken_until(p.starmap(dies_at, ((i, 400) for i in range(600))), mk1.WorkerDied)
             assert got == list(range(400)), mode
             assert p.apply(dies_at, 1, 0) == 1, "the pool goes on"
 
@@ -1823,16 +1825,14 @@ def test_calls_of_atoms_go_as_blocks_and_each_still_stands_alone():
         paths = [pathlib.Path(f"/data/{i}.npy") for i in range(300)]
         assert list(p.map(str, paths)) == [f"/data/{i}.npy" for i in range(300)]
         # A call that fails in a block fails alone, in its turn.
-        got = []
-        with pytest.raises(CustomError, match="537"):
-            for r in p.map(fails_at_537, range(2000)):
-                got.append(r)
+        got = _taken_until(p.map(fails_at_537, range(2000)), CustomError, match="537")
         assert got == list(range(537))
         # The input fails midway: the calls before it come back first.
-        got = []
-        with pytest.raises(ZeroDivisionError, match="input generator"):
-            for r in p.map(square, ints_failing_after(2500)):
-                got.append(r)
+        got = _taken_until(
+            p.map(square, ints_failing_after(2500)),
+            ZeroDivisionError,
+            match="input generator",
+        )
         assert got == [i * i for i in range(2500)]
 
 
@@ -2066,9 +2066,9 @@ def test_calls_a_long_batch_left_run_again_in_groups_and_each_fails_alone():
             range(3000)
         )
         # A call that kills its worker in such a group fails alone, in its turn.
-        got = []
-        with pytest.raises(mk1.WorkerDied):
-            for r in p.map(slow_then_dies, range(4000), [2500] * 4000, [2510] * 4000):
-                got.append(r)
+        got = _taken_until(
+            p.map(slow_then_dies, range(4000), [2500] * 4000, [2510] * 4000),
+            mk1.WorkerDied,
+        )
         assert got == list(range(2510))
         assert p.apply(square, 4) == 16
