@@ -128,7 +128,7 @@ fn library_bench_reports_every_comparison_and_the_idle_figures() {
     );
     let j = json(&out);
     let rows = j["comparisons"].as_array().unwrap();
-    assert_eq!(rows.len(), 12, "{rows:?}");
+    assert_eq!(rows.len(), 14, "{rows:?}");
     for r in rows {
         for side in ["a", "b", "ratio"] {
             let s = &r[side];
@@ -143,6 +143,10 @@ fn library_bench_reports_every_comparison_and_the_idle_figures() {
     assert!(rows
         .iter()
         .any(|r| r["name"].as_str().unwrap().contains("packed")));
+    assert!(rows.iter().any(|r| r["name"]
+        .as_str()
+        .unwrap()
+        .contains("the caller's share alone")));
     let idle = &j["idle"];
     assert!(idle["cpu_percent_of_one_core"].as_f64().unwrap() >= 0.0);
     assert!(idle["first_task_p50_us"].as_f64().unwrap() > 0.0);

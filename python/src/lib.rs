@@ -975,6 +975,7 @@ impl PoolCore {
             lend,
             window: window.max(1),
             pending: None,
+            pull_secs: 0.0,
             next_in: 0,
             next_out: 0,
             exhausted: false,
@@ -1121,7 +1122,10 @@ struct MapIter {
     window: usize,
     /// An input taken from the iterator, waiting for a slot that only reading this map's
     /// waiting results can free.
-    pending: Option<(u64, Py<PyAny>)>,
+    /// (Or its failure: the iterator's, or its preparing's, to be parked in its turn.)
+    pending: Option<(u64, PyResult<Py<PyAny>>)>,
+    /// How long taking the last input took, seconds.
+    pull_secs: f64,
     next_in: u64,
     next_out: u64,
     exhausted: bool,
@@ -1312,46 +1316,55 @@ impl MapIter {
         Ok(())
     }
 
-    /// Submits the next inputs while the window has room. (Packing small arrays several to
-    /// a slot, as the Rust map does, was measured here and gained nothing: the caller's own
-    /// per-array work is the limit from Python, not the workers or the rings.)
-    fn fill(&mut self, py: Python<'_>, sh: &Shared) -> PyResult<()> {
-        loop {
-            // The input iterator (or a callback it runs, or another thread) may close the
-            // pool: no new array goes then.
-            if self.lock.is_closing() {
-                return Err(PyValueError::new_err(
-                    "the pool was closed while this map ran; its arrays still in flight \
-                     will not come back",
-                ));
+    /// Takes the next input from the Python iterator into `pending` when there is none and
+    /// the window has room. Called without the pool's lock: the iterator is the caller's code,
+    /// which may take any time (a slow generator, a queue) and may use the pool itself; other
+    /// threads use the pool meanwhile. Whether it took one.
+    fn pull(&mut self, py: Python<'_>) -> PyResult<bool> {
+        if self.pending.is_some()
+            || self.exhausted
+            || self.next_in - self.next_out >= self.window as u64
+        {
+            return Ok(false);
+        }
+        let start = std::time::Instant::now();
+        let next = self.next_array(py)?;
+        self.pull_secs = start.elapsed().as_secs_f64();
+        Ok(match next {
+            Some((index, input)) => {
+                self.pending = Some((index, input.map(Bound::unbind)));
+                true
             }
-            let (index, array) = match self.pending.take() {
-                Some((i, a)) => (i, Ok(a.into_bound(py))),
-                None => {
-                    let (in_flight, ready) = self.waiting(sh);
-                    if self.exhausted || in_flight + ready >= self.window {
-                        return Ok(());
-                    }
-                    match self.next_array(py)? {
-                        Some(next) => next,
-                        None => return Ok(()),
-                    }
-                }
-            };
-            let array = match array {
-                Ok(a) => a,
-                Err(e) => {
-                    self.sent(py, sh, vec![index], Err(e))?;
-                    continue;
-                }
-            };
-            match self.when_free(py, sh, || sh.submit(&array, &self.task)) {
-                Ok(None) => {
-                    self.pending = Some((index, array.unbind()));
-                    return Ok(());
-                }
-                r => self.sent(py, sh, vec![index], r.map(|t| t.expect("some")))?,
+            None => false,
+        })
+    }
+
+    /// Submits the pending input when a slot is free (it stays pending while none is), or
+    /// parks its failure. (Packing small arrays several to a slot, as the Rust map does, was
+    /// measured here and gained nothing: the caller's own per-array work is the limit from
+    /// Python, not the workers or the rings.)
+    fn submit_pending(&mut self, py: Python<'_>, sh: &Shared) -> PyResult<()> {
+        // The input iterator (or a callback it runs, or another thread) may close the pool:
+        // no new array goes then.
+        if self.lock.is_closing() {
+            return Err(PyValueError::new_err(
+                "the pool was closed while this map ran; its arrays still in flight \
+                 will not come back",
+            ));
+        }
+        let Some((index, input)) = self.pending.take() else {
+            return Ok(());
+        };
+        let input = match input {
+            Ok(a) => a.into_bound(py),
+            Err(e) => return self.sent(py, sh, vec![index], Err(e)),
+        };
+        match self.when_free(py, sh, || sh.submit(&input, &self.task)) {
+            Ok(None) => {
+                self.pending = Some((index, Ok(input.unbind())));
+                Ok(())
             }
+            r => self.sent(py, sh, vec![index], r.map(|t| t.expect("some"))),
         }
     }
 }
@@ -1379,6 +1392,10 @@ const YEAR_S: f64 = 365.0 * 24.0 * 3600.0;
 /// Longest wait inside Rust before Python gets to run its signal handlers (Ctrl-C), seconds.
 const WAIT: f64 = 0.05;
 
+/// An input that took longer than this (seconds) to come from its iterator is slow: a map
+/// waits for its arrays in flight before it takes the next one.
+const SLOW_INPUT: f64 = 0.001;
+
 #[pymethods]
 impl MapIter {
     fn __iter__(slf: PyRef<'_, Self>) -> PyRef<'_, Self> {
@@ -1404,16 +1421,22 @@ impl MapIter {
     /// The next `(ok, result or error, input index)`.
     fn __next__(&mut self, py: Python<'_>) -> PyResult<Option<(bool, Py<PyAny>, u64)>> {
         let closed = || PyValueError::new_err("the pool is closed");
+        let mut take = true;
         loop {
             if self.lock.is_gone() {
                 return Err(closed());
             }
-            // One pass per turn with the lock: to submit, taken in turn (a thread waiting for
-            // results gives it up); with the window full, only to wait for results.
-            let fills = self.pending.is_some()
-                || (!self.exhausted && self.next_in - self.next_out < self.window as u64);
+            // An input per pass, taken without the pool's lock (see `pull`): one in for each
+            // result out, more while no result is ready, so that the window stays full and a
+            // result ready goes to the caller at once, whatever the input's pace.
+            if take {
+                self.pull(py)?;
+            }
+            take = true;
+            // Then one pass with the lock: to submit, taken in turn (a thread waiting for
+            // results gives it up); else only to wait for results.
             let lock = self.lock.clone();
-            let held = if fills {
+            let held = if self.pending.is_some() {
                 lock.acquire(py)
             } else {
                 lock.acquire_to_wait(py)
@@ -1425,7 +1448,9 @@ impl MapIter {
                 .filter(|_| !self.lock.is_gone())
                 .ok_or_else(closed)?;
             let sh = StepHold(sh);
-            self.fill(py, &sh)?;
+            self.submit_pending(py, &sh)?;
+            // (Results that came meanwhile, without waiting.)
+            self.pump(py, &sh, 0.0)?;
             {
                 let mut r = sh.router.borrow_mut();
                 let Some(m) = r.maps.get_mut(&self.id) else {
@@ -1462,7 +1487,18 @@ impl MapIter {
                     return Ok(None);
                 }
             }
-            self.pump(py, &sh, WAIT)?;
+            // Nothing to hand out: take more input while there is room, else wait. (When the
+            // input is slow, the arrays in flight have time to come back before the next one
+            // is taken: they are waited for first, as long as an input takes.)
+            let more = self.pending.is_none()
+                && !self.exhausted
+                && self.next_in - self.next_out < self.window as u64;
+            if !more {
+                self.pump(py, &sh, WAIT)?;
+            } else if self.pull_secs > SLOW_INPUT && self.waiting(&sh).0 > 0 {
+                // (What came is handed out before the next input is taken.)
+                take = !self.pump(py, &sh, self.pull_secs.min(WAIT))?;
+            }
             drop(sh);
             drop(held);
         }

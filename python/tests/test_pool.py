@@ -2075,3 +2075,47 @@ def test_calls_a_long_batch_left_run_again_in_groups_and_each_fails_alone():
         )
         assert got == list(range(2510))
         assert p.apply(square, 4) == 16
+
+
+def slow_items(n, seconds, taken):
+    for i in range(n):
+        time.sleep(seconds)
+        taken.append(i)
+        yield i
+
+
+def test_a_map_hands_out_results_at_the_pace_of_a_slow_input():
+    # (The window is 8 slots: results used to wait until 8 inputs were taken.)
+    with mk1.Pool(workers=2) as p:
+        for make in (lambda i: i, lambda i: np.full(4, float(i))):
+            taken: list = []
+            seen = []
+            for k, r in enumerate(p.map(square, (make(i) for i in slow_items(12, 0.02, taken)))):
+                seen.append(len(taken) - k)
+            assert max(seen) <= 4, seen
+
+
+def test_a_map_waiting_on_its_input_holds_up_no_other_thread():
+    import queue
+
+    with mk1.Pool(workers=2) as p:
+        q: queue.Queue = queue.Queue()
+        q.put(1)
+        errors = []
+
+        def consume():
+            try:
+                list(p.map(square, iter(q.get, None)))  # (waits on the queue after one item)
+            except ValueError as e:
+                errors.append(e)
+
+        t = threading.Thread(target=consume)
+        t.start()
+        time.sleep(0.3)
+        started = time.monotonic()
+        assert p.submit(square, 7).result(timeout=60) == 49
+        assert time.monotonic() - started < 5, "submit waited for the map's input"
+        p.terminate()  # (from this thread, while the map waits on its input)
+        q.put(2)
+        t.join(60)
+        assert not t.is_alive() and errors, "the map ends with the pool"

@@ -8,7 +8,8 @@
 //!   crossbeam channels (the fill and the check are the same code), and against rayon as it
 //!   is commonly used: fill a batch of arrays, apply the closure to the batch with
 //!   `par_iter_mut` on every CPU the pool side uses, then check the batch.
-//! - `packing`: `map` over many small f32 arrays (up to 16x16), packed against one per slot.
+//! - `packing`: `map` over many small f32 arrays (up to 16x16), packed against one per slot,
+//!   and both against the bound the caller's own work sets (its copies and checks, alone).
 //! - `idle`: CPU used by an idle pool's processes over an idle spell, and the round trip of the
 //!   first task after each idle spell.
 //!
@@ -156,10 +157,16 @@ fn fill_f32(d: &mut [f32], seq: u64) {
 }
 
 fn check_f32(d: &[f32], seq: u64) -> bool {
+    check_affine_f32(d, seq, 3.0, 1.0)
+}
+
+/// Whether `d` is the fill of array `seq` through `x*a+b`.
+#[inline]
+fn check_affine_f32(d: &[f32], seq: u64, a: f32, b: f32) -> bool {
     let base = (seq % 1024) as f32;
-    d.iter().zip(0i32..).fold(true, |ok, (&y, i)| {
-        ok & (y == (base + i as f32) * 3.0 + 1.0)
-    })
+    d.iter()
+        .zip(0i32..)
+        .fold(true, |ok, (&y, i)| ok & (y == (base + i as f32) * a + b))
 }
 
 /// Keeps every slot of `producer` busy with arrays of shapes up to `max_dim` for `duration`:
@@ -337,6 +344,47 @@ fn map_small(producer: &mut Producer<'_>, inputs: &[Array<f32>]) -> Result<f64, 
         k += 1;
     }
     Ok(k as f64 / start.elapsed().as_secs_f64())
+}
+
+/// The bound that the caller's own work sets on [`map_small`] over `inputs`, measured with no
+/// pool at all: one thread does, per array, what the map's caller does: copies it into a
+/// buffer of `pack_bytes` as `map` packs a slot (each array at a cache line, at most
+/// [`MAX_ITEMS`](crate::layout::MAX_ITEMS) to a slot), then copies it out into an array of
+/// its own and checks every element. (It checks the values it copied in, with a check of the
+/// same cost: in a pool the workers apply `x*3+1` on other CPUs.) Arrays per second.
+fn caller_share_small(inputs: &[Array<f32>], pack_bytes: u64) -> Result<f64, String> {
+    // (Passed through `black_box`: the check must stay a multiply and an add, as in `check_f32`.)
+    let (a, b) = (std::hint::black_box(1.0f32), std::hint::black_box(0.0f32));
+    let line = 64 / std::mem::size_of::<f32>();
+    let largest = inputs.iter().map(|x| x.as_slice().len()).max().unwrap_or(0);
+    let mut slot = vec![0f32; (pack_bytes as usize / 4).max(largest)];
+    let mut packed: Vec<(usize, Shape)> = Vec::with_capacity(crate::layout::MAX_ITEMS);
+    let start = Instant::now();
+    let mut seq = 0u64;
+    let mut rest = inputs;
+    while !rest.is_empty() {
+        packed.clear();
+        let mut at = 0;
+        while let Some((x, tail)) = rest.split_first() {
+            let n = x.as_slice().len();
+            if packed.len() == crate::layout::MAX_ITEMS || (at + n > slot.len() && at > 0) {
+                break;
+            }
+            crate::array::copy_elements(&mut slot[at..at + n], x.as_slice());
+            packed.push((at, x.shape()));
+            at += n.div_ceil(line) * line;
+            rest = tail;
+        }
+        for &(at, shape) in &packed {
+            let n = shape.elements() as usize;
+            let out = Array::from_trusted(crate::array::copied_vec(&slot[at..at + n]), shape);
+            if !check_affine_f32(out.as_slice(), seq, a, b) {
+                return Err(format!("array {seq} was copied wrong"));
+            }
+            seq += 1;
+        }
+    }
+    Ok(seq as f64 / start.elapsed().as_secs_f64())
 }
 
 fn cpu_ticks(pid: u32) -> u64 {
@@ -593,6 +641,18 @@ pub fn measure(b: &LibraryBench) -> Result<LibraryReport, String> {
             "map over small f32 arrays: packed / one per slot",
             packed,
             plain,
+        );
+        // The most packing could give here: the caller's own copies and checks, alone.
+        let alone = caller_share_small(&small, 64 << 10)?;
+        add(
+            "map over small f32 arrays: the caller's share alone, no pool / one per slot",
+            alone,
+            plain,
+        );
+        add(
+            "map over small f32 arrays: packed / the caller's share alone, no pool",
+            packed,
+            alone,
         );
     }
     drop((pi, po));
