@@ -40,6 +40,14 @@ class Future(_Future[Any]):
     the pool receives while futures are pending), so ``concurrent.futures.wait``,
     ``add_done_callback`` and ``asyncio.wrap_future`` work; ``result()`` receives at once."""
 
+class AsyncResult:
+    """A result to come, as ``multiprocessing.pool.AsyncResult``."""
+
+    def get(self, timeout: float | None = ...) -> Any: ...
+    def wait(self, timeout: float | None = ...) -> None: ...
+    def ready(self) -> bool: ...
+    def successful(self) -> bool: ...
+
 class Pool:
     """A pool of worker processes fed through shared memory (see the module's docs).
 
@@ -74,7 +82,34 @@ class Pool:
     def worker_pids(self) -> list[int]: ...
     def restarts(self) -> int: ...
     def submit(self, fn: _Fn, /, *args: Any, **kwargs: Any) -> Future: ...
-    def apply(self, fn: _Fn, /, *args: Any, **kwargs: Any) -> Any: ...
+    def apply(
+        self, fn: _Fn, args: Iterable[Any] = ..., kwds: dict[str, Any] | None = ...
+    ) -> Any: ...
+    def apply_async(
+        self,
+        fn: _Fn,
+        args: Iterable[Any] = ...,
+        kwds: dict[str, Any] | None = ...,
+        callback: Callable[[Any], Any] | None = ...,
+        error_callback: Callable[[BaseException], Any] | None = ...,
+    ) -> AsyncResult: ...
+    def map_async(
+        self,
+        fn: _Fn,
+        iterable: Iterable[Any],
+        chunksize: int | None = ...,
+        callback: Callable[[list[Any]], Any] | None = ...,
+        error_callback: Callable[[BaseException], Any] | None = ...,
+    ) -> AsyncResult: ...
+    def starmap_async(
+        self,
+        fn: Callable[..., Any],
+        iterable: Iterable[Iterable[Any]],
+        chunksize: int | None = ...,
+        callback: Callable[[list[Any]], Any] | None = ...,
+        error_callback: Callable[[BaseException], Any] | None = ...,
+    ) -> AsyncResult: ...
+    def shutdown(self, wait: bool = ..., *, cancel_futures: bool = ...) -> None: ...
     def as_completed(
         self, futures: Iterable[Future], timeout: float | None = ...
     ) -> Iterator[Future]: ...
@@ -82,6 +117,7 @@ class Pool:
         self,
         fn: _Fn,
         *iterables: Iterable[Any],
+        chunksize: int | None = ...,
         zero_copy: bool = ...,
         progress: bool = ...,
     ) -> Iterator[Any]: ...
@@ -89,6 +125,7 @@ class Pool:
         self,
         fn: _Fn,
         *iterables: Iterable[Any],
+        chunksize: int | None = ...,
         zero_copy: bool = ...,
         progress: bool = ...,
     ) -> Iterator[Any]: ...
@@ -96,6 +133,7 @@ class Pool:
         self,
         fn: _Fn,
         *iterables: Iterable[Any],
+        chunksize: int | None = ...,
         zero_copy: bool = ...,
         progress: bool = ...,
     ) -> Iterator[Any]: ...
@@ -103,6 +141,7 @@ class Pool:
         self,
         fn: Callable[..., Any],
         iterable: Iterable[Iterable[Any]],
+        chunksize: int | None = ...,
         *,
         zero_copy: bool = ...,
         progress: bool = ...,

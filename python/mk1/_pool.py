@@ -7,6 +7,7 @@ import collections
 import concurrent.futures
 import itertools
 import json
+import multiprocessing
 import operator
 import os
 import pickle
@@ -256,6 +257,57 @@ class Future(concurrent.futures.Future):
         if not super().done():
             self._pool._pump(0)
         return super().done()
+
+
+class AsyncResult:
+    """A result to come, as ``multiprocessing.pool.AsyncResult`` (what ``apply_async``,
+    ``map_async`` and ``starmap_async`` return), over a future."""
+
+    def __init__(
+        self,
+        fut: concurrent.futures.Future,
+        callback: Callable[[Any], Any] | None = None,
+        error_callback: Callable[[BaseException], Any] | None = None,
+    ) -> None:
+        self._fut = fut
+        if callback is not None or error_callback is not None:
+
+            def done(f: concurrent.futures.Future) -> None:
+                error = f.exception()
+                if error is None:
+                    if callback is not None:
+                        callback(f.result())
+                elif error_callback is not None:
+                    error_callback(error)
+
+            fut.add_done_callback(done)
+
+    def get(self, timeout: float | None = None) -> Any:
+        """The result (raises the task's exception); ``multiprocessing.TimeoutError`` past
+        ``timeout`` seconds."""
+        try:
+            return self._fut.result(timeout)
+        except concurrent.futures.TimeoutError:
+            if self._fut.done():
+                raise  # (the task's own TimeoutError)
+            raise multiprocessing.TimeoutError() from None
+
+    def wait(self, timeout: float | None = None) -> None:
+        """Waits for the result, at most ``timeout`` seconds."""
+        try:
+            self._fut.exception(timeout)
+        except concurrent.futures.TimeoutError:
+            pass
+
+    def ready(self) -> bool:
+        """Whether the result is there."""
+        return self._fut.done()
+
+    def successful(self) -> bool:
+        """Whether the task succeeded; ``ValueError`` while it is not ready."""
+        if not self._fut.done():
+            raise ValueError(f"{self!r} not ready")
+        return self._fut.exception() is None
 
 
 class _Driver:
@@ -925,14 +977,79 @@ class Pool:
             finally:
                 self._driver.leave()
 
-    def apply(self, fn: Callable | Op, /, *args: Any, **kwargs: Any) -> Any:
-        """``submit(fn, *args, **kwargs).result()``."""
-        return self.submit(fn, *args, **kwargs).result()
+    def apply(self, fn: Callable | Op, args: Iterable[Any] = (), kwds: dict | None = None) -> Any:
+        """``fn(*args, **kwds)`` in a worker, waiting for its result, as
+        ``multiprocessing.Pool.apply``: ``submit(fn, *args, **kwds).result()``."""
+        return self.submit(fn, *args, **(kwds or {})).result()
+
+    def apply_async(
+        self,
+        fn: Callable | Op,
+        args: Iterable[Any] = (),
+        kwds: dict | None = None,
+        callback: Callable[[Any], Any] | None = None,
+        error_callback: Callable[[BaseException], Any] | None = None,
+    ) -> AsyncResult:
+        """As ``multiprocessing.Pool.apply_async``: ``fn(*args, **kwds)`` submitted (see
+        ``submit``), its result an ``AsyncResult``; ``callback`` gets the result, or
+        ``error_callback`` the exception, in the pool's thread once it is there."""
+        return AsyncResult(self.submit(fn, *args, **(kwds or {})), callback, error_callback)
+
+    def map_async(
+        self,
+        fn: Callable | Op,
+        iterable: Iterable[Any],
+        chunksize: int | None = None,
+        callback: Callable[[list], Any] | None = None,
+        error_callback: Callable[[BaseException], Any] | None = None,
+    ) -> AsyncResult:
+        """As ``multiprocessing.Pool.map_async``: the list of ``map(fn, iterable)``, made by
+        a thread of its own; an ``AsyncResult``."""
+        return self._list_async(self.map, fn, iterable, chunksize, callback, error_callback)
+
+    def starmap_async(
+        self,
+        fn: Callable,
+        iterable: Iterable[Iterable[Any]],
+        chunksize: int | None = None,
+        callback: Callable[[list], Any] | None = None,
+        error_callback: Callable[[BaseException], Any] | None = None,
+    ) -> AsyncResult:
+        """As ``multiprocessing.Pool.starmap_async``: the list of ``starmap(fn, iterable)``,
+        made by a thread of its own; an ``AsyncResult``."""
+        return self._list_async(self.starmap, fn, iterable, chunksize, callback, error_callback)
+
+    def _list_async(self, how, fn, iterable, chunksize, callback, error_callback) -> AsyncResult:
+        self._live()  # (a closed pool raises here, not in the thread)
+        fut: concurrent.futures.Future = concurrent.futures.Future()
+        fut.set_running_or_notify_cancel()
+
+        def run() -> None:
+            try:
+                fut.set_result(list(how(fn, iterable, chunksize=chunksize)))
+            except BaseException as e:  # noqa: BLE001 - it goes to the AsyncResult
+                fut.set_exception(e)
+
+        threading.Thread(target=run, name="mk1-map-async", daemon=True).start()
+        return AsyncResult(fut, callback, error_callback)
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        """As ``concurrent.futures.Executor.shutdown``: ``close()``, which waits for what was
+        submitted; with ``cancel_futures=True``, ``terminate()`` (mk1's futures run from
+        ``submit`` on, so pending ones fail with ``Mk1Error`` instead of being cancelled); with
+        ``wait=False``, the closing goes on in a thread of its own and this returns at once."""
+        if cancel_futures:
+            self.terminate()
+        elif wait:
+            self.close()
+        else:
+            threading.Thread(target=self.close, name="mk1-shutdown", daemon=True).start()
 
     def map(
         self,
         fn: Callable | Op,
         *iterables: Iterable[Any],
+        chunksize: int | None = None,
         zero_copy: bool = False,
         progress: bool = False,
     ) -> Iterator[Any]:
@@ -972,8 +1089,12 @@ class Pool:
         either order). Closing the pool while a map runs makes its next step raise
         ``ValueError``. ``progress=True`` shows a progress bar (tqdm when
         installed).
+
+        ``chunksize``: the most calls a batch carries (mk1 sizes batches by itself; this is
+        ``multiprocessing``'s argument, also taken as a last positional int,
+        ``map(fn, items, 64)``, as ``multiprocessing.Pool.map`` takes it).
         """
-        return self._map(fn, iterables, True, zero_copy, progress)
+        return self._map(fn, iterables, True, zero_copy, progress, chunksize=chunksize)
 
     imap = map
 
@@ -981,6 +1102,7 @@ class Pool:
         self,
         fn: Callable,
         iterable: Iterable[Iterable[Any]],
+        chunksize: int | None = None,
         *,
         zero_copy: bool = False,
         progress: bool = False,
@@ -988,19 +1110,29 @@ class Pool:
         """``fn(*args)`` for every ``args`` of ``iterable``, in input order, lazily (as
         ``multiprocessing.Pool.starmap``, but an iterator): calls as ``submit`` makes them for
         several arguments. Otherwise as ``map``."""
-        return self._map(fn, (iterable,), True, zero_copy, progress, star=True)
+        return self._map(fn, (iterable,), True, zero_copy, progress, True, chunksize)
 
     def imap_unordered(
         self,
         fn: Callable | Op,
         *iterables: Iterable[Any],
+        chunksize: int | None = None,
         zero_copy: bool = False,
         progress: bool = False,
     ) -> Iterator[Any]:
         """As ``map``, in completion order."""
-        return self._map(fn, iterables, False, zero_copy, progress)
+        return self._map(fn, iterables, False, zero_copy, progress, chunksize=chunksize)
 
-    def _map(self, fn, iterables, ordered, zero_copy, progress, star=False):
+    def _map(self, fn, iterables, ordered, zero_copy, progress, star=False, chunksize=None):
+        if len(iterables) > 1 and isinstance(iterables[-1], (int, np.integer)):
+            # (multiprocessing's `map(fn, items, chunksize)`: an int is never an iterable.)
+            if chunksize is not None:
+                raise TypeError("chunksize given twice (as the last positional argument too)")
+            *iterables, chunksize = iterables
+        if chunksize is not None:
+            chunksize = operator.index(chunksize)
+            if chunksize < 1:
+                raise ValueError(f"chunksize must be at least 1, not {chunksize}")
         if not iterables:
             raise TypeError("map needs at least one iterable")
         if zero_copy and self._slots < 2:
@@ -1023,9 +1155,11 @@ class Pool:
             sized = all(hasattr(i, "__len__") for i in iterables)
             bar = _progress(min(len(i) for i in iterables) if sized else None)
         inputs = iter(iterables[0]) if calls is None else calls
-        return self._map_gen(fn, task, inputs, calls is not None, ordered, zero_copy, bar)
+        return self._map_gen(
+            fn, task, inputs, calls is not None, ordered, zero_copy, bar, chunksize
+        )
 
-    def _map_gen(self, fn, task, inputs, batched, ordered, zero_copy, bar):
+    def _map_gen(self, fn, task, inputs, batched, ordered, zero_copy, bar, chunksize=None):
         if not batched and not isinstance(fn, Op):
             # The first item says whether this map carries arrays or makes calls.
             first = next(inputs, _END)
@@ -1046,7 +1180,7 @@ class Pool:
                 )
             del first, a
         if batched:
-            sizer = _BatchSizer(self._timeout is None, self._max_array_bytes)
+            sizer = _BatchSizer(self._timeout is None, self._max_array_bytes, chunksize)
             sent: dict = {}
             inputs = self._batches(inputs, sizer, sent)
         # Zero-copy, the result the caller holds keeps its slot: one less in flight.
@@ -1231,9 +1365,10 @@ class _BatchSizer:
     # pickled one by one keep room in the slot for every call after them).
     MOST_BLOCK = 1024
 
-    def __init__(self, enabled: bool, slot_bytes: int) -> None:
+    def __init__(self, enabled: bool, slot_bytes: int, cap: int | None = None) -> None:
         self.enabled = enabled
         self.slot = slot_bytes
+        self.cap = cap  # the caller's chunksize: the most, whatever the rest says
         self.most = self.MOST
         self.blocks_out = True  # the last results were a block
         self.blocks_in = False  # the calls go as blocks
@@ -1267,7 +1402,8 @@ class _BatchSizer:
         by_time = self.TARGET / max(self.per_call, 1e-9)
         # (Three quarters of the slot: calls and results vary in size.)
         by_bytes = 0.75 * self.slot / max(self.bytes_in, self.bytes_out, 1.0)
-        self.size = int(max(1, min(self.most, by_time, by_bytes)))
+        most = self.most if self.cap is None else min(self.most, self.cap)
+        self.size = int(max(1, min(most, by_time, by_bytes)))
 
     def blocks(self, on: bool) -> None:
         """Whether the calls go as blocks (see ``MOST_BLOCK``)."""

@@ -343,7 +343,7 @@ def test_futures(pool):
     futs = [pool.submit(x3p1, np.full(3, i)) for i in range(40)]
     assert [int(f.result()[0]) for f in futs] == [i * 3 + 1 for i in range(40)]
     assert all(f.done() for f in futs)
-    assert pool.apply(mk1.ops.neg(), np.array([1, -2], np.int8)).tolist() == [-1, 2]
+    assert pool.submit(mk1.ops.neg(), np.array([1, -2], np.int8)).result().tolist() == [-1, 2]
 
 
 def test_progress_bar(pool, capsys):
@@ -538,24 +538,24 @@ def test_terminate_and_leaving_on_an_error_do_not_wait_for_running_tasks():
 
 
 def test_numpy_functions_with_an_optional_out_are_called_plainly(pool):
-    y = pool.apply(np.cumsum, np.ones(300, np.int8))
+    y = pool.submit(np.cumsum, np.ones(300, np.int8)).result()
     assert y[-1] == 300 and y.dtype == np.cumsum(np.ones(3, np.int8)).dtype
-    assert pool.apply(np.mean, np.arange(10.0)) == 4.5
+    assert pool.submit(np.mean, np.arange(10.0)).result() == 4.5
 
 
 def test_an_array_of_exactly_max_array_bytes_fits():
     with mk1.Pool(workers=1, max_array_bytes=1 << 20) as pool:
         a = np.ones(1 << 18, np.float32)  # exactly 1 MiB
-        assert pool.apply(x3p1, a)[0] == 4
-        assert pool.apply(mk1.ops.neg(), a)[0] == -1
+        assert pool.submit(x3p1, a).result()[0] == 4
+        assert pool.submit(mk1.ops.neg(), a).result()[0] == -1
         with pytest.raises(mk1.ArrayTooLarge, match="max_array_bytes"):
-            pool.apply(x3p1, np.ones((1 << 18) + 1, np.float32))
+            pool.submit(x3p1, np.ones((1 << 18) + 1, np.float32)).result()
 
 
 def test_the_timeout_counts_from_when_a_task_starts_not_from_an_idle_spell():
     with mk1.Pool(workers=1, timeout=1.0) as pool:
         time.sleep(1.6)
-        assert pool.apply(slow_sleep, np.array([0.3]))[0] == 0.3
+        assert pool.submit(slow_sleep, np.array([0.3])).result()[0] == 0.3
         assert pool.restarts() == 0
 
 
@@ -580,7 +580,7 @@ def test_as_completed_and_a_map_continued_in_another_thread(pool):
         th.join(timeout=60)
         assert not th.is_alive()
     assert got == [16] + [i * 3 + 1 for i in range(1, 40)]
-    assert pool.apply(x3p1, np.ones(1))[0] == 4
+    assert pool.submit(x3p1, np.ones(1)).result()[0] == 4
 
 
 def test_threads_share_one_pool():
@@ -630,7 +630,7 @@ def test_a_thread_that_submits_is_not_held_up_by_one_that_waits():
         time.sleep(0.2)  # (the waiter now holds the pool, waiting)
         t0 = time.monotonic()
         for i in range(40):
-            assert pool.apply(x3p1, np.full(1, float(i)))[0] == i * 3 + 1
+            assert pool.submit(x3p1, np.full(1, float(i))).result()[0] == i * 3 + 1
         quick = time.monotonic() - t0
         assert not slow.done(), "40 quick round trips ended before the slow task"
         waiter.join(timeout=60)
@@ -665,7 +665,7 @@ def test_a_pool_made_in_one_thread_and_dropped_in_another_leaves_nothing():
     maker.start()
     maker.join(timeout=120)
     pool = box.pop()
-    assert pool.apply(x3p1, np.ones(1))[0] == 4
+    assert pool.submit(x3p1, np.ones(1)).result()[0] == 4
     pids = pool.worker_pids()
     dropper = threading.Thread(target=lambda p=[pool]: p.clear())
     del pool
@@ -706,10 +706,10 @@ def test_the_main_script_as_multiprocessing_runs_it(tmp_path):
                 return x + 100
 
             with mk1.Pool(workers=1, initializer=lambda: None) as pool:
-                print("scaled", pool.apply(shout, np.ones(2))[0])
-                print("nested", pool.apply(nested, np.ones(2))[0])
+                print("scaled", pool.submit(shout, np.ones(2)).result()[0])
+                print("nested", pool.submit(nested, np.ones(2)).result()[0])
                 try:
-                    pool.apply(fails, np.ones(2))
+                    pool.submit(fails, np.ones(2)).result()
                 except ScriptError as e:
                     print("caught ScriptError", e)
         """,
@@ -735,7 +735,7 @@ def test_an_array_that_kills_every_worker_fails_with_worker_died_and_the_pool_go
             for y in pool.map(exits_if_negative, arrays):
                 got.append(float(y[0]))
         assert got == [4.0]
-        assert pool.apply(exits_if_negative, np.array([5.0]))[0] == 16.0
+        assert pool.submit(exits_if_negative, np.array([5.0])).result()[0] == 16.0
         assert pool.restarts() >= 3
 
 
@@ -763,11 +763,11 @@ def test_settings_are_checked_and_a_slow_start_is_allowed():
             mk1.Pool(workers=1, timeout=bad)
     # Infinity is no limit, as None.
     with mk1.Pool(workers=1, timeout=float("inf"), start_timeout=float("inf")) as p:
-        assert p.apply(x3p1, np.ones(1))[0] == 4
+        assert p.submit(x3p1, np.ones(1)).result()[0] == 4
     with pytest.raises(mk1.PoolStartError, match="did not attach within"):
         mk1.Pool(workers=1, initializer=time.sleep, initargs=(3,), start_timeout=1.0)
     with mk1.Pool(workers=1, initializer=time.sleep, initargs=(1.5,), start_timeout=10) as p:
-        assert p.apply(x3p1, np.ones(1))[0] == 4
+        assert p.submit(x3p1, np.ones(1)).result()[0] == 4
 
 
 def _refused_in_a_forked_child(use) -> bool:
@@ -789,8 +789,8 @@ def _refused_in_a_forked_child(use) -> bool:
 
 
 def test_a_forked_child_forgets_the_pool_and_the_parent_keeps_it(pool):
-    assert _refused_in_a_forked_child(lambda: pool.apply(x3p1, np.ones(1)))
-    assert pool.apply(x3p1, np.ones(2))[1] == 4
+    assert _refused_in_a_forked_child(lambda: pool.submit(x3p1, np.ones(1)).result())
+    assert pool.submit(x3p1, np.ones(2)).result()[1] == 4
     assert all(os.path.exists(f"/proc/{p}") for p in pool.worker_pids())
 
 
@@ -879,14 +879,14 @@ def test_a_function_that_keeps_its_input_fails_and_its_worker_is_replaced():
     with mk1.Pool(workers=1) as p:
         before = p.restarts()
         with pytest.raises(mk1.Mk1Error, match="kept a reference to its input or output"):
-            p.apply(keeps_its_input, np.ones(4))
+            p.submit(keeps_its_input, np.ones(4)).result()
         # The replacement works (the pool replaces a worker once the caller has seen it go,
         # here in this call), and a cycle that is garbage is not a kept reference.
-        assert p.apply(x3p1, np.ones(4)).tolist() == [4.0] * 4
-        assert p.apply(keeps_in_a_cycle_only, np.ones(4)).tolist() == [2.0] * 4
+        assert p.submit(x3p1, np.ones(4)).result().tolist() == [4.0] * 4
+        assert p.submit(keeps_in_a_cycle_only, np.ones(4)).result().tolist() == [2.0] * 4
         deadline = time.monotonic() + 10
         while p.restarts() == before and time.monotonic() < deadline:
-            p.apply(x3p1, np.ones(1))
+            p.submit(x3p1, np.ones(1)).result()
             time.sleep(0.01)
         assert p.restarts() == before + 1
 
@@ -894,9 +894,9 @@ def test_a_function_that_keeps_its_input_fails_and_its_worker_is_replaced():
 def test_in_place_a_function_that_keeps_its_array_fails_too():
     with mk1.Pool(workers=1, mode="in-place") as p:
         with pytest.raises(mk1.Mk1Error, match="kept a reference to its input or output"):
-            p.apply(keeps_its_input, np.ones(4))
-        assert p.apply(keeps_in_a_cycle_only, np.ones(4)).tolist() == [2.0] * 4
-        assert p.apply(x3p1, np.ones(4)).tolist() == [4.0] * 4
+            p.submit(keeps_its_input, np.ones(4)).result()
+        assert p.submit(keeps_in_a_cycle_only, np.ones(4)).result().tolist() == [2.0] * 4
+        assert p.submit(x3p1, np.ones(4)).result().tolist() == [4.0] * 4
 
 
 def forks_and_returns(x):
@@ -919,7 +919,7 @@ def sums_in_threads(x):
 def test_a_function_that_runs_threads_on_its_input_is_not_blamed(pool):
     before = pool.restarts()
     for i in range(30):
-        y = pool.apply(sums_in_threads, np.arange(1000.0) + i)
+        y = pool.submit(sums_in_threads, np.arange(1000.0) + i).result()
         assert y.sum() == (np.arange(1000.0) + i).sum()
     assert pool.restarts() == before
 
@@ -965,7 +965,7 @@ def test_a_child_forked_by_the_function_cannot_write_any_slot():
 def test_a_child_forked_by_the_function_does_not_serve(pool):
     out = [y.tolist() for y in pool.map(forks_and_returns, [np.full(2, float(i)) for i in range(20)])]
     assert out == [[i + 1.0] * 2 for i in range(20)]
-    assert pool.apply(x3p1, np.ones(2)).tolist() == [4.0, 4.0]
+    assert pool.submit(x3p1, np.ones(2)).result().tolist() == [4.0, 4.0]
 
 
 def test_futures_get_copies_while_a_zero_copy_map_runs():
@@ -998,7 +998,7 @@ def test_zero_copy_results_dropped_in_other_threads_give_their_slots_back():
             last = t
         last.join()
         assert sums == [32.0] * 40
-        assert p.apply(x3p1, np.ones(2)).tolist() == [4.0, 4.0]
+        assert p.submit(x3p1, np.ones(2)).result().tolist() == [4.0, 4.0]
 
 
 def test_zero_copy_needs_two_slots():
@@ -1010,10 +1010,10 @@ def test_zero_copy_needs_two_slots():
 
 def test_op_parameters_may_be_numpy_scalars(pool):
     a = np.arange(4.0)
-    assert (pool.apply(mk1.ops.add(np.float64(1.5)), a) == a + 1.5).all()
-    assert (pool.apply(mk1.ops.mul(np.float32(2.0)), a) == a * 2).all()
+    assert (pool.submit(mk1.ops.add(np.float64(1.5)), a).result() == a + 1.5).all()
+    assert (pool.submit(mk1.ops.mul(np.float32(2.0)), a).result() == a * 2).all()
     i = np.arange(4, dtype=np.int32)
-    assert (pool.apply(mk1.ops.add(np.int64(3)), i) == i + 3).all()
+    assert (pool.submit(mk1.ops.add(np.int64(3)), i).result() == i + 3).all()
     with pytest.raises(TypeError):
         mk1.ops.add(np.bool_(True))
 
@@ -1028,7 +1028,7 @@ NESTED_SCRIPT = """
             return x + 1
         with mk1.Pool(workers=1) as pool:
             try:
-                pool.apply(nested, np.ones(3))
+                pool.submit(nested, np.ones(3)).result()
                 print("no error")
             except TypeError as e:
                 print("TypeError", e)
@@ -1050,7 +1050,7 @@ def test_a_script_read_from_stdin(tmp_path):
 
         with mk1.Pool(workers=1) as pool:
             try:
-                print("result", pool.apply(f, np.arange(3.0)).tolist())
+                print("result", pool.submit(f, np.arange(3.0)).result().tolist())
             except TypeError as e:
                 print("TypeError", e)
         """
@@ -1193,44 +1193,44 @@ def test_calls_take_any_arguments_and_return_any_result(pool):
     a = np.arange(10.0)
     b = np.ones(10)
     np.testing.assert_array_equal(pool.submit(weighted_sum, a, b, weight=2).result(), a + 2)
-    np.testing.assert_array_equal(pool.apply(weighted_sum, a, b), a + 1)
-    d = pool.apply(describe, np.arange(6, dtype=np.int16).reshape(2, 3), label="six")
+    np.testing.assert_array_equal(pool.submit(weighted_sum, a, b).result(), a + 1)
+    d = pool.submit(describe, np.arange(6, dtype=np.int16).reshape(2, 3), label="six").result()
     assert d["label"] == "six" and d["shape"] == (2, 3) and d["mean"] == 2.5
     assert d["read_only"], "out of place, arrays in the arguments are read-only in the worker"
     np.testing.assert_array_equal(d["double"], np.arange(6).reshape(2, 3) * 2)
     assert d["double"].flags.writeable, "a result's arrays are the caller's own"
     # One argument that is not an array mk1 carries: the function gets it as it is.
-    assert pool.apply(len, "hello") == 5
-    assert pool.apply(float, 3) == 3.0
+    assert pool.submit(len, "hello").result() == 5
+    assert pool.submit(float, 3).result() == 3.0
     z = np.array([1 + 2j, 3 - 1j], np.complex128)
-    np.testing.assert_array_equal(pool.apply(np.conj, z), np.conj(z))
+    np.testing.assert_array_equal(pool.submit(np.conj, z).result(), np.conj(z))
     flags = np.array([True, False, True])
-    assert pool.apply(np.count_nonzero, flags) == 2
+    assert pool.submit(np.count_nonzero, flags).result() == 2
     big_endian = np.arange(5, dtype=">i4")
-    back = pool.apply(first_argument, big_endian)
+    back = pool.submit(first_argument, big_endian).result()
     assert back.dtype.str == ">i4" and back.tolist() == list(range(5))
     five_d = np.zeros((1, 2, 1, 2, 1))
-    assert pool.apply(first_argument, five_d).shape == (1, 2, 1, 2, 1)
+    assert pool.submit(first_argument, five_d).result().shape == (1, 2, 1, 2, 1)
     # Lists and masked arrays arrive as they are (numpy would have made a list an array, and
     # dropped a mask).
-    assert pool.apply(first_argument, [1, 2, 3]) == [1, 2, 3]
+    assert pool.submit(first_argument, [1, 2, 3]).result() == [1, 2, 3]
     masked = np.ma.masked_array([1.0, 2.0, 3.0], mask=[False, True, False])
-    back = pool.apply(first_argument, masked)
+    back = pool.submit(first_argument, masked).result()
     assert isinstance(back, np.ma.MaskedArray) and back.mask.tolist() == [False, True, False]
     # No arguments at all, keywords only, None as a result, nested containers.
-    args, kwargs = pool.apply(echo)
+    args, kwargs = pool.submit(echo).result()
     assert args == () and kwargs == {}
-    args, kwargs = pool.apply(echo, k=[np.ones(2), {"s": "t"}])
+    args, kwargs = pool.submit(echo, k=[np.ones(2), {"s": "t"}]).result()
     assert args == () and kwargs["k"][1] == {"s": "t"} and kwargs["k"][0].tolist() == [1, 1]
-    assert pool.apply(returns_none, np.ones(3)) is None
-    assert pool.apply(returns_none, x=np.ones(3)) is None
+    assert pool.submit(returns_none, np.ones(3)).result() is None
+    assert pool.submit(returns_none, x=np.ones(3)).result() is None
 
 
 def test_a_memmap_is_carried_as_an_array(pool, tmp_path):
     m = np.memmap(tmp_path / "m.dat", dtype=np.float32, mode="w+", shape=(4, 5))
     m[:] = np.arange(20).reshape(4, 5)
     m.flush()
-    y = pool.apply(x3p1, m)
+    y = pool.submit(x3p1, m).result()
     assert type(y) is np.ndarray and y.tolist() == (np.arange(20).reshape(4, 5) * 3 + 1).tolist()
     del m
 
@@ -1239,7 +1239,7 @@ def test_arrays_in_a_calls_arguments_are_views_of_shared_memory(pool):
     a = np.arange(12, dtype=np.float32).reshape(3, 4)
     strided = np.arange(40, dtype=np.int64).reshape(4, 10)[:, ::3]
     fortran = np.asfortranarray(np.arange(6, dtype=np.uint16).reshape(2, 3))
-    seen = pool.apply(views_of_shared_memory, a, strided, fortran, nested=[[np.ones(3)]])
+    seen = pool.submit(views_of_shared_memory, a, strided, fortran, nested=[[np.ones(3)]]).result()
     for writeable, owndata, _, _ in seen:
         assert not writeable and not owndata
     assert [s[2:] for s in seen] == [
@@ -1249,7 +1249,7 @@ def test_arrays_in_a_calls_arguments_are_views_of_shared_memory(pool):
         ("<f8", (3,)),
     ]
     # The values arrive intact, whatever the layout was.
-    back = pool.apply(echo, a, strided, fortran)[0]
+    back = pool.submit(echo, a, strided, fortran).result()[0]
     np.testing.assert_array_equal(back[0], a)
     np.testing.assert_array_equal(back[1], strided)
     np.testing.assert_array_equal(back[2], fortran)
@@ -1287,13 +1287,13 @@ def test_map_over_several_iterables_starmap_and_items_that_are_not_arrays(pool):
 
 def test_failures_of_calls_and_their_results(pool):
     with pytest.raises(CustomError, match="negative"):
-        pool.apply(raises_custom, x=np.array([-1.0]))
+        pool.submit(raises_custom, x=np.array([-1.0])).result()
     with pytest.raises(TypeError, match="generator"):
-        pool.apply(returns_a_generator, "x")
+        pool.submit(returns_a_generator, "x").result()
     with pytest.raises(TypeError, match="generator"):
-        pool.apply(returns_a_generator, np.ones(2))
+        pool.submit(returns_a_generator, np.ones(2)).result()
     with pytest.raises(mk1.ArrayTooLarge, match="result takes"):
-        pool.apply(big_result, 2 << 20)
+        pool.submit(big_result, 2 << 20).result()
     with pytest.raises(mk1.ArrayTooLarge, match="arguments take"):
         pool.submit(weighted_sum, np.zeros(1 << 20), np.zeros(1 << 20))
     with pytest.raises(TypeError, match="cannot send"):
@@ -1304,23 +1304,23 @@ def test_failures_of_calls_and_their_results(pool):
         CustomError,
     )
     assert len(got) == 1
-    assert pool.apply(weighted_sum, 1, 2) == 3, "the pool goes on"
+    assert pool.submit(weighted_sum, 1, 2).result() == 3, "the pool goes on"
 
 
 def test_a_call_that_keeps_an_argument_fails_and_its_worker_is_replaced():
     with mk1.Pool(workers=1) as p:
         with pytest.raises(mk1.Mk1Error, match="kept a reference"):
-            p.apply(keeps_its_second_argument, np.ones(4), np.ones(3))
-        assert p.apply(weighted_sum, np.ones(2), np.ones(2)).tolist() == [2.0, 2.0]
+            p.submit(keeps_its_second_argument, np.ones(4), np.ones(3)).result()
+        assert p.submit(weighted_sum, np.ones(2), np.ones(2)).result().tolist() == [2.0, 2.0]
 
 
 def test_calls_in_place():
     with mk1.Pool(workers=1, mode="in-place") as p:
         a = np.arange(1000, dtype=np.float64)
         # The result is the argument itself, in the very slot memory it goes back through.
-        np.testing.assert_array_equal(p.apply(first_argument, a, "x"), a)
-        np.testing.assert_array_equal(p.apply(weighted_sum, a, a, weight=3), 4 * a)
-        assert p.apply(describe, a)["mean"] == a.mean()
+        np.testing.assert_array_equal(p.submit(first_argument, a, "x").result(), a)
+        np.testing.assert_array_equal(p.submit(weighted_sum, a, a, weight=3).result(), 4 * a)
+        assert p.submit(describe, a).result()["mean"] == a.mean()
 
 
 def test_a_garbled_bundle_is_an_error_never_a_crash():
@@ -1484,7 +1484,7 @@ def test_under_a_timeout_a_hung_call_fails_alone():
             mk1.TaskTimeout,
         )
         assert got == ["a", "b"]
-        assert p.apply(sleeps_then, 0, "after") == "after"
+        assert p.submit(sleeps_then, 0, "after").result() == "after"
 
 
 def test_the_batch_sizer_and_garbled_results():
@@ -1523,7 +1523,7 @@ def test_calls_that_fork_or_keep_an_argument_in_a_batch():
     with mk1.Pool(workers=2) as p:
         got = list(p.starmap(forks_and_returns_a_pair, ((i, np.full(2, float(i))) for i in range(60))))
         assert [(i, x.tolist()) for i, x in got] == [(i, [i + 1.0] * 2) for i in range(60)]
-        assert p.apply(weighted_sum, 1, 2) == 3
+        assert p.submit(weighted_sum, 1, 2).result() == 3
         # A call that keeps an argument fails its whole slot (and its worker is replaced): the
         # map raises there, after the results before it.
         got = _taken_until(
@@ -1561,7 +1561,7 @@ def test_a_map_of_arrays_takes_odd_items_as_calls_of_their_own(pool):
     ]
     # A uint8 array that is not a bundle is an array (only this process's bundles are calls).
     raw = np.frombuffer(b"mk1args\x01" + bytes(100), np.uint8)
-    assert pool.apply(first_argument, raw).tobytes() == raw.tobytes()
+    assert pool.submit(first_argument, raw).result().tobytes() == raw.tobytes()
     assert list(pool.map(first_argument, [raw, 5]))[0].tobytes() == raw.tobytes()
 
 
@@ -1658,16 +1658,16 @@ def test_a_call_exactly_at_max_array_bytes_fits_in_submit_and_in_a_map():
         n += limit - _args.calls(-1, [((b"x" * n,), {})], 1 << 30).nbytes
     with mk1.Pool(workers=1, max_array_bytes=limit) as p:
         big = b"x" * n
-        assert p.apply(len, big) == n
+        assert p.submit(len, big).result() == n
         assert list(p.map(len, [big])) == [n]
         assert list(p.map(len, [big, big, big])) == [n] * 3
         with pytest.raises(mk1.ArrayTooLarge, match="arguments take"):
-            p.apply(len, big + b"x")
+            p.submit(len, big + b"x").result()
 
 
 def test_built_in_ops_take_lists_and_odd_subclasses_stay_whole(pool):
     op = mk1.ops.affine(3, 1)
-    assert pool.apply(op, [1.0, 2.0]).tolist() == [4.0, 7.0]
+    assert pool.submit(op, [1.0, 2.0]).result().tolist() == [4.0, 7.0]
     assert [y.tolist() for y in pool.map(op, [[1.0, 2.0], np.ones(2)])] == [[4.0, 7.0], [4.0, 4.0]]
     m = np.ma.masked_array([1.0, 2.0, 100.0], mask=[False, False, True])
     got = list(pool.map(what_it_got, [np.ones(3), m]))
@@ -1680,7 +1680,7 @@ def test_zero_copy_results_are_read_only_whichever_thread_received_them():
 
         def other_thread():
             while not stop.is_set():
-                p.apply(x3p1, np.ones(2))  # receives completions of the map too, as copies
+                p.submit(x3p1, np.ones(2)).result()  # receives completions of the map too, as copies
 
         t = threading.Thread(target=other_thread)
         t.start()
@@ -1708,7 +1708,7 @@ def test_a_call_that_kills_its_worker_fails_alone_in_its_batch():
         with mk1.Pool(workers=2, mode=mode) as p:
             got = _taken_until(p.starmap(dies_at, ((i, 400) for i in range(600))), mk1.WorkerDied)
             assert got == list(range(400)), mode
-            assert p.apply(dies_at, 1, 0) == 1, "the pool goes on"
+            assert p.submit(dies_at, 1, 0).result() == 1, "the pool goes on"
 
 
 def test_close_from_another_thread_stops_endless_maps_of_arrays_and_of_calls():
@@ -1912,7 +1912,7 @@ def test_bundles_are_written_into_their_slots_and_a_view_kept_is_refused():
         assert list(p.starmap(echo, [(i, "x") for i in range(50)])) == [
             ((i, "x"), {}) for i in range(50)
         ]
-        assert p.apply(weighted_sum, np.ones(3), np.ones(3), weight=2).tolist() == [3.0] * 3
+        assert p.submit(weighted_sum, np.ones(3), np.ones(3), weight=2).result().tolist() == [3.0] * 3
 
 
 def test_workers_run_the_callers_own_mk1_with_the_callers_path(tmp_path):
@@ -1940,7 +1940,7 @@ def test_workers_run_the_callers_own_mk1_with_the_callers_path(tmp_path):
 
         if __name__ == "__main__":
             with mk1.Pool(workers=1) as pool:
-                print("worker", *pool.apply(mk1_file, 0))
+                print("worker", *pool.submit(mk1_file, 0).result())
             print("caller", *mk1_file(0))
         """,
         env={"PYTHONPATH": ""},
@@ -2074,7 +2074,7 @@ def test_calls_a_long_batch_left_run_again_in_groups_and_each_fails_alone():
             mk1.WorkerDied,
         )
         assert got == list(range(2510))
-        assert p.apply(square, 4) == 16
+        assert p.submit(square, 4).result() == 16
 
 
 def slow_items(n, seconds, taken):
@@ -2119,3 +2119,59 @@ def test_a_map_waiting_on_its_input_holds_up_no_other_thread():
         q.put(2)
         t.join(60)
         assert not t.is_alive() and errors, "the map ends with the pool"
+
+
+def test_the_spellings_of_multiprocessing_and_concurrent_futures():
+    import multiprocessing
+
+    with mk1.Pool(workers=2) as p:
+        # multiprocessing.Pool's: apply takes a tuple and a dict, *_async give AsyncResults,
+        # chunksize comes as a keyword or a last positional int.
+        assert p.apply(square, (3,)) == 9
+        assert p.apply(weighted_sum, (np.ones(2), np.ones(2)), {"weight": 2}).tolist() == [3, 3]
+        r = p.apply_async(square, (4,))
+        assert r.get(timeout=60) == 16 and r.ready() and r.successful()
+        got, errors = [], []
+        a = p.apply_async(square, (5,), callback=got.append)
+        b = p.apply_async(fails_at_537, (537,), error_callback=errors.append)
+        a.wait(60)
+        b.wait(60)
+        assert not b.successful()
+        deadline = time.monotonic() + 60
+        while not (got and errors):
+            assert time.monotonic() < deadline, "the callbacks never ran"
+            time.sleep(0.01)
+        assert got == [25] and isinstance(errors[0], CustomError)
+        slow = p.apply_async(sleeps_then, (1.0, "late"))
+        with pytest.raises(ValueError, match="not ready"):
+            slow.successful()
+        with pytest.raises(multiprocessing.TimeoutError):
+            slow.get(timeout=0.05)
+        assert slow.get(timeout=60) == "late"
+        squares = [i * i for i in range(300)]
+        assert p.map_async(square, range(300), callback=got.append).get(60) == squares
+        assert p.starmap_async(add, [(1, 2), (3, 4)]).get(60) == [3, 7]
+        assert list(p.map(square, range(300), 7)) == squares
+        assert list(p.imap(square, range(300), chunksize=1)) == squares
+        assert sorted(p.imap_unordered(square, range(300), 16)) == squares
+        assert list(p.starmap(add, [(1, 2)] * 10, 3)) == [3] * 10
+        with pytest.raises(TypeError, match="twice"):
+            p.map(square, range(3), 4, chunksize=5)
+        with pytest.raises(ValueError, match="at least 1"):
+            p.map(square, range(3), chunksize=0)
+    # concurrent.futures' shutdown: waits, or not, for what was submitted.
+    p = mk1.Pool(workers=1)
+    f = p.submit(sleeps_then, 0.2, "done")
+    p.shutdown()
+    assert f.result() == "done"
+    p = mk1.Pool(workers=1)
+    f = p.submit(sleeps_then, 0.2, "later")
+    p.shutdown(wait=False)
+    assert f.result(timeout=60) == "later"
+    deadline = time.monotonic() + 60
+    while p._core is not None:
+        assert time.monotonic() < deadline, "shutdown(wait=False) never closed the pool"
+        time.sleep(0.01)
+    sizer = mk1._pool._BatchSizer(True, 1 << 20, cap=3)
+    sizer.record(0.0001, 100)
+    assert sizer.size == 3, "chunksize caps the batches"
