@@ -65,6 +65,10 @@ _HEAD = struct.Struct("<8s16sQQ")
 _BUF = struct.Struct("<QQ")
 # (Arrays larger than a slot cannot be in a bundle; this caps N before anything is allocated.)
 _MAX_BUFFERS = 1 << 20
+# Bytes a calls bundle may take past the pool's max_array_bytes: its header, table, pickles
+# and alignment, so that arguments of max_array_bytes fit (the slot has room for them: the
+# pickled function takes its end, up to 64 KiB).
+ROOM = 4096
 # Entry kinds of a results bundle.
 OK, FAILED, AGAIN = 0, 1, 2
 # The exact types of atoms (see the module's docs).
@@ -199,6 +203,9 @@ class _Pickler(pickle.Pickler):
         return _reduce(obj, self.arrays)
 
 
+_OBJ = object()  # (`Writer.add`'s default: show the object itself)
+
+
 def _short(obj: Any) -> str:
     text = repr(obj)
     return text if len(text) <= 200 else text[:200] + "..."
@@ -222,16 +229,16 @@ class Writer:
         table = _HEAD.size + _BUF.size * len(self.arrays) + self.f.tell()
         return _align(table) + self.array_bytes if self.arrays else table
 
-    def add(self, obj: Any, room: int = 0) -> int | None:
+    def add(self, obj: Any, room: int = 0, shown: Any = _OBJ) -> int | None:
         """Pickles ``obj`` as the next piece, leaving ``room`` bytes below the limit. Returns
         None when it went in; else the bytes the bundle would have taken with it (nothing
         went in). Raises ``TypeError`` when ``obj`` does not pickle (nothing went in): by
         reference where it can be, else with cloudpickle when it is installed (lambdas,
-        closures, as for the function)."""
+        closures, as for the function); the error shows ``shown`` (by default ``obj``)."""
         f, arrays = self.f, self.arrays
         at, n = f.tell(), len(arrays)
         try:
-            self._dump(obj, at, n)
+            self._dump(obj, at, n, obj if shown is _OBJ else shown)
         except BaseException:
             self._undo(at, n)
             raise
@@ -244,7 +251,7 @@ class Writer:
         self.pieces += 1
         return None
 
-    def _dump(self, obj: Any, at: int, n: int) -> None:
+    def _dump(self, obj: Any, at: int, n: int, shown: Any) -> None:
         # Each piece on its own: nothing shared with the pieces before it.
         self._pickler.clear_memo()
         try:
@@ -257,7 +264,7 @@ class Writer:
             import cloudpickle
         except ImportError:
             raise TypeError(
-                f"mk1 cannot send {_short(obj)} to or from a worker: {error}. Install "
+                f"mk1 cannot send {_short(shown)} to or from a worker: {error}. Install "
                 f"cloudpickle (pip install cloudpickle) to send lambdas and closures by value"
             ) from error
         if self._cloud is None:
@@ -272,7 +279,7 @@ class Writer:
         try:
             self._cloud(self.f, protocol=5).dump(obj)
         except Exception as e:
-            raise TypeError(f"mk1 cannot send {_short(obj)} to or from a worker: {e}") from e
+            raise TypeError(f"mk1 cannot send {_short(shown)} to or from a worker: {e}") from e
 
     def finish_calls(self, batch: int) -> int | None:
         """Adds the trailer of a calls bundle of batch number ``batch``; as ``add``."""
@@ -461,7 +468,7 @@ class Results:
     def add(self, entry: tuple) -> int | None:
         """Adds ``entry`` for the next call (see ``Writer.add``); raises ``TypeError`` for a
         result that does not pickle."""
-        size = self.w.add(entry, _ROOM_TRAILER + _ROOM_PER_ENTRY * (self.left - 1))
+        size = self.w.add(entry, _ROOM_TRAILER + _ROOM_PER_ENTRY * (self.left - 1), entry[1])
         if size is None:
             self.left -= 1
         return size

@@ -449,8 +449,10 @@ class Pool:
             whose worker dies is redone on another worker, up to ``max_retries`` times.
             ``"in-place"``: the function's result overwrites the input in its slot; a task
             whose worker dies fails with ``WorkerDied`` unless ``keep_copies=True``.
-        max_array_bytes: the largest array in bytes (default 4 MiB; at most 1 GiB - 64 KiB).
-            A result may take that plus 64 KiB (the room the pickled function travels in).
+        max_array_bytes: the largest array in bytes (default 4 MiB; at most 1 GiB - 64 KiB),
+            and the most a call's arguments may take together (their arrays and the rest
+            pickled, with 4 KiB more for their bundle's own bytes). A result may take that
+            plus 64 KiB (the room the pickled function travels in).
             Shared memory taken: about ``slots * max_array_bytes``, twice out of place.
         slots: arrays in flight at once (default ``4 * workers``): the bound on memory and
             the backpressure of ``map``.
@@ -554,6 +556,8 @@ class Pool:
         )
         self._workers = workers
         self._max_array_bytes = max_array_bytes
+        # What a call's bundle may take: arguments of max_array_bytes, and the bundle's own.
+        self._bundle_bytes = max_array_bytes + _args.ROOM
         self._timeout = timeout
         self._slots = self._core.slots()
         self._driver = _Driver(self)
@@ -799,7 +803,7 @@ class Pool:
         """A calls bundle outside a map's batches (see ``mk1._args``), checked against the
         slots' size."""
         try:
-            return _args.calls(-1, pairs, self._max_array_bytes)
+            return _args.calls(-1, pairs, self._bundle_bytes)
         except OverflowError as e:
             raise self._too_large(e.args[0]) from None
 
@@ -807,7 +811,8 @@ class Pool:
         """The error of a call whose arguments take ``nbytes`` in a bundle."""
         return _mk1.ArrayTooLarge(
             f"the arguments take {nbytes} bytes in shared memory (their arrays, and the rest "
-            f"pickled); a task may take the pool's max_array_bytes, {self._max_array_bytes} "
+            f"pickled); a call may take {self._bundle_bytes}: the pool's max_array_bytes, "
+            f"{self._max_array_bytes}, and {_args.ROOM} for the bundle's own "
             f"(mk1.Pool(max_array_bytes=...))"
         )
 
@@ -892,7 +897,7 @@ class Pool:
                         carry.appendleft(call)  # (the next batch's first, on its own)
                         break
                 if w is None:
-                    w = _args.Writer(self._max_array_bytes)
+                    w = _args.Writer(self._bundle_bytes)
                 try:
                     # (The first call may take the whole slot but the trailer; room for it
                     # is kept after that.)
@@ -917,7 +922,7 @@ class Pool:
                 # it, so this is rare).
                 while True:
                     trailer = ("calls", number, len(batch), [args for args, _ in batch])
-                    w, size = _args.block(trailer, self._max_array_bytes)
+                    w, size = _args.block(trailer, self._bundle_bytes)
                     if w is not None:
                         break
                     if len(batch) == 1:
@@ -1289,7 +1294,7 @@ class Pool:
         atoms, flat = _args.ATOMS.issuperset, _args.flat
         if all(not kw and (atoms(map(type, a)) or flat(a)) for a, kw in pairs):
             trailer = ("calls", -1, len(pairs), [a for a, _ in pairs])
-            w, _ = _args.block(trailer, self._max_array_bytes)
+            w, _ = _args.block(trailer, self._bundle_bytes)
         self._submit_one(w or self._calls(pairs), task, fut)
         return fut
 

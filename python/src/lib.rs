@@ -450,18 +450,15 @@ impl Shared {
     /// Loans a slot of `writer.nbytes` bytes and has `writer.write(room)` write them there
     /// (`room` a writable buffer of those bytes, [`Room`], valid during that call only), then
     /// submits them as a uint8 array: how a calls bundle (`mk1._args.Writer`) goes into its
-    /// slot without a copy of its own. Raises `Busy` when no slot is free, `ArrayTooLarge` past
-    /// the pool's `max_array_bytes`, and whatever `write` raised (the slot goes back).
+    /// slot without a copy of its own. Raises `Busy` when no slot is free, `ArrayTooLarge`
+    /// when it does not fit a slot beside the task's pickled function, and whatever `write`
+    /// raised (the slot goes back).
     fn submit_bundle(&self, writer: &Bound<'_, PyAny>, task: &Task) -> PyResult<u64> {
         let py = writer.py();
         let nbytes: u64 = writer.getattr(intern!(py, "nbytes"))?.extract()?;
-        if nbytes > self.max_array_bytes {
-            return Err(ArrayTooLarge::new_err(format!(
-                "a bundle of {nbytes} bytes is larger than the pool's max_array_bytes, {} \
-                 (mk1.Pool(max_array_bytes=...))",
-                self.max_array_bytes
-            )));
-        }
+        // (What Python lets a bundle take is its own rule, `mk1._args.ROOM`; the loan and the
+        // submit refuse, with `ArrayTooLarge`, one that does not fit its slot beside the
+        // task's pickled function.)
         self.orphans.adopt(false);
         let p = self.producer();
         let mut loan = p
@@ -1421,7 +1418,9 @@ impl MapIter {
     /// The next `(ok, result or error, input index)`.
     fn __next__(&mut self, py: Python<'_>) -> PyResult<Option<(bool, Py<PyAny>, u64)>> {
         let closed = || PyValueError::new_err("the pool is closed");
-        let mut take = true;
+        // (With a slow input, what came back goes out first: taking an input ahead of a
+        // result ready would only delay it.)
+        let mut take = self.pull_secs <= SLOW_INPUT;
         loop {
             if self.lock.is_gone() {
                 return Err(closed());
