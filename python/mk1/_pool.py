@@ -258,6 +258,18 @@ class Future(concurrent.futures.Future):
             self._pool._pump(0)
         return super().done()
 
+    def _invoke_callbacks(self) -> None:
+        # (concurrent.futures calls this when the future completes. Completed while its thread
+        # holds the pool, its callbacks wait until the pool is given up: see `_routed`.)
+        deferred = getattr(_ROUTING, "deferred", None)
+        if deferred is None:
+            super()._invoke_callbacks()
+        else:
+            deferred.append(self)
+
+    def _run_callbacks(self) -> None:
+        super()._invoke_callbacks()
+
 
 class AsyncResult:
     """A result to come, as ``multiprocessing.pool.AsyncResult`` (what ``apply_async``,
@@ -406,6 +418,27 @@ class _Driver:
                 return
             finally:
                 pool = None
+
+
+# Futures completed by this thread while it held its pool (see `_routed`).
+_ROUTING = threading.local()
+
+
+def _routed(call: Callable[[], Any]) -> Any:
+    """``call()``, which may complete futures while this thread holds the pool (receiving
+    results): their done-callbacks run once it returns, when the pool is given up, so that a
+    slow callback holds up no other thread's use of the pool. (Nested, the outermost runs
+    them.)"""
+    if getattr(_ROUTING, "deferred", None) is not None:
+        return call()
+    mine: list = []
+    _ROUTING.deferred = mine
+    try:
+        return call()
+    finally:
+        _ROUTING.deferred = None
+        for fut in mine:
+            fut._run_callbacks()
 
 
 def _pool_in_worker() -> str:
@@ -698,8 +731,10 @@ class Pool:
         """Receives one completion (waiting up to ``timeout`` s, also for the turn of this
         thread when another one receives, which ``urgent`` interrupts; not past that turn when
         one of ``watch`` is done by then) and routes it. Whether one came."""
-        # (A future's result is routed before this thread gives the pool up.)
-        return self._live().recv(timeout, watch, self._route, urgent) is not None
+        # (A future's result is routed before this thread gives the pool up; its callbacks
+        # run after.)
+        core = self._live()
+        return _routed(lambda: core.recv(timeout, watch, self._route, urgent)) is not None
 
     @staticmethod
     def _route(got: tuple) -> None:
@@ -1203,7 +1238,7 @@ class Pool:
         try:
             while True:
                 try:
-                    ok, value, index = next(it)
+                    ok, value, index = _routed(lambda: next(it))
                 except StopIteration:
                     return
                 if not ok and batched and isinstance(value, (_mk1.WorkerDied, _mk1.TaskTimeout)):

@@ -2179,3 +2179,18 @@ def test_the_spellings_of_multiprocessing_and_concurrent_futures():
     sizer = mk1._pool._BatchSizer(True, 1 << 20, cap=3)
     sizer.record(0.0001, 100)
     assert sizer.size == 3, "chunksize caps the batches"
+
+
+def test_a_slow_callback_holds_up_no_other_threads_use_of_the_pool():
+    with mk1.Pool(workers=2) as p:
+        started = threading.Event()
+
+        def slow(f):
+            started.set()
+            time.sleep(2)
+
+        p.submit(square, 2).add_done_callback(slow)
+        assert started.wait(60)
+        t = time.monotonic()
+        assert p.submit(square, 3).result(timeout=60) == 9
+        assert time.monotonic() - t < 1.5, "a submit waited for another thread's callback"
