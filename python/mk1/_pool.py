@@ -300,8 +300,9 @@ class AsyncResult:
         try:
             return self._fut.result(timeout)
         except concurrent.futures.TimeoutError:
-            if self._fut.done():
-                raise  # (the task's own TimeoutError)
+            if concurrent.futures.Future.done(self._fut):
+                # (Its own TimeoutError, or its result came at the deadline.)
+                return concurrent.futures.Future.result(self._fut, 0)
             raise multiprocessing.TimeoutError() from None
 
     def wait(self, timeout: float | None = None) -> None:
@@ -594,6 +595,7 @@ class Pool:
         self._timeout = timeout
         self._slots = self._core.slots()
         self._driver = _Driver(self)
+        self._lists: set = set()  # the lists of map_async/starmap_async still being made
         # Garbage-collected or left open at exit: killed, never waited for.
         self._finalizer = weakref.finalize(self, _finalize, self._core)
         _POOLS.add(self)
@@ -613,12 +615,19 @@ class Pool:
             self.terminate()
 
     def close(self) -> None:
-        """Waits for the tasks still running (their futures get their results), then stops the
+        """Waits for the tasks still running (their futures get their results, the lists of
+        ``map_async`` and ``starmap_async`` are finished), then stops the
         workers and frees the shared memory; results lent with ``zero_copy`` keep the memory
         mapped until they are gone. Ctrl-C while waiting terminates instead. Idempotent."""
         core = self._core
         if core is None:
             return
+        # The lists map_async makes are work already given: they are finished first.
+        try:
+            concurrent.futures.wait(list(self._lists))
+        except BaseException:
+            self.terminate()
+            raise
         core.begin_close()  # (no new work from here on, from any thread)
         self._driver.enter()
         try:
@@ -775,6 +784,11 @@ class Pool:
                 if deadline is not None:
                     wait = min(wait, deadline - time.monotonic())
                     if wait <= 0:
+                        # (What came already is received first: `result(0)` sees it.)
+                        while self._pump(0):
+                            pass
+                        if concurrent.futures.Future.done(fut):
+                            break
                         raise concurrent.futures.TimeoutError()
                 self._pump(wait, [fut], urgent)
                 urgent = False
@@ -817,9 +831,9 @@ class Pool:
             a = self._calls([(args, kwargs)])
         fut = Future(self, call)
         fut.set_running_or_notify_cancel()
-        self._driver.submitted(fut)  # (before it can complete, in another thread say)
-        self._driver.enter()
         try:
+            self._driver.submitted(fut)  # (before it can complete, in another thread say)
+            self._driver.enter()
             self._submit_one(a, task, fut)
         except BaseException:
             self._driver.completed(fut)
@@ -1063,12 +1077,15 @@ class Pool:
         self._live()  # (a closed pool raises here, not in the thread)
         fut: concurrent.futures.Future = concurrent.futures.Future()
         fut.set_running_or_notify_cancel()
+        self._lists.add(fut)  # (close() waits for it, as multiprocessing's close/join do)
 
         def run() -> None:
             try:
                 fut.set_result(list(how(fn, iterable, chunksize=chunksize)))
             except BaseException as e:  # noqa: BLE001 - it goes to the AsyncResult
                 fut.set_exception(e)
+            finally:
+                self._lists.discard(fut)
 
         threading.Thread(target=run, name="mk1-map-async", daemon=True).start()
         return AsyncResult(fut, callback, error_callback)
@@ -1238,7 +1255,9 @@ class Pool:
         try:
             while True:
                 try:
-                    ok, value, index = _routed(lambda: next(it))
+                    # (Not deferred as `_pump` defers: the step also takes the caller's input
+                    # and waits, without holding the pool, and a callback may feed that input.)
+                    ok, value, index = next(it)
                 except StopIteration:
                     return
                 if not ok and batched and isinstance(value, (_mk1.WorkerDied, _mk1.TaskTimeout)):

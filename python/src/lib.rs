@@ -928,7 +928,7 @@ impl PoolCore {
             Some(None) => yes(),
             Some(Some(t)) => match route {
                 Some(route) => {
-                    route.call1((t,))?;
+                    route_surely(&route, t)?;
                     drop(held);
                     yes()
                 }
@@ -1154,7 +1154,7 @@ impl MapIter {
             }
             Some(None) => Ok(true),
             Some(Some(other)) => {
-                self.route.call1(py, (other,))?;
+                route_surely(self.route.bind(py), other)?;
                 Ok(true)
             }
         }
@@ -1380,6 +1380,22 @@ unsafe fn array_bytes<'a>(array: &'a Bound<'_, PyUntypedArray>) -> &'a [u8] {
     unsafe {
         let raw = (*array.as_array_ptr()).fields.data as *const u8;
         std::slice::from_raw_parts(raw, n)
+    }
+}
+
+/// Sends a received completion `got` to `route` (`Pool._route`), which completes its future:
+/// no longer registered anywhere, it must complete whatever happens. A signal pending when
+/// the call begins (Ctrl-C) is raised by Python at its first instruction, before anything is
+/// done: the call is then made once more (the signal is spent), and the first error goes on.
+/// (A second failure means the first one got as far as completing the future.)
+fn route_surely(route: &Bound<'_, PyAny>, got: Got) -> PyResult<()> {
+    let py = route.py();
+    match route.call1((got.clone_ref(py),)) {
+        Ok(_) => Ok(()),
+        Err(e) => {
+            let _ = route.call1((got,));
+            Err(e)
+        }
     }
 }
 

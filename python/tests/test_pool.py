@@ -2194,3 +2194,72 @@ def test_a_slow_callback_holds_up_no_other_threads_use_of_the_pool():
         t = time.monotonic()
         assert p.submit(square, 3).result(timeout=60) == 9
         assert time.monotonic() - t < 1.5, "a submit waited for another thread's callback"
+
+
+def nap(seconds):
+    time.sleep(seconds)
+    return seconds
+
+
+def test_map_async_survives_close_and_join_and_a_callback_may_feed_a_maps_input():
+    import queue
+
+    p = mk1.Pool(workers=2)
+    r = p.map_async(nap, [0.01] * 100, chunksize=1)
+    s = p.starmap_async(add, [(i, 1) for i in range(50)])
+    time.sleep(0.05)
+    p.close()  # (as multiprocessing: close, join, then get)
+    p.join()
+    assert r.get(timeout=60) == [0.01] * 100 and s.get(timeout=60) == list(range(1, 51))
+    with mk1.Pool(workers=2) as p:
+        # A future's callback feeds the input of a map running in this thread.
+        q: queue.Queue = queue.Queue()
+        for i in range(5):
+            p.submit(sleeps_then, 0.02 * (i + 1), i).add_done_callback(q.put)
+        fed = (q.get(timeout=30).result() for _ in range(5))
+        assert sorted(p.map(sleeps_then, [0.3] * 5, fed)) == list(range(5))
+        # result(0) and get(0) see a result that has come.
+        f = p.submit(square, 6)
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                assert f.result(0) == 36
+                break
+            except concurrent.futures.TimeoutError:
+                assert time.monotonic() < deadline
+                time.sleep(0.01)
+
+
+def test_ctrl_c_while_a_thread_receives_loses_no_future(tmp_path):
+    r = run_script(
+        tmp_path,
+        """
+        import os, signal, threading, time, concurrent.futures as cf
+        import mk1
+
+        def slow(i):
+            time.sleep(0.1)
+            return i
+
+        if __name__ == "__main__":
+            lost = 0
+            with mk1.Pool(workers=2) as p:
+                for round in range(8):
+                    fs = [p.submit(slow, i) for i in range(10)]
+                    kill = (os.getpid(), signal.SIGINT)
+                    timer = threading.Timer(0.05 + 0.01 * round, os.kill, kill)
+                    timer.start()
+                    try:
+                        fs[-1].result()
+                        timer.join()  # (the interrupt comes here if the result came first)
+                    except KeyboardInterrupt:
+                        pass
+                    timer.join()
+                    done, not_done = cf.wait(fs, timeout=30)
+                    lost += len(not_done)
+                    assert all(f.result() == i for i, f in enumerate(fs) if f.exception() is None)
+            print("lost", lost)
+        """,
+    )
+    assert r.returncode == 0, r.stderr
+    assert "lost 0" in r.stdout, r.stdout
