@@ -927,9 +927,9 @@ impl PoolCore {
             None => py.None(),
             Some(None) => yes(),
             Some(Some(t)) => match route {
+                // (Routed before `held` goes, at the end: `sh`, declared after it, first.)
                 Some(route) => {
                     route_surely(&route, t)?;
-                    drop(held);
                     yes()
                 }
                 None => t.into_any(),
@@ -1318,10 +1318,7 @@ impl MapIter {
     /// which may take any time (a slow generator, a queue) and may use the pool itself; other
     /// threads use the pool meanwhile. Whether it took one.
     fn pull(&mut self, py: Python<'_>) -> PyResult<bool> {
-        if self.pending.is_some()
-            || self.exhausted
-            || self.next_in - self.next_out >= self.window as u64
-        {
+        if !self.may_take() {
             return Ok(false);
         }
         let start = std::time::Instant::now();
@@ -1334,6 +1331,14 @@ impl MapIter {
             }
             None => false,
         })
+    }
+
+    /// Whether another input may be taken: none is pending, the input has not ended, and the
+    /// window has room.
+    fn may_take(&self) -> bool {
+        self.pending.is_none()
+            && !self.exhausted
+            && self.next_in - self.next_out < self.window as u64
     }
 
     /// Submits the pending input when a slot is free (it stays pending while none is), or
@@ -1505,10 +1510,7 @@ impl MapIter {
             // Nothing to hand out: take more input while there is room, else wait. (When the
             // input is slow, the arrays in flight have time to come back before the next one
             // is taken: they are waited for first, as long as an input takes.)
-            let more = self.pending.is_none()
-                && !self.exhausted
-                && self.next_in - self.next_out < self.window as u64;
-            if !more {
+            if !self.may_take() {
                 self.pump(py, &sh, WAIT)?;
             } else if self.pull_secs > SLOW_INPUT && self.waiting(&sh).0 > 0 {
                 // (What came is handed out before the next input is taken.)
