@@ -30,10 +30,12 @@ no object is shared between two calls of ``concurrent.futures``), the last one a
 
 A *block* is the same in one piece, for calls whose arguments, or results, are all *atoms*
 (``int``, ``float``, ``complex``, ``bool``, ``None``, ``str``, ``bytes``, paths, numpy's
-scalars, and tuples of them: objects that cannot change, so that calls sharing one share
+scalars, and tuples of these: objects that cannot change, so that calls sharing one share
 nothing that matters): ``("calls", batch, count, [args, ...])`` (no keywords), or
-``("results", batch, seconds, count, [result, ...])`` when every call returned an atom. One
-pickle per batch instead of one per call: what makes a map over numbers or paths as quick as
+``("results", batch, seconds, count, [result, ...])``: the results of the batch's first
+``count`` calls, every one an atom. The calls after them are left (as AGAIN above): the worker
+stopped the batch because it ran long or its results were about to fill the slot. One pickle
+per batch instead of one per call: what makes a map over numbers or paths as quick as
 ``multiprocessing``'s chunks.
 
 The nonce is what tells the caller that a uint8 result of a one-array function is a bundle and
@@ -385,10 +387,11 @@ def read(bundle: np.ndarray, copy: bool = False) -> list:
     _LOADING.buffers, _LOADING.copy = buffers, copy
     try:
         pieces = []
-        while f.tell() < head_len:
+        append, load, tell = pieces.append, pickle.load, f.tell
+        while tell() < head_len:
             # (An unpickler per piece: each piece numbers its memo from 0, and an unpickler
             # would go on numbering from where the last piece left off.)
-            pieces.append(pickle.Unpickler(f).load())
+            append(load(f))
         return pieces
     except ValueError:
         raise
@@ -435,8 +438,9 @@ def read_calls(bundle: np.ndarray) -> tuple[int, list, bool]:
 
 def read_results(bundle: np.ndarray, copy: bool = False) -> tuple[int, float, list, bool]:
     """The batch number, the worker's seconds, the entries of a results bundle (``copy``: see
-    ``read``) and whether it is a block: then the entries are the calls' results themselves
-    (every call returned, an atom); ``ValueError`` for anything else."""
+    ``read``) and whether it is a block: then the entries are the results themselves, atoms, of
+    the batch's first calls (every call after them is left); ``ValueError`` for anything
+    else."""
     *entries, trailer = read(bundle, copy) or [None]
     values = _block(entries, trailer, "results", 5)
     if values is not None:

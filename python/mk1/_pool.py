@@ -1289,16 +1289,26 @@ class Pool:
                     # (The batch is the map's input `index`, as Rust counted them; the number
                     # the worker wrote back only confirms it.)
                     pairs = sent.pop(index, None)
-                    if pairs is None or number != index or len(pairs) != len(entries):
+                    if (
+                        pairs is None
+                        or number != index
+                        or len(pairs) < len(entries)
+                        or (len(pairs) > len(entries) and not (block and entries))
+                    ):
                         raise _mk1.Mk1Error("a worker sent back the results of another batch")
-                    if block:
-                        # (Every call returned, an atom.)
+                    if block and len(entries) == len(pairs):
+                        # (Every call returned.)
                         pairs = None
                         if bar is not None:
                             bar.update(len(entries))
                         yield from entries
                         entries = None
                         continue
+                    if block:
+                        # The worker stopped the block early: the calls after its results are
+                        # left (AGAIN), as in a batch of pieces.
+                        entries = [(_args.OK, v) for v in entries]
+                        entries += [(_args.AGAIN, None)] * (len(pairs) - len(entries))
                     # Calls the worker left: each on its own now, all at once (in order). (Lent
                     # results waiting for their turn give their slots up for them first: else
                     # they could hold every slot these need.)
@@ -1381,8 +1391,12 @@ class _Left:
                 # Only the call that kills its worker (or hangs) must fail: each on its own.
                 group.singles = [self.pool._again(self.task, p) for p in group.pairs]
             group.fut = None
-            if group.entries is not None and len(group.entries) != len(group.pairs):
-                raise _mk1.Mk1Error("a worker sent back the results of another batch")
+            if group.entries is not None:
+                # (A block the worker stopped early leaves the calls after its results.)
+                short = len(group.pairs) - len(group.entries)
+                if short < 0 or (short > 0 and not group.entries):
+                    raise _mk1.Mk1Error("a worker sent back the results of another batch")
+                group.entries += [(_args.AGAIN, None)] * short
         if group.singles is not None:
             return group.singles[k].result()
         kind, value = group.entries[k]

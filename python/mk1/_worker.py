@@ -213,13 +213,19 @@ def _run_batch(fn, inp, dtype, shape, out, in_place):
         start = time.perf_counter()
         made: list = []  # the entries of the calls made so far, in order
         if block:
-            # Every argument an atom: while every result is one too, the results go back as
-            # a block (one pickle). The first call that fails or returns anything else, a
-            # batch that runs long, or a block too large for the slot goes on piece by piece
-            # (`_run_pieces`), with the calls made so far.
+            # Every argument an atom: while every result is one too, the results go back as a
+            # block (one pickle), as many as were made. A batch stops, and the calls it did
+            # not make are left to the caller (AGAIN), when it has run long, or when its
+            # results would soon not fit the slot: once the strings and bytes among them (the
+            # atoms that can be long) have taken half the room left at the last look, the
+            # results are measured (by pickling them). The first call that fails or returns
+            # anything else, or results too large for the slot after all, go on piece by
+            # piece (`_run_pieces`), with the calls made so far.
             atoms, flat, clock = _args.ATOMS, _args.flat, time.perf_counter
             values: list = []
             last = None
+            space = len(out)
+            text, text_check = 0, space // 2
             for args, _ in calls:
                 if values and clock() - start > _BATCH_STOP:
                     break
@@ -232,14 +238,30 @@ def _run_batch(fn, inp, dtype, shape, out, in_place):
                 if _forked:
                     os._exit(0)  # (see `_leave_if_forked`)
                 kind = type(value)
+                if kind is str or kind is bytes:
+                    values.append(value)
+                    text += len(value)
+                    if text >= text_check:
+                        full, size = _block_full(batch, values, space)
+                        if full:
+                            break
+                        text_check = text + (space - size) // 2
+                    continue
                 if kind not in atoms and not (kind is tuple and flat(value)):
+                    # (Pickled as it returned, before the next call could change it.)
                     last = (_args.OK, value)
                     break
                 values.append(value)
-            else:
+            if last is None:
                 seconds = time.perf_counter() - start
                 _leave_if_forked(True)
                 w, _ = _args.block(("results", batch, seconds, len(values), values), len(out))
+                if w is None and len(values) > 1:
+                    # (The last result, a long string say, took the block past the slot: the
+                    # others go, and its call runs again, on its own.)
+                    head = values[:-1]
+                    w, _ = _args.block(("results", batch, seconds, len(head), head), space)
+                    head = None
                 if w is not None:
                     del calls, values
                     return _write(w, out, in_place)
@@ -251,6 +273,13 @@ def _run_batch(fn, inp, dtype, shape, out, in_place):
         return _run_pieces(fn, batch, calls, made, start, out, in_place)
     except BaseException as e:  # noqa: BLE001 - every failure goes back to the caller
         return (None, _encode_error(e, in_place))
+
+
+def _block_full(batch, values, space):
+    """Whether a block of results ``values`` leaves less than a tenth of ``space`` bytes free
+    (or does not fit), and the bytes it takes, measured by pickling it."""
+    size = _args.block(("results", batch, 0.0, len(values), values), space)[1]
+    return size > 0.9 * space, size
 
 
 def _run_pieces(fn, batch, calls, made, start, out, in_place):

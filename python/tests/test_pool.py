@@ -1812,6 +1812,19 @@ def ints_failing_after(n):
     raise ZeroDivisionError("the input generator failed")
 
 
+def made_once(i, where, big_from, big, pause_every=0):
+    """Returns a text: one character before input ``big_from``, ``big`` from it on; a call
+    from ``big_from`` on, or every ``pause_every``-th call (which first sleeps 30 ms), marks
+    itself made (a second time raises FileExistsError)."""
+    pause = pause_every and i % pause_every == pause_every - 1
+    if pause:
+        time.sleep(0.03)
+    if pause or i >= big_from:
+        with open(os.path.join(where, str(i)), "x"):
+            pass
+    return "s" if i < big_from else "b" * big
+
+
 def test_calls_of_atoms_go_as_blocks_and_each_still_stands_alone():
     from mk1 import _args
 
@@ -1858,6 +1871,27 @@ def test_blocks_too_large_for_a_slot_are_split_both_ways():
         # Results that do not fit together: as many as fit, the rest again on their own.
         sizes = [1] * 3000 + [200_000] * 40
         assert [len(r) for r in p.map(text_of, sizes)] == sizes
+
+
+def test_a_block_of_results_stops_before_it_overflows_and_no_call_runs_twice(tmp_path):
+    # Quick calls with tiny results size the batches large (blocks of hundreds), then every
+    # result is 20 kB: a whole batch of those would not fit the slot. The worker measures its
+    # results as they grow and stops the batch in time; the calls it did not make run later.
+    # A call made twice fails (its marker file exists): before, the batch made every call,
+    # found its block too large, and sent back only what fitted, and the rest ran again.
+    # (Then the same with calls that stop their batch by running long.)
+    n, big_from = 1500, 700
+    with mk1.Pool(workers=2, max_array_bytes=1 << 16) as p:
+        where = str(tmp_path / "a")
+        os.mkdir(where)
+        got = list(p.starmap(made_once, ((i, where, big_from, 20_000) for i in range(n))))
+        assert got == ["s"] * big_from + ["b" * 20_000] * (n - big_from)
+        assert len(os.listdir(where)) == n - big_from
+        where = str(tmp_path / "b")
+        os.mkdir(where)
+        calls = ((i, where, n, 0, 40) for i in range(400))
+        assert list(p.starmap(made_once, calls)) == ["s"] * 400
+        assert len(os.listdir(where)) == 10
 
 
 def test_a_garbled_block_is_an_error_never_a_crash():
