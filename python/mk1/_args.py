@@ -239,28 +239,32 @@ class Writer:
         closures, as for the function); the error shows ``shown`` (by default ``obj``)."""
         f, arrays = self.f, self.arrays
         at, n = f.tell(), len(arrays)
+        pickler = self._pickler
+        # Each piece on its own: nothing shared with the pieces before it.
+        pickler.clear_memo()
         try:
-            self._dump(obj, at, n, obj if shown is _OBJ else shown)
+            pickler.dump(obj)
+        except (pickle.PicklingError, AttributeError, TypeError) as e:
+            self._by_value(obj, at, n, obj if shown is _OBJ else shown, e)
         except BaseException:
             self._undo(at, n)
             raise
-        for k in range(n, len(arrays)):
-            self.array_bytes += _align(arrays[k].nbytes)
-        size = self.nbytes
+        if len(arrays) == n and not n:
+            size = _HEAD.size + f.tell()  # (`nbytes`, without arrays)
+        else:
+            for k in range(n, len(arrays)):
+                self.array_bytes += _align(arrays[k].nbytes)
+            size = self.nbytes
         if size + room > self.limit:
             self._undo(at, n)
             return size
         self.pieces += 1
         return None
 
-    def _dump(self, obj: Any, at: int, n: int, shown: Any) -> None:
-        # Each piece on its own: nothing shared with the pieces before it.
-        self._pickler.clear_memo()
-        try:
-            self._pickler.dump(obj)
-            return
-        except (pickle.PicklingError, AttributeError, TypeError) as e:
-            error = e
+    def _by_value(self, obj: Any, at: int, n: int, shown: Any, error: BaseException) -> None:
+        """Pickles ``obj`` with cloudpickle, after pickle by reference failed with ``error``
+        (what it wrote undone); raises ``TypeError`` (nothing written) when that fails too,
+        or cloudpickle is not installed."""
         self._undo(at, n)
         try:
             import cloudpickle
@@ -280,8 +284,11 @@ class Writer:
             self._cloud = _Cloud
         try:
             self._cloud(self.f, protocol=5).dump(obj)
-        except Exception as e:
-            raise TypeError(f"mk1 cannot send {_short(shown)} to or from a worker: {e}") from e
+        except BaseException as e:
+            self._undo(at, n)
+            if isinstance(e, Exception):
+                raise TypeError(f"mk1 cannot send {_short(shown)} to or from a worker: {e}") from e
+            raise
 
     def finish_calls(self, batch: int) -> int | None:
         """Adds the trailer of a calls bundle of batch number ``batch``; as ``add``."""
@@ -386,12 +393,18 @@ def read(bundle: np.ndarray, copy: bool = False) -> list:
     outer = getattr(_LOADING, "buffers", None), getattr(_LOADING, "copy", False)
     _LOADING.buffers, _LOADING.copy = buffers, copy
     try:
-        pieces = []
-        append, load, tell = pieces.append, pickle.load, f.tell
-        while tell() < head_len:
-            # (An unpickler per piece: each piece numbers its memo from 0, and an unpickler
-            # would go on numbering from where the last piece left off.)
-            append(load(f))
+        pieces: list = []
+        append, load = pieces.append, pickle.load
+        try:
+            while True:
+                # (An unpickler per piece: each piece numbers its memo from 0, and an
+                # unpickler would go on numbering from where the last piece left off.)
+                append(load(f))
+        except EOFError:
+            # The end, where no piece starts (a piece cut short is an error of its own, or
+            # takes the trailer with it: then what it leaves is not a bundle).
+            if f.tell() != head_len:
+                raise
         return pieces
     except ValueError:
         raise
@@ -436,29 +449,35 @@ def read_calls(bundle: np.ndarray) -> tuple[int, list, bool]:
     return trailer[1], pairs, False
 
 
-def read_results(bundle: np.ndarray, copy: bool = False) -> tuple[int, float, list, bool]:
+def read_results(bundle: np.ndarray, copy: bool = False) -> tuple[int, float, list, bool, bool]:
     """The batch number, the worker's seconds, the entries of a results bundle (``copy``: see
-    ``read``) and whether it is a block: then the entries are the results themselves, atoms, of
-    the batch's first calls (every call after them is left); ``ValueError`` for anything
+    ``read``), whether it is a block, and whether the entries are the results themselves: for
+    a block (atoms, of the batch's first calls: every call after them is left), and when every
+    entry is OK (the common case, read without a second pass); ``ValueError`` for anything
     else."""
     *entries, trailer = read(bundle, copy) or [None]
     values = _block(entries, trailer, "results", 5)
     if values is not None:
-        return trailer[1], float(trailer[2]), values, True
+        return trailer[1], float(trailer[2]), values, True, True
     if not (
         type(trailer) is tuple
         and len(trailer) == 4
         and trailer[0] == "results"
         and trailer[3] == len(entries)
-        and all(
-            type(e) is tuple
-            and len(e) == 2
-            and (e[0] == OK or (e[0] == FAILED and type(e[1]) is str) or e[0] == AGAIN)
-            for e in entries
-        )
     ):
         raise ValueError("a garbled mk1 bundle: not results")
-    return trailer[1], float(trailer[2]), entries, False
+    plain = True
+    for e in entries:
+        if type(e) is not tuple or len(e) != 2:
+            raise ValueError("a garbled mk1 bundle: not results")
+        kind = e[0]
+        if kind != OK:
+            if not (kind == AGAIN or (kind == FAILED and type(e[1]) is str)):
+                raise ValueError("a garbled mk1 bundle: not results")
+            plain = False
+    if plain:
+        entries = [value for _, value in entries]
+    return trailer[1], float(trailer[2]), entries, False, plain
 
 
 class Results:

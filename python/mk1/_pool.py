@@ -866,23 +866,32 @@ class Pool:
         )
 
     def _batches(
-        self, calls: Iterator[tuple], sizer: _BatchSizer, sent: dict
+        self,
+        calls: Iterator[tuple],
+        sizer: _BatchSizer,
+        sent: dict,
+        items: Iterator[Any] | None = None,
     ) -> Iterator[_args.Writer]:
         """The calls of a map as calls bundles of up to ``sizer.size`` calls each, as many as
         fit a slot; ``sent`` keeps each batch's calls by its number until its results come
-        (to run again those the worker answers AGAIN). While every argument so far is an atom
-        (a number, a string...: see ``mk1._args``) a batch goes as a block, one pickle; from
-        the first call with another argument on, each call is pickled on its own. An input
-        that fails, a call that does not pickle (named by its index) or one too large for a
-        slot ends the batches, after the calls taken before it."""
+        (to run again those the worker answers AGAIN), as ``(is a block, calls)``: the
+        arguments of each call for a block, ``(args, kwargs)`` pairs otherwise. While every
+        argument so far is an atom (a number, a string...: see ``mk1._args``) a batch goes as
+        a block, one pickle; from the first call with another argument on, each call is
+        pickled on its own. An input that fails, a call that does not pickle (named by its
+        index) or one too large for a slot ends the batches, after the calls taken before it.
+        ``items``: for a map of one argument per call, the iterator under ``calls`` (each of
+        its items ``((item,), {})``), taken from directly while the calls go as blocks."""
         taken = 0  # calls taken from the input
         carry: collections.deque = collections.deque()  # taken, not yet in a batch
         ended = None  # what the input raised (after the calls taken before it)
         done = False  # the input ended (never asked again: a zip would take one more item)
-        atoms, flat = _args.ATOMS.issuperset, _args.flat
+        atoms, flat, kinds = _args.ATOMS.issuperset, _args.flat, _args.ATOMS
+        no_keywords = _args.NO_KEYWORDS
         plain = True
         sizer.blocks(True)
         for number in itertools.count():
+            # A block's arguments (a tuple per call), or a batch's (args, kwargs) pairs.
             batch: list = []
             failure = None  # a call's own (the calls after it are not sent)
             w = None
@@ -894,29 +903,48 @@ class Pool:
                 # Blocks, the common case of quick calls: their calls taken in a tight loop,
                 # up to 16 at a time, as many as the input's pace so far leaves time for.
                 # (Any call that is not all atoms goes back to be taken below.)
-                append, size, step = batch.append, sizer.size, 1
+                size, step = sizer.size, 1
+                raw: list = []  # (one argument per call: the items themselves)
+                append = batch.append if items is None else raw.append
                 try:
-                    while not carry and not done and len(batch) < size:
-                        step = min(step, size - len(batch))
-                        for call in itertools.islice(calls, step):
-                            if call[1] or not (atoms(map(type, call[0])) or flat(call[0])):
-                                carry.append(call)
-                                break
-                            append(call)
-                            step -= 1
+                    while not carry and not done and len(batch) + len(raw) < size:
+                        step = min(step, size - len(batch) - len(raw))
+                        if items is None:
+                            for call in itertools.islice(calls, step):
+                                args = call[0]
+                                if call[1] or not (atoms(map(type, args)) or flat(args)):
+                                    carry.append(call)
+                                    break
+                                append(args)
+                                step -= 1
+                            else:
+                                done = step > 0
                         else:
-                            done = step > 0
+                            for item in itertools.islice(items, step):
+                                kind = type(item)
+                                if kind not in kinds and not (
+                                    kind is tuple and atoms(map(type, item))
+                                ):
+                                    carry.append(((item,), no_keywords))
+                                    break
+                                append(item)
+                                step -= 1
+                            else:
+                                done = step > 0
                         spent = time.perf_counter() - start
                         if spent > sizer.TARGET:
                             closed = True
                             break
                         # (The calls the time left would take at the pace so far.)
-                        pace = len(batch) / max(spent, 1e-9)
+                        pace = (len(batch) + len(raw)) / max(spent, 1e-9)
                         step = min(16, max(1, int((sizer.TARGET - spent) * pace)))
                 except (KeyboardInterrupt, SystemExit):
                     raise  # (at once: the map ends, what it took with it)
                 except BaseException as e:
                     ended = e
+                if raw:
+                    batch.extend(zip(raw))  # (each item as its call's arguments)
+                raw = []
                 taken += len(batch) + len(carry)
             while len(batch) < sizer.size and not closed:
                 if carry:
@@ -937,7 +965,7 @@ class Pool:
                     taken += 1
                 if plain:
                     if not call[1] and (atoms(map(type, call[0])) or flat(call[0])):
-                        batch.append(call)
+                        batch.append(call[0])
                         closed = time.perf_counter() - start > sizer.TARGET
                         continue
                     plain = False
@@ -966,26 +994,26 @@ class Pool:
                     break
                 batch.append(call)
                 closed = time.perf_counter() - start > sizer.TARGET
-            if batch and w is None:
+            block = w is None
+            if batch and block:
                 # A block; halved until it fits (the sizer learns the bytes per call from
                 # it, so this is rare).
                 while True:
-                    trailer = ("calls", number, len(batch), [args for args, _ in batch])
-                    w, size = _args.block(trailer, self._bundle_bytes)
+                    w, size = _args.block(("calls", number, len(batch), batch), self._bundle_bytes)
                     if w is not None:
                         break
                     if len(batch) == 1:
                         raise self._too_large(size)
                     sizer.record_bytes(size, len(batch))
                     half = len(batch) // 2
-                    carry.extendleft(reversed(batch[half:]))
+                    carry.extendleft((args, no_keywords) for args in reversed(batch[half:]))
                     batch = batch[:half]
             elif batch:
                 size = w.finish_calls(number)
                 if size is not None:  # (one call, and no room left for the trailer)
                     raise self._too_large(size)
             if batch:
-                sent[number] = batch
+                sent[number] = (block, batch)
                 sizer.record_bytes(w.nbytes, len(batch))
                 yield w  # (written by the pool straight into its slot)
             w = None
@@ -1217,6 +1245,7 @@ class Pool:
         )
 
     def _map_gen(self, fn, task, inputs, batched, ordered, zero_copy, bar, chunksize=None):
+        items = None
         if not batched and not isinstance(fn, Op):
             # The first item says whether this map carries arrays or makes calls.
             first = next(inputs, _END)
@@ -1231,15 +1260,14 @@ class Pool:
             else:
                 batched = True
                 task = self._task(fn, _args.Batch)
-                rest = inputs
-                inputs = zip(
-                    zip(itertools.chain((first,), rest)), itertools.repeat(_args.NO_KEYWORDS)
-                )
+                # (Its calls take one argument each: blocks take the items themselves.)
+                items = itertools.chain((first,), inputs)
+                inputs = zip(zip(items), itertools.repeat(_args.NO_KEYWORDS))
             del first, a
         if batched:
             sizer = _BatchSizer(self._timeout is None, self._max_array_bytes, chunksize)
             sent: dict = {}
-            inputs = self._batches(inputs, sizer, sent)
+            inputs = self._batches(inputs, sizer, sent, items)
         # Zero-copy, the result the caller holds keeps its slot: one less in flight.
         window = max(1, self._slots - 1) if zero_copy else self._slots
         # (A map of calls sends bundles, written by the pool straight into their slots; a map
@@ -1263,7 +1291,7 @@ class Pool:
                 if not ok and batched and isinstance(value, (_mk1.WorkerDied, _mk1.TaskTimeout)):
                     # The batch's worker died (or hung) on one of its calls: each call runs
                     # again on its own, so that only the call that kills its worker fails.
-                    pairs = sent.pop(index, None)
+                    pairs = _pairs(sent.pop(index, None))
                     if pairs is not None and len(pairs) > 1:
                         it.spill_waiting()  # (lent results waiting give their slots up)
                         again = [self._again(task, pair) for pair in pairs]
@@ -1284,31 +1312,33 @@ class Pool:
                     value.setflags(write=False)
                 if batched:
                     size = sizer.size  # (before this batch's time counts)
-                    number, entries, block = _batch_entries(value, sizer, copy=not zero_copy)
+                    number, entries, plain = _batch_entries(value, sizer, copy=not zero_copy)
                     value = None
                     # (The batch is the map's input `index`, as Rust counted them; the number
                     # the worker wrote back only confirms it.)
-                    pairs = sent.pop(index, None)
+                    got = sent.pop(index, None)
+                    count = -1 if got is None else len(got[1])
                     if (
-                        pairs is None
+                        count < 0
                         or number != index
-                        or len(pairs) < len(entries)
-                        or (len(pairs) > len(entries) and not (block and entries))
+                        or count < len(entries)
+                        or (count > len(entries) and not (plain and entries))
                     ):
                         raise _mk1.Mk1Error("a worker sent back the results of another batch")
-                    if block and len(entries) == len(pairs):
+                    if plain and len(entries) == count:
                         # (Every call returned.)
-                        pairs = None
+                        got = None
                         if bar is not None:
                             bar.update(len(entries))
                         yield from entries
                         entries = None
                         continue
-                    if block:
+                    pairs, got = _pairs(got), None
+                    if plain:
                         # The worker stopped the block early: the calls after its results are
                         # left (AGAIN), as in a batch of pieces.
                         entries = [(_args.OK, v) for v in entries]
-                        entries += [(_args.AGAIN, None)] * (len(pairs) - len(entries))
+                        entries += [(_args.AGAIN, None)] * (count - len(entries))
                     # Calls the worker left: each on its own now, all at once (in order). (Lent
                     # results waiting for their turn give their slots up for them first: else
                     # they could hold every slot these need.)
@@ -1489,33 +1519,42 @@ class _BatchSizer:
         self._resize()
 
 
+def _pairs(sent: tuple | None) -> list | None:
+    """The ``(args, kwargs)`` of each call of a batch as ``_batches`` keeps them in ``sent``
+    (None for none)."""
+    if sent is None:
+        return None
+    block, calls = sent
+    return [(args, _args.NO_KEYWORDS) for args in calls] if block else calls
+
+
 def _batch_entries(
     payload: np.ndarray, sizer: _BatchSizer, copy: bool = False
 ) -> tuple[int, list, bool]:
-    """The batch number, the entries of a results bundle and whether it is a block (see
-    ``mk1._args.read_results``; ``copy``: arrays of their own, not views of ``payload``), the
-    worker's time and the bytes recorded in ``sizer``; ``Mk1Error`` when it is not what a
-    worker sends."""
+    """The batch number and the entries of a results bundle, and whether they are the results
+    themselves (see ``mk1._args.read_results``; ``copy``: arrays of their own, not views of
+    ``payload``), the worker's time and the bytes recorded in ``sizer``; ``Mk1Error`` when it
+    is not what a worker sends."""
     try:
-        number, seconds, entries, block = _args.read_results(payload, copy)
+        number, seconds, entries, block, plain = _args.read_results(payload, copy)
     except Exception as e:  # garbled, or of a type this process cannot import
         raise _mk1.Mk1Error(f"the results of a batch cannot be read here: {e!r}") from e
-    ran = len(entries) if block else sum(1 for kind, _ in entries if kind != _args.AGAIN)
+    ran = len(entries) if plain else sum(1 for kind, _ in entries if kind != _args.AGAIN)
     sizer.record(seconds, ran)
     sizer.record_results(payload.nbytes, len(entries), block)
-    return number, entries, block
+    return number, entries, plain
 
 
 def _read_results(payload: np.ndarray, what: str) -> tuple[bool, Any]:
-    """``(True, (entries, block))`` of a results bundle (see ``mk1._args.read_results``), or
+    """``(True, (entries, plain))`` of a results bundle (see ``mk1._args.read_results``), or
     ``(False, error)`` when the ``what`` cannot be read here."""
     try:
-        _, _, entries, block = _args.read_results(payload)
+        _, _, entries, _, plain = _args.read_results(payload)
     except Exception as e:  # garbled, or of a type this process cannot import
         error = _mk1.Mk1Error(f"the {what} cannot be read here: {e!r}")
         error.__cause__ = e
         return False, error
-    return True, (entries, block)
+    return True, (entries, plain)
 
 
 def _group_entries(payload: np.ndarray) -> tuple[bool, Any]:
@@ -1524,8 +1563,8 @@ def _group_entries(payload: np.ndarray) -> tuple[bool, Any]:
     ok, got = _read_results(payload, "results of a batch")
     if not ok:
         return ok, got
-    entries, block = got
-    return True, [(_args.OK, v) for v in entries] if block else entries
+    entries, plain = got
+    return True, [(_args.OK, v) for v in entries] if plain else entries
 
 
 def _one_result(payload: np.ndarray) -> tuple[bool, Any]:
@@ -1534,8 +1573,8 @@ def _one_result(payload: np.ndarray) -> tuple[bool, Any]:
     ok, got = _read_results(payload, "result of a call")
     if not ok:
         return ok, got
-    entries, block = got
-    if len(entries) == 1 and block:
+    entries, plain = got
+    if len(entries) == 1 and plain:
         return True, entries[0]
     if len(entries) != 1 or entries[0][0] == _args.AGAIN:
         return False, _mk1.Mk1Error("a worker could not answer this call (see its slot size)")

@@ -222,6 +222,7 @@ def _run_batch(fn, inp, dtype, shape, out, in_place):
             # anything else, or results too large for the slot after all, go on piece by
             # piece (`_run_pieces`), with the calls made so far.
             atoms, flat, clock = _args.ATOMS, _args.flat, time.perf_counter
+            all_atoms = atoms.issuperset
             values: list = []
             last = None
             space = len(out)
@@ -247,7 +248,9 @@ def _run_batch(fn, inp, dtype, shape, out, in_place):
                             break
                         text_check = text + (space - size) // 2
                     continue
-                if kind not in atoms and not (kind is tuple and flat(value)):
+                if kind not in atoms and not (
+                    kind is tuple and (all_atoms(map(type, value)) or flat(value))
+                ):
                     # (Pickled as it returned, before the next call could change it.)
                     last = (_args.OK, value)
                     break
@@ -288,21 +291,23 @@ def _run_pieces(fn, batch, calls, made, start, out, in_place):
     ``_run``."""
     results = _args.Results(len(out), len(calls))
     stop = False
+    OK, clock, was_made = _args.OK, time.perf_counter, len(made)
     for i in range(len(calls)):
-        if stop or (i >= len(made) and i > 0 and time.perf_counter() - start > _BATCH_STOP):
+        if stop or (i >= was_made and i > 0 and clock() - start > _BATCH_STOP):
             stop = True
             results.again()
             continue
-        if i < len(made):
+        if i < was_made:
             entry, made[i] = made[i], None
         else:
             try:
                 args, kwargs = calls[i]
                 calls[i] = None
-                entry = (_args.OK, fn(*args, **kwargs))
+                entry = (OK, fn(*args, **kwargs) if kwargs else fn(*args))
             except BaseException as e:  # noqa: BLE001 - this call fails alone
                 entry = (_args.FAILED, _encode_error(e, in_place))
-            _leave_if_forked()
+            if _forked:
+                os._exit(0)  # (see `_leave_if_forked`)
             args = kwargs = None
         try:
             size = results.add(entry)

@@ -1495,8 +1495,14 @@ def test_the_batch_sizer_and_garbled_results():
     r.add((_args.OK, 1))
     r.add((_args.FAILED, "e"))
     r.again()
-    number, entries, block = _pool._batch_entries(r.finish(9, 0.001).array(), sizer)
-    assert number == 9 and entries == [(0, 1), (1, "e"), (2, None)] and not block
+    number, entries, plain = _pool._batch_entries(r.finish(9, 0.001).array(), sizer)
+    assert number == 9 and entries == [(0, 1), (1, "e"), (2, None)] and not plain
+    # Every entry OK: the results themselves, read in the same pass.
+    r = _args.Results(1 << 20, 2)
+    r.add((_args.OK, {"a": 1}))
+    r.add((_args.OK, [2]))
+    got = _args.read_results(r.finish(4, 0.001).array())
+    assert got == (4, 0.001, [{"a": 1}, [2]], False, True)
     assert sizer.size == 4, "2 calls ran in 1 ms: 4 fill the 2 ms a slot aims at"
     sizer.record_bytes(300_000, 1)
     assert sizer.size == 2, "calls of 300 kB: 2 fill three quarters of a 1 MiB slot"
@@ -1843,6 +1849,10 @@ def test_calls_of_atoms_go_as_blocks_and_each_still_stands_alone():
         # Items that are tuples of atoms, results that are not atoms now and then.
         got = list(p.map(dict_every, range(3000), [100] * 3000))
         assert got == [{"i": i} if i % 100 == 0 else i for i in range(3000)]
+        # One argument per call, of every kind in turn: a block takes the items themselves
+        # until one is not an atom (a tuple of atoms is one), then each goes on its own.
+        items = [*range(500), (1, "a"), *range(500), ((1, (2,)),), [5], {"k": 6}, *range(500)]
+        assert list(p.map(repr, items)) == [repr(x) for x in items]
         # numpy's scalars and paths are atoms too; results keep their types.
         xs = np.arange(300.0)
         got = list(p.map(np.sqrt, xs))
