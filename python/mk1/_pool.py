@@ -1122,13 +1122,17 @@ class Pool:
         """As ``concurrent.futures.Executor.shutdown``: ``close()``, which waits for what was
         submitted; with ``cancel_futures=True``, ``terminate()`` (mk1's futures run from
         ``submit`` on, so pending ones fail with ``Mk1Error`` instead of being cancelled); with
-        ``wait=False``, the closing goes on in a thread of its own and this returns at once."""
+        ``wait=False``, the closing goes on in a thread of its own and this returns at once.
+        As with ``ProcessPoolExecutor``, what was submitted still runs to its end when the
+        program ends meanwhile: the interpreter waits for that thread before it exits."""
         if cancel_futures:
             self.terminate()
         elif wait:
             self.close()
         else:
-            threading.Thread(target=self.close, name="mk1-shutdown", daemon=True).start()
+            # (Not a daemon: one would be dropped at exit, and the pool's finalizer would
+            # then kill the tasks still running.)
+            threading.Thread(target=self.close, name="mk1-shutdown").start()
 
     def map(
         self,

@@ -2225,6 +2225,41 @@ def test_the_spellings_of_multiprocessing_and_concurrent_futures():
     assert sizer.size == 3, "chunksize caps the batches"
 
 
+def test_shutdown_without_waiting_still_runs_what_was_submitted_when_the_program_ends(tmp_path):
+    # As ProcessPoolExecutor: shutdown(wait=False) returns at once, and a script that ends
+    # right after it still gets its tasks run to their end (they were killed at exit before),
+    # then its workers stopped and its shared memory removed.
+    shm_before = set(os.listdir("/dev/shm")) if os.path.isdir("/dev/shm") else set()
+    r = run_script(
+        tmp_path,
+        """
+        import time, mk1
+
+        def slow_write(name, seconds):
+            time.sleep(seconds)
+            with open(name, "w") as f:
+                f.write("done")
+            return name
+
+        if __name__ == "__main__":
+            pool = mk1.Pool(workers=2)
+            with open("pids", "w") as f:
+                f.write(" ".join(map(str, pool.worker_pids())))
+            futs = [pool.submit(slow_write, f"out{i}", 0.4) for i in range(4)]
+            pool.shutdown(wait=False)
+            print("returned with", sum(f.done() for f in futs), "done", flush=True)
+        """,
+    )
+    assert r.returncode == 0, r.stderr
+    assert "returned with 0 done" in r.stdout
+    assert all((tmp_path / f"out{i}").read_text() == "done" for i in range(4))
+    time.sleep(0.2)
+    for pid in (int(p) for p in (tmp_path / "pids").read_text().split()):
+        assert _gone(pid), pid
+    if os.path.isdir("/dev/shm"):
+        assert set(os.listdir("/dev/shm")) - shm_before == set()
+
+
 def test_a_slow_callback_holds_up_no_other_threads_use_of_the_pool():
     with mk1.Pool(workers=2) as p:
         started = threading.Event()
