@@ -317,6 +317,33 @@ fn rayon_f32(threads: u32, batch: u32, max_dim: u32, duration: Duration) -> Resu
     Ok(done as f64 / start.elapsed().as_secs_f64())
 }
 
+/// The bound that the caller's own work sets on [`drive`] and [`threads_f32`] over f32 arrays
+/// of shapes up to `max_dim`, measured with no pool and no threads: one thread fills an array
+/// and checks it, in turn in `buffers` buffers (as many as the pool's slots, for the same
+/// memory in use). (It checks the values it filled, with a check of the same cost: in a pool
+/// the workers apply `x*3+1` on other CPUs.) Arrays per second.
+fn caller_share_f32(buffers: u32, max_dim: u32, duration: Duration) -> Result<f64, String> {
+    // (Passed through `black_box`: the check must stay a multiply and an add, as in `check_f32`.)
+    let (a, b) = (std::hint::black_box(1.0f32), std::hint::black_box(0.0f32));
+    let max = (max_dim as usize).pow(2);
+    let mut bufs: Vec<Vec<f32>> = (0..buffers.max(1)).map(|_| vec![0.0; max]).collect();
+    let mut shapes = Shapes::new(11, 1, max_dim);
+    let mut seq = 0u64;
+    let start = Instant::now();
+    while start.elapsed() < duration {
+        for data in &mut bufs {
+            let (r, c) = shapes.next_shape();
+            let d = &mut data[..(r * c) as usize];
+            fill_f32(d, seq);
+            if !check_affine_f32(d, seq, a, b) {
+                return Err(format!("array {seq} was filled wrong"));
+            }
+            seq += 1;
+        }
+    }
+    Ok(seq as f64 / start.elapsed().as_secs_f64())
+}
+
 /// `n` small f32 arrays (up to 16x16), array `k` filled as [`fill_f32`] with seq `k`.
 fn small_arrays(n: u64) -> Vec<Array<f32>> {
     let mut shapes = Shapes::new(5, 1, 16);
@@ -629,6 +656,18 @@ pub fn measure(b: &LibraryBench) -> Result<LibraryReport, String> {
                 &format!("f32 user kernel out of place / in place (max-dim {dim})"),
                 op,
                 ip,
+            );
+            // The most any pool could give here, with one caller: its fills and checks alone.
+            let alone = caller_share_f32(inflight, dim, b.duration)?;
+            add(
+                &format!("f32 (max-dim {dim}): the caller's share alone, no pool / threads"),
+                alone,
+                t,
+            );
+            add(
+                &format!("f32 user kernel in place / the caller's share alone (max-dim {dim})"),
+                ip,
+                alone,
             );
         }
         let mut pp = out_place.producer().map_err(|e| e.to_string())?;
