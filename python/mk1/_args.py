@@ -82,6 +82,10 @@ ATOMS = frozenset(
     | {np.str_, np.bytes_}
 )
 _all_atoms = ATOMS.issuperset
+# The atoms that always pickle in a few bytes (an int of 64 bits or less, most often).
+NUMBERS = frozenset(
+    {int, float, complex, bool, type(None)} | {np.dtype(t).type for t in "?bhilqBHILQefdgFDG"}
+)
 
 
 def flat(t: tuple) -> bool:
@@ -222,6 +226,7 @@ class Writer:
         self.arrays: list[np.ndarray] = []
         self.array_bytes = 0  # the arrays' bytes, each aligned
         self.pieces = 0
+        self.size = _HEAD.size  # (`nbytes` after the last piece that went in)
         self._pickler = _Pickler(self.f, self.arrays)
         self._cloud: Any = None
 
@@ -259,6 +264,7 @@ class Writer:
             self._undo(at, n)
             return size
         self.pieces += 1
+        self.size = size
         return None
 
     def _by_value(self, obj: Any, at: int, n: int, shown: Any, error: BaseException) -> None:
@@ -457,12 +463,13 @@ def read_results(bundle: np.ndarray, copy: bool = False) -> tuple[int, float, li
     else."""
     *entries, trailer = read(bundle, copy) or [None]
     values = _block(entries, trailer, "results", 5)
-    if values is not None:
-        return trailer[1], float(trailer[2]), values, True, True
+    if values is not None and type(trailer[2]) is float:
+        return trailer[1], trailer[2], values, True, True
     if not (
         type(trailer) is tuple
         and len(trailer) == 4
         and trailer[0] == "results"
+        and type(trailer[2]) is float
         and trailer[3] == len(entries)
     ):
         raise ValueError("a garbled mk1 bundle: not results")
@@ -477,7 +484,7 @@ def read_results(bundle: np.ndarray, copy: bool = False) -> tuple[int, float, li
             plain = False
     if plain:
         entries = [value for _, value in entries]
-    return trailer[1], float(trailer[2]), entries, False, plain
+    return trailer[1], trailer[2], entries, False, plain
 
 
 class Results:
@@ -487,14 +494,23 @@ class Results:
     def __init__(self, limit: int, count: int) -> None:
         self.w = Writer(limit)
         self.left = count
+        self.largest = 0  # the bytes of the largest entry so far
 
     def add(self, entry: tuple) -> int | None:
         """Adds ``entry`` for the next call (see ``Writer.add``); raises ``TypeError`` for a
         result that does not pickle."""
+        before = self.w.size
         size = self.w.add(entry, _ROOM_TRAILER + _ROOM_PER_ENTRY * (self.left - 1), entry[1])
         if size is None:
             self.left -= 1
+            self.largest = max(self.largest, self.w.size - before)
         return size
+
+    def nearly_full(self) -> bool:
+        """Whether an entry half again as large as the largest so far might not fit (so the
+        worker makes no more calls: a call whose result does not fit runs again)."""
+        kept = _ROOM_TRAILER + _ROOM_PER_ENTRY * self.left
+        return self.w.size + kept + self.largest * 3 // 2 > self.w.limit
 
     def again(self) -> None:
         """Answers the next call with AGAIN (always fits: room was kept for it)."""

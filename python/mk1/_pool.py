@@ -1158,7 +1158,8 @@ class Pool:
         which cannot change, go up to 1024 to a batch in one pickle, and their results too
         while each is such an object.) A call runs twice only when its batch's worker died
         (out of place, redone) or when its result did not fit what the calls before it left
-        of the slot.
+        of the slot (a worker stops making a batch's calls before its results fill the slot,
+        but a result can be larger than those before it).
 
         ``fn`` is a module-level function (of an importable module or of the main script), or
         with cloudpickle installed any callable; or an ``mk1.ops`` op (no Python in the
@@ -1316,7 +1317,9 @@ class Pool:
                     value.setflags(write=False)
                 if batched:
                     size = sizer.size  # (before this batch's time counts)
-                    number, entries, plain = _batch_entries(value, sizer, copy=not zero_copy)
+                    number, entries, plain, block = _batch_entries(
+                        value, sizer, copy=not zero_copy
+                    )
                     value = None
                     # (The batch is the map's input `index`, as Rust counted them; the number
                     # the worker wrote back only confirms it.)
@@ -1326,7 +1329,7 @@ class Pool:
                         count < 0
                         or number != index
                         or count < len(entries)
-                        or (count > len(entries) and not (plain and entries))
+                        or (count > len(entries) and not (block and entries))
                     ):
                         raise _mk1.Mk1Error("a worker sent back the results of another batch")
                     if plain and len(entries) == count:
@@ -1338,7 +1341,7 @@ class Pool:
                         entries = None
                         continue
                     pairs, got = _pairs(got), None
-                    if plain:
+                    if block:
                         # The worker stopped the block early: the calls after its results are
                         # left (AGAIN), as in a batch of pieces.
                         entries = [(_args.OK, v) for v in entries]
@@ -1351,7 +1354,10 @@ class Pool:
                         it.spill_waiting()
                     # (In groups of calls sized as before this batch: the calls that made it
                     # run long are rarely all of them.)
-                    again = _Left(self, task, pairs, left, min(_BatchSizer.MOST, size))
+                    # (And as the slot holds results like these: a batch stopped because its
+                    # results were filling the slot.)
+                    size = min(_BatchSizer.MOST, size, sizer.by_bytes())
+                    again = _Left(self, task, pairs, left, size)
                     pairs = None
                     for i, (kind, value) in enumerate(entries):
                         if bar is not None:
@@ -1420,7 +1426,7 @@ class _Left:
         group, k = self.where.pop(i)
         if group.singles is None and group.entries is None:
             try:
-                group.entries = group.fut.result()
+                group.entries, block = group.fut.result()
             except (_mk1.WorkerDied, _mk1.TaskTimeout):
                 # Only the call that kills its worker (or hangs) must fail: each on its own.
                 group.singles = [self.pool._again(self.task, p) for p in group.pairs]
@@ -1428,7 +1434,7 @@ class _Left:
             if group.entries is not None:
                 # (A block the worker stopped early leaves the calls after its results.)
                 short = len(group.pairs) - len(group.entries)
-                if short < 0 or (short > 0 and not group.entries):
+                if short < 0 or (short > 0 and not (block and group.entries)):
                     raise _mk1.Mk1Error("a worker sent back the results of another batch")
                 group.entries += [(_args.AGAIN, None)] * short
         if group.singles is not None:
@@ -1503,14 +1509,17 @@ class _BatchSizer:
         self.blocks_out = block
         self._most()
 
+    def by_bytes(self) -> int:
+        """The calls whose arguments and results fit a slot, by the bytes per call so far.
+        (Three quarters of the slot: calls and results vary in size.)"""
+        return int(max(1, 0.75 * self.slot / max(self.bytes_in, self.bytes_out, 1.0)))
+
     def _resize(self) -> None:
         if not self.enabled or self.per_call is None:
             return
         by_time = self.TARGET / max(self.per_call, 1e-9)
-        # (Three quarters of the slot: calls and results vary in size.)
-        by_bytes = 0.75 * self.slot / max(self.bytes_in, self.bytes_out, 1.0)
         most = self.most if self.cap is None else min(self.most, self.cap)
-        self.size = int(max(1, min(most, by_time, by_bytes)))
+        self.size = int(max(1, min(most, by_time, self.by_bytes())))
 
     def blocks(self, on: bool) -> None:
         """Whether the calls go as blocks (see ``MOST_BLOCK``)."""
@@ -1534,11 +1543,11 @@ def _pairs(sent: tuple | None) -> list | None:
 
 def _batch_entries(
     payload: np.ndarray, sizer: _BatchSizer, copy: bool = False
-) -> tuple[int, list, bool]:
-    """The batch number and the entries of a results bundle, and whether they are the results
-    themselves (see ``mk1._args.read_results``; ``copy``: arrays of their own, not views of
-    ``payload``), the worker's time and the bytes recorded in ``sizer``; ``Mk1Error`` when it
-    is not what a worker sends."""
+) -> tuple[int, list, bool, bool]:
+    """The batch number and the entries of a results bundle, whether they are the results
+    themselves, and whether it is a block (see ``mk1._args.read_results``; ``copy``: arrays
+    of their own, not views of ``payload``), the worker's time and the bytes recorded in
+    ``sizer``; ``Mk1Error`` when it is not what a worker sends."""
     try:
         number, seconds, entries, block, plain = _args.read_results(payload, copy)
     except Exception as e:  # garbled, or of a type this process cannot import
@@ -1546,29 +1555,30 @@ def _batch_entries(
     ran = len(entries) if plain else sum(1 for kind, _ in entries if kind != _args.AGAIN)
     sizer.record(seconds, ran)
     sizer.record_results(payload.nbytes, len(entries), block)
-    return number, entries, plain
+    return number, entries, plain, block
 
 
 def _read_results(payload: np.ndarray, what: str) -> tuple[bool, Any]:
-    """``(True, (entries, plain))`` of a results bundle (see ``mk1._args.read_results``), or
-    ``(False, error)`` when the ``what`` cannot be read here."""
+    """``(True, (entries, plain, block))`` of a results bundle (see
+    ``mk1._args.read_results``), or ``(False, error)`` when the ``what`` cannot be read
+    here."""
     try:
-        _, _, entries, _, plain = _args.read_results(payload)
+        _, _, entries, block, plain = _args.read_results(payload)
     except Exception as e:  # garbled, or of a type this process cannot import
         error = _mk1.Mk1Error(f"the {what} cannot be read here: {e!r}")
         error.__cause__ = e
         return False, error
-    return True, (entries, plain)
+    return True, (entries, plain, block)
 
 
 def _group_entries(payload: np.ndarray) -> tuple[bool, Any]:
-    """``(True, entries)`` of a group's results bundle (see ``_Left``), or ``(False, error)``
-    when it cannot be read here."""
+    """``(True, (entries, block))`` of a group's results bundle (see ``_Left``), or
+    ``(False, error)`` when it cannot be read here."""
     ok, got = _read_results(payload, "results of a batch")
     if not ok:
         return ok, got
-    entries, plain = got
-    return True, [(_args.OK, v) for v in entries] if plain else entries
+    entries, plain, block = got
+    return True, ([(_args.OK, v) for v in entries] if plain else entries, block)
 
 
 def _one_result(payload: np.ndarray) -> tuple[bool, Any]:
@@ -1577,7 +1587,7 @@ def _one_result(payload: np.ndarray) -> tuple[bool, Any]:
     ok, got = _read_results(payload, "result of a call")
     if not ok:
         return ok, got
-    entries, plain = got
+    entries, plain, _ = got
     if len(entries) == 1 and plain:
         return True, entries[0]
     if len(entries) != 1 or entries[0][0] == _args.AGAIN:

@@ -216,17 +216,19 @@ def _run_batch(fn, inp, dtype, shape, out, in_place):
             # Every argument an atom: while every result is one too, the results go back as a
             # block (one pickle), as many as were made. A batch stops, and the calls it did
             # not make are left to the caller (AGAIN), when it has run long, or when its
-            # results would soon not fit the slot: once the strings and bytes among them (the
-            # atoms that can be long) have taken half the room left at the last look, the
-            # results are measured (by pickling them). The first call that fails or returns
-            # anything else, or results too large for the slot after all, go on piece by
-            # piece (`_run_pieces`), with the calls made so far.
+            # results would soon not fit the slot: the results are measured (by pickling
+            # them) once the atoms that can be long among them (strings, bytes, paths, tuples
+            # of these; numbers are taken to be short) have taken, by their lengths, half the
+            # room left at the last measure. The first call
+            # that fails or returns anything else goes on piece by piece (`_run_pieces`) with
+            # the calls made so far, unless their pieces would not fit what the slot holds:
+            # then the block goes as it is, and that call is left too.
             atoms, flat, clock = _args.ATOMS, _args.flat, time.perf_counter
-            all_atoms = atoms.issuperset
+            numbers, all_numbers = _args.NUMBERS, _args.NUMBERS.issuperset
             values: list = []
             last = None
-            space = len(out)
-            text, text_check = 0, space // 2
+            n, space = len(calls), len(out)
+            long, check = 0, space // 2  # (the lengths of long atoms; the next measure)
             for args, _ in calls:
                 if values and clock() - start > _BATCH_STOP:
                     break
@@ -239,22 +241,30 @@ def _run_batch(fn, inp, dtype, shape, out, in_place):
                 if _forked:
                     os._exit(0)  # (see `_leave_if_forked`)
                 kind = type(value)
-                if kind is str or kind is bytes:
-                    values.append(value)
-                    text += len(value)
-                    if text >= text_check:
-                        full, size = _block_full(batch, values, space)
-                        if full:
-                            break
-                        text_check = text + (space - size) // 2
-                    continue
-                if kind not in atoms and not (
-                    kind is tuple and (all_atoms(map(type, value)) or flat(value))
-                ):
+                if kind in numbers or (kind is tuple and all_numbers(map(type, value))):
+                    pass
+                elif kind is str:
+                    long += len(value) if value.isascii() else 4 * len(value)
+                elif kind is bytes:
+                    long += len(value)
+                elif kind in atoms or (kind is tuple and flat(value)):
+                    long += _length(value)
+                else:
                     # (Pickled as it returned, before the next call could change it.)
                     last = (_args.OK, value)
                     break
                 values.append(value)
+                if long >= check:
+                    size = _block_bytes(batch, values, space)
+                    if size > 0.9 * space:
+                        break
+                    check = long + (space - size) // 2
+            if last is not None and values:
+                size = _block_bytes(batch, values, space)
+                # (A piece takes about 24 bytes more than its result in a block, and room is
+                # kept for an entry of each call still to answer.)
+                if size + 24 * len(values) + 32 * (n - len(values)) + 256 > space:
+                    last = None  # (its call runs again, on its own)
             if last is None:
                 seconds = time.perf_counter() - start
                 _leave_if_forked(True)
@@ -278,11 +288,29 @@ def _run_batch(fn, inp, dtype, shape, out, in_place):
         return (None, _encode_error(e, in_place))
 
 
-def _block_full(batch, values, space):
-    """Whether a block of results ``values`` leaves less than a tenth of ``space`` bytes free
-    (or does not fit), and the bytes it takes, measured by pickling it."""
-    size = _args.block(("results", batch, 0.0, len(values), values), space)[1]
-    return size > 0.9 * space, size
+def _block_bytes(batch, values, space):
+    """The bytes a block of results ``values`` takes (measured by pickling it), or more than
+    ``space`` when that does not fit."""
+    return _args.block(("results", batch, 0.0, len(values), values), space)[1]
+
+
+def _length(x) -> int:
+    """About the bytes an atom (or a tuple of them) takes pickled, by its length: strings,
+    bytes, paths and big numbers count, other atoms take a few bytes (counted as none)."""
+    kind = type(x)
+    if kind is str:
+        return len(x) if x.isascii() else 4 * len(x)
+    if kind is np.str_:
+        return 4 * len(x)  # (numpy pickles its strings 4 bytes a character)
+    if kind is bytes or kind is np.bytes_:
+        return len(x)
+    if kind is int:
+        return x.bit_length() // 8
+    if kind is tuple:
+        return sum(map(_length, x))
+    if isinstance(x, os.PathLike):
+        return 2 * len(os.fspath(x))
+    return 0
 
 
 def _run_pieces(fn, batch, calls, made, start, out, in_place):
@@ -293,7 +321,13 @@ def _run_pieces(fn, batch, calls, made, start, out, in_place):
     stop = False
     OK, clock, was_made = _args.OK, time.perf_counter, len(made)
     for i in range(len(calls)):
-        if stop or (i >= was_made and i > 0 and clock() - start > _BATCH_STOP):
+        if stop or (
+            i >= was_made
+            and i > 0
+            and (clock() - start > _BATCH_STOP or results.nearly_full())
+        ):
+            # (The calls not made are left: the batch ran long, or its results are filling
+            # the slot.)
             stop = True
             results.again()
             continue

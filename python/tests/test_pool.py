@@ -1495,8 +1495,9 @@ def test_the_batch_sizer_and_garbled_results():
     r.add((_args.OK, 1))
     r.add((_args.FAILED, "e"))
     r.again()
-    number, entries, plain = _pool._batch_entries(r.finish(9, 0.001).array(), sizer)
+    number, entries, plain, block = _pool._batch_entries(r.finish(9, 0.001).array(), sizer)
     assert number == 9 and entries == [(0, 1), (1, "e"), (2, None)] and not plain
+    assert not block
     # Every entry OK: the results themselves, read in the same pass.
     r = _args.Results(1 << 20, 2)
     r.add((_args.OK, {"a": 1}))
@@ -1818,17 +1819,35 @@ def ints_failing_after(n):
     raise ZeroDivisionError("the input generator failed")
 
 
-def made_once(i, where, big_from, big, pause_every=0):
-    """Returns a text: one character before input ``big_from``, ``big`` from it on; a call
-    from ``big_from`` on, or every ``pause_every``-th call (which first sleeps 30 ms), marks
-    itself made (a second time raises FileExistsError)."""
+def long_atom(i, big_from, big, kind):
+    """A short text before input ``big_from``, and from it on a long atom of about ``big``
+    bytes pickled, of ``kind``: "str", "tuple" (of a str), "emoji" (a str of 4-byte
+    characters), "np.str_" or "path"; or "mixed": 1 kB texts, and a dict every 100th."""
+    if i < big_from:
+        return "s"
+    if kind == "mixed":
+        return {"i": i} if i % 100 == 0 else "m" * 1000
+    return {
+        "str": lambda: "b" * big,
+        "tuple": lambda: ("b" * big,),
+        "emoji": lambda: "\N{GRINNING FACE}" * (big // 4),
+        "np.str_": lambda: np.str_("b" * (big // 4)),
+        "path": lambda: pathlib.PurePosixPath("/x" * (big // 4)),
+    }[kind]()
+
+
+def made_once(i, where, big_from, big, pause_every=0, kind="str"):
+    """``long_atom(i, big_from, big, kind)``; every ``pause_every``-th call first sleeps
+    30 ms. A call from ``big_from`` on, or one that pauses, marks itself made (a second time
+    raises FileExistsError), but for the dicts."""
     pause = pause_every and i % pause_every == pause_every - 1
     if pause:
         time.sleep(0.03)
-    if pause or i >= big_from:
+    result = long_atom(i, big_from, big, kind)
+    if (pause or i >= big_from) and type(result) is not dict:
         with open(os.path.join(where, str(i)), "x"):
             pass
-    return "s" if i < big_from else "b" * big
+    return result
 
 
 def test_calls_of_atoms_go_as_blocks_and_each_still_stands_alone():
@@ -1885,19 +1904,24 @@ def test_blocks_too_large_for_a_slot_are_split_both_ways():
 
 def test_a_block_of_results_stops_before_it_overflows_and_no_call_runs_twice(tmp_path):
     # Quick calls with tiny results size the batches large (blocks of hundreds), then every
-    # result is 20 kB: a whole batch of those would not fit the slot. The worker measures its
-    # results as they grow and stops the batch in time; the calls it did not make run later.
-    # A call made twice fails (its marker file exists): before, the batch made every call,
-    # found its block too large, and sent back only what fitted, and the rest ran again.
-    # (Then the same with calls that stop their batch by running long.)
-    n, big_from = 1500, 700
+    # result is an atom of 20 kB: a whole batch of those would not fit the slot. The worker
+    # measures its results as they grow and stops the batch in time; the calls it did not make
+    # run later. A call made twice fails (its marker file exists): before, the batch made
+    # every call, found its block too large, and sent back only what fitted, and the rest ran
+    # again. Every kind of long atom, and 1 kB texts with a dict now and then (the batch goes
+    # on piece by piece from the dict, unless the texts before it would no longer fit as
+    # pieces). Then the same with calls that stop their batch by running long.
+    n, big_from, big = 1500, 700, 20_000
     with mk1.Pool(workers=2, max_array_bytes=1 << 16) as p:
-        where = str(tmp_path / "a")
-        os.mkdir(where)
-        got = list(p.starmap(made_once, ((i, where, big_from, 20_000) for i in range(n))))
-        assert got == ["s"] * big_from + ["b" * 20_000] * (n - big_from)
-        assert len(os.listdir(where)) == n - big_from
-        where = str(tmp_path / "b")
+        for kind in ("str", "tuple", "emoji", "np.str_", "path", "mixed"):
+            where = tmp_path / kind
+            where.mkdir()
+            calls = ((i, str(where), big_from, big, 0, kind) for i in range(n))
+            got = list(p.starmap(made_once, calls))
+            assert got == [long_atom(i, big_from, big, kind) for i in range(n)], kind
+            dicts = sum(type(r) is dict for r in got)
+            assert len(os.listdir(where)) == n - big_from - dicts, kind
+        where = str(tmp_path / "slow")
         os.mkdir(where)
         calls = ((i, where, n, 0, 40) for i in range(400))
         assert list(p.starmap(made_once, calls)) == ["s"] * 400
