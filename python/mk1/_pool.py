@@ -96,8 +96,10 @@ _TOP_LEVEL: dict[str, frozenset] = {}
 
 
 def _top_level_in_script(fn: Any, path: str) -> bool:
-    """Whether ``fn`` (of the main script) is defined by a statement at the script's top
-    level, which the workers run again (a def under ``if __name__ == "__main__":`` is not)."""
+    """Whether ``fn`` (of the main script: a function, a class, a method, or an instance of a
+    class) is defined by a statement the workers run again: at the script's top level, also
+    inside a top-level ``if``, ``try``, ``with`` or loop (a def under
+    ``if __name__ == "__main__":`` is not, one under its ``else:`` is)."""
     names = _TOP_LEVEL.get(path)
     if names is None:
         import ast
@@ -107,13 +109,55 @@ def _top_level_in_script(fn: Any, path: str) -> bool:
                 tree = ast.parse(f.read())
         except (OSError, SyntaxError, ValueError):
             return True  # cannot tell: by reference, as multiprocessing does
-        names = frozenset(
-            n.name
-            for n in tree.body
-            if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))
-        )
+        names = frozenset(_names_run_on_import(tree.body))
         _TOP_LEVEL[path] = names
-    return getattr(fn, "__qualname__", "").split(".")[0] in names
+    qualname = getattr(fn, "__qualname__", None)
+    if not isinstance(qualname, str):  # (an instance: its class's)
+        qualname = getattr(type(fn), "__qualname__", "")
+    return qualname.split(".")[0] in names
+
+
+def _names_run_on_import(body: list) -> Iterator[str]:
+    """The functions and classes that the statements ``body`` (a module's, or a top-level
+    compound statement's) define when the module is imported rather than run as
+    ``__main__``."""
+    import ast
+
+    for n in body:
+        if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            yield n.name
+        elif isinstance(n, ast.If):
+            if not _is_main_guard(n.test):
+                yield from _names_run_on_import(n.body)
+            yield from _names_run_on_import(n.orelse)
+        elif isinstance(n, (ast.For, ast.AsyncFor, ast.While)):
+            yield from _names_run_on_import(n.body)
+            yield from _names_run_on_import(n.orelse)
+        elif isinstance(n, (ast.With, ast.AsyncWith)):
+            yield from _names_run_on_import(n.body)
+        elif isinstance(n, ast.Try) or type(n).__name__ == "TryStar":
+            yield from _names_run_on_import(n.body)
+            for h in n.handlers:
+                yield from _names_run_on_import(h.body)
+            yield from _names_run_on_import(n.orelse)
+            yield from _names_run_on_import(n.finalbody)
+
+
+def _is_main_guard(test: Any) -> bool:
+    """Whether ``test`` is ``__name__ == "__main__"`` (either way round)."""
+    import ast
+
+    if not (
+        isinstance(test, ast.Compare)
+        and len(test.ops) == 1
+        and isinstance(test.ops[0], ast.Eq)
+        and len(test.comparators) == 1
+    ):
+        return False
+    sides = (test.left, test.comparators[0])
+    return any(isinstance(x, ast.Name) and x.id == "__name__" for x in sides) and any(
+        isinstance(x, ast.Constant) and x.value == "__main__" for x in sides
+    )
 
 
 def _pickle_function(fn: Callable, wrap: Callable[[Any], Any] | None = None) -> bytes:
@@ -255,7 +299,12 @@ class Future(concurrent.futures.Future):
 
     def done(self) -> bool:
         if not super().done():
-            self._pool._pump(0)
+            try:
+                self._pool._pump(0)
+            except ValueError:
+                if not self._pool._closing():
+                    raise
+                # (Being closed by another thread, which fails it if its result did not come.)
         return super().done()
 
     def _invoke_callbacks(self) -> None:
@@ -476,7 +525,9 @@ class Pool:
     ``submit``).
 
     Parameters:
-        workers: worker processes (default: the CPUs this process may run on).
+        workers: worker processes (default: the CPUs this process may run on); also spelt
+            ``processes`` (as ``multiprocessing.Pool``) or ``max_workers`` (as
+            ``ProcessPoolExecutor``).
         initializer, initargs: ``initializer(*initargs)`` runs once in every worker before it
             serves (including replacements); an exception there makes the pool fail to start.
         mode: ``"out-of-place"`` (default): inputs are read-only in the workers, and a task
@@ -525,7 +576,16 @@ class Pool:
         timeout: float | None = None,
         keep_copies: bool = False,
         start_timeout: float = 120.0,
+        processes: int | None = None,
+        max_workers: int | None = None,
     ) -> None:
+        # (`processes` is multiprocessing's name for `workers`, `max_workers`
+        # concurrent.futures'.)
+        given = [(k, v) for k, v in (("workers", workers), ("processes", processes),
+                                     ("max_workers", max_workers)) if v is not None]
+        if len(given) > 1:
+            raise TypeError(f"{' and '.join(k for k, _ in given)} are one setting: give one")
+        workers = given[0][1] if given else None
         if os.environ.get("MK1_WORKER") is not None:
             raise RuntimeError(_pool_in_worker())
         if mode not in ("out-of-place", "in-place"):
@@ -596,6 +656,8 @@ class Pool:
         self._slots = self._core.slots()
         self._driver = _Driver(self)
         self._lists: set = set()  # the lists of map_async/starmap_async still being made
+        self._ended = threading.Event()  # `_end` is over: every pending future was failed
+        self._close_begun = False  # close(), terminate() or shutdown() was called
         # Garbage-collected or left open at exit: killed, never waited for.
         self._finalizer = weakref.finalize(self, _finalize, self._core)
         _POOLS.add(self)
@@ -619,6 +681,7 @@ class Pool:
         ``map_async`` and ``starmap_async`` are finished), then stops the
         workers and frees the shared memory; results lent with ``zero_copy`` keep the memory
         mapped until they are gone. Ctrl-C while waiting terminates instead. Idempotent."""
+        self._close_begun = True
         core = self._core
         if core is None:
             return
@@ -646,21 +709,44 @@ class Pool:
     def terminate(self) -> None:
         """Kills the workers now, without waiting for tasks (pending futures fail with
         ``Mk1Error``), and frees the shared memory. Idempotent."""
+        self._close_begun = True
         core = self._core
         if core is not None:
             self._end("the pool was terminated", core.terminate)
 
     def _end(self, why: str, stop: Callable[[], list]) -> None:
         self._finalizer.detach()
-        waiting = stop()  # (the futures still waiting; [] when another thread closed it first)
-        self._core = None
-        self._driver.stop()
-        for fut in waiting:
-            if not concurrent.futures.Future.done(fut):
-                fut.set_exception(_mk1.Mk1Error(why))
+        try:
+            waiting = stop()  # (the futures still waiting; [] when another thread closed it)
+            self._core = None
+            self._driver.stop()
+            for fut in waiting:
+                if not concurrent.futures.Future.done(fut):
+                    fut.set_exception(_mk1.Mk1Error(why))
+        finally:
+            self._ended.set()  # (threads waiting on futures meanwhile look again: `_closed`)
+
+    def _closed(self, fut: Future, deadline: float | None) -> None:
+        """Another thread closed the pool while ``fut`` was pending: the closing fails it
+        (unless its result came first). Waits for that, up to ``deadline``
+        (``TimeoutError`` past it); fails it itself if the closing ended without."""
+        wait = None if deadline is None else max(0.0, deadline - time.monotonic())
+        if not self._ended.wait(wait):
+            raise concurrent.futures.TimeoutError()
+        if not concurrent.futures.Future.done(fut):
+            try:
+                fut.set_exception(_mk1.Mk1Error("the pool was closed"))
+            except concurrent.futures.InvalidStateError:
+                pass  # (completed meanwhile)
 
     def join(self) -> None:
-        """For ``multiprocessing.Pool`` compatibility: ``close()`` already waited."""
+        """As ``multiprocessing.Pool.join``: waits until the pool is closed (``close()``
+        already waited; after ``shutdown(wait=False)`` this waits for it).
+        ``ValueError`` when neither ``close()``, ``terminate()`` nor ``shutdown()`` was
+        called."""
+        if not self._close_begun:
+            raise ValueError("the pool is still running: call close() or terminate() first")
+        self._ended.wait()
 
     @property
     def workers(self) -> int:
@@ -680,6 +766,11 @@ class Pool:
         if core is None:
             raise ValueError("the pool is closed")
         return core
+
+    def _closing(self) -> bool:
+        """Whether this pool is closed or being closed (by any thread)."""
+        core = self._core
+        return core is None or core.is_gone()
 
     # -- the data path --------------------------------------------------------------------
 
@@ -719,22 +810,23 @@ class Pool:
             try:
                 return core.submit(a, task[0], task[1], sink)
             except _mk1.Busy:
-                # Results that arrived but were not received yet hold slots too. (With nothing
-                # in flight this waits only for this thread's turn, if another holds the pool.)
-                got = self._pump(_WAIT)
-                if not got and core.in_flight() == 0:
-                    if core.wait_for_lent(_WAIT):
-                        continue  # (other threads hold them, and will drop them)
-                    # Other threads' slots may be in passing (received, not yet dropped):
-                    # give up only when it lasts.
-                    stuck += 1
-                    if stuck < 20:
-                        time.sleep(_WAIT / 5)
-                        continue
-                    raise _mk1.Mk1Error(
-                        "every slot is held by results lent with zero_copy=True; drop them "
-                        "(or copy them) before asking for more"
-                    ) from None
+                pass  # (waited for below, outside the handler: a Ctrl-C there is not "during" it)
+            # Results that arrived but were not received yet hold slots too. (With nothing in
+            # flight this waits only for this thread's turn, if another holds the pool.)
+            got = self._pump(_WAIT)
+            if not got and core.in_flight() == 0:
+                if core.wait_for_lent(_WAIT):
+                    continue  # (other threads hold them, and will drop them)
+                # Other threads' slots may be in passing (received, not yet dropped): give up
+                # only when it lasts.
+                stuck += 1
+                if stuck < 20:
+                    time.sleep(_WAIT / 5)
+                    continue
+                raise _mk1.Mk1Error(
+                    "every slot is held by results lent with zero_copy=True; drop them (or "
+                    "copy them) before asking for more"
+                )
 
     def _pump(self, timeout: float, watch: list | None = None, urgent: bool = False) -> bool:
         """Receives one completion (waiting up to ``timeout`` s, also for the turn of this
@@ -778,19 +870,23 @@ class Pool:
         urgent = self._driver.enter()
         try:
             while not concurrent.futures.Future.done(fut):
-                if self._core is None:
-                    raise _mk1.Mk1Error("the pool was closed")
-                wait = _WAIT
-                if deadline is not None:
-                    wait = min(wait, deadline - time.monotonic())
-                    if wait <= 0:
-                        # (What came already is received first: `result(0)` sees it.)
-                        while self._pump(0):
-                            pass
-                        if concurrent.futures.Future.done(fut):
-                            break
-                        raise concurrent.futures.TimeoutError()
-                self._pump(wait, [fut], urgent)
+                try:
+                    wait = _WAIT
+                    if deadline is not None:
+                        wait = min(wait, deadline - time.monotonic())
+                        if wait <= 0:
+                            # (What came already is received first: `result(0)` sees it.)
+                            while self._pump(0):
+                                pass
+                            if concurrent.futures.Future.done(fut):
+                                break
+                            raise concurrent.futures.TimeoutError()
+                    self._pump(wait, [fut], urgent)
+                except ValueError:
+                    if not self._closing():
+                        raise
+                    self._closed(fut, deadline)
+                    break
                 urgent = False
         finally:
             self._driver.leave()
@@ -1132,6 +1228,7 @@ class Pool:
         else:
             # (Not a daemon: one would be dropped at exit, and the pool's finalizer would
             # then kill the tasks still running.)
+            self._close_begun = True
             threading.Thread(target=self.close, name="mk1-shutdown").start()
 
     def map(

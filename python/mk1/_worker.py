@@ -259,12 +259,13 @@ def _run_batch(fn, inp, dtype, shape, out, in_place):
                     if size > 0.9 * space:
                         break
                     check = long + (space - size) // 2
+            kept = None  # (a result or failure left out of a block sent as it is)
             if last is not None and values:
                 size = _block_bytes(batch, values, space)
                 # (A piece takes about 24 bytes more than its result in a block, and room is
                 # kept for an entry of each call still to answer.)
                 if size + 24 * len(values) + 32 * (n - len(values)) + 256 > space:
-                    last = None  # (its call runs again, on its own)
+                    kept, last = last, None  # (its call runs again, on its own)
             if last is None:
                 seconds = time.perf_counter() - start
                 _leave_if_forked(True)
@@ -280,9 +281,10 @@ def _run_batch(fn, inp, dtype, shape, out, in_place):
                     return _write(w, out, in_place)
             made = [(_args.OK, v) for v in values]
             del values
+            last = last if kept is None else kept  # (no block after all: it goes as a piece)
             if last is not None:
                 made.append(last)
-                last = None
+                last = kept = None
         return _run_pieces(fn, batch, calls, made, start, out, in_place)
     except BaseException as e:  # noqa: BLE001 - every failure goes back to the caller
         return (None, _encode_error(e, in_place))

@@ -1021,6 +1021,12 @@ impl PoolCore {
         self.close(py)
     }
 
+    /// Whether the pool is closed, or being closed by some thread (its calls then raise
+    /// "the pool is closed").
+    fn is_gone(&self) -> bool {
+        self.lock.is_gone()
+    }
+
     /// `close()` begins: no new work starts from here on (submit raises, maps stop at their
     /// next step); what was given still runs, and its results still come.
     fn begin_close(&self) {

@@ -405,6 +405,90 @@ def test_a_function_defined_in_the_main_script(tmp_path):
     assert "ok True" in r.stdout
 
 
+def test_functions_the_workers_define_too_go_by_reference(tmp_path):
+    # Defined inside a top-level `if`, `try` or loop, or a callable instance of a top-level
+    # class: the workers' run of the script defines them too, so
+    # they go by reference and see what the initializer set (as with multiprocessing).
+    # Before, they were refused, or sent by value (with cloudpickle) and saw MODEL as None.
+    r = run_script(
+        tmp_path,
+        """
+        import os, numpy as np, mk1
+
+        MODEL = None
+
+        def init():
+            global MODEL
+            MODEL = {"scale": 10}
+
+        if os.environ.get("FAST", "1") == "1":
+            def predict(x):
+                return x * MODEL["scale"]
+
+        try:
+            from no_such_module import fallback
+        except ImportError:
+            def fallback(x):
+                return x + MODEL["scale"]
+
+        class Lookup:
+            def __call__(self, x):
+                return x - MODEL["scale"]
+
+        for _ in range(1):
+            def looped(x):
+                return x * MODEL["scale"] + 1
+
+        if __name__ == "__main__":
+            xs = [np.arange(3.0)]
+            with mk1.Pool(workers=2, initializer=init) as pool:
+                print("predict", list(pool.map(predict, xs))[0].tolist())
+                print("fallback", pool.submit(fallback, 1).result())
+                print("lookup", list(pool.map(Lookup(), xs))[0].tolist())
+                print("looped", pool.submit(looped, 2).result())
+        """,
+    )
+    assert r.returncode == 0, r.stderr
+    assert "predict [0.0, 10.0, 20.0]" in r.stdout
+    assert "fallback 11" in r.stdout
+    assert "lookup [-10.0, -9.0, -8.0]" in r.stdout
+    assert "looped 21" in r.stdout
+
+
+def test_which_definitions_of_a_script_its_workers_run():
+    import ast
+
+    source = textwrap.dedent(
+        """
+        def a(): pass
+        if X:
+            def b(): pass
+        else:
+            class C: pass
+        try:
+            def d(): pass
+        except ImportError:
+            def e(): pass
+        finally:
+            def f(): pass
+        with open("x") as g:
+            def h(): pass
+        while False:
+            def i(): pass
+        if __name__ == "__main__":
+            def not_run(): pass
+        else:
+            def j(): pass
+        if "__main__" == __name__:
+            def not_run_either(): pass
+        def k():
+            def nested(): pass
+        """
+    )
+    names = set(mk1._pool._names_run_on_import(ast.parse(source).body))
+    assert names == set("abCdefhijk")
+
+
 def test_a_pool_at_the_top_level_of_a_script_says_to_add_the_main_guard(tmp_path):
     r = run_script(
         tmp_path,
@@ -2244,6 +2328,20 @@ def test_the_spellings_of_multiprocessing_and_concurrent_futures():
     while p._core is not None:
         assert time.monotonic() < deadline, "shutdown(wait=False) never closed the pool"
         time.sleep(0.01)
+    # The workers' count under both families' names; join() as multiprocessing's: only after
+    # close() or terminate() (or shutdown), and then it waits for the closing.
+    for name in ("processes", "max_workers"):
+        with mk1.Pool(**{name: 1}) as p:
+            assert p.workers == 1 and p.submit(square, 3).result() == 9
+    with pytest.raises(TypeError, match="one setting"):
+        mk1.Pool(workers=1, processes=2)
+    p = mk1.Pool(workers=1)
+    with pytest.raises(ValueError, match="still running"):
+        p.join()
+    f = p.submit(sleeps_then, 0.3, "joined")
+    p.shutdown(wait=False)
+    p.join()
+    assert p._core is None and f.done() and f.result() == "joined"
     sizer = mk1._pool._BatchSizer(True, 1 << 20, cap=3)
     sizer.record(0.0001, 100)
     assert sizer.size == 3, "chunksize caps the batches"
@@ -2282,6 +2380,24 @@ def test_shutdown_without_waiting_still_runs_what_was_submitted_when_the_program
         assert _gone(pid), pid
     if os.path.isdir("/dev/shm"):
         assert set(os.listdir("/dev/shm")) - shm_before == set()
+
+
+def test_futures_fail_cleanly_when_another_thread_terminates_the_pool_meanwhile():
+    # A thread waits on one future while another terminates the pool. The other futures are
+    # failed by the terminating thread once the workers are gone; until then, done() says
+    # False and result()/exception() wait for it. Before, they raised "the pool is closed"
+    # (a ValueError, from done() too) in that window.
+    for _ in range(3):
+        p = mk1.Pool(workers=2)
+        fs = [p.submit(sleeps_then, 0.5, i) for i in range(4)]
+        threading.Timer(0.1, p.terminate).start()
+        with pytest.raises((mk1.NoWorkersLeft, mk1.Mk1Error)):
+            fs[0].result(timeout=30)
+        for f in fs[1:]:
+            assert f.done() in (False, True)
+            e = f.exception(timeout=30)
+            assert isinstance(e, mk1.Mk1Error) and "terminated" in str(e), e
+            assert f.done()
 
 
 def test_a_slow_callback_holds_up_no_other_threads_use_of_the_pool():
