@@ -128,7 +128,7 @@ fn library_bench_reports_every_comparison_and_the_idle_figures() {
     );
     let j = json(&out);
     let rows = j["comparisons"].as_array().unwrap();
-    assert_eq!(rows.len(), 14, "{rows:?}");
+    assert_eq!(rows.len(), 18, "{rows:?}");
     for r in rows {
         for side in ["a", "b", "ratio"] {
             let s = &r[side];
@@ -143,10 +143,14 @@ fn library_bench_reports_every_comparison_and_the_idle_figures() {
     assert!(rows
         .iter()
         .any(|r| r["name"].as_str().unwrap().contains("packed")));
-    assert!(rows.iter().any(|r| r["name"]
-        .as_str()
-        .unwrap()
-        .contains("the caller's share alone")));
+    // The caller's share alone: for the packing comparison, and for the f32 one at each size.
+    let alone = |what: &str| {
+        rows.iter().any(|r| {
+            let name = r["name"].as_str().unwrap();
+            name.contains("the caller's share alone") && name.contains(what)
+        })
+    };
+    assert!(alone("small f32 arrays") && alone("max-dim 128") && alone("max-dim 1024"));
     let idle = &j["idle"];
     assert!(idle["cpu_percent_of_one_core"].as_f64().unwrap() >= 0.0);
     assert!(idle["first_task_p50_us"].as_f64().unwrap() > 0.0);
