@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import collections
 import concurrent.futures
+import io
 import itertools
 import json
 import multiprocessing
@@ -14,6 +15,7 @@ import pickle
 import sys
 import threading
 import time
+import types
 import weakref
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
@@ -29,19 +31,36 @@ _WAIT = 0.05  # longest wait inside Rust before Python checks for Ctrl-C (second
 _POOLS: "weakref.WeakSet[Pool]" = weakref.WeakSet()  # live pools, for fork()
 
 
-def _finalize(core) -> None:
-    """A pool garbage-collected or left open at exit: killed at once."""
-    core.terminate()
+def _finalize(core, ended: threading.Event) -> None:
+    """A pool garbage-collected or left open at exit: killed at once, its pending futures
+    failed."""
+    try:
+        for fut in core.terminate():
+            _fail(fut, "the pool was terminated (garbage-collected, or open at exit)")
+    finally:
+        ended.set()
+
+
+def _fail(fut: concurrent.futures.Future, why: str) -> None:
+    """Fails ``fut`` with ``Mk1Error(why)`` unless it is done (by now, or meanwhile)."""
+    if not concurrent.futures.Future.done(fut):
+        try:
+            fut.set_exception(_mk1.Mk1Error(why))
+        except concurrent.futures.InvalidStateError:
+            pass  # (completed meanwhile)
 
 
 def _after_fork_in_child() -> None:
     """A child made by fork() inherits the parent's pools but not their workers or threads: it
-    forgets them (using one there raises "the pool is closed")."""
+    forgets them (using one there raises "the pool is closed"; a future it inherited pending
+    fails with ``Mk1Error``; ``close()`` and ``join()`` return)."""
     for pool in list(_POOLS):
         if pool._core is not None:
             pool._finalizer.detach()
             pool._core.abandon()
             pool._core = None
+        # (Closed here, whatever the parent was doing: nothing waits for its closing.)
+        pool._ended.set()
 
 
 if hasattr(os, "register_at_fork"):
@@ -95,11 +114,10 @@ def _rebuild(exc: BaseException) -> BaseException:
 _TOP_LEVEL: dict[str, frozenset] = {}
 
 
-def _top_level_in_script(fn: Any, path: str) -> bool:
-    """Whether ``fn`` (of the main script: a function, a class, a method, or an instance of a
-    class) is defined by a statement the workers run again: at the script's top level, also
-    inside a top-level ``if``, ``try``, ``with`` or loop (a def under
-    ``if __name__ == "__main__":`` is not, one under its ``else:`` is)."""
+def _script_names(path: str) -> frozenset | None:
+    """The functions and classes of the main script at ``path`` that its workers define too
+    (see ``_names_run_on_import``); None when it cannot be read (then everything of it goes
+    by reference, as with multiprocessing)."""
     names = _TOP_LEVEL.get(path)
     if names is None:
         import ast
@@ -108,39 +126,63 @@ def _top_level_in_script(fn: Any, path: str) -> bool:
             with open(path, encoding="utf-8") as f:
                 tree = ast.parse(f.read())
         except (OSError, SyntaxError, ValueError):
-            return True  # cannot tell: by reference, as multiprocessing does
-        names = frozenset(_names_run_on_import(tree.body))
+            return None
+        names = _names_run_on_import(tree.body)
         _TOP_LEVEL[path] = names
-    qualname = getattr(fn, "__qualname__", None)
-    if not isinstance(qualname, str):  # (an instance: its class's)
-        qualname = getattr(type(fn), "__qualname__", "")
-    return qualname.split(".")[0] in names
+    return names
 
 
-def _names_run_on_import(body: list) -> Iterator[str]:
-    """The functions and classes that the statements ``body`` (a module's, or a top-level
-    compound statement's) define when the module is imported rather than run as
-    ``__main__``."""
+def _names_run_on_import(body: list) -> frozenset:
+    """The functions and classes that the statements ``body`` (a module's) surely define when
+    the module is imported rather than run as ``__main__``, as the workers run the main
+    script: those at the top level, also inside a top-level ``if``, ``try``, ``with``,
+    ``match`` or loop, but not under ``if __name__ == "__main__":`` (under its ``else:``, yes),
+    nor in either branch of another test of ``__name__`` (or of a name set from it); and
+    none that is also defined where the workers may not run it."""
     import ast
 
-    for n in body:
-        if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
-            yield n.name
-        elif isinstance(n, ast.If):
-            if not _is_main_guard(n.test):
-                yield from _names_run_on_import(n.body)
-            yield from _names_run_on_import(n.orelse)
-        elif isinstance(n, (ast.For, ast.AsyncFor, ast.While)):
-            yield from _names_run_on_import(n.body)
-            yield from _names_run_on_import(n.orelse)
-        elif isinstance(n, (ast.With, ast.AsyncWith)):
-            yield from _names_run_on_import(n.body)
-        elif isinstance(n, ast.Try) or type(n).__name__ == "TryStar":
-            yield from _names_run_on_import(n.body)
-            for h in n.handlers:
-                yield from _names_run_on_import(h.body)
-            yield from _names_run_on_import(n.orelse)
-            yield from _names_run_on_import(n.finalbody)
+    run: set = set()
+    other: set = set()  # defined where the workers may not run it
+    derived: set = {"__name__"}  # names whose value depends on `__name__`
+
+    def mentions(node: Any) -> bool:
+        return any(isinstance(x, ast.Name) and x.id in derived for x in ast.walk(node))
+
+    def walk(stmts: list, runs: bool) -> None:
+        for n in stmts:
+            if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+                (run if runs else other).add(n.name)
+            elif isinstance(n, (ast.Assign, ast.AnnAssign)) and n.value is not None:
+                if mentions(n.value):
+                    targets = n.targets if isinstance(n, ast.Assign) else [n.target]
+                    derived.update(x.id for t in targets for x in ast.walk(t)
+                                   if isinstance(x, ast.Name))
+            elif isinstance(n, ast.If):
+                if _is_main_guard(n.test):
+                    walk(n.body, False)
+                    walk(n.orelse, runs)
+                else:
+                    known = not mentions(n.test)
+                    walk(n.body, runs and known)
+                    walk(n.orelse, runs and known)
+            elif isinstance(n, (ast.For, ast.AsyncFor, ast.While)):
+                walk(n.body, runs)
+                walk(n.orelse, runs)
+            elif isinstance(n, (ast.With, ast.AsyncWith)):
+                walk(n.body, runs)
+            elif isinstance(n, ast.Try) or type(n).__name__ == "TryStar":
+                walk(n.body, runs)
+                for h in n.handlers:
+                    walk(h.body, runs)
+                walk(n.orelse, runs)
+                walk(n.finalbody, runs)
+            elif type(n).__name__ == "Match":
+                known = not mentions(n.subject)
+                for case in n.cases:
+                    walk(case.body, runs and known)
+
+    walk(body, True)
+    return frozenset(run - other)
 
 
 def _is_main_guard(test: Any) -> bool:
@@ -160,6 +202,31 @@ def _is_main_guard(test: Any) -> bool:
     )
 
 
+class _NotInWorkers(Exception):
+    """A function or class of the main script that its workers do not define (the object
+    in ``args[0]``)."""
+
+
+class _ByReference(pickle.Pickler):
+    """Pickles by reference (as ``pickle.dumps``), refusing with ``_NotInWorkers`` a function
+    or class of the main script that the workers do not define (``names``: those they do; None:
+    every one), wherever it is in what is pickled (a callable instance's state, say)."""
+
+    def __init__(self, f: io.BytesIO, names: frozenset | None) -> None:
+        super().__init__(f, protocol=pickle.HIGHEST_PROTOCOL)
+        self.names = names
+
+    def reducer_override(self, obj: Any) -> Any:
+        if (
+            self.names is not None
+            and isinstance(obj, (types.FunctionType, type))
+            and getattr(obj, "__module__", None) == "__main__"
+            and obj.__qualname__.split(".")[0] not in self.names
+        ):
+            raise _NotInWorkers(obj)
+        return NotImplemented
+
+
 def _pickle_function(fn: Callable, wrap: Callable[[Any], Any] | None = None) -> bytes:
     """The function (wrapped in ``wrap(fn)`` if given) as bytes for the workers: by reference
     (module and name) when it can be, else by value with cloudpickle (lambdas, closures,
@@ -170,22 +237,26 @@ def _pickle_function(fn: Callable, wrap: Callable[[Any], Any] | None = None) -> 
     # (A script read from stdin has the file name "<stdin>", which the workers cannot run.)
     main_file = getattr(main, "__file__", None)
     interactive = in_main and (not main_file or main_file.endswith("<stdin>"))
-    if in_main and not interactive and not _top_level_in_script(fn, main_file):
-        # Defined under `if __name__ == "__main__":` (or by exec): the workers' copy of the
-        # script does not have it, so it goes by value, with cloudpickle.
-        try:
-            import cloudpickle
-        except ImportError:
-            raise TypeError(
-                f"mk1 cannot send {fn!r} to the workers: it is defined under "
-                f"`if __name__ == '__main__':` (or by exec), which the workers do not run. "
-                f"Define it at the script's top level, or install cloudpickle "
-                f"(pip install cloudpickle) to send it by value."
-            ) from None
-        return cloudpickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
     if not interactive:
+        names = _script_names(main_file) if main_file else None
         try:
-            return pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
+            f = io.BytesIO()
+            _ByReference(f, names).dump(obj)
+            return f.getvalue()
+        except _NotInWorkers as e:
+            # Defined under `if __name__ == "__main__":` (or by exec), or in it: the workers'
+            # copy of the script does not have it, so it goes by value, with cloudpickle.
+            try:
+                import cloudpickle
+            except ImportError:
+                raise TypeError(
+                    f"mk1 cannot send {fn!r} to the workers: {e.args[0]!r} is defined under "
+                    f"`if __name__ == '__main__':` (or by exec, or where the workers may not "
+                    f"define it), which the workers do not run. Define it at the script's top "
+                    f"level, or install cloudpickle (pip install cloudpickle) to send it by "
+                    f"value."
+                ) from None
+            return cloudpickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
         except (pickle.PicklingError, AttributeError, TypeError) as e:
             by_reference_error = e
     else:
@@ -656,10 +727,15 @@ class Pool:
         self._slots = self._core.slots()
         self._driver = _Driver(self)
         self._lists: set = set()  # the lists of map_async/starmap_async still being made
-        self._ended = threading.Event()  # `_end` is over: every pending future was failed
+        # The pool is closed: no future will be routed any more (each is failed, by `_end`
+        # or by whoever waits on it, see `_closed`).
+        self._ended = threading.Event()
+        self._why = "the pool was closed"  # (what a future pending at the closing fails with)
+        self._end_lock = threading.Lock()
+        self._ending = False  # `_end` was called (the first call closes the pool)
         self._close_begun = False  # close(), terminate() or shutdown() was called
         # Garbage-collected or left open at exit: killed, never waited for.
-        self._finalizer = weakref.finalize(self, _finalize, self._core)
+        self._finalizer = weakref.finalize(self, _finalize, self._core, self._ended)
         _POOLS.add(self)
 
     # -- lifecycle ------------------------------------------------------------------------
@@ -715,29 +791,36 @@ class Pool:
             self._end("the pool was terminated", core.terminate)
 
     def _end(self, why: str, stop: Callable[[], list]) -> None:
+        with self._end_lock:  # (held for the check only)
+            first = not self._ending
+            self._ending = True
         self._finalizer.detach()
+        if not first:
+            # Another call is closing it (another thread's, or this one's, from a callback):
+            # this one only adds its own stop (a kill, say) and leaves the rest to that one.
+            stop()
+            return
         try:
-            waiting = stop()  # (the futures still waiting; [] when another thread closed it)
+            waiting = stop()  # (the futures still waiting)
             self._core = None
             self._driver.stop()
-            for fut in waiting:
-                if not concurrent.futures.Future.done(fut):
-                    fut.set_exception(_mk1.Mk1Error(why))
         finally:
-            self._ended.set()  # (threads waiting on futures meanwhile look again: `_closed`)
+            self._why = why
+            # (Set before the futures below are failed and their callbacks run: a callback
+            # waiting on another future of the pool fails that one itself, see `_closed`.)
+            self._ended.set()
+        for fut in waiting:
+            _fail(fut, why)
 
     def _closed(self, fut: Future, deadline: float | None) -> None:
-        """Another thread closed the pool while ``fut`` was pending: the closing fails it
-        (unless its result came first). Waits for that, up to ``deadline``
-        (``TimeoutError`` past it); fails it itself if the closing ended without."""
+        """The pool was closed while ``fut`` was pending (by another thread, or by this one
+        in a callback of a future it failed): the closing fails it (unless its result came
+        first). Waits for the closing to get that far, up to ``deadline`` (``TimeoutError``
+        past it), then fails ``fut`` itself if it is still pending."""
         wait = None if deadline is None else max(0.0, deadline - time.monotonic())
         if not self._ended.wait(wait):
             raise concurrent.futures.TimeoutError()
-        if not concurrent.futures.Future.done(fut):
-            try:
-                fut.set_exception(_mk1.Mk1Error("the pool was closed"))
-            except concurrent.futures.InvalidStateError:
-                pass  # (completed meanwhile)
+        _fail(fut, self._why)
 
     def join(self) -> None:
         """As ``multiprocessing.Pool.join``: waits until the pool is closed (``close()``
@@ -1152,6 +1235,11 @@ class Pool:
             urgent = self._driver.enter()
             try:
                 self._pump(wait, list(pending), urgent)
+            except ValueError:
+                if not self._closing():
+                    raise
+                for f in list(pending):  # (closed meanwhile: each pending one fails)
+                    self._closed(f, deadline)
             finally:
                 self._driver.leave()
 

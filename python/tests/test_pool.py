@@ -439,6 +439,13 @@ def test_functions_the_workers_define_too_go_by_reference(tmp_path):
             def looped(x):
                 return x * MODEL["scale"] + 1
 
+        class Apply:
+            def __init__(self, f):
+                self.f = f
+
+            def __call__(self, x):
+                return self.f(x)
+
         if __name__ == "__main__":
             xs = [np.arange(3.0)]
             with mk1.Pool(workers=2, initializer=init) as pool:
@@ -446,6 +453,16 @@ def test_functions_the_workers_define_too_go_by_reference(tmp_path):
                 print("fallback", pool.submit(fallback, 1).result())
                 print("lookup", list(pool.map(Lookup(), xs))[0].tolist())
                 print("looped", pool.submit(looped, 2).result())
+
+                # A top-level class's instance holding a function of the main guard: by value
+                # (the workers do not have `double`), or refused without cloudpickle.
+                def double(x):
+                    return x * 2
+
+                try:
+                    print("apply", pool.submit(Apply(double), 4).result())
+                except TypeError as e:
+                    print("apply refused", "double" in str(e))
         """,
     )
     assert r.returncode == 0, r.stderr
@@ -453,6 +470,7 @@ def test_functions_the_workers_define_too_go_by_reference(tmp_path):
     assert "fallback 11" in r.stdout
     assert "lookup [-10.0, -9.0, -8.0]" in r.stdout
     assert "looped 21" in r.stdout
+    assert "apply 8" in r.stdout or "apply refused True" in r.stdout, r.stdout
 
 
 def test_which_definitions_of_a_script_its_workers_run():
@@ -483,10 +501,24 @@ def test_which_definitions_of_a_script_its_workers_run():
             def not_run_either(): pass
         def k():
             def nested(): pass
+        match X:
+            case 1:
+                def m(): pass
+        if __name__ == "__main__" and X:
+            def not_surely_run(): pass
+        IS_MAIN = __name__ == "__main__"
+        if IS_MAIN:
+            pass
+        else:
+            def not_surely_run_either(): pass
+        if HAVE_GPU:
+            def twice(): pass
+        if __name__ == "__main__":
+            def twice(): pass
         """
     )
     names = set(mk1._pool._names_run_on_import(ast.parse(source).body))
-    assert names == set("abCdefhijk")
+    assert names == set("abCdefhijkm")
 
 
 def test_a_pool_at_the_top_level_of_a_script_says_to_add_the_main_guard(tmp_path):
@@ -2398,6 +2430,53 @@ def test_futures_fail_cleanly_when_another_thread_terminates_the_pool_meanwhile(
             e = f.exception(timeout=30)
             assert isinstance(e, mk1.Mk1Error) and "terminated" in str(e), e
             assert f.done()
+
+
+def test_a_callback_may_wait_on_another_future_while_the_pool_is_terminated():
+    # The terminating thread fails the pending futures one by one, running their callbacks:
+    # a callback waiting on a future not yet failed fails that one itself (it waited until
+    # the end of the closing before: forever, without a timeout).
+    p = mk1.Pool(workers=1)
+    a, b = p.submit(sleeps_then, 30, "a"), p.submit(sleeps_then, 30, "b")
+    seen = []
+    a.add_done_callback(lambda f: seen.append(b.exception(timeout=20)))
+    b.add_done_callback(lambda f: seen.append(a.exception(timeout=20)))
+    t = time.monotonic()
+    p.terminate()
+    assert time.monotonic() - t < 10
+    assert len(seen) == 2 and all(isinstance(e, mk1.Mk1Error) for e in seen), seen
+
+
+def test_a_forked_child_does_not_wait_for_its_parents_pool():
+    # In a child made by fork(), the pool is closed: a pending future it inherited fails, and
+    # close() then join() return (they waited forever for a closing that never comes there).
+    p = mk1.Pool(workers=1)
+    try:
+        fut = p.submit(sleeps_then, 1, "parent's")
+        pid = os.fork()
+        if pid == 0:
+            code = 1
+            try:
+                e = fut.exception(timeout=10)
+                p.close()
+                p.join()
+                code = 0 if isinstance(e, mk1.Mk1Error) else 2
+            finally:
+                os._exit(code)
+        deadline = time.monotonic() + 30
+        while True:
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if done:
+                break
+            if time.monotonic() > deadline:
+                os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
+                raise AssertionError("the child hung on its parent's pool")
+            time.sleep(0.02)
+        assert os.waitstatus_to_exitcode(status) == 0
+        assert fut.result(timeout=30) == "parent's"
+    finally:
+        p.close()
 
 
 def test_a_slow_callback_holds_up_no_other_threads_use_of_the_pool():
