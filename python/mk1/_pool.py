@@ -202,6 +202,10 @@ def _is_main_guard(test: Any) -> bool:
     )
 
 
+# Plain functions pickled by reference, by the wrapper they went in (see `_pickle_function`).
+_BY_REFERENCE: "weakref.WeakKeyDictionary[Callable, dict]" = weakref.WeakKeyDictionary()
+
+
 class _NotInWorkers(Exception):
     """A function or class of the main script that its workers do not define (the object
     in ``args[0]``)."""
@@ -238,11 +242,19 @@ def _pickle_function(fn: Callable, wrap: Callable[[Any], Any] | None = None) -> 
     main_file = getattr(main, "__file__", None)
     interactive = in_main and (not main_file or main_file.endswith("<stdin>"))
     if not interactive:
+        # (A plain function by reference pickles the same every time: its module and name.)
+        plain = type(fn) is types.FunctionType
+        known = _BY_REFERENCE.get(fn) if plain else None
+        if known is not None and wrap in known:
+            return known[wrap]
         names = _script_names(main_file) if main_file else None
         try:
             f = io.BytesIO()
             _ByReference(f, names).dump(obj)
-            return f.getvalue()
+            blob = f.getvalue()
+            if plain:
+                _BY_REFERENCE.setdefault(fn, {})[wrap] = blob
+            return blob
         except _NotInWorkers as e:
             # Defined under `if __name__ == "__main__":` (or by exec), or in it: the workers'
             # copy of the script does not have it, so it goes by value, with cloudpickle.
