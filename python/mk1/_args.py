@@ -360,6 +360,20 @@ def block(trailer: tuple, limit: int) -> tuple[Writer | None, int]:
     return (w, w.nbytes) if size is None else (None, size)
 
 
+def calls_block(batch: int, args: list, limit: int) -> tuple[Writer | None, int]:
+    """The block of the calls of batch number ``batch`` with arguments ``args`` (a tuple per
+    call, every item an atom; see the module's docs), as ``block``."""
+    return block(("calls", batch, len(args), args), limit)
+
+
+def results_block(
+    batch: int, seconds: float, values: list, limit: int
+) -> tuple[Writer | None, int]:
+    """The block of ``values``, the results of the first calls of batch number ``batch``
+    (made in ``seconds``; see the module's docs), as ``block``."""
+    return block(("results", batch, seconds, len(values), values), limit)
+
+
 def is_bundle(a: np.ndarray) -> bool:
     """Whether ``a`` (a result of a one-array function) is a bundle of this process."""
     return (

@@ -206,6 +206,10 @@ def _is_main_guard(test: Any) -> bool:
 _BY_REFERENCE: "weakref.WeakKeyDictionary[Callable, dict]" = weakref.WeakKeyDictionary()
 
 
+class _Closing(ValueError):
+    """The pool is closed, or being closed by some thread (see ``Pool._pump_open``)."""
+
+
 class _NotInWorkers(Exception):
     """A function or class of the main script that its workers do not define (the object
     in ``args[0]``)."""
@@ -383,11 +387,9 @@ class Future(concurrent.futures.Future):
     def done(self) -> bool:
         if not super().done():
             try:
-                self._pool._pump(0)
-            except ValueError:
-                if not self._pool._closing():
-                    raise
-                # (Being closed by another thread, which fails it if its result did not come.)
+                self._pool._pump_open(0)
+            except _Closing:
+                pass  # (the closing fails it if its result did not come)
         return super().done()
 
     def _invoke_callbacks(self) -> None:
@@ -932,6 +934,16 @@ class Pool:
         core = self._live()
         return _routed(lambda: core.recv(timeout, watch, self._route, urgent)) is not None
 
+    def _pump_open(self, timeout: float, watch: list | None = None, urgent: bool = False) -> bool:
+        """As ``_pump``; ``_Closing`` (a ``ValueError``) when the pool is closed or being
+        closed, by any thread (then the closing fails what is pending: see ``_closed``)."""
+        try:
+            return self._pump(timeout, watch, urgent)
+        except ValueError as e:
+            if self._closing():
+                raise _Closing() from e
+            raise
+
     @staticmethod
     def _route(got: tuple) -> None:
         sink, _worker, ok, payload, _dtype, _shape = got
@@ -971,15 +983,13 @@ class Pool:
                         wait = min(wait, deadline - time.monotonic())
                         if wait <= 0:
                             # (What came already is received first: `result(0)` sees it.)
-                            while self._pump(0):
+                            while self._pump_open(0):
                                 pass
                             if concurrent.futures.Future.done(fut):
                                 break
                             raise concurrent.futures.TimeoutError()
-                    self._pump(wait, [fut], urgent)
-                except ValueError:
-                    if not self._closing():
-                        raise
+                    self._pump_open(wait, [fut], urgent)
+                except _Closing:
                     self._closed(fut, deadline)
                     break
                 urgent = False
@@ -1190,7 +1200,7 @@ class Pool:
                 # A block; halved until it fits (the sizer learns the bytes per call from
                 # it, so this is rare).
                 while True:
-                    w, size = _args.block(("calls", number, len(batch), batch), self._bundle_bytes)
+                    w, size = _args.calls_block(number, batch, self._bundle_bytes)
                     if w is not None:
                         break
                     if len(batch) == 1:
@@ -1246,10 +1256,8 @@ class Pool:
             # (As `_wait_for`; not across the yield, where the caller may wait elsewhere.)
             urgent = self._driver.enter()
             try:
-                self._pump(wait, list(pending), urgent)
-            except ValueError:
-                if not self._closing():
-                    raise
+                self._pump_open(wait, list(pending), urgent)
+            except _Closing:
                 for f in list(pending):  # (closed meanwhile: each pending one fails)
                     self._closed(f, deadline)
             finally:
@@ -1594,8 +1602,7 @@ class Pool:
         w = None
         atoms, flat = _args.ATOMS.issuperset, _args.flat
         if all(not kw and (atoms(map(type, a)) or flat(a)) for a, kw in pairs):
-            trailer = ("calls", -1, len(pairs), [a for a, _ in pairs])
-            w, _ = _args.block(trailer, self._bundle_bytes)
+            w, _ = _args.calls_block(-1, [a for a, _ in pairs], self._bundle_bytes)
         self._submit_one(w or self._calls(pairs), task, fut)
         return fut
 

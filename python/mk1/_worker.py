@@ -269,13 +269,11 @@ def _run_batch(fn, inp, dtype, shape, out, in_place):
             if last is None:
                 seconds = time.perf_counter() - start
                 _leave_if_forked(True)
-                w, _ = _args.block(("results", batch, seconds, len(values), values), len(out))
+                w, _ = _args.results_block(batch, seconds, values, space)
                 if w is None and len(values) > 1:
                     # (The last result, a long string say, took the block past the slot: the
                     # others go, and its call runs again, on its own.)
-                    head = values[:-1]
-                    w, _ = _args.block(("results", batch, seconds, len(head), head), space)
-                    head = None
+                    w, _ = _args.results_block(batch, seconds, values[:-1], space)
                 if w is not None:
                     del calls, values
                     return _write(w, out, in_place)
@@ -293,7 +291,7 @@ def _run_batch(fn, inp, dtype, shape, out, in_place):
 def _block_bytes(batch, values, space):
     """The bytes a block of results ``values`` takes (measured by pickling it), or more than
     ``space`` when that does not fit."""
-    return _args.block(("results", batch, 0.0, len(values), values), space)[1]
+    return _args.results_block(batch, 0.0, values, space)[1]
 
 
 def _length(x) -> int:
