@@ -1969,6 +1969,72 @@ fn unpacked_pool(mode: Mode, builder: mk1::PoolBuilder) -> Pool {
         .unwrap()
 }
 
+/// Submits an f64 array `[tag]` with `sleep_ms` for `ms` milliseconds.
+fn submit_sleep(producer: &mk1::Producer<'_>, ms: u64, tag: f64) {
+    let mut loan = producer.loan::<f64>(Shape::d1(1)).unwrap();
+    loan.copy_from_slice(&[tag]);
+    let task = Task::kernel("sleep_ms").params(Params::from_words(&[ms]).unwrap());
+    producer.submit(loan, &task).unwrap();
+}
+
+/// A long task does not hold back the tasks submitted after it while another worker is free:
+/// nothing is queued behind a task of unknown length, so the short tasks all run on the other
+/// worker and come back before the long one.
+fn a_long_task_does_not_hold_back_the_tasks_after_it() {
+    let pool = timed_pool(2, Duration::from_secs(60));
+    let producer = pool.producer().unwrap();
+    submit_sleep(&producer, 1500, -1.0);
+    // (Seven of the handle's eight slots: none has to be received before the last submit.)
+    for i in 0..6 {
+        submit_sleep(&producer, 20, f64::from(i));
+    }
+    let mut order = Vec::new();
+    while let Some(c) = producer.recv() {
+        order.push((c.output::<f64>().unwrap().as_slice()[0], c.worker()));
+    }
+    assert_eq!(order.len(), 7);
+    let (last, long_worker) = order[6];
+    assert_eq!(last, -2.0, "the long task came back last: {order:?}");
+    assert!(
+        order[..6].iter().all(|&(_, w)| w != long_worker),
+        "no short task ran behind the long one: {order:?}"
+    );
+}
+
+/// By default a task waits in its handle while every worker is busy with a task of unknown
+/// length, and goes when the handle next looks for returns; with `queue_ahead(Duration::MAX)`
+/// every task is sent when submitted, so all run while the caller stays away from the handle.
+fn with_no_queue_limit_tasks_run_while_the_caller_is_away() {
+    for (limit, expect_all) in [(None, false), (Some(Duration::MAX), true)] {
+        let mut builder = Pool::builder().workers(2).kernels(kernels());
+        if let Some(limit) = limit {
+            builder = builder.queue_ahead(limit);
+        }
+        let pool = builder.build().unwrap();
+        let producer = pool.producer().unwrap();
+        for i in 0..6 {
+            submit_sleep(&producer, 20, f64::from(i));
+        }
+        std::thread::sleep(Duration::from_millis(1000));
+        let mut ready = 0;
+        while let Some(c) = producer.try_recv() {
+            assert!(c.output::<f64>().is_ok());
+            ready += 1;
+        }
+        if expect_all {
+            assert_eq!(ready, 6, "every task ran meanwhile");
+        } else {
+            assert_eq!(ready, 2, "one task a worker ran meanwhile");
+        }
+        let mut rest = 0;
+        while let Some(c) = producer.recv() {
+            assert!(c.output::<f64>().is_ok());
+            rest += 1;
+        }
+        assert_eq!(ready + rest, 6, "nothing lost");
+    }
+}
+
 fn timed_pool(workers: u32, timeout: Duration) -> Pool {
     Pool::builder()
         .workers(workers)
@@ -2302,6 +2368,14 @@ fn main() {
             user_kernels_with_params_and_state,
         ),
         ("an_output_shape_of_its_own", an_output_shape_of_its_own),
+        (
+            "a_long_task_does_not_hold_back_the_tasks_after_it",
+            a_long_task_does_not_hold_back_the_tasks_after_it,
+        ),
+        (
+            "with_no_queue_limit_tasks_run_while_the_caller_is_away",
+            with_no_queue_limit_tasks_run_while_the_caller_is_away,
+        ),
         ("deferred_submits_complete", deferred_submits_complete),
         (
             "a_reused_slot_runs_the_task_it_is_given_not_the_last_one",

@@ -28,6 +28,10 @@ from ._worker import BOOT_ENV, EXC_MARKER, INIT_ENV
 from .ops import Op
 
 _WAIT = 0.05  # longest wait inside Rust before Python checks for Ctrl-C (seconds)
+# Batches a map of calls in order may take ahead of its next result, at most, while that
+# result is slow: those that came back wait as copies (64 MiB of them at most), so that one
+# slow call does not stop the workers (multiprocessing's imap takes its whole input).
+_REORDER = 4096
 _POOLS: "weakref.WeakSet[Pool]" = weakref.WeakSet()  # live pools, for fork()
 
 
@@ -1480,6 +1484,9 @@ class Pool:
             inputs = self._batches(inputs, sizer, sent, items)
         # Zero-copy, the result the caller holds keeps its slot: one less in flight.
         window = max(1, self._slots - 1) if zero_copy else self._slots
+        # In order, a batch's results waiting for a slower one before them are copied out of
+        # their slots when they fill the window, so the workers go on (see `_REORDER`).
+        reorder = _REORDER if batched and ordered and not zero_copy else 0
         # (A map of calls sends bundles, written by the pool straight into their slots; a map
         # of an op takes what numpy makes an array of.)
         prepare = _as_is if batched else _as_array if isinstance(fn, Op) else self._prepare
@@ -1488,7 +1495,7 @@ class Pool:
         # keep the whole batch's bytes alive; the slot goes home once they are read.
         lend = zero_copy or batched
         it = self._live().map_iter(
-            inputs, task[0], task[1], ordered, lend, window, prepare, self._route
+            inputs, task[0], task[1], ordered, lend, window, reorder, prepare, self._route
         )
         try:
             while True:

@@ -939,7 +939,7 @@ impl PoolCore {
 
     /// A map over the Python iterator `inputs` (see `MapIter`).
     #[allow(clippy::too_many_arguments)]
-    #[pyo3(signature = (inputs, op, context, ordered, lend, window, prepare, route))]
+    #[pyo3(signature = (inputs, op, context, ordered, lend, window, reorder, prepare, route))]
     fn map_iter(
         &self,
         inputs: Bound<'_, PyAny>,
@@ -948,6 +948,7 @@ impl PoolCore {
         ordered: bool,
         lend: bool,
         window: usize,
+        reorder: usize,
         prepare: Bound<'_, PyAny>,
         route: Bound<'_, PyAny>,
     ) -> PyResult<MapIter> {
@@ -971,6 +972,8 @@ impl PoolCore {
             ordered,
             lend,
             window: window.max(1),
+            reorder,
+            spilled: Default::default(),
             pending: None,
             pull_secs: 0.0,
             next_in: 0,
@@ -1100,8 +1103,11 @@ impl PoolCore {
 }
 
 /// `map` and `imap_unordered`, run in Rust: pulls arrays from a Python iterator, keeps at most
-/// `window` in flight or waiting to be read, and yields `(ok, result or exception)` in input
-/// order (`ordered`) or as they come. An item mk1 cannot carry fails alone (its exception is
+/// `window` in flight or waiting to be read in their slots, and yields `(ok, result or
+/// exception)` in input order (`ordered`) or as they come. With `reorder`, results that wait in
+/// their slots for a slower one before them are copied out when they fill the window, so work
+/// goes on behind a slow result (up to `reorder` inputs ahead of the next result out, and
+/// [`SPILL_BYTES`] of copies). An item mk1 cannot carry fails alone (its exception is
 /// yielded in its turn). Holds the pool weakly: closing the pool ends the map.
 ///
 /// Each step takes the pool's lock (see `handle`): to submit, in turn with interrupting a
@@ -1121,8 +1127,15 @@ struct MapIter {
     task: Task,
     ordered: bool,
     lend: bool,
-    /// Arrays in flight or waiting to be read, at most.
+    /// Arrays in flight or waiting to be read in their slots, at most.
     window: usize,
+    /// Inputs taken ahead of the next result out, at most, when results waiting in their
+    /// slots are copied out to make room (0: they are not, and `window` bounds the inputs
+    /// taken ahead).
+    reorder: usize,
+    /// This map's results copied out of their slots (see `spill`) and not yet handed out:
+    /// their bytes, by input index.
+    spilled: Mutex<HashMap<u64, usize>>,
     /// An input taken from the iterator, waiting for a slot that only reading this map's
     /// waiting results can free.
     /// (Or its failure: the iterator's, or its preparing's, to be parked in its turn.)
@@ -1138,6 +1151,11 @@ struct MapIter {
 }
 
 impl MapIter {
+    fn spilled(&self) -> std::sync::MutexGuard<'_, HashMap<u64, usize>> {
+        // (Used under the pool's lock only: never contended.)
+        self.spilled.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     fn waiting(&self, sh: &Shared) -> (usize, usize) {
         let r = sh.router.borrow();
         r.maps
@@ -1189,6 +1207,8 @@ impl MapIter {
         for (k, a) in lent {
             let copy = a.bind(py).call_method0("copy")?;
             copy.call_method1("setflags", (false,))?;
+            let nbytes = copy.getattr("nbytes")?.extract::<usize>().unwrap_or(0);
+            self.spilled().insert(k, nbytes);
             // (The view goes here, under the lock: its slot goes home at once.)
             if let Some(m) = sh.router.borrow_mut().maps.get_mut(&self.id) {
                 m.ready.insert(k, (true, copy.unbind(), false));
@@ -1342,9 +1362,41 @@ impl MapIter {
     /// Whether another input may be taken: none is pending, the input has not ended, and the
     /// window has room.
     fn may_take(&self) -> bool {
+        let ahead = self.next_in - self.next_out;
+        let spilled = self.spilled().len() as u64;
         self.pending.is_none()
             && !self.exhausted
-            && self.next_in - self.next_out < self.window as u64
+            && ahead - spilled < self.window as u64
+            && ahead < self.window.max(self.reorder) as u64
+    }
+
+    /// Whether the window is full of this map's results waiting in their slots for one still
+    /// in flight, and they may be copied out to make room (see `reorder`).
+    fn should_spill(&self, sh: &Shared) -> bool {
+        if self.reorder == 0
+            || !self.ordered
+            || self.pending.is_some()
+            || self.exhausted
+            || self.next_in - self.next_out >= self.reorder as u64
+        {
+            return false;
+        }
+        let copied: usize = self.spilled().values().sum();
+        if copied > SPILL_BYTES {
+            return false;
+        }
+        let r = sh.router.borrow();
+        r.maps
+            .get(&self.id)
+            .is_some_and(|m| !m.ready.contains_key(&self.next_out) && m.ready.values().any(|v| v.2))
+    }
+
+    /// Forgets what was spilled of the result of input `index`, handed out.
+    fn handed_out(&self, index: u64) {
+        let mut spilled = self.spilled();
+        if !spilled.is_empty() {
+            spilled.remove(&index);
+        }
     }
 
     /// Submits the pending input when a slot is free (it stays pending while none is), or
@@ -1409,6 +1461,10 @@ fn route_surely(route: &Bound<'_, PyAny>, got: Got) -> PyResult<()> {
         }
     }
 }
+
+/// Bytes of results a map in order copies out of their slots while they wait for a slower
+/// one (see `MapIter::reorder`), at most; past that, it waits as a map without `reorder` does.
+const SPILL_BYTES: usize = 64 << 20;
 
 /// A year, seconds: what "no limit" (None, or infinity) means for a timeout.
 const YEAR_S: f64 = 365.0 * 24.0 * 3600.0;
@@ -1503,6 +1559,7 @@ impl MapIter {
                 };
                 if let Some((index, v)) = next {
                     self.next_out += 1;
+                    self.handed_out(index);
                     return Ok(Some((v.0, v.1, index)));
                 }
                 if self.exhausted
@@ -1517,7 +1574,9 @@ impl MapIter {
             // input is slow, the arrays in flight have time to come back before the next one
             // is taken: they are waited for first, as long as an input takes.)
             if !self.may_take() {
-                self.pump(py, &sh, WAIT)?;
+                if !(self.should_spill(&sh) && self.spill(py, &sh)?) {
+                    self.pump(py, &sh, WAIT)?;
+                }
             } else if self.pull_secs > SLOW_INPUT && self.waiting(&sh).0 > 0 {
                 // (What came is handed out before the next input is taken.)
                 take = !self.pump(py, &sh, self.pull_secs.min(WAIT))?;

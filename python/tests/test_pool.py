@@ -339,6 +339,45 @@ def test_a_task_past_the_timeout_fails_and_the_pool_goes_on():
         assert pool.submit(sleeps, np.array([0.0])).result()[0] == 0.0
 
 
+def step(what: tuple) -> tuple:
+    """``("wait", d, n)``: waits (20 s at most) for ``d`` to hold ``n`` files, and says whether it
+    did; ``("mark", d, i)``: makes file ``i`` there after 2 ms. Either way with the worker's pid."""
+    kind, d, n = what
+    if kind == "mark":
+        time.sleep(0.002)
+        pathlib.Path(d, str(n)).touch()
+        return True, os.getpid()
+    deadline = time.monotonic() + 20
+    while len(os.listdir(d)) < n:
+        if time.monotonic() > deadline:
+            return False, os.getpid()
+        time.sleep(0.002)
+    return True, os.getpid()
+
+
+def test_a_slow_call_does_not_hold_back_the_calls_after_it(tmp_path):
+    """While one call runs long, the other worker runs every call after it: in a map in order
+    (the results after the slow one wait for it as copies, not in the slots, which would stop
+    the map once they filled them), and among futures (none waits at the slow call's worker).
+    The slow call waits for all the others to have run, so it fails when any is held back.
+    Twice: on a fresh pool, and with the workers' pace known."""
+    with mk1.Pool(workers=2) as pool:
+        for rnd in range(2):
+            d = tmp_path / f"map{rnd}"
+            d.mkdir()
+            calls = [("wait", str(d), 100)] + [("mark", str(d), i) for i in range(100)]
+            results = list(pool.map(step, calls))
+            assert results[0][0], "the calls after the slow one ran meanwhile"
+            assert all(ok for ok, _ in results)
+            d = tmp_path / f"futures{rnd}"
+            d.mkdir()
+            slow = pool.submit(step, ("wait", str(d), 10))
+            quick = [pool.submit(step, ("mark", str(d), i)) for i in range(10)]
+            ok, slow_pid = slow.result()
+            assert ok, "the futures after the slow one ran meanwhile"
+            assert slow_pid not in {pid for _, pid in (f.result() for f in quick)}
+
+
 def test_futures(pool):
     futs = [pool.submit(x3p1, np.full(3, i)) for i in range(40)]
     assert [int(f.result()[0]) for f in futs] == [i * 3 + 1 for i in range(40)]

@@ -234,6 +234,7 @@ pub struct PoolBuilder {
     pack_bytes: u64,
     keep_copies: bool,
     dispatch: DispatchKind,
+    queue_ahead: Option<Duration>,
     seed: u64,
     wait: Wait,
     worker_cpus: Vec<usize>,
@@ -241,9 +242,33 @@ pub struct PoolBuilder {
 
 impl PoolBuilder {
     /// Which worker each task goes to (default [`DispatchKind::LeastLoaded`]: the worker
-    /// holding fewest of this handle's tasks).
+    /// expected to start it soonest, with at most [`PoolBuilder::queue_ahead`] of work queued
+    /// behind each worker's running task).
     pub fn dispatch(mut self, kind: DispatchKind) -> Self {
         self.dispatch = kind;
+        self
+    }
+
+    /// With [`DispatchKind::LeastLoaded`]: how much work (estimated from each worker's recent
+    /// tasks) may be out at a worker, the task it runs included. Default 2 ms.
+    ///
+    /// A task that no worker may take waits in its handle, and goes to the first worker that
+    /// can take it. So a long task does not hold back the tasks sent after it while another
+    /// worker is free, as with a task queue shared by the workers: tasks longer than this go
+    /// to workers as they free up, and nothing is queued behind a worker's first task (its
+    /// length is unknown). Short tasks still queue deep enough to keep each worker busy; only
+    /// a task much longer than its worker's last ones can hold back what was queued behind it
+    /// before it looked long (at most this much work).
+    ///
+    /// The handle sends waiting tasks while it looks for returns: in any submit, loan, receive
+    /// or wait (a `map`'s, a `recv`'s). Dropping the handle drops its waiting tasks unrun.
+    ///
+    /// `Duration::MAX`: no limit; every task is sent when submitted, to the worker holding
+    /// fewest of the handle's tasks. Choose it when a caller submits work and then stays away
+    /// from the handle (computing, say) for longer than the tasks take: the workers then run
+    /// what was submitted meanwhile.
+    pub fn queue_ahead(mut self, ahead: Duration) -> Self {
+        self.queue_ahead = (ahead != Duration::MAX).then_some(ahead);
         self
     }
 
@@ -550,6 +575,7 @@ impl PoolBuilder {
                 Wait::Auto => SpinMode::Short,
             },
             dispatch: self.dispatch,
+            queue_ahead: self.queue_ahead,
             seed: self.seed,
             worker_cpus: self.worker_cpus.clone(),
             active: (0..self.producers)
@@ -636,6 +662,8 @@ pub(crate) struct Shared {
     pub(crate) keep_copies: bool,
     pub(crate) spin: SpinMode,
     pub(crate) dispatch: DispatchKind,
+    /// [`PoolBuilder::queue_ahead`] (`None`: no limit).
+    pub(crate) queue_ahead: Option<Duration>,
     pub(crate) seed: u64,
     worker_cpus: Vec<usize>,
     /// `active[p]`: a [`Producer`] handle for `p` exists (the monitor waits for its
@@ -807,6 +835,7 @@ impl Pool {
             pack_bytes: 64 << 10,
             keep_copies: false,
             dispatch: DispatchKind::LeastLoaded,
+            queue_ahead: Some(Duration::from_millis(2)),
             seed: 1,
             wait: Wait::Auto,
             worker_cpus: Vec::new(),

@@ -325,7 +325,9 @@ pub(crate) struct Core<'s> {
     policy: dispatch::Policy,
     pub(crate) records: Vec<Record>,
     pub(crate) ready: VecDeque<Ready>,
-    redo: Vec<Token>,
+    /// Tasks waiting to be sent, oldest first: submitted while no worker could take them
+    /// (see [`dispatch::LeastLoaded`]), or to run again after a death.
+    redo: VecDeque<Token>,
     next_ticket: u64,
     /// Maps started on this handle (the last one's number; numbers go from 1, wrapping past
     /// 0): a map takes only slots with its own number, and releases those of a map that was
@@ -420,7 +422,12 @@ impl<'s> Core<'s> {
             back: sent.clone(),
             sent,
             gave_up: vec![false; w],
-            policy: dispatch::policy(sh.dispatch, sh.seed.wrapping_add(u64::from(p))),
+            policy: dispatch::policy(
+                sh.dispatch,
+                sh.seed.wrapping_add(u64::from(p)),
+                w,
+                sh.queue_ahead,
+            ),
             records: vec![
                 Record {
                     desc: TaskDesc::zeroed(),
@@ -434,7 +441,7 @@ impl<'s> Core<'s> {
                 layout.slots() as usize
             ],
             ready: VecDeque::new(),
-            redo: Vec::new(),
+            redo: VecDeque::new(),
             next_ticket: 0,
             maps: 0,
             map_drain: None,
@@ -586,7 +593,7 @@ impl<'s> Core<'s> {
     }
 
     /// Writes the slot's record (already in place) into its descriptor and sends it (or
-    /// parks it for redo when no worker can take it now).
+    /// leaves it waiting when no worker can take it now).
     #[inline]
     pub(crate) fn send_recorded(&mut self, mut token: Token) {
         let record = &self.records[token.slot() as usize];
@@ -615,30 +622,62 @@ impl<'s> Core<'s> {
         self.send(token);
     }
 
+    /// Sends `token` to a worker, or leaves it waiting (after those waiting already) until
+    /// one can take it.
     fn send(&mut self, token: Token) {
         // A death the monitor published since the last look is acted on first, so no task goes
         // to a worker known dead (one load of a counter that changes only on a death, a
         // restart or a give-up).
         self.follow_monitor();
+        if self.redo.is_empty() {
+            if let Err(token) = self.place(token) {
+                self.redo.push_back(token);
+            }
+        } else {
+            self.redo.push_back(token);
+            self.send_waiting();
+        }
+    }
+
+    /// Sends the waiting tasks, oldest first, while workers can take them. Whether any went.
+    fn send_waiting(&mut self) -> bool {
+        let mut any = false;
+        while let Some(t) = self.redo.pop_front() {
+            if let Err(t) = self.place(t) {
+                self.redo.push_front(t);
+                break;
+            }
+            any = true;
+        }
+        any
+    }
+
+    /// Sends `token` to the worker the policy picks; gives it back if none may take it now.
+    #[inline]
+    fn place(&mut self, token: Token) -> Result<(), Token> {
+        let now = clock::now();
         let pick = self.policy.pick(&WorkerView {
             usable: &self.usable,
             load: self.slots.out_counts(),
+            now,
         });
         let Some(w) = pick else {
-            self.redo.push(token);
-            return;
+            return Err(token);
         };
+        self.policy
+            .sent(w as usize, self.slots.out_counts()[w as usize], now);
         self.sent[w as usize] += 1;
         self.sh.ctl.flow[self.p as usize][w as usize]
             .sent
             .store(self.sent[w as usize], Ordering::Relaxed);
         let pos = self.to[w as usize].position();
-        let word = self.slots.dispatch(token, w, clock::now(), pos);
+        let word = self.slots.dispatch(token, w, now, pos);
         if let Err(e) = self.to[w as usize].push(word) {
             self.fault(w as usize, format!("corrupted its request ring: {e}"));
         }
         self.to[w as usize].flush();
         self.touched[w as usize] = true;
+        Ok(())
     }
 
     /// Rings the doorbells of the workers sent to since the last call.
@@ -657,6 +696,7 @@ impl<'s> Core<'s> {
     /// Takes back every token out at worker `w` (dead, abandoned, or with nobody left to serve
     /// it) and counts them as back in the flow the watchdog reads.
     fn reclaim(&mut self, w: usize) -> Vec<Token> {
+        self.policy.forget(w);
         let back = self.slots.reclaim(w as u32);
         self.note_back(w, back.len() as u64);
         back
@@ -752,7 +792,8 @@ impl<'s> Core<'s> {
                 }
             }
         }
-        if got > 0 {
+        if let Some(now) = now {
+            self.policy.returned(w, got, now);
             self.note_back(w, got);
         }
         got > 0
@@ -797,7 +838,7 @@ impl<'s> Core<'s> {
                 // Sent again as it was, no attempt counted (the descriptor is rewritten from
                 // our record all the same: the dead worker could write it).
                 self.sh.seg.write_task(&t, &r.desc);
-                self.redo.push(t);
+                self.redo.push_back(t);
                 continue;
             }
             let word = u64::from(t.generation()) << 32 | u64::from(t.slot());
@@ -909,7 +950,7 @@ impl<'s> Core<'s> {
             crate::array::copy_elements(&mut data[..copy.len()], copy);
         }
         self.sh.seg.write_task(&t, &self.records[slot].desc);
-        self.redo.push(t);
+        self.redo.push_back(t);
     }
 
     /// Acts on deaths and restarts published by the monitor.
@@ -966,10 +1007,8 @@ impl<'s> Core<'s> {
         }
         self.follow_monitor();
         if !self.redo.is_empty() && self.usable.contains(&true) {
-            for t in std::mem::take(&mut self.redo) {
-                self.send(t);
-            }
-            progress = true;
+            // (Only a task sent is progress: one still waiting waits for a return.)
+            progress |= self.send_waiting();
         }
         if let Some(why) = self.broken() {
             // Nobody is left to do the remaining work: fail it, never drop it silently.
@@ -1142,6 +1181,11 @@ impl<'s> Core<'s> {
     /// Waits for all in-flight tasks (for a handle's drop).
     fn drain(&mut self) {
         self.draining = true;
+        // Tasks never sent are not run: nobody will read their results.
+        while let Some(t) = self.redo.pop_front() {
+            self.in_flight -= 1;
+            self.release(t, false);
+        }
         // A terminated pool kills its workers without waiting: nothing more will come back.
         self.wait_until(Until::Forever, |c| {
             c.in_flight == 0 || c.sh.terminating.load(Ordering::Acquire)
