@@ -83,6 +83,9 @@ pub struct LeastLoaded {
     pace: Vec<Pace>,
 }
 
+/// [`LeastLoaded`]'s limit unless set otherwise ([`crate::PoolBuilder::queue_ahead`]).
+pub const DEFAULT_QUEUE_AHEAD: Duration = Duration::from_millis(2);
+
 /// A worker's running task counts as long once it ran this many times its typical time...
 pub const STUCK: u64 = 4;
 /// ... plus this (a worker that slept may take tens of microseconds to wake).

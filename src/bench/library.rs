@@ -23,6 +23,7 @@ use serde::Serialize;
 
 use crate::array::{Array, Shape};
 use crate::client::{Mode, Pool, Producer, Task};
+use crate::dispatch::DEFAULT_QUEUE_AHEAD;
 use crate::dtype::Element;
 use crate::job::Shapes;
 use crate::task::{Params, Registry};
@@ -584,8 +585,9 @@ fn idle(workers: u32, spell: Duration) -> Result<IdleFigures, String> {
 /// # Errors
 /// A pool that cannot start, or a result that came back wrong.
 pub fn measure(b: &LibraryBench) -> Result<LibraryReport, String> {
-    let start = |mode: Mode, pack: u64| {
+    let start_with = |mode: Mode, pack: u64, ahead: Duration| {
         Pool::builder()
+            .queue_ahead(ahead)
             .workers(b.workers)
             .producers(2)
             .mode(mode)
@@ -596,10 +598,13 @@ pub fn measure(b: &LibraryBench) -> Result<LibraryReport, String> {
             .build()
             .map_err(|e| e.to_string())
     };
+    let start = |mode: Mode, pack: u64| start_with(mode, pack, DEFAULT_QUEUE_AHEAD);
     let in_place = start(Mode::InPlace, 64 << 10)?;
     let out_place = start(Mode::OutOfPlace, 64 << 10)?;
     let unpacked = start(Mode::OutOfPlace, 0)?;
+    let unpaced = start_with(Mode::InPlace, 64 << 10, Duration::MAX)?;
     let pi = in_place.producer().map_err(|e| e.to_string())?;
+    let pn = unpaced.producer().map_err(|e| e.to_string())?;
     let po = out_place.producer().map_err(|e| e.to_string())?;
     let builtin = Task::op("affine:3,1").expect("valid");
     let x3p1 = Task::kernel("x3p1");
@@ -657,6 +662,16 @@ pub fn measure(b: &LibraryBench) -> Result<LibraryReport, String> {
                 op,
                 ip,
             );
+            // What keeping tasks in the handle for a worker free costs while work flows.
+            let n = drive::<f32>(&pn, &affine, dim, b.duration, fill_f32, check_f32)?;
+            add(
+                &format!(
+                    "f32 user kernel in place: queue_ahead {} ms / no limit (max-dim {dim})",
+                    DEFAULT_QUEUE_AHEAD.as_millis()
+                ),
+                ip,
+                n,
+            );
             // The most any pool could give here, with one caller: its fills and checks alone.
             let alone = caller_share_f32(inflight, dim, b.duration)?;
             add(
@@ -694,8 +709,8 @@ pub fn measure(b: &LibraryBench) -> Result<LibraryReport, String> {
             alone,
         );
     }
-    drop((pi, po));
-    drop((in_place, out_place, unpacked));
+    drop((pi, po, pn));
+    drop((in_place, out_place, unpacked, unpaced));
     let idle = idle(b.workers, b.idle)?;
     Ok(LibraryReport {
         workers: b.workers,

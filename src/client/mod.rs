@@ -835,7 +835,7 @@ impl Pool {
             pack_bytes: 64 << 10,
             keep_copies: false,
             dispatch: DispatchKind::LeastLoaded,
-            queue_ahead: Some(Duration::from_millis(2)),
+            queue_ahead: Some(crate::dispatch::DEFAULT_QUEUE_AHEAD),
             seed: 1,
             wait: Wait::Auto,
             worker_cpus: Vec::new(),

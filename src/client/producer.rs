@@ -630,13 +630,27 @@ impl<'s> Core<'s> {
         // restart or a give-up).
         self.follow_monitor();
         if self.redo.is_empty() {
-            if let Err(token) = self.place(token) {
-                self.redo.push_back(token);
+            match self.place(token) {
+                Ok(()) => return,
+                Err(token) => self.redo.push_back(token),
             }
         } else {
             self.redo.push_back(token);
-            self.send_waiting();
         }
+        // No worker may take it by what this handle last saw: the returns not yet collected
+        // lower the loads (and show the workers' pace), so collect them, then send what waits.
+        for w in 0..self.usable.len() {
+            if self.usable[w] {
+                self.collect(w, false);
+            }
+        }
+        self.send_waiting();
+    }
+
+    /// Whether tasks wait for a worker (see [`Core::send`]).
+    #[inline]
+    pub(crate) fn has_waiting(&self) -> bool {
+        !self.redo.is_empty()
     }
 
     /// Sends the waiting tasks, oldest first, while workers can take them. Whether any went.
@@ -1492,6 +1506,11 @@ impl<'pool> Producer<'pool> {
     fn recv_until(&self, until: Until) -> Option<Completion<'_>> {
         let mut c = self.core();
         let mut at = c.first_ready();
+        if at.is_some() && c.has_waiting() {
+            // (Tasks waiting for a worker go as soon as one frees up, also while completions
+            // wait to be received.)
+            c.pump();
+        }
         if at.is_none() {
             c.pump();
             at = c.first_ready();
