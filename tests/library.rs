@@ -1970,11 +1970,43 @@ fn unpacked_pool(mode: Mode, builder: mk1::PoolBuilder) -> Pool {
 }
 
 /// Submits an f64 array `[tag]` with `sleep_ms` for `ms` milliseconds.
-fn submit_sleep(producer: &mk1::Producer<'_>, ms: u64, tag: f64) {
+fn submit_sleep(producer: &mk1::Producer<'_>, ms: u64, tag: f64) -> mk1::Ticket {
     let mut loan = producer.loan::<f64>(Shape::d1(1)).unwrap();
     loan.copy_from_slice(&[tag]);
     let task = Task::kernel("sleep_ms").params(Params::from_words(&[ms]).unwrap());
-    producer.submit(loan, &task).unwrap();
+    producer.submit(loan, &task).unwrap()
+}
+
+/// A task that waits in its handle for a worker can be cancelled: no completion comes for it
+/// and its slot goes home; one a worker has cannot.
+fn a_task_no_worker_has_can_be_cancelled() {
+    let pool = timed_pool(1, Duration::from_secs(60));
+    let producer = pool.producer().unwrap();
+    let running = submit_sleep(&producer, 300, 1.0);
+    let kept = submit_sleep(&producer, 300, 2.0);
+    let dropped = submit_sleep(&producer, 300, 3.0);
+    assert!(!producer.cancel(running), "a worker has it");
+    assert!(producer.cancel(dropped));
+    assert!(!producer.cancel(dropped), "cancelled already");
+    assert_eq!(producer.in_flight(), 2);
+    let mut got = Vec::new();
+    while let Some(c) = producer.recv() {
+        got.push((c.ticket(), c.output::<f64>().unwrap().as_slice()[0]));
+    }
+    assert_eq!(got, [(running, 2.0), (kept, 4.0)]);
+    // Every slot is home: as many loans as slots at once.
+    let loans: Vec<_> = (0..producer.slots())
+        .map(|_| producer.try_loan::<f64>(Shape::d1(1)).unwrap())
+        .collect();
+    drop(loans);
+    // Several at once, by what `pick` takes: the two waiting behind the running one.
+    let first = submit_sleep(&producer, 300, 1.0);
+    let later: Vec<_> = (0..2)
+        .map(|i| submit_sleep(&producer, 300, f64::from(i)))
+        .collect();
+    assert_eq!(producer.cancel_waiting(|_| true), later);
+    assert_eq!(producer.recv().unwrap().ticket(), first);
+    assert!(producer.recv().is_none());
 }
 
 /// A long task does not hold back the tasks submitted after it while another worker is free:
@@ -2375,6 +2407,10 @@ fn main() {
         (
             "with_no_queue_limit_tasks_run_while_the_caller_is_away",
             with_no_queue_limit_tasks_run_while_the_caller_is_away,
+        ),
+        (
+            "a_task_no_worker_has_can_be_cancelled",
+            a_task_no_worker_has_can_be_cancelled,
         ),
         ("deferred_submits_complete", deferred_submits_complete),
         (

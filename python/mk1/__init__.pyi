@@ -40,6 +40,10 @@ class Future(_Future[Any]):
     the pool receives while futures are pending), so ``concurrent.futures.wait``,
     ``add_done_callback`` and ``asyncio.wrap_future`` work; ``result()`` receives at once."""
 
+    def cancel(self) -> bool:
+        """Cancels the call if no worker has it yet (it waits in the pool for a worker);
+        False for one a worker has."""
+
 class AsyncResult:
     """A result to come, as ``multiprocessing.pool.AsyncResult``."""
 

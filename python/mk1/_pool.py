@@ -18,6 +18,7 @@ import time
 import types
 import weakref
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import _base
 from typing import Any
 
 import numpy as np
@@ -379,6 +380,37 @@ class Future(concurrent.futures.Future):
         self._call = call  # its result is a bundle (see mk1._args), unpacked when it comes
         self._driven = False  # counted in its pool's `_Driver` until it completes
         self._group = False  # its result is the entries of several calls (see `_Left`)
+        self._ticket: int | None = None  # its task's, once submitted
+
+    def cancel(self) -> bool:
+        """Cancels the call if no worker has it yet: it waits in the pool for one to free up
+        (calls longer than about 2 ms go to a worker only when it is free; quicker ones queue
+        a little at each worker). Else returns False, as a running
+        ``concurrent.futures.Future`` does; True for a future already cancelled."""
+        with self._condition:
+            if self._state in (_base.CANCELLED, _base.CANCELLED_AND_NOTIFIED):
+                return True
+            if self._state != _base.RUNNING or self._ticket is None:
+                return False
+        try:
+            if not self._pool._live().cancel(self._ticket):
+                return False
+        except ValueError:  # (closed: the closing completes it)
+            return False
+        self._cancelled_here()
+        return True
+
+    def _cancelled_here(self) -> None:
+        """Its task was taken back before any worker had it: it completes as cancelled (its
+        waiters and callbacks told, as ``concurrent.futures`` tells them)."""
+        with self._condition:
+            self._state = _base.CANCELLED_AND_NOTIFIED
+            for waiter in self._waiters:
+                waiter.add_cancelled(self)
+            self._condition.notify_all()
+        if self._driven:
+            self._pool._driver.completed(self)
+        self._invoke_callbacks()
 
     def result(self, timeout: float | None = None) -> Any:
         self._pool._wait_for(self, timeout)
@@ -1039,7 +1071,7 @@ class Pool:
         try:
             self._driver.submitted(fut)  # (before it can complete, in another thread say)
             self._driver.enter()
-            self._submit_one(a, task, fut)
+            fut._ticket = self._submit_one(a, task, fut)
         except BaseException:
             self._driver.completed(fut)
             raise
@@ -1328,14 +1360,19 @@ class Pool:
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         """As ``concurrent.futures.Executor.shutdown``: ``close()``, which waits for what was
-        submitted; with ``cancel_futures=True``, ``terminate()`` (mk1's futures run from
-        ``submit`` on, so pending ones fail with ``Mk1Error`` instead of being cancelled); with
-        ``wait=False``, the closing goes on in a thread of its own and this returns at once.
-        As with ``ProcessPoolExecutor``, what was submitted still runs to its end when the
-        program ends meanwhile: the interpreter waits for that thread before it exits."""
-        if cancel_futures:
-            self.terminate()
-        elif wait:
+        submitted; with ``cancel_futures=True``, the futures whose calls no worker has yet are
+        cancelled first (see ``Future.cancel``); with ``wait=False``, the closing goes on in a
+        thread of its own and this returns at once. As with ``ProcessPoolExecutor``, what was
+        submitted still runs to its end when the program ends meanwhile: the interpreter waits
+        for that thread before it exits."""
+        if cancel_futures and not self._closing():
+            try:
+                cancelled = self._live().cancel_waiting()
+            except ValueError:  # (closed meanwhile: the closing completes them)
+                cancelled = []
+            for fut in cancelled:
+                fut._cancelled_here()
+        if wait:
             self.close()
         else:
             # (Not a daemon: one would be dropped at exit, and the pool's finalizer would

@@ -983,6 +983,40 @@ impl PoolCore {
         })
     }
 
+    /// Cancels the future of `ticket` if no worker has its task (see `Producer::cancel`):
+    /// its result will not come. Whether it was cancelled.
+    fn cancel(&self, py: Python<'_>, ticket: u64) -> PyResult<bool> {
+        self.with(py, |sh| {
+            let mut r = sh.router.borrow_mut();
+            if !r.sinks.contains_key(&ticket) {
+                return Ok(false);
+            }
+            let gone = sh.inner.producer.cancel(mk1::Ticket(ticket));
+            if gone {
+                r.sinks.remove(&ticket);
+            }
+            Ok(gone)
+        })
+    }
+
+    /// Cancels every future whose task no worker has (maps' tasks are left alone); returns
+    /// those futures, oldest first.
+    fn cancel_waiting(&self, py: Python<'_>) -> PyResult<Vec<Py<PyAny>>> {
+        self.with(py, |sh| {
+            let tickets = {
+                let r = sh.router.borrow();
+                sh.inner
+                    .producer
+                    .cancel_waiting(|t| r.sinks.contains_key(&t.0))
+            };
+            let mut r = sh.router.borrow_mut();
+            Ok(tickets
+                .iter()
+                .filter_map(|t| r.sinks.remove(&t.0))
+                .collect())
+        })
+    }
+
     /// Tasks submitted and not yet received.
     fn in_flight(&self, py: Python<'_>) -> PyResult<usize> {
         self.with(py, |sh| Ok(sh.inner.producer.in_flight()))

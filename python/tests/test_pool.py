@@ -378,6 +378,36 @@ def test_a_slow_call_does_not_hold_back_the_calls_after_it(tmp_path):
             assert slow_pid not in {pid for _, pid in (f.result() for f in quick)}
 
 
+def nap(seconds: float) -> float:
+    time.sleep(seconds)
+    return seconds
+
+
+def test_a_future_no_worker_has_yet_can_be_cancelled():
+    """``cancel()`` takes back a call that waits in the pool for a worker (a call of unknown or
+    long length goes to a worker only when it is free), as ``ProcessPoolExecutor``'s takes back
+    a call not started: it completes as cancelled for ``result``, ``wait``, ``as_completed``
+    and callbacks, and never runs. A call a worker has is not cancelled and completes.
+    ``shutdown(cancel_futures=True)`` cancels those waiting and waits for the others."""
+    with mk1.Pool(workers=2) as pool:
+        for rnd in range(2):  # fresh, then with the calls' length known
+            futs = [pool.submit(nap, 0.4) for _ in range(6)]
+            seen = []
+            futs[5].add_done_callback(lambda f: seen.append(f.cancelled()))
+            assert [f.cancel() for f in futs] == [False, False, True, True, True, True]
+            assert futs[3].cancel(), "cancelled already"
+            assert seen == [True]
+            done = list(concurrent.futures.as_completed(futs, timeout=30))
+            assert len(done) == 6 and set(done[:4]) == set(futs[2:])
+            assert [f.result() for f in futs[:2]] == [0.4, 0.4]
+            with pytest.raises(concurrent.futures.CancelledError):
+                futs[2].result()
+        futs = [pool.submit(nap, 0.4) for _ in range(6)]
+        pool.shutdown(cancel_futures=True)
+        assert [f.cancelled() for f in futs] == [False, False, True, True, True, True]
+        assert [f.result() for f in futs[:2]] == [0.4, 0.4]
+
+
 def test_futures(pool):
     futs = [pool.submit(x3p1, np.full(3, i)) for i in range(40)]
     assert [int(f.result()[0]) for f in futs] == [i * 3 + 1 for i in range(40)]

@@ -647,6 +647,21 @@ impl<'s> Core<'s> {
         self.send_waiting();
     }
 
+    /// Cancels the waiting tasks (not a map's) whose ticket `pick` takes: their slots go home.
+    fn cancel_waiting(&mut self, mut pick: impl FnMut(Ticket) -> bool) {
+        let mut kept = VecDeque::with_capacity(self.redo.len());
+        while let Some(t) = self.redo.pop_front() {
+            let r = &self.records[t.slot() as usize];
+            if r.map == 0 && pick(Ticket(r.desc.seq)) {
+                self.in_flight -= 1;
+                self.release(t, false);
+            } else {
+                kept.push_back(t);
+            }
+        }
+        self.redo = kept;
+    }
+
     /// Whether tasks wait for a worker (see [`Core::send`]).
     #[inline]
     pub(crate) fn has_waiting(&self) -> bool {
@@ -1600,6 +1615,32 @@ impl<'pool> Producer<'pool> {
     /// Tasks submitted and not yet completed.
     pub fn in_flight(&self) -> usize {
         self.core().in_flight
+    }
+
+    /// Cancels task `ticket` if no worker has it: it waits in this handle for a worker (see
+    /// [`crate::PoolBuilder::queue_ahead`]), or to run again after its worker died. Its slot
+    /// goes home and no completion comes for it. Whether it was cancelled: `false` when a
+    /// worker has it (it runs, or waits in that worker's queue), it is done, it is not this
+    /// handle's, or it belongs to a `map`.
+    pub fn cancel(&self, ticket: Ticket) -> bool {
+        !self.cancel_waiting(|t| t == ticket).is_empty()
+    }
+
+    /// Cancels each task of this handle that no worker has (as [`Producer::cancel`]) and that
+    /// `pick` takes, and returns their tickets, oldest first.
+    pub fn cancel_waiting(&self, mut pick: impl FnMut(Ticket) -> bool) -> Vec<Ticket> {
+        let mut c = self.core();
+        // (Returns first: they may let waiting tasks go to workers.)
+        c.pump();
+        let mut gone = Vec::new();
+        c.cancel_waiting(|t| {
+            let take = pick(t);
+            if take {
+                gone.push(t);
+            }
+            take
+        });
+        gone
     }
 
     /// Slots of this handle.
