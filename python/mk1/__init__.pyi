@@ -126,6 +126,7 @@ class Pool:
         chunksize: int | None = ...,
         zero_copy: bool = ...,
         progress: bool = ...,
+        timeout: float | None = ...,
     ) -> Iterator[Any]: ...
     def imap(
         self,
@@ -134,6 +135,7 @@ class Pool:
         chunksize: int | None = ...,
         zero_copy: bool = ...,
         progress: bool = ...,
+        timeout: float | None = ...,
     ) -> Iterator[Any]: ...
     def imap_unordered(
         self,
@@ -142,6 +144,7 @@ class Pool:
         chunksize: int | None = ...,
         zero_copy: bool = ...,
         progress: bool = ...,
+        timeout: float | None = ...,
     ) -> Iterator[Any]: ...
     def starmap(
         self,

@@ -1387,6 +1387,7 @@ class Pool:
         chunksize: int | None = None,
         zero_copy: bool = False,
         progress: bool = False,
+        timeout: float | None = None,
     ) -> Iterator[Any]:
         """``fn(a)`` for every array, in input order, lazily: at most ``slots`` arrays are in
         flight or waiting to be read, so any number of arrays runs in bounded memory.
@@ -1429,8 +1430,15 @@ class Pool:
         ``chunksize``: the most calls a batch carries (mk1 sizes batches by itself; this is
         ``multiprocessing``'s argument, also taken as a last positional int,
         ``map(fn, items, 64)``, as ``multiprocessing.Pool.map`` takes it).
+
+        ``timeout`` (seconds, as ``concurrent.futures``' ``map``): the iteration raises
+        ``concurrent.futures.TimeoutError`` when a result has not come within ``timeout`` of
+        this call, and ends: the calls no worker has yet are not run, those running finish
+        unread.
         """
-        return self._map(fn, iterables, True, zero_copy, progress, chunksize=chunksize)
+        return self._map(
+            fn, iterables, True, zero_copy, progress, chunksize=chunksize, timeout=timeout
+        )
 
     imap = map
 
@@ -1455,11 +1463,26 @@ class Pool:
         chunksize: int | None = None,
         zero_copy: bool = False,
         progress: bool = False,
+        timeout: float | None = None,
     ) -> Iterator[Any]:
         """As ``map``, in completion order."""
-        return self._map(fn, iterables, False, zero_copy, progress, chunksize=chunksize)
+        return self._map(
+            fn, iterables, False, zero_copy, progress, chunksize=chunksize, timeout=timeout
+        )
 
-    def _map(self, fn, iterables, ordered, zero_copy, progress, star=False, chunksize=None):
+    def _map(
+        self,
+        fn,
+        iterables,
+        ordered,
+        zero_copy,
+        progress,
+        star=False,
+        chunksize=None,
+        timeout=None,
+    ):
+        # (From this call on, as `concurrent.futures`' map counts it.)
+        deadline = None if timeout is None else time.monotonic() + float(timeout)
         if len(iterables) > 1 and isinstance(iterables[-1], (int, np.integer)):
             # (multiprocessing's `map(fn, items, chunksize)`: an int is never an iterable.)
             if chunksize is not None:
@@ -1492,10 +1515,12 @@ class Pool:
             bar = _progress(min(len(i) for i in iterables) if sized else None)
         inputs = iter(iterables[0]) if calls is None else calls
         return self._map_gen(
-            fn, task, inputs, calls is not None, ordered, zero_copy, bar, chunksize
+            fn, task, inputs, calls is not None, ordered, zero_copy, bar, chunksize, deadline
         )
 
-    def _map_gen(self, fn, task, inputs, batched, ordered, zero_copy, bar, chunksize=None):
+    def _map_gen(
+        self, fn, task, inputs, batched, ordered, zero_copy, bar, chunksize=None, deadline=None
+    ):
         items = None
         if not batched and not isinstance(fn, Op):
             # The first item says whether this map carries arrays or makes calls.
@@ -1532,7 +1557,16 @@ class Pool:
         # keep the whole batch's bytes alive; the slot goes home once they are read.
         lend = zero_copy or batched
         it = self._live().map_iter(
-            inputs, task[0], task[1], ordered, lend, window, reorder, prepare, self._route
+            inputs,
+            task[0],
+            task[1],
+            ordered,
+            lend,
+            window,
+            reorder,
+            prepare,
+            self._route,
+            _left(deadline),
         )
         try:
             while True:
@@ -1542,6 +1576,8 @@ class Pool:
                     ok, value, index = next(it)
                 except StopIteration:
                     return
+                except TimeoutError as e:  # (not the same class before Python 3.11)
+                    raise concurrent.futures.TimeoutError(*e.args) from None
                 if not ok and batched and isinstance(value, (_mk1.WorkerDied, _mk1.TaskTimeout)):
                     # The batch's worker died (or hung) on one of its calls: each call runs
                     # again on its own, so that only the call that kills its worker fails.
@@ -1553,7 +1589,7 @@ class Pool:
                         for fut in again:
                             if bar is not None:
                                 bar.update(1)
-                            yield fut.result()
+                            yield fut.result(_left(deadline))
                         again = None
                         continue
                 if not ok:
@@ -1606,7 +1642,7 @@ class Pool:
                     # (And as the slot holds results like these: a batch stopped because its
                     # results were filling the slot.)
                     size = min(_BatchSizer.MOST, size, sizer.by_bytes())
-                    again = _Left(self, task, pairs, left, size)
+                    again = _Left(self, task, pairs, left, size, deadline)
                     pairs = None
                     for i, (kind, value) in enumerate(entries):
                         if bar is not None:
@@ -1656,8 +1692,16 @@ class _Left:
     to ``size``, each a batch of its own (whose worker stops it in turn if it runs long): a
     call left again, or one of a group whose worker died or hung, runs on its own."""
 
-    def __init__(self, pool: Pool, task: tuple, pairs: list, left: list, size: int) -> None:
-        self.pool, self.task = pool, task
+    def __init__(
+        self,
+        pool: Pool,
+        task: tuple,
+        pairs: list,
+        left: list,
+        size: int,
+        deadline: float | None = None,
+    ) -> None:
+        self.pool, self.task, self.deadline = pool, task, deadline
         self.where: dict = {}  # a left call's index in its batch -> (its group, its place)
         size = max(1, size)
         for start in range(0, len(left), size):
@@ -1674,7 +1718,7 @@ class _Left:
         group, k = self.where.pop(i)
         if group.singles is None and group.entries is None:
             try:
-                group.entries, block = group.fut.result()
+                group.entries, block = group.fut.result(_left(self.deadline))
             except (_mk1.WorkerDied, _mk1.TaskTimeout):
                 # Only the call that kills its worker (or hangs) must fail: each on its own.
                 group.singles = [self.pool._again(self.task, p) for p in group.pairs]
@@ -1686,14 +1730,19 @@ class _Left:
                     raise _mk1.Mk1Error("a worker sent back the results of another batch")
                 group.entries += [(_args.AGAIN, None)] * short
         if group.singles is not None:
-            return group.singles[k].result()
+            return group.singles[k].result(_left(self.deadline))
         kind, value = group.entries[k]
         group.entries[k] = None
         if kind == _args.OK:
             return value
         if kind == _args.FAILED:
             raise _rebuild(_mk1.RemoteError(value))
-        return self.pool._again(self.task, group.pairs[k]).result()
+        return self.pool._again(self.task, group.pairs[k]).result(_left(self.deadline))
+
+
+def _left(deadline: float | None) -> float | None:
+    """Seconds until ``deadline`` (``time.monotonic()``; 0 once past), None for none."""
+    return None if deadline is None else max(0.0, deadline - time.monotonic())
 
 
 class _Group:

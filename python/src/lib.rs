@@ -939,7 +939,7 @@ impl PoolCore {
 
     /// A map over the Python iterator `inputs` (see `MapIter`).
     #[allow(clippy::too_many_arguments)]
-    #[pyo3(signature = (inputs, op, context, ordered, lend, window, reorder, prepare, route))]
+    #[pyo3(signature = (inputs, op, context, ordered, lend, window, reorder, prepare, route, timeout=None))]
     fn map_iter(
         &self,
         inputs: Bound<'_, PyAny>,
@@ -951,7 +951,10 @@ impl PoolCore {
         reorder: usize,
         prepare: Bound<'_, PyAny>,
         route: Bound<'_, PyAny>,
+        timeout: Option<f64>,
     ) -> PyResult<MapIter> {
+        let deadline = timeout
+            .map(|t| std::time::Instant::now() + Duration::from_secs_f64(t.clamp(0.0, YEAR_S)));
         let (task, shared, id) = self.with(inputs.py(), |sh| {
             let task = sh.task(op, context.map(|c| c.as_bytes()))?;
             let mut r = sh.router.borrow_mut();
@@ -974,6 +977,7 @@ impl PoolCore {
             window: window.max(1),
             reorder,
             spilled: Default::default(),
+            deadline,
             pending: None,
             pull_secs: 0.0,
             next_in: 0,
@@ -1170,6 +1174,9 @@ struct MapIter {
     /// This map's results copied out of their slots (see `spill`) and not yet handed out:
     /// their bytes, by input index.
     spilled: Mutex<HashMap<u64, usize>>,
+    /// When the map's `timeout` ends: a wait for a result that would begin after it raises
+    /// `TimeoutError` (a result already in hand goes out first).
+    deadline: Option<std::time::Instant>,
     /// An input taken from the iterator, waiting for a slot that only reading this map's
     /// waiting results can free.
     /// (Or its failure: the iterator's, or its preparing's, to be parked in its turn.)
@@ -1203,8 +1210,19 @@ impl MapIter {
         }
     }
 
-    /// Receives one completion and sends it where it belongs. Whether one came.
-    fn pump(&self, py: Python<'_>, sh: &Shared, timeout: f64) -> PyResult<bool> {
+    /// Receives one completion and sends it where it belongs, waiting up to `timeout`
+    /// seconds (not past the map's deadline: a wait that would begin after it raises
+    /// `TimeoutError`). Whether one came.
+    fn pump(&self, py: Python<'_>, sh: &Shared, mut timeout: f64) -> PyResult<bool> {
+        if let (Some(deadline), true) = (self.deadline, timeout > 0.0) {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            if left.is_zero() {
+                return Err(pyo3::exceptions::PyTimeoutError::new_err(
+                    "the map's timeout passed before its next result came",
+                ));
+            }
+            timeout = timeout.min(left.as_secs_f64());
+        }
         match sh.recv(py, timeout, self.lend.then_some(self.id))? {
             None => {
                 py.check_signals()?;
@@ -1655,6 +1673,16 @@ impl Drop for MapIter {
                 let mut r = sh.router.borrow_mut();
                 let id = self.id;
                 let parked = r.maps.remove(&id);
+                // Its tasks that no worker has yet are not run at all.
+                let mine: std::collections::HashSet<u64> = r
+                    .owner
+                    .iter()
+                    .filter(|(_, (m, _))| *m == id)
+                    .map(|(&t, _)| t)
+                    .collect();
+                if !mine.is_empty() {
+                    sh.inner.producer.cancel_waiting(|t| mine.contains(&t.0));
+                }
                 r.owner.retain(|_, (m, _)| *m != id);
                 drop(r);
                 drop(parked);

@@ -408,6 +408,28 @@ def test_a_future_no_worker_has_yet_can_be_cancelled():
         assert [f.result() for f in futs[:2]] == [0.4, 0.4]
 
 
+def test_a_map_with_a_timeout_raises_when_a_result_is_late():
+    """``map(..., timeout=)`` as ``concurrent.futures``': the iteration raises
+    ``concurrent.futures.TimeoutError`` once a result has not come within ``timeout`` of the
+    call (what came before goes out first), and the pool goes on."""
+    with mk1.Pool(workers=2) as pool:
+        got = []
+        t0 = time.monotonic()
+        with pytest.raises(concurrent.futures.TimeoutError):
+            for r in pool.map(nap, [0.05, 0.05, 3.0] + [0.05] * 5, timeout=0.5):
+                got.append(r)
+        assert got == [0.05, 0.05]
+        assert time.monotonic() - t0 < 2.5, "it did not wait for the slow call"
+        with pytest.raises(concurrent.futures.TimeoutError):
+            list(pool.imap_unordered(nap, [1.0], timeout=0))
+        assert sorted(pool.imap_unordered(nap, [0.01] * 4, timeout=30)) == [0.01] * 4
+        assert list(pool.map(np.sort, [np.arange(3)[::-1]] * 2, timeout=30))[1].tolist() == [
+            0,
+            1,
+            2,
+        ]
+
+
 def test_futures(pool):
     futs = [pool.submit(x3p1, np.full(3, i)) for i in range(40)]
     assert [int(f.result()[0]) for f in futs] == [i * 3 + 1 for i in range(40)]
