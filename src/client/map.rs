@@ -441,8 +441,9 @@ impl<I: Iterator> Drop for Map<'_, '_, I>
 where
     I::Item: AsArray,
 {
-    /// A map dropped before its end (a `break`, a `?`, `find`) waits for its arrays in flight
-    /// and throws their results away, so its slots go home and the next map starts clean.
+    /// A map dropped before its end (a `break`, a `?`, `find`) takes back its arrays that no
+    /// worker has yet, waits for the others and throws their results away, so its slots go
+    /// home and the next map starts clean.
     fn drop(&mut self) {
         let producer = self.producer;
         let mut c = producer.core();
@@ -450,6 +451,8 @@ where
         if let Some(t) = c.map_drain.take() {
             c.release(t, false);
         }
+        // Its arrays that no worker has yet are not run at all.
+        self.out -= c.cancel_waiting_of_map(self.id);
         loop {
             release_stale(c.deref_mut(), self.id);
             let mut i = 0;

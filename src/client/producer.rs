@@ -649,17 +649,33 @@ impl<'s> Core<'s> {
 
     /// Cancels the waiting tasks (not a map's) whose ticket `pick` takes: their slots go home.
     fn cancel_waiting(&mut self, mut pick: impl FnMut(Ticket) -> bool) {
+        self.take_waiting(|r| r.map == 0 && pick(Ticket(r.desc.seq)));
+    }
+
+    /// Cancels the waiting tasks of map `map` (see [`Record::map`]): their slots go home.
+    /// How many.
+    pub(crate) fn cancel_waiting_of_map(&mut self, map: u32) -> usize {
+        let n = self.take_waiting(|r| r.map == map);
+        self.map_out -= n;
+        n
+    }
+
+    /// Takes the waiting tasks whose record `pick` takes out of flight, their slots home.
+    /// How many.
+    fn take_waiting(&mut self, mut pick: impl FnMut(&Record) -> bool) -> usize {
         let mut kept = VecDeque::with_capacity(self.redo.len());
+        let mut n = 0;
         while let Some(t) = self.redo.pop_front() {
-            let r = &self.records[t.slot() as usize];
-            if r.map == 0 && pick(Ticket(r.desc.seq)) {
+            if pick(&self.records[t.slot() as usize]) {
                 self.in_flight -= 1;
                 self.release(t, false);
+                n += 1;
             } else {
                 kept.push_back(t);
             }
         }
         self.redo = kept;
+        n
     }
 
     /// Whether tasks wait for a worker (see [`Core::send`]).
