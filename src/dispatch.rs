@@ -64,7 +64,7 @@ pub struct RoundRobin(usize);
 ///   most `ahead` (default 2 ms, [`crate::PoolBuilder::queue_ahead`]).
 ///
 /// When none may, the task waits in the handle and goes to the first worker that can take
-/// it (the handle sends it while it looks for returns: any submit, receive, wait or loan).
+/// it (the handle sends it while it looks for returns: any submit, receive or wait).
 /// So tasks longer than `ahead` go to workers as they free up, as from a queue shared by
 /// the workers; nothing is queued behind a worker's first task (its time is unknown); and
 /// short tasks queue deep enough to keep each worker busy between the handle's visits. Only

@@ -1065,7 +1065,8 @@ fn a_pool_with_no_worker_left_says_so_at_once() {
 }
 
 /// A handle dropped with tasks that hang waits for one worker timeout, not one per task: the
-/// tasks queued behind a killed worker are not redone (nobody will read them).
+/// tasks queued behind a killed worker, or waiting in the handle for a worker, are not run
+/// (nobody will read them).
 fn a_handle_dropped_with_hung_tasks_waits_one_timeout() {
     let pool = timed_pool(2, Duration::from_millis(500));
     let producer = pool.producer().unwrap();

@@ -30,8 +30,9 @@ from .ops import Op
 
 _WAIT = 0.05  # longest wait inside Rust before Python checks for Ctrl-C (seconds)
 # Batches a map of calls in order may take ahead of its next result, at most, while that
-# result is slow: those that came back wait as copies (64 MiB of them at most), so that one
-# slow call does not stop the workers (multiprocessing's imap takes its whole input).
+# result is slow: those that came back wait as copies (64 MiB of their arguments and results
+# at most), so that one slow call does not stop the workers (multiprocessing's imap takes its
+# whole input).
 _REORDER = 4096
 _POOLS: "weakref.WeakSet[Pool]" = weakref.WeakSet()  # live pools, for fork()
 

@@ -976,7 +976,7 @@ impl PoolCore {
             lend,
             window: window.max(1),
             reorder,
-            spilled: Default::default(),
+            ahead: Default::default(),
             deadline,
             pending: None,
             pull_secs: 0.0,
@@ -1145,7 +1145,7 @@ impl PoolCore {
 /// exception)` in input order (`ordered`) or as they come. With `reorder`, results that wait in
 /// their slots for a slower one before them are copied out when they fill the window, so work
 /// goes on behind a slow result (up to `reorder` inputs ahead of the next result out, and
-/// [`SPILL_BYTES`] of copies). An item mk1 cannot carry fails alone (its exception is
+/// [`REORDER_BYTES`] of their inputs and copies). An item mk1 cannot carry fails alone (its exception is
 /// yielded in its turn). Holds the pool weakly: closing the pool ends the map.
 ///
 /// Each step takes the pool's lock (see `handle`): to submit, in turn with interrupting a
@@ -1171,9 +1171,8 @@ struct MapIter {
     /// slots are copied out to make room (0: they are not, and `window` bounds the inputs
     /// taken ahead).
     reorder: usize,
-    /// This map's results copied out of their slots (see `spill`) and not yet handed out:
-    /// their bytes, by input index.
-    spilled: Mutex<HashMap<u64, usize>>,
+    /// What this map holds ahead of its next result out, in bytes (see [`Ahead`]).
+    ahead: Mutex<Ahead>,
     /// When the map's `timeout` ends: a wait for a result that would begin after it raises
     /// `TimeoutError` (a result already in hand goes out first).
     deadline: Option<std::time::Instant>,
@@ -1191,10 +1190,49 @@ struct MapIter {
     failed_at: Option<u64>,
 }
 
+/// What a map with `reorder` holds ahead of its next result out: the inputs it sent (their
+/// bytes in shared memory stand for the caller's objects it keeps to run a call again) and
+/// the results it copied out of their slots while they wait (see `MapIter::spill`).
+#[derive(Default)]
+struct Ahead {
+    /// Bytes of each input sent and not yet handed out, by input index.
+    inputs: HashMap<u64, usize>,
+    /// Bytes of each result copied out of its slot and not yet handed out, by input index.
+    spilled: HashMap<u64, usize>,
+    /// The sum of both.
+    bytes: usize,
+}
+
+impl Ahead {
+    fn add_input(&mut self, index: u64, bytes: usize) {
+        self.bytes += bytes;
+        self.inputs.insert(index, bytes);
+    }
+
+    fn add_spilled(&mut self, index: u64, bytes: usize) {
+        self.bytes += bytes;
+        self.spilled.insert(index, bytes);
+    }
+
+    /// The result of input `index` was handed out.
+    fn handed_out(&mut self, index: u64) {
+        if !self.inputs.is_empty() || !self.spilled.is_empty() {
+            let gone =
+                self.inputs.remove(&index).unwrap_or(0) + self.spilled.remove(&index).unwrap_or(0);
+            self.bytes -= gone;
+        }
+    }
+
+    /// Whether it holds at most [`REORDER_BYTES`].
+    fn has_room(&self) -> bool {
+        self.bytes <= REORDER_BYTES
+    }
+}
+
 impl MapIter {
-    fn spilled(&self) -> std::sync::MutexGuard<'_, HashMap<u64, usize>> {
+    fn ahead(&self) -> std::sync::MutexGuard<'_, Ahead> {
         // (Used under the pool's lock only: never contended.)
-        self.spilled.lock().unwrap_or_else(|e| e.into_inner())
+        self.ahead.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     fn waiting(&self, sh: &Shared) -> (usize, usize) {
@@ -1260,7 +1298,7 @@ impl MapIter {
             let copy = a.bind(py).call_method0("copy")?;
             copy.call_method1("setflags", (false,))?;
             let nbytes = copy.getattr("nbytes")?.extract::<usize>().unwrap_or(0);
-            self.spilled().insert(k, nbytes);
+            self.ahead().add_spilled(k, nbytes);
             // (The view goes here, under the lock: its slot goes home at once.)
             if let Some(m) = sh.router.borrow_mut().maps.get_mut(&self.id) {
                 m.ready.insert(k, (true, copy.unbind(), false));
@@ -1414,12 +1452,13 @@ impl MapIter {
     /// Whether another input may be taken: none is pending, the input has not ended, and the
     /// window has room.
     fn may_take(&self) -> bool {
-        let ahead = self.next_in - self.next_out;
-        let spilled = self.spilled().len() as u64;
+        let taken = self.next_in - self.next_out;
+        let ahead = self.ahead();
+        let spilled = ahead.spilled.len() as u64;
         self.pending.is_none()
             && !self.exhausted
-            && ahead - spilled < self.window as u64
-            && ahead < self.window.max(self.reorder) as u64
+            && taken - spilled < self.window as u64
+            && (spilled == 0 || (taken < self.reorder as u64 && ahead.has_room()))
     }
 
     /// Whether the window is full of this map's results waiting in their slots for one still
@@ -1433,8 +1472,7 @@ impl MapIter {
         {
             return false;
         }
-        let copied: usize = self.spilled().values().sum();
-        if copied > SPILL_BYTES {
+        if !self.ahead().has_room() {
             return false;
         }
         let r = sh.router.borrow();
@@ -1443,12 +1481,9 @@ impl MapIter {
             .is_some_and(|m| !m.ready.contains_key(&self.next_out) && m.ready.values().any(|v| v.2))
     }
 
-    /// Forgets what was spilled of the result of input `index`, handed out.
+    /// Forgets what was held ahead for input `index`, whose result was handed out.
     fn handed_out(&self, index: u64) {
-        let mut spilled = self.spilled();
-        if !spilled.is_empty() {
-            spilled.remove(&index);
-        }
+        self.ahead().handed_out(index);
     }
 
     /// Submits the pending input when a slot is free (it stays pending while none is), or
@@ -1476,7 +1511,16 @@ impl MapIter {
                 self.pending = Some((index, Ok(input.unbind())));
                 Ok(())
             }
-            r => self.sent(py, sh, vec![index], r.map(|t| t.expect("some"))),
+            r => {
+                if self.reorder > 0 && r.is_ok() {
+                    let bytes = input
+                        .getattr(intern!(py, "nbytes"))
+                        .and_then(|n| n.extract::<usize>())
+                        .unwrap_or(0);
+                    self.ahead().add_input(index, bytes);
+                }
+                self.sent(py, sh, vec![index], r.map(|t| t.expect("some")))
+            }
         }
     }
 }
@@ -1514,9 +1558,10 @@ fn route_surely(route: &Bound<'_, PyAny>, got: Got) -> PyResult<()> {
     }
 }
 
-/// Bytes of results a map in order copies out of their slots while they wait for a slower
-/// one (see `MapIter::reorder`), at most; past that, it waits as a map without `reorder` does.
-const SPILL_BYTES: usize = 64 << 20;
+/// Bytes a map in order holds ahead of its next result while that one is slow (see
+/// [`Ahead`]), at most, to go past its window; past that, it waits as a map without `reorder`
+/// does.
+const REORDER_BYTES: usize = 64 << 20;
 
 /// A year, seconds: what "no limit" (None, or infinity) means for a timeout.
 const YEAR_S: f64 = 365.0 * 24.0 * 3600.0;

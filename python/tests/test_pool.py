@@ -378,6 +378,32 @@ def test_a_slow_call_does_not_hold_back_the_calls_after_it(tmp_path):
             assert slow_pid not in {pid for _, pid in (f.result() for f in quick)}
 
 
+def length_after_a_nap_on_zero(x: bytes) -> int:
+    if x[0] == 0:
+        time.sleep(1.5)
+    return len(x)
+
+
+def test_a_map_in_order_takes_bounded_input_ahead_of_a_slow_call():
+    """Behind a slow call, a map in order goes on taking input, but at most about 64 MiB of it
+    (arguments kept to run a call again, and results waiting as copies): here 1 MiB items,
+    which the other worker would otherwise take all 400 of during the slow call."""
+    taken = []
+
+    def items():
+        for i in range(400):
+            taken.append(i)
+            b = bytearray(1 << 20)
+            b[0] = 0 if i == 0 else 1
+            yield bytes(b)
+
+    with mk1.Pool(workers=2) as pool:
+        it = pool.map(length_after_a_nap_on_zero, items())
+        assert next(it) == 1 << 20
+        assert 16 < len(taken) <= 90, f"{len(taken)} items taken during the slow call"
+        assert sum(it) == 399 << 20
+
+
 def nap(seconds: float) -> float:
     time.sleep(seconds)
     return seconds

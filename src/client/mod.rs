@@ -260,8 +260,9 @@ impl PoolBuilder {
     /// a task much longer than its worker's last ones can hold back what was queued behind it
     /// before it looked long (at most this much work).
     ///
-    /// The handle sends waiting tasks while it looks for returns: in any submit, loan, receive
-    /// or wait (a `map`'s, a `recv`'s). Dropping the handle drops its waiting tasks unrun.
+    /// The handle sends waiting tasks while it looks for returns: in any submit, receive, wait
+    /// (a `map`'s, a `recv`'s, a loan's that waits for a slot) or `notify`, and in its drop,
+    /// which waits for every task.
     ///
     /// `Duration::MAX`: no limit; every task is sent when submitted, to the worker holding
     /// fewest of the handle's tasks. Choose it when a caller submits work and then stays away

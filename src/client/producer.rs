@@ -920,6 +920,18 @@ impl<'s> Core<'s> {
                 (false, None) => self.finish(t, Outcome::failed(error), false, Some(w as u32)),
             }
         }
+        if self.draining {
+            // A handle being dropped feeds no more work to a pool whose workers die or hang
+            // under it: the tasks still waiting for a worker are dropped unrun, as those
+            // queued behind this worker were (nobody will read them).
+            while let Some(t) = self.redo.pop_front() {
+                let error = TaskError::WorkerDied {
+                    how: how.clone(),
+                    attempts: 0,
+                };
+                self.finish(t, Outcome::failed(error), false, None);
+            }
+        }
         let (c, e) = self.sh.seg.ring(self.p, w as u32, Direction::ToWorker);
         self.to[w] = RingProducer::reset(c, e);
         let (c, e) = self.sh.seg.ring(self.p, w as u32, Direction::FromWorker);
@@ -1226,11 +1238,6 @@ impl<'s> Core<'s> {
     /// Waits for all in-flight tasks (for a handle's drop).
     fn drain(&mut self) {
         self.draining = true;
-        // Tasks never sent are not run: nobody will read their results.
-        while let Some(t) = self.redo.pop_front() {
-            self.in_flight -= 1;
-            self.release(t, false);
-        }
         // A terminated pool kills its workers without waiting: nothing more will come back.
         self.wait_until(Until::Forever, |c| {
             c.in_flight == 0 || c.sh.terminating.load(Ordering::Acquire)
@@ -1350,7 +1357,9 @@ impl<'pool> Producer<'pool> {
     ///
     /// A task submitted this way and never followed by one of those calls waits for a sleeping
     /// worker until the pool's monitor, which looks every 20 ms, sees work owed to a worker
-    /// that returns nothing and rings it (within about 40 ms).
+    /// that returns nothing and rings it (within about 40 ms). (A task that no worker may take
+    /// yet waits in the handle instead, see [`crate::PoolBuilder::queue_ahead`]: only those
+    /// calls send it, the monitor does not.)
     ///
     /// # Errors
     /// As [`Producer::submit`].
@@ -1364,9 +1373,16 @@ impl<'pool> Producer<'pool> {
     }
 
     /// Wakes every sleeping worker that has a task of this handle waiting
-    /// ([`Producer::submit_deferred`]); nothing when there is none.
+    /// ([`Producer::submit_deferred`]); nothing when there is none. Tasks waiting in the
+    /// handle for a worker (see [`crate::PoolBuilder::queue_ahead`]) go to the workers free by
+    /// now.
     pub fn notify(&self) {
-        self.core().ring_bells();
+        let mut c = self.core();
+        if c.has_waiting() {
+            c.pump();
+        } else {
+            c.ring_bells();
+        }
     }
 
     /// Submits a loan of bytes as an array of `dtype` and `shape` (for data whose dtype is
