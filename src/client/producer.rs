@@ -1262,8 +1262,10 @@ fn exit_words(ctl: &crate::coordinator::Control, w: usize) -> String {
 /// rings to every worker (no lock on the data path). Not `Sync`: one thread uses it at a time;
 /// make one handle per thread with [`super::Pool::producer`].
 ///
-/// Dropping it waits for its tasks in flight (bounded by the worker timeout per task, as a
-/// hung worker is killed) and discards their results.
+/// Dropping it waits for its tasks in flight, those waiting in it for a worker included, and
+/// discards their results; once a worker dies or is killed for hanging meanwhile, the tasks
+/// it had and those still waiting are dropped unrun (so a drop takes at most about one worker
+/// timeout per worker).
 ///
 /// A handle takes part in recovering from a worker's death (it takes back what it had sent
 /// there) whenever it is used: any call. A dead worker is replaced once every live handle has
