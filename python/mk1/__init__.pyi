@@ -43,6 +43,8 @@ class Future(_Future[Any]):
     def cancel(self) -> bool:
         """Cancels the call if no worker has it yet (it waits in the pool for a worker);
         False for one a worker has."""
+    def running(self) -> bool:
+        """True while a worker has the call; False while it waits for one, or is done."""
 
 class AsyncResult:
     """A result to come, as ``multiprocessing.pool.AsyncResult``."""

@@ -401,6 +401,16 @@ class Future(concurrent.futures.Future):
         self._cancelled_here()
         return True
 
+    def running(self) -> bool:
+        """True while a worker has the call, as in ``concurrent.futures``; False while it waits
+        in the pool for a worker (``cancel()`` would then take it back) or is done."""
+        if not super().running() or self._ticket is None:
+            return super().running()
+        try:
+            return not self._pool._live().is_waiting(self._ticket)
+        except ValueError:  # (closed: the closing completes it)
+            return super().running()
+
     def _cancelled_here(self) -> None:
         """Its task was taken back before any worker had it: it completes as cancelled (its
         waiters and callbacks told, as ``concurrent.futures`` tells them)."""
@@ -1434,8 +1444,9 @@ class Pool:
 
         ``timeout`` (seconds, as ``concurrent.futures``' ``map``): the iteration raises
         ``concurrent.futures.TimeoutError`` when a result has not come within ``timeout`` of
-        this call, and ends: the calls no worker has yet are not run, those running finish
-        unread.
+        its start (the map starts its work when first iterated, where ``concurrent.futures``
+        counts from the call, having submitted every call), and ends: the calls no worker has
+        yet are not run, those running finish unread.
         """
         return self._map(
             fn, iterables, True, zero_copy, progress, chunksize=chunksize, timeout=timeout
@@ -1482,8 +1493,8 @@ class Pool:
         chunksize=None,
         timeout=None,
     ):
-        # (From this call on, as `concurrent.futures`' map counts it.)
-        deadline = None if timeout is None else time.monotonic() + float(timeout)
+        if timeout is not None:
+            timeout = float(timeout)
         if len(iterables) > 1 and isinstance(iterables[-1], (int, np.integer)):
             # (multiprocessing's `map(fn, items, chunksize)`: an int is never an iterable.)
             if chunksize is not None:
@@ -1516,12 +1527,15 @@ class Pool:
             bar = _progress(min(len(i) for i in iterables) if sized else None)
         inputs = iter(iterables[0]) if calls is None else calls
         return self._map_gen(
-            fn, task, inputs, calls is not None, ordered, zero_copy, bar, chunksize, deadline
+            fn, task, inputs, calls is not None, ordered, zero_copy, bar, chunksize, timeout
         )
 
     def _map_gen(
-        self, fn, task, inputs, batched, ordered, zero_copy, bar, chunksize=None, deadline=None
+        self, fn, task, inputs, batched, ordered, zero_copy, bar, chunksize=None, timeout=None
     ):
+        # (From the first step on: the map starts its work there, where `concurrent.futures`'
+        # submits every call at once and counts from the call.)
+        deadline = None if timeout is None else time.monotonic() + timeout
         items = None
         if not batched and not isinstance(fn, Op):
             # The first item says whether this map carries arrays or makes calls.

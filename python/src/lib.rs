@@ -1003,6 +1003,13 @@ impl PoolCore {
         })
     }
 
+    /// Whether the task of `ticket` waits for a worker (see `Producer::is_waiting`).
+    fn is_waiting(&self, py: Python<'_>, ticket: u64) -> PyResult<bool> {
+        self.with(py, |sh| {
+            Ok(sh.inner.producer.is_waiting(mk1::Ticket(ticket)))
+        })
+    }
+
     /// Cancels every future whose task no worker has (maps' tasks are left alone); returns
     /// those futures, oldest first.
     fn cancel_waiting(&self, py: Python<'_>) -> PyResult<Vec<Py<PyAny>>> {
@@ -1320,9 +1327,20 @@ impl MapIter {
         loop {
             match f() {
                 Err(e) if e.is_instance_of::<Busy>(py) => {
-                    // (Only when other threads hold lent results: alone, a map's own waiting
-                    // results never hold the slot it needs, as its window is one short.)
-                    if self.lend && sh.orphans.lent_elsewhere() && self.spill(py, sh)? {
+                    // A result the caller can take now goes out first: this map's own results
+                    // may hold the slots, when something else (a future, what a map left
+                    // running) holds the one its window counted on.
+                    if self.has_result_out(sh) {
+                        return Ok(None);
+                    }
+                    // (Only when other threads hold lent results, or when this map may go
+                    // past its window: alone, a map's own waiting results never hold the slot
+                    // it needs, as its window is one short.)
+                    if self.lend
+                        && (sh.orphans.lent_elsewhere()
+                            || (self.reorder > 0 && self.ordered && self.ahead().has_room()))
+                        && self.spill(py, sh)?
+                    {
                         continue;
                     }
                     let busy = sh.producer().in_flight() > 0;
@@ -1479,6 +1497,18 @@ impl MapIter {
         r.maps
             .get(&self.id)
             .is_some_and(|m| !m.ready.contains_key(&self.next_out) && m.ready.values().any(|v| v.2))
+    }
+
+    /// Whether a result of this map can go to the caller now.
+    fn has_result_out(&self, sh: &Shared) -> bool {
+        let r = sh.router.borrow();
+        r.maps.get(&self.id).is_some_and(|m| {
+            if self.ordered {
+                m.ready.contains_key(&self.next_out)
+            } else {
+                !m.ready.is_empty()
+            }
+        })
     }
 
     /// Forgets what was held ahead for input `index`, whose result was handed out.

@@ -420,6 +420,7 @@ def test_a_future_no_worker_has_yet_can_be_cancelled():
             futs = [pool.submit(nap, 0.4) for _ in range(6)]
             seen = []
             futs[5].add_done_callback(lambda f: seen.append(f.cancelled()))
+            assert [f.running() for f in futs] == [True, True, False, False, False, False]
             assert [f.cancel() for f in futs] == [False, False, True, True, True, True]
             assert futs[3].cancel(), "cancelled already"
             assert seen == [True]
@@ -434,10 +435,28 @@ def test_a_future_no_worker_has_yet_can_be_cancelled():
         assert [f.result() for f in futs[:2]] == [0.4, 0.4]
 
 
+def test_a_map_hands_out_its_results_while_something_else_holds_a_slot():
+    """A map's results go out while a future, or a call an earlier map left running, holds one
+    of the slots: its window counted on that slot, and its own results waiting in theirs used
+    to go out only once the other call was done."""
+    with mk1.Pool(workers=2) as pool:
+        for fn in (pool.map, pool.imap_unordered):
+            slow = pool.submit(nap, 3.0)
+            assert sorted(fn(nap, [0.02] * 10)) == [0.02] * 10
+            assert not slow.done(), "the map's results waited for the future"
+            slow.result()
+        with pytest.raises(concurrent.futures.TimeoutError):
+            list(pool.map(nap, [3.0, 0.02], timeout=0.3))
+        t0 = time.monotonic()
+        assert list(pool.map(nap, [0.02] * 10)) == [0.02] * 10
+        assert time.monotonic() - t0 < 2.0, "the map waited for the call left running"
+
+
 def test_a_map_with_a_timeout_raises_when_a_result_is_late():
     """``map(..., timeout=)`` as ``concurrent.futures``': the iteration raises
-    ``concurrent.futures.TimeoutError`` once a result has not come within ``timeout`` of the
-    call (what came before goes out first), and the pool goes on."""
+    ``concurrent.futures.TimeoutError`` once a result has not come within ``timeout`` of its
+    start (what came before goes out first), and the pool goes on. (A map starts its work
+    when first iterated: the time before does not count.)"""
     with mk1.Pool(workers=2) as pool:
         got = []
         t0 = time.monotonic()
@@ -449,6 +468,9 @@ def test_a_map_with_a_timeout_raises_when_a_result_is_late():
         with pytest.raises(concurrent.futures.TimeoutError):
             list(pool.imap_unordered(nap, [1.0], timeout=0))
         assert sorted(pool.imap_unordered(nap, [0.01] * 4, timeout=30)) == [0.01] * 4
+        lazy = pool.map(nap, [0.01] * 4, timeout=0.5)
+        time.sleep(0.8)
+        assert list(lazy) == [0.01] * 4
         assert list(pool.map(np.sort, [np.arange(3)[::-1]] * 2, timeout=30))[1].tolist() == [
             0,
             1,

@@ -1660,6 +1660,18 @@ impl<'pool> Producer<'pool> {
         !self.cancel_waiting(|t| t == ticket).is_empty()
     }
 
+    /// Whether task `ticket` waits in this handle for a worker (see
+    /// [`crate::PoolBuilder::queue_ahead`]): no worker has it yet, so [`Producer::cancel`]
+    /// would take it back. (Waiting tasks that workers can take now are sent first.)
+    pub fn is_waiting(&self, ticket: Ticket) -> bool {
+        let mut c = self.core();
+        c.pump();
+        c.redo.iter().any(|t| {
+            let r = &c.records[t.slot() as usize];
+            r.map == 0 && r.desc.seq == ticket.0
+        })
+    }
+
     /// Cancels each task of this handle that no worker has (as [`Producer::cancel`]) and that
     /// `pick` takes, and returns their tickets, oldest first.
     pub fn cancel_waiting(&self, mut pick: impl FnMut(Ticket) -> bool) -> Vec<Ticket> {
