@@ -68,8 +68,9 @@ pub struct RoundRobin(usize);
 /// So tasks longer than `ahead` go to workers as they free up, as from a queue shared by
 /// the workers; nothing is queued behind a worker's first task (its time is unknown); and
 /// short tasks queue deep enough to keep each worker busy between the handle's visits. Only
-/// a task that is long where the worker's last ones were short can still hold back work sent
-/// before it looked long: at most `ahead` of it.
+/// a task that is long where the worker's last ones were short can still hold back tasks sent
+/// before it looked long: as many as would take `ahead` at the pace of those last ones (and
+/// they may be long too).
 ///
 /// Without a limit (`ahead` `None`) every usable worker may take any task, and the one
 /// holding fewest of this handle's tasks gets it.

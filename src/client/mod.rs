@@ -258,7 +258,8 @@ impl PoolBuilder {
     /// to workers as they free up, and nothing is queued behind a worker's first task (its
     /// length is unknown). Short tasks still queue deep enough to keep each worker busy; only
     /// a task much longer than its worker's last ones can hold back what was queued behind it
-    /// before it looked long (at most this much work).
+    /// before it looked long (as many tasks as would take this long at the pace of those last
+    /// ones).
     ///
     /// The handle sends waiting tasks while it looks for returns: in any submit, receive, wait
     /// (a `map`'s, a `recv`'s, a loan's that waits for a slot) or `notify`, and in its drop,
