@@ -6,10 +6,12 @@ Two jobs, each with 2 workers (``--workers``), timed in wall-clock seconds:
 - ``map``: one call of 1 s, then a hundred of 20 ms, through an ordered map (mk1 ``map``,
   ``multiprocessing.Pool.imap``, chunksize 1). Ideal with 2 workers: 1.5 s.
 - ``submits``: a call of 2 s, then 10 quick calls, each its own future (mk1 ``submit``,
-  ``ProcessPoolExecutor.submit``): the time until every quick one is done. Ideal: ~0 s.
+  ``ProcessPoolExecutor.submit``): the time until every quick one is done. Ideal: ~0 s. Twice:
+  with workers that have just run 20 ms calls, and 1 ms calls (mk1 then lets quick calls
+  queue a little at each worker, up to its ``queue_ahead`` of 5 ms at that pace: one can land
+  behind the 2 s call).
 
-Each system gets a warm pool (start-up is not timed), and, for ``submits``, workers that have
-already run quick calls (so mk1 knows their pace). The systems run interleaved, in a shuffled
+Each system gets a warm pool (start-up is not timed). The systems run interleaved, in a shuffled
 order each round; the report gives seconds (median, min..max) and mk1's ratio to the other
 system, paired round by round.
 
@@ -48,9 +50,9 @@ def map_mp(pool):
     return time.perf_counter() - t
 
 
-def submits(pool):
-    # (Quick calls first, so that the workers' pace is known.)
-    for f in [pool.submit(nap, 0.001) for _ in range(20)]:
+def submits(pool, warm):
+    # (Calls of `warm` s first, so that the workers' pace is known.)
+    for f in [pool.submit(nap, warm) for _ in range(20)]:
         f.result()
     t = time.perf_counter()
     slow = pool.submit(nap, 2.0)
@@ -74,9 +76,17 @@ def main():
     w = args.workers
     runs = {
         "map": {"mk1": lambda p: map_mk1(p["mk1"]), "other": lambda p: map_mp(p["mp"])},
-        "submits": {"mk1": lambda p: submits(p["mk1"]), "other": lambda p: submits(p["ppe"])},
+        "submits after 20 ms calls": {
+            "mk1": lambda p: submits(p["mk1"], 0.02),
+            "other": lambda p: submits(p["ppe"], 0.02),
+        },
+        "submits after 1 ms calls": {
+            "mk1": lambda p: submits(p["mk1"], 0.001),
+            "other": lambda p: submits(p["ppe"], 0.001),
+        },
     }
-    names = {"map": "multiprocessing.Pool.imap", "submits": "ProcessPoolExecutor"}
+    names = {job: "ProcessPoolExecutor" for job in runs}
+    names["map"] = "multiprocessing.Pool.imap"
     got = {job: {"mk1": [], "other": []} for job in runs}
     with mk1.Pool(w) as m, mp.Pool(w) as p, concurrent.futures.ProcessPoolExecutor(w) as e:
         pools = {"mk1": m, "mp": p, "ppe": e}
@@ -91,7 +101,7 @@ def main():
     for job in runs:
         a, b = got[job]["mk1"], got[job]["other"]
         ratio = [x / y for x, y in zip(a, b)]
-        print(f"{job:8s} mk1 {spread(a)}  {names[job]} {spread(b)}  mk1/other {spread(ratio)}")
+        print(f"{job}: mk1 {spread(a)}  {names[job]} {spread(b)}  mk1/other {spread(ratio)}")
 
 
 if __name__ == "__main__":

@@ -77,6 +77,7 @@ class Pool:
         timeout: float | None = ...,
         keep_copies: bool = ...,
         start_timeout: float = ...,
+        queue_ahead: float | None = ...,
         processes: int | None = ...,
         max_workers: int | None = ...,
     ) -> None: ...

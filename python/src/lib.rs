@@ -757,7 +757,7 @@ fn dtype_of(a: &Bound<'_, PyUntypedArray>) -> PyResult<DType> {
 impl PoolCore {
     /// Starts the pool (see `mk1.Pool` for the meaning of each argument).
     #[new]
-    #[pyo3(signature = (workers, in_place, max_array_bytes, slots, max_retries, max_restarts, timeout, keep_copies, worker_exe, worker_args, worker_env, start_timeout))]
+    #[pyo3(signature = (workers, in_place, max_array_bytes, slots, max_retries, max_restarts, timeout, keep_copies, worker_exe, worker_args, worker_env, start_timeout, queue_ahead))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
@@ -773,6 +773,7 @@ impl PoolCore {
         worker_args: Vec<String>,
         worker_env: Vec<(String, String)>,
         start_timeout: f64,
+        queue_ahead: Option<f64>,
     ) -> PyResult<PoolCore> {
         if start_timeout.is_nan() || start_timeout <= 0.0 {
             return Err(PyValueError::new_err(format!(
@@ -787,6 +788,15 @@ impl PoolCore {
                 "max_array_bytes {max_array_bytes} is larger than {largest}"
             )));
         }
+        let queue_ahead = match queue_ahead {
+            Some(t) if t.is_nan() || t < 0.0 => {
+                return Err(PyValueError::new_err(format!(
+                    "queue_ahead {t} is not a number of seconds >= 0 (None: no limit)"
+                )))
+            }
+            Some(t) if t < YEAR_S => Duration::from_secs_f64(t),
+            _ => Duration::MAX,
+        };
         let timeout = match timeout {
             Some(t) if t.is_nan() || t <= 0.0 => {
                 return Err(PyValueError::new_err(format!(
@@ -815,6 +825,7 @@ impl PoolCore {
             .worker_args(worker_args)
             .inherit_stdout(true)
             .start_timeout(Duration::from_secs_f64(start_timeout))
+            .queue_ahead(queue_ahead)
             .kernels(registry());
         for (k, v) in worker_env {
             b = b.worker_env(k, v);

@@ -341,10 +341,12 @@ def test_a_task_past_the_timeout_fails_and_the_pool_goes_on():
 
 def step(what: tuple) -> tuple:
     """``("wait", d, n)``: waits (20 s at most) for ``d`` to hold ``n`` files, and says whether it
-    did; ``("mark", d, i)``: makes file ``i`` there after 2 ms. Either way with the worker's pid."""
+    did; ``("mark", d, i)``: makes file ``i`` there after 8 ms (longer than the pool's
+    ``queue_ahead``: such calls go to a worker only when it is free). Either way with the
+    worker's pid."""
     kind, d, n = what
     if kind == "mark":
-        time.sleep(0.002)
+        time.sleep(0.008)
         pathlib.Path(d, str(n)).touch()
         return True, os.getpid()
     deadline = time.monotonic() + 20
@@ -433,6 +435,13 @@ def test_a_future_no_worker_has_yet_can_be_cancelled():
         pool.shutdown(cancel_futures=True)
         assert [f.cancelled() for f in futs] == [False, False, True, True, True, True]
         assert [f.result() for f in futs[:2]] == [0.4, 0.4]
+    # Without a limit every call goes to a worker when submitted: none waits to be cancelled.
+    with mk1.Pool(workers=2, queue_ahead=None) as pool:
+        futs = [pool.submit(nap, 0.2) for _ in range(4)]
+        assert not any(f.cancel() for f in futs)
+        assert [f.result() for f in futs] == [0.2] * 4
+    with pytest.raises(ValueError, match="queue_ahead"):
+        mk1.Pool(workers=1, queue_ahead=-1.0)
 
 
 def test_a_map_hands_out_its_results_while_something_else_holds_a_slot():
