@@ -2071,7 +2071,7 @@ fn with_no_queue_limit_tasks_run_while_the_caller_is_away() {
         let pool = builder.build().unwrap();
         let producer = pool.producer().unwrap();
         for i in 0..6 {
-            submit_sleep(&producer, 20, f64::from(i));
+            submit_sleep(&producer, 100, f64::from(i));
         }
         std::thread::sleep(Duration::from_millis(1000));
         let mut ready = 0;
