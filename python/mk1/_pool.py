@@ -390,8 +390,8 @@ class Future(concurrent.futures.Future):
 
     def cancel(self) -> bool:
         """Cancels the call if no worker has it yet: it waits in the pool for one to free up
-        (calls longer than about 5 ms, see ``queue_ahead``, go to a worker only when it is
-        free; quicker ones queue a little at each worker). Else returns False, as a running
+        (a call goes to a worker only when it is free, unless the worker's recent calls were
+        quick: then a little queues at each worker, see ``queue_ahead``). Else returns False, as a running
         ``concurrent.futures.Future`` does; True for a future already cancelled."""
         with self._condition:
             if self._state in (_base.CANCELLED, _base.CANCELLED_AND_NOTIFIED):
@@ -412,9 +412,11 @@ class Future(concurrent.futures.Future):
         if not super().running() or self._ticket is None:
             return super().running()
         try:
-            return not self._pool._live().is_waiting(self._ticket)
+            waiting = self._pool._live().is_waiting(self._ticket)
         except ValueError:  # (closed: the closing completes it)
-            return super().running()
+            waiting = False
+        # (Asked again: another thread may have completed it meanwhile.)
+        return not waiting and super().running()
 
     def _cancelled_here(self) -> None:
         """Its task was taken back before any worker had it: it completes as cancelled (its
@@ -1599,6 +1601,10 @@ class Pool:
         )
         try:
             while True:
+                # The pool's own thread (futures pending) steps aside while the map steps: it
+                # would hold the pool for its own waits, and the map's results came out one
+                # per such wait.
+                self._driver.enter()
                 try:
                     # (Not deferred as `_pump` defers: the step also takes the caller's input
                     # and waits, without holding the pool, and a callback may feed that input.)
@@ -1607,6 +1613,8 @@ class Pool:
                     return
                 except TimeoutError as e:  # (not the same class before Python 3.11)
                     raise concurrent.futures.TimeoutError(*e.args) from None
+                finally:
+                    self._driver.leave()
                 if not ok and batched and isinstance(value, (_mk1.WorkerDied, _mk1.TaskTimeout)):
                     # The batch's worker died (or hung) on one of its calls: each call runs
                     # again on its own, so that only the call that kills its worker fails.

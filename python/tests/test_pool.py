@@ -459,6 +459,14 @@ def test_a_map_hands_out_its_results_while_something_else_holds_a_slot():
         t0 = time.monotonic()
         assert list(pool.map(nap, [0.02] * 10)) == [0.02] * 10
         assert time.monotonic() - t0 < 2.0, "the map waited for the call left running"
+    # With a future pending, the pool's own thread waits for results holding the pool, 50 ms
+    # at a time: the results a map had in hand (60, behind its slow first call) came out one
+    # per such wait (3 s).
+    with mk1.Pool(workers=3) as pool:
+        slow = pool.submit(nap, 2.5)
+        assert len(list(pool.map(nap, [0.5] + [0.001] * 60, chunksize=1))) == 61
+        assert not slow.done(), "the map's results came out one per wait of the pool's thread"
+        slow.result()
 
 
 def test_a_map_with_a_timeout_raises_when_a_result_is_late():
