@@ -1601,10 +1601,6 @@ class Pool:
         )
         try:
             while True:
-                # The pool's own thread (futures pending) steps aside while the map steps: it
-                # would hold the pool for its own waits, and the map's results came out one
-                # per such wait.
-                self._driver.enter()
                 try:
                     # (Not deferred as `_pump` defers: the step also takes the caller's input
                     # and waits, without holding the pool, and a callback may feed that input.)
@@ -1613,8 +1609,6 @@ class Pool:
                     return
                 except TimeoutError as e:  # (not the same class before Python 3.11)
                     raise concurrent.futures.TimeoutError(*e.args) from None
-                finally:
-                    self._driver.leave()
                 if not ok and batched and isinstance(value, (_mk1.WorkerDied, _mk1.TaskTimeout)):
                     # The batch's worker died (or hung) on one of its calls: each call runs
                     # again on its own, so that only the call that kills its worker fails.

@@ -988,6 +988,7 @@ impl PoolCore {
             window: window.max(1),
             reorder,
             ahead: Default::default(),
+            in_hand: false,
             deadline,
             pending: None,
             pull_secs: 0.0,
@@ -1191,6 +1192,8 @@ struct MapIter {
     reorder: usize,
     /// What this map holds ahead of its next result out, in bytes (see [`Ahead`]).
     ahead: Mutex<Ahead>,
+    /// The last step left a result ready to hand out (see `__next__`).
+    in_hand: bool,
     /// When the map's `timeout` ends: a wait for a result that would begin after it raises
     /// `TimeoutError` (a result already in hand goes out first).
     deadline: Option<std::time::Instant>,
@@ -1655,8 +1658,11 @@ impl MapIter {
             take = true;
             // Then one pass with the lock: to submit, taken in turn (a thread waiting for
             // results gives it up); else only to wait for results.
+            // (Also to hand out a result already in hand: that waits for nothing, so it may cut
+            // short another thread's wait for results, which can last 50 ms, as the pool's own
+            // thread waits while futures are pending.)
             let lock = self.lock.clone();
-            let held = if self.pending.is_some() {
+            let held = if self.pending.is_some() || self.in_hand {
                 lock.acquire(py)
             } else {
                 lock.acquire_to_wait(py)
@@ -1698,8 +1704,14 @@ impl MapIter {
                 if let Some((index, v)) = next {
                     self.next_out += 1;
                     self.handed_out(index);
+                    self.in_hand = if self.ordered {
+                        m.ready.contains_key(&self.next_out)
+                    } else {
+                        !m.ready.is_empty()
+                    };
                     return Ok(Some((v.0, v.1, index)));
                 }
+                self.in_hand = false;
                 if self.exhausted
                     && self.pending.is_none()
                     && m.in_flight == 0
