@@ -410,6 +410,17 @@ struct MapState {
     in_flight: usize,
 }
 
+impl MapState {
+    /// Whether a result can go to the caller now: input `next`'s (`ordered`), or any.
+    fn has_result_out(&self, ordered: bool, next: u64) -> bool {
+        if ordered {
+            self.ready.contains_key(&next)
+        } else {
+            !self.ready.is_empty()
+        }
+    }
+}
+
 /// A completion as Python sees it: `(future, worker, ok, payload, dtype, shape)` (the future
 /// given at submit, or None).
 type Got = Py<PyTuple>;
@@ -1516,13 +1527,9 @@ impl MapIter {
     /// Whether a result of this map can go to the caller now.
     fn has_result_out(&self, sh: &Shared) -> bool {
         let r = sh.router.borrow();
-        r.maps.get(&self.id).is_some_and(|m| {
-            if self.ordered {
-                m.ready.contains_key(&self.next_out)
-            } else {
-                !m.ready.is_empty()
-            }
-        })
+        r.maps
+            .get(&self.id)
+            .is_some_and(|m| m.has_result_out(self.ordered, self.next_out))
     }
 
     /// Forgets what was held ahead for input `index`, whose result was handed out.
@@ -1704,11 +1711,7 @@ impl MapIter {
                 if let Some((index, v)) = next {
                     self.next_out += 1;
                     self.handed_out(index);
-                    self.in_hand = if self.ordered {
-                        m.ready.contains_key(&self.next_out)
-                    } else {
-                        !m.ready.is_empty()
-                    };
+                    self.in_hand = m.has_result_out(self.ordered, self.next_out);
                     return Ok(Some((v.0, v.1, index)));
                 }
                 self.in_hand = false;

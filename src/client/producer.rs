@@ -279,6 +279,13 @@ pub(crate) struct Record {
 }
 
 impl Record {
+    /// The ticket of the task this record describes, when it was submitted on its own (a
+    /// `map`'s tasks are the map's, numbered by its inputs).
+    #[inline]
+    fn submitted(&self) -> Option<Ticket> {
+        (self.map == 0).then_some(Ticket(self.desc.seq))
+    }
+
     /// Array `k`'s output shape as requested: a single task's own output shape (or its
     /// input's), a batch array's input shape.
     #[inline]
@@ -639,17 +646,24 @@ impl<'s> Core<'s> {
         }
         // No worker may take it by what this handle last saw: the returns not yet collected
         // lower the loads (and show the workers' pace), so collect them, then send what waits.
+        self.collect_all();
+        self.send_waiting();
+    }
+
+    /// Pops everything the usable workers returned. Returns whether anything came.
+    fn collect_all(&mut self) -> bool {
+        let mut any = false;
         for w in 0..self.usable.len() {
             if self.usable[w] {
-                self.collect(w, false);
+                any |= self.collect(w, false);
             }
         }
-        self.send_waiting();
+        any
     }
 
     /// Cancels the waiting tasks (not a map's) whose ticket `pick` takes: their slots go home.
     fn cancel_waiting(&mut self, mut pick: impl FnMut(Ticket) -> bool) {
-        self.take_waiting(|r| r.map == 0 && pick(Ticket(r.desc.seq)));
+        self.take_waiting(|r| r.submitted().is_some_and(&mut pick));
     }
 
     /// Cancels the waiting tasks of map `map` (see [`Record::map`]): their slots go home.
@@ -1056,12 +1070,7 @@ impl<'s> Core<'s> {
 
     /// One round of housekeeping: returns, deaths, redo, doorbells. Whether anything moved.
     pub(crate) fn pump(&mut self) -> bool {
-        let mut progress = false;
-        for w in 0..self.usable.len() {
-            if self.usable[w] {
-                progress |= self.collect(w, false);
-            }
-        }
+        let mut progress = self.collect_all();
         self.follow_monitor();
         if !self.redo.is_empty() && self.usable.contains(&true) {
             // (Only a task sent is progress: one still waiting waits for a return.)
@@ -1666,10 +1675,9 @@ impl<'pool> Producer<'pool> {
     pub fn is_waiting(&self, ticket: Ticket) -> bool {
         let mut c = self.core();
         c.pump();
-        c.redo.iter().any(|t| {
-            let r = &c.records[t.slot() as usize];
-            r.map == 0 && r.desc.seq == ticket.0
-        })
+        c.redo
+            .iter()
+            .any(|t| c.records[t.slot() as usize].submitted() == Some(ticket))
     }
 
     /// Cancels each task of this handle that no worker has (as [`Producer::cancel`]) and that
