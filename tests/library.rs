@@ -2010,6 +2010,32 @@ fn a_task_no_worker_has_can_be_cancelled() {
     assert!(producer.recv().is_none());
 }
 
+/// A task whose worker died goes again before the tasks submitted after it that still wait for
+/// a worker: it was submitted first, and an ordered map waits on it.
+fn a_task_redone_after_a_death_goes_before_those_waiting() {
+    let pool = timed_pool(1, Duration::from_secs(60));
+    let producer = pool.producer().unwrap();
+    let first = submit_sleep(&producer, 400, 1.0);
+    // (The worker holds a task of unknown length: these wait in the handle.)
+    let later: Vec<_> = (2..4)
+        .map(|i| submit_sleep(&producer, 10, f64::from(i)))
+        .collect();
+    assert!(later.iter().all(|&t| producer.is_waiting(t)));
+    std::thread::sleep(Duration::from_millis(100));
+    unsafe_free_kill(pool.worker_pids()[0]);
+    let mut order = Vec::new();
+    while let Some(c) = producer.recv() {
+        assert_eq!(
+            c.output::<f64>().unwrap().as_slice().len(),
+            1,
+            "every task succeeded"
+        );
+        order.push(c.ticket());
+    }
+    assert_eq!(order, [first, later[0], later[1]], "in submission order");
+    assert_eq!(pool.restarts(), 1);
+}
+
 /// A long task does not hold back the tasks submitted after it while another worker is free:
 /// nothing is queued behind a task of unknown length, so the short tasks all run on the other
 /// worker and come back before the long one.
@@ -2437,6 +2463,10 @@ fn main() {
         (
             "a_task_no_worker_has_can_be_cancelled",
             a_task_no_worker_has_can_be_cancelled,
+        ),
+        (
+            "a_task_redone_after_a_death_goes_before_those_waiting",
+            a_task_redone_after_a_death_goes_before_those_waiting,
         ),
         (
             "a_map_dropped_early_runs_only_what_a_worker_has",

@@ -890,6 +890,9 @@ impl<'s> Core<'s> {
         let back = self.reclaim(w);
         ctl.reclaimed[w].fetch_add(back.len() as u64, Ordering::Relaxed);
         let how = exit_words(&self.sh.ctl, w);
+        // Tasks still waiting in the handle were all submitted after every task a worker has
+        // (a task waits only behind others that wait): those sent again go before them.
+        let waiting = self.redo.len();
         for t in back {
             let queued = self.slots.record(&t).ring_pos >= taken;
             let r = &self.records[t.slot() as usize];
@@ -934,6 +937,9 @@ impl<'s> Core<'s> {
                 (false, None) => self.finish(t, Outcome::failed(error), false, Some(w as u32)),
             }
         }
+        // (Those sent again were queued at the back, in the order the worker had them.)
+        let again = self.redo.len() - waiting;
+        self.redo.rotate_right(again);
         if self.draining {
             // A handle being dropped feeds no more work to a pool whose workers die or hang
             // under it: the tasks still waiting for a worker are dropped unrun, as those
