@@ -29,10 +29,10 @@ from ._worker import BOOT_ENV, EXC_MARKER, INIT_ENV
 from .ops import Op
 
 _WAIT = 0.05  # longest wait inside Rust before Python checks for Ctrl-C (seconds)
-# Batches a map of calls in order may take ahead of its next result, at most, while that
-# result is slow: those that came back wait as copies (64 MiB of their arguments and results
-# at most), so that one slow call does not stop the workers (multiprocessing's imap takes its
-# whole input).
+# Batches of calls, or arrays, a map in order may take ahead of its next result, at most,
+# while that result is slow: those that came back wait as copies (64 MiB of their inputs and
+# results at most), so that one slow call does not stop the workers (multiprocessing's imap
+# takes its whole input).
 _REORDER = 4096
 _POOLS: "weakref.WeakSet[Pool]" = weakref.WeakSet()  # live pools, for fork()
 
@@ -1417,7 +1417,9 @@ class Pool:
         timeout: float | None = None,
     ) -> Iterator[Any]:
         """``fn(a)`` for every array, in input order, lazily: at most ``slots`` arrays are in
-        flight or waiting to be read, so any number of arrays runs in bounded memory.
+        flight, so any number of arrays runs in bounded memory. Results that come back before
+        a slower one ahead of them wait for it as copies, up to 4096 arrays and 64 MiB of
+        inputs and results ahead of it, so the other workers go on meanwhile.
 
         With several iterables, ``fn(a, b, ...)`` for their items taken together (stopping
         at the shortest, as the built-in ``map``); and when the first item of a single
@@ -1444,7 +1446,8 @@ class Pool:
 
         With ``zero_copy=True`` each result is a read-only array lent from shared memory: its
         slot goes back when the array (and every view of it) is gone, so drop results as you
-        go. Otherwise results are new arrays.
+        go (and behind a slow array, the map waits once ``slots`` results wait for it).
+        Otherwise results are new arrays.
 
         The first failed array raises its exception when the iteration reaches it (see
         ``submit``) and ends the iteration, as ``concurrent.futures``' ``map`` does: arrays
@@ -1577,9 +1580,10 @@ class Pool:
             inputs = self._batches(inputs, sizer, sent, items)
         # Zero-copy, the result the caller holds keeps its slot: one less in flight.
         window = max(1, self._slots - 1) if zero_copy else self._slots
-        # In order, a batch's results waiting for a slower one before them are copied out of
-        # their slots when they fill the window, so the workers go on (see `_REORDER`).
-        reorder = _REORDER if batched and ordered and not zero_copy else 0
+        # In order, results waiting for a slower one before them go on waiting out of their
+        # slots, so the workers go on (see `_REORDER`): a batch's are copied out when they fill
+        # the window, and arrays' results are copies from the start.
+        reorder = _REORDER if ordered and not zero_copy else 0
         # (A map of calls sends bundles, written by the pool straight into their slots; a map
         # of an op takes what numpy makes an array of.)
         prepare = _as_is if batched else _as_array if isinstance(fn, Op) else self._prepare

@@ -408,6 +408,10 @@ struct MapState {
     /// Index -> (ok, result or exception, whether the result is lent from shared memory).
     ready: std::collections::BTreeMap<u64, (bool, Py<PyAny>, bool)>,
     in_flight: usize,
+    /// A map in order with `reorder` shares what it holds ahead with its state here: the
+    /// results received as copies (not lent) count there as they are parked, as those it
+    /// copies out later do (see `MapIter::spill`).
+    ahead: Option<Arc<Mutex<Ahead>>>,
 }
 
 impl MapState {
@@ -586,9 +590,13 @@ impl Shared {
             if let Some(state) = router.maps.get_mut(&map) {
                 state.in_flight -= indices.len();
                 for (index, (ok, payload)) in indices.into_iter().zip(results) {
-                    state
-                        .ready
-                        .insert(index, (ok, payload.unbind(), lend && ok));
+                    let lent = lend && ok;
+                    if let (false, Some(ahead)) = (lent, &state.ahead) {
+                        // A copy waiting for its turn holds no slot: it counts as one spilled.
+                        let bytes = if ok { nbytes_of(&payload) } else { 0 };
+                        lock_ahead(ahead).add_spilled(index, bytes);
+                    }
+                    state.ready.insert(index, (ok, payload.unbind(), lent));
                 }
             }
             return Ok(Some(None));
@@ -977,14 +985,21 @@ impl PoolCore {
     ) -> PyResult<MapIter> {
         let deadline = timeout
             .map(|t| std::time::Instant::now() + Duration::from_secs_f64(t.clamp(0.0, YEAR_S)));
-        let (task, shared, id) = self.with(inputs.py(), |sh| {
+        let (task, shared, id, ahead) = self.with(inputs.py(), |sh| {
             let task = sh.task(op, context.map(|c| c.as_bytes()))?;
             let mut r = sh.router.borrow_mut();
             r.next_map += 1;
             let id = r.next_map;
-            r.maps.insert(id, MapState::default());
+            let ahead = Arc::new(Mutex::new(Ahead::default()));
+            r.maps.insert(
+                id,
+                MapState {
+                    ahead: (reorder > 0).then(|| ahead.clone()),
+                    ..MapState::default()
+                },
+            );
             // (`with`'s strong reference is dropped before the lock.)
-            Ok((task, Arc::downgrade(sh), id))
+            Ok((task, Arc::downgrade(sh), id, ahead))
         })?;
         Ok(MapIter {
             lock: self.lock.clone(),
@@ -998,7 +1013,7 @@ impl PoolCore {
             lend,
             window: window.max(1),
             reorder,
-            ahead: Default::default(),
+            ahead,
             in_hand: false,
             deadline,
             pending: None,
@@ -1172,10 +1187,11 @@ impl PoolCore {
 
 /// `map` and `imap_unordered`, run in Rust: pulls arrays from a Python iterator, keeps at most
 /// `window` in flight or waiting to be read in their slots, and yields `(ok, result or
-/// exception)` in input order (`ordered`) or as they come. With `reorder`, results that wait in
-/// their slots for a slower one before them are copied out when they fill the window, so work
-/// goes on behind a slow result (up to `reorder` inputs ahead of the next result out, and
-/// [`REORDER_BYTES`] of their inputs and copies). An item mk1 cannot carry fails alone (its exception is
+/// exception)` in input order (`ordered`) or as they come. With `reorder`, results that wait
+/// for a slower one before them wait out of their slots (lent ones are copied out when they
+/// fill the window; those received as copies are out from the start), so work goes on behind
+/// a slow result (up to `reorder` inputs ahead of the next result out, and [`REORDER_BYTES`]
+/// of their inputs and copies). An item mk1 cannot carry fails alone (its exception is
 /// yielded in its turn). Holds the pool weakly: closing the pool ends the map.
 ///
 /// Each step takes the pool's lock (see `handle`): to submit, in turn with interrupting a
@@ -1201,8 +1217,9 @@ struct MapIter {
     /// slots are copied out to make room (0: they are not, and `window` bounds the inputs
     /// taken ahead).
     reorder: usize,
-    /// What this map holds ahead of its next result out, in bytes (see [`Ahead`]).
-    ahead: Mutex<Ahead>,
+    /// What this map holds ahead of its next result out, in bytes (see [`Ahead`]); shared with
+    /// its `MapState`, where results received as copies are counted.
+    ahead: Arc<Mutex<Ahead>>,
     /// The last step left a result ready to hand out (see `__next__`).
     in_hand: bool,
     /// When the map's `timeout` ends: a wait for a result that would begin after it raises
@@ -1224,12 +1241,13 @@ struct MapIter {
 
 /// What a map with `reorder` holds ahead of its next result out: the inputs it sent (their
 /// bytes in shared memory stand for the caller's objects it keeps to run a call again) and
-/// the results it copied out of their slots while they wait (see `MapIter::spill`).
+/// the results waiting out of their slots: copied out while they wait (see `MapIter::spill`),
+/// or received as copies (counted as they are parked: see `Shared::recv`).
 #[derive(Default)]
 struct Ahead {
     /// Bytes of each input sent and not yet handed out, by input index.
     inputs: HashMap<u64, usize>,
-    /// Bytes of each result copied out of its slot and not yet handed out, by input index.
+    /// Bytes of each result waiting out of its slot and not yet handed out, by input index.
     spilled: HashMap<u64, usize>,
     /// The sum of both.
     bytes: usize,
@@ -1263,8 +1281,7 @@ impl Ahead {
 
 impl MapIter {
     fn ahead(&self) -> std::sync::MutexGuard<'_, Ahead> {
-        // (Used under the pool's lock only: never contended.)
-        self.ahead.lock().unwrap_or_else(|e| e.into_inner())
+        lock_ahead(&self.ahead)
     }
 
     fn waiting(&self, sh: &Shared) -> (usize, usize) {
@@ -1607,6 +1624,19 @@ fn route_surely(route: &Bound<'_, PyAny>, got: Got) -> PyResult<()> {
             Err(e)
         }
     }
+}
+
+/// What a map holds ahead (see [`Ahead`]). (Taken by the thread that holds the pool, and by
+/// the map's own thread to see whether it may take input, without the pool: briefly.)
+fn lock_ahead(ahead: &Mutex<Ahead>) -> std::sync::MutexGuard<'_, Ahead> {
+    ahead.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// `a.nbytes` for a result array (0 for anything else).
+fn nbytes_of(a: &Bound<'_, PyAny>) -> usize {
+    a.getattr(intern!(a.py(), "nbytes"))
+        .and_then(|n| n.extract::<usize>())
+        .unwrap_or(0)
 }
 
 /// Bytes a map in order holds ahead of its next result while that one is slow (see

@@ -406,6 +406,64 @@ def test_a_map_in_order_takes_bounded_input_ahead_of_a_slow_call():
         assert sum(it) == 399 << 20
 
 
+def mark_or_wait(d: str, a: np.ndarray) -> np.ndarray:
+    """``step`` for arrays: ``[-n]`` waits for ``d`` to hold ``n`` files (its result says
+    whether it did), ``[i]`` makes file ``i`` there after 8 ms; the result has the input's
+    shape and dtype."""
+    i = int(a[0])
+    if i >= 0:
+        time.sleep(0.008)
+        pathlib.Path(d, str(i)).touch()
+        return a * 2
+    deadline = time.monotonic() + 20
+    while len(os.listdir(d)) < -i:
+        if time.monotonic() > deadline:
+            return np.zeros_like(a)
+        time.sleep(0.002)
+    return np.ones_like(a)
+
+
+def test_a_slow_array_does_not_hold_back_the_arrays_after_it(tmp_path):
+    """A map of arrays in order goes on behind a slow array as a map of calls does: the
+    results after it wait as copies (they always were copies, but the map stopped once
+    ``slots`` of them waited). The slow array waits for the 100 after it to have run."""
+    import functools
+
+    with mk1.Pool(workers=2) as pool:
+        for rnd in range(2):  # fresh, then with the workers' pace known
+            d = tmp_path / f"arrays{rnd}"
+            d.mkdir()
+            arrays = [np.array([-100.0])] + [np.array([float(i)]) for i in range(100)]
+            out = list(pool.map(functools.partial(mark_or_wait, str(d)), arrays))
+            assert out[0][0] == 1.0, "the arrays after the slow one ran meanwhile"
+            assert [float(a[0]) for a in out[1:]] == [2.0 * i for i in range(100)]
+
+
+def test_a_map_of_arrays_in_order_takes_bounded_input_ahead_of_a_slow_one():
+    """Behind a slow array, a map of arrays in order takes input ahead, but at most about
+    64 MiB of inputs and results: 1 MiB arrays here (the other worker would take all 400)."""
+    taken = []
+
+    def arrays():
+        for i in range(400):
+            taken.append(i)
+            a = np.ones(1 << 18, dtype=np.float32)
+            a[0] = 0 if i == 0 else 1
+            yield a
+
+    with mk1.Pool(workers=2, slots=8) as pool:
+        it = pool.map(first_sleeps_on_zero, arrays())
+        assert next(it)[0] == 0
+        assert 16 < len(taken) <= 60, f"{len(taken)} arrays taken during the slow one"
+        assert sum(float(a[1]) for a in it) == 399
+
+
+def first_sleeps_on_zero(a: np.ndarray) -> np.ndarray:
+    if a[0] == 0:
+        time.sleep(1.5)
+    return a.copy()
+
+
 def nap(seconds: float) -> float:
     time.sleep(seconds)
     return seconds
