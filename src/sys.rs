@@ -717,22 +717,6 @@ pub fn soft_limit(resource: Resource) -> Option<u64> {
     (rc == 0 && limit.rlim_cur != libc::RLIM_INFINITY).then_some(limit.rlim_cur)
 }
 
-/// How many times the calling thread has lost its CPU to another thread of this machine while
-/// it could still run: its involuntary context switches ([getrusage(2)], `RUSAGE_THREAD`).
-/// Preemption by another runnable thread counts, and so does a `sched_yield` that handed the
-/// CPU to one; time a hypervisor takes from the whole virtual CPU does not. `None` when the
-/// call is refused (a seccomp profile).
-///
-/// [getrusage(2)]: https://man7.org/linux/man-pages/man2/getrusage.2.html
-pub fn involuntary_switches() -> Option<u64> {
-    let mut usage = core::mem::MaybeUninit::<libc::rusage>::zeroed();
-    // SAFETY: `getrusage` writes one `rusage` through the valid, exclusive pointer it is given
-    // and nothing else; `RUSAGE_THREAD` is a valid `who` on Linux.
-    let rc = unsafe { libc::getrusage(libc::RUSAGE_THREAD, usage.as_mut_ptr()) };
-    // SAFETY: zeroed is a valid `rusage` (integers only), and a successful call filled it.
-    (rc == 0).then(|| unsafe { usage.assume_init() }.ru_nivcsw as u64)
-}
-
 /// Under an address-space limit (`RLIMIT_AS`), keeps glibc's malloc to one arena. Each further
 /// arena reserves 64 MiB of address space when a thread first allocates, which can take the
 /// room the pool's limit check left for the run's own allocations, so that a later allocation

@@ -130,18 +130,7 @@ pub fn same_cpu_partner<'b>(
 /// after which waiting is the futex. Because a collapsed budget cannot notice that spinning
 /// would pay again (both sides asleep make every hand-off slow), one wait per [`PROBE_EVERY`]
 /// spins with the full budget as a probe.
-///
-/// A wait that did not pay cuts the budgets at once only when the machine is shared: when
-/// another thread of this machine took this thread's CPU since the last such wait (its
-/// involuntary context switches grew: preempted while spinning, or a yield that handed the CPU
-/// over). Otherwise it takes [`UNPAID_STREAK`] such waits in a row, with none that paid in
-/// between: one late wait alone is most often a hypervisor that stopped this virtual CPU or the
-/// partner's for a moment, which spinning less cannot win back, where a partner whose tasks
-/// outlast the spin makes every wait late. Cutting at every late wait turned hand-offs into
-/// futex wake-ups: on a 2-vCPU VM, one `mk1 run` at max-dim 128, its producer and worker each
-/// on a CPU of its own, slept on the futex about 180 times a second and ran at 0.91x of fixed
-/// budgets.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Backoff {
     spins: u32,
     yields: u32,
@@ -162,28 +151,6 @@ pub struct Backoff {
     /// This thread woke a sleeping partner, and no spin step or sleep has acted on it yet
     /// ([`Backoff::woke_partner`]).
     woke: bool,
-    /// This thread's involuntary context switches so far (`None`: refused).
-    switches: fn() -> Option<u64>,
-    /// What `switches` said when a wait that did not pay last asked (`None`: not yet).
-    switches_seen: Option<u64>,
-    /// Waits in a row that did not pay, on a CPU nobody else took.
-    unpaid: u32,
-}
-
-/// Waits in a row that did not pay, with nothing else taking the CPU, after which the budgets
-/// are cut (see [`Backoff`]).
-pub const UNPAID_STREAK: u32 = 4;
-
-/// The calling thread's involuntary context switches ([`crate::sys::involuntary_switches`]).
-#[cfg(not(loom))]
-fn involuntary_switches() -> Option<u64> {
-    crate::sys::involuntary_switches()
-}
-
-/// (Under loom there is no system to ask: time alone judges a wait.)
-#[cfg(loom)]
-fn involuntary_switches() -> Option<u64> {
-    None
 }
 
 /// The smallest adaptive spin budget: enough to catch a hand-off already in flight.
@@ -265,9 +232,6 @@ impl Backoff {
             last_probe: None,
             probing: false,
             woke: false,
-            switches: involuntary_switches,
-            switches_seen: None,
-            unpaid: 0,
         }
     }
 
@@ -280,7 +244,9 @@ impl Backoff {
         }
     }
 
-    /// Start over (work arrived), and learn from how long this wait took.
+    /// Start over (work arrived), and learn from how long this wait took: call it as the wait
+    /// ends, whichever way it ends (its length is taken up to this call, and a wait left open
+    /// counts the waiter's own work after it as waiting).
     #[inline]
     pub fn reset(&mut self) {
         if let Some(start) = self.wait_start.take() {
@@ -291,40 +257,12 @@ impl Backoff {
                 start.elapsed() <= PAYS + Duration::from_nanos(u64::from(self.spins) * 1000);
             // Yields paid when the wait ended during them: the partner got the CPU they gave.
             let yielded = !self.slept && self.yields > 0;
-            let paid = !self.slept && self.yields == 0 && on_cpu;
-            if paid {
-                self.unpaid = 0;
-                self.learn(true, yielded);
-            } else {
-                self.unpaid += 1;
-                if self.unpaid >= UNPAID_STREAK || self.shared() {
-                    self.unpaid = 0;
-                    self.learn(false, yielded);
-                }
-            }
-        } else if self.spins > 0 {
-            // Answered within the first few re-checks, untimed: paid.
-            self.unpaid = 0;
+            self.learn(!self.slept && self.yields == 0 && on_cpu, yielded);
         }
         self.spins = 0;
         self.yields = 0;
         self.slept = false;
         self.probing = false;
-    }
-
-    /// Whether another thread of this machine took this thread's CPU since the last time a wait
-    /// asked: its involuntary context switches grew. The first time, it only takes note; where
-    /// the count is refused, every wait counts as shared (time alone judges, as it did before).
-    #[cold]
-    fn shared(&mut self) -> bool {
-        let now = (self.switches)();
-        let shared = match (now, self.switches_seen) {
-            (Some(now), Some(seen)) => now > seen,
-            (Some(_), None) => false,
-            (None, _) => true,
-        };
-        self.switches_seen = now;
-        shared
     }
 
     /// `paid`: the wait was answered while spinning, on the CPU. `yielded`: it was answered
@@ -528,33 +466,9 @@ mod tests {
         assert!(!n.woke);
     }
 
-    /// A count of involuntary context switches that grows at every look: a shared machine.
-    fn always_taken() -> Option<u64> {
-        static N: crate::sync::AtomicU64 = crate::sync::AtomicU64::new(1);
-        Some(N.fetch_add(1, Ordering::Relaxed))
-    }
-
-    /// One that never grows: nothing else ever runs on this thread's CPU.
-    fn never_taken() -> Option<u64> {
-        Some(7)
-    }
-
-    /// One the system refuses to give.
-    fn refused() -> Option<u64> {
-        None
-    }
-
-    /// A backoff that sees the CPU counts of `switches`, having looked once already.
-    fn seeing(spin: u32, yields: u32, switches: fn() -> Option<u64>) -> Backoff {
-        let mut b = Backoff::new(spin, yields);
-        b.switches = switches;
-        b.switches_seen = switches();
-        b
-    }
-
     #[test]
     fn spinning_backs_off_when_it_does_not_pay_and_recovers_when_it_does() {
-        let mut b = seeing(1 << 14, 4, always_taken);
+        let mut b = Backoff::new(1 << 14, 4);
         // Waits answered during the yields (more threads than CPUs, handing work over by
         // yielding): spinning did not pay, the yields did and keep their budget.
         let full_yields = b.yield_limit;
@@ -594,98 +508,9 @@ mod tests {
         b.learn(false, false);
         assert_eq!(b.spin_limit(), 1 << 13);
         // Never is never.
-        let mut n = seeing(0, 0, always_taken);
+        let mut n = Backoff::for_mode(SpinMode::Never);
         assert_eq!(n.step(), Step::Sleep);
         n.reset();
         assert_eq!(n.spin_limit(), 0);
-    }
-
-    #[test]
-    fn waits_that_lose_no_cpu_to_another_thread_keep_the_budget() {
-        // Waits that end asleep, with nothing else running on this thread's CPU (a partner
-        // stopped by a hypervisor for a moment), each after waits that paid: the budgets stay
-        // whole.
-        let mut b = seeing(1 << 10, 4, never_taken);
-        let sleep_through = |b: &mut Backoff| {
-            while b.step() != Step::Sleep {}
-            b.reset();
-        };
-        for _ in 0..20 {
-            for _ in 1..UNPAID_STREAK {
-                sleep_through(&mut b);
-            }
-            b.step();
-            b.reset();
-        }
-        assert_eq!((b.spin_limit(), b.yield_limit), (1 << 10, 4));
-        // A streak of them (a partner whose tasks outlast the spin) cuts them.
-        for _ in 0..UNPAID_STREAK {
-            sleep_through(&mut b);
-        }
-        assert_eq!((b.spin_limit(), b.yield_limit), (1 << 9, 2));
-        // Once another thread takes the CPU, the next wait that did not pay cuts them.
-        b.switches = always_taken;
-        sleep_through(&mut b);
-        assert_eq!((b.spin_limit(), b.yield_limit), (1 << 8, 1));
-        // Where the count is refused, time alone judges, as it always did.
-        let mut r = seeing(1 << 10, 4, refused);
-        while r.step() != Step::Sleep {}
-        r.reset();
-        assert_eq!((r.spin_limit(), r.yield_limit), (1 << 9, 2));
-        // The first look only takes note.
-        let mut f = Backoff::new(1 << 10, 4);
-        f.switches = always_taken;
-        while f.step() != Step::Sleep {}
-        f.reset();
-        assert_eq!(f.spin_limit(), 1 << 10);
-    }
-
-    #[test]
-    fn a_yield_to_a_busy_thread_on_the_same_cpu_counts_as_a_lost_cpu() {
-        let Some(cpu) = crate::sys::allowed_cpus().first().copied() else {
-            return;
-        };
-        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let busy = {
-            let stop = stop.clone();
-            std::thread::spawn(move || {
-                crate::sys::pin_to_cpu(cpu).expect("pin");
-                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                    std::hint::spin_loop();
-                }
-            })
-        };
-        let grew = std::thread::spawn(move || {
-            crate::sys::pin_to_cpu(cpu).expect("pin");
-            let before = crate::sys::involuntary_switches().expect("getrusage");
-            let start = Instant::now();
-            // (The busy thread may not have reached the CPU yet: yield until it has.)
-            while start.elapsed() < Duration::from_secs(10) {
-                std::thread::yield_now();
-                if crate::sys::involuntary_switches().expect("getrusage") > before {
-                    return true;
-                }
-            }
-            false
-        })
-        .join()
-        .expect("yielder");
-        stop.store(true, std::sync::atomic::Ordering::Relaxed);
-        busy.join().expect("busy");
-        assert!(
-            grew,
-            "yields to a busy thread on the same CPU were not counted"
-        );
-        // A thread that only sleeps loses no CPU to anyone.
-        let quiet = std::thread::spawn(|| {
-            let before = crate::sys::involuntary_switches().expect("getrusage");
-            for _ in 0..5 {
-                std::thread::sleep(Duration::from_millis(1));
-            }
-            crate::sys::involuntary_switches().expect("getrusage") - before
-        })
-        .join()
-        .expect("sleeper");
-        assert!(quiet <= 5, "{quiet} involuntary switches in 5 sleeps");
     }
 }

@@ -91,6 +91,14 @@ fn kernels() -> Registry {
             std::thread::sleep(Duration::from_millis(a.params.u64(0)?));
             a.io.map(|x| x * 2.0)
         })
+        .kernel::<f64>("spin_us", |mut a| {
+            // Busy for that many microseconds: a task too short to sleep through.
+            let t = Instant::now();
+            while t.elapsed() < Duration::from_micros(a.params.u64(0)?) {
+                std::hint::spin_loop();
+            }
+            a.io.map(|x| x * 2.0)
+        })
         .kernel::<f64>("double_then_sleep", |mut a| {
             // Writes first, then takes its time: a worker killed meanwhile leaves an in-place
             // slot half-done (doubled), which a redo must not double again.
@@ -1568,7 +1576,7 @@ fn a_forgotten_map_does_not_mix_its_results_into_the_next() {
             .build()
             .expect("pool starts");
         let mut producer = pool.producer().unwrap();
-        let slow = Task::kernel("sleep_ms").params(Params::from_words(&[20]).unwrap());
+        let slow = Task::kernel("sleep_ms").params(Params::from_words(&[50]).unwrap());
         let double = Task::kernel("sleep_ms").params(Params::from_words(&[0]).unwrap());
         for round in 0..3 {
             let old: Vec<Vec<f64>> = (0..12).map(|i| vec![-(i as f64); 3]).collect();
@@ -2008,6 +2016,59 @@ fn a_task_no_worker_has_can_be_cancelled() {
     assert_eq!(producer.cancel_waiting(|_| true), later);
     assert_eq!(producer.recv().unwrap().ticket(), first);
     assert!(producer.recv().is_none());
+}
+
+/// This thread's voluntary context switches so far (its sleeps), from `/proc/thread-self/status`.
+fn voluntary_switches() -> u64 {
+    std::fs::read_to_string("/proc/thread-self/status")
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("voluntary_ctxt_switches:"))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap()
+}
+
+/// A caller that works between short waits for its worker keeps spinning in those waits
+/// instead of sleeping on the futex. (Each wait was judged when the next one began, its
+/// length taken with the caller's work in between: every wait looked late, the spin budget
+/// collapsed, and nearly every wait slept.) Only where the pool spins long: a worker with a
+/// CPU of its own.
+fn a_caller_that_works_between_waits_keeps_spinning() {
+    if mk1::sys::online_cpus() < 2 {
+        return;
+    }
+    let pool = Pool::builder()
+        .workers(1)
+        .kernels(kernels())
+        .build()
+        .unwrap();
+    let producer = pool.producer().unwrap();
+    // A task of 20 us: a wait for it is long enough to be judged, and spinning pays.
+    let task = Task::kernel("spin_us").params(Params::from_words(&[20]).unwrap());
+    let rounds = 200u64;
+    let run = |n: u64| {
+        for _ in 0..n {
+            let mut loan = producer.loan::<f64>(Shape::d1(1)).unwrap();
+            loan.copy_from_slice(&[1.0]);
+            producer.submit(loan, &task).unwrap();
+            let c = producer.recv().unwrap();
+            assert_eq!(c.output::<f64>().unwrap().as_slice()[0], 2.0);
+            drop(c);
+            // The caller's own work: far longer than a short wait is allowed to take.
+            let t = Instant::now();
+            while t.elapsed() < Duration::from_millis(5) {
+                std::hint::spin_loop();
+            }
+        }
+    };
+    run(20);
+    let before = voluntary_switches();
+    run(rounds);
+    let slept = voluntary_switches() - before;
+    assert!(
+        slept < rounds / 4,
+        "{slept} sleeps in {rounds} short waits for a worker"
+    );
 }
 
 /// A task whose worker died goes again before the tasks submitted after it that still wait for
@@ -2467,6 +2528,10 @@ fn main() {
         (
             "a_task_redone_after_a_death_goes_before_those_waiting",
             a_task_redone_after_a_death_goes_before_those_waiting,
+        ),
+        (
+            "a_caller_that_works_between_waits_keeps_spinning",
+            a_caller_that_works_between_waits_keeps_spinning,
         ),
         (
             "a_map_dropped_early_runs_only_what_a_worker_has",

@@ -1134,7 +1134,11 @@ impl<'s> Core<'s> {
         let mut same_cpu_yields = 0u32;
         loop {
             let progress = self.pump();
+            // Each way out ends the wait for the backoff here, so that it judges the wait by
+            // its own length (left to the next wait's start, it took the caller's work in
+            // between for waiting: nearly every wait looked late, and the budgets collapsed).
             if done(self) {
+                self.backoff.reset();
                 return true;
             }
             // A load first: this runs on every spin of a wait, and a store (even of `false`)
@@ -1144,6 +1148,7 @@ impl<'s> Core<'s> {
                 && interrupt.load(Ordering::Relaxed)
                 && interrupt.swap(false, Ordering::AcqRel)
             {
+                self.backoff.reset();
                 return false;
             }
             // (The clock is read only for a deadline: `recv` and the `try_` calls have none.)
@@ -1152,6 +1157,7 @@ impl<'s> Core<'s> {
                 Until::At(d) => {
                     let now = Instant::now();
                     if now >= d {
+                        self.backoff.reset();
                         return false;
                     }
                     Some((d, now))
