@@ -2095,6 +2095,36 @@ fn a_task_redone_after_a_death_goes_before_those_waiting() {
     }
     assert_eq!(order, [first, later[0], later[1]], "in submission order");
     assert_eq!(pool.restarts(), 1);
+    // Several tasks at the dead worker (it may queue 10 s of them once its pace is known) go
+    // again in the order they were submitted, whatever slots they hold.
+    let pool = Pool::builder()
+        .workers(1)
+        .queue_ahead(Duration::from_secs(10))
+        .kernels(kernels())
+        .build()
+        .unwrap();
+    let producer = pool.producer().unwrap();
+    for _ in 0..4 {
+        submit_sleep(&producer, 1, 0.0);
+        assert!(producer.recv().is_some());
+    }
+    // (Slots go home to a stack: four taken and given back in turn come out reversed.)
+    let loans: Vec<_> = (0..4)
+        .map(|_| producer.loan::<f64>(Shape::d1(1)).unwrap())
+        .collect();
+    drop(loans);
+    let sent: Vec<_> = [400, 10, 10, 10]
+        .iter()
+        .map(|&ms| submit_sleep(&producer, ms, 1.0))
+        .collect();
+    assert!(
+        sent.iter().all(|&t| !producer.is_waiting(t)),
+        "all at the worker"
+    );
+    std::thread::sleep(Duration::from_millis(100));
+    unsafe_free_kill(pool.worker_pids()[0]);
+    let order: Vec<_> = std::iter::from_fn(|| producer.recv().map(|c| c.ticket())).collect();
+    assert_eq!(order, sent, "in submission order");
 }
 
 /// A long task does not hold back the tasks submitted after it while another worker is free:

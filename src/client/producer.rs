@@ -276,6 +276,9 @@ pub(crate) struct Record {
     /// this record describes, or 0: a next submit of the same task and dtype to this slot
     /// keeps the kernel code and parameters already here.
     pub(crate) task: u64,
+    /// When the task was submitted, counted in tasks of this handle: the order in which
+    /// tasks waiting for a worker are sent, those sent again after a death among them.
+    pub(crate) order: u64,
 }
 
 impl Record {
@@ -335,6 +338,8 @@ pub(crate) struct Core<'s> {
     /// Tasks waiting to be sent, oldest first: submitted while no worker could take them
     /// (see [`dispatch::LeastLoaded`]), or to run again after a death.
     redo: VecDeque<Token>,
+    /// Tasks this handle submitted (see [`Record::order`]).
+    submitted: u64,
     next_ticket: u64,
     /// Maps started on this handle (the last one's number; numbers go from 1, wrapping past
     /// 0): a map takes only slots with its own number, and releases those of a map that was
@@ -444,11 +449,13 @@ impl<'s> Core<'s> {
                     map: 0,
                     any: false,
                     task: 0,
+                    order: 0,
                 };
                 layout.slots() as usize
             ],
             ready: VecDeque::new(),
             redo: VecDeque::new(),
+            submitted: 0,
             next_ticket: 0,
             maps: 0,
             map_drain: None,
@@ -625,6 +632,8 @@ impl<'s> Core<'s> {
             crate::array::extend_copied(copy, &data[..extent]);
         }
         self.sh.seg.write_task(&token, &record.desc);
+        self.records[token.slot() as usize].order = self.submitted;
+        self.submitted += 1;
         self.in_flight += 1;
         self.send(token);
     }
@@ -890,9 +899,6 @@ impl<'s> Core<'s> {
         let back = self.reclaim(w);
         ctl.reclaimed[w].fetch_add(back.len() as u64, Ordering::Relaxed);
         let how = exit_words(&self.sh.ctl, w);
-        // Tasks still waiting in the handle were all submitted after every task a worker has
-        // (a task waits only behind others that wait): those sent again go before them.
-        let waiting = self.redo.len();
         for t in back {
             let queued = self.slots.record(&t).ring_pos >= taken;
             let r = &self.records[t.slot() as usize];
@@ -937,9 +943,13 @@ impl<'s> Core<'s> {
                 (false, None) => self.finish(t, Outcome::failed(error), false, Some(w as u32)),
             }
         }
-        // (Those sent again were queued at the back, in the order the worker had them.)
-        let again = self.redo.len() - waiting;
-        self.redo.rotate_right(again);
+        // Those sent again were queued at the back, in slot order: the waiting tasks go in the
+        // order they were submitted, so a task sent again goes before those submitted after
+        // it (an ordered map waits on the oldest).
+        let records = &self.records;
+        self.redo
+            .make_contiguous()
+            .sort_by_key(|t| records[t.slot() as usize].order);
         if self.draining {
             // A handle being dropped feeds no more work to a pool whose workers die or hang
             // under it: the tasks still waiting for a worker are dropped unrun, as those
