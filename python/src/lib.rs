@@ -1213,9 +1213,9 @@ struct MapIter {
     lend: bool,
     /// Arrays in flight or waiting to be read in their slots, at most.
     window: usize,
-    /// Inputs taken ahead of the next result out, at most, when results waiting in their
-    /// slots are copied out to make room (0: they are not, and `window` bounds the inputs
-    /// taken ahead).
+    /// Inputs taken ahead of the next result out, at most, while results wait for it out of
+    /// their slots (lent ones copied out to make room, or received as copies); 0: they do
+    /// not, and `window` bounds the inputs taken ahead.
     reorder: usize,
     /// What this map holds ahead of its next result out, in bytes (see [`Ahead`]); shared with
     /// its `MapState`, where results received as copies are counted.
@@ -1515,10 +1515,13 @@ impl MapIter {
         let taken = self.next_in - self.next_out;
         let ahead = self.ahead();
         let spilled = ahead.spilled.len() as u64;
+        // (Within the window it may always take; past it, only going ahead of a slow result,
+        // within `reorder` and `REORDER_BYTES`.)
         self.pending.is_none()
             && !self.exhausted
             && taken - spilled < self.window as u64
-            && (spilled == 0 || (taken < self.reorder as u64 && ahead.has_room()))
+            && (taken < self.window as u64
+                || (spilled > 0 && taken < self.reorder as u64 && ahead.has_room()))
     }
 
     /// Whether the window is full of this map's results waiting in their slots for one still
