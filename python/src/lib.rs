@@ -1346,8 +1346,7 @@ impl MapIter {
         for (k, a) in lent {
             let copy = a.bind(py).call_method0("copy")?;
             copy.call_method1("setflags", (false,))?;
-            let nbytes = copy.getattr("nbytes")?.extract::<usize>().unwrap_or(0);
-            self.ahead().add_spilled(k, nbytes);
+            self.ahead().add_spilled(k, nbytes_of(&copy));
             // (The view goes here, under the lock: its slot goes home at once.)
             if let Some(m) = sh.router.borrow_mut().maps.get_mut(&self.id) {
                 m.ready.insert(k, (true, copy.unbind(), false));
@@ -1584,11 +1583,7 @@ impl MapIter {
             }
             r => {
                 if self.reorder > 0 && r.is_ok() {
-                    let bytes = input
-                        .getattr(intern!(py, "nbytes"))
-                        .and_then(|n| n.extract::<usize>())
-                        .unwrap_or(0);
-                    self.ahead().add_input(index, bytes);
+                    self.ahead().add_input(index, nbytes_of(&input));
                 }
                 self.sent(py, sh, vec![index], r.map(|t| t.expect("some")))
             }
@@ -1635,7 +1630,7 @@ fn lock_ahead(ahead: &Mutex<Ahead>) -> std::sync::MutexGuard<'_, Ahead> {
     ahead.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// `a.nbytes` for a result array (0 for anything else).
+/// `a.nbytes` for an input or result array of a map (0 for anything else).
 fn nbytes_of(a: &Bound<'_, PyAny>) -> usize {
     a.getattr(intern!(a.py(), "nbytes"))
         .and_then(|n| n.extract::<usize>())
