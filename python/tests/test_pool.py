@@ -2490,14 +2490,17 @@ def slow_items(n, seconds, taken):
 
 
 def test_a_map_hands_out_results_at_the_pace_of_a_slow_input():
-    # (The window is 16 slots: results used to wait until 16 inputs were taken.)
+    # (The window is 16 slots: results used to wait until 16 inputs were taken, here all 12.
+    # A result normally comes back 1-2 inputs after its own; the bound leaves room for a busy
+    # host: with two busy loops on this 2-CPU machine, one run saw 7.)
     with mk1.Pool(workers=2, slots=16) as p:
+        assert p.submit(square, 3).result() == 9  # (the workers have started and run once)
         for make in (lambda i: i, lambda i: np.full(4, float(i))):
             taken: list = []
             seen = []
             for k, r in enumerate(p.map(square, (make(i) for i in slow_items(12, 0.03, taken)))):
                 seen.append(len(taken) - k)
-            assert max(seen) <= 6, seen
+            assert max(seen) <= 9, seen
 
 
 def test_a_map_waiting_on_its_input_holds_up_no_other_thread():
