@@ -52,12 +52,13 @@ fn killed_workers_are_replaced_and_nothing_is_lost() {
             "--workers",
             "2",
             "--duration",
-            "3s",
+            "5s",
             "--max-dim",
             "64",
         ],
         &[],
     );
+    // (Kills end 3 s before the run does: the last victim's replacement has time to start.)
     let pid = child.id();
     let mut kills = 0;
     let mut last = Vec::new();
@@ -296,7 +297,9 @@ fn workers_exit_when_the_coordinator_is_killed() {
     signal(pid, "-KILL");
     let killed = Instant::now();
     let _ = child.wait();
-    assert_no_workers_left(pid, Duration::from_secs(1));
+    // (Seconds on a loaded host; a worker that missed its coordinator's death would stay for
+    // the whole 60 s run.)
+    assert_no_workers_left(pid, Duration::from_secs(10));
     eprintln!(
         "orphans gone {:?} after the coordinator was killed",
         killed.elapsed()
