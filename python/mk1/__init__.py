@@ -24,7 +24,7 @@ from ._mk1 import (
     TaskTimeout,
     WorkerDied,
 )
-from ._pool import AsyncResult, Future, Pool
+from ._pool import AsyncResult, Future, MapIterator, Pool
 from ._worker import worker_id, worker_state
 
 # The exception types live in the extension; name them as mk1's so that they pickle (a worker
@@ -40,6 +40,7 @@ __all__ = [
     "ArrayTooLarge",
     "AsyncResult",
     "Future",
+    "MapIterator",
     "Mk1Error",
     "NoWorkersLeft",
     "Pool",

@@ -54,6 +54,13 @@ class AsyncResult:
     def ready(self) -> bool: ...
     def successful(self) -> bool: ...
 
+class MapIterator(Iterator[Any]):
+    """The results of ``map``, ``imap``, ``imap_unordered`` and ``starmap``."""
+    def __iter__(self) -> MapIterator: ...
+    def __next__(self) -> Any: ...
+    def next(self, timeout: float | None = None) -> Any: ...
+    def close(self) -> None: ...
+
 class Pool:
     """A pool of worker processes fed through shared memory (see the module's docs).
 
@@ -130,7 +137,7 @@ class Pool:
         zero_copy: bool = ...,
         progress: bool = ...,
         timeout: float | None = ...,
-    ) -> Iterator[Any]: ...
+    ) -> MapIterator: ...
     def imap(
         self,
         fn: _Fn,
@@ -139,7 +146,7 @@ class Pool:
         zero_copy: bool = ...,
         progress: bool = ...,
         timeout: float | None = ...,
-    ) -> Iterator[Any]: ...
+    ) -> MapIterator: ...
     def imap_unordered(
         self,
         fn: _Fn,
@@ -148,7 +155,7 @@ class Pool:
         zero_copy: bool = ...,
         progress: bool = ...,
         timeout: float | None = ...,
-    ) -> Iterator[Any]: ...
+    ) -> MapIterator: ...
     def starmap(
         self,
         fn: Callable[..., Any],
@@ -157,7 +164,7 @@ class Pool:
         *,
         zero_copy: bool = ...,
         progress: bool = ...,
-    ) -> Iterator[Any]: ...
+    ) -> MapIterator: ...
 
 def worker_id() -> int | None:
     """This worker's index (``0..workers``), or None outside a worker."""

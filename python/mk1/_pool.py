@@ -511,6 +511,63 @@ class AsyncResult:
         return self._fut.exception() is None
 
 
+class MapIterator:
+    """The results of ``Pool.map``, ``imap``, ``imap_unordered`` and ``starmap``: an iterator,
+    lazy as a generator (see ``Pool.map``), with ``next(timeout)`` as ``multiprocessing``'s
+    ``IMapIterator`` has it."""
+
+    __slots__ = ("_gen", "_step", "__weakref__")
+
+    def __init__(self, gen: Iterator[Any], step: _Step) -> None:
+        self._gen = gen
+        self._step = step
+
+    def __iter__(self) -> MapIterator:
+        return self
+
+    def __next__(self) -> Any:
+        return next(self._gen)
+
+    def next(self, timeout: float | None = None) -> Any:
+        """The next result, waiting for it up to ``timeout`` seconds (None: as long as it
+        takes, or the map's own ``timeout``). Raises ``multiprocessing.TimeoutError`` when it
+        has not come by then; the map goes on, and a later ``next`` gives that result (nothing
+        is lost or skipped). The map's ``timeout`` still ends the map when it passes
+        (``concurrent.futures.TimeoutError``). ``timeout`` bounds the waits for results, not
+        the taking of an input from the map's iterable, which runs in this call."""
+        if timeout is None:
+            return next(self._gen)
+        self._step.deadline = time.monotonic() + max(0.0, float(timeout))
+        try:
+            got = next(self._gen)
+        finally:
+            self._step.deadline = None
+        if got is _STEP_PASSED:
+            raise multiprocessing.TimeoutError()
+        return got
+
+    def close(self) -> None:
+        """Ends the map now: results still to come are dropped as they arrive, inputs not yet
+        taken are not (as when the iterator is dropped, or a ``for`` loop over it breaks)."""
+        self._gen.close()
+
+
+class _Step:
+    """The deadline of the step a ``MapIterator.next(timeout)`` runs (``time.monotonic()``;
+    None outside one)."""
+
+    __slots__ = ("deadline",)
+
+    def __init__(self) -> None:
+        self.deadline: float | None = None
+
+    def left(self) -> float | None:
+        return _left(self.deadline)
+
+
+_STEP_PASSED = object()  # what a map's generator yields when its step's timeout passed
+
+
 class _Driver:
     """Receives results for futures that nobody waits on, so that they complete by themselves
     (as ``concurrent.futures``' do): a thread runs while futures of the pool are pending and
@@ -1415,7 +1472,7 @@ class Pool:
         zero_copy: bool = False,
         progress: bool = False,
         timeout: float | None = None,
-    ) -> Iterator[Any]:
+    ) -> MapIterator:
         """``fn(a)`` for every array, in input order, lazily: at most ``slots`` arrays are in
         flight, so any number of arrays runs in bounded memory. Results that come back before
         a slower one ahead of them wait for it as copies, up to 4096 arrays and 64 MiB of
@@ -1466,6 +1523,10 @@ class Pool:
         its start (the map starts its work when first iterated, where ``concurrent.futures``
         counts from the call, having submitted every call), and ends: the calls no worker has
         yet are not run, those running finish unread.
+
+        The iterator returned (a ``MapIterator``) also has ``next(timeout)``, as
+        ``multiprocessing``'s ``imap`` iterator: ``multiprocessing.TimeoutError`` when no
+        result came within ``timeout`` seconds, and the map goes on.
         """
         return self._map(
             fn, iterables, True, zero_copy, progress, chunksize=chunksize, timeout=timeout
@@ -1481,7 +1542,7 @@ class Pool:
         *,
         zero_copy: bool = False,
         progress: bool = False,
-    ) -> Iterator[Any]:
+    ) -> MapIterator:
         """``fn(*args)`` for every ``args`` of ``iterable``, in input order, lazily (as
         ``multiprocessing.Pool.starmap``, but an iterator): calls as ``submit`` makes them for
         several arguments. Otherwise as ``map``."""
@@ -1495,7 +1556,7 @@ class Pool:
         zero_copy: bool = False,
         progress: bool = False,
         timeout: float | None = None,
-    ) -> Iterator[Any]:
+    ) -> MapIterator:
         """As ``map``, in completion order."""
         return self._map(
             fn, iterables, False, zero_copy, progress, chunksize=chunksize, timeout=timeout
@@ -1545,13 +1606,20 @@ class Pool:
             sized = all(hasattr(i, "__len__") for i in iterables)
             bar = _progress(min(len(i) for i in iterables) if sized else None)
         inputs = iter(iterables[0]) if calls is None else calls
-        return self._map_gen(
-            fn, task, inputs, calls is not None, ordered, zero_copy, bar, chunksize, timeout
+        step = _Step()
+        return MapIterator(
+            self._map_gen(
+                fn, task, inputs, calls is not None, ordered, zero_copy, bar, chunksize, timeout,
+                step,
+            ),
+            step,
         )
 
     def _map_gen(
-        self, fn, task, inputs, batched, ordered, zero_copy, bar, chunksize=None, timeout=None
+        self, fn, task, inputs, batched, ordered, zero_copy, bar, chunksize, timeout, step
     ):
+        # (Yields `_STEP_PASSED`, and takes up where it was at the next step, when a wait passes
+        # the deadline `MapIterator.next` set for this step: see `wait`.)
         # (From the first step on: the map starts its work there, where `concurrent.futures`'
         # submits every call at once and counts from the call.)
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -1603,12 +1671,34 @@ class Pool:
             self._route,
             _left(deadline),
         )
+
+        def waited(fut: Future):
+            """``fut``'s result (raises its exception), for ``yield from``: within the map's
+            timeout, and yielding ``_STEP_PASSED`` each time the step's passes first."""
+            while True:
+                for_step, for_map = step.left(), _left(deadline)
+                map_first = for_step is None or (for_map is not None and for_map <= for_step)
+                try:
+                    return fut.result(for_map if map_first else for_step)
+                except concurrent.futures.TimeoutError:
+                    # (Its own TimeoutError, or the map's timeout: it ends the map.)
+                    if fut.done() or map_first:
+                        raise
+                yield _STEP_PASSED
+
         try:
             while True:
                 try:
                     # (Not deferred as `_pump` defers: the step also takes the caller's input
                     # and waits, without holding the pool, and a callback may feed that input.)
-                    ok, value, index = next(it)
+                    if step.deadline is None:
+                        ok, value, index = next(it)
+                    else:
+                        stepped = it.next_within(step.left())
+                        if stepped is None:
+                            yield _STEP_PASSED
+                            continue
+                        ok, value, index = stepped
                 except StopIteration:
                     return
                 except TimeoutError as e:  # (not the same class before Python 3.11)
@@ -1624,7 +1714,8 @@ class Pool:
                         for fut in again:
                             if bar is not None:
                                 bar.update(1)
-                            yield fut.result(_left(deadline))
+                            value = yield from waited(fut)
+                            yield value
                         again = None
                         continue
                 if not ok:
@@ -1677,14 +1768,16 @@ class Pool:
                     # (And as the slot holds results like these: a batch stopped because its
                     # results were filling the slot.)
                     size = min(_BatchSizer.MOST, size, sizer.by_bytes())
-                    again = _Left(self, task, pairs, left, size, deadline)
+                    again = _Left(self, task, pairs, left, size)
                     pairs = None
                     for i, (kind, value) in enumerate(entries):
                         if bar is not None:
                             bar.update(1)
                         if kind == _args.FAILED:
                             raise _rebuild(_mk1.RemoteError(value))
-                        yield value if kind == _args.OK else again.result(i)
+                        if kind != _args.OK:
+                            value = yield from again.result(i, waited)
+                        yield value
                     entries = value = again = None
                     continue
                 if bar is not None:
@@ -1727,17 +1820,10 @@ class _Left:
     to ``size``, each a batch of its own (whose worker stops it in turn if it runs long): a
     call left again, or one of a group whose worker died or hung, runs on its own."""
 
-    def __init__(
-        self,
-        pool: Pool,
-        task: tuple,
-        pairs: list,
-        left: list,
-        size: int,
-        deadline: float | None = None,
-    ) -> None:
-        self.pool, self.task, self.deadline = pool, task, deadline
+    def __init__(self, pool: Pool, task: tuple, pairs: list, left: list, size: int) -> None:
+        self.pool, self.task = pool, task
         self.where: dict = {}  # a left call's index in its batch -> (its group, its place)
+        self.again: dict = {}  # a left call's index -> its future, once it runs on its own
         size = max(1, size)
         for start in range(0, len(left), size):
             group = _Group([pairs[i] for i in left[start : start + size]])
@@ -1748,12 +1834,14 @@ class _Left:
             for k, i in enumerate(left[start : start + size]):
                 self.where[i] = (group, k)
 
-    def result(self, i: int) -> Any:
-        """The result of call ``i`` of the batch (raises its exception)."""
-        group, k = self.where.pop(i)
+    def result(self, i: int, waited: Callable[[Future], Iterator[Any]]):
+        """The result of call ``i`` of the batch (raises its exception), for ``yield from``:
+        ``waited(future)`` waits for a future, and yields ``_STEP_PASSED`` when the map's step
+        is over first (see ``Pool._map_gen``); the next step takes up the wait."""
+        group, k = self.where[i]
         if group.singles is None and group.entries is None:
             try:
-                group.entries, block = group.fut.result(_left(self.deadline))
+                group.entries, block = yield from waited(group.fut)
             except (_mk1.WorkerDied, _mk1.TaskTimeout):
                 # Only the call that kills its worker (or hangs) must fail: each on its own.
                 group.singles = [self.pool._again(self.task, p) for p in group.pairs]
@@ -1765,14 +1853,20 @@ class _Left:
                     raise _mk1.Mk1Error("a worker sent back the results of another batch")
                 group.entries += [(_args.AGAIN, None)] * short
         if group.singles is not None:
-            return group.singles[k].result(_left(self.deadline))
-        kind, value = group.entries[k]
-        group.entries[k] = None
-        if kind == _args.OK:
-            return value
-        if kind == _args.FAILED:
-            raise _rebuild(_mk1.RemoteError(value))
-        return self.pool._again(self.task, group.pairs[k]).result(_left(self.deadline))
+            value = yield from waited(group.singles[k])
+        else:
+            kind, value = group.entries[k]
+            if kind == _args.FAILED:
+                raise _rebuild(_mk1.RemoteError(value))
+            if kind != _args.OK:
+                fut = self.again.get(i)
+                if fut is None:
+                    fut = self.again[i] = self.pool._again(self.task, group.pairs[k])
+                value = yield from waited(fut)
+                del self.again[i]
+            group.entries[k] = None
+        del self.where[i]
+        return value
 
 
 def _left(deadline: float | None) -> float | None:

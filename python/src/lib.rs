@@ -74,6 +74,12 @@ pyo3::create_exception!(
     Mk1Error,
     "Every slot is in use (internal: the Python layer receives a result and retries)."
 );
+pyo3::create_exception!(
+    _mk1,
+    StepTimeout,
+    PyException,
+    "A map's step waited its own timeout (internal: `MapIter.next_within` returns None)."
+);
 
 /// Bytes of each slot kept for the pickled function that travels with every array.
 const CONTEXT_ROOM: u64 = 64 << 10;
@@ -1016,6 +1022,7 @@ impl PoolCore {
             ahead,
             in_hand: false,
             deadline,
+            step_deadline: None,
             pending: None,
             pull_secs: 0.0,
             next_in: 0,
@@ -1225,6 +1232,9 @@ struct MapIter {
     /// When the map's `timeout` ends: a wait for a result that would begin after it raises
     /// `TimeoutError` (a result already in hand goes out first).
     deadline: Option<std::time::Instant>,
+    /// When the step under way ends (set by `next_within` for one step): a wait that would
+    /// begin after it raises `StepTimeout`, with nothing taken or lost, and the map goes on.
+    step_deadline: Option<std::time::Instant>,
     /// An input taken from the iterator, waiting for a slot that only reading this map's
     /// waiting results can free.
     /// (Or its failure: the iterator's, or its preparing's, to be parked in its turn.)
@@ -1299,16 +1309,26 @@ impl MapIter {
 
     /// Receives one completion and sends it where it belongs, waiting up to `timeout`
     /// seconds (not past the map's deadline: a wait that would begin after it raises
-    /// `TimeoutError`). Whether one came.
+    /// `TimeoutError`; nor past the step's: `StepTimeout`). Whether one came.
     fn pump(&self, py: Python<'_>, sh: &Shared, mut timeout: f64) -> PyResult<bool> {
-        if let (Some(deadline), true) = (self.deadline, timeout > 0.0) {
-            let left = deadline.saturating_duration_since(std::time::Instant::now());
-            if left.is_zero() {
-                return Err(pyo3::exceptions::PyTimeoutError::new_err(
-                    "the map's timeout passed before its next result came",
-                ));
+        if timeout > 0.0 {
+            let now = std::time::Instant::now();
+            if let Some(deadline) = self.deadline {
+                let left = deadline.saturating_duration_since(now);
+                if left.is_zero() {
+                    return Err(pyo3::exceptions::PyTimeoutError::new_err(
+                        "the map's timeout passed before its next result came",
+                    ));
+                }
+                timeout = timeout.min(left.as_secs_f64());
             }
-            timeout = timeout.min(left.as_secs_f64());
+            if let Some(deadline) = self.step_deadline {
+                let left = deadline.saturating_duration_since(now);
+                if left.is_zero() {
+                    return Err(StepTimeout::new_err("no result within the step's timeout"));
+                }
+                timeout = timeout.min(left.as_secs_f64());
+            }
         }
         match sh.recv(py, timeout, self.lend.then_some(self.id))? {
             None => {
@@ -1581,6 +1601,11 @@ impl MapIter {
                 self.pending = Some((index, Ok(input.unbind())));
                 Ok(())
             }
+            Err(e) if e.is_instance_of::<StepTimeout>(py) => {
+                // (The map goes on after its step: the input is still to be sent.)
+                self.pending = Some((index, Ok(input.unbind())));
+                Err(e)
+            }
             r => {
                 if self.reorder > 0 && r.is_ok() {
                     self.ahead().add_input(index, nbytes_of(&input));
@@ -1672,6 +1697,27 @@ impl MapIter {
         drop(sh);
         drop(held);
         spilled
+    }
+
+    /// As `__next__`, waiting for results up to `timeout` seconds (None: no limit but the
+    /// map's): None when none came by then (the map goes on: nothing was taken or lost),
+    /// `StopIteration` at the end. (`timeout` bounds the waits for results, not the taking of
+    /// an input from the caller's iterator.)
+    fn next_within(
+        &mut self,
+        py: Python<'_>,
+        timeout: Option<f64>,
+    ) -> PyResult<Option<(bool, Py<PyAny>, u64)>> {
+        self.step_deadline = timeout
+            .map(|t| std::time::Instant::now() + Duration::from_secs_f64(t.clamp(0.0, YEAR_S)));
+        let got = self.__next__(py);
+        self.step_deadline = None;
+        match got {
+            Ok(Some(v)) => Ok(Some(v)),
+            Ok(None) => Err(pyo3::exceptions::PyStopIteration::new_err(())),
+            Err(e) if e.is_instance_of::<StepTimeout>(py) => Ok(None),
+            Err(e) => Err(e),
+        }
     }
 
     /// The next `(ok, result or error, input index)`.

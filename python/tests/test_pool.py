@@ -7,6 +7,7 @@ name through the caller's sys.path, as multiprocessing's spawn does).
 from __future__ import annotations
 
 import concurrent.futures
+import multiprocessing
 import os
 import pathlib
 import signal
@@ -2733,11 +2734,6 @@ def test_a_slow_callback_holds_up_no_other_threads_use_of_the_pool():
         assert time.monotonic() - t < 3.0, "a submit waited for another thread's callback"
 
 
-def nap(seconds):
-    time.sleep(seconds)
-    return seconds
-
-
 def test_map_async_survives_close_and_join_and_a_callback_may_feed_a_maps_input():
     import queue
 
@@ -2800,3 +2796,98 @@ def test_ctrl_c_while_a_thread_receives_loses_no_future(tmp_path):
     )
     assert r.returncode == 0, r.stderr
     assert "lost 0" in r.stdout, r.stdout
+
+
+def exits_once_then_naps(i, marker):
+    """Kills its worker the first time call 150 runs; run again, call 150 takes 1 s."""
+    if i == 150:
+        if not os.path.exists(marker):
+            open(marker, "w").close()
+            os._exit(3)
+        time.sleep(1.0)
+    return i * 2
+
+
+def _taken_with_timeouts(it, timeout):
+    """Every result of the map ``it``, each taken with ``it.next(timeout)`` (again after a
+    ``multiprocessing.TimeoutError``), and how many of those calls raised it."""
+    got, passed = [], 0
+    while True:
+        try:
+            got.append(it.next(timeout=timeout))
+        except multiprocessing.TimeoutError:
+            passed += 1
+        except StopIteration:
+            return got, passed
+
+
+def test_next_with_a_timeout_raises_and_the_map_goes_on_losing_nothing(tmp_path):
+    """``imap(...).next(timeout)`` as ``multiprocessing``'s: ``multiprocessing.TimeoutError``
+    when no result came within ``timeout``, and the map goes on; a result already back goes
+    out even with ``timeout=0``."""
+    with mk1.Pool(workers=2) as pool:
+        cases = [
+            # arrays, calls (batched), completion order
+            (lambda: pool.imap(slow_sleep, [np.array([1.0])] + [np.array([0.01])] * 5),
+             lambda got: [float(y[0]) for y in got] == [1.0] + [0.01] * 5),
+            (lambda: pool.imap(slow_sleep, [np.array([1.0])] + [np.array([0.01])] * 5,
+                               zero_copy=True),
+             lambda got: [float(y[0]) for y in got] == [1.0] + [0.01] * 5),
+            (lambda: pool.imap(nap, [1.0] + [0.01] * 5),
+             lambda got: got == [1.0] + [0.01] * 5),
+            (lambda: pool.imap_unordered(nap, [1.0, 1.0]),
+             lambda got: got == [1.0, 1.0]),
+        ]
+        for make, right in cases:
+            it = make()
+            t0 = time.monotonic()
+            with pytest.raises(multiprocessing.TimeoutError):
+                it.next(timeout=0.1)
+            assert time.monotonic() - t0 < 0.9, "the step waited for the slow call"
+            got, passed = _taken_with_timeouts(it, 0.05)
+            assert right(got), got
+            assert passed >= 1
+        assert isinstance(it, mk1.MapIterator) and iter(it) is it
+        # A result already back goes out with timeout=0.
+        it = pool.imap(nap, [0.01])
+        with pytest.raises(multiprocessing.TimeoutError):
+            it.next(timeout=0)  # (the map starts here: nothing can be back yet)
+        time.sleep(0.5)
+        assert it.next(timeout=0) == 0.01
+        with pytest.raises(StopIteration):
+            it.next(timeout=0)
+        # The map's own timeout still ends the map.
+        it = pool.imap(nap, [3.0, 0.01], timeout=0.5)
+        with pytest.raises(multiprocessing.TimeoutError):
+            it.next(timeout=0.1)
+        with pytest.raises(concurrent.futures.TimeoutError):
+            it.next(timeout=30)
+        with pytest.raises(StopIteration):
+            next(it)
+        # Calls a batch's worker left, run again on their own (its worker died), are waited for
+        # step by step too.
+        marker = str(tmp_path / "died")
+        it = pool.map(exits_once_then_naps, range(400), [marker] * 400)
+        got, passed = _taken_with_timeouts(it, 0.05)
+        assert got == [2 * i for i in range(400)]
+        assert os.path.exists(marker) and passed >= 1
+        # And calls left by a batch that ran long (run again in groups; here one takes 300 ms).
+        it = pool.map(slow_then_naps, range(3000), [700] * 3000)
+        got, passed = _taken_with_timeouts(it, 0.05)
+        assert got == list(range(3000)) and passed >= 1
+        # close() ends a map early; the pool goes on.
+        it = pool.imap(nap, [0.01] * 10)
+        assert it.next(timeout=30) == 0.01
+        it.close()
+        with pytest.raises(StopIteration):
+            next(it)
+        assert pool.submit(nap, 0.01).result() == 0.01
+
+
+def slow_then_naps(i, n):
+    """Every ``n``th call takes 30 ms (its batch stops after it), the call after it 300 ms."""
+    if i % n == n - 1:
+        time.sleep(0.03)
+    if i % n == 0 and i > 0:
+        time.sleep(0.3)
+    return i
