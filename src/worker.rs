@@ -86,7 +86,10 @@ extern "C" fn revoke_in_forked_child() {
 /// queued for this worker go to the others. For a kernel that finds its process unfit to go
 /// on: state it can no longer trust, or a view of shared memory that escaped the call (the
 /// Python bindings retire a worker whose function kept its input or output array). `why` is
-/// written to stderr with the worker's last words. Outside a worker it does nothing.
+/// written to stderr with the worker's last words; an empty `why` retires quietly (a planned
+/// replacement, such as a limit of tasks per process). A replacement after a retirement is not
+/// charged to [`PoolBuilder::max_restarts`](crate::PoolBuilder::max_restarts), which bounds
+/// deaths. Outside a worker it does nothing.
 pub fn retire_after_this_task(why: impl Into<String>) {
     let _ = RETIRE.set(why.into());
 }
@@ -373,7 +376,9 @@ pub fn run_if_worker_with(kernels: &Registry) {
                 // (Not `eprintln!`: an orphan's stderr pipe died with the coordinator, and a
                 // panic here would replace the exit code that says why.)
                 use std::io::Write;
-                let _ = writeln!(std::io::stderr(), "mk1 worker {}: {e}", spec.index);
+                if !matches!(&e, WorkerError::Retired(why) if why.is_empty()) {
+                    let _ = writeln!(std::io::stderr(), "mk1 worker {}: {e}", spec.index);
+                }
                 e.exit_code()
             }
         },

@@ -738,7 +738,15 @@ class Pool:
         slots: arrays in flight at once (default ``4 * workers``): the bound on memory and
             the backpressure of ``map``.
         max_retries: redos of a task whose worker died (out of place, or with keep_copies).
-        max_restarts: worker replacements before the pool gives up (``NoWorkersLeft``).
+        max_restarts: worker replacements after deaths before the pool gives up
+            (``NoWorkersLeft``); replacements after ``max_tasks_per_child`` do not count.
+        max_tasks_per_child: calls a worker process makes before it is replaced by a fresh
+            one (default None: no limit), for functions that leak memory or other resources;
+            also spelt ``maxtasksperchild`` (``multiprocessing.Pool``'s fourth argument). A
+            worker stops a batch of calls at its limit (the calls it left run again, as
+            those of a batch that ran long), answers, and exits; its replacement starts as at the pool's start
+            (``initializer`` included), and no call is lost or run twice for it. Each array
+            of a map, each ``submit`` and each call of a map of calls counts one.
         timeout: seconds one array may take; past it the worker is killed and replaced, and
             the task fails with ``TaskTimeout`` (default: no limit).
         keep_copies: in place, keep a copy of each input to redo a task whose worker died.
@@ -770,7 +778,9 @@ class Pool:
         workers: int | None = None,
         initializer: Callable[..., Any] | None = None,
         initargs: tuple = (),
+        maxtasksperchild: int | None = None,
         *,
+        max_tasks_per_child: int | None = None,
         mode: str = "out-of-place",
         max_array_bytes: int = 4 << 20,
         slots: int | None = None,
@@ -790,6 +800,19 @@ class Pool:
         if len(given) > 1:
             raise TypeError(f"{' and '.join(k for k, _ in given)} are one setting: give one")
         workers = given[0][1] if given else None
+        # (`maxtasksperchild` is multiprocessing's name, `max_tasks_per_child`
+        # concurrent.futures'.)
+        if maxtasksperchild is not None and max_tasks_per_child is not None:
+            raise TypeError("maxtasksperchild and max_tasks_per_child are one setting: give one")
+        if maxtasksperchild is not None:
+            max_tasks_per_child = maxtasksperchild
+        if max_tasks_per_child is not None:
+            max_tasks_per_child = operator.index(max_tasks_per_child)
+            if max_tasks_per_child < 1:
+                raise ValueError(
+                    f"max_tasks_per_child must be at least 1 (None: no limit), "
+                    f"not {max_tasks_per_child}"
+                )
         if os.environ.get("MK1_WORKER") is not None:
             raise RuntimeError(_pool_in_worker())
         if mode not in ("out-of-place", "in-place"):
@@ -825,6 +848,7 @@ class Pool:
             "main_path": os.path.abspath(main.__file__)
             if getattr(main, "__file__", None)
             else None,
+            "max_calls": max_tasks_per_child,
         }
         env = [(BOOT_ENV, json.dumps(boot))]
         # Native thread pools (BLAS, OpenMP) sized for the worker's share of the CPUs, as

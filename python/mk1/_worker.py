@@ -33,6 +33,9 @@ _U8 = np.dtype(np.uint8)
 _worker_id: int | None = None
 _workers: int | None = None
 _state: dict = {}
+# The pool's `max_tasks_per_child` (None: no limit), and the calls this process has made.
+_max_calls: int | None = None
+_calls = 0
 
 
 def _prepare_main(boot: dict) -> None:
@@ -62,6 +65,8 @@ def _main() -> None:
         sys.argv[:] = boot["argv"]
     if "nonce" in boot:
         _args.NONCE = bytes.fromhex(boot["nonce"])
+    global _max_calls
+    _max_calls = boot.get("max_calls")
     try:
         _prepare_main(boot)
     except Exception as e:
@@ -156,13 +161,38 @@ def _leave_if_forked(sure: bool = False) -> None:
 
 def _run(fn, wants_out, inp, dtype, shape, out, in_place):
     """Runs ``fn`` on one array; returns ``(dtype code, shape)`` of what it wrote at the start
-    of ``out``, or ``(None, message)`` when it raised."""
+    of ``out``, or ``(None, message)`` when it raised. With ``max_tasks_per_child``, this
+    process retires once the task is answered when it has made that many calls."""
+    if _max_calls is None:
+        return _run_task(fn, wants_out, inp, dtype, shape, out, in_place)
+    try:
+        return _run_task(fn, wants_out, inp, dtype, shape, out, in_place)
+    finally:
+        if _calls >= _max_calls:
+            from mk1 import _mk1
+
+            _mk1.retire_after_this_task()
+
+
+def _count(calls: int) -> None:
+    """Counts calls this process made (see ``_run``)."""
+    global _calls
+    _calls += calls
+
+
+def _budget() -> float:
+    """Calls this process may still make (infinite without ``max_tasks_per_child``)."""
+    return float("inf") if _max_calls is None else _max_calls - _calls
+
+
+def _run_task(fn, wants_out, inp, dtype, shape, out, in_place):
     if type(fn) is _args.Batch:
         return _run_batch(fn.fn, inp, dtype, shape, out, in_place)
     if type(fn) is _args.Auto:
         fn = fn.fn
         if len(shape) == 1 and dtype == _U8 and _args.is_bundle(np.ndarray(shape, dtype, inp)):
             return _run_batch(fn, inp, dtype, shape, out, in_place)
+    _count(1)  # (one call, whether it returns or raises)
     try:
         x = np.ndarray(shape, dtype, inp)  # read-only out of place, as its buffer is
         if wants_out:
@@ -229,8 +259,9 @@ def _run_batch(fn, inp, dtype, shape, out, in_place):
             last = None
             n, space = len(calls), len(out)
             long, check = 0, space // 2  # (the lengths of long atoms; the next measure)
+            budget = _budget()  # (calls past it are left, as when the batch runs long)
             for args, _ in calls:
-                if values and clock() - start > _BATCH_STOP:
+                if values and (clock() - start > _BATCH_STOP or len(values) >= budget):
                     break
                 try:
                     value = fn(*args)
@@ -259,6 +290,7 @@ def _run_batch(fn, inp, dtype, shape, out, in_place):
                     if size > 0.9 * space:
                         break
                     check = long + (space - size) // 2
+            _count(len(values) + (last is not None))
             kept = None  # (a result or failure left out of a block sent as it is)
             if last is not None and values:
                 size = _block_bytes(batch, values, space)
@@ -320,11 +352,12 @@ def _run_pieces(fn, batch, calls, made, start, out, in_place):
     results = _args.Results(len(out), len(calls))
     stop = False
     OK, clock, was_made = _args.OK, time.perf_counter, len(made)
+    budget = _budget() + was_made  # (calls of this batch past it are left)
     for i in range(len(calls)):
         if stop or (
             i >= was_made
             and i > 0
-            and (clock() - start > _BATCH_STOP or results.nearly_full())
+            and (clock() - start > _BATCH_STOP or results.nearly_full() or i >= budget)
         ):
             # (The calls not made are left: the batch ran long, or its results are filling
             # the slot.)
@@ -334,6 +367,7 @@ def _run_pieces(fn, batch, calls, made, start, out, in_place):
         if i < was_made:
             entry, made[i] = made[i], None
         else:
+            _count(1)
             try:
                 args, kwargs = calls[i]
                 calls[i] = None

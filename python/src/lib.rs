@@ -289,6 +289,14 @@ fn python_error_text(e: &PyErr) -> String {
     })
 }
 
+/// Ends this worker process once its task now running has been answered, and the pool starts
+/// a replacement (not charged to `max_restarts`); quietly (the pool's `max_tasks_per_child`).
+/// Outside a worker it does nothing.
+#[pyfunction]
+fn retire_after_this_task() {
+    mk1::worker::retire_after_this_task("");
+}
+
 /// Serves as a worker if this interpreter was started as one (never returns then); returns
 /// at once otherwise.
 #[pyfunction]
@@ -2234,6 +2242,7 @@ fn _mk1(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<View>()?;
     m.add_class::<MapIter>()?;
     m.add_function(wrap_pyfunction!(serve, m)?)?;
+    m.add_function(wrap_pyfunction!(retire_after_this_task, m)?)?;
     m.add("Mk1Error", py.get_type::<Mk1Error>())?;
     m.add("PoolStartError", py.get_type::<PoolStartError>())?;
     m.add("WorkerDied", py.get_type::<WorkerDied>())?;

@@ -2891,3 +2891,41 @@ def slow_then_naps(i, n):
     if i % n == 0 and i > 0:
         time.sleep(0.3)
     return i
+
+
+def pid_of(_):
+    return os.getpid()
+
+
+def pid_array(x):
+    return np.full(1, os.getpid(), np.int64)
+
+
+def test_max_tasks_per_child_replaces_each_worker_after_that_many_calls():
+    """As ``multiprocessing.Pool(maxtasksperchild=)`` and ``ProcessPoolExecutor(
+    max_tasks_per_child=)``: a worker process makes at most that many calls (a batch of quick
+    calls stops at the limit, and the calls it left run again), then a fresh one replaces it;
+    nothing is lost, and replacements for it are not charged to ``max_restarts``."""
+    import collections
+
+    with mk1.Pool(workers=2, maxtasksperchild=5, max_restarts=0) as pool:
+        for make in (
+            lambda: pool.map(pid_of, range(40)),  # calls, in batches
+            lambda: (int(a[0]) for a in pool.map(pid_array, [np.ones(2)] * 30)),  # arrays
+            lambda: (f.result() for f in [pool.submit(pid_of, i) for i in range(12)]),
+        ):
+            pids = collections.Counter(make())
+            assert max(pids.values()) <= 5, pids
+            assert sum(pids.values()) in (40, 30, 12)
+            assert len(pids) >= sum(pids.values()) // 5
+        assert restarts_reaching(pool, 14) >= 14  # (82 calls, 5 a process, 2 left running)
+        assert pool.submit(square, 3).result() == 9
+    # The spellings, and what is refused.
+    with mk1.Pool(1, None, (), 2) as pool:  # (multiprocessing's fourth positional argument)
+        assert len(set(pool.map(pid_of, range(6)))) == 3
+    with mk1.Pool(workers=1, max_tasks_per_child=1) as pool:
+        assert len({pool.submit(pid_of, i).result() for i in range(3)}) == 3
+    with pytest.raises(TypeError, match="one setting"):
+        mk1.Pool(workers=1, maxtasksperchild=2, max_tasks_per_child=2)
+    with pytest.raises(ValueError, match="at least 1"):
+        mk1.Pool(workers=1, max_tasks_per_child=0)

@@ -365,8 +365,10 @@ impl PoolBuilder {
         self
     }
 
-    /// Worker replacements over the pool's life before it gives up (every later task fails
-    /// with [`TaskError::NoWorkers`]). Default 1000.
+    /// Worker replacements after deaths over the pool's life before it gives up (every later
+    /// task fails with [`TaskError::NoWorkers`]). A worker that retires itself
+    /// ([`crate::worker::retire_after_this_task`]) is replaced without counting here. Default
+    /// 1000.
     pub fn max_restarts(mut self, n: u32) -> Self {
         self.max_restarts = n;
         self
@@ -880,9 +882,9 @@ impl Pool {
         producer::max_slot_bytes(self.shared.seg.layout())
     }
 
-    /// Workers replaced so far (as the monitor thread last published it: a replacement shows
-    /// here within a few milliseconds of its start, which follows the death by up to the
-    /// producer handles' acknowledgement).
+    /// Workers replaced so far, after deaths and retirements alike (as the monitor thread last
+    /// published it: a replacement shows here within a few milliseconds of its start, which
+    /// follows the death by up to the producer handles' acknowledgement).
     pub fn restarts(&self) -> u32 {
         self.shared.restarts.load(Ordering::Relaxed)
     }

@@ -330,6 +330,11 @@ pub(crate) struct Monitor<'a> {
     pub(crate) gone_for_good: Vec<bool>,
     /// Set when slot `w`'s last start failed: it is not tried again.
     pub(crate) start_failed: Vec<Option<String>>,
+    /// Set when slot `w`'s process retired itself ([`crate::worker::retire_after_this_task`]):
+    /// its replacement is not charged to `max_restarts`, which bounds deaths.
+    pub(crate) retired: Vec<bool>,
+    /// Of `restarts`, the replacements of retired workers.
+    pub(crate) retirements: u32,
     /// Once the run stops, a silent worker is waited for at most `SHUTDOWN_GRACE` (a run
     /// draining after Ctrl-C); a pool keeps its worker timeout for the work still to do.
     pub(crate) short_drain: bool,
@@ -367,6 +372,8 @@ impl<'a> Monitor<'a> {
             pending_restart: Vec::new(),
             gone_for_good: vec![false; workers],
             start_failed: vec![None; workers],
+            retired: vec![false; workers],
+            retirements: 0,
             short_drain: true,
         }
     }
@@ -433,6 +440,9 @@ impl<'a> Monitor<'a> {
     ) {
         let ctl = self.ctl;
         let faulted = ctl.kill[w as usize].swap(false, Ordering::AcqRel);
+        self.retired[w as usize] = killed.is_none()
+            && !faulted
+            && how == Some(ExitKind::Exited(crate::worker::EXIT_RETIRED));
         match &killed {
             Some(KillReason::Stalled(after)) => {
                 how_words = format!("stalled for {after:?} and was killed; {how_words}");
@@ -597,7 +607,9 @@ impl<'a> Monitor<'a> {
                         "cannot restart worker {w} ({}): {why}",
                         self.image.describe()
                     ))
-                } else if self.restarts >= self.cfg.max_restarts {
+                } else if self.restarts - self.retirements >= self.cfg.max_restarts
+                    && !self.retired[w as usize]
+                {
                     Some(format!(
                         "more than {} worker restarts",
                         self.cfg.max_restarts
@@ -645,6 +657,9 @@ impl<'a> Monitor<'a> {
             match spawn_worker(self.image, self.stderr, self.seg, (self.spec)(w)) {
                 Ok(p) => {
                     self.restarts += 1;
+                    if std::mem::take(&mut self.retired[w as usize]) {
+                        self.retirements += 1;
+                    }
                     self.procs[w as usize] = Some(p);
                     ctl.alive[w as usize].store(true, Ordering::Release);
                     ctl.changes.fetch_add(1, Ordering::AcqRel);
