@@ -187,6 +187,10 @@ pub enum WorkerState {
     Running = 1,
     /// Saw shutdown and left.
     Exited = 2,
+    /// Left quietly on a kernel's request, after answering its task
+    /// ([`retire_after_this_task`](crate::worker::retire_after_this_task) with no reason): a
+    /// planned replacement, not a death.
+    Retired = 3,
 }
 
 /// What one producer thread publishes so workers know when to wake it.

@@ -60,6 +60,9 @@ pub const EXIT_RETIRED: i32 = 73;
 
 /// Why this worker process is to end after its current task, once a kernel said so.
 static RETIRE: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+/// This worker process is to end after its current task, quietly (a reason set in `RETIRE`
+/// too, before or after, is still written).
+static RETIRE_QUIETLY: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
 /// This worker's slot regions, (address, bytes) each, for [`revoke_in_forked_child`].
 static SLOTS: std::sync::OnceLock<[(usize, usize); 2]> = std::sync::OnceLock::new();
@@ -86,12 +89,26 @@ extern "C" fn revoke_in_forked_child() {
 /// queued for this worker go to the others. For a kernel that finds its process unfit to go
 /// on: state it can no longer trust, or a view of shared memory that escaped the call (the
 /// Python bindings retire a worker whose function kept its input or output array). `why` is
-/// written to stderr with the worker's last words; an empty `why` retires quietly (a planned
-/// replacement, such as a limit of tasks per process). A replacement after a retirement is not
-/// charged to [`PoolBuilder::max_restarts`](crate::PoolBuilder::max_restarts), which bounds
-/// deaths. Outside a worker it does nothing.
+/// written to stderr with the worker's last words, and its replacement is charged to
+/// [`PoolBuilder::max_restarts`](crate::PoolBuilder::max_restarts) as after a death. An empty
+/// `why` retires quietly: a planned replacement (a limit of tasks per process, say), not
+/// charged. Outside a worker it does nothing.
 pub fn retire_after_this_task(why: impl Into<String>) {
-    let _ = RETIRE.set(why.into());
+    let why = why.into();
+    if why.is_empty() {
+        RETIRE_QUIETLY.store(true, std::sync::atomic::Ordering::Relaxed);
+    } else {
+        let _ = RETIRE.set(why);
+    }
+}
+
+/// Why this worker process retires after its task, if it does ("" when quietly).
+fn retiring() -> Option<&'static str> {
+    RETIRE.get().map(String::as_str).or_else(|| {
+        RETIRE_QUIETLY
+            .load(std::sync::atomic::Ordering::Relaxed)
+            .then_some("")
+    })
 }
 
 /// Tokens taken from one producer's ring before looking at the next (fairness between
@@ -528,12 +545,18 @@ pub fn serve(spec: WorkerSpec, registry: &Registry) -> Result<(), WorkerError> {
                 // process gives up its access to every slot first (a thread the kernel left
                 // behind faults instead of writing another task's data). Unable to, it leaves
                 // without answering, and the pool takes the task back as after a death.
-                let retiring = RETIRE.get();
+                let retiring = retiring();
                 if let Some(why) = retiring {
+                    // (Read by the monitor: a quiet retirement is planned, not a death.)
+                    if why.is_empty() {
+                        me.status
+                            .state
+                            .store(WorkerState::Retired as u32, Ordering::Release);
+                    }
                     // SAFETY: no view of a slot is used in this process after this: the task's
                     // buffers are done with, and the loop returns below.
                     if unsafe { seg.revoke_slots() }.is_err() {
-                        return Err(WorkerError::Retired(why.clone()));
+                        return Err(WorkerError::Retired(why.into()));
                     }
                 }
                 match outbox[p].push(word) {
@@ -548,7 +571,7 @@ pub fn serve(spec: WorkerSpec, registry: &Registry) -> Result<(), WorkerError> {
                 n += 1;
                 if let Some(why) = retiring {
                     bells[p].ring(&Futex);
-                    return Err(WorkerError::Retired(why.clone()));
+                    return Err(WorkerError::Retired(why.into()));
                 }
             }
             if n > 0 {

@@ -23,10 +23,20 @@ fn kernels() -> Registry {
         .kernel::<i32>("x3p1", |mut a| {
             a.io.map(|x| x.wrapping_mul(3).wrapping_add(1))
         })
+        .kernel::<i32>("exit_73", |_| {
+            // Exits with the status of a retirement, without retiring: a death all the same.
+            std::process::exit(73)
+        })
         .kernel::<i32>("add1_retire_on_7", |mut a| {
-            // Answers as usual, and ends its worker after answering.
+            // Answers as usual, and ends its worker after answering: with a reason (a process
+            // unfit to go on) when its second element is 1, else quietly (planned).
             if a.io.input().first() == Some(&7) {
-                mk1::worker::retire_after_this_task("the test asked for it");
+                let why = if a.io.input().get(1) == Some(&1) {
+                    "the test asked for it"
+                } else {
+                    ""
+                };
+                mk1::worker::retire_after_this_task(why);
             }
             a.io.map(|x| x + 1)
         })
@@ -794,6 +804,28 @@ fn a_kernel_can_retire_its_worker_after_answering() {
             std::thread::sleep(Duration::from_millis(10));
         }
         assert_eq!(pool.worker_pids().len(), 2, "{mode:?}");
+    }
+    // A retirement with a reason (a process unfit to go on), and an exit with the retirement
+    // status that was no retirement, are charged as deaths: the second of either is one too
+    // many for max_restarts(1).
+    for (task, input) in [
+        (Task::kernel("add1_retire_on_7"), vec![7, 1]),
+        (Task::kernel("exit_73"), vec![0, 0]),
+    ] {
+        let pool = unpacked_pool(
+            Mode::OutOfPlace,
+            Pool::builder().max_restarts(1).max_retries(0),
+        );
+        let mut producer = pool.producer().unwrap();
+        let t = Instant::now();
+        while pool.trouble().is_none() && t.elapsed() < Duration::from_secs(10) {
+            assert_eq!(producer.map(&task, vec![input.clone()]).unwrap().count(), 1);
+        }
+        let trouble = pool.trouble().unwrap_or_default();
+        assert!(
+            trouble.contains("more than 1 worker restarts"),
+            "{trouble:?}"
+        );
     }
 }
 

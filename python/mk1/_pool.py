@@ -743,10 +743,11 @@ class Pool:
         max_tasks_per_child: calls a worker process makes before it is replaced by a fresh
             one (default None: no limit), for functions that leak memory or other resources;
             also spelt ``maxtasksperchild`` (``multiprocessing.Pool``'s fourth argument). A
-            worker stops a batch of calls at its limit (the calls it left run again, as
-            those of a batch that ran long), answers, and exits; its replacement starts as at the pool's start
-            (``initializer`` included), and no call is lost or run twice for it. Each array
-            of a map, each ``submit`` and each call of a map of calls counts one.
+            worker stops a batch of calls at its limit (the calls it left run again, as those
+            of a batch that ran long), answers, and exits; its replacement starts as at the
+            pool's start (``initializer`` included), and no call is lost or run twice for it.
+            Each call of a Python function counts one (an array of a map, a ``submit``, a
+            call of a map of calls); ``mk1.ops``, which run in Rust, are not counted.
         timeout: seconds one array may take; past it the worker is killed and replaced, and
             the task fails with ``TaskTimeout`` (default: no limit).
         keep_copies: in place, keep a copy of each input to redo a task whose worker died.
@@ -1705,9 +1706,12 @@ class Pool:
                 try:
                     return fut.result(for_map if map_first else for_step)
                 except concurrent.futures.TimeoutError:
-                    # (Its own TimeoutError, or the map's timeout: it ends the map.)
-                    if fut.done() or map_first:
-                        raise
+                    # (The base class's `done`: this one's would receive, and the result may
+                    # have come just now.)
+                    if concurrent.futures.Future.done(fut):
+                        return fut.result(0)  # (its result, or its own exception)
+                    if map_first:
+                        raise  # (the map's timeout: it ends the map)
                 yield _STEP_PASSED
 
         try:

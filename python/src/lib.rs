@@ -1609,8 +1609,13 @@ impl MapIter {
                 self.pending = Some((index, Ok(input.unbind())));
                 Ok(())
             }
-            Err(e) if e.is_instance_of::<StepTimeout>(py) => {
-                // (The map goes on after its step: the input is still to be sent.)
+            Err(e)
+                if e.is_instance_of::<StepTimeout>(py)
+                    || e.is_instance_of::<pyo3::exceptions::PyTimeoutError>(py) =>
+            {
+                // A wait for a slot passed the step's deadline (the map goes on: the input is
+                // still to be sent) or the map's (which ends the map, as a timeout, not as this
+                // input's failure).
                 self.pending = Some((index, Ok(input.unbind())));
                 Err(e)
             }

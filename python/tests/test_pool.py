@@ -2871,10 +2871,12 @@ def test_next_with_a_timeout_raises_and_the_map_goes_on_losing_nothing(tmp_path)
         got, passed = _taken_with_timeouts(it, 0.05)
         assert got == [2 * i for i in range(400)]
         assert os.path.exists(marker) and passed >= 1
-        # And calls left by a batch that ran long (run again in groups; here one takes 300 ms).
-        it = pool.map(slow_then_naps, range(3000), [700] * 3000)
-        got, passed = _taken_with_timeouts(it, 0.05)
-        assert got == list(range(3000)) and passed >= 1
+        # And calls left by a batch that ran long (run again in groups; here one takes 300 ms),
+        # also with timeout=0 (a result that came as the wait ended once ended the map).
+        for n, step in ((3000, 0.05), (200, 0)):
+            it = pool.map(slow_then_naps, range(n), [40 if step == 0 else 700] * n)
+            got, passed = _taken_with_timeouts(it, step)
+            assert got == list(range(n)) and passed >= 1
         # close() ends a map early; the pool goes on.
         it = pool.imap(nap, [0.01] * 10)
         assert it.next(timeout=30) == 0.01

@@ -366,9 +366,9 @@ impl PoolBuilder {
     }
 
     /// Worker replacements after deaths over the pool's life before it gives up (every later
-    /// task fails with [`TaskError::NoWorkers`]). A worker that retires itself
-    /// ([`crate::worker::retire_after_this_task`]) is replaced without counting here. Default
-    /// 1000.
+    /// task fails with [`TaskError::NoWorkers`]). A worker that retires itself quietly
+    /// ([`crate::worker::retire_after_this_task`] with no reason) is replaced without counting
+    /// here. Default 1000.
     pub fn max_restarts(mut self, n: u32) -> Self {
         self.max_restarts = n;
         self
@@ -784,9 +784,9 @@ fn monitor_main(sh: &Shared, started: &std::sync::mpsc::Sender<Result<(), RunErr
 #[derive(Debug, Clone, Default)]
 pub struct Shutdown {
     /// Every worker death the pool saw while it served, in the order noticed (the exits at
-    /// shutdown itself are not listed).
+    /// shutdown itself, and quiet retirements, are not listed).
     pub exits: Vec<WorkerExit>,
-    /// Workers replaced.
+    /// Workers replaced (after deaths and retirements alike).
     pub restarts: u32,
     /// Workers killed for breaking the protocol (a bad token, a corrupted ring, a write to
     /// memory it may only read).

@@ -271,7 +271,10 @@ pub(crate) fn start_workers(
 pub(crate) fn attach_state(seg: &Segment, w: u32) -> Result<bool, String> {
     let status = &seg.worker(w).status;
     let state = status.state.load(Ordering::Acquire);
-    if state != WorkerState::Running as u32 && state != WorkerState::Exited as u32 {
+    if state != WorkerState::Running as u32
+        && state != WorkerState::Exited as u32
+        && state != WorkerState::Retired as u32
+    {
         return Ok(false);
     }
     let theirs = status.build.load(Ordering::Relaxed);
@@ -330,8 +333,9 @@ pub(crate) struct Monitor<'a> {
     pub(crate) gone_for_good: Vec<bool>,
     /// Set when slot `w`'s last start failed: it is not tried again.
     pub(crate) start_failed: Vec<Option<String>>,
-    /// Set when slot `w`'s process retired itself ([`crate::worker::retire_after_this_task`]):
-    /// its replacement is not charged to `max_restarts`, which bounds deaths.
+    /// Set when slot `w`'s process retired itself quietly
+    /// ([`crate::worker::retire_after_this_task`] with no reason): its replacement is not
+    /// charged to `max_restarts`, which bounds deaths.
     pub(crate) retired: Vec<bool>,
     /// Of `restarts`, the replacements of retired workers.
     pub(crate) retirements: u32,
@@ -440,9 +444,13 @@ impl<'a> Monitor<'a> {
     ) {
         let ctl = self.ctl;
         let faulted = ctl.kill[w as usize].swap(false, Ordering::AcqRel);
+        // (A quiet retirement says so twice: the worker's state, which only its retiring sets,
+        // and its exit status; a function that merely exits 73 is a death.)
         self.retired[w as usize] = killed.is_none()
             && !faulted
-            && how == Some(ExitKind::Exited(crate::worker::EXIT_RETIRED));
+            && how == Some(ExitKind::Exited(crate::worker::EXIT_RETIRED))
+            && self.seg.worker(w).status.state.load(Ordering::Acquire)
+                == WorkerState::Retired as u32;
         match &killed {
             Some(KillReason::Stalled(after)) => {
                 how_words = format!("stalled for {after:?} and was killed; {how_words}");
@@ -479,13 +487,17 @@ impl<'a> Monitor<'a> {
         for p in 0..self.seg.layout().params().producers {
             Doorbell::new(&self.seg.producer(p).bell).ring(&Futex);
         }
-        self.exits.push(WorkerExit {
-            worker: w,
-            pid,
-            how: how_words,
-            noticed_ms: self.start.elapsed().as_secs_f64() * 1e3,
-            reclaimed_tokens: 0,
-        });
+        // (Deaths only: a pool that replaces its workers every few tasks on purpose would
+        // otherwise keep a record of each, without bound.)
+        if !self.retired[w as usize] {
+            self.exits.push(WorkerExit {
+                worker: w,
+                pid,
+                how: how_words,
+                noticed_ms: self.start.elapsed().as_secs_f64() * 1e3,
+                reclaimed_tokens: 0,
+            });
+        }
         self.pending_restart.push(w);
     }
 
@@ -630,8 +642,11 @@ impl<'a> Monitor<'a> {
                 self.pending_restart.push(w);
                 continue;
             }
-            if let Some(e) = self.exits.iter_mut().rev().find(|e| e.worker == w) {
-                e.reclaimed_tokens = ctl.reclaimed[w as usize].swap(0, Ordering::Relaxed);
+            let reclaimed = ctl.reclaimed[w as usize].swap(0, Ordering::Relaxed);
+            if !self.retired[w as usize] {
+                if let Some(e) = self.exits.iter_mut().rev().find(|e| e.worker == w) {
+                    e.reclaimed_tokens = reclaimed;
+                }
             }
             if self.gone_for_good[w as usize] {
                 continue;
