@@ -707,6 +707,27 @@ def _pool_in_worker() -> str:
     )
 
 
+def _check_start_method(context: Any) -> None:
+    """Accepts a ``multiprocessing`` context (or a start method's name) whose workers start as
+    mk1's do, fresh interpreters that import the main module: "spawn" or "forkserver"."""
+    if context is None:
+        return
+    method = context if isinstance(context, str) else getattr(context, "get_start_method", None)
+    if callable(method):
+        method = method()
+    if not isinstance(method, str):
+        raise TypeError(
+            f"context must be a multiprocessing context or a start method's name, not "
+            f"{type(context).__name__}"
+        )
+    if method not in ("spawn", "forkserver"):
+        raise ValueError(
+            f"mk1 starts its workers as fresh interpreters, as the 'spawn' start method does; "
+            f"a {method!r} context is not supported (state the workers need goes through "
+            f"initializer/initargs)"
+        )
+
+
 class Pool:
     """A pool of worker processes fed through shared memory.
 
@@ -740,6 +761,10 @@ class Pool:
         max_retries: redos of a task whose worker died (out of place, or with keep_copies).
         max_restarts: worker replacements after deaths before the pool gives up
             (``NoWorkersLeft``); replacements after ``max_tasks_per_child`` do not count.
+        context: a ``multiprocessing`` context (``multiprocessing.Pool``'s fifth argument;
+            also spelt ``mp_context``, as ``ProcessPoolExecutor``) or a start method's name:
+            mk1's workers always start as fresh interpreters, as "spawn" starts them, so
+            "spawn" and "forkserver" are taken, and "fork" is refused (``ValueError``).
         max_tasks_per_child: calls a worker process makes before it is replaced by a fresh
             one (default None: no limit), for functions that leak memory or other resources;
             also spelt ``maxtasksperchild`` (``multiprocessing.Pool``'s fourth argument). A
@@ -780,8 +805,10 @@ class Pool:
         initializer: Callable[..., Any] | None = None,
         initargs: tuple = (),
         maxtasksperchild: int | None = None,
+        context: Any = None,
         *,
         max_tasks_per_child: int | None = None,
+        mp_context: Any = None,
         mode: str = "out-of-place",
         max_array_bytes: int = 4 << 20,
         slots: int | None = None,
@@ -814,6 +841,10 @@ class Pool:
                     f"max_tasks_per_child must be at least 1 (None: no limit), "
                     f"not {max_tasks_per_child}"
                 )
+        # (`context` is multiprocessing's name, `mp_context` concurrent.futures'.)
+        if context is not None and mp_context is not None:
+            raise TypeError("context and mp_context are one setting: give one")
+        _check_start_method(context if context is not None else mp_context)
         if os.environ.get("MK1_WORKER") is not None:
             raise RuntimeError(_pool_in_worker())
         if mode not in ("out-of-place", "in-place"):

@@ -2931,3 +2931,19 @@ def test_max_tasks_per_child_replaces_each_worker_after_that_many_calls():
         mk1.Pool(workers=1, maxtasksperchild=2, max_tasks_per_child=2)
     with pytest.raises(ValueError, match="at least 1"):
         mk1.Pool(workers=1, max_tasks_per_child=0)
+
+
+def test_a_multiprocessing_context_is_taken_where_its_workers_start_as_mk1s():
+    """``context``/``mp_context``: mk1's workers start as fresh interpreters, as "spawn"
+    starts them; "spawn" and "forkserver" are taken, "fork" is refused with the reason."""
+    spawn = multiprocessing.get_context("spawn")
+    with mk1.Pool(1, None, (), None, spawn) as pool:  # (multiprocessing's fifth argument)
+        assert pool.submit(square, 3).result() == 9
+    with mk1.Pool(workers=1, mp_context="forkserver") as pool:
+        assert pool.submit(square, 4).result() == 16
+    with pytest.raises(ValueError, match="'fork' context is not supported"):
+        mk1.Pool(workers=1, context=multiprocessing.get_context("fork"))
+    with pytest.raises(TypeError, match="one setting"):
+        mk1.Pool(workers=1, context=spawn, mp_context=spawn)
+    with pytest.raises(TypeError, match="multiprocessing context"):
+        mk1.Pool(workers=1, context=3)
