@@ -845,6 +845,16 @@ class Pool:
         if context is not None and mp_context is not None:
             raise TypeError("context and mp_context are one setting: give one")
         _check_start_method(context if context is not None else mp_context)
+        if initializer is not None and not callable(initializer):
+            hint = ""
+            if hasattr(initializer, "get_start_method"):
+                hint = (
+                    " (ProcessPoolExecutor's second argument is mp_context, mk1.Pool's is "
+                    "initializer: pass the context as mp_context=)"
+                )
+            raise TypeError(
+                f"initializer must be callable, not {type(initializer).__name__}{hint}"
+            )
         if os.environ.get("MK1_WORKER") is not None:
             raise RuntimeError(_pool_in_worker())
         if mode not in ("out-of-place", "in-place"):

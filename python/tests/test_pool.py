@@ -2947,3 +2947,5 @@ def test_a_multiprocessing_context_is_taken_where_its_workers_start_as_mk1s():
         mk1.Pool(workers=1, context=spawn, mp_context=spawn)
     with pytest.raises(TypeError, match="multiprocessing context"):
         mk1.Pool(workers=1, context=3)
+    with pytest.raises(TypeError, match="pass the context as mp_context="):
+        mk1.Pool(1, spawn)  # (ProcessPoolExecutor's order: max_workers, mp_context)
