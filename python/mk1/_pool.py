@@ -516,17 +516,24 @@ class MapIterator:
     lazy as a generator (see ``Pool.map``), with ``next(timeout)`` as ``multiprocessing``'s
     ``IMapIterator`` has it."""
 
-    __slots__ = ("_gen", "_step", "__weakref__")
+    __slots__ = ("_gen", "_step", "_turn", "__weakref__")
 
     def __init__(self, gen: Iterator[Any], step: _Step) -> None:
         self._gen = gen
         self._step = step
+        # One thread at a time, as with a generator (which raises ValueError for a second):
+        # a step's deadline belongs to the thread that set it.
+        self._turn = threading.Lock()
 
     def __iter__(self) -> MapIterator:
         return self
 
     def __next__(self) -> Any:
-        return next(self._gen)
+        return self.next()
+
+    def _enter(self) -> None:
+        if not self._turn.acquire(blocking=False):
+            raise ValueError("a map's iterator is being iterated in another thread")
 
     def next(self, timeout: float | None = None) -> Any:
         """The next result, waiting for it up to ``timeout`` seconds (None: as long as it
@@ -535,13 +542,17 @@ class MapIterator:
         is lost or skipped). The map's ``timeout`` still ends the map when it passes
         (``concurrent.futures.TimeoutError``). ``timeout`` bounds the waits for results, not
         the taking of an input from the map's iterable, which runs in this call."""
-        if timeout is None:
-            return next(self._gen)
-        self._step.deadline = time.monotonic() + max(0.0, float(timeout))
+        self._enter()
         try:
-            got = next(self._gen)
+            if timeout is None:
+                return next(self._gen)
+            self._step.deadline = time.monotonic() + max(0.0, float(timeout))
+            try:
+                got = next(self._gen)
+            finally:
+                self._step.deadline = None
         finally:
-            self._step.deadline = None
+            self._turn.release()
         if got is _STEP_PASSED:
             raise multiprocessing.TimeoutError()
         return got

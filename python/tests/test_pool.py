@@ -2877,6 +2877,27 @@ def test_next_with_a_timeout_raises_and_the_map_goes_on_losing_nothing(tmp_path)
             it = pool.map(slow_then_naps, range(n), [40 if step == 0 else 700] * n)
             got, passed = _taken_with_timeouts(it, step)
             assert got == list(range(n)) and passed >= 1
+        # One thread at a time, as with a generator: another thread's next meanwhile is
+        # refused, and takes nothing from the map.
+        it = pool.imap(nap, [2.5, 0.01])
+        refused = []
+
+        def other():
+            deadline = time.monotonic() + 30
+            while not it._turn.locked() and time.monotonic() < deadline:
+                time.sleep(0.001)
+            try:
+                refused.append(next(it))
+            except ValueError as e:
+                refused.append(str(e))
+
+        th = threading.Thread(target=other)
+        th.start()
+        with pytest.raises(multiprocessing.TimeoutError):
+            it.next(timeout=2.0)
+        th.join(30)
+        assert refused == ["a map's iterator is being iterated in another thread"]
+        assert list(it) == [2.5, 0.01]
         # close() ends a map early; the pool goes on.
         it = pool.imap(nap, [0.01] * 10)
         assert it.next(timeout=30) == 0.01
