@@ -731,6 +731,11 @@ def _check_start_method(context: Any) -> None:
             f"context must be a multiprocessing context or a start method's name, not "
             f"{type(context).__name__}"
         )
+    if method not in multiprocessing.get_all_start_methods():
+        raise ValueError(
+            f"cannot find context for {method!r} (start methods here: "
+            f"{', '.join(multiprocessing.get_all_start_methods())})"
+        )
     if method not in ("spawn", "forkserver"):
         raise ValueError(
             f"mk1 starts its workers as fresh interpreters, as the 'spawn' start method does; "
@@ -772,7 +777,7 @@ class Pool:
         max_retries: redos of a task whose worker died (out of place, or with keep_copies).
         max_restarts: worker replacements after deaths before the pool gives up
             (``NoWorkersLeft``); replacements after ``max_tasks_per_child`` do not count.
-        context: a ``multiprocessing`` context (``multiprocessing.Pool``'s fifth argument;
+        context: a ``multiprocessing`` context (``multiprocessing.pool.Pool``'s fifth argument;
             also spelt ``mp_context``, as ``ProcessPoolExecutor``) or a start method's name:
             mk1's workers always start as fresh interpreters, as "spawn" starts them, so
             "spawn" and "forkserver" are taken, and "fork" is refused (``ValueError``).
@@ -843,13 +848,19 @@ class Pool:
         # concurrent.futures'.)
         if maxtasksperchild is not None and max_tasks_per_child is not None:
             raise TypeError("maxtasksperchild and max_tasks_per_child are one setting: give one")
+        limit_name = "max_tasks_per_child"
         if maxtasksperchild is not None:
-            max_tasks_per_child = maxtasksperchild
+            max_tasks_per_child, limit_name = maxtasksperchild, "maxtasksperchild"
         if max_tasks_per_child is not None:
-            max_tasks_per_child = operator.index(max_tasks_per_child)
+            try:
+                max_tasks_per_child = operator.index(max_tasks_per_child)
+            except TypeError:
+                raise TypeError(
+                    f"{limit_name} must be an int, not {type(max_tasks_per_child).__name__}"
+                ) from None
             if max_tasks_per_child < 1:
                 raise ValueError(
-                    f"max_tasks_per_child must be at least 1 (None: no limit), "
+                    f"{limit_name} must be at least 1 (None: no limit), "
                     f"not {max_tasks_per_child}"
                 )
         # (`context` is multiprocessing's name, `mp_context` concurrent.futures'.)

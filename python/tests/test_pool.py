@@ -2950,8 +2950,12 @@ def test_max_tasks_per_child_replaces_each_worker_after_that_many_calls():
         assert len({pool.submit(pid_of, i).result() for i in range(3)}) == 3
     with pytest.raises(TypeError, match="one setting"):
         mk1.Pool(workers=1, maxtasksperchild=2, max_tasks_per_child=2)
-    with pytest.raises(ValueError, match="at least 1"):
+    with pytest.raises(ValueError, match="max_tasks_per_child must be at least 1"):
         mk1.Pool(workers=1, max_tasks_per_child=0)
+    with pytest.raises(ValueError, match="maxtasksperchild must be at least 1"):
+        mk1.Pool(workers=1, maxtasksperchild=-1)
+    with pytest.raises(TypeError, match="maxtasksperchild must be an int"):
+        mk1.Pool(workers=1, maxtasksperchild=2.5)
 
 
 def test_a_multiprocessing_context_is_taken_where_its_workers_start_as_mk1s():
@@ -2968,5 +2972,7 @@ def test_a_multiprocessing_context_is_taken_where_its_workers_start_as_mk1s():
         mk1.Pool(workers=1, context=spawn, mp_context=spawn)
     with pytest.raises(TypeError, match="multiprocessing context"):
         mk1.Pool(workers=1, context=3)
+    with pytest.raises(ValueError, match="cannot find context for 'Spawn'"):
+        mk1.Pool(workers=1, context="Spawn")
     with pytest.raises(TypeError, match="pass the context as mp_context="):
         mk1.Pool(1, spawn)  # (ProcessPoolExecutor's order: max_workers, mp_context)
