@@ -545,7 +545,10 @@ class MapIterator:
         self._enter()
         try:
             if timeout is None:
-                return next(self._gen)
+                got = next(self._gen)
+                if type(got) is _Failed:
+                    raise got.exc
+                return got
             self._step.deadline = time.monotonic() + max(0.0, float(timeout))
             try:
                 got = next(self._gen)
@@ -555,6 +558,8 @@ class MapIterator:
             self._turn.release()
         if got is _STEP_PASSED:
             raise multiprocessing.TimeoutError()
+        if type(got) is _Failed:
+            raise got.exc
         return got
 
     def close(self) -> None:
@@ -577,6 +582,16 @@ class _Step:
 
 
 _STEP_PASSED = object()  # what a map's generator yields when its step's timeout passed
+
+
+class _Failed:
+    """What a map's generator yields for a failed array or call when the map goes on after a
+    failure (``imap``): ``MapIterator`` raises ``exc``."""
+
+    __slots__ = ("exc",)
+
+    def __init__(self, exc: BaseException) -> None:
+        self.exc = exc
 
 
 class _Driver:
@@ -1595,7 +1610,8 @@ class Pool:
         Otherwise results are new arrays.
 
         The first failed array raises its exception when the iteration reaches it (see
-        ``submit``) and ends the iteration, as ``concurrent.futures``' ``map`` does: arrays
+        ``submit``) and ends the iteration, as ``concurrent.futures``' ``map`` does (``imap``
+        goes on after it, as ``multiprocessing``'s does): arrays
         still in flight are dropped and inputs not yet taken are not run; the pool keeps
         working. An input iterable that raises does so after the arrays taken before it (in
         either order). Closing the pool while a map runs makes its next step raise
@@ -1620,7 +1636,23 @@ class Pool:
             fn, iterables, True, zero_copy, progress, chunksize=chunksize, timeout=timeout
         )
 
-    imap = map
+    def imap(
+        self,
+        fn: Callable | Op,
+        *iterables: Iterable[Any],
+        chunksize: int | None = None,
+        zero_copy: bool = False,
+        progress: bool = False,
+        timeout: float | None = None,
+    ) -> MapIterator:
+        """As ``map``, except that an array or call that failed raises its exception at its
+        turn and the iteration goes on (as ``multiprocessing``'s ``imap``; ``map`` ends there,
+        as ``concurrent.futures``' does). The input iterable's own failure, and the map's
+        ``timeout``, still end it."""
+        return self._map(
+            fn, iterables, True, zero_copy, progress, chunksize=chunksize, timeout=timeout,
+            go_on=True,
+        )
 
     def starmap(
         self,
@@ -1645,9 +1677,11 @@ class Pool:
         progress: bool = False,
         timeout: float | None = None,
     ) -> MapIterator:
-        """As ``map``, in completion order."""
+        """As ``imap``, in completion order: a failure raises its exception and the iteration
+        goes on (as ``multiprocessing``'s ``imap_unordered``)."""
         return self._map(
-            fn, iterables, False, zero_copy, progress, chunksize=chunksize, timeout=timeout
+            fn, iterables, False, zero_copy, progress, chunksize=chunksize, timeout=timeout,
+            go_on=True,
         )
 
     def _map(
@@ -1660,6 +1694,7 @@ class Pool:
         star=False,
         chunksize=None,
         timeout=None,
+        go_on=False,
     ):
         if timeout is not None:
             timeout = float(timeout)
@@ -1698,14 +1733,16 @@ class Pool:
         return MapIterator(
             self._map_gen(
                 fn, task, inputs, calls is not None, ordered, zero_copy, bar, chunksize, timeout,
-                step,
+                step, go_on,
             ),
             step,
         )
 
     def _map_gen(
-        self, fn, task, inputs, batched, ordered, zero_copy, bar, chunksize, timeout, step
+        self, fn, task, inputs, batched, ordered, zero_copy, bar, chunksize, timeout, step, go_on
     ):
+        # (With `go_on`, a failed array or call is yielded as `_Failed`, which `MapIterator`
+        # raises, and the generator goes on.)
         # (Yields `_STEP_PASSED`, and takes up where it was at the next step, when a wait passes
         # the deadline `MapIterator.next` set for this step: see `wait`.)
         # (From the first step on: the map starts its work there, where `concurrent.futures`'
@@ -1777,6 +1814,20 @@ class Pool:
                         raise  # (the map's timeout: it ends the map)
                 yield _STEP_PASSED
 
+        def failed_or(wait):
+            """What ``yield from wait`` gives; with ``go_on``, its exception as ``_Failed``
+            (but for the map's timeout, which ends the map)."""
+            if not go_on:
+                return (yield from wait)
+            try:
+                return (yield from wait)
+            except concurrent.futures.TimeoutError:
+                if deadline is not None and time.monotonic() >= deadline:
+                    raise
+                return _Failed(sys.exc_info()[1])
+            except Exception as e:  # noqa: BLE001 - the call's failure, raised at its turn
+                return _Failed(e)
+
         try:
             while True:
                 try:
@@ -1805,14 +1856,17 @@ class Pool:
                         for fut in again:
                             if bar is not None:
                                 bar.update(1)
-                            value = yield from waited(fut)
+                            value = yield from failed_or(waited(fut))
                             yield value
                         again = None
                         continue
                 if not ok:
                     if bar is not None:
                         bar.update(1)
-                    raise _rebuild(value)
+                    if not go_on:
+                        raise _rebuild(value)
+                    yield _Failed(_rebuild(value))
+                    continue
                 if zero_copy and value.flags.writeable:
                     # (A copy: another thread received it. Read-only all the same, as a lent
                     # result is, so that the caller sees one behaviour.)
@@ -1865,9 +1919,11 @@ class Pool:
                         if bar is not None:
                             bar.update(1)
                         if kind == _args.FAILED:
-                            raise _rebuild(_mk1.RemoteError(value))
-                        if kind != _args.OK:
-                            value = yield from again.result(i, waited)
+                            if not go_on:
+                                raise _rebuild(_mk1.RemoteError(value))
+                            value = _Failed(_rebuild(_mk1.RemoteError(value)))
+                        elif kind != _args.OK:
+                            value = yield from failed_or(again.result(i, waited))
                         yield value
                     entries = value = again = None
                     continue
@@ -1876,7 +1932,9 @@ class Pool:
                 if value.dtype == _U8 and _args.is_bundle(value):
                     ok, value = _one_result(value)
                     if not ok:
-                        raise _rebuild(value)
+                        if not go_on:
+                            raise _rebuild(value)
+                        value = _Failed(_rebuild(value))
                 yield value
                 value = None  # (a lent result's slot goes home with the caller's last reference)
         finally:

@@ -2976,3 +2976,56 @@ def test_a_multiprocessing_context_is_taken_where_its_workers_start_as_mk1s():
         mk1.Pool(workers=1, context="Spawn")
     with pytest.raises(TypeError, match="pass the context as mp_context="):
         mk1.Pool(1, spawn)  # (ProcessPoolExecutor's order: max_workers, mp_context)
+
+
+def _each_or_its_error(it) -> list:
+    """Every item of ``it``, or the exception it raised there, taking the next after an
+    exception, until ``StopIteration``."""
+    got = []
+    while True:
+        try:
+            got.append(next(it))
+        except StopIteration:
+            return got
+        except Exception as e:  # noqa: BLE001 - what the test looks at
+            got.append(e)
+
+
+def test_imap_goes_on_after_a_failure_as_multiprocessing_does_and_map_ends_there():
+    """``imap``/``imap_unordered`` raise a failed item's exception at its turn and go on (as
+    ``multiprocessing``'s); ``map`` ends there (as ``concurrent.futures``')."""
+    arrays = [np.full(2, float(i)) for i in range(12)]
+    with mk1.Pool(workers=2) as pool:
+        # Calls (batched), arrays (one to a slot, several to a batch of calls when packed).
+        got = _each_or_its_error(pool.imap(fails_at_seven, range(12), [np.ones(2)] * 12))
+        assert [type(g) for g in got].count(CustomError) == 1
+        assert isinstance(got[7], CustomError)
+        assert [g[0] for k, g in enumerate(got) if k != 7] == [i for i in range(12) if i != 7]
+        got = _each_or_its_error(pool.imap(raises_on_seven, arrays))
+        assert isinstance(got[7], CustomError) and len(got) == 12
+        assert [float(g[0]) for k, g in enumerate(got) if k != 7] == [
+            2.0 * i for i in range(12) if i != 7
+        ]
+        got = _each_or_its_error(pool.imap_unordered(raises_on_seven, arrays))
+        assert len(got) == 12 and sum(isinstance(g, CustomError) for g in got) == 1
+        # next(timeout) too.
+        it = pool.imap(raises_on_seven, arrays)
+        got = []
+        for _ in range(12):
+            try:
+                got.append(float(it.next(timeout=30)[0]))
+            except CustomError:
+                got.append(None)
+        assert got == [None if i == 7 else 2.0 * i for i in range(12)]
+        # map ends at the failure.
+        got = _each_or_its_error(pool.map(raises_on_seven, arrays))
+        assert len(got) == 8 and isinstance(got[7], CustomError)
+        # The input's own failure ends imap too, after what was taken before it.
+        got = _each_or_its_error(pool.imap(x3p1, divide_by_zero_at(3)))
+        assert len(got) == 4 and isinstance(got[3], ZeroDivisionError)
+
+
+def raises_on_seven(x):
+    if x[0] == 7:
+        raise CustomError(7, "seven")
+    return x * 2
