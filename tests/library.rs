@@ -253,13 +253,19 @@ impl Drop for Started {
 /// `pool.restarts()` once it reaches `n`, or after 10 s. The monitor replaces a worker once the
 /// handles have seen it go and publishes the count a moment later; `between` runs at each poll
 /// (a caller that must acknowledge the death keeps a task going there).
-fn restarts_reaching(pool: &Pool, n: u32, mut between: impl FnMut()) -> u32 {
+fn restarts_reaching(pool: &Pool, n: u32, between: impl FnMut()) -> u32 {
+    eventually(|| pool.restarts() >= n, between);
+    pool.restarts()
+}
+
+/// Polls `done` every 10 ms for up to 10 s, running `between` before each poll after the
+/// first (state the pool publishes a moment after the event a test waits for).
+fn eventually(mut done: impl FnMut() -> bool, mut between: impl FnMut()) {
     let t = Instant::now();
-    while pool.restarts() < n && t.elapsed() < Duration::from_secs(10) {
+    while !done() && t.elapsed() < Duration::from_secs(10) {
         between();
         std::thread::sleep(Duration::from_millis(10));
     }
-    pool.restarts()
 }
 
 fn alive(pid: u32) -> bool {
@@ -799,10 +805,7 @@ fn a_kernel_can_retire_its_worker_after_answering() {
         assert_eq!(restarts, 4, "{mode:?}: one replacement per retirement");
         assert_eq!(pool.trouble(), None, "{mode:?}");
         // (A replacement is counted as it starts, and listed once it serves.)
-        let t = Instant::now();
-        while pool.worker_pids().len() < 2 && t.elapsed() < Duration::from_secs(10) {
-            std::thread::sleep(Duration::from_millis(10));
-        }
+        eventually(|| pool.worker_pids().len() == 2, || {});
         assert_eq!(pool.worker_pids().len(), 2, "{mode:?}");
     }
     // A retirement with a reason (a process unfit to go on), and an exit with the retirement
@@ -1526,10 +1529,7 @@ fn a_handle_taken_during_a_restart_does_not_block_it() {
     let a = pool.producer().unwrap();
     unsafe_free_kill(pool.worker_pids()[0]);
     // (Until the monitor has published the death: the dead worker is no longer listed.)
-    let t = Instant::now();
-    while pool.worker_pids().len() == 2 && t.elapsed() < Duration::from_secs(10) {
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    eventually(|| pool.worker_pids().len() < 2, || {});
     let b = pool.producer().unwrap();
     assert!(a.try_recv().is_none(), "a's call acknowledges the death");
     assert_eq!(

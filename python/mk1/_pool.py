@@ -531,10 +531,6 @@ class MapIterator:
     def __next__(self) -> Any:
         return self.next()
 
-    def _enter(self) -> None:
-        if not self._turn.acquire(blocking=False):
-            raise ValueError("a map's iterator is being iterated in another thread")
-
     def next(self, timeout: float | None = None) -> Any:
         """The next result, waiting for it up to ``timeout`` seconds (None: as long as it
         takes, or the map's own ``timeout``). Raises ``multiprocessing.TimeoutError`` when it
@@ -542,19 +538,14 @@ class MapIterator:
         is lost or skipped). The map's ``timeout`` still ends the map when it passes
         (``concurrent.futures.TimeoutError``). ``timeout`` bounds the waits for results, not
         the taking of an input from the map's iterable, which runs in this call."""
-        self._enter()
+        if not self._turn.acquire(blocking=False):
+            raise ValueError("a map's iterator is being iterated in another thread")
         try:
-            if timeout is None:
-                got = next(self._gen)
-                if type(got) is _Failed:
-                    raise got.exc
-                return got
-            self._step.deadline = time.monotonic() + max(0.0, float(timeout))
-            try:
-                got = next(self._gen)
-            finally:
-                self._step.deadline = None
+            if timeout is not None:
+                self._step.deadline = time.monotonic() + max(0.0, float(timeout))
+            got = next(self._gen)
         finally:
+            self._step.deadline = None
             self._turn.release()
         if got is _STEP_PASSED:
             raise multiprocessing.TimeoutError()
