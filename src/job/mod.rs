@@ -20,14 +20,24 @@ pub fn fill_base(seq: u64, seed: u64) -> i32 {
 }
 
 /// Random matrix shapes: rows and columns uniform in `min..=max`, reproducible from a seed,
-/// with one shape held back when it did not fit where it was drawn for.
+/// with one shape held back when it did not fit where it was drawn for, and a few drawn ahead
+/// for [`Shapes::nearest`].
 pub struct Shapes {
     rng: SmallRng,
     min: u32,
     max: u32,
     /// A shape drawn but not yet used.
     pub pending: Option<(u32, u32)>,
+    /// Shapes drawn ahead for [`Shapes::nearest`] (filled on its first call), each with how
+    /// many of its calls passed it over.
+    ahead: Vec<((u32, u32), u32)>,
 }
+
+/// Shapes [`Shapes::nearest`] chooses among.
+pub const AHEAD: usize = 8;
+/// Calls of [`Shapes::nearest`] that may pass a shape over before it is taken whatever its
+/// size: no shape waits longer, so the shapes used stay the shapes drawn.
+pub const MAX_PASSED: u32 = 64;
 
 impl Shapes {
     /// Shapes in `min..=max` from `seed`.
@@ -41,21 +51,72 @@ impl Shapes {
             min,
             max,
             pending: None,
+            ahead: Vec::new(),
         }
     }
 
     /// The next `(rows, cols)`.
     #[inline]
     pub fn next_shape(&mut self) -> (u32, u32) {
-        self.pending.take().unwrap_or_else(|| {
-            // One 64-bit draw for both: each half is mapped onto `min..=max` by a multiply and a
-            // shift (no division, no rejection loop; uneven by at most span / 2^32, nothing at
-            // these spans). `random_range` twice cost 3% of the producer at max-dim 16.
-            let x = self.rng.next_u64();
-            let span = u64::from(self.max - self.min) + 1;
-            let pick = |half: u64| self.min + (((half & 0xffff_ffff) * span) >> 32) as u32;
-            (pick(x), pick(x >> 32))
-        })
+        self.pending.take().unwrap_or_else(|| self.draw())
+    }
+
+    fn draw(&mut self) -> (u32, u32) {
+        // One 64-bit draw for both: each half is mapped onto `min..=max` by a multiply and a
+        // shift (no division, no rejection loop; uneven by at most span / 2^32, nothing at
+        // these spans). `random_range` twice cost 3% of the producer at max-dim 16.
+        let x = self.rng.next_u64();
+        let span = u64::from(self.max - self.min) + 1;
+        let pick = |half: u64| self.min + (((half & 0xffff_ffff) * span) >> 32) as u32;
+        (pick(x), pick(x >> 32))
+    }
+
+    /// A shape for a slot that held a matrix of `elems` elements: of the next [`AHEAD`] shapes
+    /// drawn, the one that `fits` and is closest to `elems` in elements (so that refilling the
+    /// slot in place overwrites what it checks, and little is left to check or fill alone),
+    /// unless one was passed over [`MAX_PASSED`] times: then the oldest that fits. The one
+    /// taken is replaced by a new draw. A shape held back ([`Shapes::pending`]) goes first;
+    /// `None` when it, or every shape ahead, does not fit (then the one passed over most is
+    /// held back, for the next slot that comes free).
+    ///
+    /// Each shape drawn is used once, and one that fits every slot is taken within
+    /// `MAX_PASSED + AHEAD` calls of its draw: the shapes used are the shapes drawn, in another
+    /// order (the mean matrix size does not move).
+    pub fn nearest(&mut self, elems: u64, fits: impl Fn(u32, u32) -> bool) -> Option<(u32, u32)> {
+        if let Some((r, c)) = self.pending {
+            if !fits(r, c) {
+                return None;
+            }
+            self.pending = None;
+            return Some((r, c));
+        }
+        if self.ahead.is_empty() {
+            self.ahead = (0..AHEAD).map(|_| (self.draw(), 0)).collect();
+        }
+        let oldest = (0..AHEAD)
+            .max_by_key(|&i| self.ahead[i].1)
+            .expect("AHEAD > 0");
+        let size = |&((r, c), _): &((u32, u32), u32)| u64::from(r) * u64::from(c);
+        let pick = if self.ahead[oldest].1 >= MAX_PASSED {
+            (0..AHEAD)
+                .filter(|&i| fits(self.ahead[i].0 .0, self.ahead[i].0 .1))
+                .max_by_key(|&i| self.ahead[i].1)
+        } else {
+            (0..AHEAD)
+                .filter(|&i| fits(self.ahead[i].0 .0, self.ahead[i].0 .1))
+                .min_by_key(|&i| size(&self.ahead[i]).abs_diff(elems))
+        };
+        for a in &mut self.ahead {
+            a.1 = a.1.saturating_add(1);
+        }
+        let fresh = (self.draw(), 0);
+        match pick {
+            Some(i) => Some(std::mem::replace(&mut self.ahead[i], fresh).0),
+            None => {
+                self.pending = Some(std::mem::replace(&mut self.ahead[oldest], fresh).0);
+                None
+            }
+        }
     }
 }
 
@@ -106,5 +167,88 @@ mod tests {
             (lo, hi) = (lo.min(r).min(c), hi.max(r).max(c));
         }
         assert!(lo < u32::MAX / 1000 && hi > u32::MAX - u32::MAX / 1000);
+    }
+
+    #[test]
+    fn nearest_takes_the_closest_fitting_shape_and_every_shape_drawn_once() {
+        // Every shape drawn carries its draw number: `Shapes` draws the same stream for both.
+        let mut plain = Shapes::new(21, 1, 128);
+        let drawn: Vec<(u32, u32)> = (0..20_000).map(|_| plain.next_shape()).collect();
+        let mut s = Shapes::new(21, 1, 128);
+        let mut rng = SmallRng::seed_from_u64(4);
+        let mut taken = Vec::new();
+        let mut refused = 0;
+        for call in 0..10_000u64 {
+            let elems = rng.next_u64() % 16_384 + 1;
+            // Every fourth call, a small slot: only shapes of at most 4096 elements fit.
+            let cap = if call % 4 == 3 { 4096 } else { u64::MAX };
+            let fits = |r: u32, c: u32| u64::from(r) * u64::from(c) <= cap;
+            let ahead: Vec<(u32, u32)> = s.ahead.iter().map(|a| a.0).collect();
+            let pending = s.pending;
+            let overdue = s.ahead.iter().any(|a| a.1 >= MAX_PASSED);
+            match s.nearest(elems, fits) {
+                Some(shape) => {
+                    assert!(fits(shape.0, shape.1));
+                    if pending.is_none() && !ahead.is_empty() && !overdue {
+                        // The closest of those that fit (no shape was overdue).
+                        let best = ahead
+                            .iter()
+                            .filter(|&&(r, c)| fits(r, c))
+                            .map(|&(r, c)| (u64::from(r) * u64::from(c)).abs_diff(elems))
+                            .min()
+                            .expect("one fits");
+                        assert_eq!(
+                            (u64::from(shape.0) * u64::from(shape.1)).abs_diff(elems),
+                            best
+                        );
+                    }
+                    taken.push(shape);
+                }
+                None => refused += 1,
+            }
+        }
+        assert!(refused > 0, "the small slots refused some");
+        // What was taken, what waits ahead and what is held back are exactly the shapes drawn.
+        let mut used = taken.clone();
+        used.extend(s.ahead.iter().map(|a| a.0));
+        used.extend(s.pending);
+        let mut want = drawn[..used.len()].to_vec();
+        used.sort_unstable();
+        want.sort_unstable();
+        assert_eq!(used, want);
+        // The sizes taken average as the sizes drawn: 4160 elements (within 3%).
+        let mean = taken.iter().map(|&(r, c)| f64::from(r * c)).sum::<f64>() / taken.len() as f64;
+        assert!((mean - 4160.0).abs() < 125.0, "mean {mean}");
+    }
+
+    #[test]
+    fn no_shape_waits_longer_than_the_bound() {
+        // Always a tiny matrix to match: large shapes are passed over until they are overdue.
+        let mut plain = Shapes::new(8, 1, 64);
+        let drawn: Vec<(u32, u32)> = (0..5_000).map(|_| plain.next_shape()).collect();
+        let mut s = Shapes::new(8, 1, 64);
+        let mut waits = Vec::new();
+        let mut next_draw = 0usize;
+        let mut waiting: std::collections::HashMap<(u32, u32), Vec<usize>> = Default::default();
+        for call in 0..4_000usize {
+            // Shapes drawn so far: AHEAD at the first call, then one per call.
+            let upto = if call == 0 { AHEAD } else { AHEAD + call };
+            while next_draw < upto {
+                waiting.entry(drawn[next_draw]).or_default().push(call);
+                next_draw += 1;
+            }
+            let shape = s.nearest(1, |_, _| true).expect("everything fits");
+            let since = waiting.get_mut(&shape).expect("a shape drawn").remove(0);
+            waits.push(call - since);
+        }
+        let longest = waits.iter().max().copied().unwrap_or(0);
+        assert!(
+            longest <= MAX_PASSED as usize + AHEAD,
+            "waited {longest} calls"
+        );
+        assert!(
+            longest >= MAX_PASSED as usize,
+            "large shapes were passed over: {longest}"
+        );
     }
 }

@@ -586,14 +586,15 @@ impl Feed<'_> {
         // (Batches are checked array by array and their slot packed anew: the fused pass is for
         // one matrix per task, and for a next matrix that fits this slot; a larger one waits
         // for a larger slot.)
+        // Of the next few shapes, the one closest in size to the matrix checked: the fused
+        // pass then covers most of both, and little is left to check or fill alone.
         let mut next = None;
         if self.job.batch == 1 && self.may_issue(now) {
-            let (r, cols) = self.shapes.next_shape();
-            if matrix_bytes(r, cols) <= c.capacity() {
-                next = Some(Shape::d2(r, cols));
-            } else {
-                self.shapes.pending = Some((r, cols));
-            }
+            let cap = c.capacity();
+            next = self
+                .shapes
+                .nearest(c.shape().elements(), |r, cols| matrix_bytes(r, cols) <= cap)
+                .map(|(r, cols)| Shape::d2(r, cols));
         }
         let Some(next) = next else {
             for i in 0..c.len() {
