@@ -1634,7 +1634,20 @@ impl<'pool> Producer<'pool> {
             }
         };
         let first = item_out(0);
-        rest.extend((1..count).map(item_out));
+        if plain {
+            // (Straight from each item's descriptor into its place: built through the closure's
+            // tuple, each entry was assembled on the stack and read back whole, a stall per
+            // array on store forwarding.)
+            let dtype = rec.dtype;
+            rest.extend(rec.desc.items[1..count].iter().map(|it| ItemOut {
+                offset: it.offset as usize,
+                dtype,
+                shape: Shape::from_raw(it.ndim, it.shape).expect("ours"),
+                error: None,
+            }));
+        } else {
+            rest.extend((1..count).map(item_out));
+        }
         let ticket = Ticket(rec.desc.seq);
         let Ready {
             token,
@@ -1965,6 +1978,12 @@ enum Hold {
 /// [`Completion`]'s `worker` when no worker had the task.
 const NO_WORKER: u32 = u32::MAX;
 
+/// A copy of an array's error, out of the way of the common path.
+#[cold]
+fn cloned(e: &TaskError) -> TaskError {
+    e.clone()
+}
+
 /// One array's outcome in a completion.
 #[derive(Debug, Clone)]
 pub(crate) struct ItemOut {
@@ -2057,6 +2076,7 @@ impl<'p> Completion<'p> {
     ///
     /// # Panics
     /// If `i >= self.len()`.
+    #[inline]
     pub fn item_output<T: Element>(&self, i: usize) -> Result<OutputView<'_, T>, TaskError> {
         let bytes = self.item_bytes(i)?;
         let item = self.item(i);
@@ -2100,6 +2120,7 @@ impl<'p> Completion<'p> {
         false
     }
 
+    #[inline]
     fn item(&self, i: usize) -> &ItemOut {
         if i == 0 {
             &self.first
@@ -2116,10 +2137,11 @@ impl<'p> Completion<'p> {
     ///
     /// # Panics
     /// If `i >= self.len()`.
+    #[inline]
     pub fn item_bytes(&self, i: usize) -> Result<&[u8], TaskError> {
         let item = self.item(i);
         if let Some(e) = &item.error {
-            return Err((**e).clone());
+            return Err(cloned(e));
         }
         let n = item.shape.bytes(item.dtype) as usize;
         // Within the slot: the request was built here, and a size a worker reported was
