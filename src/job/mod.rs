@@ -1,7 +1,8 @@
 //! The seed's synthetic job, defined once: which shapes come next, what each matrix is filled
 //! with, and `mk1 run` itself ([`run`]), which drives a [`crate::Pool`] through the public API
-//! only. Every benchmark baseline uses the same shapes and fill, so "the same work" is
-//! literally the same work.
+//! only. Every benchmark baseline draws the same shapes and fill, so "the same work" is
+//! literally the same work; `mk1 run` may use them in another order ([`Shapes::nearest`]: a
+//! returned slot gets a shape of about the size it held), each shape still once.
 
 mod run;
 
