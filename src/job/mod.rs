@@ -36,8 +36,8 @@ pub struct Shapes {
 
 /// Shapes [`Shapes::nearest`] chooses among.
 pub const AHEAD: usize = 8;
-/// Calls of [`Shapes::nearest`] that may pass a shape over before it is taken whatever its
-/// size: no shape waits longer, so the shapes used stay the shapes drawn.
+/// Calls of [`Shapes::nearest`] that may pass a shape ahead over before it is taken whatever
+/// its size (as soon as a slot it fits comes back): the shapes used stay the shapes drawn.
 pub const MAX_PASSED: u32 = 64;
 
 impl Shapes {
@@ -75,14 +75,15 @@ impl Shapes {
     /// A shape for a slot that held a matrix of `elems` elements: of the next [`AHEAD`] shapes
     /// drawn, the one that `fits` and is closest to `elems` in elements (so that refilling the
     /// slot in place overwrites what it checks, and little is left to check or fill alone),
-    /// unless one was passed over [`MAX_PASSED`] times: then the oldest that fits. The one
-    /// taken is replaced by a new draw. A shape held back ([`Shapes::pending`]) goes first;
-    /// `None` when it, or every shape ahead, does not fit (then the one passed over most is
-    /// held back, for the next slot that comes free).
+    /// unless one that fits was passed over [`MAX_PASSED`] times: then the one of those passed
+    /// over most. The one taken is replaced by a new draw. A shape held back
+    /// ([`Shapes::pending`]) goes first; `None` when it, or every shape ahead, does not fit
+    /// (then the one passed over most is held back, for the next slot that comes free).
     ///
     /// Each shape drawn is used once, and one that fits every slot is taken within
-    /// `MAX_PASSED + AHEAD` calls of its draw: the shapes used are the shapes drawn, in another
-    /// order (the mean matrix size does not move).
+    /// `MAX_PASSED + AHEAD` calls of its draw (calls that find a shape held back do not count):
+    /// the shapes used are the shapes drawn, in another order (the mean matrix size does not
+    /// move; which of the last few drawn are left unused when a run stops depends on timing).
     pub fn nearest(&mut self, elems: u64, fits: impl Fn(u32, u32) -> bool) -> Option<(u32, u32)> {
         if let Some((r, c)) = self.pending {
             if !fits(r, c) {
@@ -98,15 +99,13 @@ impl Shapes {
             .max_by_key(|&i| self.ahead[i].1)
             .expect("AHEAD > 0");
         let size = |&((r, c), _): &((u32, u32), u32)| u64::from(r) * u64::from(c);
-        let pick = if self.ahead[oldest].1 >= MAX_PASSED {
-            (0..AHEAD)
-                .filter(|&i| fits(self.ahead[i].0 .0, self.ahead[i].0 .1))
-                .max_by_key(|&i| self.ahead[i].1)
-        } else {
-            (0..AHEAD)
-                .filter(|&i| fits(self.ahead[i].0 .0, self.ahead[i].0 .1))
-                .min_by_key(|&i| size(&self.ahead[i]).abs_diff(elems))
-        };
+        let fitting = || (0..AHEAD).filter(|&i| fits(self.ahead[i].0 .0, self.ahead[i].0 .1));
+        // An overdue shape that fits goes first (the one passed over most); one that does not
+        // fit this slot waits for a slot it fits, and the others are matched meanwhile.
+        let pick = fitting()
+            .filter(|&i| self.ahead[i].1 >= MAX_PASSED)
+            .max_by_key(|&i| self.ahead[i].1)
+            .or_else(|| fitting().min_by_key(|&i| size(&self.ahead[i]).abs_diff(elems)));
         for a in &mut self.ahead {
             a.1 = a.1.saturating_add(1);
         }
@@ -186,7 +185,10 @@ mod tests {
             let fits = |r: u32, c: u32| u64::from(r) * u64::from(c) <= cap;
             let ahead: Vec<(u32, u32)> = s.ahead.iter().map(|a| a.0).collect();
             let pending = s.pending;
-            let overdue = s.ahead.iter().any(|a| a.1 >= MAX_PASSED);
+            let overdue = s
+                .ahead
+                .iter()
+                .any(|a| a.1 >= MAX_PASSED && fits(a.0 .0, a.0 .1));
             match s.nearest(elems, fits) {
                 Some(shape) => {
                     assert!(fits(shape.0, shape.1));
@@ -224,25 +226,25 @@ mod tests {
 
     #[test]
     fn no_shape_waits_longer_than_the_bound() {
-        // Always a tiny matrix to match: large shapes are passed over until they are overdue.
-        let mut plain = Shapes::new(8, 1, 64);
+        // Always a 1-element matrix to match: large shapes are passed over until they are
+        // overdue. Dimensions over the whole u32 range make every shape drawn distinct, so each
+        // take is credited to its own draw.
+        let mut plain = Shapes::new(8, 1, u32::MAX);
         let drawn: Vec<(u32, u32)> = (0..5_000).map(|_| plain.next_shape()).collect();
-        let mut s = Shapes::new(8, 1, 64);
-        let mut waits = Vec::new();
-        let mut next_draw = 0usize;
-        let mut waiting: std::collections::HashMap<(u32, u32), Vec<usize>> = Default::default();
+        let distinct: std::collections::HashSet<_> = drawn.iter().collect();
+        assert_eq!(distinct.len(), drawn.len(), "shapes drawn are distinct");
+        let drawn_at: std::collections::HashMap<(u32, u32), usize> = drawn
+            .iter()
+            .enumerate()
+            // Draw k happens at call 0 for the first AHEAD, at call k - AHEAD + 1 after.
+            .map(|(k, &s)| (s, (k + 1).saturating_sub(AHEAD)))
+            .collect();
+        let mut s = Shapes::new(8, 1, u32::MAX);
+        let mut longest = 0;
         for call in 0..4_000usize {
-            // Shapes drawn so far: AHEAD at the first call, then one per call.
-            let upto = if call == 0 { AHEAD } else { AHEAD + call };
-            while next_draw < upto {
-                waiting.entry(drawn[next_draw]).or_default().push(call);
-                next_draw += 1;
-            }
             let shape = s.nearest(1, |_, _| true).expect("everything fits");
-            let since = waiting.get_mut(&shape).expect("a shape drawn").remove(0);
-            waits.push(call - since);
+            longest = longest.max(call - drawn_at[&shape]);
         }
-        let longest = waits.iter().max().copied().unwrap_or(0);
         assert!(
             longest <= MAX_PASSED as usize + AHEAD,
             "waited {longest} calls"
@@ -251,5 +253,48 @@ mod tests {
             longest >= MAX_PASSED as usize,
             "large shapes were passed over: {longest}"
         );
+    }
+
+    #[test]
+    fn a_shape_that_fits_nothing_is_held_back_and_goes_first_once_it_fits() {
+        let mut s = Shapes::new(3, 2, 100);
+        // A few ordinary picks, so that the shapes ahead have been passed over unequally.
+        for elems in [4, 10_000, 400, 9] {
+            assert!(s.nearest(elems, |_, _| true).is_some());
+        }
+        // Only 1-element matrices fit: none of the shapes ahead (all at least 2x2) does, and the
+        // one passed over most is held back.
+        let most = s.ahead.iter().max_by_key(|a| a.1).expect("ahead").0;
+        assert_eq!(s.nearest(4, |r, c| r * c <= 1), None);
+        let held = s.pending.expect("a shape is held back");
+        assert_eq!(held, most);
+        // Still nothing fits: it stays held back, and nothing else is taken meanwhile.
+        let ahead: Vec<(u32, u32)> = s.ahead.iter().map(|a| a.0).collect();
+        assert_eq!(s.nearest(4, |r, c| r * c <= 1), None);
+        assert_eq!(s.pending, Some(held));
+        assert_eq!(s.ahead.iter().map(|a| a.0).collect::<Vec<_>>(), ahead);
+        // A slot it fits: it goes first, whatever its size.
+        assert_eq!(s.nearest(1, |_, _| true), Some(held));
+        assert_eq!(s.pending, None);
+        // Shapes of more than 1024 elements never fit here: they are passed over until overdue
+        // (or held back, once nothing ahead fits); then the slot they fit takes the one passed
+        // over most, whatever its size, not the closest.
+        let mut s = Shapes::new(5, 1, 64);
+        for _ in 0..MAX_PASSED as usize + AHEAD {
+            let _ = s.nearest(1, |r, c| r * c <= 1024);
+        }
+        let overdue = s.ahead.iter().any(|a| a.1 >= MAX_PASSED);
+        assert!(
+            overdue || s.pending.is_some(),
+            "a large shape became overdue"
+        );
+        let want = s
+            .pending
+            .unwrap_or_else(|| s.ahead.iter().max_by_key(|a| a.1).expect("ahead").0);
+        assert!(
+            want.0 * want.1 > 1024,
+            "the one waiting is a large shape: {want:?}"
+        );
+        assert_eq!(s.nearest(1, |_, _| true), Some(want));
     }
 }
