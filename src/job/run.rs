@@ -584,18 +584,17 @@ impl Feed<'_> {
         let w = c.worker().unwrap_or(0);
         let ticket = c.ticket().0;
         // (Batches are checked array by array and their slot packed anew: the fused pass is for
-        // one matrix per task, and for a next matrix that fits this slot; a larger one waits
-        // for a larger slot.)
-        // Of the next few shapes, the one closest in size to the matrix checked: the fused
-        // pass then covers most of both, and little is left to check or fill alone.
-        let mut next = None;
-        if self.job.batch == 1 && self.may_issue(now) {
-            let cap = c.capacity();
-            next = self
-                .shapes
+        // one matrix per task.) The next matrix is, of the next few shapes that fit this slot,
+        // the one closest in size to the matrix checked: the fused pass then covers most of
+        // both, and little is left to check or fill alone.
+        let cap = c.capacity();
+        let next = if self.job.batch == 1 && self.may_issue(now) {
+            self.shapes
                 .nearest(c.shape().elements(), |r, cols| matrix_bytes(r, cols) <= cap)
-                .map(|(r, cols)| Shape::d2(r, cols));
-        }
+                .map(|(r, cols)| Shape::d2(r, cols))
+        } else {
+            None
+        };
         let Some(next) = next else {
             for i in 0..c.len() {
                 let seq = self.seq(ticket, i);
