@@ -832,6 +832,44 @@ fn a_kernel_can_retire_its_worker_after_answering() {
     }
 }
 
+/// A task's own `max_retries` bounds its redos after deaths, above or below the pool's: a
+/// kernel that kills its worker every time runs exactly `1 + retries` times, by `submit` and
+/// by `map`.
+fn a_task_s_own_max_retries_bounds_its_redos() {
+    for (pool_retries, task_retries, runs) in [(2, Some(0), 1), (0, Some(1), 2), (1, None, 2)] {
+        let pool = Pool::builder()
+            .workers(2)
+            .mode(Mode::OutOfPlace)
+            .max_retries(pool_retries)
+            .max_restarts(100)
+            .kernels(kernels())
+            .build()
+            .unwrap();
+        let mut task = Task::kernel("exit_73");
+        if let Some(n) = task_retries {
+            task = task.max_retries(n);
+        }
+        let producer = pool.producer().unwrap();
+        let mut loan = producer.loan::<i32>(Shape::d1(2)).unwrap();
+        loan.copy_from_slice(&[0, 0]);
+        producer.submit(loan, &task).unwrap();
+        let done = producer.recv().unwrap();
+        match done.error() {
+            Some(TaskError::WorkerDied { attempts, .. }) => {
+                assert_eq!(*attempts, runs, "{pool_retries} {task_retries:?}")
+            }
+            other => panic!("expected WorkerDied, got {other:?}"),
+        }
+        drop(done);
+        let mut producer = producer;
+        let r: Vec<_> = producer.map(&task, vec![vec![0i32, 0]]).unwrap().collect();
+        match &r[..] {
+            [Err(TaskError::WorkerDied { attempts, .. })] => assert_eq!(*attempts, runs),
+            other => panic!("expected WorkerDied, got {other:?}"),
+        }
+    }
+}
+
 /// One array of a packed batch that hangs its worker, and one that kills it, fail alone: the
 /// other arrays of their batches come back right (out of place, and in place with copies), or
 /// in place without copies, those the worker had not reached yet.
@@ -2742,6 +2780,10 @@ fn main() {
         (
             "a_worker_killed_mid_task_out_of_place_is_redone",
             a_worker_killed_mid_task_out_of_place_is_redone,
+        ),
+        (
+            "a_task_s_own_max_retries_bounds_its_redos",
+            a_task_s_own_max_retries_bounds_its_redos,
         ),
         (
             "a_worker_killed_mid_task_in_place_is_reported",

@@ -1328,7 +1328,7 @@ class Pool:
                             for call in itertools.islice(calls, step):
                                 args = call[0]
                                 if call[1] or not (atoms(map(type, args)) or flat(args)):
-                                    carry.append(call)
+                                    carry.append(_frozen(call))
                                     break
                                 append(args)
                                 step -= 1
@@ -1340,7 +1340,7 @@ class Pool:
                                 if kind not in kinds and not (
                                     kind is tuple and atoms(map(type, item))
                                 ):
-                                    carry.append(((item,), no_keywords))
+                                    carry.append(((_frozen(item),), no_keywords))
                                     break
                                 append(item)
                                 step -= 1
@@ -1378,6 +1378,8 @@ class Pool:
                         ended = e
                         break
                     taken += 1
+                    if call[1] or not (atoms(map(type, call[0])) or flat(call[0])):
+                        call = _frozen(call)
                 if plain:
                     if not call[1] and (atoms(map(type, call[0])) or flat(call[0])):
                         batch.append(call[0])
@@ -1581,7 +1583,9 @@ class Pool:
         result is what ``fn`` returned. Quick calls go several to a slot (batches of up to 64,
         sized to about 2 ms of a worker's time and to fit a slot; one to a slot under a
         ``timeout``); each is pickled on its own, so calls share no object, and each fails
-        alone. (Calls whose arguments are numbers, strings, bytes, None or tuples of them,
+        alone. A call's arguments are as they were when it was taken from the iterables:
+        numpy arrays and bytearrays in them are copied then (so a generator may refill one
+        buffer for the next call). (Calls whose arguments are numbers, strings, bytes, None or tuples of them,
         which cannot change, go up to 1024 to a batch in one pickle, and their results too
         while each is such an object.) A call runs twice only when its batch's worker died
         (out of place, redone) or when its result did not fit what the calls before it left
@@ -1836,11 +1840,12 @@ class Pool:
                     return
                 except TimeoutError as e:  # (not the same class before Python 3.11)
                     raise concurrent.futures.TimeoutError(*e.args) from None
-                if not ok and batched and isinstance(value, (_mk1.WorkerDied, _mk1.TaskTimeout)):
+                if not ok and batched:
+                    pairs = _pairs(sent.pop(index, None))
                     # The batch's worker died (or hung) on one of its calls: each call runs
                     # again on its own, so that only the call that kills its worker fails.
-                    pairs = _pairs(sent.pop(index, None))
-                    if pairs is not None and len(pairs) > 1:
+                    again_ok = isinstance(value, (_mk1.WorkerDied, _mk1.TaskTimeout))
+                    if again_ok and pairs is not None and len(pairs) > 1:
                         it.spill_waiting()  # (lent results waiting give their slots up)
                         again = [self._again(task, pair) for pair in pairs]
                         pairs = None
@@ -1851,6 +1856,16 @@ class Pool:
                             yield value
                         again = None
                         continue
+                    # Any other failure of the batch (no workers left, say) is each of its
+                    # calls' own: one error per call, in its turn, none lost.
+                    for _ in range(1 if pairs is None else max(1, len(pairs))):
+                        if bar is not None:
+                            bar.update(1)
+                        if not go_on:
+                            raise _rebuild(value)
+                        yield _Failed(_rebuild(value))
+                    pairs = None
+                    continue
                 if not ok:
                     if bar is not None:
                         bar.update(1)
@@ -2096,6 +2111,26 @@ class _BatchSizer:
         both = self.blocks_in and self.blocks_out
         self.most = self.MOST_BLOCK if both else self.MOST
         self._resize()
+
+
+def _frozen(x: Any, depth: int = 0) -> Any:
+    """``x`` with the numpy arrays and bytearrays in it (in tuples, lists and dicts, a few
+    levels down) copied: a map's call keeps its arguments as they were when the call was
+    taken from the input, whatever the input does to its buffers afterwards (a generator
+    that refills one array, say). Anything else is kept as it is."""
+    if isinstance(x, np.ndarray):
+        return x.copy(order="K")
+    if depth < 4:
+        kind = type(x)
+        if kind is tuple:
+            return tuple(_frozen(v, depth + 1) for v in x)
+        if kind is list:
+            return [_frozen(v, depth + 1) for v in x]
+        if kind is dict:
+            return {k: _frozen(v, depth + 1) for k, v in x.items()}
+    if type(x) is bytearray:
+        return bytearray(x)
+    return x
 
 
 def _pairs(sent: tuple | None) -> list | None:

@@ -3029,3 +3029,66 @@ def raises_on_seven(x):
     if x[0] == 7:
         raise CustomError(7, "seven")
     return x * 2
+
+
+def dies_on_five(x):
+    if int(np.asarray(x).flat[0]) == 5:
+        os._exit(3)
+    return x
+
+
+def test_every_input_of_a_map_comes_back_once_no_worker_is_left():
+    # A call that kills the only worker of a pool that may not replace it: every input, calls
+    # batched together included, still comes back in its turn, as a result or an error.
+    for items in (list(range(20)), [np.array([i]) for i in range(20)]):
+        with mk1.Pool(workers=1, max_restarts=0) as pool:
+            it = pool.imap(dies_on_five, items)
+            got = []
+            while True:
+                try:
+                    got.append(int(np.asarray(next(it)).flat[0]))
+                except StopIteration:
+                    break
+                except mk1.Mk1Error as e:
+                    got.append(type(e).__name__)
+            assert len(got) == 20, got
+            assert got[0] == 0 and got[5] in ("NoWorkersLeft", "WorkerDied"), got
+            # (Once no worker is left, nothing runs: every later input fails, each on its own.)
+            first = next(i for i, x in enumerate(got) if isinstance(x, str))
+            assert all(x in ("NoWorkersLeft", "WorkerDied") for x in got[first:]), got
+            assert got[:first] == list(range(first)), got
+
+
+def add2(x, y):
+    return x + y
+
+
+def first_plus_second(t):
+    return t[0] + t[1]
+
+
+def first_byte(t):
+    return np.array([t[0][0]])
+
+
+def refilled(buf, n, pair=True):
+    """One buffer, refilled with i before each item is yielded (a common generator)."""
+    for i in range(n):
+        buf[:] = bytes([i % 256]) * len(buf) if isinstance(buf, bytearray) else i
+        yield (buf, 0) if pair else buf
+
+
+def test_calls_keep_their_arguments_as_they_were_when_taken_from_the_input(pool):
+    # A generator that refills one buffer: each call sees the values of its own turn, in
+    # every kind of map that batches calls.
+    n = 250
+    for run in (
+        lambda: pool.starmap(add2, refilled(np.zeros(64), n)),
+        lambda: pool.map(add2, refilled(np.zeros(64), n, pair=False), [0] * n),
+        lambda: pool.imap(first_plus_second, refilled(np.zeros(64), n)),
+        lambda: pool.imap(first_plus_second, ([b, 0] for b, _ in refilled(np.zeros(64), n))),
+        lambda: pool.imap(first_byte, refilled(bytearray(8), n)),
+    ):
+        got = list(run())
+        wrong = [i for i, r in enumerate(got) if int(np.asarray(r).flat[0]) != i % 256]
+        assert len(got) == n and not wrong, wrong[:10]

@@ -98,6 +98,8 @@ pub struct Task {
     params: Params,
     out_shape: Option<Shape>,
     context: Option<Arc<[u8]>>,
+    /// Redos after its worker died, for this task; `None`: the pool's `max_retries`.
+    retries: Option<u32>,
     /// A built-in op's code and parameters per dtype (by `DType::code() - 1`), worked out at
     /// the first submit for that dtype and shared by clones: submits of the same op cost no
     /// decoding.
@@ -118,6 +120,7 @@ impl PartialEq for Task {
             && self.params == other.params
             && self.out_shape == other.out_shape
             && self.context == other.context
+            && self.retries == other.retries
     }
 }
 
@@ -135,6 +138,7 @@ impl Task {
             params: Params::none(),
             out_shape: None,
             context: None,
+            retries: None,
             encoded: Arc::default(),
             id: crate::sync::unique_id(),
         }
@@ -147,6 +151,7 @@ impl Task {
             params: Params::none(),
             out_shape: None,
             context: None,
+            retries: None,
             encoded: Arc::default(),
             id: crate::sync::unique_id(),
         }
@@ -184,6 +189,22 @@ impl Task {
         self.context = if bytes.is_empty() { None } else { Some(bytes) };
         self.id = crate::sync::unique_id();
         self
+    }
+
+    /// Redone at most `n` times when its worker dies, in place of the pool's
+    /// [`PoolBuilder::max_retries`] (with the same conditions: out of place, or with
+    /// [`PoolBuilder::keep_copies`]). `0`: never run twice, a death fails it at once (a caller
+    /// that packs work of its own into one task, and redoes its parts itself, say).
+    pub fn max_retries(mut self, n: u32) -> Task {
+        self.retries = Some(n);
+        self.id = crate::sync::unique_id();
+        self
+    }
+
+    /// This task's redos after a death: its own, or `pool`'s.
+    #[inline]
+    pub(crate) fn retries_or(&self, pool: u32) -> u32 {
+        self.retries.unwrap_or(pool)
     }
 
     /// Bytes of context.

@@ -245,6 +245,7 @@ impl Producer<'_> {
         let first = batch.items[0];
         let out_shape = Shape::from_raw(first.ndim, first.shape).expect("pushed");
         let r = c.fresh_record(&token);
+        r.max_retries = task.retries_or(r.max_retries);
         r.dtype = batch.dtype;
         r.out_shape = out_shape;
         r.any = any;

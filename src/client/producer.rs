@@ -268,6 +268,8 @@ pub(crate) struct Record {
     /// The first output's shape (single tasks).
     pub(crate) out_shape: Shape,
     pub(crate) attempts: u32,
+    /// Redos allowed after a death ([`Task::max_retries`], or the pool's).
+    pub(crate) max_retries: u32,
     /// The number of the `map` this slot's task belongs to (left alone by `recv`), or 0.
     pub(crate) map: u32,
     /// Its kernel takes any dtype and reports what it produced.
@@ -446,6 +448,7 @@ impl<'s> Core<'s> {
                     dtype: DType::U8,
                     out_shape: Shape::d1(0),
                     attempts: 0,
+                    max_retries: 0,
                     map: 0,
                     any: false,
                     task: 0,
@@ -600,6 +603,7 @@ impl<'s> Core<'s> {
         (d.params_len, d.context_offset, d.context_len, d.skip_mask) = (0, 0, 0, 0);
         d.out_shape = [0; crate::layout::MAX_DIMS];
         r.attempts = 0;
+        r.max_retries = self.sh.max_retries;
         r.map = 0;
         r.any = false;
         r.task = 0;
@@ -932,7 +936,7 @@ impl<'s> Core<'s> {
             }
             let intact = self.sh.mode == Mode::OutOfPlace || self.sh.keep_copies;
             // (A handle being dropped redoes nothing: nobody will read the results.)
-            let retry = intact && r.attempts <= self.sh.max_retries && !self.draining;
+            let retry = intact && r.attempts <= r.max_retries && !self.draining;
             let error = TaskError::WorkerDied {
                 how: how.clone(),
                 attempts: r.attempts.max(1),
@@ -1513,6 +1517,7 @@ impl<'pool> Producer<'pool> {
             let r = c.fresh_record(&token);
             r.dtype = dtype;
             r.any = any;
+            r.max_retries = task.retries_or(r.max_retries);
             let desc = &mut r.desc;
             desc.kernel = kernel;
             desc.dtype = u32::from(dtype.code());
