@@ -253,3 +253,21 @@ fn a_program_that_is_not_a_worker_is_a_clear_start_error() {
     let msg = err.to_string();
     assert!(msg.contains("run_if_worker"), "{msg}");
 }
+
+/// Output that cannot be written (a full disk) is an environment error: one line on stderr
+/// and exit 2, for a job that itself succeeded; a closed pipe (`| head`) is not an error.
+#[test]
+fn an_unwritable_stdout_exits_2() {
+    let full = std::fs::File::options()
+        .write(true)
+        .open("/dev/full")
+        .expect("/dev/full");
+    let out = Command::new(MK1)
+        .args(["run", "--count", "50", "--json"])
+        .stdout(full)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert_eq!(err.matches("cannot write to stdout").count(), 1, "{err}");
+}

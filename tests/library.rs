@@ -868,6 +868,25 @@ fn a_task_s_own_max_retries_bounds_its_redos() {
             other => panic!("expected WorkerDied, got {other:?}"),
         }
     }
+    // With no worker left to redo it, the task that killed the last one fails as that death
+    // (not as "no workers", which the tasks after it get).
+    let pool = Pool::builder()
+        .workers(1)
+        .max_restarts(0)
+        .kernels(kernels())
+        .build()
+        .unwrap();
+    let producer = pool.producer().unwrap();
+    let mut loan = producer.loan::<i32>(Shape::d1(2)).unwrap();
+    loan.copy_from_slice(&[0, 0]);
+    producer.submit(loan, &Task::kernel("exit_73")).unwrap();
+    let done = producer.recv().unwrap();
+    match done.error() {
+        Some(TaskError::WorkerDied { attempts: 1, how }) => {
+            assert!(how.contains("no worker was left"), "{how}")
+        }
+        other => panic!("expected WorkerDied, got {other:?}"),
+    }
 }
 
 /// One array of a packed batch that hangs its worker, and one that kills it, fail alone: the

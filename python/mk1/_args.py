@@ -428,6 +428,14 @@ def read(bundle: np.ndarray, copy: bool = False) -> list:
         return pieces
     except ValueError:
         raise
+    except (AttributeError, ImportError, ModuleNotFoundError) as e:
+        # A type (or function) this process cannot import: a class defined under
+        # `if __name__ == "__main__":`, say, which the other process never ran.
+        raise ValueError(
+            f"an object sent between the caller and a worker cannot be rebuilt on the "
+            f"receiving side: {e} (define its class at the top level of an importable module "
+            f"or of the main script, outside `if __name__ == '__main__':`)"
+        ) from e
     except Exception as e:  # noqa: BLE001 - a truncated or garbled pickle
         raise ValueError(f"a garbled mk1 bundle: {e!r}") from e
     finally:

@@ -12,6 +12,7 @@ import multiprocessing
 import operator
 import os
 import pickle
+import re
 import sys
 import threading
 import time
@@ -387,6 +388,7 @@ class Future(concurrent.futures.Future):
         self._driven = False  # counted in its pool's `_Driver` until it completes
         self._group = False  # its result is the entries of several calls (see `_Left`)
         self._ticket: int | None = None  # its task's, once submitted
+        self._died_in = 0  # it ran once already in a batch of this many calls that died
 
     def cancel(self) -> bool:
         """Cancels the call if no worker has it yet: it waits in the pool for one to free up
@@ -780,7 +782,12 @@ class Pool:
             Shared memory taken: about ``slots * max_array_bytes``, twice out of place.
         slots: arrays in flight at once (default ``4 * workers``): the bound on memory and
             the backpressure of ``map``.
-        max_retries: redos of a task whose worker died (out of place, or with keep_copies).
+        max_retries: redos of a task whose worker died (out of place, or with keep_copies):
+            a task runs at most ``1 + max_retries`` times. A call that a map sent in a batch
+            of calls counts its run in the batch: when the batch's worker dies, each of its
+            calls runs again on its own with the redos left (mk1 cannot tell which call
+            killed the worker), except that with ``max_retries=0`` a batch's calls still run
+            once more each (a lone call does not); ``chunksize=1`` sends every call alone.
         max_restarts: worker replacements after deaths before the pool gives up
             (``NoWorkersLeft``); replacements after ``max_tasks_per_child`` do not count.
         context: a ``multiprocessing`` context (``multiprocessing.pool.Pool``'s fifth argument;
@@ -948,6 +955,7 @@ class Pool:
             None if queue_ahead is None else float(queue_ahead),
         )
         self._workers = workers
+        self._max_retries = max_retries
         self._max_array_bytes = max_array_bytes
         # What a call's bundle may take: arguments of max_array_bytes, and the bundle's own.
         self._bundle_bytes = max_array_bytes + _args.ROOM
@@ -969,6 +977,9 @@ class Pool:
     # -- lifecycle ------------------------------------------------------------------------
 
     def __enter__(self) -> Pool:
+        """The pool itself; ``ValueError`` once it is closed (as ``multiprocessing.Pool``)."""
+        if self._closing():
+            raise ValueError("the pool is closed: make a new one")
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
@@ -1069,7 +1080,8 @@ class Pool:
         return self._live().worker_pids()
 
     def restarts(self) -> int:
-        """Workers replaced so far."""
+        """Workers replaced so far: after deaths, and after ``max_tasks_per_child``
+        retirements (only the former count against ``max_restarts``)."""
         return self._live().restarts()
 
     def _live(self):
@@ -1110,16 +1122,20 @@ class Pool:
         return None, blob
 
     def _submit_one(
-        self, a: np.ndarray | _args.Writer, task: tuple[str | None, bytes | None], sink
+        self,
+        a: np.ndarray | _args.Writer,
+        task: tuple[str | None, bytes | None],
+        sink,
+        retries: int | None = None,
     ) -> int:
         """Submits ``a`` (an array, copied into a slot, or a bundle, written there),
         receiving results while every slot is busy (backpressure); the result will go to
-        ``sink``."""
+        ``sink``. ``retries``: the task's own redos after a death (None: ``max_retries``)."""
         core = self._live()
         stuck = 0  # rounds with nothing in flight, nothing received and no slot
         while True:
             try:
-                return core.submit(a, task[0], task[1], sink)
+                return core.submit(a, task[0], task[1], sink, retries)
             except _mk1.Busy:
                 pass  # (waited for below, outside the handler: a Ctrl-C there is not "during" it)
             # Results that arrived but were not received yet hold slots too. (With nothing in
@@ -1135,8 +1151,9 @@ class Pool:
                     time.sleep(_WAIT / 5)
                     continue
                 raise _mk1.Mk1Error(
-                    "every slot is held by results lent with zero_copy=True; drop them (or "
-                    "copy them) before asking for more"
+                    "every slot is held: by results lent with zero_copy=True (drop them, or "
+                    "copy them, before asking for more) or by maps not run to their end "
+                    "(iterate them to the end, or close() them)"
                 )
 
     def _pump(self, timeout: float, watch: list | None = None, urgent: bool = False) -> bool:
@@ -1180,6 +1197,8 @@ class Pool:
         if ok:
             sink.set_result(payload)
         else:
+            if sink._died_in and isinstance(payload, _mk1.WorkerDied):
+                payload = _counted_in_batch(payload, sink._died_in)
             sink.set_exception(_rebuild(payload))
 
     def _wait_for(self, fut: Future, timeout: float | None) -> None:
@@ -1588,9 +1607,10 @@ class Pool:
         buffer for the next call). (Calls whose arguments are numbers, strings, bytes, None or tuples of them,
         which cannot change, go up to 1024 to a batch in one pickle, and their results too
         while each is such an object.) A call runs twice only when its batch's worker died
-        (out of place, redone) or when its result did not fit what the calls before it left
-        of the slot (a worker stops making a batch's calls before its results fill the slot,
-        but a result can be larger than those before it).
+        (each of its calls then runs again on its own, its run in the batch counted as one
+        of its ``1 + max_retries``: see ``Pool``) or when its result did not fit what the
+        calls before it left of the slot (a worker stops making a batch's calls before its
+        results fill the slot, but a result can be larger than those before it).
 
         ``fn`` is a module-level function (of an importable module or of the main script), or
         with cloudpickle installed any callable; or an ``mk1.ops`` op (no Python in the
@@ -1790,6 +1810,9 @@ class Pool:
             prepare,
             self._route,
             _left(deadline),
+            # (A batch of calls is never redone whole: its calls are, each on its own, see
+            # below; each call's redos then add up to max_retries.)
+            0 if batched else None,
         )
 
         def waited(fut: Future):
@@ -1845,16 +1868,38 @@ class Pool:
                     # The batch's worker died (or hung) on one of its calls: each call runs
                     # again on its own, so that only the call that kills its worker fails.
                     again_ok = isinstance(value, (_mk1.WorkerDied, _mk1.TaskTimeout))
-                    if again_ok and pairs is not None and len(pairs) > 1:
+                    # (A lone call is redone as its batch would have been: only after a
+                    # death, and while its redos last.)
+                    alone = pairs is not None and len(pairs) == 1
+                    if alone and (
+                        isinstance(value, _mk1.TaskTimeout) or self._max_retries == 0
+                    ):
+                        again_ok = False
+                    if again_ok and pairs:
                         it.spill_waiting()  # (lent results waiting give their slots up)
-                        again = [self._again(task, pair) for pair in pairs]
+                        # (At most a slot's worth each ahead of the one waited for: each
+                        # submit may wait for a slot, and the step's waits are all in
+                        # `waited`.)
+                        n, left = len(pairs), collections.deque(pairs)
+                        again = collections.deque()
                         pairs = None
-                        for fut in again:
+                        while True:
+                            # (Sent while a slot is free; one is waited for only when none of
+                            # them is out.)
+                            while left:
+                                fut = self._again(task, left[0], n, wait=not again)
+                                if fut is None:
+                                    break
+                                left.popleft()
+                                again.append(fut)
+                            if not again:
+                                break
                             if bar is not None:
                                 bar.update(1)
-                            value = yield from failed_or(waited(fut))
+                            value = yield from failed_or(waited(again[0]))
+                            again.popleft()
                             yield value
-                        again = None
+                        again = left = None
                         continue
                     # Any other failure of the batch (no workers left, say) is each of its
                     # calls' own: one error per call, in its turn, none lost.
@@ -1948,11 +1993,29 @@ class Pool:
             if bar is not None:
                 bar.close()
 
-    def _again(self, task: tuple, pair: tuple) -> Future:
-        """A call of a batch that its worker left (see ``mk1._args``), submitted on its own."""
+    def _again(
+        self, task: tuple, pair: tuple, died_in: int = 0, wait: bool = True
+    ) -> Future | None:
+        """A call of a batch that its worker left (see ``mk1._args``), submitted on its own;
+        ``died_in``: the call ran already, in a batch of that many calls whose worker died
+        (or hung), which counts as its first attempt. Without ``wait``, None (nothing sent)
+        when no slot is free now."""
         fut = Future(self, True)
         fut.set_running_or_notify_cancel()
-        self._submit_one(self._calls([pair]), task, fut)
+        retries = None
+        if died_in:
+            retries = max(0, self._max_retries - 1)
+            fut._died_in = died_in
+        a = self._calls([pair])
+        try:
+            if wait:
+                self._submit_one(a, task, fut, retries)
+            else:
+                self._live().submit(a, task[0], task[1], fut, retries)
+        except _mk1.Busy:
+            return None
+        except _mk1.NoWorkersLeft as e:
+            fut.set_exception(e)  # (the call's own error, in its turn)
         return fut
 
     def _again_group(self, task: tuple, pairs: list) -> Future:
@@ -1966,7 +2029,11 @@ class Pool:
         atoms, flat = _args.ATOMS.issuperset, _args.flat
         if all(not kw and (atoms(map(type, a)) or flat(a)) for a, kw in pairs):
             w, _ = _args.calls_block(-1, [a for a, _ in pairs], self._bundle_bytes)
-        self._submit_one(w or self._calls(pairs), task, fut)
+        # (Never redone whole: its calls are, each on its own, as a batch's.)
+        try:
+            self._submit_one(w or self._calls(pairs), task, fut, 0)
+        except _mk1.NoWorkersLeft as e:
+            fut.set_exception(e)  # (each call's error, in its turn)
         return fut
 
 
@@ -1999,7 +2066,8 @@ class _Left:
                 group.entries, block = yield from waited(group.fut)
             except (_mk1.WorkerDied, _mk1.TaskTimeout):
                 # Only the call that kills its worker (or hangs) must fail: each on its own.
-                group.singles = [self.pool._again(self.task, p) for p in group.pairs]
+                n = len(group.pairs)
+                group.singles = [self.pool._again(self.task, p, n) for p in group.pairs]
             group.fut = None
             if group.entries is not None:
                 # (A block the worker stopped early leaves the calls after its results.)
@@ -2113,24 +2181,45 @@ class _BatchSizer:
         self._resize()
 
 
-def _frozen(x: Any, depth: int = 0) -> Any:
+def _counted_in_batch(e: BaseException, calls: int) -> BaseException:
+    """``WorkerDied`` ``e`` of a call that ran once before in a batch of ``calls`` calls whose
+    worker died, with that first attempt counted in."""
+
+    def more(m: re.Match) -> str:
+        return f"after {int(m.group(1)) + 1} attempt(s), the first in a batch of {calls} calls"
+
+    text, n = re.subn(r"after (\d+) attempt\(s\)", more, str(e), count=1)
+    return type(e)(text if n else f"{e} (and once before, in a batch of {calls} calls)")
+
+
+def _frozen(x: Any, depth: int = 0, memo: dict | None = None) -> Any:
     """``x`` with the numpy arrays and bytearrays in it (in tuples, lists and dicts, a few
     levels down) copied: a map's call keeps its arguments as they were when the call was
     taken from the input, whatever the input does to its buffers afterwards (a generator
-    that refills one array, say). Anything else is kept as it is."""
-    if isinstance(x, np.ndarray):
-        return x.copy(order="K")
-    if depth < 4:
-        kind = type(x)
+    that refills one array, say). Anything else is kept as it is; an object found twice is
+    copied once (within one call, as pickle keeps it, it stays one object)."""
+    if memo is None:
+        memo = {}
+    kind = type(x)
+    if not (isinstance(x, np.ndarray) or kind is bytearray or (depth < 4 and kind in _NESTS)):
+        return x
+    copy = memo.get(id(x))
+    if copy is None:
         if kind is tuple:
-            return tuple(_frozen(v, depth + 1) for v in x)
-        if kind is list:
-            return [_frozen(v, depth + 1) for v in x]
-        if kind is dict:
-            return {k: _frozen(v, depth + 1) for k, v in x.items()}
-    if type(x) is bytearray:
-        return bytearray(x)
-    return x
+            copy = tuple(_frozen(v, depth + 1, memo) for v in x)
+        elif kind is list:
+            copy = [_frozen(v, depth + 1, memo) for v in x]
+        elif kind is dict:
+            copy = {k: _frozen(v, depth + 1, memo) for k, v in x.items()}
+        elif kind is bytearray:
+            copy = bytearray(x)
+        else:
+            copy = x.copy(order="K")
+        memo[id(x)] = copy
+    return copy
+
+
+_NESTS = (tuple, list, dict)  # (what `_frozen` looks into)
 
 
 def _pairs(sent: tuple | None) -> list | None:

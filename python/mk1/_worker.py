@@ -196,7 +196,13 @@ def _run_task(fn, wants_out, inp, dtype, shape, out, in_place):
     try:
         x = np.ndarray(shape, dtype, inp)  # read-only out of place, as its buffer is
         if wants_out:
-            o = x if in_place else np.ndarray(shape, dtype, out)
+            if in_place:
+                o = x
+            else:
+                # Zeroed: what the function leaves unwritten must not be another task's
+                # result left in the slot (the cost is one pass of writes over the output).
+                o = np.ndarray(shape, dtype, out)
+                o.fill(0)
             y = fn(x, out=o)
             _leave_if_forked(True)
             if y is None or y is o:

@@ -704,6 +704,20 @@ fn pythonize(msg: &str) -> String {
         "--max-dim, --inflight or --workers",
         "max_array_bytes, slots or workers",
     )
+    // (The Python workers' one kernel, "py", runs the pool's initializer as its init.)
+    .replace(
+        "; a program used as the worker must call mk1::run_if_worker() (or run_if_worker_with) \
+         first thing in main",
+        "; the initializer, or the main script as the worker imported it, may have ended it \
+         (os._exit, sys.exit)",
+    )
+    .replace("init of kernel \"py\" failed: ", "its initializer failed: ")
+    .replace(
+        "init of kernel \"py\" panicked: ",
+        "its initializer failed: ",
+    )
+    .trim_end()
+    .to_string()
 }
 
 /// Bytes of an array's data.
@@ -895,8 +909,9 @@ impl PoolCore {
     /// Copies `array` (C-contiguous, 1 to 4 dimensions) into a free slot and submits it, to run
     /// the built-in `op` (text such as "affine:3,1") or, when `op` is None, the Python
     /// function pickled in `context`; its result will come back with `sink` (a future).
+    /// `retries`: the task's own bound on redos after its worker died (None: the pool's).
     /// Returns the ticket. Raises `Busy` when no slot is free.
-    #[pyo3(signature = (array, op, context, sink))]
+    #[pyo3(signature = (array, op, context, sink, retries=None))]
     fn submit(
         &self,
         py: Python<'_>,
@@ -904,6 +919,7 @@ impl PoolCore {
         op: Option<&str>,
         context: Option<&Bound<'_, PyBytes>>,
         sink: Py<PyAny>,
+        retries: Option<u32>,
     ) -> PyResult<u64> {
         if self.lock.is_closing() {
             return Err(PyValueError::new_err(
@@ -911,7 +927,10 @@ impl PoolCore {
             ));
         }
         self.with(py, |sh| {
-            let task = sh.task(op, context.map(|c| c.as_bytes()))?;
+            let mut task = sh.task(op, context.map(|c| c.as_bytes()))?;
+            if let Some(n) = retries {
+                task = task.max_retries(n);
+            }
             let ticket = sh.submit(array, &task)?;
             sh.router.borrow_mut().sinks.insert(ticket, sink);
             Ok(ticket)
@@ -981,9 +1000,9 @@ impl PoolCore {
         })
     }
 
-    /// A map over the Python iterator `inputs` (see `MapIter`).
+    /// A map over the Python iterator `inputs` (see `MapIter`); `retries` as for `submit`.
     #[allow(clippy::too_many_arguments)]
-    #[pyo3(signature = (inputs, op, context, ordered, lend, window, reorder, prepare, route, timeout=None))]
+    #[pyo3(signature = (inputs, op, context, ordered, lend, window, reorder, prepare, route, timeout=None, retries=None))]
     fn map_iter(
         &self,
         inputs: Bound<'_, PyAny>,
@@ -996,11 +1015,15 @@ impl PoolCore {
         prepare: Bound<'_, PyAny>,
         route: Bound<'_, PyAny>,
         timeout: Option<f64>,
+        retries: Option<u32>,
     ) -> PyResult<MapIter> {
         let deadline = timeout
             .map(|t| std::time::Instant::now() + Duration::from_secs_f64(t.clamp(0.0, YEAR_S)));
         let (task, shared, id, ahead) = self.with(inputs.py(), |sh| {
-            let task = sh.task(op, context.map(|c| c.as_bytes()))?;
+            let mut task = sh.task(op, context.map(|c| c.as_bytes()))?;
+            if let Some(n) = retries {
+                task = task.max_retries(n);
+            }
             let mut r = sh.router.borrow_mut();
             r.next_map += 1;
             let id = r.next_map;

@@ -345,8 +345,16 @@ def test_initializer_worker_id_and_state():
             ids.add(int(y[0]))
             assert y[1] == 7
         assert ids <= {0, 1} and ids
-    with pytest.raises(mk1.PoolStartError, match="initializer says no"):
+    with pytest.raises(mk1.PoolStartError, match="initializer failed: .*initializer says no"):
         mk1.Pool(workers=1, initializer=failing_init)
+    # One that ends its process says what may have done it, in Python's terms.
+    with pytest.raises(mk1.PoolStartError, match=r"the initializer.*os._exit") as e:
+        mk1.Pool(workers=1, initializer=exits_five)
+    assert "run_if_worker" not in str(e.value)
+
+
+def exits_five():
+    os._exit(5)
 
 
 def test_a_task_past_the_timeout_fails_and_the_pool_goes_on():
@@ -596,6 +604,10 @@ def test_a_closed_pool_refuses_work():
     pool.close()
     with pytest.raises(ValueError, match="closed"):
         pool.submit(x3p1, np.ones(2))
+    # As multiprocessing.Pool: a closed pool is no context manager any more.
+    with pytest.raises(ValueError, match="closed"):
+        with pool:
+            pass
 
 
 def run_script(tmp_path, body, *, env=None, timeout=60, args=("7",), stdin=False):
@@ -3053,6 +3065,9 @@ def test_every_input_of_a_map_comes_back_once_no_worker_is_left():
                     got.append(type(e).__name__)
             assert len(got) == 20, got
             assert got[0] == 0 and got[5] in ("NoWorkersLeft", "WorkerDied"), got
+            if isinstance(items[0], np.ndarray):
+                # (An array is its own task: the one that killed the last worker says so.)
+                assert got[5] == "WorkerDied", got
             # (Once no worker is left, nothing runs: every later input fails, each on its own.)
             first = next(i for i, x in enumerate(got) if isinstance(x, str))
             assert all(x in ("NoWorkersLeft", "WorkerDied") for x in got[first:]), got
@@ -3092,3 +3107,51 @@ def test_calls_keep_their_arguments_as_they_were_when_taken_from_the_input(pool)
         got = list(run())
         wrong = [i for i, r in enumerate(got) if int(np.asarray(r).flat[0]) != i % 256]
         assert len(got) == n and not wrong, wrong[:10]
+
+
+def logs_then_dies_at(i, n, log):
+    if i == n:
+        with open(log, "a") as f:
+            f.write("x")
+        os._exit(3)
+    return i
+
+
+@pytest.mark.parametrize("retries", [1, 2])
+def test_a_call_that_kills_its_batch_s_worker_runs_at_most_1_plus_max_retries_times(retries):
+    # Its run in the batch counts: it runs again on its own with the redos left (before, the
+    # whole batch was redone max_retries times, then each of its calls max_retries more).
+    with tempfile.TemporaryDirectory() as d, mk1.Pool(workers=2, max_retries=retries) as p:
+        log = os.path.join(d, "runs")
+        got, errors = [], []
+        it = p.imap(logs_then_dies_at, range(1000), [400] * 1000, [log] * 1000)
+        while True:
+            try:
+                got.append(next(it))
+            except StopIteration:
+                break
+            except mk1.WorkerDied as e:
+                errors.append(str(e))
+        assert got == [i for i in range(1000) if i != 400]
+        with open(log) as f:
+            assert len(f.read()) == retries + 1
+        assert len(errors) == 1 and f"after {retries + 1} attempt(s)" in errors[0], errors
+
+
+def secret(x):
+    return np.full(x.shape, 123456.0, x.dtype)
+
+
+def writes_nothing(x, out):
+    return None
+
+
+def test_an_out_the_function_leaves_unwritten_is_zero_out_of_place_and_the_input_in_place():
+    x = np.arange(4, dtype=np.float32)
+    with mk1.Pool(workers=1, slots=1) as p:
+        p.submit(secret, x).result()  # (the one slot's output holds 123456s now)
+        assert p.submit(writes_nothing, x).result().tolist() == [0, 0, 0, 0]
+        assert [r.tolist() for r in p.map(writes_nothing, [x, x])] == [[0] * 4] * 2
+    with mk1.Pool(workers=1, slots=1, mode="in-place") as p:
+        p.submit(secret, x).result()
+        assert p.submit(writes_nothing, x).result().tolist() == x.tolist()

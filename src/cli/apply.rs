@@ -321,13 +321,13 @@ pub fn apply(args: ApplyArgs) -> ExitCode {
             );
         }
     }
-    if signal != 0 {
-        ExitCode::from(128 + signal as u8)
+    super::exit_code(if signal != 0 {
+        128 + signal as u8
     } else if failed.is_empty() {
-        ExitCode::SUCCESS
+        0
     } else {
-        ExitCode::from(1)
-    }
+        1
+    })
 }
 
 /// Submits the bytes in `loan` as an array of the file's dtype (the loan was taken as bytes;

@@ -147,7 +147,7 @@ fn latency(n: u64, json: bool) -> ExitCode {
                     );
                 }
             }
-            ExitCode::SUCCESS
+            super::exit_code(0)
         }
         Err(e) => {
             eprintln!("mk1: bench latency failed: {e}");
@@ -166,7 +166,7 @@ fn library(b: LibraryBench, json: bool) -> ExitCode {
     };
     if json {
         outln!("{}", serde_json::to_string(&report).expect("serialisable"));
-        return ExitCode::SUCCESS;
+        return super::exit_code(0);
     }
     outln!(
         "mk1 bench library: {} workers, {} interleaved repetitions; ratio a/b per repetition: median (min..max)",
@@ -203,7 +203,7 @@ fn library(b: LibraryBench, json: bool) -> ExitCode {
         i.one_cpu_first_task_p50_us,
         i.one_cpu_first_task_p99_us
     );
-    ExitCode::SUCCESS
+    super::exit_code(0)
 }
 
 fn kernels(json: bool) -> ExitCode {
@@ -259,7 +259,7 @@ fn kernels(json: bool) -> ExitCode {
                     }
                 }
             }
-            ExitCode::SUCCESS
+            super::exit_code(0)
         }
         Err(e) => {
             eprintln!("mk1: bench kernels failed: {e}");
@@ -372,7 +372,7 @@ fn systems(args: &BenchArgs) -> ExitCode {
         }
     }
     if all_ok {
-        ExitCode::SUCCESS
+        super::exit_code(0)
     } else {
         eprintln!("mk1: some runs did not verify");
         ExitCode::from(1)

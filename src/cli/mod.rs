@@ -17,14 +17,19 @@ mod bench;
 
 /// Writes one line to stdout. A reader that has gone away (`mk1 run | head -1`) ends nothing:
 /// the line is dropped, and the exit code still comes from the run's result. Any other write
-/// error is reported on stderr; it makes the exit code at least 1.
+/// error (a full disk) is reported on stderr, once; it is an environment
+/// error: a job that succeeded then exits 2 ([`exit_code`]).
 pub fn write_line(args: std::fmt::Arguments<'_>) {
     use std::io::Write;
     let mut out = std::io::stdout().lock();
+    // (A standard stream closed when mk1 started, `>&-`, is /dev/null by then: Rust's runtime
+    // puts it on every closed standard descriptor, so no file mk1 opens can take its number,
+    // and what is written there goes nowhere, as with `> /dev/null`.)
     if let Err(e) = out.write_fmt(args).and_then(|()| out.write_all(b"\n")) {
-        if e.kind() != std::io::ErrorKind::BrokenPipe {
+        if e.kind() != std::io::ErrorKind::BrokenPipe
+            && !STDOUT_FAILED.swap(true, std::sync::atomic::Ordering::Relaxed)
+        {
             eprintln!("mk1: cannot write to stdout: {e}");
-            STDOUT_FAILED.store(true, std::sync::atomic::Ordering::Relaxed);
         }
     }
 }
@@ -32,9 +37,19 @@ pub fn write_line(args: std::fmt::Arguments<'_>) {
 /// Set when a write to stdout failed for a reason other than a closed pipe.
 pub static STDOUT_FAILED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
+/// The exit code of a command whose job ended with `code` (0 it succeeded, 1 it failed,
+/// 128+n stopped by signal n): 2 where the job succeeded but its output could not be written
+/// (an environment error); a failed or stopped job keeps its own code.
+pub fn exit_code(code: u8) -> ExitCode {
+    if code == 0 && STDOUT_FAILED.load(std::sync::atomic::Ordering::Relaxed) {
+        return ExitCode::from(2);
+    }
+    ExitCode::from(code)
+}
+
 use std::io::IsTerminal;
 use std::process::ExitCode;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::AtomicUsize;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -312,11 +327,7 @@ fn run(args: RunArgs) -> ExitCode {
     }
     // The code comes from the report alone (which records the signal that stopped it, if one
     // did); an unwritable stdout can only make it worse, never better.
-    let code = report.exit_code();
-    if code == 0 && STDOUT_FAILED.load(Ordering::Relaxed) {
-        return ExitCode::from(1);
-    }
-    ExitCode::from(code)
+    exit_code(report.exit_code())
 }
 
 /// A flag set to the number of the first stopping signal that arrives (0 until one does).

@@ -364,6 +364,10 @@ pub(crate) struct Core<'s> {
     /// Arrays of a slot's batch that failed alone (blamed for a death or a hang) while the
     /// rest was sent again, by slot index: added to the batch's outcome when it completes.
     item_failures: Vec<Vec<(u32, TaskError)>>,
+    /// By slot: how the worker died that the slot's task was last blamed for (read only while
+    /// the task's `attempts` count that death: for a task to be redone when no worker is
+    /// left, which then fails as `WorkerDied`, not as `NoWorkers`).
+    died_how: Vec<Option<String>>,
     /// Emptied item lists of packed loans and completions, kept for the next ones (no
     /// allocation per batch while work flows).
     pub(crate) spare_items: Vec<Vec<ItemDesc>>,
@@ -476,6 +480,7 @@ impl<'s> Core<'s> {
                 }
             ],
             item_failures: vec![Vec::new(); layout.slots() as usize],
+            died_how: vec![None; layout.slots() as usize],
             backoff: Backoff::for_mode(sh.spin),
             spare_items: Vec::new(),
             spare_outs: Vec::new(),
@@ -942,7 +947,12 @@ impl<'s> Core<'s> {
                 attempts: r.attempts.max(1),
             };
             match (retry, culprit) {
-                (true, _) => self.send_again(t),
+                (true, _) => {
+                    if blamed {
+                        self.died_how[t.slot() as usize] = Some(how.clone());
+                    }
+                    self.send_again(t)
+                }
                 (false, Some(k)) => self.fail_alone(t, k, error, &how, w),
                 (false, None) => self.finish(t, Outcome::failed(error), false, Some(w as u32)),
             }
@@ -1097,14 +1107,18 @@ impl<'s> Core<'s> {
             progress |= self.send_waiting();
         }
         if let Some(why) = self.broken() {
-            // Nobody is left to do the remaining work: fail it, never drop it silently.
+            // Nobody is left to do the remaining work: fail it, never drop it silently. A task
+            // waiting to be redone after its worker died fails as that death.
             for t in std::mem::take(&mut self.redo) {
-                self.finish(
-                    t,
-                    Outcome::failed(TaskError::NoWorkers(why.clone())),
-                    false,
-                    None,
-                );
+                let slot = t.slot() as usize;
+                let error = match self.died_how[slot].take() {
+                    Some(how) if self.records[slot].attempts > 0 => TaskError::WorkerDied {
+                        how: format!("{how}; no worker was left to run it again: {why}"),
+                        attempts: self.records[slot].attempts,
+                    },
+                    _ => TaskError::NoWorkers(why.clone()),
+                };
+                self.finish(t, Outcome::failed(error), false, None);
                 progress = true;
             }
             // A terminated pool's workers are being killed, not yet dead: one may still write
