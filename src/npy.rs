@@ -69,17 +69,36 @@ pub fn inspect(path: &Path) -> Result<NpyInfo, NpyError> {
         path: path.to_path_buf(),
         why,
     };
+    // (Looked at before it is opened: opening a named pipe waits for a writer.)
+    if !std::fs::metadata(path).map_err(io_err)?.is_file() {
+        // (A pipe, `<(cat f.npy)` say, cannot be read twice: once checked, once for the data.)
+        return Err(bad(
+            "not a regular file (a pipe, socket or device): mk1 apply reads .npy files it can \
+             open again, from a filesystem"
+                .into(),
+        ));
+    }
     let file = File::open(path).map_err(io_err)?;
     let len = file.metadata().map_err(io_err)?.len();
     let mut r = BufReader::new(file);
     let header = NpyHeader::from_reader(&mut r)
         .map_err(|e| bad(format!("not a readable .npy file ({e})")))?;
     let data_offset = r.stream_position().map_err(io_err)?;
-    let npyz::DType::Plain(ts) = header.dtype() else {
-        return Err(bad(format!(
-            "structured dtype {}: mk1 takes plain numeric arrays",
-            header.dtype().descr()
-        )));
+    let ts = match header.dtype() {
+        npyz::DType::Plain(ts) => ts,
+        npyz::DType::Record(fields) => {
+            let names: Vec<&str> = fields.iter().map(|f| f.name.as_str()).collect();
+            return Err(bad(format!(
+                "a structured dtype (fields {}): mk1 takes plain numeric arrays",
+                names.join(", ")
+            )));
+        }
+        other => {
+            return Err(bad(format!(
+                "dtype {}: mk1 takes plain numeric arrays",
+                other.descr()
+            )))
+        }
     };
     let size = ts.size_field();
     let dtype = match (ts.type_char(), size) {
@@ -224,12 +243,27 @@ pub fn write_atomically(
     }
     let result = File::create(&tmp)
         .and_then(|file| write(&file))
-        .and_then(|()| std::fs::rename(&tmp, path));
+        .and_then(|()| std::fs::rename(&tmp, path).map_err(|e| cannot_replace(path, e)));
     if let Err(e) = result {
         let _ = std::fs::remove_file(&tmp);
         return Err(io_err(e));
     }
     Ok(())
+}
+
+/// A failed rename over `path`, said as such where the file is there and the system refused
+/// (a sticky directory, /tmp's kind, lets only a file's owner replace it).
+fn cannot_replace(path: &Path, e: io::Error) -> io::Error {
+    if matches!(e.kind(), io::ErrorKind::PermissionDenied) && path.exists() {
+        return io::Error::new(
+            e.kind(),
+            format!(
+                "cannot replace the file already there: {e} (in a sticky directory only its \
+                 owner may; remove it, or write to another --out-dir)"
+            ),
+        );
+    }
+    e
 }
 
 /// An unnamed file in `path`'s directory, if its filesystem makes them.
@@ -254,9 +288,11 @@ fn link_as(file: &File, path: &Path, tmp: &Path) -> io::Result<bool> {
     }
     let _ = std::fs::remove_file(tmp);
     crate::sys::link_unnamed(file, tmp)?;
-    std::fs::rename(tmp, path).inspect_err(|_| {
-        let _ = std::fs::remove_file(tmp);
-    })?;
+    std::fs::rename(tmp, path)
+        .inspect_err(|_| {
+            let _ = std::fs::remove_file(tmp);
+        })
+        .map_err(|e| cannot_replace(path, e))?;
     Ok(true)
 }
 

@@ -201,7 +201,8 @@ fn bad_inputs_are_exit_2_naming_the_file_before_any_work() {
          np.save('bool.npy', np.zeros(3, dtype=bool))\n\
          np.save('struct.npy', np.zeros(2, dtype=[('a', 'i4'), ('b', 'f8')]))\n\
          b = open('good.npy', 'rb').read(); open('trunc.npy', 'wb').write(b[:-5])\n\
-         open('text.npy', 'w').write('not an array')\n",
+         open('text.npy', 'w').write('not an array')\n\
+         import os; os.mkfifo('pipe.npy'); os.mkdir('dir.npy')\n",
     );
     let out = t.0.join("out");
     let out_s = out.display().to_string();
@@ -211,7 +212,9 @@ fn bad_inputs_are_exit_2_naming_the_file_before_any_work() {
         ("big.npy", "big-endian"),
         ("fortran.npy", "Fortran"),
         ("bool.npy", "not supported"),
-        ("struct.npy", "structured"),
+        ("struct.npy", "structured dtype (fields a, b)"),
+        ("pipe.npy", "not a regular file"),
+        ("dir.npy", "not a regular file"),
         ("trunc.npy", "truncated"),
         ("text.npy", "not a readable"),
         ("missing.npy", "No such file"),
