@@ -59,10 +59,11 @@ def _fail(fut: concurrent.futures.Future, why: str) -> None:
 
 def _after_fork_in_child() -> None:
     """A child made by fork() inherits the parent's pools but not their workers or threads: it
-    forgets them (using one there raises "the pool is closed"; a future it inherited pending
-    fails with ``Mk1Error``; ``close()`` and ``join()`` return)."""
+    forgets them (using one there raises ``ValueError``, saying so; a future it inherited
+    pending fails with ``Mk1Error``; ``close()`` and ``join()`` return)."""
     for pool in list(_POOLS):
         if pool._core is not None:
+            pool._forked = True
             pool._finalizer.detach()
             pool._core.abandon()
             pool._core = None
@@ -979,6 +980,7 @@ class Pool:
     def __enter__(self) -> Pool:
         """The pool itself; ``ValueError`` once it is closed (as ``multiprocessing.Pool``)."""
         if self._closing():
+            self._live()  # (says why: closed, or a forked process's copy)
             raise ValueError("the pool is closed: make a new one")
         return self
 
@@ -1087,6 +1089,11 @@ class Pool:
     def _live(self):
         core = self._core
         if core is None:
+            if getattr(self, "_forked", False):
+                raise ValueError(
+                    "this pool belongs to the process this one was forked from (its workers "
+                    "serve that process only): make a new pool here"
+                )
             raise ValueError("the pool is closed")
         return core
 
