@@ -832,6 +832,15 @@ fn a_kernel_can_retire_its_worker_after_answering() {
     }
 }
 
+/// Submits `[0, 0]` with `task`, which must fail; its error.
+fn error_of(producer: &mk1::Producer<'_>, task: &Task) -> TaskError {
+    let mut loan = producer.loan::<i32>(Shape::d1(2)).unwrap();
+    loan.copy_from_slice(&[0, 0]);
+    producer.submit(loan, task).unwrap();
+    let done = producer.recv().unwrap();
+    done.error().cloned().expect("the task failed")
+}
+
 /// A task's own `max_retries` bounds its redos after deaths, above or below the pool's: a
 /// kernel that kills its worker every time runs exactly `1 + retries` times, by `submit` and
 /// by `map`.
@@ -849,19 +858,13 @@ fn a_task_s_own_max_retries_bounds_its_redos() {
         if let Some(n) = task_retries {
             task = task.max_retries(n);
         }
-        let producer = pool.producer().unwrap();
-        let mut loan = producer.loan::<i32>(Shape::d1(2)).unwrap();
-        loan.copy_from_slice(&[0, 0]);
-        producer.submit(loan, &task).unwrap();
-        let done = producer.recv().unwrap();
-        match done.error() {
-            Some(TaskError::WorkerDied { attempts, .. }) => {
-                assert_eq!(*attempts, runs, "{pool_retries} {task_retries:?}")
+        let mut producer = pool.producer().unwrap();
+        match error_of(&producer, &task) {
+            TaskError::WorkerDied { attempts, .. } => {
+                assert_eq!(attempts, runs, "{pool_retries} {task_retries:?}")
             }
             other => panic!("expected WorkerDied, got {other:?}"),
         }
-        drop(done);
-        let mut producer = producer;
         let r: Vec<_> = producer.map(&task, vec![vec![0i32, 0]]).unwrap().collect();
         match &r[..] {
             [Err(TaskError::WorkerDied { attempts, .. })] => assert_eq!(*attempts, runs),
@@ -877,16 +880,16 @@ fn a_task_s_own_max_retries_bounds_its_redos() {
         .build()
         .unwrap();
     let producer = pool.producer().unwrap();
-    let mut loan = producer.loan::<i32>(Shape::d1(2)).unwrap();
-    loan.copy_from_slice(&[0, 0]);
-    producer.submit(loan, &Task::kernel("exit_73")).unwrap();
-    let done = producer.recv().unwrap();
-    match done.error() {
-        Some(TaskError::WorkerDied { attempts: 1, how }) => {
+    match error_of(&producer, &Task::kernel("exit_73")) {
+        TaskError::WorkerDied { attempts: 1, how } => {
             assert!(how.contains("no worker was left"), "{how}")
         }
         other => panic!("expected WorkerDied, got {other:?}"),
     }
+    assert!(matches!(
+        producer.loan::<i32>(Shape::d1(2)),
+        Err(LoanError::NoWorkers(_))
+    ));
 }
 
 /// One array of a packed batch that hangs its worker, and one that kills it, fail alone: the
