@@ -73,8 +73,8 @@ pub fn inspect(path: &Path) -> Result<NpyInfo, NpyError> {
     if !std::fs::metadata(path).map_err(io_err)?.is_file() {
         // (A pipe, `<(cat f.npy)` say, cannot be read twice: once checked, once for the data.)
         return Err(bad(
-            "not a regular file (a pipe, socket or device): mk1 apply reads .npy files it can \
-             open again, from a filesystem"
+            "not a regular file (a directory, pipe, socket or device): mk1 apply reads .npy \
+             files it can open again, from a filesystem"
                 .into(),
         ));
     }

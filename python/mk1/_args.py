@@ -55,6 +55,7 @@ import pickle
 import secrets
 import struct
 import threading
+import weakref
 from typing import Any
 
 import numpy as np
@@ -173,10 +174,29 @@ def _array(k: Any, text: Any, shape: Any, order: Any) -> np.ndarray:
         raise ValueError(f"a garbled mk1 bundle: array {k!r}: {e}") from None
 
 
-def _reduce(obj: Any, arrays: list) -> Any:
+# Arrays that are copies mk1 made itself, by id (``own_copy``): a snapshot does not copy them
+# again. (Arrays are not hashable: no WeakSet.)
+_OWN_COPIES: dict[int, weakref.ref] = {}
+
+
+def own_copy(a: np.ndarray) -> np.ndarray:
+    """A copy of ``a`` that snapshots (``Writer(snapshot=True)``) take as it is."""
+    c = a.copy(order="K")
+    key = id(c)
+    _OWN_COPIES[key] = weakref.ref(c, lambda _, key=key: _OWN_COPIES.pop(key, None))
+    return c
+
+
+def _is_own_copy(a: np.ndarray) -> bool:
+    r = _OWN_COPIES.get(id(a))
+    return r is not None and r() is a
+
+
+def _reduce(obj: Any, arrays: list, snapshot: bool = False) -> Any:
     """How ``_Pickler`` sends an array of a dtype of ``_TEXT``: its bytes out of band (into
     ``arrays``), a strided one as a contiguous copy (so that the function gets a view of it
-    too); NotImplemented for anything else, empty arrays too, pickled as usual."""
+    too); NotImplemented for anything else, empty arrays too, pickled as usual. With
+    ``snapshot``, every array goes as a copy made now (unless ``own_copy`` made it)."""
     if type(obj) is not np.ndarray:
         return NotImplemented
     text = _TEXT.get(obj.dtype)
@@ -189,6 +209,9 @@ def _reduce(obj: Any, arrays: list) -> Any:
         order = "F"
     else:
         obj, order = np.ascontiguousarray(obj), "C"
+        snapshot = False  # (a copy already)
+    if snapshot and not _is_own_copy(obj):
+        obj = obj.copy(order="K")
     arrays.append(obj)
     return (_array, (len(arrays) - 1, text, obj.shape, order))
 
@@ -201,12 +224,13 @@ class _Pickler(pickle.Pickler):
     reducer, not a persistent id: pickle asks a reducer about arrays only, but asks for a
     persistent id of every object.)"""
 
-    def __init__(self, f: io.BytesIO, arrays: list) -> None:
+    def __init__(self, f: io.BytesIO, arrays: list, snapshot: bool = False) -> None:
         super().__init__(f, protocol=5)
         self.arrays = arrays
+        self.snapshot = snapshot
 
     def reducer_override(self, obj: Any) -> Any:
-        return _reduce(obj, self.arrays)
+        return _reduce(obj, self.arrays, self.snapshot)
 
 
 _OBJ = object()  # (`Writer.add`'s default: show the object itself)
@@ -220,14 +244,17 @@ def _short(obj: Any) -> str:
 class Writer:
     """Writes a bundle piece by piece, within ``limit`` bytes (see the module's docs)."""
 
-    def __init__(self, limit: int) -> None:
+    def __init__(self, limit: int, snapshot: bool = False) -> None:
+        """``snapshot``: the arrays are copied as each piece is added (else they are read
+        when the bundle is written), for pieces taken from a caller's iterable, which may
+        refill its buffers for the next one."""
         self.limit = limit
         self.f = io.BytesIO()
         self.arrays: list[np.ndarray] = []
         self.array_bytes = 0  # the arrays' bytes, each aligned
         self.pieces = 0
         self.size = _HEAD.size  # (`nbytes` after the last piece that went in)
-        self._pickler = _Pickler(self.f, self.arrays)
+        self._pickler = _Pickler(self.f, self.arrays, snapshot)
         self._cloud: Any = None
 
     @property
@@ -282,9 +309,11 @@ class Writer:
         if self._cloud is None:
             arrays = self.arrays
 
+            snapshot = self._pickler.snapshot
+
             class _Cloud(cloudpickle.CloudPickler):
                 def reducer_override(self, obj: Any) -> Any:
-                    r = _reduce(obj, arrays)
+                    r = _reduce(obj, arrays, snapshot)
                     return super().reducer_override(obj) if r is NotImplemented else r
 
             self._cloud = _Cloud
@@ -428,9 +457,13 @@ def read(bundle: np.ndarray, copy: bool = False) -> list:
         return pieces
     except ValueError:
         raise
-    except (AttributeError, ImportError, ModuleNotFoundError) as e:
+    except (AttributeError, ImportError) as e:
         # A type (or function) this process cannot import: a class defined under
-        # `if __name__ == "__main__":`, say, which the other process never ran.
+        # `if __name__ == "__main__":`, say, which the other process never ran. (Any other
+        # such error, a user's `__setstate__` failing, say, is said as it is.)
+        if not (isinstance(e, ModuleNotFoundError) or "Can't get attribute" in str(e)):
+            raise ValueError(f"an object sent between the caller and a worker failed to "
+                             f"rebuild on the receiving side: {e!r}") from e
         raise ValueError(
             f"an object sent between the caller and a worker cannot be rebuilt on the "
             f"receiving side: {e} (define its class at the top level of an importable module "

@@ -787,8 +787,9 @@ class Pool:
             a task runs at most ``1 + max_retries`` times. A call that a map sent in a batch
             of calls counts its run in the batch: when the batch's worker dies, each of its
             calls runs again on its own with the redos left (mk1 cannot tell which call
-            killed the worker), except that with ``max_retries=0`` a batch's calls still run
-            once more each (a lone call does not); ``chunksize=1`` sends every call alone.
+            killed the worker; the caller keeps every call's arguments, so this is so in
+            place too), except that with ``max_retries=0`` a batch's calls still run once
+            more each (a lone call does not); ``chunksize=1`` sends every call alone.
         max_restarts: worker replacements after deaths before the pool gives up
             (``NoWorkersLeft``); replacements after ``max_tasks_per_child`` do not count.
         context: a ``multiprocessing`` context (``multiprocessing.pool.Pool``'s fifth argument;
@@ -1417,7 +1418,9 @@ class Pool:
                         carry.appendleft(call)  # (the next batch's first, on its own)
                         break
                 if w is None:
-                    w = _args.Writer(self._bundle_bytes)
+                    # (Its arrays copied as each call goes in: the input may refill them for
+                    # the next call, and the bundle is written to its slot only when full.)
+                    w = _args.Writer(self._bundle_bytes, snapshot=True)
                 try:
                     # (The first call may take the whole slot but the trailer; room for it
                     # is kept after that.)
@@ -1894,7 +1897,7 @@ class Pool:
                             # (Sent while a slot is free; one is waited for only when none of
                             # them is out.)
                             while left:
-                                fut = self._again(task, left[0], n, wait=not again)
+                                fut = self._again(task, left[0], n, not again, value)
                                 if fut is None:
                                     break
                                 left.popleft()
@@ -2001,12 +2004,17 @@ class Pool:
                 bar.close()
 
     def _again(
-        self, task: tuple, pair: tuple, died_in: int = 0, wait: bool = True
+        self,
+        task: tuple,
+        pair: tuple,
+        died_in: int = 0,
+        wait: bool = True,
+        death: BaseException | None = None,
     ) -> Future | None:
         """A call of a batch that its worker left (see ``mk1._args``), submitted on its own;
         ``died_in``: the call ran already, in a batch of that many calls whose worker died
-        (or hung), which counts as its first attempt. Without ``wait``, None (nothing sent)
-        when no slot is free now."""
+        (or hung: ``death`` says which), which counts as its first attempt. Without
+        ``wait``, None (nothing sent) when no slot is free now."""
         fut = Future(self, True)
         fut.set_running_or_notify_cancel()
         retries = None
@@ -2022,7 +2030,19 @@ class Pool:
         except _mk1.Busy:
             return None
         except _mk1.NoWorkersLeft as e:
-            fut.set_exception(e)  # (the call's own error, in its turn)
+            # (The call's own error, in its turn.) A call alone in its batch is the one whose
+            # worker died: that death is its error; a call of a larger batch may not be.
+            if died_in == 1 and death is not None:
+                fut.set_exception(_rebuild(death))
+            elif died_in > 1 and death is not None:
+                fut.set_exception(
+                    _mk1.NoWorkersLeft(
+                        f"{e}; it was in a batch of {died_in} calls whose worker died "
+                        f"running one of them ({death})"
+                    )
+                )
+            else:
+                fut.set_exception(_rebuild(e))
         return fut
 
     def _again_group(self, task: tuple, pairs: list) -> Future:
@@ -2040,7 +2060,7 @@ class Pool:
         try:
             self._submit_one(w or self._calls(pairs), task, fut, 0)
         except _mk1.NoWorkersLeft as e:
-            fut.set_exception(e)  # (each call's error, in its turn)
+            fut.set_exception(e)  # (each call's error, in its turn: see `_Left.result`)
         return fut
 
 
@@ -2073,8 +2093,13 @@ class _Left:
                 group.entries, block = yield from waited(group.fut)
             except (_mk1.WorkerDied, _mk1.TaskTimeout):
                 # Only the call that kills its worker (or hangs) must fail: each on its own.
-                n = len(group.pairs)
-                group.singles = [self.pool._again(self.task, p, n) for p in group.pairs]
+                n, death = len(group.pairs), sys.exc_info()[1]
+                group.singles = [
+                    self.pool._again(self.task, p, n, death=death) for p in group.pairs
+                ]
+            except _mk1.Mk1Error as e:
+                # (The group's one error, a new one for each of its calls.)
+                raise _rebuild(e) from None
             group.fut = None
             if group.entries is not None:
                 # (A block the worker stopped early leaves the calls after its results.)
@@ -2193,7 +2218,8 @@ def _counted_in_batch(e: BaseException, calls: int) -> BaseException:
     worker died, with that first attempt counted in."""
 
     def more(m: re.Match) -> str:
-        return f"after {int(m.group(1)) + 1} attempt(s), the first in a batch of {calls} calls"
+        where = "" if calls == 1 else f", the first in a batch of {calls} calls"
+        return f"after {int(m.group(1)) + 1} attempt(s){where}"
 
     text, n = re.subn(r"after (\d+) attempt\(s\)", more, str(e), count=1)
     return type(e)(text if n else f"{e} (and once before, in a batch of {calls} calls)")
@@ -2201,10 +2227,12 @@ def _counted_in_batch(e: BaseException, calls: int) -> BaseException:
 
 def _frozen(x: Any, depth: int = 0, memo: dict | None = None) -> Any:
     """``x`` with the numpy arrays and bytearrays in it (in tuples, lists and dicts, a few
-    levels down) copied: a map's call keeps its arguments as they were when the call was
-    taken from the input, whatever the input does to its buffers afterwards (a generator
-    that refills one array, say). Anything else is kept as it is; an object found twice is
-    copied once (within one call, as pickle keeps it, it stays one object)."""
+    levels down) copied, for a map's call to be sent again as it was taken from the input
+    (its batch's worker died), whatever the input did to its buffers since (a generator that
+    refills one array, say). Anything else is kept as it is; an object found twice is copied
+    once (within one call, as pickle keeps it, it stays one object). (The call's first
+    sending copies every array it holds, however deep, as it is pickled: ``Writer``'s
+    snapshot.)"""
     if memo is None:
         memo = {}
     kind = type(x)
@@ -2221,7 +2249,7 @@ def _frozen(x: Any, depth: int = 0, memo: dict | None = None) -> Any:
         elif kind is bytearray:
             copy = bytearray(x)
         else:
-            copy = x.copy(order="K")
+            copy = _args.own_copy(x)
         memo[id(x)] = copy
     return copy
 

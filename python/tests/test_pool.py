@@ -6,6 +6,7 @@ name through the caller's sys.path, as multiprocessing's spawn does).
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures
 import multiprocessing
 import os
@@ -3057,9 +3058,13 @@ def dies_on_five(x):
 def test_every_input_of_a_map_comes_back_once_no_worker_is_left():
     # A call that kills the only worker of a pool that may not replace it: every input, calls
     # batched together included, still comes back in its turn, as a result or an error.
-    for items in (list(range(20)), [np.array([i]) for i in range(20)]):
+    for items, chunk in (
+        (list(range(20)), None),
+        (list(range(20)), 1),
+        ([np.array([i]) for i in range(20)], None),
+    ):
         with mk1.Pool(workers=1, max_restarts=0) as pool:
-            it = pool.imap(dies_on_five, items)
+            it = pool.imap(dies_on_five, items, chunksize=chunk)
             got = []
             while True:
                 try:
@@ -3070,8 +3075,9 @@ def test_every_input_of_a_map_comes_back_once_no_worker_is_left():
                     got.append(type(e).__name__)
             assert len(got) == 20, got
             assert got[0] == 0 and got[5] in ("NoWorkersLeft", "WorkerDied"), got
-            if isinstance(items[0], np.ndarray):
-                # (An array is its own task: the one that killed the last worker says so.)
+            if isinstance(items[0], np.ndarray) or chunk == 1:
+                # (An array, or a call sent alone, is its own task: the one that killed the
+                # last worker says so.)
                 assert got[5] == "WorkerDied", got
             # (Once no worker is left, nothing runs: every later input fails, each on its own.)
             first = next(i for i, x in enumerate(got) if isinstance(x, str))
@@ -3091,6 +3097,24 @@ def first_byte(t):
     return np.array([t[0][0]])
 
 
+Pair = collections.namedtuple("Pair", "x y")
+
+
+class Holder:
+    """An object with an array inside (not a container mk1 looks into)."""
+
+    def __init__(self, a):
+        self.a = a
+
+
+def held_first(h):
+    return np.array([h.a[0]])
+
+
+def deep_first(x):
+    return np.array([x[0][0][0][0][0]])
+
+
 def refilled(buf, n, pair=True):
     """One buffer, refilled with i before each item is yielded (a common generator)."""
     for i in range(n):
@@ -3108,6 +3132,10 @@ def test_calls_keep_their_arguments_as_they_were_when_taken_from_the_input(pool)
         lambda: pool.imap(first_plus_second, refilled(np.zeros(64), n)),
         lambda: pool.imap(first_plus_second, ([b, 0] for b, _ in refilled(np.zeros(64), n))),
         lambda: pool.imap(first_byte, refilled(bytearray(8), n)),
+        # (However it is wrapped: a named tuple, an object, lists five deep.)
+        lambda: pool.imap(first_plus_second, (Pair(b, 0) for b, _ in refilled(np.zeros(8), n))),
+        lambda: pool.imap(held_first, (Holder(b) for b, _ in refilled(np.zeros(8), n))),
+        lambda: pool.imap(deep_first, ([[[[b]]]] for b, _ in refilled(np.zeros(8), n))),
     ):
         got = list(run())
         wrong = [i for i, r in enumerate(got) if int(np.asarray(r).flat[0]) != i % 256]

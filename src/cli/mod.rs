@@ -1,11 +1,12 @@
 //! Flags → validated [`mk1::Config`] → run → report → exit code.
 //!
 //! Exit codes: 0 the job verified; 1 the job failed (a matrix wrong or lost); 2 bad usage or
-//! environment, reported before any process starts; 128+n when stopped by signal n after
-//! draining (130 SIGINT, 143 SIGTERM).
+//! environment, reported before any process starts, or a job that succeeded but whose output
+//! could not be written; 128+n when stopped by signal n after draining (130 SIGINT, 143
+//! SIGTERM).
 
-/// `println!` that ends the process quietly when stdout is closed (piped into `head`, say)
-/// instead of panicking.
+/// `println!` that drops the line quietly when stdout's reader has gone (piped into `head`,
+/// say) instead of panicking, and reports any other failure (see [`write_line`]).
 macro_rules! outln {
     ($($arg:tt)*) => {
         $crate::cli::write_line(format_args!($($arg)*))
@@ -241,8 +242,11 @@ pub fn main() -> ExitCode {
         Err(e) => {
             use clap::error::ErrorKind;
             if matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion) {
-                let _ = e.print();
-                return ExitCode::SUCCESS;
+                use std::io::Write;
+                return match e.print().and_then(|()| std::io::stdout().flush()) {
+                    Ok(()) => ExitCode::SUCCESS,
+                    Err(err) => usage_error(format!("cannot write to stdout: {err}")),
+                };
             }
             if e.kind() == ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand {
                 let _ = e.print();

@@ -193,8 +193,11 @@ impl Task {
 
     /// Redone at most `n` times when its worker dies, in place of the pool's
     /// [`PoolBuilder::max_retries`] (with the same conditions: out of place, or with
-    /// [`PoolBuilder::keep_copies`]). `0`: never run twice, a death fails it at once (a caller
-    /// that packs work of its own into one task, and redoes its parts itself, say).
+    /// [`PoolBuilder::keep_copies`]). `0`: a death fails it at once (for a caller that packs
+    /// work of its own into one task and redoes its parts itself, say). In a packed batch the
+    /// bound is on the array its worker was running, as [`Mode`] says: the arrays sent again
+    /// with the rest of the batch include those that had run before it (their results died
+    /// with the worker).
     pub fn max_retries(mut self, n: u32) -> Task {
         self.retries = Some(n);
         self.id = crate::sync::unique_id();
