@@ -174,29 +174,10 @@ def _array(k: Any, text: Any, shape: Any, order: Any) -> np.ndarray:
         raise ValueError(f"a garbled mk1 bundle: array {k!r}: {e}") from None
 
 
-# Arrays that are copies mk1 made itself, by id (``own_copy``): a snapshot does not copy them
-# again. (Arrays are not hashable: no WeakSet.)
-_OWN_COPIES: dict[int, weakref.ref] = {}
-
-
-def own_copy(a: np.ndarray) -> np.ndarray:
-    """A copy of ``a`` that snapshots (``Writer(snapshot=True)``) take as it is."""
-    c = a.copy(order="K")
-    key = id(c)
-    _OWN_COPIES[key] = weakref.ref(c, lambda _, key=key: _OWN_COPIES.pop(key, None))
-    return c
-
-
-def _is_own_copy(a: np.ndarray) -> bool:
-    r = _OWN_COPIES.get(id(a))
-    return r is not None and r() is a
-
-
-def _reduce(obj: Any, arrays: list, snapshot: bool = False) -> Any:
+def _reduce(obj: Any, arrays: list) -> Any:
     """How ``_Pickler`` sends an array of a dtype of ``_TEXT``: its bytes out of band (into
     ``arrays``), a strided one as a contiguous copy (so that the function gets a view of it
-    too); NotImplemented for anything else, empty arrays too, pickled as usual. With
-    ``snapshot``, every array goes as a copy made now (unless ``own_copy`` made it)."""
+    too); NotImplemented for anything else, empty arrays too, pickled as usual."""
     if type(obj) is not np.ndarray:
         return NotImplemented
     text = _TEXT.get(obj.dtype)
@@ -209,9 +190,6 @@ def _reduce(obj: Any, arrays: list, snapshot: bool = False) -> Any:
         order = "F"
     else:
         obj, order = np.ascontiguousarray(obj), "C"
-        snapshot = False  # (a copy already)
-    if snapshot and not _is_own_copy(obj):
-        obj = obj.copy(order="K")
     arrays.append(obj)
     return (_array, (len(arrays) - 1, text, obj.shape, order))
 
@@ -224,13 +202,12 @@ class _Pickler(pickle.Pickler):
     reducer, not a persistent id: pickle asks a reducer about arrays only, but asks for a
     persistent id of every object.)"""
 
-    def __init__(self, f: io.BytesIO, arrays: list, snapshot: bool = False) -> None:
+    def __init__(self, f: io.BytesIO, arrays: list) -> None:
         super().__init__(f, protocol=5)
         self.arrays = arrays
-        self.snapshot = snapshot
 
     def reducer_override(self, obj: Any) -> Any:
-        return _reduce(obj, self.arrays, self.snapshot)
+        return _reduce(obj, self.arrays)
 
 
 _OBJ = object()  # (`Writer.add`'s default: show the object itself)
@@ -244,17 +221,15 @@ def _short(obj: Any) -> str:
 class Writer:
     """Writes a bundle piece by piece, within ``limit`` bytes (see the module's docs)."""
 
-    def __init__(self, limit: int, snapshot: bool = False) -> None:
-        """``snapshot``: the arrays are copied as each piece is added (else they are read
-        when the bundle is written), for pieces taken from a caller's iterable, which may
-        refill its buffers for the next one."""
+    def __init__(self, limit: int) -> None:
         self.limit = limit
         self.f = io.BytesIO()
         self.arrays: list[np.ndarray] = []
         self.array_bytes = 0  # the arrays' bytes, each aligned
         self.pieces = 0
         self.size = _HEAD.size  # (`nbytes` after the last piece that went in)
-        self._pickler = _Pickler(self.f, self.arrays, snapshot)
+        self._pickler = _Pickler(self.f, self.arrays)
+        self._owned = 0  # the arrays before this one are the bundle's own (``own_arrays``)
         self._cloud: Any = None
 
     @property
@@ -309,11 +284,9 @@ class Writer:
         if self._cloud is None:
             arrays = self.arrays
 
-            snapshot = self._pickler.snapshot
-
             class _Cloud(cloudpickle.CloudPickler):
                 def reducer_override(self, obj: Any) -> Any:
-                    r = _reduce(obj, arrays, snapshot)
+                    r = _reduce(obj, arrays)
                     return super().reducer_override(obj) if r is NotImplemented else r
 
             self._cloud = _Cloud
@@ -329,10 +302,20 @@ class Writer:
         """Adds the trailer of a calls bundle of batch number ``batch``; as ``add``."""
         return self.add(("calls", batch, self.pieces))
 
+    def own_arrays(self) -> None:
+        """Copies the arrays the pieces so far hold by reference (the bundle's arrays are
+        otherwise read when it is written): for pieces taken from a caller's iterable, which
+        may refill its buffers for the next piece."""
+        arrays = self.arrays
+        for k in range(self._owned, len(arrays)):
+            arrays[k] = arrays[k].copy(order="K")
+        self._owned = len(arrays)
+
     def _undo(self, at: int, n: int) -> None:
         self.f.seek(at)
         self.f.truncate()
         del self.arrays[n:]
+        self._owned = min(self._owned, n)
         self.array_bytes = sum(_align(a.nbytes) for a in self.arrays)
 
     def write(self, dst: Any) -> None:

@@ -1313,6 +1313,7 @@ class Pool:
         sizer: _BatchSizer,
         sent: dict,
         items: Iterator[Any] | None = None,
+        snapshot: bool = True,
     ) -> Iterator[_args.Writer]:
         """The calls of a map as calls bundles of up to ``sizer.size`` calls each, as many as
         fit a slot; ``sent`` keeps each batch's calls by its number until its results come
@@ -1323,7 +1324,9 @@ class Pool:
         pickled on its own. An input that fails, a call that does not pickle (named by its
         index) or one too large for a slot ends the batches, after the calls taken before it.
         ``items``: for a map of one argument per call, the iterator under ``calls`` (each of
-        its items ``((item,), {})``), taken from directly while the calls go as blocks."""
+        its items ``((item,), {})``), taken from directly while the calls go as blocks.
+        ``snapshot``: taking a call may run the caller's code (a generator), which may change
+        the arrays of the calls taken before: those of the batch are copied first."""
         taken = 0  # calls taken from the input
         carry: collections.deque = collections.deque()  # taken, not yet in a batch
         ended = None  # what the input raised (after the calls taken before it)
@@ -1332,7 +1335,10 @@ class Pool:
         no_keywords = _args.NO_KEYWORDS
         plain = True
         sizer.blocks(True)
-        for number in itertools.count():
+        # (Batches are numbered as the map's inputs, by the batches sent: a round that sends
+        # none, one whose input took its time before a call could go in, takes no number.)
+        number = 0
+        while True:
             # A block's arguments (a tuple per call), or a batch's (args, kwargs) pairs.
             batch: list = []
             failure = None  # a call's own (the calls after it are not sent)
@@ -1394,6 +1400,11 @@ class Pool:
                 elif ended is not None or done:
                     break
                 else:
+                    if w is not None and snapshot:
+                        # The calls in the batch keep their arrays as they are now, whatever
+                        # the input does to its buffers when it makes the next call (a batch
+                        # that goes now, one large call say, copies nothing here).
+                        w.own_arrays()
                     try:
                         call = next(calls)
                     except StopIteration:
@@ -1405,8 +1416,6 @@ class Pool:
                         ended = e
                         break
                     taken += 1
-                    if call[1] or not (atoms(map(type, call[0])) or flat(call[0])):
-                        call = _frozen(call)
                 if plain:
                     if not call[1] and (atoms(map(type, call[0])) or flat(call[0])):
                         batch.append(call[0])
@@ -1418,9 +1427,7 @@ class Pool:
                         carry.appendleft(call)  # (the next batch's first, on its own)
                         break
                 if w is None:
-                    # (Its arrays copied as each call goes in: the input may refill them for
-                    # the next call, and the bundle is written to its slot only when full.)
-                    w = _args.Writer(self._bundle_bytes, snapshot=True)
+                    w = _args.Writer(self._bundle_bytes)
                 try:
                     # (The first call may take the whole slot but the trailer; room for it
                     # is kept after that.)
@@ -1462,6 +1469,7 @@ class Pool:
                 sent[number] = (block, batch)
                 sizer.record_bytes(w.nbytes, len(batch))
                 yield w  # (written by the pool straight into its slot)
+                number += 1
             w = None
             if failure is not None:
                 raise failure
@@ -1612,9 +1620,11 @@ class Pool:
         result is what ``fn`` returned. Quick calls go several to a slot (batches of up to 64,
         sized to about 2 ms of a worker's time and to fit a slot; one to a slot under a
         ``timeout``); each is pickled on its own, so calls share no object, and each fails
-        alone. A call's arguments are as they were when it was taken from the iterables:
-        numpy arrays and bytearrays in them are copied then (so a generator may refill one
-        buffer for the next call). (Calls whose arguments are numbers, strings, bytes, None or tuples of them,
+        alone. A call's arguments are sent as they were when it was taken from the
+        iterables, so a generator may refill one buffer for the next call (its arrays are
+        copied before the next call is taken, when its batch is not sent first); a call run
+        again on its own after its batch's worker died is pickled again from its arguments
+        as they are then, as ``multiprocessing`` would. (Calls whose arguments are numbers, strings, bytes, None or tuples of them,
         which cannot change, go up to 1024 to a batch in one pickle, and their results too
         while each is such an object.) A call runs twice only when its batch's worker died
         (each of its calls then runs again on its own, its run in the batch counted as one
@@ -1754,17 +1764,32 @@ class Pool:
             sized = all(hasattr(i, "__len__") for i in iterables)
             bar = _progress(min(len(i) for i in iterables) if sized else None)
         inputs = iter(iterables[0]) if calls is None else calls
+        # Iterating a list, tuple or range runs no code of the caller's, which could refill an
+        # array that a call taken before holds: only other inputs cost a copy per array.
+        quiet = all(type(i) in (list, tuple, range) for i in iterables)
         step = _Step()
         return MapIterator(
             self._map_gen(
                 fn, task, inputs, calls is not None, ordered, zero_copy, bar, chunksize, timeout,
-                step, go_on,
+                step, go_on, not quiet,
             ),
             step,
         )
 
     def _map_gen(
-        self, fn, task, inputs, batched, ordered, zero_copy, bar, chunksize, timeout, step, go_on
+        self,
+        fn,
+        task,
+        inputs,
+        batched,
+        ordered,
+        zero_copy,
+        bar,
+        chunksize,
+        timeout,
+        step,
+        go_on,
+        snapshot=True,
     ):
         # (With `go_on`, a failed array or call is yielded as `_Failed`, which `MapIterator`
         # raises, and the generator goes on.)
@@ -1795,7 +1820,7 @@ class Pool:
         if batched:
             sizer = _BatchSizer(self._timeout is None, self._max_array_bytes, chunksize)
             sent: dict = {}
-            inputs = self._batches(inputs, sizer, sent, items)
+            inputs = self._batches(inputs, sizer, sent, items, snapshot)
         # Zero-copy, the result the caller holds keeps its slot: one less in flight.
         window = max(1, self._slots - 1) if zero_copy else self._slots
         # In order, results waiting for a slower one before them go on waiting out of their
@@ -2227,12 +2252,10 @@ def _counted_in_batch(e: BaseException, calls: int) -> BaseException:
 
 def _frozen(x: Any, depth: int = 0, memo: dict | None = None) -> Any:
     """``x`` with the numpy arrays and bytearrays in it (in tuples, lists and dicts, a few
-    levels down) copied, for a map's call to be sent again as it was taken from the input
-    (its batch's worker died), whatever the input did to its buffers since (a generator that
-    refills one array, say). Anything else is kept as it is; an object found twice is copied
-    once (within one call, as pickle keeps it, it stays one object). (The call's first
-    sending copies every array it holds, however deep, as it is pickled: ``Writer``'s
-    snapshot.)"""
+    levels down) copied: for a call taken from the input that waits, out of any batch, while
+    the input makes the next ones (a generator may refill its buffers). Anything else is kept
+    as it is; an object found twice is copied once (within one call, as pickle keeps it, it
+    stays one object)."""
     if memo is None:
         memo = {}
     kind = type(x)
@@ -2249,7 +2272,7 @@ def _frozen(x: Any, depth: int = 0, memo: dict | None = None) -> Any:
         elif kind is bytearray:
             copy = bytearray(x)
         else:
-            copy = _args.own_copy(x)
+            copy = x.copy(order="K")
         memo[id(x)] = copy
     return copy
 

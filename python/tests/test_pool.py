@@ -3188,3 +3188,20 @@ def test_an_out_the_function_leaves_unwritten_is_zero_out_of_place_and_the_input
     with mk1.Pool(workers=1, slots=1, mode="in-place") as p:
         p.submit(secret, x).result()
         assert p.submit(writes_nothing, x).result().tolist() == x.tolist()
+
+
+def slow_calls_with_arrays(n):
+    for i in range(n):
+        time.sleep(0.01)  # (longer than a batch waits for its input)
+        yield np.full(3, float(i)), 1
+
+
+def test_a_slow_input_of_calls_with_arrays_comes_back_right():
+    # The first call was set aside while the input's slowness closed its batch, empty: that
+    # batch took a number all the same, and every result after it was refused as another
+    # batch's ("a worker sent back the results of another batch").
+    with mk1.Pool(workers=1) as p:
+        got = [float(r[0]) for r in p.starmap(add2, slow_calls_with_arrays(5))]
+        assert got == [1.0, 2.0, 3.0, 4.0, 5.0]
+        got = [float(r[0]) for r in p.map(add2, (a for a, _ in slow_calls_with_arrays(5)), [1] * 5)]
+        assert got == [1.0, 2.0, 3.0, 4.0, 5.0]
