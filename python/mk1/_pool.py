@@ -1624,9 +1624,9 @@ class Pool:
         iterables, so a generator may refill one buffer for the next call (its arrays are
         copied before the next call is taken, when its batch is not sent first); a call run
         again on its own after its batch's worker died is pickled again from its arguments
-        as they are then, as ``multiprocessing`` would. (Calls whose arguments are numbers, strings, bytes, None or tuples of them,
-        which cannot change, go up to 1024 to a batch in one pickle, and their results too
-        while each is such an object.) A call runs twice only when its batch's worker died
+        as they are then, as ``multiprocessing`` would. (Calls whose arguments are numbers,
+        strings, bytes, None or tuples of them, which cannot change, go up to 1024 to a batch
+        in one pickle, and their results too while each is such an object.) A call runs twice only when its batch's worker died
         (each of its calls then runs again on its own, its run in the batch counted as one
         of its ``1 + max_retries``: see ``Pool``) or when its result did not fit what the
         calls before it left of the slot (a worker stops making a batch's calls before its
