@@ -55,7 +55,6 @@ import pickle
 import secrets
 import struct
 import threading
-import weakref
 from typing import Any
 
 import numpy as np

@@ -1361,7 +1361,7 @@ class Pool:
                             for call in itertools.islice(calls, step):
                                 args = call[0]
                                 if call[1] or not (atoms(map(type, args)) or flat(args)):
-                                    carry.append(_frozen(call))
+                                    carry.append(call)
                                     break
                                 append(args)
                                 step -= 1
@@ -1373,7 +1373,7 @@ class Pool:
                                 if kind not in kinds and not (
                                     kind is tuple and atoms(map(type, item))
                                 ):
-                                    carry.append(((_frozen(item),), no_keywords))
+                                    carry.append(((item,), no_keywords))
                                     break
                                 append(item)
                                 step -= 1
@@ -2248,36 +2248,6 @@ def _counted_in_batch(e: BaseException, calls: int) -> BaseException:
 
     text, n = re.subn(r"after (\d+) attempt\(s\)", more, str(e), count=1)
     return type(e)(text if n else f"{e} (and once before, in a batch of {calls} calls)")
-
-
-def _frozen(x: Any, depth: int = 0, memo: dict | None = None) -> Any:
-    """``x`` with the numpy arrays and bytearrays in it (in tuples, lists and dicts, a few
-    levels down) copied: for a call taken from the input that waits, out of any batch, while
-    the input makes the next ones (a generator may refill its buffers). Anything else is kept
-    as it is; an object found twice is copied once (within one call, as pickle keeps it, it
-    stays one object)."""
-    if memo is None:
-        memo = {}
-    kind = type(x)
-    if not (isinstance(x, np.ndarray) or kind is bytearray or (depth < 4 and kind in _NESTS)):
-        return x
-    copy = memo.get(id(x))
-    if copy is None:
-        if kind is tuple:
-            copy = tuple(_frozen(v, depth + 1, memo) for v in x)
-        elif kind is list:
-            copy = [_frozen(v, depth + 1, memo) for v in x]
-        elif kind is dict:
-            copy = {k: _frozen(v, depth + 1, memo) for k, v in x.items()}
-        elif kind is bytearray:
-            copy = bytearray(x)
-        else:
-            copy = x.copy(order="K")
-        memo[id(x)] = copy
-    return copy
-
-
-_NESTS = (tuple, list, dict)  # (what `_frozen` looks into)
 
 
 def _pairs(sent: tuple | None) -> list | None:

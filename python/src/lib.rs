@@ -451,8 +451,15 @@ impl Shared {
         unsafe { &*(&*self.inner.producer as *const Producer<'static>) }
     }
 
-    fn task(&self, op: Option<&str>, context: Option<&[u8]>) -> PyResult<Task> {
-        Ok(match op {
+    /// The built-in `op` (cached by its text), or the Python function pickled in `context`;
+    /// with `retries`, its own bound on redos after a death (see `Task::max_retries`).
+    fn task(
+        &self,
+        op: Option<&str>,
+        context: Option<&[u8]>,
+        retries: Option<u32>,
+    ) -> PyResult<Task> {
+        let task = match op {
             Some(text) => {
                 let mut ops = self.ops.borrow_mut();
                 if let Some(t) = ops.get(text) {
@@ -464,6 +471,10 @@ impl Shared {
                 }
             }
             None => Task::kernel(PY_KERNEL).context(context.unwrap_or(&[])),
+        };
+        Ok(match retries {
+            Some(n) => task.max_retries(n),
+            None => task,
         })
     }
 
@@ -927,10 +938,7 @@ impl PoolCore {
             ));
         }
         self.with(py, |sh| {
-            let mut task = sh.task(op, context.map(|c| c.as_bytes()))?;
-            if let Some(n) = retries {
-                task = task.max_retries(n);
-            }
+            let task = sh.task(op, context.map(|c| c.as_bytes()), retries)?;
             let ticket = sh.submit(array, &task)?;
             sh.router.borrow_mut().sinks.insert(ticket, sink);
             Ok(ticket)
@@ -1020,10 +1028,7 @@ impl PoolCore {
         let deadline = timeout
             .map(|t| std::time::Instant::now() + Duration::from_secs_f64(t.clamp(0.0, YEAR_S)));
         let (task, shared, id, ahead) = self.with(inputs.py(), |sh| {
-            let mut task = sh.task(op, context.map(|c| c.as_bytes()))?;
-            if let Some(n) = retries {
-                task = task.max_retries(n);
-            }
+            let task = sh.task(op, context.map(|c| c.as_bytes()), retries)?;
             let mut r = sh.router.borrow_mut();
             r.next_map += 1;
             let id = r.next_map;

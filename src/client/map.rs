@@ -64,8 +64,8 @@ where
     any: bool,
     /// The task's context bytes, after the arrays of every slot.
     context: Option<std::sync::Arc<[u8]>>,
-    /// The task's redos after a death ([`Task::max_retries`]), if its own.
-    retries: Option<u32>,
+    /// The task's redos after a death ([`Task::max_retries`], or the pool's).
+    retries: u32,
     ordered: bool,
     window: u64,
     next_in: u64,
@@ -155,7 +155,7 @@ impl<'pool> Producer<'pool> {
         let (kernel, params) = task.resolve(&c.sh.registry, dtype).map(|(k, p)| (k, *p))?;
         let any = c.sh.registry.takes_any(kernel);
         let context = task.context.clone();
-        let retries = task.retries;
+        let retries = task.retries_or(c.sh.max_retries);
         // The context goes at the end of every slot the map sends (of the largest size).
         let (context_len, slot) = (task.context_bytes().len() as u64, c.max_slot_bytes());
         if context_len > 0 && TaskDesc::context_offset_for(context_len, slot).is_none() {
@@ -263,7 +263,7 @@ where
         record.out_shape = Shape::d1(0);
         record.map = self.id;
         record.any = self.any;
-        record.max_retries = self.retries.unwrap_or(record.max_retries);
+        record.max_retries = self.retries;
         let desc = &mut record.desc;
         desc.kernel = self.kernel;
         desc.dtype = u32::from(dtype.code());
