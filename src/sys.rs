@@ -425,7 +425,36 @@ pub struct Launch {
     /// Keep this process's stdout in the child (an isolated child's stdout is /dev/null
     /// otherwise, so a stuck worker never holds the user's terminal or pipe open).
     pub inherit_stdout: bool,
+    /// Descriptors the child gets open, under the same numbers (data too large for an
+    /// environment variable, say).
+    pub fds: Vec<SharedFd>,
 }
+
+/// A descriptor shared by every [`Launch`] that holds it, open until the last one is dropped.
+/// Two are equal when they are the same descriptor.
+#[derive(Debug, Clone)]
+pub struct SharedFd(std::sync::Arc<OwnedFd>);
+
+impl SharedFd {
+    /// Takes `fd` over.
+    pub fn new(fd: OwnedFd) -> SharedFd {
+        SharedFd(std::sync::Arc::new(fd))
+    }
+}
+
+impl AsRawFd for SharedFd {
+    fn as_raw_fd(&self) -> RawFd {
+        self.0.as_raw_fd()
+    }
+}
+
+impl PartialEq for SharedFd {
+    fn eq(&self, other: &SharedFd) -> bool {
+        self.0.as_raw_fd() == other.0.as_raw_fd()
+    }
+}
+
+impl Eq for SharedFd {}
 
 /// Dispositions set to SIG_IGN in a worker between fork and exec (ignored signals stay
 /// ignored across exec): a terminal's Ctrl-C, `kill -- -PGID`, `timeout` and service managers
@@ -672,6 +701,20 @@ pub fn die_with_parent(expected_parent: u32) -> io::Result<bool> {
 /// [getppid(2)]: https://man7.org/linux/man-pages/man2/getppid.2.html
 pub fn parent_pid() -> u32 {
     rustix::process::getppid().map_or(0, |p| p.as_raw_nonzero().get() as u32)
+}
+
+/// Whether a process `pid` exists ([kill(2)] with signal 0: success, or EPERM for another
+/// user's).
+///
+/// [kill(2)]: https://man7.org/linux/man-pages/man2/kill.2.html
+pub fn process_exists(pid: u32) -> bool {
+    let Some(pid) = i32::try_from(pid).ok().and_then(Pid::from_raw) else {
+        return false;
+    };
+    !matches!(
+        rustix::process::test_kill_process(pid),
+        Err(rustix::io::Errno::SRCH)
+    )
 }
 
 /// This process's pid.

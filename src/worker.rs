@@ -49,7 +49,7 @@ const fn parse_build_id(hex: &str) -> u64 {
     v
 }
 
-/// Exit status of a worker whose spec was malformed.
+/// Exit status of a worker whose spec was unusable (its kernels, its index, its registry).
 pub const EXIT_BAD_SPEC: i32 = 70;
 /// Exit status of a worker that found invalid data in the segment.
 pub const EXIT_BAD_SEGMENT: i32 = 71;
@@ -60,6 +60,10 @@ pub const EXIT_RETIRED: i32 = 73;
 
 /// Why this worker process is to end after its current task, once a kernel said so.
 static RETIRE: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+/// This process is an mk1 worker: set by [`run_if_worker_with`] when it takes (and removes)
+/// [`WORKER_ENV`], so that a pool started in it is still refused.
+static IN_WORKER: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
 /// This worker process is to end after its current task, quietly (a reason set in `RETIRE`
 /// too, before or after, is still written).
 static RETIRE_QUIETLY: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
@@ -351,11 +355,18 @@ impl WorkerError {
     }
 }
 
-/// Ends a process that was started as an mk1 worker but, instead of serving, is about to start
-/// workers of its own (its `main` did not call [`run_if_worker`] first): each would do the same,
-/// a cascade of processes. It exits with a message the coordinator folds into its start-up
-/// error. Called by every entry point that starts workers.
-pub(crate) fn refuse_nested_start() {
+/// Called by every entry point that starts workers. Ends a process that was started as an mk1
+/// worker but, instead of serving, is about to start workers of its own (its `main` did not
+/// call [`run_if_worker`] first): each would do the same, a cascade of processes. It exits
+/// with a message the coordinator folds into its start-up error.
+///
+/// Returns whether this process is a serving worker (it called [`run_if_worker`], and a kernel
+/// is starting a pool): that is refused with an error, for the kernel to see.
+#[must_use = "a pool is refused in a worker"]
+pub(crate) fn refuse_nested_start() -> bool {
+    if IN_WORKER.load(std::sync::atomic::Ordering::Relaxed) {
+        return true;
+    }
     if std::env::var_os(WORKER_ENV).is_some() {
         eprintln!(
             "mk1 worker: this program was started as an mk1 worker but did not call \
@@ -364,6 +375,7 @@ pub(crate) fn refuse_nested_start() {
         );
         std::process::exit(EXIT_BAD_SPEC);
     }
+    false
 }
 
 /// If this process was started as an mk1 worker, serve and exit; otherwise return at once.
@@ -378,14 +390,47 @@ pub fn run_if_worker() {
 /// As [`run_if_worker`], for a program whose pools run its own kernels: `kernels` must be
 /// built exactly as the one given to [`crate::PoolBuilder::kernels`] (same names, dtypes and
 /// order); a worker whose registry differs refuses to start, and the pool reports why.
+///
+/// A worker removes [`WORKER_ENV`] from its environment once read: the programs its kernels
+/// start (another mk1 program, a script with a pool of its own) are not workers.
+///
+/// A process that has [`WORKER_ENV`] set to something no pool would set (by hand, say) exits
+/// with status 2 (an environment error) and a line saying so.
 pub fn run_if_worker_with(kernels: &Registry) {
-    let Ok(spec) = std::env::var(WORKER_ENV) else {
+    let Some(spec) = std::env::var_os(WORKER_ENV) else {
         return;
     };
-    let code = match WorkerSpec::parse(&spec) {
+    // This is the first thing in `main`, before the program starts threads of its own (the
+    // documented contract), so nothing reads the environment while it changes.
+    std::env::remove_var(WORKER_ENV);
+    serve_and_exit(&spec, kernels)
+}
+
+/// Serves as the worker `spec` (the value of [`WORKER_ENV`]) describes, then exits, as
+/// [`run_if_worker_with`] does: for an embedding that takes [`WORKER_ENV`] out of the
+/// environment itself (an interpreter that keeps its own copy of the environment).
+pub fn serve_and_exit(spec: &std::ffi::OsStr, kernels: &Registry) -> ! {
+    IN_WORKER.store(true, std::sync::atomic::Ordering::Relaxed);
+    let code = match spec.to_str().and_then(WorkerSpec::parse) {
         None => {
-            eprintln!("mk1 worker: malformed {WORKER_ENV}={spec:?}");
-            EXIT_BAD_SPEC
+            eprintln!(
+                "mk1: {WORKER_ENV} is set (to {spec:?}) but is no worker spec of an mk1 pool: \
+                 this program runs as a worker only when a pool starts it; unset {WORKER_ENV}"
+            );
+            2
+        }
+        // (A worker's parent is its coordinator: a spec naming a live process that is not
+        // the parent came from elsewhere, by hand or from a copied environment.)
+        Some(spec)
+            if sys::parent_pid() != spec.coordinator && sys::process_exists(spec.coordinator) =>
+        {
+            eprintln!(
+                "mk1: {WORKER_ENV} is set (to {:?}), but no mk1 pool started this process \
+                 (its coordinator, pid {}, is not its parent); unset {WORKER_ENV}",
+                spec.encode(),
+                spec.coordinator
+            );
+            2
         }
         Some(spec) => match serve(spec, kernels) {
             Ok(()) => 0,

@@ -271,3 +271,21 @@ fn an_unwritable_stdout_exits_2() {
     assert_eq!(out.status.code(), Some(2), "{err}");
     assert_eq!(err.matches("cannot write to stdout").count(), 1, "{err}");
 }
+
+/// `MK1_WORKER` set by hand (no pool's worker spec) is an environment error: exit 2, saying
+/// what to unset, and nothing runs.
+#[test]
+fn a_stray_mk1_worker_variable_exits_2() {
+    // Malformed, and well-formed but naming a live process that is not its parent (pid 1).
+    for value in ["1", "", "3,0,1,scalar,-,0,0", "3,0,1,portable,-,0,0"] {
+        let out = Command::new(MK1)
+            .args(["run", "--count", "50"])
+            .env("MK1_WORKER", value)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{value:?}: {err}");
+        assert!(err.contains("unset MK1_WORKER"), "{value:?}: {err}");
+        assert!(out.stdout.is_empty(), "{value:?}");
+    }
+}

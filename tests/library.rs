@@ -67,6 +67,18 @@ fn kernels() -> Registry {
             a.io.map(|x| x + 1)
         })
         .kernel::<i64>("panics", |_a| panic!("boom from a kernel"))
+        .kernel::<i32>("what_a_worker_starts", |mut a| {
+            // What the worker starts is no worker: MK1_WORKER is gone from its environment
+            // (children inherit it), and a pool started here is refused with an error.
+            if let Some(v) = std::env::var_os(mk1::worker::WORKER_ENV) {
+                return Err(KernelError::new(format!("MK1_WORKER is still set: {v:?}")));
+            }
+            match Pool::builder().workers(1).build() {
+                Err(PoolError::InWorker) => a.io.map(|x| x + 1),
+                Err(e) => Err(KernelError::new(format!("another error: {e}"))),
+                Ok(_) => Err(KernelError::new("a pool started inside a worker")),
+            }
+        })
         .kernel::<f32>("poison", |mut a| {
             // A first element of -1 hangs the worker, -2 kills it; others are doubled.
             let first = a.io.input().first().copied();
@@ -839,6 +851,23 @@ fn error_of(producer: &mk1::Producer<'_>, task: &Task) -> TaskError {
     producer.submit(loan, task).unwrap();
     let done = producer.recv().unwrap();
     done.error().cloned().expect("the task failed")
+}
+
+/// A worker takes `MK1_WORKER` out of its environment (the programs its kernels start are no
+/// workers), and a pool that one of its kernels starts is refused with `PoolError::InWorker`.
+fn a_worker_is_no_worker_to_what_it_starts() {
+    let pool = Pool::builder()
+        .workers(1)
+        .kernels(kernels())
+        .build()
+        .unwrap();
+    let mut producer = pool.producer().unwrap();
+    let task = Task::kernel("what_a_worker_starts");
+    let r: Vec<_> = producer.map(&task, vec![vec![1i32, 2]]).unwrap().collect();
+    match &r[..] {
+        [Ok(a)] => assert_eq!(a.as_slice(), &[2, 3]),
+        other => panic!("expected [2, 3], got {other:?}"),
+    }
 }
 
 /// A task's own `max_retries` bounds its redos after deaths, above or below the pool's: a
@@ -2728,6 +2757,10 @@ fn main() {
         (
             "user_kernels_with_params_and_state",
             user_kernels_with_params_and_state,
+        ),
+        (
+            "a_worker_is_no_worker_to_what_it_starts",
+            a_worker_is_no_worker_to_what_it_starts,
         ),
         ("an_output_shape_of_its_own", an_output_shape_of_its_own),
         (

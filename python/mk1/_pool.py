@@ -14,6 +14,7 @@ import os
 import pickle
 import re
 import sys
+import tempfile
 import threading
 import time
 import types
@@ -26,7 +27,8 @@ import numpy as np
 
 from . import _mk1
 from . import _args
-from ._worker import BOOT_ENV, EXC_MARKER, INIT_ENV
+from . import _worker
+from ._worker import BOOT_ENV, EXC_MARKER
 from .ops import Op
 
 _WAIT = 0.05  # longest wait inside Rust before Python checks for Ctrl-C (seconds)
@@ -350,9 +352,26 @@ def _as_array(a: Any) -> np.ndarray:
 # the rest resolve as in the caller), then this very mk1 package, loaded from where the caller
 # loaded it (not whatever that path finds first under the name: another installed version),
 # then its main.
+#
+# What the worker needs to know (its boot data: the caller's sys.path, argv and main; the
+# pickled initializer) is read from a descriptor whose number is in BOOT_ENV (an environment
+# variable holds at most 128 KiB, too little for a large initargs or a long argv), with
+# positioned reads (the workers share the descriptor's offset). Every variable of mk1's leaves
+# the worker's environment once read: what its calls start is no worker.
 _WORKER_MAIN = f"""
 import importlib.util, json, os, sys
-sys.path[:] = json.loads(os.environ.get({BOOT_ENV!r}, "{{}}")).get("path", sys.path)
+fd = int(os.environ.pop({BOOT_ENV!r}))
+data, at = [], 0
+while True:
+    part = os.pread(fd, 1 << 20, at)
+    if not part:
+        break
+    data.append(part)
+    at += len(part)
+os.close(fd)
+boot, _, init = b"".join(data).partition(b"\\n")
+boot = json.loads(boot)
+sys.path[:] = boot.get("path", sys.path)
 d = {os.path.dirname(os.path.abspath(__file__))!r}
 spec = importlib.util.spec_from_file_location(
     "mk1", os.path.join(d, "__init__.py"), submodule_search_locations=[d]
@@ -361,8 +380,32 @@ mk1 = importlib.util.module_from_spec(spec)
 sys.modules["mk1"] = mk1
 spec.loader.exec_module(mk1)
 import mk1._worker
-mk1._worker._main()
+mk1._worker._main(boot, init, os.environ.pop("MK1_WORKER", None))
 """
+
+
+def _boot_file(data: bytes) -> int:
+    """A descriptor (close-on-exec) of a file holding ``data`` that leaves nothing behind: a
+    memfd, or where that is refused (an old kernel, a sandbox) an unlinked temporary file."""
+    try:
+        fd = os.memfd_create("mk1-boot", os.MFD_CLOEXEC)
+    except (AttributeError, OSError):
+        try:
+            with tempfile.TemporaryFile(prefix="mk1-boot-") as f:
+                fd = os.dup(f.fileno())
+        except OSError as e:
+            raise _mk1.PoolStartError(
+                f"cannot make the workers' start-up file: no memfd, and no temporary file in "
+                f"{tempfile.gettempdir()!r} ({e}); set TMPDIR to a writable directory"
+            ) from None
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
 def _as_is(x: Any) -> Any:
@@ -892,7 +935,7 @@ class Pool:
             raise TypeError(
                 f"initializer must be callable, not {type(initializer).__name__}{hint}"
             )
-        if os.environ.get("MK1_WORKER") is not None:
+        if _worker.IN_WORKER or os.environ.get("MK1_WORKER") is not None:
             raise RuntimeError(_pool_in_worker())
         if mode not in ("out-of-place", "in-place"):
             raise ValueError(f"mode must be 'out-of-place' or 'in-place', not {mode!r}")
@@ -929,7 +972,7 @@ class Pool:
             else None,
             "max_calls": max_tasks_per_child,
         }
-        env = [(BOOT_ENV, json.dumps(boot))]
+        env = []
         # Native thread pools (BLAS, OpenMP) sized for the worker's share of the CPUs, as
         # loky does, unless the caller chose: N workers each spinning up all-core pools would
         # oversubscribe the machine.
@@ -937,25 +980,30 @@ class Pool:
         for var in _THREAD_VARS:
             if var not in os.environ:
                 env.append((var, share))
+        init = b""
         if initializer is not None:
-            blob = _pickle_function((initializer, tuple(initargs)))
-            env.append((INIT_ENV, base64.b64encode(blob).decode("ascii")))
+            init = _pickle_function((initializer, tuple(initargs)))
+        boot_fd = _boot_file(json.dumps(boot).encode() + b"\n" + init)
         self._core = None
-        self._core = _mk1.PoolCore(
-            workers,
-            mode == "in-place",
-            int(max_array_bytes),
-            slots,
-            int(max_retries),
-            int(max_restarts),
-            timeout,
-            bool(keep_copies),
-            sys.executable,
-            ["-c", _WORKER_MAIN],
-            env,
-            float(start_timeout),
-            None if queue_ahead is None else float(queue_ahead),
-        )
+        try:
+            self._core = _mk1.PoolCore(
+                workers,
+                mode == "in-place",
+                int(max_array_bytes),
+                slots,
+                int(max_retries),
+                int(max_restarts),
+                timeout,
+                bool(keep_copies),
+                sys.executable,
+                ["-c", _WORKER_MAIN],
+                env,
+                (BOOT_ENV, boot_fd),
+                float(start_timeout),
+                None if queue_ahead is None else float(queue_ahead),
+            )
+        finally:
+            os.close(boot_fd)  # (the pool keeps a duplicate for its workers)
         self._workers = workers
         self._max_retries = max_retries
         self._max_array_bytes = max_array_bytes

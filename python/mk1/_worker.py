@@ -25,9 +25,12 @@ import numpy as np
 from . import _args
 
 BOOT_ENV = "MK1_PY_BOOT"
-INIT_ENV = "MK1_PY_INIT"
 EXC_MARKER = "\n--mk1-pickled-exception--\n"
 
+# This process is a worker of a pool (its pools are refused), and the pool's pickled
+# initializer with its arguments (empty: none).
+IN_WORKER = False
+_init_blob = b""
 _CODES: dict = {}  # numpy dtype -> mk1's dtype code (native byte order only)
 _U8 = np.dtype(np.uint8)
 _worker_id: int | None = None
@@ -56,9 +59,12 @@ def _prepare_main(boot: dict) -> None:
     sys.modules["__main__"] = sys.modules["__mp_main__"] = main
 
 
-def _main() -> None:
-    """Entry point of a worker process."""
-    boot = json.loads(os.environ.get(BOOT_ENV, "{}"))
+def _main(boot: dict, init: bytes, spec: str | None) -> None:
+    """Entry point of a worker process: ``boot`` and ``init`` (the pickled initializer and its
+    arguments, or empty) as the pool wrote them (see ``mk1._pool._WORKER_MAIN``), ``spec`` the
+    worker's ``MK1_WORKER``, already out of the environment."""
+    global IN_WORKER, _init_blob
+    IN_WORKER, _init_blob = True, init
     if "path" in boot:
         sys.path[:] = boot["path"]
     if "argv" in boot:
@@ -77,7 +83,7 @@ def _main() -> None:
         os._exit(1)
     from mk1 import _mk1
 
-    _mk1.serve()  # never returns in a worker
+    _mk1.serve(spec)  # never returns in a worker
     sys.exit("mk1._worker: this process was not started by an mk1 pool")
 
 
@@ -93,9 +99,8 @@ def _init(worker: int, workers: int, codes: dict) -> None:
             stream.reconfigure(line_buffering=True)
         except (AttributeError, ValueError):
             pass
-    blob = os.environ.get(INIT_ENV)
-    if blob:
-        initializer, initargs = pickle.loads(base64.b64decode(blob))
+    if _init_blob:
+        initializer, initargs = pickle.loads(_init_blob)
         initializer(*initargs)
 
 

@@ -26,7 +26,7 @@ use mk1::{
     TaskError,
 };
 use numpy::{PyArrayDescrMethods, PyUntypedArray, PyUntypedArrayMethods};
-use pyo3::exceptions::{PyException, PyValueError};
+use pyo3::exceptions::{PyException, PyOSError, PyValueError};
 use pyo3::intern;
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyTuple};
@@ -145,10 +145,13 @@ impl PyWorker {
             .as_ref()
             .is_none_or(|(c, _, _)| c.as_slice() != args.context)
         {
-            let loaded = self
-                .load
-                .call1(py, (PyBytes::new(py, args.context),))
-                .map_err(py_err)?;
+            // (`new_with`: a MemoryError, not a panic, when the bytes cannot be allocated.)
+            let context = PyBytes::new_with(py, args.context.len(), |b| {
+                b.copy_from_slice(args.context);
+                Ok(())
+            })
+            .map_err(py_err)?;
+            let loaded = self.load.call1(py, (context,)).map_err(py_err)?;
             let (f, wants_out): (Py<PyAny>, bool) = loaded.extract(py).map_err(py_err)?;
             self.last = Some((args.context.to_vec(), f, wants_out));
         }
@@ -297,13 +300,18 @@ fn retire_after_this_task() {
     mk1::worker::retire_after_this_task("");
 }
 
-/// Serves as a worker if this interpreter was started as one (never returns then); returns
-/// at once otherwise.
+/// Serves as the worker `spec` describes (the value of `MK1_WORKER`, which the caller took
+/// out of `os.environ`, so that what the worker's calls start is no worker) and never
+/// returns; returns at once for `None`.
 #[pyfunction]
-fn serve(py: Python<'_>) {
+#[pyo3(signature = (spec))]
+fn serve(py: Python<'_>, spec: Option<std::ffi::OsString>) {
+    let Some(spec) = spec else {
+        return;
+    };
     let registry = registry();
     // The worker loop runs without the GIL; the kernel takes it for each array.
-    py.detach(|| mk1::run_if_worker_with(&registry));
+    py.detach(|| mk1::worker::serve_and_exit(&spec, &registry));
 }
 
 /// The caller's pool and its one producer handle. The handle borrows the pool, so both live
@@ -815,7 +823,7 @@ fn dtype_of(a: &Bound<'_, PyUntypedArray>) -> PyResult<DType> {
 impl PoolCore {
     /// Starts the pool (see `mk1.Pool` for the meaning of each argument).
     #[new]
-    #[pyo3(signature = (workers, in_place, max_array_bytes, slots, max_retries, max_restarts, timeout, keep_copies, worker_exe, worker_args, worker_env, start_timeout, queue_ahead))]
+    #[pyo3(signature = (workers, in_place, max_array_bytes, slots, max_retries, max_restarts, timeout, keep_copies, worker_exe, worker_args, worker_env, worker_fd, start_timeout, queue_ahead))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
@@ -830,6 +838,7 @@ impl PoolCore {
         worker_exe: String,
         worker_args: Vec<String>,
         worker_env: Vec<(String, String)>,
+        worker_fd: Option<(String, i32)>,
         start_timeout: f64,
         queue_ahead: Option<f64>,
     ) -> PyResult<PoolCore> {
@@ -887,6 +896,15 @@ impl PoolCore {
             .kernels(registry());
         for (k, v) in worker_env {
             b = b.worker_env(k, v);
+        }
+        if let Some((key, fd)) = worker_fd {
+            // SAFETY: the caller keeps `fd` open for this call (Python's `_pool` closes its
+            // own after it); the pool gets a duplicate of its own.
+            let own = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) }
+                .try_clone_to_owned()
+                .and_then(mk1::sys::above_stdio)
+                .map_err(|e| PyOSError::new_err(format!("cannot duplicate worker_fd {fd}: {e}")))?;
+            b = b.worker_fd(key, own);
         }
         // Workers start (and import numpy, run the initializer) meanwhile: no GIL needed,
         // except to look for Ctrl-C every 50 ms (a signal handler that raises gives the
@@ -2199,7 +2217,39 @@ impl View {
     }
 }
 
-/// A new numpy array of `dtype` and `shape` holding `bytes`.
+/// A new, uninitialised C-order numpy array of `T` and `dims`: numpy's `MemoryError` when it
+/// cannot be allocated (`numpy::PyArray::new` panics then, and a panic would reach the caller
+/// as pyo3's `PanicException`, which `except MemoryError` and `except Exception` miss).
+fn new_array<'py, T: numpy::Element>(
+    py: Python<'py>,
+    dims: &[usize],
+) -> PyResult<Bound<'py, numpy::PyArray<T, numpy::IxDyn>>> {
+    use numpy::npyffi::{get_type_object, npy_intp, NpyTypes, PY_ARRAY_API};
+    let mut dims: Vec<npy_intp> = dims.iter().map(|&d| d as npy_intp).collect();
+    // SAFETY: the call is numpy's own constructor, given its array type, a descriptor reference
+    // it steals (`into_dtype_ptr` adds the one it takes), `dims.len()` dimensions at a pointer
+    // valid for the call, and null strides, data and base (numpy allocates C-ordered data). It
+    // returns a new reference, or null with an exception set, which `from_owned_ptr_or_err`
+    // turns into a PyErr. The object is a `PyArray<T>` of `dims.len()` dimensions, so the
+    // unchecked cast holds.
+    unsafe {
+        let ptr = PY_ARRAY_API.PyArray_NewFromDescr(
+            py,
+            get_type_object(py, NpyTypes::PyArray_Type),
+            numpy::dtype::<T>(py).into_dtype_ptr(),
+            dims.len() as c_int,
+            dims.as_mut_ptr(),
+            std::ptr::null_mut(),
+            std::ptr::null_mut(),
+            0,
+            std::ptr::null_mut(),
+        );
+        Ok(Bound::from_owned_ptr_or_err(py, ptr)?.cast_into_unchecked())
+    }
+}
+
+/// A new numpy array of `dtype` and `shape` holding `bytes`; `MemoryError` when it cannot be
+/// allocated.
 fn copy_out<'py>(
     py: Python<'py>,
     dtype: DType,
@@ -2209,9 +2259,7 @@ fn copy_out<'py>(
     let dims: Vec<usize> = shape.dims().iter().map(|&d| d as usize).collect();
     macro_rules! make {
         ($t:ty) => {{
-            // SAFETY: a new, uninitialised C-order array, filled completely right after; nothing
-            // reads it before.
-            let a = unsafe { numpy::PyArray::<$t, _>::new(py, dims, false) };
+            let a = new_array::<$t>(py, &dims)?;
             // SAFETY: the new array is C-contiguous with exactly `bytes.len()` bytes (`shape`
             // and `dtype` are the result's), owned by us alone, and apart from shared memory.
             // (Not one memcpy: numpy's large buffers start 16 bytes into a page, where glibc's

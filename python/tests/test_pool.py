@@ -358,6 +358,89 @@ def exits_five():
     os._exit(5)
 
 
+def keep_initargs(big, tag):
+    global _INIT_BIG
+    _INIT_BIG = (int(big.sum()), big.nbytes, tag)
+
+
+def initargs_seen(_):
+    return _INIT_BIG
+
+
+def test_initargs_larger_than_an_environment_variable_holds():
+    # Initargs travel to the workers in a file (a memfd), not an environment variable (at
+    # most 128 KiB on Linux: "Argument list too long" from 98 KB of initargs before); a
+    # replacement worker gets them too.
+    big = np.arange(3_000_000, dtype=np.int64) % 7
+    with mk1.Pool(workers=2, initializer=keep_initargs, initargs=(big, "t" * 300_000)) as pool:
+        want = (int(big.sum()), big.nbytes, "t" * 300_000)
+        assert list(pool.map(initargs_seen, range(4))) == [want] * 4
+        with pytest.raises(mk1.WorkerDied):
+            pool.submit(os._exit, 3).result()
+        assert list(pool.map(initargs_seen, range(4))) == [want] * 4
+
+
+def test_a_long_argv_reaches_the_workers(tmp_path):
+    # The caller's argv (a script given thousands of file names, say) goes to the workers
+    # whole, however long, with the rest of their start-up data.
+    r = run_script(
+        tmp_path,
+        """
+        import sys, mk1
+
+        def argv_len(_):
+            return len(sys.argv), sum(map(len, sys.argv[1:]))
+
+        if __name__ == "__main__":
+            with mk1.Pool(workers=1) as pool:
+                print(pool.submit(argv_len, 0).result() == argv_len(0))
+        """,
+        args=[f"/some/where/file-{i:06d}.npy" for i in range(8000)],
+    )
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "True", r.stdout + r.stderr
+
+
+def test_what_a_worker_starts_is_no_worker(tmp_path):
+    # No MK1_ variable of the pool's reaches what a call starts: a script with a pool of its
+    # own runs there as anywhere, and the mk1 program runs as itself.
+    child = tmp_path / "child.py"
+    child.write_text(textwrap.dedent(
+        """
+        import numpy as np, mk1
+
+        def double(x):
+            return x * 2
+
+        if __name__ == "__main__":
+            with mk1.Pool(workers=1) as pool:
+                print(list(pool.map(double, [np.arange(3)]))[0].tolist())
+        """
+    ))
+    r = run_script(
+        tmp_path,
+        f"""
+        import os, subprocess, sys, mk1
+
+        def start(_):
+            env = sorted(k for k in os.environ if k.startswith("MK1_"))
+            r = subprocess.run([sys.executable, {str(child)!r}], capture_output=True, text=True)
+            return env, r.returncode, r.stdout.strip(), r.stderr[-300:]
+
+        if __name__ == "__main__":
+            with mk1.Pool(workers=1) as pool:
+                print(pool.submit(start, 0).result())
+                try:
+                    pool.submit(mk1.Pool, 1).result()
+                except RuntimeError as e:
+                    print("refused:", e)
+        """,
+    )
+    assert r.returncode == 0, r.stderr
+    assert "([], 0, '[0, 2, 4]', '')" in r.stdout, r.stdout + r.stderr
+    assert "refused: mk1.Pool cannot be created inside an mk1 worker" in r.stdout, r.stdout
+
+
 def test_a_task_past_the_timeout_fails_and_the_pool_goes_on():
     # (The call after the timeout runs in a new worker, its start and first import included.)
     with mk1.Pool(workers=1, timeout=2.0) as pool:
@@ -3205,3 +3288,46 @@ def test_a_slow_input_of_calls_with_arrays_comes_back_right():
         assert got == [1.0, 2.0, 3.0, 4.0, 5.0]
         got = [float(r[0]) for r in p.map(add2, (a for a, _ in slow_calls_with_arrays(5)), [1] * 5)]
         assert got == [1.0, 2.0, 3.0, 4.0, 5.0]
+
+
+def test_no_memory_for_a_result_is_a_memory_error(tmp_path):
+    # With the address space nearly used up, copying a 4 MiB result out of its slot fails:
+    # numpy's MemoryError, for `except MemoryError` to catch (pyo3's PanicException before,
+    # a BaseException with a Rust panic's text on stderr), and the pool goes on.
+    r = run_script(
+        tmp_path,
+        """
+        import resource
+        import numpy as np, mk1
+
+        def double(x):
+            return x * 2
+
+        if __name__ == "__main__":
+            size = next(int(l.split()[1]) for l in open("/proc/self/status")
+                        if l.startswith("VmSize:")) * 1024
+            resource.setrlimit(resource.RLIMIT_AS, (size + (400 << 20),) * 2)
+            with mk1.Pool(workers=2) as pool:
+                hog = []
+                try:
+                    while True:
+                        hog.append(np.ones(8 << 20, np.uint8))
+                except MemoryError:
+                    pass
+                hog.pop(), hog.pop()
+                for how in ("map", "imap_unordered"):
+                    try:
+                        list(getattr(pool, how)(double, [np.ones((1024, 1024), np.float32)] * 8))
+                        print(how, "no error")
+                    except MemoryError:
+                        print(how, "MemoryError")
+                del hog
+                out = list(pool.map(double, [np.ones((1024, 1024), np.float32)] * 8))
+                print("after", len(out), all((o == 2).all() for o in out))
+        """,
+    )
+    assert r.returncode == 0, r.stderr
+    assert "panicked" not in r.stderr, r.stderr
+    assert "map MemoryError" in r.stdout, r.stdout + r.stderr
+    assert "imap_unordered MemoryError" in r.stdout, r.stdout + r.stderr
+    assert "after 8 True" in r.stdout, r.stdout + r.stderr

@@ -89,6 +89,13 @@ pub enum PoolError {
     /// started was killed and reaped).
     #[error("the pool's start was interrupted; every worker started was stopped")]
     Interrupted,
+    /// The pool was to be started inside an mk1 worker (by a kernel or its init hook), which
+    /// is refused: pools start in the caller's process.
+    #[error(
+        "a pool cannot be started inside an mk1 worker (a kernel or its init hook tried): \
+         start pools in the caller's process"
+    )]
+    InWorker,
 }
 
 /// A task: which kernel runs on each array, with which parameters.
@@ -434,6 +441,24 @@ impl PoolBuilder {
         self
     }
 
+    /// Hands `fd` to every worker, open, its number in the environment variable `key`, for as
+    /// long as the pool lives (replacements get it too): a way to pass workers more than an
+    /// environment variable holds (128 KiB at most on Linux). A worker that reads it should
+    /// use positioned reads (`pread`): the file offset is shared by every process that has it.
+    /// `fd` must not be 0, 1 or 2 (the workers' standard streams take those numbers: see
+    /// [`crate::sys::above_stdio`]); a worker given one fails to start, saying so.
+    pub fn worker_fd(
+        mut self,
+        key: impl Into<std::ffi::OsString>,
+        fd: std::os::fd::OwnedFd,
+    ) -> Self {
+        use std::os::fd::AsRawFd;
+        let number = fd.as_raw_fd().to_string();
+        self.worker_launch.env.push((key.into(), number.into()));
+        self.worker_launch.fds.push(crate::sys::SharedFd::new(fd));
+        self
+    }
+
     /// How long a worker may take to start (until it serves, its kernels' init hooks
     /// included) before `build()` fails, or a replacement counts as failed (default 10 s).
     pub fn start_timeout(mut self, d: Duration) -> Self {
@@ -468,7 +493,8 @@ impl PoolBuilder {
     /// # Errors
     /// [`PoolError::Setting`] for a value out of range; [`PoolError::Start`] when the segment
     /// does not fit a limit of this process, a worker cannot be started, exits before
-    /// attaching, has other kernels, or an init hook fails (its message is in the error).
+    /// attaching, has other kernels, or an init hook fails (its message is in the error);
+    /// [`PoolError::InWorker`] when called in an mk1 worker (by a kernel).
     pub fn build(self) -> Result<Pool, PoolError> {
         self.build_interruptible(|| false)
     }
@@ -481,9 +507,12 @@ impl PoolBuilder {
     /// signals here).
     ///
     /// # Errors
-    /// As [`PoolBuilder::build`], and [`PoolError::Interrupted`].
+    /// As [`PoolBuilder::build`], and [`PoolError::Interrupted`]; [`PoolError::InWorker`] in
+    /// an mk1 worker.
     pub fn build_interruptible(self, mut stop: impl FnMut() -> bool) -> Result<Pool, PoolError> {
-        crate::worker::refuse_nested_start();
+        if crate::worker::refuse_nested_start() {
+            return Err(PoolError::InWorker);
+        }
         let bad = |what: &'static str, why: String| PoolError::Setting { what, why };
         if !(1..=crate::layout::MAX_WORKERS).contains(&self.workers) {
             return Err(bad(

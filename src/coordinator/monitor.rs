@@ -177,7 +177,9 @@ pub(crate) fn spawn_worker(
         &image.launch,
         WORKER_ENV,
         &spec.encode(),
-        &[seg.fd().as_raw_fd()],
+        &std::iter::once(seg.fd().as_raw_fd())
+            .chain(image.launch.fds.iter().map(AsRawFd::as_raw_fd))
+            .collect::<Vec<_>>(),
         sys::Isolation {
             stderr: stderr.write.as_fd(),
             arg0: &stderr.arg0,
