@@ -10,6 +10,7 @@ import collections
 import concurrent.futures
 import multiprocessing
 import os
+import re
 import pathlib
 import signal
 import subprocess
@@ -356,6 +357,17 @@ def test_initializer_worker_id_and_state():
 
 def exits_five():
     os._exit(5)
+
+
+def test_a_start_error_names_the_worker_it_quotes():
+    # Workers share one stderr: the error names the worker whose words it quotes (it named
+    # worker 0 and quoted worker 1's in about half of such starts).
+    for _ in range(6):
+        with pytest.raises(mk1.PoolStartError) as e:
+            mk1.Pool(workers=4, initializer=failing_init)
+        named = re.search(r"cannot start worker (\d+)", str(e.value)).group(1)
+        quoted = re.findall(r"mk1 worker (\d+):", str(e.value))
+        assert quoted and quoted[0] == named, str(e.value)
 
 
 def keep_initargs(big, tag):

@@ -238,9 +238,23 @@ pub(crate) fn start_workers(
             let wp = procs[w as usize].as_mut().expect("just spawned");
             let status = wp.child.try_reap().ok().flatten();
             if status.is_some() || state.is_err() || Instant::now() > deadline {
-                abandon(&mut procs);
                 // One line: the worker's own words go into it; without any, the likely cause.
                 let said = stderr.take_text();
+                // Workers share one stderr pipe: words that name another worker which has
+                // ended too are that worker's, and so is the failure to report.
+                let (w, status, state) = match named_worker(&said) {
+                    Some(k) if k != w && (k as usize) < procs.len() => {
+                        let ended = procs[k as usize]
+                            .as_mut()
+                            .and_then(|p| p.child.try_reap().ok().flatten());
+                        match ended {
+                            Some(s) => (k, Some(s), attach_state(seg, k)),
+                            None => (w, status, state),
+                        }
+                    }
+                    _ => (w, status, state),
+                };
+                abandon(&mut procs);
                 let why = match (status, state) {
                     (Some(s), _) if said.is_empty() => format!(
                         "it {s} before attaching to shared memory; a program used as the worker \
@@ -264,6 +278,13 @@ pub(crate) fn start_workers(
         }
     }
     Ok(procs)
+}
+
+/// The worker `N` that the first `mk1 worker N:` in `said` names (as a worker's own error
+/// lines start).
+fn named_worker(said: &str) -> Option<u32> {
+    let (n, _) = said.split_once("mk1 worker ")?.1.split_once(':')?;
+    n.parse().ok()
 }
 
 /// Whether the worker in slot `w` has attached; `Err` says why it is not acceptable (another
@@ -863,7 +884,21 @@ impl<'a> Monitor<'a> {
 
 #[cfg(test)]
 mod tests {
-    use super::one_line;
+    use super::{named_worker, one_line};
+
+    #[test]
+    fn a_start_error_names_the_worker_whose_words_it_quotes() {
+        assert_eq!(
+            named_worker("mk1 worker 1: its initializer failed: x"),
+            Some(1)
+        );
+        assert_eq!(
+            named_worker("Traceback:; ValueError: y; mk1 worker 12: z; mk1 worker 3: z"),
+            Some(12)
+        );
+        assert_eq!(named_worker("mk1 worker: malformed"), None);
+        assert_eq!(named_worker("RuntimeError: no words of mk1"), None);
+    }
 
     #[test]
     fn start_errors_read_as_one_line_said_once() {
