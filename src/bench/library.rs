@@ -9,7 +9,9 @@
 //!   is commonly used: fill a batch of arrays, apply the closure to the batch with
 //!   `par_iter_mut` on every CPU the pool side uses, then check the batch.
 //! - `packing`: `map` over many small f32 arrays (up to 16x16), packed against one per slot,
-//!   and both against the bound the caller's own work sets (its copies and checks, alone).
+//!   and both against the bound the caller's own work sets (its copies and checks, alone);
+//!   then packed against one per slot again in pools made for small arrays (32 slots of
+//!   64 KiB per handle, where the others have 4 per worker of 4 MiB).
 //! - `idle`: CPU used by an idle pool's processes over an idle spell, and the round trip of the
 //!   first task after each idle spell.
 //!
@@ -580,6 +582,9 @@ fn idle(workers: u32, spell: Duration) -> Result<IdleFigures, String> {
     })
 }
 
+/// Slots per handle of the pools made for maps of small arrays (each of 64 KiB).
+const SMALL_SLOTS: u32 = 32;
+
 /// Runs every comparison `reps` times, interleaved, then the idle measurement.
 ///
 /// # Errors
@@ -603,6 +608,19 @@ pub fn measure(b: &LibraryBench) -> Result<LibraryReport, String> {
     let out_place = start(Mode::OutOfPlace, 64 << 10)?;
     let unpacked = start(Mode::OutOfPlace, 0)?;
     let unpaced = start_with(Mode::InPlace, 64 << 10, Duration::MAX)?;
+    // Pools made for maps of small arrays: slots of the pack size, many of them (a deeper
+    // window of arrays in flight for the same memory as one 2 MiB slot).
+    let small_pool = |pack: u64| {
+        Pool::builder()
+            .workers(b.workers)
+            .mode(Mode::OutOfPlace)
+            .max_array_bytes(64 << 10)
+            .slots_per_producer(SMALL_SLOTS)
+            .pack_bytes(pack)
+            .build()
+            .map_err(|e| e.to_string())
+    };
+    let (small_packed, small_plain) = (small_pool(64 << 10)?, small_pool(0)?);
     let pi = in_place.producer().map_err(|e| e.to_string())?;
     let pn = unpaced.producer().map_err(|e| e.to_string())?;
     let po = out_place.producer().map_err(|e| e.to_string())?;
@@ -708,9 +726,44 @@ pub fn measure(b: &LibraryBench) -> Result<LibraryReport, String> {
             packed,
             alone,
         );
+        let mut pp = small_packed.producer().map_err(|e| e.to_string())?;
+        let packed_small = map_small(&mut pp, &small)?;
+        drop(pp);
+        let mut pu = small_plain.producer().map_err(|e| e.to_string())?;
+        let plain_small = map_small(&mut pu, &small)?;
+        drop(pu);
+        add(
+            &format!(
+                "map over small f32 arrays, {SMALL_SLOTS} slots of 64 KiB: packed / one per slot"
+            ),
+            packed_small,
+            plain_small,
+        );
+        // What the deeper window does to each path on its own.
+        add(
+            &format!(
+                "map over small f32 arrays, packed: {SMALL_SLOTS} slots of 64 KiB / the above"
+            ),
+            packed_small,
+            packed,
+        );
+        add(
+            &format!(
+                "map over small f32 arrays, one per slot: {SMALL_SLOTS} slots of 64 KiB / the above"
+            ),
+            plain_small,
+            plain,
+        );
     }
     drop((pi, po, pn));
-    drop((in_place, out_place, unpacked, unpaced));
+    drop((
+        in_place,
+        out_place,
+        unpacked,
+        unpaced,
+        small_packed,
+        small_plain,
+    ));
     let idle = idle(b.workers, b.idle)?;
     Ok(LibraryReport {
         workers: b.workers,
