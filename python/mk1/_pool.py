@@ -328,9 +328,11 @@ def _carried(a: Any) -> np.ndarray | None:
     return a if a.flags.c_contiguous else np.ascontiguousarray(a)
 
 
-def _as_array(a: Any) -> np.ndarray:
-    """An input of a built-in op as the array to copy into a slot: C-contiguous (a strided
-    array is copied first)."""
+def _op_input(a: Any) -> tuple[np.ndarray, tuple | None]:
+    """An input of a built-in op as the array to copy into a slot, C-contiguous (a strided
+    array is copied first), and the shape to give its result: None, or for an array of 0 or
+    more than ``MAX_DIMS`` dimensions (which a slot does not describe), its own shape, the
+    array going as one dimension (built-in ops are elementwise)."""
     given = a
     a = np.asarray(a)
     if a.dtype.kind in "OSUV" and not isinstance(given, np.ndarray):
@@ -338,14 +340,22 @@ def _as_array(a: Any) -> np.ndarray:
             f"a built-in op takes numeric arrays (or what numpy makes one of), not "
             f"{type(given).__name__}"
         )
+    shape = None
     if a.ndim == 0 or a.ndim > _mk1.MAX_DIMS:
-        raise ValueError(
-            f"mk1 carries arrays of 1 to {_mk1.MAX_DIMS} dimensions, not {a.ndim} "
-            f"(shape {a.shape}); reshape it first"
-        )
+        shape, a = a.shape, a.reshape(-1)
     if not a.flags.c_contiguous:
         a = np.ascontiguousarray(a)
-    return a
+    return a, shape
+
+
+def _op_inputs(inputs: Iterator, shapes: dict) -> Iterator:
+    """``inputs`` of a map of a built-in op as arrays to copy into slots; ``shapes`` gets the
+    result's shape by input index for those that go as one dimension (see ``_op_input``)."""
+    for i, x in enumerate(inputs):
+        a, shape = _op_input(x)
+        if shape is not None:
+            shapes[i] = shape
+        yield a
 
 
 # What a worker runs: first the caller's sys.path (so that the standard library, numpy and
@@ -433,6 +443,7 @@ class Future(concurrent.futures.Future):
         self._group = False  # its result is the entries of several calls (see `_Left`)
         self._ticket: int | None = None  # its task's, once submitted
         self._died_in = 0  # it ran once already in a batch of this many calls that died
+        self._shape: tuple | None = None  # its result's shape, when not as it comes (an op's)
 
     def cancel(self) -> bool:
         """Cancels the call if no worker has it yet: it waits in the pool for one to free up
@@ -1161,8 +1172,8 @@ class Pool:
             if wrap is not None:
                 raise TypeError(
                     f"{fn!r} is a built-in op: it takes one array of a dtype mk1 carries "
-                    f"(int8..int64, uint8..uint64, float32, float64; 1 to {_mk1.MAX_DIMS} "
-                    f"dimensions), not several arguments or other objects"
+                    f"(int8..int64, uint8..uint64, float32, float64), not several arguments "
+                    f"or other objects"
                 )
             return fn.text, None
         if not callable(fn):
@@ -1251,6 +1262,8 @@ class Pool:
         if sink._driven:
             sink._pool._driver.completed(sink)
         if ok:
+            if sink._shape is not None:
+                payload = payload.reshape(sink._shape)
             sink.set_result(payload)
         else:
             if sink._died_in and isinstance(payload, _mk1.WorkerDied):
@@ -1308,10 +1321,11 @@ class Pool:
         worker's traceback as ``__cause__``), or ``WorkerDied``, ``TaskTimeout``,
         ``NoWorkersLeft``.
         """
+        shape = None
         if isinstance(fn, Op):
             if len(args) != 1 or kwargs:
                 self._task(fn, _args.Batch)  # (raises, saying why)
-            a = _as_array(args[0])
+            a, shape = _op_input(args[0])
             call = False
         else:
             a = _carried(args[0]) if len(args) == 1 and not kwargs else None
@@ -1320,6 +1334,7 @@ class Pool:
         if call:
             a = self._calls([(args, kwargs)])
         fut = Future(self, call)
+        fut._shape = shape
         fut.set_running_or_notify_cancel()
         try:
             self._driver.submitted(fut)  # (before it can complete, in another thread say)
@@ -1877,7 +1892,13 @@ class Pool:
         reorder = _REORDER if ordered and not zero_copy else 0
         # (A map of calls sends bundles, written by the pool straight into their slots; a map
         # of an op takes what numpy makes an array of.)
-        prepare = _as_is if batched else _as_array if isinstance(fn, Op) else self._prepare
+        prepare = _as_is if batched else self._prepare
+        # (An op's inputs are made arrays here; those of 0 or more than MAX_DIMS dimensions
+        # go as one, and their results get their shapes back below.)
+        op_shapes: dict = {}
+        is_op = isinstance(fn, Op)
+        if is_op:
+            inputs, prepare = _op_inputs(inputs, op_shapes), _as_is
         # A batch's results are read straight from shared memory (lent), and unless zero-copy
         # each array is copied out on its own as it is read, so that a result kept does not
         # keep the whole batch's bytes alive; the slot goes home once they are read.
@@ -1995,6 +2016,7 @@ class Pool:
                     pairs = None
                     continue
                 if not ok:
+                    op_shapes.pop(index, None)
                     if bar is not None:
                         bar.update(1)
                     if not go_on:
@@ -2063,7 +2085,11 @@ class Pool:
                     continue
                 if bar is not None:
                     bar.update(1)
-                if value.dtype == _U8 and _args.is_bundle(value):
+                if is_op:
+                    shape = op_shapes.pop(index, None) if op_shapes else None
+                    if shape is not None:
+                        value = value.reshape(shape)
+                elif value.dtype == _U8 and _args.is_bundle(value):
                     ok, value = _one_result(value)
                     if not ok:
                         if not go_on:

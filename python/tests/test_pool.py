@@ -3343,3 +3343,32 @@ def test_no_memory_for_a_result_is_a_memory_error(tmp_path):
     assert "map MemoryError" in r.stdout, r.stdout + r.stderr
     assert "imap_unordered MemoryError" in r.stdout, r.stdout + r.stderr
     assert "after 8 True" in r.stdout, r.stdout + r.stderr
+
+
+def test_ops_take_arrays_of_any_number_of_dimensions(pool):
+    # A slot describes 1 to 4 dimensions: a 0-d array, or one of 5 or more, goes through as
+    # one dimension (the ops are elementwise) and its result gets the input's shape back, in
+    # every way a map or a submit can give it (refused with "reshape it first" before).
+    op = mk1.ops.affine(2, 1)
+    xs = [
+        np.arange(64, dtype=np.float32).reshape(2, 2, 2, 2, 4),
+        np.array(3.0),
+        np.float64(2.5),
+        np.arange(6).reshape(2, 3),
+        np.zeros((0, 2, 1, 1, 1, 3)),
+        np.arange(64, dtype=np.int16).reshape(2, 2, 2, 2, 2, 2)[..., ::2],
+    ]
+    want = [np.asarray(x) * np.asarray(2, np.asarray(x).dtype) + np.asarray(x).dtype.type(1)
+            for x in xs]
+
+    def same(got, w):
+        return got.shape == w.shape and got.dtype == w.dtype and (got == w).all()
+
+    assert all(same(g, w) for g, w in zip(pool.map(op, xs), want))
+    assert all(same(g, w) for g, w in zip(pool.map(op, xs, zero_copy=True), want))
+    assert all(same(f.result(), w) for f, w in zip([pool.submit(op, x) for x in xs], want))
+    def key(a):
+        return a.ndim, a.size, float(a.sum())
+
+    got = sorted(pool.imap_unordered(op, xs), key=key)
+    assert all(same(g, w) for g, w in zip(got, sorted(want, key=key)))
