@@ -366,22 +366,25 @@ def _op_inputs(inputs: Iterator, shapes: dict) -> Iterator:
 # What the worker needs to know (its boot data: the caller's sys.path, argv and main; the
 # pickled initializer) is read from a descriptor whose number is in BOOT_ENV (an environment
 # variable holds at most 128 KiB, too little for a large initargs or a long argv), with
-# positioned reads (the workers share the descriptor's offset). Every variable of mk1's leaves
-# the worker's environment once read: what its calls start is no worker.
+# positioned reads (the workers share the descriptor's offset), into one buffer that `_main`
+# takes over (the initializer's bytes are let go once it has run). Every variable of mk1's
+# leaves the worker's environment first thing: what its calls start is no worker.
 _WORKER_MAIN = f"""
 import importlib.util, json, os, sys
+worker = os.environ.pop("MK1_WORKER", None)
 fd = int(os.environ.pop({BOOT_ENV!r}))
-data, at = [], 0
-while True:
-    part = os.pread(fd, 1 << 20, at)
-    if not part:
-        break
-    data.append(part)
-    at += len(part)
+buf = bytearray(os.fstat(fd).st_size)
+at = got = 0
+while at < len(buf):
+    got = os.preadv(fd, [memoryview(buf)[at:]], at)
+    if not got:
+        sys.exit("mk1: the pool's start-up file ended early")
+    at += got
 os.close(fd)
-boot, _, init = b"".join(data).partition(b"\\n")
-boot = json.loads(boot)
-sys.path[:] = boot.get("path", sys.path)
+at = buf.index(b"\\n")
+start = {{"boot": json.loads(bytes(buf[:at])), "init": memoryview(buf)[at + 1:], "spec": worker}}
+sys.path[:] = start["boot"].get("path", sys.path)
+del worker, fd, buf, at, got
 d = {os.path.dirname(os.path.abspath(__file__))!r}
 spec = importlib.util.spec_from_file_location(
     "mk1", os.path.join(d, "__init__.py"), submodule_search_locations=[d]
@@ -390,28 +393,40 @@ mk1 = importlib.util.module_from_spec(spec)
 sys.modules["mk1"] = mk1
 spec.loader.exec_module(mk1)
 import mk1._worker
-mk1._worker._main(boot, init, os.environ.pop("MK1_WORKER", None))
+mk1._worker._main(start)
 """
 
 
 def _boot_file(data: bytes) -> int:
     """A descriptor (close-on-exec) of a file holding ``data`` that leaves nothing behind: a
-    memfd, or where that is refused (an old kernel, a sandbox) an unlinked temporary file."""
+    memfd, or where that is refused (an old kernel, a sandbox) an unlinked temporary file in
+    ``TMPDIR``. ``PoolStartError`` saying why when neither can be made or written (a file
+    size limit, a full disk, a memory limit)."""
     try:
         fd = os.memfd_create("mk1-boot", os.MFD_CLOEXEC)
-    except (AttributeError, OSError):
+        where = "a memfd"
+    except (AttributeError, OSError) as e:
+        no_memfd = e
         try:
             with tempfile.TemporaryFile(prefix="mk1-boot-") as f:
                 fd = os.dup(f.fileno())
+            where = f"a temporary file in {tempfile.gettempdir()!r}"
         except OSError as e:
             raise _mk1.PoolStartError(
-                f"cannot make the workers' start-up file: no memfd, and no temporary file in "
-                f"{tempfile.gettempdir()!r} ({e}); set TMPDIR to a writable directory"
+                f"cannot make the workers' start-up file: no memfd ({no_memfd}), and no "
+                f"temporary file in {tempfile.gettempdir()!r} ({e}); set TMPDIR to a writable "
+                f"directory"
             ) from None
     try:
         view = memoryview(data)
         while view:
             view = view[os.write(fd, view):]
+    except OSError as e:
+        os.close(fd)
+        raise _mk1.PoolStartError(
+            f"cannot write the workers' start-up data ({len(data)} bytes: the pickled "
+            f"initializer and initargs, sys.path and argv) to {where}: {e}"
+        ) from None
     except BaseException:
         os.close(fd)
         raise
@@ -946,8 +961,14 @@ class Pool:
             raise TypeError(
                 f"initializer must be callable, not {type(initializer).__name__}{hint}"
             )
-        if _worker.IN_WORKER or os.environ.get("MK1_WORKER") is not None:
+        if _worker.IN_WORKER:
             raise RuntimeError(_pool_in_worker())
+        if os.environ.get("MK1_WORKER") is not None:
+            # (A worker takes it out of its environment first thing: this is no worker.)
+            raise RuntimeError(
+                f"MK1_WORKER is set (to {os.environ['MK1_WORKER']!r}) in this process, which "
+                f"no mk1 pool started: unset it"
+            )
         if mode not in ("out-of-place", "in-place"):
             raise ValueError(f"mode must be 'out-of-place' or 'in-place', not {mode!r}")
         workers = _default_workers() if workers is None else operator.index(workers)

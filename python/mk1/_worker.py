@@ -59,12 +59,14 @@ def _prepare_main(boot: dict) -> None:
     sys.modules["__main__"] = sys.modules["__mp_main__"] = main
 
 
-def _main(boot: dict, init: bytes, spec: str | None) -> None:
-    """Entry point of a worker process: ``boot`` and ``init`` (the pickled initializer and its
-    arguments, or empty) as the pool wrote them (see ``mk1._pool._WORKER_MAIN``), ``spec`` the
-    worker's ``MK1_WORKER``, already out of the environment."""
+def _main(start: dict) -> None:
+    """Entry point of a worker process. ``start`` (taken over, emptied) holds ``boot`` and
+    ``init`` (the pickled initializer and its arguments, or empty) as the pool wrote them (see
+    ``mk1._pool._WORKER_MAIN``), and ``spec``, the worker's ``MK1_WORKER``, already out of the
+    environment. (This never returns: it keeps no reference to ``init`` of its own.)"""
     global IN_WORKER, _init_blob
-    IN_WORKER, _init_blob = True, init
+    IN_WORKER, _init_blob = True, start.pop("init")
+    boot, spec = start.pop("boot"), start.pop("spec")
     if "path" in boot:
         sys.path[:] = boot["path"]
     if "argv" in boot:
@@ -90,7 +92,7 @@ def _main(boot: dict, init: bytes, spec: str | None) -> None:
 def _init(worker: int, workers: int, codes: dict) -> None:
     """Runs once per worker, before it reports ready: the pool's initializer. ``codes`` maps
     each dtype name mk1 carries to its code."""
-    global _worker_id, _workers
+    global _worker_id, _workers, _init_blob
     _worker_id, _workers = worker, workers
     _CODES.update({np.dtype(name): code for name, code in codes.items()})
     # Output written with print() shows at once (the worker's stdout is the caller's).
@@ -99,8 +101,10 @@ def _init(worker: int, workers: int, codes: dict) -> None:
             stream.reconfigure(line_buffering=True)
         except (AttributeError, ValueError):
             pass
-    if _init_blob:
-        initializer, initargs = pickle.loads(_init_blob)
+    blob, _init_blob = _init_blob, b""
+    if blob:
+        initializer, initargs = pickle.loads(blob)
+        del blob
         initializer(*initargs)
 
 

@@ -10,8 +10,8 @@ import collections
 import concurrent.futures
 import multiprocessing
 import os
-import re
 import pathlib
+import re
 import signal
 import subprocess
 import sys
@@ -435,7 +435,7 @@ def test_what_a_worker_starts_is_no_worker(tmp_path):
         import os, subprocess, sys, mk1
 
         def start(_):
-            env = sorted(k for k in os.environ if k.startswith("MK1_"))
+            env = sorted(k for k in ("MK1_WORKER", "MK1_PY_BOOT") if k in os.environ)
             r = subprocess.run([sys.executable, {str(child)!r}], capture_output=True, text=True)
             return env, r.returncode, r.stdout.strip(), r.stderr[-300:]
 
@@ -451,6 +451,63 @@ def test_what_a_worker_starts_is_no_worker(tmp_path):
     assert r.returncode == 0, r.stderr
     assert "([], 0, '[0, 2, 4]', '')" in r.stdout, r.stdout + r.stderr
     assert "refused: mk1.Pool cannot be created inside an mk1 worker" in r.stdout, r.stdout
+    # MK1_WORKER set by hand in a process no pool started: said so, not "inside a worker".
+    r = run_script(
+        tmp_path,
+        """
+        import mk1
+
+        if __name__ == "__main__":
+            try:
+                mk1.Pool(workers=1)
+            except RuntimeError as e:
+                print("refused:", e)
+        """,
+        env={"MK1_WORKER": "1"},
+    )
+    assert "refused: MK1_WORKER is set (to '1') in this process, which no mk1 pool started" in (
+        r.stdout
+    ), r.stdout + r.stderr
+
+
+def test_the_start_up_file_falls_back_to_an_unlinked_temporary_file(tmp_path):
+    # Where memfd_create is refused (a seccomp sandbox, say), the workers' start-up data goes
+    # in an unlinked temporary file in TMPDIR (nothing left there); where that cannot be made
+    # either, PoolStartError says what to do.
+    r = run_script(
+        tmp_path,
+        f"""
+        import errno, os, tempfile
+        import numpy as np, mk1
+
+        def deny(*a):
+            raise OSError(errno.EPERM, "denied by the test")
+
+        def init(big):
+            global BIG
+            BIG = big
+
+        def size(_):
+            return BIG.nbytes
+
+        if __name__ == "__main__":
+            os.memfd_create = deny
+            tempfile.tempdir = {str(tmp_path / "tmp")!r}
+            os.mkdir(tempfile.tempdir)
+            with mk1.Pool(workers=1, initializer=init, initargs=(np.ones(300_000),)) as pool:
+                print("sizes", pool.submit(size, 0).result(), os.listdir(tempfile.tempdir))
+            tempfile.tempdir = {str(tmp_path / "missing")!r}
+            try:
+                mk1.Pool(workers=1)
+            except mk1.PoolStartError as e:
+                print("refused:", e)
+        """,
+    )
+    assert r.returncode == 0, r.stderr
+    assert "sizes 2400000 []" in r.stdout, r.stdout + r.stderr
+    assert "no memfd ([Errno 1] denied by the test), and no temporary file" in r.stdout, (
+        r.stdout + r.stderr
+    )
 
 
 def test_a_task_past_the_timeout_fails_and_the_pool_goes_on():
