@@ -426,7 +426,7 @@ pub struct Launch {
     /// otherwise, so a stuck worker never holds the user's terminal or pipe open).
     pub inherit_stdout: bool,
     /// Descriptors the child gets open, under the same numbers (data too large for an
-    /// environment variable, say).
+    /// environment variable, say): [`spawn_inheriting`] hands them on.
     pub fds: Vec<SharedFd>,
 }
 
@@ -462,8 +462,8 @@ impl Eq for SharedFd {}
 const JOB_CONTROL_SIGNALS: [i32; 3] = [libc::SIGINT, libc::SIGTERM, libc::SIGHUP];
 
 impl ChildProcess {
-    /// Starts `exe` with `key=value` in its environment and the descriptors `fds` left open
-    /// across exec, isolated as [`spawn_inheriting`] describes. If anything fails after the fork, the child is killed and reaped
+    /// Starts `exe` with `key=value` in its environment and the descriptors `fds` (and the
+    /// launch's own) left open across exec, isolated as [`spawn_inheriting`] describes. If anything fails after the fork, the child is killed and reaped
     /// before the error is returned: it never lives on to print a line of its own.
     pub fn spawn(
         exe: &std::path::Path,
@@ -722,6 +722,40 @@ pub fn own_pid() -> u32 {
     rustix::process::getpid().as_raw_nonzero().get() as u32
 }
 
+/// Sets close-on-exec on every descriptor from 3 up ([close_range(2)] with
+/// `CLOSE_RANGE_CLOEXEC`, or one by one from `/proc/self/fd` before Linux 5.11), so that
+/// nothing this process holds reaches the programs it starts; a sandbox that refuses both
+/// leaves the descriptors as they are.
+///
+/// [close_range(2)]: https://man7.org/linux/man-pages/man2/close_range.2.html
+pub fn cloexec_from_3() {
+    // SAFETY: a raw syscall on plain integers; it only changes descriptor flags.
+    let all = unsafe {
+        libc::syscall(
+            libc::SYS_close_range,
+            3u32,
+            u32::MAX,
+            libc::CLOSE_RANGE_CLOEXEC,
+        )
+    };
+    if all == 0 {
+        return;
+    }
+    let Ok(dir) = std::fs::read_dir("/proc/self/fd") else {
+        return;
+    };
+    let fds: Vec<RawFd> = dir
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse().ok())
+        .filter(|&fd| fd >= 3)
+        .collect();
+    for fd in fds {
+        // (Best effort: the directory's own descriptor is among them, closed by now.)
+        // SAFETY: as above.
+        unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) };
+    }
+}
+
 /// Clears close-on-exec on `fd` ([fcntl(2)] F_SETFD). Only a raw syscall, so it is
 /// async-signal-safe and may run between fork and exec.
 ///
@@ -860,8 +894,8 @@ pub struct Isolation<'a> {
 }
 
 /// Starts `exe` with `key=value` in its environment, stdin from /dev/null, and the descriptors
-/// `fds` left open across exec (they are close-on-exec in this process). With `isolation` (a
-/// worker): SIGINT, SIGTERM and SIGHUP are ignored in the child (dispositions set to ignore
+/// `fds` and the launch's own ([`Launch::fds`]) left open across exec (they are close-on-exec
+/// in this process). With `isolation` (a worker): SIGINT, SIGTERM and SIGHUP are ignored in the child (dispositions set to ignore
 /// survive exec), its stdout is /dev/null, its stderr the given fd, and every other descriptor
 /// it would inherit by accident (not close-on-exec in this process: a shell's, a test
 /// harness's) is closed at exec. The child is not reaped by anyone else, so its pid stays valid
@@ -905,13 +939,22 @@ pub fn spawn_inheriting(
         let stderr = above_stdio(iso.stderr.try_clone_to_owned()?)?;
         cmd.stderr(std::process::Stdio::from(stderr)).arg0(iso.arg0);
     }
-    if let Some(fd) = fds.iter().find(|&&fd| fd <= 2) {
+    if let Some(fd) = fds
+        .iter()
+        .copied()
+        .chain(launch.fds.iter().map(AsRawFd::as_raw_fd))
+        .find(|&fd| fd <= 2)
+    {
         // (It would be overwritten by the child's standard streams: see `above_stdio`.)
         return Err(io::Error::other(format!(
             "descriptor {fd} cannot be handed to a child: it is a standard stream's number"
         )));
     }
-    let fds = fds.to_vec();
+    let fds: Vec<RawFd> = fds
+        .iter()
+        .copied()
+        .chain(launch.fds.iter().map(AsRawFd::as_raw_fd))
+        .collect();
     // SAFETY: the closure runs in the child between fork and exec, where only async-signal-safe
     // work is allowed: it makes raw close_range, fcntl and sigaction syscalls (signal(2) with
     // SIG_IGN is async-signal-safe) on a vector allocated before the fork, and allocates

@@ -60,8 +60,8 @@ pub const EXIT_RETIRED: i32 = 73;
 
 /// Why this worker process is to end after its current task, once a kernel said so.
 static RETIRE: std::sync::OnceLock<String> = std::sync::OnceLock::new();
-/// This process is an mk1 worker: set by [`run_if_worker_with`] when it takes (and removes)
-/// [`WORKER_ENV`], so that a pool started in it is still refused.
+/// This process is an mk1 worker: set by [`serve_and_exit`] (after [`run_if_worker_with`] took
+/// [`WORKER_ENV`] out of the environment), so that a pool started in it is still refused.
 static IN_WORKER: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
 /// This worker process is to end after its current task, quietly (a reason set in `RETIRE`
@@ -391,6 +391,10 @@ pub fn run_if_worker() {
 /// built exactly as the one given to [`crate::PoolBuilder::kernels`] (same names, dtypes and
 /// order); a worker whose registry differs refuses to start, and the pool reports why.
 ///
+/// Call it before the program starts any thread (so not inside `#[tokio::main]`, whose
+/// runtime's threads already run there: call it in a plain `main` that then starts the
+/// runtime), as it changes the environment.
+///
 /// A worker removes [`WORKER_ENV`] from its environment once read: the programs its kernels
 /// start (another mk1 program, a script with a pool of its own) are not workers.
 ///
@@ -400,8 +404,8 @@ pub fn run_if_worker_with(kernels: &Registry) {
     let Some(spec) = std::env::var_os(WORKER_ENV) else {
         return;
     };
-    // This is the first thing in `main`, before the program starts threads of its own (the
-    // documented contract), so nothing reads the environment while it changes.
+    // (Changing the environment races with any other thread reading it: this runs first
+    // thing in `main`, before the program starts a thread, as documented above.)
     std::env::remove_var(WORKER_ENV);
     serve_and_exit(&spec, kernels)
 }
@@ -413,9 +417,12 @@ pub fn serve_and_exit(spec: &std::ffi::OsStr, kernels: &Registry) -> ! {
     IN_WORKER.store(true, std::sync::atomic::Ordering::Relaxed);
     let code = match spec.to_str().and_then(WorkerSpec::parse) {
         None => {
-            eprintln!(
-                "mk1: {WORKER_ENV} is set (to {spec:?}) but is no worker spec of an mk1 pool: \
-                 this program runs as a worker only when a pool starts it; unset {WORKER_ENV}"
+            use std::io::Write;
+            let _ = writeln!(
+                std::io::stderr(),
+                "mk1: {WORKER_ENV} is set (to {spec:?}) but is no worker spec of this mk1's \
+                 pools (set by hand, or by a pool of another mk1 version): this program runs \
+                 as a worker only when a pool starts it; unset {WORKER_ENV}"
             );
             2
         }
@@ -424,10 +431,15 @@ pub fn serve_and_exit(spec: &std::ffi::OsStr, kernels: &Registry) -> ! {
         Some(spec)
             if sys::parent_pid() != spec.coordinator && sys::process_exists(spec.coordinator) =>
         {
-            eprintln!(
-                "mk1: {WORKER_ENV} is set (to {:?}), but no mk1 pool started this process \
-                 (its coordinator, pid {}, is not its parent); unset {WORKER_ENV}",
+            use std::io::Write;
+            // (Not `eprintln!`: see below.)
+            let _ = writeln!(
+                std::io::stderr(),
+                "mk1: {WORKER_ENV} is set (to {:?}), but this process's parent (pid {}) is not \
+                 the pool's coordinator (pid {}): a copied environment (unset {WORKER_ENV}), or \
+                 a worker program started through a wrapper that does not exec it",
                 spec.encode(),
+                sys::parent_pid(),
                 spec.coordinator
             );
             2
@@ -469,6 +481,10 @@ pub fn serve(spec: WorkerSpec, registry: &Registry) -> Result<(), WorkerError> {
     if let Some(cpu) = spec.cpu {
         let _ = sys::pin_to_cpu(cpu); // best effort: placement is an optimisation
     }
+    // What the coordinator handed this process (the segment, the pipe whose close tells it
+    // of this process's exit, a pool's `worker_fd`) must not reach the programs a kernel
+    // starts: one would hold the whole segment, or hide this worker's death.
+    sys::cloexec_from_3();
     let kernels = Kernels::new(spec.kernel)?;
     // SAFETY: the coordinator cleared close-on-exec on this fd for us and nothing else in this
     // process knows the number, so we are its only owner.

@@ -276,7 +276,8 @@ fn an_unwritable_stdout_exits_2() {
 /// what to unset, and nothing runs.
 #[test]
 fn a_stray_mk1_worker_variable_exits_2() {
-    // Malformed, and well-formed but naming a live process that is not its parent (pid 1).
+    // Malformed (no such kernel as "scalar"), and well-formed but naming a live process that
+    // is not its parent (pid 1).
     for value in ["1", "", "3,0,1,scalar,-,0,0", "3,0,1,portable,-,0,0"] {
         let out = Command::new(MK1)
             .args(["run", "--count", "50"])

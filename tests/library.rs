@@ -73,11 +73,42 @@ fn kernels() -> Registry {
             if let Some(v) = std::env::var_os(mk1::worker::WORKER_ENV) {
                 return Err(KernelError::new(format!("MK1_WORKER is still set: {v:?}")));
             }
+            // Nor any of its descriptors: the child `ls` has its standard streams and the
+            // directory it reads, nothing of the pool's (the segment, the exit pipe).
+            let out = std::process::Command::new("ls")
+                .arg("/proc/self/fd")
+                .output()
+                .map_err(|e| KernelError::new(format!("cannot run ls: {e}")))?;
+            let fds = String::from_utf8_lossy(&out.stdout).into_owned();
+            if fds.split_whitespace().count() > 4 {
+                return Err(KernelError::new(format!(
+                    "the child got descriptors: {fds}"
+                )));
+            }
             match Pool::builder().workers(1).build() {
                 Err(PoolError::InWorker) => a.io.map(|x| x + 1),
                 Err(e) => Err(KernelError::new(format!("another error: {e}"))),
                 Ok(_) => Err(KernelError::new("a pool started inside a worker")),
             }
+        })
+        .kernel::<u8>("reads_worker_fd", |mut a| {
+            // The file whose descriptor MK1_TEST_FD names, read at its start (pread: the
+            // offset is shared): its bytes become the output.
+            let fd: i32 = std::env::var("MK1_TEST_FD")
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .ok_or_else(|| KernelError::new("no MK1_TEST_FD"))?;
+            let mut buf = vec![0u8; a.io.input().len()];
+            // SAFETY: the pool keeps the descriptor open in every worker; `buf` is ours.
+            let n = unsafe { libc::pread(fd, buf.as_mut_ptr().cast(), buf.len(), 0) };
+            if n != buf.len() as isize {
+                return Err(KernelError::new(format!("pread gave {n}")));
+            }
+            match &mut a.io {
+                mk1::task::Io::InPlace(d) => d.copy_from_slice(&buf),
+                mk1::task::Io::OutOfPlace { output, .. } => output.copy_from_slice(&buf),
+            }
+            Ok(())
         })
         .kernel::<f32>("poison", |mut a| {
             // A first element of -1 hangs the worker, -2 kills it; others are doubled.
@@ -868,6 +899,65 @@ fn a_worker_is_no_worker_to_what_it_starts() {
         [Ok(a)] => assert_eq!(a.as_slice(), &[2, 3]),
         other => panic!("expected [2, 3], got {other:?}"),
     }
+}
+
+/// `PoolBuilder::worker_fd` hands a descriptor to every worker, replacements included, its
+/// number in the environment; one numbered 0 (a caller with stdin closed) is moved above the
+/// standard streams first.
+fn a_worker_fd_reaches_every_worker() {
+    let data = b"handed to every worker";
+    let memfd = |name: &str| {
+        let fd = rustix::fs::memfd_create(name, rustix::fs::MemfdFlags::CLOEXEC).unwrap();
+        rustix::io::write(&fd, data).unwrap();
+        fd
+    };
+    let run = |pool: &Pool| {
+        let mut producer = pool.producer().unwrap();
+        let task = Task::kernel("reads_worker_fd");
+        let r: Vec<_> = producer
+            .map(&task, vec![vec![0u8; data.len()]; 4])
+            .unwrap()
+            .collect();
+        for a in r {
+            assert_eq!(a.unwrap().as_slice(), &data[..]);
+        }
+        let done = error_of(&producer, &Task::kernel("exit_73"));
+        assert!(matches!(done, TaskError::WorkerDied { .. }), "{done:?}");
+        let r: Vec<_> = producer
+            .map(&task, vec![vec![0u8; data.len()]; 4])
+            .unwrap()
+            .collect();
+        for a in r {
+            assert_eq!(a.unwrap().as_slice(), &data[..], "after a replacement");
+        }
+    };
+    let pool = Pool::builder()
+        .workers(2)
+        .max_retries(0)
+        .worker_fd("MK1_TEST_FD", memfd("mk1-test"))
+        .kernels(kernels())
+        .build()
+        .unwrap();
+    run(&pool);
+    drop(pool);
+    // Numbered 0: stdin closed for a moment, the memfd made then takes its number.
+    // SAFETY: plain descriptor calls; nothing else in this program uses stdin meanwhile, and
+    // it is put back below.
+    let saved = unsafe { libc::dup(0) };
+    assert!(saved > 2);
+    unsafe { libc::close(0) };
+    let zero = memfd("mk1-test-0");
+    assert_eq!(std::os::fd::AsRawFd::as_raw_fd(&zero), 0);
+    let builder = Pool::builder()
+        .workers(2)
+        .max_retries(0)
+        .worker_fd("MK1_TEST_FD", zero)
+        .kernels(kernels());
+    // (The builder moved the memfd above 2 and let 0 go: stdin goes back there.)
+    // SAFETY: as above.
+    assert_eq!(unsafe { libc::dup2(saved, 0) }, 0);
+    unsafe { libc::close(saved) };
+    run(&builder.build().unwrap());
 }
 
 /// A task's own `max_retries` bounds its redos after deaths, above or below the pool's: a
@@ -2761,6 +2851,10 @@ fn main() {
         (
             "a_worker_is_no_worker_to_what_it_starts",
             a_worker_is_no_worker_to_what_it_starts,
+        ),
+        (
+            "a_worker_fd_reaches_every_worker",
+            a_worker_fd_reaches_every_worker,
         ),
         ("an_output_shape_of_its_own", an_output_shape_of_its_own),
         (

@@ -898,11 +898,16 @@ impl PoolCore {
             b = b.worker_env(k, v);
         }
         if let Some((key, fd)) = worker_fd {
-            // SAFETY: the caller keeps `fd` open for this call (Python's `_pool` closes its
-            // own after it); the pool gets a duplicate of its own.
+            if fd < 0 {
+                return Err(PyValueError::new_err(format!(
+                    "worker_fd {fd} is no descriptor"
+                )));
+            }
+            // SAFETY: `fd` is not negative, and the caller keeps it open for this call (the
+            // package's `_pool` does, and closes its own after it); the pool gets a duplicate
+            // of its own (close-on-exec, numbered 3 or more).
             let own = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) }
                 .try_clone_to_owned()
-                .and_then(mk1::sys::above_stdio)
                 .map_err(|e| PyOSError::new_err(format!("cannot duplicate worker_fd {fd}: {e}")))?;
             b = b.worker_fd(key, own);
         }

@@ -620,7 +620,6 @@ pub fn measure(b: &LibraryBench) -> Result<LibraryReport, String> {
             .build()
             .map_err(|e| e.to_string())
     };
-    let (small_packed, small_plain) = (small_pool(64 << 10)?, small_pool(0)?);
     let pi = in_place.producer().map_err(|e| e.to_string())?;
     let pn = unpaced.producer().map_err(|e| e.to_string())?;
     let po = out_place.producer().map_err(|e| e.to_string())?;
@@ -726,12 +725,13 @@ pub fn measure(b: &LibraryBench) -> Result<LibraryReport, String> {
             packed,
             alone,
         );
-        let mut pp = small_packed.producer().map_err(|e| e.to_string())?;
-        let packed_small = map_small(&mut pp, &small)?;
-        drop(pp);
-        let mut pu = small_plain.producer().map_err(|e| e.to_string())?;
-        let plain_small = map_small(&mut pu, &small)?;
-        drop(pu);
+        // (Started here and stopped after, so that their workers take no part in the rest.)
+        let pool = small_pool(64 << 10)?;
+        let packed_small = map_small(&mut pool.producer().map_err(|e| e.to_string())?, &small)?;
+        drop(pool);
+        let pool = small_pool(0)?;
+        let plain_small = map_small(&mut pool.producer().map_err(|e| e.to_string())?, &small)?;
+        drop(pool);
         add(
             &format!(
                 "map over small f32 arrays, {SMALL_SLOTS} slots of 64 KiB: packed / one per slot"
@@ -756,14 +756,7 @@ pub fn measure(b: &LibraryBench) -> Result<LibraryReport, String> {
         );
     }
     drop((pi, po, pn));
-    drop((
-        in_place,
-        out_place,
-        unpacked,
-        unpaced,
-        small_packed,
-        small_plain,
-    ));
+    drop((in_place, out_place, unpacked, unpaced));
     let idle = idle(b.workers, b.idle)?;
     Ok(LibraryReport {
         workers: b.workers,

@@ -444,15 +444,22 @@ impl PoolBuilder {
     /// Hands `fd` to every worker, open, its number in the environment variable `key`, for as
     /// long as the pool lives (replacements get it too): a way to pass workers more than an
     /// environment variable holds (128 KiB at most on Linux). A worker that reads it should
-    /// use positioned reads (`pread`): the file offset is shared by every process that has it.
-    /// `fd` must not be 0, 1 or 2 (the workers' standard streams take those numbers: see
-    /// [`crate::sys::above_stdio`]); a worker given one fails to start, saying so.
+    /// use positioned reads (`pread`): the file offset is shared by every process that has it;
+    /// and close it once read (a worker's descriptors are close-on-exec from its start on, so
+    /// the programs its kernels start never get it). A descriptor numbered 0, 1 or 2 is moved
+    /// above them first (the workers' standard streams take those numbers).
     pub fn worker_fd(
         mut self,
         key: impl Into<std::ffi::OsString>,
         fd: std::os::fd::OwnedFd,
     ) -> Self {
         use std::os::fd::AsRawFd;
+        // (Where it cannot be moved, out of descriptors, the workers' start says so.)
+        let fd = if fd.as_raw_fd() <= 2 {
+            rustix::io::fcntl_dupfd_cloexec(&fd, 3).unwrap_or(fd)
+        } else {
+            fd
+        };
         let number = fd.as_raw_fd().to_string();
         self.worker_launch.env.push((key.into(), number.into()));
         self.worker_launch.fds.push(crate::sys::SharedFd::new(fd));

@@ -177,9 +177,7 @@ pub(crate) fn spawn_worker(
         &image.launch,
         WORKER_ENV,
         &spec.encode(),
-        &std::iter::once(seg.fd().as_raw_fd())
-            .chain(image.launch.fds.iter().map(AsRawFd::as_raw_fd))
-            .collect::<Vec<_>>(),
+        &[seg.fd().as_raw_fd()],
         sys::Isolation {
             stderr: stderr.write.as_fd(),
             arg0: &stderr.arg0,
@@ -240,13 +238,22 @@ pub(crate) fn start_workers(
             if status.is_some() || state.is_err() || Instant::now() > deadline {
                 // One line: the worker's own words go into it; without any, the likely cause.
                 let said = stderr.take_text();
-                // Workers share one stderr pipe: words that name another worker which has
-                // ended too are that worker's, and so is the failure to report.
-                let (w, status, state) = match named_worker(&said) {
-                    Some(k) if k != w && (k as usize) < procs.len() => {
-                        let ended = procs[k as usize]
-                            .as_mut()
-                            .and_then(|p| p.child.try_reap().ok().flatten());
+                // Workers share one stderr pipe: the words quoted first are the first worker's
+                // they name, and when that worker ends too (given a moment: its exit may lag
+                // its words), its failure is the one to report.
+                let named = named_workers(&said);
+                let (w, status, state) = match named.first() {
+                    Some(&k) if k != w && (k as usize) < procs.len() => {
+                        let wp = procs[k as usize].as_mut().expect("just spawned");
+                        let until = Instant::now() + Duration::from_millis(200);
+                        let ended = loop {
+                            match wp.child.try_reap().ok().flatten() {
+                                None if Instant::now() < until => {
+                                    std::thread::sleep(Duration::from_millis(2))
+                                }
+                                ended => break ended,
+                            }
+                        };
                         match ended {
                             Some(s) => (k, Some(s), attach_state(seg, k)),
                             None => (w, status, state),
@@ -280,11 +287,13 @@ pub(crate) fn start_workers(
     Ok(procs)
 }
 
-/// The worker `N` that the first `mk1 worker N:` in `said` names (as a worker's own error
-/// lines start).
-fn named_worker(said: &str) -> Option<u32> {
-    let (n, _) = said.split_once("mk1 worker ")?.1.split_once(':')?;
-    n.parse().ok()
+/// The workers `N` that each `mk1 worker N:` in `said` names (as a worker's own error lines
+/// start), in order.
+fn named_workers(said: &str) -> Vec<u32> {
+    said.split("mk1 worker ")
+        .skip(1)
+        .filter_map(|rest| rest.split_once(':')?.0.parse().ok())
+        .collect()
 }
 
 /// Whether the worker in slot `w` has attached; `Err` says why it is not acceptable (another
@@ -884,20 +893,23 @@ impl<'a> Monitor<'a> {
 
 #[cfg(test)]
 mod tests {
-    use super::{named_worker, one_line};
+    use super::{named_workers, one_line};
 
     #[test]
     fn a_start_error_names_the_worker_whose_words_it_quotes() {
         assert_eq!(
-            named_worker("mk1 worker 1: its initializer failed: x"),
-            Some(1)
+            named_workers("mk1 worker 1: its initializer failed: x"),
+            [1]
         );
         assert_eq!(
-            named_worker("Traceback:; ValueError: y; mk1 worker 12: z; mk1 worker 3: z"),
-            Some(12)
+            named_workers("Traceback:; ValueError: y; mk1 worker 12: z; mk1 worker 3: z"),
+            [12, 3]
         );
-        assert_eq!(named_worker("mk1 worker: malformed"), None);
-        assert_eq!(named_worker("RuntimeError: no words of mk1"), None);
+        assert_eq!(
+            named_workers("mk1 worker: this program ...; mk1 worker 2: x"),
+            [2]
+        );
+        assert!(named_workers("RuntimeError: no words of mk1").is_empty());
     }
 
     #[test]
