@@ -208,6 +208,14 @@ pub const MAX_ITEMS: usize = 64;
 pub const PARAM_BYTES: usize = 128;
 /// Bytes of a failed task's message kept in the descriptor.
 pub const MESSAGE_BYTES: usize = 256;
+/// Starts the message of a failed array of a batch other than its first failure, written by
+/// the worker at the start of that array's output space (void anyway): this word, a word of
+/// flags (bit 0: the kernel panicked), the message's length in bytes, then as much of its
+/// UTF-8 as the space holds; words little-endian ("MK1E"). The reader clamps the length to
+/// the space and says when the message was cut.
+pub const ITEM_MESSAGE: u32 = 0x4531_4b4d;
+/// Bytes of an [`ITEM_MESSAGE`] header.
+pub const ITEM_MESSAGE_HEADER: usize = 12;
 /// [`TaskDesc::kernel`] values from here on name built-in ops (`BUILTIN + op code`); below, an
 /// index into the pool's kernel registry.
 pub const BUILTIN: u32 = 0x8000_0000;

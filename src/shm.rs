@@ -100,6 +100,39 @@ pub fn human_bytes(b: u64) -> String {
     }
 }
 
+/// Failed item `i`'s own message and panic flag, read from its output space `room` (see
+/// [`crate::layout::ITEM_MESSAGE`]; untrusted: the length is clamped, the text decoded
+/// lossily); where the worker could not write one (a space smaller than the header), a message
+/// saying so, with the batch's first failure `first`.
+fn item_message(room: &[u8], i: usize, first: &str) -> (u32, String, bool) {
+    use crate::layout::{ITEM_MESSAGE, ITEM_MESSAGE_HEADER};
+    let word = |k: usize| {
+        room.get(4 * k..4 * k + 4)
+            .map(|b| u32::from_le_bytes(b.try_into().expect("4 bytes")))
+    };
+    match (word(0), word(1), word(2)) {
+        (Some(ITEM_MESSAGE), Some(flags), Some(len)) => {
+            let text = &room[ITEM_MESSAGE_HEADER..];
+            let n = (len as usize).min(text.len());
+            let mut message = String::from_utf8_lossy(&text[..n]).into_owned();
+            if n < len as usize {
+                message.push_str(&format!(
+                    "… (cut to the {n} of its {len} bytes that its array's space holds)"
+                ));
+            }
+            (i as u32, message, flags & 1 == 1)
+        }
+        _ => (
+            i as u32,
+            format!(
+                "array {i} of its batch failed; its own message did not fit its output space \
+                 (the batch's first failure: {first})"
+            ),
+            false,
+        ),
+    }
+}
+
 /// A task's answer, as a worker writes it and a producer reads it back.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TaskResult {
@@ -116,6 +149,9 @@ pub struct TaskResult {
     pub detail_len: u32,
     /// What each item's output is, when the kernel decided it (any-dtype kernels).
     pub outs: Option<Vec<crate::layout::OutDesc>>,
+    /// Read back only: each failed item after the first, with its own message and whether it
+    /// was a panic (see [`crate::layout::ITEM_MESSAGE`]).
+    pub others: Vec<(u32, String, bool)>,
 }
 
 impl TaskResult {
@@ -128,6 +164,7 @@ impl TaskResult {
             message: String::new(),
             detail_len: 0,
             outs: None,
+            others: Vec::new(),
         }
     }
 }
@@ -628,12 +665,22 @@ impl Segment {
                     result.failed_mask = failed_mask;
                     result.panicked = panicked == 1;
                     let first = failed_mask.trailing_zeros() as usize;
+                    let region = self.result_bytes(token);
                     if detail_len > 0 && first < count {
-                        let region = self.result_bytes(token);
                         let at = sent.items[first].offset as usize;
                         let room = sent.item_space(first, region.len() as u64, in_place) as usize;
                         let n = (detail_len as usize).min(room);
                         result.message = String::from_utf8_lossy(&region[at..at + n]).into_owned();
+                    }
+                    // Each later failure's own message, in its own space.
+                    for i in (first + 1..count).filter(|&i| failed_mask & (1 << i) != 0) {
+                        let at = sent.items[i].offset as usize;
+                        let room = sent.item_space(i, region.len() as u64, in_place) as usize;
+                        result.others.push(item_message(
+                            &region[at..at + room],
+                            i,
+                            &result.message,
+                        ));
                     }
                 }
                 other => {

@@ -1062,6 +1062,15 @@ pub fn above_stdio(fd: OwnedFd) -> io::Result<OwnedFd> {
     Ok(rustix::io::fcntl_dupfd_cloexec(&fd, 3)?)
 }
 
+/// As [`above_stdio`], keeping `fd` as it is where it cannot be moved (out of descriptors): a
+/// child it is handed to then fails to start, saying so.
+pub fn above_stdio_or_as_is(fd: OwnedFd) -> OwnedFd {
+    if fd.as_raw_fd() > 2 {
+        return fd;
+    }
+    rustix::io::fcntl_dupfd_cloexec(&fd, 3).unwrap_or(fd)
+}
+
 /// Runs `handler` in the child of every `fork()` this process makes from now on, before
 /// `fork` returns there (`pthread_atfork`; `vfork` and `posix_spawn` do not run it). The
 /// handler must only make async-signal-safe calls.

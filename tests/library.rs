@@ -67,6 +67,16 @@ fn kernels() -> Registry {
             a.io.map(|x| x + 1)
         })
         .kernel::<i64>("panics", |_a| panic!("boom from a kernel"))
+        .kernel::<i64>("judges_first", |mut a| {
+            // Fails on a negative first element (saying which), panics on 0 (with a message
+            // longer than a descriptor holds when the second element is 1), adds 1 otherwise.
+            match a.io.input() {
+                [x, ..] if *x < 0 => Err(KernelError::new(format!("first element {x}"))),
+                [0, 1, ..] => panic!("zero first, and {}", "long ".repeat(80)),
+                [0, ..] => panic!("zero first"),
+                _ => a.io.map(|x| x + 1),
+            }
+        })
         .kernel::<i32>("what_a_worker_starts", |mut a| {
             // What the worker starts is no worker: MK1_WORKER is gone from its environment
             // (children inherit it), and a pool started here is refused with an error.
@@ -898,6 +908,93 @@ fn a_worker_is_no_worker_to_what_it_starts() {
     match &r[..] {
         [Ok(a)] => assert_eq!(a.as_slice(), &[2, 3]),
         other => panic!("expected [2, 3], got {other:?}"),
+    }
+}
+
+/// In a packed batch each failed array gets its own error (message and panic flag), not its
+/// batch's first failure's: by `map`, `map_unordered` and `submit_packed`, in both modes.
+fn each_failed_array_of_a_batch_has_its_own_error() {
+    let inputs: Vec<Vec<i64>> = vec![
+        vec![1, 2],
+        vec![-1],
+        vec![0, 0, 0, 0],
+        vec![-5, 1],
+        vec![2],
+        vec![0, 1, 0, 0],
+        vec![-7; 9],
+    ];
+    let check = |k: usize, r: Result<Vec<i64>, TaskError>, mode: Mode| match (k, r) {
+        (0, Ok(v)) => assert_eq!(v, [2, 3]),
+        (4, Ok(v)) => assert_eq!(v, [3]),
+        (
+            1 | 3 | 6,
+            Err(TaskError::Kernel {
+                message,
+                panicked: false,
+            }),
+        ) => {
+            assert_eq!(
+                message,
+                format!("first element {}", inputs[k][0]),
+                "{k} {mode:?}"
+            )
+        }
+        (
+            2,
+            Err(TaskError::Kernel {
+                message,
+                panicked: true,
+            }),
+        ) => {
+            assert!(
+                message.contains("zero first") && !message.contains("long"),
+                "{message}"
+            )
+        }
+        (
+            5,
+            Err(TaskError::Kernel {
+                message,
+                panicked: true,
+            }),
+        ) => {
+            // (Its own message, cut to its array's space: a later failure of a batch has no
+            // room in the descriptor.)
+            assert!(message.contains("zero first, and"), "{message}");
+            assert!(
+                message.contains("that its array's space holds)"),
+                "{message}"
+            );
+        }
+        (k, other) => panic!("input {k} {mode:?}: {other:?}"),
+    };
+    for mode in [Mode::OutOfPlace, Mode::InPlace] {
+        let pool = pool(mode);
+        let mut producer = pool.producer().unwrap();
+        let task = Task::kernel("judges_first");
+        for (k, r) in producer.map(&task, &inputs).unwrap().enumerate() {
+            check(k, r.map(|a| a.into_vec()), mode);
+        }
+        for (k, r) in producer.map_unordered(&task, &inputs).unwrap() {
+            check(k, r.map(|a| a.into_vec()), mode);
+        }
+        let mut batch = producer.loan_packed(DType::I64, None).unwrap();
+        for x in &inputs {
+            batch
+                .push_array::<i64>(Shape::d1(x.len() as u32))
+                .unwrap()
+                .expect("fits")
+                .copy_from_slice(x);
+        }
+        producer.submit_packed(batch, &task).unwrap();
+        let done = producer.recv().unwrap();
+        for k in 0..inputs.len() {
+            let r = match done.item_error(k) {
+                Some(e) => Err(e.clone()),
+                None => Ok(done.item_output::<i64>(k).unwrap().as_slice().to_vec()),
+            };
+            check(k, r, mode);
+        }
     }
 }
 
@@ -2855,6 +2952,10 @@ fn main() {
         (
             "a_worker_fd_reaches_every_worker",
             a_worker_fd_reaches_every_worker,
+        ),
+        (
+            "each_failed_array_of_a_batch_has_its_own_error",
+            each_failed_array_of_a_batch_has_its_own_error,
         ),
         ("an_output_shape_of_its_own", an_output_shape_of_its_own),
         (

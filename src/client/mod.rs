@@ -454,12 +454,7 @@ impl PoolBuilder {
         fd: std::os::fd::OwnedFd,
     ) -> Self {
         use std::os::fd::AsRawFd;
-        // (Where it cannot be moved, out of descriptors, the workers' start says so.)
-        let fd = if fd.as_raw_fd() <= 2 {
-            rustix::io::fcntl_dupfd_cloexec(&fd, 3).unwrap_or(fd)
-        } else {
-            fd
-        };
+        let fd = crate::sys::above_stdio_or_as_is(fd);
         let number = fd.as_raw_fd().to_string();
         self.worker_launch.env.push((key.into(), number.into()));
         self.worker_launch.fds.push(crate::sys::SharedFd::new(fd));

@@ -202,10 +202,7 @@ impl Outcome {
         match self {
             Outcome::Ok => None,
             Outcome::Done(res) if res.status == TASK_OK || res.failed_mask & (1 << k) == 0 => None,
-            Outcome::Done(res) => Some(TaskError::Kernel {
-                message: res.message.clone(),
-                panicked: res.panicked,
-            }),
+            Outcome::Done(res) => Some(kernel_error(res, k)),
             Outcome::Failed(e) => Some((**e).clone()),
             Outcome::Partly(p) => partly_item_error(p, k),
         }
@@ -231,6 +228,17 @@ impl Outcome {
 }
 
 // (Out of line, and cold: `Outcome`'s methods stay small enough to inline on the hot path.)
+
+/// Failed array `k`'s error in the answer `res`: its own message (the first failure's is the
+/// descriptor's, each later one's came in its own space).
+#[cold]
+fn kernel_error(res: &TaskResult, k: usize) -> TaskError {
+    let (message, panicked) = match res.others.iter().find(|o| o.0 as usize == k) {
+        Some((_, m, p)) => (m.clone(), *p),
+        None => (res.message.clone(), res.panicked),
+    };
+    TaskError::Kernel { message, panicked }
+}
 
 #[cold]
 fn partly_item_error(p: &(Outcome, Vec<(u32, TaskError)>), k: usize) -> Option<TaskError> {

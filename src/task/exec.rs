@@ -10,8 +10,8 @@ use super::{builtin, AnyArgs, AnyIo, Args, Io, KernelError, Output, Params, Regi
 use crate::array::{cast, cast_mut, Shape};
 use crate::dtype::{DType, Element};
 use crate::layout::{
-    ItemDesc, OutDesc, TaskDesc, BUILTIN, MATRIX_ALIGN, MAX_ITEMS, MESSAGE_BYTES, TASK_FAILED,
-    TASK_OK,
+    ItemDesc, OutDesc, TaskDesc, BUILTIN, ITEM_MESSAGE, ITEM_MESSAGE_HEADER, MATRIX_ALIGN,
+    MAX_ITEMS, MESSAGE_BYTES, TASK_FAILED, TASK_OK,
 };
 use crate::ops::Kernel;
 use crate::shm::{TaskBuffers, TaskResult};
@@ -267,7 +267,23 @@ impl<'r> Executor<'r> {
                     }
                 });
             if let Err((msg, panicked)) = outcome {
-                if result.status == TASK_OK {
+                if result.status != TASK_OK {
+                    // A later failure: its own message in its own output space (see
+                    // ITEM_MESSAGE), where it fits a header.
+                    let room = match &mut bufs {
+                        TaskBuffers::InPlace(b) => &mut b[at..at + space],
+                        TaskBuffers::OutOfPlace(_, o) => &mut o[at..at + space],
+                    };
+                    if let Some((head, text)) = room.split_at_mut_checked(ITEM_MESSAGE_HEADER) {
+                        let n = msg.len().min(text.len());
+                        text[..n].copy_from_slice(&msg.as_bytes()[..n]);
+                        head[..4].copy_from_slice(&ITEM_MESSAGE.to_le_bytes());
+                        head[4..8].copy_from_slice(&u32::from(panicked).to_le_bytes());
+                        // (The whole message's length: the reader says when it was cut.)
+                        let len = u32::try_from(msg.len()).unwrap_or(u32::MAX);
+                        head[8..].copy_from_slice(&len.to_le_bytes());
+                    }
+                } else {
                     // A message longer than the descriptor's room goes, whole, into this
                     // array's output space (its output is void anyway).
                     if msg.len() > MESSAGE_BYTES {
