@@ -680,7 +680,7 @@ fn kernel_errors_and_panics_fail_only_their_task() {
 fn an_interrupter_cuts_a_wait_short_and_loses_nothing() {
     let pool = timed_pool(1, Duration::from_secs(30));
     let producer = pool.producer().unwrap();
-    let slow = Task::kernel("sleep_ms").params(Params::from_words(&[3000]).unwrap());
+    let slow = Task::kernel("sleep_ms").params(Params::from_words(&[1500]).unwrap());
     let mut loan = producer.loan::<f64>(Shape::d1(1)).unwrap();
     loan.copy_from_slice(&[2.0]);
     producer.submit(loan, &slow).unwrap();
@@ -909,6 +909,82 @@ fn a_worker_is_no_worker_to_what_it_starts() {
         [Ok(a)] => assert_eq!(a.as_slice(), &[2, 3]),
         other => panic!("expected [2, 3], got {other:?}"),
     }
+}
+
+/// A loan never receives: with every slot in flight (completions only `recv` takes), a
+/// blocking loan is `Exhausted` at once, counting the tasks in flight, instead of waiting for
+/// them to finish first.
+fn a_loan_with_every_slot_in_flight_is_exhausted_at_once() {
+    let pool = Pool::builder()
+        .workers(1)
+        .slots_per_producer(2)
+        .kernels(kernels())
+        .build()
+        .unwrap();
+    let producer = pool.producer().unwrap();
+    let task = Task::kernel("sleep_ms").params(Params::from_words(&[3000]).unwrap());
+    for _ in 0..2 {
+        let mut loan = producer.loan::<f64>(Shape::d1(4)).unwrap();
+        loan.copy_from_slice(&[1.0; 4]);
+        producer.submit(loan, &task).unwrap();
+    }
+    // (The tasks take 3 s each, one after the other: the second is still in flight when the
+    // loans answer. Before, the loan waited for both, then said Exhausted.)
+    for timeout in [None, Some(Duration::from_secs(60))] {
+        let loan = match timeout {
+            None => producer.loan::<f64>(Shape::d1(4)),
+            Some(t) => producer.loan_timeout::<f64>(Shape::d1(4), t),
+        };
+        match loan {
+            Err(LoanError::Exhausted {
+                slots: 2,
+                in_flight,
+                held,
+                loaned: 0,
+            }) if in_flight >= 1 && in_flight + held == 2 => {}
+            other => panic!("{timeout:?}: expected Exhausted, got {:?}", other.err()),
+        }
+    }
+    // `try_loan` says Busy (its caller receives and tries again), and after a receive the
+    // slot comes back.
+    assert!(matches!(
+        producer.try_loan::<f64>(Shape::d1(4)),
+        Err(LoanError::Busy { .. })
+    ));
+    drop(producer.recv().unwrap());
+    assert!(producer.loan::<f64>(Shape::d1(4)).is_ok());
+    pool.terminate(); // (the second task is not waited for)
+}
+
+/// A map whose slots the caller's own task holds (submitted, not received) fails each of its
+/// inputs with `NoSlot`, one result per input (it gave one error and ended before).
+fn a_map_with_no_slot_gives_each_input_its_error() {
+    let pool = Pool::builder()
+        .workers(1)
+        .slots_per_producer(1)
+        .kernels(kernels())
+        .build()
+        .unwrap();
+    let mut producer = pool.producer().unwrap();
+    let mut loan = producer.loan::<f32>(Shape::d1(4)).unwrap();
+    loan.copy_from_slice(&[1.0; 4]);
+    let task = Task::op("add:1").unwrap();
+    producer.submit(loan, &task).unwrap();
+    let inputs = vec![vec![1.0f32; 4]; 4];
+    let r: Vec<_> = producer.map(&task, &inputs).unwrap().collect();
+    assert_eq!(r.len(), inputs.len());
+    for (k, x) in r.iter().enumerate() {
+        match x {
+            Err(TaskError::NoSlot(m)) => assert!(m.contains(&format!("input {k} was not run"))),
+            other => panic!("input {k}: expected NoSlot, got {other:?}"),
+        }
+    }
+    // Once the caller has its completion, the map runs.
+    drop(producer.recv().unwrap());
+    let r: Vec<_> = producer.map(&task, &inputs).unwrap().collect();
+    assert!(r
+        .iter()
+        .all(|x| x.as_ref().is_ok_and(|a| a.as_slice() == [2.0; 4])));
 }
 
 /// In a packed batch each failed array gets its own error (message and panic flag), not its
@@ -2956,6 +3032,14 @@ fn main() {
         (
             "each_failed_array_of_a_batch_has_its_own_error",
             each_failed_array_of_a_batch_has_its_own_error,
+        ),
+        (
+            "a_loan_with_every_slot_in_flight_is_exhausted_at_once",
+            a_loan_with_every_slot_in_flight_is_exhausted_at_once,
+        ),
+        (
+            "a_map_with_no_slot_gives_each_input_its_error",
+            a_map_with_no_slot_gives_each_input_its_error,
         ),
         ("an_output_shape_of_its_own", an_output_shape_of_its_own),
         (

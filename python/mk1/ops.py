@@ -3,8 +3,9 @@
 Each returns an :class:`Op` to pass to ``Pool.map``, ``imap_unordered`` or ``submit`` in
 place of a function. Integers wrap; floats follow IEEE. The output has the input's dtype and
 shape, for arrays of any number of dimensions (a slot describes 1 to 4: a 0-d array, or one of
-more, goes through as one dimension and its result is given the input's shape back). A parameter that does not fit the array's dtype (``add(300)`` on uint8, ``xor`` on
-floats) fails that array's task with ``ValueError``.
+more, goes through as one dimension and its result is given the input's shape back). A
+parameter that does not fit the array's dtype (``add(300)`` on uint8, ``xor`` on floats) fails
+that array's task with ``ValueError``.
 """
 
 from __future__ import annotations

@@ -718,6 +718,11 @@ fn pythonize(msg: &str) -> String {
         "PoolBuilder::max_array_bytes",
         "mk1.Pool(max_array_bytes=...)",
     )
+    .replace(
+        "(for a loan, the largest slot: mk1.Pool(max_array_bytes=...); for reuse and reshape, \
+         the slot at hand)",
+        "(mk1.Pool(max_array_bytes=...))",
+    )
     .replace("slots_per_producer", "slots")
     .replace(
         "--max-dim, --inflight or --workers",

@@ -570,18 +570,27 @@ where
                 }
                 // Nothing of ours in flight and no slot of the largest size to be had: the
                 // caller's own loans, completions and tasks hold them (the map receives none of
-                // those). The map stops here, saying so: waiting could never end.
+                // those, and they cannot be freed while the map holds the handle), so waiting
+                // could never end. The next input fails, saying so, and so does each after it:
+                // every input has its result.
+                c.pump(); // (tasks done by now count as completions)
+                let Some(item) = self.pending.take().or_else(|| self.inputs.next()) else {
+                    self.exhausted = true;
+                    continue;
+                };
+                drop(item);
                 let held = c.held + c.ready.len();
                 let (loaned, in_flight) = (c.loaned, c.in_flight);
                 let seq = self.next_in;
-                self.exhausted = true;
-                self.pending = None;
+                self.next_in += 1;
+                self.next_out += 1;
                 return Some((
                     seq,
                     Err(TaskError::NoSlot(format!(
-                        "map stopped at input {seq}: the caller holds this handle's slots of the \
+                        "input {seq} was not run: the caller holds this handle's slots of the \
                          largest size ({held} completions not yet received or dropped, {loaned} \
-                         loans, {in_flight} of its own tasks in flight)"
+                         loans, {in_flight} of its own tasks in flight): receive and drop \
+                         them before a map"
                     ))),
                 ));
             }

@@ -768,6 +768,16 @@ fn monitor_main(sh: &Shared, started: &std::sync::mpsc::Sender<Result<(), RunErr
     ) {
         Ok(p) => p,
         Err(e) => {
+            // A worker with other kernels names its own; the pool's are named here.
+            let e = match e {
+                RunError::WorkerStart { worker, exe, why }
+                    if why.contains("are not the pool's") =>
+                {
+                    let why = format!("{why} (the pool's kernels: {})", sh.registry.describe());
+                    RunError::WorkerStart { worker, exe, why }
+                }
+                e => e,
+            };
             let _ = started.send(Err(e));
             return Shutdown::default();
         }

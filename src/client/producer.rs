@@ -53,8 +53,9 @@ pub enum TaskError {
         /// It was a panic.
         panicked: bool,
     },
-    /// The task ran past the worker timeout; its worker was killed and replaced.
-    #[error("the task ran past the worker timeout of {0:?}; its worker was killed and replaced")]
+    /// The task ran past its limit, the worker timeout (once [`super::Pool::wind_down`] was
+    /// called, at most 2 s); its worker was killed and replaced.
+    #[error("the task ran past its limit of {0:?} (the worker timeout; at most 2 s once the pool winds down); its worker was killed and replaced")]
     Timeout(Duration),
     /// The worker running it died (in place: at once; out of place: after every retry).
     #[error("its worker died ({how}) after {attempts} attempt(s)")]
@@ -78,8 +79,9 @@ pub enum TaskError {
     /// A `map` input whose shape mk1 cannot carry, or whose element count does not match it.
     #[error("{0}")]
     Shape(String),
-    /// `map` could get no slot of the largest size: the caller's loans, completions or own
-    /// tasks hold them all.
+    /// `map` could get no slot of the largest size for this input: the caller's loans,
+    /// completions or own tasks hold them all (a map cannot free them). Each input then gets
+    /// it in its turn: receive and drop completions before a map.
     #[error("no slot for map: {0}")]
     NoSlot(String),
     /// The result was asked for as another dtype than the task's.
@@ -96,7 +98,7 @@ pub enum TaskError {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum LoanError {
     /// The array is larger than a slot (for `reuse` and `reshape`: than this slot).
-    #[error("an array of {asked} bytes does not fit a slot: the largest array is {max} bytes (PoolBuilder::max_array_bytes, size_class)")]
+    #[error("an array of {asked} bytes does not fit: {max} bytes at most (for a loan, the largest slot: PoolBuilder::max_array_bytes; for reuse and reshape, the slot at hand)")]
     TooLarge {
         /// Bytes asked.
         asked: u64,
@@ -115,12 +117,16 @@ pub enum LoanError {
         /// Loans not yet submitted or dropped.
         loaned: usize,
     },
-    /// Every slot is loaned out or held as a completion by the caller: waiting could never end.
-    #[error("all {slots} slots of this handle are held by the caller ({held} completions, {loaned} loans): drop some to loan again")]
+    /// Every slot is the caller's to free: loaned, held as a completion, or in flight with a
+    /// completion only [`Producer::recv`] takes (a loan never receives): waiting could never
+    /// end.
+    #[error("all {slots} slots of this handle are the caller's to free ({in_flight} tasks in flight and {held} completions, which recv() takes and dropping frees, {loaned} loans): receive and drop completions, or drop loans, to loan again")]
     Exhausted {
         /// Slots of this handle.
         slots: usize,
-        /// Completions held.
+        /// The caller's tasks in flight (their completions will be the caller's to receive).
+        in_flight: usize,
+        /// Completions held, or waiting to be received.
         held: usize,
         /// Loans held.
         loaned: usize,
@@ -937,7 +943,17 @@ impl<'s> Core<'s> {
                 .filter(|&k| self.blame_one_array(&t, k));
             let r = &mut self.records[t.slot() as usize];
             if timed_out && blamed {
-                let error = TaskError::Timeout(self.sh.cfg.worker_timeout);
+                // (Once the pool winds down, the limit a stalled worker gets is the shutdown
+                // grace, as the monitor applies it.)
+                let limit = if self.sh.winding_down.load(Ordering::Acquire) {
+                    self.sh
+                        .cfg
+                        .worker_timeout
+                        .min(crate::coordinator::SHUTDOWN_GRACE)
+                } else {
+                    self.sh.cfg.worker_timeout
+                };
+                let error = TaskError::Timeout(limit);
                 match culprit {
                     Some(k) => self.fail_alone(t, k, error, &how, w),
                     None => self.finish(t, Outcome::failed(error), false, Some(w as u32)),
@@ -1263,11 +1279,17 @@ impl<'s> Core<'s> {
         }
         let mut got = None;
         let mut hopeless = false;
+        let waits = !matches!(until, Until::Now);
         self.wait_until(until, |c| {
             // Completed tasks not yet received do not free their slots: only dropping their
-            // completions does. If nothing is in flight, waiting cannot help.
+            // completions does, and receiving them is the caller's (a loan never receives). So
+            // with nothing to redo, and no map's slots out (a forgotten map's go home by
+            // themselves), a wait cannot help even while tasks are in flight. (`try_` says
+            // `Busy` for those: its caller receives and tries again.)
             got = c.slots.take(class);
-            hopeless = got.is_none() && c.in_flight == 0 && c.redo.is_empty();
+            hopeless = got.is_none()
+                && c.redo.is_empty()
+                && (c.in_flight == 0 || (waits && c.map_out == 0));
             got.is_some() || hopeless
         });
         if let Some(t) = got {
@@ -1280,6 +1302,7 @@ impl<'s> Core<'s> {
         if hopeless {
             return Err(LoanError::Exhausted {
                 slots,
+                in_flight: self.in_flight,
                 held,
                 loaned,
             });
@@ -1326,8 +1349,9 @@ fn exit_words(ctl: &crate::coordinator::Control, w: usize) -> String {
 ///
 /// A handle takes part in recovering from a worker's death (it takes back what it had sent
 /// there) whenever it is used: any call. A dead worker is replaced once every live handle has
-/// done so, so a handle left idle while others work delays replacements (not their work:
-/// they keep using the other workers).
+/// done so, so a handle left idle while others work delays replacements: their work goes on
+/// with the workers still alive, and when none is (a pool of one worker, say), it waits for
+/// the replacement, that is for the idle handle to be used or dropped.
 pub struct Producer<'pool> {
     core: RefCell<Core<'pool>>,
     /// The pool's shared state (also in the core; here to reach the segment without a borrow).
@@ -1349,9 +1373,14 @@ impl<'pool> Producer<'pool> {
     /// Loans a slot for an array of `T` with `shape`, waiting while every slot of this handle
     /// is busy (backpressure). The slot holds whatever was last in it: write every element.
     ///
+    /// A loan never receives: a task's slot comes back when its completion, taken by
+    /// [`Producer::recv`], is dropped. So with every slot in flight or completed, a loop that
+    /// only loans and submits gets [`LoanError::Exhausted`] at once; receive some first.
+    ///
     /// # Errors
     /// [`LoanError::TooLarge`] (names bytes asked and the maximum), [`LoanError::Exhausted`]
-    /// when the caller itself holds every slot, [`LoanError::NoWorkers`].
+    /// when every slot is the caller's to free (loaned, held, or in flight with a completion to
+    /// receive), [`LoanError::NoWorkers`].
     pub fn loan<T: Element>(&self, shape: Shape) -> Result<Loan<'_, T>, LoanError> {
         self.loan_until(shape, Until::Forever)
     }
