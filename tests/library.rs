@@ -1765,6 +1765,11 @@ fn a_worker_with_other_kernels_is_refused_at_start() {
         msg.contains("kernels") && msg.contains("run_if_worker_with"),
         "{msg}"
     );
+    // Both registries are named: the worker's (the mk1 binary's) and the pool's.
+    assert!(
+        msg.contains("the pool's kernels: ") && msg.contains("judges_first"),
+        "{msg}"
+    );
 }
 
 fn an_init_hook_that_fails_stops_the_build() {

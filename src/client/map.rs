@@ -101,6 +101,13 @@ impl<'pool> Producer<'pool> {
     ///
     /// Takes the handle mutably: no loan or completion of it may be alive meanwhile.
     ///
+    /// Small arrays are packed many to a slot (up to [`super::PoolBuilder::pack_bytes`]), and
+    /// a slot's arrays run one after another on one worker: right for cheap kernels, where
+    /// per-task costs dominate; for a kernel that takes long per array, `pack_bytes(0)` (one
+    /// array per slot) spreads the arrays over the workers. Each result has its input's dtype:
+    /// a kernel for any dtype that changes it fails each array with [`TaskError::Dtype`] here
+    /// (submit such tasks one by one).
+    ///
     /// # Errors
     /// The task's [`SubmitError`] (unknown kernel, dtype, op parameters) before any work
     /// starts; errors of single arrays come as `Err` items.
