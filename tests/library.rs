@@ -956,6 +956,23 @@ fn a_loan_with_every_slot_in_flight_is_exhausted_at_once() {
     pool.terminate(); // (the second task is not waited for)
 }
 
+/// Once the pool winds down, a task that hangs is killed after at most 2 s, and its error
+/// says that limit, not the worker timeout it did not reach.
+fn a_timeout_after_wind_down_says_its_limit() {
+    let pool = timed_pool(1, Duration::from_secs(30));
+    let producer = pool.producer().unwrap();
+    submit_sleep(&producer, 60_000, 1.0);
+    pool.wind_down();
+    let done = producer.recv().unwrap();
+    match done.error() {
+        Some(e @ TaskError::Timeout(limit)) => {
+            assert_eq!(*limit, Duration::from_secs(2), "{e}");
+            assert!(e.to_string().contains("2s"), "{e}");
+        }
+        other => panic!("expected a timeout, got {other:?}"),
+    }
+}
+
 /// A map whose slots the caller's own task holds (submitted, not received) fails each of its
 /// inputs with `NoSlot`, one result per input (it gave one error and ended before).
 fn a_map_with_no_slot_gives_each_input_its_error() {
@@ -3045,6 +3062,10 @@ fn main() {
         (
             "a_map_with_no_slot_gives_each_input_its_error",
             a_map_with_no_slot_gives_each_input_its_error,
+        ),
+        (
+            "a_timeout_after_wind_down_says_its_limit",
+            a_timeout_after_wind_down_says_its_limit,
         ),
         ("an_output_shape_of_its_own", an_output_shape_of_its_own),
         (
