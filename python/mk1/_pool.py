@@ -841,6 +841,8 @@ class Pool:
             ``ProcessPoolExecutor``).
         initializer, initargs: ``initializer(*initargs)`` runs once in every worker before it
             serves (including replacements); an exception there makes the pool fail to start.
+            Both are pickled once, of any size: they reach the workers through a memfd (or an
+            unlinked temporary file in ``TMPDIR``) that the pool keeps while it lives.
         mode: ``"out-of-place"`` (default): inputs are read-only in the workers, and a task
             whose worker dies is redone on another worker, up to ``max_retries`` times.
             ``"in-place"``: the function's result overwrites the input in its slot; a task
