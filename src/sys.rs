@@ -597,14 +597,20 @@ impl ChildProcess {
     /// Kills the child and waits up to `limit` for it to be reaped; returns whether it was.
     pub fn kill_and_reap(&mut self, limit: Duration) -> bool {
         let _ = self.kill();
+        self.reap_within(limit).is_some()
+    }
+
+    /// Waits up to `limit` for the child to exit, and reaps it: how it ended, or `None` if it
+    /// is still running then.
+    pub fn reap_within(&mut self, limit: Duration) -> Option<ExitKind> {
         let end = std::time::Instant::now() + limit;
         loop {
-            if let Ok(Some(_)) = self.try_reap() {
-                return true;
+            if let Ok(Some(how)) = self.try_reap() {
+                return Some(how);
             }
             let now = std::time::Instant::now();
             if now >= end {
-                return false;
+                return None;
             }
             let _ = poll_readable(
                 &[self.exit_fd()],
@@ -729,8 +735,19 @@ pub fn own_pid() -> u32 {
 ///
 /// [close_range(2)]: https://man7.org/linux/man-pages/man2/close_range.2.html
 pub fn cloexec_from_3() {
+    if !close_range_cloexec_from_3() {
+        cloexec_each(&open_fds_from_3().unwrap_or_default());
+    }
+}
+
+/// [close_range(2)] from 3 up with `CLOSE_RANGE_CLOEXEC`: whether it worked (it is missing
+/// before Linux 5.11). Only a raw syscall, so it is async-signal-safe and may run between fork
+/// and exec.
+///
+/// [close_range(2)]: https://man7.org/linux/man-pages/man2/close_range.2.html
+fn close_range_cloexec_from_3() -> bool {
     // SAFETY: a raw syscall on plain integers; it only changes descriptor flags.
-    let all = unsafe {
+    let rc = unsafe {
         libc::syscall(
             libc::SYS_close_range,
             3u32,
@@ -738,22 +755,27 @@ pub fn cloexec_from_3() {
             libc::CLOSE_RANGE_CLOEXEC,
         )
     };
-    if all == 0 {
-        return;
-    }
-    let Ok(dir) = std::fs::read_dir("/proc/self/fd") else {
-        return;
-    };
-    let fds: Vec<RawFd> = dir
-        .flatten()
-        .filter_map(|e| e.file_name().to_str()?.parse().ok())
-        .filter(|&fd| fd >= 3)
-        .collect();
-    for fd in fds {
-        // (Best effort: the directory's own descriptor is among them, closed by now.)
-        // SAFETY: as above.
+    rc == 0
+}
+
+/// Sets close-on-exec on each of `fds` (best effort: one closed since it was listed is
+/// skipped). Only raw syscalls on a slice made beforehand: async-signal-safe, as above.
+fn cloexec_each(fds: &[RawFd]) {
+    for &fd in fds {
+        // SAFETY: fcntl on a plain integer; a number that is not open fails with EBADF.
         unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) };
     }
+}
+
+/// The descriptors from 3 up this process has open, from `/proc/self/fd` (`None` without it).
+fn open_fds_from_3() -> Option<Vec<RawFd>> {
+    let dir = std::fs::read_dir("/proc/self/fd").ok()?;
+    Some(
+        dir.flatten()
+            .filter_map(|e| e.file_name().to_str()?.parse().ok())
+            .filter(|&fd| fd >= 3)
+            .collect(),
+    )
 }
 
 /// Clears close-on-exec on `fd` ([fcntl(2)] F_SETFD). Only a raw syscall, so it is
@@ -918,15 +940,8 @@ pub fn spawn_inheriting(
     // Where close_range(2) is missing (before 5.11) the child marks these one by one: the fds
     // open now, listed here in the parent (the child must not allocate), or, without /proc, the
     // first 4096 numbers.
-    let open_fds: Vec<i32> = if isolation.is_some() {
-        std::fs::read_dir("/proc/self/fd")
-            .map(|d| {
-                d.flatten()
-                    .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
-                    .filter(|&fd| fd >= 3)
-                    .collect()
-            })
-            .unwrap_or_else(|_| (3..4096).collect())
+    let open_fds: Vec<RawFd> = if isolation.is_some() {
+        open_fds_from_3().unwrap_or_else(|| (3..4096).collect())
     } else {
         Vec::new()
     };
@@ -965,16 +980,8 @@ pub fn spawn_inheriting(
     unsafe {
         cmd.pre_exec(move || {
             if isolate {
-                let all = libc::syscall(
-                    libc::SYS_close_range,
-                    3u32,
-                    u32::MAX,
-                    libc::CLOSE_RANGE_CLOEXEC,
-                );
-                if all != 0 {
-                    for &fd in &open_fds {
-                        libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC);
-                    }
+                if !close_range_cloexec_from_3() {
+                    cloexec_each(&open_fds);
                 }
                 for sig in JOB_CONTROL_SIGNALS {
                     if libc::signal(sig, libc::SIG_IGN) == libc::SIG_ERR {

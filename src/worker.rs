@@ -49,6 +49,10 @@ const fn parse_build_id(hex: &str) -> u64 {
     v
 }
 
+/// What a worker says when its kernels are not the pool's: the pool adds its own to the
+/// start error it finds this in (the worker knows only their fingerprint).
+pub(crate) const OTHER_KERNELS: &str = "are not the pool's";
+
 /// Exit status of a worker whose spec was unusable (its kernels, its index, its registry).
 pub const EXIT_BAD_SPEC: i32 = 70;
 /// Exit status of a worker that found invalid data in the segment.
@@ -502,7 +506,7 @@ pub fn serve(spec: WorkerSpec, registry: &Registry) -> Result<(), WorkerError> {
     // may carry any kernels (a program's `mk1 run` pool, say).
     if want != Registry::new().fingerprint() && registry.fingerprint() != want {
         return Err(WorkerError::Kernels(format!(
-            "this program's kernels ({}) are not the pool's: call mk1::run_if_worker_with() \
+            "this program's kernels ({}) {OTHER_KERNELS}: call mk1::run_if_worker_with() \
              first thing in main, with the registry given to the pool",
             registry.describe()
         )));

@@ -771,7 +771,7 @@ fn monitor_main(sh: &Shared, started: &std::sync::mpsc::Sender<Result<(), RunErr
             // A worker with other kernels names its own; the pool's are named here.
             let e = match e {
                 RunError::WorkerStart { worker, exe, why }
-                    if why.contains("are not the pool's") =>
+                    if why.contains(crate::worker::OTHER_KERNELS) =>
                 {
                     let why = format!("{why} (the pool's kernels: {})", sh.registry.describe());
                     RunError::WorkerStart { worker, exe, why }

@@ -245,16 +245,7 @@ pub(crate) fn start_workers(
                 let (w, status, state) = match named.first() {
                     Some(&k) if k != w && (k as usize) < procs.len() => {
                         let wp = procs[k as usize].as_mut().expect("just spawned");
-                        let until = Instant::now() + Duration::from_millis(200);
-                        let ended = loop {
-                            match wp.child.try_reap().ok().flatten() {
-                                None if Instant::now() < until => {
-                                    std::thread::sleep(Duration::from_millis(2))
-                                }
-                                ended => break ended,
-                            }
-                        };
-                        match ended {
+                        match wp.child.reap_within(Duration::from_millis(200)) {
                             Some(s) => (k, Some(s), attach_state(seg, k)),
                             None => (w, status, state),
                         }

@@ -267,13 +267,14 @@ impl<'r> Executor<'r> {
                     }
                 });
             if let Err((msg, panicked)) = outcome {
+                // This array's output space: void now, it can carry its message.
+                let room = match &mut bufs {
+                    TaskBuffers::InPlace(b) => &mut b[at..at + space],
+                    TaskBuffers::OutOfPlace(_, o) => &mut o[at..at + space],
+                };
                 if result.status != TASK_OK {
-                    // A later failure: its own message in its own output space (see
-                    // ITEM_MESSAGE), where it fits a header.
-                    let room = match &mut bufs {
-                        TaskBuffers::InPlace(b) => &mut b[at..at + space],
-                        TaskBuffers::OutOfPlace(_, o) => &mut o[at..at + space],
-                    };
+                    // A later failure: its own message there (see ITEM_MESSAGE), where it fits
+                    // a header.
                     if let Some((head, text)) = room.split_at_mut_checked(ITEM_MESSAGE_HEADER) {
                         let n = msg.len().min(text.len());
                         text[..n].copy_from_slice(&msg.as_bytes()[..n]);
@@ -285,12 +286,8 @@ impl<'r> Executor<'r> {
                     }
                 } else {
                     // A message longer than the descriptor's room goes, whole, into this
-                    // array's output space (its output is void anyway).
+                    // array's output space.
                     if msg.len() > MESSAGE_BYTES {
-                        let room = match &mut bufs {
-                            TaskBuffers::InPlace(b) => &mut b[at..at + space],
-                            TaskBuffers::OutOfPlace(_, o) => &mut o[at..at + space],
-                        };
                         let n = msg.len().min(room.len());
                         room[..n].copy_from_slice(&msg.as_bytes()[..n]);
                         result.detail_len = n as u32;
