@@ -130,6 +130,8 @@ pub struct SlotPool {
     out: Vec<u32>,
     /// Class of each record.
     class_of: Vec<u8>,
+    /// A class kept for packed maps: [`SlotPool::take`] passes it by.
+    reserved: Option<usize>,
 }
 
 impl SlotPool {
@@ -145,6 +147,7 @@ impl SlotPool {
             free: (0..classes.len()).map(|_| Vec::new()).collect(),
             out: vec![0; layout.params().workers as usize],
             class_of: Vec::new(),
+            reserved: None,
         };
         let now = 0;
         for (ci, c) in classes.iter().enumerate() {
@@ -173,6 +176,14 @@ impl SlotPool {
     /// Number of slots this pool owns.
     pub fn len(&self) -> usize {
         self.records.len()
+    }
+
+    /// Number of slots a loan can take: those of every class but the reserved one.
+    pub fn loanable(&self) -> usize {
+        match self.reserved {
+            Some(r) => self.class_of.iter().filter(|&&c| c as usize != r).count(),
+            None => self.records.len(),
+        }
     }
 
     /// Whether the pool owns no slot.
@@ -212,8 +223,26 @@ impl SlotPool {
         self.class_of.iter().map(|&c| c as usize).max()
     }
 
-    /// A free token of the smallest class `>= min_class` that has one.
+    /// Keeps class `c` for [`SlotPool::take_any`]: [`SlotPool::take`] passes it by.
+    pub fn reserve(&mut self, c: usize) {
+        self.reserved = Some(c);
+    }
+
+    /// A free token of the smallest class `>= min_class` that has one, the reserved class
+    /// left out.
     pub fn take(&mut self, min_class: usize) -> Option<Token> {
+        let reserved = self.reserved;
+        self.free
+            .iter_mut()
+            .enumerate()
+            .skip(min_class)
+            .filter(|&(c, _)| Some(c) != reserved)
+            .find_map(|(_, f)| f.pop())
+    }
+
+    /// A free token of the smallest class `>= min_class` that has one, the reserved class
+    /// included.
+    pub fn take_any(&mut self, min_class: usize) -> Option<Token> {
         self.free[min_class..].iter_mut().find_map(Vec::pop)
     }
 
@@ -351,6 +380,28 @@ mod tests {
         let big = pool.take(0).unwrap();
         assert!(big.slot() >= 5);
         assert_eq!(pool.free_at_least(0), 2);
+    }
+
+    #[test]
+    fn take_passes_the_reserved_class_by_and_take_any_does_not() {
+        let l = Layout::new(2, 1, 9, &[(4096, 2), (16384, 3), (65536, 4)]).unwrap();
+        let mut pool = SlotPool::share(&l, 0, 1);
+        pool.reserve(1);
+        // Loans: the small class, then past the reserved one to the largest.
+        let loans: Vec<Token> = (0..6).map(|_| pool.take(0).unwrap()).collect();
+        assert!(
+            loans.iter().all(|t| pool.class_index(t) != 1),
+            "never reserved"
+        );
+        assert!(pool.take(0).is_none(), "only reserved slots are left");
+        assert!(pool.take(1).is_none());
+        // Maps: the reserved class, all three of it.
+        for _ in 0..3 {
+            let t = pool.take_any(1).unwrap();
+            assert_eq!(pool.class_index(&t), 1);
+        }
+        assert!(pool.take_any(0).is_none());
+        assert_eq!((pool.len(), pool.loanable()), (9, 6));
     }
 
     #[test]

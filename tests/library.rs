@@ -976,9 +976,11 @@ fn a_timeout_after_wind_down_says_its_limit() {
 /// A map whose slots the caller's own task holds (submitted, not received) fails each of its
 /// inputs with `NoSlot`, one result per input (it gave one error and ended before).
 fn a_map_with_no_slot_gives_each_input_its_error() {
+    // (Without pack slots: a map then has the largest slots only, like a loan.)
     let pool = Pool::builder()
         .workers(1)
         .slots_per_producer(1)
+        .pack_slots(0)
         .kernels(kernels())
         .build()
         .unwrap();
@@ -1002,6 +1004,69 @@ fn a_map_with_no_slot_gives_each_input_its_error() {
     assert!(r
         .iter()
         .all(|x| x.as_ref().is_ok_and(|a| a.as_slice() == [2.0; 4])));
+}
+
+/// A map packs small arrays in the pool's pack slots, which loans never take, and sends an
+/// array too large for them to a largest slot: results in input order, each right; while the
+/// caller holds every slot a loan can take, small arrays still run and only a large one gets
+/// `NoSlot`.
+fn a_map_packs_in_its_own_slots_and_large_arrays_go_to_large_ones() {
+    let pool = Pool::builder()
+        .workers(2)
+        .slots_per_producer(2)
+        .kernels(kernels())
+        .build()
+        .unwrap();
+    let mut producer = pool.producer().unwrap();
+    assert_eq!(producer.slots(), 2, "pack slots are not the loans'");
+    // 20 000 elements of f32 are 80 000 bytes: more than a pack slot's 64 KiB.
+    let size = |k: usize| if k % 7 == 3 { 20_000 } else { k % 50 + 1 };
+    let inputs: Vec<Vec<f32>> = (0..2000).map(|k| vec![k as f32; size(k)]).collect();
+    let task = Task::op("add:1").unwrap();
+    for (k, r) in producer.map(&task, &inputs).unwrap().enumerate() {
+        let a = r.unwrap_or_else(|e| panic!("input {k}: {e}"));
+        assert_eq!(a.as_slice().len(), size(k), "input {k}");
+        assert!(
+            a.as_slice().iter().all(|&x| x == k as f32 + 1.0),
+            "input {k}"
+        );
+    }
+    let mut seen = vec![false; inputs.len()];
+    for (k, r) in producer.map_unordered(&task, &inputs).unwrap() {
+        assert!(!std::mem::replace(&mut seen[k], true), "input {k} twice");
+        assert_eq!(r.unwrap().as_slice()[0], k as f32 + 1.0, "input {k}");
+    }
+    assert!(seen.iter().all(|&s| s));
+    // The caller holds both loanable slots: tasks in flight, their completions not received.
+    for _ in 0..2 {
+        let mut loan = producer.loan::<f32>(Shape::d1(4)).unwrap();
+        loan.copy_from_slice(&[1.0; 4]);
+        producer.submit(loan, &task).unwrap();
+    }
+    let inputs = [vec![1.0f32; 4], vec![1.0; 20_000], vec![1.0; 9]];
+    let r: Vec<_> = producer.map(&task, &inputs).unwrap().collect();
+    assert!(
+        r[0].as_ref().is_ok_and(|a| a.as_slice() == [2.0; 4]),
+        "{:?}",
+        r[0]
+    );
+    assert!(
+        matches!(&r[1], Err(TaskError::NoSlot(m)) if m.contains("input 1 was not run")),
+        "{:?}",
+        r[1].as_ref().map(|a| a.as_slice().len())
+    );
+    assert!(
+        r[2].as_ref().is_ok_and(|a| a.as_slice() == [2.0; 9]),
+        "{:?}",
+        r[2]
+    );
+    drop(producer.recv().unwrap());
+    drop(producer.recv().unwrap());
+    let r: Vec<_> = producer.map(&task, &inputs).unwrap().collect();
+    assert!(
+        r.iter().all(Result::is_ok),
+        "all run once the slots are back"
+    );
 }
 
 /// In a packed batch each failed array gets its own error (message and panic flag), not its
@@ -3062,6 +3127,10 @@ fn main() {
         (
             "a_map_with_no_slot_gives_each_input_its_error",
             a_map_with_no_slot_gives_each_input_its_error,
+        ),
+        (
+            "a_map_packs_in_its_own_slots_and_large_arrays_go_to_large_ones",
+            a_map_packs_in_its_own_slots_and_large_arrays_go_to_large_ones,
         ),
         (
             "a_timeout_after_wind_down_says_its_limit",

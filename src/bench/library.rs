@@ -10,8 +10,9 @@
 //!   `par_iter_mut` on every CPU the pool side uses, then check the batch.
 //! - `packing`: `map` over many small f32 arrays (up to 16x16), packed against one per slot,
 //!   and both against the bound the caller's own work sets (its copies and checks, alone);
-//!   then packed against one per slot again in pools made for small arrays (32 slots of
-//!   64 KiB per handle, where the others have 4 per worker of 4 MiB).
+//!   then packed in a pool without pack slots ([`crate::PoolBuilder::pack_slots`]`(0)`: maps
+//!   pack in its largest slots, 4 per worker) against one per slot and against packed with
+//!   them.
 //! - `idle`: CPU used by an idle pool's processes over an idle spell, and the round trip of the
 //!   first task after each idle spell.
 //!
@@ -582,15 +583,12 @@ fn idle(workers: u32, spell: Duration) -> Result<IdleFigures, String> {
     })
 }
 
-/// Slots per handle of the pools made for maps of small arrays (each of 64 KiB).
-const SMALL_SLOTS: u32 = 32;
-
 /// Runs every comparison `reps` times, interleaved, then the idle measurement.
 ///
 /// # Errors
 /// A pool that cannot start, or a result that came back wrong.
 pub fn measure(b: &LibraryBench) -> Result<LibraryReport, String> {
-    let start_with = |mode: Mode, pack: u64, ahead: Duration| {
+    let builder = |mode: Mode, pack: u64, ahead: Duration| {
         Pool::builder()
             .queue_ahead(ahead)
             .workers(b.workers)
@@ -600,6 +598,9 @@ pub fn measure(b: &LibraryBench) -> Result<LibraryReport, String> {
             .slots_per_producer(4 * b.workers)
             .pack_bytes(pack)
             .kernels(kernels())
+    };
+    let start_with = |mode: Mode, pack: u64, ahead: Duration| {
+        builder(mode, pack, ahead)
             .build()
             .map_err(|e| e.to_string())
     };
@@ -608,15 +609,11 @@ pub fn measure(b: &LibraryBench) -> Result<LibraryReport, String> {
     let out_place = start(Mode::OutOfPlace, 64 << 10)?;
     let unpacked = start(Mode::OutOfPlace, 0)?;
     let unpaced = start_with(Mode::InPlace, 64 << 10, Duration::MAX)?;
-    // Pools made for maps of small arrays: slots of the pack size, many of them (a deeper
-    // window of arrays in flight for the same memory as one 2 MiB slot).
-    let small_pool = |pack: u64| {
-        Pool::builder()
-            .workers(b.workers)
-            .mode(Mode::OutOfPlace)
-            .max_array_bytes(64 << 10)
-            .slots_per_producer(SMALL_SLOTS)
-            .pack_bytes(pack)
+    // As `out_place`, whose maps pack in its pack slots, without them: maps pack in the
+    // largest slots.
+    let no_pack_slots = || {
+        builder(Mode::OutOfPlace, 64 << 10, DEFAULT_QUEUE_AHEAD)
+            .pack_slots(0)
             .build()
             .map_err(|e| e.to_string())
     };
@@ -725,34 +722,19 @@ pub fn measure(b: &LibraryBench) -> Result<LibraryReport, String> {
             packed,
             alone,
         );
-        // (Started here and stopped after, so that their workers take no part in the rest.)
-        let pool = small_pool(64 << 10)?;
-        let packed_small = map_small(&mut pool.producer().map_err(|e| e.to_string())?, &small)?;
-        drop(pool);
-        let pool = small_pool(0)?;
-        let plain_small = map_small(&mut pool.producer().map_err(|e| e.to_string())?, &small)?;
+        // (Started here and stopped after, so that its workers take no part in the rest.)
+        let pool = no_pack_slots()?;
+        let packed_largest = map_small(&mut pool.producer().map_err(|e| e.to_string())?, &small)?;
         drop(pool);
         add(
-            &format!(
-                "map over small f32 arrays, {SMALL_SLOTS} slots of 64 KiB: packed / one per slot"
-            ),
-            packed_small,
-            plain_small,
-        );
-        // What the deeper window does to each path on its own.
-        add(
-            &format!(
-                "map over small f32 arrays, packed: {SMALL_SLOTS} slots of 64 KiB / the above"
-            ),
-            packed_small,
-            packed,
-        );
-        add(
-            &format!(
-                "map over small f32 arrays, one per slot: {SMALL_SLOTS} slots of 64 KiB / the above"
-            ),
-            plain_small,
+            "map over small f32 arrays: packed in the largest slots (no pack slots) / one per slot",
+            packed_largest,
             plain,
+        );
+        add(
+            "map over small f32 arrays, packed: pack slots / no pack slots",
+            packed,
+            packed_largest,
         );
     }
     drop((pi, po, pn));

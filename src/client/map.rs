@@ -82,6 +82,14 @@ where
     drain: Option<Drain>,
     /// This map's number on its handle (the `map` field of its slots' records).
     id: u32,
+    /// The size class a slot is first looked for in: the smallest whose slots hold a pack
+    /// (the pool's pack slots, if it has them), or the largest.
+    first_class: usize,
+    /// Bytes the pending input needs in its slot when the last slot taken was too small for
+    /// it (0: none).
+    need: u64,
+    /// Bytes of arrays the largest slot holds (the context goes after them).
+    max_usable: u64,
 }
 
 /// A finished slot being handed out: its array `next` (of `count`) is the map's next result;
@@ -172,6 +180,19 @@ impl<'pool> Producer<'pool> {
             )));
         }
         let window = (c.slots.len() * PACK_MAX) as u64;
+        // Slots are of the smallest class that holds a pack, unless an array needs more.
+        let classes = c.sh.seg.layout().classes();
+        let largest = classes.len() - 1;
+        let max_usable = usable(context_len, classes[largest].slot_bytes);
+        let pack = c.sh.pack_bytes.min(max_usable);
+        let first_class = if c.sh.pack_bytes == 0 {
+            largest
+        } else {
+            classes
+                .iter()
+                .position(|k| usable(context_len, k.slot_bytes) >= pack)
+                .unwrap_or(largest)
+        };
         // One map at a time holds the handle: any map's slot already back belongs to one that
         // was forgotten (`mem::forget`) and goes home now; those still out, when they return.
         let mut c = c;
@@ -201,6 +222,9 @@ impl<'pool> Producer<'pool> {
             out: 0,
             drain: None,
             id,
+            first_class,
+            need: 0,
+            max_usable,
         })
     }
 }
@@ -247,11 +271,22 @@ where
             }
             return false;
         }
-        // A map's slots are of the largest size.
-        let class = c.sh.seg.layout().classes().len() - 1;
-        let Some(mut token) = c.slots.take(class) else {
+        // The smallest slot that holds a pack (or the pending array), or a larger one.
+        let class = match self.need {
+            0 => self.first_class,
+            need => {
+                let classes = c.sh.seg.layout().classes();
+                let len = context.len() as u64;
+                classes
+                    .iter()
+                    .position(|k| usable(len, k.slot_bytes) >= need)
+                    .unwrap_or(classes.len() - 1)
+            }
+        };
+        let Some(mut token) = c.slots.take_any(class) else {
             return false;
         };
+        self.need = 0;
         // The context goes at the slot's end: arrays get what is before it.
         let context_at = TaskDesc::context_offset_for(context.len() as u64, c.capacity(&token));
         let slot_bytes = if context.is_empty() {
@@ -297,8 +332,18 @@ where
                 let elements = item.elements();
                 // (Its length matches the shape, checked below, so the bytes are its length's.)
                 let bytes = (elements.len() * dtype.size()) as u64;
+                let whole = matches!(shape, Ok(s) if elements.len() as u64 == s.elements());
                 let shape = match shape {
-                    Ok(s) if elements.len() as u64 == s.elements() && bytes <= slot_bytes => s,
+                    Ok(s) if whole && bytes <= slot_bytes => s,
+                    // Too large for this slot, not for a larger one: it goes in the next slot,
+                    // one that holds it.
+                    Ok(_) if whole && bytes <= self.max_usable => {
+                        drop(elements);
+                        self.pending = Some(item);
+                        self.need = bytes;
+                        holding = false;
+                        break;
+                    }
                     _ if count > 0 => {
                         drop(elements);
                         self.pending = Some(item);
@@ -306,7 +351,7 @@ where
                         break;
                     }
                     shape => {
-                        let e = refused(shape, elements.len(), bytes, slot_bytes);
+                        let e = refused(shape, elements.len(), bytes, self.max_usable);
                         drop(elements);
                         let seq = self.next_in;
                         self.next_in += 1;
@@ -586,6 +631,7 @@ where
                     continue;
                 };
                 drop(item);
+                self.need = 0;
                 let held = c.held + c.ready.len();
                 let (loaned, in_flight) = (c.loaned, c.in_flight);
                 let seq = self.next_in;
@@ -603,6 +649,16 @@ where
             }
             c.wait_until(Until::Forever, any_mapped);
         }
+    }
+}
+
+/// Bytes of arrays a slot of `slot_bytes` holds with `context_len` bytes of context after
+/// them (0 when the context does not fit).
+fn usable(context_len: u64, slot_bytes: u64) -> u64 {
+    if context_len == 0 {
+        slot_bytes
+    } else {
+        TaskDesc::context_offset_for(context_len, slot_bytes).unwrap_or(0)
     }
 }
 

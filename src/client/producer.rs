@@ -439,7 +439,13 @@ impl<'s> Core<'s> {
         Core {
             sh,
             p,
-            slots: SlotPool::share(layout, p, layout.params().producers),
+            slots: {
+                let mut slots = SlotPool::share(layout, p, layout.params().producers);
+                if let Some(c) = sh.pack_class {
+                    slots.reserve(c);
+                }
+                slots
+            },
             to,
             from,
             bells,
@@ -1298,7 +1304,11 @@ impl<'s> Core<'s> {
         if let Some(why) = self.broken() {
             return Err(LoanError::NoWorkers(why));
         }
-        let (slots, held, loaned) = (self.slots.len(), self.held + self.ready.len(), self.loaned);
+        let (slots, held, loaned) = (
+            self.slots.loanable(),
+            self.held + self.ready.len(),
+            self.loaned,
+        );
         if hopeless {
             return Err(LoanError::Exhausted {
                 slots,
@@ -1788,9 +1798,11 @@ impl<'pool> Producer<'pool> {
         gone
     }
 
-    /// Slots of this handle.
+    /// Slots of this handle that loans take: the backpressure bound on its loans, tasks in
+    /// flight and completions held (the pool's [`crate::PoolBuilder::pack_slots`], which only maps
+    /// use, are not counted).
     pub fn slots(&self) -> usize {
-        self.core().slots.len()
+        self.core().slots.loanable()
     }
 }
 
