@@ -109,8 +109,10 @@ impl<'pool> Producer<'pool> {
     ///
     /// Takes the handle mutably: no loan or completion of it may be alive meanwhile.
     ///
-    /// Small arrays are packed many to a slot (up to [`super::PoolBuilder::pack_bytes`]), and
-    /// a slot's arrays run one after another on one worker: right for cheap kernels, where
+    /// Small arrays are packed many to a slot (up to [`super::PoolBuilder::pack_bytes`], in
+    /// the pool's [`super::PoolBuilder::pack_slots`] first, then its largest slots; an array
+    /// too large for a pack slot goes in a largest one), and a slot's arrays run one after
+    /// another on one worker: right for cheap kernels, where
     /// per-task costs dominate; for a kernel that takes long per array, `pack_bytes(0)` (one
     /// array per slot) spreads the arrays over the workers. Each result has its input's dtype:
     /// a kernel for any dtype that changes it fails each array with [`TaskError::Dtype`] here

@@ -344,10 +344,11 @@ impl PoolBuilder {
     /// same size (maps then pack in that class's slots, which loans use too), or seven size
     /// classes given: none.
     ///
-    /// Why: with a map's arrays spread over few slots, each slot's results are copied out
-    /// soon after a worker wrote them, while those lines are still in that worker's cache; in
-    /// `mk1 bench library`, packed maps of small arrays ran 1.2–1.5x faster with 32 slots of
-    /// 64 KiB than with the 4 of 1 MiB that one worker gets.
+    /// Why: with a map's arrays in few slots, each slot is written again soon after a worker
+    /// last touched it, while its lines are still in that worker's cache, and copying into and
+    /// out of it waits on that cache. In `mk1 bench library` (one worker, 2 CPUs), packed maps
+    /// of small f32 arrays ran 1.39x (1.06–3.12) as fast with the default pack slots as with
+    /// `pack_slots(0)`.
     pub fn pack_slots(mut self, n: u32) -> Self {
         self.pack_slots = Some(n);
         self
@@ -377,7 +378,9 @@ impl PoolBuilder {
     /// [`PoolBuilder::max_array_bytes`]; up to 7 such classes). A loan takes a free slot of the
     /// smallest size its array fits, or a larger one when those are all busy, so a pool for
     /// arrays of mixed sizes maps (and touches) less memory than one of largest slots only.
-    /// Batches ([`Producer::loan_packed`]) and [`Producer::map`] use the largest slots. A
+    /// Batches ([`Producer::loan_packed`]) use the largest slots; [`Producer::map`] packs in
+    /// the smallest class that holds `pack_bytes` (the pack slots, unless a class given here
+    /// is of that size). A
     /// loan's slot is picked for its input alone: a task that needs more room in its slot (a
     /// context, a larger output shape, a kernel for any dtype that grows its output) is refused
     /// at submit, or fails, in a slot too small for it; loan a larger shape for those (and
@@ -939,7 +942,9 @@ pub struct Pool {
 
 impl Pool {
     /// The default settings: cores − 1 workers, one producer handle, 1 MiB slots, 4 slots per
-    /// worker, out of place, 2 retries, 10 s worker timeout, no user kernels.
+    /// worker, maps packing up to 64 KiB of arrays per slot in 32 pack slots of 64 KiB (8 per
+    /// worker when that is more), out of place, 2 retries, 10 s worker timeout, no user
+    /// kernels.
     pub fn builder() -> PoolBuilder {
         let workers = crate::config::default_workers();
         PoolBuilder {
