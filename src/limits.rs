@@ -415,7 +415,7 @@ impl Needs {
 pub(crate) const SMALLER: &str =
     "use fewer or smaller slots, or fewer workers (mk1 run: --max-dim, \
      --inflight, --workers; mk1 apply: --workers, or --mode in-place for half the memory; \
-     PoolBuilder: max_array_bytes, slots_per_producer, size_class, workers; Python \
+     PoolBuilder: max_array_bytes, slots_per_producer, size_class, pack_slots, workers; Python \
      mk1.Pool: max_array_bytes, slots, workers)";
 /// What lowers the number of processes and threads a pool starts, in each context.
 const FEWER_TASKS: &str = "lower the workers (mk1 run: --workers or --producers; mk1 apply: \

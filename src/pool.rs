@@ -186,6 +186,11 @@ impl SlotPool {
         }
     }
 
+    /// Number of free slots, of every class.
+    pub fn free(&self) -> usize {
+        self.free.iter().map(Vec::len).sum()
+    }
+
     /// Whether the pool owns no slot.
     pub fn is_empty(&self) -> bool {
         self.records.is_empty()
@@ -401,7 +406,7 @@ mod tests {
             assert_eq!(pool.class_index(&t), 1);
         }
         assert!(pool.take_any(0).is_none());
-        assert_eq!((pool.len(), pool.loanable()), (9, 6));
+        assert_eq!((pool.len(), pool.loanable(), pool.free()), (9, 6, 0));
     }
 
     #[test]

@@ -252,6 +252,12 @@ fn pool(mode: Mode) -> Pool {
 
 /// Every slot of `producer` can be loaned at once: none was lost (`why` names the case).
 fn assert_every_slot_free(producer: &mk1::Producer<'_>, why: &str) {
+    // Maps' slots too: the pack slots, which loans never take.
+    assert_eq!(
+        producer.free_slots(),
+        producer.slots() + producer.pack_slots(),
+        "{why}"
+    );
     let loans: Vec<_> = (0..producer.slots())
         .map(|_| producer.try_loan::<u8>(Shape::d1(1)).expect(why))
         .collect();
@@ -1037,6 +1043,29 @@ fn a_map_packs_in_its_own_slots_and_large_arrays_go_to_large_ones() {
         assert_eq!(r.unwrap().as_slice()[0], k as f32 + 1.0, "input {k}");
     }
     assert!(seen.iter().all(|&s| s));
+    // Maps whose first array, or every array, is too large for a pack slot.
+    for n in [1, 9] {
+        let large: Vec<Vec<f32>> = (0..n).map(|k| vec![k as f32; 20_000 + k]).collect();
+        for (k, r) in producer.map(&task, &large).unwrap().enumerate() {
+            let a = r.unwrap_or_else(|e| panic!("large input {k} of {n}: {e}"));
+            assert_eq!(a.as_slice().len(), 20_000 + k);
+            assert!(a.as_slice().iter().all(|&x| x == k as f32 + 1.0));
+        }
+    }
+    // A context that leaves no room for an element in any slot but the largest, barely: the
+    // map must not pack in a slot the context does not fit.
+    let big = 1 << 20; // the largest slot, max_array_bytes's default
+    let crowded = Task::op("add:1").unwrap().context(vec![7u8; big - 60]);
+    let empties: Vec<Vec<f32>> = vec![Vec::new(); 5];
+    for r in producer.map(&crowded, &empties).unwrap() {
+        assert!(r.unwrap().as_slice().is_empty());
+    }
+    let r: Vec<_> = producer
+        .map(&crowded, [vec![1.0f32; 40]])
+        .unwrap()
+        .collect();
+    assert!(matches!(r[0], Err(TaskError::TooLarge { .. })), "{r:?}");
+    assert_every_slot_free(&producer, "after the maps");
     // The caller holds both loanable slots: tasks in flight, their completions not received.
     for _ in 0..2 {
         let mut loan = producer.loan::<f32>(Shape::d1(4)).unwrap();
@@ -2151,7 +2180,8 @@ fn a_forgotten_map_does_not_mix_its_results_into_the_next() {
         assert_eq!(n, 20);
         assert_every_slot_free(&producer, "every slot came home");
         // The caller's own task holds a slot (its completion is not received while maps run),
-        // and a forgotten map holds every other one: the next map waits for those to come
+        // and a forgotten map holds every other one (with `pack` 0; with pack slots, the next
+        // map has slots the forgotten one does not hold): the next map waits for those to come
         // back, rather than stopping with `NoSlot`.
         let mut loan = producer.loan::<f64>(Shape::d1(1)).unwrap();
         loan.copy_from_slice(&[5.0]);

@@ -67,9 +67,11 @@ fn sized_for(pool: PoolBuilder, sizes: &[u64], workers: u32) -> PoolBuilder {
     let largest = sizes.iter().copied().max().unwrap_or(0).max(64);
     let count = |n: usize| (n.max(1) as u32).min(busy);
     let (large, small): (Vec<u64>, Vec<u64>) = sizes.iter().partition(|&&b| b * 2 > largest);
+    // (Apply loans and submits; it never maps, so it needs no pack slots.)
     let pool = pool
         .max_array_bytes(largest)
-        .slots_per_producer(count(large.len()));
+        .slots_per_producer(count(large.len()))
+        .pack_slots(0);
     match small.iter().max() {
         Some(&s) if s.max(64) * 2 <= largest => pool.size_class(s.max(64), count(small.len())),
         _ => pool,

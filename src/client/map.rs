@@ -173,7 +173,7 @@ impl<'pool> Producer<'pool> {
         let any = c.sh.registry.takes_any(kernel);
         let context = task.context.clone();
         let retries = task.retries_or(c.sh.max_retries);
-        // The context goes at the end of every slot the map sends (of the largest size).
+        // The context goes at the end of every slot the map sends: it must fit the largest.
         let (context_len, slot) = (task.context_bytes().len() as u64, c.max_slot_bytes());
         if context_len > 0 && TaskDesc::context_offset_for(context_len, slot).is_none() {
             return Err(SubmitError::OutShape(format!(
@@ -187,12 +187,14 @@ impl<'pool> Producer<'pool> {
         let largest = classes.len() - 1;
         let max_usable = usable(context_len, classes[largest].slot_bytes);
         let pack = c.sh.pack_bytes.min(max_usable);
+        // (A class whose slots hold half a pack after the context will do: the pack slots for
+        // a context of up to half their size.)
         let first_class = if c.sh.pack_bytes == 0 {
             largest
         } else {
             classes
                 .iter()
-                .position(|k| usable(context_len, k.slot_bytes) >= pack)
+                .position(|k| usable(context_len, k.slot_bytes) >= pack.div_ceil(2).max(1))
                 .unwrap_or(largest)
         };
         // One map at a time holds the handle: any map's slot already back belongs to one that
@@ -254,6 +256,18 @@ where
 
     /// Fills one free slot with as many next inputs as fit and sends it. Whether it did.
     fn issue(&mut self, c: &mut Core<'_>) -> bool {
+        let needed = self.need;
+        if self.issue_once(c) {
+            return true;
+        }
+        // The next input did not fit the slot taken (a pack slot, say) and went back: once
+        // more, in a slot that holds it, if one is free (else it waits for one, as any input).
+        needed == 0 && self.need > 0 && self.issue_once(c)
+    }
+
+    /// [`Map::issue`], with the slot class `need` asks for: when the first input does not fit
+    /// the slot taken, it stays pending, `need` says the bytes it needs, and nothing is sent.
+    fn issue_once(&mut self, c: &mut Core<'_>) -> bool {
         type E<I> = <<I as Iterator>::Item as AsArray>::Elem;
         let dtype = <E<I> as Element>::DTYPE;
         let context_arc = self.context.clone();
@@ -622,10 +636,11 @@ where
                 if self.exhausted && self.pending.is_none() {
                     continue;
                 }
-                // Nothing of ours in flight and no slot of the largest size to be had: the
-                // caller's own loans, completions and tasks hold them (the map receives none of
-                // those, and they cannot be freed while the map holds the handle), so waiting
-                // could never end. The next input fails, saying so, and so does each after it:
+                // Nothing of ours in flight and no slot that holds the next input to be had (a
+                // largest one, for an array too large for the pack slots, or when the pool has
+                // none): the caller's own loans, completions and tasks hold them (the map
+                // receives none of those, and they cannot be freed while the map holds the
+                // handle), so waiting could never end. The next input fails, saying so, and so does each after it:
                 // every input has its result.
                 c.pump(); // (tasks done by now count as completions)
                 let Some(item) = self.pending.take().or_else(|| self.inputs.next()) else {
@@ -642,10 +657,10 @@ where
                 return Some((
                     seq,
                     Err(TaskError::NoSlot(format!(
-                        "input {seq} was not run: the caller holds this handle's slots of the \
-                         largest size ({held} completions not yet received or dropped, {loaned} \
-                         loans, {in_flight} of its own tasks in flight): receive and drop \
-                         them before a map"
+                        "input {seq} was not run: the caller holds every slot of this handle \
+                         that could take it ({held} completions not yet received or dropped, \
+                         {loaned} loans, {in_flight} of its own tasks in flight): receive and \
+                         drop them before a map"
                     ))),
                 ));
             }

@@ -338,11 +338,13 @@ impl PoolBuilder {
     /// `map_unordered` use, to pack small arrays in: more packed slots in flight at once than
     /// the largest slots give, for little memory. A map fills these first and the largest slots
     /// after them (an array too large for these goes in a largest slot); loans and batches
-    /// never take them. Default: 32, or 8 per worker when that is more (2 MiB per handle
-    /// with the default pack size, twice that out of place). 0, packing off (`pack_bytes(0)`),
-    /// a pack size that rounds to the largest slot's, a [`PoolBuilder::size_class`] of the
-    /// same size (maps then pack in that class's slots, which loans use too), or seven size
-    /// classes given: none.
+    /// never take them. Default: 32, or 8 per worker when that is more (with the default pack
+    /// size, 2 MiB per handle up to 4 workers and 512 KiB per worker beyond; twice that out of
+    /// place). None with 0, with packing off (`pack_bytes(0)`), with a pack size below 64
+    /// bytes or not below the largest slot's (after rounding), or with seven size classes
+    /// given; nor with a [`PoolBuilder::size_class`] of the pack size, whose slots maps then
+    /// pack in (loans use those too). A map whose context leaves less than half a pack in a
+    /// pack slot packs in the next larger class that holds that much.
     ///
     /// Why: with a map's arrays in few slots, each slot is written again soon after a worker
     /// last touched it, while its lines are still in that worker's cache, and copying into and
@@ -797,13 +799,13 @@ pub(crate) struct Shared {
     restarts: crate::sync::AtomicU32,
 }
 
-/// The monitor thread: starts the workers (their parent-death signal is tied to this thread,
-/// which lives as long as the pool), then watches them until the pool is dropped.
 /// [`PoolBuilder::pack_slots`] unless set: 32, or 8 per worker when that is more.
 fn default_pack_slots(workers: u32) -> u32 {
     workers.saturating_mul(8).max(32)
 }
 
+/// The monitor thread: starts the workers (their parent-death signal is tied to this thread,
+/// which lives as long as the pool), then watches them until the pool is dropped.
 fn monitor_main(sh: &Shared, started: &std::sync::mpsc::Sender<Result<(), RunError>>) -> Shutdown {
     let coordinator = crate::sys::own_pid();
     let fingerprint = sh.registry.fingerprint();

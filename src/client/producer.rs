@@ -79,9 +79,10 @@ pub enum TaskError {
     /// A `map` input whose shape mk1 cannot carry, or whose element count does not match it.
     #[error("{0}")]
     Shape(String),
-    /// `map` could get no slot of the largest size for this input: the caller's loans,
-    /// completions or own tasks hold them all (a map cannot free them). Each input then gets
-    /// it in its turn: receive and drop completions before a map.
+    /// `map` could get no slot that holds this input (one of the largest size, for an array
+    /// too large for the pool's pack slots, or in a pool without them): the caller's loans,
+    /// completions or own tasks hold them all (a map cannot free them). Each such input then
+    /// gets it in its turn: receive and drop completions before a map.
     #[error("no slot for map: {0}")]
     NoSlot(String),
     /// The result was asked for as another dtype than the task's.
@@ -1803,6 +1804,19 @@ impl<'pool> Producer<'pool> {
     /// use, are not counted).
     pub fn slots(&self) -> usize {
         self.core().slots.loanable()
+    }
+
+    /// Slots of this handle that only maps use ([`crate::PoolBuilder::pack_slots`]; 0 when the
+    /// pool has none).
+    pub fn pack_slots(&self) -> usize {
+        let c = self.core();
+        c.slots.len() - c.slots.loanable()
+    }
+
+    /// Slots of this handle free now, of every kind: [`Producer::slots`] and
+    /// [`Producer::pack_slots`] together when nothing is loaned, in flight or held.
+    pub fn free_slots(&self) -> usize {
+        self.core().slots.free()
     }
 }
 
