@@ -23,6 +23,13 @@ fn kernels() -> Registry {
         .kernel::<i32>("x3p1", |mut a| {
             a.io.map(|x| x.wrapping_mul(3).wrapping_add(1))
         })
+        .kernel::<i64>("sleep_ms_then_pid", |mut a| {
+            // Sleeps as many milliseconds as its first element says, then answers its pid.
+            let ms = a.io.input().first().copied().unwrap_or(0);
+            std::thread::sleep(Duration::from_millis(ms.clamp(0, 1000) as u64));
+            let pid = i64::from(std::process::id());
+            a.io.map(|_| pid)
+        })
         .kernel::<i32>("exit_73", |_| {
             // Exits with the status of a retirement, without retiring: a death all the same.
             std::process::exit(73)
@@ -1098,6 +1105,46 @@ fn a_map_packs_in_its_own_slots_and_large_arrays_go_to_large_ones() {
     );
 }
 
+/// A map of arrays that are small but slow to run is spread over the workers, not packed into
+/// one slot (which one worker would run an array at a time); a cheap kernel's map still packs
+/// once its pace is known (checked by its results alone here: `mk1 bench library` times it).
+fn a_map_spreads_slow_arrays_over_the_workers() {
+    let pool = Pool::builder()
+        .workers(4)
+        .kernels(kernels())
+        .build()
+        .unwrap();
+    let mut producer = pool.producer().unwrap();
+    let task = Task::kernel("sleep_ms_then_pid");
+    for round in 0..2 {
+        let inputs = vec![vec![40i64, 0]; 12];
+        let start = Instant::now();
+        let pids: std::collections::BTreeSet<i64> = producer
+            .map(&task, &inputs)
+            .unwrap()
+            .map(|r| r.unwrap().as_slice()[0])
+            .collect();
+        assert!(
+            pids.len() >= 3,
+            "round {round}: 12 arrays of 40 ms ran on {} of 4 workers in {:?}",
+            pids.len(),
+            start.elapsed()
+        );
+    }
+    let inputs: Vec<Vec<i32>> = (0..20_000).map(|k| vec![k; k as usize % 9 + 1]).collect();
+    for (k, r) in producer
+        .map(&Task::kernel("x3p1"), &inputs)
+        .unwrap()
+        .enumerate()
+    {
+        let want = (k as i32).wrapping_mul(3).wrapping_add(1);
+        assert!(
+            r.unwrap().as_slice().iter().all(|&x| x == want),
+            "input {k}"
+        );
+    }
+}
+
 /// In a packed batch each failed array gets its own error (message and panic flag), not its
 /// batch's first failure's: by `map`, `map_unordered` and `submit_packed`, in both modes.
 fn each_failed_array_of_a_batch_has_its_own_error() {
@@ -1156,7 +1203,15 @@ fn each_failed_array_of_a_batch_has_its_own_error() {
         (k, other) => panic!("input {k} {mode:?}: {other:?}"),
     };
     for mode in [Mode::OutOfPlace, Mode::InPlace] {
-        let pool = pool(mode);
+        // (Packed by bytes from the first array, not by the pace measured, so that the map
+        // packs these seven in one slot.)
+        let pool = Pool::builder()
+            .workers(2)
+            .mode(mode)
+            .pack_time(Duration::MAX)
+            .kernels(kernels())
+            .build()
+            .unwrap();
         let mut producer = pool.producer().unwrap();
         let task = Task::kernel("judges_first");
         for (k, r) in producer.map(&task, &inputs).unwrap().enumerate() {
@@ -3157,6 +3212,10 @@ fn main() {
         (
             "a_map_with_no_slot_gives_each_input_its_error",
             a_map_with_no_slot_gives_each_input_its_error,
+        ),
+        (
+            "a_map_spreads_slow_arrays_over_the_workers",
+            a_map_spreads_slow_arrays_over_the_workers,
         ),
         (
             "a_map_packs_in_its_own_slots_and_large_arrays_go_to_large_ones",

@@ -90,7 +90,19 @@ where
     need: u64,
     /// Bytes of arrays the largest slot holds (the context goes after them).
     max_usable: u64,
+    /// How long a worker takes per array of this map, in ticks, as measured on the slots back
+    /// so far (an average of about the last four; 0 until one is back): it caps the arrays a
+    /// slot takes at what runs in about the pool's pack time.
+    per_array: u64,
+    /// [`super::PoolBuilder::pack_time`] in ticks; `u64::MAX`: no cap.
+    pack_ticks: u64,
 }
+
+/// [`super::PoolBuilder::pack_time`] unless set: long enough that the costs of a slot (ring
+/// entry, descriptor, doorbell, about a microsecond) are small beside it, short enough that a
+/// kernel that is slow per array is spread over the workers rather than run a slot of arrays at
+/// a time on one.
+pub(crate) const PACK_TIME: std::time::Duration = std::time::Duration::from_micros(100);
 
 /// A finished slot being handed out: its array `next` (of `count`) is the map's next result;
 /// its first array was input `seq`. The slot's token waits in `Core::map_drain` (so a map
@@ -112,9 +124,13 @@ impl<'pool> Producer<'pool> {
     /// Small arrays are packed many to a slot (up to [`super::PoolBuilder::pack_bytes`], in
     /// the pool's [`super::PoolBuilder::pack_slots`] first, then its largest slots; an array
     /// too large for a pack slot goes in a largest one), and a slot's arrays run one after
-    /// another on one worker: right for cheap kernels, where
-    /// per-task costs dominate; for a kernel that takes long per array, `pack_bytes(0)` (one
-    /// array per slot) spreads the arrays over the workers. Each result has its input's dtype:
+    /// another on one worker. So that a kernel that is slow per array is spread over the
+    /// workers, a slot takes at most as many arrays as run in about
+    /// [`super::PoolBuilder::pack_time`] (100 µs) at the pace its map's slots came back at (one
+    /// array per slot until the first is back; the pace is measured by the handle, so a caller
+    /// that is slow to take results makes it look slower: smaller packs, never larger).
+    /// `pack_bytes(0)` sends one array per slot throughout.
+    /// Each result has its input's dtype:
     /// a kernel for any dtype that changes it fails each array with [`TaskError::Dtype`] here
     /// (submit such tasks one by one).
     ///
@@ -182,6 +198,10 @@ impl<'pool> Producer<'pool> {
             )));
         }
         let window = (c.slots.len() * PACK_MAX) as u64;
+        let pack_ticks = match c.sh.pack_time {
+            std::time::Duration::MAX => u64::MAX,
+            t => (t.as_nanos() as f64 / crate::clock::ns_per_tick()).max(1.0) as u64,
+        };
         // Slots are of the smallest class that holds a pack, unless an array needs more.
         let classes = c.sh.seg.layout().classes();
         let largest = classes.len() - 1;
@@ -229,6 +249,8 @@ impl<'pool> Producer<'pool> {
             first_class,
             need: 0,
             max_usable,
+            per_array: 0,
+            pack_ticks,
         })
     }
 }
@@ -314,6 +336,7 @@ where
         // entry, a descriptor, a doorbell) then count once per slot instead of once per array.
         let limit = slot_bytes.min(c.sh.pack_bytes);
         let one_per_slot = c.sh.pack_bytes == 0;
+        let cap = self.pack_cap();
         // The descriptor is built in place in the slot's record (no copy of a whole one).
         let sh = c.sh;
         let record = c.fresh_record(&token);
@@ -337,7 +360,7 @@ where
         // own methods panicked keeps its index, with an error as its result.
         let mut holding = false;
         let fill = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            while count < PACK_MAX && self.next_in - self.next_out < self.window {
+            while count < cap && self.next_in - self.next_out < self.window {
                 let Some(item) = self.pending.take().or_else(|| self.inputs.next()) else {
                     self.exhausted = true;
                     break;
@@ -436,6 +459,30 @@ where
         count > 0
     }
 
+    /// Arrays the next slot may take: as many as run in about the pool's pack time at the
+    /// pace measured so far, 1 to [`PACK_MAX`]; 1 until a slot is back (a kernel slow per array
+    /// is not packed before its pace is known); [`PACK_MAX`] without a pack time.
+    fn pack_cap(&self) -> usize {
+        match (self.pack_ticks, self.per_array) {
+            (u64::MAX, _) => PACK_MAX,
+            (_, 0) => 1,
+            (limit, t) => (limit / t).clamp(1, PACK_MAX as u64) as usize,
+        }
+    }
+
+    /// Learns the pace per array from a slot of `count` arrays back after `service` ticks
+    /// (0: unknown).
+    fn learn(&mut self, service: u64, count: usize) {
+        if service == 0 || count == 0 {
+            return;
+        }
+        let each = (service / count as u64).max(1);
+        self.per_array = match self.per_array {
+            0 => each,
+            t => (3 * t + each) / 4,
+        };
+    }
+
     /// Copies out the results of every finished slot of this map and frees the slots.
     fn harvest(&mut self, c: &mut Core<'_>) {
         let mut i = 0;
@@ -448,6 +495,10 @@ where
             let r = c.ready.remove(i).expect("in range");
             self.out -= 1;
             c.map_out -= 1;
+            if matches!(r.outcome, Outcome::Ok) {
+                let count = c.records[r.token.slot() as usize].desc.count as usize;
+                self.learn(r.service, count);
+            }
             // The slot holding the next result, all of it as asked (the common case): its
             // results are copied out one at a time as the caller takes them, not parked.
             let seq = c.records[r.token.slot() as usize].desc.seq;

@@ -264,6 +264,7 @@ pub struct PoolBuilder {
     registry: Arc<Registry>,
     pack_bytes: u64,
     pack_slots: Option<u32>,
+    pack_time: Duration,
     keep_copies: bool,
     dispatch: DispatchKind,
     queue_ahead: Option<Duration>,
@@ -331,6 +332,17 @@ impl PoolBuilder {
     /// costs then count once per slot); 0 turns packing off. Default 64 KiB.
     pub fn pack_bytes(mut self, bytes: u64) -> Self {
         self.pack_bytes = bytes;
+        self
+    }
+
+    /// About how long the arrays of one packed slot of a `map` should take a worker (default
+    /// 100 µs): a slot takes at most as many arrays as run in that time at the pace the map's
+    /// slots come back at, and one until the first is back, so that a kernel that is slow per
+    /// array is spread over the workers. Longer makes fewer, fuller slots (less per-slot
+    /// cost); `Duration::MAX` packs by bytes alone from the first array (the pace is not
+    /// used), right when every kernel mapped is known to be cheap; zero, one array per slot.
+    pub fn pack_time(mut self, time: Duration) -> Self {
+        self.pack_time = time;
         self
     }
 
@@ -680,6 +692,7 @@ impl PoolBuilder {
             max_retries: self.max_retries,
             pack_bytes: self.pack_bytes,
             pack_class,
+            pack_time: self.pack_time,
             keep_copies: self.keep_copies && self.mode == Mode::InPlace,
             spin: match self.wait {
                 Wait::Sleep => SpinMode::Never,
@@ -773,6 +786,8 @@ pub(crate) struct Shared {
     /// The size class of [`PoolBuilder::pack_slots`], if the pool has one: loans never take
     /// its slots.
     pub(crate) pack_class: Option<usize>,
+    /// [`PoolBuilder::pack_time`].
+    pub(crate) pack_time: Duration,
     /// In place, inputs are copied at submit to redo tasks after a death.
     pub(crate) keep_copies: bool,
     pub(crate) spin: SpinMode,
@@ -966,6 +981,7 @@ impl Pool {
             registry: Arc::new(Registry::new()),
             pack_bytes: 64 << 10,
             pack_slots: None,
+            pack_time: map::PACK_TIME,
             keep_copies: false,
             dispatch: DispatchKind::LeastLoaded,
             queue_ahead: Some(crate::dispatch::DEFAULT_QUEUE_AHEAD),

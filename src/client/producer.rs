@@ -329,6 +329,11 @@ pub(crate) struct Ready {
     pub(crate) worker: Option<u32>,
     /// Nanoseconds from its (last) dispatch to a worker until it was back.
     pub(crate) latency_ns: u64,
+    /// Ticks its worker spent on it, as far as this handle can tell (0: unknown): the time
+    /// from the worker's previous return to us, or from the send that found it holding none of
+    /// ours, to this return, shared among the tasks that came back together. Late by however
+    /// long the handle took to look, so an upper bound while the caller is busy elsewhere.
+    pub(crate) service: clock::Ticks,
 }
 
 /// The state behind a handle.
@@ -348,6 +353,9 @@ pub(crate) struct Core<'s> {
     draining: bool,
     sent: Vec<u64>,
     back: Vec<u64>,
+    /// Per worker: since when it has been busy with our tasks, as far as we can tell (its last
+    /// return to us, or the send that found it holding none of ours); see [`Ready::service`].
+    busy_since: Vec<clock::Ticks>,
     gave_up: Vec<bool>,
     policy: dispatch::Policy,
     pub(crate) records: Vec<Record>,
@@ -460,6 +468,7 @@ impl<'s> Core<'s> {
             draining: false,
             back: sent.clone(),
             sent,
+            busy_since: vec![0; w],
             gave_up: vec![false; w],
             policy: dispatch::policy(
                 sh.dispatch,
@@ -764,6 +773,9 @@ impl<'s> Core<'s> {
         };
         self.policy
             .sent(w as usize, self.slots.out_counts()[w as usize], now);
+        if self.slots.out_at(w) == 0 {
+            self.busy_since[w as usize] = now;
+        }
         self.sent[w as usize] += 1;
         self.sh.ctl.flow[self.p as usize][w as usize]
             .sent
@@ -848,12 +860,14 @@ impl<'s> Core<'s> {
             quarantine,
             worker,
             latency_ns,
+            service: 0,
         });
     }
 
     /// Pops everything worker `w` returned. Returns whether anything came.
     fn collect(&mut self, w: usize, after_death: bool) -> bool {
         let mut got = 0;
+        let first = self.ready.len();
         // One clock read for what one call pops (it came back within a few ring pops).
         let mut now = None;
         for _ in 0..self.slots.len() {
@@ -893,6 +907,14 @@ impl<'s> Core<'s> {
         if let Some(now) = now {
             self.policy.returned(w, got, now);
             self.note_back(w, got);
+            // (Each of the tasks that came back together gets an equal share of the time.)
+            let share = now.saturating_sub(self.busy_since[w]) / got;
+            for r in self.ready.range_mut(first..) {
+                if r.worker == Some(w as u32) {
+                    r.service = share;
+                }
+            }
+            self.busy_since[w] = now;
         }
         got > 0
     }
@@ -1722,6 +1744,7 @@ impl<'pool> Producer<'pool> {
             quarantine,
             worker,
             latency_ns,
+            service: _,
         } = r;
         // (`Ok`, the common case, owns nothing: no drop glue to call for it.)
         if plain {
