@@ -207,6 +207,27 @@ fn kernels() -> Registry {
             }
             mk1::task::Io::InPlace(_) => Err(KernelError::new("row_sums needs out of place")),
         })
+        .kernel_any_dtype::<()>(
+            "any_pid",
+            |_| Ok(()),
+            |_, a| {
+                // Each i64 element becomes the worker's pid (a kernel for any dtype that keeps
+                // the dtype and the shape).
+                let n = a.shape.bytes(a.dtype) as usize;
+                let out = match a.io {
+                    mk1::task::AnyIo::InPlace(b) => b,
+                    mk1::task::AnyIo::OutOfPlace { output, .. } => output,
+                };
+                let pid = (i64::from(std::process::id())).to_ne_bytes();
+                for o in out[..n].chunks_exact_mut(8) {
+                    o.copy_from_slice(&pid);
+                }
+                Ok(mk1::task::Output {
+                    dtype: a.dtype,
+                    shape: a.shape,
+                })
+            },
+        )
         .kernel_any_dtype::<u32>(
             "any_widen",
             |info| Ok(info.worker),
@@ -1143,6 +1164,84 @@ fn a_map_spreads_slow_arrays_over_the_workers() {
             "input {k}"
         );
     }
+}
+
+/// The longest run of equal neighbours in `pids` (a map's results, in input order, each the pid
+/// of the worker that ran it). Arrays packed in one slot run on one worker; with random
+/// dispatch over four workers, arrays sent one per slot make a run of 16 about once in 4^15.
+fn longest_run(pids: &[i64]) -> usize {
+    pids.chunk_by(|a, b| a == b)
+        .map(<[i64]>::len)
+        .max()
+        .unwrap_or(0)
+}
+
+/// A map of a cheap kernel packs once its pace is known: for a kernel of one dtype and one
+/// for any dtype (whose slots come back with answers in their descriptors: such a map never
+/// learnt its pace, and sent one array per slot throughout), and while another handle keeps
+/// every worker busy with slow tasks, whose time is in the gaps the map measures.
+fn a_map_of_a_cheap_kernel_packs_once_timed() {
+    let pool = Pool::builder()
+        .workers(4)
+        .producers(2)
+        .dispatch(mk1::DispatchKind::Random)
+        .kernels(kernels())
+        .build()
+        .unwrap();
+    let inputs = vec![vec![0i64; 2]; 20_000];
+    let run = |producer: &mut mk1::Producer<'_>, task: &Task| -> usize {
+        let pids: Vec<i64> = producer
+            .map(task, &inputs)
+            .unwrap()
+            .map(|r| r.unwrap().as_slice()[0])
+            .collect();
+        assert_eq!(pids.len(), inputs.len());
+        longest_run(&pids)
+    };
+    let mut producer = pool.producer().unwrap();
+    for kernel in ["sleep_ms_then_pid", "any_pid"] {
+        let run = run(&mut producer, &Task::kernel(kernel));
+        assert!(
+            run >= 16,
+            "{kernel}: the longest run of arrays on one worker is {run}"
+        );
+    }
+    let busy = std::sync::atomic::AtomicBool::new(true);
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            // The other handle: tasks of 2 ms, 16 in flight (four per worker: every worker
+            // always has some), until the map below is done.
+            let other = pool.producer().unwrap();
+            let slow = Task::kernel("sleep_ms_then_pid");
+            let mut out = 0;
+            while busy.load(std::sync::atomic::Ordering::Relaxed) || out > 0 {
+                while out < 16 && busy.load(std::sync::atomic::Ordering::Relaxed) {
+                    let mut loan = other.loan::<i64>(Shape::d1(2)).unwrap();
+                    loan.copy_from_slice(&[2, 0]);
+                    other.submit(loan, &slow).unwrap();
+                    out += 1;
+                }
+                if out > 0 {
+                    drop(other.recv().unwrap());
+                    out -= 1;
+                }
+            }
+        });
+        // (Ends the other handle's loop whatever happens here, a failed assertion included.)
+        struct Done<'a>(&'a std::sync::atomic::AtomicBool);
+        impl Drop for Done<'_> {
+            fn drop(&mut self) {
+                self.0.store(false, std::sync::atomic::Ordering::Relaxed);
+            }
+        }
+        let _done = Done(&busy);
+        std::thread::sleep(Duration::from_millis(50));
+        let longest = run(&mut producer, &Task::kernel("sleep_ms_then_pid"));
+        assert!(
+            longest >= 16,
+            "beside a busy handle: the longest run is {longest}"
+        );
+    });
 }
 
 /// In a packed batch each failed array gets its own error (message and panic flag), not its
@@ -3212,6 +3311,10 @@ fn main() {
         (
             "a_map_with_no_slot_gives_each_input_its_error",
             a_map_with_no_slot_gives_each_input_its_error,
+        ),
+        (
+            "a_map_of_a_cheap_kernel_packs_once_timed",
+            a_map_of_a_cheap_kernel_packs_once_timed,
         ),
         (
             "a_map_spreads_slow_arrays_over_the_workers",

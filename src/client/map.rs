@@ -471,14 +471,17 @@ where
     }
 
     /// Learns the pace per array from a slot of `count` arrays back after `service` ticks
-    /// (0: unknown).
-    fn learn(&mut self, service: u64, count: usize) {
+    /// (0: unknown). A `shared` time (another handle's tasks ran on that worker meanwhile) is
+    /// an upper bound: it can only lower the pace (or set a first one), so that other work does
+    /// not make this map's look slow for good, while a kernel that is slow stays known as slow.
+    fn learn(&mut self, service: u64, count: usize, shared: bool) {
         if service == 0 || count == 0 {
             return;
         }
         let each = (service / count as u64).max(1);
         self.per_array = match self.per_array {
             0 => each,
+            t if shared => t.min(each),
             t => (3 * t + each) / 4,
         };
     }
@@ -495,9 +498,11 @@ where
             let r = c.ready.remove(i).expect("in range");
             self.out -= 1;
             c.map_out -= 1;
-            if matches!(r.outcome, Outcome::Ok) {
+            // (Failed arrays took the worker's time as well; a slot that came back unanswered,
+            // after a death, did not run as sent.)
+            if r.outcome.answered() {
                 let count = c.records[r.token.slot() as usize].desc.count as usize;
-                self.learn(r.service, count);
+                self.learn(r.service, count, r.shared);
             }
             // The slot holding the next result, all of it as asked (the common case): its
             // results are copied out one at a time as the caller takes them, not parked.

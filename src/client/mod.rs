@@ -341,6 +341,11 @@ impl PoolBuilder {
     /// array is spread over the workers. Longer makes fewer, fuller slots (less per-slot
     /// cost); `Duration::MAX` packs by bytes alone from the first array (the pace is not
     /// used), right when every kernel mapped is known to be cheap; zero, one array per slot.
+    ///
+    /// The pace is the time between a worker's returns to the handle (or from the send, when
+    /// the worker was idle), so a caller slow to take results makes it look slower (smaller
+    /// packs). While other handles have tasks at the same worker that gap holds their work
+    /// too, and only ever lowers the pace.
     pub fn pack_time(mut self, time: Duration) -> Self {
         self.pack_time = time;
         self

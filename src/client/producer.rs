@@ -329,11 +329,13 @@ pub(crate) struct Ready {
     pub(crate) worker: Option<u32>,
     /// Nanoseconds from its (last) dispatch to a worker until it was back.
     pub(crate) latency_ns: u64,
-    /// Ticks its worker spent on it, as far as this handle can tell (0: unknown): the time
-    /// from the worker's previous return to us, or from the send that found it holding none of
-    /// ours, to this return, shared among the tasks that came back together. Late by however
-    /// long the handle took to look, so an upper bound while the caller is busy elsewhere.
+    /// Ticks its worker spent on it, as far as this handle can tell (0: unknown, for tasks
+    /// collected after the worker's death): see [`Core::time_returns`]. Late by however long
+    /// the handle took to look, so an upper bound while the caller is busy elsewhere.
     pub(crate) service: clock::Ticks,
+    /// Another handle had tasks at the same worker meanwhile: [`Ready::service`] holds their
+    /// time too, and is only an upper bound.
+    pub(crate) shared: bool,
 }
 
 /// The state behind a handle.
@@ -861,6 +863,7 @@ impl<'s> Core<'s> {
             worker,
             latency_ns,
             service: 0,
+            shared: false,
         });
     }
 
@@ -907,16 +910,37 @@ impl<'s> Core<'s> {
         if let Some(now) = now {
             self.policy.returned(w, got, now);
             self.note_back(w, got);
-            // (Each of the tasks that came back together gets an equal share of the time.)
-            let share = now.saturating_sub(self.busy_since[w]) / got;
-            for r in self.ready.range_mut(first..) {
-                if r.worker == Some(w as u32) {
-                    r.service = share;
-                }
+            if !after_death {
+                self.time_returns(w, first, now);
             }
             self.busy_since[w] = now;
         }
         got > 0
+    }
+
+    /// Sets [`Ready::service`] of the tasks worker `w` just returned (those in `ready` from
+    /// `first` on): the time since it was last busy for us, from its previous return or from
+    /// the send of the first of them, whichever is later, shared among them by their arrays;
+    /// and [`Ready::shared`] when another handle has tasks at `w` (its time is in the gap
+    /// too).
+    fn time_returns(&mut self, w: usize, first: usize, now: clock::Ticks) {
+        let p = self.p as usize;
+        let shared = self.sh.ctl.flow.iter().enumerate().any(|(q, f)| {
+            q != p && f[w].sent.load(Ordering::Relaxed) > f[w].back.load(Ordering::Relaxed)
+        });
+        let (ready, slots, records) = (&mut self.ready, &self.slots, &self.records);
+        let worker = Some(w as u32);
+        let arrays = |r: &Ready| u64::from(records[r.token.slot() as usize].desc.count.max(1));
+        let (mut sent, mut total) = (now, 0);
+        for r in ready.range(first..).filter(|r| r.worker == worker) {
+            sent = sent.min(slots.record(&r.token).sent_at);
+            total += arrays(r);
+        }
+        let elapsed = now.saturating_sub(self.busy_since[w].max(sent));
+        for r in ready.range_mut(first..).filter(|r| r.worker == worker) {
+            r.service = elapsed * arrays(r) / total.max(1);
+            r.shared = shared;
+        }
     }
 
     /// Worker `w` died: keep what it finished; fail, retry or time out the rest; reset rings.
@@ -1745,6 +1769,7 @@ impl<'pool> Producer<'pool> {
             worker,
             latency_ns,
             service: _,
+            shared: _,
         } = r;
         // (`Ok`, the common case, owns nothing: no drop glue to call for it.)
         if plain {
