@@ -342,10 +342,10 @@ impl PoolBuilder {
     /// cost); `Duration::MAX` packs by bytes alone from the first array (the pace is not
     /// used), right when every kernel mapped is known to be cheap; zero, one array per slot.
     ///
-    /// The pace is the time between a worker's returns to the handle (or from the send, when
-    /// the worker was idle), so a caller slow to take results makes it look slower (smaller
-    /// packs). While other handles have tasks at the same worker that gap holds their work
-    /// too, and only ever lowers the pace.
+    /// A slot's time is measured by the handle, from its worker's previous return (or from
+    /// the slot's send, when that is later) to its return, so a caller slow to take results
+    /// makes it look longer (smaller packs). While other handles have tasks at the same
+    /// worker, their work is in that time too: it then only ever lowers the pace.
     pub fn pack_time(mut self, time: Duration) -> Self {
         self.pack_time = time;
         self
