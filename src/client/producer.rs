@@ -329,8 +329,9 @@ pub(crate) struct Ready {
     pub(crate) worker: Option<u32>,
     /// Nanoseconds from its (last) dispatch to a worker until it was back.
     pub(crate) latency_ns: u64,
-    /// Ticks its worker spent on it, as far as this handle can tell (0: unknown, for tasks
-    /// collected after the worker's death): see [`Core::time_returns`]. Late by however long
+    /// Ticks its worker spent on it, as far as this handle can tell (0: unknown: for tasks
+    /// collected after the worker's death, and when no map's task came back with it): see
+    /// [`Core::time_returns`]. Late by however long
     /// the handle took to look, so an upper bound while the caller is busy elsewhere.
     pub(crate) service: clock::Ticks,
     /// Another handle had tasks at the same worker meanwhile: [`Ready::service`] holds their
@@ -871,6 +872,8 @@ impl<'s> Core<'s> {
     fn collect(&mut self, w: usize, after_death: bool) -> bool {
         let mut got = 0;
         let first = self.ready.len();
+        // (Only maps use the tasks' times: other returns are not timed.)
+        let mut mapped = false;
         // One clock read for what one call pops (it came back within a few ring pops).
         let mut now = None;
         for _ in 0..self.slots.len() {
@@ -879,6 +882,7 @@ impl<'s> Core<'s> {
                     Ok(token) => {
                         got += 1;
                         let rec = &self.records[token.slot() as usize];
+                        mapped |= rec.map != 0;
                         // A plain success says so in the word; a kernel that decides its
                         // outputs always answers in the descriptor.
                         let outcome = if word & DONE_OK != 0 && !rec.any {
@@ -910,7 +914,7 @@ impl<'s> Core<'s> {
         if let Some(now) = now {
             self.policy.returned(w, got, now);
             self.note_back(w, got);
-            if !after_death {
+            if mapped && !after_death {
                 self.time_returns(w, first, now);
             }
             self.busy_since[w] = now;
