@@ -1188,6 +1188,9 @@ impl<'s> Core<'s> {
             progress |= self.send_waiting();
         }
         if let Some(why) = self.broken() {
+            // Deaths the monitor published before the pool broke are followed first (seen
+            // since `follow_monitor` above looked, they would otherwise pass for no workers).
+            self.follow_monitor();
             // Nobody is left to do the remaining work: fail it, never drop it silently. A task
             // waiting to be redone after its worker died fails as that death.
             for t in std::mem::take(&mut self.redo) {
