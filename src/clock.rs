@@ -64,6 +64,12 @@ pub fn ns_per_tick() -> f64 {
     })
 }
 
+/// Ticks in `d` (saturating: `Duration::MAX` is `u64::MAX` ticks).
+#[inline]
+pub fn ticks_in(d: Duration) -> Ticks {
+    (d.as_nanos() as f64 / ns_per_tick()) as Ticks
+}
+
 /// `later - earlier` in nanoseconds (0 if the clock seemed to go backwards).
 #[inline]
 pub fn nanos_between(earlier: Ticks, later: Ticks) -> u64 {

@@ -161,14 +161,13 @@ impl Policy {
 /// The policy for `kind` over `workers` workers, seeded with `seed` where it is random;
 /// `ahead` is [`LeastLoaded`]'s limit (`None`: none).
 pub fn policy(kind: DispatchKind, seed: u64, workers: usize, ahead: Option<Duration>) -> Policy {
-    let ticks = |d: Duration| (d.as_nanos() as f64 / clock::ns_per_tick()) as u64;
     match kind {
         DispatchKind::Random => Policy::Random(Random(SmallRng::seed_from_u64(seed))),
         DispatchKind::RoundRobin => Policy::RoundRobin(RoundRobin(0)),
         DispatchKind::LeastLoaded => Policy::LeastLoaded(LeastLoaded {
             next: 0,
-            ahead: ahead.map(ticks),
-            slack: ticks(SLACK),
+            ahead: ahead.map(clock::ticks_in),
+            slack: clock::ticks_in(SLACK),
             pace: vec![Pace::default(); workers],
         }),
     }

@@ -198,10 +198,8 @@ impl<'pool> Producer<'pool> {
             )));
         }
         let window = (c.slots.len() * PACK_MAX) as u64;
-        let pack_ticks = match c.sh.pack_time {
-            std::time::Duration::MAX => u64::MAX,
-            t => (t.as_nanos() as f64 / crate::clock::ns_per_tick()).max(1.0) as u64,
-        };
+        // (`Duration::MAX` saturates to `u64::MAX` ticks: no cap.)
+        let pack_ticks = crate::clock::ticks_in(c.sh.pack_time).max(1);
         // Slots are of the smallest class that holds a pack, unless an array needs more.
         let classes = c.sh.seg.layout().classes();
         let largest = classes.len() - 1;
@@ -212,10 +210,7 @@ impl<'pool> Producer<'pool> {
         let first_class = if c.sh.pack_bytes == 0 {
             largest
         } else {
-            classes
-                .iter()
-                .position(|k| usable(context_len, k.slot_bytes) >= pack.div_ceil(2).max(1))
-                .unwrap_or(largest)
+            class_holding(classes, context_len, pack.div_ceil(2).max(1))
         };
         // One map at a time holds the handle: any map's slot already back belongs to one that
         // was forgotten (`mem::forget`) and goes home now; those still out, when they return.
@@ -312,14 +307,7 @@ where
         // The smallest slot that holds a pack (or the pending array), or a larger one.
         let class = match self.need {
             0 => self.first_class,
-            need => {
-                let classes = c.sh.seg.layout().classes();
-                let len = context.len() as u64;
-                classes
-                    .iter()
-                    .position(|k| usable(len, k.slot_bytes) >= need)
-                    .unwrap_or(classes.len() - 1)
-            }
+            need => class_holding(c.sh.seg.layout().classes(), context.len() as u64, need),
         };
         let Some(mut token) = c.slots.take_any(class) else {
             return false;
@@ -696,8 +684,8 @@ where
                 // largest one, for an array too large for the pack slots, or when the pool has
                 // none): the caller's own loans, completions and tasks hold them (the map
                 // receives none of those, and they cannot be freed while the map holds the
-                // handle), so waiting could never end. The next input fails, saying so, and so does each after it:
-                // every input has its result.
+                // handle), so waiting could never end. The next input fails, saying so, and
+                // so does each after it: every input has its result.
                 c.pump(); // (tasks done by now count as completions)
                 let Some(item) = self.pending.take().or_else(|| self.inputs.next()) else {
                     self.exhausted = true;
@@ -733,6 +721,15 @@ fn usable(context_len: u64, slot_bytes: u64) -> u64 {
     } else {
         TaskDesc::context_offset_for(context_len, slot_bytes).unwrap_or(0)
     }
+}
+
+/// The smallest of `classes` whose slots hold `bytes` of arrays besides `context_len` bytes
+/// of context, or the largest.
+fn class_holding(classes: &[crate::layout::SlotClass], context_len: u64, bytes: u64) -> usize {
+    classes
+        .iter()
+        .position(|k| usable(context_len, k.slot_bytes) >= bytes)
+        .unwrap_or(classes.len() - 1)
 }
 
 /// The output of the array `item` describes, of `T` and `shape`, copied out of its slot's

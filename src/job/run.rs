@@ -178,9 +178,7 @@ pub fn run(cfg: &Config, hooks: &Hooks<'_>) -> Result<Report, RunError> {
     let panics: Vec<AtomicBool> = (0..producers).map(|_| AtomicBool::new(false)).collect();
     let start = Instant::now();
     let deadline = match cfg.stop {
-        Stop::After(d) => {
-            Some(clock::now().saturating_add((d.as_nanos() as f64 / clock::ns_per_tick()) as u64))
-        }
+        Stop::After(d) => Some(clock::now().saturating_add(clock::ticks_in(d))),
         Stop::Count(_) => None,
     };
     let chaos_thread = std::env::var("MK1_CHAOS_THREAD")
