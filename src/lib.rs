@@ -89,7 +89,7 @@ pub use array::{Array, AsArray, Shape};
 pub use client::{
     Completion, Interrupter, Loan, LoanError, Map, MapUnordered, Mode, OutputView, PackedLoan,
     Pool, PoolBuilder, PoolError, Producer, Rejected, RejectedPacked, Shutdown, SubmitError, Task,
-    TaskError, Ticket,
+    TaskError, Ticket, ViewOutcome,
 };
 #[cfg(not(loom))]
 pub use config::{Batch, Config, ConfigError, DispatchKind, Pin, Stop, Wait};

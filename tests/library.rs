@@ -2429,8 +2429,91 @@ fn map_results_stay_with_their_inputs_around_failures() {
             check(k, r);
         }
         assert!(seen.iter().all(|&s| s), "{mode:?}: every input once");
+        // The same results lent in place (`next_view`), mixed with copies out (`next`).
+        let mut map = producer.map(&task, (0..n).map(input)).unwrap();
+        let mut k = 0;
+        loop {
+            if k % 3 == 0 {
+                let Some(r) = map.next() else { break };
+                check(k, r);
+            } else {
+                let Some(r) = map.next_view() else { break };
+                check(k, r.map(|v| v.to_array()));
+            }
+            k += 1;
+        }
+        drop(map);
+        assert_eq!(k, n, "{mode:?}: one view per input");
+        let mut seen = vec![false; n];
+        let mut map = producer.map_unordered(&task, (0..n).map(input)).unwrap();
+        while let Some((k, r)) = map.next_view() {
+            assert!(
+                !std::mem::replace(&mut seen[k], true),
+                "{mode:?}: {k} twice"
+            );
+            check(k, r.map(|v| v.to_array()));
+        }
+        drop(map);
+        assert!(seen.iter().all(|&s| s), "{mode:?}: every input once, lent");
         assert_eq!(producer.in_flight(), 0);
     }
+}
+
+/// `next_view` lends each result where it lies, in the order `next` gives, as well for arrays
+/// in pack slots as for large ones in their own slots; a map dropped mid-slot after a view
+/// sends every slot home.
+fn a_map_lends_its_results_in_place() {
+    let pool = Pool::builder()
+        .workers(2)
+        .slots_per_producer(2)
+        .kernels(kernels())
+        .build()
+        .unwrap();
+    let mut producer = pool.producer().unwrap();
+    // 20 000 elements of f32 are 80 000 bytes: more than a pack slot's 64 KiB.
+    let size = |k: usize| if k % 11 == 5 { 20_000 } else { k % 37 + 1 };
+    let inputs: Vec<Vec<f32>> = (0..3000).map(|k| vec![k as f32; size(k)]).collect();
+    let task = Task::op("affine:2,1").unwrap();
+    let copied: Vec<Array<f32>> = producer
+        .map(&task, &inputs)
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    let mut map = producer.map(&task, &inputs).unwrap();
+    let mut k = 0;
+    while let Some(r) = map.next_view() {
+        let view = r.unwrap_or_else(|e| panic!("input {k}: {e}"));
+        assert_eq!(view.shape(), Shape::d1(size(k) as u32), "input {k}");
+        assert_eq!(view.as_slice(), copied[k].as_slice(), "input {k}");
+        assert!(
+            view.as_slice().iter().all(|&x| x == 2.0 * k as f32 + 1.0),
+            "input {k}"
+        );
+        k += 1;
+    }
+    drop(map);
+    assert_eq!(k, inputs.len());
+    assert_every_slot_free(&producer, "after a map read in place");
+    // Dropped after a few views: in the middle of a packed slot, and on a large array.
+    for stop in [3, 5, 6, 100] {
+        let mut map = producer.map(&task, &inputs).unwrap();
+        for k in 0..stop {
+            let view = map.next_view().unwrap().unwrap();
+            assert_eq!(view.as_slice()[0], 2.0 * k as f32 + 1.0);
+        }
+        drop(map);
+        assert_every_slot_free(&producer, &format!("after a map dropped at view {stop}"));
+    }
+    // Unordered, with indices.
+    let mut seen = vec![false; inputs.len()];
+    let mut map = producer.map_unordered(&task, &inputs).unwrap();
+    while let Some((k, r)) = map.next_view() {
+        assert!(!std::mem::replace(&mut seen[k], true), "input {k} twice");
+        assert_eq!(r.unwrap().as_slice(), copied[k].as_slice(), "input {k}");
+    }
+    drop(map);
+    assert!(seen.iter().all(|&s| s));
+    assert_every_slot_free(&producer, "after an unordered map read in place");
 }
 
 /// A loan belongs to the handle that made it.
@@ -2545,16 +2628,9 @@ fn map_under_kills(mode: Mode, keep_copies: bool) {
                     .collect();
                 Array::new(data, shape).unwrap()
             });
-            let mut n = 0u32;
-            for (i, r) in producer
-                .map(&Task::kernel("x3p1"), inputs)
-                .unwrap()
-                .enumerate()
-            {
-                let out = r.unwrap_or_else(|e| panic!("array {i} of round {round}: {e}"));
-                let i = i as u32;
-                assert_eq!(out.shape(), Shape::d2(i % 9 + 1, i % 13 + 1));
-                for (x, &y) in out.as_slice().iter().enumerate() {
+            let check = |i: u32, out: &[i32], shape: Shape| {
+                assert_eq!(shape, Shape::d2(i % 9 + 1, i % 13 + 1));
+                for (x, &y) in out.iter().enumerate() {
                     let v = (x as i32) ^ (i + round) as i32;
                     assert_eq!(
                         y,
@@ -2562,8 +2638,24 @@ fn map_under_kills(mode: Mode, keep_copies: bool) {
                         "array {i} of round {round}"
                     );
                 }
+            };
+            let mut n = 0u32;
+            let mut map = producer.map(&Task::kernel("x3p1"), inputs).unwrap();
+            // Odd rounds read each result in place (`next_view`), even ones copy it out.
+            loop {
+                let why = |e: TaskError| -> ! { panic!("array {n} of round {round}: {e}") };
+                if round.is_multiple_of(2) {
+                    let Some(r) = map.next() else { break };
+                    let out = r.unwrap_or_else(|e| why(e));
+                    check(n, out.as_slice(), out.shape());
+                } else {
+                    let Some(r) = map.next_view() else { break };
+                    let out = r.unwrap_or_else(|e| why(e));
+                    check(n, out.as_slice(), out.shape());
+                }
                 n += 1;
             }
+            drop(map);
             assert_eq!(n, 20_000, "round {round}: every array came back");
             round += 1;
         }
@@ -3323,6 +3415,10 @@ fn main() {
         (
             "a_map_packs_in_its_own_slots_and_large_arrays_go_to_large_ones",
             a_map_packs_in_its_own_slots_and_large_arrays_go_to_large_ones,
+        ),
+        (
+            "a_map_lends_its_results_in_place",
+            a_map_lends_its_results_in_place,
         ),
         (
             "a_timeout_after_wind_down_says_its_limit",

@@ -10,6 +10,8 @@
 //!   `par_iter_mut` on every CPU the pool side uses, then check the batch.
 //! - `packing`: `map` over many small f32 arrays (up to 16x16), packed against one per slot,
 //!   and both against the bound the caller's own work sets (its copies and checks, alone);
+//!   the same with each result read in place ([`crate::Map::next_view`]) rather than copied
+//!   out;
 //!   then packed in a pool without pack slots ([`crate::PoolBuilder::pack_slots`]`(0)`: maps
 //!   pack in its largest slots, 4 per worker) against one per slot and against packed with
 //!   them.
@@ -361,15 +363,38 @@ fn small_arrays(n: u64) -> Vec<Array<f32>> {
         .collect()
 }
 
+/// How the map's caller takes each result.
+#[derive(Clone, Copy, PartialEq)]
+enum Take {
+    /// As an [`Array`] of its own (the map's `Iterator::next`: copied out of the slot).
+    Copied,
+    /// Read in place in the slot ([`crate::Map::next_view`]).
+    InPlace,
+}
+
 /// `map` over `inputs` (made beforehand: only the map is timed); arrays per second, every
-/// result checked as it arrives.
-fn map_small(producer: &mut Producer<'_>, inputs: &[Array<f32>]) -> Result<f64, String> {
+/// result checked as it arrives, taken as `take` says.
+fn map_small(
+    producer: &mut Producer<'_>,
+    inputs: &[Array<f32>],
+    take: Take,
+) -> Result<f64, String> {
     let task = Task::op("affine:3,1").expect("valid");
     let start = Instant::now();
     let mut k = 0u64;
-    for r in producer.map(&task, inputs).map_err(|e| e.to_string())? {
-        let a = r.map_err(|e| e.to_string())?;
-        if !check_f32(a.as_slice(), k) {
+    let mut map = producer.map(&task, inputs).map_err(|e| e.to_string())?;
+    loop {
+        let ok = match take {
+            Take::Copied => match map.next() {
+                None => break,
+                Some(r) => check_f32(r.map_err(|e| e.to_string())?.as_slice(), k),
+            },
+            Take::InPlace => match map.next_view() {
+                None => break,
+                Some(r) => check_f32(r.map_err(|e| e.to_string())?.as_slice(), k),
+            },
+        };
+        if !ok {
             return Err(format!("mapped array {k} came back wrong"));
         }
         k += 1;
@@ -380,10 +405,11 @@ fn map_small(producer: &mut Producer<'_>, inputs: &[Array<f32>]) -> Result<f64, 
 /// The bound that the caller's own work sets on [`map_small`] over `inputs`, measured with no
 /// pool at all: one thread does, per array, what the map's caller does: copies it into a
 /// buffer of `pack_bytes` as `map` packs a slot (each array at a cache line, at most
-/// [`MAX_ITEMS`](crate::layout::MAX_ITEMS) to a slot), then copies it out into an array of
-/// its own and checks every element. (It checks the values it copied in, with a check of the
-/// same cost: in a pool the workers apply `x*3+1` on other CPUs.) Arrays per second.
-fn caller_share_small(inputs: &[Array<f32>], pack_bytes: u64) -> Result<f64, String> {
+/// [`MAX_ITEMS`](crate::layout::MAX_ITEMS) to a slot), then (for [`Take::Copied`]) copies it
+/// out into an array of its own, and checks every element. (It checks the values it copied
+/// in, with a check of the same cost: in a pool the workers apply `x*3+1` on other CPUs.)
+/// Arrays per second.
+fn caller_share_small(inputs: &[Array<f32>], pack_bytes: u64, take: Take) -> Result<f64, String> {
     // (Passed through `black_box`: the check must stay a multiply and an add, as in `check_f32`.)
     let (a, b) = (std::hint::black_box(1.0f32), std::hint::black_box(0.0f32));
     let line = 64 / std::mem::size_of::<f32>();
@@ -408,8 +434,15 @@ fn caller_share_small(inputs: &[Array<f32>], pack_bytes: u64) -> Result<f64, Str
         }
         for &(at, shape) in &packed {
             let n = shape.elements() as usize;
-            let out = Array::from_trusted(crate::array::copied_vec(&slot[at..at + n]), shape);
-            if !check_affine_f32(out.as_slice(), seq, a, b) {
+            let ok = match take {
+                Take::Copied => {
+                    let out =
+                        Array::from_trusted(crate::array::copied_vec(&slot[at..at + n]), shape);
+                    check_affine_f32(out.as_slice(), seq, a, b)
+                }
+                Take::InPlace => check_affine_f32(&slot[at..at + n], seq, a, b),
+            };
+            if !ok {
                 return Err(format!("array {seq} was copied wrong"));
             }
             seq += 1;
@@ -700,10 +733,12 @@ pub fn measure(b: &LibraryBench) -> Result<LibraryReport, String> {
             );
         }
         let mut pp = out_place.producer().map_err(|e| e.to_string())?;
-        let packed = map_small(&mut pp, &small)?;
+        let packed = map_small(&mut pp, &small, Take::Copied)?;
+        let packed_view = map_small(&mut pp, &small, Take::InPlace)?;
         drop(pp);
         let mut pu = unpacked.producer().map_err(|e| e.to_string())?;
-        let plain = map_small(&mut pu, &small)?;
+        let plain = map_small(&mut pu, &small, Take::Copied)?;
+        let plain_view = map_small(&mut pu, &small, Take::InPlace)?;
         drop(pu);
         add(
             "map over small f32 arrays: packed / one per slot",
@@ -711,7 +746,7 @@ pub fn measure(b: &LibraryBench) -> Result<LibraryReport, String> {
             plain,
         );
         // The most packing could give here: the caller's own copies and checks, alone.
-        let alone = caller_share_small(&small, 64 << 10)?;
+        let alone = caller_share_small(&small, 64 << 10, Take::Copied)?;
         add(
             "map over small f32 arrays: the caller's share alone, no pool / one per slot",
             alone,
@@ -722,9 +757,30 @@ pub fn measure(b: &LibraryBench) -> Result<LibraryReport, String> {
             packed,
             alone,
         );
+        // The same, each result read in place (`next_view`) rather than copied out.
+        add(
+            "map over small f32 arrays, read in place: packed / one per slot",
+            packed_view,
+            plain_view,
+        );
+        let alone_view = caller_share_small(&small, 64 << 10, Take::InPlace)?;
+        add(
+            "map over small f32 arrays, read in place: the caller's share alone, no pool / one per slot",
+            alone_view,
+            plain_view,
+        );
+        add(
+            "map over small f32 arrays, packed: read in place / copied out",
+            packed_view,
+            packed,
+        );
         // (Started here and stopped after, so that its workers take no part in the rest.)
         let pool = no_pack_slots()?;
-        let packed_largest = map_small(&mut pool.producer().map_err(|e| e.to_string())?, &small)?;
+        let packed_largest = map_small(
+            &mut pool.producer().map_err(|e| e.to_string())?,
+            &small,
+            Take::Copied,
+        )?;
         drop(pool);
         add(
             "map over small f32 arrays: packed in the largest slots (no pack slots) / one per slot",

@@ -1,9 +1,10 @@
 //! `map` over an iterator of arrays: bounded work in flight, results in input order (or in
 //! completion order), small arrays packed many to a slot.
 //!
-//! Each result is copied out of shared memory into an [`Array`]: the results of the slot that
-//! holds the next ones, when every array in it succeeded (the common case), one at a time as
-//! the caller takes them, the slot going home after its last; the results of any other slot
+//! Each result is copied out of shared memory into an [`Array`] (or, through
+//! [`Map::next_view`], lent as a view): the results of the slot that holds the next ones, when
+//! every array in it succeeded (the common case), one at a time as the caller takes them
+//! (a view read in place), the slot going home once the map moves past its last; the results of any other slot
 //! (out of turn, or with failures) when the map next collects, that slot going home at once.
 //! While the caller takes one slot's results, the map neither sends inputs nor collects other
 //! slots (those already sent run meanwhile). So a caller that collects every result never
@@ -20,7 +21,7 @@ use std::collections::VecDeque;
 use std::ops::DerefMut;
 
 use super::producer::{packed_offset, Core, Outcome, Producer, TaskError, Until, PACK_MAX};
-use super::{SubmitError, Task};
+use super::{OutputView, SubmitError, Task};
 use crate::array::{as_bytes, cast, copied_vec, copy_elements, Array, AsArray, Shape};
 use crate::dtype::Element;
 use crate::layout::{ItemDesc, TaskDesc};
@@ -96,6 +97,9 @@ where
     per_array: u64,
     /// [`super::PoolBuilder::pack_time`] in ticks; `u64::MAX`: no cap.
     pack_ticks: u64,
+    /// The result [`Map::next_view`] last lent out of the heap (a failed slot's, or one out of
+    /// turn).
+    viewed: Option<Array<<I::Item as AsArray>::Elem>>,
 }
 
 /// [`super::PoolBuilder::pack_time`] unless set: long enough that the costs of a slot (ring
@@ -246,6 +250,7 @@ impl<'pool> Producer<'pool> {
             max_usable,
             per_array: 0,
             pack_ticks,
+            viewed: None,
         })
     }
 }
@@ -607,6 +612,17 @@ where
     }
 }
 
+impl<I: Iterator> MapUnordered<'_, '_, I>
+where
+    I::Item: AsArray,
+{
+    /// The next `(index, result)`, read in place in shared memory: a lending alternative to
+    /// [`Iterator::next`], as [`Map::next_view`].
+    pub fn next_view(&mut self) -> Option<(usize, ViewOutcome<'_, I>)> {
+        self.0.next_view_indexed().map(|(i, r)| (i as usize, r))
+    }
+}
+
 impl<I: Iterator> Iterator for Map<'_, '_, I>
 where
     I::Item: AsArray,
@@ -622,53 +638,134 @@ impl<I: Iterator> Map<'_, '_, I>
 where
     I::Item: AsArray,
 {
+    /// The next result, read in place in shared memory: a lending alternative to
+    /// [`Iterator::next`] that yields the same results in the same order, without copying
+    /// each out into an [`Array`] of its own (while every array of a slot succeeds, which is
+    /// the common case; any other result is copied out as usual and viewed where it is).
+    ///
+    /// The view borrows the map, so it is gone before the next call: a caller cannot hold
+    /// results this way, and the slot a view reads goes home when the map moves past its last
+    /// array. Use [`OutputView::to_array`] to keep one.
+    ///
+    /// ```no_run
+    /// # fn demo(producer: &mut mk1::Producer<'_>, inputs: Vec<Vec<f32>>) {
+    /// let task = mk1::Task::op("affine:3,1").unwrap();
+    /// let mut map = producer.map(&task, &inputs).unwrap();
+    /// let mut sum = 0.0f32;
+    /// while let Some(result) = map.next_view() {
+    ///     sum += result.unwrap().as_slice().iter().sum::<f32>();
+    /// }
+    /// # let _ = sum; }
+    /// ```
+    ///
+    /// A view cannot be kept past the next call:
+    ///
+    /// ```compile_fail,E0499
+    /// # fn demo(producer: &mut mk1::Producer<'_>, inputs: Vec<Vec<f32>>) {
+    /// let task = mk1::Task::op("neg").unwrap();
+    /// let mut map = producer.map(&task, &inputs).unwrap();
+    /// let first = map.next_view().unwrap().unwrap();
+    /// let second = map.next_view(); // `first` still borrows the map
+    /// drop(first);
+    /// # }
+    /// ```
+    pub fn next_view(&mut self) -> Option<ViewOutcome<'_, I>> {
+        self.next_view_indexed().map(|(_, r)| r)
+    }
+
     /// The next result with its input's index.
     fn next_indexed(&mut self) -> Option<(u64, Outcome1<I>)> {
         let producer = self.producer;
         let mut c = producer.core();
+        let (seq, next) = self.advance(&mut c)?;
+        Some(match next {
+            Next::Owned(r) => (seq, r),
+            Next::Drained(k) => {
+                type E<I> = <<I as Iterator>::Item as AsArray>::Elem;
+                let token = c.map_drain.as_ref().expect("a drain holds its slot");
+                let item = &c.records[token.slot() as usize].desc.items[k];
+                let shape = Shape::from_raw(item.ndim, item.shape).expect("ours");
+                let out = copy_result::<E<I>>(c.sh.seg.result_bytes(token), item, shape);
+                (seq, Ok(out))
+            }
+        })
+    }
+
+    /// [`Map::next_view`] with its input's index.
+    fn next_view_indexed(&mut self) -> Option<(u64, ViewOutcome<'_, I>)> {
+        type E<I> = <<I as Iterator>::Item as AsArray>::Elem;
+        let producer = self.producer;
+        let mut c = producer.core();
+        let (seq, next) = self.advance(&mut c)?;
+        let k = match next {
+            Next::Owned(Err(e)) => return Some((seq, Err(e))),
+            Next::Owned(Ok(a)) => {
+                let a = self.viewed.insert(a);
+                return Some((seq, Ok(OutputView::new(a.as_slice(), a.shape()))));
+            }
+            Next::Drained(k) => k,
+        };
+        let token = c.map_drain.as_ref().expect("a drain holds its slot");
+        let item = &c.records[token.slot() as usize].desc.items[k];
+        let shape = Shape::from_raw(item.ndim, item.shape).expect("ours");
+        let (at, n) = (item.offset as usize, shape.bytes(E::<I>::DTYPE) as usize);
+        let (results, len) = c.sh.seg.result_raw(token);
+        assert!(at + n <= len, "an array of this map's own descriptor");
+        // SAFETY: the bytes are inside the slot's results (checked above), which lie in the
+        // segment, mapped for the pool's life ('pool, longer than this map). The slot's token
+        // stays in `Core::map_drain` until this map's next call, or its drop: both take the map
+        // mutably, which the view's borrow rules out; no other map can start meanwhile (this
+        // one holds the handle mutably for its life). Its task came back answered and not
+        // quarantined, so no worker following the protocol writes the slot while it is held,
+        // and nothing in this process does (as for `Segment::result_bytes`).
+        let bytes = unsafe { std::slice::from_raw_parts(results.as_ptr().add(at), n) };
+        drop(c);
+        Some((seq, Ok(OutputView::new(cast::<E<I>>(bytes), shape))))
+    }
+
+    /// Finds the next result: an array of the slot being drained, to be read in place, or one
+    /// already out of shared memory; with its input's index.
+    fn advance(&mut self, c: &mut Core<'_>) -> Option<(u64, Next<Outcome1<I>>)> {
         loop {
             if let Some(d) = &mut self.drain {
                 // (Nothing is parked or finished meanwhile: `harvest` waits for the drain.)
-                let k = d.next;
-                let seq = d.seq + k as u64;
-                d.next += 1;
-                let token = c.map_drain.as_ref().expect("a drain holds its slot");
-                let slot = token.slot() as usize;
-                let out = {
-                    type E<I> = <<I as Iterator>::Item as AsArray>::Elem;
-                    let item = &c.records[slot].desc.items[k];
-                    let shape = Shape::from_raw(item.ndim, item.shape).expect("ours");
-                    copy_result::<E<I>>(c.sh.seg.result_bytes(token), item, shape)
-                };
-                if d.next == d.count {
-                    self.drain = None;
-                    let token = c.map_drain.take().expect("a drain holds its slot");
-                    c.release(token, false);
+                if d.next < d.count {
+                    let k = d.next;
+                    d.next += 1;
+                    self.next_out += 1;
+                    return Some((d.seq + k as u64, Next::Drained(k)));
                 }
-                self.next_out += 1;
-                return Some((seq, Ok(out)));
+                // Its last array went out at the call before (a view of it lived until this
+                // call): the slot goes home.
+                self.drain = None;
+                let token = c.map_drain.take().expect("a drain holds its slot");
+                c.release(token, false);
             }
             if self.ordered {
                 if let Some(Some(_)) = self.parked.front() {
                     let seq = self.next_out;
                     self.next_out += 1;
-                    return self.parked.pop_front().flatten().map(|r| (seq, r));
+                    return self
+                        .parked
+                        .pop_front()
+                        .flatten()
+                        .map(|r| (seq, Next::Owned(r)));
                 }
             } else if let Some((seq, r)) = self.finished.pop_front() {
                 self.next_out += 1;
-                return Some((seq, r));
+                return Some((seq, Next::Owned(r)));
             }
             if self.exhausted && self.pending.is_none() && self.out == 0 {
                 return None;
             }
             let mut sent = false;
-            while !(self.exhausted && self.pending.is_none()) && self.issue(&mut c) {
+            while !(self.exhausted && self.pending.is_none()) && self.issue(c) {
                 sent = true;
             }
             if sent {
                 c.ring_bells();
             }
-            self.harvest(&mut c);
+            self.harvest(c);
             if self.drain.is_some()
                 || matches!(self.parked.front(), Some(Some(_)))
                 || !self.finished.is_empty()
@@ -700,18 +797,29 @@ where
                 self.next_out += 1;
                 return Some((
                     seq,
-                    Err(TaskError::NoSlot(format!(
+                    Next::Owned(Err(TaskError::NoSlot(format!(
                         "input {seq} was not run: the caller holds every slot of this handle \
                          that could take it ({held} completions not yet received or dropped, \
                          {loaned} loans, {in_flight} of its own tasks in flight): receive and \
                          drop them before a map"
-                    ))),
+                    )))),
                 ));
             }
             c.wait_until(Until::Forever, any_mapped);
         }
     }
 }
+
+/// What [`Map`] finds next: array `k` of the slot being drained (its token in
+/// `Core::map_drain`), or a result out of shared memory already.
+enum Next<R> {
+    Drained(usize),
+    Owned(R),
+}
+
+/// One result of [`Map::next_view`]: a view of the output, or that array's error.
+pub type ViewOutcome<'m, I> =
+    Result<OutputView<'m, <<I as Iterator>::Item as AsArray>::Elem>, TaskError>;
 
 /// Bytes of arrays a slot of `slot_bytes` holds with `context_len` bytes of context after
 /// them (0 when the context does not fit).

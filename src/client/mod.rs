@@ -22,7 +22,7 @@ mod map;
 mod packed;
 mod producer;
 
-pub use map::{Map, MapUnordered};
+pub use map::{Map, MapUnordered, ViewOutcome};
 pub use packed::{PackedLoan, RejectedPacked};
 pub use producer::{
     Completion, Interrupter, Loan, LoanError, OutputView, Producer, Rejected, SubmitError,

@@ -2132,13 +2132,20 @@ pub(crate) struct ItemOut {
     error: Option<Box<TaskError>>,
 }
 
-/// A result array in shared memory, valid while its [`Completion`] lives.
+/// A result array in shared memory, valid while its [`Completion`] lives (or, from
+/// [`super::Map::next_view`], until the map's next call).
 pub struct OutputView<'c, T> {
     data: &'c [T],
     shape: Shape,
 }
 
 impl<'c, T: Element> OutputView<'c, T> {
+    /// A view of `data`, of `shape` (as many elements).
+    pub(crate) fn new(data: &'c [T], shape: Shape) -> OutputView<'c, T> {
+        debug_assert_eq!(data.len() as u64, shape.elements());
+        OutputView { data, shape }
+    }
+
     /// The elements, row-major.
     pub fn as_slice(&self) -> &'c [T] {
         self.data
