@@ -2494,7 +2494,8 @@ fn a_map_lends_its_results_in_place() {
     drop(map);
     assert_eq!(k, inputs.len());
     assert_every_slot_free(&producer, "after a map read in place");
-    // Dropped after a few views: in the middle of a packed slot, and on a large array.
+    // Dropped after a few views: on a large array (input 5), around it, and later (while the
+    // first slots carry one array each, until the map knows its pace).
     for stop in [3, 5, 6, 100] {
         let mut map = producer.map(&task, &inputs).unwrap();
         for k in 0..stop {
@@ -2514,6 +2515,79 @@ fn a_map_lends_its_results_in_place() {
     drop(map);
     assert!(seen.iter().all(|&s| s));
     assert_every_slot_free(&producer, "after an unordered map read in place");
+    drop(producer);
+    drop(pool);
+    // Packed from the first slot (no pace to learn): dropped, and forgotten, mid-slot.
+    let pool = Pool::builder()
+        .workers(2)
+        .slots_per_producer(2)
+        .pack_time(Duration::MAX)
+        .kernels(kernels())
+        .build()
+        .unwrap();
+    let mut producer = pool.producer().unwrap();
+    let small: Vec<Vec<f32>> = (0..500).map(|k| vec![k as f32; k % 9 + 1]).collect();
+    let mut map = producer.map(&task, &small).unwrap();
+    for k in 0..3 {
+        assert_eq!(
+            map.next_view().unwrap().unwrap().as_slice()[0],
+            2.0 * k as f32 + 1.0
+        );
+    }
+    drop(map);
+    assert_every_slot_free(&producer, "after a packed map dropped mid-slot");
+    let mut map = producer.map(&task, &small).unwrap();
+    let view = map.next_view().unwrap().unwrap();
+    assert_eq!(view.as_slice(), &[1.0]);
+    std::mem::forget(map);
+    // The forgotten map's slots, the one it was lending from too, go home with the next map.
+    let next: Vec<Array<f32>> = producer
+        .map(&task, &small)
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    for (k, a) in next.iter().enumerate() {
+        assert_eq!(
+            a.as_slice(),
+            &vec![2.0 * k as f32 + 1.0; k % 9 + 1][..],
+            "input {k}"
+        );
+    }
+    assert_every_slot_free(&producer, "after a map lending in place was forgotten");
+    drop(producer);
+    drop(pool);
+    // One slot, no pack slots: the map's only slot is lent from, then goes home for the next
+    // input at the next call.
+    let pool = Pool::builder()
+        .workers(2)
+        .slots_per_producer(1)
+        .pack_slots(0)
+        .kernels(kernels())
+        .build()
+        .unwrap();
+    let mut producer = pool.producer().unwrap();
+    for ordered in [true, false] {
+        let mut seen = vec![false; inputs.len()];
+        let mut check = |k: usize, view: mk1::OutputView<'_, f32>| {
+            assert!(!std::mem::replace(&mut seen[k], true), "input {k} twice");
+            assert_eq!(view.as_slice(), copied[k].as_slice(), "input {k}");
+        };
+        if ordered {
+            let mut map = producer.map(&task, &inputs).unwrap();
+            let mut k = 0;
+            while let Some(r) = map.next_view() {
+                check(k, r.unwrap());
+                k += 1;
+            }
+        } else {
+            let mut map = producer.map_unordered(&task, &inputs).unwrap();
+            while let Some((k, r)) = map.next_view() {
+                check(k, r.unwrap());
+            }
+        }
+        assert!(seen.iter().all(|&s| s), "ordered {ordered}: every input");
+        assert_every_slot_free(&producer, "after a one-slot map read in place");
+    }
 }
 
 /// A loan belongs to the handle that made it.

@@ -443,7 +443,7 @@ fn caller_share_small(inputs: &[Array<f32>], pack_bytes: u64, take: Take) -> Res
                 Take::InPlace => check_affine_f32(&slot[at..at + n], seq, a, b),
             };
             if !ok {
-                return Err(format!("array {seq} was copied wrong"));
+                return Err(format!("array {seq} came back wrong"));
             }
             seq += 1;
         }

@@ -3,9 +3,10 @@
 //!
 //! Each result is copied out of shared memory into an [`Array`] (or, through
 //! [`Map::next_view`], lent as a view): the results of the slot that holds the next ones, when
-//! every array in it succeeded (the common case), one at a time as the caller takes them
-//! (a view read in place), the slot going home once the map moves past its last; the results of any other slot
-//! (out of turn, or with failures) when the map next collects, that slot going home at once.
+//! every array in it succeeded (the common case), one at a time as the caller takes them (a
+//! view is read in place), the slot going home after its last (a view's, at the map's next
+//! call); the results of any other slot (out of turn, or with failures) when the map next
+//! collects, that slot going home at once.
 //! While the caller takes one slot's results, the map neither sends inputs nor collects other
 //! slots (those already sent run meanwhile). So a caller that collects every result never
 //! blocks the pool: results waiting for their turn cost heap memory, bounded by the window,
@@ -110,7 +111,8 @@ pub(crate) const PACK_TIME: std::time::Duration = std::time::Duration::from_micr
 
 /// A finished slot being handed out: its array `next` (of `count`) is the map's next result;
 /// its first array was input `seq`. The slot's token waits in `Core::map_drain` (so a map
-/// that is forgotten mid-drain does not take the slot with it).
+/// that is forgotten mid-drain does not take the slot with it). `next == count`: its last
+/// array was lent as a view, and the slot goes home at the map's next call.
 struct Drain {
     next: usize,
     count: usize,
@@ -639,9 +641,10 @@ where
     I::Item: AsArray,
 {
     /// The next result, read in place in shared memory: a lending alternative to
-    /// [`Iterator::next`] that yields the same results in the same order, without copying
-    /// each out into an [`Array`] of its own (while every array of a slot succeeds, which is
-    /// the common case; any other result is copied out as usual and viewed where it is).
+    /// [`Iterator::next`] that yields the same results in the same order. The results of the
+    /// slot that holds the next ones, when every array in it succeeded (the common case; with
+    /// one worker, nearly all), are not copied out at all; those of a slot that came back out
+    /// of turn or with failures were copied out when it came back, and are lent from there.
     ///
     /// The view borrows the map, so it is gone before the next call: a caller cannot hold
     /// results this way, and the slot a view reads goes home when the map moves past its last
@@ -677,6 +680,7 @@ where
     fn next_indexed(&mut self) -> Option<(u64, Outcome1<I>)> {
         let producer = self.producer;
         let mut c = producer.core();
+        self.viewed = None;
         let (seq, next) = self.advance(&mut c)?;
         Some(match next {
             Next::Owned(r) => (seq, r),
@@ -686,9 +690,21 @@ where
                 let item = &c.records[token.slot() as usize].desc.items[k];
                 let shape = Shape::from_raw(item.ndim, item.shape).expect("ours");
                 let out = copy_result::<E<I>>(c.sh.seg.result_bytes(token), item, shape);
+                // Copied: nothing reads the slot any more, so after its last array it goes
+                // home now (a map forgotten after this call does not keep it).
+                self.end_drain(&mut c);
                 (seq, Ok(out))
             }
         })
+    }
+
+    /// Sends the drained slot home once its last array has been handed out.
+    fn end_drain(&mut self, c: &mut Core<'_>) {
+        if self.drain.as_ref().is_some_and(|d| d.next == d.count) {
+            self.drain = None;
+            let token = c.map_drain.take().expect("a drain holds its slot");
+            c.release(token, false);
+        }
     }
 
     /// [`Map::next_view`] with its input's index.
@@ -696,6 +712,7 @@ where
         type E<I> = <<I as Iterator>::Item as AsArray>::Elem;
         let producer = self.producer;
         let mut c = producer.core();
+        self.viewed = None;
         let (seq, next) = self.advance(&mut c)?;
         let k = match next {
             Next::Owned(Err(e)) => return Some((seq, Err(e))),
@@ -711,8 +728,10 @@ where
         let (at, n) = (item.offset as usize, shape.bytes(E::<I>::DTYPE) as usize);
         let (results, len) = c.sh.seg.result_raw(token);
         assert!(at + n <= len, "an array of this map's own descriptor");
-        // SAFETY: the bytes are inside the slot's results (checked above), which lie in the
-        // segment, mapped for the pool's life ('pool, longer than this map). The slot's token
+        // SAFETY: the bytes are inside the slot's results (checked above against the span
+        // `result_raw` gives; the offset and shape come from this handle's own records, which no
+        // worker can write), which lie in the segment, mapped for the pool's life ('pool, longer
+        // than this map); `cast` checks the alignment. The slot's token
         // stays in `Core::map_drain` until this map's next call, or its drop: both take the map
         // mutably, which the view's borrow rules out; no other map can start meanwhile (this
         // one holds the handle mutably for its life). Its task came back answered and not
@@ -727,19 +746,14 @@ where
     /// already out of shared memory; with its input's index.
     fn advance(&mut self, c: &mut Core<'_>) -> Option<(u64, Next<Outcome1<I>>)> {
         loop {
+            // A view of the drained slot's last array lived until this call: the slot goes home.
+            self.end_drain(c);
             if let Some(d) = &mut self.drain {
                 // (Nothing is parked or finished meanwhile: `harvest` waits for the drain.)
-                if d.next < d.count {
-                    let k = d.next;
-                    d.next += 1;
-                    self.next_out += 1;
-                    return Some((d.seq + k as u64, Next::Drained(k)));
-                }
-                // Its last array went out at the call before (a view of it lived until this
-                // call): the slot goes home.
-                self.drain = None;
-                let token = c.map_drain.take().expect("a drain holds its slot");
-                c.release(token, false);
+                let k = d.next;
+                d.next += 1;
+                self.next_out += 1;
+                return Some((d.seq + k as u64, Next::Drained(k)));
             }
             if self.ordered {
                 if let Some(Some(_)) = self.parked.front() {

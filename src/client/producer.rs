@@ -2164,7 +2164,7 @@ impl<'c, T: Element> OutputView<'c, T> {
             .expect("the slice has the shape's element count")
     }
 
-    /// A copy that outlives the completion.
+    /// A copy that outlives the completion (or the map's next call).
     pub fn to_array(&self) -> crate::array::Array<T> {
         crate::array::Array::new(crate::array::copied_vec(self.data), self.shape)
             .expect("shape matches")
