@@ -278,6 +278,13 @@ fn pool(mode: Mode) -> Pool {
         .expect("pool starts")
 }
 
+/// A pool of two workers with this file's kernels, set up further by `configure`.
+fn two_workers(configure: impl FnOnce(mk1::PoolBuilder) -> mk1::PoolBuilder) -> Pool {
+    configure(Pool::builder().workers(2).kernels(kernels()))
+        .build()
+        .expect("pool starts")
+}
+
 /// Every slot of `producer` can be loaned at once: none was lost (`why` names the case).
 fn assert_every_slot_free(producer: &mk1::Producer<'_>, why: &str) {
     // Maps' slots too: the pack slots, which loans never take.
@@ -1045,12 +1052,7 @@ fn a_map_with_no_slot_gives_each_input_its_error() {
 /// caller holds every slot a loan can take, small arrays still run and only a large one gets
 /// `NoSlot`.
 fn a_map_packs_in_its_own_slots_and_large_arrays_go_to_large_ones() {
-    let pool = Pool::builder()
-        .workers(2)
-        .slots_per_producer(2)
-        .kernels(kernels())
-        .build()
-        .unwrap();
+    let pool = two_workers(|b| b.slots_per_producer(2));
     let mut producer = pool.producer().unwrap();
     assert_eq!(producer.slots(), 2, "pack slots are not the loans'");
     // 20 000 elements of f32 are 80 000 bytes: more than a pack slot's 64 KiB.
@@ -2463,12 +2465,7 @@ fn map_results_stay_with_their_inputs_around_failures() {
 /// in pack slots as for large ones in their own slots; a map dropped mid-slot after a view
 /// sends every slot home.
 fn a_map_lends_its_results_in_place() {
-    let pool = Pool::builder()
-        .workers(2)
-        .slots_per_producer(2)
-        .kernels(kernels())
-        .build()
-        .unwrap();
+    let pool = two_workers(|b| b.slots_per_producer(2));
     let mut producer = pool.producer().unwrap();
     // 20 000 elements of f32 are 80 000 bytes: more than a pack slot's 64 KiB.
     let size = |k: usize| if k % 11 == 5 { 20_000 } else { k % 37 + 1 };
@@ -2518,13 +2515,7 @@ fn a_map_lends_its_results_in_place() {
     drop(producer);
     drop(pool);
     // Packed from the first slot (no pace to learn): dropped, and forgotten, mid-slot.
-    let pool = Pool::builder()
-        .workers(2)
-        .slots_per_producer(2)
-        .pack_time(Duration::MAX)
-        .kernels(kernels())
-        .build()
-        .unwrap();
+    let pool = two_workers(|b| b.slots_per_producer(2).pack_time(Duration::MAX));
     let mut producer = pool.producer().unwrap();
     let small: Vec<Vec<f32>> = (0..500).map(|k| vec![k as f32; k % 9 + 1]).collect();
     let mut map = producer.map(&task, &small).unwrap();
@@ -2558,13 +2549,7 @@ fn a_map_lends_its_results_in_place() {
     drop(pool);
     // One slot, no pack slots: the map's only slot is lent from, then goes home for the next
     // input at the next call.
-    let pool = Pool::builder()
-        .workers(2)
-        .slots_per_producer(1)
-        .pack_slots(0)
-        .kernels(kernels())
-        .build()
-        .unwrap();
+    let pool = two_workers(|b| b.slots_per_producer(1).pack_slots(0));
     let mut producer = pool.producer().unwrap();
     for ordered in [true, false] {
         let mut seen = vec![false; inputs.len()];
