@@ -186,6 +186,15 @@ impl SlotPool {
         }
     }
 
+    /// Number of slots loans can take of class `min_class` or larger (those an array that
+    /// needs `min_class` fits).
+    pub fn loanable_from(&self, min_class: usize) -> usize {
+        self.class_of
+            .iter()
+            .filter(|&&c| c as usize >= min_class && Some(c as usize) != self.reserved)
+            .count()
+    }
+
     /// Number of free slots, of every class.
     pub fn free(&self) -> usize {
         self.free.iter().map(Vec::len).sum()

@@ -986,6 +986,38 @@ fn a_loan_with_every_slot_in_flight_is_exhausted_at_once() {
             other => panic!("{timeout:?}: expected Exhausted, got {:?}", other.err()),
         }
     }
+    // With size classes, `Exhausted` counts the slots the array fits, not the handle's all.
+    {
+        let pool = Pool::builder()
+            .workers(1)
+            .slots_per_producer(2)
+            .size_class(4096, 8)
+            .kernels(kernels())
+            .build()
+            .unwrap();
+        let p = pool.producer().unwrap();
+        let big = Shape::d1((pool.max_array_bytes() / 4) as u32);
+        let loans: Vec<_> = (0..2).map(|_| p.try_loan::<f32>(big).unwrap()).collect();
+        let e = p.loan::<f32>(big).err();
+        assert!(
+            matches!(
+                e,
+                Some(LoanError::Exhausted {
+                    slots: 2,
+                    loaned: 2,
+                    ..
+                })
+            ),
+            "{e:?}"
+        );
+        assert!(e
+            .unwrap()
+            .to_string()
+            .contains("all 2 slots of this handle that the array fits"));
+        // The small slots are still free, for small arrays.
+        assert!(p.try_loan::<f32>(Shape::d1(16)).is_ok());
+        drop(loans);
+    }
     // `try_loan` says Busy (its caller receives and tries again), and after a receive the
     // slot comes back.
     assert!(matches!(

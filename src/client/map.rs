@@ -125,7 +125,11 @@ impl<'pool> Producer<'pool> {
     /// times the arrays a slot packs), so any number of inputs is fine. `inputs` is consumed
     /// lazily.
     ///
-    /// Takes the handle mutably: no loan or completion of it may be alive meanwhile.
+    /// Takes the handle mutably: no loan or completion of it may be alive meanwhile. The
+    /// handle's own tasks submitted earlier whose completions were not yet received still hold
+    /// their slots (the map receives none of them): with pack slots, small arrays run anyway,
+    /// but an input that needs one of the slots they hold, while no slot of the map's own is
+    /// out, fails with [`TaskError::NoSlot`] rather than waiting forever.
     ///
     /// Small arrays are packed many to a slot (up to [`super::PoolBuilder::pack_bytes`], in
     /// the pool's [`super::PoolBuilder::pack_slots`] first, then its largest slots; an array

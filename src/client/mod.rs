@@ -1052,7 +1052,9 @@ impl Pool {
             .clone()
     }
 
-    /// Pids of the worker processes now serving (for tests and diagnostics).
+    /// Pids of the worker processes now serving (for tests and diagnostics). A worker that
+    /// has just died stays listed until the pool's monitor has noticed its exit (it polls the
+    /// workers' pidfds: normally milliseconds), and its replacement is listed once it serves.
     pub fn worker_pids(&self) -> Vec<u32> {
         (0..self.shared.cfg.workers as usize)
             .filter(|&w| {

@@ -118,12 +118,12 @@ pub enum LoanError {
         /// Loans not yet submitted or dropped.
         loaned: usize,
     },
-    /// Every slot is the caller's to free: loaned, held as a completion, or in flight with a
-    /// completion only [`Producer::recv`] takes (a loan never receives): waiting could never
-    /// end.
-    #[error("all {slots} slots of this handle are the caller's to free ({in_flight} tasks in flight and {held} completions, which recv() takes and dropping frees, {loaned} loans): receive and drop completions, or drop loans, to loan again")]
+    /// Every slot the array fits is the caller's to free: loaned, held as a completion, or in
+    /// flight with a completion only [`Producer::recv`] takes (a loan never receives): waiting
+    /// could never end.
+    #[error("all {slots} slots of this handle that the array fits are the caller's to free (of all its slots: {in_flight} tasks in flight and {held} completions, which recv() takes and dropping frees, {loaned} loans): receive and drop completions, or drop loans, to loan again")]
     Exhausted {
-        /// Slots of this handle.
+        /// Slots of this handle the array fits (all of them without size classes).
         slots: usize,
         /// The caller's tasks in flight (their completions will be the caller's to receive).
         in_flight: usize,
@@ -1365,7 +1365,7 @@ impl<'s> Core<'s> {
         );
         if hopeless {
             return Err(LoanError::Exhausted {
-                slots,
+                slots: self.slots.loanable_from(class),
                 in_flight: self.in_flight,
                 held,
                 loaned,
