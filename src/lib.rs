@@ -52,7 +52,7 @@ pub mod ring;
 pub mod sync;
 pub mod wait;
 
-#[cfg(not(loom))]
+#[cfg(all(not(loom), feature = "cli"))]
 pub mod bench;
 #[cfg(not(loom))]
 pub mod client;
@@ -68,7 +68,7 @@ pub mod dispatch;
 pub mod job;
 #[cfg(not(loom))]
 pub mod limits;
-#[cfg(not(loom))]
+#[cfg(all(not(loom), feature = "cli"))]
 pub mod npy;
 #[cfg(not(loom))]
 pub mod pool;
