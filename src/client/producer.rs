@@ -2146,7 +2146,8 @@ impl<'c, T: Element> OutputView<'c, T> {
         OutputView { data, shape }
     }
 
-    /// The elements, row-major.
+    /// The elements, row-major. The slice borrows what the view borrows (the completion, or
+    /// the map until its next call), not the view itself, so it may outlive this value.
     pub fn as_slice(&self) -> &'c [T] {
         self.data
     }
