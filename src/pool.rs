@@ -180,10 +180,7 @@ impl SlotPool {
 
     /// Number of slots a loan can take: those of every class but the reserved one.
     pub fn loanable(&self) -> usize {
-        match self.reserved {
-            Some(r) => self.class_of.iter().filter(|&&c| c as usize != r).count(),
-            None => self.records.len(),
-        }
+        self.loanable_from(0)
     }
 
     /// Number of slots loans can take of class `min_class` or larger (those an array that

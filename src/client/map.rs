@@ -690,10 +690,10 @@ where
             Next::Owned(r) => (seq, r),
             Next::Drained(k) => {
                 type E<I> = <<I as Iterator>::Item as AsArray>::Elem;
+                let (shape, bytes) = drained_item::<E<I>>(&c, k);
                 let token = c.map_drain.as_ref().expect("a drain holds its slot");
-                let item = &c.records[token.slot() as usize].desc.items[k];
-                let shape = Shape::from_raw(item.ndim, item.shape).expect("ours");
-                let out = copy_result::<E<I>>(c.sh.seg.result_bytes(token), item, shape);
+                let results = &c.sh.seg.result_bytes(token)[bytes];
+                let out = Array::from_trusted(copied_vec(cast::<E<I>>(results)), shape);
                 // Copied: nothing reads the slot any more, so after its last array it goes
                 // home now (a map forgotten after this call does not keep it).
                 self.end_drain(&mut c);
@@ -726,24 +726,23 @@ where
             }
             Next::Drained(k) => k,
         };
+        let (shape, bytes) = drained_item::<E<I>>(&c, k);
         let token = c.map_drain.as_ref().expect("a drain holds its slot");
-        let item = &c.records[token.slot() as usize].desc.items[k];
-        let shape = Shape::from_raw(item.ndim, item.shape).expect("ours");
-        let (at, n) = (item.offset as usize, shape.bytes(E::<I>::DTYPE) as usize);
         let (results, len) = c.sh.seg.result_raw(token);
-        assert!(at + n <= len, "an array of this map's own descriptor");
+        assert!(bytes.end <= len, "an array of this map's own descriptor");
         // SAFETY: the bytes are inside the slot's results (checked above against the span
         // `result_raw` gives; the offset and shape come from this handle's own records, which no
         // worker can write), which lie in the segment, mapped for the pool's life ('pool, longer
-        // than this map); `cast` checks the alignment. The slot's token
-        // stays in `Core::map_drain` until this map's next call, or its drop: both take the map
-        // mutably, which the view's borrow rules out; no other map can start meanwhile (this
-        // one holds the handle mutably for its life). Its task came back answered and not
-        // quarantined, so no worker following the protocol writes the slot while it is held,
-        // and nothing in this process does (as for `Segment::result_bytes`).
-        let bytes = unsafe { std::slice::from_raw_parts(results.as_ptr().add(at), n) };
+        // than this map); `cast` checks the alignment. The slot's token stays in
+        // `Core::map_drain` until this map's next call, or its drop: both take the map mutably,
+        // which the view's borrow rules out; no other map can start meanwhile (this one holds
+        // the handle mutably for its life). Its task came back answered and not quarantined, so
+        // no worker following the protocol writes the slot while it is held, and nothing in
+        // this process does (as for `Segment::result_bytes`).
+        let data =
+            unsafe { std::slice::from_raw_parts(results.as_ptr().add(bytes.start), bytes.len()) };
         drop(c);
-        Some((seq, Ok(OutputView::new(cast::<E<I>>(bytes), shape))))
+        Some((seq, Ok(OutputView::new(cast::<E<I>>(data), shape))))
     }
 
     /// Finds the next result: an array of the slot being drained, to be read in place, or one
@@ -865,6 +864,16 @@ fn copy_result<T: Element>(results: &[u8], item: &ItemDesc, shape: Shape) -> Arr
     let at = item.offset as usize;
     let n = shape.bytes(T::DTYPE) as usize;
     Array::from_trusted(copied_vec(cast::<T>(&results[at..at + n])), shape)
+}
+
+/// Array `k` of the slot a map is draining (`Core::map_drain`), of `T`: its shape, and where
+/// its bytes are in the slot's results.
+fn drained_item<T: Element>(c: &Core<'_>, k: usize) -> (Shape, std::ops::Range<usize>) {
+    let token = c.map_drain.as_ref().expect("a drain holds its slot");
+    let item = &c.records[token.slot() as usize].desc.items[k];
+    let shape = Shape::from_raw(item.ndim, item.shape).expect("ours");
+    let at = item.offset as usize;
+    (shape, at..at + shape.bytes(T::DTYPE) as usize)
 }
 
 /// Whether a completion of some map (this one's, or a forgotten one's to release) is ready.
