@@ -57,10 +57,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         k += 1;
     }
     drop(map);
+    // (Other arrays than the first stream's: the two times are not a comparison; `mk1 bench
+    // library` compares reading in place with copying out.)
     println!(
-        "{k} arrays read in place in input order in {:.2} s ({:.0} arrays/s)",
-        start.elapsed().as_secs_f64(),
-        f64::from(k) / start.elapsed().as_secs_f64()
+        "{k} arrays read in place in input order in {:.2} s, every element checked",
+        start.elapsed().as_secs_f64()
     );
     // An array too large for a slot is an error of its own; the others go on.
     let sizes = [10usize, 1 << 20, 10];
