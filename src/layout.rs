@@ -416,15 +416,31 @@ pub struct TailLine {
     pub inline: [AtomicU64; INLINE_ENTRIES],
 }
 
+/// The consumer's line of a ring: the head counter, and the gate of a ring to a worker.
+#[repr(C, align(128))]
+pub struct HeadLine {
+    /// Entries ever popped. Written only by the consuming side (Release), read by the producer
+    /// (Acquire) when the ring looks full. Monotonic; `head <= tail`.
+    pub count: AtomicU64,
+    /// In a ring to a worker: the incarnation of that worker slot (its deaths so far when it
+    /// started, [`crate::coordinator::Control`]'s `death_epoch`) that the producer handle has
+    /// opened this ring and its way back to. Written by the handle (Release) once it has
+    /// cleaned up after the slot's last death and zeroed both rings; a worker attaches to the
+    /// pair only while this equals its own incarnation (Acquire), so a replacement never
+    /// reads a ring the handle has not yet cleaned up after, and the replacement need not
+    /// wait for handles that are not calling in. Rarely written: it shares the consumer's
+    /// line. Unused in rings from a worker.
+    pub open_for: AtomicU64,
+}
+
 /// Head and tail of one ring, each on its own [`LINE`]. The entries of a ring larger than
 /// [`INLINE_CAPACITY`] follow in the segment.
 #[repr(C)]
 pub struct RingCtl {
     /// The tail counter (and a small ring's entries).
     pub tail: TailLine,
-    /// Entries ever popped. Written only by the consuming side (Release), read by the producer
-    /// (Acquire) when the ring looks full. Monotonic; `head <= tail`.
-    pub head: Padded<AtomicU64>,
+    /// The head counter (and the gate of a ring to a worker).
+    pub head: HeadLine,
 }
 
 impl RingCtl {
@@ -435,7 +451,10 @@ impl RingCtl {
                 count: AtomicU64::new(0),
                 inline: core::array::from_fn(|_| AtomicU64::new(0)),
             },
-            head: Padded(AtomicU64::new(0)),
+            head: HeadLine {
+                count: AtomicU64::new(0),
+                open_for: AtomicU64::new(0),
+            },
         }
     }
 }

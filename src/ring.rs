@@ -94,7 +94,7 @@ impl<'a> RingProducer<'a> {
         let mask = check(entries);
         // Relaxed: we are the only writer of `tail`, so we read our own last value.
         let tail = ctl.tail.count.load(Ordering::Relaxed);
-        let head = ctl.head.0.load(Ordering::Acquire);
+        let head = ctl.head.count.load(Ordering::Acquire);
         let capacity = mask + 1;
         if head > tail || tail - head > capacity {
             return Err(RingError::Corrupt {
@@ -118,7 +118,7 @@ impl<'a> RingProducer<'a> {
     /// whatever was written there.
     pub fn reset(ctl: &'a RingCtl, entries: &'a [AtomicU64]) -> Self {
         let mask = check(entries);
-        ctl.head.0.store(0, Ordering::Relaxed);
+        ctl.head.count.store(0, Ordering::Relaxed);
         // Release: publishes the zeroed head with the tail to a consumer attaching later.
         ctl.tail.count.store(0, Ordering::Release);
         RingProducer {
@@ -148,7 +148,7 @@ impl<'a> RingProducer<'a> {
     /// published (a corrupt or hostile `head`) counts as everything taken.
     pub fn taken(&self) -> u64 {
         // Acquire pairs with the consumer's Release in `pop`.
-        let head = self.ctl.head.0.load(Ordering::Acquire);
+        let head = self.ctl.head.count.load(Ordering::Acquire);
         if head < self.head_cache || head > self.published {
             return self.tail;
         }
@@ -161,7 +161,7 @@ impl<'a> RingProducer<'a> {
         if self.tail - self.head_cache > self.mask {
             // Looks full: refresh our view of the consumer. Acquire pairs with the consumer's
             // Release in `pop`, so the entries it popped are no longer being read.
-            let head = self.ctl.head.0.load(Ordering::Acquire);
+            let head = self.ctl.head.count.load(Ordering::Acquire);
             if head < self.head_cache || head > self.tail {
                 return Err(RingError::Corrupt {
                     head,
@@ -200,7 +200,7 @@ impl<'a> RingConsumer<'a> {
     pub fn new(ctl: &'a RingCtl, entries: &'a [AtomicU64]) -> Result<Self, RingError> {
         let mask = check(entries);
         // Relaxed: we are the only writer of `head`.
-        let head = ctl.head.0.load(Ordering::Relaxed);
+        let head = ctl.head.count.load(Ordering::Relaxed);
         let tail = ctl.tail.count.load(Ordering::Acquire);
         let capacity = mask + 1;
         if head > tail || tail - head > capacity {
@@ -223,7 +223,7 @@ impl<'a> RingConsumer<'a> {
     /// side (the coordinator owns both ends of a dead worker's rings while it resets them).
     pub fn after_reset(ctl: &'a RingCtl, entries: &'a [AtomicU64]) -> Self {
         let mask = check(entries);
-        ctl.head.0.store(0, Ordering::Relaxed);
+        ctl.head.count.store(0, Ordering::Relaxed);
         ctl.tail.count.store(0, Ordering::Release);
         RingConsumer {
             ctl,
@@ -245,7 +245,7 @@ impl<'a> RingConsumer<'a> {
         // (sequenced before the producer's Release store of `tail`) visible.
         let word = self.entries[(self.head & self.mask) as usize].load(Ordering::Relaxed);
         self.head += 1;
-        self.ctl.head.0.store(self.head, Ordering::Release);
+        self.ctl.head.count.store(self.head, Ordering::Release);
         Ok(Some(word))
     }
 
@@ -302,7 +302,7 @@ mod tests {
             assert_eq!(c.pop().unwrap(), None);
         }
         assert_eq!(ctl.tail.count.load(Ordering::Relaxed), 300);
-        assert_eq!(ctl.head.0.load(Ordering::Relaxed), 300);
+        assert_eq!(ctl.head.count.load(Ordering::Relaxed), 300);
     }
 
     #[test]
@@ -344,11 +344,11 @@ mod tests {
         assert_eq!(p.taken(), 2, "entries at 2, 3 and 4 were never popped");
         // A head the consumer cannot have published (past the published tail, or backwards
         // from what we saw) counts as everything taken.
-        ctl.head.0.store(5, Ordering::Relaxed);
+        ctl.head.count.store(5, Ordering::Relaxed);
         assert_eq!(p.taken(), 5);
-        ctl.head.0.store(4, Ordering::Relaxed);
+        ctl.head.count.store(4, Ordering::Relaxed);
         assert_eq!(p.taken(), 4, "4 was published");
-        ctl.head.0.store(6, Ordering::Relaxed);
+        ctl.head.count.store(6, Ordering::Relaxed);
         assert_eq!(p.taken(), p.position());
     }
 
@@ -372,14 +372,14 @@ mod tests {
         p.push(1).unwrap();
         p.push(2).unwrap();
         p.flush();
-        ctl.head.0.store(9, Ordering::Relaxed); // beyond tail
+        ctl.head.count.store(9, Ordering::Relaxed); // beyond tail
         assert!(matches!(p.push(3), Err(PushError::Corrupt(_))));
     }
 
     #[test]
     fn reset_ignores_whatever_was_written() {
         let (ctl, e) = ring(4);
-        ctl.head.0.store(77, Ordering::Relaxed);
+        ctl.head.count.store(77, Ordering::Relaxed);
         ctl.tail.count.store(3, Ordering::Relaxed);
         let mut c = RingConsumer::after_reset(&ctl, &e);
         let mut p = RingProducer::reset(&ctl, &e);
@@ -391,7 +391,7 @@ mod tests {
     #[test]
     fn attach_rejects_corrupt_counters() {
         let (ctl, e) = ring(4);
-        ctl.head.0.store(3, Ordering::Relaxed);
+        ctl.head.count.store(3, Ordering::Relaxed);
         ctl.tail.count.store(1, Ordering::Relaxed);
         assert!(RingConsumer::new(&ctl, &e).is_err());
         assert!(RingProducer::new(&ctl, &e).is_err());

@@ -240,6 +240,10 @@ pub struct WorkerSpec {
     pub spin: SpinMode,
     /// The fingerprint of the pool's kernel registry ([`Registry::fingerprint`]).
     pub tasks: u64,
+    /// Which incarnation of its slot this process is: the slot's deaths before it started.
+    /// It serves a producer handle's rings only once that handle has opened them to this
+    /// incarnation ([`HeadLine::open_for`](crate::layout::HeadLine::open_for)).
+    pub incarnation: u64,
 }
 
 impl WorkerSpec {
@@ -248,12 +252,13 @@ impl WorkerSpec {
         let cpu = self.cpu.map_or("-".to_string(), |c| c.to_string());
         let spin = self.spin.code();
         format!(
-            "{},{},{},{},{cpu},{spin},{:x}",
+            "{},{},{},{},{cpu},{spin},{:x},{}",
             self.fd,
             self.index,
             self.coordinator,
             self.kernel.name(),
-            self.tasks
+            self.tasks,
+            self.incarnation
         )
     }
 
@@ -271,6 +276,7 @@ impl WorkerSpec {
         };
         let spin = SpinMode::from_code(it.next()?.parse().ok()?)?;
         let tasks = u64::from_str_radix(it.next()?, 16).ok()?;
+        let incarnation = it.next()?.parse().ok()?;
         if it.next().is_some() {
             return None;
         }
@@ -282,6 +288,7 @@ impl WorkerSpec {
             cpu,
             spin,
             tasks,
+            incarnation,
         })
     }
 }
@@ -537,21 +544,18 @@ pub fn serve(spec: WorkerSpec, registry: &Registry) -> Result<(), WorkerError> {
         .store(WorkerState::Running as u32, Ordering::Release);
 
     let producers = params.producers;
-    let mut inbox = Vec::with_capacity(producers as usize);
-    let mut outbox = Vec::with_capacity(producers as usize);
-    let mut bells = Vec::with_capacity(producers as usize);
-    for p in 0..producers {
-        let ring_err = |source| WorkerError::Ring {
-            producer: p,
-            source,
-        };
-        let (ctl, e) = seg.ring(p, spec.index, Direction::ToWorker);
-        inbox.push(RingConsumer::new(ctl, e).map_err(ring_err)?);
-        let (ctl, e) = seg.ring(p, spec.index, Direction::FromWorker);
-        outbox.push(RingProducer::new(ctl, e).map_err(ring_err)?);
-        let ps = seg.producer(p);
-        bells.push(Doorbell::new(&ps.bell));
-    }
+    // Each handle's rings, once it has opened them to this process (`None` until then).
+    let mut rings: Vec<Option<(RingConsumer<'_>, RingProducer<'_>)>> =
+        (0..producers).map(|_| None).collect();
+    let mut closed = producers as usize;
+    let bells: Vec<Doorbell<'_>> = (0..producers)
+        .map(|p| Doorbell::new(&seg.producer(p).bell))
+        .collect();
+    let opened = |p: u32| {
+        let (ctl, _) = seg.ring(p, spec.index, Direction::ToWorker);
+        // Acquire: pairs with the handle's Release once it has zeroed both rings.
+        ctl.head.open_for.load(Ordering::Acquire) == spec.incarnation
+    };
     let my_bell = Doorbell::new(&me.bell);
     let shutdown = seg.shutdown_flag();
     let mut backoff = Backoff::for_mode(spec.spin);
@@ -560,15 +564,26 @@ pub fn serve(spec: WorkerSpec, registry: &Registry) -> Result<(), WorkerError> {
     let mut processed_total: u64 = 0;
 
     loop {
+        if closed > 0 {
+            for (p, r) in rings.iter_mut().enumerate() {
+                if r.is_none() && opened(p as u32) {
+                    *r = Some(attach_rings(&seg, p as u32, spec.index)?);
+                    closed -= 1;
+                }
+            }
+        }
         let mut did = 0;
-        for p in 0..producers as usize {
+        for (p, r) in rings.iter_mut().enumerate() {
+            let Some((inbox, outbox)) = r else {
+                continue;
+            };
             let ring_err = |source| WorkerError::Ring {
                 producer: p as u32,
                 source,
             };
             let mut n = 0;
             while n < BURST {
-                let Some(word) = inbox[p].pop().map_err(ring_err)? else {
+                let Some(word) = inbox.pop().map_err(ring_err)? else {
                     break;
                 };
                 let mut token =
@@ -624,7 +639,7 @@ pub fn serve(spec: WorkerSpec, registry: &Registry) -> Result<(), WorkerError> {
                         return Err(WorkerError::Retired(why.into()));
                     }
                 }
-                match outbox[p].push(word) {
+                match outbox.push(word) {
                     Ok(()) => {}
                     Err(PushError::Full(_)) => return Err(WorkerError::Overflow(p as u32)),
                     Err(PushError::Corrupt(e)) => return Err(ring_err(e)),
@@ -632,7 +647,7 @@ pub fn serve(spec: WorkerSpec, registry: &Registry) -> Result<(), WorkerError> {
                 // Publish each token at once: holding finished tokens back until the burst ends
                 // leaves the producer idle while we work (a measured 2x bubble with few tokens).
                 // The doorbell, which costs an RMW, is rung once per burst.
-                outbox[p].flush();
+                outbox.flush();
                 n += 1;
                 if let Some(why) = retiring {
                     bells[p].ring(&Futex);
@@ -655,8 +670,8 @@ pub fn serve(spec: WorkerSpec, registry: &Registry) -> Result<(), WorkerError> {
         // asking us to stop is visible, and the rings were just seen empty.
         if shutdown.load(Ordering::Acquire) != 0 {
             let mut pending = false;
-            for r in &mut inbox {
-                pending |= r.has_pending().unwrap_or(false);
+            for (inbox, _) in rings.iter_mut().flatten() {
+                pending |= inbox.has_pending().unwrap_or(false);
             }
             if !pending {
                 me.status
@@ -683,13 +698,34 @@ pub fn serve(spec: WorkerSpec, registry: &Registry) -> Result<(), WorkerError> {
             }
             my_bell.sleep(&Futex, SLEEP, || {
                 shutdown.load(Ordering::Acquire) != 0
-                    || inbox.iter_mut().any(|r| r.has_pending().unwrap_or(true))
+                    || rings.iter_mut().enumerate().any(|(p, r)| match r {
+                        Some((inbox, _)) => inbox.has_pending().unwrap_or(true),
+                        None => opened(p as u32),
+                    })
             });
             if sys::parent_pid() != spec.coordinator {
                 return Err(WorkerError::Orphaned(spec.coordinator));
             }
         }
     }
+}
+
+/// Producer `p`'s rings to and from worker `w`, attached as they are (the handle zeroed them
+/// before it opened them to this process).
+fn attach_rings(
+    seg: &Segment,
+    p: u32,
+    w: u32,
+) -> Result<(RingConsumer<'_>, RingProducer<'_>), WorkerError> {
+    let ring_err = |source| WorkerError::Ring {
+        producer: p,
+        source,
+    };
+    let (ctl, e) = seg.ring(p, w, Direction::ToWorker);
+    let inbox = RingConsumer::new(ctl, e).map_err(ring_err)?;
+    let (ctl, e) = seg.ring(p, w, Direction::FromWorker);
+    let outbox = RingProducer::new(ctl, e).map_err(ring_err)?;
+    Ok((inbox, outbox))
 }
 
 /// Without a parent-death signal (prctl refused): a thread that ends worker `index` once its
@@ -729,12 +765,14 @@ mod tests {
             cpu: Some(1),
             spin: SpinMode::Long,
             tasks: 0x1,
+            incarnation: 7,
         };
         assert_eq!(WorkerSpec::parse(&s.encode()), Some(s));
         let s = WorkerSpec {
             cpu: None,
             spin: SpinMode::Never,
             tasks: 0xdead_beef,
+            incarnation: 0,
             ..s
         };
         assert_eq!(WorkerSpec::parse(&s.encode()), Some(s));
@@ -750,6 +788,8 @@ mod tests {
             "1,2,3,avx2,-,1,xyz",
             "1,2,3,avx2,-,1,-,-",
             "1,2,3,avx2,-,1,ff,-",
+            "1,2,3,avx2,-,1,ff,0,-",
+            "1,2,3,avx2,-,1,ff,-1",
         ] {
             assert_eq!(WorkerSpec::parse(bad), None, "{bad}");
         }

@@ -344,9 +344,8 @@ impl Drop for Started {
     }
 }
 
-/// `pool.restarts()` once it reaches `n`, or after 10 s. The monitor replaces a worker once the
-/// handles have seen it go and publishes the count a moment later; `between` runs at each poll
-/// (a caller that must acknowledge the death keeps a task going there).
+/// `pool.restarts()` once it reaches `n`, or after 10 s. The monitor replaces a dead worker at
+/// once and publishes the count a moment later; `between` runs at each poll.
 fn restarts_reaching(pool: &Pool, n: u32, between: impl FnMut()) -> u32 {
     eventually(|| pool.restarts() >= n, between);
     pool.restarts()
@@ -2202,6 +2201,81 @@ fn a_handle_taken_during_a_restart_does_not_block_it() {
     );
 }
 
+/// A handle that does not call in (its thread busy elsewhere, or parked) holds back neither
+/// the replacement of a dead worker nor the other handles, through any number of deaths; the
+/// replacement is not taken for hung over that handle's tasks, which the dead worker held; and
+/// when the handle calls in again, each of its tasks has its answer as of the death that took
+/// it: the running one blamed (here: killed for running past the timeout), those that waited
+/// behind it run.
+fn an_idle_handle_holds_back_no_restart() {
+    let timeout = Duration::from_secs(1);
+    let pool = Pool::builder()
+        .workers(1)
+        .producers(3)
+        .mode(Mode::OutOfPlace)
+        .worker_timeout(timeout)
+        .kernels(kernels())
+        .build()
+        .unwrap();
+    let (a, b) = (pool.producer().unwrap(), pool.producer().unwrap());
+    let started = Started::new();
+    let hung = submit_task(&b, 1.0, &long_once(&started).max_retries(0));
+    let quick: Vec<_> = (0..3).map(|k| submit_sleep(&b, 0, f64::from(k))).collect();
+    started.wait();
+    // From here `b` makes no call until the end. The watchdog kills the worker running its
+    // task (death 1); then the replacement is killed too (death 2).
+    let works = |h: &mk1::Producer<'_>, round: u32| {
+        for k in 0..10 {
+            let tag = f64::from(round * 100 + k);
+            submit_sleep(h, 0, tag);
+            let done = h
+                .recv_timeout(Duration::from_secs(20))
+                .unwrap_or_else(|| panic!("round {round}: no answer while another handle idles"));
+            assert_eq!(done.output::<f64>().unwrap().as_slice(), &[2.0 * tag]);
+        }
+    };
+    works(&a, 1);
+    assert_eq!(restarts_reaching(&pool, 1, || {}), 1);
+    let replacement = pool.worker_pids();
+    unsafe_free_kill(replacement[0]);
+    eventually(|| pool.worker_pids() != replacement, || {});
+    works(&a, 2);
+    assert_eq!(restarts_reaching(&pool, 2, || {}), 2);
+    // Longer than the worker timeout, `b`'s tasks still out as far as it knows: the second
+    // replacement idles unharmed.
+    let serving = pool.worker_pids();
+    std::thread::sleep(timeout * 5 / 2);
+    assert_eq!(pool.restarts(), 2, "the replacement was not killed as hung");
+    assert_eq!(pool.worker_pids(), serving);
+    // `b` calls in: the task that ran at death 1 fails as that death had it; the rest run.
+    let mut answers = std::collections::HashMap::new();
+    for _ in 0..4 {
+        let done = b
+            .recv_timeout(Duration::from_secs(20))
+            .expect("every task answered");
+        let out = done.output::<f64>().map(|v| v.as_slice().to_vec());
+        answers.insert(done.ticket(), out);
+    }
+    assert!(
+        matches!(answers[&hung], Err(TaskError::Timeout(t)) if t == timeout),
+        "{:?}",
+        answers[&hung]
+    );
+    for (k, t) in quick.iter().enumerate() {
+        assert_eq!(answers[t], Ok(vec![2.0 * k as f64]), "quick task {k}");
+    }
+    let c = pool.producer().unwrap();
+    works(&c, 3);
+    works(&b, 4);
+    drop((a, b, c));
+    let fared = pool.shutdown();
+    assert_eq!(fared.exits.len(), 2, "{:?}", fared.exits);
+    assert!(fared.exits[0].how.contains("stalled"), "{:?}", fared.exits);
+    // `b`'s tokens, taken back after death 1 when it called in, count for that death.
+    assert!(fared.exits[0].reclaimed_tokens >= 1, "{:?}", fared.exits);
+    assert_eq!(fared.exits[1].reclaimed_tokens, 0, "{:?}", fared.exits);
+}
+
 /// A map left early (`break`, `?`, `find`) gives its slots back; the next map starts clean.
 fn a_map_dropped_early_leaves_nothing_behind() {
     let pool = pool(Mode::OutOfPlace);
@@ -3654,6 +3728,10 @@ fn main() {
         (
             "a_handle_taken_during_a_restart_does_not_block_it",
             a_handle_taken_during_a_restart_does_not_block_it,
+        ),
+        (
+            "an_idle_handle_holds_back_no_restart",
+            an_idle_handle_holds_back_no_restart,
         ),
         (
             "a_map_dropped_early_leaves_nothing_behind",

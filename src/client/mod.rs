@@ -801,8 +801,7 @@ pub(crate) struct Shared {
     pub(crate) queue_ahead: Option<Duration>,
     pub(crate) seed: u64,
     worker_cpus: Vec<usize>,
-    /// `active[p]`: a [`Producer`] handle for `p` exists (the monitor waits for its
-    /// acknowledgement of a death before restarting the worker).
+    /// `active[p]`: a [`Producer`] handle for `p` exists.
     pub(crate) active: Vec<AtomicBool>,
     /// `interrupt[p]`: handle `p`'s wait for a completion is to end ([`Interrupter`]).
     pub(crate) interrupt: Vec<AtomicBool>,
@@ -837,6 +836,7 @@ fn monitor_main(sh: &Shared, started: &std::sync::mpsc::Sender<Result<(), RunErr
         cpu: sh.worker_cpus.get(w as usize).copied(),
         spin: sh.spin,
         tasks: fingerprint,
+        incarnation: 0,
     };
     let procs = match start_workers(
         &sh.image,
@@ -868,24 +868,13 @@ fn monitor_main(sh: &Shared, started: &std::sync::mpsc::Sender<Result<(), RunErr
     );
     monitor.short_drain = false;
     let _ = started.send(Ok(()));
-    // Which handles exist, asked after this round's deaths were published. SeqCst fence, with
-    // the one in `Pool::producer`: either the monitor sees a new handle as active (and waits
-    // for its acknowledgement), or that handle sees the worker already dead (and never sends
-    // to it); never neither (the store-buffer pattern needs both fences).
-    let gone = || -> Vec<bool> {
-        crate::sync::fence(Ordering::SeqCst);
-        sh.active
-            .iter()
-            .map(|a| !a.load(Ordering::Acquire))
-            .collect()
-    };
     while !sh.closing.load(Ordering::Acquire) {
         if !monitor.short_drain && sh.winding_down.load(Ordering::Acquire) {
             // The stall clock of every worker then runs at most the shutdown grace, from now.
             monitor.short_drain = true;
             sh.ctl.stop.store(true, Ordering::Relaxed);
         }
-        monitor.tick(&gone);
+        monitor.tick();
         sh.restarts.store(monitor.restarts, Ordering::Relaxed);
         if let Some(why) = &monitor.interrupted {
             let mut t = sh.trouble.lock().unwrap_or_else(|e| e.into_inner());
@@ -1034,7 +1023,7 @@ impl Pool {
 
     /// Workers replaced so far, after deaths and retirements alike (as the monitor thread last
     /// published it: a replacement shows here within a few milliseconds of its start, which
-    /// follows the death by up to the producer handles' acknowledgement).
+    /// follows the death at once; it serves each handle once that handle has called in since).
     pub fn restarts(&self) -> u32 {
         self.shared.restarts.load(Ordering::Relaxed)
     }

@@ -17,7 +17,7 @@ use crate::array::{cast, cast_mut, Shape};
 use crate::clock;
 use crate::dispatch::{self, Dispatch, WorkerView};
 use crate::dtype::{DType, Element};
-use crate::layout::{Direction, ItemDesc, TaskDesc, DONE_OK, MAX_ITEMS, NO_TASK, TASK_OK};
+use crate::layout::{Direction, ItemDesc, TaskDesc, DONE_OK, MAX_ITEMS, NO_ITEM, NO_TASK, TASK_OK};
 use crate::pool::{SlotPool, Token};
 use crate::ring::{RingConsumer, RingProducer};
 use crate::shm::TaskResult;
@@ -431,18 +431,18 @@ impl<'s> Core<'s> {
         }
         let w = workers as usize;
         // Deaths before this handle existed are not ours to clean up (every token of this share
-        // was home): acknowledge them at once, or a restart still waiting on acknowledgements
-        // would wait for this handle forever.
+        // was home, so the rings hold nothing of them): acknowledge them at once, and open the
+        // rings to each worker as it is now. Rings found corrupt stay closed: that worker is
+        // killed, and its replacement gets them once this handle has seen its death.
         let seen_epoch: Vec<usize> = (0..w)
             .map(|i| sh.ctl.death_epoch[i].load(Ordering::Acquire))
             .collect();
         for (i, &e) in seen_epoch.iter().enumerate() {
-            // Release: pairs with the monitor's Acquire before it restarts worker `i`.
             sh.ctl.acked[p as usize][i].store(e, Ordering::Release);
-        }
-        for (i, &f) in faulted.iter().enumerate() {
-            if f {
-                sh.ctl.kill[i].store(true, Ordering::Release);
+            if faulted[i] {
+                sh.ctl.kill[i].fetch_max(e + 1, Ordering::AcqRel);
+            } else {
+                open_rings(seg, p, i, e);
             }
         }
         let sent: Vec<u64> = (0..w)
@@ -832,7 +832,10 @@ impl<'s> Core<'s> {
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
                 .push((w as u32, why));
-            self.sh.ctl.kill[w].store(true, Ordering::Release);
+            // (The incarnation this handle's rings were opened to: a request made late, about
+            // one already replaced, does not kill its replacement.)
+            let incarnation = self.seen_epoch[w];
+            self.sh.ctl.kill[w].fetch_max(incarnation + 1, Ordering::AcqRel);
         }
     }
 
@@ -954,31 +957,31 @@ impl<'s> Core<'s> {
             self.collect(w, true);
         }
         let ctl = &self.sh.ctl;
-        let timed_out = ctl.stalled[w].load(Ordering::Acquire);
-        // Which task was running (a hint written by the dead worker; it only decides which of
-        // its own tasks is blamed).
-        let current = self
-            .sh
-            .seg
-            .worker(w as u32)
-            .status
-            .current
-            .load(Ordering::Relaxed);
-        // Which array of that task ran (a hint as well: it decides which array of a batch is
-        // blamed, so the rest of the batch is not failed with it).
-        let running_item = self
-            .sh
-            .seg
-            .worker(w as u32)
-            .status
-            .current_item
-            .load(Ordering::Relaxed);
+        // The death that ended the incarnation our rings were open to, as the monitor noted it
+        // then (the replacement may be running by now). None: none was open to it, so none of
+        // our tasks was taken, and the hints below do not matter.
+        let death = self.seen_epoch[w] + 1;
+        let note = ctl.notes[self.p as usize][w]
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+            .filter(|n| n.death == death);
+        // Which task was running, and which array of it (hints written by the dead worker:
+        // they only decide which of its own tasks, and which array of a batch, is blamed, so
+        // the rest of the batch is not failed with it).
+        let (current, running_item, timed_out, how) = match note {
+            Some(n) => (n.current, n.current_item, n.stalled, n.how),
+            None => (NO_TASK, NO_ITEM, false, exit_words(ctl, w)),
+        };
         // Tasks written to its ring at or after what it had taken were never popped, so never
         // started: their slots are as submitted, in either mode.
         let taken = self.to[w].taken();
         let back = self.reclaim(w);
-        ctl.reclaimed[w].fetch_add(back.len() as u64, Ordering::Relaxed);
-        let how = exit_words(&self.sh.ctl, w);
+        if !back.is_empty() {
+            let n = back.len() as u64;
+            let mut reclaimed = ctl.reclaimed.lock().unwrap_or_else(|e| e.into_inner());
+            reclaimed.push((w as u32, death, n));
+        }
         for t in back {
             let queued = self.slots.record(&t).ring_pos >= taken;
             let r = &self.records[t.slot() as usize];
@@ -1153,8 +1156,10 @@ impl<'s> Core<'s> {
             if epoch != self.seen_epoch[w] {
                 self.clean_up_after(w);
                 self.seen_epoch[w] = epoch;
-                // Release: our ring reset happens-before the monitor's restart of the worker.
+                // Acknowledged before the rings open: a death of the incarnation that serves
+                // them then finds this handle among those to leave a note for.
                 self.sh.ctl.acked[self.p as usize][w].store(epoch, Ordering::Release);
+                open_rings(&self.sh.seg, self.p, w, epoch);
             }
             let ctl = &self.sh.ctl;
             if ctl.abandoned[w].load(Ordering::Acquire) && !self.gave_up[w] {
@@ -1390,6 +1395,14 @@ impl<'s> Core<'s> {
             self.release(r.token, r.quarantine);
         }
     }
+}
+
+/// Opens producer `p`'s rings to and from worker `w` to incarnation `epoch` of it (see
+/// [`HeadLine::open_for`](crate::layout::HeadLine::open_for)); Release: whatever this handle
+/// did to them before (zeroing them after a death) is visible to that worker once it attaches.
+fn open_rings(seg: &crate::shm::Segment, p: u32, w: usize, epoch: usize) {
+    let (ctl, _) = seg.ring(p, w as u32, Direction::ToWorker);
+    ctl.head.open_for.store(epoch as u64, Ordering::Release);
 }
 
 /// How a worker's last exit was described (for `WorkerDied`).

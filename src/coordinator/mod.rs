@@ -6,13 +6,17 @@
 //!
 //! Deaths (DESIGN invariant 3). The monitor holds a pidfd per worker (or, where pidfds are
 //! refused, a pipe only the worker holds) and polls them, so it learns of an exit as it
-//! happens. It marks the worker dead and bumps its death epoch; each producer handle, on
-//! seeing the new epoch, keeps what the dead worker had already returned, takes back every
-//! other token it had sent there (redone or failed, by mode), resets its own ring pair with
-//! that worker, and acknowledges. Only when every handle has acknowledged does the monitor
-//! start a replacement, so the new process never sees stale ring state. A handle that finds a
-//! protocol violation (bad token, impossible ring counter) asks the monitor to kill the
-//! worker, and the same path follows.
+//! happens. It notes for each handle what that handle will need to clean up (which task the
+//! dead worker ran, whether it was killed for a timeout, how it ended), marks the worker dead,
+//! bumps its death epoch, and starts a replacement at once. Each producer handle, on seeing the
+//! new epoch (at its next call, however late), keeps what the dead worker had already
+//! returned, takes back every other token it had sent there (redone or failed, by mode),
+//! zeroes its own ring pair with that worker, acknowledges, and only then opens the pair to
+//! the replacement (`HeadLine::open_for`): a worker serves a handle's rings only once they are
+//! open to its own incarnation, so it never sees stale ring state, and a handle that does not
+//! call in holds back neither the replacement nor the other handles. A handle that finds a
+//! protocol violation (bad token, impossible ring counter) asks the monitor to kill that
+//! incarnation of the worker, and the same path follows.
 
 use std::sync::atomic::{AtomicBool, AtomicUsize};
 use std::sync::Mutex;
@@ -84,15 +88,23 @@ pub(crate) struct Control {
     pub(crate) changes: AtomicUsize,
     /// Deaths of worker `w` so far.
     pub(crate) death_epoch: Vec<AtomicUsize>,
-    /// `acked[p][w]`: the last death epoch of `w` producer `p` has cleaned up after.
+    /// `acked[p][w]`: the last death epoch of `w` producer `p` has cleaned up after (stored
+    /// before the handle opens its rings to that incarnation: see
+    /// [`HeadLine::open_for`](crate::layout::HeadLine::open_for)).
     pub(crate) acked: Vec<Vec<AtomicUsize>>,
-    /// Tokens reclaimed from worker `w` at its last death (summed over producers).
-    pub(crate) reclaimed: Vec<AtomicU64>,
-    /// `kill[w]`: a producer caught worker `w` breaking the protocol.
-    pub(crate) kill: Vec<AtomicBool>,
-    /// `stalled[w]`: worker `w`'s last kill was for running past the worker timeout (set before
-    /// its death is published, cleared at its restart).
-    pub(crate) stalled: Vec<AtomicBool>,
+    /// `notes[p][w]`: what producer `p` needs to clean up after the death of the incarnation
+    /// of `w` it had opened its rings to. Written by the monitor before it publishes that death
+    /// (for producers whose `acked` shows they had), taken by the producer when it cleans up,
+    /// which may be long after the replacement started: the replacement overwrites the worker's
+    /// own status.
+    pub(crate) notes: Vec<Vec<Mutex<Option<DeathNote>>>>,
+    /// Tokens producers took back after deaths, as `(worker, death, tokens)`: the monitor adds
+    /// them to that death's record.
+    pub(crate) reclaimed: Mutex<Vec<(u32, usize, u64)>>,
+    /// `kill[w]`: one more than the incarnation of `w` a producer caught breaking the protocol
+    /// (0: none). Raised with `fetch_max`, so a late request about an incarnation already
+    /// replaced neither kills the replacement nor hides a request about it.
+    pub(crate) kill: Vec<AtomicUsize>,
     /// Why, for the report (cold path).
     pub(crate) fault_reasons: Mutex<Vec<(u32, String)>>,
     /// How worker `w` last ended, in words (written before its death is published).
@@ -123,9 +135,11 @@ impl Control {
             acked: (0..producers)
                 .map(|_| (0..workers).map(|_| AtomicUsize::new(0)).collect())
                 .collect(),
-            reclaimed: (0..workers).map(|_| AtomicU64::new(0)).collect(),
-            kill: per_worker(),
-            stalled: per_worker(),
+            notes: (0..producers)
+                .map(|_| (0..workers).map(|_| Mutex::new(None)).collect())
+                .collect(),
+            reclaimed: Mutex::new(Vec::new()),
+            kill: (0..workers).map(|_| AtomicUsize::new(0)).collect(),
             fault_reasons: Mutex::new(Vec::with_capacity(16)),
             last_exit: (0..workers).map(|_| Mutex::new(String::new())).collect(),
             no_workers: AtomicBool::new(false),
@@ -142,6 +156,22 @@ impl Control {
                 .collect(),
         }
     }
+}
+
+/// What a producer needs to clean up after a worker's death (see [`Control::notes`]).
+#[derive(Clone, Debug)]
+pub(crate) struct DeathNote {
+    /// Which death of the worker slot (its `death_epoch` once published).
+    pub(crate) death: usize,
+    /// The token word of the task it was running, or [`NO_TASK`](crate::layout::NO_TASK): a
+    /// hint from the dead worker, as `WorkerStatus::current`.
+    pub(crate) current: u64,
+    /// Which array of that task ran, or [`NO_ITEM`](crate::layout::NO_ITEM) (a hint as well).
+    pub(crate) current_item: u32,
+    /// It was killed for running past the worker timeout.
+    pub(crate) stalled: bool,
+    /// How it ended, in words.
+    pub(crate) how: String,
 }
 
 /// One producer's token counts for one worker (see [`Control::flow`]).

@@ -15,7 +15,7 @@ use crate::sys::{self, ChildProcess, ExitKind};
 use crate::wait::{Doorbell, Futex};
 use crate::worker::{WorkerSpec, EXIT_BAD_SEGMENT, WORKER_ENV};
 
-use super::{Control, RunError, KILL_GRACE, KILL_WAIT, PAUSE_GAP, SHUTDOWN_GRACE};
+use super::{Control, DeathNote, RunError, KILL_GRACE, KILL_WAIT, PAUSE_GAP, SHUTDOWN_GRACE};
 
 /// A running worker process as the monitor sees it.
 pub(crate) struct WorkerProc {
@@ -313,13 +313,20 @@ pub(crate) fn attach_state(seg: &Segment, w: u32) -> Result<bool, String> {
 /// `(owed, progress)` of worker `w` from the producers' own counts: tokens sent and not yet
 /// back, and tokens back so far.
 pub(crate) fn flow_of(ctl: &Control, w: usize) -> (u64, u64) {
-    ctl.flow.iter().fold((0, 0), |(owed, back), f| {
-        let (s, b) = (
-            f[w].sent.load(Ordering::Relaxed),
-            f[w].back.load(Ordering::Relaxed),
-        );
-        (owed + s.saturating_sub(b), back + b)
-    })
+    // Only the handles that have cleaned up after the slot's last death: another's tokens are
+    // those the dead process held, which its replacement is not to be blamed for.
+    let epoch = ctl.death_epoch[w].load(Ordering::Acquire);
+    ctl.flow
+        .iter()
+        .zip(&ctl.acked)
+        .filter(|(_, acked)| acked[w].load(Ordering::Acquire) == epoch)
+        .fold((0, 0), |(owed, back), (f, _)| {
+            let (s, b) = (
+                f[w].sent.load(Ordering::Relaxed),
+                f[w].back.load(Ordering::Relaxed),
+            );
+            (owed + s.saturating_sub(b), back + b)
+        })
 }
 
 /// Kills every worker and waits (bounded) for each; used when a run is abandoned at start.
@@ -349,6 +356,9 @@ pub(crate) struct Monitor<'a> {
     /// [`KILL_GRACE`]); their tokens are already reclaimed. Reaped when the kernel lets them go.
     pub(crate) undying: Vec<(u32, ChildProcess)>,
     pub(crate) exits: Vec<WorkerExit>,
+    /// `(worker, death)` of each record in `exits`, to add the tokens producers took back
+    /// after that death (`Control::reclaimed`) to it.
+    exit_deaths: Vec<(u32, usize)>,
     pub(crate) restarts: u32,
     pub(crate) faults: u32,
     pub(crate) interrupted: Option<String>,
@@ -393,6 +403,7 @@ impl<'a> Monitor<'a> {
             procs,
             undying: Vec::new(),
             exits: Vec::new(),
+            exit_deaths: Vec::new(),
             restarts: 0,
             faults: 0,
             interrupted: None,
@@ -406,13 +417,8 @@ impl<'a> Monitor<'a> {
     }
 
     /// One round: wait up to a tick for a worker to exit, then reap, give up on stuck ones,
-    /// restart the dead (once every producer not `producer_gone` has cleaned up after them),
-    /// and run the handshake and stall checks.
-    ///
-    /// `producer_gone` is asked after the deaths of this round are published (`alive[w]`
-    /// false, the epoch bumped), so a producer that appeared since the last round is waited
-    /// for too.
-    pub(crate) fn tick(&mut self, producer_gone: &dyn Fn() -> Vec<bool>) {
+    /// restart the dead, and run the handshake and stall checks.
+    pub(crate) fn tick(&mut self) {
         let workers = self.procs.len() as u32;
         let live: Vec<u32> = (0..workers)
             .filter(|&w| self.procs[w as usize].is_some())
@@ -428,10 +434,8 @@ impl<'a> Monitor<'a> {
             })
             .chain(self.undying.iter().map(|(_, c)| c.exit_fd()))
             .collect();
-        // While a restart waits for the producers' acknowledgements, or a killed worker for
-        // its death, look again soon.
-        let busy = !self.pending_restart.is_empty()
-            || self.procs.iter().flatten().any(|p| p.killed.is_some());
+        // While a killed worker is waited for, look again soon.
+        let busy = self.procs.iter().flatten().any(|p| p.killed.is_some());
         let tick = if busy {
             Duration::from_millis(1)
         } else {
@@ -446,8 +450,20 @@ impl<'a> Monitor<'a> {
         self.stderr.forward(&mut self.stderr_pending);
         self.reap_exited(&ready);
         self.give_up_on_stuck();
-        self.restart_dead(&producer_gone());
+        self.restart_dead();
         self.watch();
+        self.add_reclaimed();
+    }
+
+    /// Adds the tokens producers took back after each death to that death's record.
+    pub(crate) fn add_reclaimed(&mut self) {
+        let taken =
+            std::mem::take(&mut *self.ctl.reclaimed.lock().unwrap_or_else(|e| e.into_inner()));
+        for (w, death, n) in taken {
+            if let Some(k) = self.exit_deaths.iter().position(|&e| e == (w, death)) {
+                self.exits[k].reclaimed_tokens += n;
+            }
+        }
     }
 
     pub(crate) fn stop_with(&mut self, why: String) {
@@ -466,7 +482,9 @@ impl<'a> Monitor<'a> {
         how: Option<ExitKind>,
     ) {
         let ctl = self.ctl;
-        let faulted = ctl.kill[w as usize].swap(false, Ordering::AcqRel);
+        // The incarnation that died: the deaths of its slot before it started.
+        let incarnation = ctl.death_epoch[w as usize].load(Ordering::Acquire);
+        let faulted = ctl.kill[w as usize].load(Ordering::Acquire) == incarnation + 1;
         // (A quiet retirement says so twice: the worker's state, which only its retiring sets,
         // and its exit status; a function that merely exits 73 is a death.)
         self.retired[w as usize] = killed.is_none()
@@ -501,9 +519,26 @@ impl<'a> Monitor<'a> {
             how_words = format!("{r}; {how_words}");
         }
         // Before the death is published: producers read it when they clean up.
+        let words = format!("worker {w} (pid {pid}) {how_words}");
         *ctl.last_exit[w as usize]
             .lock()
-            .unwrap_or_else(|e| e.into_inner()) = format!("worker {w} (pid {pid}) {how_words}");
+            .unwrap_or_else(|e| e.into_inner()) = words.clone();
+        // What the producers that had opened their rings to this incarnation need to clean up
+        // after it, kept for each until it does: its replacement starts without waiting for
+        // them, and overwrites the worker's status.
+        let status = &self.seg.worker(w).status;
+        let note = DeathNote {
+            death: incarnation + 1,
+            current: status.current.load(Ordering::Relaxed),
+            current_item: status.current_item.load(Ordering::Relaxed),
+            stalled: matches!(killed, Some(KillReason::Stalled(_))),
+            how: words,
+        };
+        for (acked, notes) in ctl.acked.iter().zip(&ctl.notes) {
+            if acked[w as usize].load(Ordering::Acquire) == incarnation {
+                *notes[w as usize].lock().unwrap_or_else(|e| e.into_inner()) = Some(note.clone());
+            }
+        }
         ctl.alive[w as usize].store(false, Ordering::Release);
         ctl.death_epoch[w as usize].fetch_add(1, Ordering::AcqRel);
         ctl.changes.fetch_add(1, Ordering::AcqRel);
@@ -513,6 +548,7 @@ impl<'a> Monitor<'a> {
         // (Deaths only: a pool that replaces its workers every few tasks on purpose would
         // otherwise keep a record of each, without bound.)
         if !self.retired[w as usize] {
+            self.exit_deaths.push((w, incarnation + 1));
             self.exits.push(WorkerExit {
                 worker: w,
                 pid,
@@ -562,9 +598,6 @@ impl<'a> Monitor<'a> {
         };
         if wp.killed.is_some() {
             return;
-        }
-        if matches!(why, KillReason::Stalled(_)) {
-            self.ctl.stalled[w].store(true, Ordering::Release);
         }
         match wp.child.kill() {
             Ok(()) => wp.killed = Some((Instant::now(), why)),
@@ -620,11 +653,11 @@ impl<'a> Monitor<'a> {
         self.ctl.abandoned[w as usize].load(Ordering::Acquire)
     }
 
-    /// Starts replacements for dead workers once every producer has cleaned up after them.
-    ///
-    /// `producer_gone[p]`: producer `p` never started or has ended (panicked); it will never
-    /// acknowledge, and is not waited for.
-    pub(crate) fn restart_dead(&mut self, producer_gone: &[bool]) {
+    /// Starts replacements for dead workers, at once: a replacement does not wait for the
+    /// producer handles to clean up after the death (one that is not calling in would hold
+    /// it back for as long), but serves each handle's rings only once that handle has (see
+    /// [`HeadLine::open_for`](crate::layout::HeadLine::open_for)).
+    pub(crate) fn restart_dead(&mut self) {
         let pending = std::mem::take(&mut self.pending_restart);
         for w in pending {
             let ctl = self.ctl;
@@ -657,20 +690,6 @@ impl<'a> Monitor<'a> {
                     self.gone_for_good[w as usize] = true;
                 }
             }
-            let epoch = ctl.death_epoch[w as usize].load(Ordering::Acquire);
-            if producer_gone.iter().enumerate().any(|(p, &gone)| {
-                !gone && ctl.acked[p][w as usize].load(Ordering::Acquire) != epoch
-            }) {
-                // (Still waited for when given up: what the producers took back is counted.)
-                self.pending_restart.push(w);
-                continue;
-            }
-            let reclaimed = ctl.reclaimed[w as usize].swap(0, Ordering::Relaxed);
-            if !self.retired[w as usize] {
-                if let Some(e) = self.exits.iter_mut().rev().find(|e| e.worker == w) {
-                    e.reclaimed_tokens = reclaimed;
-                }
-            }
             if self.gone_for_good[w as usize] {
                 continue;
             }
@@ -688,11 +707,11 @@ impl<'a> Monitor<'a> {
             ws.status
                 .state
                 .store(WorkerState::Empty as u32, Ordering::Relaxed);
-            // A producer may have flagged the dead process after it was reaped (while
-            // draining its rings); that request must not kill the replacement.
-            ctl.kill[w as usize].store(false, Ordering::Release);
-            ctl.stalled[w as usize].store(false, Ordering::Release);
-            match spawn_worker(self.image, self.stderr, self.seg, (self.spec)(w)) {
+            // (A producer's request to kill the dead process, made after it was reaped, names
+            // that incarnation: it does not kill the replacement.)
+            let mut spec = (self.spec)(w);
+            spec.incarnation = ctl.death_epoch[w as usize].load(Ordering::Acquire) as u64;
+            match spawn_worker(self.image, self.stderr, self.seg, spec) {
                 Ok(p) => {
                     self.restarts += 1;
                     if std::mem::take(&mut self.retired[w as usize]) {
@@ -762,7 +781,10 @@ impl<'a> Monitor<'a> {
                     Err(why) => action = Some(KillReason::Start(why)),
                 }
             }
-            if action.is_none() && ctl.kill[w].load(Ordering::Acquire) {
+            if action.is_none()
+                && ctl.kill[w].load(Ordering::Acquire)
+                    == ctl.death_epoch[w].load(Ordering::Acquire) + 1
+            {
                 action = Some(KillReason::Fault);
             }
             if action.is_none() && wp.attached {
@@ -814,6 +836,8 @@ impl<'a> Monitor<'a> {
     /// [`KILL_WAIT`] more. Whatever is still there then is stuck in the kernel: it is named in
     /// the report rather than waited for.
     pub(crate) fn shut_down(&mut self) -> Vec<Unreaped> {
+        // (Every handle is gone by now, having cleaned up after every death it had to.)
+        self.add_reclaimed();
         self.seg.shutdown_flag().store(1, Ordering::Release);
         for w in 0..self.procs.len() as u32 {
             Doorbell::new(&self.seg.worker(w).bell).ring(&Futex);
