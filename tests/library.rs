@@ -2739,6 +2739,95 @@ fn a_timeout_blames_only_the_running_task() {
     );
 }
 
+/// Three handles on three threads, each sending a few tasks, then idling for a random spell
+/// with them out (no call into the pool at all), then taking every answer, while workers are
+/// killed at random: no task is lost or answered wrong, out of place and in place with copies
+/// kept, whichever handle was away at each death. `MK1_SOAK_SECS` makes each mode run longer
+/// (default 3 s).
+fn handles_that_idle_with_tasks_out_lose_nothing_under_kills() {
+    for (mode, keep_copies) in [(Mode::OutOfPlace, false), (Mode::InPlace, true)] {
+        let secs: u64 = std::env::var("MK1_SOAK_SECS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(3);
+        let pool = Pool::builder()
+            .workers(2)
+            .producers(3)
+            .mode(mode)
+            .keep_copies(keep_copies)
+            .max_retries(1000)
+            .kernels(kernels())
+            .build()
+            .unwrap();
+        let stop = std::sync::atomic::AtomicBool::new(false);
+        let task = Task::op("affine:2,1").unwrap();
+        let (kills, answered) = std::thread::scope(|s| {
+            let handles: Vec<_> = (0..3u64)
+                .map(|h| {
+                    let (pool, task, stop) = (&pool, &task, &stop);
+                    s.spawn(move || {
+                        let producer = pool.producer().unwrap();
+                        let mut rng = h * 7919 + 1;
+                        let mut next = || {
+                            rng ^= rng << 13;
+                            rng ^= rng >> 7;
+                            rng ^= rng << 17;
+                            rng
+                        };
+                        let mut answered = 0u64;
+                        let mut tag = 0f64;
+                        while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                            let mut out = std::collections::HashMap::new();
+                            for _ in 0..1 + next() % 6 {
+                                tag += 1.0;
+                                let n = 1 + (next() % 300) as u32;
+                                let mut loan = producer.loan::<f64>(Shape::d1(n)).unwrap();
+                                loan.as_mut_slice().fill(tag);
+                                let t = producer.submit(loan, task).unwrap();
+                                out.insert(t, (tag, n as usize));
+                            }
+                            // Away, with tasks out: no call at all.
+                            std::thread::sleep(Duration::from_millis(next() % 120));
+                            while !out.is_empty() {
+                                let done = producer
+                                    .recv_timeout(Duration::from_secs(30))
+                                    .unwrap_or_else(|| panic!("handle {h}: {out:?} unanswered"));
+                                let (tag, n) = out.remove(&done.ticket()).expect("ours");
+                                let v = done.output::<f64>().unwrap_or_else(|e| {
+                                    panic!("handle {h}, {mode:?}: task {tag} failed: {e}")
+                                });
+                                assert_eq!(v.as_slice(), &vec![2.0 * tag + 1.0; n][..]);
+                                answered += 1;
+                            }
+                        }
+                        answered
+                    })
+                })
+                .collect();
+            let mut kills = 0u32;
+            let t0 = Instant::now();
+            let mut k = 0u64;
+            while t0.elapsed() < Duration::from_secs(secs) {
+                std::thread::sleep(Duration::from_millis(30 + (k * 37) % 90));
+                k += 1;
+                let pids = pool.worker_pids();
+                if let Some(&pid) = pids.get(k as usize % pids.len().max(1)) {
+                    if alive(pid) {
+                        unsafe_free_kill(pid);
+                        kills += 1;
+                    }
+                }
+            }
+            stop.store(true, std::sync::atomic::Ordering::Relaxed);
+            let answered: u64 = handles.into_iter().map(|t| t.join().unwrap()).sum();
+            (kills, answered)
+        });
+        assert!(kills >= 5, "{mode:?}: only {kills} kills");
+        assert!(answered > 100, "{mode:?}: only {answered} tasks");
+        eprintln!("    {mode:?}: {answered} tasks answered right through {kills} kills");
+    }
+}
+
 /// Out of place, and in place with copies kept, `map` loses nothing while workers are killed
 /// at random: every result comes back, in order and right. `MK1_SOAK_SECS` makes each mode run
 /// longer (default 3 s).
@@ -3732,6 +3821,10 @@ fn main() {
         (
             "an_idle_handle_holds_back_no_restart",
             an_idle_handle_holds_back_no_restart,
+        ),
+        (
+            "handles_that_idle_with_tasks_out_lose_nothing_under_kills",
+            handles_that_idle_with_tasks_out_lose_nothing_under_kills,
         ),
         (
             "a_map_dropped_early_leaves_nothing_behind",
