@@ -15,7 +15,7 @@ use crate::sync::{AtomicU32, AtomicU64};
 /// `b"mk1-seg\0"` as a little-endian u64: the first eight bytes of every segment.
 pub const MAGIC: u64 = u64::from_le_bytes(*b"mk1-seg\0");
 /// Bumped on every change to a `repr(C)` struct in this module.
-pub const LAYOUT_VERSION: u32 = 11;
+pub const LAYOUT_VERSION: u32 = 12;
 /// Separation between data written by different processes (two 64-byte lines: the adjacent-line
 /// prefetcher on x86_64 pulls pairs, see crossbeam's `CachePadded`).
 pub const LINE: u64 = 128;
@@ -422,11 +422,11 @@ pub struct HeadLine {
     /// Entries ever popped. Written only by the consuming side (Release), read by the producer
     /// (Acquire) when the ring looks full. Monotonic; `head <= tail`.
     pub count: AtomicU64,
-    /// In a ring to a worker: the incarnation of that worker slot (its deaths so far when it
-    /// started, [`crate::coordinator::Control`]'s `death_epoch`) that the producer handle has
-    /// opened this ring and its way back to. Written by the handle (Release) once it has
-    /// cleaned up after the slot's last death and zeroed both rings; a worker attaches to the
-    /// pair only while this equals its own incarnation (Acquire), so a replacement never
+    /// In a ring to a worker: which incarnation of that worker slot (the slot's deaths before
+    /// it started) the producer handle has opened this ring and its way back to, as the value
+    /// only that incarnation knows (`Control::gate`; 0: none). Written by the handle (Release)
+    /// once it has cleaned up after the slot's last death and zeroed both rings; a worker
+    /// attaches to the pair only once this equals its own (Acquire), so a replacement never
     /// reads a ring the handle has not yet cleaned up after, and the replacement need not
     /// wait for handles that are not calling in. Rarely written: it shares the consumer's
     /// line. Unused in rings from a worker.

@@ -240,10 +240,10 @@ pub struct WorkerSpec {
     pub spin: SpinMode,
     /// The fingerprint of the pool's kernel registry ([`Registry::fingerprint`]).
     pub tasks: u64,
-    /// Which incarnation of its slot this process is: the slot's deaths before it started.
-    /// It serves a producer handle's rings only once that handle has opened them to this
-    /// incarnation ([`HeadLine::open_for`](crate::layout::HeadLine::open_for)).
-    pub incarnation: u64,
+    /// The value that opens a producer handle's rings to this process, which is one
+    /// incarnation of its slot ([`HeadLine::open_for`](crate::layout::HeadLine::open_for)): it
+    /// serves a handle's rings only once that handle has stored this there.
+    pub gate: u64,
 }
 
 impl WorkerSpec {
@@ -252,13 +252,13 @@ impl WorkerSpec {
         let cpu = self.cpu.map_or("-".to_string(), |c| c.to_string());
         let spin = self.spin.code();
         format!(
-            "{},{},{},{},{cpu},{spin},{:x},{}",
+            "{},{},{},{},{cpu},{spin},{:x},{:x}",
             self.fd,
             self.index,
             self.coordinator,
             self.kernel.name(),
             self.tasks,
-            self.incarnation
+            self.gate
         )
     }
 
@@ -276,7 +276,7 @@ impl WorkerSpec {
         };
         let spin = SpinMode::from_code(it.next()?.parse().ok()?)?;
         let tasks = u64::from_str_radix(it.next()?, 16).ok()?;
-        let incarnation = it.next()?.parse().ok()?;
+        let gate = u64::from_str_radix(it.next()?, 16).ok()?;
         if it.next().is_some() {
             return None;
         }
@@ -288,7 +288,7 @@ impl WorkerSpec {
             cpu,
             spin,
             tasks,
-            incarnation,
+            gate,
         })
     }
 }
@@ -554,7 +554,7 @@ pub fn serve(spec: WorkerSpec, registry: &Registry) -> Result<(), WorkerError> {
     let opened = |p: u32| {
         let (ctl, _) = seg.ring(p, spec.index, Direction::ToWorker);
         // Acquire: pairs with the handle's Release once it has zeroed both rings.
-        ctl.head.open_for.load(Ordering::Acquire) == spec.incarnation
+        ctl.head.open_for.load(Ordering::Acquire) == spec.gate
     };
     let my_bell = Doorbell::new(&me.bell);
     let shutdown = seg.shutdown_flag();
@@ -563,8 +563,10 @@ pub fn serve(spec: WorkerSpec, registry: &Registry) -> Result<(), WorkerError> {
     let mut same_cpu_yields = 0u32;
     let mut processed_total: u64 = 0;
 
+    // Rounds of work until closed rings are looked at again (also whenever a round finds none).
+    let mut busy_rounds = 0u32;
     loop {
-        if closed > 0 {
+        if closed > 0 && busy_rounds.is_multiple_of(GATE_LOOK_EVERY) {
             for (p, r) in rings.iter_mut().enumerate() {
                 if r.is_none() && opened(p as u32) {
                     *r = Some(attach_rings(&seg, p as u32, spec.index)?);
@@ -659,6 +661,11 @@ pub fn serve(spec: WorkerSpec, registry: &Registry) -> Result<(), WorkerError> {
                 did += n;
             }
         }
+        busy_rounds = if did > 0 {
+            busy_rounds.wrapping_add(1)
+        } else {
+            0
+        };
         if did > 0 {
             processed += did as u64;
             me.status.heartbeat.store(processed, Ordering::Relaxed);
@@ -709,6 +716,11 @@ pub fn serve(spec: WorkerSpec, registry: &Registry) -> Result<(), WorkerError> {
         }
     }
 }
+
+/// While busy, a worker looks whether a handle has opened its rings to it every this many rounds
+/// of work (a handle that never did, say a producer index never used, would otherwise cost a
+/// load per round), and at once when a round finds none.
+const GATE_LOOK_EVERY: u32 = 64;
 
 /// Producer `p`'s rings to and from worker `w`, attached as they are (the handle zeroed them
 /// before it opened them to this process).
@@ -765,14 +777,14 @@ mod tests {
             cpu: Some(1),
             spin: SpinMode::Long,
             tasks: 0x1,
-            incarnation: 7,
+            gate: 0x7a11_5eed,
         };
         assert_eq!(WorkerSpec::parse(&s.encode()), Some(s));
         let s = WorkerSpec {
             cpu: None,
             spin: SpinMode::Never,
             tasks: 0xdead_beef,
-            incarnation: 0,
+            gate: 1,
             ..s
         };
         assert_eq!(WorkerSpec::parse(&s.encode()), Some(s));
@@ -789,7 +801,7 @@ mod tests {
             "1,2,3,avx2,-,1,-,-",
             "1,2,3,avx2,-,1,ff,-",
             "1,2,3,avx2,-,1,ff,0,-",
-            "1,2,3,avx2,-,1,ff,-1",
+            "1,2,3,avx2,-,1,ff,x1",
         ] {
             assert_eq!(WorkerSpec::parse(bad), None, "{bad}");
         }

@@ -2199,6 +2199,29 @@ fn a_handle_taken_during_a_restart_does_not_block_it() {
         b.recv().unwrap().output::<u8>().unwrap().as_slice(),
         &[2, 3, 4]
     );
+    // A handle dropped before a death it never saw: the next one made in its place finds the
+    // rings as the dead worker left them, and gets them served by the replacement.
+    drop(a);
+    let before = pool.worker_pids();
+    unsafe_free_kill(before[1]);
+    assert_eq!(restarts_reaching(&pool, 2, || {}), 2);
+    let c = pool.producer().unwrap();
+    let mut by = std::collections::HashSet::new();
+    for k in 0..200u8 {
+        let mut loan = c.loan::<u8>(Shape::d1(1)).unwrap();
+        loan.copy_from_slice(&[k]);
+        c.submit(loan, &Task::op("add:1").unwrap()).unwrap();
+        let done = c.recv_timeout(Duration::from_secs(20)).expect("answered");
+        assert_eq!(
+            done.output::<u8>().unwrap().as_slice(),
+            &[k.wrapping_add(1)]
+        );
+        by.insert(done.worker());
+        if by.len() == 2 && k > 20 {
+            break;
+        }
+    }
+    assert_eq!(by.len(), 2, "both workers serve the new handle: {by:?}");
 }
 
 /// A handle that does not call in (its thread busy elsewhere, or parked) holds back neither

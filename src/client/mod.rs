@@ -836,7 +836,7 @@ fn monitor_main(sh: &Shared, started: &std::sync::mpsc::Sender<Result<(), RunErr
         cpu: sh.worker_cpus.get(w as usize).copied(),
         spin: sh.spin,
         tasks: fingerprint,
-        incarnation: 0,
+        gate: sh.ctl.gate(w, 0),
     };
     let procs = match start_workers(
         &sh.image,

@@ -406,44 +406,51 @@ impl<'s> Core<'s> {
         let seg = &sh.seg;
         let layout = seg.layout();
         let workers = layout.params().workers;
-        let (mut to, mut from, mut bells) = (Vec::new(), Vec::new(), Vec::new());
-        let mut faulted = vec![false; workers as usize];
-        for w in 0..workers {
-            // Every token of this share is home (the last handle drained), so the rings are
-            // empty; a worker that scribbled on them is faulted, and its rings are zeroed again
-            // after its death.
-            let (c, e) = seg.ring(p, w, Direction::ToWorker);
-            let t = RingProducer::new(c, e);
-            let (c2, e2) = seg.ring(p, w, Direction::FromWorker);
-            let f = RingConsumer::new(c2, e2);
-            match (t, f) {
-                (Ok(t), Ok(f)) => {
-                    to.push(t);
-                    from.push(f);
-                }
-                _ => {
-                    faulted[w as usize] = true;
-                    to.push(RingProducer::reset(c, e));
-                    from.push(RingConsumer::after_reset(c2, e2));
-                }
-            }
-            bells.push(Doorbell::new(&seg.worker(w).bell));
-        }
         let w = workers as usize;
+        // First: a death or restart published from here on moves it, so this handle follows
+        // it at its first call, whatever it reads of the epochs and `alive` below.
+        let seen_changes = sh.ctl.changes.load(Ordering::Acquire);
         // Deaths before this handle existed are not ours to clean up (every token of this share
         // was home, so the rings hold nothing of them): acknowledge them at once, and open the
-        // rings to each worker as it is now. Rings found corrupt stay closed: that worker is
-        // killed, and its replacement gets them once this handle has seen its death.
+        // rings to each worker as it is now.
         let seen_epoch: Vec<usize> = (0..w)
             .map(|i| sh.ctl.death_epoch[i].load(Ordering::Acquire))
             .collect();
-        for (i, &e) in seen_epoch.iter().enumerate() {
-            sh.ctl.acked[p as usize][i].store(e, Ordering::Release);
-            if faulted[i] {
-                sh.ctl.kill[i].fetch_max(e + 1, Ordering::AcqRel);
+        let (mut to, mut from, mut bells) = (Vec::new(), Vec::new(), Vec::new());
+        let mut faulted = vec![false; w];
+        for (i, &epoch) in seen_epoch.iter().enumerate() {
+            sh.ctl.acked[p as usize][i].store(epoch, Ordering::Release);
+            let (c, e) = seg.ring(p, i as u32, Direction::ToWorker);
+            let (c2, e2) = seg.ring(p, i as u32, Direction::FromWorker);
+            // Rings the worker serves now: taken as they are (every token is home, so they are
+            // empty; a worker that scribbled on them is faulted and killed, and they are zeroed
+            // after its death). Rings no live process serves (none opened them to it, or it
+            // died before this handle's predecessor cleaned up after it): zeroed, then opened.
+            let served = c.head.open_for.load(Ordering::Acquire) == sh.ctl.gate(i as u32, epoch);
+            let kept = if served {
+                RingProducer::new(c, e)
+                    .and_then(|t| Ok((t, RingConsumer::new(c2, e2)?)))
+                    .ok()
             } else {
-                open_rings(seg, p, i, e);
+                None
+            };
+            match kept {
+                Some((t, f)) => {
+                    to.push(t);
+                    from.push(f);
+                }
+                None => {
+                    to.push(RingProducer::reset(c, e));
+                    from.push(RingConsumer::after_reset(c2, e2));
+                    if served {
+                        faulted[i] = true;
+                        sh.ctl.kill[i].fetch_max(epoch + 1, Ordering::AcqRel);
+                    } else {
+                        open_rings(sh, p, i, epoch);
+                    }
+                }
             }
+            bells.push(Doorbell::new(&seg.worker(i as u32).bell));
         }
         let sent: Vec<u64> = (0..w)
             .map(|i| sh.ctl.flow[p as usize][i].sent.load(Ordering::Relaxed))
@@ -467,7 +474,7 @@ impl<'s> Core<'s> {
                 .collect(),
             faulted,
             seen_epoch,
-            seen_changes: sh.ctl.changes.load(Ordering::Acquire),
+            seen_changes,
             draining: false,
             back: sent.clone(),
             sent,
@@ -826,15 +833,15 @@ impl<'s> Core<'s> {
         if !self.faulted[w] {
             self.faulted[w] = true;
             self.usable[w] = false;
+            // The incarnation this handle's rings were opened to: a request made late, about
+            // one already replaced, neither kills its replacement nor explains its death.
+            let incarnation = self.seen_epoch[w];
             self.sh
                 .ctl
                 .fault_reasons
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
-                .push((w as u32, why));
-            // (The incarnation this handle's rings were opened to: a request made late, about
-            // one already replaced, does not kill its replacement.)
-            let incarnation = self.seen_epoch[w];
+                .push((w as u32, incarnation, why));
             self.sh.ctl.kill[w].fetch_max(incarnation + 1, Ordering::AcqRel);
         }
     }
@@ -971,7 +978,7 @@ impl<'s> Core<'s> {
         // the rest of the batch is not failed with it).
         let (current, running_item, timed_out, how) = match note {
             Some(n) => (n.current, n.current_item, n.stalled, n.how),
-            None => (NO_TASK, NO_ITEM, false, exit_words(ctl, w)),
+            None => (NO_TASK, NO_ITEM, false, format!("worker {w} exited")),
         };
         // Tasks written to its ring at or after what it had taken were never popped, so never
         // started: their slots are as submitted, in either mode.
@@ -1159,7 +1166,7 @@ impl<'s> Core<'s> {
                 // Acknowledged before the rings open: a death of the incarnation that serves
                 // them then finds this handle among those to leave a note for.
                 self.sh.ctl.acked[self.p as usize][w].store(epoch, Ordering::Release);
-                open_rings(&self.sh.seg, self.p, w, epoch);
+                open_rings(self.sh, self.p, w, epoch);
             }
             let ctl = &self.sh.ctl;
             if ctl.abandoned[w].load(Ordering::Acquire) && !self.gave_up[w] {
@@ -1400,19 +1407,11 @@ impl<'s> Core<'s> {
 /// Opens producer `p`'s rings to and from worker `w` to incarnation `epoch` of it (see
 /// [`HeadLine::open_for`](crate::layout::HeadLine::open_for)); Release: whatever this handle
 /// did to them before (zeroing them after a death) is visible to that worker once it attaches.
-fn open_rings(seg: &crate::shm::Segment, p: u32, w: usize, epoch: usize) {
-    let (ctl, _) = seg.ring(p, w as u32, Direction::ToWorker);
-    ctl.head.open_for.store(epoch as u64, Ordering::Release);
-}
-
-/// How a worker's last exit was described (for `WorkerDied`).
-fn exit_words(ctl: &crate::coordinator::Control, w: usize) -> String {
-    let words = ctl.last_exit[w].lock().unwrap_or_else(|e| e.into_inner());
-    if words.is_empty() {
-        format!("worker {w} exited")
-    } else {
-        words.clone()
-    }
+fn open_rings(sh: &Shared, p: u32, w: usize, epoch: usize) {
+    let (ctl, _) = sh.seg.ring(p, w as u32, Direction::ToWorker);
+    ctl.head
+        .open_for
+        .store(sh.ctl.gate(w as u32, epoch), Ordering::Release);
 }
 
 /// One submitting thread's handle on a [`super::Pool`]: its own share of the slots and its own
@@ -1425,10 +1424,10 @@ fn exit_words(ctl: &crate::coordinator::Control, w: usize) -> String {
 /// timeout per worker).
 ///
 /// A handle takes part in recovering from a worker's death (it takes back what it had sent
-/// there) whenever it is used: any call. A dead worker is replaced once every live handle has
-/// done so, so a handle left idle while others work delays replacements: their work goes on
-/// with the workers still alive, and when none is (a pool of one worker, say), it waits for
-/// the replacement, that is for the idle handle to be used or dropped.
+/// there) whenever it is used: any call. A dead worker is replaced at once, and the
+/// replacement serves each handle once that handle has done so: a handle left idle holds back
+/// neither the replacement nor the other handles, and finds its own tasks redone or failed,
+/// as that death left them, when it is used again.
 pub struct Producer<'pool> {
     core: RefCell<Core<'pool>>,
     /// The pool's shared state (also in the core; here to reach the segment without a borrow).

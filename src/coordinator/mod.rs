@@ -105,10 +105,11 @@ pub(crate) struct Control {
     /// (0: none). Raised with `fetch_max`, so a late request about an incarnation already
     /// replaced neither kills the replacement nor hides a request about it.
     pub(crate) kill: Vec<AtomicUsize>,
-    /// Why, for the report (cold path).
-    pub(crate) fault_reasons: Mutex<Vec<(u32, String)>>,
-    /// How worker `w` last ended, in words (written before its death is published).
-    pub(crate) last_exit: Vec<Mutex<String>>,
+    /// Why, for the report (cold path): `(worker, incarnation, why)`.
+    pub(crate) fault_reasons: Mutex<Vec<(u32, usize, String)>>,
+    /// The keys of [`Control::gate`]: drawn at random when the pool starts, never in shared
+    /// memory.
+    gate_keys: std::hash::RandomState,
     /// Every worker is gone for good; producers give up on what is left.
     pub(crate) no_workers: AtomicBool,
     /// `abandoned[w]`: worker `w` could not be killed; producers give up its tokens as lost
@@ -141,7 +142,7 @@ impl Control {
             reclaimed: Mutex::new(Vec::new()),
             kill: (0..workers).map(|_| AtomicUsize::new(0)).collect(),
             fault_reasons: Mutex::new(Vec::with_capacity(16)),
-            last_exit: (0..workers).map(|_| Mutex::new(String::new())).collect(),
+            gate_keys: std::hash::RandomState::new(),
             no_workers: AtomicBool::new(false),
             abandoned: per_worker(),
             flow: (0..producers)
@@ -155,6 +156,19 @@ impl Control {
                 })
                 .collect(),
         }
+    }
+}
+
+impl Control {
+    /// The value that opens a handle's rings to incarnation `epoch` of worker `w`
+    /// ([`HeadLine::open_for`](crate::layout::HeadLine::open_for)): a keyed hash (SipHash, keys
+    /// drawn at random, in this process only), never 0, the zeroed gate. The incarnation finds
+    /// its own in its start-up spec; no earlier process can know it, so not even a stray write
+    /// of a dying worker that lands on a gate lets a replacement in before its handle has
+    /// cleaned up after that death.
+    pub(crate) fn gate(&self, w: u32, epoch: usize) -> u64 {
+        use std::hash::BuildHasher;
+        self.gate_keys.hash_one((w, epoch as u64)) | 1
     }
 }
 

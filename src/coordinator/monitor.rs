@@ -503,29 +503,26 @@ impl<'a> Monitor<'a> {
             None if faulted || how == Some(ExitKind::Exited(EXIT_BAD_SEGMENT)) => self.faults += 1,
             None => {}
         }
-        // Take (not just read) this slot's reasons: they belong to this process, not to its
+        // Take (not just read) this process's reasons, and drop any left about earlier ones
+        // of its slot (a handle that found a dead one's leftovers late): none concerns its
         // replacement.
         let reason = {
             let mut reasons = ctl.fault_reasons.lock().unwrap_or_else(|e| e.into_inner());
             let last = reasons
                 .iter()
                 .rev()
-                .find(|(fw, _)| *fw == w)
-                .map(|(_, r)| r.clone());
-            reasons.retain(|(fw, _)| *fw != w);
+                .find(|&&(fw, inc, _)| (fw, inc) == (w, incarnation))
+                .map(|(_, _, r)| r.clone());
+            reasons.retain(|&(fw, inc, _)| fw != w || inc > incarnation);
             last
         };
         if let Some(r) = reason {
             how_words = format!("{r}; {how_words}");
         }
-        // Before the death is published: producers read it when they clean up.
         let words = format!("worker {w} (pid {pid}) {how_words}");
-        *ctl.last_exit[w as usize]
-            .lock()
-            .unwrap_or_else(|e| e.into_inner()) = words.clone();
-        // What the producers that had opened their rings to this incarnation need to clean up
-        // after it, kept for each until it does: its replacement starts without waiting for
-        // them, and overwrites the worker's status.
+        // Before the death is published: what the producers that had opened their rings to
+        // this incarnation need to clean up after it, kept for each until it does (its
+        // replacement starts without waiting for them, and overwrites the worker's status).
         let status = &self.seg.worker(w).status;
         let note = DeathNote {
             death: incarnation + 1,
@@ -710,7 +707,7 @@ impl<'a> Monitor<'a> {
             // (A producer's request to kill the dead process, made after it was reaped, names
             // that incarnation: it does not kill the replacement.)
             let mut spec = (self.spec)(w);
-            spec.incarnation = ctl.death_epoch[w as usize].load(Ordering::Acquire) as u64;
+            spec.gate = ctl.gate(w, ctl.death_epoch[w as usize].load(Ordering::Acquire));
             match spawn_worker(self.image, self.stderr, self.seg, spec) {
                 Ok(p) => {
                     self.restarts += 1;
@@ -720,6 +717,10 @@ impl<'a> Monitor<'a> {
                     self.procs[w as usize] = Some(p);
                     ctl.alive[w as usize].store(true, Ordering::Release);
                     ctl.changes.fetch_add(1, Ordering::AcqRel);
+                    // A handle asleep with work for no worker left sends it now.
+                    for p in 0..self.seg.layout().params().producers {
+                        Doorbell::new(&self.seg.producer(p).bell).ring(&Futex);
+                    }
                 }
                 Err(e) => {
                     self.stop_with(format!(
@@ -902,6 +903,8 @@ impl<'a> Monitor<'a> {
             })
             .collect();
         left.sort_by_key(|u| u.worker);
+        // (Handles left after `Pool::terminate` may have taken tokens back meanwhile.)
+        self.add_reclaimed();
         left
     }
 }
