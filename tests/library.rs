@@ -2769,10 +2769,7 @@ fn a_timeout_blames_only_the_running_task() {
 /// (default 3 s).
 fn handles_that_idle_with_tasks_out_lose_nothing_under_kills() {
     for (mode, keep_copies) in [(Mode::OutOfPlace, false), (Mode::InPlace, true)] {
-        let secs: u64 = std::env::var("MK1_SOAK_SECS")
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(3);
+        let secs = soak_secs();
         let pool = Pool::builder()
             .workers(2)
             .producers(3)
@@ -2827,21 +2824,10 @@ fn handles_that_idle_with_tasks_out_lose_nothing_under_kills() {
                     })
                 })
                 .collect();
-            let mut kills = 0u32;
-            let t0 = Instant::now();
-            let mut k = 0u64;
-            while t0.elapsed() < Duration::from_secs(secs) {
-                std::thread::sleep(Duration::from_millis(30 + (k * 37) % 90));
-                k += 1;
-                let pids = pool.worker_pids();
-                if let Some(&pid) = pids.get(k as usize % pids.len().max(1)) {
-                    if alive(pid) {
-                        unsafe_free_kill(pid);
-                        kills += 1;
-                    }
-                }
-            }
+            let killer = s.spawn(|| kill_workers_until(&pool, &stop));
+            std::thread::sleep(Duration::from_secs(secs));
             stop.store(true, std::sync::atomic::Ordering::Relaxed);
+            let kills = killer.join().unwrap();
             let answered: u64 = handles.into_iter().map(|t| t.join().unwrap()).sum();
             (kills, answered)
         });
@@ -2859,11 +2845,38 @@ fn map_survives_random_worker_kills() {
     map_under_kills(Mode::InPlace, true);
 }
 
-fn map_under_kills(mode: Mode, keep_copies: bool) {
-    let secs: u64 = std::env::var("MK1_SOAK_SECS")
+/// Seconds a soak runs each mode: `MK1_SOAK_SECS`, 3 by default.
+fn soak_secs() -> u64 {
+    std::env::var("MK1_SOAK_SECS")
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(3);
+        .unwrap_or(3)
+}
+
+/// Kills a worker of `pool` every 40 to 130 ms, in turn, until `stop`; how many it killed.
+fn kill_workers_until(pool: &Pool, stop: &std::sync::atomic::AtomicBool) -> u32 {
+    let mut kills = 0u32;
+    let mut k = 0u64;
+    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+        std::thread::sleep(Duration::from_millis(40 + (k * 37) % 90));
+        k += 1;
+        // (Only running workers are listed: one being replaced is missing.)
+        let pids = pool.worker_pids();
+        let Some(&pid) = pids.get(k as usize % pids.len().max(1)) else {
+            continue;
+        };
+        if alive(pid) {
+            let _ = std::process::Command::new("kill")
+                .args(["-9", &pid.to_string()])
+                .status();
+            kills += 1;
+        }
+    }
+    kills
+}
+
+fn map_under_kills(mode: Mode, keep_copies: bool) {
+    let secs = soak_secs();
     let pool = Pool::builder()
         .workers(2)
         .mode(mode)
@@ -2875,26 +2888,7 @@ fn map_under_kills(mode: Mode, keep_copies: bool) {
     let mut producer = pool.producer().unwrap();
     let stop = std::sync::atomic::AtomicBool::new(false);
     let kills = std::thread::scope(|s| {
-        let killer = s.spawn(|| {
-            let mut kills = 0u32;
-            let mut k = 0u64;
-            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                std::thread::sleep(Duration::from_millis(40 + (k * 37) % 90));
-                k += 1;
-                // (Only running workers are listed: one being replaced is missing.)
-                let pids = pool.worker_pids();
-                let Some(&pid) = pids.get(k as usize % pids.len().max(1)) else {
-                    continue;
-                };
-                if alive(pid) {
-                    let _ = std::process::Command::new("kill")
-                        .args(["-9", &pid.to_string()])
-                        .status();
-                    kills += 1;
-                }
-            }
-            kills
-        });
+        let killer = s.spawn(|| kill_workers_until(&pool, &stop));
         let t0 = Instant::now();
         let mut round = 0u32;
         while t0.elapsed() < Duration::from_secs(secs) {
