@@ -837,7 +837,7 @@ impl<'a> Monitor<'a> {
     /// [`KILL_WAIT`] more. Whatever is still there then is stuck in the kernel: it is named in
     /// the report rather than waited for.
     pub(crate) fn shut_down(&mut self) -> Vec<Unreaped> {
-        // (Every handle is gone by now, having cleaned up after every death it had to.)
+        // (Handles gone by now have cleaned up after every death they had to.)
         self.add_reclaimed();
         self.seg.shutdown_flag().store(1, Ordering::Release);
         for w in 0..self.procs.len() as u32 {
