@@ -2762,6 +2762,47 @@ fn a_timeout_blames_only_the_running_task() {
     );
 }
 
+/// Answers a handle has not received yet (its caller away for longer than the worker
+/// timeout) are not tasks the worker still holds: the worker is not taken for hung. Then a
+/// task that really hangs is still killed on time.
+fn unreceived_answers_do_not_look_hung() {
+    let timeout = Duration::from_millis(500);
+    let pool = Pool::builder()
+        .workers(1)
+        .producers(2)
+        .mode(Mode::OutOfPlace)
+        .worker_timeout(timeout)
+        .queue_ahead(Duration::MAX)
+        .kernels(kernels())
+        .build()
+        .unwrap();
+    let (a, b) = (pool.producer().unwrap(), pool.producer().unwrap());
+    let pids = pool.worker_pids();
+    let tickets: Vec<_> = (0..3).map(|k| submit_sleep(&b, 10, f64::from(k))).collect();
+    // `b` is away for four timeouts, and nobody else calls in.
+    std::thread::sleep(timeout * 4);
+    assert_eq!(pool.restarts(), 0, "no worker was killed");
+    assert_eq!(pool.worker_pids(), pids);
+    let t = submit_sleep(&a, 1, 5.0);
+    let done = a.recv_timeout(Duration::from_secs(20)).expect("answered");
+    assert_eq!(done.ticket(), t);
+    assert_eq!(done.output::<f64>().unwrap().as_slice(), &[10.0]);
+    for (k, t) in tickets.iter().enumerate() {
+        let done = b.recv_timeout(Duration::from_secs(20)).expect("answered");
+        assert_eq!(done.ticket(), *t);
+        assert_eq!(done.output::<f64>().unwrap().as_slice(), &[2.0 * k as f64]);
+    }
+    let t0 = Instant::now();
+    submit_sleep(&a, 60_000, 1.0);
+    let done = a.recv_timeout(Duration::from_secs(20)).expect("answered");
+    assert_eq!(done.error(), Some(&TaskError::Timeout(timeout)));
+    assert!(
+        t0.elapsed() < timeout * 4,
+        "killed after {:?}",
+        t0.elapsed()
+    );
+}
+
 /// Three handles on three threads, each sending a few tasks, then idling for a random spell
 /// with them out (no call into the pool at all), then taking every answer, while workers are
 /// killed at random: no task is lost or answered wrong, out of place and in place with copies
@@ -3838,6 +3879,10 @@ fn main() {
         (
             "an_idle_handle_holds_back_no_restart",
             an_idle_handle_holds_back_no_restart,
+        ),
+        (
+            "unreceived_answers_do_not_look_hung",
+            unreceived_answers_do_not_look_hung,
         ),
         (
             "handles_that_idle_with_tasks_out_lose_nothing_under_kills",

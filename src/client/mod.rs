@@ -448,7 +448,10 @@ impl PoolBuilder {
     }
 
     /// A worker that holds tasks and returns none for this long is killed and replaced; the
-    /// task it was running fails with [`TaskError::Timeout`]. Default 10 s.
+    /// task it was running fails with [`TaskError::Timeout`]. Default 10 s. Answers it has
+    /// returned that a handle has not received yet (its caller away) are not tasks it holds,
+    /// and a handle that has not called in since the worker's slot last died does not count
+    /// (the tasks it had out there are the dead process's).
     pub fn worker_timeout(mut self, d: Duration) -> Self {
         self.worker_timeout = d;
         self

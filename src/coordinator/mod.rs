@@ -116,8 +116,9 @@ pub(crate) struct Control {
     /// (the run has stopped issuing, so their slots are never reused).
     pub(crate) abandoned: Vec<AtomicBool>,
     /// `flow[p][w]`: tokens producer `p` has sent to worker `w` and has had back (returned or
-    /// reclaimed). Process-local, written only by producer `p`, so the watchdog's notion of
-    /// "owes tokens and makes no progress" cannot be faked by a worker.
+    /// reclaimed). Process-local, written only by producer `p`, so no worker can make the
+    /// watchdog count fewer tasks out than were sent (see `monitor::flow_of` for the answers
+    /// it counts from the rings).
     pub(crate) flow: Vec<Box<[Flow]>>,
 }
 

@@ -7,7 +7,7 @@ use std::sync::atomic::AtomicBool;
 use std::time::{Duration, Instant};
 
 use crate::config::Config;
-use crate::layout::WorkerState;
+use crate::layout::{Direction, WorkerState};
 use crate::report::{Unreaped, WorkerExit};
 use crate::shm::Segment;
 use crate::sync::Ordering;
@@ -20,7 +20,7 @@ use super::{Control, DeathNote, RunError, KILL_GRACE, KILL_WAIT, PAUSE_GAP, SHUT
 /// A running worker process as the monitor sees it.
 pub(crate) struct WorkerProc {
     pub(crate) child: ChildProcess,
-    /// Tokens back from this worker slot at the last change (from `flow_of`).
+    /// Answers this worker slot had pushed at the last change (from `flow_of`).
     pub(crate) progress: u64,
     /// When `progress` last changed (or the worker owed nothing).
     pub(crate) last_beat: Instant,
@@ -310,23 +310,38 @@ pub(crate) fn attach_state(seg: &Segment, w: u32) -> Result<bool, String> {
     Ok(true)
 }
 
-/// `(owed, progress)` of worker `w` from the producers' own counts: tokens sent and not yet
-/// back, and tokens back so far.
-pub(crate) fn flow_of(ctl: &Control, w: usize) -> (u64, u64) {
-    // Only the handles that have cleaned up after the slot's last death: another's tokens are
-    // those the dead process held, which its replacement is not to be blamed for.
+/// `(owed, progress)` of worker `w`: the tasks it holds (sent by the producers and not yet
+/// answered), and the answers it has pushed so far, from the handles that have cleaned up after
+/// the slot's last death (another's tokens are those the dead process held, which its
+/// replacement is not to be blamed for).
+///
+/// Tokens sent and not yet back come from each producer's own counts, which no worker can
+/// fake. Of those, the answers already pushed to its ring and not yet received do not count as
+/// held: a handle whose caller is away holds its answers there, and a worker that has answered
+/// everything is not hung. Those come from the ring's counters, which the worker writes, so they
+/// are capped at what that handle has out (a worker that pushes more than it holds is caught
+/// when the handle reads the ring, as any corrupt ring is). The progress is the sum of the
+/// answers pushed: it moves only when the worker answers, not when a caller receives, and it
+/// grows while the incarnation lives (each ring counted was zeroed before it was opened to it).
+pub(crate) fn flow_of(ctl: &Control, seg: &Segment, w: usize) -> (u64, u64) {
     let epoch = ctl.death_epoch[w].load(Ordering::Acquire);
-    ctl.flow
-        .iter()
-        .zip(&ctl.acked)
-        .filter(|(_, acked)| acked[w].load(Ordering::Acquire) == epoch)
-        .fold((0, 0), |(owed, back), (f, _)| {
-            let (s, b) = (
-                f[w].sent.load(Ordering::Relaxed),
-                f[w].back.load(Ordering::Relaxed),
-            );
-            (owed + s.saturating_sub(b), back + b)
-        })
+    let mut owed = 0u64;
+    let mut pushed = 0u64;
+    for (p, (f, acked)) in ctl.flow.iter().zip(&ctl.acked).enumerate() {
+        if acked[w].load(Ordering::Acquire) != epoch {
+            continue;
+        }
+        let out = f[w]
+            .sent
+            .load(Ordering::Relaxed)
+            .saturating_sub(f[w].back.load(Ordering::Relaxed));
+        let (ring, _) = seg.ring(p as u32, w as u32, Direction::FromWorker);
+        let tail = ring.tail.count.load(Ordering::Acquire);
+        let unread = tail.saturating_sub(ring.head.count.load(Ordering::Acquire));
+        owed += out - unread.min(out);
+        pushed = pushed.wrapping_add(tail);
+    }
+    (owed, pushed)
 }
 
 /// Kills every worker and waits (bounded) for each; used when a run is abandoned at start.
@@ -789,10 +804,10 @@ impl<'a> Monitor<'a> {
                 action = Some(KillReason::Fault);
             }
             if action.is_none() && wp.attached {
-                let (owed, back) = flow_of(ctl, w);
-                if back != wp.progress || owed == 0 || wp.idle {
+                let (owed, pushed) = flow_of(ctl, seg, w);
+                if pushed != wp.progress || owed == 0 || wp.idle {
                     wp.idle = owed == 0;
-                    wp.progress = back;
+                    wp.progress = pushed;
                     wp.last_beat = now;
                 } else if now - stop_seen.map_or(wp.last_beat, |t| t.max(wp.last_beat)) > timeout {
                     action = Some(KillReason::Stalled(timeout));
