@@ -692,8 +692,7 @@ where
                 type E<I> = <<I as Iterator>::Item as AsArray>::Elem;
                 let (shape, bytes) = drained_item::<E<I>>(&c, k);
                 let token = c.map_drain.as_ref().expect("a drain holds its slot");
-                let results = &c.sh.seg.result_bytes(token)[bytes];
-                let out = Array::from_trusted(copied_vec(cast::<E<I>>(results)), shape);
+                let out = copy_out::<E<I>>(&c.sh.seg.result_bytes(token)[bytes], shape);
                 // Copied: nothing reads the slot any more, so after its last array it goes
                 // home now (a map forgotten after this call does not keep it).
                 self.end_drain(&mut c);
@@ -861,9 +860,21 @@ fn class_holding(classes: &[crate::layout::SlotClass], context_len: u64, bytes: 
 /// `results` into an array of its own.
 #[inline]
 fn copy_result<T: Element>(results: &[u8], item: &ItemDesc, shape: Shape) -> Array<T> {
+    copy_out(&results[item_bytes::<T>(item, shape)], shape)
+}
+
+/// `bytes` (an output of `T` and `shape`) copied into an array of its own.
+#[inline]
+fn copy_out<T: Element>(bytes: &[u8], shape: Shape) -> Array<T> {
+    Array::from_trusted(copied_vec(cast::<T>(bytes)), shape)
+}
+
+/// Where the output of the array `item` describes, of `T` and `shape`, lies in its slot's
+/// results.
+#[inline]
+fn item_bytes<T: Element>(item: &ItemDesc, shape: Shape) -> std::ops::Range<usize> {
     let at = item.offset as usize;
-    let n = shape.bytes(T::DTYPE) as usize;
-    Array::from_trusted(copied_vec(cast::<T>(&results[at..at + n])), shape)
+    at..at + shape.bytes(T::DTYPE) as usize
 }
 
 /// Array `k` of the slot a map is draining (`Core::map_drain`), of `T`: its shape, and where
@@ -872,8 +883,7 @@ fn drained_item<T: Element>(c: &Core<'_>, k: usize) -> (Shape, std::ops::Range<u
     let token = c.map_drain.as_ref().expect("a drain holds its slot");
     let item = &c.records[token.slot() as usize].desc.items[k];
     let shape = Shape::from_raw(item.ndim, item.shape).expect("ours");
-    let at = item.offset as usize;
-    (shape, at..at + shape.bytes(T::DTYPE) as usize)
+    (shape, item_bytes::<T>(item, shape))
 }
 
 /// Whether a completion of some map (this one's, or a forgotten one's to release) is ready.

@@ -470,6 +470,13 @@ impl<'a> Monitor<'a> {
         self.add_reclaimed();
     }
 
+    /// Wakes every producer handle that sleeps, to look at what the monitor just published.
+    fn ring_producers(&self) {
+        for p in 0..self.seg.layout().params().producers {
+            Doorbell::new(&self.seg.producer(p).bell).ring(&Futex);
+        }
+    }
+
     /// Adds the tokens producers took back after each death to that death's record.
     pub(crate) fn add_reclaimed(&mut self) {
         let taken =
@@ -554,9 +561,7 @@ impl<'a> Monitor<'a> {
         ctl.alive[w as usize].store(false, Ordering::Release);
         ctl.death_epoch[w as usize].fetch_add(1, Ordering::AcqRel);
         ctl.changes.fetch_add(1, Ordering::AcqRel);
-        for p in 0..self.seg.layout().params().producers {
-            Doorbell::new(&self.seg.producer(p).bell).ring(&Futex);
-        }
+        self.ring_producers();
         // (Deaths only: a pool that replaces its workers every few tasks on purpose would
         // otherwise keep a record of each, without bound.)
         if !self.retired[w as usize] {
@@ -733,9 +738,7 @@ impl<'a> Monitor<'a> {
                     ctl.alive[w as usize].store(true, Ordering::Release);
                     ctl.changes.fetch_add(1, Ordering::AcqRel);
                     // A handle asleep with work for no worker left sends it now.
-                    for p in 0..self.seg.layout().params().producers {
-                        Doorbell::new(&self.seg.producer(p).bell).ring(&Futex);
-                    }
+                    self.ring_producers();
                 }
                 Err(e) => {
                     self.stop_with(format!(
