@@ -2,9 +2,12 @@
 //! parsed and checked by it; data is read and written as raw little-endian bytes straight into
 //! and out of slot memory.
 //!
-//! Accepted: the ten dtypes of [`DType`], little-endian (or byte-sized), C order, any shape
-//! (0-d included). Refused with a reason: big-endian, Fortran order, structured, object,
-//! complex, bool, strings, dates, and files shorter than their header says.
+//! Accepted: the ten dtypes of [`DType`] in either byte order, C or Fortran order, any shape
+//! (0-d included). Big-endian data is read in little-endian order (as numpy's own arithmetic
+//! on such an array gives its result in the machine's order); the memory order is kept as the
+//! file says, for [`write_atomically`] to write the result in it. Refused with a reason:
+//! structured, object, complex, bool, float16, strings, dates, and files shorter than their
+//! header says.
 
 use std::fs::File;
 use std::io::{self, BufReader, Read, Seek, Write};
@@ -25,6 +28,11 @@ pub struct NpyInfo {
     pub data_offset: u64,
     /// Bytes of data (elements × element size).
     pub data_bytes: u64,
+    /// The file's elements are in Fortran (column-major) order. Elementwise work does not
+    /// care; a result written with the same order and shape holds the same array.
+    pub fortran_order: bool,
+    /// The file's elements are big-endian; [`read_data`] gives them little-endian.
+    pub big_endian: bool,
 }
 
 impl NpyInfo {
@@ -118,17 +126,9 @@ pub fn inspect(path: &Path) -> Result<NpyInfo, NpyError> {
         )))
         }
     };
-    if size > 1 && ts.endianness() == Endianness::Big {
-        return Err(bad(format!(
-            "big-endian dtype {ts}: convert it first, e.g. a.astype(a.dtype.newbyteorder('<'))"
-        )));
-    }
-    if header.order() == Order::Fortran && header.shape().len() > 1 {
-        return Err(bad(
-            "Fortran (column-major) order: save a C-ordered copy, e.g. np.save(f, np.ascontiguousarray(a))"
-                .into(),
-        ));
-    }
+    let big_endian = size > 1 && ts.endianness() == Endianness::Big;
+    // (A 0-d or 1-d array is the same in either order.)
+    let fortran_order = header.order() == Order::Fortran && header.shape().len() > 1;
     let elements = header
         .shape()
         .iter()
@@ -148,10 +148,13 @@ pub fn inspect(path: &Path) -> Result<NpyInfo, NpyError> {
         shape: header.shape().to_vec(),
         data_offset,
         data_bytes,
+        fortran_order,
+        big_endian,
     })
 }
 
-/// Reads the data of a file [`inspect`] accepted into `out` (exactly `info.data_bytes`).
+/// Reads the data of a file [`inspect`] accepted into `out` (exactly `info.data_bytes`), in
+/// the file's memory order, each element little-endian (swapped from a big-endian file).
 ///
 /// # Errors
 /// The file could not be read (changed or shrunk since it was inspected, say).
@@ -175,7 +178,13 @@ pub fn read_data(path: &Path, info: &NpyInfo, out: &mut [u8]) -> Result<(), NpyE
         } else {
             io_err(e)
         }
-    })
+    })?;
+    if info.big_endian {
+        for element in out.chunks_exact_mut(info.dtype.size()) {
+            element.reverse();
+        }
+    }
+    Ok(())
 }
 
 fn type_str(dtype: DType) -> &'static str {
@@ -193,7 +202,9 @@ fn type_str(dtype: DType) -> &'static str {
     }
 }
 
-/// Writes an array to `path` atomically: a reader never sees a partial file, and a writer
+/// Writes an array of `dtype` (little-endian) and `shape` to `path`, its `data` in Fortran
+/// (column-major) order if `fortran_order` (as [`NpyInfo::fortran_order`]), else in C order;
+/// atomically: a reader never sees a partial file, and a writer
 /// stopped at any point, even by SIGKILL, leaves no partial file behind; on error `path` is
 /// untouched.
 ///
@@ -208,6 +219,7 @@ pub fn write_atomically(
     path: &Path,
     dtype: DType,
     shape: &[u64],
+    fortran_order: bool,
     data: &[u8],
 ) -> Result<(), NpyError> {
     let io_err = |source| NpyError::Io {
@@ -227,6 +239,11 @@ pub fn write_atomically(
         let w = npyz::WriteOptions::new_header_only()
             .dtype(npyz::DType::Plain(ts))
             .shape(shape)
+            .order(if fortran_order {
+                Order::Fortran
+            } else {
+                Order::C
+            })
             .writer(&mut w)
             .write_header_only()?;
         w.write_all(data)?;
@@ -313,7 +330,7 @@ mod tests {
         for (n, fill) in [(4u8, 1u8), (6, 2)] {
             // First a new name (linked in place), then over an existing file (renamed over).
             let data = vec![fill; usize::from(n)];
-            write_atomically(&p, DType::U8, &[u64::from(n)], &data).unwrap();
+            write_atomically(&p, DType::U8, &[u64::from(n)], false, &data).unwrap();
             let info = inspect(&p).unwrap();
             let mut back = vec![0u8; info.data_bytes as usize];
             read_data(&p, &info, &mut back).unwrap();
@@ -325,7 +342,7 @@ mod tests {
             assert_eq!(names, ["out.npy"], "nothing else in the directory");
         }
         // A directory that does not exist: an error naming the file, nothing made.
-        let e = write_atomically(&d.join("no/such.npy"), DType::U8, &[1], &[0]).unwrap_err();
+        let e = write_atomically(&d.join("no/such.npy"), DType::U8, &[1], false, &[0]).unwrap_err();
         assert!(e.to_string().contains("such.npy"), "{e}");
         std::fs::remove_dir_all(&d).unwrap();
     }
@@ -335,7 +352,7 @@ mod tests {
         let d = tmpdir("rt");
         let p = d.join("a.npy");
         let data: Vec<u8> = (0..24u8).collect();
-        write_atomically(&p, DType::I16, &[3, 4], &data).unwrap();
+        write_atomically(&p, DType::I16, &[3, 4], false, &data).unwrap();
         let info = inspect(&p).unwrap();
         assert_eq!(info.dtype, DType::I16);
         assert_eq!(info.shape, vec![3, 4]);
@@ -362,7 +379,20 @@ mod tests {
         let at = swapped.windows(3).position(|w| w == b"<i2").unwrap();
         swapped[at] = b'>';
         std::fs::write(&be, &swapped).unwrap();
-        assert!(inspect(&be).unwrap_err().to_string().contains("big-endian"));
+        // The same bytes, now big-endian elements: read back, each element's bytes swap.
+        let info = inspect(&be).unwrap();
+        assert!(info.big_endian && !info.fortran_order);
+        read_data(&be, &info, &mut back).unwrap();
+        let want: Vec<u8> = data.chunks(2).flat_map(|e| [e[1], e[0]]).collect();
+        assert_eq!(back, want);
+        // Fortran order: kept in the header written, the data as it was.
+        let f = d.join("f.npy");
+        write_atomically(&f, DType::I16, &[3, 4], true, &data).unwrap();
+        let info = inspect(&f).unwrap();
+        assert!(info.fortran_order && !info.big_endian);
+        assert_eq!(info.shape, vec![3, 4]);
+        read_data(&f, &info, &mut back).unwrap();
+        assert_eq!(back, data);
         let missing = inspect(&d.join("missing.npy")).unwrap_err().to_string();
         assert!(missing.contains("missing.npy"), "{missing}");
         // No temporary file is left behind.

@@ -350,6 +350,12 @@ fn write_result(input: &Input, done: &Completion<'_>) -> Result<(), String> {
     let bytes = done
         .output_bytes()
         .map_err(|e| format!("{}: {e}", input.path.display()))?;
-    npy::write_atomically(&input.out, input.info.dtype, &input.info.shape, bytes)
-        .map_err(|e| e.to_string())
+    npy::write_atomically(
+        &input.out,
+        input.info.dtype,
+        &input.info.shape,
+        input.info.fortran_order,
+        bytes,
+    )
+    .map_err(|e| e.to_string())
 }
