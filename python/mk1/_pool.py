@@ -37,6 +37,9 @@ _WAIT = 0.05  # longest wait inside Rust before Python checks for Ctrl-C (second
 # results at most), so that one slow call does not stop the workers (multiprocessing's imap
 # takes its whole input).
 _REORDER = 4096
+# A zero_copy map lends results of at least this many bytes; smaller ones come as read-only
+# copies: below it, a copy costs less than a view of shared memory (bench_zero_copy.py).
+_LEND_MIN = 64 << 10
 _POOLS: "weakref.WeakSet[Pool]" = weakref.WeakSet()  # live pools, for fork()
 
 
@@ -1725,10 +1728,11 @@ class Pool:
         result there (same dtype and shape as the input) and returns None: zero-copy both
         ways.
 
-        With ``zero_copy=True`` each result is a read-only array lent from shared memory: its
-        slot goes back when the array (and every view of it) is gone, so drop results as you
-        go (and behind a slow array, the map waits once ``slots`` results wait for it).
-        Otherwise results are new arrays.
+        With ``zero_copy=True`` each result of 64 KiB or more is a read-only array lent from
+        shared memory: its slot goes back when the array (and every view of it) is gone, so
+        drop results as you go (and behind a slow array, the map waits once ``slots`` results
+        wait for it). Smaller results come as read-only copies (cheaper than a view, and they
+        hold no slot). Otherwise results are new arrays.
 
         The first failed array raises its exception when the iteration reaches it (see
         ``submit``) and ends the iteration, as ``concurrent.futures``' ``map`` does (``imap``
@@ -1940,6 +1944,9 @@ class Pool:
             # (A batch of calls is never redone whole: its calls are, each on its own, see
             # below; each call's redos then add up to max_retries.)
             0 if batched else None,
+            # Zero-copy, a small result is copied all the same (read-only, as a lent one):
+            # a copy of it costs less than a view, and it holds no slot.
+            _LEND_MIN if zero_copy else 0,
         )
 
         def waited(fut: Future):

@@ -572,13 +572,13 @@ impl Shared {
 
     /// Receives one completion, waiting at most `timeout` seconds with the GIL released. A
     /// map's result goes to its map (`Ok(Some(None))`); any other comes back.
-    /// `lend_to`: the map (a `zero_copy` one) whose single-array results are lent, not copied;
-    /// results of anything else are copied.
+    /// `lend_to`: the map (a `zero_copy` one, or one of batches) whose single-array results of
+    /// at least the bytes given are lent, not copied; results of anything else are copied.
     fn recv(
         &self,
         py: Python<'_>,
         timeout: f64,
-        lend_to: Option<u64>,
+        lend_to: Option<(u64, usize)>,
     ) -> PyResult<Option<Option<Got>>> {
         self.orphans.adopt(false);
         let p = self.producer();
@@ -606,15 +606,19 @@ impl Shared {
         let dtype = done.dtype().name();
         let shape = PyTuple::new(py, done.shape().dims().iter().copied())?;
         let owner = self.router.borrow_mut().owner.remove(&ticket);
-        let lend = matches!((&owner, lend_to), (Some((map, _)), Some(to)) if *map == to);
+        let lend = match (&owner, lend_to) {
+            (Some((map, _)), Some((to, least))) if *map == to => Some(least),
+            _ => None,
+        };
         let arrays = owner.as_ref().map_or(1, |(_, indices)| indices.len());
-        let mut results = match self.results_of(py, done, lend) {
+        let (mut results, lent) = match self.results_of(py, done, lend) {
             Ok(results) => results,
             // The results could not be made here (memory, say): each array still gets an
             // answer, this error, so no future or map waits for it forever.
             Err(e) if !e.is_instance_of::<pyo3::exceptions::PyKeyboardInterrupt>(py) => {
                 let e = e.into_value(py).into_any();
-                (0..arrays).map(|_| (false, e.bind(py).clone())).collect()
+                let failed = (0..arrays).map(|_| (false, e.bind(py).clone())).collect();
+                (failed, false)
             }
             Err(e) => return Err(e),
         };
@@ -623,7 +627,7 @@ impl Shared {
             if let Some(state) = router.maps.get_mut(&map) {
                 state.in_flight -= indices.len();
                 for (index, (ok, payload)) in indices.into_iter().zip(results) {
-                    let lent = lend && ok;
+                    let lent = lent && ok;
                     if let (false, Some(ahead)) = (lent, &state.ahead) {
                         // A copy waiting for its turn holds no slot: it counts as one spilled.
                         let bytes = if ok { nbytes_of(&payload) } else { 0 };
@@ -652,15 +656,20 @@ impl Shared {
         )))
     }
 
-    /// Each array's `(ok, result or exception)`: new numpy arrays, or for a single array with
-    /// `lend`, a read-only array lent from shared memory (its slot goes home when it is gone).
+    /// Each array's `(ok, result or exception)`, and whether the result was lent: new numpy
+    /// arrays, or for a single array of at least `lend` bytes, a read-only array lent from
+    /// shared memory (its slot goes home when it is gone).
     fn results_of<'py>(
         &self,
         py: Python<'py>,
         done: Completion<'static>,
-        lend: bool,
-    ) -> PyResult<Vec<(bool, Bound<'py, PyAny>)>> {
-        if lend && done.len() == 1 && done.error().is_none() {
+        lend: Option<usize>,
+    ) -> PyResult<(Vec<(bool, Bound<'py, PyAny>)>, bool)> {
+        let lend = match (lend, done.output_bytes()) {
+            (Some(least), Ok(bytes)) => done.len() == 1 && bytes.len() >= least,
+            _ => false,
+        };
+        if lend && done.error().is_none() {
             let dtype = done.dtype().name();
             let shape = PyTuple::new(py, done.shape().dims().iter().copied())?;
             let bytes = done
@@ -688,9 +697,9 @@ impl Shared {
                 .import("numpy")?
                 .call_method1("frombuffer", (view, dtype))?
                 .call_method1("reshape", (shape,))?;
-            return Ok(vec![(true, a)]);
+            return Ok((vec![(true, a)], true));
         }
-        (0..done.len())
+        let results = (0..done.len())
             .map(|k| {
                 Ok(match done.item_bytes(k) {
                     Err(e) => (false, task_error(py, &e)),
@@ -700,7 +709,8 @@ impl Shared {
                     ),
                 })
             })
-            .collect()
+            .collect::<PyResult<_>>()?;
+        Ok((results, false))
     }
 }
 
@@ -1038,7 +1048,7 @@ impl PoolCore {
 
     /// A map over the Python iterator `inputs` (see `MapIter`); `retries` as for `submit`.
     #[allow(clippy::too_many_arguments)]
-    #[pyo3(signature = (inputs, op, context, ordered, lend, window, reorder, prepare, route, timeout=None, retries=None))]
+    #[pyo3(signature = (inputs, op, context, ordered, lend, window, reorder, prepare, route, timeout=None, retries=None, lend_min=0))]
     fn map_iter(
         &self,
         inputs: Bound<'_, PyAny>,
@@ -1052,6 +1062,7 @@ impl PoolCore {
         route: Bound<'_, PyAny>,
         timeout: Option<f64>,
         retries: Option<u32>,
+        lend_min: usize,
     ) -> PyResult<MapIter> {
         let deadline = timeout
             .map(|t| std::time::Instant::now() + Duration::from_secs_f64(t.clamp(0.0, YEAR_S)));
@@ -1080,7 +1091,7 @@ impl PoolCore {
             route: route.unbind(),
             task,
             ordered,
-            lend,
+            lend: lend.then_some(lend_min),
             window: window.max(1),
             reorder,
             ahead,
@@ -1281,7 +1292,9 @@ struct MapIter {
     route: Py<PyAny>,
     task: Task,
     ordered: bool,
-    lend: bool,
+    /// Its single-array results of at least these bytes are lent from shared memory; the
+    /// others are copied. `None`: all are copied.
+    lend: Option<usize>,
     /// Arrays in flight or waiting to be read in their slots, at most.
     window: usize,
     /// Inputs taken ahead of the next result out, at most, while results wait for it out of
@@ -1394,7 +1407,7 @@ impl MapIter {
                 timeout = timeout.min(left.as_secs_f64());
             }
         }
-        match sh.recv(py, timeout, self.lend.then_some(self.id))? {
+        match sh.recv(py, timeout, self.lend.map(|least| (self.id, least)))? {
             None => {
                 py.check_signals()?;
                 Ok(false)
@@ -1461,7 +1474,7 @@ impl MapIter {
                     // (Only when other threads hold lent results, or when this map may go
                     // past its window: alone, a map's own waiting results never hold the slot
                     // it needs, as its window is one short.)
-                    if self.lend
+                    if self.lend.is_some()
                         && (sh.orphans.lent_elsewhere()
                             || (self.reorder > 0 && self.ordered && self.ahead().has_room()))
                         && self.spill(py, sh)?

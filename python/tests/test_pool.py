@@ -171,6 +171,32 @@ def no_leftovers():
         assert set(os.listdir("/dev/shm")) - shm_before == set(), "files left in /dev/shm"
 
 
+_DEFAULT_LEND_MIN = mk1._pool._LEND_MIN
+
+
+@pytest.fixture(autouse=True)
+def lend_every_result(monkeypatch):
+    """A zero_copy map lends results of 64 KiB and more and copies smaller ones; the tests of
+    lending use small arrays, so here every result of such a map is lent (except under
+    ``default_lend_min``)."""
+    monkeypatch.setattr(mk1._pool, "_LEND_MIN", 0)
+
+
+@pytest.fixture
+def default_lend_min(monkeypatch):
+    """The package's own threshold for lending (undoes ``lend_every_result``)."""
+    monkeypatch.setattr(mk1._pool, "_LEND_MIN", _DEFAULT_LEND_MIN)
+
+
+def lent(y) -> bool:
+    """Whether the array ``y`` is (a view of) shared memory lent by mk1."""
+    while y is not None and not isinstance(y, (bytes, bytearray)):
+        if type(y).__name__ == "View":
+            return True
+        y = getattr(y, "base", None)
+    return False
+
+
 @pytest.fixture
 def tmp_path():
     """A scratch directory removed after the test (pytest's own keeps the last runs in /tmp)."""
@@ -1021,6 +1047,27 @@ def test_ctrl_c_stops_cleanly_with_nothing_left(tmp_path):
 def slow_sleep(x):
     time.sleep(float(x[0]))
     return x
+
+
+def test_zero_copy_lends_large_results_and_copies_small_ones(default_lend_min):
+    """Below 64 KiB a copy costs less than a view of shared memory: such results come as
+    read-only copies, which hold no slot, so they may all be kept; larger ones are lent."""
+    with mk1.Pool(workers=1, slots=4) as p:
+        small = [np.full((127, 128), i, dtype=np.float32) for i in range(12)]  # 65024 bytes
+        kept = list(p.map(mk1.ops.affine(3, 1), small, zero_copy=True))
+        kept += list(p.map(x3p1, small, zero_copy=True))
+        assert len(kept) == 24 and not any(lent(y) for y in kept)
+        assert all(not y.flags.writeable for y in kept)
+        assert [float(y[5, 7]) for y in kept] == [i * 3.0 + 1 for i in range(12)] * 2
+        large = [np.full((128, 128), i, dtype=np.float32) for i in range(12)]  # 65536 bytes
+        for fn in (mk1.ops.affine(3, 1), x3p1):
+            for i, y in enumerate(p.map(fn, large, zero_copy=True)):
+                assert lent(y) and not y.flags.writeable and float(y[127, 127]) == i * 3 + 1
+                del y
+            with pytest.raises(mk1.Mk1Error, match="still referenced"):
+                list(p.map(fn, large, zero_copy=True))
+        # Copied results, all the same (no zero_copy): never lent.
+        assert not any(lent(y) for y in p.map(x3p1, large[:2]))
 
 
 def test_zero_copy_results_may_be_kept_while_the_map_goes_on():
