@@ -664,7 +664,7 @@ impl Shared {
         py: Python<'py>,
         done: Completion<'static>,
         lend: Option<usize>,
-    ) -> PyResult<(Vec<(bool, Bound<'py, PyAny>)>, bool)> {
+    ) -> PyResult<(Vec<ItemResult<'py>>, bool)> {
         let lend = match (lend, done.output_bytes()) {
             (Some(least), Ok(bytes)) => done.len() == 1 && bytes.len() >= least,
             _ => false,
@@ -713,6 +713,9 @@ impl Shared {
         Ok((results, false))
     }
 }
+
+/// One array's result: `(ok, the array or the exception)`.
+type ItemResult<'py> = (bool, Bound<'py, PyAny>);
 
 fn start_error(e: PoolError) -> PyErr {
     PoolStartError::new_err(pythonize(&e.to_string()))
