@@ -1039,13 +1039,28 @@ pub fn signal_ignored(sig: i32) -> bool {
     disposition(sig).is_some_and(|old| old.sa_sigaction == libc::SIG_IGN)
 }
 
-/// Ignores SIGINT, SIGTERM and SIGHUP in this process (a worker's first act, in case it was not
-/// started by [`ChildProcess::spawn`]).
-pub fn ignore_job_control_signals() {
+/// The handler [`absorb_job_control_signals`] installs: it does nothing.
+extern "C" fn absorb(_sig: libc::c_int) {}
+
+/// Makes SIGINT, SIGTERM and SIGHUP do nothing in this process (a worker's first act; until
+/// then they are ignored, as [`ChildProcess::spawn`] leaves them across exec).
+///
+/// A handler that does nothing, not SIG_IGN: an ignored signal stays ignored across exec, so
+/// every program a worker's kernel starts (a `std::process::Command`, Python's `subprocess`, a
+/// `multiprocessing` pool) would ignore Ctrl-C and `kill` too, and one that waits for such a
+/// child to stop (`Popen.terminate`, a pool's exit) would hang. Exec resets a handled signal
+/// to its default. (`SA_RESTART`: most system calls of the worker and its kernels go on as if
+/// nothing came; the others return EINTR, which the worker's waits re-check.)
+pub fn absorb_job_control_signals() {
+    // SAFETY: all zeroes is a valid sigaction (plain integers and an empty signal mask).
+    let mut act: libc::sigaction = unsafe { core::mem::zeroed() };
+    act.sa_sigaction = absorb as extern "C" fn(libc::c_int) as libc::sighandler_t;
+    act.sa_flags = libc::SA_RESTART;
     for sig in JOB_CONTROL_SIGNALS {
-        // SAFETY: setting a disposition to SIG_IGN installs no handler code; it cannot violate
-        // any Rust invariant.
-        unsafe { libc::signal(sig, libc::SIG_IGN) };
+        // SAFETY: `act` is a valid sigaction that outlives the call; its handler is a plain
+        // `extern "C"` function that does nothing, so it is async-signal-safe and touches no
+        // Rust state; the old action is not asked for (null).
+        unsafe { libc::sigaction(sig, &act, core::ptr::null_mut()) };
     }
 }
 

@@ -473,8 +473,9 @@ pub fn serve_and_exit(spec: &std::ffi::OsStr, kernels: &Registry) -> ! {
 
 /// The worker loop. Returns when the coordinator asks for shutdown and the rings are empty.
 pub fn serve(spec: WorkerSpec, registry: &Registry) -> Result<(), WorkerError> {
-    // Job-control signals sent to the whole process group are the coordinator's to act on.
-    sys::ignore_job_control_signals();
+    // Job-control signals sent to the whole process group are the coordinator's to act on
+    // (and, through exec, not lost on the programs a kernel starts: see the function).
+    sys::absorb_job_control_signals();
     // Started through /proc/self/fd/N, the process would show as "N" in ps, top and pgrep.
     sys::set_thread_name(&format!("mk1-worker-{}", spec.index));
     // Before anything else: die with the coordinator, and catch the case where it already died.

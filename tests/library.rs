@@ -102,6 +102,41 @@ fn kernels() -> Registry {
                     "the child got descriptors: {fds}"
                 )));
             }
+            // Nor its way with job-control signals: the worker lets them do nothing, but what
+            // it starts stops on them as any program does (ignored ones would stay ignored
+            // across exec: a child that outlives Ctrl-C, a `terminate()` that hangs).
+            let out = std::process::Command::new("grep")
+                .args(["SigIgn", "/proc/self/status"])
+                .output()
+                .map_err(|e| KernelError::new(format!("cannot run grep: {e}")))?;
+            let line = String::from_utf8_lossy(&out.stdout).into_owned();
+            let ignored = line
+                .split_whitespace()
+                .nth(1)
+                .and_then(|hex| u64::from_str_radix(hex, 16).ok())
+                .ok_or_else(|| KernelError::new(format!("no SigIgn in {line:?}")))?;
+            let job_control =
+                (1 << (libc::SIGHUP - 1)) | (1 << (libc::SIGINT - 1)) | (1 << (libc::SIGTERM - 1));
+            if ignored & job_control != 0 {
+                return Err(KernelError::new(format!(
+                    "the child ignores signals: {line}"
+                )));
+            }
+            let mut sleeper = std::process::Command::new("sleep")
+                .arg("10")
+                .spawn()
+                .map_err(|e| KernelError::new(format!("cannot run sleep: {e}")))?;
+            let _ = std::process::Command::new("kill")
+                .args(["-TERM", &sleeper.id().to_string()])
+                .status();
+            let status = sleeper
+                .wait()
+                .map_err(|e| KernelError::new(e.to_string()))?;
+            if std::os::unix::process::ExitStatusExt::signal(&status) != Some(libc::SIGTERM) {
+                return Err(KernelError::new(format!(
+                    "SIGTERM did not end `sleep`: {status}"
+                )));
+            }
             match Pool::builder().workers(1).build() {
                 Err(PoolError::InWorker) => a.io.map(|x| x + 1),
                 Err(e) => Err(KernelError::new(format!("another error: {e}"))),

@@ -15,6 +15,7 @@ import json
 import os
 import pickle
 import runpy
+import signal
 import sys
 import time
 import traceback
@@ -95,6 +96,12 @@ def _init(worker: int, workers: int, codes: dict) -> None:
     global _worker_id, _workers, _init_blob
     _worker_id, _workers = worker, workers
     _CODES.update({np.dtype(name): code for name, code in codes.items()})
+    # Job-control signals do nothing here (the pool acts on them), as mk1's worker loop set
+    # them at the C level, unknown to Python; said again through `signal`, so that
+    # `signal.getsignal` tells the truth, and a function that saves and restores a handler
+    # puts this one back (not SIG_IGN, which every program it runs would inherit).
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, _absorb)
     # Output written with print() shows at once (the worker's stdout is the caller's).
     for stream in (sys.stdout, sys.stderr):
         try:
@@ -153,6 +160,28 @@ _forked = False  # set in a child made by os.fork (a flag is cheaper than a getp
 def _mark_forked() -> None:
     global _forked
     _forked = True
+    if IN_WORKER:
+        _default_job_control_signals()
+
+
+def _absorb(signum, frame) -> None:
+    """The worker's handler of SIGINT, SIGTERM and SIGHUP: nothing (see ``_init``)."""
+
+
+def _default_job_control_signals() -> None:
+    """In a child that a worker's function forked (a ``multiprocessing`` pool's worker, say):
+    Ctrl-C, SIGTERM and SIGHUP act as in any Python process again. The worker itself lets them
+    do nothing (they are the pool's to act on: see mk1's worker); programs it starts with exec
+    get their defaults back by themselves."""
+    for sig, handler in (
+        (signal.SIGINT, signal.default_int_handler),
+        (signal.SIGTERM, signal.SIG_DFL),
+        (signal.SIGHUP, signal.SIG_DFL),
+    ):
+        try:
+            signal.signal(sig, handler)
+        except (OSError, ValueError):  # (not the main thread: the child keeps the worker's)
+            pass
 
 
 if hasattr(os, "register_at_fork"):

@@ -1049,6 +1049,53 @@ def slow_sleep(x):
     return x
 
 
+def job_control_of_children(x):
+    """What becomes of job-control signals in what a worker's function starts: the SigIgn bits
+    of SIGHUP, SIGINT and SIGTERM in a program it runs, how a child it forks and a `sleep` it
+    runs end on SIGTERM."""
+    status = subprocess.run(
+        ["grep", "SigIgn", "/proc/self/status"], capture_output=True, text=True, check=True
+    ).stdout
+    ignored = int(status.split()[1], 16) & ((1 << 0) | (1 << 1) | (1 << 14))
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.write(w, b"up")  # (after the fork hooks ran)
+        time.sleep(10)
+        os._exit(0)
+    os.close(w)
+    os.read(r, 2)
+    os.close(r)
+    os.kill(pid, signal.SIGTERM)
+    forked = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+    p = subprocess.Popen(["sleep", "10"])
+    p.terminate()
+    # What Python says of them in the worker: a handler, not SIG_IGN (which a function that
+    # saves and restores a handler would put back).
+    handled = all(
+        callable(signal.getsignal(s)) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+    )
+    return np.array([ignored, forked, p.wait(timeout=30), handled])
+
+
+def test_what_a_worker_function_starts_stops_on_job_control_signals():
+    """The worker lets Ctrl-C, SIGTERM and SIGHUP do nothing (the pool acts on them), but a
+    program its function runs, or a child it forks, stops on them as usual: inherited
+    ignored signals would leave them running after Ctrl-C, and hang a `terminate()` or a
+    multiprocessing pool's exit."""
+    with mk1.Pool(workers=1) as p:
+        assert p.submit(job_control_of_children, np.zeros(1)).result().tolist() == [
+            0, -signal.SIGTERM, -signal.SIGTERM, 1
+        ]
+        # The worker itself goes on through SIGTERM, SIGINT and SIGHUP.
+        (pid,) = p.worker_pids()
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            os.kill(pid, sig)
+        time.sleep(0.2)
+        assert p.submit(x3p1, np.ones(2)).result().tolist() == [4.0, 4.0]
+        assert p.worker_pids() == [pid] and p.restarts() == 0
+
+
 def test_zero_copy_lends_large_results_and_copies_small_ones(default_lend_min):
     """Below 64 KiB a copy costs less than a view of shared memory: such results come as
     read-only copies, which hold no slot, so they may all be kept; larger ones are lent."""
