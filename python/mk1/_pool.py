@@ -536,7 +536,9 @@ class Future(concurrent.futures.Future):
 
 class AsyncResult:
     """A result to come, as ``multiprocessing.pool.AsyncResult`` (what ``apply_async``,
-    ``map_async`` and ``starmap_async`` return), over a future."""
+    ``map_async`` and ``starmap_async`` return), over a future. As there, it is ready once its
+    ``callback`` or ``error_callback`` has returned: ``get``, ``wait`` and ``ready`` see a
+    result only after the callback is done with it."""
 
     def __init__(
         self,
@@ -545,43 +547,56 @@ class AsyncResult:
         error_callback: Callable[[BaseException], Any] | None = None,
     ) -> None:
         self._fut = fut
-        if callback is not None or error_callback is not None:
+        self._called = threading.Event()  # set once the callback (if any) has run
 
-            def done(f: concurrent.futures.Future) -> None:
+        def done(f: concurrent.futures.Future) -> None:
+            try:
+                if f.cancelled():
+                    return
                 error = f.exception()
                 if error is None:
                     if callback is not None:
                         callback(f.result())
                 elif error_callback is not None:
                     error_callback(error)
+            finally:
+                # (Also when the callback raised: concurrent.futures logs that, and the
+                # result stays the task's.)
+                self._called.set()
 
-            fut.add_done_callback(done)
+        fut.add_done_callback(done)
 
     def get(self, timeout: float | None = None) -> Any:
         """The result (raises the task's exception); ``multiprocessing.TimeoutError`` past
         ``timeout`` seconds."""
-        try:
-            return self._fut.result(timeout)
-        except concurrent.futures.TimeoutError:
-            if concurrent.futures.Future.done(self._fut):
-                # (Its own TimeoutError, or its result came at the deadline.)
-                return concurrent.futures.Future.result(self._fut, 0)
-            raise multiprocessing.TimeoutError() from None
-
-    def wait(self, timeout: float | None = None) -> None:
-        """Waits for the result, at most ``timeout`` seconds."""
+        deadline = None if timeout is None else time.monotonic() + max(0.0, float(timeout))
         try:
             self._fut.exception(timeout)
         except concurrent.futures.TimeoutError:
+            # (Its result may have come at the deadline.)
+            if not concurrent.futures.Future.done(self._fut):
+                raise multiprocessing.TimeoutError() from None
+        if not self._called.wait(_left(deadline)):
+            raise multiprocessing.TimeoutError()
+        return concurrent.futures.Future.result(self._fut, 0)
+
+    def wait(self, timeout: float | None = None) -> None:
+        """Waits for the result (and its callback), at most ``timeout`` seconds."""
+        deadline = None if timeout is None else time.monotonic() + max(0.0, float(timeout))
+        try:
+            self._fut.exception(timeout)
+        except (concurrent.futures.TimeoutError, concurrent.futures.CancelledError):
             pass
+        if concurrent.futures.Future.done(self._fut):
+            self._called.wait(_left(deadline))
 
     def ready(self) -> bool:
-        """Whether the result is there."""
-        return self._fut.done()
+        """Whether the result is there (and its callback has run)."""
+        return self._fut.done() and self._called.is_set()
 
     def successful(self) -> bool:
         """Whether the task succeeded; ``ValueError`` while it is not ready."""
-        if not self._fut.done():
+        if not self.ready():
             raise ValueError(f"{self!r} not ready")
         return self._fut.exception() is None
 

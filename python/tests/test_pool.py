@@ -2807,6 +2807,38 @@ def test_a_map_waiting_on_its_input_holds_up_no_other_thread():
         assert not t.is_alive() and errors, "the map ends with the pool"
 
 
+def test_async_results_are_ready_only_once_their_callbacks_returned():
+    """As multiprocessing's: ``get``, ``wait`` and ``ready`` see a result only after its
+    callback (or error callback) is done with it, so a callback may collect what ``get``'s
+    caller then reads."""
+    with mk1.Pool(workers=2) as p:
+        # The result comes while nobody waits: the pool's own thread receives it and runs the
+        # callback, which is still running when the caller looks.
+        done = []
+        r = p.apply_async(
+            sleeps_then, (0.2, "v"), callback=lambda v: (time.sleep(0.5), done.append(v))
+        )
+        time.sleep(0.35)
+        assert not r.ready() or done == ["v"]
+        assert r.get(60) == "v" and done == ["v"] and r.ready()
+        # Called and waited for at once, over and over.
+        for k in range(20):
+            out = []
+            m = p.map_async(
+                square, range(k + 1), callback=lambda v: (time.sleep(0.005), out.extend(v))
+            )
+            assert m.get(60) == [i * i for i in range(k + 1)] == out
+        errors = []
+        b = p.apply_async(
+            fails_at_537, (537,), error_callback=lambda e: (time.sleep(0.2), errors.append(e))
+        )
+        b.wait(60)
+        assert b.ready() and not b.successful() and isinstance(errors[0], CustomError)
+        # A callback that raises: the result is still there, and still the task's.
+        c = p.apply_async(square, (3,), callback=lambda v: 1 / 0)
+        assert c.get(60) == 9 and c.successful()
+
+
 def test_the_spellings_of_multiprocessing_and_concurrent_futures():
     import multiprocessing
 
