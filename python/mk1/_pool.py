@@ -269,7 +269,10 @@ def _pickle_function(fn: Callable, wrap: Callable[[Any], Any] | None = None) -> 
         known = _BY_REFERENCE.get(fn) if plain else None
         if known is not None and wrap in known:
             return known[wrap]
-        names = _script_names(main_file) if main_file else None
+        # (No script the workers can run, `python -c` or stdin: they define none of the main
+        # module's names, wherever one is in what is pickled, a partial's function say.)
+        scripted = main_file and not main_file.endswith("<stdin>")
+        names = _script_names(main_file) if scripted else frozenset()
         try:
             f = io.BytesIO()
             _ByReference(f, names).dump(obj)
@@ -283,12 +286,18 @@ def _pickle_function(fn: Callable, wrap: Callable[[Any], Any] | None = None) -> 
             try:
                 import cloudpickle
             except ImportError:
+                where = (
+                    "under `if __name__ == '__main__':` (or by exec, or where the workers may "
+                    "not define it), which the workers do not run. Define it at the script's "
+                    "top level"
+                    if scripted
+                    else "in an interactive session (or a script from `python -c` or stdin), "
+                    "which the workers cannot run. Define it in an importable module or a "
+                    "script file"
+                )
                 raise TypeError(
-                    f"mk1 cannot send {fn!r} to the workers: {e.args[0]!r} is defined under "
-                    f"`if __name__ == '__main__':` (or by exec, or where the workers may not "
-                    f"define it), which the workers do not run. Define it at the script's top "
-                    f"level, or install cloudpickle (pip install cloudpickle) to send it by "
-                    f"value."
+                    f"mk1 cannot send {fn!r} to the workers: {e.args[0]!r} is defined {where}, "
+                    f"or install cloudpickle (pip install cloudpickle) to send it by value."
                 ) from None
             return cloudpickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
         except (pickle.PicklingError, AttributeError, TypeError) as e:

@@ -1654,13 +1654,21 @@ def test_a_script_read_from_stdin(tmp_path):
     body = """
         import numpy as np, mk1
 
-        def f(x):
-            return x + 1
+        import functools
 
-        with mk1.Pool(workers=1) as pool:
+        def f(x, k=1):
+            return x * k + 1
+
+        def init(k):
+            pass
+
+        # A function of this script inside what is sent (a partial's, an initializer's) too:
+        # the workers cannot run a script from stdin, so it goes by value as well.
+        for fn, init in ((f, None), (functools.partial(f, k=2), functools.partial(init, 1))):
             try:
-                print("result", pool.submit(f, np.arange(3.0)).result().tolist())
-            except TypeError as e:
+                with mk1.Pool(workers=1, initializer=init) as pool:
+                    print("result", pool.submit(fn, np.arange(3.0)).result().tolist())
+            except (TypeError, mk1.PoolStartError) as e:
                 print("TypeError", e)
         """
     r = run_script(tmp_path, body, stdin=True)
@@ -1669,8 +1677,9 @@ def test_a_script_read_from_stdin(tmp_path):
         import cloudpickle  # noqa: F401
 
         assert "result [1.0, 2.0, 3.0]" in r.stdout, r.stdout + r.stderr
+        assert "result [1.0, 3.0, 5.0]" in r.stdout, r.stdout + r.stderr
     except ImportError:
-        assert "TypeError" in r.stdout and "interactive" in r.stdout, r.stdout
+        assert r.stdout.count("TypeError") == 2 and "interactive" in r.stdout, r.stdout
 
 
 def test_ctrl_c_while_the_pool_starts_stops_the_start(tmp_path):
