@@ -543,6 +543,10 @@ class Results:
             self.largest = max(self.largest, self.w.size - before)
         return size
 
+    def room(self) -> int:
+        """The bytes the next entry may take."""
+        return self.w.limit - self.w.size - _ROOM_TRAILER - _ROOM_PER_ENTRY * (self.left - 1)
+
     def nearly_full(self) -> bool:
         """Whether an entry half again as large as the largest so far might not fit (so the
         worker makes no more calls: a call whose result does not fit runs again)."""

@@ -153,6 +153,19 @@ def _encode_error(e: BaseException, in_place: bool = False) -> str:
     return text + EXC_MARKER + blob
 
 
+def _error_text(encoded: str, room: int) -> str:
+    """A failure as ``_encode_error`` encoded it, without the pickled exception, its traceback
+    cut in the middle to fit ``room`` bytes (its end, with the exception's message, kept)."""
+    text = encoded.partition(EXC_MARKER)[0]
+    # (Pickled, a character takes up to 4 bytes; a hundred more for the entry around it.)
+    most = max(200, (room - 100) // 4)
+    if len(text) > most:
+        cut = "\n[... mk1: the middle of this traceback was cut to fit the slot ...]\n"
+        keep = (most - len(cut)) // 2
+        text = text[:keep] + cut + text[-keep:]
+    return text
+
+
 _PID = os.getpid()  # this worker's: a child its function forks has another
 _forked = False  # set in a child made by os.fork (a flag is cheaper than a getpid per call)
 
@@ -424,7 +437,12 @@ def _run_pieces(fn, batch, calls, made, start, out, in_place):
         try:
             size = results.add(entry)
         except Exception as e:  # its result does not pickle: it fails alone
-            size = results.add((_args.FAILED, _encode_error(e, in_place)))
+            entry = (_args.FAILED, _encode_error(e, in_place))
+            size = results.add(entry)
+        if size is not None and entry[0] is _args.FAILED:
+            # An exception too large for the room left (one carrying data, say): its traceback
+            # alone, as text (a RemoteError for the caller, as on the path of one array).
+            size = results.add((_args.FAILED, _error_text(entry[1], results.room())))
         entry = None
         if size is None:
             continue

@@ -2816,6 +2816,43 @@ def test_a_map_waiting_on_its_input_holds_up_no_other_thread():
         assert not t.is_alive() and errors, "the map ends with the pool"
 
 
+class CarriesData(ValueError):
+    def __init__(self, msg, data=None):
+        super().__init__(msg)
+        self.data = data
+
+
+def raises_large(i):
+    """Fails at 3 with an exception carrying 8 MB (more than a slot), at 5 with a message of
+    10 MB; else returns ``i``."""
+    if i == 3:
+        raise CarriesData("row 3 is invalid", data=np.zeros(1_000_000))
+    if i == 5:
+        raise ValueError("start" + "x" * 10_000_000 + "end")
+    return i
+
+
+def test_an_exception_too_large_for_a_slot_comes_back_as_its_traceback():
+    """As on the path of one array: its type and data cannot come back, its traceback does
+    (cut in the middle when even that does not fit), and the calls beside it are not
+    affected."""
+    with mk1.Pool(workers=1, max_array_bytes=1 << 20) as p:
+        e = p.submit(raises_large, 3).exception(60)
+        assert isinstance(e, mk1.RemoteError), e
+        assert "CarriesData: row 3 is invalid" in str(e) and "raise CarriesData" in str(e)
+        e = p.submit(raises_large, 5).exception(60)
+        assert isinstance(e, mk1.RemoteError) and "cut to fit the slot" in str(e)
+        assert str(e).rstrip().endswith("xxend") and len(str(e)) < 1 << 20
+        it = p.imap(raises_large, range(8))
+        got = []
+        for _ in range(8):
+            try:
+                got.append(next(it))
+            except mk1.RemoteError as e:
+                got.append(type(e).__name__ + (" 3" if "row 3" in str(e) else " 5"))
+        assert got == [0, 1, 2, "RemoteError 3", 4, "RemoteError 5", 6, 7]
+
+
 def test_async_results_are_ready_only_once_their_callbacks_returned():
     """As multiprocessing's: ``get``, ``wait`` and ``ready`` see a result only after its
     callback (or error callback) is done with it, so a callback may collect what ``get``'s
