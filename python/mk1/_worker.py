@@ -282,7 +282,11 @@ def _run_task(fn, wants_out, inp, dtype, shape, out, in_place):
             np.ndarray(y.shape, y.dtype, out)[...] = y
         return (code, y.shape)
     except BaseException as e:  # noqa: BLE001 - every failure goes back to the caller
-        return (None, _encode_error(e, in_place))
+        encoded = _encode_error(e, in_place)
+        if len(encoded) > len(out) // 4 and len(encoded.encode("utf-8", "replace")) > len(out):
+            # (It goes in the slot: cut to fit there, keeping the end, with the message.)
+            encoded = _error_text(encoded, len(out))
+        return (None, encoded)
 
 
 # A batch that has run this long stops: the caller runs its remaining calls one to a slot, on

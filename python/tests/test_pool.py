@@ -2824,7 +2824,9 @@ class CarriesData(ValueError):
 
 def raises_large(i):
     """Fails at 3 with an exception carrying 8 MB (more than a slot), at 5 with a message of
-    10 MB; else returns ``i``."""
+    10 MB; else returns ``i`` (an array's first element, for an array)."""
+    if isinstance(i, np.ndarray):
+        i = int(i[0])
     if i == 3:
         raise CarriesData("row 3 is invalid", data=np.zeros(1_000_000))
     if i == 5:
@@ -2840,9 +2842,11 @@ def test_an_exception_too_large_for_a_slot_comes_back_as_its_traceback():
         e = p.submit(raises_large, 3).exception(60)
         assert isinstance(e, mk1.RemoteError), e
         assert "CarriesData: row 3 is invalid" in str(e) and "raise CarriesData" in str(e)
-        e = p.submit(raises_large, 5).exception(60)
-        assert isinstance(e, mk1.RemoteError) and "cut to fit the slot" in str(e)
-        assert str(e).rstrip().endswith("xxend") and len(str(e)) < 1 << 20
+        # (As a call, and as a function of one array.)
+        for arg in (5, np.array([5])):
+            e = p.submit(raises_large, arg).exception(60)
+            assert isinstance(e, mk1.RemoteError) and "cut to fit the slot" in str(e)
+            assert str(e).rstrip().endswith("xxend") and len(str(e)) < 1 << 20
         it = p.imap(raises_large, range(8))
         got = []
         for _ in range(8):
