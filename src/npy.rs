@@ -66,8 +66,7 @@ pub enum NpyError {
 /// Reads and checks the header of `path` (and that the data is all there).
 ///
 /// # Errors
-/// [`NpyError`] naming the file: unreadable, not `.npy`, an unsupported dtype, byte order or
-/// memory order, or truncated.
+/// [`NpyError`] naming the file: unreadable, not `.npy`, an unsupported dtype, or truncated.
 pub fn inspect(path: &Path) -> Result<NpyInfo, NpyError> {
     let io_err = |source| NpyError::Io {
         path: path.to_path_buf(),
