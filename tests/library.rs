@@ -196,6 +196,13 @@ fn kernels() -> Registry {
             std::thread::sleep(Duration::from_millis(a.params.u64(0)?));
             a.io.map(|x| x * 2.0)
         })
+        .kernel::<f64>("chatty", |mut a| {
+            // Writes as many lines of 80 bytes to stderr as its parameter says.
+            for i in 0..a.params.u64(0)? {
+                eprintln!("chatty line {i:>8} {}", "-".repeat(57));
+            }
+            a.io.map(|x| x + 1.0)
+        })
         .kernel::<f64>("mark_then_sleep", |mut a| {
             // The first run of a task marks that it has started (see `Started`) and sleeps; a
             // run of it again, once marked, does not sleep.
@@ -3464,6 +3471,71 @@ fn hold_pool() -> ! {
     }
 }
 
+/// A stderr that nobody reads (`prog 2>&1 | less` left at a page, a stalled log collector, a
+/// terminal stopped with Ctrl-S) holds up neither the watchdog nor the pool's end: workers'
+/// output goes through a thread of its own, never written by the monitor itself.
+fn a_stderr_nobody_reads_holds_up_no_watchdog() {
+    let mut c = std::process::Command::new(std::env::current_exe().unwrap());
+    c.env("MK1_TEST_STDERR_STALL", "1")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    let mut child = c.spawn().unwrap();
+    // Held, never read, until the child is gone.
+    let stalled = child.stderr.take();
+    let out = common::wait_with_limit(child, Duration::from_secs(60));
+    drop(stalled);
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{said}");
+    for step in ["chatty answered", "hung task timed out", "pool ended"] {
+        assert!(said.contains(step), "{step}: {said}");
+    }
+}
+
+/// The child of [`a_stderr_nobody_reads_holds_up_no_watchdog`]: its stderr is a pipe nobody
+/// reads (64 KiB fill it). Says each step on stdout; exits 1 at the first that fails.
+fn stderr_stall_child() -> ! {
+    let fail = |why: String| -> ! {
+        println!("{why}");
+        std::process::exit(1)
+    };
+    let pool = Pool::builder()
+        .workers(2)
+        .worker_timeout(Duration::from_secs(1))
+        .kernels(kernels())
+        .build()
+        .unwrap();
+    let producer = pool.producer().unwrap();
+    // 320 KB of stderr, five times what the pipe to the parent holds.
+    let chatty = Task::kernel("chatty").params(Params::from_words(&[4000]).unwrap());
+    let loan = producer.loan::<f64>(Shape::d1(2)).unwrap();
+    producer.submit(loan, &chatty).unwrap();
+    match producer.recv_timeout(Duration::from_secs(20)) {
+        Some(done) if done.error().is_none() => println!("chatty answered"),
+        Some(done) => fail(format!("chatty failed: {:?}", done.error())),
+        None => fail("chatty: no answer in 20 s".into()),
+    }
+    let hang = Task::kernel("sleep_ms").params(Params::from_words(&[60_000]).unwrap());
+    let loan = producer.loan::<f64>(Shape::d1(2)).unwrap();
+    producer.submit(loan, &hang).unwrap();
+    let t0 = Instant::now();
+    match producer.recv_timeout(Duration::from_secs(20)) {
+        Some(done) if matches!(done.error(), Some(TaskError::Timeout(_))) => {
+            println!("hung task timed out after {:?}", t0.elapsed());
+        }
+        Some(done) => fail(format!("the hung task: {:?}", done.error())),
+        None => fail("the hung task: no answer in 20 s (the watchdog is held up)".into()),
+    }
+    let t0 = Instant::now();
+    pool.terminate();
+    drop(producer);
+    drop(pool);
+    if t0.elapsed() > Duration::from_secs(10) {
+        fail(format!("the pool took {:?} to end", t0.elapsed()));
+    }
+    println!("pool ended in {:?}", t0.elapsed());
+    std::process::exit(0)
+}
+
 /// A program that forgets `run_if_worker` is refused at start with the reason, and its workers
 /// do not go on to start pools of their own (which would cascade).
 fn forgetting_run_if_worker_is_a_clear_start_error() {
@@ -3721,6 +3793,9 @@ fn main() {
     if std::env::var_os("MK1_TEST_HOLD_POOL").is_some() {
         hold_pool();
     }
+    if std::env::var_os("MK1_TEST_STDERR_STALL").is_some() {
+        stderr_stall_child();
+    }
     let filter: Option<String> = std::env::args().skip(1).find(|a| !a.starts_with('-'));
     let tests: &[(&str, fn())] = &[
         (
@@ -3970,6 +4045,10 @@ fn main() {
         (
             "forgetting_run_if_worker_is_a_clear_start_error",
             forgetting_run_if_worker_is_a_clear_start_error,
+        ),
+        (
+            "a_stderr_nobody_reads_holds_up_no_watchdog",
+            a_stderr_nobody_reads_holds_up_no_watchdog,
         ),
     ];
     let mut failed = Vec::new();

@@ -102,10 +102,11 @@ def _init(worker: int, workers: int, codes: dict) -> None:
     # puts this one back (not SIG_IGN, which every program it runs would inherit).
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, _absorb)
-    # Output written with print() shows at once (the worker's stdout is the caller's).
+    # Output written with print() shows at once (the worker's stdout is the caller's), a line
+    # in one write, so that the lines of workers printing at once do not mix mid-line.
     for stream in (sys.stdout, sys.stderr):
         try:
-            stream.reconfigure(line_buffering=True)
+            stream.reconfigure(line_buffering=True, write_through=False)
         except (AttributeError, ValueError):
             pass
     blob, _init_blob = _init_blob, b""

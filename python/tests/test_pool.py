@@ -814,6 +814,32 @@ def run_script(tmp_path, body, *, env=None, timeout=60, args=("7",), stdin=False
     )
 
 
+def test_lines_that_workers_print_together_stay_whole(tmp_path):
+    """Each line a worker prints goes out in one write: lines of workers printing at once
+    do not mix mid-line, and none is lost."""
+    r = run_script(
+        tmp_path,
+        """
+        import sys, numpy as np, mk1
+
+        def f(x):
+            for i in range(2000):
+                print("line", int(x[0]), i, "of a worker's output", file=sys.stderr)
+                print("out", int(x[0]), i)
+            return x
+
+        if __name__ == "__main__":
+            with mk1.Pool(workers=2) as pool:
+                list(pool.map(f, [np.full(2, k) for k in range(4)]))
+        """,
+    )
+    assert r.returncode == 0, r.stderr[-2000:]
+    want = sorted(f"line {k} {i} of a worker's output" for k in range(4) for i in range(2000))
+    assert sorted(r.stderr.splitlines()) == want
+    want = sorted(f"out {k} {i}" for k in range(4) for i in range(2000))
+    assert sorted(r.stdout.splitlines()) == want
+
+
 def test_a_function_defined_in_the_main_script(tmp_path):
     r = run_script(
         tmp_path,

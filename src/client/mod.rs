@@ -903,11 +903,11 @@ fn monitor_main(sh: &Shared, started: &std::sync::mpsc::Sender<Result<(), RunErr
         crate::coordinator::monitor::abandon(&mut monitor.procs);
     }
     let unreaped = monitor.shut_down();
-    monitor.stderr.forward(&mut monitor.stderr_pending);
+    monitor.stderr.forward_or_drop(&mut monitor.stderr_pending);
     if !monitor.stderr_pending.is_empty() {
         // The last words of a worker that left mid-line.
         monitor.stderr_pending.push(b'\n');
-        monitor.stderr.forward(&mut monitor.stderr_pending);
+        monitor.stderr.forward_or_drop(&mut monitor.stderr_pending);
     }
     Shutdown {
         exits: std::mem::take(&mut monitor.exits),

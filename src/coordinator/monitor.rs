@@ -4,6 +4,7 @@
 
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::sync::atomic::AtomicBool;
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::config::Config;
@@ -108,29 +109,129 @@ impl WorkerImage {
 /// The workers' stderr: one pipe that every worker writes and the monitor drains to this
 /// process's stderr, so that a worker stuck in the kernel holds only our pipe open, never the
 /// user's terminal or pipeline.
+///
+/// The monitor never writes to stderr itself: a thread of its own does (`mk1-stderr`), so a
+/// stderr that nobody reads (`prog 2>&1 | less` left at a page, a stalled log collector, a
+/// terminal stopped with Ctrl-S) blocks that thread only, never the monitor's watchdog, its
+/// restarts or a shutdown. While that thread is behind by [`STDERR_BACKLOG`] bytes the monitor
+/// stops reading the pipe, so workers that keep writing wait, as they would on the stderr
+/// itself; at shutdown what cannot be taken any more is dropped, and said so once the stderr
+/// moves again.
 pub(crate) struct WorkerStderr {
     read: OwnedFd,
     write: OwnedFd,
     /// What the workers show as `argv[0]` in `ps`.
     arg0: std::ffi::OsString,
+    /// Lines for the writer thread.
+    outbox: Arc<Outbox>,
+}
+
+/// Bytes of worker stderr waiting for the writer thread, at most.
+pub(crate) const STDERR_BACKLOG: usize = 1 << 20;
+
+/// How long a pool's end waits for the writer thread to write what is left: past this, the
+/// thread is left to finish on its own (the stderr is not being read).
+const STDERR_FLUSH_WAIT: Duration = Duration::from_secs(1);
+
+/// What the monitor hands the writer thread.
+#[derive(Default)]
+struct Outbox {
+    state: Mutex<OutState>,
+    /// Something to write, or the end.
+    more: Condvar,
+    /// The writer has written what it took.
+    wrote: Condvar,
+}
+
+#[derive(Default)]
+struct OutState {
+    /// Whole lines to write.
+    lines: Vec<u8>,
+    /// The writer is in a write.
+    writing: bool,
+    /// Bytes dropped at shutdown since the last note of it.
+    dropped: u64,
+    /// The pool is ending: the writer leaves once `lines` is written.
+    closed: bool,
+}
+
+impl Outbox {
+    fn lock(&self) -> std::sync::MutexGuard<'_, OutState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The writer thread's loop.
+    fn write_out(&self) {
+        use std::io::Write;
+        let mut batch = Vec::new();
+        loop {
+            {
+                let mut st = self.lock();
+                st.writing = false;
+                self.wrote.notify_all();
+                while st.lines.is_empty() && st.dropped == 0 && !st.closed {
+                    st = self.more.wait(st).unwrap_or_else(|e| e.into_inner());
+                }
+                if st.lines.is_empty() && st.dropped == 0 {
+                    return;
+                }
+                if st.dropped > 0 {
+                    batch.extend_from_slice(
+                        format!(
+                            "mk1: {} bytes of the workers' stderr were dropped: this process's \
+                             stderr was not being read\n",
+                            st.dropped
+                        )
+                        .as_bytes(),
+                    );
+                    st.dropped = 0;
+                }
+                batch.append(&mut st.lines);
+                st.writing = true;
+            }
+            let _ = std::io::stderr().write_all(&batch);
+            batch.clear();
+        }
+    }
 }
 
 impl WorkerStderr {
     pub(crate) fn new() -> std::io::Result<WorkerStderr> {
         let (read, write) = sys::pipe()?;
         sys::set_nonblocking(read.as_fd())?;
+        let outbox = Arc::new(Outbox::default());
+        let theirs = outbox.clone();
+        // (Not joined: see `Drop`.)
+        std::thread::Builder::new()
+            .name("mk1-stderr".into())
+            .spawn(move || theirs.write_out())?;
         Ok(WorkerStderr {
             read,
             write,
             arg0: std::env::args_os().next().unwrap_or_else(|| "mk1".into()),
+            outbox,
         })
     }
 
-    /// Copies every complete line the workers wrote to our stderr; `pending` keeps a partial
-    /// last line for next time.
+    /// Hands every complete line the workers wrote to the writer thread; `pending` keeps a
+    /// partial last line for next time, and what the writer has no room for yet (then the pipe
+    /// is not read: the workers wait). Never blocks.
     pub(crate) fn forward(&self, pending: &mut Vec<u8>) {
-        use std::io::Write;
-        sys::read_available(self.read.as_fd(), pending);
+        self.pass_on(pending, false);
+    }
+
+    /// As [`WorkerStderr::forward`], but what the writer has no room for is dropped (counted)
+    /// and the pipe is read all the same: at shutdown, where a worker blocked on a full pipe
+    /// could not exit.
+    pub(crate) fn forward_or_drop(&self, pending: &mut Vec<u8>) {
+        self.pass_on(pending, true);
+    }
+
+    fn pass_on(&self, pending: &mut Vec<u8>, drop_excess: bool) {
+        // (Read while there is room: 64 KiB more at most, a pipe's worth.)
+        if drop_excess || pending.len() < 64 << 10 {
+            sys::read_available(self.read.as_fd(), pending);
+        }
         // Whole lines, or everything once a line grows past 64 KiB (a worker writing without
         // newlines must not grow this without bound).
         let end = match pending.iter().rposition(|&b| b == b'\n') {
@@ -138,7 +239,16 @@ impl WorkerStderr {
             None if pending.len() > 64 << 10 => pending.len(),
             None => return,
         };
-        let _ = std::io::stderr().write_all(&pending[..end]);
+        let mut st = self.outbox.lock();
+        if st.lines.len() + end <= STDERR_BACKLOG {
+            st.lines.extend_from_slice(&pending[..end]);
+        } else if drop_excess {
+            st.dropped += end as u64;
+        } else {
+            return;
+        }
+        drop(st);
+        self.outbox.more.notify_one();
         pending.drain(..end);
     }
 
@@ -147,6 +257,29 @@ impl WorkerStderr {
         let mut all = Vec::new();
         sys::read_available(self.read.as_fd(), &mut all);
         one_line(&String::from_utf8_lossy(&all))
+    }
+}
+
+impl Drop for WorkerStderr {
+    /// Lets the writer thread write what is left and end, waiting for that at most
+    /// [`STDERR_FLUSH_WAIT`]: a stderr that nobody reads must not hold up the pool's end.
+    fn drop(&mut self) {
+        let mut st = self.outbox.lock();
+        st.closed = true;
+        self.outbox.more.notify_one();
+        let deadline = Instant::now() + STDERR_FLUSH_WAIT;
+        while !st.lines.is_empty() || st.writing {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                break;
+            }
+            st = self
+                .outbox
+                .wrote
+                .wait_timeout(st, left)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
     }
 }
 
@@ -889,7 +1022,7 @@ impl<'a> Monitor<'a> {
                 break;
             }
             // Keep the workers' stderr flowing: one blocked on a full pipe cannot exit.
-            self.stderr.forward(&mut self.stderr_pending);
+            self.stderr.forward_or_drop(&mut self.stderr_pending);
             let fds: Vec<BorrowedFd<'_>> = self
                 .procs
                 .iter()
