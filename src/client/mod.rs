@@ -451,7 +451,8 @@ impl PoolBuilder {
     /// task it was running fails with [`TaskError::Timeout`]. Default 10 s. Answers it has
     /// returned that a handle has not received yet (its caller away) are not tasks it holds,
     /// and a handle that has not called in since the worker's slot last died does not count
-    /// (the tasks it had out there are the dead process's).
+    /// (the tasks it had out there are the dead process's). More than 0; `Duration::MAX`: no
+    /// limit.
     pub fn worker_timeout(mut self, d: Duration) -> Self {
         self.worker_timeout = d;
         self
@@ -507,7 +508,8 @@ impl PoolBuilder {
     }
 
     /// How long a worker may take to start (until it serves, its kernels' init hooks
-    /// included) before `build()` fails, or a replacement counts as failed (default 10 s).
+    /// included) before `build()` fails, or a replacement counts as failed (default 10 s). More
+    /// than 0; `Duration::MAX`: no limit.
     pub fn start_timeout(mut self, d: Duration) -> Self {
         self.start_timeout = d;
         self
@@ -578,6 +580,19 @@ impl PoolBuilder {
                 "max_array_bytes",
                 format!("{} is outside 64..=1073741824", self.max_array_bytes),
             ));
+        }
+        // (Zero would fail every task, or every start: not a way to say "no limit", which
+        // `Duration::MAX` says.)
+        for (what, d) in [
+            ("worker_timeout", self.worker_timeout),
+            ("start_timeout", self.start_timeout),
+        ] {
+            if d.is_zero() {
+                return Err(bad(
+                    what,
+                    "0 is not a limit (more than 0; Duration::MAX for none)".into(),
+                ));
+            }
         }
         let slots_per_producer = self.slots_per_producer.unwrap_or(4 * self.workers);
         if slots_per_producer == 0 || slots_per_producer > 1 << 20 {

@@ -35,6 +35,16 @@ pub(crate) enum Until {
     Forever,
 }
 
+impl Until {
+    /// `timeout` from now; as long as it takes when that is past what the clock can say
+    /// (`Duration::MAX`, say).
+    pub(crate) fn after(timeout: Duration) -> Until {
+        Instant::now()
+            .checked_add(timeout)
+            .map_or(Until::Forever, Until::At)
+    }
+}
+
 /// Longest single sleep while waiting (deadlines and the monitor's news are re-checked after).
 const SLEEP: Duration = Duration::from_millis(20);
 
@@ -1355,13 +1365,12 @@ impl<'s> Core<'s> {
         self.wait_until(until, |c| {
             // Completed tasks not yet received do not free their slots: only dropping their
             // completions does, and receiving them is the caller's (a loan never receives). So
-            // with nothing to redo, and no map's slots out (a forgotten map's go home by
-            // themselves), a wait cannot help even while tasks are in flight. (`try_` says
+            // with no map's slots out (a forgotten map's go home by themselves), a wait cannot
+            // help even while tasks are in flight, or wait in the handle for a worker, or to
+            // run again after a death: each ends as a completion to receive. (`try_` says
             // `Busy` for those: its caller receives and tries again.)
             got = c.slots.take(class);
-            hopeless = got.is_none()
-                && c.redo.is_empty()
-                && (c.in_flight == 0 || (waits && c.map_out == 0));
+            hopeless = got.is_none() && (c.in_flight == 0 || (waits && c.map_out == 0));
             got.is_some() || hopeless
         });
         if let Some(t) = got {
@@ -1469,7 +1478,7 @@ impl<'pool> Producer<'pool> {
         self.loan_until(shape, Until::Now)
     }
 
-    /// As [`Producer::loan`], waiting at most `timeout`.
+    /// As [`Producer::loan`], waiting at most `timeout` (`Duration::MAX`: as long as it takes).
     ///
     /// # Errors
     /// As [`Producer::try_loan`].
@@ -1478,7 +1487,7 @@ impl<'pool> Producer<'pool> {
         shape: Shape,
         timeout: Duration,
     ) -> Result<Loan<'_, T>, LoanError> {
-        self.loan_until(shape, Until::At(Instant::now() + timeout))
+        self.loan_until(shape, Until::after(timeout))
     }
 
     fn loan_until<T: Element>(&self, shape: Shape, until: Until) -> Result<Loan<'_, T>, LoanError> {
@@ -1710,9 +1719,9 @@ impl<'pool> Producer<'pool> {
     }
 
     /// The next completion, waiting at most `timeout` (less when an [`Interrupter`] cuts the
-    /// wait short).
+    /// wait short; `Duration::MAX`: as long as it takes).
     pub fn recv_timeout(&self, timeout: Duration) -> Option<Completion<'_>> {
-        self.recv_until(Until::At(Instant::now() + timeout))
+        self.recv_until(Until::after(timeout))
     }
 
     fn recv_until(&self, until: Until) -> Option<Completion<'_>> {

@@ -355,7 +355,8 @@ pub(crate) fn start_workers(
             }
         }
     }
-    let deadline = Instant::now() + start_timeout;
+    // (None: past what the clock can say, `Duration::MAX`: no limit.)
+    let deadline = Instant::now().checked_add(start_timeout);
     for w in 0..workers {
         loop {
             let state = attach_state(seg, w);
@@ -368,7 +369,7 @@ pub(crate) fn start_workers(
             }
             let wp = procs[w as usize].as_mut().expect("just spawned");
             let status = wp.child.try_reap().ok().flatten();
-            if status.is_some() || state.is_err() || Instant::now() > deadline {
+            if status.is_some() || state.is_err() || deadline.is_some_and(|d| Instant::now() > d) {
                 // One line: the worker's own words go into it; without any, the likely cause.
                 let said = stderr.take_text();
                 // Workers share one stderr pipe: the words quoted first are the first worker's
