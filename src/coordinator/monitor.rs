@@ -110,7 +110,9 @@ impl WorkerImage {
 /// process's stderr, so that a worker stuck in the kernel holds only our pipe open, never the
 /// user's terminal or pipeline.
 ///
-/// The monitor never writes to stderr itself: a thread of its own does (`mk1-stderr`), so a
+/// The monitor does not write to stderr itself: a thread of its own does (`mk1-stderr`,
+/// started with the first line; only where no thread can be started does the monitor write
+/// itself, as a last resort), so a
 /// stderr that nobody reads (`prog 2>&1 | less` left at a page, a stalled log collector, a
 /// terminal stopped with Ctrl-S) blocks that thread only, never the monitor's watchdog, its
 /// restarts or a shutdown. While that thread is behind by [`STDERR_BACKLOG`] bytes the monitor
@@ -153,6 +155,9 @@ struct OutState {
     dropped: u64,
     /// The pool is ending: the writer leaves once `lines` is written.
     closed: bool,
+    /// The writer thread: started with the first line (None: not yet), or it could not be
+    /// (false: the lines are written by the monitor itself, as a last resort).
+    writer: Option<bool>,
 }
 
 impl Outbox {
@@ -199,17 +204,24 @@ impl WorkerStderr {
     pub(crate) fn new() -> std::io::Result<WorkerStderr> {
         let (read, write) = sys::pipe()?;
         sys::set_nonblocking(read.as_fd())?;
-        let outbox = Arc::new(Outbox::default());
-        let theirs = outbox.clone();
-        // (Not joined: see `Drop`.)
-        std::thread::Builder::new()
-            .name("mk1-stderr".into())
-            .spawn(move || theirs.write_out())?;
         Ok(WorkerStderr {
             read,
             write,
             arg0: std::env::args_os().next().unwrap_or_else(|| "mk1".into()),
-            outbox,
+            outbox: Arc::new(Outbox::default()),
+        })
+    }
+
+    /// Starts the writer thread, once (with the first line: a pool whose workers write
+    /// nothing has none). Whether it runs.
+    fn writer(&self, st: &mut OutState) -> bool {
+        *st.writer.get_or_insert_with(|| {
+            let theirs = self.outbox.clone();
+            // (Not joined: see `Drop`.)
+            std::thread::Builder::new()
+                .name("mk1-stderr".into())
+                .spawn(move || theirs.write_out())
+                .is_ok()
         })
     }
 
@@ -240,6 +252,15 @@ impl WorkerStderr {
             None => return,
         };
         let mut st = self.outbox.lock();
+        if !self.writer(&mut st) {
+            // No thread to be had (a sandbox that refuses them): written here, as a last
+            // resort.
+            drop(st);
+            use std::io::Write;
+            let _ = std::io::stderr().write_all(&pending[..end]);
+            pending.drain(..end);
+            return;
+        }
         if st.lines.len() + end <= STDERR_BACKLOG {
             st.lines.extend_from_slice(&pending[..end]);
         } else if drop_excess {
@@ -265,6 +286,9 @@ impl Drop for WorkerStderr {
     /// [`STDERR_FLUSH_WAIT`]: a stderr that nobody reads must not hold up the pool's end.
     fn drop(&mut self) {
         let mut st = self.outbox.lock();
+        if st.writer != Some(true) {
+            return;
+        }
         st.closed = true;
         self.outbox.more.notify_one();
         let deadline = Instant::now() + STDERR_FLUSH_WAIT;
