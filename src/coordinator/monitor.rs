@@ -112,10 +112,9 @@ impl WorkerImage {
 ///
 /// The monitor does not write to stderr itself: a thread of its own does (`mk1-stderr`,
 /// started with the first line; only where no thread can be started does the monitor write
-/// itself, as a last resort), so a
-/// stderr that nobody reads (`prog 2>&1 | less` left at a page, a stalled log collector, a
-/// terminal stopped with Ctrl-S) blocks that thread only, never the monitor's watchdog, its
-/// restarts or a shutdown. While that thread is behind by [`STDERR_BACKLOG`] bytes the monitor
+/// itself, as a last resort), so a stderr that nobody reads (`prog 2>&1 | less` left at a
+/// page, a stalled log collector, a terminal stopped with Ctrl-S) blocks that thread only,
+/// never the monitor's watchdog, its restarts or a shutdown. While that thread is behind by [`STDERR_BACKLOG`] bytes the monitor
 /// stops reading the pipe, so workers that keep writing wait, as they would on the stderr
 /// itself; at shutdown what cannot be taken any more is dropped, and said so once the stderr
 /// moves again.
