@@ -306,6 +306,15 @@ impl Drop for WorkerStderr {
     }
 }
 
+/// Why a worker that is still running failed to start in `start_timeout`.
+fn not_attached(start_timeout: Duration) -> String {
+    format!(
+        "it did not attach within {start_timeout:?} (its start includes the kernels' init \
+         hooks, or a Python pool's initializer: one may be slow or hung; a longer start \
+         timeout gives them more time)"
+    )
+}
+
 /// `text` as one line for an error message: its lines joined with "; ", without blank lines
 /// and Python's `^^^^` markers under a traceback's code, and said once where every worker
 /// that started together wrote the same.
@@ -417,7 +426,7 @@ pub(crate) fn start_workers(
                     ),
                     (Some(s), _) => format!("it {s} before attaching to shared memory"),
                     (None, Err(why)) => why,
-                    (None, _) => format!("it did not attach within {start_timeout:?}"),
+                    (None, _) => not_attached(start_timeout),
                 };
                 let why = if said.is_empty() {
                     why
@@ -948,10 +957,7 @@ impl<'a> Monitor<'a> {
                         wp.last_beat = now;
                     }
                     Ok(false) if now - wp.started > self.cfg.start_timeout => {
-                        action = Some(KillReason::Start(format!(
-                            "it did not attach within {:?}",
-                            self.cfg.start_timeout
-                        )));
+                        action = Some(KillReason::Start(not_attached(self.cfg.start_timeout)));
                     }
                     Ok(false) => {}
                     Err(why) => action = Some(KillReason::Start(why)),
