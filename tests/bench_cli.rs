@@ -177,6 +177,20 @@ fn bad_bench_flags_exit_2() {
         &["bench", "latency", "--round-trips", "0"],
         &["bench", "--producers", "2"],
         &["bench", "library", "--duration", "forever"],
+        // Checked before anything runs (they were job failures, exit 1, or taken as 1).
+        &["bench", "--duration", "0"],
+        &[
+            "bench",
+            "--plot",
+            "/nonexistent/dir/x.svg",
+            "--duration",
+            "10ms",
+        ],
+        &["bench", "library", "--workers", "0"],
+        &["bench", "library", "--workers", "5000"],
+        &["bench", "library", "--reps", "0"],
+        &["bench", "library", "--map-arrays", "0"],
+        &["bench", "library", "--duration", "0"],
     ] {
         let out = mk1(args, LIMIT);
         assert_eq!(out.status.code(), Some(2), "{args:?}");

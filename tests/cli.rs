@@ -256,6 +256,19 @@ fn a_program_that_is_not_a_worker_is_a_clear_start_error() {
 
 /// Output that cannot be written (a full disk) is an environment error: one line on stderr
 /// and exit 2, for a job that itself succeeded; a closed pipe (`| head`) is not an error.
+/// However short the duration, a run issues a matrix and verifies it: a run of none was "NOT
+/// verified", exit 1, with nothing wrong.
+#[test]
+fn a_very_short_duration_still_verifies() {
+    for d in ["1us", "50us"] {
+        let out = mk1(&["run", "--duration", d, "--json"], LIMIT);
+        let j = json(&out);
+        assert_eq!(out.status.code(), Some(0), "{d}: {j}");
+        assert_eq!(j["verified"], true, "{d}: {j}");
+        assert!(j["matrices"].as_u64().unwrap() >= 1, "{d}: {j}");
+    }
+}
+
 #[test]
 fn an_unwritable_stdout_exits_2() {
     let full = std::fs::File::options()

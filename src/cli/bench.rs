@@ -105,8 +105,8 @@ pub fn main(args: BenchArgs) -> ExitCode {
             json,
         }) => library(
             LibraryBench {
-                workers: workers.unwrap_or_else(mk1::config::default_workers).max(1),
-                reps: reps.max(1),
+                workers: workers.unwrap_or_else(mk1::config::default_workers),
+                reps,
                 duration,
                 map_arrays,
                 idle,
@@ -157,6 +157,24 @@ fn latency(n: u64, json: bool) -> ExitCode {
 }
 
 fn library(b: LibraryBench, json: bool) -> ExitCode {
+    // Flags checked before anything runs (usage errors: exit 2), as `mk1 run` checks its own.
+    let max_workers = mk1::layout::MAX_WORKERS;
+    if !(1..=max_workers).contains(&b.workers) {
+        return usage_error(format!(
+            "--workers must be 1..={max_workers}, not {}",
+            b.workers
+        ));
+    }
+    for (flag, zero) in [
+        ("--reps", b.reps == 0),
+        ("--map-arrays", b.map_arrays == 0),
+        ("--duration", b.duration.is_zero()),
+        ("--idle", b.idle.is_zero()),
+    ] {
+        if zero {
+            return usage_error(format!("{flag} must be more than 0"));
+        }
+    }
     let report = match bench::library::measure(&b) {
         Ok(r) => r,
         Err(e) => {
@@ -279,6 +297,24 @@ fn systems(args: &BenchArgs) -> ExitCode {
     }
     if args.reps == 0 {
         return usage_error("--reps must be at least 1");
+    }
+    if args.duration.is_zero() {
+        return usage_error("--duration must be more than 0");
+    }
+    if let Some(path) = &args.plot {
+        // (Checked before the runs, not after minutes of them: the file is made, then removed
+        // until the plot is drawn.)
+        let fresh = !path.exists();
+        if let Err(e) = std::fs::OpenOptions::new()
+            .append(true)
+            .create(true)
+            .open(path)
+        {
+            return usage_error(format!("--plot {}: {e}", path.display()));
+        }
+        if fresh {
+            let _ = std::fs::remove_file(path);
+        }
     }
     if args.job.producers != 1 {
         // The baselines have one producer thread; mk1 must be compared on the same terms.

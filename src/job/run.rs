@@ -155,6 +155,17 @@ pub fn run(cfg: &Config, hooks: &Hooks<'_>) -> Result<Report, RunError> {
         builder = builder.worker_cpus(allowed[producers as usize..busy].to_vec());
     }
     let pool = builder.build().map_err(|e| match e {
+        // (The slots come from the run's flags: name those, not the library's setting.)
+        PoolError::Setting {
+            what: "slots_per_producer" | "size_class",
+            why,
+        } => bad(
+            "--inflight",
+            format!(
+                "the run needs too many slots per producer ({why}): lower --inflight or \
+                 --workers"
+            ),
+        ),
         PoolError::Setting { what, why } => bad(what, why),
         PoolError::Start(e) => e,
         other => RunError::Resource {
@@ -415,11 +426,13 @@ impl Feed<'_> {
     }
 
     /// Whether another matrix may be issued now: a new one until the stop, the deadline or the
-    /// budget; one owed (redone) until the pool has no workers left.
+    /// budget; one owed (redone) until the pool has no workers left. Each producer issues one
+    /// at least, however short the duration (a run of none would verify nothing).
     fn may_issue(&mut self, now: Ticks) -> bool {
         if self.issuing
             && (self.job.stop.load(Ordering::Relaxed)
-                || self.job.deadline.is_some_and(|d| now >= d))
+                || (self.job.deadline.is_some_and(|d| now >= d)
+                    && self.stats.first_issue.is_some()))
         {
             self.issuing = false;
         }
