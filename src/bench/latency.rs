@@ -75,10 +75,10 @@ fn socket_round_trips(exe: &std::path::Path, n: u64) -> Result<Latency, String> 
 }
 
 /// Measures the three transports, `n` round trips each (the futex path uses a tenth: it is
-/// slower and its cost is all in the kernel).
+/// slower and its cost is all in the kernel: see `futex_round_trips`).
 pub fn measure_latency(exe: &std::path::Path, n: u64) -> Result<Vec<LatencyFigure>, String> {
     let spin = mk1_round_trips(exe, Wait::Auto, n)?;
-    let sleep = mk1_round_trips(exe, Wait::Sleep, (n / 10).max(100))?;
+    let sleep = mk1_round_trips(exe, Wait::Sleep, futex_round_trips(n))?;
     let socket = socket_round_trips(exe, n)?;
     Ok(vec![
         LatencyFigure {
@@ -88,7 +88,7 @@ pub fn measure_latency(exe: &std::path::Path, n: u64) -> Result<Vec<LatencyFigur
         },
         LatencyFigure {
             transport: "mk1 ring, futex wake every hand-off",
-            round_trips: (n / 10).max(100),
+            round_trips: futex_round_trips(n),
             latency_ns: sleep,
         },
         LatencyFigure {
@@ -97,4 +97,10 @@ pub fn measure_latency(exe: &std::path::Path, n: u64) -> Result<Vec<LatencyFigur
             latency_ns: socket,
         },
     ])
+}
+
+/// Round trips of the futex row for `n` asked: a tenth (each sleeps and wakes, so it is slow),
+/// 100 at least, and never more than asked.
+fn futex_round_trips(n: u64) -> u64 {
+    (n / 10).max(100).min(n)
 }
