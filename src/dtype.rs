@@ -289,7 +289,11 @@ macro_rules! float_element {
             fn to_word(self) -> u64 { self.to_bits() as u64 }
             fn from_word(w: u64) -> Self { <$t>::from_bits(w as _) }
             fn from_i128(i: i128) -> Option<Self> { Some(i as $t) }
-            fn from_f64(f: f64) -> Option<Self> { Some(f as $t) }
+            // (Rounded; a finite value beyond the type's range is refused, not made infinite.)
+            fn from_f64(f: f64) -> Option<Self> {
+                let x = f as $t;
+                (x.is_finite() || !f.is_finite()).then_some(x)
+            }
         }
     )*};
 }
@@ -339,6 +343,13 @@ mod tests {
         assert_eq!(<i16 as Element>::from_f64(0.5), None);
         assert_eq!(<u64 as Element>::from_f64(f64::NAN), None);
         assert_eq!(<u64 as Element>::from_f64(1e30), None);
+        assert_eq!(<f32 as Element>::from_f64(1e40), None);
+        assert_eq!(<f32 as Element>::from_f64(-1e40), None);
+        assert_eq!(
+            <f32 as Element>::from_f64(f64::INFINITY),
+            Some(f32::INFINITY)
+        );
+        assert_eq!(<f32 as Element>::from_f64(0.1), Some(0.1f32));
         assert_eq!(<f32 as Element>::from_i128(3), Some(3.0));
     }
 }

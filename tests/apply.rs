@@ -210,6 +210,7 @@ fn bad_inputs_are_exit_2_naming_the_file_before_any_work() {
          np.save('complex.npy', np.zeros(3, dtype=np.complex64))\n\
          np.save('object.npy', np.array([1, 'a'], dtype=object), allow_pickle=True)\n\
          np.save('f16.npy', np.zeros(3, dtype=np.float16))\n\
+         np.save('f32.npy', np.ones(3, dtype=np.float32))\n\
          np.save('bool.npy', np.zeros(3, dtype=bool))\n\
          np.save('struct.npy', np.zeros(2, dtype=[('a', 'i4'), ('b', 'f8')]))\n\
          b = open('good.npy', 'rb').read(); open('trunc.npy', 'wb').write(b[:-5])\n\
@@ -249,6 +250,14 @@ fn bad_inputs_are_exit_2_naming_the_file_before_any_work() {
     let err = String::from_utf8_lossy(&o.stderr);
     assert_eq!(o.status.code(), Some(2), "{err}");
     assert!(err.contains("good.npy") && err.contains("32 bits"), "{err}");
+    // A value the dtype cannot hold: 1e40 is beyond float32 (it was taken as infinity).
+    let o = apply(&t.0, &["--op", "add:1e40", "f32.npy", "--out-dir", &out_s]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("f32.npy") && err.contains("not a value of float32"),
+        "{err}"
+    );
     // An output directory that cannot be made (under a file), and one that is a file.
     let blocker = t.0.join("file-not-dir");
     std::fs::write(&blocker, b"").unwrap();

@@ -348,7 +348,13 @@ fn parse_value(s: &str) -> Option<Value> {
     if let Some(i) = int {
         return Some(Value::Int(if neg { -i } else { i }));
     }
-    s.parse::<f64>().ok().map(Value::Float)
+    // (A finite number beyond float64, `1e400`, is refused rather than taken as infinity; `inf`
+    // and `nan` say what they are.)
+    let named = s.to_ascii_lowercase().contains("inf") || s.to_ascii_lowercase().contains("nan");
+    s.parse::<f64>()
+        .ok()
+        .filter(|f| f.is_finite() || named)
+        .map(Value::Float)
 }
 
 impl fmt::Display for Builtin {
