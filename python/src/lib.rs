@@ -665,17 +665,18 @@ impl Shared {
         done: Completion<'static>,
         lend: Option<usize>,
     ) -> PyResult<(Vec<ItemResult<'py>>, bool)> {
-        let lend = match (lend, done.output_bytes()) {
-            (Some(least), Ok(bytes)) => done.len() == 1 && bytes.len() >= least,
-            _ => false,
+        // (The span is taken as numbers: the completion itself moves into the view below.)
+        let lent_span = match (lend, done.output_bytes()) {
+            (Some(least), Ok(bytes))
+                if done.len() == 1 && done.error().is_none() && bytes.len() >= least =>
+            {
+                Some((bytes.as_ptr() as usize, bytes.len()))
+            }
+            _ => None,
         };
-        if lend && done.error().is_none() {
+        if let Some((ptr, len)) = lent_span {
             let dtype = done.dtype().name();
             let shape = PyTuple::new(py, done.shape().dims().iter().copied())?;
-            let bytes = done
-                .output_bytes()
-                .map_err(|e| Mk1Error::new_err(e.to_string()))?;
-            let (ptr, len) = (bytes.as_ptr() as usize, bytes.len());
             let view = Bound::new(
                 py,
                 View {

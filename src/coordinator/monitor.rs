@@ -114,10 +114,10 @@ impl WorkerImage {
 /// started with the first line; only where no thread can be started does the monitor write
 /// itself, as a last resort), so a stderr that nobody reads (`prog 2>&1 | less` left at a
 /// page, a stalled log collector, a terminal stopped with Ctrl-S) blocks that thread only,
-/// never the monitor's watchdog, its restarts or a shutdown. While that thread is behind by [`STDERR_BACKLOG`] bytes the monitor
-/// stops reading the pipe, so workers that keep writing wait, as they would on the stderr
-/// itself; at shutdown what cannot be taken any more is dropped, and said so once the stderr
-/// moves again.
+/// never the monitor's watchdog, its restarts or a shutdown. While that thread is behind by
+/// [`STDERR_BACKLOG`] bytes the monitor stops reading the pipe, so workers that keep writing
+/// wait, as they would on the stderr itself; at shutdown what cannot be taken any more is
+/// dropped, and said so once the stderr moves again.
 pub(crate) struct WorkerStderr {
     read: OwnedFd,
     write: OwnedFd,
@@ -128,7 +128,7 @@ pub(crate) struct WorkerStderr {
 }
 
 /// Bytes of worker stderr waiting for the writer thread, at most.
-pub(crate) const STDERR_BACKLOG: usize = 1 << 20;
+const STDERR_BACKLOG: usize = 1 << 20;
 
 /// How long a pool's end waits for the writer thread to write what is left: past this, the
 /// thread is left to finish on its own (the stderr is not being read).

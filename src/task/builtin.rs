@@ -348,12 +348,11 @@ fn parse_value(s: &str) -> Option<Value> {
     if let Some(i) = int {
         return Some(Value::Int(if neg { -i } else { i }));
     }
-    // (A finite number beyond float64, `1e400`, is refused rather than taken as infinity; `inf`
-    // and `nan` say what they are.)
-    let named = s.to_ascii_lowercase().contains("inf") || s.to_ascii_lowercase().contains("nan");
+    // (A finite number beyond float64, `1e400`, is refused rather than taken as infinity;
+    // `inf` says what it is.)
     s.parse::<f64>()
         .ok()
-        .filter(|f| f.is_finite() || named)
+        .filter(|f| !f.is_infinite() || s.to_ascii_lowercase().contains("inf"))
         .map(Value::Float)
 }
 
