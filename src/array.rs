@@ -395,6 +395,92 @@ unsafe fn copy_raw(src: *const u8, dst: *mut u8, bytes: usize) {
     }
 }
 
+/// Arrays up to this many bytes go into a slot by non-temporal stores ([`SlotWriter`]);
+/// larger ones by [`copy_elements`].
+const STREAM_MAX: usize = 1 << 20;
+
+/// Writes arrays into a buffer that a worker on another core reads next (a slot about to be
+/// sent), by non-temporal stores where the CPU has them (x86_64): each line goes to memory
+/// without being fetched first. An ordinary store fetches the line, and the lines of a slot
+/// are mostly in the cache of the worker that ran its previous task, so each would wait on
+/// that core; the worker then reads the new bytes from memory, a stream its prefetcher
+/// follows ([`crate::PoolBuilder::streaming_stores`] has the figures).
+///
+/// Non-temporal stores are weakly ordered: without a fence they may become visible after
+/// later stores, such as the release that hands the slot to a worker. Dropping the writer
+/// runs that fence (`sfence`), and the writer borrows the buffer mutably for its life, so
+/// nothing reads or writes the buffer, in this thread or through a later release, before the
+/// fence (the rule of `_mm_stream_si128`).
+pub(crate) struct SlotWriter<'a> {
+    buf: &'a mut [u8],
+    /// A non-temporal store was made (the fence is owed).
+    streamed: bool,
+}
+
+impl<'a> SlotWriter<'a> {
+    pub(crate) fn new(buf: &'a mut [u8]) -> Self {
+        Self {
+            buf,
+            streamed: false,
+        }
+    }
+
+    /// Copies `src` to `buf[at..at + src.len()]`, by non-temporal stores if `stream` (and the
+    /// CPU has them, `src` is at most [`STREAM_MAX`] bytes and the destination is 16-byte
+    /// aligned), by ordinary stores otherwise.
+    ///
+    /// # Panics
+    /// If that range is not inside the buffer.
+    pub(crate) fn write(&mut self, at: usize, src: &[u8], stream: bool) {
+        let dst = &mut self.buf[at..at + src.len()];
+        #[cfg(target_arch = "x86_64")]
+        if stream && src.len() <= STREAM_MAX && (dst.as_ptr() as usize).is_multiple_of(16) {
+            stream_copy(dst, src);
+            self.streamed = true;
+            return;
+        }
+        let _ = stream;
+        copy_elements(dst, src);
+    }
+}
+
+impl Drop for SlotWriter<'_> {
+    fn drop(&mut self) {
+        #[cfg(target_arch = "x86_64")]
+        if self.streamed {
+            // SAFETY: SSE is part of the x86_64 baseline; a fence has no other effect.
+            unsafe { core::arch::x86_64::_mm_sfence() };
+        }
+    }
+}
+
+/// Copies `src` to `dst` (same length, `dst` 16-byte aligned) by non-temporal stores: 16 bytes
+/// at a time, then 4, then any last 1 to 3 bytes by ordinary stores.
+#[cfg(target_arch = "x86_64")]
+fn stream_copy(dst: &mut [u8], src: &[u8]) {
+    use core::arch::x86_64::{_mm_loadu_si128, _mm_stream_si128, _mm_stream_si32};
+    assert!(dst.len() == src.len() && (dst.as_ptr() as usize).is_multiple_of(16));
+    let n = src.len();
+    let (d, s) = (dst.as_mut_ptr(), src.as_ptr());
+    let mut at = 0;
+    // SAFETY: SSE2 is part of the x86_64 baseline. Every access is inside `src` (read, any
+    // alignment: `loadu`, `read_unaligned`) or `dst` (written; `dst + at` is 16-byte aligned
+    // for the 16-byte stores, as `dst` is and `at` steps by 16); the two do not overlap (a
+    // shared and an exclusive borrow). The caller (`SlotWriter`) fences before the bytes are
+    // next reached.
+    unsafe {
+        while at + 16 <= n {
+            _mm_stream_si128(d.add(at).cast(), _mm_loadu_si128(s.add(at).cast()));
+            at += 16;
+        }
+        while at + 4 <= n {
+            _mm_stream_si32(d.add(at).cast(), s.add(at).cast::<i32>().read_unaligned());
+            at += 4;
+        }
+    }
+    dst[at..].copy_from_slice(&src[at..]);
+}
+
 /// Whether one `memcpy` of `bytes` from `src` to `dst` would take glibc's slow path (see
 /// [`copy_elements`]).
 fn slow_for_memcpy(dst: *const u8, src: *const u8, bytes: usize) -> bool {
@@ -485,6 +571,39 @@ mod tests {
         extend_copied(&mut v, &wide);
         assert_eq!(&v[..2], &[1.0, 2.0]);
         assert_eq!(&v[2..], &wide[..]);
+    }
+
+    /// A slot writer copies exactly `src` and nothing else, streamed or not, at every length
+    /// around its 16- and 4-byte steps and past its streaming limit, at aligned destinations
+    /// (streamed) and misaligned ones (ordinary stores), from sources at any alignment.
+    #[test]
+    fn a_slot_writer_writes_exactly_its_arrays() {
+        let mut buf = vec![0u8; STREAM_MAX + 4096];
+        let base = buf.as_ptr().align_offset(64);
+        let src: Vec<u8> = (0..STREAM_MAX + 200).map(|i| (i * 13 + 5) as u8).collect();
+        let lens = (0..70).chain([255, 256, 257, 2047, 2048, 2049, STREAM_MAX, STREAM_MAX + 17]);
+        for len in lens {
+            for (at, from) in [(0, 0), (64, 3), (16, 1), (4, 0), (1, 2), (33, 7)] {
+                for stream in [true, false] {
+                    buf.fill(0xAA);
+                    let region = &mut buf[base..base + len + 200];
+                    let mut w = SlotWriter::new(region);
+                    w.write(at, &src[from..from + len], stream);
+                    drop(w);
+                    let region = &buf[base..base + len + 200];
+                    assert_eq!(
+                        &region[at..at + len],
+                        &src[from..from + len],
+                        "len {len} at {at}"
+                    );
+                    assert!(region[..at].iter().all(|&b| b == 0xAA), "before, len {len}");
+                    assert!(
+                        region[at + len..].iter().all(|&b| b == 0xAA),
+                        "after, len {len}"
+                    );
+                }
+            }
+        }
     }
 
     #[test]

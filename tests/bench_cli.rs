@@ -128,7 +128,7 @@ fn library_bench_reports_every_comparison_and_the_idle_figures() {
     );
     let j = json(&out);
     let rows = j["comparisons"].as_array().unwrap();
-    assert_eq!(rows.len(), 25, "{rows:?}");
+    assert_eq!(rows.len(), 26, "{rows:?}");
     for r in rows {
         for side in ["a", "b", "ratio"] {
             let s = &r[side];

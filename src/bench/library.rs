@@ -14,7 +14,8 @@
 //!   out;
 //!   then packed in a pool without pack slots ([`crate::PoolBuilder::pack_slots`]`(0)`: maps
 //!   pack in its largest slots, 4 per worker) against one per slot and against packed with
-//!   them.
+//!   them; and packed with [`crate::PoolBuilder::streaming_stores`] on (the default) against
+//!   off.
 //! - `idle`: CPU used by an idle pool's processes over an idle spell, and the round trip of the
 //!   first task after each idle spell.
 //!
@@ -650,6 +651,12 @@ pub fn measure(b: &LibraryBench) -> Result<LibraryReport, String> {
             .build()
             .map_err(|e| e.to_string())
     };
+    // As `out_place`, its maps copying every array in by ordinary stores.
+    let ordinary = builder(Mode::OutOfPlace, 64 << 10, DEFAULT_QUEUE_AHEAD)
+        .streaming_stores(false)
+        .build()
+        .map_err(|e| e.to_string())?;
+    let mut pord = ordinary.producer().map_err(|e| e.to_string())?;
     let pi = in_place.producer().map_err(|e| e.to_string())?;
     let pn = unpaced.producer().map_err(|e| e.to_string())?;
     let po = out_place.producer().map_err(|e| e.to_string())?;
@@ -734,6 +741,8 @@ pub fn measure(b: &LibraryBench) -> Result<LibraryReport, String> {
         }
         let mut pp = out_place.producer().map_err(|e| e.to_string())?;
         let packed = map_small(&mut pp, &small, Take::Copied)?;
+        // (Right after, so that both see the host alike.)
+        let packed_ordinary = map_small(&mut pord, &small, Take::Copied)?;
         let packed_view = map_small(&mut pp, &small, Take::InPlace)?;
         drop(pp);
         let mut pu = unpacked.producer().map_err(|e| e.to_string())?;
@@ -792,9 +801,14 @@ pub fn measure(b: &LibraryBench) -> Result<LibraryReport, String> {
             packed,
             packed_largest,
         );
+        add(
+            "map over small f32 arrays, packed: streaming stores / ordinary stores",
+            packed,
+            packed_ordinary,
+        );
     }
-    drop((pi, po, pn));
-    drop((in_place, out_place, unpacked, unpaced));
+    drop((pi, po, pn, pord));
+    drop((in_place, out_place, unpacked, unpaced, ordinary));
     let idle = idle(b.workers, b.idle)?;
     Ok(LibraryReport {
         workers: b.workers,

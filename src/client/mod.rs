@@ -265,6 +265,7 @@ pub struct PoolBuilder {
     pack_bytes: u64,
     pack_slots: Option<u32>,
     pack_time: Duration,
+    streaming_stores: bool,
     keep_copies: bool,
     dispatch: DispatchKind,
     queue_ahead: Option<Duration>,
@@ -370,6 +371,21 @@ impl PoolBuilder {
     /// `pack_slots(0)`.
     pub fn pack_slots(mut self, n: u32) -> Self {
         self.pack_slots = Some(n);
+        self
+    }
+
+    /// Whether a `map` out of place copies each array it packs after a slot's first into the
+    /// slot by non-temporal (streaming) stores, on x86_64 (default true). Such a store sends
+    /// the line to memory without fetching it first; an ordinary store fetches it, mostly from
+    /// the cache of the worker that ran the slot's previous task, so copying into a slot waits
+    /// on another core once per line. The worker then reads the arrays from memory, a stream
+    /// its prefetcher follows. A slot's first array goes by ordinary stores, so a slot of one
+    /// array pays no fence (`sfence`, about a memory write's time, before the slot is sent);
+    /// in place, and for arrays over 1 MiB, ordinary stores always. In `mk1 bench library`
+    /// (one worker, 2 CPUs) packed maps of small f32 arrays ran faster with them, by most on
+    /// hosts whose cores are far apart (see the README); `false` to compare on yours.
+    pub fn streaming_stores(mut self, on: bool) -> Self {
+        self.streaming_stores = on;
         self
     }
 
@@ -716,6 +732,7 @@ impl PoolBuilder {
             pack_bytes: self.pack_bytes,
             pack_class,
             pack_time: self.pack_time,
+            stream_inputs: self.streaming_stores && self.mode == Mode::OutOfPlace,
             keep_copies: self.keep_copies && self.mode == Mode::InPlace,
             spin: match self.wait {
                 Wait::Sleep => SpinMode::Never,
@@ -811,6 +828,8 @@ pub(crate) struct Shared {
     pub(crate) pack_class: Option<usize>,
     /// [`PoolBuilder::pack_time`].
     pub(crate) pack_time: Duration,
+    /// [`PoolBuilder::streaming_stores`], out of place.
+    pub(crate) stream_inputs: bool,
     /// In place, inputs are copied at submit to redo tasks after a death.
     pub(crate) keep_copies: bool,
     pub(crate) spin: SpinMode,
@@ -994,6 +1013,7 @@ impl Pool {
             pack_bytes: 64 << 10,
             pack_slots: None,
             pack_time: map::PACK_TIME,
+            streaming_stores: true,
             keep_copies: false,
             dispatch: DispatchKind::LeastLoaded,
             queue_ahead: Some(crate::dispatch::DEFAULT_QUEUE_AHEAD),
