@@ -151,6 +151,14 @@ fn duration_mode_and_every_op_and_dispatch() {
     }
 }
 
+/// Op parameters in hexadecimal, as `mk1 apply` takes them (once refused by `mk1 run`).
+#[test]
+fn hexadecimal_op_parameters_verify() {
+    let j = verified_run(&["--workers", "1", "--count", "200", "--op", "xor:0xff"]);
+    assert_eq!(j["op"], "xor:255");
+    assert_eq!(j["matrices"], 200);
+}
+
 #[test]
 fn summary_is_human_readable() {
     let out = mk1(&["run", "--workers", "1", "--count", "1000"], LIMIT);

@@ -119,7 +119,7 @@ struct RunArgs {
     /// Largest rows/cols of a matrix
     #[arg(long, value_name = "N", default_value_t = 128)]
     max_dim: u32,
-    /// How long to issue matrices (e.g. 20s, 500ms, 2m)
+    /// How long to issue matrices (e.g. 20s, 500ms, 2m; a bare number is seconds)
     #[arg(long, default_value = "20s", value_parser = parse_duration, allow_hyphen_values = true, conflicts_with = "count")]
     duration: Duration,
     /// Issue exactly this many matrices instead of running for a duration
@@ -177,9 +177,14 @@ fn parse_batch(s: &str) -> Result<Batch, String> {
     }
 }
 
-/// `20s`, `500ms`, `2m`, `1.5s`, `1h`, or a bare number of seconds.
+/// `20s`, `500ms`, `250us` (or `µs`), `10ns`, `2m` (or `min`), `1.5s`, `1h`, or a bare number
+/// of seconds (as the seed's `--duration 20`).
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    let err = || format!("`{s}` is not a duration (examples: 20s, 500ms, 2m)");
+    let err = || {
+        format!(
+            "`{s}` is not a duration (examples: 20s, 500ms, 250us, 2m; a bare number is seconds)"
+        )
+    };
     let t = s.trim();
     if t.starts_with('-') {
         return Err(format!(
@@ -194,7 +199,8 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let secs = match unit.trim() {
         "" | "s" => v,
         "ms" => v / 1e3,
-        "us" => v / 1e6,
+        "us" | "µs" => v / 1e6,
+        "ns" => v / 1e9,
         "m" | "min" => v * 60.0,
         "h" => v * 3600.0,
         _ => return Err(err()),
@@ -388,6 +394,9 @@ mod tests {
         assert_eq!(parse_duration("3"), Ok(Duration::from_secs(3)));
         assert!(parse_duration("-1s").unwrap_err().contains("negative"));
         assert_eq!(parse_duration("1.5s"), Ok(Duration::from_millis(1500)));
+        assert_eq!(parse_duration("250us"), Ok(Duration::from_micros(250)));
+        assert_eq!(parse_duration("250µs"), Ok(Duration::from_micros(250)));
+        assert_eq!(parse_duration("1ns"), Ok(Duration::from_nanos(1)));
         for bad in ["", "s", "-1s", "10 parsecs", "1e999", "abc"] {
             assert!(parse_duration(bad).is_err(), "{bad}");
         }

@@ -134,11 +134,33 @@ impl fmt::Display for Op {
 /// An op string that does not parse: the string and what is wrong with it.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error(
-    "bad op `{given}`: {why}; expected affine:A,B | add:K | mul:K | xor:K | neg | abs (K, A, B int32)"
+    "bad op `{given}`: {why}; expected affine:A,B | add:K | mul:K | xor:K | neg | abs (K, A, B int32, decimal or 0x hex)"
 )]
 pub struct OpParseError {
     given: String,
     why: String,
+}
+
+/// An integer as op parameters are written: decimal or `0x` hexadecimal, after one `-` at
+/// most, with a digit right after the sign or prefix (`--5`, `0x-5` and `+5` are refused).
+/// `None` for anything else, and beyond `i128`.
+pub(crate) fn parse_int(s: &str) -> Option<i128> {
+    let (neg, digits) = match s.strip_prefix('-') {
+        Some(d) => (true, d),
+        None => (false, s),
+    };
+    // (`from_str_radix` and `parse` would take another sign.)
+    let int = match digits.strip_prefix("0x") {
+        Some(hex) => hex
+            .starts_with(|c: char| c.is_ascii_hexdigit())
+            .then(|| i128::from_str_radix(hex, 16).ok())
+            .flatten(),
+        None => digits
+            .starts_with(|c: char| c.is_ascii_digit())
+            .then(|| digits.parse::<i128>().ok())
+            .flatten(),
+    }?;
+    Some(if neg { -int } else { int })
 }
 
 impl FromStr for Op {
@@ -148,10 +170,16 @@ impl FromStr for Op {
             given: s.to_string(),
             why,
         };
+        // (Decimal or hexadecimal, as `mk1 apply` takes them.)
         let int = |t: &str| {
-            t.trim()
-                .parse::<i32>()
-                .map_err(|_| err(format!("`{}` is not an int32", t.trim())))
+            let t = t.trim();
+            // (A `+` as `str::parse` takes it, before the digits or the `0x`.)
+            let unsigned = t
+                .strip_prefix('+')
+                .filter(|d| d.starts_with(|c: char| c.is_ascii_digit()));
+            parse_int(unsigned.unwrap_or(t))
+                .and_then(|i| i32::try_from(i).ok())
+                .ok_or_else(|| err(format!("`{t}` is not an int32")))
         };
         let (name, arg) = match s.split_once(':') {
             Some((n, a)) => (n, Some(a)),
@@ -440,12 +468,29 @@ mod tests {
             ("neg:1", "neg takes no parameter"),
             ("sqrt", "unknown op"),
             ("mul:99999999999", "`99999999999` is not an int32"),
+            ("xor:0x80000000", "`0x80000000` is not an int32"),
+            ("add:0x-5", "`0x-5` is not an int32"),
+            ("add:--5", "`--5` is not an int32"),
+            ("add:+-5", "`+-5` is not an int32"),
+            ("add:0x", "`0x` is not an int32"),
         ] {
             let e = bad.parse::<Op>().expect_err(bad).to_string();
             assert!(
                 e.contains(why) && e.contains("expected affine:A,B"),
                 "{bad}: {e}"
             );
+        }
+        // Hexadecimal as `mk1 apply` takes it, and a `+` as before.
+        for (given, op) in [
+            ("xor:0xff", Op::Xor(0xff)),
+            ("add:-0x10", Op::Add(-16)),
+            ("xor:0x7fffffff", Op::Xor(i32::MAX)),
+            ("add:-0x80000000", Op::Add(i32::MIN)),
+            ("affine:0x2, -0x1", Op::Affine { a: 2, b: -1 }),
+            ("add:+5", Op::Add(5)),
+            ("mul:+0x3", Op::Mul(3)),
+        ] {
+            assert_eq!(given.parse::<Op>(), Ok(op), "{given}");
         }
         assert_eq!(Op::decode(0, 0, 0), None);
         assert_eq!(Op::decode(7, 0, 0), None);

@@ -329,24 +329,8 @@ pub(crate) fn run_prechecked_each<'b>(
 }
 
 fn parse_value(s: &str) -> Option<Value> {
-    let (neg, digits) = match s.strip_prefix('-') {
-        Some(d) => (true, d),
-        None => (false, s),
-    };
-    // One sign at most, and digits right after it (`from_str_radix` and `parse` would take
-    // another sign: `--5` or `0x-5`).
-    let unsigned = |d: &str| d.starts_with(|c: char| c.is_ascii_digit());
-    let int = if let Some(hex) = digits.strip_prefix("0x") {
-        unsigned(hex)
-            .then(|| i128::from_str_radix(hex, 16).ok())
-            .flatten()
-    } else {
-        unsigned(digits)
-            .then(|| digits.parse::<i128>().ok())
-            .flatten()
-    };
-    if let Some(i) = int {
-        return Some(Value::Int(if neg { -i } else { i }));
+    if let Some(i) = crate::ops::parse_int(s) {
+        return Some(Value::Int(i));
     }
     // (A finite number beyond float64, `1e400`, is refused rather than taken as infinity;
     // `inf` says what it is.)
@@ -421,6 +405,15 @@ mod tests {
         assert_eq!(
             Builtin::parse("add:+5").unwrap(),
             Builtin::Add(Value::Float(5.0))
+        );
+        // Hexadecimal digits that are letters, first too (`0xff` was once refused).
+        assert_eq!(
+            Builtin::parse("xor:0xff").unwrap(),
+            Builtin::Xor(Value::Int(255))
+        );
+        assert_eq!(
+            Builtin::parse("and:-0xAb").unwrap(),
+            Builtin::And(Value::Int(-0xab))
         );
         assert!(Builtin::parse("frob")
             .unwrap_err()
