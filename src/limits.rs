@@ -382,13 +382,17 @@ pub struct Needs {
     pub workers: u32,
     /// Producer threads.
     pub producers: u32,
+    /// Memory each worker process takes of its own ([`WORKER_MEMORY`] for this program's).
+    pub worker_memory: u64,
 }
 
-/// Memory a worker process takes besides the shared segment: its own pages, stack, and the page
-/// tables for its mapping of the segment (8 bytes per 4 KiB page).
-const WORKER_OVERHEAD: u64 = 8 << 20;
-/// Slack kept free under a memory limit, for the coordinator's own growth and the kernel.
-const MEMORY_HEADROOM: u64 = 64 << 20;
+/// Memory a worker process of this program takes of its own, besides the shared segment and
+/// the page tables for its mapping of it: `mk1 run`'s workers had 0.2 MiB of private pages
+/// (`/proc/PID/smaps_rollup`, 2026-12-02), its coordinator 0.7 MiB.
+pub const WORKER_MEMORY: u64 = 2 << 20;
+/// Slack kept free under a memory limit, for the coordinator's own growth and the kernel. (It
+/// was 64 MiB, which refused runs that used 2 MiB in a 64 MiB container.)
+pub(crate) const MEMORY_HEADROOM: u64 = 8 << 20;
 /// Address space a producer thread takes: its stack (std's 2 MiB default) and guard page.
 const THREAD_ADDRESS_SPACE: u64 = (2 << 20) + (64 << 10);
 /// Address space kept free under `RLIMIT_AS` for allocations made while running (histograms,
@@ -398,10 +402,14 @@ const ADDRESS_SPACE_HEADROOM: u64 = 48 << 20;
 const FD_HEADROOM: u64 = 16;
 
 impl Needs {
-    /// Memory the whole run commits: the segment, each worker's own pages and headroom.
+    /// Memory the whole run commits: the segment, each worker's own pages and its page tables
+    /// for the segment (8 bytes per 4 KiB page), and headroom.
     pub fn memory(&self) -> u64 {
         let tables = self.segment / 512;
-        self.segment + u64::from(self.workers) * (WORKER_OVERHEAD + tables) + MEMORY_HEADROOM
+        let per_worker = self.worker_memory.saturating_add(tables);
+        self.segment
+            .saturating_add(u64::from(self.workers).saturating_mul(per_worker))
+            .saturating_add(MEMORY_HEADROOM)
     }
 
     /// Tasks the run starts: workers, producer threads, and one replacement worker that may be
@@ -788,8 +796,26 @@ mod tests {
             segment: 1 << 30,
             workers: 4,
             producers: 2,
+            worker_memory: WORKER_MEMORY,
         };
-        assert!(n.memory() > n.segment + 4 * WORKER_OVERHEAD);
+        assert!(n.memory() > n.segment + 4 * WORKER_MEMORY);
+        // A small pool fits a 64 MiB container (the headroom was once 64 MiB by itself), and a
+        // worker program that takes more says so.
+        let small = Needs {
+            segment: 1 << 20,
+            ..n
+        };
+        assert!(small.memory() < 16 << 20, "{}", small.memory());
+        let python = Needs {
+            worker_memory: 32 << 20,
+            ..small
+        };
+        assert!(python.memory() > 4 * (32 << 20));
+        let huge = Needs {
+            worker_memory: u64::MAX,
+            ..small
+        };
+        assert_eq!(huge.memory(), u64::MAX);
         assert_eq!(n.tasks(), 7);
     }
 }

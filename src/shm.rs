@@ -25,8 +25,9 @@ use crate::pool::Token;
 use crate::sync::{AtomicU32, AtomicU64, Ordering};
 use crate::sys;
 
-/// Bytes kept free for everything else on the machine when checking whether a segment fits.
-const HEADROOM: u64 = 64 << 20;
+/// Bytes kept free for everything else on the machine when checking whether a segment fits
+/// (as the pool's own check keeps).
+const HEADROOM: u64 = crate::limits::MEMORY_HEADROOM;
 
 /// Why a segment could not be created.
 #[derive(Debug, thiserror::Error)]

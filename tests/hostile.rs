@@ -202,6 +202,34 @@ fn a_memory_limit_on_an_enclosing_cgroup_is_refused_before_any_worker_starts() {
     assert_eq!(ok.status.code(), Some(0), "{}", text(&ok.stderr));
 }
 
+/// A small job in a 64 MiB container runs (the check once asked for 72 MiB whatever the job,
+/// for one that used 2 MiB), and so does a Python-sized share per worker.
+#[test]
+fn a_small_run_fits_a_64_mib_container() {
+    let limit = format!("{}", 64u64 << 20);
+    let Some((_g, inner, file)) = limited_cgroup(
+        "memory",
+        "mem64",
+        "memory.limit_in_bytes",
+        "memory.max",
+        &limit,
+    ) else {
+        return skip("needs root and a memory cgroup (v1 or v2) this process may create and limit");
+    };
+    for args in [
+        &["run", "--workers", "1", "--max-dim", "8", "--inflight", "1", "--count", "500"][..],
+        &["run", "--workers", "1", "--count", "500"][..],
+    ] {
+        let out = run(in_cgroup(&inner, args));
+        assert_eq!(
+            out.status.code(),
+            Some(0),
+            "{args:?} under {file} 64 MiB: {}",
+            text(&out.stderr)
+        );
+    }
+}
+
 #[test]
 fn a_pids_limit_is_refused_before_any_worker_starts() {
     let Some((_g, inner, _)) = limited_cgroup("pids", "pids", "pids.max", "pids.max", "4") else {
