@@ -803,12 +803,13 @@ mod tests {
         // worker program that takes more says so.
         let small = Needs {
             segment: 1 << 20,
+            workers: 1,
             ..n
         };
         assert!(small.memory() < 16 << 20, "{}", small.memory());
         let python = Needs {
             worker_memory: 32 << 20,
-            ..small
+            ..n
         };
         assert!(python.memory() > 4 * (32 << 20));
         let huge = Needs {
