@@ -217,7 +217,17 @@ fn a_small_run_fits_a_64_mib_container() {
         return skip("needs root and a memory cgroup (v1 or v2) this process may create and limit");
     };
     for args in [
-        &["run", "--workers", "1", "--max-dim", "8", "--inflight", "1", "--count", "500"][..],
+        &[
+            "run",
+            "--workers",
+            "1",
+            "--max-dim",
+            "8",
+            "--inflight",
+            "1",
+            "--count",
+            "500",
+        ][..],
         &["run", "--workers", "1", "--count", "500"][..],
     ] {
         let out = run(in_cgroup(&inner, args));

@@ -18,6 +18,7 @@ import tempfile
 import threading
 import time
 import types
+import warnings
 import weakref
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import _base
@@ -93,8 +94,9 @@ _THREAD_VARS = (
 )
 
 
-class _RemoteTraceback(Exception):
-    """The worker's traceback, attached as ``__cause__`` of a re-raised exception."""
+class RemoteTraceback(Exception):
+    """The worker's traceback, attached as ``__cause__`` of a re-raised exception (named as
+    ``multiprocessing.pool``'s, for code that looks for it by name)."""
 
     def __init__(self, tb: str) -> None:
         super().__init__(tb)
@@ -124,7 +126,7 @@ def _rebuild(exc: BaseException) -> BaseException:
         except Exception:  # its type is not importable here, or it does not rebuild
             original = None
         if isinstance(original, BaseException):
-            original.__cause__ = _RemoteTraceback(text)
+            original.__cause__ = RemoteTraceback(text)
             return original
     return _mk1.RemoteError(text)
 
@@ -615,14 +617,34 @@ class MapIterator:
     lazy as a generator (see ``Pool.map``), with ``next(timeout)`` as ``multiprocessing``'s
     ``IMapIterator`` has it."""
 
-    __slots__ = ("_gen", "_step", "_turn", "__weakref__")
+    __slots__ = ("_gen", "_step", "_turn", "_broken", "_used", "__weakref__")
 
     def __init__(self, gen: Iterator[Any], step: _Step) -> None:
         self._gen = gen
         self._step = step
+        # Why the map's generator ended early, if it did (see `next`).
+        self._broken: str | None = None
+        # Iterated or closed (see `__del__`).
+        self._used = False
         # One thread at a time, as with a generator (which raises ValueError for a second):
         # a step's deadline belongs to the thread that set it.
         self._turn = threading.Lock()
+
+    def __del__(self) -> None:
+        # A map runs as it is iterated: one dropped unused ran nothing, which code written for
+        # `multiprocessing.Pool.map` (a list, made at the call) does not expect.
+        if not getattr(self, "_used", True):
+            try:
+                warnings.warn(
+                    "mk1: a map's results were never iterated, so none of its calls ran: "
+                    "Pool.map, imap, imap_unordered and starmap are lazy (unlike "
+                    "multiprocessing.Pool.map); iterate the result, e.g. list(pool.map(...)), "
+                    "or use map_async(...).get()",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
+            except Exception:  # noqa: BLE001 - (at interpreter exit, warnings may be gone)
+                pass
 
     def __iter__(self) -> MapIterator:
         return self
@@ -637,24 +659,37 @@ class MapIterator:
         is lost or skipped). The map's ``timeout`` still ends the map when it passes
         (``concurrent.futures.TimeoutError``). ``timeout`` bounds the waits for results, not
         the taking of an input from the map's iterable, which runs in this call."""
+        self._used = True
         if not self._turn.acquire(blocking=False):
             raise ValueError("a map's iterator is being iterated in another thread")
         try:
+            if self._broken is not None:
+                raise _mk1.Mk1Error(self._broken)
             if timeout is not None:
                 self._step.deadline = time.monotonic() + max(0.0, float(timeout))
             got = next(self._gen)
+        except (KeyboardInterrupt, SystemExit) as e:
+            # Not while the map waited (that comes as `_Interrupted`, and the map goes on):
+            # between two of its own steps, where its generator ends. Its results still to
+            # come are lost, so a later `next` says so rather than ending as if complete.
+            self._broken = (
+                f"this map was interrupted ({type(e).__name__}) between two of its own "
+                "steps and cannot go on; its results still to come are lost"
+            )
+            raise
         finally:
             self._step.deadline = None
             self._turn.release()
         if got is _STEP_PASSED:
             raise multiprocessing.TimeoutError()
-        if type(got) is _Failed:
+        if type(got) is _Failed or type(got) is _Interrupted:
             raise got.exc
         return got
 
     def close(self) -> None:
         """Ends the map now: results still to come are dropped as they arrive, inputs not yet
         taken are not (as when the iterator is dropped, or a ``for`` loop over it breaks)."""
+        self._used = True
         self._gen.close()
 
 
@@ -672,6 +707,18 @@ class _Step:
 
 
 _STEP_PASSED = object()  # what a map's generator yields when its step's timeout passed
+
+
+class _Interrupted:
+    """What a map's generator yields when Ctrl-C (KeyboardInterrupt, or any exception a signal
+    handler raises) came while it waited for an input or a result: ``MapIterator`` raises
+    ``exc``, and the generator takes up where it was at the next call, so the map goes on
+    losing nothing (as ``multiprocessing``'s ``imap`` does)."""
+
+    __slots__ = ("exc",)
+
+    def __init__(self, exc: BaseException) -> None:
+        self.exc = exc
 
 
 class _Failed:
@@ -1981,6 +2028,9 @@ class Pool:
                 map_first = for_step is None or (for_map is not None and for_map <= for_step)
                 try:
                     return fut.result(for_map if map_first else for_step)
+                except KeyboardInterrupt as e:
+                    # (The future waits on: the caller may take it up again.)
+                    interrupted = _Interrupted(e)
                 except concurrent.futures.TimeoutError:
                     # (The base class's `done`: this one's would receive, and the result may
                     # have come just now.)
@@ -1988,7 +2038,9 @@ class Pool:
                         return fut.result(0)  # (its result, or its own exception)
                     if map_first:
                         raise  # (the map's timeout: it ends the map)
-                yield _STEP_PASSED
+                    interrupted = None
+                yield _STEP_PASSED if interrupted is None else interrupted
+                interrupted = None
 
         def failed_or(wait):
             """What ``yield from wait`` gives; with ``go_on``, its exception as ``_Failed``
@@ -2006,21 +2058,35 @@ class Pool:
 
         try:
             while True:
+                stepped = None
                 try:
                     # (Not deferred as `_pump` defers: the step also takes the caller's input
                     # and waits, without holding the pool, and a callback may feed that input.)
                     if step.deadline is None:
-                        ok, value, index = next(it)
+                        stepped = next(it)
                     else:
                         stepped = it.next_within(step.left())
                         if stepped is None:
                             yield _STEP_PASSED
                             continue
-                        ok, value, index = stepped
                 except StopIteration:
                     return
                 except TimeoutError as e:  # (not the same class before Python 3.11)
                     raise concurrent.futures.TimeoutError(*e.args) from None
+                except KeyboardInterrupt as e:
+                    # Ctrl-C while the map took an input or waited: what it had stays where
+                    # it is (the pool keeps it), and the next call goes on from here. Or as
+                    # its call returned a result: taken back, it goes out after the interrupt.
+                    if stepped is None:
+                        stepped = it.unclaimed()
+                    interrupted = _Interrupted(e)
+                    del e
+                    yield interrupted
+                    interrupted = None
+                    if stepped is None:
+                        continue
+                ok, value, index = stepped
+                stepped = None
                 if not ok and batched:
                     pairs = _pairs(sent.pop(index, None))
                     # The batch's worker died (or hung) on one of its calls: each call runs

@@ -1115,6 +1115,7 @@ impl PoolCore {
             next_out: 0,
             exhausted: false,
             failed_at: None,
+            handed: None,
         })
     }
 
@@ -1335,6 +1336,9 @@ struct MapIter {
     /// The index of the input iterator's own failure (its turn comes after every array
     /// taken before it, also in completion order).
     failed_at: Option<u64>,
+    /// What the last `__next__` (or `next_within`) returned, until the next one begins: a
+    /// result that Ctrl-C took from the caller on its way out (see `unclaimed`).
+    handed: Option<(bool, Py<PyAny>, u64)>,
 }
 
 /// What a map with `reorder` holds ahead of its next result out: the inputs it sent (their
@@ -1813,8 +1817,28 @@ impl MapIter {
         }
     }
 
+    /// What the last `__next__` (or `next_within`) returned, taken back (None if it returned
+    /// nothing, or it was taken back already). Python runs signal handlers as a call returns,
+    /// so Ctrl-C can raise `KeyboardInterrupt` after a result left here and before the caller
+    /// holds it: the caller takes it back here when its call raised.
+    fn unclaimed(&mut self) -> Option<(bool, Py<PyAny>, u64)> {
+        self.handed.take()
+    }
+
     /// The next `(ok, result or error, input index)`.
     fn __next__(&mut self, py: Python<'_>) -> PyResult<Option<(bool, Py<PyAny>, u64)>> {
+        self.handed = None;
+        let got = self.step(py)?;
+        if let Some((ok, v, index)) = &got {
+            self.handed = Some((*ok, v.clone_ref(py), *index));
+        }
+        Ok(got)
+    }
+}
+
+impl MapIter {
+    /// One step of `__next__`: the next result out, taking inputs and waiting as need be.
+    fn step(&mut self, py: Python<'_>) -> PyResult<Option<(bool, Py<PyAny>, u64)>> {
         let closed = || PyValueError::new_err("the pool is closed");
         // (With a slow input, what came back goes out first: taking an input ahead of a
         // result ready would only delay it.)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
+import gc
 import multiprocessing
 import os
 import pathlib
@@ -19,6 +20,7 @@ import tempfile
 import textwrap
 import threading
 import time
+import warnings
 
 import numpy as np
 import pytest
@@ -303,6 +305,8 @@ def test_exceptions_keep_their_type_and_the_workers_traceback(pool):
     assert "negative first element" in str(info.value)
     tb = str(info.value.__cause__)
     assert "raise CustomError" in tb and "Traceback" in tb
+    # (Named as multiprocessing.pool's, for code that looks for it by name.)
+    assert type(info.value.__cause__).__name__ == "RemoteTraceback"
     with pytest.raises(mk1.RemoteError, match="a type the caller cannot import"):
         pool.submit(raises_local, np.ones(2)).result()
     # In a map: raised when iteration reaches the failed array; earlier results came.
@@ -3168,6 +3172,98 @@ def test_ctrl_c_while_a_thread_receives_loses_no_future(tmp_path):
     )
     assert r.returncode == 0, r.stderr
     assert "lost 0" in r.stdout, r.stdout
+
+
+def test_ctrl_c_in_a_map_loses_nothing_and_the_map_goes_on(tmp_path):
+    """Ctrl-C (KeyboardInterrupt) raised by a map's ``next``, caught, and the same iterator
+    taken up again: every result still comes, once, in order for ``imap`` and ``map`` (as
+    ``multiprocessing``'s ``imap``), for calls, arrays and zero-copy arrays. (The iterator once
+    ended early instead, dropping the rest; and a result on its way out as the interrupt came
+    was lost.)"""
+    r = run_script(
+        tmp_path,
+        """
+        import os, random, signal, threading, time
+        import numpy as np
+        import mk1
+
+        def slow(x):
+            time.sleep(0.01)
+            return x * 2
+
+        if __name__ == "__main__":
+            random.seed(7)
+            bad = kis = 0
+            with mk1.Pool(workers=2) as p:
+                for kind in ("imap", "imap_unordered", "map"):
+                    for arrays, zc in ((False, False), (True, False), (True, True)):
+                        n = 120
+                        items = (
+                            [np.full(4, i, dtype=np.int64) for i in range(n)]
+                            if arrays
+                            else list(range(n))
+                        )
+                        kw = {"zero_copy": True} if zc else {}
+                        it = getattr(p, kind)(slow, items, **kw)
+                        got = []
+                        stop = threading.Event()
+
+                        def fire():
+                            for _ in range(4):
+                                if stop.wait(random.uniform(0.01, 0.12)):
+                                    return
+                                os.kill(os.getpid(), signal.SIGINT)
+
+                        t = threading.Thread(target=fire)
+                        t.start()
+                        while True:
+                            try:
+                                r = next(it)
+                                got.append(int(r[0]) if arrays else r)
+                            except KeyboardInterrupt:
+                                kis += 1
+                            except StopIteration:
+                                break
+                        stop.set()
+                        t.join()
+                        while True:  # (an interrupt fired as the map ended)
+                            try:
+                                time.sleep(0.05)
+                                break
+                            except KeyboardInterrupt:
+                                kis += 1
+                        want = [2 * i for i in range(n)]
+                        if sorted(got) != want or (kind != "imap_unordered" and got != want):
+                            bad += 1
+                            print("BAD", kind, arrays, zc, len(got))
+            print("bad", bad, "interrupts", kis)
+        """,
+        timeout=240,
+    )
+    assert r.returncode == 0, r.stderr
+    assert "bad 0 " in r.stdout, r.stdout
+    # Every interrupt reached the caller (4 per map, 9 maps), none swallowed.
+    assert "interrupts 36" in r.stdout, r.stdout
+
+
+def test_a_map_never_iterated_warns_that_nothing_ran(pool, tmp_path):
+    """``Pool.map`` is lazy, unlike ``multiprocessing.Pool.map``: one dropped unused ran
+    nothing, and says so. One iterated, or closed, says nothing."""
+    marker = tmp_path / "ran"
+    with pytest.warns(RuntimeWarning, match="never iterated, so none of its calls ran"):
+        pool.map(touch_file, [str(marker)])
+        gc.collect()
+    assert not marker.exists()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert list(pool.map(touch_file, [str(marker)])) == [None]
+        pool.imap(touch_file, [str(marker)]).close()
+        gc.collect()
+    assert marker.exists()
+
+
+def touch_file(path):
+    open(path, "w").close()
 
 
 def exits_once_then_naps(i, marker):
