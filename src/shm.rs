@@ -326,7 +326,8 @@ impl Segment {
         }
         let io = |step| move |source| ShmCreateError::Io { step, source };
         let fd = sys::memfd("mk1").map_err(io("memfd_create"))?;
-        let committed = match sys::size_and_commit(fd.as_fd(), asked) {
+        sys::set_len(fd.as_fd(), asked).map_err(io("ftruncate"))?;
+        let committed = match sys::commit(fd.as_fd(), asked) {
             Ok(c) => c,
             Err(e) => return Err(commit_error(fd.as_fd(), asked, e)),
         };
@@ -893,7 +894,8 @@ mod tests {
     #[test]
     fn attach_rejects_a_foreign_file() {
         let fd = sys::memfd("not-mk1").unwrap();
-        sys::size_and_commit(fd.as_fd(), 8192).unwrap();
+        sys::set_len(fd.as_fd(), 8192).unwrap();
+        sys::commit(fd.as_fd(), 8192).unwrap();
         assert!(matches!(Segment::attach(fd), Err(ShmAttachError::Magic(0))));
         let fd = sys::memfd("tiny").unwrap();
         assert!(matches!(

@@ -94,17 +94,15 @@ pub fn dev_shm_room(fd: BorrowedFd<'_>) -> Option<u64> {
     Some(v.f_bavail.saturating_mul(v.f_frsize))
 }
 
-/// Sets the file's size ([ftruncate(2)]) and then reserves every page of it ([fallocate(2)]),
-/// so that touching the mapping later can never raise SIGBUS for want of memory.
+/// Reserves every page of a file already sized to `len` ([`set_len`]) with [fallocate(2)], so
+/// that touching the mapping later can never raise SIGBUS for want of memory.
 ///
-/// [ftruncate(2)]: https://man7.org/linux/man-pages/man2/ftruncate.2.html
 /// [fallocate(2)]: https://man7.org/linux/man-pages/man2/fallocate.2.html
 ///
 /// Returns `false` when `fallocate` is refused outright (a seccomp profile, a filesystem
-/// without it): the size is set and nothing is committed yet; the caller then commits through
-/// the mapping with [`Mapping::commit`]. Out of memory or space is an error here.
-pub fn size_and_commit(fd: BorrowedFd<'_>, len: u64) -> io::Result<bool> {
-    set_len(fd, len)?;
+/// without it): nothing is committed yet; the caller then commits through the mapping with
+/// [`Mapping::commit`]. Out of memory or space is an error here.
+pub fn commit(fd: BorrowedFd<'_>, len: u64) -> io::Result<bool> {
     match rustix::fs::fallocate(fd, FallocateFlags::empty(), 0, len) {
         Ok(()) => Ok(true),
         Err(rustix::io::Errno::PERM | rustix::io::Errno::NOSYS | rustix::io::Errno::OPNOTSUPP) => {
@@ -163,7 +161,7 @@ impl Mapping {
 
     /// Commits every page of the mapping by writing nothing to it ([madvise(2)]
     /// `MADV_POPULATE_WRITE`, Linux 5.14): where the memory cannot be had, an error now
-    /// instead of a SIGBUS at first touch later. The fallback of [`size_and_commit`].
+    /// instead of a SIGBUS at first touch later. The fallback of [`commit`].
     ///
     /// [madvise(2)]: https://man7.org/linux/man-pages/man2/madvise.2.html
     pub fn commit(&self) -> io::Result<()> {
@@ -995,7 +993,19 @@ pub fn spawn_inheriting(
             Ok(())
         });
     }
-    cmd.spawn()
+    cmd.spawn().map_err(|e| {
+        // (std opens /dev/null for the child's stdin in this process, and its ENOENT reads as
+        // if the program were missing: an empty /dev, a bare chroot.)
+        if e.kind() == io::ErrorKind::NotFound && std::fs::File::open("/dev/null").is_err() {
+            io::Error::new(
+                e.kind(),
+                "/dev/null cannot be opened (a worker's stdin, and its stdout unless kept, go \
+                 there); give the container or chroot a /dev/null",
+            )
+        } else {
+            e
+        }
+    })
 }
 
 /// Makes `fd` non-blocking ([fcntl(2)] `O_NONBLOCK`).

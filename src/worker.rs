@@ -379,7 +379,10 @@ pub(crate) fn refuse_nested_start() -> bool {
         return true;
     }
     if std::env::var_os(WORKER_ENV).is_some() {
-        eprintln!(
+        // (Not `eprintln!`, which panics when stderr is gone.)
+        use std::io::Write as _;
+        let _ = writeln!(
+            std::io::stderr(),
             "mk1 worker: this program was started as an mk1 worker but did not call \
              mk1::run_if_worker() / run_if_worker_with() first thing in main; it went on to \
              start workers of its own, which is refused"

@@ -262,8 +262,6 @@ fn a_program_that_is_not_a_worker_is_a_clear_start_error() {
     assert!(msg.contains("run_if_worker"), "{msg}");
 }
 
-/// Output that cannot be written (a full disk) is an environment error: one line on stderr
-/// and exit 2, for a job that itself succeeded; a closed pipe (`| head`) is not an error.
 /// However short the duration, a run issues a matrix and verifies it: a run of none was "NOT
 /// verified", exit 1, with nothing wrong.
 #[test]
@@ -277,6 +275,8 @@ fn a_very_short_duration_still_verifies() {
     }
 }
 
+/// Output that cannot be written (a full disk) is an environment error: one line on stderr
+/// and exit 2, for a job that itself succeeded; a closed pipe (`| head`) is not an error.
 #[test]
 fn an_unwritable_stdout_exits_2() {
     let full = std::fs::File::options()
@@ -291,6 +291,49 @@ fn an_unwritable_stdout_exits_2() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{err}");
     assert_eq!(err.matches("cannot write to stdout").count(), 1, "{err}");
+}
+
+/// A stderr that cannot be written changes no exit code (usage errors stayed 2, not a panic's
+/// 101, found by a new-user trial), and help or the version read by a reader that has gone
+/// (`mk1 --help | head -1`) is no error.
+#[test]
+fn exit_codes_hold_without_stderr_and_for_a_reader_gone() {
+    let full = || {
+        std::fs::File::options()
+            .write(true)
+            .open("/dev/full")
+            .expect("/dev/full")
+    };
+    for (args, code) in [
+        (&["run", "--workers", "0"][..], 2),
+        (&["--bogus"][..], 2),
+        (
+            &["apply", "--op", "neg", "/no/such.npy", "--out-dir", "/tmp"][..],
+            2,
+        ),
+        (&["run", "--count", "50"][..], 0),
+    ] {
+        let out = Command::new(MK1)
+            .args(args)
+            .stderr(full())
+            .stdout(Stdio::null())
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(code), "{args:?}");
+    }
+    for args in [&["--help"][..], &["run", "--help"][..], &["--version"][..]] {
+        // (The reading end closed before mk1 starts: every write meets EPIPE.)
+        let (reader, writer) = std::io::pipe().unwrap();
+        drop(reader);
+        let out = Command::new(MK1)
+            .args(args)
+            .stdout(writer)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(0), "{args:?}: {err}");
+        assert!(err.is_empty(), "{args:?}: {err}");
+    }
 }
 
 /// `MK1_WORKER` set by hand (no pool's worker spec) is an environment error: exit 2, saying

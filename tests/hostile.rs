@@ -373,6 +373,8 @@ const PRLIMIT64: u32 = 302;
 const FALLOCATE: u32 = 285;
 #[cfg(target_arch = "x86_64")]
 const MADVISE: u32 = 28;
+#[cfg(target_arch = "x86_64")]
+const FTRUNCATE: u32 = 77;
 
 /// Runs 20000 matrices with worker 0 exiting after 300 tokens, with `prepare` applied to the
 /// command (a seccomp filter, a signal disposition); the death must be noticed, the worker
@@ -518,6 +520,47 @@ fn refused_fallocate_commits_through_the_mapping_or_names_the_syscall() {
     let mut c = cmd(&args);
     with_denied_syscalls(&mut c, &[FALLOCATE, MADVISE]);
     assert_refused(&run(c), "allow fallocate");
+    // A refused ftruncate is named as itself (it was reported as fallocate).
+    let mut c = cmd(&args);
+    with_denied_syscalls(&mut c, &[FTRUNCATE]);
+    let out = run(c);
+    assert_refused(&out, "ftruncate");
+    assert!(
+        !text(&out.stderr).contains("fallocate"),
+        "{}",
+        text(&out.stderr)
+    );
+}
+
+/// An empty /dev (a bare chroot or container): the error names /dev/null, not the program
+/// (std's failure to open /dev/null for a child's stdin reads as a missing program).
+#[test]
+fn a_missing_dev_null_is_named() {
+    let unshare_ok = Command::new("unshare")
+        .args(["-m", "true"])
+        .status()
+        .is_ok_and(|s| s.success());
+    if !is_root() || !unshare_ok {
+        return skip("an empty /dev needs unshare -m (root)");
+    }
+    let mut c = Command::new("unshare");
+    c.args([
+        "-m",
+        "--propagation",
+        "private",
+        "sh",
+        "-c",
+        "mount -t tmpfs -o size=1m tmpfs /dev && exec \"$0\" \"$@\"",
+        MK1,
+        "run",
+        "--count",
+        "10",
+    ])
+    .stdin(Stdio::null())
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped());
+    let out = run(c);
+    assert_refused(&out, "/dev/null cannot be opened");
 }
 
 #[cfg(target_arch = "x86_64")]

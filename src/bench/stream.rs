@@ -72,7 +72,9 @@ pub fn run_child_if_requested() {
     let code = match serve_child(&spec) {
         Ok(()) => 0,
         Err(e) => {
-            eprintln!("mk1 bench child: {e}");
+            // (Not `eprintln!`, which panics when stderr is gone.)
+            use std::io::Write as _;
+            let _ = writeln!(std::io::stderr(), "mk1 bench child: {e}");
             1
         }
     };

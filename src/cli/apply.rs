@@ -79,7 +79,7 @@ fn sized_for(pool: PoolBuilder, sizes: &[u64], workers: u32) -> PoolBuilder {
 }
 
 fn usage(msg: impl std::fmt::Display) -> ExitCode {
-    eprintln!("mk1 apply: {msg}");
+    errln!("mk1 apply: {msg}");
     ExitCode::from(2)
 }
 
@@ -283,7 +283,7 @@ pub fn apply(args: ApplyArgs) -> ExitCode {
         b.finish_and_clear();
     }
     for f in &failed {
-        eprintln!("mk1 apply: {f}");
+        errln!("mk1 apply: {f}");
     }
     let restarts = pool.restarts();
     let segment_bytes = pool.segment_bytes();

@@ -150,7 +150,7 @@ fn latency(n: u64, json: bool) -> ExitCode {
             super::exit_code(0)
         }
         Err(e) => {
-            eprintln!("mk1: bench latency failed: {e}");
+            errln!("mk1: bench latency failed: {e}");
             ExitCode::from(1)
         }
     }
@@ -178,7 +178,7 @@ fn library(b: LibraryBench, json: bool) -> ExitCode {
     let report = match bench::library::measure(&b) {
         Ok(r) => r,
         Err(e) => {
-            eprintln!("mk1 bench library: {e}");
+            errln!("mk1 bench library: {e}");
             return ExitCode::from(1);
         }
     };
@@ -280,7 +280,7 @@ fn kernels(json: bool) -> ExitCode {
             super::exit_code(0)
         }
         Err(e) => {
-            eprintln!("mk1: bench kernels failed: {e}");
+            errln!("mk1: bench kernels failed: {e}");
             ExitCode::from(1)
         }
     }
@@ -361,7 +361,7 @@ fn systems(args: &BenchArgs) -> ExitCode {
         for rep in 0..args.reps {
             for (name, rs) in runs.iter_mut() {
                 if chatty {
-                    eprint!(
+                    err!(
                         "\rmax-dim {max_dim}: rep {}/{} {:<12}",
                         rep + 1,
                         args.reps,
@@ -371,14 +371,14 @@ fn systems(args: &BenchArgs) -> ExitCode {
                 match bench::run_system(name, &job) {
                     Ok(r) => rs.push(r),
                     Err(e) => {
-                        eprintln!("\nmk1: bench {name} at max-dim {max_dim} failed: {e}");
+                        errln!("\nmk1: bench {name} at max-dim {max_dim} failed: {e}");
                         return ExitCode::from(1);
                     }
                 }
             }
         }
         if chatty {
-            eprint!("\r{:<60}\r", "");
+            err!("\r{:<60}\r", "");
         }
         let summary = bench::summarise(&runs);
         all_ok &= summary.iter().all(|s| s.verified);
@@ -400,7 +400,7 @@ fn systems(args: &BenchArgs) -> ExitCode {
     }
     if let Some(path) = &args.plot {
         if let Err(e) = plot(path, workers, &tables) {
-            eprintln!("mk1: cannot draw {}: {e}", path.display());
+            errln!("mk1: cannot draw {}: {e}", path.display());
             return ExitCode::from(1);
         }
         if !args.json {
@@ -410,7 +410,7 @@ fn systems(args: &BenchArgs) -> ExitCode {
     if all_ok {
         super::exit_code(0)
     } else {
-        eprintln!("mk1: some runs did not verify");
+        errln!("mk1: some runs did not verify");
         ExitCode::from(1)
     }
 }

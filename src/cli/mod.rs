@@ -13,6 +13,23 @@ macro_rules! outln {
     };
 }
 
+/// `eprintln!` that never panics: a line that cannot be written to stderr (a closed pipe, a
+/// full disk) is dropped, so the exit code stays the one the result gives.
+macro_rules! errln {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stderr(), $($arg)*);
+    }};
+}
+
+/// `eprint!` that never panics (see [`errln!`]).
+macro_rules! err {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = write!(std::io::stderr(), $($arg)*);
+    }};
+}
+
 mod apply;
 mod bench;
 
@@ -30,7 +47,7 @@ pub fn write_line(args: std::fmt::Arguments<'_>) {
         if e.kind() != std::io::ErrorKind::BrokenPipe
             && !STDOUT_FAILED.swap(true, std::sync::atomic::Ordering::Relaxed)
         {
-            eprintln!("mk1: cannot write to stdout: {e}");
+            errln!("mk1: cannot write to stdout: {e}");
         }
     }
 }
@@ -238,7 +255,7 @@ impl JobArgs {
 
 /// Prints a one-line error and returns exit code 2.
 pub fn usage_error(msg: impl std::fmt::Display) -> ExitCode {
-    eprintln!("mk1: error: {msg}");
+    errln!("mk1: error: {msg}");
     ExitCode::from(2)
 }
 
@@ -250,7 +267,10 @@ pub fn main() -> ExitCode {
             if matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion) {
                 use std::io::Write;
                 return match e.print().and_then(|()| std::io::stdout().flush()) {
+                    // (A reader gone away, `mk1 --help | head -1`, is no error: see
+                    // `write_line`.)
                     Ok(()) => ExitCode::SUCCESS,
+                    Err(err) if err.kind() == std::io::ErrorKind::BrokenPipe => ExitCode::SUCCESS,
                     Err(err) => usage_error(format!("cannot write to stdout: {err}")),
                 };
             }
