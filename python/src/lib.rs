@@ -559,7 +559,9 @@ impl Shared {
         if nbytes as u64 > self.max_array_bytes {
             return Err(ArrayTooLarge::new_err(format!(
                 "an array of {nbytes} bytes ({shape} {dtype}) is larger than the pool's \
-                 max_array_bytes, {} (mk1.Pool(max_array_bytes=...))",
+                 max_array_bytes, {} (mk1.Pool(max_array_bytes=...); each of its slots \
+                 takes that much memory, twice out of place, from the start: for a few large \
+                 arrays give fewer slots too, mk1.Pool(slots=...))",
                 self.max_array_bytes
             )));
         }
