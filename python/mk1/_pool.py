@@ -63,6 +63,12 @@ def _fail(fut: concurrent.futures.Future, why: str) -> None:
             pass  # (completed meanwhile)
 
 
+_FORKED = (
+    "this pool belongs to the process this one was forked from (its workers serve that "
+    "process only): make a new pool here"
+)
+
+
 def _after_fork_in_child() -> None:
     """A child made by fork() inherits the parent's pools but not their workers or threads: it
     forgets them (using one there raises ``ValueError``, saying so; a future it inherited
@@ -70,6 +76,7 @@ def _after_fork_in_child() -> None:
     for pool in list(_POOLS):
         if pool._core is not None:
             pool._forked = True
+            pool._why = _FORKED
             pool._finalizer.detach()
             pool._core.abandon()
             pool._core = None
@@ -1247,10 +1254,7 @@ class Pool:
         core = self._core
         if core is None:
             if getattr(self, "_forked", False):
-                raise ValueError(
-                    "this pool belongs to the process this one was forked from (its workers "
-                    "serve that process only): make a new pool here"
-                )
+                raise ValueError(_FORKED)
             raise ValueError("the pool is closed")
         return core
 
@@ -2073,6 +2077,11 @@ class Pool:
                     return
                 except TimeoutError as e:  # (not the same class before Python 3.11)
                     raise concurrent.futures.TimeoutError(*e.args) from None
+                except ValueError:
+                    # (A map inherited by a forked child: its pool is the parent's.)
+                    if getattr(self, "_forked", False):
+                        raise ValueError(_FORKED) from None
+                    raise
                 except KeyboardInterrupt as e:
                     # Ctrl-C while the map took an input or waited: what it had stays where
                     # it is (the pool keeps it), and the next call goes on from here. Or as
