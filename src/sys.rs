@@ -1008,6 +1008,13 @@ pub fn spawn_inheriting(
     })
 }
 
+/// Whether `e` says a filesystem is out of space: `ENOSPC`, or `EDQUOT` (a quota).
+pub fn is_out_of_space(e: &io::Error) -> bool {
+    e.raw_os_error().is_some_and(|c| {
+        c == rustix::io::Errno::NOSPC.raw_os_error() || c == rustix::io::Errno::DQUOT.raw_os_error()
+    })
+}
+
 /// Makes `fd` non-blocking ([fcntl(2)] `O_NONBLOCK`).
 ///
 /// [fcntl(2)]: https://man7.org/linux/man-pages/man2/fcntl.2.html

@@ -415,3 +415,60 @@ fn a_stopped_apply_leaves_only_whole_files_and_says_what_it_did_not_start() {
         }
     }
 }
+
+/// An output directory that fills up: the files already started end (written or failed
+/// alone), no file is started after the first that could not be written for want of space,
+/// and the summary says so (it once tried every remaining file, one error line each).
+#[test]
+fn a_full_output_directory_stops_starting_files() {
+    let unshare_ok = Command::new("unshare")
+        .args(["-m", "true"])
+        .status()
+        .is_ok_and(|s| s.success());
+    if !unshare_ok || !rustix::process::getuid().is_root() {
+        println!("skipped: a small output filesystem needs unshare -m (root)");
+        return;
+    }
+    let t = TempDir::new("full");
+    let inputs = mib_inputs(&t.0, 40);
+    let out = t.0.join("out");
+    std::fs::create_dir_all(&out).unwrap();
+    let out_s = out.display().to_string();
+    // (The mount lives in the command's own mount namespace: 5 MiB, room for 4 results.)
+    let script = "mount -t tmpfs -o size=5m tmpfs \"$1\" && shift && exec \"$@\"";
+    let mut args = vec![
+        "-m",
+        "--propagation",
+        "private",
+        "sh",
+        "-c",
+        script,
+        "sh",
+        &out_s,
+        common::MK1,
+        "apply",
+        "--op",
+        "neg",
+        "--workers",
+        "1",
+        "--json",
+        "--out-dir",
+        &out_s,
+    ];
+    args.extend(inputs.iter().map(String::as_str));
+    let o = Command::new("unshare").args(&args).output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    let j: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(j["out_of_space"], true, "{j}");
+    let (written, failed, not_started) = (
+        j["written"].as_u64().unwrap(),
+        j["failed"].as_u64().unwrap(),
+        j["not_started"].as_u64().unwrap(),
+    );
+    assert!((1..=4).contains(&written), "{j}");
+    assert_eq!(written + failed + not_started, 40, "{j}");
+    // Only what was in flight when space ran out fails (the handle's slots: 4 per worker).
+    assert!(failed <= 8 && not_started >= 28, "{j}");
+    assert_eq!(err.lines().count() as u64, failed, "{err}");
+}

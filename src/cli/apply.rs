@@ -146,6 +146,9 @@ struct State<'i> {
     /// Data bytes of the files written.
     bytes: u64,
     bar: Option<indicatif::ProgressBar>,
+    /// A result could not be written for want of space (`ENOSPC`, `EDQUOT`): no file is
+    /// started after it (each would fail the same way, a line each).
+    full: bool,
 }
 
 impl State<'_> {
@@ -157,7 +160,10 @@ impl State<'_> {
                 self.written += 1;
                 self.bytes += input.info.data_bytes;
             }
-            Err(e) => self.failed.push(e),
+            Err((e, full)) => {
+                self.full |= full;
+                self.failed.push(e);
+            }
         }
         if let Some(b) = &self.bar {
             b.inc(1);
@@ -231,10 +237,11 @@ pub fn apply(args: ApplyArgs) -> ExitCode {
         written: 0,
         bytes: 0,
         bar,
+        full: false,
     };
     let mut started = 0usize;
     for input in &inputs {
-        if stopped() != 0 {
+        if stopped() != 0 || st.full {
             break;
         }
         started += 1;
@@ -273,6 +280,7 @@ pub fn apply(args: ApplyArgs) -> ExitCode {
         written,
         bytes,
         bar,
+        full,
         ..
     } = st;
     let signal = stopped();
@@ -304,6 +312,7 @@ pub fn apply(args: ApplyArgs) -> ExitCode {
             "segment_bytes": segment_bytes,
             "out_dir": args.out_dir.display().to_string(),
             "interrupted": interrupted,
+            "out_of_space": full,
             "not_started": not_started,
         });
         outln!("{v}");
@@ -320,6 +329,11 @@ pub fn apply(args: ApplyArgs) -> ExitCode {
         if let Some(name) = &interrupted {
             outln!(
                 "stopped by {name}: {not_started} files not started (those started were finished)"
+            );
+        } else if full && not_started > 0 {
+            outln!(
+                "stopped: the output directory is out of space; {not_started} files not started \
+                 (those started were finished or failed alone)"
             );
         }
     }
@@ -346,10 +360,11 @@ fn submit(
         .map_err(|e| e.to_string())
 }
 
-fn write_result(input: &Input, done: &Completion<'_>) -> Result<(), String> {
+/// Writes one result; why not, and whether for want of space.
+fn write_result(input: &Input, done: &Completion<'_>) -> Result<(), (String, bool)> {
     let bytes = done
         .output_bytes()
-        .map_err(|e| format!("{}: {e}", input.path.display()))?;
+        .map_err(|e| (format!("{}: {e}", input.path.display()), false))?;
     npy::write_atomically(
         &input.out,
         input.info.dtype,
@@ -357,5 +372,9 @@ fn write_result(input: &Input, done: &Completion<'_>) -> Result<(), String> {
         input.info.fortran_order,
         bytes,
     )
-    .map_err(|e| e.to_string())
+    .map_err(|e| {
+        let full =
+            matches!(&e, npy::NpyError::Io { source, .. } if mk1::sys::is_out_of_space(source));
+        (e.to_string(), full)
+    })
 }
