@@ -536,31 +536,33 @@ fn refused_fallocate_commits_through_the_mapping_or_names_the_syscall() {
 /// (std's failure to open /dev/null for a child's stdin reads as a missing program).
 #[test]
 fn a_missing_dev_null_is_named() {
+    let Some(c) = over_a_tmpfs("/dev", &["run", "--count", "10"]) else {
+        return skip("an empty /dev needs unshare -m (root)");
+    };
+    assert_refused(&run(c), "/dev/null cannot be opened");
+}
+
+/// `mk1 args` in a private mount namespace where an empty 1 MiB tmpfs hides `target`; `None`
+/// (the caller skips) where this host does not let us (it needs root and `unshare -m`).
+fn over_a_tmpfs(target: &str, args: &[&str]) -> Option<Command> {
     let unshare_ok = Command::new("unshare")
         .args(["-m", "true"])
         .status()
         .is_ok_and(|s| s.success());
     if !is_root() || !unshare_ok {
-        return skip("an empty /dev needs unshare -m (root)");
+        return None;
     }
     let mut c = Command::new("unshare");
-    c.args([
-        "-m",
-        "--propagation",
-        "private",
-        "sh",
-        "-c",
-        "mount -t tmpfs -o size=1m tmpfs /dev && exec \"$0\" \"$@\"",
-        MK1,
-        "run",
-        "--count",
-        "10",
-    ])
-    .stdin(Stdio::null())
-    .stdout(Stdio::piped())
-    .stderr(Stdio::piped());
-    let out = run(c);
-    assert_refused(&out, "/dev/null cannot be opened");
+    c.args(["-m", "--propagation", "private", "sh", "-c"])
+        .arg(format!(
+            "mount -t tmpfs -o size=1m tmpfs {target} && exec \"$0\" \"$@\""
+        ))
+        .arg(MK1)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    Some(c)
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -583,22 +585,7 @@ fn refused_memfd_create_falls_back_or_names_the_syscall() {
     );
     // With the fallback in a /dev/shm too small for the segment (Docker's is 64 MiB), the error
     // names /dev/shm, not the machine's memory.
-    let unshare_ok = Command::new("unshare")
-        .args(["-m", "true"])
-        .status()
-        .is_ok_and(|s| s.success());
-    if !is_root() || !unshare_ok {
-        return skip("a small /dev/shm needs unshare -m (root)");
-    }
-    let mut c = Command::new("unshare");
-    c.args([
-        "-m",
-        "--propagation",
-        "private",
-        "sh",
-        "-c",
-        "mount -t tmpfs -o size=1m tmpfs /dev/shm && exec \"$0\" \"$@\"",
-        MK1,
+    let args = [
         "run",
         "--workers",
         "1",
@@ -606,10 +593,10 @@ fn refused_memfd_create_falls_back_or_names_the_syscall() {
         "1024",
         "--duration",
         "300ms",
-    ])
-    .stdin(Stdio::null())
-    .stdout(Stdio::piped())
-    .stderr(Stdio::piped());
+    ];
+    let Some(mut c) = over_a_tmpfs("/dev/shm", &args) else {
+        return skip("a small /dev/shm needs unshare -m (root)");
+    };
     with_denied_syscalls(&mut c, &[MEMFD_CREATE]);
     assert_refused(&run(c), "/dev/shm");
 }
