@@ -382,9 +382,10 @@ impl PoolBuilder {
     /// on another core once per line. The worker then reads the arrays from memory, a stream
     /// its prefetcher follows. A slot's first array goes by ordinary stores, so a slot of one
     /// array pays no fence (`sfence`, about a memory write's time, before the slot is sent);
-    /// in place, and for arrays over 1 MiB, ordinary stores always. In `mk1 bench library`
-    /// (one worker, 2 CPUs) packed maps of small f32 arrays ran faster with them, by most on
-    /// hosts whose cores are far apart (see the README); `false` to compare on yours.
+    /// in place, and for arrays over 1 MiB, ordinary stores always. Measured here (one
+    /// worker, 2 CPUs, maps of 1 M small f32 arrays): the same speed while the host's cores
+    /// shared lines fast (1.02x), 2.09x as fast while they did so slowly (see the README; `mk1
+    /// bench library` has the comparison); `false` to compare on yours.
     pub fn streaming_stores(mut self, on: bool) -> Self {
         self.streaming_stores = on;
         self
