@@ -73,6 +73,20 @@ fn kernels() -> Registry {
             }
             a.io.map(|x| x + 1)
         })
+        .kernel::<i64>("jittered_fails_on_negative", |mut a| {
+            // As `fails_on_negative`, after a wait of 0-150 µs for one array in 8 (by its
+            // first element): slots of a map then come back out of turn.
+            let first = a.io.input().first().copied().unwrap_or(0) as u64;
+            let h = first.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 58;
+            if h < 8 {
+                let until = std::time::Instant::now() + std::time::Duration::from_micros(h * 20);
+                while std::time::Instant::now() < until {}
+            }
+            if a.io.input().iter().any(|&x| x < 0) {
+                return Err(KernelError::new("negative input"));
+            }
+            a.io.map(|x| x + 1)
+        })
         .kernel::<i64>("panics", |_a| panic!("boom from a kernel"))
         .kernel::<i64>("judges_first", |mut a| {
             // Fails on a negative first element (saying which), panics on 0 (with a message
@@ -2626,48 +2640,54 @@ fn map_results_stay_with_their_inputs_around_failures() {
                 );
             }
         };
-        let task = Task::kernel("fails_on_negative");
-        let mut count = 0;
-        for (k, r) in producer.map(&task, (0..n).map(input)).unwrap().enumerate() {
-            check(k, r);
-            count += 1;
-        }
-        assert_eq!(count, n, "{mode:?}: one result per input");
-        let mut seen = vec![false; n];
-        for (k, r) in producer.map_unordered(&task, (0..n).map(input)).unwrap() {
-            assert!(
-                !std::mem::replace(&mut seen[k], true),
-                "{mode:?}: {k} twice"
-            );
-            check(k, r);
-        }
-        assert!(seen.iter().all(|&s| s), "{mode:?}: every input once");
-        // The same results lent in place (`next_view`), mixed with copies out (`next`).
-        let mut map = producer.map(&task, (0..n).map(input)).unwrap();
-        let mut k = 0;
-        loop {
-            if k % 3 == 0 {
-                let Some(r) = map.next() else { break };
+        // And again with slots that come back out of turn (one array in 8 waits first), so
+        // that a slot whose turn comes is drained while later ones wait, parked.
+        for task in [
+            Task::kernel("fails_on_negative"),
+            Task::kernel("jittered_fails_on_negative"),
+        ] {
+            let mut count = 0;
+            for (k, r) in producer.map(&task, (0..n).map(input)).unwrap().enumerate() {
                 check(k, r);
-            } else {
-                let Some(r) = map.next_view() else { break };
+                count += 1;
+            }
+            assert_eq!(count, n, "{mode:?}: one result per input");
+            let mut seen = vec![false; n];
+            for (k, r) in producer.map_unordered(&task, (0..n).map(input)).unwrap() {
+                assert!(
+                    !std::mem::replace(&mut seen[k], true),
+                    "{mode:?}: {k} twice"
+                );
+                check(k, r);
+            }
+            assert!(seen.iter().all(|&s| s), "{mode:?}: every input once");
+            // The same results lent in place (`next_view`), mixed with copies out (`next`).
+            let mut map = producer.map(&task, (0..n).map(input)).unwrap();
+            let mut k = 0;
+            loop {
+                if k % 3 == 0 {
+                    let Some(r) = map.next() else { break };
+                    check(k, r);
+                } else {
+                    let Some(r) = map.next_view() else { break };
+                    check(k, r.map(|v| v.to_array()));
+                }
+                k += 1;
+            }
+            drop(map);
+            assert_eq!(k, n, "{mode:?}: one view per input");
+            let mut seen = vec![false; n];
+            let mut map = producer.map_unordered(&task, (0..n).map(input)).unwrap();
+            while let Some((k, r)) = map.next_view() {
+                assert!(
+                    !std::mem::replace(&mut seen[k], true),
+                    "{mode:?}: {k} twice"
+                );
                 check(k, r.map(|v| v.to_array()));
             }
-            k += 1;
+            drop(map);
+            assert!(seen.iter().all(|&s| s), "{mode:?}: every input once, lent");
         }
-        drop(map);
-        assert_eq!(k, n, "{mode:?}: one view per input");
-        let mut seen = vec![false; n];
-        let mut map = producer.map_unordered(&task, (0..n).map(input)).unwrap();
-        while let Some((k, r)) = map.next_view() {
-            assert!(
-                !std::mem::replace(&mut seen[k], true),
-                "{mode:?}: {k} twice"
-            );
-            check(k, r.map(|v| v.to_array()));
-        }
-        drop(map);
-        assert!(seen.iter().all(|&s| s), "{mode:?}: every input once, lent");
         assert_eq!(producer.in_flight(), 0);
     }
 }
