@@ -74,7 +74,7 @@ fn kernels() -> Registry {
             a.io.map(|x| x + 1)
         })
         .kernel::<i64>("jittered_fails_on_negative", |mut a| {
-            // As `fails_on_negative`, after a wait of 0-150 µs for one array in 8 (by its
+            // As `fails_on_negative`, after a wait of 0-140 µs for one array in 8 (by its
             // first element): slots of a map then come back out of turn.
             let first = a.io.input().first().copied().unwrap_or(0) as u64;
             let h = first.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 58;
@@ -3780,6 +3780,37 @@ fn deferred_submits_complete() {
     assert_eq!(pool.restarts(), 0);
 }
 
+/// A worker asleep on work published without a wake-up (`submit_deferred`; a map's slots
+/// between its rings) whose caller does not call in is woken by the monitor, never killed as
+/// stalled, even with a `worker_timeout` shorter than the monitor's tick: the stall clock
+/// counts only once the monitor has rung it.
+fn a_worker_asleep_on_unannounced_work_is_woken_not_killed() {
+    let pool = two_workers(|b| {
+        b.workers(1)
+            .worker_timeout(Duration::from_millis(2))
+            .mode(Mode::InPlace)
+    });
+    let task = Task::op("add:5").unwrap();
+    let producer = pool.producer().unwrap();
+    for round in 0..5i64 {
+        // Long enough for the worker to go to sleep on its futex.
+        std::thread::sleep(Duration::from_millis(60));
+        let mut loan = producer.loan::<i64>(Shape::d1(2)).unwrap();
+        loan.copy_from_slice(&[round, -round]);
+        let t = producer.submit_deferred(loan, &task).unwrap();
+        // The caller is away: only the monitor can wake the worker.
+        std::thread::sleep(Duration::from_millis(120));
+        let done = producer
+            .try_recv()
+            .expect("the monitor woke the worker, which ran it");
+        assert_eq!(
+            (done.ticket(), done.output::<i64>().unwrap().as_slice()),
+            (t, &[round + 5, 5 - round][..])
+        );
+    }
+    assert_eq!(pool.restarts(), 0, "no worker was killed as stalled");
+}
+
 /// One slot, reused completion after completion, is given a different task, dtype or
 /// parameters each time: each array runs what its own submit asked for, never what the slot
 /// last carried (the handle keeps a slot's kernel and parameters only for the same task).
@@ -3932,6 +3963,10 @@ fn main() {
             a_map_dropped_early_runs_only_what_a_worker_has,
         ),
         ("deferred_submits_complete", deferred_submits_complete),
+        (
+            "a_worker_asleep_on_unannounced_work_is_woken_not_killed",
+            a_worker_asleep_on_unannounced_work_is_woken_not_killed,
+        ),
         (
             "a_reused_slot_runs_the_task_it_is_given_not_the_last_one",
             a_reused_slot_runs_the_task_it_is_given_not_the_last_one,

@@ -508,7 +508,7 @@ where
                     continue;
                 }
                 pick = pick.or(Some(i));
-                if rec.desc.seq == self.next_out {
+                if self.ordered && rec.desc.seq == self.next_out {
                     pick = Some(i);
                     break;
                 }
@@ -810,9 +810,12 @@ where
                 // The workers' bells are rung for a quarter of the map's slots out at a time,
                 // not for each: a worker that sleeps costs the caller a wake-up (a system call,
                 // an interrupt to its CPU, 2-5 µs here) per ring, as long as packing a whole
-                // slot of small arrays. A quarter out unannounced costs no throughput: the
-                // other three quarters run meanwhile; and every wait rings first (its first
-                // `Core::pump`), so nothing waits on a slot not yet announced.
+                // slot of small arrays. The slots sent since the last ring may wait on a
+                // sleeping worker (the least loaded one gets them, often one that just went to
+                // sleep) while the other three quarters run; every wait rings first (its first
+                // `Core::pump`), so the map never waits on a slot it did not announce, and if
+                // the caller stops calling, the monitor rings a worker that owes work within
+                // two of its ticks (20-40 ms). Measured: no case slower (see the README).
                 if self.unrung >= (self.out / 4).max(1) {
                     c.ring_bells();
                     self.unrung = 0;

@@ -32,6 +32,11 @@ pub(crate) struct WorkerProc {
     /// It owed nothing at the last look: work seen from now on starts the stall clock now,
     /// not at the last look (which may be long ago when the pool was idle).
     pub(crate) idle: bool,
+    /// The monitor rang its doorbell at a look that found work owed and none back, and none
+    /// has come back since: a stall is judged only then, so that a worker asleep on work
+    /// published without a wake-up (`submit_deferred`, a map's unannounced slots) is woken,
+    /// not killed, whatever the timeout.
+    pub(crate) rung: bool,
     /// When SIGKILL was sent, and why (words for the report).
     pub(crate) killed: Option<(Instant, KillReason)>,
 }
@@ -356,6 +361,7 @@ pub(crate) fn spawn_worker(
         started: now,
         attached: false,
         idle: true,
+        rung: false,
         killed: None,
     })
 }
@@ -975,14 +981,19 @@ impl<'a> Monitor<'a> {
                     wp.idle = owed == 0;
                     wp.progress = pushed;
                     wp.last_beat = now;
-                } else if now - stop_seen.map_or(wp.last_beat, |t| t.max(wp.last_beat)) > timeout {
+                    wp.rung = false;
+                } else if wp.rung
+                    && now - stop_seen.map_or(wp.last_beat, |t| t.max(wp.last_beat)) > timeout
+                {
                     action = Some(KillReason::Stalled(timeout));
                 } else {
                     // Work is owed and none came back since the last look: the worker may be
                     // asleep on a task published without a wake-up
-                    // (`Producer::submit_deferred`) whose caller has not called in since.
-                    // Ringing costs one read-modify-write when it is awake.
+                    // (`Producer::submit_deferred`, a map's slots sent between its rings)
+                    // whose caller has not called in since. Ringing costs one
+                    // read-modify-write when it is awake.
                     Doorbell::new(&seg.worker(w as u32).bell).ring(&Futex);
+                    wp.rung = true;
                 }
             }
             if let Some(why) = action {
