@@ -163,8 +163,9 @@ impl<'pool> Producer<'pool> {
         self.start_map(task, inputs.into_iter(), true)
     }
 
-    /// As [`Producer::map`], yielding `(index, result)` in completion order (`index` counts
-    /// the inputs from 0).
+    /// As [`Producer::map`], yielding `(index, result)` in about the order they complete
+    /// (`index` counts the inputs from 0): a slot's arrays come together, and those of a slot
+    /// that succeeded whole can come before those of one with failures that came back first.
     ///
     /// # Errors
     /// As [`Producer::map`].
