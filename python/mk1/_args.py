@@ -148,6 +148,9 @@ _TEXT: dict[np.dtype, str] = {
 }
 _DTYPES: dict[str, np.dtype] = {text: dt for dt, text in _TEXT.items()}
 
+# Bundles below this size are not worth copying arrays out of (see `read`'s `own_small`).
+_PIN_MIN = 64 << 10
+
 # The arrays of the bundle being read in this thread (see `_array`).
 _LOADING = threading.local()
 
@@ -168,7 +171,15 @@ def _array(k: Any, text: Any, shape: Any, order: Any) -> np.ndarray:
             if type(d) is not int or d < 0:
                 raise ValueError("not a shape")
         a = np.ndarray(shape, _DTYPES[text], buffers[k], order=order)
-        return a.copy(order="K") if loading.copy else a
+        if loading.copy:
+            return a.copy(order="K")
+        if a.nbytes < loading.own_below:
+            # (A small array of a large bundle: a view would keep the whole bundle alive as
+            # long as the caller keeps it. Read-only when the view would have been.)
+            own = a.copy(order="K")
+            own.flags.writeable = a.flags.writeable
+            return own
+        return a
     except Exception as e:  # noqa: BLE001 - whatever is wrong, it is a garbled bundle
         raise ValueError(f"a garbled mk1 bundle: array {k!r}: {e}") from None
 
@@ -395,10 +406,12 @@ def is_bundle(a: np.ndarray) -> bool:
     )
 
 
-def read(bundle: np.ndarray, copy: bool = False) -> list:
+def read(bundle: np.ndarray, copy: bool = False, own_small: bool = False) -> list:
     """The pieces of ``bundle`` (a 1-D uint8 array). Its arrays are views of ``bundle``
-    (read-only when it is), which they keep alive; with ``copy``, arrays of their own. Raises
-    ``ValueError`` for anything that is not a well-formed bundle."""
+    (read-only when it is), which they keep alive; with ``copy``, arrays of their own; with
+    ``own_small``, in a bundle of ``_PIN_MIN`` bytes or more, those of less than half its
+    bytes are arrays of their own (so that no array kept pins more than twice its own bytes,
+    or a few KiB). Raises ``ValueError`` for anything that is not a well-formed bundle."""
     if bundle.dtype != np.uint8 or bundle.ndim != 1:
         raise ValueError(f"not an mk1 bundle: a {bundle.dtype} array of shape {bundle.shape}")
     size = bundle.shape[0]
@@ -421,8 +434,13 @@ def read(bundle: np.ndarray, copy: bool = False) -> list:
         # itself referenced, which is how a worker sees a function keep its arguments.)
         buffers.append(bundle[off : off + length])
     f = io.BytesIO(bundle[at:end].tobytes())
-    outer = getattr(_LOADING, "buffers", None), getattr(_LOADING, "copy", False)
+    outer = (
+        getattr(_LOADING, "buffers", None),
+        getattr(_LOADING, "copy", False),
+        getattr(_LOADING, "own_below", 0),
+    )
     _LOADING.buffers, _LOADING.copy = buffers, copy
+    _LOADING.own_below = size // 2 if own_small and size >= _PIN_MIN else 0
     try:
         pieces: list = []
         append, load = pieces.append, pickle.load
@@ -454,7 +472,7 @@ def read(bundle: np.ndarray, copy: bool = False) -> list:
     except Exception as e:  # noqa: BLE001 - a truncated or garbled pickle
         raise ValueError(f"a garbled mk1 bundle: {e!r}") from e
     finally:
-        _LOADING.buffers, _LOADING.copy = outer
+        _LOADING.buffers, _LOADING.copy, _LOADING.own_below = outer
 
 
 def _block(pieces: list, trailer: Any, kind: str, length: int) -> list | None:
@@ -492,13 +510,16 @@ def read_calls(bundle: np.ndarray) -> tuple[int, list, bool]:
     return trailer[1], pairs, False
 
 
-def read_results(bundle: np.ndarray, copy: bool = False) -> tuple[int, float, list, bool, bool]:
-    """The batch number, the worker's seconds, the entries of a results bundle (``copy``: see
-    ``read``), whether it is a block, and whether the entries are the results themselves: for
+def read_results(
+    bundle: np.ndarray, copy: bool = False, own_small: bool = False
+) -> tuple[int, float, list, bool, bool]:
+    """The batch number, the worker's seconds, the entries of a results bundle (``copy``,
+    ``own_small``: see ``read``), whether it is a block, and whether the entries are the
+    results themselves: for
     a block (atoms, of the batch's first calls: every call after them is left), and when every
     entry is OK (the common case, read without a second pass); ``ValueError`` for anything
     else."""
-    *entries, trailer = read(bundle, copy) or [None]
+    *entries, trailer = read(bundle, copy, own_small) or [None]
     values = _block(entries, trailer, "results", 5)
     if values is not None and type(trailer[2]) is float:
         return trailer[1], trailer[2], values, True, True

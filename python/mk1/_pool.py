@@ -44,12 +44,24 @@ _LEND_MIN = 64 << 10
 _POOLS: "weakref.WeakSet[Pool]" = weakref.WeakSet()  # live pools, for fork()
 
 
+_TERMINATED = "the pool was terminated (garbage-collected, or open at exit)"
+
+
 def _finalize(core, ended: threading.Event) -> None:
     """A pool garbage-collected or left open at exit: killed at once, its pending futures
-    failed."""
+    failed. A Ctrl-C meanwhile (a second one, at exit) does not stop this half done: the
+    pool is being stopped already."""
+    pending = None
     try:
-        for fut in core.terminate():
-            _fail(fut, "the pool was terminated (garbage-collected, or open at exit)")
+        while True:
+            try:
+                if pending is None:
+                    pending = core.terminate()
+                while pending:
+                    _fail(pending.pop(), _TERMINATED)
+                return
+            except KeyboardInterrupt:
+                continue
     finally:
         ended.set()
 
@@ -295,10 +307,14 @@ def _pickle_function(fn: Callable, wrap: Callable[[Any], Any] | None = None) -> 
             try:
                 import cloudpickle
             except ImportError:
+                lam = getattr(e.args[0], "__name__", None) == "<lambda>"
                 where = (
-                    "under `if __name__ == '__main__':` (or by exec, or where the workers may "
-                    "not define it), which the workers do not run. Define it at the script's "
-                    "top level"
+                    "as a lambda, which has no name that the workers can look up (wherever it "
+                    "is defined). Define it with `def` at the script's top level"
+                    if lam
+                    else "under `if __name__ == '__main__':` (or by exec, or where the workers "
+                    "may not define it), which the workers do not run. Define it at the "
+                    "script's top level"
                     if scripted
                     else "in an interactive session (or a script from `python -c` or stdin), "
                     "which the workers cannot run. Define it in an importable module or a "
@@ -619,6 +635,13 @@ class AsyncResult:
         return self._fut.exception() is None
 
 
+_CLOSED_MAP = (
+    "the pool is closed: a map's calls run as it is iterated (Pool.map, imap, imap_unordered "
+    "and starmap are lazy, unlike multiprocessing.Pool.map), so iterate it before its pool "
+    "closes, e.g. results = list(pool.map(...)) inside the `with` block"
+)
+
+
 class MapIterator:
     """The results of ``Pool.map``, ``imap``, ``imap_unordered`` and ``starmap``: an iterator,
     lazy as a generator (see ``Pool.map``), with ``next(timeout)`` as ``multiprocessing``'s
@@ -670,6 +693,8 @@ class MapIterator:
         if not self._turn.acquire(blocking=False):
             raise ValueError("a map's iterator is being iterated in another thread")
         try:
+            if self._broken is _CLOSED_MAP:
+                raise ValueError(_CLOSED_MAP)
             if self._broken is not None:
                 raise _mk1.Mk1Error(self._broken)
             if timeout is not None:
@@ -684,6 +709,13 @@ class MapIterator:
                 "steps and cannot go on; its results still to come are lost"
             )
             raise
+        except ValueError as e:
+            if not (isinstance(e, _Closing) or str(e) == "the pool is closed"):
+                raise
+            # (Most often a map made inside `with pool:` and read after it, as one reads a
+            # `multiprocessing.Pool.map`'s list.)
+            self._broken = _CLOSED_MAP
+            raise ValueError(_CLOSED_MAP) from e
         finally:
             self._step.deadline = None
             self._turn.release()
@@ -2484,7 +2516,9 @@ def _read_results(payload: np.ndarray, what: str) -> tuple[bool, Any]:
     ``mk1._args.read_results``), or ``(False, error)`` when the ``what`` cannot be read
     here."""
     try:
-        _, _, entries, block, plain = _args.read_results(payload)
+        # (Arrays of a call's result that are small against its bundle are copies: a view
+        # kept would hold the whole bundle, as a dict's small array held its large one's.)
+        _, _, entries, block, plain = _args.read_results(payload, own_small=True)
     except Exception as e:  # garbled, or of a type this process cannot import
         error = _mk1.Mk1Error(f"the {what} cannot be read here: {e!r}")
         error.__cause__ = e

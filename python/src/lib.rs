@@ -878,7 +878,10 @@ impl PoolCore {
         let largest = mk1::layout::MAX_SLOT_BYTES - CONTEXT_ROOM;
         if max_array_bytes > largest {
             return Err(PyValueError::new_err(format!(
-                "max_array_bytes {max_array_bytes} is larger than {largest}"
+                "max_array_bytes {max_array_bytes} is larger than {largest}: the largest \
+                 slot, {} bytes, less the {CONTEXT_ROOM} kept in each for the function and \
+                 its other arguments",
+                mk1::layout::MAX_SLOT_BYTES
             )));
         }
         let queue_ahead = match queue_ahead {

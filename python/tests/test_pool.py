@@ -1022,6 +1022,30 @@ def test_a_lambda_with_and_without_cloudpickle(tmp_path):
     r = run_script(tmp_path, LAMBDA_SCRIPT.format(hide=True))
     assert r.returncode == 0, r.stderr
     assert "TypeError" in r.stdout and "cloudpickle" in r.stdout
+    assert "as a lambda" in r.stdout, r.stdout
+
+
+def test_a_lambda_at_the_top_level_without_cloudpickle_is_named_as_a_lambda(tmp_path):
+    # (Not "defined under the main guard": it is not, and moving it would not help.)
+    body = """
+        import sys
+        sys.modules["cloudpickle"] = None  # as if it were not installed
+        import numpy as np, mk1
+
+        top = lambda x: x * 2
+
+        if __name__ == "__main__":
+            with mk1.Pool(workers=1) as pool:
+                try:
+                    pool.submit(top, np.ones(3)).result()
+                    print("no error")
+                except TypeError as e:
+                    print("TypeError", e)
+        """
+    r = run_script(tmp_path, body)
+    assert r.returncode == 0, r.stderr
+    assert "TypeError" in r.stdout and "as a lambda" in r.stdout, r.stdout
+    assert "__main__" not in r.stdout.split("as a lambda")[1], r.stdout
 
 
 def start_script(tmp_path, body, marker):
@@ -2307,6 +2331,42 @@ def test_a_kept_result_of_a_batch_is_an_array_of_its_own():
         assert [int(k[0]) for k in kept] == list(range(500))
 
 
+def features_and_debug(i):
+    i = float(np.asarray(i).reshape(-1)[0])
+    return {"features": np.full(4, i), "debug": np.ones(100_000), "mid": np.ones(10)}
+
+
+def test_a_small_array_kept_from_a_large_result_holds_only_itself():
+    # A result of several arrays: each small one kept is an array of its own, not a view that
+    # holds the whole result's bytes (800 kB here) for as long as it is kept.
+    with mk1.Pool(workers=2) as p:
+        ways = {
+            "submit": lambda: [p.submit(features_and_debug, i).result() for i in range(50)],
+            "apply_async": lambda: [
+                p.apply_async(features_and_debug, (i,)).get() for i in range(50)
+            ],
+            "map over arrays": lambda: list(
+                p.map(features_and_debug, [np.full(1, i) for i in range(50)])
+            ),
+            "imap_unordered": lambda: sorted(
+                p.imap_unordered(features_and_debug, range(50)),
+                key=lambda r: r["features"][0],
+            ),
+        }
+        for way, run in ways.items():
+            results = run()
+            kept = [r["features"] for r in results]
+            assert [int(k[0]) for k in kept] == list(range(50)), way
+            assert all(k.base is None and k.flags.writeable for k in kept), way
+            assert all(r["mid"].base is None for r in results), way
+            del results
+            gc.collect()
+            assert all(k.nbytes == 32 and k.sum() == 4 * k[0] for k in kept), way
+        # The large array of a call's result, most of its bytes, is still a view (no second
+        # copy; results of batched calls are arrays of their own anyway).
+        assert p.submit(features_and_debug, 1).result()["debug"].base is not None
+
+
 def test_a_call_exactly_at_max_array_bytes_fits_in_submit_and_in_a_map():
     from mk1 import _args
 
@@ -3269,6 +3329,18 @@ def test_a_map_never_iterated_warns_that_nothing_ran(pool, tmp_path):
 
 def touch_file(path):
     open(path, "w").close()
+
+
+def test_a_map_read_after_its_pool_closed_says_maps_are_lazy():
+    """A map made inside ``with pool:`` and read after it (as one reads the list
+    ``multiprocessing.Pool.map`` returns) raises, every time it is read, saying why."""
+    with mk1.Pool(workers=1) as p:
+        untouched = p.map(x3p1, [np.ones(3)] * 4)
+        begun = p.imap_unordered(x3p1, [np.ones(3)] * 1000)
+        next(begun)
+    for m in (untouched, begun, untouched):
+        with pytest.raises(ValueError, match="the pool is closed: .* are lazy.* inside the `with`"):
+            list(m)
 
 
 def exits_once_then_naps(i, marker):
