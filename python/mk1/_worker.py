@@ -155,16 +155,52 @@ def _encode_error(e: BaseException, in_place: bool = False) -> str:
 
 
 def _error_text(encoded: str, room: int) -> str:
-    """A failure as ``_encode_error`` encoded it, without the pickled exception, its traceback
-    cut in the middle to fit ``room`` bytes (its end, with the exception's message, kept)."""
-    text = encoded.partition(EXC_MARKER)[0]
+    """A failure as ``_encode_error`` encoded it, cut to fit ``room`` bytes: its traceback cut
+    in the middle (its end, with the exception's message, kept), and the exception itself,
+    when it can be, as one of its type with its long messages cut (so that the caller still
+    gets that type); else without it (a ``RemoteError`` for the caller)."""
+    text, _, blob = encoded.partition(EXC_MARKER)
     # (Pickled, a character takes up to 4 bytes; a hundred more for the entry around it.)
     most = max(200, (room - 100) // 4)
+    short = _shortened(blob, most // 2) if blob else None
+    if short is not None:
+        most -= len(short) + len(EXC_MARKER)
     if len(text) > most:
         cut = "\n[... mk1: the middle of this traceback was cut to fit the slot ...]\n"
-        keep = (most - len(cut)) // 2
-        text = text[:keep] + cut + text[-keep:]
-    return text
+        keep = max(0, (most - len(cut)) // 2)
+        text = text[:keep] + cut + text[len(text) - keep :]
+    return text if short is None else text + EXC_MARKER + short
+
+
+def _shortened(blob: str, most: int) -> str | None:
+    """The exception pickled in ``blob`` (as ``_encode_error`` made it) made again with each
+    of its arguments, when all are strings or bytes, cut to its start and end, pickled in at
+    most ``most`` characters; None when it cannot be (other arguments, attributes of its own,
+    a type that is not made from its arguments, a pickle still too long)."""
+    try:
+        e = pickle.loads(base64.b64decode(blob))
+        args = e.args
+        if not args or not all(type(a) in (str, bytes) for a in args):
+            return None
+        if set(vars(e)) - {"__notes__"}:
+            return None  # (state of its own besides its arguments, which would be lost)
+        keep = max(64, most // (4 * len(args)))
+        cut = []
+        for a in args:
+            if len(a) > 2 * keep:
+                note = f"[... mk1: {len(a) - 2 * keep} characters cut to fit the slot ...]"
+                middle = note if type(a) is str else note.encode()
+                a = a[:keep] + middle + a[len(a) - keep :]
+            cut.append(a)
+        again = type(e)(*cut)
+        if type(again) is not type(e) or again.args != tuple(cut):
+            return None
+        if getattr(e, "__notes__", None):
+            again.__notes__ = [n[:keep] for n in e.__notes__ if type(n) is str][:8]
+        short = base64.b64encode(pickle.dumps(again)).decode("ascii")
+    except Exception:  # noqa: BLE001 - then it goes as text alone, as before
+        return None
+    return short if len(short) <= most else None
 
 
 _PID = os.getpid()  # this worker's: a child its function forks has another

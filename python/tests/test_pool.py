@@ -2930,9 +2930,10 @@ def raises_large(i):
 
 
 def test_an_exception_too_large_for_a_slot_comes_back_as_its_traceback():
-    """As on the path of one array: its type and data cannot come back, its traceback does
-    (cut in the middle when even that does not fit), and the calls beside it are not
-    affected."""
+    """As on the path of one array: an exception with data of its own cannot come back, its
+    traceback does (cut in the middle when even that does not fit); one made of its message
+    alone comes back as its type, the message cut in the middle; and the calls beside them
+    are not affected."""
     with mk1.Pool(workers=1, max_array_bytes=1 << 20) as p:
         e = p.submit(raises_large, 3).exception(60)
         assert isinstance(e, mk1.RemoteError), e
@@ -2940,16 +2941,18 @@ def test_an_exception_too_large_for_a_slot_comes_back_as_its_traceback():
         # (As a call, and as a function of one array.)
         for arg in (5, np.array([5])):
             e = p.submit(raises_large, arg).exception(60)
-            assert isinstance(e, mk1.RemoteError) and "cut to fit the slot" in str(e)
-            assert str(e).rstrip().endswith("xxend") and len(str(e)) < 1 << 20
+            assert type(e) is ValueError and "characters cut to fit the slot" in str(e), e
+            assert str(e).startswith("startxx") and str(e).endswith("xxend")
+            assert len(str(e)) < 1 << 20
+            assert "cut to fit the slot" in str(e.__cause__), e.__cause__
         it = p.imap(raises_large, range(8))
         got = []
         for _ in range(8):
             try:
                 got.append(next(it))
-            except mk1.RemoteError as e:
+            except (mk1.RemoteError, ValueError) as e:
                 got.append(type(e).__name__ + (" 3" if "row 3" in str(e) else " 5"))
-        assert got == [0, 1, 2, "RemoteError 3", 4, "RemoteError 5", 6, 7]
+        assert got == [0, 1, 2, "RemoteError 3", 4, "ValueError 5", 6, 7]
 
 
 def test_async_results_are_ready_only_once_their_callbacks_returned():
